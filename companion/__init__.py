@@ -1,0 +1,1 @@
+"""The companion sidecar (import name ``mulambda.companion``)."""

@@ -1,0 +1,3 @@
+from mulambda.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""The ``mulambda`` command: one entry point, one subcommand per component.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` and
+``run(args) -> int``; modules are imported only when their subcommand runs,
+so ``mulambda models`` never imports kopf and the operator never imports
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mulambda import __version__
+
+# subcommand -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "operator": ("mulambda.operator.main", "run the Kubernetes operator (kopf)"),
+    "companion": ("mulambda.companion.main", "run the companion sidecar beside TF Serving"),
+    "selector": ("mulambda.selector", "run the HTTP selector API"),
+    "models": ("mulambda.models_cli", "push, list and remove models in S3 storage"),
+    "simulate": ("mulambda.simulate", "replay a scenario through selectors and compare"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mulambda", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"mulambda {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # a component not built into this install
+            p.set_defaults(_missing=True)
+            continue
+        mod.configure(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_missing", False):
+        print(f"mulambda: '{args.command}' is not available in this install", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    mod = importlib.import_module(args._module)
+    return int(mod.run(args) or 0)

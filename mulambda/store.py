@@ -1,0 +1,366 @@
+"""The metadata store: the one module that knows every key mulambda writes.
+
+Works with any Redis-compatible server (Redis, Valkey, DragonflyDB): only
+HASH commands (HSET, HGET, HGETALL, HDEL, HINCRBY(FLOAT)), EXPIRE, DEL and
+pipelines are used, no Lua, no modules, no key-space scans on hot paths.
+
+Key schema (``P`` is the configured prefix, default ``mulambda``; an
+executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
+
+==============================  ======  =====================================  ==========================
+key                             type    field -> value                         written by / lifetime
+==============================  ======  =====================================  ==========================
+``P:executors``                 HASH    executor id -> :class:`ExecutorRecord`  operator; deleted by the
+                                                                                executor's finalizer
+``P:replicas``                  HASH    ``EXEC|POD`` -> :class:`ReplicaRecord`   companion heartbeat; each
+                                                                                value carries
+                                                                                ``expires_at`` (TTL), readers
+                                                                                ignore expired ones and the
+                                                                                operator prunes them; HDEL
+                                                                                on SIGTERM
+``P:clients``                   HASH    client id -> :class:`ClientRecord`      operator; finalizer
+``P:latency:CLIENT``            HASH    ``EXEC|POD`` -> :class:`LatencySample`   companions (smoothed RTT
+                                                                                from that replica to the
+                                                                                client); per-value
+                                                                                ``expires_at`` and a key
+                                                                                EXPIRE refreshed on write
+``P:inflight``                  HASH    executor id -> in-flight requests       SDK / selector (HINCRBY)
+==============================  ======  =====================================  ==========================
+
+Why hashes with an ``expires_at`` inside the value instead of one key per
+replica with EXPIRE: selection must read everything it needs in one
+pipelined round trip, and a hash can be read whole with one HGETALL while
+per-key TTLs would need a SCAN. Field-level TTL (HEXPIRE) is not available
+on all three servers. Missing data is normal and never raises: an executor
+with no latency sample for a client simply has none in the snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = [
+    "ClientRecord",
+    "ExecutorRecord",
+    "LatencySample",
+    "MetadataStore",
+    "ReplicaRecord",
+    "Snapshot",
+    "StoreUnavailable",
+]
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached; callers retry with back-off."""
+
+
+def executor_id(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass
+class ExecutorRecord:
+    """What the operator publishes about one ModelExecutor."""
+
+    namespace: str
+    name: str
+    model: str
+    version: int | None
+    type: str
+    input: str
+    output: str
+    accuracy: float | None
+    rest: str
+    grpc: str
+    state: str = "Pending"  # Pending | Ready | ScaledToZero | Failed | Unavailable
+    min_replicas: int = 1
+    max_replicas: int = 1
+    ready_replicas: int = 0
+    service_time_ms: float | None = None
+    generation: int = 0
+    updated_at: float = field(default_factory=_now)
+
+    @property
+    def id(self) -> str:
+        return executor_id(self.namespace, self.name)
+
+
+@dataclass
+class ReplicaRecord:
+    """A companion's heartbeat for one pod of an executor."""
+
+    executor: str
+    pod: str
+    ip: str = ""
+    state: str = "Loading"  # Loading | Available | Failed
+    version: int | None = None
+    reason: str = ""
+    message: str = ""
+    heartbeat_at: float = field(default_factory=_now)
+    expires_at: float = 0.0
+
+
+@dataclass
+class ClientRecord:
+    """What the operator publishes about one Client."""
+
+    namespace: str
+    name: str
+    type: str
+    input: str | None = None
+    output: str | None = None
+    latency_weight: float = 1.0
+    accuracy_weight: float = 1.0
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+    probe_url: str | None = None
+    generation: int = 0
+    updated_at: float = field(default_factory=_now)
+
+    @property
+    def id(self) -> str:
+        return executor_id(self.namespace, self.name)
+
+
+@dataclass
+class LatencySample:
+    """Smoothed round-trip time from one replica to one client."""
+
+    ms: float
+    samples: int
+    at: float = field(default_factory=_now)
+    expires_at: float = 0.0
+
+
+@dataclass
+class Snapshot:
+    """Everything selection needs, read in one round trip."""
+
+    executors: dict[str, ExecutorRecord]
+    replicas: dict[str, list[ReplicaRecord]]  # executor id -> live replicas
+    latency: dict[str, dict[str, LatencySample]]  # executor id -> pod -> sample (one client)
+    inflight: dict[str, int]
+    taken_at: float
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(asdict(obj), separators=(",", ":"), sort_keys=True)
+
+
+def _load(cls: type, raw: str | bytes) -> Any:
+    data = json.loads(raw)
+    known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+    return cls(**known)
+
+
+def _split_field(raw: str) -> tuple[str, str]:
+    executor, _, pod = raw.rpartition("|")
+    return executor, pod
+
+
+class MetadataStore:
+    """Async facade over the store; every key is built here and nowhere else."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0) -> MetadataStore:
+        """Create a store; does not connect until the first command."""
+        client = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+        )
+        return cls(client, prefix)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- keys ---------------------------------------------------------------
+    @property
+    def executors_key(self) -> str:
+        return f"{self.prefix}:executors"
+
+    @property
+    def replicas_key(self) -> str:
+        return f"{self.prefix}:replicas"
+
+    @property
+    def clients_key(self) -> str:
+        return f"{self.prefix}:clients"
+
+    @property
+    def inflight_key(self) -> str:
+        return f"{self.prefix}:inflight"
+
+    def latency_key(self, client: str) -> str:
+        return f"{self.prefix}:latency:{client}"
+
+    # -- plumbing -----------------------------------------------------------
+    async def _run(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"metadata store unreachable: {exc}") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"metadata store error: {exc}") from exc
+
+    async def ping(self) -> bool:
+        return bool(await self._run(self.redis.ping()))
+
+    # -- executors (operator) ------------------------------------------------
+    async def put_executor(self, record: ExecutorRecord) -> None:
+        record.updated_at = _now()
+        await self._run(self.redis.hset(self.executors_key, record.id, _dump(record)))
+
+    async def get_executor(self, executor: str) -> ExecutorRecord | None:
+        raw = await self._run(self.redis.hget(self.executors_key, executor))
+        return None if raw is None else _load(ExecutorRecord, raw)
+
+    async def list_executors(self) -> dict[str, ExecutorRecord]:
+        raw = await self._run(self.redis.hgetall(self.executors_key))
+        return {k: _load(ExecutorRecord, v) for k, v in raw.items()}
+
+    async def remove_executor(self, executor: str) -> None:
+        """Forget an executor and everything keyed by it (replicas, in-flight)."""
+        replicas = await self._run(self.redis.hkeys(self.replicas_key))
+        mine = [f for f in replicas if _split_field(f)[0] == executor]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.executors_key, executor)
+            pipe.hdel(self.inflight_key, executor)
+            if mine:
+                pipe.hdel(self.replicas_key, *mine)
+            await self._run(pipe.execute())
+
+    # -- replicas (companion heartbeat) ----------------------------------------
+    async def put_replica(self, record: ReplicaRecord, ttl: float) -> None:
+        record.heartbeat_at = _now()
+        record.expires_at = record.heartbeat_at + ttl
+        await self._run(
+            self.redis.hset(self.replicas_key, f"{record.executor}|{record.pod}", _dump(record))
+        )
+
+    async def remove_replica(self, executor: str, pod: str) -> None:
+        await self._run(self.redis.hdel(self.replicas_key, f"{executor}|{pod}"))
+
+    async def list_replicas(self, executor: str | None = None) -> list[ReplicaRecord]:
+        """Live (unexpired) replicas, optionally of one executor."""
+        raw = await self._run(self.redis.hgetall(self.replicas_key))
+        return [
+            r
+            for r in _live_replicas(raw, _now())
+            if executor is None or r.executor == executor
+        ]
+
+    async def prune_expired(self) -> int:
+        """Delete expired replica heartbeats; returns how many were removed."""
+        raw = await self._run(self.redis.hgetall(self.replicas_key))
+        now = _now()
+        dead = [k for k, v in raw.items() if _load(ReplicaRecord, v).expires_at < now]
+        if dead:
+            await self._run(self.redis.hdel(self.replicas_key, *dead))
+        return len(dead)
+
+    # -- clients (operator) ----------------------------------------------------
+    async def put_client(self, record: ClientRecord) -> None:
+        record.updated_at = _now()
+        await self._run(self.redis.hset(self.clients_key, record.id, _dump(record)))
+
+    async def get_client(self, client: str) -> ClientRecord | None:
+        raw = await self._run(self.redis.hget(self.clients_key, client))
+        return None if raw is None else _load(ClientRecord, raw)
+
+    async def list_clients(self) -> dict[str, ClientRecord]:
+        raw = await self._run(self.redis.hgetall(self.clients_key))
+        return {k: _load(ClientRecord, v) for k, v in raw.items()}
+
+    async def remove_client(self, client: str) -> None:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.clients_key, client)
+            pipe.delete(self.latency_key(client))
+            await self._run(pipe.execute())
+
+    # -- latency (companion prober) -------------------------------------------
+    async def get_latencies(self, executor: str, pod: str, clients: Iterable[str]) -> dict[
+        str, LatencySample
+    ]:
+        """Current smoothed samples of one replica for the given clients (missing ones absent)."""
+        names = list(clients)
+        if not names:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for c in names:
+                pipe.hget(self.latency_key(c), f"{executor}|{pod}")
+            raws = await self._run(pipe.execute())
+        return {c: _load(LatencySample, r) for c, r in zip(names, raws, strict=True) if r}
+
+    async def put_latencies(
+        self, executor: str, pod: str, samples: dict[str, LatencySample], ttl: float
+    ) -> None:
+        """Store smoothed samples of one replica (one pipeline for all clients)."""
+        if not samples:
+            return
+        now = _now()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for client, sample in samples.items():
+                sample.at = now
+                sample.expires_at = now + ttl
+                key = self.latency_key(client)
+                pipe.hset(key, f"{executor}|{pod}", _dump(sample))
+                pipe.expire(key, int(ttl) + 1)
+            await self._run(pipe.execute())
+
+    # -- load (SDK / selector) -------------------------------------------------
+    async def add_inflight(self, executor: str, delta: int) -> int:
+        return int(await self._run(self.redis.hincrby(self.inflight_key, executor, delta)))
+
+    # -- selection snapshot -----------------------------------------------------
+    async def snapshot(self, client: str | None = None) -> Snapshot:
+        """Executors, live replicas, load and (for ``client``) latencies: one round trip."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.executors_key)
+            pipe.hgetall(self.replicas_key)
+            pipe.hgetall(self.inflight_key)
+            if client is not None:
+                pipe.hgetall(self.latency_key(client))
+            results = await self._run(pipe.execute())
+        now = _now()
+        executors = {k: _load(ExecutorRecord, v) for k, v in results[0].items()}
+        replicas: dict[str, list[ReplicaRecord]] = {}
+        for r in _live_replicas(results[1], now):
+            replicas.setdefault(r.executor, []).append(r)
+        inflight = {k: max(0, int(v)) for k, v in results[2].items()}
+        latency: dict[str, dict[str, LatencySample]] = {}
+        if client is not None:
+            for f, raw in results[3].items():
+                sample = _load(LatencySample, raw)
+                if sample.expires_at >= now:
+                    ex, pod = _split_field(f)
+                    latency.setdefault(ex, {})[pod] = sample
+        return Snapshot(executors, replicas, latency, inflight, now)
+
+
+def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
+    out = []
+    for value in raw.values():
+        record = _load(ReplicaRecord, value)
+        if record.expires_at >= now:
+            out.append(record)
+    return out
