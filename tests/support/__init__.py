@@ -1,0 +1,1 @@
+"""Test support: real servers (redis-server, SeaweedFS), the KMock cluster, test doubles."""
