@@ -20,15 +20,18 @@ DEFAULT_COMPANION_IMAGE = "ghcr.io/mulambda/mulambda:0.1.0"
 
 # name -> (default, description). Order is the order of the README table.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
-    "REDIS_URL": ("redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB)."),
+    "REDIS_URL": (
+        "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB)."),
     "KEY_PREFIX": ("mulambda", "Prefix of every key mulambda writes in the store."),
     "SERVING_IMAGE": (DEFAULT_SERVING_IMAGE, "Default TF Serving image for executors."),
     "COMPANION_IMAGE": (DEFAULT_COMPANION_IMAGE, "Image of the companion sidecar (this project)."),
     "IMAGE_PULL_POLICY": ("IfNotPresent", "Pull policy of the containers the operator creates."),
-    "S3_ENDPOINT": ("minio.mulambda.svc:9000", "S3/MinIO endpoint (host:port) models are read from."),
+    "S3_ENDPOINT": (
+        "minio.mulambda.svc:9000", "S3/MinIO endpoint (host:port) models are read from."),
     "S3_SECURE": ("false", "Use TLS to talk to the S3 endpoint."),
     "S3_REGION": ("", "S3 region, if the store needs one."),
-    "S3_SECRET": ("mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
+    "S3_SECRET": (
+        "mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
     "CLUSTER_DOMAIN": ("cluster.local", "Cluster DNS domain used in executor endpoints."),
     "HEARTBEAT_TTL_SECONDS": ("30", "How long a replica heartbeat lives without renewal."),
     "PROBE_INTERVAL_SECONDS": ("10", "How often companions probe clients (and the operator re-selects)."),

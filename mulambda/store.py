@@ -7,25 +7,20 @@ pipelines are used, no Lua, no modules, no key-space scans on hot paths.
 Key schema (``P`` is the configured prefix, default ``mulambda``; an
 executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
 
-==============================  ======  =====================================  ==========================
-key                             type    field -> value                         written by / lifetime
-==============================  ======  =====================================  ==========================
-``P:executors``                 HASH    executor id -> :class:`ExecutorRecord`  operator; deleted by the
-                                                                                executor's finalizer
-``P:replicas``                  HASH    ``EXEC|POD`` -> :class:`ReplicaRecord`   companion heartbeat; each
-                                                                                value carries
-                                                                                ``expires_at`` (TTL), readers
-                                                                                ignore expired ones and the
-                                                                                operator prunes them; HDEL
-                                                                                on SIGTERM
-``P:clients``                   HASH    client id -> :class:`ClientRecord`      operator; finalizer
-``P:latency:CLIENT``            HASH    ``EXEC|POD`` -> :class:`LatencySample`   companions (smoothed RTT
-                                                                                from that replica to the
-                                                                                client); per-value
-                                                                                ``expires_at`` and a key
-                                                                                EXPIRE refreshed on write
-``P:inflight``                  HASH    executor id -> in-flight requests       SDK / selector (HINCRBY)
-==============================  ======  =====================================  ==========================
+``P:executors`` (HASH) executor id -> :class:`ExecutorRecord`.
+    Written by the operator on create/update; deleted by the executor's
+    finalizer (``mulambda.io/metadata``).
+``P:replicas`` (HASH) ``EXEC|POD`` -> :class:`ReplicaRecord`.
+    Companion heartbeats. Each value carries ``expires_at`` (its TTL):
+    readers ignore expired values, the operator prunes them, and a companion
+    deletes its own on SIGTERM.
+``P:clients`` (HASH) client id -> :class:`ClientRecord`.
+    Written by the operator; deleted by the Client's finalizer.
+``P:latency:CLIENT`` (HASH) ``EXEC|POD`` -> :class:`LatencySample`.
+    Smoothed round-trip time from one replica to the client, written by
+    companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
+``P:inflight`` (HASH) executor id -> in-flight requests (HINCRBY).
+    Written by the SDK and the selector around each request.
 
 Why hashes with an ``expires_at`` inside the value instead of one key per
 replica with EXPIRE: selection must read everything it needs in one
@@ -57,6 +52,12 @@ __all__ = [
     "Snapshot",
     "StoreUnavailable",
 ]
+
+
+# Demand is counted per time bucket so that "requests per second lately" is
+# a few HGETALLs of small hashes, and old buckets vanish by themselves.
+DEMAND_BUCKET_SECONDS = 10
+DEMAND_TTL_SECONDS = 600
 
 
 class StoreUnavailable(RuntimeError):
@@ -355,6 +356,55 @@ class MetadataStore:
                     ex, pod = _split_field(f)
                     latency.setdefault(ex, {})[pod] = sample
         return Snapshot(executors, replicas, latency, inflight, now)
+
+    # -- demand (SDK / selector; read by the autoscaler) -------------------------
+    def demand_key(self, bucket: int) -> str:
+        return f"{self.prefix}:demand:{bucket}"
+
+    async def start_request(self, executor: str, at: float | None = None) -> int:
+        """Count a request as in flight and as demand, in one round trip; returns in-flight."""
+        key = self.demand_key(int((_now() if at is None else at) // DEMAND_BUCKET_SECONDS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hincrby(self.inflight_key, executor, 1)
+            pipe.hincrby(key, executor, 1)
+            pipe.expire(key, DEMAND_TTL_SECONDS)
+            results = await self._run(pipe.execute())
+        return int(results[0])
+
+    async def finish_request(self, executor: str) -> int:
+        """Undo :meth:`start_request`'s in-flight count (demand stays, it is history)."""
+        return await self.add_inflight(executor, -1)
+
+    async def note_demand(self, executors: Iterable[str], at: float | None = None) -> None:
+        """Record demand for executors a client wants but does not call (cold ones to wake)."""
+        names = list(executors)
+        if not names:
+            return
+        key = self.demand_key(int((_now() if at is None else at) // DEMAND_BUCKET_SECONDS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hincrby(key, name, 1)
+            pipe.expire(key, DEMAND_TTL_SECONDS)
+            await self._run(pipe.execute())
+
+    async def demand(self, window_seconds: float = 60.0, at: float | None = None) -> dict[
+        str, float
+    ]:
+        """Requests per second per executor over the last ``window_seconds`` (whole buckets)."""
+        now = _now() if at is None else at
+        last = int(now // DEMAND_BUCKET_SECONDS)
+        n = max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
+                       DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for b in range(last - n + 1, last + 1):
+                pipe.hgetall(self.demand_key(b))
+            buckets = await self._run(pipe.execute())
+        total: dict[str, int] = {}
+        for bucket in buckets:
+            for executor, count in bucket.items():
+                total[executor] = total.get(executor, 0) + int(count)
+        span = n * DEMAND_BUCKET_SECONDS
+        return {k: v / span for k, v in total.items()}
 
 
 def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:

@@ -17,7 +17,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
     """Poll ``check`` until it returns True or raise TimeoutError naming ``what``."""
     deadline = time.monotonic() + timeout
     last: BaseException | None = None

@@ -1,0 +1,90 @@
+"""Operator start-up: settings, clients in kopf's memo, handler registry, ``mulambda operator``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import Any
+
+import kopf
+from mulambda.operator.executors import Context
+from mulambda.operator.handlers import modelexecutor
+from mulambda.operator.kube import KubeApi
+
+from mulambda.settings import Settings
+from mulambda.store import MetadataStore
+
+FINALIZER = "mulambda.io/metadata"
+log = logging.getLogger(__name__)
+
+
+def build_registry(settings: Settings) -> kopf.OperatorRegistry:
+    """A fresh registry with every handler of the operator (tests build one per run)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings_: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure_kopf(settings_)
+        memo.ctx = Context(
+            settings=settings,
+            store=MetadataStore.from_url(settings.redis_url, settings.key_prefix),
+            kube=KubeApi(),
+        )
+        log.info("operator started redis=%s prefix=%s", _redact(settings.redis_url),
+                 settings.key_prefix)
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        ctx = getattr(memo, "ctx", None)
+        if ctx is not None:
+            await ctx.store.close()
+            await ctx.kube.close()
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    modelexecutor.register(registry, settings)
+    return registry
+
+
+def configure_kopf(s: kopf.OperatorSettings) -> None:
+    """kopf settings shared by production and tests."""
+    # A finalizer with our own domain: it guards the metadata store record.
+    s.persistence.finalizer = FINALIZER
+    s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mulambda.io")
+    s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="mulambda.io", key="last-handled-configuration")
+    s.posting.level = logging.INFO
+    s.watching.server_timeout = 300
+    s.networking.request_timeout = 60
+
+
+def _redact(url: str) -> str:
+    """Drop credentials from a URL before logging it."""
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return url
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-n", "--namespace", action="append", default=[],
+                        help="watch only these namespaces (repeatable; default: all)")
+    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
+                        help="liveness endpoint URL (default: %(default)s)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    logging.getLogger().setLevel(settings.log_level.upper())
+    registry = build_registry(settings)
+    asyncio.run(kopf.operator(
+        registry=registry,
+        standalone=True,
+        clusterwide=not args.namespace,
+        namespaces=args.namespace,
+        liveness_endpoint=args.liveness,
+    ))
+    return 0

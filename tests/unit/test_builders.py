@@ -1,0 +1,116 @@
+"""Pure builders: deterministic, hardened, and valid against upstream Kubernetes schemas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from mulambda.operator import builders
+from support.schemas import validate_k8s
+
+from mulambda.resources import parse_executor_spec
+from mulambda.settings import Settings
+
+SPEC = {
+    "model": {"name": "half-plus-two", "storageUri": "s3://models/half_plus_two", "version": 1},
+    "traits": {"type": "regression", "input": "tensor/float32", "output": "tensor/float32",
+               "accuracy": 0.9},
+    "scaling": {"minReplicas": 1, "maxReplicas": 3},
+    "serving": {"resources": {"requests": {"cpu": "500m", "memory": "1Gi"},
+                              "limits": {"memory": "2Gi"}}},
+    "nodeSelector": {"kubernetes.io/arch": "amd64"},
+    "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+}
+SETTINGS = Settings(serving_image="tensorflow/serving:2.18.0", companion_image="mulambda:test")
+
+
+def _deployment(spec=SPEC, **kw):
+    return builders.build_deployment("hp2", "ml", parse_executor_spec(spec), SETTINGS, **kw)
+
+
+def test_deployment_and_service_validate_strictly_against_upstream_schemas():
+    validate_k8s(_deployment())
+    validate_k8s(builders.build_service("hp2", "ml", parse_executor_spec(SPEC)))
+
+
+def test_minimal_spec_also_builds_valid_objects():
+    minimal = {"model": {"name": "m", "storageUri": "s3://bkt/m"},
+               "traits": {"type": "t", "input": "i", "output": "o"}}
+    validate_k8s(_deployment(minimal))
+
+
+def test_pod_pairs_serving_and_companion_on_a_shared_model_volume():
+    pod = _deployment()["spec"]["template"]["spec"]
+    serving, companion = pod["containers"]
+    assert serving["name"] == "serving" and companion["name"] == "companion"
+    assert {p["containerPort"] for p in serving["ports"]} == {8500, 8501}
+    assert "--model_base_path=/models/half-plus-two" in serving["args"]
+    assert companion["args"] == ["companion"] and companion["image"] == "mulambda:test"
+    assert companion["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    mounts = {c["name"]: {m["name"]: m for m in c["volumeMounts"]} for c in (serving, companion)}
+    assert mounts["serving"]["models"]["readOnly"] is True
+    assert "readOnly" not in mounts["companion"]["models"]
+    assert pod["nodeSelector"] == SPEC["nodeSelector"]
+    assert pod["tolerations"] == SPEC["tolerations"]
+    assert serving["resources"] == SPEC["serving"]["resources"]
+
+
+def test_containers_are_hardened_and_non_root():
+    pod = _deployment()["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    for c in pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_s3_credentials_come_only_from_a_secret():
+    env = _deployment()["spec"]["template"]["spec"]["containers"][1]["env"]
+    by_name = {e["name"]: e for e in env}
+    for key in ("MULAMBDA_S3_ACCESS_KEY", "MULAMBDA_S3_SECRET_KEY"):
+        assert "value" not in by_name[key]
+        assert by_name[key]["valueFrom"]["secretKeyRef"]["name"] == SETTINGS.s3_secret
+    custom = copy.deepcopy(SPEC)
+    custom["model"]["credentialsSecret"] = "team-a-s3"
+    env = _deployment(custom)["spec"]["template"]["spec"]["containers"][1]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in env
+            if "secretKeyRef" in e.get("valueFrom", {})} == {"team-a-s3"}
+
+
+def test_builders_are_deterministic_and_hash_tracks_template_changes():
+    a, b = _deployment(), _deployment()
+    assert a == b
+    newer = copy.deepcopy(SPEC)
+    newer["model"]["version"] = 2
+    c = _deployment(newer)
+    key = builders.TEMPLATE_HASH
+    assert a["metadata"]["annotations"][key] != c["metadata"]["annotations"][key]
+    # Scaling bounds are not part of the pod template: no rollout for them.
+    rescaled = copy.deepcopy(SPEC)
+    rescaled["scaling"]["maxReplicas"] = 9
+    same = _deployment(rescaled)["metadata"]["annotations"][key]
+    assert same == a["metadata"]["annotations"][key]
+
+
+def test_service_selects_exactly_the_deployment_pods():
+    dep = _deployment()
+    svc = builders.build_service("hp2", "ml", parse_executor_spec(SPEC))
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
+
+
+@pytest.mark.parametrize("min_replicas,expected", [(0, 0), (2, 2)])
+def test_initial_replicas_follow_min_replicas(min_replicas, expected):
+    spec = copy.deepcopy(SPEC)
+    spec["scaling"]["minReplicas"] = min_replicas
+    assert _deployment(spec)["spec"]["replicas"] == expected
+
+
+def test_endpoints_use_the_service_dns_name():
+    assert builders.endpoints("hp2", "ml", SETTINGS) == {
+        "rest": "http://hp2.ml.svc.cluster.local:8501",
+        "grpc": "hp2.ml.svc.cluster.local:8500",
+    }
