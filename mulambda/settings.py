@@ -34,8 +34,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
     "CLUSTER_DOMAIN": ("cluster.local", "Cluster DNS domain used in executor endpoints."),
     "HEARTBEAT_TTL_SECONDS": ("30", "How long a replica heartbeat lives without renewal."),
-    "PROBE_INTERVAL_SECONDS": ("10", "How often companions probe clients (and the operator re-selects)."),
-    "RECONCILE_INTERVAL_SECONDS": ("30", "Timer that re-converges every resource."),
+    "PROBE_INTERVAL_SECONDS": (
+        "10", "How often companions probe clients (and the operator re-selects)."),
+    "RECONCILE_INTERVAL_SECONDS": ("10", "Timer that re-converges every resource."),
     "RETRY_MAX_DELAY_SECONDS": ("60", "Upper bound of the back-off when the store is unreachable."),
     "LOG_LEVEL": ("INFO", "Log level of every entry point."),
 }
@@ -61,7 +62,7 @@ class Settings:
     cluster_domain: str = "cluster.local"
     heartbeat_ttl_seconds: float = 30.0
     probe_interval_seconds: float = 10.0
-    reconcile_interval_seconds: float = 30.0
+    reconcile_interval_seconds: float = 10.0
     retry_max_delay_seconds: float = 60.0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
