@@ -128,6 +128,7 @@ class ClientRecord:
     max_latency_ms: float | None = None
     min_accuracy: float | None = None
     probe_url: str | None = None
+    cold_start: str = "UseWarm"  # Wait | UseWarm (when the best executor is at zero)
     generation: int = 0
     updated_at: float = field(default_factory=_now)
 

@@ -1,0 +1,486 @@
+"""The mulambda SDK: pick the best model for a client and call it directly.
+
+Typical use (async first; :class:`MulambdaClientSync` wraps it for sync code)::
+
+    async with MulambdaClient("redis://store:6379/0", "shop/recommender") as mu:
+        result = await mu.predict([[1.0, 2.0]])
+        print(result.executor, result.predictions)
+
+How it stays cheap on the request path:
+
+* The store snapshot (executors, live replicas, in-flight counts, this
+  client's latency samples) is read in one pipelined round trip and cached
+  for ``cache_ttl`` seconds. With ``background_refresh`` (the default) a
+  stale snapshot is still used while one refresh runs in the background, so
+  ``select()`` waits for the store only on the very first call or when the
+  snapshot is older than ``max_stale``.
+* Ranking runs locally on every ``select()`` with this process's own
+  in-flight requests added to the cached counts, so a burst from one process
+  spreads over models before the next refresh shows the load.
+* Each call counts itself in flight and as demand with one pipelined round
+  trip before, and one HINCRBY after. Store failures there are logged and do
+  not fail the prediction: the model answering matters more than the count.
+
+Failover: a connection error, timeout or 5xx moves on to the next candidate
+(at most ``max_attempts``) and keeps the failed executor out of this
+process's rankings for ``suspect_seconds``. A 4xx is the caller's problem
+and is raised at once as :class:`PredictionRejected`.
+
+gRPC needs the optional extra ``mulambda[grpc]`` (tensorflow-serving-api,
+which pulls in TensorFlow); it is imported only when ``predict_grpc`` is
+called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import httpx
+
+from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Policy, Ranking, rank
+from mulambda.store import MetadataStore, Snapshot, StoreUnavailable
+
+__all__ = [
+    "AllCandidatesFailed",
+    "MissingExtra",
+    "MulambdaClient",
+    "MulambdaClientSync",
+    "MulambdaError",
+    "NoMatchingModel",
+    "Prediction",
+    "PredictionRejected",
+]
+
+log = logging.getLogger("mulambda.client")
+T = TypeVar("T")
+
+
+class MulambdaError(Exception):
+    """Base class of the SDK's errors."""
+
+
+class NoMatchingModel(MulambdaError, LookupError):
+    """No executor can serve this client; ``reason`` says why."""
+
+    def __init__(self, client: str, reason: str) -> None:
+        super().__init__(f"no model for client {client!r}: {reason}")
+        self.client = client
+        self.reason = reason
+
+
+class AllCandidatesFailed(MulambdaError):
+    """Every candidate tried failed; ``attempts`` lists (executor id, error)."""
+
+    def __init__(self, client: str, attempts: list[tuple[str, str]]) -> None:
+        tried = "; ".join(f"{e}: {err}" for e, err in attempts)
+        super().__init__(f"all {len(attempts)} candidate(s) failed for {client!r}: {tried}")
+        self.client = client
+        self.attempts = attempts
+
+
+class PredictionRejected(MulambdaError):
+    """The model rejected the request (4xx / invalid argument): retrying elsewhere won't help."""
+
+    def __init__(self, executor: str, status: int | str, body: str) -> None:
+        super().__init__(f"{executor} rejected the request ({status}): {body[:500]}")
+        self.executor = executor
+        self.status = status
+        self.body = body
+
+
+class MissingExtra(MulambdaError, ImportError):
+    """An optional dependency is not installed."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A model's answer and who gave it."""
+
+    predictions: Any
+    executor: str
+    candidate: Candidate
+    elapsed_ms: float
+    attempts: int
+
+
+class _Retryable(Exception):
+    """Internal: this candidate failed in a way another one may not."""
+
+
+class MulambdaClient:
+    """Async SDK for one client id (``NAMESPACE/NAME``).
+
+    ``criteria`` None means: use the Client the operator registered under
+    ``client_id`` in the store (read on first use and with every refresh).
+    Keyword arguments ``type``, ``input``, ``output``, ``latency_weight``,
+    ``accuracy_weight``, ``max_latency_ms``, ``min_accuracy`` build criteria
+    inline instead.
+    """
+
+    def __init__(
+        self,
+        store: str | MetadataStore,
+        client_id: str,
+        criteria: Criteria | None = None,
+        *,
+        cache_ttl: float = 1.0,
+        max_stale: float | None = None,
+        background_refresh: bool = True,
+        timeout: float = 30.0,
+        max_attempts: int = 3,
+        suspect_seconds: float = 5.0,
+        cold_start_timeout: float = 60.0,
+        policy: Policy = DEFAULT_POLICY,
+        prefix: str = "mulambda",
+        http: httpx.AsyncClient | None = None,
+        **criteria_fields: Any,
+    ) -> None:
+        if criteria is not None and criteria_fields:
+            raise TypeError("pass either criteria or criteria fields, not both")
+        self.criteria = Criteria(**criteria_fields) if criteria_fields else criteria
+        self._registered = self.criteria is None
+        self._owns_store = isinstance(store, str)
+        self.store = (
+            MetadataStore.from_url(store, prefix=prefix) if isinstance(store, str) else store
+        )
+        self.client_id = client_id
+        self.cache_ttl = cache_ttl
+        self.max_stale = max(cache_ttl, max_stale if max_stale is not None else 5 * cache_ttl)
+        self.background_refresh = background_refresh
+        self.timeout = timeout
+        self.max_attempts = max(1, max_attempts)
+        self.suspect_seconds = suspect_seconds
+        self.cold_start_timeout = cold_start_timeout
+        self.policy = policy
+        self._owns_http = http is None
+        self._http = http
+        self._snap: Snapshot | None = None
+        self._snap_at = 0.0  # monotonic
+        self._snap_local: dict[str, int] = {}  # own in-flight when the snapshot was read
+        self._local: dict[str, int] = {}  # own in-flight now
+        self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
+        self._lock = asyncio.Lock()
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._woken: set[tuple[str, float]] = set()
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._grpc_channels: dict[str, Any] = {}
+
+    # -- lifecycle -------------------------------------------------------------
+    async def __aenter__(self) -> MulambdaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close what this client opened (not a store or httpx client passed in)."""
+        for task in [self._refresh_task, *self._bg]:
+            if task is not None and not task.done():
+                task.cancel()
+        for channel in self._grpc_channels.values():
+            await channel.close()
+        self._grpc_channels.clear()
+        if self._http is not None and self._owns_http:
+            await self._http.aclose()
+            self._http = None
+        if self._owns_store:
+            await self.store.close()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # Connection pooling matters: a new TCP handshake per prediction
+            # would cost more than selection does.
+            self._http = httpx.AsyncClient(timeout=self.timeout)
+        return self._http
+
+    # -- selection -----------------------------------------------------------
+    async def _refresh(self) -> None:
+        if self._registered:
+            # Concurrent, so a registered client still waits one round trip.
+            snap, record = await asyncio.gather(
+                self.store.snapshot(self.client_id), self.store.get_client(self.client_id)
+            )
+            if record is None:
+                raise NoMatchingModel(
+                    self.client_id, "client is not registered in the store and no criteria given"
+                )
+            self.criteria = Criteria.from_client(record)
+        else:
+            snap = await self.store.snapshot(self.client_id)
+        self._snap, self._snap_at, self._snap_local = snap, time.monotonic(), dict(self._local)
+        log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
+                  len(snap.executors))
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            async with self._lock:
+                await self._refresh()
+        except (StoreUnavailable, NoMatchingModel) as exc:
+            # The next select() that finds the snapshot too old raises it.
+            log.warning("background refresh failed client=%s error=%s", self.client_id, exc)
+
+    async def snapshot(self) -> Snapshot:
+        """The cached snapshot, refreshed as the cache settings say."""
+        age = time.monotonic() - self._snap_at
+        if self._snap is not None and age < self.cache_ttl:
+            return self._snap
+        if self._snap is not None and self.background_refresh and age < self.max_stale:
+            if self._refresh_task is None or self._refresh_task.done():
+                self._refresh_task = asyncio.create_task(self._refresh_quietly())
+            return self._snap
+        async with self._lock:
+            # Single flight: whoever waited on the lock may find it fresh now.
+            if self._snap is None or time.monotonic() - self._snap_at >= self.cache_ttl:
+                await self._refresh()
+        assert self._snap is not None
+        return self._snap
+
+    async def ranking(self) -> Ranking:
+        """All candidates, best first, with this process's own load taken into account."""
+        snap = await self.snapshot()
+        assert self.criteria is not None
+        if self._local or self._snap_local:
+            # Own requests started since the snapshot are not in its counts yet.
+            inflight = dict(snap.inflight)
+            for ex in set(self._local) | set(self._snap_local):
+                delta = self._local.get(ex, 0) - self._snap_local.get(ex, 0)
+                if delta:
+                    inflight[ex] = max(0, inflight.get(ex, 0) + delta)
+            snap = replace(snap, inflight=inflight)
+        ranking = rank(self.criteria, snap, client=self.client_id, now=time.time(),
+                       policy=self.policy)
+        if self._suspect:
+            now = time.monotonic()
+            self._suspect = {e: t for e, t in self._suspect.items() if t > now}
+            healthy = [c for c in ranking if c.executor_id not in self._suspect]
+            # All suspect: better to retry them than to give up.
+            if healthy and len(healthy) < len(ranking):
+                ranking = Ranking(
+                    healthy + [c for c in ranking if c.executor_id in self._suspect],
+                    ranking.rejected, ranking.wake, ranking.criteria,
+                )
+        if ranking.wake:
+            self._wake(ranking.wake)
+        return ranking
+
+    async def select(self) -> Candidate:
+        """The best candidate now; raises :class:`NoMatchingModel` with the reason."""
+        ranking = await self.ranking()
+        if not ranking:
+            raise NoMatchingModel(self.client_id, ranking.explain())
+        return ranking[0]
+
+    def _wake(self, executors: list[str]) -> None:
+        """Signal demand for cold executors we would prefer, once per snapshot."""
+        todo = [e for e in executors if (e, self._snap_at) not in self._woken]
+        if not todo:
+            return
+        self._woken = {(e, self._snap_at) for e in todo}
+        self._spawn(self._note_demand(todo))
+
+    async def _note_demand(self, executors: list[str]) -> None:
+        try:
+            await self.store.note_demand(executors)
+            log.info("demand signalled client=%s executors=%s", self.client_id, executors)
+        except StoreUnavailable as exc:
+            log.warning("demand signal failed client=%s error=%s", self.client_id, exc)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    # -- calling models --------------------------------------------------------
+    async def _wait_until_warm(self, executor: str) -> Candidate | None:
+        """Poll the store until a cold executor has a live replica (or give up)."""
+        deadline = time.monotonic() + self.cold_start_timeout
+        while time.monotonic() < deadline:
+            async with self._lock:
+                await self._refresh()
+            for c in await self.ranking():
+                if c.executor_id == executor and c.warm:
+                    return c
+            await asyncio.sleep(0.5)
+        return None
+
+    async def _with_failover(self, call: Callable[[Candidate], Awaitable[T]]) -> tuple[
+        T, Candidate, int
+    ]:
+        ranking = await self.ranking()
+        if not ranking:
+            raise NoMatchingModel(self.client_id, ranking.explain())
+        attempts: list[tuple[str, str]] = []
+        for candidate in ranking[: self.max_attempts]:
+            if not candidate.warm:
+                await self._note_demand([candidate.executor_id])
+                warm = await self._wait_until_warm(candidate.executor_id)
+                if warm is None:
+                    attempts.append((candidate.executor_id,
+                                     f"cold start not done in {self.cold_start_timeout:g}s"))
+                    continue
+                candidate = warm
+            try:
+                result = await self._counted(candidate.executor_id, call(candidate))
+                return result, candidate, len(attempts) + 1
+            except _Retryable as exc:
+                attempts.append((candidate.executor_id, str(exc)))
+                self._suspect[candidate.executor_id] = time.monotonic() + self.suspect_seconds
+                log.warning("candidate failed client=%s executor=%s error=%s; failing over",
+                            self.client_id, candidate.executor_id, exc)
+        raise AllCandidatesFailed(self.client_id, attempts)
+
+    async def _counted(self, executor: str, op: Awaitable[T]) -> T:
+        """Run ``op`` counted as in flight, locally and in the store."""
+        self._local[executor] = self._local.get(executor, 0) + 1
+        counted = False
+        try:
+            try:
+                await self.store.start_request(executor)
+                counted = True
+            except StoreUnavailable as exc:
+                log.warning("in-flight count failed executor=%s error=%s", executor, exc)
+            return await op
+        finally:
+            self._local[executor] -= 1
+            if not self._local[executor]:
+                del self._local[executor]
+            if counted:
+                try:
+                    # Shielded: a cancelled caller must not leave the counter up.
+                    await asyncio.shield(self.store.finish_request(executor))
+                except (StoreUnavailable, asyncio.CancelledError) as exc:
+                    log.warning("in-flight release failed executor=%s error=%r", executor, exc)
+
+    async def predict(
+        self, instances: list[Any], *, signature_name: str | None = None,
+        attempt_timeout: float | None = None,
+    ) -> Prediction:
+        """POST ``{endpoint}/v1/models/{model}:predict`` to the best model, failing over.
+
+        ``attempt_timeout`` bounds each attempt (default: the client's
+        ``timeout``); wrap the call in ``asyncio.timeout`` to bound the total.
+        """
+        body: dict[str, Any] = {"instances": instances}
+        if signature_name:
+            body["signature_name"] = signature_name
+        started = time.perf_counter()
+
+        async def call(c: Candidate) -> Any:
+            url = f"{c.record.rest.rstrip('/')}/v1/models/{c.record.model}:predict"
+            try:
+                resp = await self.http.post(url, json=body, timeout=attempt_timeout or self.timeout)
+            except httpx.TransportError as exc:  # connect / read errors and timeouts
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            if resp.status_code >= 500:
+                raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            if resp.status_code >= 400:
+                raise PredictionRejected(c.executor_id, resp.status_code, resp.text)
+            try:
+                return resp.json()["predictions"]
+            except (ValueError, KeyError) as exc:
+                raise _Retryable(f"malformed answer: {resp.text[:200]}") from exc
+
+        result, cand, n = await self._with_failover(call)
+        return Prediction(result, cand.executor_id, cand,
+                          (time.perf_counter() - started) * 1000, n)
+
+    async def predict_grpc(
+        self, inputs: dict[str, Any], *, signature_name: str = "serving_default",
+        attempt_timeout: float | None = None,
+    ) -> Prediction:
+        """Predict over gRPC (TF Serving PredictionService); needs ``mulambda[grpc]``.
+
+        ``inputs`` maps input tensor names to array-likes; the answer maps
+        output names to numpy arrays. ``attempt_timeout`` bounds each attempt.
+        """
+        try:
+            import grpc
+            import tensorflow as tf
+            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+        except ImportError as exc:
+            raise MissingExtra(
+                "gRPC predictions need the optional extra: pip install 'mulambda[grpc]' "
+                f"(tensorflow-serving-api, grpcio); import failed: {exc}"
+            ) from exc
+        retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED}
+        started = time.perf_counter()
+
+        async def call(c: Candidate) -> Any:
+            target = c.record.grpc
+            channel = self._grpc_channels.get(target)
+            if channel is None:
+                channel = self._grpc_channels[target] = grpc.aio.insecure_channel(target)
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = c.record.model
+            request.model_spec.signature_name = signature_name
+            for name, value in inputs.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            try:
+                response = await stub.Predict(request, timeout=attempt_timeout or self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in retry_codes:
+                    raise _Retryable(f"gRPC {exc.code().name}: {exc.details()}") from exc
+                raise PredictionRejected(c.executor_id, exc.code().name,
+                                         exc.details() or "") from exc
+            return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+        result, cand, n = await self._with_failover(call)
+        return Prediction(result, cand.executor_id, cand,
+                          (time.perf_counter() - started) * 1000, n)
+
+
+class MulambdaClientSync:
+    """Blocking wrapper: runs a :class:`MulambdaClient` on a private event-loop thread.
+
+    Do not call it from inside a running event loop; use the async client there.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="mulambda-sdk")
+        self._thread.start()
+
+        async def make() -> MulambdaClient:
+            return MulambdaClient(*args, **kwargs)  # asyncio.Lock binds to this loop
+
+        self._client = self._run(make())
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def select(self) -> Candidate:
+        return self._run(self._client.select())
+
+    def ranking(self) -> Ranking:
+        return self._run(self._client.ranking())
+
+    def predict(self, instances: list[Any], **kwargs: Any) -> Prediction:
+        return self._run(self._client.predict(instances, **kwargs))
+
+    def predict_grpc(self, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
+        return self._run(self._client.predict_grpc(inputs, **kwargs))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
+
+    def __enter__(self) -> MulambdaClientSync:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

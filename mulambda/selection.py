@@ -1,0 +1,426 @@
+"""Model selection: (client criteria, store snapshot) -> ranked candidates.
+
+:func:`rank` is pure: no I/O, no clock (``now`` defaults to the snapshot's
+``taken_at``), no global random state. The same input always gives the same
+output, so the operator, the SDK, the selector API and the simulator agree.
+
+Rules (the defaults live in :class:`Policy`)
+--------------------------------------------
+
+**Hard criteria** filter: ``type`` must equal the executor's type; ``input``
+and ``output`` must equal the executor's formats when the client gives them.
+
+**Can it serve?** An executor is a *warm* candidate when its state is
+``Ready`` and at least one replica has a live (unexpired) heartbeat in state
+``Available``. It is a *cold* (activatable) candidate when it is
+``ScaledToZero``, or when it has ``min_replicas == 0`` and is not ``Failed``
+and currently has no live replica. Everything else (Pending, Failed,
+Unavailable, Ready without a live replica) is rejected with a reason.
+
+**Expected latency** (milliseconds, what one request would see now)::
+
+    expected = network + service + load
+    network  = mean of the smoothed RTT samples from the executor's live
+               Available replicas to this client (the Kubernetes Service
+               spreads requests over replicas, so the mean is the expectation;
+               replicas without a sample are left out of the mean)
+    service  = ExecutorRecord.service_time_ms
+    load     = service * inflight / (ready * Policy.replica_concurrency)
+               inflight = snapshot.inflight[executor], ready = live Available
+               replicas (1 for a cold executor, which starts with one)
+
+The load term is a queueing estimate: each request already in flight on a
+replica delays a new one by about one service time. It is what keeps every
+client from piling onto the single fastest model.
+
+**Missing measurements are normal.** No RTT sample for an executor: the
+median of the network latencies known for the other candidates of this
+ranking, or ``Policy.default_network_ms`` when none is known. No service
+time: the median of the known ones among the candidates, or
+``Policy.default_service_time_ms``. No accuracy: the lowest known accuracy
+among the candidates (pessimistic, but no penalty to zero), or 1.0 for all
+when none is known (then accuracy does not discriminate). A ``min_accuracy``
+limit rejects an executor whose accuracy is unknown (it cannot be shown to
+meet it). Every fallback is named in the candidate's ``reason``.
+
+**Limits**: ``max_latency_ms`` rejects candidates whose expected latency
+(including load, excluding a cold start) exceeds it; ``min_accuracy`` rejects
+candidates below it.
+
+**Score** in [0, 1], higher is better, from scale-free ratios so two close
+models do not get 0 and 1 as min-max normalisation would give them::
+
+    latency_score  = best expected latency among candidates / expected
+    accuracy_score = accuracy / best accuracy among candidates
+    score = (w_lat * latency_score + w_acc * accuracy_score) / (w_lat + w_acc)
+
+Both weights zero means "no preference": they are treated as 1 and 1.
+
+**Warm preference**: a cold executor needs seconds to start, so its ranking
+score is its score minus ``Policy.cold_margin`` (default 0.25): it ranks
+first only when it is that much better than every warm candidate, or when
+there is no warm candidate at all. A client with ``cold_start="Wait"``
+prefers the best model even when cold: no margin. Cold executors that would
+beat the first candidate without the margin are listed in
+:attr:`Ranking.wake` so callers can signal demand and have them activated.
+
+**Ties** spread load: candidates whose ranking scores are within
+``Policy.tie_tolerance`` of the best of their group are ordered by a stable
+hash (BLAKE2b, not Python's salted ``hash``) of ``(client, executor, time
+bucket)`` where the bucket is ``now // Policy.tie_bucket_seconds``. Different
+clients therefore prefer different members of a tie, and one client rotates
+among them from bucket to bucket, while the result stays reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from mulambda.store import ClientRecord, ExecutorRecord, Snapshot
+
+__all__ = ["Candidate", "Criteria", "Policy", "Ranking", "rank"]
+
+ColdStart = Literal["Wait", "UseWarm"]
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """What a client asks for: hard criteria, soft weights, optional limits."""
+
+    type: str
+    input: str | None = None
+    output: str | None = None
+    latency_weight: float = 1.0
+    accuracy_weight: float = 1.0
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+    cold_start: ColdStart = "UseWarm"
+
+    def __post_init__(self) -> None:
+        if not self.type:
+            raise ValueError("criteria.type is required")
+        if self.latency_weight < 0 or self.accuracy_weight < 0:
+            raise ValueError("preference weights must be non-negative")
+        if self.max_latency_ms is not None and self.max_latency_ms <= 0:
+            raise ValueError("max_latency_ms must be positive")
+        if self.min_accuracy is not None and not 0 <= self.min_accuracy <= 1:
+            raise ValueError("min_accuracy must be within [0, 1]")
+        if self.cold_start not in ("Wait", "UseWarm"):
+            raise ValueError("cold_start must be 'Wait' or 'UseWarm'")
+
+    @classmethod
+    def from_client(cls, record: ClientRecord) -> Criteria:
+        """Criteria of a Client as the operator registered it in the store."""
+        return cls(
+            type=record.type,
+            input=record.input,
+            output=record.output,
+            latency_weight=record.latency_weight,
+            accuracy_weight=record.accuracy_weight,
+            max_latency_ms=record.max_latency_ms,
+            min_accuracy=record.min_accuracy,
+            # ClientRecord may not carry it (older records): default like the CRD.
+            cold_start=getattr(record, "cold_start", None) or "UseWarm",
+        )
+
+    @classmethod
+    def from_request(
+        cls, required: Mapping[str, Any], desired: Mapping[str, Any] | None = None,
+        base: Criteria | None = None,
+    ) -> Criteria:
+        """Criteria from the selector request shape of the MuLambda prototype.
+
+        ``required`` holds hard criteria (``type``, ``input``, ``output``) and
+        limits (``max_latency_ms``/``maxLatencyMs``, ``min_accuracy``/
+        ``minAccuracy``); ``desired`` holds weights (``latency``,
+        ``accuracy``). Fields not given come from ``base`` (the registered
+        client) or the defaults. Raises ValueError on bad values.
+        """
+        desired = desired or {}
+
+        def pick(src: Mapping[str, Any], *names: str, default: Any = None) -> Any:
+            for n in names:
+                if src.get(n) is not None:
+                    return src[n]
+            return default
+
+        def number(value: Any, what: str) -> float | None:
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{what} must be a number, got {value!r}")
+            return float(value)
+
+        b = base
+        kind = pick(required, "type", default=b.type if b else None)
+        if not isinstance(kind, str) or not kind:
+            raise ValueError("required.type (the model type) is required")
+        for name in ("input", "output"):
+            if required.get(name) is not None and not isinstance(required[name], str):
+                raise ValueError(f"required.{name} must be a string")
+        lat_w = number(pick(desired, "latency", "latency_weight"), "desired.latency")
+        acc_w = number(pick(desired, "accuracy", "accuracy_weight"), "desired.accuracy")
+        max_lat = number(
+            pick(required, "max_latency_ms", "maxLatencyMs"), "required.max_latency_ms"
+        )
+        min_acc = number(pick(required, "min_accuracy", "minAccuracy"), "required.min_accuracy")
+        cold = pick(required, "cold_start", "coldStart")
+        return cls(
+            type=kind,
+            input=pick(required, "input", default=b.input if b else None),
+            output=pick(required, "output", default=b.output if b else None),
+            latency_weight=lat_w if lat_w is not None else (b.latency_weight if b else 1.0),
+            accuracy_weight=acc_w if acc_w is not None else (b.accuracy_weight if b else 1.0),
+            max_latency_ms=max_lat if max_lat is not None else (b.max_latency_ms if b else None),
+            min_accuracy=min_acc if min_acc is not None else (b.min_accuracy if b else None),
+            cold_start=cold or (b.cold_start if b else "UseWarm"),
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Tunable constants of :func:`rank`; the defaults are documented above."""
+
+    default_network_ms: float = 5.0
+    default_service_time_ms: float = 20.0
+    replica_concurrency: float = 1.0
+    cold_margin: float = 0.25
+    tie_tolerance: float = 0.02
+    tie_bucket_seconds: float = 10.0
+
+
+DEFAULT_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One executor that can serve the client, with its score and why."""
+
+    executor_id: str
+    score: float  # ranking score in [-cold_margin, 1]; the list is sorted by it
+    expected_latency_ms: float
+    accuracy: float | None
+    reason: str
+    warm: bool
+    record: ExecutorRecord = field(repr=False, compare=False)
+    network_ms: float = 0.0
+    service_ms: float = 0.0
+    load_ms: float = 0.0
+
+    @property
+    def endpoint(self) -> str:
+        """REST endpoint of the executor."""
+        return self.record.rest
+
+
+class Ranking(list[Candidate]):
+    """Candidates best first, plus why the others were left out.
+
+    ``rejected`` maps executor id -> reason for every executor that is not a
+    candidate; ``wake`` lists cold executors worth activating.
+    """
+
+    def __init__(
+        self, candidates: list[Candidate], rejected: dict[str, str], wake: list[str],
+        criteria: Criteria,
+    ) -> None:
+        super().__init__(candidates)
+        self.rejected = rejected
+        self.wake = wake
+        self.criteria = criteria
+
+    def explain(self) -> str:
+        """Why nothing matched, for a user (meaningful when the ranking is empty)."""
+        c = self.criteria
+        want = f"type={c.type!r}"
+        if c.input:
+            want += f" input={c.input!r}"
+        if c.output:
+            want += f" output={c.output!r}"
+        if not self.rejected:
+            return f"no executor is registered (wanted {want})"
+        counts = Counter(r.split(":", 1)[0] for r in self.rejected.values())
+        summary = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+        examples = "; ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items())[:3])
+        return (
+            f"no executor matches {want} among {len(self.rejected)} registered "
+            f"({summary}); e.g. {examples}"
+        )
+
+
+def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]:
+    """(warm?, why) -- warm True/False for candidates, None when it cannot serve."""
+    if record.state == "Ready" and live > 0:
+        return True, ""
+    if record.state == "Failed":
+        return None, "not serving: state Failed"
+    if record.state == "ScaledToZero" or (record.min_replicas == 0 and live == 0):
+        return False, ""
+    if record.state == "Ready":
+        return None, "not serving: Ready but no live Available replica heartbeat"
+    return None, f"not serving: state {record.state}"
+
+
+def _tie_key(client: str, executor: str, bucket: int) -> bytes:
+    return hashlib.blake2b(f"{client}|{executor}|{bucket}".encode(), digest_size=8).digest()
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def rank(
+    criteria: Criteria,
+    snapshot: Snapshot,
+    *,
+    client: str = "",
+    now: float | None = None,
+    policy: Policy = DEFAULT_POLICY,
+) -> Ranking:
+    """Rank the executors of ``snapshot`` for ``criteria``; best first.
+
+    ``client`` is the client id: it seeds the tie-break so clients spread
+    over equally good executors (the snapshot's latency samples must be the
+    ones of this client). ``now`` defaults to ``snapshot.taken_at``. Returns
+    a :class:`Ranking` (a list of :class:`Candidate`); when it is empty,
+    ``Ranking.explain()`` says why.
+    """
+    now = snapshot.taken_at if now is None else now
+    rejected: dict[str, str] = {}
+
+    # 1. hard criteria and ability to serve
+    viable: list[tuple[ExecutorRecord, bool, int]] = []
+    for eid in sorted(snapshot.executors):
+        rec = snapshot.executors[eid]
+        if rec.type != criteria.type:
+            rejected[eid] = f"wrong type: has {rec.type!r}"
+            continue
+        if criteria.input is not None and rec.input != criteria.input:
+            rejected[eid] = f"wrong input: has {rec.input!r}"
+            continue
+        if criteria.output is not None and rec.output != criteria.output:
+            rejected[eid] = f"wrong output: has {rec.output!r}"
+            continue
+        live = sum(1 for r in snapshot.replicas.get(eid, ()) if r.state == "Available")
+        warm, why = _serving_state(rec, live)
+        if warm is None:
+            rejected[eid] = why
+            continue
+        if criteria.min_accuracy is not None:
+            if rec.accuracy is None:
+                rejected[eid] = "below min accuracy: accuracy unknown"
+                continue
+            if rec.accuracy < criteria.min_accuracy:
+                rejected[eid] = (
+                    f"below min accuracy: {rec.accuracy:g} < {criteria.min_accuracy:g}"
+                )
+                continue
+        viable.append((rec, warm, live))
+
+    # 2. measurements, with fallbacks computed over the viable set
+    network: dict[str, float | None] = {}
+    for rec, _warm, _live in viable:
+        samples = snapshot.latency.get(rec.id, {})
+        live_pods = {
+            r.pod for r in snapshot.replicas.get(rec.id, ()) if r.state == "Available"
+        }
+        known = [s.ms for pod, s in samples.items() if pod in live_pods]
+        network[rec.id] = sum(known) / len(known) if known else None
+    net_fallback = _median([v for v in network.values() if v is not None])
+    svc_fallback = _median(
+        [r.service_time_ms for r, _, _ in viable if r.service_time_ms is not None]
+    )
+    acc_known = [r.accuracy for r, _, _ in viable if r.accuracy is not None]
+    acc_fallback = min(acc_known) if acc_known else None
+
+    # 3. expected latency and limits
+    measured: list[tuple[ExecutorRecord, bool, float, float, float, float, float, list[str]]] = []
+    for rec, warm, live in viable:
+        notes: list[str] = []
+        net = network[rec.id]
+        if net is None:
+            if net_fallback is not None:
+                net = net_fallback
+                notes.append("no RTT sample: median of others")
+            else:
+                net = policy.default_network_ms
+                notes.append("no RTT sample: default")
+        svc = rec.service_time_ms
+        if svc is None:
+            if svc_fallback is not None:
+                svc = svc_fallback
+                notes.append("no service time: median of others")
+            else:
+                svc = policy.default_service_time_ms
+                notes.append("no service time: default")
+        inflight = snapshot.inflight.get(rec.id, 0)
+        load = svc * inflight / (max(live, 1) * policy.replica_concurrency)
+        expected = net + svc + load
+        if criteria.max_latency_ms is not None and expected > criteria.max_latency_ms:
+            rejected[rec.id] = (
+                f"over max latency: expected {expected:.1f} ms > {criteria.max_latency_ms:g} ms"
+            )
+            continue
+        acc = rec.accuracy
+        if acc is None:
+            acc = acc_fallback if acc_fallback is not None else 1.0
+            notes.append("accuracy unknown: lowest known" if acc_fallback is not None
+                         else "accuracy unknown")
+        measured.append((rec, warm, net, svc, load, expected, acc, notes))
+
+    if not measured:
+        return Ranking([], rejected, [], criteria)
+
+    # 4. scores
+    w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
+    if w_lat == 0 and w_acc == 0:
+        w_lat = w_acc = 1.0  # no preference at all: weigh both equally
+    best_lat = min(m[5] for m in measured)
+    best_acc = max(m[6] for m in measured)
+    margin = 0.0 if criteria.cold_start == "Wait" else policy.cold_margin
+    raw: dict[str, float] = {}
+    cands: list[Candidate] = []
+    for rec, warm, net, svc, load, expected, acc, notes in measured:
+        lat_score = best_lat / expected if expected > 0 else 1.0
+        acc_score = acc / best_acc if best_acc > 0 else 1.0
+        score = (w_lat * lat_score + w_acc * acc_score) / (w_lat + w_acc)
+        raw[rec.id] = score
+        ranking_score = score if warm else score - margin
+        parts = [
+            f"score {score:.3f}",
+            f"latency {expected:.1f} ms = net {net:.1f} + service {svc:.1f} + load {load:.1f}",
+            f"accuracy {acc:.3f}",
+        ]
+        if not warm:
+            parts.append(f"cold: -{margin:g}" if margin else "cold")
+        parts.extend(notes)
+        cands.append(Candidate(
+            executor_id=rec.id, score=round(ranking_score, 9), expected_latency_ms=expected,
+            accuracy=rec.accuracy, reason="; ".join(parts), warm=warm, record=rec,
+            network_ms=net, service_ms=svc, load_ms=load,
+        ))
+
+    # 5. order, spreading ties with a stable per-client, per-time-bucket hash
+    bucket = int(now // policy.tie_bucket_seconds) if policy.tie_bucket_seconds > 0 else 0
+    cands.sort(key=lambda c: (-c.score, c.executor_id))
+    ordered: list[Candidate] = []
+    i = 0
+    while i < len(cands):
+        j = i + 1
+        while j < len(cands) and cands[i].score - cands[j].score <= policy.tie_tolerance:
+            j += 1
+        group = cands[i:j]
+        group.sort(key=lambda c: _tie_key(client, c.executor_id, bucket))
+        ordered.extend(group)
+        i = j
+
+    first = raw[ordered[0].executor_id]
+    wake = [c.executor_id for c in ordered if not c.warm and raw[c.executor_id] > first]
+    if not ordered[0].warm:
+        wake.insert(0, ordered[0].executor_id)
+    return Ranking(ordered, rejected, wake, criteria)

@@ -1,0 +1,192 @@
+"""The SDK against a real redis-server and TF Serving REST test doubles on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from support.procs import free_port
+from support.serving_double import TFServingRESTDouble
+
+from mulambda.client import (
+    AllCandidatesFailed,
+    MissingExtra,
+    MulambdaClient,
+    MulambdaClientSync,
+    NoMatchingModel,
+    PredictionRejected,
+)
+from mulambda.selection import Criteria
+from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+
+pytestmark = pytest.mark.integration
+
+CLIENT = "shop/app"
+
+
+async def register(store: MetadataStore, name: str, rest: str, *, rtt: float,
+                   service: float = 5.0, accuracy: float = 0.9) -> str:
+    """Register a Ready executor with one live replica measured ``rtt`` ms from CLIENT."""
+    rec = ExecutorRecord(
+        namespace="ml", name=name, model=f"model-{name}", version=1, type="vision",
+        input="image", output="label", accuracy=accuracy, rest=rest, grpc="127.0.0.1:1",
+        state="Ready", service_time_ms=service,
+    )
+    await store.put_executor(rec)
+    await store.put_replica(ReplicaRecord(executor=rec.id, pod=f"{name}-0", state="Available"),
+                            ttl=60)
+    await store.put_latencies(rec.id, f"{name}-0", {CLIENT: LatencySample(ms=rtt, samples=3)},
+                              ttl=60)
+    return rec.id
+
+
+@pytest.fixture
+async def doubles() -> AsyncIterator[list[TFServingRESTDouble]]:
+    made: list[TFServingRESTDouble] = []
+    yield made
+    for d in made:
+        await d.stop()
+
+
+async def test_predict_goes_to_the_best_model_over_rest(store, doubles):
+    near = await TFServingRESTDouble("near").start()
+    far = await TFServingRESTDouble("far").start()
+    doubles += [near, far]
+    await register(store, "near", near.url, rtt=1)
+    await register(store, "far", far.url, rtt=40)
+
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        result = await mu.predict([[1, 2], [3, 4]])
+
+    assert result.executor == "ml/near" and result.attempts == 1
+    assert result.predictions == [["near"], ["near"]]
+    assert near.requests == [{"model": "model-near", "body": {"instances": [[1, 2], [3, 4]]}}]
+    assert far.requests == []
+
+
+async def test_failover_when_the_first_endpoint_fails(store, doubles):
+    broken = await TFServingRESTDouble("broken", status=503).start()
+    backup = await TFServingRESTDouble("backup").start()
+    doubles += [broken, backup]
+    await register(store, "broken", broken.url, rtt=1)
+    await register(store, "backup", backup.url, rtt=30)
+    await register(store, "down", f"http://127.0.0.1:{free_port()}", rtt=0.5)
+
+    async with MulambdaClient(store, CLIENT, type="vision", suspect_seconds=60) as mu:
+        assert (await mu.select()).executor_id == "ml/down"
+        result = await mu.predict([[0]])
+        assert result.executor == "ml/backup" and result.attempts == 3
+        assert len(broken.requests) == 1
+        # Failed executors stay out of this process's ranking for a while.
+        again = await mu.predict([[0]])
+        assert again.attempts == 1 and len(broken.requests) == 1
+
+
+async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
+    a = await TFServingRESTDouble("a", status=500).start()
+    doubles.append(a)
+    await register(store, "a", a.url, rtt=1)
+    await register(store, "b", f"http://127.0.0.1:{free_port()}", rtt=2)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        with pytest.raises(AllCandidatesFailed) as err:
+            await mu.predict([[0]])
+    assert [e for e, _ in err.value.attempts] == ["ml/a", "ml/b"]
+    assert "HTTP 500" in err.value.attempts[0][1]
+    assert await store.redis.hgetall(store.inflight_key) == {"ml/a": "0", "ml/b": "0"}
+
+
+async def test_client_error_is_not_retried_elsewhere(store, doubles):
+    picky = await TFServingRESTDouble("picky", status=400).start()
+    other = await TFServingRESTDouble("other").start()
+    doubles += [picky, other]
+    await register(store, "picky", picky.url, rtt=1)
+    await register(store, "other", other.url, rtt=20)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        with pytest.raises(PredictionRejected, match="400"):
+            await mu.predict([[0]])
+    assert other.requests == []
+
+
+async def test_inflight_counter_is_up_during_the_call_and_back_to_zero(store, doubles):
+    seen: list[int] = []
+
+    async def observe() -> None:
+        seen.append(int(await store.redis.hget(store.inflight_key, "ml/slow") or 0))
+        await asyncio.sleep(0.05)
+
+    slow = await TFServingRESTDouble("slow", on_request=observe).start()
+    doubles.append(slow)
+    await register(store, "slow", slow.url, rtt=1)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        await asyncio.gather(*(mu.predict([[i]]) for i in range(5)))
+    assert max(seen) >= 2  # concurrent calls were counted
+    assert await store.redis.hget(store.inflight_key, "ml/slow") == "0"
+    demand = await store.demand(window_seconds=10)
+    assert demand["ml/slow"] == pytest.approx(5 / 10)
+
+
+async def test_no_matching_model_says_why(store):
+    await register(store, "a", "http://127.0.0.1:1", rtt=1)
+    async with MulambdaClient(store, CLIENT, type="audio") as mu:
+        with pytest.raises(NoMatchingModel, match="wrong type") as err:
+            await mu.predict([[0]])
+    assert "type='audio'" in err.value.reason
+
+
+async def test_registered_client_criteria_come_from_the_store(store, doubles):
+    d = await TFServingRESTDouble("d").start()
+    doubles.append(d)
+    await register(store, "d", d.url, rtt=1)
+    await store.put_client(ClientRecord(namespace="shop", name="app", type="vision"))
+    async with MulambdaClient(store, CLIENT) as mu:
+        assert (await mu.select()).executor_id == "ml/d"
+        assert mu.criteria == Criteria(type="vision")
+    async with MulambdaClient(store, "shop/unknown") as mu:
+        with pytest.raises(NoMatchingModel, match="not registered"):
+            await mu.select()
+
+
+async def test_selection_is_cached_and_refreshed(store, redis_url, doubles):
+    await register(store, "a", "http://127.0.0.1:1", rtt=5)
+    async with MulambdaClient(redis_url, CLIENT, type="vision", cache_ttl=0.2,
+                              prefix="test") as mu:
+        assert (await mu.select()).executor_id == "ml/a"
+        await register(store, "b", "http://127.0.0.1:2", rtt=1)
+        assert (await mu.select()).executor_id == "ml/a"  # cached
+        await asyncio.sleep(0.25)
+        await mu.select()  # stale: served while a background refresh runs
+        deadline = time.monotonic() + 2
+        while (await mu.select()).executor_id != "ml/b":
+            assert time.monotonic() < deadline, "snapshot never refreshed"
+            await asyncio.sleep(0.05)
+
+
+def test_sync_wrapper_predicts(redis_server, redis_url):
+    async def setup() -> None:
+        s = MetadataStore.from_url(redis_url, prefix="test")
+        await register(s, "syncy", "http://127.0.0.1:1", rtt=1)  # nothing listens there
+        await s.close()
+
+    asyncio.run(setup())
+    with MulambdaClientSync(redis_url, CLIENT, type="vision", prefix="test") as mu:
+        assert mu.select().executor_id == "ml/syncy"
+        with pytest.raises(AllCandidatesFailed):
+            mu.predict([[0]])
+
+
+async def test_grpc_without_the_extra_raises_a_clear_error(store, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tf(name, *args, **kwargs):
+        if name.startswith(("tensorflow", "grpc")):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tf)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        with pytest.raises(MissingExtra, match=r"mulambda\[grpc\]"):
+            await mu.predict_grpc({"x": [[1.0]]})
