@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "selector": ("mulambda.selector", "run the HTTP selector API"),
     "models": ("mulambda.models_cli", "push, list and remove models in S3 storage"),
     "simulate": ("mulambda.simulate", "replay a scenario through selectors and compare"),
+    "ping": ("mulambda.ping", "answer latency probes (sidecar of Client workloads)"),
 }
 
 

@@ -32,6 +32,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "S3_REGION": ("", "S3 region, if the store needs one."),
     "S3_SECRET": (
         "mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
+    "SELECTOR_URL": (
+        "http://mulambda-selector.mulambda.svc:8080", "Selector API URL injected into workloads."),
     "CLUSTER_DOMAIN": ("cluster.local", "Cluster DNS domain used in executor endpoints."),
     "HEARTBEAT_TTL_SECONDS": ("30", "How long a replica heartbeat lives without renewal."),
     "PROBE_INTERVAL_SECONDS": (
@@ -59,6 +61,7 @@ class Settings:
     s3_secure: bool = False
     s3_region: str = ""
     s3_secret: str = "mulambda-s3"
+    selector_url: str = "http://mulambda-selector.mulambda.svc:8080"
     cluster_domain: str = "cluster.local"
     heartbeat_ttl_seconds: float = 30.0
     probe_interval_seconds: float = 10.0

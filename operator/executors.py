@@ -8,11 +8,12 @@ only with what changed. Handlers stay thin (see handlers/modelexecutor.py).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from mulambda.operator import builders
+from mulambda.operator import builders, children
 from mulambda.operator.conditions import (
     FALSE,
     TRUE,
@@ -22,7 +23,7 @@ from mulambda.operator.conditions import (
     get_condition,
     merge_conditions,
 )
-from mulambda.operator.kube import JSON_PATCH, KubeApi, is_conflict
+from mulambda.operator.kube import KubeApi
 
 from mulambda.resources import ModelExecutorSpec, SpecError, parse_executor_spec
 from mulambda.settings import Settings
@@ -45,108 +46,46 @@ def backoff(retry: int, settings: Settings) -> float:
     return float(min(settings.retry_max_delay_seconds, 2 ** min(retry, 16)))
 
 
-async def ensure_deployment(
+def _bounded_replicas(spec: ModelExecutorSpec) -> Callable[[int | None], int]:
+    """Replicas policy: start at minReplicas, afterwards keep what the autoscaler set
+    but never outside [minReplicas, maxReplicas]."""
+
+    def bound(current: int | None) -> int:
+        if current is None:
+            return spec.scaling.min_replicas
+        return max(spec.scaling.min_replicas, min(spec.scaling.max_replicas, current))
+
+    return bound
+
+
+async def ensure_children(
     ctx: Context, body: kopf.Body, spec: ModelExecutorSpec, logger: Any
 ) -> dict[str, Any]:
-    """Create the Deployment if missing, patch its template if it differs."""
+    """Deployment and Service of an executor; returns the Deployment."""
     name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
-    desired = builders.build_deployment(name, ns, spec, ctx.settings)
-    kopf.adopt(desired, owner=body)
-    current = await ctx.kube.get_deployment(desired["metadata"]["name"], ns)
-    if current is None:
-        try:
-            created = await ctx.kube.create_deployment(desired)
-        except Exception as exc:
-            if not is_conflict(exc):
-                raise
-            # Created by a concurrent reconcile (or a previous run): converge on it.
-            current = await ctx.kube.get_deployment(desired["metadata"]["name"], ns)
-            if current is None:
-                raise kopf.TemporaryError(
-                    "Deployment vanished while creating it", delay=1) from exc
-        else:
-            kopf.info(body, reason="CreatedDeployment",
-                      message=f"Created Deployment {ns}/{desired['metadata']['name']}")
-            return created
-
-    ops: list[dict[str, Any]] = []
-    what: list[str] = []
-    want_hash = desired["metadata"]["annotations"][builders.TEMPLATE_HASH]
-    have_hash = (current["metadata"].get("annotations") or {}).get(builders.TEMPLATE_HASH)
-    if want_hash != have_hash:
-        what.append("pod template")
-        ops += [
-            {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-            {"op": "add", "path": "/metadata/annotations",
-             "value": {**(current["metadata"].get("annotations") or {}),
-                       builders.TEMPLATE_HASH: want_hash}},
-        ]
-    if (current["metadata"].get("labels") or {}) != desired["metadata"]["labels"]:
-        what.append("labels")
-        ops.append(
-            {"op": "add", "path": "/metadata/labels", "value": desired["metadata"]["labels"]})
-    replicas = current.get("spec", {}).get("replicas")
-    bounded = _bounded_replicas(replicas, spec)
-    if bounded != replicas:
-        what.append(f"replicas {replicas} -> {bounded}")
-        ops.append({"op": "add", "path": "/spec/replicas", "value": bounded})
-    if not ops:
-        return current
-    patched = await ctx.kube.patch_deployment(current["metadata"]["name"], ns, ops, JSON_PATCH)
-    kopf.info(body, reason="UpdatedDeployment",
-              message=f"Updated Deployment {ns}/{current['metadata']['name']}: {', '.join(what)}")
-    logger.info("deployment patched name=%s changes=%s", current["metadata"]["name"], what)
-    return patched
-
-
-def _bounded_replicas(replicas: int | None, spec: ModelExecutorSpec) -> int:
-    if replicas is None:
-        return spec.scaling.min_replicas
-    return max(spec.scaling.min_replicas, min(spec.scaling.max_replicas, replicas))
-
-
-async def ensure_service(
-    ctx: Context, body: kopf.Body, spec: ModelExecutorSpec
-) -> dict[str, Any]:
-    """Create the Service if missing, patch ports/selector if they differ."""
-    name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
-    desired = builders.build_service(name, ns, spec)
-    kopf.adopt(desired, owner=body)
-    current = await ctx.kube.get_service(desired["metadata"]["name"], ns)
-    if current is None:
-        try:
-            created = await ctx.kube.create_service(desired)
-        except Exception as exc:
-            if not is_conflict(exc):
-                raise
-            current = await ctx.kube.get_service(desired["metadata"]["name"], ns)
-            if current is None:
-                raise kopf.TemporaryError("Service vanished while creating it", delay=1) from exc
-        else:
-            kopf.info(body, reason="CreatedService",
-                      message=f"Created Service {ns}/{desired['metadata']['name']}")
-            return created
-    ops: list[dict[str, Any]] = []
-    cur_spec = current.get("spec", {})
-    if _ports(cur_spec.get("ports")) != _ports(desired["spec"]["ports"]):
-        ops.append({"op": "replace", "path": "/spec/ports", "value": desired["spec"]["ports"]})
-    if cur_spec.get("selector") != desired["spec"]["selector"]:
-        ops.append({"op": "add", "path": "/spec/selector", "value": desired["spec"]["selector"]})
-    if (current["metadata"].get("labels") or {}) != desired["metadata"]["labels"]:
-        ops.append(
-            {"op": "add", "path": "/metadata/labels", "value": desired["metadata"]["labels"]})
-    if not ops:
-        return current
-    return await ctx.kube.patch_service(current["metadata"]["name"], ns, ops, JSON_PATCH)
-
-
-def _ports(ports: list[dict[str, Any]] | None) -> list[tuple[Any, ...]]:
-    # The API server adds defaults (protocol, targetPort numbers, nodePort):
-    # compare only what we set.
-    return sorted(
-        (p.get("name"), p.get("port"), str(p.get("targetPort")), p.get("protocol", "TCP"))
-        for p in ports or []
+    deployment, changed = await children.ensure_deployment(
+        ctx.kube, body, builders.build_deployment(name, ns, spec, ctx.settings),
+        _bounded_replicas(spec),
     )
+    _announce(body, "Deployment", deployment, changed, logger)
+    service, changed = await children.ensure_service(
+        ctx.kube, body, builders.build_service(name, ns, spec))
+    _announce(body, "Service", service, changed, logger)
+    return deployment
+
+
+def _announce(body: kopf.Body, kind: str, obj: dict[str, Any], changed: list[str],
+              logger: Any) -> None:
+    """An Event and a log line for every change made to a child."""
+    if not changed:
+        return
+    ref = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+    if changed == ["created"]:
+        kopf.info(body, reason=f"Created{kind}", message=f"Created {kind} {ref}")
+    else:
+        kopf.info(body, reason=f"Updated{kind}",
+                  message=f"Updated {kind} {ref}: {', '.join(changed)}")
+    logger.info("child reconciled kind=%s name=%s changes=%s", kind, ref, changed)
 
 
 def model_condition(
@@ -208,23 +147,15 @@ async def reconcile(
     try:
         parsed = parse_executor_spec(spec)
     except SpecError as exc:
-        ready = get_condition(old_conditions, "Ready")
-        already = (ready is not None and ready.get("reason") == "InvalidSpec"
-                   and ready.get("observedGeneration") == generation)
         msg = f"Invalid spec: {exc}. Fix the ModelExecutor; existing pods are left as they are."
-        patch.status["observedGeneration"] = generation
-        patch.status["conditions"] = merge_conditions(
-            old_conditions,
-            [condition("Ready", FALSE, "InvalidSpec", msg),
-             condition("Progressing", FALSE, "InvalidSpec", msg)],
-            generation,
-        )
-        if not already:
-            kopf.warn(body, reason="InvalidSpec", message=msg)
+        _fail(body, patch, old_conditions, generation, "InvalidSpec", msg)
         raise kopf.PermanentError(msg) from None
 
-    deployment = await ensure_deployment(ctx, body, parsed, logger)
-    await ensure_service(ctx, body, parsed)
+    try:
+        deployment = await ensure_children(ctx, body, parsed, logger)
+    except children.NameConflict as exc:
+        _fail(body, patch, old_conditions, generation, "NameConflict", str(exc))
+        raise
 
     dep_status = deployment.get("status") or {}
     desired = int(deployment.get("spec", {}).get("replicas") or 0)
@@ -316,6 +247,24 @@ def _mirror_replicas(
     for key, value in fields.items():
         if status.get(key) != value:
             patch.status[key] = value
+
+
+def _fail(
+    body: kopf.Body, patch: kopf.Patch, old_conditions: list[dict[str, Any]] | None,
+    generation: int, reason: str, msg: str,
+) -> None:
+    """Ready/Progressing False with ``reason``; one Warning Event per generation."""
+    ready = get_condition(old_conditions, "Ready")
+    already = (ready is not None and ready.get("reason") == reason
+               and ready.get("observedGeneration") == generation)
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = merge_conditions(
+        old_conditions,
+        [condition("Ready", FALSE, reason, msg), condition("Progressing", FALSE, reason, msg)],
+        generation,
+    )
+    if not already:
+        kopf.warn(body, reason=reason, message=msg)
 
 
 async def forget(ctx: Context, namespace: str, name: str, retry: int, logger: Any) -> None:

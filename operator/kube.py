@@ -60,6 +60,16 @@ class KubeApi:
             )
         )
 
+    async def delete_deployment(self, name: str, namespace: str) -> None:
+        await self._delete(self.apps.delete_namespaced_deployment, name, namespace)
+
+    async def _delete(self, fn: Any, name: str, namespace: str) -> None:
+        try:
+            await self._call(fn, name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status != 404:  # already gone is what we wanted
+                raise
+
     # -- Services -------------------------------------------------------------
     async def get_service(self, name: str, namespace: str) -> dict[str, Any] | None:
         return await self._get(self.core.read_namespaced_service, name, namespace)
@@ -77,6 +87,9 @@ class KubeApi:
                 _content_type=content_type,
             )
         )
+
+    async def delete_service(self, name: str, namespace: str) -> None:
+        await self._delete(self.core.delete_namespaced_service, name, namespace)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.api_client.close)

@@ -9,7 +9,7 @@ from typing import Any
 
 import kopf
 from mulambda.operator.executors import Context
-from mulambda.operator.handlers import modelexecutor
+from mulambda.operator.handlers import client, modelexecutor
 from mulambda.operator.kube import KubeApi
 
 from mulambda.settings import Settings
@@ -46,6 +46,7 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
         return kopf.login_via_client(**kwargs)
 
     modelexecutor.register(registry, settings)
+    client.register(registry, settings)
     return registry
 
 
