@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from support.procs import RedisServer
 
 from mulambda.store import MetadataStore
+
+from support.procs import RedisServer
 
 
 @pytest.fixture(scope="session")

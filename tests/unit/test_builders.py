@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 
 import pytest
-from mulambda.operator import builders
-from support.schemas import validate_k8s
 
+from mulambda.operator import builders
 from mulambda.resources import parse_executor_spec
 from mulambda.settings import Settings
+
+from support.schemas import validate_k8s
 
 SPEC = {
     "model": {"name": "half-plus-two", "storageUri": "s3://models/half_plus_two", "version": 1},

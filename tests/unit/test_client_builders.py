@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from support.schemas import validate_k8s
-
 from mulambda.operator import builders
 from mulambda.settings import Settings
+
+from support.schemas import validate_k8s
 
 SETTINGS = Settings(redis_url="redis://store:6379/0", companion_image="mulambda:test")
 TEMPLATE = {

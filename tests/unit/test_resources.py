@@ -8,9 +8,10 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from support.schemas import validate_custom
 
 from mulambda.resources import SpecError, parse_client_spec, parse_executor_spec, parse_quantity
+
+from support.schemas import validate_custom
 
 GOOD = {
     "model": {"name": "m", "storageUri": "s3://bucket/models/m"},
