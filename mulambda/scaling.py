@@ -1,0 +1,488 @@
+"""The serverless autoscaler's decision: a pure, deterministic function.
+
+Modelled on Knative's KPA. The operator samples demand for each executor
+(requests in flight, counting those queued in front of its replicas or held
+while it is scaled to zero, and the arrival rate), keeps the samples in a
+bounded :class:`DemandWindow`, and calls :func:`decide` with the executor's
+``spec.scaling``, the replica counts, the :class:`ScalingState` it persisted
+from the previous call and ``now``. :func:`decide` does no I/O and reads no
+clock: the same inputs always give the same :class:`Decision`.
+
+The rule, in the order it is applied:
+
+1. **Stable desire.** ``ceil(mean concurrency over the last
+   stableWindowSeconds / targetConcurrency)``. Averaging over a minute is
+   what keeps noisy or flapping load from moving the replica count.
+2. **Panic.** The same figure over the (shorter) panicWindowSeconds reacts
+   to bursts. When it reaches twice the ready replicas (at least one), the
+   executor is *panicking*: the recommendation becomes the larger of the
+   panic and stable desires and never drops below the current replicas, so
+   a burst is chased at once and nothing is taken away mid-burst. Panic ends
+   only after a whole stable window in which the threshold was not crossed
+   and the panic desire did not reach twice the stable desire (load that
+   keeps bursting keeps its burst capacity instead of cycling in and out).
+3. **Scale-down delay.** The recommendation actually used is the maximum of
+   all recommendations over the last scaleDownDelaySeconds: scaling up is
+   immediate, scaling down happens only once demand has stayed low for the
+   whole delay. (A monotonic max-queue in the state makes this cheap.)
+4. **Idle and scale to zero.** While the recommendation is zero (no
+   concurrency in the stable window) one replica stays warm. The executor
+   goes to zero only when minReplicas is 0 *and* there has been no demand
+   at all (no in-flight request, no arrival, no activation) for
+   idleWindowSeconds.
+5. **Activation.** Demand while at zero (an activation request or any
+   sample with demand) gives at least one replica at once, or more if the
+   panic-window demand asks for more; the delay does not apply to it.
+6. **Bounds.** The result is clamped to [minReplicas, maxReplicas]; a
+   clamp that changed the answer is reported as ``Bounded``.
+7. **No data.** With no sample in the stable window (metrics collection
+   failing) the count is held: not knowing the load is no reason to act.
+
+Reasons (CamelCase, for conditions and Events): ``Activate``,
+``ScaleToZero``, ``Bounded``, ``Panic``, ``ScaleUp``, ``ScaleDown``,
+``Hold``.
+
+Samples are assumed to arrive at a roughly regular interval (the mean is
+over samples, not time-weighted); the operator samples on a timer. Both
+the window and the state serialise to small JSON objects (``to_json`` /
+``from_json``) so the operator can keep them in the executor's status or
+in the metadata store across restarts; losing them only restarts the idle
+clock and the scale-down delay, which errs towards keeping replicas.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+__all__ = [
+    "DEFAULT_MAX_SAMPLES",
+    "PANIC_THRESHOLD",
+    "Decision",
+    "DemandWindow",
+    "Reason",
+    "Sample",
+    "ScalingPolicy",
+    "ScalingState",
+    "decide",
+    "record_sample",
+    "window_horizon",
+]
+
+#: Panic when the panic-window desire is this many times the ready replicas (Knative: 200%).
+PANIC_THRESHOLD = 2.0
+
+#: Hard cap on samples kept, whatever the sampling rate, so the JSON stays small.
+DEFAULT_MAX_SAMPLES = 600
+
+# ceil(2.0000000001) must stay 2: averages of floats carry rounding noise.
+_EPSILON = 1e-9
+
+
+class Reason(StrEnum):
+    """Why the decision is what it is; values are CamelCase condition reasons."""
+
+    ACTIVATE = "Activate"
+    SCALE_TO_ZERO = "ScaleToZero"
+    BOUNDED = "Bounded"
+    PANIC = "Panic"
+    SCALE_UP = "ScaleUp"
+    SCALE_DOWN = "ScaleDown"
+    HOLD = "Hold"
+
+
+class ScalingPolicy(Protocol):
+    """What :func:`decide` reads from a spec; :class:`mulambda.resources.Scaling` fits."""
+
+    @property
+    def min_replicas(self) -> int: ...
+    @property
+    def max_replicas(self) -> int: ...
+    @property
+    def target_concurrency(self) -> float: ...
+    @property
+    def idle_window_seconds(self) -> int: ...
+    @property
+    def stable_window_seconds(self) -> int: ...
+    @property
+    def panic_window_seconds(self) -> int: ...
+    @property
+    def scale_down_delay_seconds(self) -> int: ...
+
+
+# -- demand samples ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """Demand on one executor at one instant.
+
+    ``concurrency`` is requests in flight, including those waiting in a queue
+    or at the activator (a saturated executor must still show its backlog);
+    ``rate`` is arrivals per second. Either being positive counts as demand.
+    """
+
+    at: float
+    concurrency: float
+    rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("at", "concurrency", "rate"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"sample {name} must be finite, got {value!r}")
+        if self.concurrency < 0 or self.rate < 0:
+            raise ValueError(
+                f"sample concurrency and rate must be >= 0, got {self.concurrency}, {self.rate}"
+            )
+
+    @property
+    def has_demand(self) -> bool:
+        return self.concurrency > 0 or self.rate > 0
+
+
+@dataclass(frozen=True, slots=True)
+class DemandWindow:
+    """Recent samples of one executor, oldest first; build it with :func:`record_sample`."""
+
+    samples: tuple[Sample, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """Compact JSON form: ``{"samples": [[at, concurrency, rate], ...]}``."""
+        return {"samples": [[s.at, s.concurrency, s.rate] for s in self.samples]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> DemandWindow:
+        """Inverse of :meth:`to_json`; ``None`` or ``{}`` is an empty window."""
+        if not data:
+            return cls()
+        try:
+            samples = [Sample(float(a), float(c), float(r)) for a, c, r in data["samples"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed demand window: {exc}") from exc
+        samples.sort(key=lambda s: s.at)
+        return cls(tuple(samples))
+
+
+def window_horizon(policy: ScalingPolicy) -> float:
+    """Seconds of samples :func:`decide` looks at (the longer of the two windows)."""
+    return float(max(policy.stable_window_seconds, policy.panic_window_seconds))
+
+
+def record_sample(
+    window: DemandWindow,
+    sample: Sample,
+    *,
+    horizon_seconds: float,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+) -> DemandWindow:
+    """Return ``window`` with ``sample`` added, keeping only the last ``horizon_seconds``.
+
+    Samples older than the newest one minus the horizon are dropped, then the
+    oldest beyond ``max_samples``; a late (out-of-order) sample is inserted in
+    its place so the window stays sorted.
+    """
+    if max_samples < 1:
+        raise ValueError("max_samples must be at least 1")
+    samples = list(window.samples)
+    keys = [s.at for s in samples]
+    # bisect_right: a sample with the same timestamp goes after the earlier ones.
+    samples.insert(bisect.bisect_right(keys, sample.at), sample)
+    cutoff = samples[-1].at - horizon_seconds
+    first = bisect.bisect_right([s.at for s in samples], cutoff)
+    first = max(first, len(samples) - max_samples)
+    return DemandWindow(tuple(samples[first:]))
+
+
+# -- persisted state ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScalingState:
+    """What :func:`decide` remembers between calls (all times in the caller's clock).
+
+    ``recent`` holds ``(at, recommendation)`` pairs of the scale-down delay
+    window as a monotonic max-queue: each value is larger than every later
+    one, so the first is the window's maximum and the list stays short.
+    """
+
+    desired: int | None = None
+    last_change_at: float | None = None
+    last_scale_up_at: float | None = None
+    last_demand_at: float | None = None
+    panic_since: float | None = None
+    panic_last_at: float | None = None
+    recent: tuple[tuple[float, int], ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        """camelCase JSON, shaped like the rest of the status; ``None`` fields omitted."""
+        out: dict[str, Any] = {
+            "desired": self.desired,
+            "lastChangeAt": self.last_change_at,
+            "lastScaleUpAt": self.last_scale_up_at,
+            "lastDemandAt": self.last_demand_at,
+            "panicSince": self.panic_since,
+            "panicLastAt": self.panic_last_at,
+        }
+        out = {k: v for k, v in out.items() if v is not None}
+        out["recent"] = [[at, n] for at, n in self.recent]
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> ScalingState:
+        """Inverse of :meth:`to_json`; missing keys (or ``None``) give a fresh state."""
+        if not data:
+            return cls()
+
+        def num(key: str) -> float | None:
+            value = data.get(key)
+            return None if value is None else float(value)
+
+        try:
+            desired = data.get("desired")
+            return cls(
+                desired=None if desired is None else int(desired),
+                last_change_at=num("lastChangeAt"),
+                last_scale_up_at=num("lastScaleUpAt"),
+                last_demand_at=num("lastDemandAt"),
+                panic_since=num("panicSince"),
+                panic_last_at=num("panicLastAt"),
+                recent=tuple((float(at), int(n)) for at, n in data.get("recent") or ()),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed scaling state: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The autoscaler's answer for one executor at one instant."""
+
+    desired_replicas: int
+    reason: Reason
+    message: str
+    state: ScalingState
+    stable_concurrency: float | None = None
+    panic_concurrency: float | None = None
+    panicking: bool = False
+
+    def to_status(self) -> dict[str, Any]:
+        """The part worth showing in ``status.scaling`` (camelCase)."""
+        out: dict[str, Any] = {
+            "desiredReplicas": self.desired_replicas,
+            "reason": str(self.reason),
+            "message": self.message,
+            "panicking": self.panicking,
+        }
+        if self.stable_concurrency is not None:
+            out["stableConcurrency"] = round(self.stable_concurrency, 3)
+        if self.panic_concurrency is not None:
+            out["panicConcurrency"] = round(self.panic_concurrency, 3)
+        return out
+
+
+# -- the decision ----------------------------------------------------------------------
+
+
+def _replicas_for(concurrency: float, target: float) -> int:
+    return max(0, math.ceil(concurrency / target - _EPSILON))
+
+
+def _mean(values: list[float]) -> float:
+    return math.fsum(values) / len(values)
+
+
+def _push_max(
+    recent: tuple[tuple[float, int], ...], now: float, value: int, window: float
+) -> tuple[tuple[float, int], ...]:
+    """Add ``value`` to the max-queue and drop entries older than ``window``."""
+    kept = [(at, n) for at, n in recent if at > now - window]
+    while kept and kept[-1][1] <= value:
+        kept.pop()
+    kept.append((now, value))
+    return tuple(kept)
+
+
+def decide(
+    policy: ScalingPolicy,
+    window: DemandWindow,
+    *,
+    current_replicas: int,
+    ready_replicas: int,
+    state: ScalingState,
+    now: float,
+    activation: bool = False,
+) -> Decision:
+    """Desired replicas for one executor; pure and deterministic (see the module docstring).
+
+    ``current_replicas`` is what the Deployment currently asks for (starting
+    pods included), ``ready_replicas`` how many serve; ``activation`` is an
+    explicit wake-up request (e.g. a client that chose to wait for a cold
+    start) on top of whatever the samples show.
+    """
+    if current_replicas < 0 or ready_replicas < 0:
+        raise ValueError("replica counts must be >= 0")
+    lo, hi = policy.min_replicas, policy.max_replicas
+    stable_w = float(policy.stable_window_seconds)
+    panic_w = float(min(policy.panic_window_seconds, policy.stable_window_seconds))
+    target = float(policy.target_concurrency)
+
+    visible = [s for s in window.samples if s.at <= now]
+    stable = [s for s in visible if s.at > now - stable_w]
+    panic = [s for s in stable if s.at > now - panic_w]
+
+    # The idle clock: the latest moment anything asked for this executor. A
+    # fresh state starts it now, so a restarted operator never scales to zero early.
+    last_demand = state.last_demand_at
+    seen = [s.at for s in visible if s.has_demand]
+    if activation:
+        seen.append(now)
+    if seen:
+        last_demand = max(seen) if last_demand is None else max(last_demand, *seen)
+    if last_demand is None:
+        last_demand = now
+    idle_for = max(0.0, now - last_demand)
+
+    if not stable and not activation:
+        held = min(max(current_replicas, lo), hi)
+        reason = Reason.BOUNDED if held != current_replicas else Reason.HOLD
+        message = f"no demand samples in the last {stable_w:g}s; holding {held} replica(s)"
+        new_state = replace(state, last_demand_at=last_demand)
+        return _finish(held, reason, message, new_state, current_replicas, now)
+
+    stable_c = _mean([s.concurrency for s in stable]) if stable else 0.0
+    panic_c = _mean([s.concurrency for s in panic]) if panic else stable_c
+    want_stable = _replicas_for(stable_c, target)
+    want_panic = _replicas_for(panic_c, target)
+    demand_in_window = activation or any(s.has_demand for s in stable)
+
+    # Panic bookkeeping: the threshold is relative to what serves now, so a
+    # burst on a small executor panics even while new pods are still starting.
+    over = want_panic >= PANIC_THRESHOLD * max(ready_replicas, 1)
+    # While panicking, bursts that still reach twice the stable desire keep
+    # the panic alive: otherwise load that bursts every few tens of seconds
+    # would scale up in panic, relax once the new pods are ready, scale down
+    # after the delay, and panic again on the next burst, round and round.
+    still_bursty = (
+        state.panic_last_at is not None
+        and now - state.panic_last_at < stable_w
+        and want_panic >= PANIC_THRESHOLD * max(want_stable, 1)
+    )
+    panic_last = now if over or still_bursty else state.panic_last_at
+    panicking = panic_last is not None and now - panic_last < stable_w
+    if panicking:
+        panic_since = state.panic_since if state.panic_since is not None else now
+        recommendation = max(want_panic, want_stable, current_replicas)
+    else:
+        panic_since = panic_last = None
+        recommendation = want_stable
+    if demand_in_window:
+        # Requests too short to show as in-flight still need a replica to land on.
+        recommendation = max(recommendation, 1)
+
+    delay = float(policy.scale_down_delay_seconds)
+    if delay > 0:
+        recent = _push_max(state.recent, now, recommendation, delay)
+        delayed = recent[0][1]
+    else:
+        recent, delayed = (), recommendation
+
+    wanted = delayed
+    warm_note = ""
+    if current_replicas == 0:
+        # Activation skips the delay window: it only ever adds replicas. With
+        # no demand, stale recommendations must not wake an executor at zero.
+        wanted = max(1, want_panic, want_stable) if demand_in_window else 0
+    elif wanted == 0 and current_replicas > 0:
+        if lo == 0 and idle_for >= policy.idle_window_seconds:
+            wanted = 0
+        else:
+            wanted = 1
+            if lo == 0:
+                warm_note = (
+                    f"no demand for {idle_for:.0f}s; keeping 1 warm until the "
+                    f"{policy.idle_window_seconds}s idle window passes"
+                )
+    desired = min(max(wanted, lo), hi)
+
+    stats = (
+        f"concurrency {stable_c:.2f} over {stable_w:g}s, {panic_c:.2f} over {panic_w:g}s, "
+        f"target {target:g}/replica"
+    )
+    if current_replicas == 0 and desired > 0 and demand_in_window:
+        reason = Reason.ACTIVATE
+        message = f"demand while scaled to zero: activating {desired} replica(s) ({stats})"
+    elif desired != wanted:
+        reason = Reason.BOUNDED
+        bound = f"maxReplicas={hi}" if wanted > hi else f"minReplicas={lo}"
+        message = f"demand asks for {wanted} replica(s), held at {bound} ({stats})"
+    elif desired == 0 and current_replicas > 0:
+        reason = Reason.SCALE_TO_ZERO
+        message = (
+            f"no demand for {idle_for:.0f}s (idle window {policy.idle_window_seconds}s): "
+            "scaling to zero"
+        )
+    elif panicking and desired >= current_replicas:
+        reason = Reason.PANIC
+        message = (
+            f"panic: {want_panic} replica(s) wanted over {panic_w:g}s vs {ready_replicas} "
+            f"ready; {desired} replica(s), no scale-down until the burst passes ({stats})"
+        )
+    elif desired > current_replicas:
+        reason = Reason.SCALE_UP
+        message = f"scaling up {current_replicas} -> {desired} ({stats})"
+    elif desired < current_replicas:
+        reason = Reason.SCALE_DOWN
+        message = f"scaling down {current_replicas} -> {desired} ({stats})"
+    else:
+        reason = Reason.HOLD
+        if warm_note:
+            message = warm_note
+        elif recommendation < desired:
+            message = (
+                f"holding {desired}: demand asks for {recommendation}, scale-down waits until "
+                f"it has stayed lower for {delay:g}s ({stats})"
+            )
+        elif desired == 0:
+            message = f"scaled to zero; no demand for {idle_for:.0f}s"
+        else:
+            message = f"holding {desired} replica(s) ({stats})"
+
+    new_state = ScalingState(
+        desired=state.desired,
+        last_change_at=state.last_change_at,
+        last_scale_up_at=state.last_scale_up_at,
+        last_demand_at=last_demand,
+        panic_since=panic_since,
+        panic_last_at=panic_last,
+        recent=recent,
+    )
+    return _finish(
+        desired, reason, message, new_state, current_replicas, now,
+        stable_c=stable_c, panic_c=panic_c, panicking=panicking,
+    )
+
+
+def _finish(
+    desired: int,
+    reason: Reason,
+    message: str,
+    state: ScalingState,
+    current_replicas: int,
+    now: float,
+    *,
+    stable_c: float | None = None,
+    panic_c: float | None = None,
+    panicking: bool = False,
+) -> Decision:
+    """Stamp the change bookkeeping into the state and build the Decision."""
+    changed = state.desired is None or desired != state.desired
+    state = replace(
+        state,
+        desired=desired,
+        last_change_at=now if changed else state.last_change_at,
+        last_scale_up_at=now if desired > current_replicas else state.last_scale_up_at,
+    )
+    return Decision(desired, reason, message, state, stable_c, panic_c, panicking)
