@@ -1,0 +1,108 @@
+"""The replica heartbeat: this pod's :class:`~mulambda.store.ReplicaRecord` with a TTL.
+
+The record is renewed every ``interval`` seconds with ``expires_at = now +
+ttl``; readers ignore expired records, so a pod that dies without a chance
+to clean up ages out by itself. On graceful shutdown (SIGTERM) the record
+is deleted at once so selection stops choosing the pod before its TTL runs
+out. A state change is published immediately rather than at the next tick,
+so the operator sees "Failed" or "Available" without waiting an interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from mulambda.store import MetadataStore, ReplicaRecord, StoreUnavailable
+
+from .server import Metrics, ModelState
+
+log = logging.getLogger("mulambda.companion.heartbeat")
+
+
+class Heartbeat:
+    """Publishes a :class:`ModelState` as this replica's heartbeat until stopped."""
+
+    def __init__(
+        self,
+        store: MetadataStore,
+        state: ModelState,
+        *,
+        executor: str,
+        pod: str,
+        ip: str,
+        ttl: float,
+        interval: float,
+        metrics: Metrics | None = None,
+    ) -> None:
+        if interval >= ttl:
+            # A heartbeat renewed less often than it expires flaps between live and dead.
+            log.warning("heartbeat interval=%s >= ttl=%s; replica will flap", interval, ttl)
+        self.store = store
+        self.state = state
+        self.executor = executor
+        self.pod = pod
+        self.ip = ip
+        self.ttl = ttl
+        self.interval = interval
+        self.metrics = metrics
+        self._wake = asyncio.Event()
+
+    def record(self) -> ReplicaRecord:
+        """The heartbeat as it would be written now."""
+        s = self.state
+        # reason/message explain Loading and Failed; an Available record carries none.
+        explain = s.state != "Available"
+        return ReplicaRecord(
+            executor=self.executor,
+            pod=self.pod,
+            ip=self.ip,
+            state=s.state,
+            version=s.version,
+            reason=s.reason if explain else "",
+            message=s.message if explain else "",
+        )
+
+    async def publish(self) -> bool:
+        """Write the heartbeat once; False (logged, counted) when the store is unreachable."""
+        try:
+            await self.store.put_replica(self.record(), ttl=self.ttl)
+        except StoreUnavailable as exc:
+            if self.metrics is not None:
+                self.metrics.heartbeat_errors.inc()
+            log.warning("heartbeat not written pod=%s error=%s", self.pod, exc)
+            return False
+        return True
+
+    def changed(self) -> None:
+        """Ask the loop to publish now (the model state changed)."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish every ``interval`` (or on :meth:`changed`) until ``stop`` is set."""
+        log.info(
+            "heartbeat started executor=%s pod=%s ttl=%s interval=%s",
+            self.executor, self.pod, self.ttl, self.interval,
+        )
+        while not stop.is_set():
+            self._wake.clear()
+            await self.publish()
+            stop_wait = asyncio.ensure_future(stop.wait())
+            wake_wait = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait(
+                    {stop_wait, wake_wait}, timeout=self.interval,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for t in (stop_wait, wake_wait):
+                    t.cancel()
+
+    async def remove(self) -> None:
+        """Delete the heartbeat (graceful shutdown); failure is logged, the TTL cleans up."""
+        try:
+            await self.store.remove_replica(self.executor, self.pod)
+            log.info("heartbeat removed executor=%s pod=%s", self.executor, self.pod)
+        except StoreUnavailable as exc:
+            log.warning("heartbeat not removed, it expires in <= %ss error=%s", self.ttl, exc)
+
