@@ -190,9 +190,12 @@ def arrivals_per_tick(rates: list[float], tick_s: float, seed: int = 11) -> list
 class Controller(Protocol):
     """A scaling policy as the simulator drives it."""
 
-    name: str
-    interval_s: float
-    initial_replicas: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def interval_s(self) -> float: ...
+    @property
+    def initial_replicas(self) -> int: ...
 
     def observe(self, now: float, busy: int, queued: int, arrived: int, ready: int) -> None: ...
 

@@ -370,8 +370,9 @@ def decide(
         and now - state.panic_last_at < stable_w
         and want_panic >= PANIC_THRESHOLD * max(want_stable, 1)
     )
-    panic_last = now if over or still_bursty else state.panic_last_at
+    panic_last: float | None = now if over or still_bursty else state.panic_last_at
     panicking = panic_last is not None and now - panic_last < stable_w
+    panic_since: float | None
     if panicking:
         panic_since = state.panic_since if state.panic_since is not None else now
         recommendation = max(want_panic, want_stable, current_replicas)

@@ -24,7 +24,7 @@ from mulambda.scaling import (
 
 
 def _policy(**overrides: float) -> Scaling:
-    values = {
+    values: dict[str, float] = {
         "minReplicas": 0,
         "maxReplicas": 50,
         "targetConcurrency": 4,
@@ -121,7 +121,7 @@ def test_burst_triggers_panic_scale_up_within_seconds():
     assert all(d.reason == Reason.PANIC for d in loop.decisions[-2:])
     assert loop.state.panic_since is not None and loop.state.panic_since > burst_at
     # The stable window alone would still ask for fewer than 6 replicas.
-    assert math.ceil(loop.decisions[-1].stable_concurrency / 4) <= 6
+    assert math.ceil((loop.decisions[-1].stable_concurrency or 0) / 4) <= 6
 
     loop.run(2, lambda t: 100.0)
     assert loop.replicas == 25
@@ -228,7 +228,7 @@ def test_scale_down_waits_for_the_delay():
     down_at = (first_down + 1) * loop.every
     last_high_rec = max(
         (i + 1) * loop.every for i, d in enumerate(loop.decisions)
-        if (i + 1) * loop.every < down_at and d.stable_concurrency > 36
+        if (i + 1) * loop.every < down_at and (d.stable_concurrency or 0) > 36
     )
     assert last_high_rec > dropped_at
     assert down_at - last_high_rec >= 120
