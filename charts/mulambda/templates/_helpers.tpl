@@ -1,0 +1,104 @@
+{{/* Chart name, truncated to a DNS label. */}}
+{{- define "mulambda.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Prefix of every resource name: RELEASE, or RELEASE-NAME when the release name lacks the chart name. */}}
+{{- define "mulambda.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mulambda.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "mulambda.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mulambda
+{{- end }}
+
+{{/* Selector labels of one component: include "mulambda.selectorLabels" (list . "operator") */}}
+{{- define "mulambda.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "mulambda.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "mulambda.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "mulambda.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (printf "%s-operator" (include "mulambda.fullname" .)) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Fully qualified so companions in other namespaces reach it too. */}}
+{{- define "mulambda.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis.%s.svc.%s:6379/0" (include "mulambda.fullname" .) .Release.Namespace .Values.settings.clusterDomain }}
+{{- else }}
+{{- required "redis.url is required when redis.enabled is false" .Values.redis.url }}
+{{- end }}
+{{- end }}
+
+{{- define "mulambda.s3Endpoint" -}}
+{{- if .Values.s3.endpoint }}
+{{- .Values.s3.endpoint }}
+{{- else if .Values.minio.enabled }}
+{{- printf "%s-minio.%s.svc.%s:9000" (include "mulambda.fullname" .) .Release.Namespace .Values.settings.clusterDomain }}
+{{- end }}
+{{- end }}
+
+{{/* Injected into Client workloads; empty when the chart runs no selector. */}}
+{{- define "mulambda.selectorUrl" -}}
+{{- if .Values.selector.enabled }}
+{{- printf "http://%s-selector.%s.svc.%s:%v" (include "mulambda.fullname" .) .Release.Namespace .Values.settings.clusterDomain .Values.selector.service.port }}
+{{- end }}
+{{- end }}
+
+{{- define "mulambda.s3SecretName" -}}
+{{- default (printf "%s-s3" (include "mulambda.fullname" .)) .Values.s3.existingSecret }}
+{{- end }}
+
+{{/* Namespaces the operator watches when not cluster-wide. */}}
+{{- define "mulambda.watchNamespaces" -}}
+{{- if .Values.watch.namespaces }}
+{{- join "," .Values.watch.namespaces }}
+{{- else }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
+{{/* Pod-level hardening shared by every pod of the chart. */}}
+{{- define "mulambda.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: {{ . }}
+runAsGroup: {{ . }}
+fsGroup: {{ . }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "mulambda.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}

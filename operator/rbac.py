@@ -1,0 +1,82 @@
+"""The operator's Kubernetes permissions: the one maintained list.
+
+The kustomize base (``manifests/base/rbac.yaml``) and the Helm chart
+(``charts/mulambda/templates/rbac.yaml``) must grant exactly these rules; a
+unit test renders both and compares. Least privilege on purpose:
+
+- no wildcards, no ``update`` (kopf and the builders only patch);
+- no Secrets: companions get S3 credentials through ``env.valueFrom``, so
+  only the kubelet reads them, never the operator;
+- no Pods: executor readiness comes from the Deployment status and the
+  companions' heartbeats in the metadata store;
+- no ``namespaces``: the operator runs kopf cluster-wide or on an explicit
+  list of namespaces (``--namespace``), neither of which needs to list them
+  (kopf logs a warning and uses the given list when it may not);
+- no ``kopfpeerings``: the operator runs kopf standalone with one replica.
+
+Adding an API call to the operator means adding its rule here first.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+Rule = dict[str, list[str]]
+
+# (apiGroup, resource) pairs that are cluster-scoped: granted through a
+# ClusterRoleBinding even when the operator watches only some namespaces.
+CLUSTER_SCOPED: Final = frozenset({("apiextensions.k8s.io", "customresourcedefinitions")})
+
+REQUIRED_RULES: Final[list[Rule]] = [
+    # kopf: notice CRDs being installed or removed while it runs.
+    {
+        "apiGroups": ["apiextensions.k8s.io"],
+        "resources": ["customresourcedefinitions"],
+        "verbs": ["list", "watch"],
+    },
+    # The resources the operator reconciles; kopf patches finalizers and
+    # its progress annotations on the main object.
+    {
+        "apiGroups": ["mulambda.io"],
+        "resources": ["modelexecutors", "clients"],
+        "verbs": ["get", "list", "watch", "patch"],
+    },
+    {
+        "apiGroups": ["mulambda.io"],
+        "resources": ["modelexecutors/status", "clients/status"],
+        "verbs": ["get", "patch"],
+    },
+    # Children: executor and client-workload Deployments and their Services.
+    {
+        "apiGroups": ["apps"],
+        "resources": ["deployments"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    {
+        "apiGroups": [""],
+        "resources": ["services"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+    },
+    # kopf posts Events through the core API; events.k8s.io for clients of
+    # the newer Events API.
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def _is_cluster_scoped(rule: Rule) -> bool:
+    pairs = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
+    scoped = pairs & CLUSTER_SCOPED
+    if scoped and scoped != pairs:
+        raise ValueError(f"rule mixes cluster-scoped and namespaced resources: {rule}")
+    return bool(scoped)
+
+
+def cluster_scoped_rules() -> list[Rule]:
+    """Rules that must be bound cluster-wide in every watch mode."""
+    return [r for r in REQUIRED_RULES if _is_cluster_scoped(r)]
+
+
+def namespaced_rules() -> list[Rule]:
+    """Rules bound per watched namespace (or cluster-wide without --namespace)."""
+    return [r for r in REQUIRED_RULES if not _is_cluster_scoped(r)]
