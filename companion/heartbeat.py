@@ -51,16 +51,16 @@ class Heartbeat:
     def record(self) -> ReplicaRecord:
         """The heartbeat as it would be written now."""
         s = self.state
-        # reason/message explain Loading and Failed; an Available record carries none.
-        explain = s.state != "Available"
+        # reason/message explain Loading and Failed, and on an Available replica a version
+        # switch that is stuck (the old version keeps serving); otherwise they are empty.
         return ReplicaRecord(
             executor=self.executor,
             pod=self.pod,
             ip=self.ip,
             state=s.state,
             version=s.version,
-            reason=s.reason if explain else "",
-            message=s.message if explain else "",
+            reason=s.reason,
+            message=s.message,
         )
 
     async def publish(self) -> bool:

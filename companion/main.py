@@ -30,10 +30,15 @@ that folder; the companion never talks to it except to read model status.
 * While serving, TF Serving's status is re-read every
   ``MULAMBDA_SERVING_POLL_SECONDS``; if the version stops being AVAILABLE
   (TF Serving restarted), readiness drops to 503 until it is back.
+* Client probing and the heartbeat start at once, not after the load: the
+  network latency from this pod does not depend on the model, and the
+  operator wants to see a Loading replica.
 * The synchronous loader runs in a daemon thread rather than the default
-  executor: on SIGTERM the process must exit within the grace period, not
-  wait for a multi-gigabyte download; the atomic rename means an abandoned
-  download never leaves a partial version behind.
+  executor, and ``run`` exits hard if the loader's own download threads are
+  still busy after shutdown: on SIGTERM the process must exit within the
+  grace period, not wait for a multi-gigabyte download. The atomic rename
+  means an abandoned download never shows TF Serving a partial version, and
+  the loader's journal resumes it on the next start.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -444,4 +450,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # S3 endpoint or credentials missing: a configuration problem
         log.error("invalid configuration: %s", exc)
         return 2
-    return asyncio.run(serve(config, source=source))
+    code = asyncio.run(serve(config, source=source))
+    busy = [t for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if busy:
+        # The loader's thread pool would be joined at interpreter exit, i.e. the
+        # download would run to completion first (see module docstring).
+        log.warning("exiting during a download threads=%d; it resumes on the next start",
+                    len(busy))
+        logging.shutdown()
+        os._exit(code)
+    return code

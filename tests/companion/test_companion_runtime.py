@@ -78,6 +78,9 @@ class FakeSource:
             raise loader.ModelLoadError(
                 "ModelNotFound", f"no version folders under s3://models/{MODEL}/", permanent=True
             )
+        if version is not None and version not in self.versions:
+            raise loader.ModelLoadError("VersionNotFound", f"version {version} not found",
+                                        permanent=True)
         return max(self.versions) if version is None else version
 
     def load(self, version: int) -> loader.LoadResult:
@@ -301,6 +304,52 @@ async def test_version_switch_stays_ready_and_removes_old_version_after_new_is_a
     assert await finish(r) == 0
 
 
+async def test_failed_switch_keeps_serving_the_old_version_and_says_why(
+    start_companion, store: MetadataStore, models_dir: Path
+):
+    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    record = ExecutorRecord(namespace="ml", name="hpt", model=MODEL, version=1, type="regression",
+                            input="float", output="float", accuracy=0.9, rest="", grpc="")
+    await store.put_executor(record)
+    r = await start_companion(FakeSource(models_dir, [1]), double,
+                              MULAMBDA_FAILED_RETRY_SECONDS="60")
+    await eventually(lambda: _replica_in_state(store, "Available"), what="v1 Available")
+
+    record.version = 5  # never uploaded
+    await store.put_executor(record)
+
+    async def stuck() -> ReplicaRecord | None:
+        rec = await replica(store)
+        return rec if rec is not None and rec.reason else None
+
+    rec = await eventually(stuck, what="stuck switch reported")
+    assert (rec.state, rec.version, rec.reason) == ("Available", 1, "VersionSwitchVersionNotFound")
+    assert (await r.get("/readyz")).status_code == 200
+    assert (models_dir / MODEL / "1").is_dir()
+    assert await finish(r) == 0
+
+
+async def test_rollback_to_a_lower_version_removes_the_higher_one_first(
+    start_companion, store: MetadataStore, models_dir: Path
+):
+    # TF Serving's "latest" policy would keep serving 2 while 1 sits next to it.
+    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    record = ExecutorRecord(namespace="ml", name="hpt", model=MODEL, version=2, type="regression",
+                            input="float", output="float", accuracy=0.9, rest="", grpc="")
+    await store.put_executor(record)
+    r = await start_companion(FakeSource(models_dir, [1, 2]), double)
+    await eventually(lambda: _version_is(store, 2), what="v2 served")
+
+    record.version = 1
+    await store.put_executor(record)
+    rec = await eventually(lambda: _version_is(store, 1), what="rolled back to v1")
+    assert rec.state == "Available"
+    assert double.states() == {1: "AVAILABLE", 2: "END"}
+    assert sorted(p.name for p in (models_dir / MODEL).iterdir()) == ["1"]
+    assert (await r.get("/readyz")).json()["version"] == 1
+    assert await finish(r) == 0
+
+
 async def _version_is(store: MetadataStore, version: int) -> ReplicaRecord | None:
     rec = await replica(store)
     return rec if rec is not None and rec.version == version else None
@@ -427,3 +476,56 @@ async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_si
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+
+def test_config_reads_the_environment_the_operator_builds():
+    """Contract with operator/builders.companion_env: every value the pod gets is understood."""
+    from mulambda.operator import builders
+    from mulambda.resources import parse_executor_spec
+    from mulambda.settings import Settings
+
+    spec = parse_executor_spec({
+        "model": {"name": "half-plus-two", "storageUri": "s3://models/half_plus_two",
+                  "version": 3},
+        "traits": {"type": "regression", "input": "i", "output": "o"},
+    })
+    settings = Settings(heartbeat_ttl_seconds=45, probe_interval_seconds=20)
+    downward = {"metadata.name": "hp2-7d9f-x2", "metadata.namespace": "ml",
+                "status.podIP": "10.0.0.7"}
+    env: dict[str, str] = {}
+    for var in builders.companion_env("hp2", "ml", spec, settings):
+        source = var.get("valueFrom", {})
+        if "fieldRef" in source:
+            env[var["name"]] = downward[source["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in source:
+            env[var["name"]] = "from-secret"
+        else:
+            env[var["name"]] = var["value"]
+
+    c = CompanionConfig.from_env(env)
+    assert (c.executor_id, c.pod_name, c.pod_ip) == ("ml/hp2", "hp2-7d9f-x2", "10.0.0.7")
+    assert (c.bucket, c.prefix, c.model_name, c.version) == (
+        "models", "half_plus_two", "half-plus-two", 3)
+    assert (c.models_dir, c.serving_rest_url, c.http_port) == (
+        "/models", "http://127.0.0.1:8501", 8080)
+    assert (c.heartbeat_ttl, c.heartbeat_interval, c.probe_interval, c.latency_ttl) == (
+        45.0, 15.0, 20.0, 60.0)
+
+
+def test_config_rejects_incomplete_or_malformed_environment():
+    from mulambda.companion.config import ConfigError
+
+    base = {"MULAMBDA_EXECUTOR": "ml/hp2", "MULAMBDA_MODEL_URI": "s3://models/hpt"}
+    assert CompanionConfig.from_env(base).version is None  # unset version: newest
+    for bad, needle in (
+        ({"MULAMBDA_EXECUTOR": ""}, "MULAMBDA_EXECUTOR"),
+        ({"MULAMBDA_MODEL_URI": "http://x/y"}, "MULAMBDA_MODEL_URI"),
+        ({"MULAMBDA_MODEL_VERSION": "latest"}, "MULAMBDA_MODEL_VERSION"),
+        ({"MULAMBDA_PROBE_TIMEOUT_SECONDS": "soon"}, "MULAMBDA_PROBE_TIMEOUT_SECONDS"),
+        ({"MULAMBDA_LATENCY_ALPHA": "0"}, "MULAMBDA_LATENCY_ALPHA"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            CompanionConfig.from_env({**base, **bad})
