@@ -39,6 +39,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "PROBE_INTERVAL_SECONDS": (
         "10", "How often companions probe clients (and the operator re-selects)."),
     "RECONCILE_INTERVAL_SECONDS": ("10", "Timer that re-converges every resource."),
+    "AUTOSCALE_INTERVAL_SECONDS": (
+        "2", "How often the operator samples demand and runs the autoscaler."),
     "RETRY_MAX_DELAY_SECONDS": ("60", "Upper bound of the back-off when the store is unreachable."),
     "LOG_LEVEL": ("INFO", "Log level of every entry point."),
 }
@@ -66,6 +68,7 @@ class Settings:
     heartbeat_ttl_seconds: float = 30.0
     probe_interval_seconds: float = 10.0
     reconcile_interval_seconds: float = 10.0
+    autoscale_interval_seconds: float = 2.0
     retry_max_delay_seconds: float = 60.0
     log_level: str = "INFO"
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)

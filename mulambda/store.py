@@ -415,3 +415,21 @@ def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
         if record.expires_at >= now:
             out.append(record)
     return out
+
+    async def executor_load(
+        self, executor: str, window_seconds: float = 10.0, at: float | None = None
+    ) -> tuple[int, float]:
+        """(in-flight requests, arrivals per second over the last ``window_seconds``)
+        of one executor, in one round trip; the autoscaler's sample."""
+        now = _now() if at is None else at
+        last = int(now // DEMAND_BUCKET_SECONDS)
+        n = max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
+                       DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.inflight_key, executor)
+            for b in range(last - n + 1, last + 1):
+                pipe.hget(self.demand_key(b), executor)
+            results = await self._run(pipe.execute())
+        inflight = max(0, int(results[0] or 0))
+        arrivals = sum(int(r or 0) for r in results[1:])
+        return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)

@@ -8,10 +8,12 @@ import logging
 from typing import Any
 
 import kopf
+import prometheus_client
+
+from mulambda.operator import autoscaler
 from mulambda.operator.executors import Context
 from mulambda.operator.handlers import client, modelexecutor
 from mulambda.operator.kube import KubeApi
-
 from mulambda.settings import Settings
 from mulambda.store import MetadataStore
 
@@ -26,6 +28,7 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def startup(settings_: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings_)
+        memo.windows = autoscaler.Windows()
         memo.ctx = Context(
             settings=settings,
             store=MetadataStore.from_url(settings.redis_url, settings.key_prefix),
@@ -75,12 +78,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="watch only these namespaces (repeatable; default: all)")
     parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
                         help="liveness endpoint URL (default: %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=9090,
+                        help="Prometheus /metrics port, 0 to disable (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logging.getLogger().setLevel(settings.log_level.upper())
     registry = build_registry(settings)
+    if args.metrics_port:
+        prometheus_client.start_http_server(args.metrics_port)
     asyncio.run(kopf.operator(
         registry=registry,
         standalone=True,

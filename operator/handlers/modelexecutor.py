@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from mulambda.operator import executors
 
+from mulambda.operator import autoscaler, executors
 from mulambda.resources import GROUP, VERSION
 from mulambda.settings import Settings
 
@@ -46,8 +46,18 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         except kopf.TemporaryError as exc:
             logger.warning("refresh deferred: %s", exc)
 
+    @kopf.timer(*RESOURCE, registry=registry, interval=settings.autoscale_interval_seconds,
+                idle=None)
+    async def autoscale_executor(
+        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, patch: kopf.Patch,
+        memo: kopf.Memo, logger: Any, **_: Any,
+    ) -> None:
+        await autoscaler.autoscale(memo.ctx, memo.windows, body, dict(spec), dict(status),
+                                   patch, logger)
+
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def forget_executor(
         meta: kopf.Meta, memo: kopf.Memo, logger: Any, retry: int, **_: Any
     ) -> None:
         await executors.forget(memo.ctx, meta["namespace"], meta["name"], retry, logger)
+        memo.windows.forget(f"{meta['namespace']}/{meta['name']}")

@@ -1,0 +1,140 @@
+"""Applying the autoscaler's decision (``mulambda.scaling.decide``) to an executor.
+
+Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator samples each
+executor's demand from the store (in-flight requests reported by the SDK and
+the selector, and the arrival rate, which also counts activation requests
+for executors at zero), asks the pure decision function for the desired
+replicas, patches the Deployment when that differs, and records the decision
+in ``status.scaling`` with an Event. The demand window lives in memory;
+the decision state is also kept in ``status.scaling.state`` so a restarted
+operator resumes its idle clock and scale-down delay instead of starting
+afresh (losing it errs towards keeping replicas, never towards dropping them).
+
+Cold start: when an executor is activated from zero, the time until its
+first ready replica is measured, shown in ``status.scaling.lastColdStartSeconds``
+and exported as the ``mulambda_cold_start_seconds`` histogram.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import kopf
+from prometheus_client import Counter, Gauge, Histogram
+
+from mulambda.operator.executors import Context
+from mulambda.operator.kube import JSON_PATCH
+from mulambda.resources import SpecError, parse_executor_spec
+from mulambda.scaling import (
+    DemandWindow,
+    Reason,
+    Sample,
+    ScalingState,
+    decide,
+    record_sample,
+    window_horizon,
+)
+from mulambda.store import StoreUnavailable
+
+COLD_START = Histogram(
+    "mulambda_cold_start_seconds", "Time from activation at zero to the first ready replica",
+    ["executor"], buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+)
+DESIRED = Gauge("mulambda_executor_desired_replicas", "Replicas the autoscaler wants",
+                ["executor"])
+DECISIONS = Counter("mulambda_scaling_decisions_total", "Replica changes by reason",
+                    ["executor", "reason"])
+
+
+class Windows:
+    """Per-executor demand windows and decision states, kept in the operator's memory."""
+
+    def __init__(self) -> None:
+        self.windows: dict[str, DemandWindow] = {}
+        self.states: dict[str, ScalingState] = {}
+
+    def forget(self, executor: str) -> None:
+        self.windows.pop(executor, None)
+        self.states.pop(executor, None)
+
+
+async def autoscale(
+    ctx: Context, memory: Windows, body: kopf.Body, spec: dict[str, Any],
+    status: dict[str, Any], patch: kopf.Patch, logger: Any, now: float | None = None,
+) -> None:
+    """One autoscaling step for one executor."""
+    name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
+    eid = f"{ns}/{name}"
+    try:
+        parsed = parse_executor_spec(spec)
+    except SpecError:
+        return  # reported by the reconcile handler; nothing to scale
+    policy = parsed.scaling
+    deployment = await ctx.kube.get_deployment(name, ns)
+    if deployment is None:
+        return  # the reconcile handler creates it
+    current = int(deployment.get("spec", {}).get("replicas") or 0)
+    ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
+    now = time.time() if now is None else now
+    scaling_status = dict(status.get("scaling") or {})
+
+    try:
+        inflight, rate = await ctx.store.executor_load(
+            eid, window_seconds=max(10.0, float(policy.panic_window_seconds)), at=now)
+    except StoreUnavailable as exc:
+        # No sample: decide() holds the count when its window runs dry.
+        logger.warning("demand unavailable, holding replicas: %s", exc)
+        return
+    window = record_sample(memory.windows.get(eid, DemandWindow()),
+                           Sample(now, float(inflight), rate),
+                           horizon_seconds=window_horizon(policy))
+    memory.windows[eid] = window
+    state = memory.states.get(eid)
+    if state is None:
+        try:
+            state = ScalingState.from_json(scaling_status.get("state"))
+        except ValueError:
+            state = ScalingState.from_json(None)
+    decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
+                      state=state, now=now)
+    memory.states[eid] = decision.state
+    DESIRED.labels(eid).set(decision.desired_replicas)
+
+    new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
+                  "readyReplicas": ready}
+    if decision.desired_replicas != current:
+        await ctx.kube.patch_deployment(
+            name, ns, [{"op": "replace", "path": "/spec/replicas",
+                        "value": decision.desired_replicas}], JSON_PATCH)
+        DECISIONS.labels(eid, str(decision.reason)).inc()
+        new_status["lastScaleTime"] = _iso(now)
+        new_status["state"] = decision.state.to_json()
+        if current == 0 and decision.desired_replicas > 0:
+            new_status["activatedAt"] = now
+        kopf.info(body, reason=str(decision.reason),
+                  message=f"Scaled {current} -> {decision.desired_replicas}: {decision.message}")
+        logger.info("scaled executor=%s from=%d to=%d reason=%s", eid, current,
+                    decision.desired_replicas, decision.reason)
+    activated = scaling_status.get("activatedAt")
+    if activated is not None and ready > 0:
+        cold = max(0.0, now - float(activated))
+        COLD_START.labels(eid).observe(cold)
+        new_status.pop("activatedAt", None)
+        new_status["lastColdStartSeconds"] = round(cold, 3)
+        kopf.info(body, reason="ColdStart",
+                  message=f"First replica ready {cold:.1f}s after activation")
+    if decision.reason == Reason.SCALE_TO_ZERO or "state" not in new_status:
+        new_status["state"] = decision.state.to_json()
+    if _meaningful(new_status) != _meaningful(scaling_status):
+        patch.status["scaling"] = new_status
+
+
+def _meaningful(s: dict[str, Any]) -> dict[str, Any]:
+    """What is worth a status patch: not the per-tick concurrency figures."""
+    return {k: v for k, v in s.items()
+            if k not in {"stableConcurrency", "panicConcurrency", "state", "message"}}
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
