@@ -343,7 +343,7 @@ class Companion:
                 continue
             # During a switch TF Serving unloads the old version as soon as the new one is
             # AVAILABLE, possibly before converge() notices; either one serving is fine.
-            acceptable = {version, pending} - {None}
+            acceptable = {version} if pending is None else {version, pending}
             try:
                 statuses = await self.serving.model_status(name)
                 serving = {s.version for s in statuses if s.state == AVAILABLE}
@@ -368,7 +368,7 @@ class Companion:
         log.info("companion starting executor=%s pod=%s model=%s bucket=%s prefix=%s version=%s",
                  c.executor_id, c.pod_name, c.model_name, c.bucket, c.prefix, c.version)
         await self.server.start()
-        tasks = {
+        tasks: set[asyncio.Task[Any]] = {
             asyncio.create_task(self.heartbeat.run(self.stop_event), name="heartbeat"),
             asyncio.create_task(self.prober.run(self.stop_event), name="prober"),
             asyncio.create_task(self.manage_model(), name="model"),
@@ -378,9 +378,10 @@ class Companion:
         code = 0
         try:
             done, _ = await asyncio.wait(tasks | {stopping}, return_when=asyncio.FIRST_COMPLETED)
-            for task in done - {stopping}:
-                if not task.cancelled() and task.exception() is not None:
-                    log.error("loop crashed task=%s", task.get_name(), exc_info=task.exception())
+            for crashed in done - {stopping}:
+                if not crashed.cancelled() and crashed.exception() is not None:
+                    log.error("loop crashed task=%s", crashed.get_name(),
+                              exc_info=crashed.exception())
                     code = 1
         finally:
             self.stop_event.set()
