@@ -84,12 +84,17 @@ examples: ## apply the example ModelExecutor and Client
 wait: ## wait until the example executor is Ready
 	$(KUBECTL) -n $(NAMESPACE) wait --for=condition=Ready modelexecutor/half-plus-two --timeout=$(TIMEOUT)
 
-predict: ## one REST prediction from inside the cluster, via the executor's status endpoint
+SELECTOR_URL ?= http://127.0.0.1:8080
+
+predict: ## one REST prediction in-cluster via the executor's status endpoint; ask the selector
 	@endpoint=$$($(KUBECTL) -n $(NAMESPACE) get modelexecutor half-plus-two -o jsonpath='{.status.endpoint.rest}'); \
 	echo "POST $$endpoint/v1/models/half_plus_two:predict {\"instances\": [1.0, 2.0, 5.0]}"; \
 	$(KUBECTL) -n $(NAMESPACE) run mulambda-predict --rm -i --quiet --restart=Never \
 	  --image=curlimages/curl:8.11.1 -- \
 	  curl -fsS -X POST -d '{"instances": [1.0, 2.0, 5.0]}' "$$endpoint/v1/models/half_plus_two:predict"
+	@echo
+	@echo "POST $(SELECTOR_URL)/select/$(NAMESPACE)/demo (selector NodePort, kind-config.yaml)"
+	@curl -fsS -X POST $(SELECTOR_URL)/select/$(NAMESPACE)/demo || echo "(selector not reachable on $(SELECTOR_URL))"
 	@echo
 	@$(KUBECTL) -n $(NAMESPACE) get modelexecutors,clients
 

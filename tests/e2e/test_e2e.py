@@ -147,8 +147,8 @@ def test_rest_prediction_is_half_plus_two(executor: dict[str, Any], port_forward
     assert response.json()["predictions"] == pytest.approx([2.5, 3.0, 4.5])
 
 
-def test_client_status_names_the_executor(
-    custom: Any, executor: dict[str, Any], wait_for: Any,
+def test_client_status_and_selector_name_the_executor(
+    custom: Any, executor: dict[str, Any], wait_for: Any, port_forward: Any,
 ) -> None:
     body = copy.deepcopy(_load("client.yaml"))
     body["metadata"] = {"name": CLIENT, "labels": {"mulambda.io/e2e": "true"}}
@@ -166,6 +166,14 @@ def test_client_status_names_the_executor(
         assert chosen == f"{NAMESPACE}/{EXECUTOR}"
         client_obj = _get(custom, "clients", CLIENT) or {}
         assert _condition(client_obj, "Ready").get("status") == "True", client_obj.get("status")
+
+        # The selector API answers the same for the registered client.
+        with port_forward(NAMESPACE, f"svc/{RELEASE}-selector", 8080) as local:
+            answer = httpx.post(f"http://127.0.0.1:{local}/select/{NAMESPACE}/{CLIENT}",
+                                json={}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["model"]["executor"] == f"{NAMESPACE}/{EXECUTOR}"
+        assert answer.json()["endpoint"] == executor["status"]["endpoint"]["rest"]
     finally:
         _delete(custom, "clients", CLIENT)
     wait_for(f"Client {CLIENT} to be deleted", lambda: _get(custom, "clients", CLIENT) is None, 60)

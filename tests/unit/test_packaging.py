@@ -863,6 +863,8 @@ def test_kind_config_has_a_control_plane_and_a_worker() -> None:
     kind = yaml.safe_load((REPO / "kind-config.yaml").read_text())
     assert kind["apiVersion"] == "kind.x-k8s.io/v1alpha4" and kind["kind"] == "Cluster"
     assert sorted(n["role"] for n in kind["nodes"]) == ["control-plane", "worker"]
+    for node in kind["nodes"]:
+        assert node["image"].startswith(f"kindest/node:v{K8S_VERSION}.")
 
 
 def make_dry_run(target: str) -> str:
