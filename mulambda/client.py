@@ -43,7 +43,15 @@ from typing import Any, TypeVar
 
 import httpx
 
-from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Policy, Ranking, rank
+from mulambda.selection import (
+    DEFAULT_POLICY,
+    Candidate,
+    Criteria,
+    Policy,
+    Ranking,
+    prefilter,
+    rank,
+)
 from mulambda.store import MetadataStore, Snapshot, StoreUnavailable
 
 __all__ = [
@@ -161,6 +169,7 @@ class MulambdaClient:
         self._owns_http = http is None
         self._http = http
         self._snap: Snapshot | None = None
+        self._view: Snapshot | None = None  # _snap restricted to executors meeting the criteria
         self._snap_at = 0.0  # monotonic
         self._snap_local: dict[str, int] = {}  # own in-flight when the snapshot was read
         self._local: dict[str, int] = {}  # own in-flight now
@@ -214,6 +223,10 @@ class MulambdaClient:
             self.criteria = Criteria.from_client(record)
         else:
             snap = await self.store.snapshot(self.client_id)
+        assert self.criteria is not None
+        # Ranking runs on every select(); filtering by type once per refresh
+        # keeps it proportional to the matching executors, not all of them.
+        self._view = prefilter(self.criteria, snap)
         self._snap, self._snap_at, self._snap_local = snap, time.monotonic(), dict(self._local)
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
                   len(snap.executors))
@@ -244,8 +257,9 @@ class MulambdaClient:
 
     async def ranking(self) -> Ranking:
         """All candidates, best first, with this process's own load taken into account."""
-        snap = await self.snapshot()
-        assert self.criteria is not None
+        full = await self.snapshot()
+        assert self.criteria is not None and self._view is not None
+        snap = self._view
         if self._local or self._snap_local:
             # Own requests started since the snapshot are not in its counts yet.
             inflight = dict(snap.inflight)
@@ -256,6 +270,9 @@ class MulambdaClient:
             snap = replace(snap, inflight=inflight)
         ranking = rank(self.criteria, snap, client=self.client_id, now=time.time(),
                        policy=self.policy)
+        if not ranking:  # explain with every executor, not only the prefiltered ones
+            ranking = rank(self.criteria, full, client=self.client_id, now=time.time(),
+                           policy=self.policy)
         if self._suspect:
             now = time.monotonic()
             self._suspect = {e: t for e, t in self._suspect.items() if t > now}

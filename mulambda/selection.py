@@ -74,6 +74,7 @@ among them from bucket to bucket, while the result stays reproducible.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import statistics
 from collections import Counter
@@ -83,7 +84,7 @@ from typing import Any, Literal
 
 from mulambda.store import ClientRecord, ExecutorRecord, Snapshot
 
-__all__ = ["Candidate", "Criteria", "Policy", "Ranking", "rank"]
+__all__ = ["Candidate", "Criteria", "Policy", "Ranking", "prefilter", "rank"]
 
 ColdStart = Literal["Wait", "UseWarm"]
 
@@ -197,20 +198,41 @@ class Policy:
 DEFAULT_POLICY = Policy()
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
-    """One executor that can serve the client, with its score and why."""
+    """One executor that can serve the client, with its score and why.
+
+    ``reason`` is built on first access: ranking runs on every request and
+    most reasons are never read.
+    """
 
     executor_id: str
     score: float  # ranking score in [-cold_margin, 1]; the list is sorted by it
     expected_latency_ms: float
     accuracy: float | None
-    reason: str
     warm: bool
     record: ExecutorRecord = field(repr=False, compare=False)
     network_ms: float = 0.0
     service_ms: float = 0.0
     load_ms: float = 0.0
+    raw_score: float = 0.0  # before the cold margin
+    assumed_accuracy: float = 0.0  # accuracy used for scoring (after fallback)
+    cold_margin: float = 0.0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """Human-readable explanation of the score."""
+        parts = [
+            f"score {self.raw_score:.3f}",
+            f"latency {self.expected_latency_ms:.1f} ms = net {self.network_ms:.1f}"
+            f" + service {self.service_ms:.1f} + load {self.load_ms:.1f}",
+            f"accuracy {self.assumed_accuracy:.3f}",
+        ]
+        if not self.warm:
+            parts.append(f"cold: -{self.cold_margin:g}" if self.cold_margin else "cold")
+        parts.extend(self.notes)
+        return "; ".join(parts)
 
     @property
     def endpoint(self) -> str:
@@ -266,12 +288,39 @@ def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]
     return None, f"not serving: state {record.state}"
 
 
+@functools.lru_cache(maxsize=65536)  # same keys for a whole time bucket: hash once
 def _tie_key(client: str, executor: str, bucket: int) -> bytes:
     return hashlib.blake2b(f"{client}|{executor}|{bucket}".encode(), digest_size=8).digest()
 
 
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+def matches(criteria: Criteria, record: ExecutorRecord) -> bool:
+    """Whether ``record`` meets the hard criteria (type, input, output)."""
+    return (record.type == criteria.type
+            and (criteria.input is None or record.input == criteria.input)
+            and (criteria.output is None or record.output == criteria.output))
+
+
+def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
+    """The part of ``snapshot`` about executors meeting the hard criteria.
+
+    Ranking it gives the same candidates, in the same order, as ranking the
+    whole snapshot (fallback medians are computed over candidates only), at a
+    fraction of the cost when many executors are of other types. Only
+    ``Ranking.rejected`` is shorter; rank the full snapshot to explain an
+    empty result.
+    """
+    keep = {k: v for k, v in snapshot.executors.items() if matches(criteria, v)}
+    return Snapshot(
+        executors=keep,
+        replicas={k: v for k, v in snapshot.replicas.items() if k in keep},
+        latency={k: v for k, v in snapshot.latency.items() if k in keep},
+        inflight={k: v for k, v in snapshot.inflight.items() if k in keep},
+        taken_at=snapshot.taken_at,
+    )
 
 
 def rank(
@@ -294,7 +343,7 @@ def rank(
     rejected: dict[str, str] = {}
 
     # 1. hard criteria and ability to serve
-    viable: list[tuple[ExecutorRecord, bool, int]] = []
+    viable: list[tuple[str, ExecutorRecord, bool, int]] = []
     for eid in sorted(snapshot.executors):
         rec = snapshot.executors[eid]
         if rec.type != criteria.type:
@@ -320,58 +369,59 @@ def rank(
                     f"below min accuracy: {rec.accuracy:g} < {criteria.min_accuracy:g}"
                 )
                 continue
-        viable.append((rec, warm, live))
+        viable.append((eid, rec, warm, live))
 
     # 2. measurements, with fallbacks computed over the viable set
     network: dict[str, float | None] = {}
-    for rec, _warm, _live in viable:
-        samples = snapshot.latency.get(rec.id, {})
-        live_pods = {
-            r.pod for r in snapshot.replicas.get(rec.id, ()) if r.state == "Available"
-        }
-        known = [s.ms for pod, s in samples.items() if pod in live_pods]
-        network[rec.id] = sum(known) / len(known) if known else None
+    for eid, _rec, _warm, live in viable:
+        samples = snapshot.latency.get(eid)
+        known = None
+        if samples and live:
+            known = [samples[r.pod].ms for r in snapshot.replicas[eid]
+                     if r.state == "Available" and r.pod in samples]
+        network[eid] = sum(known) / len(known) if known else None
     net_fallback = _median([v for v in network.values() if v is not None])
     svc_fallback = _median(
-        [r.service_time_ms for r, _, _ in viable if r.service_time_ms is not None]
+        [r.service_time_ms for _, r, _, _ in viable if r.service_time_ms is not None]
     )
-    acc_known = [r.accuracy for r, _, _ in viable if r.accuracy is not None]
+    acc_known = [r.accuracy for _, r, _, _ in viable if r.accuracy is not None]
     acc_fallback = min(acc_known) if acc_known else None
 
     # 3. expected latency and limits
-    measured: list[tuple[ExecutorRecord, bool, float, float, float, float, float, list[str]]] = []
-    for rec, warm, live in viable:
-        notes: list[str] = []
-        net = network[rec.id]
+    measured: list[tuple[str, ExecutorRecord, bool, float, float, float, float, float,
+                         tuple[str, ...]]] = []
+    for eid, rec, warm, live in viable:
+        notes: tuple[str, ...] = ()
+        net = network[eid]
         if net is None:
             if net_fallback is not None:
                 net = net_fallback
-                notes.append("no RTT sample: median of others")
+                notes += ("no RTT sample: median of others",)
             else:
                 net = policy.default_network_ms
-                notes.append("no RTT sample: default")
+                notes += ("no RTT sample: default",)
         svc = rec.service_time_ms
         if svc is None:
             if svc_fallback is not None:
                 svc = svc_fallback
-                notes.append("no service time: median of others")
+                notes += ("no service time: median of others",)
             else:
                 svc = policy.default_service_time_ms
-                notes.append("no service time: default")
-        inflight = snapshot.inflight.get(rec.id, 0)
+                notes += ("no service time: default",)
+        inflight = snapshot.inflight.get(eid, 0)
         load = svc * inflight / (max(live, 1) * policy.replica_concurrency)
         expected = net + svc + load
         if criteria.max_latency_ms is not None and expected > criteria.max_latency_ms:
-            rejected[rec.id] = (
+            rejected[eid] = (
                 f"over max latency: expected {expected:.1f} ms > {criteria.max_latency_ms:g} ms"
             )
             continue
         acc = rec.accuracy
         if acc is None:
             acc = acc_fallback if acc_fallback is not None else 1.0
-            notes.append("accuracy unknown: lowest known" if acc_fallback is not None
-                         else "accuracy unknown")
-        measured.append((rec, warm, net, svc, load, expected, acc, notes))
+            notes += ("accuracy unknown: lowest known" if acc_fallback is not None
+                      else "accuracy unknown",)
+        measured.append((eid, rec, warm, net, svc, load, expected, acc, notes))
 
     if not measured:
         return Ranking([], rejected, [], criteria)
@@ -380,29 +430,18 @@ def rank(
     w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
     if w_lat == 0 and w_acc == 0:
         w_lat = w_acc = 1.0  # no preference at all: weigh both equally
-    best_lat = min(m[5] for m in measured)
-    best_acc = max(m[6] for m in measured)
+    w_sum = w_lat + w_acc
+    best_lat = min(m[6] for m in measured)
+    best_acc = max(m[7] for m in measured)
     margin = 0.0 if criteria.cold_start == "Wait" else policy.cold_margin
-    raw: dict[str, float] = {}
     cands: list[Candidate] = []
-    for rec, warm, net, svc, load, expected, acc, notes in measured:
+    for eid, rec, warm, net, svc, load, expected, acc, notes in measured:
         lat_score = best_lat / expected if expected > 0 else 1.0
         acc_score = acc / best_acc if best_acc > 0 else 1.0
-        score = (w_lat * lat_score + w_acc * acc_score) / (w_lat + w_acc)
-        raw[rec.id] = score
-        ranking_score = score if warm else score - margin
-        parts = [
-            f"score {score:.3f}",
-            f"latency {expected:.1f} ms = net {net:.1f} + service {svc:.1f} + load {load:.1f}",
-            f"accuracy {acc:.3f}",
-        ]
-        if not warm:
-            parts.append(f"cold: -{margin:g}" if margin else "cold")
-        parts.extend(notes)
+        score = (w_lat * lat_score + w_acc * acc_score) / w_sum
         cands.append(Candidate(
-            executor_id=rec.id, score=round(ranking_score, 9), expected_latency_ms=expected,
-            accuracy=rec.accuracy, reason="; ".join(parts), warm=warm, record=rec,
-            network_ms=net, service_ms=svc, load_ms=load,
+            eid, round(score if warm else score - margin, 9), expected, rec.accuracy, warm,
+            rec, net, svc, load, score, acc, margin, notes,
         ))
 
     # 5. order, spreading ties with a stable per-client, per-time-bucket hash
@@ -415,12 +454,13 @@ def rank(
         while j < len(cands) and cands[i].score - cands[j].score <= policy.tie_tolerance:
             j += 1
         group = cands[i:j]
-        group.sort(key=lambda c: _tie_key(client, c.executor_id, bucket))
+        if len(group) > 1:
+            group.sort(key=lambda c: _tie_key(client, c.executor_id, bucket))
         ordered.extend(group)
         i = j
 
-    first = raw[ordered[0].executor_id]
-    wake = [c.executor_id for c in ordered if not c.warm and raw[c.executor_id] > first]
+    first = ordered[0].raw_score
+    wake = [c.executor_id for c in ordered if not c.warm and c.raw_score > first]
     if not ordered[0].warm:
         wake.insert(0, ordered[0].executor_id)
     return Ranking(ordered, rejected, wake, criteria)

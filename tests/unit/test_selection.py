@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mulambda.selection import Criteria, Policy, rank
+from mulambda.selection import Criteria, Policy, prefilter, rank
 from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
 
 NOW = 1_700_000_000.0
@@ -233,3 +233,15 @@ def test_criteria_from_client_record_and_request():
         Criteria.from_request({"type": "x"}, {"latency": "fast"})
     with pytest.raises(ValueError, match="non-negative"):
         Criteria(type="x", latency_weight=-1)
+
+
+def test_prefilter_keeps_the_same_ranking():
+    snap = snapshot(*[executor(f"v{i}", service=5 + i) for i in range(5)],
+                    *[executor(f"n{i}", type="nlp") for i in range(5)],
+                    rtt={f"v{i}": 1 + i for i in range(5)}, inflight={"v0": 3, "n1": 2})
+    crit = Criteria(type="vision")
+    small = prefilter(crit, snap)
+    assert set(small.executors) == {f"ml/v{i}" for i in range(5)}
+    assert small.inflight == {"ml/v0": 3}
+    full, fast = rank(crit, snap, client="c"), rank(crit, small, client="c")
+    assert [(c.executor_id, c.score) for c in full] == [(c.executor_id, c.score) for c in fast]

@@ -1,0 +1,186 @@
+"""Selection latency through the SDK against a real redis-server, beside one PING.
+
+Run:  /work/venv/bin/python bench/selection.py [--executors 1000] [--clients 100]
+
+Loads ``--executors`` executors (``--types`` model types, 1-2 live replicas
+each, RTT samples from every replica to every client) and ``--clients``
+clients into a fresh redis-server on a free loopback port, then measures in
+one process and one run:
+
+* one Redis PING round trip (the unit the target is expressed in);
+* ``MulambdaClient.select()`` with the default cache (``cache_ttl=1``,
+  background refresh): what an application sees per request;
+* ``select()`` with ``cache_ttl=0``: a store round trip and a full ranking on
+  every call (the cold path, and what the cache hides);
+* ``store.snapshot()`` alone: the one pipelined round trip.
+
+Each application process hosts one SDK instance for its own client, so
+``--measure-clients`` clients (spread over all loaded ones) take turns, each
+with a fresh SDK instance for ``--seconds-per-client`` (several cache
+refreshes). Calls are issued one at a time (closed loop; a call delayed by a
+refresh delays the next one rather than piling up, so the tail is
+understated by coordinated omission -- see the refresh cost row). PINGs are
+measured before and after the SDK phases. Prints p50/p99 and p99 over the
+PING median. Target: p99 <= 10x PING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import closing
+
+from mulambda.client import MulambdaClient
+from mulambda.store import ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+
+
+def _free_port() -> int:
+    with closing(socket.socket()) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not installed")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    sys.exit("redis-server did not start")
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def _load(store: MetadataStore, executors: int, clients: list[str], types: int) -> None:
+    rng = random.Random(1)
+    for i in range(executors):
+        rec = ExecutorRecord(
+            namespace="bench", name=f"ex{i:04d}", model=f"m{i}", version=1,
+            type=f"type{i % types}", input="tensor", output="tensor",
+            accuracy=round(rng.uniform(0.6, 0.95), 3), rest=f"http://ex{i}:8501",
+            grpc=f"ex{i}:8500", state="Ready", service_time_ms=rng.uniform(2, 60),
+        )
+        await store.put_executor(rec)
+        for r in range(1 + i % 2):
+            pod = f"ex{i:04d}-{r}"
+            await store.put_replica(ReplicaRecord(executor=rec.id, pod=pod, state="Available"),
+                                    ttl=3600)
+            await store.put_latencies(
+                rec.id, pod, {c: LatencySample(ms=rng.uniform(0.2, 40), samples=5)
+                              for c in clients}, ttl=3600)
+        await store.add_inflight(rec.id, rng.randint(0, 3))
+
+
+async def _measure(fn, seconds: float) -> list[float]:
+    out = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        await fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    proc, url = _start_redis()
+    try:
+        store = MetadataStore.from_url(url, prefix="bench")
+        clients = [f"apps/client{c:03d}" for c in range(args.clients)]
+        await _load(store, args.executors, clients, args.types)
+        results: dict[str, list[float]] = {}
+
+        half = args.ping_seconds / 2
+        results["redis PING"] = await _measure(store.ping, half)
+
+        # Each application process runs one SDK instance for its own client;
+        # hosting 100 refreshing instances in this one process would measure
+        # CPU contention of the benchmark, not selection. So clients take
+        # turns, each long enough for several cache refreshes.
+        it = iter(range(10**12))
+        picked = clients[:: max(1, len(clients) // args.measure_clients)][: args.measure_clients]
+        cached: list[float] = []
+        uncached: list[float] = []
+        for c in picked:
+            kind = f"type{clients.index(c) % args.types}"
+            async with MulambdaClient(store, c, type=kind) as sdk:
+                await sdk.select()  # the first call waits for the snapshot: not steady state
+                cached += await _measure(sdk.select, args.seconds_per_client)
+            async with MulambdaClient(store, c, type=kind, cache_ttl=0) as sdk:
+                uncached += await _measure(sdk.select, args.seconds_per_client / 4)
+        results["SDK select (cache_ttl=1s)"] = cached
+        results["SDK select (cache_ttl=0)"] = uncached
+
+        async def snapshot_only() -> None:
+            await store.snapshot(clients[next(it) % len(clients)])
+
+        results["store.snapshot()"] = await _measure(snapshot_only, args.seconds_per_client)
+        results["redis PING"] += await _measure(store.ping, half)
+        await store.close()
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+    ping = statistics.median(results["redis PING"])
+    ping99 = _pct(results["redis PING"], 99)
+    table = {}
+    for name, values in results.items():
+        p50, p99 = _pct(values, 50), _pct(values, 99)
+        table[name] = {"n": len(values), "p50_us": p50, "p99_us": p99,
+                       "p50_over_ping_p50": p50 / ping, "p99_over_ping_p50": p99 / ping,
+                       "p99_over_ping_p99": p99 / ping99}
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--executors", type=int, default=1000)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--types", type=int, default=20)
+    parser.add_argument("--measure-clients", type=int, default=10,
+                        help="clients measured in turn (all --clients are loaded)")
+    parser.add_argument("--seconds-per-client", type=float, default=3.0)
+    parser.add_argument("--ping-seconds", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    table = asyncio.run(main(args))
+    if args.json:
+        sys.stdout.write(json.dumps(table, indent=2) + "\n")
+    else:
+        try:
+            import hiredis  # noqa: F401  (redis-py uses it when present)
+
+            parser_name = "hiredis"
+        except ImportError:
+            parser_name = "pure-Python RESP parser"
+        sys.stdout.write(f"{args.executors} executors, {args.clients} clients, "
+                         f"{args.types} types, {parser_name}\n")
+        sys.stdout.write(f"{'measurement':<28}{'n':>8}{'p50 us':>10}{'p99 us':>10}"
+                         f"{'p50/PING50':>12}{'p99/PING50':>12}{'p99/PING99':>12}\n")
+        for name, row in table.items():
+            sys.stdout.write(f"{name:<28}{row['n']:>8}{row['p50_us']:>10.0f}"
+                             f"{row['p99_us']:>10.0f}{row['p50_over_ping_p50']:>12.1f}"
+                             f"{row['p99_over_ping_p50']:>12.1f}{row['p99_over_ping_p99']:>12.1f}\n")
