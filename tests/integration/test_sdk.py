@@ -7,8 +7,6 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from support.procs import free_port
-from support.serving_double import TFServingRESTDouble
 
 from mulambda.client import (
     AllCandidatesFailed,
@@ -20,6 +18,9 @@ from mulambda.client import (
 )
 from mulambda.selection import Criteria
 from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+
+from support.procs import free_port
+from support.serving_double import TFServingRESTDouble
 
 pytestmark = pytest.mark.integration
 
