@@ -408,14 +408,6 @@ class MetadataStore:
         return {k: v / span for k, v in total.items()}
 
 
-def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
-    out = []
-    for value in raw.values():
-        record = _load(ReplicaRecord, value)
-        if record.expires_at >= now:
-            out.append(record)
-    return out
-
     async def executor_load(
         self, executor: str, window_seconds: float = 10.0, at: float | None = None
     ) -> tuple[int, float]:
@@ -433,3 +425,12 @@ def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
         inflight = max(0, int(results[0] or 0))
         arrivals = sum(int(r or 0) for r in results[1:])
         return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)
+
+
+def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
+    out = []
+    for value in raw.values():
+        record = _load(ReplicaRecord, value)
+        if record.expires_at >= now:
+            out.append(record)
+    return out

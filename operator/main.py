@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import kopf
+import kubernetes
 import prometheus_client
 
 from mulambda.operator import autoscaler
@@ -22,20 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:
-    """A fresh registry with every handler of the operator (tests build one per run)."""
+    """The production registry: login via the kubernetes client plus every handler."""
     registry = kopf.OperatorRegistry()
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(**kwargs)
+
+    register_all(registry, settings)
+    return registry
+
+
+def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
+    """Start-up/clean-up and every resource handler (tests use this on fresh registries)."""
+
     @kopf.on.startup(registry=registry)
-    async def startup(settings_: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-        configure_kopf(settings_)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure_kopf(settings)
+        await asyncio.to_thread(load_kube_config)
         memo.windows = autoscaler.Windows()
         memo.ctx = Context(
-            settings=settings,
-            store=MetadataStore.from_url(settings.redis_url, settings.key_prefix),
+            settings=app_settings,
+            store=MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix),
             kube=KubeApi(),
         )
-        log.info("operator started redis=%s prefix=%s", _redact(settings.redis_url),
-                 settings.key_prefix)
+        log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
+                 app_settings.key_prefix)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
@@ -44,13 +57,17 @@ def build_registry(settings: Settings) -> kopf.OperatorRegistry:
             await ctx.store.close()
             await ctx.kube.close()
 
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
-
+    app_settings = settings
     modelexecutor.register(registry, settings)
     client.register(registry, settings)
-    return registry
+
+
+def load_kube_config() -> None:
+    """In-cluster service account when running in a pod, else the kubeconfig."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
 
 
 def configure_kopf(s: kopf.OperatorSettings) -> None:
