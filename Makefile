@@ -66,6 +66,7 @@ install: ## helm install the chart with the dev MinIO and the local image
 	  --set selector.service.type=NodePort --set selector.service.nodePort=30080 \
 	  --wait --timeout 5m
 
+# The chart's post-install Job created bucket $(MODEL_BUCKET) (minio.buckets).
 models: ## push $(MODEL_DIR) to the in-cluster MinIO through a port-forward
 	@test -f $(MODEL_DIR)/$(MODEL_VERSION)/saved_model.pb || { echo "no SavedModel in $(MODEL_DIR)/$(MODEL_VERSION)"; exit 1; }
 	@$(KUBECTL) -n $(NAMESPACE) port-forward svc/$(RELEASE)-minio $(S3_PORT):9000 >/dev/null & pf=$$!; \
@@ -75,7 +76,6 @@ models: ## push $(MODEL_DIR) to the in-cluster MinIO through a port-forward
 	export MULAMBDA_S3_ENDPOINT=127.0.0.1:$(S3_PORT) MULAMBDA_S3_SECURE=false; \
 	export MULAMBDA_S3_ACCESS_KEY=$$($(KUBECTL) -n $(NAMESPACE) get secret $$secret -o jsonpath='{.data.accessKey}' | base64 -d); \
 	export MULAMBDA_S3_SECRET_KEY=$$($(KUBECTL) -n $(NAMESPACE) get secret $$secret -o jsonpath='{.data.secretKey}' | base64 -d); \
-	$(PYTHON) -c 'import os, minio; e = os.environ; c = minio.Minio(e["MULAMBDA_S3_ENDPOINT"], e["MULAMBDA_S3_ACCESS_KEY"], e["MULAMBDA_S3_SECRET_KEY"], secure=False); c.bucket_exists("$(MODEL_BUCKET)") or c.make_bucket("$(MODEL_BUCKET)")'; \
 	$(MULAMBDA) models push $(MODEL_DIR)/$(MODEL_VERSION) $(MODEL_URI) --version $(MODEL_VERSION) --force
 
 examples: ## apply the example ModelExecutor and Client

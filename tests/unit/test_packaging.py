@@ -208,7 +208,8 @@ def assert_hardened(docs: list[Obj] | tuple[Obj, ...]) -> None:
             assert sc["capabilities"] == {"drop": ["ALL"]}, where
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], where
-            assert "livenessProbe" in c and "readinessProbe" in c, where
+            if spec.get("restartPolicy", "Always") == "Always":  # long-running, not a Job
+                assert "livenessProbe" in c and "readinessProbe" in c, where
             assert not c.get("image", "").endswith(":latest"), where
 
 
@@ -223,13 +224,22 @@ def assert_references_resolve(docs: list[Obj] | tuple[Obj, ...], external: set[s
             if "persistentVolumeClaim" in vol:
                 claim = vol["persistentVolumeClaim"]["claimName"]
                 assert ("PersistentVolumeClaim", claim) in names, f"{name}: {claim}"
+            if "configMap" in vol:
+                assert ("ConfigMap", vol["configMap"]["name"]) in names, f"{name}: {vol}"
         for c in spec["containers"]:
             for src in c.get("envFrom", []):
-                assert ("ConfigMap", src["configMapRef"]["name"]) in names, name
+                if "configMapRef" in src:
+                    assert ("ConfigMap", src["configMapRef"]["name"]) in names, name
+                if "secretRef" in src:
+                    ref_name = src["secretRef"]["name"]
+                    assert ("Secret", ref_name) in names or ref_name in external, name
             for env in c.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
                     assert ("Secret", ref["name"]) in names or ref["name"] in external, name
+                ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                if ref:
+                    assert ("ConfigMap", ref["name"]) in names, name
 
 
 def assert_services_select_pods(docs: list[Obj] | tuple[Obj, ...]) -> None:
@@ -258,7 +268,8 @@ def rbac_rules(docs: list[Obj] | tuple[Obj, ...]) -> list[Obj]:
 
 
 def config_data(docs: list[Obj] | tuple[Obj, ...]) -> dict[str, str]:
-    return one(docs, "ConfigMap")["data"]
+    (cm,) = [c for c in find(docs, "ConfigMap") if c["metadata"]["name"].endswith("-config")]
+    return dict(cm["data"])
 
 
 def container(docs: list[Obj] | tuple[Obj, ...], deployment: str) -> Obj:
@@ -481,6 +492,10 @@ def test_dev_overlay_adds_minio_with_clearly_dev_only_credentials() -> None:
     host, port = config_data(docs)["MULAMBDA_S3_ENDPOINT"].split(":")
     assert host == f"{minio['metadata']['name']}.{NAMESPACE}.svc"
     assert int(port) in {p["port"] for p in minio["spec"]["ports"]}
+    (job,) = find(docs, "Job")
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    executor = next(d for ds in examples().values() for d in ds if d["kind"] == "ModelExecutor")
+    assert executor["spec"]["model"]["storageUri"].split("/")[2] in env["BUCKETS"].split(",")
     base_names = {(d["kind"], d["metadata"]["name"]) for d in kustomize("manifests/base")}
     assert base_names <= {(d["kind"], d["metadata"]["name"]) for d in docs}
 
@@ -671,6 +686,61 @@ def test_chart_creates_the_s3_secret_only_for_its_own_minio(scenario: str) -> No
         assert not secrets
     pvcs = find(docs, "PersistentVolumeClaim")
     assert len(pvcs) == int(v["minio"]["enabled"] and v["minio"]["persistence"]["enabled"])
+
+
+BUCKET_SCRIPT = CHART / "files" / "make_buckets.py"
+
+
+def test_bucket_script_copies_are_identical() -> None:
+    copy_ = REPO / "manifests" / "overlays" / "dev" / "make_buckets.py"
+    assert copy_.read_bytes() == BUCKET_SCRIPT.read_bytes()
+
+
+@pytest.mark.parametrize("scenario", ["minio", "minio-persistent-byo-secret", "defaults"])
+def test_chart_creates_the_model_bucket_with_its_minio(scenario: str) -> None:
+    values = SCENARIOS[scenario]
+    v = merged(values)
+    jobs = find(render(values), "Job")
+    if not v["minio"]["enabled"]:
+        assert not jobs
+        return
+    (job,) = jobs
+    assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python", "-c"]
+    assert c["args"][0].strip() == BUCKET_SCRIPT.read_text().strip()
+    env = {e["name"]: e for e in c["env"]}
+    executor = next(d for ds in examples().values() for d in ds if d["kind"] == "ModelExecutor")
+    assert executor["spec"]["model"]["storageUri"].split("/")[2] in env["BUCKETS"]["value"]
+    minio = next(s for s in find(render(values), "Service")
+                 if s["metadata"]["name"].endswith("-minio"))
+    assert env["MULAMBDA_S3_ENDPOINT"]["value"].startswith(f"{minio['metadata']['name']}.")
+    secret = v["s3"]["existingSecret"] or f"{RELEASE}-s3"
+    assert env["MULAMBDA_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": secret, "key": "accessKey"}
+
+
+def test_bucket_script_waits_for_s3_then_creates_each_bucket(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import runpy
+
+    import mulambda.storage
+
+    calls: list[str] = []
+
+    class FlakyStorage:
+        def make_bucket(self, bucket: str) -> None:
+            calls.append(bucket)
+            if len(calls) == 1:
+                raise ConnectionRefusedError("MinIO is starting")
+
+    monkeypatch.setattr(mulambda.storage.ModelStorage, "from_env",
+                        classmethod(lambda cls: FlakyStorage()))
+    monkeypatch.setattr("time.sleep", lambda _: None)
+    monkeypatch.setenv("BUCKETS", "models,extra")
+    runpy.run_path(str(BUCKET_SCRIPT), run_name="__main__")
+    assert calls == ["models", "models", "extra"]
 
 
 def test_chart_selector_node_port() -> None:
@@ -885,7 +955,6 @@ def test_make_up_builds_loads_installs_pushes_applies_waits_and_predicts() -> No
         "kind load docker-image ghcr.io/mulambda/mulambda:dev",
         "helm upgrade --install mulambda charts/mulambda",
         "--set minio.enabled=true",
-        'c.make_bucket("models")',
         "mulambda models push examples/models/half_plus_two/1 s3://models/half_plus_two "
         "--version 1",
         "apply -f examples/modelexecutor.yaml -f examples/client.yaml",
