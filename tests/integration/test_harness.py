@@ -45,6 +45,16 @@ def configmap(name: str, **metadata: Any) -> dict[str, Any]:
             "metadata": {"name": name, **metadata}, "data": {"k": "v"}}
 
 
+def deployment(name: str, *containers: dict[str, Any]) -> dict[str, Any]:
+    labels = {"app": name}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": list(containers)}}},
+    }
+
+
 # --- the emulator on its own ---------------------------------------------------------------------
 
 
@@ -106,17 +116,15 @@ def test_failed_json_patch_test_is_422_and_stale_merge_patch_is_409(kube: Kube) 
 def test_strategic_merge_patch_merges_builtin_lists_and_is_refused_for_custom_resources(
     kube: Kube,
 ) -> None:
-    kube.create({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"},
-        "spec": {"template": {"spec": {"containers": [
-            {"name": "serving", "image": "tf:1"}, {"name": "companion", "image": "c:1"}]}}},
-    })
+    kube.create(deployment("d", {"name": "serving", "image": "tf:1"},
+                           {"name": "companion", "image": "c:1"}))
     patched = kube.patch("apps/v1", "deployments", "default", "d",
                          {"spec": {"template": {"spec": {"containers": [
                              {"name": "serving", "image": "tf:2"}]}}}},
                          patch_type="strategic")
-    assert patched["spec"]["template"]["spec"]["containers"] == [
-        {"name": "serving", "image": "tf:2"}, {"name": "companion", "image": "c:1"}]
+    containers = patched["spec"]["template"]["spec"]["containers"]
+    assert [(c["name"], c["image"]) for c in containers] == [
+        ("serving", "tf:2"), ("companion", "c:1")]
 
     kube.create(executor("a"))
     with pytest.raises(KubeAPIError) as refused:
@@ -174,6 +182,69 @@ def test_watch_resumes_from_resource_version_and_filters_by_label(kube: Kube) ->
     events = [httpx.Response(200, content=line).json() for line in lines]
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
         ("ADDED", "after"), ("DELETED", "after")]
+
+
+def test_custom_resources_are_pruned_defaulted_and_validated_by_their_crd(kube: Kube) -> None:
+    created = kube.create({**executor("a"), "spec": {**executor("a")["spec"], "bogus": 1}})
+    assert "bogus" not in created["spec"]  # pruned: not in the schema
+    assert created["spec"]["scaling"]["minReplicas"] == 1  # defaulted from the schema
+
+    status = kube.patch(*ME, "default", "a", {"status": {"replicas": 2, "undeclared": "x"}},
+                        subresource="status")
+    assert status["status"] == {"replicas": 2}
+
+    with pytest.raises(KubeAPIError) as invalid:
+        kube.patch(*ME, "default", "a", {"spec": {"scaling": {"minReplicas": -1}}})
+    assert invalid.value.status == 422 and "minReplicas" in str(invalid.value)
+
+
+def test_builtin_kinds_get_defaults_semantic_checks_and_immutable_fields(kube: Kube) -> None:
+    created = kube.create(deployment("d", {"name": "serving", "image": "tf:2.18",
+                                           "ports": [{"containerPort": 8501}]}))
+    assert created["spec"]["replicas"] == 1
+    [container] = created["spec"]["template"]["spec"]["containers"]
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["ports"] == [{"containerPort": 8501, "protocol": "TCP"}]
+
+    mismatched = deployment("e", {"name": "serving", "image": "tf"})
+    mismatched["spec"]["selector"] = {"matchLabels": {"app": "other"}}
+    with pytest.raises(KubeAPIError, match="does not match template"):
+        kube.create(mismatched)
+    with pytest.raises(KubeAPIError, match="field is immutable"):
+        kube.patch("apps/v1", "deployments", "default", "d",
+                   {"spec": {"selector": {"matchLabels": {"app": "x"}}}})
+
+    service = kube.create({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"},
+                           "spec": {"selector": {"app": "d"}, "ports": [{"port": 80}]}})
+    assert service["spec"]["clusterIP"] and service["spec"]["ports"][0]["targetPort"] == 80
+    assert kube.patch("v1", "services", "default", "s", {"spec": {"clusterIP": None}}
+                      )["spec"]["clusterIP"] == service["spec"]["clusterIP"]
+
+
+def test_scale_subresource_and_simulated_rollout(kube: Kube) -> None:
+    kube.create(deployment("d", {"name": "serving", "image": "tf:2"}))
+
+    scale = kube.patch("apps/v1", "deployments", "default", "d", {"spec": {"replicas": 3}},
+                       subresource="scale")
+    assert scale["kind"] == "Scale" and scale["spec"]["replicas"] == 3
+    rolled = kube.simulate_rollout("default", "d", ready=2)
+    assert rolled["spec"]["replicas"] == 3
+    assert rolled["status"]["readyReplicas"] == 2 and rolled["status"]["replicas"] == 3
+    assert rolled["status"]["observedGeneration"] == rolled["metadata"]["generation"]
+
+
+def test_namespaces_are_served_and_deleting_one_deletes_its_contents(kube: Kube) -> None:
+    kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team"}})
+    kube.create(configmap("c"), namespace="team")
+    assert {n["metadata"]["name"] for n in kube.list("v1", "namespaces")} == {"default", "team"}
+
+    kube.delete("v1", "namespaces", None, "team")
+    assert kube.get("v1", "configmaps", "team", "c") is None
+
+    kube.emulator.require_namespaces = True
+    with pytest.raises(KubeAPIError) as missing:
+        kube.create(configmap("c"), namespace="team")
+    assert missing.value.status == 404
 
 
 def test_kubernetes_client_reaches_the_emulator_through_kubeconfig(kube: Kube) -> None:

@@ -32,11 +32,23 @@ not have, so :class:`KubeEmulator` replaces its write path and watch stream:
 * every request is recorded in :attr:`KubeEmulator.request_log` with its RBAC
   verb, so tests can check an operator only uses what its Role grants.
 
+* writes are admitted as upstream admits them: custom resources are pruned,
+  defaulted and validated against their CRD's schema (:mod:`support.kube_schema`);
+  built-in kinds get the API server's defaults (Deployment replicas and
+  strategy, container pull policy, Service ClusterIP, ...), semantic checks
+  (selector matches template labels, mounts name volumes, ...) and immutable
+  fields (:mod:`support.kube_defaults`);
+* Deployments and ReplicaSets serve ``/scale``; namespaces are served
+  (KMock's URL parser cannot address them) and deleting one deletes its
+  contents; ``require_namespaces=True`` makes creating into a missing
+  namespace a 404 as on a cluster.
+
 Known gaps (not emulated): server-side apply (415), ``deletecollection``,
-``/api/v1/namespaces`` (KMock's URL parser fails on it: 500), admission
-webhooks, CRD schema validation/pruning/defaulting, built-in defaulting,
-controllers (no pods behind Deployments, no Endpoints, no Deployment
-status), watch events that move an object out of a label selector, bookmarks.
+admission webhooks, CEL rules in CRDs, controllers (no pods behind
+Deployments, no Endpoints; :meth:`Kube.simulate_rollout` writes a
+Deployment's status), watch events that move an object out of a label
+selector, periodic bookmarks, authentication/authorization (every request
+is allowed; RBAC is checked afterwards from the request log).
 
 :class:`EmulatorServer` runs the emulator on a loopback port in its own
 thread, so sync tests can block while it serves; :class:`Kube` is the
@@ -53,6 +65,7 @@ import copy
 import dataclasses
 import datetime
 import random
+import re
 import string
 import threading
 import time
@@ -68,8 +81,14 @@ import jsonpatch
 import jsonpointer
 import kmock
 import yaml
-from kmock._internal import apps, k8s, rendering  # kmock is pinned (==0.8) in pyproject
+from kmock._internal import apps, k8s, parsing, rendering  # kmock is pinned (==0.8)
 
+from support.kube_defaults import (
+    apply_builtin_defaults,
+    builtin_errors,
+    carry_over_and_check_immutable,
+)
+from support.kube_schema import apply_defaults, prune, validation_errors
 from support.kube_semantics import (
     DNS1123_LABEL,
     json_merge_patch,
@@ -96,8 +115,7 @@ CRD_RESOURCE = kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefin
 # Built-in kinds an operator of this project touches. ``generation``: whether the
 # real API server keeps metadata.generation for the kind.
 BUILTIN_RESOURCES: dict[str, dict[str, Any]] = {
-    # Declared for discovery only: kopf's namespace observer waits for this resource to
-    # exist even when clusterwide. Its URLs answer 500 (KMock's path parser fails on them).
+    # kopf's namespace observer waits for this resource to exist, even clusterwide.
     "v1/namespaces": {"kind": "Namespace", "namespaced": False, "subresources": {"status"}},
     "v1/pods": {"kind": "Pod", "namespaced": True, "subresources": {"status"}},
     "v1/services": {"kind": "Service", "namespaced": True, "subresources": {"status"}},
@@ -108,10 +126,12 @@ BUILTIN_RESOURCES: dict[str, dict[str, Any]] = {
     "v1/endpoints": {"kind": "Endpoints", "namespaced": True},
     "events.k8s.io/v1/events": {"kind": "Event", "namespaced": True},
     "apps/v1/deployments": {
-        "kind": "Deployment", "namespaced": True, "subresources": {"status"}, "generation": True,
+        "kind": "Deployment", "namespaced": True, "subresources": {"status", "scale"},
+        "generation": True,
     },
     "apps/v1/replicasets": {
-        "kind": "ReplicaSet", "namespaced": True, "subresources": {"status"}, "generation": True,
+        "kind": "ReplicaSet", "namespaced": True, "subresources": {"status", "scale"},
+        "generation": True,
     },
     "batch/v1/jobs": {
         "kind": "Job", "namespaced": True, "subresources": {"status"}, "generation": True,
@@ -122,7 +142,29 @@ BUILTIN_RESOURCES: dict[str, dict[str, Any]] = {
         "generation": True,
     },
 }
+SCALABLE = frozenset({("apps", "deployments"), ("apps", "replicasets")})
 ALL_VERBS = {"create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"}
+
+
+_NAMESPACE_PATH = re.compile(r"^/api/v1/namespaces(?:/([^/]+)(?:/(status|finalize))?)?/?$")
+
+
+def _parse_path_with_namespaces(path: str) -> parsing.ParsedPath:
+    # KMock's parser reads /api/v1/namespaces[/NAME] as a namespace prefix with no
+    # resource after it (and fails on the bare list URL): give it the namespaces resource.
+    m = _NAMESPACE_PATH.match(path)
+    if m:
+        return parsing.ParsedPath(group="", version="v1", plural="namespaces",
+                                  namespace=None, name=m.group(1), subresource=m.group(2))
+    return _kmock_parse_path(path)
+
+
+if not getattr(parsing.parse_path, "_serves_namespaces", False):
+    _kmock_parse_path = parsing.parse_path
+    _parse_path_with_namespaces._serves_namespaces = True  # type: ignore[attr-defined]
+    parsing.parse_path = _parse_path_with_namespaces
+else:  # this module was imported twice (importlib mode): keep the first wrapper's original
+    _kmock_parse_path = parsing.parse_path.__globals__["_kmock_parse_path"]
 
 
 def _now() -> str:
@@ -196,6 +238,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     generation_resources: set[kmock.resource] = attrs.field(factory=set, init=False)
     schemas: dict[kmock.resource, Any] = attrs.field(factory=dict, init=False)
     resource_version: int = attrs.field(default=0, init=False)
+    # Reject objects in namespaces that were never created (as a real cluster does).
+    require_namespaces: bool = False
+    _cluster_ips: int = attrs.field(default=0, init=False)
     # (resourceVersion, resource, event) in order; watches replay from here.
     _events: list[tuple[int, kmock.resource, dict[str, Any]]] = attrs.field(
         factory=list, init=False)
@@ -374,6 +419,29 @@ class KubeEmulator(kmock.KubernetesEmulator):
                           name=name, kind=info.kind,
                           causes=[{"message": e} for e in errors])
 
+    def _allocate_cluster_ip(self) -> str:
+        self._cluster_ips += 1
+        return f"10.96.{self._cluster_ips // 250}.{self._cluster_ips % 250 + 1}"
+
+    def _admit(self, resource: kmock.resource, info: kmock.ResourceInfo, name: str,
+               obj: dict[str, Any], old: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaulting, pruning and validation, as the API server runs them on every write."""
+        group, plural = resource.group or "", resource.plural or ""
+        errors: list[str] = []
+        schema = self.schemas.get(resource)
+        if resource in self.custom_resources:
+            if schema is not None:
+                obj = apply_defaults(prune(obj, schema, root=True), schema)
+                errors += validation_errors(obj, schema)
+        else:
+            if old is not None:
+                errors += carry_over_and_check_immutable(group, plural, old, obj)
+            apply_builtin_defaults(group, plural, obj, self._allocate_cluster_ip)
+            errors += builtin_errors(group, plural, obj)
+        if errors:
+            raise self._invalid(info, name, errors)
+        return obj
+
     # --- create ----------------------------------------------------------------------------------
 
     async def _serve_create(self, request: rendering.Request) -> rendering.Payload:
@@ -405,6 +473,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if not DNS1123_LABEL.match(namespace):
                 raise self._invalid(info, meta.get("name", ""),
                                     [f'metadata.namespace: Invalid value: "{namespace}"'])
+            if self.require_namespaces and \
+                    self._live(kmock.resource("", "v1", "namespaces"), None, namespace) is None:
+                raise _api_error(404, "NotFound", f'namespaces "{namespace}" not found')
             meta["namespace"] = namespace
         else:
             meta.pop("namespace", None)
@@ -448,6 +519,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
         else:
             meta.pop("generation", None)
         self._convert_string_data(resource, obj)
+        obj = self._admit(resource, info, name, obj)
+        meta = obj["metadata"]
         if dry_run:
             return obj
         meta["resourceVersion"] = self._next_rv()
@@ -516,7 +589,10 @@ class KubeEmulator(kmock.KubernetesEmulator):
             raise self._not_found(resource, name)
         old = copy.deepcopy(current)
         old_meta = old["metadata"]
-        candidate = compute(copy.deepcopy(old))
+        scale = request.subresource == "scale"
+        if scale and (resource.group, resource.plural) not in SCALABLE:
+            raise self._not_found(resource, name)
+        candidate = compute(_scale_of(old) if scale else copy.deepcopy(old))
         if not isinstance(candidate, dict):
             raise _api_error(422, "Invalid", "the patched object is not a JSON object")
         cand_meta = candidate.get("metadata") or {}
@@ -544,6 +620,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
                 new["status"] = candidate["status"]
             else:
                 new.pop("status", None)
+        elif scale:
+            new = copy.deepcopy(old)
+            new.setdefault("spec", {})["replicas"] = (candidate.get("spec") or {}).get("replicas")
         elif request.subresource is not None:
             raise _api_error(404, "NotFound",
                              f"subresource {request.subresource!r} is not emulated")
@@ -575,8 +654,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if errors:
             raise self._invalid(info, name, errors)
         self._convert_string_data(resource, new)
+        new = self._admit(resource, info, name, new, old)
+        new_meta = new["metadata"]
         if new == old:
-            return old  # as upstream: a no-op write is neither stored nor announced
+            # As upstream: a no-op write is neither stored nor announced.
+            return _scale_of(old) if scale else old
         if self._tracks_generation(resource) and _spec_of(new) != _spec_of(old):
             new_meta["generation"] = int(old_meta.get("generation", 0)) + 1
         if "dryRun" in request.params:
@@ -589,7 +671,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         new_meta["resourceVersion"] = self._next_rv()
         self._store(resource, namespace, name, new)
         self._emit(resource, "MODIFIED", new)
-        return new
+        return _scale_of(new) if scale else new
 
     # --- delete ----------------------------------------------------------------------------------
 
@@ -658,6 +740,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
                     self._store(gone, ns, item_name, final)
                     self.objects[gone, ns, item_name].delete()
                     self._emit(gone, "DELETED", final)
+        if (resource.group, resource.plural) == ("", "namespaces"):
+            # The namespace controller's job: everything in the namespace goes too.
+            for (res, ns, item_name), stored in list(self.objects.items()):
+                if ns == name and not stored.deleted and res in self.resources:
+                    self._delete(res, self.resources[res], ns, item_name, "Background")
         self._collect_garbage(obj["metadata"]["uid"], propagation)
 
     def _uid_alive(self, uid: str) -> bool:
@@ -692,14 +779,15 @@ class KubeEmulator(kmock.KubernetesEmulator):
         info = self._info(request)
         resource, name = request.resource, request.name
         assert resource is not None and name is not None
-        if request.subresource not in (None, "status") or (
-                request.subresource == "status" and "status" not in info.subresources):
+        if request.subresource not in (None, "status", "scale") or (
+                request.subresource is not None
+                and request.subresource not in info.subresources):
             raise self._not_found(resource, name)
         async with self._changed:
             obj = self._live(resource, request.namespace, name)
             if obj is None:
                 raise self._not_found(resource, name)
-            return copy.deepcopy(obj)
+            return _scale_of(obj) if request.subresource == "scale" else copy.deepcopy(obj)
 
     def _selection(self, request: rendering.Request) -> Callable[[Mapping[str, Any]], bool]:
         labels = request.params.get("labelSelector")
@@ -801,6 +889,20 @@ class KubeEmulator(kmock.KubernetesEmulator):
         async with self._changed:
             return [copy.deepcopy(obj) for ns, n, obj in self._live_items(resource, namespace)
                     if name is None or n == name]
+
+
+def _scale_of(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """The autoscaling/v1 Scale view of a Deployment or ReplicaSet (the /scale subresource)."""
+    meta = obj["metadata"]
+    selector = ((obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return {
+        "apiVersion": "autoscaling/v1", "kind": "Scale",
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion",
+                                          "creationTimestamp") if k in meta},
+        "spec": {"replicas": (obj.get("spec") or {}).get("replicas", 0)},
+        "status": {"replicas": (obj.get("status") or {}).get("replicas", 0),
+                   "selector": ",".join(f"{k}={v}" for k, v in selector.items())},
+    }
 
 
 def _spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
@@ -1059,6 +1161,38 @@ class Kube:
                                    f"(last: {last!r})")
             time.sleep(interval)
 
+    def simulate_rollout(self, namespace: str, name: str, *, ready: int | None = None
+                         ) -> dict[str, Any]:
+        """Write the status the Deployment controller would once ``ready`` pods are ready.
+
+        There are no controllers behind the emulator; this stands in for them.
+        ``ready`` defaults to ``spec.replicas`` (a finished rollout).
+        """
+        deployment = self.get("apps/v1", "deployments", namespace, name)
+        if deployment is None:
+            raise KubeAPIError(404, f"deployment {namespace}/{name} not found")
+        replicas = int(deployment["spec"].get("replicas", 1))
+        ready = replicas if ready is None else ready
+        available = "True" if ready >= replicas else "False"
+        status: dict[str, Any] = {
+            "observedGeneration": deployment["metadata"]["generation"],
+            "replicas": replicas,
+            "updatedReplicas": replicas,
+            "readyReplicas": ready or None,  # upstream omits zero counts
+            "availableReplicas": ready or None,
+            "unavailableReplicas": (replicas - ready) or None,
+            "conditions": [
+                {"type": "Available", "status": available,
+                 "reason": "MinimumReplicasAvailable" if available == "True"
+                 else "MinimumReplicasUnavailable",
+                 "lastUpdateTime": _now(), "lastTransitionTime": _now()},
+                {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+                 "lastUpdateTime": _now(), "lastTransitionTime": _now()},
+            ],
+        }
+        return self.patch("apps/v1", "deployments", namespace, name, {"status": status},
+                          subresource="status")
+
     # --- async helpers ---------------------------------------------------------------------------
 
     async def acreate(self, obj: Mapping[str, Any], *, namespace: str | None = None
@@ -1166,6 +1300,7 @@ def running_kube(directory: Path, *, install_crds: bool = True) -> Iterator[Kube
         kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(kube.kubeconfig)
         kubernetes.config.KUBE_CONFIG_DEFAULT_LOCATION = str(kube.kubeconfig)
         kubernetes.config.load_kube_config(config_file=str(kube.kubeconfig))
+        kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})
         if install_crds:
             for crd in repo_crds():
                 kube.create(crd)
