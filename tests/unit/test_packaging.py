@@ -493,7 +493,8 @@ def test_dev_overlay_adds_minio_with_clearly_dev_only_credentials() -> None:
     assert host == f"{minio['metadata']['name']}.{NAMESPACE}.svc"
     assert int(port) in {p["port"] for p in minio["spec"]["ports"]}
     (job,) = find(docs, "Job")
-    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
     executor = next(d for ds in examples().values() for d in ds if d["kind"] == "ModelExecutor")
     assert executor["spec"]["model"]["storageUri"].split("/")[2] in env["BUCKETS"].split(",")
     base_names = {(d["kind"], d["metadata"]["name"]) for d in kustomize("manifests/base")}
