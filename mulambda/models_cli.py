@@ -1,0 +1,215 @@
+"""``mulambda models``: push, list and remove model versions in S3 storage.
+
+    mulambda models push DIR s3://BUCKET/NAME --version N [--force]
+    mulambda models list s3://BUCKET/NAME
+    mulambda models rm   s3://BUCKET/NAME --version N
+
+Endpoint and credentials come from ``MULAMBDA_S3_ENDPOINT``,
+``MULAMBDA_S3_ACCESS_KEY``, ``MULAMBDA_S3_SECRET_KEY`` (and
+``MULAMBDA_S3_SECURE`` / ``MULAMBDA_S3_REGION``); ``--endpoint`` overrides
+the endpoint. Exit codes: 0 success, 1 the store refused or failed, 2 bad
+usage (not a SavedModel, bad URI, missing credentials).
+
+``push`` uploads ``saved_model.pb`` last: companions resolving "the latest
+version" only pick folders that hold it, so a push in progress is never
+loaded half-way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mulambda.storage import (
+    ModelStorage,
+    classify_error,
+    parse_s3_uri,
+    version_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+# Multipart part size of pushes. Loaders fetch multipart objects range by
+# range along these parts (to verify each part's MD5 in parallel), so this is
+# also their download granularity; see bench/model_load.py.
+DEFAULT_PART_SIZE_MIB = 16
+MIN_PART_SIZE_MIB = 5  # S3's minimum multipart part size
+
+
+class UsageError(Exception):
+    """Bad input from the user (exit code 2)."""
+
+
+class StoreError(Exception):
+    """The store refused or failed (exit code 1)."""
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What ``push_version`` uploaded."""
+
+    files: int
+    bytes: int
+    replaced: bool
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``models`` subcommands to ``parser``."""
+    parser.add_argument("--endpoint", help="S3 endpoint host:port (default: $MULAMBDA_S3_ENDPOINT)")
+    sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+
+    push = sub.add_parser("push", help="upload a SavedModel folder as one version")
+    push.add_argument("dir", type=Path, help="SavedModel folder (holds saved_model.pb)")
+    push.add_argument("uri", help="s3://BUCKET/NAME")
+    push.add_argument("--version", type=int, required=True, help="version number (>= 0)")
+    push.add_argument("--force", action="store_true", help="replace an existing version")
+    push.add_argument("--part-size-mib", type=int, default=DEFAULT_PART_SIZE_MIB,
+                      help=f"multipart part size in MiB (default {DEFAULT_PART_SIZE_MIB})")
+
+    lst = sub.add_parser("list", help="list versions with their sizes")
+    lst.add_argument("uri", help="s3://BUCKET/NAME")
+
+    rm = sub.add_parser("rm", help="remove one version")
+    rm.add_argument("uri", help="s3://BUCKET/NAME")
+    rm.add_argument("--version", type=int, required=True, help="version number")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``models`` subcommand; returns the exit code."""
+    try:
+        bucket, prefix = parse_s3_uri(args.uri)
+        if getattr(args, "version", None) is not None and args.version < 0:
+            raise UsageError("--version must be >= 0")
+        storage = ModelStorage.from_env(endpoint=args.endpoint)
+    except (ValueError, UsageError) as exc:
+        return _fail(str(exc), 2)
+    try:
+        if args.models_command == "push":
+            return _push(storage, args, bucket, prefix)
+        if args.models_command == "list":
+            return _list(storage, bucket, prefix)
+        return _rm(storage, bucket, prefix, args.version)
+    except UsageError as exc:
+        return _fail(str(exc), 2)
+    except StoreError as exc:
+        return _fail(str(exc), 1)
+    except Exception as exc:  # store/network errors: one clear line, no traceback
+        info = classify_error(exc)
+        return _fail(f"{info.reason}: {info.message}", 1)
+    finally:
+        storage.close()
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mulambda models: error: {message}", file=sys.stderr)
+    return code
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # unreachable; keeps type checkers happy
+
+
+def saved_model_files(src: Path) -> list[Path]:
+    """Files of a SavedModel folder, ``saved_model.pb*`` last. Raises UsageError if not one."""
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory")
+    if not any((src / name).is_file() for name in SAVED_MODEL_FILES):
+        raise UsageError(
+            f"{src} is not a SavedModel folder: no saved_model.pb or saved_model.pbtxt in it "
+            f"(pass the version folder itself, e.g. .../half_plus_two/1)")
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    # The marker goes last so a half-pushed version is never "the latest".
+    return sorted(files, key=lambda p: p.relative_to(src).as_posix() in SAVED_MODEL_FILES)
+
+
+def push_version(
+    storage: ModelStorage, src: Path, bucket: str, prefix: str, version: int, *,
+    force: bool = False, part_size: int = DEFAULT_PART_SIZE_MIB * 1024 * 1024,
+    progress: Callable[[int], object] | None = None,
+) -> PushResult:
+    """Upload SavedModel folder ``src`` to ``s3://bucket/prefix/version/``."""
+    files = saved_model_files(src)
+    if not storage.bucket_exists(bucket):
+        raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
+    existing = storage.list_version_objects(bucket, prefix, version)
+    target = f"s3://{bucket}/{prefix}/{version}/"
+    if existing and not force:
+        raise StoreError(f"{target} already exists ({len(existing)} objects); "
+                         "pass --force to replace it")
+    base = version_prefix(prefix, version)
+    uploaded: set[str] = set()
+    total = 0
+    for path in files:
+        key = base + path.relative_to(src).as_posix()
+        size = path.stat().st_size
+        with path.open("rb") as stream:
+            storage.put_file(bucket, key, stream, size, part_size=part_size, progress=progress)
+        uploaded.add(key)
+        total += size
+    # Objects of the replaced version that the new one does not have.
+    stale = [o for o in existing if o.key not in uploaded]
+    if stale:
+        from minio.deleteobjects import DeleteObject
+
+        errors = list(storage.client.remove_objects(bucket, (DeleteObject(o.key) for o in stale)))
+        if errors:
+            raise StoreError(f"pushed, but could not delete {len(errors)} stale object(s)")
+    log.info("pushed model version target=%s files=%d bytes=%d replaced=%s",
+             target, len(files), total, bool(existing))
+    return PushResult(files=len(files), bytes=total, replaced=bool(existing))
+
+
+def _push(storage: ModelStorage, args: argparse.Namespace, bucket: str, prefix: str) -> int:
+    if args.part_size_mib < MIN_PART_SIZE_MIB:
+        raise UsageError(f"--part-size-mib must be at least {MIN_PART_SIZE_MIB}")
+    src: Path = args.dir
+    files = saved_model_files(src)
+    total = sum(p.stat().st_size for p in files)
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal, silence in pipes and CI logs.
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+              desc=f"push {prefix}/{args.version}", disable=None) as bar:
+        result = push_version(storage, src, bucket, prefix, args.version, force=args.force,
+                              part_size=args.part_size_mib * 1024 * 1024, progress=bar.update)
+    verb = "replaced" if result.replaced else "pushed"
+    print(f"{verb} s3://{bucket}/{prefix}/{args.version}/: {result.files} files, "
+          f"{_human(result.bytes)}")
+    return 0
+
+
+def _list(storage: ModelStorage, bucket: str, prefix: str) -> int:
+    if not storage.bucket_exists(bucket):
+        raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
+    sizes = storage.version_sizes(bucket, prefix)
+    if not sizes:
+        raise StoreError(f"no versions under s3://{bucket}/{prefix}/")
+    print(f"{'VERSION':>8}  {'FILES':>6}  {'SIZE':>10}  BYTES")
+    for version, (files, nbytes) in sizes.items():
+        print(f"{version:>8}  {files:>6}  {_human(nbytes):>10}  {nbytes}")
+    return 0
+
+
+def _rm(storage: ModelStorage, bucket: str, prefix: str, version: int) -> int:
+    if not storage.bucket_exists(bucket):
+        raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
+    removed = storage.remove_version(bucket, prefix, version)
+    if removed == 0:
+        raise StoreError(f"s3://{bucket}/{prefix}/{version}/ not found")
+    print(f"removed s3://{bucket}/{prefix}/{version}/ ({removed} objects)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m mulambda.models_cli
+    parser = argparse.ArgumentParser(prog="mulambda models")
+    configure(parser)
+    raise SystemExit(run(parser.parse_args()))

@@ -1,0 +1,343 @@
+"""Model storage in S3-compatible object stores (MinIO in production).
+
+Layout: a model lives under ``s3://BUCKET/PREFIX/VERSION/`` where VERSION is
+a non-negative integer folder holding a TensorFlow SavedModel, exactly the
+layout TF Serving expects on local disk. :class:`ModelStorage` wraps
+:class:`minio.Minio` with the handful of operations the companion loader and
+the ``mulambda models`` CLI need.
+
+Credentials come only from the environment (``MULAMBDA_S3_ACCESS_KEY`` /
+``MULAMBDA_S3_SECRET_KEY``, fed by a Kubernetes Secret). They are never
+logged, never part of an error message and never shown by ``repr``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.error import InvalidResponseError, S3Error, ServerError
+
+__all__ = [
+    "ENV_ACCESS_KEY",
+    "ENV_ENDPOINT",
+    "ENV_REGION",
+    "ENV_SECRET_KEY",
+    "ENV_SECURE",
+    "ModelStorage",
+    "StorageErrorInfo",
+    "StoredObject",
+    "classify_error",
+    "parse_s3_uri",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_ENDPOINT = "MULAMBDA_S3_ENDPOINT"
+ENV_ACCESS_KEY = "MULAMBDA_S3_ACCESS_KEY"
+ENV_SECRET_KEY = "MULAMBDA_S3_SECRET_KEY"
+ENV_SECURE = "MULAMBDA_S3_SECURE"
+ENV_REGION = "MULAMBDA_S3_REGION"
+
+# Metadata ``mulambda models push`` sets on multipart uploads, so a loader
+# can verify multipart ETags without an extra HEAD ?partNumber=1 request.
+PART_SIZE_META = "x-amz-meta-mulambda-part-size"
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split ``s3://BUCKET/NAME[/...]`` into ``(bucket, prefix)`` without slashes at the ends."""
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r} (expected s3://BUCKET/NAME)")
+    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    prefix = prefix.strip("/")
+    if len(bucket) < 3 or not prefix:
+        raise ValueError(f"expected s3://BUCKET/NAME with a bucket of 3+ characters, got {uri!r}")
+    return bucket, prefix
+
+
+def version_prefix(prefix: str, version: int) -> str:
+    """Key prefix of one version folder: ``PREFIX/VERSION/``."""
+    return f"{prefix.strip('/')}/{int(version)}/"
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a model version: ``relpath`` is relative to the version folder."""
+
+    key: str
+    relpath: str
+    size: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class StorageErrorInfo:
+    """What an exception from the store means: a CamelCase reason and whether to retry."""
+
+    reason: str
+    permanent: bool
+    message: str
+
+
+# S3 error codes -> (reason, permanent). Anything not listed with a 5xx
+# status, or any network error, is StorageUnavailable and worth retrying.
+_S3_CODES: dict[str, tuple[str, bool]] = {
+    "NoSuchBucket": ("BucketNotFound", True),
+    "NoSuchKey": ("ModelNotFound", True),
+    "AccessDenied": ("AccessDenied", True),
+    "InvalidAccessKeyId": ("AccessDenied", True),
+    "SignatureDoesNotMatch": ("AccessDenied", True),
+    "InvalidToken": ("AccessDenied", True),
+    "ExpiredToken": ("AccessDenied", True),
+    "AllAccessDisabled": ("AccessDenied", True),
+    "InternalError": ("StorageUnavailable", False),
+    "ServiceUnavailable": ("StorageUnavailable", False),
+    "SlowDown": ("StorageUnavailable", False),
+    "RequestTimeout": ("StorageUnavailable", False),
+}
+
+
+def classify_error(exc: BaseException) -> StorageErrorInfo:
+    """Map an exception raised while talking to the store to a reason.
+
+    The message names the S3 code and resource, never credentials.
+    """
+    if isinstance(exc, S3Error):
+        reason, permanent = _S3_CODES.get(exc.code or "", ("StorageError", False))
+        if exc.code not in _S3_CODES and exc.response is not None and exc.response.status < 500:
+            reason, permanent = "StorageError", True
+        where = "/".join(p for p in (exc.bucket_name, exc.object_name) if p)
+        return StorageErrorInfo(reason, permanent, f"S3 {exc.code}: {exc.message} ({where})")
+    if isinstance(exc, ServerError):
+        return StorageErrorInfo("StorageUnavailable", False, f"S3 server error {exc.status_code}")
+    if isinstance(exc, InvalidResponseError):
+        return StorageErrorInfo("StorageUnavailable", False, "invalid response from S3 server")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, OSError, socket.timeout)):
+        return StorageErrorInfo("StorageUnavailable", False,
+                                f"cannot reach S3 server: {type(exc).__name__}: {exc}")
+    return StorageErrorInfo("StorageError", True, f"{type(exc).__name__}: {exc}")
+
+
+class ModelStorage:
+    """Model versions in an S3-compatible store, over one pooled HTTP client.
+
+    The HTTP pool holds ``max_connections`` keep-alive connections so that
+    parallel ranged GETs do not reconnect. urllib3 retries only connection
+    set-up briefly; callers (the loader) own the real retry policy because
+    they know what can be resumed.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        secure: bool = False,
+        region: str | None = None,
+        *,
+        max_connections: int = 16,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        if not endpoint:
+            raise ValueError(f"S3 endpoint is empty (set {ENV_ENDPOINT})")
+        endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+        self.endpoint = endpoint
+        self.secure = secure
+        self.region = region or None
+        self._http = urllib3.PoolManager(
+            maxsize=max_connections,
+            block=False,
+            timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
+            retries=urllib3.Retry(total=2, connect=2, read=0, redirect=0, status=0,
+                                  backoff_factor=0.2),
+        )
+        self.client = Minio(endpoint, access_key=access_key, secret_key=secret_key,
+                            secure=secure, region=self.region, http_client=self._http)
+
+    def __repr__(self) -> str:
+        # Deliberately no credentials.
+        return (f"ModelStorage(endpoint={self.endpoint!r}, secure={self.secure}, "
+                f"region={self.region!r})")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, endpoint: str | None = None,
+        **kwargs: Any,
+    ) -> ModelStorage:
+        """Build from ``MULAMBDA_S3_*`` variables; ``endpoint`` overrides the variable."""
+        env = os.environ if environ is None else environ
+        access_key = env.get(ENV_ACCESS_KEY, "")
+        secret_key = env.get(ENV_SECRET_KEY, "")
+        pairs = ((ENV_ACCESS_KEY, access_key), (ENV_SECRET_KEY, secret_key))
+        missing = [name for name, value in pairs if not value]
+        if missing:
+            raise ValueError(f"S3 credentials missing: set {' and '.join(missing)}")
+        return cls(
+            endpoint or env.get(ENV_ENDPOINT, ""),
+            access_key,
+            secret_key,
+            secure=_flag(env.get(ENV_SECURE, "false")),
+            region=env.get(ENV_REGION) or None,
+            **kwargs,
+        )
+
+    def close(self) -> None:
+        """Drop pooled connections."""
+        self._http.clear()
+
+    # -- reading -----------------------------------------------------------------
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return bool(self.client.bucket_exists(bucket))
+
+    def list_versions(self, bucket: str, prefix: str) -> list[int]:
+        """Numeric version folders under ``PREFIX/``, ascending. Other folders are ignored."""
+        versions: set[int] = set()
+        base = prefix.strip("/") + "/"
+        for obj in self.client.list_objects(bucket, prefix=base, recursive=False):
+            name = obj.object_name[len(base):].strip("/")
+            if obj.is_dir and name.isdigit():
+                versions.add(int(name))
+        return sorted(versions)
+
+    def list_version_objects(self, bucket: str, prefix: str, version: int) -> list[StoredObject]:
+        """Every object of one version, sorted by relative path (folder markers skipped)."""
+        base = version_prefix(prefix, version)
+        found: list[StoredObject] = []
+        for obj in self.client.list_objects(bucket, prefix=base, recursive=True):
+            if obj.is_dir or obj.object_name.endswith("/"):
+                continue
+            rel = obj.object_name[len(base):]
+            found.append(StoredObject(obj.object_name, rel, int(obj.size or 0),
+                                      (obj.etag or "").strip('"')))
+        return sorted(found, key=lambda o: o.relpath)
+
+    def has_saved_model(self, bucket: str, prefix: str, version: int) -> bool:
+        """True if the version folder holds ``saved_model.pb`` or ``saved_model.pbtxt``."""
+        base = version_prefix(prefix, version)
+        for obj in self.client.list_objects(bucket, prefix=base + "saved_model.pb"):
+            if obj.object_name in (base + "saved_model.pb", base + "saved_model.pbtxt"):
+                return True
+        return False
+
+    def version_sizes(self, bucket: str, prefix: str) -> dict[int, tuple[int, int]]:
+        """``{version: (files, bytes)}`` for every numeric version, in one recursive listing."""
+        base = prefix.strip("/") + "/"
+        sizes: dict[int, tuple[int, int]] = {}
+        for obj in self.client.list_objects(bucket, prefix=base, recursive=True):
+            head, _, rest = obj.object_name[len(base):].partition("/")
+            if not head.isdigit() or not rest or obj.object_name.endswith("/"):
+                continue
+            files, total = sizes.get(int(head), (0, 0))
+            sizes[int(head)] = (files + 1, total + int(obj.size or 0))
+        return dict(sorted(sizes.items()))
+
+    def multipart_part_size(self, bucket: str, key: str) -> int | None:
+        """Part size of a multipart upload, or None if the store does not say.
+
+        Needed to check a multipart ETag (MD5 of the parts' MD5s). Uses the
+        metadata ``mulambda models push`` writes, else ``HEAD ?partNumber=1``.
+        """
+        stat = self.client.stat_object(bucket, key)
+        meta = {k.lower(): v for k, v in (stat.metadata or {}).items()}
+        if meta.get(PART_SIZE_META, "").isdigit():
+            return int(meta[PART_SIZE_META])
+        try:
+            first = self.client.stat_object(bucket, key, extra_query_params={"partNumber": "1"})
+        except S3Error:
+            return None
+        headers = {k.lower(): v for k, v in (first.metadata or {}).items()}
+        if "x-amz-mp-parts-count" not in headers:
+            return None  # the store ignored partNumber and answered for the whole object
+        return int(first.size) if first.size else None
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
+        """Open a streaming GET of ``length`` bytes at ``offset``.
+
+        Returns the urllib3 response; the caller must ``close()`` and
+        ``release_conn()`` it. Nothing is read into memory here.
+        """
+        return self.client.get_object(bucket, key, offset=offset, length=length)
+
+    # -- writing -----------------------------------------------------------------
+
+    def make_bucket(self, bucket: str) -> None:
+        if not self.client.bucket_exists(bucket):
+            self.client.make_bucket(bucket)
+
+    def put_file(
+        self, bucket: str, key: str, stream: BinaryIO, size: int, *, part_size: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Upload ``size`` bytes from ``stream``; returns the ETag.
+
+        Large files go up in ``part_size`` parts; the part size is recorded
+        as metadata so loaders can verify the multipart ETag.
+        """
+        reader: BinaryIO = _ProgressReader(stream, progress) if progress else stream  # type: ignore[assignment]
+        meta = {PART_SIZE_META: str(part_size)} if size > part_size else None
+        result = self.client.put_object(bucket, key, reader, size, part_size=part_size,
+                                        metadata=meta)  # type: ignore[arg-type]
+        return (result.etag or "").strip('"')
+
+    def remove_version(self, bucket: str, prefix: str, version: int) -> int:
+        """Delete every object of one version; returns how many were deleted."""
+        from minio.deleteobjects import DeleteObject
+
+        objects = self.list_version_objects(bucket, prefix, version)
+        errors = list(self.client.remove_objects(bucket, (DeleteObject(o.key) for o in objects)))
+        if errors:
+            first = errors[0]
+            raise RuntimeError(f"could not delete {len(errors)} object(s), first: "
+                               f"{first.name}: {first.code} {first.message}")
+        # Filer-backed stores (SeaweedFS) keep emptied folders, which would still
+        # list as a version; delete their markers deepest first. A no-op on MinIO.
+        base = version_prefix(prefix, version)
+        folders = {base}
+        for obj in objects:
+            parts = obj.relpath.split("/")[:-1]
+            folders.update(base + "/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1))
+        for folder in sorted(folders, key=lambda f: -f.count("/")):
+            try:
+                self.client.remove_object(bucket, folder)
+            except S3Error as exc:
+                log.debug("folder marker not removed key=%s code=%s", folder, exc.code)
+        return len(objects)
+
+    def iter_keys(self, bucket: str, prefix: str) -> Iterator[str]:
+        """Every key under ``prefix`` (recursive)."""
+        for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+            yield obj.object_name
+
+
+class _ProgressReader:
+    """File-like wrapper that reports bytes read (the SDK reads in part-sized chunks)."""
+
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], None]) -> None:
+        self._stream = stream
+        self._progress = progress
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if data:
+            self._progress(len(data))
+        return data
+
+
+def relpath_is_safe(relpath: str) -> bool:
+    """True if a key's path below the version folder stays inside it when written to disk."""
+    parts = relpath.split("/")
+    return (bool(relpath) and not PurePosixPath(relpath).is_absolute() and "\\" not in relpath
+            and all(part not in ("", ".", "..") for part in parts))

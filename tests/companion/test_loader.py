@@ -1,0 +1,393 @@
+"""The model loader against a real SeaweedFS S3 server.
+
+Counting and corrupting storages below are thin subclasses of the real
+ModelStorage: every byte still comes from the real server.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mulambda.companion.loader import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    LoadResult,
+    ModelLoadError,
+    load_model_version,
+    local_versions,
+    remove_other_versions,
+    resolve_version,
+)
+from mulambda.models_cli import push_version
+from mulambda.storage import ModelStorage
+
+from support.seaweedfs import ADMIN, Identity, SeaweedFS
+
+pytestmark = pytest.mark.integration
+
+MiB = 1024 * 1024
+PART = 5 * MiB  # smallest multipart part S3 allows
+
+
+def make_model(root: Path, half_plus_two: Path, extra: dict[str, int] | None = None) -> Path:
+    """A SavedModel folder: the tiny real model plus random files of the given sizes."""
+    shutil.copytree(half_plus_two, root)
+    for rel, size in (extra or {}).items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(size))
+    return root
+
+
+def upload(s3: ModelStorage, bucket: str, prefix: str, version: int, src: Path) -> None:
+    push_version(s3, src, bucket, prefix, version, part_size=PART, force=True)
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()
+                     and p.name != MANIFEST_NAME)
+    return files_a == files_b and all(filecmp.cmp(a / f, b / f, shallow=False) for f in files_a)
+
+
+class CountingStorage(ModelStorage):
+    """Real storage that counts ranged GETs (proves what was not downloaded)."""
+
+    gets = 0
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
+        self.gets += 1
+        return super().get_range(bucket, key, offset, length)
+
+
+class _FlipFirstByte:
+    """A response whose first byte arrives flipped, like a broken proxy would deliver it."""
+
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+        self.headers = resp.headers
+        self._first = True
+
+    def read(self, amt: int) -> bytes:
+        data = self._resp.read(amt)
+        if self._first and data:
+            self._first = False
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+        return data
+
+    def close(self) -> None:
+        self._resp.close()
+
+    def release_conn(self) -> None:
+        self._resp.release_conn()
+
+
+class CorruptingStorage(ModelStorage):
+    """Real storage whose ranged GETs of one key deliver a corrupted byte."""
+
+    corrupt_key = ""
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
+        resp = super().get_range(bucket, key, offset, length)
+        return _FlipFirstByte(resp) if key == self.corrupt_key else resp
+
+
+def storage_as(cls: type[ModelStorage], server: SeaweedFS,
+               identity: Identity = ADMIN) -> ModelStorage:
+    return cls.from_env(server.env(identity))
+
+
+def numeric_dirs(models: Path, name: str) -> list[str]:
+    return sorted(p.name for p in (models / name).iterdir() if p.name.isdigit())
+
+
+# -- happy paths -----------------------------------------------------------------------
+
+
+def test_fresh_load_publishes_a_verified_copy(s3, bucket, half_plus_two, tmp_path):
+    # One multipart object (12 MiB in 5 MiB parts) and one plain object cut
+    # into several ranges (3 MiB with 1 MiB ranges): both checksum paths.
+    src = make_model(tmp_path / "src", half_plus_two,
+                     {"variables/big.bin": 12 * MiB, "assets/vocab.bin": 3 * MiB})
+    upload(s3, bucket, "hpt", 1, src)
+
+    result = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt",
+                                part_size=1 * MiB, workers=3)
+
+    assert isinstance(result, LoadResult)
+    assert result.downloaded and result.version == 1
+    assert result.path == tmp_path / "models" / "hpt" / "1"
+    assert result.files == 6
+    assert result.bytes == result.fetched_bytes == sum(
+        p.stat().st_size for p in src.rglob("*") if p.is_file())
+    assert result.checksummed_files == result.files  # every object had a checkable ETag
+    assert same_tree(src, result.path)
+    # Only the published version is visible; no partial folder is left behind.
+    assert [p.name for p in (tmp_path / "models" / "hpt").iterdir()
+            if not p.name.startswith(".lock")] == ["1"]
+    manifest = json.loads((result.path / MANIFEST_NAME).read_text())
+    assert {o["path"] for o in manifest["objects"]} == {
+        str(p.relative_to(src)) for p in src.rglob("*") if p.is_file()}
+
+
+def test_second_load_of_same_version_downloads_nothing(seaweedfs, bucket, half_plus_two,
+                                                       tmp_path, s3):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    storage = storage_as(CountingStorage, seaweedfs)
+    first = load_model_version(storage, bucket, "hpt", 1, tmp_path / "models", "hpt")
+    gets_after_first = storage.gets
+    mtime = (first.path / "saved_model.pb").stat().st_mtime_ns
+
+    second = load_model_version(storage, bucket, "hpt", 1, tmp_path / "models", "hpt")
+
+    assert first.downloaded and gets_after_first == first.files
+    assert not second.downloaded and second.fetched_bytes == 0
+    assert storage.gets == gets_after_first  # not one GET more
+    assert (second.path / "saved_model.pb").stat().st_mtime_ns == mtime
+    assert (second.bytes, second.files) == (first.bytes, first.files)
+
+
+def test_cached_copy_is_served_while_storage_is_down(seaweedfs, s3, bucket, half_plus_two,
+                                                     tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt")
+    seaweedfs.kill()
+    try:
+        again = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt",
+                                   retries=1, backoff=0.05)
+    finally:
+        seaweedfs.start()
+    assert not again.downloaded
+
+
+def test_damaged_local_copy_is_downloaded_again(s3, bucket, half_plus_two, tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    first = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt")
+    (first.path / "variables" / "variables.index").write_bytes(b"truncated")
+
+    again = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt")
+
+    assert again.downloaded
+    assert same_tree(tmp_path / "src", again.path)
+
+
+def test_replaced_version_in_store_replaces_local_copy(s3, bucket, half_plus_two, tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "a", half_plus_two, {"extra.bin": 1000}))
+    load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt")
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "b", half_plus_two, {"extra.bin": 2000}))
+
+    again = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt")
+
+    assert again.downloaded
+    assert (again.path / "extra.bin").stat().st_size == 2000
+    assert numeric_dirs(tmp_path / "models", "hpt") == ["1"]
+
+
+# -- versions ----------------------------------------------------------------------------
+
+
+def test_resolve_version_picks_highest_number_not_highest_string(s3, bucket, half_plus_two,
+                                                                 tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two)
+    for version in (1, 2, 10):
+        upload(s3, bucket, "hpt", version, src)
+    assert resolve_version(s3, bucket, "hpt", None) == 10
+    assert resolve_version(s3, bucket, "hpt", 2) == 2
+    with pytest.raises(ModelLoadError) as info:
+        resolve_version(s3, bucket, "hpt", 7)
+    assert info.value.reason == "VersionNotFound" and info.value.permanent
+    assert "1, 2, 10" in info.value.message
+
+
+def test_resolve_version_skips_a_version_still_being_pushed(s3, bucket, half_plus_two, tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    # Version 2 has its variables but not yet saved_model.pb (push uploads it last).
+    s3.client.fput_object(bucket, "hpt/2/variables/variables.index",
+                          str(half_plus_two / "variables" / "variables.index"))
+    assert resolve_version(s3, bucket, "hpt", None) == 1
+
+
+def test_switching_versions_then_removing_the_old_one(s3, bucket, half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two)
+    upload(s3, bucket, "hpt", 1, src)
+    upload(s3, bucket, "hpt", 2, src)
+    models = tmp_path / "models"
+    load_model_version(s3, bucket, "hpt", 1, models, "hpt")
+    load_model_version(s3, bucket, "hpt", resolve_version(s3, bucket, "hpt", None), models, "hpt")
+    # Both exist until the companion sees version 2 AVAILABLE in TF Serving.
+    assert local_versions(models, "hpt") == [1, 2]
+
+    assert remove_other_versions(models, "hpt", keep=2) == [2 - 1]
+
+    assert local_versions(models, "hpt") == [2]
+    assert not [p for p in (models / "hpt").iterdir() if p.name.startswith(".trash")]
+    assert remove_other_versions(models, "hpt", keep=2) == []
+
+
+# -- interruption and resume -----------------------------------------------------------
+
+
+def _kill_after(server: SeaweedFS, threshold: int) -> tuple[Any, threading.Event]:
+    """A progress callback that SIGKILLs the server once ``threshold`` bytes arrived."""
+    received = 0
+    lock = threading.Lock()
+    killed = threading.Event()
+
+    def progress(n: int) -> None:
+        nonlocal received
+        with lock:
+            received += n
+            if received >= threshold and not killed.is_set():
+                server.kill()
+                killed.set()  # only now: a restarter waits for this
+
+    return progress, killed
+
+
+def test_killed_server_leaves_no_partial_version_and_reload_resumes(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 60 * MiB})
+    upload(s3, bucket, "big", 1, src)
+    models = tmp_path / "models"
+    workers = 2
+    # With 2 ranges in flight (< 2 parts unfinished), killing after 3 parts'
+    # worth of bytes guarantees at least one finished part to resume from.
+    progress, killed = _kill_after(seaweedfs, (workers + 1) * PART)
+    storage = storage_as(CountingStorage, seaweedfs)
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model_version(storage, bucket, "big", 1, models, "big", workers=workers,
+                           retries=1, backoff=0.05, progress=progress)
+
+    assert killed.is_set()
+    assert info.value.reason == "StorageUnavailable" and not info.value.permanent
+    assert numeric_dirs(models, "big") == []  # TF Serving sees nothing
+    journal = json.loads((models / "big" / ".partial-1" / JOURNAL_NAME).read_text())
+    finished = sum(entry["ranges"][int(i)][1] for entry in journal["files"].values()
+                   for i in entry["done"])
+    assert finished >= PART
+
+    seaweedfs.start()
+    result = load_model_version(storage, bucket, "big", 1, models, "big", workers=workers)
+
+    assert result.downloaded
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    # Exactly the unfinished ranges were fetched again, nothing that was done.
+    assert result.fetched_bytes == total - finished
+    assert result.checksummed_files == result.files
+    assert same_tree(src, result.path)
+    assert numeric_dirs(models, "big") == ["1"]
+    assert not (models / "big" / ".partial-1").exists()
+
+
+def test_download_survives_server_restart_without_refetching_a_byte(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 40 * MiB})
+    upload(s3, bucket, "big", 1, src)
+    progress, killed = _kill_after(seaweedfs, 12 * MiB)
+    restarter = threading.Thread(target=lambda: killed.wait(60) and seaweedfs.start())
+    restarter.start()
+    try:
+        result = load_model_version(s3, bucket, "big", 1, tmp_path / "models", "big",
+                                    workers=2, retries=12, backoff=0.2, max_backoff=3,
+                                    progress=progress)
+    finally:
+        restarter.join()
+    assert killed.is_set()
+    assert result.downloaded
+    # Interrupted ranges continued from their last byte: nothing was fetched twice.
+    assert result.fetched_bytes == result.bytes
+    assert result.checksummed_files == result.files
+    assert same_tree(src, result.path)
+
+
+# -- permanent failures --------------------------------------------------------------------
+
+
+def _load_error(storage: ModelStorage, bucket: str, prefix: str, version: int,
+                models: Path) -> ModelLoadError:
+    with pytest.raises(ModelLoadError) as info:
+        load_model_version(storage, bucket, prefix, version, models, "m", retries=1,
+                           backoff=0.01)
+    return info.value
+
+
+def test_missing_bucket_model_and_version_have_distinct_reasons(s3, bucket, half_plus_two,
+                                                                tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    models = tmp_path / "models"
+    cases = {
+        "BucketNotFound": ("no-such-bucket-x", "hpt", 1),
+        "ModelNotFound": (bucket, "nothing-here", 1),
+        "VersionNotFound": (bucket, "hpt", 3),
+    }
+    for reason, (b, prefix, version) in cases.items():
+        err = _load_error(s3, b, prefix, version, models)
+        assert (err.reason, err.permanent) == (reason, True), err
+        with pytest.raises(ModelLoadError) as info:
+            resolve_version(s3, b, prefix, None if reason != "VersionNotFound" else version)
+        assert info.value.reason == reason
+    assert local_versions(models, "m") == []
+
+
+def test_bad_credentials_are_a_permanent_access_denied(seaweedfs, bucket, half_plus_two,
+                                                       tmp_path, s3):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    intruder = Identity("intruder", "not-a-key", "not-a-secret-at-all-000000", ())
+    storage = storage_as(ModelStorage, seaweedfs, intruder)
+
+    err = _load_error(storage, bucket, "hpt", 1, tmp_path / "models")
+
+    assert (err.reason, err.permanent) == ("AccessDenied", True)
+    assert "not-a-secret" not in str(err) and "not-a-secret" not in repr(storage)
+
+
+def test_read_only_identity_can_load(s3_reader, s3, bucket, half_plus_two, tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    result = load_model_version(s3_reader, bucket, "hpt", 1, tmp_path / "models", "hpt")
+    assert result.downloaded
+
+
+def test_folder_without_saved_model_is_refused_before_downloading(seaweedfs, s3, bucket,
+                                                                  tmp_path):
+    s3.client.put_object(bucket, "notamodel/1/weights.bin", __import__("io").BytesIO(b"x"), 1)
+    storage = storage_as(CountingStorage, seaweedfs)
+
+    err = _load_error(storage, bucket, "notamodel", 1, tmp_path / "models")
+
+    assert (err.reason, err.permanent) == ("NotASavedModel", True)
+    assert storage.gets == 0
+
+
+@pytest.mark.parametrize("target", ["saved_model.pb", "variables/big.bin"],
+                         ids=["single-part-etag", "multipart-etag"])
+def test_corrupted_bytes_fail_the_checksum_and_are_not_published(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path, target):
+    upload(s3, bucket, "hpt", 1,
+           make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB}))
+    storage = storage_as(CorruptingStorage, seaweedfs)
+    storage.corrupt_key = f"hpt/1/{target}"  # type: ignore[attr-defined]
+
+    err = _load_error(storage, bucket, "hpt", 1, tmp_path / "models")
+
+    assert (err.reason, err.permanent) == ("ChecksumMismatch", True)
+    assert target in err.message
+    assert numeric_dirs(tmp_path / "models", "m") == []
+    # Bytes that failed verification are never resumed from.
+    assert not (tmp_path / "models" / "m" / ".partial-1").exists()
+
+
+def test_etag_of_fixture_matches_md5(s3, bucket, half_plus_two):
+    """Sanity check of the premise: the store's single-part ETag is the MD5."""
+    s3.client.fput_object(bucket, "x/saved_model.pb", str(half_plus_two / "saved_model.pb"))
+    etag = s3.client.stat_object(bucket, "x/saved_model.pb").etag
+    assert etag == hashlib.md5((half_plus_two / "saved_model.pb").read_bytes()).hexdigest()
