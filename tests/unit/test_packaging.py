@@ -784,7 +784,7 @@ def test_values_yaml_validates_against_the_schema() -> None:
         jsonschema.Draft7Validator(values_schema()).validate(merged(scenario))
 
 
-BAD_VALUES = {
+BAD_VALUES: dict[str, Obj] = {
     "byo-redis-without-url": {"redis": {"enabled": False}},
     "unknown-top-level-key": {"replicas": 2},
     "typo-in-nested-key": {"minio": {"enable": True}},
