@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import kopf
+
 from mulambda.operator import builders
 from mulambda.operator.kube import JSON_PATCH, KubeApi, is_conflict
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+
 from mulambda.operator import builders, children
 from mulambda.operator.conditions import (
     FALSE,
@@ -21,7 +22,6 @@ from mulambda.operator.conditions import (
     merge_conditions,
 )
 from mulambda.operator.executors import Context, backoff
-
 from mulambda.resources import ClientSpec, SpecError, parse_client_spec
 from mulambda.selection import Criteria, rank
 from mulambda.store import ClientRecord, StoreUnavailable

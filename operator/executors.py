@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
+
 from mulambda.operator import builders, children
 from mulambda.operator.conditions import (
     FALSE,
@@ -24,7 +25,6 @@ from mulambda.operator.conditions import (
     merge_conditions,
 )
 from mulambda.operator.kube import KubeApi
-
 from mulambda.resources import ModelExecutorSpec, SpecError, parse_executor_spec
 from mulambda.settings import Settings
 from mulambda.store import ExecutorRecord, MetadataStore, ReplicaRecord, StoreUnavailable

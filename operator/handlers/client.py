@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from mulambda.operator import clients
 
+from mulambda.operator import clients
 from mulambda.resources import GROUP, VERSION
 from mulambda.settings import Settings
 

@@ -22,6 +22,7 @@ from mulambda.settings import Settings
 
 from support.kube import Kube
 from support.kube_operator import OperatorRun
+from support.printer import printer_row
 from support.procs import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -138,6 +139,11 @@ def test_ready_replicas_and_companion_heartbeats_show_in_status(
     assert kube.wait_for(lambda: (record(redis_url) or {}).get("state") == "Ready")
     kube.wait_for(lambda: [e for e in events(kube, "ModelServing") if e["type"] == "Normal"],
                   what="a Ready Event")
+    # `kubectl get modelexecutors` columns, evaluated by kubectl on the operator's object.
+    row = printer_row(kube.get(*ME, "ml", "hp2"))
+    assert row == {"MODEL": "half_plus_two", "VERSION": "1", "TYPE": "regression",
+                   "READY": "True", "REPLICAS": "1/1", "REASON": "ModelServing",
+                   "ENDPOINT": "http://hp2.ml.svc.cluster.local:8501"}
 
 
 def test_failed_model_load_reported_by_a_companion_is_shown(
