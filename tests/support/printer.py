@@ -25,7 +25,7 @@ def printer_row(obj: dict[str, Any]) -> dict[str, str]:
     crd = crds()[obj["kind"]]
     columns = [c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]
                if c["type"] != "date"]
-    template = '{"\\x1f"}'.join("{%s}" % c["jsonPath"] for c in columns)
+    template = '{"\\x1f"}'.join("{" + c["jsonPath"] + "}" for c in columns)
     out = subprocess.run(
         [kubectl, "annotate", "--local", "-f", "-", "printer/check=1", "-o",
          f"jsonpath={template}"],
