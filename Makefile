@@ -41,7 +41,9 @@ test: ## unit + integration tests (no cluster needed)
 
 lint: ## ruff + mypy
 	ruff check .
-	mypy -p mulambda
+	# From outside the checkout: check the installed package, where operator/ and
+	# companion/ live under mulambda (run from here, ./mulambda would shadow it).
+	cd / && mypy --config-file $(CURDIR)/pyproject.toml -p mulambda
 
 e2e: ## end-to-end tests against the cluster KUBECONFIG points to (after `make up`)
 	MULAMBDA_E2E_NAMESPACE=$(NAMESPACE) MULAMBDA_E2E_RELEASE=$(RELEASE) $(PYTEST) -m e2e tests/e2e

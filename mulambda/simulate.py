@@ -236,7 +236,7 @@ def _choosers(sc: Scenario, recs: dict[str, ExecutorRecord], policy: Policy) -> 
     rr = [0]
     rng = random.Random(sc.seed + 1)
     nearest = [
-        min(m, key=lambda eid, c=c: (
+        min(m, key=lambda eid, c=c: (  # type: ignore[misc]
             statistics.fmean(sc.rtt(c["node"], n) for n in nodes_of[eid]), eid))
         for c, m in zip(sc.clients, matching, strict=True)
     ]

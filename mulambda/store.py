@@ -162,8 +162,9 @@ def _dump(obj: Any) -> str:
     return json.dumps(asdict(obj), separators=(",", ":"), sort_keys=True)
 
 
-def _load(cls: type, raw: str | bytes) -> Any:
+def _load(cls: Any, raw: str | bytes) -> Any:
     data = json.loads(raw)
+    # Unknown fields (written by a newer version) are dropped, not fatal.
     known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
     return cls(**known)
 

@@ -138,8 +138,8 @@ async def reconcile(
         selected = None
         explain = ranking.explain()
         updates.append(condition("Ready", FALSE, "NoMatchingExecutor", explain))
-        if old_selected is not None or get_condition(old_conditions, "Ready") is None or \
-                get_condition(old_conditions, "Ready").get("reason") != "NoMatchingExecutor":
+        old_ready = get_condition(old_conditions, "Ready") or {}
+        if old_selected is not None or old_ready.get("reason") != "NoMatchingExecutor":
             kopf.warn(body, reason="NoMatchingExecutor", message=explain)
     candidates = [
         {"executor": c.executor_id, "score": round(c.score, 4), "reason": c.reason}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from support.procs import free_port
 
 from mulambda import ping
+
+from support.procs import free_port
 
 
 async def test_ping_answers_204_and_404_elsewhere_on_one_connection():
