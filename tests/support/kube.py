@@ -910,6 +910,18 @@ def _spec_of(obj: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
 
 
+def close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left (connections still closing), then close the loop without warnings."""
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
+    loop.close()
+
+
 class EmulatorServer:
     """Runs a :class:`KubeEmulator` on a loopback port in its own thread and event loop.
 
@@ -930,6 +942,7 @@ class EmulatorServer:
 
         def target() -> None:
             loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
             self._loop = loop
             try:
                 loop.run_until_complete(self._serve(ready))
@@ -937,7 +950,7 @@ class EmulatorServer:
                 failure.append(exc)
                 ready.set()
             finally:
-                loop.close()
+                close_loop(loop)
 
         self._thread = threading.Thread(target=target, name="kube-emulator", daemon=True)
         self._thread.start()

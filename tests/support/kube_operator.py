@@ -45,7 +45,7 @@ from typing import Any
 import kopf
 from kopf._core.intents import causes  # Activity enum: to find login handlers
 
-from support.kube import Kube
+from support.kube import Kube, close_loop
 
 Target = str | Path | Callable[[kopf.OperatorRegistry], None]
 
@@ -228,9 +228,7 @@ class OperatorRun:
                 self._crash = exc
                 logging.getLogger("kopf").exception("the operator thread crashed")
             finally:
-                loop.run_until_complete(loop.shutdown_asyncgens())
-                loop.run_until_complete(loop.shutdown_default_executor())
-                loop.close()
+                close_loop(loop)
 
         self._thread = threading.Thread(target=target, name=f"kopf-operator-{self.starts}",
                                         daemon=True)
@@ -286,8 +284,15 @@ class OperatorRun:
 
     @property
     def errors(self) -> list[logging.LogRecord]:
-        """Records of unexpected exceptions: logged with a traceback at ERROR or above."""
-        return [r for r in self.records if r.levelno >= logging.ERROR and r.exc_info]
+        """Unexpected exceptions: kopf records at ERROR or above that carry a traceback.
+
+        kopf logs a handler's arbitrary exception this way, but not TemporaryError
+        or PermanentError (deliberate outcomes). The operator's own loggers are
+        kept in :attr:`records` without counting here: it may log tracebacks of
+        failures it handles.
+        """
+        return [r for r in self.records
+                if r.name.startswith("kopf") and r.levelno >= logging.ERROR and r.exc_info]
 
     def messages(self, level: int = logging.DEBUG) -> list[str]:
         """Formatted messages of the kept records at ``level`` or above."""
@@ -305,7 +310,7 @@ class OperatorRun:
         kopf_logger = logging.getLogger("kopf")
         self._saved_level = kopf_logger.level
         kopf_logger.setLevel(self.log_level)
-        # The operator's own loggers too: their package is the module's top package.
+        # The operator's own loggers too (the project's, and the target's top package).
         for name in self._logger_names():
             logging.getLogger(name).addHandler(self._log_handler)
 
@@ -319,10 +324,10 @@ class OperatorRun:
         self._log_handler = None
 
     def _logger_names(self) -> list[str]:
-        names = ["kopf"]
+        names = ["kopf", "mulambda"]
         if isinstance(self.target, str) and not self.target.endswith(".py"):
             names.append(self.target.split(".")[0])
-        return names
+        return sorted(set(names))
 
     # --- handlers added to every run -------------------------------------------------------------
 
