@@ -193,6 +193,21 @@ class Workload(_Model):
     replicas: int = Field(default=1, ge=0, le=1000)
     template: dict[str, Any]
 
+    @model_validator(mode="after")
+    def _pod_template(self) -> Workload:
+        # The CRD keeps the template schemaless (a full PodTemplateSpec); check
+        # what the operator relies on so the user hears it here, not from a
+        # Deployment the API server refuses.
+        containers = (self.template.get("spec") or {}).get("containers")
+        if not isinstance(containers, list) or not containers:
+            raise ValueError("workload.template.spec.containers must list at least one container")
+        for i, c in enumerate(containers):
+            if not isinstance(c, dict) or not c.get("name") or not c.get("image"):
+                raise ValueError(f"workload.template.spec.containers[{i}] needs a name and an image")
+            if c["name"] == "mulambda-ping":
+                raise ValueError("container name 'mulambda-ping' is reserved for the probe sidecar")
+        return self
+
 
 class ClientSpec(_Model):
     criteria: Criteria
