@@ -203,7 +203,8 @@ class Workload(_Model):
             raise ValueError("workload.template.spec.containers must list at least one container")
         for i, c in enumerate(containers):
             if not isinstance(c, dict) or not c.get("name") or not c.get("image"):
-                raise ValueError(f"workload.template.spec.containers[{i}] needs a name and an image")
+                raise ValueError(
+                    f"workload.template.spec.containers[{i}] needs a name and an image")
             if c["name"] == "mulambda-ping":
                 raise ValueError("container name 'mulambda-ping' is reserved for the probe sidecar")
         return self
