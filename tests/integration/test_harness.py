@@ -22,6 +22,7 @@ import pytest
 
 from support.kube import Kube, KubeAPIError
 from support.kube_operator import OperatorErrors, OperatorRun
+from support.kube_semantics import match_label_selector, strategic_merge_patch
 
 pytestmark = pytest.mark.integration
 
@@ -269,6 +270,36 @@ def test_crd_posted_at_runtime_is_served(kube: Kube) -> None:
     kube.delete("apiextensions.k8s.io/v1", "customresourcedefinitions", None,
                 "widgets.example.com")
     assert kube.request("GET", "/apis/example.com/v1/widgets").status_code == 404
+    groups = [g["name"] for g in kube.request("GET", "/apis").json()["groups"]]
+    assert "example.com" not in groups and "mulambda.io" in groups
+
+
+@pytest.mark.parametrize(("patch", "expected"), [
+    # containers merge on name, $patch: delete removes one
+    ({"containers": [{"name": "b", "image": "b:2"}]},
+     {"containers": [{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:2"}]}),
+    ({"containers": [{"name": "a", "$patch": "delete"}]},
+     {"containers": [{"name": "b", "image": "b:1"}]}),
+    # lists without a merge key are replaced; finalizers merge as a set
+    ({"args": ["x"]}, {"containers": [{"name": "a", "image": "a:1"},
+                                      {"name": "b", "image": "b:1"}], "args": ["x"]}),
+])
+def test_strategic_merge_patch_follows_merge_keys(patch: dict[str, Any],
+                                                  expected: dict[str, Any]) -> None:
+    base = {"containers": [{"name": "a", "image": "a:1"}, {"name": "b", "image": "b:1"}],
+            "args": ["y"]}
+    result = strategic_merge_patch(base, patch)
+    assert {k: result[k] for k in expected} == expected
+    assert strategic_merge_patch({"finalizers": ["a"]}, {"finalizers": ["b", "a"]}) == {
+        "finalizers": ["a", "b"]}
+
+
+@pytest.mark.parametrize(("selector", "matches"), [
+    ("app=x", True), ("app==x,tier", True), ("app!=x", False), ("!tier", False),
+    ("app in (x, y)", True), ("tier notin (db)", True), ("app in (y)", False), ("", True),
+])
+def test_label_selectors(selector: str, matches: bool) -> None:
+    assert match_label_selector({"app": "x", "tier": "web"}, selector) is matches
 
 
 # --- a kopf operator on the emulator -------------------------------------------------------------

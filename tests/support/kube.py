@@ -881,6 +881,11 @@ class KubeEmulator(kmock.KubernetesEmulator):
             result["groupVersion"] = request.resource.version  # KMock says "/v1"
         return result
 
+    def _get_resources(self) -> list[kmock.resource]:
+        # KMock also counts resources of stored (even deleted) objects as served; a CRD's
+        # resources must vanish from discovery when the CRD is deleted.
+        return k8s.KubernetesScaffold._get_resources(self)
+
     # --- thread-safe inspection (run on the emulator's loop via EmulatorServer.call) -------------
 
     async def snapshot(self, resource: kmock.resource, namespace: str | None = None,
