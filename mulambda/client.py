@@ -334,6 +334,13 @@ class MulambdaClient:
         if not ranking:
             raise NoMatchingModel(self.client_id, ranking.explain())
         attempts: list[tuple[str, str]] = []
+        if ranking.criteria.cold_start == "UseWarm" and any(c.warm for c in ranking):
+            # Serve from the best warm candidate meanwhile; the cold ones we
+            # would prefer get a demand signal so the operator activates them.
+            if not ranking[0].warm:
+                await self._note_demand([ranking[0].executor_id])
+            ranking = Ranking([c for c in ranking if c.warm], ranking.rejected,
+                              ranking.wake, ranking.criteria)
         for candidate in ranking[: self.max_attempts]:
             if not candidate.warm:
                 await self._note_demand([candidate.executor_id])

@@ -120,7 +120,7 @@ async def autoscale(
     if activated is not None and ready > 0:
         cold = max(0.0, now - float(activated))
         COLD_START.labels(eid).observe(cold)
-        new_status.pop("activatedAt", None)
+        new_status["activatedAt"] = None  # a merge patch deletes a key set to null
         new_status["lastColdStartSeconds"] = round(cold, 3)
         kopf.info(body, reason="ColdStart",
                   message=f"First replica ready {cold:.1f}s after activation")
@@ -132,8 +132,8 @@ async def autoscale(
 
 def _meaningful(s: dict[str, Any]) -> dict[str, Any]:
     """What is worth a status patch: not the per-tick concurrency figures."""
-    return {k: v for k, v in s.items()
-            if k not in {"stableConcurrency", "panicConcurrency", "state", "message"}}
+    return {k: v for k, v in s.items() if v is not None
+            and k not in {"stableConcurrency", "panicConcurrency", "state", "message"}}
 
 
 def _iso(ts: float) -> str:

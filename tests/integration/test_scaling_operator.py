@@ -1,0 +1,162 @@
+"""Serverless scaling through the real operator (KMock + real redis-server).
+
+Demand is written to the store the way the SDK and the selector write it
+(in-flight counters, demand buckets); nothing runs pods here, so "the first
+replica became ready" is a status patch, as the Deployment controller would make.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from mulambda.operator.main import register_all
+from mulambda.settings import Settings
+from mulambda.store import MetadataStore
+
+from support.kube import Kube
+from support.kube_operator import OperatorRun
+
+pytestmark = pytest.mark.integration
+
+ME = ("mulambda.io/v1alpha1", "modelexecutors")
+CL = ("mulambda.io/v1alpha1", "clients")
+DEP = ("apps/v1", "deployments")
+PREFIX = "stest"
+
+
+@pytest.fixture
+def operator(kube: Kube, run_operator: Callable[..., OperatorRun], redis_url: str) -> OperatorRun:
+    settings = Settings(
+        redis_url=redis_url, key_prefix=PREFIX, companion_image="mulambda:test",
+        reconcile_interval_seconds=0.3, probe_interval_seconds=0.3,
+        autoscale_interval_seconds=0.25, retry_max_delay_seconds=1.0,
+    )
+    return run_operator(lambda registry: register_all(registry, settings))
+
+
+def executor(name: str = "sent", **scaling: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
+        "metadata": {"name": name, "namespace": "ml"},
+        "spec": {
+            "model": {"name": name, "storageUri": f"s3://models/{name}"},
+            "traits": {"type": "sentiment", "input": "text", "output": "label",
+                       "accuracy": 0.9},
+            "scaling": {"minReplicas": 0, "maxReplicas": 3, "targetConcurrency": 2,
+                        "scaleDownDelaySeconds": 0, **scaling},
+        },
+    }
+
+
+def replicas(kube: Kube, name: str = "sent") -> int | None:
+    dep = kube.get(*DEP, "ml", name)
+    return None if dep is None else dep["spec"].get("replicas")
+
+
+def scaling_status(kube: Kube, name: str = "sent") -> dict[str, Any]:
+    return ((kube.get(*ME, "ml", name) or {}).get("status") or {}).get("scaling") or {}
+
+
+def events(kube: Kube, reason: str) -> list[dict[str, Any]]:
+    return [e for e in kube.list("v1", "events", "ml") if e.get("reason") == reason]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _with_store(redis_url: str, fn: Callable[[MetadataStore], Any]) -> Any:
+    store = MetadataStore.from_url(redis_url, PREFIX)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+def test_min_zero_executor_starts_cold_and_a_waiting_client_activates_it(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    kube.create(executor())
+    kube.wait_for(lambda: replicas(kube) == 0, what="Deployment at zero")
+    ready = kube.wait_for(
+        lambda: next((c for c in (kube.get(*ME, "ml", "sent").get("status") or {}).get(
+            "conditions", []) if c["type"] == "Ready" and c["reason"] == "ScaledToZero"), None),
+        what="Ready=False/ScaledToZero")
+    assert ready["status"] == "False"
+
+    # A client that prefers to wait for the best (cold) model: the operator's
+    # selection records demand for it, and the autoscaler activates it.
+    kube.create({"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
+                 "metadata": {"name": "shop", "namespace": "ml"},
+                 "spec": {"criteria": {"type": "sentiment"}, "coldStart": "Wait"}})
+    kube.wait_for(lambda: replicas(kube) == 1, timeout=5, what="activated to one replica")
+    assert scaling_status(kube).get("reason") == "Activate"
+    kube.wait_for(lambda: events(kube, "Activate"), what="an Activate Event")
+    assert "activatedAt" in kube.wait_for(lambda: scaling_status(kube).get("activatedAt")
+                                          and scaling_status(kube))
+
+    time.sleep(0.5)  # the pod "starts"
+    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
+               subresource="status")
+    cold = kube.wait_for(lambda: scaling_status(kube).get("lastColdStartSeconds"),
+                         what="cold start measured")
+    assert 0.5 <= cold < 10
+    assert "activatedAt" not in scaling_status(kube)
+    kube.wait_for(lambda: events(kube, "ColdStart"), what="a ColdStart Event")
+
+
+def test_idle_executor_scales_to_zero_after_the_idle_window(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    kube.create(executor(idleWindowSeconds=1))
+    kube.wait_for(lambda: replicas(kube) == 0)
+    # As if it had been activated earlier: one replica, serving, no demand since.
+    kube.patch(*DEP, "ml", "sent", {"spec": {"replicas": 1}})
+    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
+               subresource="status")
+    started = time.monotonic()
+    kube.wait_for(lambda: replicas(kube) == 0, timeout=10, what="scaled to zero")
+    assert time.monotonic() - started >= 1.0  # not before the idle window
+    assert scaling_status(kube)["reason"] == "ScaleToZero"
+    kube.wait_for(lambda: events(kube, "ScaleToZero"), what="a ScaleToZero Event")
+
+
+def test_in_flight_demand_scales_up_within_max_replicas(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    kube.create(executor(minReplicas=1))
+    kube.wait_for(lambda: replicas(kube) == 1)
+    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
+               subresource="status")
+
+    # 10 requests in flight with a target of 2 per replica: wants 5, max is 3.
+    run(_with_store(redis_url, lambda s: s.add_inflight("ml/sent", 10)))
+    kube.wait_for(lambda: replicas(kube) == 3, timeout=5, what="scaled to maxReplicas")
+    status = scaling_status(kube)
+    assert status["desiredReplicas"] == 3 and status["reason"] in {"Bounded", "Panic"}
+
+    # Demand gone: with minReplicas 1 it never goes below one.
+    run(_with_store(redis_url, lambda s: s.add_inflight("ml/sent", -10)))
+    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 3, "readyReplicas": 3}},
+               subresource="status")
+    time.sleep(2.0)
+    assert replicas(kube) is not None and replicas(kube) >= 1
+
+
+def test_store_outage_holds_replicas(
+    kube: Kube, operator: OperatorRun, redis_url: str, redis_server: Any
+) -> None:
+    kube.create(executor(minReplicas=0, idleWindowSeconds=0))
+    kube.wait_for(lambda: replicas(kube) == 0)
+    kube.patch(*DEP, "ml", "sent", {"spec": {"replicas": 2}})
+    redis_server.stop()
+    try:
+        time.sleep(1.5)  # several autoscaler ticks without demand data
+        assert replicas(kube) == 2  # not knowing the load is no reason to act
+    finally:
+        redis_server.start()

@@ -1,0 +1,122 @@
+"""The SDK and executors scaled to zero: wait for activation, or use a warm model meanwhile.
+
+Real redis-server, TF Serving REST test doubles on loopback. The "activator"
+here plays the operator and the companion: it waits for the demand the SDK
+records, then publishes a live replica, as a started pod's companion would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from mulambda.client import AllCandidatesFailed, MulambdaClient
+from mulambda.store import ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+
+from support.serving_double import TFServingRESTDouble
+
+pytestmark = pytest.mark.integration
+
+CLIENT = "apps/shop"
+
+
+async def put_executor(store: MetadataStore, name: str, rest: str, *, warm: bool,
+                       accuracy: float) -> str:
+    rec = ExecutorRecord(
+        namespace="ml", name=name, model=f"model-{name}", version=1, type="sentiment",
+        input="text", output="label", accuracy=accuracy, rest=rest, grpc="127.0.0.1:1",
+        state="Ready" if warm else "ScaledToZero", min_replicas=0, service_time_ms=5.0,
+    )
+    await store.put_executor(rec)
+    if warm:
+        await publish_replica(store, rec)
+    return rec.id
+
+
+async def publish_replica(store: MetadataStore, rec: ExecutorRecord) -> None:
+    rec.state = "Ready"
+    await store.put_executor(rec)
+    await store.put_replica(ReplicaRecord(executor=rec.id, pod=f"{rec.name}-0",
+                                          state="Available"), ttl=60)
+    await store.put_latencies(rec.id, f"{rec.name}-0",
+                              {CLIENT: LatencySample(ms=1.0, samples=1)}, ttl=60)
+
+
+async def activator(store: MetadataStore, executor: str, delay: float) -> float:
+    """Wait for demand on ``executor``, 'start a pod' for ``delay`` s, publish it."""
+    while (await store.demand(window_seconds=10)).get(executor, 0) <= 0:
+        await asyncio.sleep(0.05)
+    seen = time.monotonic()
+    await asyncio.sleep(delay)
+    rec = await store.get_executor(executor)
+    assert rec is not None
+    await publish_replica(store, rec)
+    return seen
+
+
+@pytest.fixture
+async def doubles() -> AsyncIterator[list[TFServingRESTDouble]]:
+    made: list[TFServingRESTDouble] = []
+    yield made
+    for d in made:
+        await d.stop()
+
+
+async def test_waiting_client_signals_demand_and_predicts_once_activated(store, doubles):
+    cold = await TFServingRESTDouble("cold").start()
+    doubles.append(cold)
+    eid = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.95)
+    wake = asyncio.create_task(activator(store, eid, delay=1.0))
+
+    started = time.monotonic()
+    async with MulambdaClient(store, CLIENT, type="sentiment", cold_start="Wait",
+                              cold_start_timeout=10) as mu:
+        result = await mu.predict([["great"]])
+    elapsed = time.monotonic() - started
+
+    assert result.executor == eid and result.predictions == [["cold"]]
+    assert elapsed >= 1.0  # it waited for the activation, it did not fail fast
+    assert wake.done()
+    assert (await store.snapshot()).inflight.get(eid, 0) == 0
+
+
+async def test_waiting_gives_up_after_the_cold_start_timeout(store, doubles):
+    cold = await TFServingRESTDouble("cold").start()
+    doubles.append(cold)
+    eid = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.95)
+
+    started = time.monotonic()
+    async with MulambdaClient(store, CLIENT, type="sentiment", cold_start="Wait",
+                              cold_start_timeout=1.0) as mu:
+        with pytest.raises(AllCandidatesFailed, match="cold start not done"):
+            await mu.predict([["meh"]])
+    assert 1.0 <= time.monotonic() - started < 5
+    assert (await store.demand(window_seconds=10)).get(eid, 0) > 0  # it did ask for it
+    assert cold.requests == []
+
+
+async def test_use_warm_client_is_served_by_a_warm_model_while_the_better_one_wakes(
+    store, doubles
+):
+    cold = await TFServingRESTDouble("cold").start()
+    warm = await TFServingRESTDouble("warm").start()
+    doubles += [cold, warm]
+    best = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.99)
+    await put_executor(store, "warm", warm.url, warm=True, accuracy=0.5)
+
+    async with MulambdaClient(store, CLIENT, type="sentiment", cold_start="UseWarm",
+                              latency_weight=0, accuracy_weight=1) as mu:
+        started = time.monotonic()
+        result = await mu.predict([["ok"]])
+        assert time.monotonic() - started < 1.0  # no waiting
+        assert result.executor == "ml/warm"
+        # The much better cold model was asked for, so the operator activates it.
+        for _ in range(40):
+            if (await store.demand(window_seconds=10)).get(best, 0) > 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await store.demand(window_seconds=10)).get(best, 0) > 0
+    assert cold.requests == []
