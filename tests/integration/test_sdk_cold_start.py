@@ -47,7 +47,9 @@ async def publish_replica(store: MetadataStore, rec: ExecutorRecord) -> None:
 
 async def activator(store: MetadataStore, executor: str, delay: float) -> float:
     """Wait for demand on ``executor``, 'start a pod' for ``delay`` s, publish it."""
-    while (await store.demand(window_seconds=10)).get(executor, 0) <= 0:
+    while True:  # polling the store is what the operator's autoscaler does too
+        if (await store.demand(window_seconds=10)).get(executor, 0) > 0:
+            break
         await asyncio.sleep(0.05)
     seen = time.monotonic()
     await asyncio.sleep(delay)
