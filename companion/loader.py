@@ -11,8 +11,12 @@ finds, so a version must appear there complete or not at all. The loader:
    GETs on a bounded thread pool, each range streamed into the file at its
    offset with ``os.pwrite`` (memory stays at ``workers x chunk`` whatever
    the model size);
-4. verifies every byte count, and the MD5 where the ETag is one (single-part
-   uploads) or a multipart ETag whose part size the store reveals;
+4. verifies every byte count and a checksum wherever the store offers one:
+   the CRC-32 ``mulambda models push`` records as metadata (cheapest, end
+   to end), else the MD5 ETag of single-part uploads, else a multipart ETag
+   whose part size the store reveals; each range is checksummed by the
+   worker that fetched it and the pieces are combined, so verification
+   runs in parallel too;
 5. renames the folder to ``NAME/VERSION/`` (atomic on one filesystem).
 
 Transient failures are retried with exponential back-off and resumed:
@@ -38,6 +42,7 @@ import shutil
 import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -48,6 +53,7 @@ from mulambda.storage import (
     ModelStorage,
     StoredObject,
     classify_error,
+    crc32_combine,
     relpath_is_safe,
 )
 
@@ -193,8 +199,9 @@ def remove_other_versions(models_dir: Path, model_name: str, keep: int) -> list[
             entry.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
             removed.append(int(name))
-        elif name.startswith(".partial-") and name[len(".partial-"):] != str(keep) \
-                and entry.is_dir():
+        elif name.startswith(".partial-") and name[len(".partial-"):].isdigit() \
+                and int(name[len(".partial-"):]) < keep and entry.is_dir():
+            # Only older ones: a newer partial may be a download in progress.
             shutil.rmtree(entry, ignore_errors=True)
         elif name.startswith(".trash-"):
             shutil.rmtree(entry, ignore_errors=True)
@@ -244,17 +251,19 @@ class _FilePlan:
     """How one object is fetched and checked."""
 
     obj: StoredObject
+    # "crc32": per-range CRC-32s combined, checked against push's metadata;
     # "stream": MD5 computed while downloading (one range, plain MD5 ETag);
     # "parts": per-range MD5s combined like S3 does (multipart ETag, ranges = upload parts);
     # "whole": MD5 of the finished file (plain MD5 ETag, several ranges);
     # "size": the store gives no usable checksum, sizes only.
     check: str
     ranges: list[tuple[int, int]]
-    done: dict[int, str] = field(default_factory=dict)  # range index -> md5 hex ("" if unused)
+    done: dict[int, str] = field(default_factory=dict)  # range index -> digest hex or ""
+    crc32: int | None = None
 
     def journal_entry(self) -> dict[str, Any]:
         return {"key": self.obj.key, "size": self.obj.size, "etag": self.obj.etag,
-                "check": self.check, "ranges": self.ranges,
+                "check": self.check, "ranges": self.ranges, "crc32": self.crc32,
                 "done": {str(k): v for k, v in self.done.items()}}
 
 
@@ -267,20 +276,22 @@ def _split(size: int, part: int) -> list[tuple[int, int]]:
 def _plan_file(storage: ModelStorage, bucket: str, obj: StoredObject, part_size: int,
                retries: int) -> _FilePlan:
     etag = obj.etag.lower()
-    if _MD5_RE.match(etag):
-        ranges = _split(obj.size, part_size)
-        return _FilePlan(obj, "stream" if len(ranges) == 1 else "whole", ranges)
+    ranges = _split(obj.size, part_size)
+    if _MD5_RE.match(etag) and len(ranges) == 1:
+        return _FilePlan(obj, "stream", ranges)  # small file: MD5 on the fly, no HEAD
     multipart = _MULTIPART_RE.match(etag)
-    if multipart and obj.size > 0:
-        count = int(multipart.group(2))
-        upload_part = _with_retries(lambda: storage.multipart_part_size(bucket, obj.key),
-                                    f"stat {obj.key}", retries=retries)
-        if upload_part and -(-obj.size // upload_part) == count:
-            # Ranges must follow the upload's parts to hash them independently.
-            return _FilePlan(obj, "parts", _split(obj.size, upload_part))
-        log.info("multipart ETag not verifiable, checking size only key=%s parts=%d",
-                 obj.key, count)
-    return _FilePlan(obj, "size", _split(obj.size, part_size))
+    count = int(multipart.group(2)) if multipart else 0
+    sums = _with_retries(lambda: storage.object_checksums(bucket, obj.key, multipart_parts=count),
+                         f"stat {obj.key}", retries=retries)
+    if sums.crc32 is not None:
+        return _FilePlan(obj, "crc32", ranges, crc32=sums.crc32)
+    if _MD5_RE.match(etag):
+        return _FilePlan(obj, "whole", ranges)
+    if multipart and obj.size > 0 and sums.part_size and -(-obj.size // sums.part_size) == count:
+        # Ranges must follow the upload's parts to hash them independently.
+        return _FilePlan(obj, "parts", _split(obj.size, sums.part_size))
+    log.info("no verifiable checksum, checking size only key=%s etag=%s", obj.key, obj.etag)
+    return _FilePlan(obj, "size", ranges)
 
 
 class _Journal:
@@ -306,8 +317,8 @@ class _Journal:
                 continue
             # Reuse only if it is the same object, cut the same way.
             same = (entry.get("key"), entry.get("size"), entry.get("etag"), entry.get("check"),
-                    [tuple(r) for r in entry.get("ranges", [])]) == (
-                plan.obj.key, plan.obj.size, plan.obj.etag, plan.check, plan.ranges)
+                    [tuple(r) for r in entry.get("ranges", [])], entry.get("crc32")) == (
+                plan.obj.key, plan.obj.size, plan.obj.etag, plan.check, plan.ranges, plan.crc32)
             if not same or target.stat().st_size != plan.obj.size:
                 continue
             plan.done = {int(k): v for k, v in entry.get("done", {}).items()}
@@ -383,7 +394,11 @@ class _Downloader:
     def _fetch_range(self, rel: str, index: int) -> None:
         plan = self.plans[rel]
         offset, length = plan.ranges[index]
-        hasher = hashlib.md5(usedforsecurity=False) if plan.check in ("stream", "parts") else None
+        hasher: Any = None
+        if plan.check in ("stream", "parts"):
+            hasher = hashlib.md5(usedforsecurity=False)
+        elif plan.check == "crc32":
+            hasher = _Crc32()
         written = 0
         attempt = 0
         fd = os.open(self.partial / rel, os.O_WRONLY)
@@ -455,6 +470,19 @@ class _Downloader:
             resp.release_conn()
 
 
+class _Crc32:
+    """zlib.crc32 behind the hashlib interface the range fetcher uses."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: bytes) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
 class _PartialRange(Exception):
     """Carries how many bytes a failed ranged GET did write."""
 
@@ -486,6 +514,17 @@ def _verify(partial: Path, plans: dict[str, _FilePlan]) -> int:
             raise ModelLoadError("SizeMismatch",
                                  f"{obj.key}: {size} bytes on disk, store says {obj.size}",
                                  permanent=False)
+        if plan.check == "crc32":
+            crc = 0
+            for i, (_, length) in enumerate(plan.ranges):
+                crc = crc32_combine(crc, int(plan.done[i], 16), length)
+            if crc != plan.crc32:
+                raise ModelLoadError(
+                    "ChecksumMismatch",
+                    f"{obj.key}: CRC-32 {crc:08x} does not match the pushed {plan.crc32:08x}",
+                    permanent=True)
+            checked += 1
+            continue
         if plan.check == "stream":
             actual = plan.done[0]
         elif plan.check == "whole":
@@ -566,13 +605,20 @@ def load_model_version(
     backoff: float = 0.5,
     max_backoff: float = 10.0,
     progress: Progress | None = None,
+    verify_checksums: bool = True,
 ) -> LoadResult:
     """Make ``models_dir/model_name/version/`` a verified copy of ``s3://bucket/prefix/version/``.
 
     Raises :class:`ModelLoadError`. ``progress`` (if given) is called from
     worker threads with the number of bytes just received.
+    ``verify_checksums=False`` checks sizes only: MD5 costs about one CPU
+    second per 650 MB, which matters on a CPU-starved node (see
+    bench/model_load.py); integrity then rests on TCP and the store.
     """
     started = time.monotonic()
+    if version < 0:
+        raise ModelLoadError("InvalidVersion", f"version must be >= 0, got {version}",
+                             permanent=True)
     prefix = prefix.strip("/")
     base = Path(models_dir) / model_name
     base.mkdir(parents=True, exist_ok=True)
@@ -621,7 +667,8 @@ def load_model_version(
 
         result = _download(storage, bucket, prefix, version, objects, base, final,
                            workers=workers, part_size=part_size, retries=retries,
-                           backoff=backoff, max_backoff=max_backoff, progress=progress)
+                           backoff=backoff, max_backoff=max_backoff, progress=progress,
+                           verify_checksums=verify_checksums)
         result.seconds = time.monotonic() - started
         log.info("model version loaded model=%s version=%d files=%d bytes=%d fetched=%d "
                  "checksummed=%d seconds=%.2f mb_per_s=%.1f", model_name, version, result.files,
@@ -639,10 +686,13 @@ def _cached_result(final: Path, manifest: dict, version: int, started: float) ->
 def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
               objects: list[StoredObject], base: Path, final: Path, *, workers: int,
               part_size: int, retries: int, backoff: float, max_backoff: float,
-              progress: Progress | None) -> LoadResult:
+              progress: Progress | None, verify_checksums: bool) -> LoadResult:
     partial = base / f".partial-{version}"
     partial.mkdir(exist_ok=True)
-    plans = {o.relpath: _plan_file(storage, bucket, o, part_size, retries) for o in objects}
+    if verify_checksums:
+        plans = {o.relpath: _plan_file(storage, bucket, o, part_size, retries) for o in objects}
+    else:
+        plans = {o.relpath: _FilePlan(o, "size", _split(o.size, part_size)) for o in objects}
     journal = _Journal(partial / JOURNAL_NAME, plans)
     reused = journal.restore(partial)
     for rel, plan in plans.items():

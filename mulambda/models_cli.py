@@ -27,6 +27,7 @@ from pathlib import Path
 from mulambda.storage import (
     ModelStorage,
     classify_error,
+    file_crc32,
     parse_s3_uri,
     version_prefix,
 )
@@ -151,8 +152,10 @@ def push_version(
     for path in files:
         key = base + path.relative_to(src).as_posix()
         size = path.stat().st_size
+        crc = file_crc32(path)  # a second read, from the page cache; loaders check it
         with path.open("rb") as stream:
-            storage.put_file(bucket, key, stream, size, part_size=part_size, progress=progress)
+            storage.put_file(bucket, key, stream, size, part_size=part_size, progress=progress,
+                             crc32=crc)
         uploaded.add(key)
         total += size
     # Objects of the replaced version that the new one does not have.

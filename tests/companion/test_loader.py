@@ -266,7 +266,7 @@ def test_killed_server_leaves_no_partial_version_and_reload_resumes(
 
     with pytest.raises(ModelLoadError) as info:
         load_model_version(storage, bucket, "big", 1, models, "big", workers=workers,
-                           retries=1, backoff=0.05, progress=progress)
+                           part_size=PART, retries=1, backoff=0.05, progress=progress)
 
     assert killed.is_set()
     assert info.value.reason == "StorageUnavailable" and not info.value.permanent
@@ -277,7 +277,8 @@ def test_killed_server_leaves_no_partial_version_and_reload_resumes(
     assert finished >= PART
 
     seaweedfs.start()
-    result = load_model_version(storage, bucket, "big", 1, models, "big", workers=workers)
+    result = load_model_version(storage, bucket, "big", 1, models, "big", workers=workers,
+                                part_size=PART)
 
     assert result.downloaded
     total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
@@ -368,17 +369,46 @@ def test_folder_without_saved_model_is_refused_before_downloading(seaweedfs, s3,
     assert storage.gets == 0
 
 
-@pytest.mark.parametrize("target", ["saved_model.pb", "variables/big.bin"],
-                         ids=["single-part-etag", "multipart-etag"])
+def upload_raw(s3: ModelStorage, bucket: str, prefix: str, src: Path, part_size: int) -> None:
+    """Upload like another tool would: plain SDK calls, no mulambda metadata."""
+    for path in sorted(src.rglob("*"), key=lambda p: p.name.startswith("saved_model")):
+        if path.is_file():
+            s3.client.fput_object(bucket, f"{prefix}/1/{path.relative_to(src).as_posix()}",
+                                  str(path), part_size=part_size)
+
+
+def test_objects_uploaded_by_other_tools_are_md5_verified(s3, bucket, half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB})
+    upload_raw(s3, bucket, "multi", src, PART)  # multipart ETag, part size from the store
+    upload_raw(s3, bucket, "single", src, 64 * MiB)  # plain MD5 ETag over several ranges
+    for prefix in ("multi", "single"):
+        result = load_model_version(s3, bucket, prefix, 1, tmp_path / "models", prefix,
+                                    part_size=1 * MiB)
+        assert result.checksummed_files == result.files, prefix
+        assert same_tree(src, result.path)
+
+
+@pytest.mark.parametrize("uploader, target", [
+    ("push", "saved_model.pb"),       # small: MD5 of a single-part ETag, on the fly
+    ("push", "variables/big.bin"),    # CRC-32 recorded by push, combined over ranges
+    ("multipart", "variables/big.bin"),  # multipart ETag: MD5 of part MD5s
+    ("single", "variables/big.bin"),  # single-part ETag over several ranges: whole-file MD5
+])
 def test_corrupted_bytes_fail_the_checksum_and_are_not_published(
-        seaweedfs, s3, bucket, half_plus_two, tmp_path, target):
-    upload(s3, bucket, "hpt", 1,
-           make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB}))
+        seaweedfs, s3, bucket, half_plus_two, tmp_path, uploader, target):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB})
+    if uploader == "push":
+        upload(s3, bucket, "hpt", 1, src)
+    else:
+        upload_raw(s3, bucket, "hpt", src, PART if uploader == "multipart" else 64 * MiB)
     storage = storage_as(CorruptingStorage, seaweedfs)
     storage.corrupt_key = f"hpt/1/{target}"  # type: ignore[attr-defined]
 
-    err = _load_error(storage, bucket, "hpt", 1, tmp_path / "models")
+    with pytest.raises(ModelLoadError) as info:
+        load_model_version(storage, bucket, "hpt", 1, tmp_path / "models", "m", retries=1,
+                           part_size=1 * MiB)
 
+    err = info.value
     assert (err.reason, err.permanent) == ("ChecksumMismatch", True)
     assert target in err.message
     assert numeric_dirs(tmp_path / "models", "m") == []

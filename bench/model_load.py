@@ -1,0 +1,276 @@
+"""Model load throughput: the companion loader vs. a single stream vs. a raw ceiling.
+
+    python bench/model_load.py [--size-mib 1024] [--small-mib 256] [--repeat 3]
+
+Starts a real SeaweedFS S3 server on loopback, pushes a synthetic SavedModel
+of ``--size-mib`` (saved_model.pb, a variables index, several shards and one
+large shard; random bytes so nothing compresses) with ``mulambda models``'s
+push code, then in the same run measures, each in a fresh child process:
+
+* companion: ``load_model_version`` (parallel ranged GETs, MD5/ETag
+  verification, journal, atomic rename);
+* baseline: ``Minio.fget_object`` of every object, one after another (a
+  single stream, what a naive loader does);
+* sizes-only: the same with ``verify_checksums=False`` (shows what MD5 costs);
+* ceiling: plain threads doing the same ranged GETs with ``os.pwrite`` into
+  files, no verification, no bookkeeping (what the hardware + server allow
+  through the same HTTP stack).
+
+Each mode runs ``--repeat`` times, interleaved so drift hits all alike; the
+best run of each counts. Peak RSS growth (high-water mark above the RSS
+right before the load) of the companion is measured for ``--small-mib`` and
+``--size-mib`` models to show memory does not grow with model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MiB = 1024 * 1024
+BUCKET = "bench-models"
+
+
+# -- child side: one measured load per process ------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0): the peak then
+    # covers only the load, not imports done before it.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> dict:
+    from mulambda.storage import ModelStorage
+
+    storage = ModelStorage.from_env(max_connections=max(16, workers * 2))
+    objects = storage.list_version_objects(BUCKET, prefix, 1)
+    total = sum(o.size for o in objects)
+    if mode in ("companion", "sizes-only"):
+        from mulambda.companion.loader import load_model_version
+
+        run = lambda: load_model_version(storage, BUCKET, prefix, 1, out, "model",  # noqa: E731
+                                         workers=workers, part_size=part_size,
+                                         verify_checksums=mode == "companion")
+    elif mode == "baseline":
+        def run() -> None:
+            for o in objects:
+                storage.client.fget_object(BUCKET, o.key, str(out / o.relpath))
+    elif mode == "ceiling":
+        run = lambda: _ceiling(storage, objects, out, workers, part_size)  # noqa: E731
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    rss_before = _rss_kib("VmRSS")
+    _reset_peak_rss()
+    cpu_before = resource.getrusage(resource.RUSAGE_SELF)
+    started = time.perf_counter()
+    result = run()
+    seconds = time.perf_counter() - started
+    cpu_after = resource.getrusage(resource.RUSAGE_SELF)
+    peak = _rss_kib("VmHWM")
+    extra = {"cpu_seconds": (cpu_after.ru_utime - cpu_before.ru_utime
+                             + cpu_after.ru_stime - cpu_before.ru_stime)}
+    if mode in ("companion", "sizes-only"):
+        extra.update(checksummed=result.checksummed_files, files=result.files,
+                     fetched=result.fetched_bytes)
+    return {"mode": mode, "bytes": total, "seconds": seconds,
+            "rss_before_kib": rss_before, "peak_rss_growth_kib": max(0, peak - rss_before),
+            **extra}
+
+
+def _ceiling(storage, objects, out: Path, workers: int, part_size: int) -> None:
+    """Parallel ranged GETs written at their offsets; nothing else."""
+    tasks = []
+    for o in objects:
+        path = out / o.relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as f:
+            f.truncate(o.size)
+        tasks += [(o, path, off, min(part_size, o.size - off))
+                  for off in range(0, o.size, part_size)]
+    tasks.sort(key=lambda t: -t[3])
+
+    def fetch(task) -> None:
+        o, path, off, length = task
+        fd = os.open(path, os.O_WRONLY)
+        resp = storage.get_range(BUCKET, o.key, off, length)
+        try:
+            pos, end = off, off + length
+            while pos < end and (chunk := resp.read(min(MiB, end - pos))):
+                os.pwrite(fd, chunk, pos)
+                pos += len(chunk)
+        finally:
+            resp.close()
+            resp.release_conn()
+            os.close(fd)
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fetch, tasks))
+
+
+# -- parent side -----------------------------------------------------------------------
+
+
+def make_model(root: Path, size: int) -> Path:
+    """A SavedModel-shaped folder of ``size`` bytes: one big shard (~60%) and smaller ones."""
+    src = REPO / "examples" / "models" / "half_plus_two" / "1"
+    shutil.copytree(src, root)
+    rest = size - sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    big = int(rest * 0.6)
+    shards = [big] + [(rest - big) // 4] * 4
+    block = os.urandom(4 * MiB)  # a new random block per file keeps files distinct
+    for i, n in enumerate(shards):
+        path = root / "variables" / f"variables.data-{i:05d}-of-{len(shards):05d}"
+        with path.open("wb") as f:
+            salt = os.urandom(16)
+            written = 0
+            while written < n:
+                piece = (salt + block)[: min(len(block), n - written)]
+                f.write(piece)
+                written += len(piece)
+                salt = os.urandom(16)
+    return root
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (the S3 server), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(mode: str, prefix: str, env: dict, workers: int, part_size: int,
+              work: Path, server_pid: int) -> dict:
+    out = work / f"out-{mode}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    if mode != "companion":
+        for sub in ("variables",):
+            (out / sub).mkdir()
+    os.sync()  # earlier runs' dirty pages must not be written back during this one
+    server_cpu = _cpu_seconds(server_pid)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", mode, "--prefix", prefix, "--out", str(out),
+         "--workers", str(workers), "--part-mib", str(part_size // MiB)],
+        env=env, capture_output=True, text=True, cwd="/", check=False)
+    # Includes the child's start-up, when the server idles: a small overcount.
+    server_cpu = _cpu_seconds(server_pid) - server_cpu
+    shutil.rmtree(out, ignore_errors=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{mode} child failed:\n{proc.stderr[-3000:]}")
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]), "server_cpu_seconds": server_cpu}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--small-mib", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--part-mib", type=int, default=16,
+                        help="download range size and push part size")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    part_size = args.part_mib * MiB
+
+    if args.child:
+        print(json.dumps(child(args.child, args.prefix, args.out, args.workers, part_size)))
+        return 0
+
+    sys.path.insert(0, str(REPO / "tests"))  # tests/, not the repo root: no stdlib shadowing
+    from mulambda.models_cli import push_version
+    from mulambda.storage import ModelStorage
+
+    from support.seaweedfs import ADMIN, SeaweedFS
+
+    work = Path(tempfile.mkdtemp(prefix="mulambda-bench-"))
+    server = SeaweedFS(work / "seaweedfs")
+    try:
+        t0 = time.perf_counter()
+        server.start()
+        print(f"SeaweedFS up in {time.perf_counter() - t0:.1f}s at {server.endpoint}")
+        env = {**os.environ, **server.env(ADMIN)}
+        storage = ModelStorage.from_env(server.env(ADMIN))
+        storage.make_bucket(BUCKET)
+        sizes = {"small": args.small_mib * MiB, "big": args.size_mib * MiB}
+        for prefix, size in sizes.items():
+            src = make_model(work / f"src-{prefix}", size)
+            t0 = time.perf_counter()
+            push_version(storage, src, BUCKET, prefix, 1, part_size=part_size)
+            files = sum(1 for p in src.rglob("*") if p.is_file())
+            print(f"pushed {prefix}: {files} files, {size / MiB:.0f} MiB in "
+                  f"{time.perf_counter() - t0:.1f}s")
+            shutil.rmtree(src)
+
+        pid = server.proc.pid  # type: ignore[union-attr]
+        runs: dict[str, list[dict]] = {"companion": [], "sizes-only": [], "baseline": [],
+                                       "ceiling": []}
+        for i in range(args.repeat):
+            for mode in runs:
+                r = run_child(mode, "big", env, args.workers, part_size, work, pid)
+                runs[mode].append(r)
+                print(f"  run {i + 1} {mode:<10} {r['bytes'] / r['seconds'] / 1e6:6.0f} MB/s "
+                      f"({r['seconds']:.2f}s; CPU s client {r['cpu_seconds']:.2f} "
+                      f"server {r['server_cpu_seconds']:.2f}; "
+                      f"peak RSS +{r['peak_rss_growth_kib'] / 1024:.0f} MiB)", flush=True)
+        small = [run_child("companion", "small", env, args.workers, part_size, work, pid)
+                 for _ in range(2)]
+
+        def best(mode: str) -> float:
+            return max(r["bytes"] / r["seconds"] / 1e6 for r in runs[mode])
+
+        def median(mode: str) -> float:
+            return statistics.median(r["bytes"] / r["seconds"] / 1e6 for r in runs[mode])
+
+        comp, base, ceil = best("companion"), best("baseline"), best("ceiling")
+        sizes_only = best("sizes-only")
+        checked = runs["companion"][0]
+        print()
+        print(f"model: {args.size_mib} MiB, {checked['files']} files; workers={args.workers}, "
+              f"part={args.part_mib} MiB; {checked['checksummed']}/{checked['files']} files "
+              f"MD5-verified by the companion; best of {args.repeat} (median in brackets)")
+        for mode, value in (("companion", comp), ("sizes-only", sizes_only),
+                            ("baseline", base), ("ceiling", ceil)):
+            print(f"  {mode:<10} {value:7.0f} MB/s  ({median(mode):.0f})")
+        print(f"  companion / ceiling  = {comp / ceil:.2f}  (target >= 0.90)")
+        print(f"  companion / baseline = {comp / base:.2f}  (target >= 1.50)")
+        print(f"  sizes-only / ceiling = {sizes_only / ceil:.2f}, "
+              f"sizes-only / baseline = {sizes_only / base:.2f}  (verify_checksums=False)")
+        md5_cpu = (statistics.median(r["cpu_seconds"] for r in runs["companion"])
+                   - statistics.median(r["cpu_seconds"] for r in runs["sizes-only"]))
+        print(f"  MD5 verification cost: {md5_cpu:.2f} CPU s for {args.size_mib} MiB "
+              f"on {os.cpu_count()} cores shared with the S3 server")
+        peak_small = max(r["peak_rss_growth_kib"] for r in small) / 1024
+        peak_big = max(r["peak_rss_growth_kib"] for r in runs["companion"]) / 1024
+        print(f"  companion peak RSS growth: {peak_small:.1f} MiB for {args.small_mib} MiB, "
+              f"{peak_big:.1f} MiB for {args.size_mib} MiB")
+        return 0
+    finally:
+        server.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
