@@ -250,7 +250,7 @@ def main() -> int:
         print()
         print(f"model: {args.size_mib} MiB, {checked['files']} files; workers={args.workers}, "
               f"part={args.part_mib} MiB; {checked['checksummed']}/{checked['files']} files "
-              f"MD5-verified by the companion; best of {args.repeat} (median in brackets)")
+              f"checksum-verified by the companion; best of {args.repeat} (median in brackets)")
         for mode, value in (("companion", comp), ("sizes-only", sizes_only),
                             ("baseline", base), ("ceiling", ceil)):
             print(f"  {mode:<10} {value:7.0f} MB/s  ({median(mode):.0f})")
@@ -260,7 +260,7 @@ def main() -> int:
               f"sizes-only / baseline = {sizes_only / base:.2f}  (verify_checksums=False)")
         md5_cpu = (statistics.median(r["cpu_seconds"] for r in runs["companion"])
                    - statistics.median(r["cpu_seconds"] for r in runs["sizes-only"]))
-        print(f"  MD5 verification cost: {md5_cpu:.2f} CPU s for {args.size_mib} MiB "
+        print(f"  checksum verification cost: {md5_cpu:.2f} CPU s for {args.size_mib} MiB "
               f"on {os.cpu_count()} cores shared with the S3 server")
         peak_small = max(r["peak_rss_growth_kib"] for r in small) / 1024
         peak_big = max(r["peak_rss_growth_kib"] for r in runs["companion"]) / 1024
