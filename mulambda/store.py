@@ -243,8 +243,7 @@ class MetadataStore:
 
     async def remove_executor(self, executor: str) -> None:
         """Forget an executor and everything keyed by it (replicas, in-flight)."""
-        replicas = await self._run(self.redis.hkeys(self.replicas_key))
-        mine = [f for f in replicas if _split_field(f)[0] == executor]
+        mine = list(await self._scan_fields(self.replicas_key, f"{executor}|*"))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.executors_key, executor)
             pipe.hdel(self.inflight_key, executor)
@@ -264,22 +263,42 @@ class MetadataStore:
         await self._run(self.redis.hdel(self.replicas_key, f"{executor}|{pod}"))
 
     async def list_replicas(self, executor: str | None = None) -> list[ReplicaRecord]:
-        """Live (unexpired) replicas, optionally of one executor."""
-        raw = await self._run(self.redis.hgetall(self.replicas_key))
-        return [
-            r
-            for r in _live_replicas(raw, _now())
-            if executor is None or r.executor == executor
-        ]
+        """Live (unexpired) replicas, optionally of one executor.
+
+        For one executor the server filters the hash (HSCAN MATCH), so the
+        cost does not grow with the number of other executors' replicas.
+        """
+        if executor is None:
+            raw = await self._run(self.redis.hgetall(self.replicas_key))
+        else:
+            raw = await self._scan_fields(self.replicas_key, f"{executor}|*")
+        return _live_replicas(raw, _now())
+
+    async def _scan_fields(self, key: str, pattern: str) -> dict[str, str]:
+        async def scan() -> dict[str, str]:
+            return {k: v async for k, v in self.redis.hscan_iter(key, match=pattern, count=500)}
+
+        return dict(await self._run(scan()))
 
     async def prune_expired(self) -> int:
-        """Delete expired replica heartbeats; returns how many were removed."""
-        raw = await self._run(self.redis.hgetall(self.replicas_key))
+        """Delete expired replica heartbeats and latency samples; returns how many.
+
+        Dead pods leave records behind (a killed companion cannot delete its
+        own); readers already ignore them, this keeps the hashes from growing.
+        """
         now = _now()
+        removed = 0
+        raw = await self._run(self.redis.hgetall(self.replicas_key))
         dead = [k for k, v in raw.items() if _load(ReplicaRecord, v).expires_at < now]
         if dead:
-            await self._run(self.redis.hdel(self.replicas_key, *dead))
-        return len(dead)
+            removed += int(await self._run(self.redis.hdel(self.replicas_key, *dead)))
+        for client in await self._run(self.redis.hkeys(self.clients_key)):
+            key = self.latency_key(client)
+            samples = await self._run(self.redis.hgetall(key))
+            stale = [k for k, v in samples.items() if _load(LatencySample, v).expires_at < now]
+            if stale:
+                removed += int(await self._run(self.redis.hdel(key, *stale)))
+        return removed
 
     # -- clients (operator) ----------------------------------------------------
     async def put_client(self, record: ClientRecord) -> None:
@@ -327,7 +346,7 @@ class MetadataStore:
                 sample.expires_at = now + ttl
                 key = self.latency_key(client)
                 pipe.hset(key, f"{executor}|{pod}", _dump(sample))
-                pipe.expire(key, int(ttl) + 1)
+                pipe.expire(key, max(1, int(ttl) + 1))
             await self._run(pipe.execute())
 
     # -- load (SDK / selector) -------------------------------------------------

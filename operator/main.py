@@ -16,7 +16,7 @@ from mulambda.operator.executors import Context
 from mulambda.operator.handlers import client, modelexecutor
 from mulambda.operator.kube import KubeApi
 from mulambda.settings import Settings
-from mulambda.store import MetadataStore
+from mulambda.store import MetadataStore, StoreUnavailable
 
 FINALIZER = "mulambda.io/metadata"
 log = logging.getLogger(__name__)
@@ -47,11 +47,15 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             store=MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix),
             kube=KubeApi(),
         )
+        memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
                  app_settings.key_prefix)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+        pruner = getattr(memo, "pruner", None)
+        if pruner is not None:
+            pruner.cancel()
         ctx = getattr(memo, "ctx", None)
         if ctx is not None:
             await ctx.store.close()
@@ -60,6 +64,19 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     app_settings = settings
     modelexecutor.register(registry, settings)
     client.register(registry, settings)
+
+
+async def prune_forever(ctx: Context) -> None:
+    """Every heartbeat TTL, drop heartbeats and latency samples of pods that died."""
+    while True:
+        await asyncio.sleep(ctx.settings.heartbeat_ttl_seconds)
+        try:
+            removed = await ctx.store.prune_expired()
+        except StoreUnavailable as exc:
+            log.warning("prune skipped: %s", exc)
+            continue
+        if removed:
+            log.info("pruned expired store records count=%d", removed)
 
 
 def load_kube_config() -> None:

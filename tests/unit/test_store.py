@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import asdict
 
-from mulambda.store import ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+from mulambda.store import (
+    ClientRecord,
+    ExecutorRecord,
+    LatencySample,
+    MetadataStore,
+    ReplicaRecord,
+)
 
 
 def _executor(name: str = "mx", ns: str = "ml") -> ExecutorRecord:
@@ -38,9 +46,22 @@ async def test_missing_latency_is_absent_not_an_error(store: MetadataStore):
 async def test_expired_replica_heartbeat_is_ignored_and_pruned(store: MetadataStore):
     await store.put_replica(ReplicaRecord(executor="ml/mx", pod="old"), ttl=-1)
     await store.put_replica(ReplicaRecord(executor="ml/mx", pod="new"), ttl=30)
+    await store.put_replica(ReplicaRecord(executor="ml/mx2", pod="other"), ttl=30)
+    await store.put_client(ClientRecord(namespace="a", name="c", type="t"))
+    await store.put_latencies("ml/mx", "new", {"a/c": LatencySample(ms=2, samples=1)}, ttl=30)
+    # A sample its (dead) companion stopped refreshing long ago:
+    old = LatencySample(ms=1, samples=1, expires_at=time.time() - 5)
+    await store.redis.hset(store.latency_key("a/c"), "ml/mx|old", json.dumps(asdict(old)))
     assert [r.pod for r in await store.list_replicas("ml/mx")] == ["new"]
-    assert await store.prune_expired() == 1
-    assert await store.redis.hlen(store.replicas_key) == 1
+    assert await store.prune_expired() == 2
+    assert await store.redis.hlen(store.replicas_key) == 2
+    assert list(await store.redis.hkeys(store.latency_key("a/c"))) == ["ml/mx|new"]
+
+
+async def test_one_executors_replicas_do_not_include_a_prefix_sibling(store: MetadataStore):
+    await store.put_replica(ReplicaRecord(executor="ml/a", pod="p"), ttl=30)
+    await store.put_replica(ReplicaRecord(executor="ml/ab", pod="p"), ttl=30)
+    assert [r.executor for r in await store.list_replicas("ml/a")] == ["ml/a"]
 
 
 async def test_removing_executor_drops_its_replicas_and_load(store: MetadataStore):
