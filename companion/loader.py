@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -146,7 +147,7 @@ def resolve_version(storage: ModelStorage, bucket: str, prefix: str, version: in
             )
         return version
     for candidate in reversed(versions):
-        if _with_retries(lambda v=candidate: storage.has_saved_model(bucket, prefix, v),
+        if _with_retries(functools.partial(storage.has_saved_model, bucket, prefix, candidate),
                          f"check s3://{bucket}/{prefix}/{candidate}/", retries=3):
             return candidate
         log.info("skipping version without saved_model.pb bucket=%s prefix=%s version=%d",

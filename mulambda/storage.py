@@ -303,7 +303,7 @@ class ModelStorage:
 
     def put_file(
         self, bucket: str, key: str, stream: BinaryIO, size: int, *, part_size: int,
-        progress: Callable[[int], None] | None = None, crc32: int | None = None,
+        progress: Callable[[int], object] | None = None, crc32: int | None = None,
     ) -> str:
         """Upload ``size`` bytes from ``stream``; returns the ETag.
 
@@ -353,7 +353,7 @@ class ModelStorage:
 class _ProgressReader:
     """File-like wrapper that reports bytes read (the SDK reads in part-sized chunks)."""
 
-    def __init__(self, stream: BinaryIO, progress: Callable[[int], None]) -> None:
+    def __init__(self, stream: BinaryIO, progress: Callable[[int], object]) -> None:
         self._stream = stream
         self._progress = progress
 
