@@ -1,8 +1,8 @@
 """The metadata store: the one module that knows every key mulambda writes.
 
 Works with any Redis-compatible server (Redis, Valkey, DragonflyDB): only
-HASH commands (HSET, HGET, HGETALL, HDEL, HINCRBY(FLOAT)), EXPIRE, DEL and
-pipelines are used, no Lua, no modules, no key-space scans on hot paths.
+HASH commands (HSET, HGET, HGETALL, HKEYS, HDEL, HINCRBY, HSCAN), EXPIRE,
+DEL and pipelines are used, no Lua, no modules, no key-space scans.
 
 Key schema (``P`` is the configured prefix, default ``mulambda``; an
 executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
@@ -20,7 +20,12 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     Smoothed round-trip time from one replica to the client, written by
     companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
 ``P:inflight`` (HASH) executor id -> in-flight requests (HINCRBY).
-    Written by the SDK and the selector around each request.
+    Written by the SDK around each request (+1 before, -1 after).
+``P:demand:BUCKET`` (HASH) executor id -> requests started in that
+    10-second bucket (``BUCKET = epoch // 10``), plus demand signals for
+    executors scaled to zero (SDK, selector, the operator's Client
+    selection). EXPIRE 600 s, so old buckets vanish by themselves. The
+    autoscaler reads the arrival rate from the last buckets.
 
 Why hashes with an ``expires_at`` inside the value instead of one key per
 replica with EXPIRE: selection must read everything it needs in one

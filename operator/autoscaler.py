@@ -18,6 +18,7 @@ and exported as the ``mulambda_cold_start_seconds`` histogram.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -81,7 +82,8 @@ async def autoscale(
 
     try:
         inflight, rate = await ctx.store.executor_load(
-            eid, window_seconds=max(10.0, float(policy.panic_window_seconds)), at=now)
+            # Two demand buckets: a signal late in the previous bucket still counts.
+            eid, window_seconds=max(20.0, float(policy.panic_window_seconds)), at=now)
     except StoreUnavailable as exc:
         # No sample: decide() holds the count when its window runs dry.
         logger.warning("demand unavailable, holding replicas: %s", exc)
@@ -92,10 +94,15 @@ async def autoscale(
     memory.windows[eid] = window
     state = memory.states.get(eid)
     if state is None:
+        # First tick of this operator process: resume the saved state, but
+        # restart the idle clock. The saved lastDemandAt is only as fresh as
+        # the last replica change, so trusting it could drop an executor to
+        # zero right after a restart; waiting one more idle window is safe.
         try:
             state = ScalingState.from_json(scaling_status.get("state"))
         except ValueError:
             state = ScalingState.from_json(None)
+        state = replace(state, last_demand_at=now)
     decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
                       state=state, now=now)
     memory.states[eid] = decision.state

@@ -98,6 +98,7 @@ def companion_env(
         _env("MULAMBDA_S3_SECURE", "true" if settings.s3_secure else "false"),
         _env("MULAMBDA_HEARTBEAT_TTL_SECONDS", f"{settings.heartbeat_ttl_seconds:g}"),
         _env("MULAMBDA_PROBE_INTERVAL_SECONDS", f"{settings.probe_interval_seconds:g}"),
+        _env("MULAMBDA_RETRY_MAX_DELAY_SECONDS", f"{settings.retry_max_delay_seconds:g}"),
         _env("MULAMBDA_LOG_LEVEL", settings.log_level),
         _field_env("MULAMBDA_POD_NAME", "metadata.name"),
         _field_env("MULAMBDA_POD_NAMESPACE", "metadata.namespace"),

@@ -110,7 +110,7 @@ def _redact(url: str) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", action="append", default=[],
                         help="watch only these namespaces (repeatable; default: all)")
-    parser.add_argument("--liveness", default="http://0.0.0.0:8081/healthz",
+    parser.add_argument("--liveness", default="http://0.0.0.0:8080/healthz",
                         help="liveness endpoint URL (default: %(default)s)")
     parser.add_argument("--metrics-port", type=int, default=9090,
                         help="Prometheus /metrics port, 0 to disable (default: %(default)s)")

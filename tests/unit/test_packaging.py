@@ -470,8 +470,10 @@ def test_kustomize_base_config_matches_the_code_defaults() -> None:
 def test_kustomize_base_runs_the_operator_clusterwide_standalone_with_liveness() -> None:
     docs = kustomize("manifests/base")
     op = container(docs, "mulambda-operator")
-    assert op["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz"]
-    assert op["ports"][0] == {"name": "health", "containerPort": 8080, "protocol": "TCP"}
+    assert op["args"] == ["operator", "--liveness=http://0.0.0.0:8080/healthz",
+                          "--metrics-port=9090"]
+    assert op["ports"] == [{"name": "health", "containerPort": 8080, "protocol": "TCP"},
+                           {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
     assert op["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert one(docs, "Deployment", "mulambda-operator")["spec"]["replicas"] == 1
     assert container(docs, "mulambda-selector")["args"] == ["selector"]
