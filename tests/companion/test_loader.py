@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import io
 import json
 import os
 import shutil
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from mulambda.companion.loader import (
     resolve_version,
 )
 from mulambda.models_cli import push_version
-from mulambda.storage import ModelStorage
+from mulambda.storage import ModelStorage, crc32, crc32_combine
 
 from support.seaweedfs import ADMIN, Identity, SeaweedFS
 
@@ -69,8 +71,11 @@ class CountingStorage(ModelStorage):
         return super().get_range(bucket, key, offset, length)
 
 
-class _FlipFirstByte:
-    """A response whose first byte arrives flipped, like a broken proxy would deliver it."""
+class _FlipFirstByteReadOnly:
+    """A response whose first byte arrives flipped, like a broken proxy would deliver it.
+
+    It has only ``read``: the loader's fallback for plain file-like responses.
+    """
 
     def __init__(self, resp: Any) -> None:
         self._resp = resp
@@ -91,14 +96,42 @@ class _FlipFirstByte:
         self._resp.release_conn()
 
 
+class _FlipFirstByte(_FlipFirstByteReadOnly):
+    """The same through ``readinto``, the path the loader takes with real responses."""
+
+    def readinto(self, buf: memoryview) -> int:
+        n: int = self._resp.readinto(buf)
+        if self._first and n:
+            self._first = False
+            buf[0] ^= 0xFF
+        return n
+
+
 class CorruptingStorage(ModelStorage):
     """Real storage whose ranged GETs of one key deliver a corrupted byte."""
 
     corrupt_key = ""
+    wrapper: type[_FlipFirstByteReadOnly] = _FlipFirstByte
 
     def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
         resp = super().get_range(bucket, key, offset, length)
-        return _FlipFirstByte(resp) if key == self.corrupt_key else resp
+        return self.wrapper(resp) if key == self.corrupt_key else resp
+
+
+class ReadOnlyStorage(ModelStorage):
+    """Real storage whose responses offer only ``read`` (no ``readinto``)."""
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
+        return _ReadOnly(super().get_range(bucket, key, offset, length))
+
+
+class _ReadOnly:
+    def __init__(self, resp: Any) -> None:
+        self._resp = resp
+        self.headers = resp.headers
+        self.read = resp.read
+        self.close = resp.close
+        self.release_conn = resp.release_conn
 
 
 def storage_as(cls: type[ModelStorage], server: SeaweedFS,
@@ -421,3 +454,116 @@ def test_etag_of_fixture_matches_md5(s3, bucket, half_plus_two):
     s3.client.fput_object(bucket, "x/saved_model.pb", str(half_plus_two / "saved_model.pb"))
     etag = s3.client.stat_object(bucket, "x/saved_model.pb").etag
     assert etag == hashlib.md5((half_plus_two / "saved_model.pb").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("target", ["saved_model.pb", "variables/big.bin"])
+def test_corruption_is_caught_through_read_only_responses_too(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path, target):
+    # Responses without readinto (wrapped or foreign ones) take the read()
+    # fallback; it must verify exactly like the readinto path.
+    upload(s3, bucket, "hpt", 1,
+           make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB}))
+    storage = storage_as(CorruptingStorage, seaweedfs)
+    storage.corrupt_key = f"hpt/1/{target}"  # type: ignore[attr-defined]
+    storage.wrapper = _FlipFirstByteReadOnly  # type: ignore[attr-defined]
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model_version(storage, bucket, "hpt", 1, tmp_path / "models", "m", retries=1,
+                           part_size=1 * MiB)
+
+    assert info.value.reason == "ChecksumMismatch" and target in info.value.message
+
+
+def test_read_only_responses_load_a_verified_copy(seaweedfs, s3, bucket, half_plus_two,
+                                                  tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 3 * MiB + 7})
+    upload(s3, bucket, "hpt", 1, src)
+    result = load_model_version(storage_as(ReadOnlyStorage, seaweedfs), bucket, "hpt", 1,
+                                tmp_path / "models", "hpt", part_size=1 * MiB, workers=2)
+    assert result.checksummed_files == result.files
+    assert same_tree(src, result.path)
+
+
+# -- ranged reads and CRC-32 arithmetic -------------------------------------------------
+
+
+def _pooled_connections(storage: ModelStorage) -> list[Any]:
+    pool = storage._http.connection_from_url(f"http://{storage.endpoint}")
+    return list(pool.pool.queue)  # type: ignore[union-attr]
+
+
+def test_range_reads_fill_the_buffer_and_keep_or_drop_the_connection(seaweedfs, s3, bucket):
+    data = os.urandom(3 * MiB + 5)
+    s3.client.put_object(bucket, "blob", io.BytesIO(data), len(data))
+    # One pooled connection, so every GET below goes over the same one.
+    storage = storage_for_one_connection(seaweedfs)
+
+    def read_all(offset: int, length: int) -> bytes:
+        buf = memoryview(bytearray(length + 100))  # larger than the body: must stop at its end
+        resp = storage.get_range(bucket, "blob", offset, length)
+        got = 0
+        while n := resp.readinto(buf[got:]):
+            got += n
+        resp.close()
+        return bytes(buf[:got])
+
+    assert read_all(0, MiB) == data[:MiB]
+    first = [c.sock for c in _pooled_connections(storage)]
+    assert read_all(MiB, 2 * MiB + 5) == data[MiB:]
+    # Read to its end, the connection went back to the pool open (keep-alive).
+    assert [c.sock for c in _pooled_connections(storage)] == first and first[0] is not None
+
+    # Abandoned half-way, it must not be reused with the rest of the body unread.
+    resp = storage.get_range(bucket, "blob", 0, 3 * MiB)
+    assert resp.readinto(memoryview(bytearray(1000))) == 1000
+    resp.close()
+    assert all(c.sock is None for c in _pooled_connections(storage))
+    assert read_all(5, 10) == data[5:15]
+    assert storage.get_range(bucket, "blob", 7, 3).read(100) == data[7:10]
+
+
+def storage_for_one_connection(server: SeaweedFS) -> ModelStorage:
+    return ModelStorage.from_env(server.env(ADMIN), max_connections=1)
+
+
+def test_encoded_bodies_fall_back_to_urllib3_decoding():
+    # A Content-Encoding must be decoded by urllib3, not read raw from the socket.
+    import gzip
+
+    import urllib3
+
+    from mulambda.storage import RangeResponse
+
+    body = os.urandom(5000)
+    resp = RangeResponse(urllib3.HTTPResponse(
+        body=io.BytesIO(gzip.compress(body)), headers={"Content-Encoding": "gzip"},
+        preload_content=False))
+    buf = memoryview(bytearray(len(body)))
+    got = 0
+    while got < len(body) and (n := resp.readinto(buf[got:])):
+        got += n
+    assert bytes(buf[:got]) == body
+
+
+@pytest.mark.parametrize("sizes", [
+    [0, 0], [1, 0], [0, 1], [1, 1], [7, 3, 1], [MiB, MiB, 5], [3, MiB + 17, 2 * MiB, 1],
+])
+def test_crc32_combine_equals_crc32_of_the_concatenation(sizes):
+    pieces = [os.urandom(n) for n in sizes]
+    crc = 0
+    for piece in pieces:
+        crc = crc32_combine(crc, crc32(piece), len(piece))
+    assert crc == zlib.crc32(b"".join(pieces))
+    assert crc32(b"".join(pieces)) == zlib.crc32(b"".join(pieces))
+    assert crc32(memoryview(b"".join(pieces))[1:]) == zlib.crc32(b"".join(pieces)[1:])
+
+
+def test_crc32_combine_is_cheap_enough_to_run_after_every_load():
+    # The pure-Python version rebuilt zlib's operator tables per call (~3 ms,
+    # serial after the download); cached operators make it microseconds.
+    import time
+
+    started = time.perf_counter()
+    for i in range(1000):
+        crc32_combine(i * 2654435761 & 0xFFFFFFFF, i, 16 * MiB - i)
+    assert time.perf_counter() - started < 1.0
