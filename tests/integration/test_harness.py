@@ -77,6 +77,21 @@ def test_create_fills_in_server_side_metadata(kube: Kube) -> None:
     assert invalid.value.status == 422
 
 
+async def test_async_helpers_and_memory_snapshot_work_from_an_async_test(kube: Kube) -> None:
+    created = await kube.acreate(configmap("a"))
+    await kube.apatch("v1", "configmaps", "default", "a", {"data": {"k": "w"}})
+    patched = await kube.await_for(lambda: kube.aget("v1", "configmaps", "default", "a"))
+    assert patched["data"] == {"k": "w"}
+    assert [c["metadata"]["uid"] for c in await kube.alist("v1", "configmaps")] == [
+        created["metadata"]["uid"]]
+
+    requests_before = len(kube.requests)
+    [stored] = kube.stored("v1", "configmaps", "default", "a")
+    assert stored["data"] == {"k": "w"} and len(kube.requests) == requests_before
+    assert await kube.adelete("v1", "configmaps", "default", "a") is not None
+    assert await kube.aget("v1", "configmaps", "default", "a") is None
+
+
 def test_status_subresource_and_generation(kube: Kube) -> None:
     kube.create(executor("a"))
 
@@ -99,8 +114,9 @@ def test_status_subresource_and_generation(kube: Kube) -> None:
 
 def test_failed_json_patch_test_is_422_and_stale_merge_patch_is_409(kube: Kube) -> None:
     created = kube.create(executor("a"))
-    stale = [{"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
-             {"op": "add", "path": "/metadata/finalizers", "value": ["x.io/f"]}]
+    stale: list[dict[str, Any]] = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "0"},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["x.io/f"]}]
     with pytest.raises(KubeAPIError) as failed:
         kube.patch(*ME, "default", "a", stale, patch_type="json")
     assert failed.value.status == 422
@@ -250,7 +266,7 @@ def test_namespaces_are_served_and_deleting_one_deletes_its_contents(kube: Kube)
 
 def test_kubernetes_client_reaches_the_emulator_through_kubeconfig(kube: Kube) -> None:
     kube.create(configmap("seen"))
-    names = [cm.metadata.name for cm in
+    names = [cm.metadata and cm.metadata.name for cm in
              kubernetes.client.CoreV1Api().list_namespaced_config_map("default").items]
     assert names == ["seen"]
 

@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import bisect
+import builtins
 import contextlib
 import copy
 import dataclasses
@@ -70,7 +71,7 @@ import string
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -173,7 +174,7 @@ def _now() -> str:
 
 def api_version_of(resource: kmock.resource) -> str:
     """``v1`` for the core group, ``group/version`` otherwise."""
-    return resource.version if not resource.group else f"{resource.group}/{resource.version}"
+    return f"{resource.group}/{resource.version}" if resource.group else str(resource.version)
 
 
 def _api_error(code: int, reason: str, message: str, **details: Any) -> k8s.KubernetesError:
@@ -339,7 +340,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             if r.verb is not None and (include_harness or not r.from_harness)
         }
 
-    def rbac_violations(self, rules: list[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
+    def rbac_violations(self, rules: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
         """The requested triples that none of the Role/ClusterRole ``rules`` grant."""
         return {t for t in self.rbac_triples() if not rbac_allows(rules, *t)}
 
@@ -985,8 +986,8 @@ class EmulatorServer:
     def call(self, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float = 10.0) -> T:
         """Run ``await fn(*args)`` on the emulator's loop and return the result."""
         assert self._loop is not None
-        future = asyncio.run_coroutine_threadsafe(fn(*args), self._loop)  # type: ignore[arg-type]
-        return future.result(timeout)
+        coro: Any = fn(*args)
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._stopping is not None and self._thread is not None:
@@ -1057,7 +1058,7 @@ class Kube:
         """(apiGroup, resource[/subresource], verb) of every non-harness request."""
         return self.emulator.rbac_triples(include_harness=include_harness)
 
-    def rbac_violations(self, rules: list[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
+    def rbac_violations(self, rules: Sequence[Mapping[str, Any]]) -> set[tuple[str, str, str]]:
         """Requested triples that the given Role/ClusterRole ``rules`` do not grant."""
         return self.emulator.rbac_violations(rules)
 
@@ -1133,8 +1134,9 @@ class Kube:
         return self._result(self.request("GET", _path(api_version, plural, namespace, name,
                                                       subresource)), none_on_404=True)
 
+    # builtins.list below: inside this class body, plain "list" now names this method.
     def list(self, api_version: str, plural: str, namespace: str | None = None, *,
-             label_selector: str | None = None) -> list[dict[str, Any]]:
+             label_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         """The objects of a resource (all namespaces unless one is given)."""
         params = {"labelSelector": label_selector} if label_selector else None
         return self._result(self.request("GET", _path(api_version, plural, namespace),
@@ -1156,12 +1158,12 @@ class Kube:
                                          json=body), none_on_404=True)
 
     def stored(self, api_version: str, plural: str, namespace: str | None = None,
-               name: str | None = None) -> list[dict[str, Any]]:
+               name: str | None = None) -> builtins.list[dict[str, Any]]:
         """Live objects straight from the emulator's memory: no request, nothing logged."""
         resource = kmock.resource(f"{api_version}/{plural}")
         return self.server.call(self.emulator.snapshot, resource, namespace, name)
 
-    def wait_for(self, predicate: Callable[[], T], timeout: float = 10.0,
+    def wait_for(self, predicate: Callable[[], T | None], timeout: float = 10.0,
                  interval: float = 0.05, what: str | None = None) -> T:
         """Poll ``predicate`` until it returns something truthy; return that, or TimeoutError."""
         deadline = time.monotonic() + timeout
@@ -1226,7 +1228,7 @@ class Kube:
             "GET", _path(api_version, plural, namespace, name, subresource)), none_on_404=True)
 
     async def alist(self, api_version: str, plural: str, namespace: str | None = None, *,
-                    label_selector: str | None = None) -> list[dict[str, Any]]:
+                    label_selector: str | None = None) -> builtins.list[dict[str, Any]]:
         """Async twin of :meth:`list`."""
         params = {"labelSelector": label_selector} if label_selector else None
         return self._result(await self.arequest("GET", _path(api_version, plural, namespace),
@@ -1272,7 +1274,7 @@ class Kube:
 
 def repo_crds() -> list[dict[str, Any]]:
     """The canonical CRDs of the project (crds/*.yaml)."""
-    crds = []
+    crds: list[dict[str, Any]] = []
     for path in sorted(CRDS_DIR.glob("*.yaml")):
         crds.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return crds

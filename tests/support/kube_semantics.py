@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 # --- patches -------------------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def rbac_verb(method: str, *, has_name: bool, watch: bool) -> str | None:
     return None
 
 
-def rbac_allows(rules: list[Mapping[str, Any]], group: str, resource: str, verb: str) -> bool:
+def rbac_allows(rules: Sequence[Mapping[str, Any]], group: str, resource: str, verb: str) -> bool:
     """True if any PolicyRule in ``rules`` (Role/ClusterRole ``rules``) grants the triple."""
     for rule in rules:
         groups = rule.get("apiGroups") or []
