@@ -14,12 +14,17 @@ How it stays cheap on the request path:
   stale snapshot is still used while one refresh runs in the background, so
   ``select()`` waits for the store only on the very first call or when the
   snapshot is older than ``max_stale``.
-* Ranking runs locally on every ``select()`` with this process's own
-  in-flight requests added to the cached counts, so a burst from one process
-  spreads over models before the next refresh shows the load.
-* Each call counts itself in flight and as demand with one pipelined round
-  trip before, and one HINCRBY after. Store failures there are logged and do
-  not fail the prediction: the model answering matters more than the count.
+* Ranking runs locally on every ``select()`` with this instance's own
+  in-flight requests added to the cached counts of everybody else, so a
+  burst from one process spreads over models before the next refresh shows
+  the load.
+* Each call counts itself in flight and as demand locally, without waiting
+  for the store: a background writer publishes this instance's counts as
+  leases that expire unless refreshed (see
+  :class:`mulambda.store.InflightLeases`), so a cancelled call, a lost
+  reply or a store outage cannot leave a count up for good, and a slow store
+  adds nothing to a prediction's latency. Demand signals for cold executors
+  are sent in the background too (except when the client waits for one).
 
 Failover: a connection error, timeout or 5xx moves on to the next candidate
 (at most ``max_attempts``) and keeps the failed executor out of this
@@ -52,7 +57,13 @@ from mulambda.selection import (
     prefilter,
     rank,
 )
-from mulambda.store import MetadataStore, Snapshot, StoreUnavailable
+from mulambda.store import (
+    INFLIGHT_LEASE_SECONDS,
+    InflightLeases,
+    MetadataStore,
+    Snapshot,
+    StoreUnavailable,
+)
 
 __all__ = [
     "AllCandidatesFailed",
@@ -128,7 +139,8 @@ class MulambdaClient:
     ``client_id`` in the store (read on first use and with every refresh).
     Keyword arguments ``type``, ``input``, ``output``, ``latency_weight``,
     ``accuracy_weight``, ``max_latency_ms``, ``min_accuracy`` build criteria
-    inline instead.
+    inline instead. ``inflight_lease_seconds`` bounds how long this
+    instance's in-flight counts outlive it if it dies without ``close()``.
     """
 
     def __init__(
@@ -147,6 +159,7 @@ class MulambdaClient:
         policy: Policy = DEFAULT_POLICY,
         prefix: str = "mulambda",
         http: httpx.AsyncClient | None = None,
+        inflight_lease_seconds: float = INFLIGHT_LEASE_SECONDS,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -171,8 +184,8 @@ class MulambdaClient:
         self._snap: Snapshot | None = None
         self._view: Snapshot | None = None  # _snap restricted to executors meeting the criteria
         self._snap_at = 0.0  # monotonic
-        self._snap_local: dict[str, int] = {}  # own in-flight when the snapshot was read
-        self._local: dict[str, int] = {}  # own in-flight now
+        self._leases = InflightLeases(self.store, ttl=inflight_lease_seconds)
+        self._local = self._leases.counts  # own in-flight now (snapshots leave it out)
         self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
@@ -192,6 +205,7 @@ class MulambdaClient:
         for task in [self._refresh_task, *self._bg]:
             if task is not None and not task.done():
                 task.cancel()
+        await self._leases.close()
         for channel in self._grpc_channels.values():
             await channel.close()
         self._grpc_channels.clear()
@@ -214,7 +228,8 @@ class MulambdaClient:
         if self._registered:
             # Concurrent, so a registered client still waits one round trip.
             snap, record = await asyncio.gather(
-                self.store.snapshot(self.client_id), self.store.get_client(self.client_id)
+                self.store.snapshot(self.client_id, exclude_instance=self._leases.instance),
+                self.store.get_client(self.client_id),
             )
             if record is None:
                 raise NoMatchingModel(
@@ -222,12 +237,13 @@ class MulambdaClient:
                 )
             self.criteria = Criteria.from_client(record)
         else:
-            snap = await self.store.snapshot(self.client_id)
+            snap = await self.store.snapshot(self.client_id,
+                                             exclude_instance=self._leases.instance)
         assert self.criteria is not None
         # Ranking runs on every select(); filtering by type once per refresh
         # keeps it proportional to the matching executors, not all of them.
         self._view = prefilter(self.criteria, snap)
-        self._snap, self._snap_at, self._snap_local = snap, time.monotonic(), dict(self._local)
+        self._snap, self._snap_at = snap, time.monotonic()
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
                   len(snap.executors))
 
@@ -260,13 +276,11 @@ class MulambdaClient:
         full = await self.snapshot()
         assert self.criteria is not None and self._view is not None
         snap = self._view
-        if self._local or self._snap_local:
-            # Own requests started since the snapshot are not in its counts yet.
+        if self._local:
+            # The snapshot counts everybody's leases but ours; ours are exact here.
             inflight = dict(snap.inflight)
-            for ex in set(self._local) | set(self._snap_local):
-                delta = self._local.get(ex, 0) - self._snap_local.get(ex, 0)
-                if delta:
-                    inflight[ex] = max(0, inflight.get(ex, 0) + delta)
+            for ex, n in self._local.items():
+                inflight[ex] = inflight.get(ex, 0) + n
             snap = replace(snap, inflight=inflight)
         ranking = rank(self.criteria, snap, client=self.client_id, now=time.time(),
                        policy=self.policy)
@@ -299,7 +313,8 @@ class MulambdaClient:
         todo = [e for e in executors if (e, self._snap_at) not in self._woken]
         if not todo:
             return
-        self._woken = {(e, self._snap_at) for e in todo}
+        self._woken = {k for k in self._woken if k[1] == self._snap_at}
+        self._woken.update((e, self._snap_at) for e in todo)
         self._spawn(self._note_demand(todo))
 
     async def _note_demand(self, executors: list[str]) -> None:
@@ -336,9 +351,10 @@ class MulambdaClient:
         attempts: list[tuple[str, str]] = []
         if ranking.criteria.cold_start == "UseWarm" and any(c.warm for c in ranking):
             # Serve from the best warm candidate meanwhile; the cold ones we
-            # would prefer get a demand signal so the operator activates them.
+            # would prefer get a demand signal so the operator activates them
+            # (in the background, once per snapshot: never on the request path).
             if not ranking[0].warm:
-                await self._note_demand([ranking[0].executor_id])
+                self._wake([ranking[0].executor_id])
             ranking = Ranking([c for c in ranking if c.warm], ranking.rejected,
                               ranking.wake, ranking.criteria)
         for candidate in ranking[: self.max_attempts]:
@@ -361,26 +377,17 @@ class MulambdaClient:
         raise AllCandidatesFailed(self.client_id, attempts)
 
     async def _counted(self, executor: str, op: Awaitable[T]) -> T:
-        """Run ``op`` counted as in flight, locally and in the store."""
-        self._local[executor] = self._local.get(executor, 0) + 1
-        counted = False
+        """Run ``op`` counted as in flight (and as demand) in this instance's leases.
+
+        Counting and releasing are local and synchronous: nothing between
+        them can be skipped by a cancellation, and CancelledError propagates
+        untouched. The store learns the counts from the leases' writer.
+        """
+        self._leases.start(executor)
         try:
-            try:
-                await self.store.start_request(executor)
-                counted = True
-            except StoreUnavailable as exc:
-                log.warning("in-flight count failed executor=%s error=%s", executor, exc)
             return await op
         finally:
-            self._local[executor] -= 1
-            if not self._local[executor]:
-                del self._local[executor]
-            if counted:
-                try:
-                    # Shielded: a cancelled caller must not leave the counter up.
-                    await asyncio.shield(self.store.finish_request(executor))
-                except (StoreUnavailable, asyncio.CancelledError) as exc:
-                    log.warning("in-flight release failed executor=%s error=%r", executor, exc)
+            self._leases.finish(executor)
 
     async def predict(
         self, instances: list[Any], *, signature_name: str | None = None,

@@ -10,12 +10,16 @@ Rules (the defaults live in :class:`Policy`)
 **Hard criteria** filter: ``type`` must equal the executor's type; ``input``
 and ``output`` must equal the executor's formats when the client gives them.
 
-**Can it serve?** An executor is a *warm* candidate when its state is
-``Ready`` and at least one replica has a live (unexpired) heartbeat in state
-``Available``. It is a *cold* (activatable) candidate when it is
-``ScaledToZero``, or when it has ``min_replicas == 0`` and is not ``Failed``
-and currently has no live replica. Everything else (Pending, Failed,
-Unavailable, Ready without a live replica) is rejected with a reason.
+**Can it serve?** An executor is a *warm* candidate when it is not
+``Failed`` and at least one replica has a live (unexpired) heartbeat in state
+``Available``: the heartbeat is first-hand and seconds old, while the
+record's state is rewritten only every reconcile interval, so a record that
+still says ``Pending`` or ``ScaledToZero`` right after a cold start does not
+hide a replica that is serving. It is a *cold* (activatable) candidate when
+it has no live Available replica and is ``ScaledToZero``, or has
+``min_replicas == 0`` and is not ``Failed``. Everything else (Failed;
+Pending, Unavailable or Ready without a live Available replica) is rejected
+with a reason.
 
 **Expected latency** (milliseconds, what one request would see now)::
 
@@ -45,7 +49,8 @@ meet it). Every fallback is named in the candidate's ``reason``.
 
 **Limits**: ``max_latency_ms`` rejects candidates whose expected latency
 (including load, excluding a cold start) exceeds it; ``min_accuracy`` rejects
-candidates below it.
+candidates below it. Weights and limits must be finite numbers (JSON parsers
+accept ``NaN`` and ``Infinity``; :class:`Criteria` rejects them).
 
 **Score** in [0, 1], higher is better, from scale-free ratios so two close
 models do not get 0 and 1 as min-max normalisation would give them::
@@ -76,6 +81,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import statistics
 from collections import Counter
 from collections.abc import Mapping
@@ -105,6 +111,11 @@ class Criteria:
     def __post_init__(self) -> None:
         if not self.type:
             raise ValueError("criteria.type is required")
+        for name in ("latency_weight", "accuracy_weight", "max_latency_ms", "min_accuracy"):
+            value = getattr(self, name)
+            # NaN compares False with everything, so it would pass every check below.
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number")
         if self.latency_weight < 0 or self.accuracy_weight < 0:
             raise ValueError("preference weights must be non-negative")
         if self.max_latency_ms is not None and self.max_latency_ms <= 0:
@@ -155,6 +166,8 @@ class Criteria:
                 return None
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"{what} must be a number, got {value!r}")
+            if not math.isfinite(value):  # json.loads accepts NaN and Infinity
+                raise ValueError(f"{what} must be a finite number, got {value!r}")
             return float(value)
 
         b = base
@@ -277,11 +290,12 @@ class Ranking(list[Candidate]):
 
 def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]:
     """(warm?, why) -- warm True/False for candidates, None when it cannot serve."""
-    if record.state == "Ready" and live > 0:
-        return True, ""
     if record.state == "Failed":
         return None, "not serving: state Failed"
-    if record.state == "ScaledToZero" or (record.min_replicas == 0 and live == 0):
+    if live > 0:
+        # A live Available heartbeat beats a state the operator has not rewritten yet.
+        return True, ""
+    if record.state == "ScaledToZero" or record.min_replicas == 0:
         return False, ""
     if record.state == "Ready":
         return None, "not serving: Ready but no live Available replica heartbeat"

@@ -19,13 +19,30 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
 ``P:latency:CLIENT`` (HASH) ``EXEC|POD`` -> :class:`LatencySample`.
     Smoothed round-trip time from one replica to the client, written by
     companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
-``P:inflight`` (HASH) executor id -> in-flight requests (HINCRBY).
-    Written by the SDK around each request (+1 before, -1 after).
+``P:inflight`` (HASH) ``EXEC|INSTANCE`` -> :class:`InflightLease`
+    (``{"n": requests in flight, "expires_at": epoch seconds}``).
+    One lease per SDK instance (``INSTANCE`` is a random id per
+    :class:`InflightLeases`, or per :class:`MetadataStore` for its own
+    ``start_request``/``add_inflight``) and executor. The owner writes its
+    absolute count (never an increment), so a lost reply, a failed write or
+    a cancelled caller can only delay the published value, never leave it
+    wrong; it rewrites its leases every ``INFLIGHT_LEASE_SECONDS / 3`` while
+    it has requests in flight and deletes a lease when its count drops to
+    zero. Readers sum the unexpired leases per executor, so a dead process's
+    count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); the
+    operator prunes expired leases (and counters of the old ``EXEC`` ->
+    integer layout) with the heartbeats; ``remove_executor`` deletes them.
 ``P:demand:BUCKET`` (HASH) executor id -> requests started in that
     10-second bucket (``BUCKET = epoch // 10``), plus demand signals for
     executors scaled to zero (SDK, selector, the operator's Client
     selection). EXPIRE 600 s, so old buckets vanish by themselves. The
     autoscaler reads the arrival rate from the last buckets.
+
+A value that does not decode (bad JSON or UTF-8, not an object, a required
+field missing or of the wrong type) is skipped by every reader and logged
+with its key and field, never its content: one bad writer must not break
+selection for everyone. ``prune_expired`` leaves such values alone (a newer
+version may have written them) except old-layout in-flight counters.
 
 Why hashes with an ``expires_at`` inside the value instead of one key per
 replica with EXPIRE: selection must read everything it needs in one
@@ -37,9 +54,15 @@ with no latency sample for a client simply has none in the snapshot.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import time
-from collections.abc import Iterable
+import types
+import typing
+import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +74,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 __all__ = [
     "ClientRecord",
     "ExecutorRecord",
+    "InflightLease",
+    "InflightLeases",
     "LatencySample",
     "MetadataStore",
     "ReplicaRecord",
@@ -63,6 +88,10 @@ __all__ = [
 # a few HGETALLs of small hashes, and old buckets vanish by themselves.
 DEMAND_BUCKET_SECONDS = 10
 DEMAND_TTL_SECONDS = 600
+# An in-flight lease outlives its owner by at most this long.
+INFLIGHT_LEASE_SECONDS = 30.0
+
+log = logging.getLogger("mulambda.store")
 
 
 class StoreUnavailable(RuntimeError):
@@ -153,6 +182,14 @@ class LatencySample:
 
 
 @dataclass
+class InflightLease:
+    """Requests one SDK instance has in flight on one executor, until ``expires_at``."""
+
+    n: int
+    expires_at: float
+
+
+@dataclass
 class Snapshot:
     """Everything selection needs, read in one round trip."""
 
@@ -167,11 +204,63 @@ def _dump(obj: Any) -> str:
     return json.dumps(asdict(obj), separators=(",", ":"), sort_keys=True)
 
 
+def _accepted_types(annotation: Any) -> tuple[type, ...]:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members: tuple[Any, ...] = typing.get_args(annotation)
+    else:
+        members = (annotation,)
+    out: list[type] = []
+    for member in members:
+        out.append(member)
+        if member is float:
+            out.append(int)  # JSON has one number type: 1 is a fine float
+    return tuple(out)
+
+
+_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    found = _FIELD_TYPES.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = _FIELD_TYPES[cls] = {
+            name: _accepted_types(hints[name]) for name in cls.__dataclass_fields__  # type: ignore[attr-defined]
+        }
+    return found
+
+
 def _load(cls: Any, raw: str | bytes) -> Any:
-    data = json.loads(raw)
+    """Decode a record; ValueError (naming no value) when it is not a valid one."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError("not JSON") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"JSON {type(data).__name__}, not an object")
+    fields = _field_types(cls)
     # Unknown fields (written by a newer version) are dropped, not fatal.
-    known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-    return cls(**known)
+    known = {k: v for k, v in data.items() if k in fields}
+    for name, value in known.items():
+        # bool is an int to isinstance, never a number here.
+        if isinstance(value, bool) or not isinstance(value, fields[name]):
+            raise ValueError(f"field {name!r} is a JSON {type(value).__name__}")
+    try:
+        return cls(**known)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(str(exc)) from exc
+
+
+def _expires_at(raw: str) -> float | None:
+    """The ``expires_at`` of a JSON value, or None when it has no usable one."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    value = data.get("expires_at") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _split_field(raw: str) -> tuple[str, str]:
@@ -179,26 +268,55 @@ def _split_field(raw: str) -> tuple[str, str]:
     return executor, pod
 
 
-class MetadataStore:
-    """Async facade over the store; every key is built here and nowhere else."""
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda") -> None:
+
+def _count(raw: Any) -> int | None:
+    """A HINCRBY counter's value, or None when it is not an integer."""
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
+class MetadataStore:
+    """Async facade over the store; every key is built here and nowhere else.
+
+    ``instance`` names this object's own in-flight leases (``start_request``,
+    ``add_inflight``); a random id when not given.
+    """
+
+    def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda",
+                 instance: str | None = None) -> None:
         self.redis = redis
         self.prefix = prefix
+        self.instance = instance or _new_instance_id()
+        self._leases: InflightLeases | None = None
+        self._reported: set[tuple[str, str]] = set()
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0) -> MetadataStore:
+    def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0,
+                 instance: str | None = None) -> MetadataStore:
         """Create a store; does not connect until the first command."""
         client = aioredis.Redis.from_url(
             url,
             decode_responses=True,
+            # Invalid UTF-8 in one value must not fail a whole HGETALL: it
+            # decodes to U+FFFD and that value is skipped as malformed.
+            encoding_errors="replace",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             health_check_interval=30,
         )
-        return cls(client, prefix)
+        return cls(client, prefix, instance)
 
     async def close(self) -> None:
+        """Disconnect. This object's own in-flight leases are left to expire
+        (``INFLIGHT_LEASE_SECONDS``); ``await store.leases.close()`` first deletes them."""
+        if self._leases is not None:
+            await self._leases.stop()
         await self.redis.aclose()
 
     # -- keys ---------------------------------------------------------------
@@ -233,25 +351,60 @@ class MetadataStore:
     async def ping(self) -> bool:
         return bool(await self._run(self.redis.ping()))
 
+    def _malformed(self, key: str, name: str, why: str) -> None:
+        # Never the value: it may be anything, including a secret pasted by mistake.
+        # Warn once per value (readers run every second); debug afterwards.
+        seen = (key, name)
+        level = logging.DEBUG if seen in self._reported else logging.WARNING
+        if len(self._reported) >= 4096:
+            self._reported.clear()
+        self._reported.add(seen)
+        log.log(level, "malformed value skipped key=%s field=%s error=%s", key, name, why)
+
+    def _decode(self, cls: Any, key: str, name: str, raw: str) -> Any:
+        """``raw`` as a ``cls``, or None (logged) when it is not a valid one."""
+        try:
+            return _load(cls, raw)
+        except ValueError as exc:
+            self._malformed(key, name, str(exc))
+            return None
+
+    def _decode_all(self, cls: Any, key: str, raw: Mapping[str, str]) -> dict[str, Any]:
+        out = {}
+        for name, value in raw.items():
+            record = self._decode(cls, key, name, value)
+            if record is not None:
+                out[name] = record
+        return out
+
+    def _live_replicas(self, raw: Mapping[str, str], now: float) -> list[ReplicaRecord]:
+        return [r for r in self._decode_all(ReplicaRecord, self.replicas_key, raw).values()
+                if r.expires_at >= now]
+
     # -- executors (operator) ------------------------------------------------
     async def put_executor(self, record: ExecutorRecord) -> None:
         record.updated_at = _now()
         await self._run(self.redis.hset(self.executors_key, record.id, _dump(record)))
 
     async def get_executor(self, executor: str) -> ExecutorRecord | None:
+        """The executor's record; None when there is none or it is malformed (logged)."""
         raw = await self._run(self.redis.hget(self.executors_key, executor))
-        return None if raw is None else _load(ExecutorRecord, raw)
+        return None if raw is None else self._decode(ExecutorRecord, self.executors_key,
+                                                      executor, raw)
 
     async def list_executors(self) -> dict[str, ExecutorRecord]:
         raw = await self._run(self.redis.hgetall(self.executors_key))
-        return {k: _load(ExecutorRecord, v) for k, v in raw.items()}
+        return self._decode_all(ExecutorRecord, self.executors_key, raw)
 
     async def remove_executor(self, executor: str) -> None:
-        """Forget an executor and everything keyed by it (replicas, in-flight)."""
-        mine = list(await self._scan_fields(self.replicas_key, f"{executor}|*"))
+        """Forget an executor and everything keyed by it (replicas, in-flight leases)."""
+        pattern = f"{_glob_escape(executor)}|*"
+        mine = list(await self._scan_fields(self.replicas_key, pattern))
+        leases = list(await self._scan_fields(self.inflight_key, pattern))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.executors_key, executor)
-            pipe.hdel(self.inflight_key, executor)
+            # The counter of the layout before leases, if one is left over.
+            pipe.hdel(self.inflight_key, executor, *leases)
             if mine:
                 pipe.hdel(self.replicas_key, *mine)
             await self._run(pipe.execute())
@@ -270,14 +423,15 @@ class MetadataStore:
     async def list_replicas(self, executor: str | None = None) -> list[ReplicaRecord]:
         """Live (unexpired) replicas, optionally of one executor.
 
-        For one executor the server filters the hash (HSCAN MATCH), so the
-        cost does not grow with the number of other executors' replicas.
+        For one executor the server filters the hash (HSCAN MATCH): it still
+        walks every field, but only this executor's replicas are sent back and
+        decoded, so the client's cost does not grow with other executors'.
         """
         if executor is None:
             raw = await self._run(self.redis.hgetall(self.replicas_key))
         else:
-            raw = await self._scan_fields(self.replicas_key, f"{executor}|*")
-        return _live_replicas(raw, _now())
+            raw = await self._scan_fields(self.replicas_key, f"{_glob_escape(executor)}|*")
+        return self._live_replicas(raw, _now())
 
     async def _scan_fields(self, key: str, pattern: str) -> dict[str, str]:
         async def scan() -> dict[str, str]:
@@ -286,21 +440,41 @@ class MetadataStore:
         return dict(await self._run(scan()))
 
     async def prune_expired(self) -> int:
-        """Delete expired replica heartbeats and latency samples; returns how many.
+        """Delete expired replica heartbeats, latency samples and in-flight leases.
 
-        Dead pods leave records behind (a killed companion cannot delete its
-        own); readers already ignore them, this keeps the hashes from growing.
+        Returns how many. Dead pods and dead SDK processes leave values behind
+        (a killed process cannot delete its own); readers already ignore them,
+        this keeps the hashes from growing. Values without a readable
+        ``expires_at`` are left alone (logged): a newer version may have
+        written them. In-flight counters of the layout before leases
+        (``EXEC`` -> integer, no ``|INSTANCE``) cannot expire and are deleted.
         """
         now = _now()
         removed = 0
+
+        def expired(key: str, raw: Mapping[str, str]) -> list[str]:
+            out = []
+            for name, value in raw.items():
+                at = _expires_at(value)
+                if at is None:
+                    self._malformed(key, name, "no expires_at")
+                elif at < now:
+                    out.append(name)
+            return out
+
         raw = await self._run(self.redis.hgetall(self.replicas_key))
-        dead = [k for k, v in raw.items() if _load(ReplicaRecord, v).expires_at < now]
+        dead = expired(self.replicas_key, raw)
         if dead:
             removed += int(await self._run(self.redis.hdel(self.replicas_key, *dead)))
+        leases = await self._run(self.redis.hgetall(self.inflight_key))
+        legacy = [k for k in leases if "|" not in k]
+        dead = legacy + expired(self.inflight_key, {k: v for k, v in leases.items() if "|" in k})
+        if dead:
+            removed += int(await self._run(self.redis.hdel(self.inflight_key, *dead)))
         for client in await self._run(self.redis.hkeys(self.clients_key)):
             key = self.latency_key(client)
             samples = await self._run(self.redis.hgetall(key))
-            stale = [k for k, v in samples.items() if _load(LatencySample, v).expires_at < now]
+            stale = expired(key, samples)
             if stale:
                 removed += int(await self._run(self.redis.hdel(key, *stale)))
         return removed
@@ -311,12 +485,13 @@ class MetadataStore:
         await self._run(self.redis.hset(self.clients_key, record.id, _dump(record)))
 
     async def get_client(self, client: str) -> ClientRecord | None:
+        """The client's record; None when there is none or it is malformed (logged)."""
         raw = await self._run(self.redis.hget(self.clients_key, client))
-        return None if raw is None else _load(ClientRecord, raw)
+        return None if raw is None else self._decode(ClientRecord, self.clients_key, client, raw)
 
     async def list_clients(self) -> dict[str, ClientRecord]:
         raw = await self._run(self.redis.hgetall(self.clients_key))
-        return {k: _load(ClientRecord, v) for k, v in raw.items()}
+        return self._decode_all(ClientRecord, self.clients_key, raw)
 
     async def remove_client(self, client: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -332,11 +507,18 @@ class MetadataStore:
         names = list(clients)
         if not names:
             return {}
+        name = f"{executor}|{pod}"
         async with self.redis.pipeline(transaction=False) as pipe:
             for c in names:
-                pipe.hget(self.latency_key(c), f"{executor}|{pod}")
+                pipe.hget(self.latency_key(c), name)
             raws = await self._run(pipe.execute())
-        return {c: _load(LatencySample, r) for c, r in zip(names, raws, strict=True) if r}
+        out = {}
+        for c, r in zip(names, raws, strict=True):
+            sample = None if r is None else self._decode(LatencySample, self.latency_key(c),
+                                                          name, r)
+            if sample is not None:
+                out[c] = sample
+        return out
 
     async def put_latencies(
         self, executor: str, pod: str, samples: dict[str, LatencySample], ttl: float
@@ -355,12 +537,78 @@ class MetadataStore:
             await self._run(pipe.execute())
 
     # -- load (SDK / selector) -------------------------------------------------
+    @property
+    def leases(self) -> InflightLeases:
+        """This object's own in-flight leases (``start_request``, ``add_inflight``)."""
+        if self._leases is None:
+            self._leases = InflightLeases(self, self.instance)
+        return self._leases
+
+    async def publish_inflight(
+        self, instance: str, counts: Mapping[str, int], *,
+        ttl: float = INFLIGHT_LEASE_SECONDS, demand: Mapping[tuple[int, str], int] | None = None,
+    ) -> None:
+        """Set ``instance``'s in-flight leases, one pipeline.
+
+        A positive count is written with ``expires_at = now + ttl``; zero
+        deletes the lease. ``demand`` maps (bucket, executor) -> requests to
+        add to that demand bucket.
+        """
+        if "|" in instance or not instance:
+            raise ValueError("instance must be non-empty and contain no '|'")
+        expires_at = _now() + ttl
+        live: dict[Any, Any] = {f"{e}|{instance}": _dump(InflightLease(int(n), expires_at))
+                for e, n in counts.items() if n > 0}
+        gone = [f"{e}|{instance}" for e, n in counts.items() if n <= 0]
+        if not live and not gone and not demand:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if live:
+                pipe.hset(self.inflight_key, mapping=live)
+            if gone:
+                pipe.hdel(self.inflight_key, *gone)
+            buckets: set[int] = set()
+            for (bucket, executor), n in (demand or {}).items():
+                if n:
+                    pipe.hincrby(self.demand_key(bucket), executor, n)
+                    buckets.add(bucket)
+            for bucket in sorted(buckets):
+                pipe.expire(self.demand_key(bucket), DEMAND_TTL_SECONDS)
+            await self._run(pipe.execute())
+
     async def add_inflight(self, executor: str, delta: int) -> int:
-        return int(await self._run(self.redis.hincrby(self.inflight_key, executor, delta)))
+        """Add ``delta`` to this object's own in-flight count of ``executor``, published now.
+
+        Returns that count. On StoreUnavailable the local count is restored.
+        """
+        self.leases.add(executor, delta, publish=False)
+        try:
+            await self.leases.flush()
+        except StoreUnavailable:
+            self.leases.add(executor, -delta)  # and republish, in case the write did land
+            raise
+        return self.leases.counts.get(executor, 0)
+
+    def _inflight_totals(self, raw: Mapping[str, str], now: float,
+                         exclude_instance: str | None = None) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for name, value in raw.items():
+            executor, _, instance = name.rpartition("|")
+            if not executor or instance == exclude_instance:
+                continue  # a counter of the layout before leases: cannot be trusted
+            lease = self._decode(InflightLease, self.inflight_key, name, value)
+            if lease is not None and lease.expires_at >= now and lease.n > 0:
+                totals[executor] = totals.get(executor, 0) + lease.n
+        return totals
 
     # -- selection snapshot -----------------------------------------------------
-    async def snapshot(self, client: str | None = None) -> Snapshot:
-        """Executors, live replicas, load and (for ``client``) latencies: one round trip."""
+    async def snapshot(self, client: str | None = None,
+                       exclude_instance: str | None = None) -> Snapshot:
+        """Executors, live replicas, load and (for ``client``) latencies: one round trip.
+
+        ``exclude_instance`` leaves that SDK instance's own leases out of the
+        in-flight counts (it adds its exact local counts itself).
+        """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.executors_key)
             pipe.hgetall(self.replicas_key)
@@ -369,15 +617,15 @@ class MetadataStore:
                 pipe.hgetall(self.latency_key(client))
             results = await self._run(pipe.execute())
         now = _now()
-        executors = {k: _load(ExecutorRecord, v) for k, v in results[0].items()}
+        executors = self._decode_all(ExecutorRecord, self.executors_key, results[0])
         replicas: dict[str, list[ReplicaRecord]] = {}
-        for r in _live_replicas(results[1], now):
+        for r in self._live_replicas(results[1], now):
             replicas.setdefault(r.executor, []).append(r)
-        inflight = {k: max(0, int(v)) for k, v in results[2].items()}
+        inflight = self._inflight_totals(results[2], now, exclude_instance)
         latency: dict[str, dict[str, LatencySample]] = {}
         if client is not None:
-            for f, raw in results[3].items():
-                sample = _load(LatencySample, raw)
+            key = self.latency_key(client)
+            for f, sample in self._decode_all(LatencySample, key, results[3]).items():
                 if sample.expires_at >= now:
                     ex, pod = _split_field(f)
                     latency.setdefault(ex, {})[pod] = sample
@@ -388,30 +636,54 @@ class MetadataStore:
         return f"{self.prefix}:demand:{bucket}"
 
     async def start_request(self, executor: str, at: float | None = None) -> int:
-        """Count a request as in flight and as demand, in one round trip; returns in-flight."""
-        key = self.demand_key(int((_now() if at is None else at) // DEMAND_BUCKET_SECONDS))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hincrby(self.inflight_key, executor, 1)
-            pipe.hincrby(key, executor, 1)
-            pipe.expire(key, DEMAND_TTL_SECONDS)
-            results = await self._run(pipe.execute())
-        return int(results[0])
+        """Count a request in this object's lease and as demand, published now.
+
+        Returns this object's in-flight count of ``executor``. Pair it with
+        :meth:`finish_request` unless it raised (then nothing is counted).
+        """
+        self.leases.start(executor, at, publish=False)
+        try:
+            await self.leases.flush()
+        except StoreUnavailable:
+            self.leases.add(executor, -1)  # and republish, in case the write did land
+            raise
+        return self.leases.counts.get(executor, 0)
 
     async def finish_request(self, executor: str) -> int:
-        """Undo :meth:`start_request`'s in-flight count (demand stays, it is history)."""
-        return await self.add_inflight(executor, -1)
+        """Undo :meth:`start_request`'s in-flight count (demand stays, it is history).
+
+        The local count drops even when this raises; the lease is republished
+        in the background until the store takes it.
+        """
+        self.leases.finish(executor, publish=False)
+        try:
+            await self.leases.flush()
+        except StoreUnavailable:
+            self.leases.kick()
+            raise
+        return self.leases.counts.get(executor, 0)
 
     async def note_demand(self, executors: Iterable[str], at: float | None = None) -> None:
         """Record demand for executors a client wants but does not call (cold ones to wake)."""
         names = list(executors)
         if not names:
             return
-        key = self.demand_key(int((_now() if at is None else at) // DEMAND_BUCKET_SECONDS))
+        key = self.demand_key(_bucket(at))
         async with self.redis.pipeline(transaction=False) as pipe:
             for name in names:
                 pipe.hincrby(key, name, 1)
             pipe.expire(key, DEMAND_TTL_SECONDS)
             await self._run(pipe.execute())
+
+    def _counts(self, key: str, raw: Mapping[str, Any]) -> dict[str, int]:
+        out = {}
+        for name, value in raw.items():
+            n = _count(value)
+            if n is None:
+                self._malformed(key, name, "not an integer")
+            else:
+                out[name] = n
+        return out
 
     async def demand(self, window_seconds: float = 60.0, at: float | None = None) -> dict[
         str, float
@@ -419,43 +691,199 @@ class MetadataStore:
         """Requests per second per executor over the last ``window_seconds`` (whole buckets)."""
         now = _now() if at is None else at
         last = int(now // DEMAND_BUCKET_SECONDS)
-        n = max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
-                       DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
+        n = _bucket_count(window_seconds)
+        keys = [self.demand_key(b) for b in range(last - n + 1, last + 1)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            for b in range(last - n + 1, last + 1):
-                pipe.hgetall(self.demand_key(b))
+            for key in keys:
+                pipe.hgetall(key)
             buckets = await self._run(pipe.execute())
         total: dict[str, int] = {}
-        for bucket in buckets:
-            for executor, count in bucket.items():
-                total[executor] = total.get(executor, 0) + int(count)
+        for key, bucket in zip(keys, buckets, strict=True):
+            for executor, count in self._counts(key, bucket).items():
+                total[executor] = total.get(executor, 0) + count
         span = n * DEMAND_BUCKET_SECONDS
         return {k: v / span for k, v in total.items()}
-
 
     async def executor_load(
         self, executor: str, window_seconds: float = 10.0, at: float | None = None
     ) -> tuple[int, float]:
         """(in-flight requests, arrivals per second over the last ``window_seconds``)
-        of one executor, in one round trip; the autoscaler's sample."""
+        of one executor; the autoscaler's sample.
+
+        One round trip unless the in-flight hash is large (HSCAN MATCH pages).
+        In-flight counts only unexpired leases as of ``at`` (default now).
+        """
         now = _now() if at is None else at
         last = int(now // DEMAND_BUCKET_SECONDS)
-        n = max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
-                       DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
+        n = _bucket_count(window_seconds)
+        pattern = f"{_glob_escape(executor)}|*"
+        keys = [self.demand_key(b) for b in range(last - n + 1, last + 1)]
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self.inflight_key, executor)
-            for b in range(last - n + 1, last + 1):
-                pipe.hget(self.demand_key(b), executor)
+            pipe.hscan(self.inflight_key, 0, match=pattern, count=1000)
+            for key in keys:
+                pipe.hget(key, executor)
             results = await self._run(pipe.execute())
-        inflight = max(0, int(results[0] or 0))
-        arrivals = sum(int(r or 0) for r in results[1:])
+        cursor, leases = results[0]
+        leases = dict(leases)
+        while cursor:
+            cursor, more = await self._run(
+                self.redis.hscan(self.inflight_key, cursor, match=pattern, count=1000))
+            leases.update(more)
+        inflight = self._inflight_totals(leases, now).get(executor, 0)
+        arrivals = sum(self._counts(k, {executor: r}).get(executor, 0)
+                       for k, r in zip(keys, results[1:], strict=True) if r is not None)
         return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)
 
 
-def _live_replicas(raw: dict[str, str], now: float) -> list[ReplicaRecord]:
-    out = []
-    for value in raw.values():
-        record = _load(ReplicaRecord, value)
-        if record.expires_at >= now:
-            out.append(record)
-    return out
+def _bucket(at: float | None = None) -> int:
+    return int((_now() if at is None else at) // DEMAND_BUCKET_SECONDS)
+
+
+def _bucket_count(window_seconds: float) -> int:
+    return max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
+                      DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
+
+
+def _new_instance_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+class InflightLeases:
+    """One SDK instance's requests in flight, published as self-expiring leases.
+
+    Counting is local and synchronous (:meth:`start`, :meth:`finish` never
+    wait for the store, so neither a cancelled caller nor a slow store can
+    skip or delay a release). One background writer publishes the absolute
+    counts, coalescing bursts into one pipelined write, and rewrites them
+    every ``ttl / 3`` while anything is in flight; a failed write is retried
+    with back-off. Requests started are queued as demand and go out with the
+    next write. :meth:`close` deletes the leases (best effort, bounded);
+    :meth:`stop` leaves them to expire.
+    """
+
+    def __init__(self, store: MetadataStore, instance: str | None = None,
+                 ttl: float = INFLIGHT_LEASE_SECONDS) -> None:
+        self.store = store
+        self.instance = instance or _new_instance_id()
+        if "|" in self.instance:
+            raise ValueError("instance must not contain '|'")
+        self.ttl = ttl
+        self.release_timeout = 2.0  # close() gives up deleting the leases after this
+        self.refresh_seconds = max(0.05, ttl / 3)
+        self.counts: dict[str, int] = {}
+        # Executors whose lease the store may hold (a failed write may have landed).
+        self._maybe_published: set[str] = set()
+        self._demand: dict[tuple[int, str], int] = {}
+        self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- counting (synchronous) ------------------------------------------------
+    def add(self, executor: str, delta: int, publish: bool = True) -> None:
+        """Change the local count of ``executor`` (never below zero)."""
+        n = max(0, self.counts.get(executor, 0) + delta)
+        if n:
+            self.counts[executor] = n
+        else:
+            self.counts.pop(executor, None)
+        self._ensure_writer()
+        if publish:
+            self._dirty.set()
+
+    def start(self, executor: str, at: float | None = None, publish: bool = True) -> None:
+        """A request to ``executor`` started: in flight, and one more demand."""
+        key = (_bucket(at), executor)
+        self._demand[key] = self._demand.get(key, 0) + 1
+        self.add(executor, 1, publish)
+
+    def finish(self, executor: str, publish: bool = True) -> None:
+        """A request to ``executor`` ended (answered, failed or cancelled)."""
+        self.add(executor, -1, publish)
+
+    def kick(self) -> None:
+        """Publish soon, in the background."""
+        self._ensure_writer()
+        self._dirty.set()
+
+    # -- publishing ----------------------------------------------------------------
+    async def flush(self) -> None:
+        """Publish the current counts and queued demand now; raises StoreUnavailable."""
+        async with self._lock:
+            counts = dict(self.counts)
+            for executor in self._maybe_published:
+                counts.setdefault(executor, 0)  # zero: delete the lease
+            oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
+            demand = {k: v for k, v in self._demand.items() if k[0] > oldest}
+            self._demand = {}
+            if not counts and not demand:
+                return
+            try:
+                await self.store.publish_inflight(self.instance, counts, ttl=self.ttl,
+                                                  demand=demand)
+            except BaseException:  # incl. cancellation: the write may or may not have landed
+                self._maybe_published |= {e for e, n in counts.items() if n > 0}
+                for k, v in demand.items():
+                    self._demand[k] = self._demand.get(k, 0) + v
+                raise
+            self._maybe_published = {e for e, n in counts.items() if n > 0}
+
+    def _ensure_writer(self) -> None:
+        if self._closed or (self._writer is not None and not self._writer.done()):
+            return
+        try:
+            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+        except RuntimeError:  # no running loop: flush() / close() publish instead
+            self._writer = None
+
+    async def _write_forever(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._dirty.is_set():
+                # Refresh the expiry only while something is in flight.
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a
+                # cancellation that arrives as the event is set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.refresh_seconds if self.counts else None):
+                        await self._dirty.wait()
+            if self._closed:
+                return
+            self._dirty.clear()
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                log.warning("in-flight leases not published instance=%s error=%s",
+                            self.instance, exc)
+                self._dirty.set()
+                backoff = min(self.refresh_seconds, max(0.1, backoff * 2))
+                await asyncio.sleep(backoff)
+            else:
+                backoff = 0.0
+
+    async def stop(self) -> None:
+        """Stop publishing; the leases expire within ``ttl``."""
+        self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.cancel()
+        # redis-py can swallow a cancellation that lands as a reply arrives;
+        # then the writer wakes up here, sees _closed and returns.
+        self._dirty.set()
+        while not writer.done():
+            await asyncio.wait({writer}, timeout=0.1)
+            writer.cancel()
+        if not writer.cancelled() and writer.exception() is not None:
+            log.warning("in-flight lease writer failed instance=%s error=%r", self.instance,
+                        writer.exception())
+
+    async def close(self) -> None:
+        """Stop publishing and delete this instance's leases (best effort, bounded)."""
+        await self.stop()
+        self.counts.clear()
+        try:
+            async with asyncio.timeout(self.release_timeout):
+                await self.flush()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("in-flight leases not released instance=%s error=%r; they expire "
+                        "within %gs", self.instance, exc, self.ttl)

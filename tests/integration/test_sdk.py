@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,9 @@ from mulambda.client import (
 from mulambda.selection import Criteria
 from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
 
-from support.procs import free_port
+from support.procs import RedisServer, free_port
 from support.serving_double import TFServingRESTDouble
+from support.tcp_proxy import DroppingProxy
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +43,31 @@ async def register(store: MetadataStore, name: str, rest: str, *, rtt: float,
     await store.put_latencies(rec.id, f"{name}-0", {CLIENT: LatencySample(ms=rtt, samples=3)},
                               ttl=60)
     return rec.id
+
+
+async def inflight(store: MetadataStore, executor: str) -> int:
+    return (await store.executor_load(executor))[0]
+
+
+async def eventually(read: Callable[[], Awaitable[Any]], want: Any, within: float = 5.0) -> None:
+    """Poll ``read()`` until it returns ``want``; fail with the last value after ``within`` s."""
+    deadline = time.monotonic() + within
+    while (got := await read()) != want:
+        assert time.monotonic() < deadline, f"still {got!r} after {within}s, wanted {want!r}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def proxied_store(redis_server: RedisServer, redis_url: str) -> AsyncIterator[
+    tuple[MetadataStore, DroppingProxy]
+]:
+    """A store reached through a proxy that can blackhole it (1 s command timeout)."""
+    proxy = await DroppingProxy(redis_server.port).start()
+    store = MetadataStore.from_url(proxy.url, prefix="test", timeout=1.0)
+    yield store, proxy
+    proxy.heal()
+    await store.close()
+    await proxy.stop()
 
 
 @pytest.fixture
@@ -95,7 +122,8 @@ async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
             await mu.predict([[0]])
     assert [e for e, _ in err.value.attempts] == ["ml/a", "ml/b"]
     assert "HTTP 500" in err.value.attempts[0][1]
-    assert await store.redis.hgetall(store.inflight_key) == {"ml/a": "0", "ml/b": "0"}
+    assert [(await store.executor_load(e))[0] for e in ("ml/a", "ml/b")] == [0, 0]
+    assert await store.redis.hgetall(store.inflight_key) == {}  # every lease released
 
 
 async def test_client_error_is_not_retried_elsewhere(store, doubles):
@@ -114,16 +142,18 @@ async def test_inflight_counter_is_up_during_the_call_and_back_to_zero(store, do
     seen: list[int] = []
 
     async def observe() -> None:
-        seen.append(int(await store.redis.hget(store.inflight_key, "ml/slow") or 0))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the SDK publishes its leases in the background
+        seen.append((await store.executor_load("ml/slow"))[0])
 
     slow = await TFServingRESTDouble("slow", on_request=observe).start()
     doubles.append(slow)
     await register(store, "slow", slow.url, rtt=1)
     async with MulambdaClient(store, CLIENT, type="vision") as mu:
         await asyncio.gather(*(mu.predict([[i]]) for i in range(5)))
-    assert max(seen) >= 2  # concurrent calls were counted
-    assert await store.redis.hget(store.inflight_key, "ml/slow") == "0"
+        assert max(seen) >= 2  # concurrent calls were counted
+        # Released by the calls themselves, not only by close().
+        await eventually(lambda: inflight(store, "ml/slow"), 0)
+    assert await store.redis.hgetall(store.inflight_key) == {}
     demand = await store.demand(window_seconds=10)
     assert demand["ml/slow"] == pytest.approx(5 / 10)
 
@@ -191,3 +221,107 @@ async def test_grpc_without_the_extra_raises_a_clear_error(store, monkeypatch):
     async with MulambdaClient(store, CLIENT, type="vision") as mu:
         with pytest.raises(MissingExtra, match=r"mulambda\[grpc\]"):
             await mu.predict_grpc({"x": [[1.0]]})
+
+
+async def test_cancelled_prediction_releases_its_inflight_count(store, doubles):
+    entered = asyncio.Event()
+
+    async def hang() -> None:
+        entered.set()
+        await asyncio.sleep(30)
+
+    slow = await TFServingRESTDouble("slow", on_request=hang).start()
+    doubles.append(slow)
+    await register(store, "slow", slow.url, rtt=1)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        call = asyncio.create_task(mu.predict([[0]]))
+        await entered.wait()
+        await eventually(lambda: inflight(store, "ml/slow"), 1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call  # not swallowed
+        # Released while the client lives on: nothing left to keep it from idling.
+        await eventually(lambda: inflight(store, "ml/slow"), 0)
+        assert await store.redis.hgetall(store.inflight_key) == {}
+
+
+async def test_lost_reply_to_the_inflight_write_does_not_leak(store, proxied_store, doubles):
+    via, proxy = proxied_store
+    d = await TFServingRESTDouble("d").start()
+    doubles.append(d)
+    await register(store, "d", d.url, rtt=1)
+    async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60) as mu:
+        await mu.select()  # snapshot cached: the request path needs no store read
+        proxy.mute()  # the server applies the +1, the SDK never hears back
+        result = await mu.predict([[0]])
+        assert result.executor == "ml/d"
+        await eventually(lambda: inflight(store, "ml/d"), 1)  # it did land
+        proxy.heal()
+        await eventually(lambda: inflight(store, "ml/d"), 0)
+
+
+async def test_failed_release_is_retried_until_the_store_takes_it(store, proxied_store, doubles):
+    via, proxy = proxied_store
+
+    async def cut() -> None:
+        await eventually(lambda: inflight(store, "ml/d"), 1)
+        proxy.blackhole()  # the release cannot get through
+
+    d = await TFServingRESTDouble("d", on_request=cut).start()
+    doubles.append(d)
+    await register(store, "d", d.url, rtt=1)
+    async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60) as mu:
+        await mu.select()
+        await mu.predict([[0]])
+        await asyncio.sleep(1.5)  # a release attempt or two timed out
+        assert await inflight(store, "ml/d") == 1
+        proxy.heal()
+        await eventually(lambda: inflight(store, "ml/d"), 0)
+
+
+async def test_a_long_call_keeps_its_lease_and_a_dead_sdk_lease_expires(store, doubles):
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await release.wait()
+
+    slow = await TFServingRESTDouble("slow", on_request=hold).start()
+    doubles.append(slow)
+    await register(store, "slow", slow.url, rtt=1)
+    mu = MulambdaClient(store, CLIENT, type="vision", inflight_lease_seconds=0.6)
+    call = asyncio.create_task(mu.predict([[0]]))
+    await eventually(lambda: inflight(store, "ml/slow"), 1)
+    for _ in range(8):  # 1.6 s, well past one lease: refreshed while in flight
+        await asyncio.sleep(0.2)
+        assert await inflight(store, "ml/slow") == 1
+    # The process dies: nothing refreshes or releases its lease any more.
+    await mu._leases.stop()
+    assert await inflight(store, "ml/slow") == 1
+    await asyncio.sleep(0.7)
+    assert await inflight(store, "ml/slow") == 0
+    assert await store.prune_expired() == 1
+    assert await store.redis.hgetall(store.inflight_key) == {}
+    release.set()
+    await call
+    await mu.close()
+
+
+async def test_blackholed_store_adds_no_latency_to_use_warm_predictions(
+    store, proxied_store, doubles
+):
+    via, proxy = proxied_store
+    warm = await TFServingRESTDouble("warm").start()
+    doubles.append(warm)
+    await register(store, "warm", warm.url, rtt=1, accuracy=0.5)
+    await store.put_executor(ExecutorRecord(
+        namespace="ml", name="cold", model="model-cold", version=1, type="vision",
+        input="image", output="label", accuracy=0.99, rest="http://127.0.0.1:1",
+        grpc="127.0.0.1:1", state="ScaledToZero", min_replicas=0, service_time_ms=5.0))
+    async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60, latency_weight=0,
+                              accuracy_weight=1) as mu:
+        assert (await mu.predict([[0]])).executor == "ml/warm"  # cold best: demand signalled
+        proxy.blackhole()
+        for _ in range(3):
+            started = time.monotonic()
+            assert (await mu.predict([[0]])).executor == "ml/warm"
+            assert time.monotonic() - started < 0.5  # the store's timeout is 1 s

@@ -122,3 +122,22 @@ async def test_use_warm_client_is_served_by_a_warm_model_while_the_better_one_wa
             await asyncio.sleep(0.05)
         assert (await store.demand(window_seconds=10)).get(best, 0) > 0
     assert cold.requests == []
+
+
+async def test_pending_record_with_a_live_replica_serves_at_once(store, doubles):
+    # The operator rewrites the record's state only every reconcile interval;
+    # the companion's Available heartbeat is the fresher truth.
+    fresh = await TFServingRESTDouble("fresh").start()
+    doubles.append(fresh)
+    rec = ExecutorRecord(
+        namespace="ml", name="fresh", model="model-fresh", version=1, type="sentiment",
+        input="text", output="label", accuracy=0.9, rest=fresh.url, grpc="127.0.0.1:1",
+        state="Pending", min_replicas=1, service_time_ms=5.0,
+    )
+    await store.put_executor(rec)
+    await store.put_replica(ReplicaRecord(executor=rec.id, pod="fresh-0", state="Available"),
+                            ttl=60)
+    async with MulambdaClient(store, CLIENT, type="sentiment", cold_start_timeout=1) as mu:
+        result = await mu.predict([["hi"]])
+    assert result.executor == rec.id and result.candidate.warm
+    assert result.predictions == [["fresh"]]

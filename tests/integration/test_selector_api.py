@@ -88,6 +88,11 @@ async def test_no_match_is_404_with_reason(api, store):
     (b'{"required": {"type": "vision"}, "desired": {"latency": "low"}}', "desired.latency"),
     (b'{"required": {"type": "vision"}, "data_length": -1}', "data_length"),
     (b'{"desired": {"latency": 1}}', "required.type"),
+    # Python's json accepts these literals; criteria must not.
+    (b'{"required": {"type": "vision"}, "desired": {"latency": NaN}}', "desired.latency"),
+    (b'{"required": {"type": "vision"}, "desired": {"accuracy": Infinity}}', "desired.accuracy"),
+    (b'{"required": {"type": "vision", "max_latency_ms": Infinity}}', "required.max_latency_ms"),
+    (b'{"required": {"type": "vision", "min_accuracy": NaN}}', "required.min_accuracy"),
 ])
 async def test_bad_requests_are_400(api, store, payload, message):
     resp = await api.post("/select/shop/app", content=payload,

@@ -245,3 +245,30 @@ def test_prefilter_keeps_the_same_ranking():
     assert small.inflight == {"ml/v0": 3}
     full, fast = rank(crit, snap, client="c"), rank(crit, small, client="c")
     assert [(c.executor_id, c.score) for c in full] == [(c.executor_id, c.score) for c in fast]
+
+
+def test_live_available_replica_makes_a_not_yet_rewritten_record_warm():
+    # Right after a cold start the record still says Pending or ScaledToZero
+    # until the next reconcile; the replica's heartbeat already says Available.
+    for state in ("Pending", "ScaledToZero", "Unavailable"):
+        snap = snapshot(executor("fresh", state=state, min_replicas=0), replicas={"fresh": 1})
+        [c] = rank(Criteria(type="vision"), snap)
+        assert c.warm, state
+    failed = snapshot(executor("broken", state="Failed"), replicas={"broken": 1})
+    r = rank(Criteria(type="vision"), failed)
+    assert list(r) == [] and r.rejected["ml/broken"] == "not serving: state Failed"
+
+
+@pytest.mark.parametrize("field", ["latency_weight", "accuracy_weight", "max_latency_ms",
+                                   "min_accuracy"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_criteria_reject_nan_and_infinity(field, value):
+    with pytest.raises(ValueError, match="finite"):
+        Criteria(type="vision", **{field: value})
+
+
+def test_request_criteria_reject_nan_and_infinity():
+    with pytest.raises(ValueError, match=r"desired\.latency must be a finite number"):
+        Criteria.from_request({"type": "x"}, {"latency": float("nan")})
+    with pytest.raises(ValueError, match=r"required\.max_latency_ms must be a finite number"):
+        Criteria.from_request({"type": "x", "maxLatencyMs": float("inf")})

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict
+
+import pytest
 
 from mulambda.store import (
     ClientRecord,
@@ -70,10 +73,12 @@ async def test_removing_executor_drops_its_replicas_and_load(store: MetadataStor
     await store.put_replica(ReplicaRecord(executor="ml/a", pod="p"), ttl=30)
     await store.put_replica(ReplicaRecord(executor="ml/b", pod="p"), ttl=30)
     await store.add_inflight("ml/a", 1)
+    await store.publish_inflight("other-sdk", {"ml/a": 2, "ml/b": 1})
     await store.remove_executor("ml/a")
     assert set(await store.list_executors()) == {"ml/b"}
     assert [r.executor for r in await store.list_replicas()] == ["ml/b"]
-    assert "ml/a" not in (await store.snapshot()).inflight
+    assert (await store.snapshot()).inflight == {"ml/b": 1}
+    assert await store.executor_load("ml/a") == (0, 0.0)
 
 
 async def test_record_round_trips_and_tolerates_unknown_fields(store: MetadataStore):
@@ -84,3 +89,93 @@ async def test_record_round_trips_and_tolerates_unknown_fields(store: MetadataSt
     await store.redis.hset(store.executors_key, rec.id, raw[:-1] + ',"future":1}')
     got = await store.get_executor(rec.id)
     assert got is not None and got.rest == rec.rest and got.updated_at <= time.time()
+
+
+async def test_inflight_sums_unexpired_leases_of_every_instance(store: MetadataStore):
+    await store.publish_inflight("sdk1", {"ml/a": 2, "ml/b": 1})
+    await store.publish_inflight("sdk2", {"ml/a": 3})
+    await store.publish_inflight("dead", {"ml/a": 7}, ttl=-1)  # its owner stopped refreshing
+    assert (await store.snapshot()).inflight == {"ml/a": 5, "ml/b": 1}
+    assert (await store.snapshot(exclude_instance="sdk2")).inflight == {"ml/a": 2, "ml/b": 1}
+    assert (await store.executor_load("ml/a"))[0] == 5
+    assert (await store.executor_load("ml/a", at=time.time() + 60))[0] == 0  # all expired
+    await store.publish_inflight("sdk1", {"ml/a": 0, "ml/b": 1})  # zero deletes the lease
+    assert (await store.snapshot()).inflight == {"ml/a": 3, "ml/b": 1}
+
+
+async def test_prune_drops_expired_leases_and_counters_of_the_old_layout(store: MetadataStore):
+    await store.publish_inflight("live", {"ml/a": 1})
+    await store.publish_inflight("dead", {"ml/a": 4, "ml/b": 1}, ttl=-1)
+    await store.redis.hset(store.inflight_key, "ml/a", 3)  # HINCRBY counter, before leases
+    assert (await store.snapshot()).inflight == {"ml/a": 1}
+    assert await store.prune_expired() == 3
+    assert list(await store.redis.hkeys(store.inflight_key)) == ["ml/a|live"]
+
+
+async def test_store_level_request_counting_still_works(store: MetadataStore):
+    assert await store.start_request("ml/a") == 1
+    assert await store.start_request("ml/a") == 2
+    assert (await store.executor_load("ml/a"))[0] == 2
+    assert await store.finish_request("ml/a") == 1
+    assert await store.add_inflight("ml/a", -1) == 0
+    assert await store.executor_load("ml/a") == (0, pytest.approx(2 / 10))
+    assert await store.redis.hgetall(store.inflight_key) == {}
+
+
+GARBAGE = {
+    "not json": "{oops",
+    "not an object": "[1, 2]",
+    "missing a required field": '{"namespace": "ml"}',
+    "wrong type": json.dumps({"ms": "fast", "samples": 1, "executor": "x", "pod": "p",
+                              "n": "many", "expires_at": "soon", "namespace": "ml",
+                              "name": "x", "type": 3}),
+    "bad utf-8": b"\xff\xfe{",
+}
+
+
+@pytest.mark.parametrize("what", sorted(GARBAGE))
+async def test_malformed_values_are_skipped_and_logged_by_every_reader(
+    store: MetadataStore, caplog: pytest.LogCaptureFixture, what: str
+):
+    bad = GARBAGE[what]
+    good = _executor("good")
+    await store.put_executor(good)
+    await store.put_client(ClientRecord(namespace="a", name="c", type="t"))
+    await store.put_replica(ReplicaRecord(executor="ml/good", pod="p", state="Available"), ttl=30)
+    await store.put_latencies("ml/good", "p", {"a/c": LatencySample(ms=2, samples=1)}, ttl=30)
+    await store.publish_inflight("sdk", {"ml/good": 2})
+    await store.start_request("ml/good")
+    bucket = int(time.time() // 10)
+    for key, field in [(store.executors_key, "ml/bad"), (store.clients_key, "a/bad"),
+                       (store.replicas_key, "ml/good|bad"),
+                       (store.latency_key("a/c"), "ml/good|bad"),
+                       (store.inflight_key, "ml/good|bad"),
+                       (store.demand_key(bucket), "ml/good")]:
+        await store.redis.hset(key, field, bad)
+    caplog.set_level(logging.DEBUG, logger="mulambda.store")
+
+    snap = await store.snapshot("a/c")
+    assert set(snap.executors) == {"ml/good"}
+    assert [r.pod for r in snap.replicas["ml/good"]] == ["p"]
+    assert set(snap.latency["ml/good"]) == {"p"}
+    assert snap.inflight == {"ml/good": 3}
+    assert set(await store.list_executors()) == {"ml/good"}
+    assert set(await store.list_clients()) == {"a/c"}
+    assert await store.get_executor("ml/bad") is None
+    assert await store.get_client("a/bad") is None
+    assert [r.pod for r in await store.list_replicas()] == ["p"]
+    assert [r.pod for r in await store.list_replicas("ml/good")] == ["p"]
+    assert await store.get_latencies("ml/good", "bad", ["a/c"]) == {}
+    assert (await store.executor_load("ml/good"))[0] == 3
+    assert await store.demand(10) == {}  # the only demand counter is the garbage one
+    await store.prune_expired()  # leaves what it cannot read alone, does not raise
+    assert await store.redis.hget(store.replicas_key, "ml/good|bad") is not None
+
+    logged = [r.getMessage() for r in caplog.records]
+    for key, field in [(store.executors_key, "ml/bad"), (store.clients_key, "a/bad"),
+                       (store.replicas_key, "ml/good|bad"), (store.inflight_key, "ml/good|bad"),
+                       (store.latency_key("a/c"), "ml/good|bad")]:
+        assert any(f"key={key} field={field} " in m for m in logged), (key, field)
+    text = "\n".join(logged)
+    for fragment in ("oops", "fast", "many", "soon"):
+        assert fragment not in text  # the content is never logged
