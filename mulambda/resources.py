@@ -30,7 +30,7 @@ class _Model(BaseModel):
     model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
 
 
-_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|[numkMGTPE]i?|Ki)?$")
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eE][+-]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$")
 _SUFFIX: dict[str, int | Decimal] = {
     "": 1, "n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"),
     "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
@@ -175,8 +175,8 @@ class ModelExecutorSpec(_Model):
 
 class Criteria(_Model):
     type: str = Field(pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
-    input: str | None = None
-    output: str | None = None
+    input: str | None = Field(default=None, min_length=1, max_length=128)
+    output: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class Preferences(_Model):

@@ -9,6 +9,7 @@ environment variables a Secret feeds (``MULAMBDA_S3_ACCESS_KEY`` /
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -95,4 +96,11 @@ class Settings:
                 values[f.name] = _flag(raw)
             else:
                 values[f.name] = raw
-        return cls(**values)  # type: ignore[arg-type]
+        settings = cls(**values)  # type: ignore[arg-type]
+        for f in fields(cls):
+            value = getattr(settings, f.name)
+            if f.name.endswith("_seconds") and not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{PREFIX}{f.name.upper()} must be a positive number of seconds, "
+                    f"got {value!r}")
+        return settings

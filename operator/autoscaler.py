@@ -24,6 +24,7 @@ from typing import Any
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
+from mulambda.operator import children
 from mulambda.operator.executors import Context
 from mulambda.operator.kube import JSON_PATCH
 from mulambda.resources import SpecError, parse_executor_spec
@@ -36,6 +37,7 @@ from mulambda.scaling import (
     record_sample,
     window_horizon,
 )
+from mulambda.selection import DEFAULT_POLICY
 from mulambda.store import StoreUnavailable
 
 COLD_START = Histogram(
@@ -58,6 +60,16 @@ class Windows:
     def forget(self, executor: str) -> None:
         self.windows.pop(executor, None)
         self.states.pop(executor, None)
+        for metric in (DESIRED, COLD_START):
+            try:
+                metric.remove(executor)
+            except KeyError:
+                pass  # never observed
+        for reason in Reason:
+            try:
+                DECISIONS.remove(executor, str(reason))
+            except KeyError:
+                pass
 
 
 async def autoscale(
@@ -73,8 +85,8 @@ async def autoscale(
         return  # reported by the reconcile handler; nothing to scale
     policy = parsed.scaling
     deployment = await ctx.kube.get_deployment(name, ns)
-    if deployment is None:
-        return  # the reconcile handler creates it
+    if deployment is None or not children.owned_by(deployment, body):
+        return  # not created yet, or someone else's (reported as NameConflict)
     current = int(deployment.get("spec", {}).get("replicas") or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
     now = time.time() if now is None else now
@@ -88,8 +100,12 @@ async def autoscale(
         # No sample: decide() holds the count when its window runs dry.
         logger.warning("demand unavailable, holding replicas: %s", exc)
         return
+    # Little's law: arrivals that nobody reports as in flight (selector users)
+    # still occupy rate x service time of capacity.
+    service_s = (parsed.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
+    concurrency = max(float(inflight), rate * service_s)
     window = record_sample(memory.windows.get(eid, DemandWindow()),
-                           Sample(now, float(inflight), rate),
+                           Sample(now, concurrency, rate),
                            horizon_seconds=window_horizon(policy))
     memory.windows[eid] = window
     state = memory.states.get(eid)
@@ -102,7 +118,9 @@ async def autoscale(
             state = ScalingState.from_json(scaling_status.get("state"))
         except ValueError:
             state = ScalingState.from_json(None)
-        state = replace(state, last_demand_at=now)
+        # Likewise the scale-down delay: count the current replicas as wanted
+        # just now, so a restart never scales down before the delay has passed.
+        state = replace(state, last_demand_at=now, recent=((now, current),))
     decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
                       state=state, now=now)
     memory.states[eid] = decision.state

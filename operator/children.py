@@ -8,26 +8,55 @@ would lose their work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from mulambda.operator import builders
 from mulambda.operator.kube import JSON_PATCH, KubeApi, is_conflict
+
+T = TypeVar("T")
 
 
 class NameConflict(kopf.PermanentError):
     """A child's name is taken by an object this parent does not own."""
 
 
-def _owned_by(obj: dict[str, Any], owner: kopf.Body) -> bool:
+class Rejected(Exception):
+    """The API server refused a child as invalid (400/422): retrying cannot help."""
+
+
+def _rejected(exc: Exception, kind: str, name: str) -> Rejected | None:
+    if isinstance(exc, ApiException) and exc.status in (400, 422):
+        try:
+            detail = json.loads(exc.body or "{}").get("message") or exc.reason
+        except (TypeError, ValueError):
+            detail = exc.reason
+        return Rejected(f"the API server rejected {kind} {name}: {detail}")
+    return None
+
+
+async def _guard(coro: Awaitable[T], kind: str, name: str) -> T:
+    """Turn an API validation failure into :class:`Rejected`."""
+    try:
+        return await coro
+    except ApiException as exc:
+        rejected = _rejected(exc, kind, name)
+        if rejected is not None:
+            raise rejected from None
+        raise
+
+
+def owned_by(obj: dict[str, Any], owner: kopf.Body) -> bool:
     uid = owner["metadata"].get("uid")
     return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 def _check_owner(current: dict[str, Any], owner: kopf.Body, kind: str) -> None:
-    if not _owned_by(current, owner):
+    if not owned_by(current, owner):
         meta = current["metadata"]
         raise NameConflict(
             f"{kind} {meta.get('namespace')}/{meta['name']} already exists and is not owned by "
@@ -52,7 +81,8 @@ async def ensure_deployment(
     if current is None:
         desired["spec"]["replicas"] = replicas(None)
         try:
-            return await kube.create_deployment(desired), ["created"]
+            return await _guard(kube.create_deployment(desired), "Deployment", name), [
+                "created"]
         except Exception as exc:
             if not is_conflict(exc):
                 raise
@@ -73,10 +103,10 @@ async def ensure_deployment(
             {"op": "add", "path": "/metadata/annotations",
              "value": {**(current["metadata"].get("annotations") or {}), key: want}},
         ]
-    if (current["metadata"].get("labels") or {}) != desired["metadata"]["labels"]:
+    labels = _merged_labels(current, desired)
+    if labels is not None:
         what.append("labels")
-        ops.append(
-            {"op": "add", "path": "/metadata/labels", "value": desired["metadata"]["labels"]})
+        ops.append({"op": "add", "path": "/metadata/labels", "value": labels})
     have_replicas = current.get("spec", {}).get("replicas")
     want_replicas = replicas(have_replicas)
     if want_replicas != have_replicas:
@@ -84,7 +114,21 @@ async def ensure_deployment(
         ops.append({"op": "add", "path": "/spec/replicas", "value": want_replicas})
     if not ops:
         return current, []
-    return await kube.patch_deployment(name, ns, ops, JSON_PATCH), what
+    return await _guard(kube.patch_deployment(name, ns, ops, JSON_PATCH), "Deployment",
+                        name), what
+
+
+def _merged_labels(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, str] | None:
+    """Labels with ours enforced and others' kept; None when ours are already right.
+
+    Other controllers and policies (Kyverno, cost tools) add labels: removing
+    them every reconcile would fight them forever.
+    """
+    have = current["metadata"].get("labels") or {}
+    want = desired["metadata"]["labels"]
+    if all(have.get(k) == v for k, v in want.items()):
+        return None
+    return {**have, **want}
 
 
 def _ports(ports: list[dict[str, Any]] | None) -> list[tuple[Any, ...]]:
@@ -104,7 +148,7 @@ async def ensure_service(
     current = await kube.get_service(name, ns)
     if current is None:
         try:
-            return await kube.create_service(desired), ["created"]
+            return await _guard(kube.create_service(desired), "Service", name), ["created"]
         except Exception as exc:
             if not is_conflict(exc):
                 raise
@@ -121,24 +165,24 @@ async def ensure_service(
     if spec.get("selector") != desired["spec"]["selector"]:
         what.append("selector")
         ops.append({"op": "add", "path": "/spec/selector", "value": desired["spec"]["selector"]})
-    if (current["metadata"].get("labels") or {}) != desired["metadata"]["labels"]:
+    labels = _merged_labels(current, desired)
+    if labels is not None:
         what.append("labels")
-        ops.append(
-            {"op": "add", "path": "/metadata/labels", "value": desired["metadata"]["labels"]})
+        ops.append({"op": "add", "path": "/metadata/labels", "value": labels})
     if not ops:
         return current, []
-    return await kube.patch_service(name, ns, ops, JSON_PATCH), what
+    return await _guard(kube.patch_service(name, ns, ops, JSON_PATCH), "Service", name), what
 
 
 async def remove_owned(kube: KubeApi, owner: kopf.Body, name: str, namespace: str) -> list[str]:
     """Delete the Deployment and Service ``name`` if (and only if) ``owner`` owns them."""
     removed = []
     dep = await kube.get_deployment(name, namespace)
-    if dep is not None and _owned_by(dep, owner):
+    if dep is not None and owned_by(dep, owner):
         await kube.delete_deployment(name, namespace)
         removed.append(f"Deployment {namespace}/{name}")
     svc = await kube.get_service(name, namespace)
-    if svc is not None and _owned_by(svc, owner):
+    if svc is not None and owned_by(svc, owner):
         await kube.delete_service(name, namespace)
         removed.append(f"Service {namespace}/{name}")
     return removed

@@ -23,7 +23,7 @@ from mulambda.operator.conditions import (
 )
 from mulambda.operator.executors import Context, backoff
 from mulambda.resources import ClientSpec, SpecError, parse_client_spec
-from mulambda.selection import Criteria, rank
+from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, rank
 from mulambda.store import ClientRecord, StoreUnavailable
 
 TOP_CANDIDATES = 3
@@ -34,11 +34,13 @@ def _now_iso() -> str:
 
 
 async def ensure_workload(
-    ctx: Context, body: kopf.Body, spec: ClientSpec, logger: Any
+    ctx: Context, body: kopf.Body, spec: ClientSpec, logger: Any, spec_changed: bool,
 ) -> None:
     """Run (or stop running) the Client's workload Deployment + ping Service."""
     name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
     if spec.workload is None:
+        if not spec_changed:
+            return  # a workload can only have gone away with a spec change
         removed = await children.remove_owned(ctx.kube, body, builders.workload_name(name), ns)
         for what in removed:
             kopf.info(body, reason="DeletedWorkload", message=f"Deleted {what}: no spec.workload")
@@ -77,6 +79,7 @@ def client_record(name: str, ns: str, spec: ClientSpec, generation: int,
 async def reconcile(
     ctx: Context, body: kopf.Body, spec: dict[str, Any], status: dict[str, Any],
     generation: int, patch: kopf.Patch, logger: Any, retry: int = 0,
+    spec_changed: bool = False,
 ) -> None:
     """Converge workload, registration and selection for one Client."""
     name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
@@ -88,10 +91,13 @@ async def reconcile(
         _fail(body, patch, old_conditions, generation, "InvalidSpec", msg)
         raise kopf.PermanentError(msg) from None
     try:
-        await ensure_workload(ctx, body, parsed, logger)
+        await ensure_workload(ctx, body, parsed, logger, spec_changed)
     except children.NameConflict as exc:
         _fail(body, patch, old_conditions, generation, "NameConflict", str(exc))
         raise
+    except children.Rejected as exc:
+        _fail(body, patch, old_conditions, generation, "Rejected", str(exc))
+        raise kopf.PermanentError(str(exc)) from None
 
     record = client_record(name, ns, parsed, generation, ctx)
     try:
@@ -108,28 +114,22 @@ async def reconcile(
         raise kopf.TemporaryError(msg, delay=delay) from None
 
     ranking = rank(Criteria.from_client(record), snapshot, client=record.id)
-    if ranking.wake:
-        # A better executor is scaled to zero: record demand so it is activated.
-        try:
-            await ctx.store.note_demand(ranking.wake)
-        except StoreUnavailable as exc:
-            logger.warning("could not record activation demand: %s", exc)
-
+    # Cold executors are woken by real demand (SDK and selector requests),
+    # not by the operator: a Client that sends nothing must let them sleep.
     updates = [condition("Registered", TRUE, "Registered",
                          f"Registered in the metadata store as {record.id}.")]
-    old_selected = (status.get("selected") or {}).get("executor")
+    old_sel = status.get("selected") or {}
+    old_selected = old_sel.get("executor")
     if ranking:
-        best = ranking[0]
+        best = _sticky_choice(ranking, old_selected)
         selected = {
             "executor": best.executor_id,
             "endpoint": {"rest": best.record.rest, "grpc": best.record.grpc},
-            "score": round(best.score, 4),
+            "score": round(best.score, 3),
             "reason": best.reason,
-            "since": (status.get("selected") or {}).get("since") if old_selected ==
-            best.executor_id else _now_iso(),
+            "since": old_sel.get("since") if old_selected == best.executor_id else _now_iso(),
         }
-        updates.append(condition("Ready", TRUE, "Selected",
-                                 f"Selected {best.executor_id}: {best.reason}"))
+        updates.append(condition("Ready", TRUE, "Selected", f"Selected {best.executor_id}."))
         if old_selected != best.executor_id:
             kopf.info(body, reason="SelectionChanged",
                       message=f"Selected {best.executor_id} (was {old_selected or 'none'}): "
@@ -142,18 +142,42 @@ async def reconcile(
         if old_selected is not None or old_ready.get("reason") != "NoMatchingExecutor":
             kopf.warn(body, reason="NoMatchingExecutor", message=explain)
     candidates = [
-        {"executor": c.executor_id, "score": round(c.score, 4), "reason": c.reason}
+        {"executor": c.executor_id, "score": round(c.score, 3), "reason": c.reason}
         for c in ranking[:TOP_CANDIDATES]
     ]
     new_conditions = merge_conditions(old_conditions, updates, generation)
     if not conditions_equal(old_conditions, new_conditions):
         patch.status["conditions"] = new_conditions
-    if status.get("selected") != selected:
+    # Scores and reasons carry measured latencies that move every probe: only
+    # a different choice or a clearly different score is worth a status write.
+    if _summary(status.get("selected")) != _summary(selected):
         patch.status["selected"] = selected
-    if status.get("candidates") != candidates:
+    if [_summary(c) for c in status.get("candidates") or []] != [_summary(c)
+                                                                 for c in candidates]:
         patch.status["candidates"] = candidates
     if status.get("observedGeneration") != generation:
         patch.status["observedGeneration"] = generation
+
+
+def _sticky_choice(ranking: Ranking, current: str | None) -> Candidate:
+    """The best candidate, but keep the current one while it is as good (within the
+    tie tolerance): the SDK spreads ties per request; the Client's status should
+    not flap between equals every probe interval."""
+    best = ranking[0]
+    if current is None or current == best.executor_id:
+        return best
+    for c in ranking:
+        if c.executor_id == current:
+            if best.score - c.score <= DEFAULT_POLICY.tie_tolerance and c.warm == best.warm:
+                return c
+            break
+    return best
+
+
+def _summary(entry: dict[str, Any] | None) -> tuple[Any, ...] | None:
+    if not entry:
+        return None
+    return entry.get("executor"), round(float(entry.get("score") or 0), 2)
 
 
 def _fail(body: kopf.Body, patch: kopf.Patch, old: list[dict[str, Any]] | None,

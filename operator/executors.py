@@ -99,6 +99,16 @@ def model_condition(
         cond = condition("ModelLoaded", TRUE, "ModelAvailable",
                          f"Version {version} is AVAILABLE in TF Serving on "
                          f"{len(available)}/{len(replicas)} reporting replica(s).")
+        if failed:
+            # Old pods still serve (maxUnavailable 0) while new ones cannot
+            # load: the rollout is stuck, say why instead of looking healthy.
+            first = sorted(failed, key=lambda r: r.pod)[0]
+            msg = (f"Replica {first.pod} failed to load the model "
+                   f"({first.reason or 'LoadFailed'}): {first.message or first.reason}; "
+                   f"version {version} keeps serving.")
+            return cond, {"loadedVersion": str(version), "state": "Available",
+                          "reason": first.reason or "LoadFailed", "message": msg,
+                          "newVersionFailed": True}
         return cond, {"loadedVersion": str(version), "state": "Available", "reason": "",
                       "message": ""}
     if failed:
@@ -156,6 +166,10 @@ async def reconcile(
     except children.NameConflict as exc:
         _fail(body, patch, old_conditions, generation, "NameConflict", str(exc))
         raise
+    except children.Rejected as exc:
+        msg = f"{exc}. Fix the ModelExecutor spec."
+        _fail(body, patch, old_conditions, generation, "Rejected", msg)
+        raise kopf.PermanentError(msg) from None
 
     dep_status = deployment.get("status") or {}
     desired = int(deployment.get("spec", {}).get("replicas") or 0)
@@ -195,7 +209,17 @@ async def reconcile(
 
     updates.append(condition("Registered", TRUE, "Registered",
                              f"Registered in the metadata store as {ns}/{name}."))
-    if updated < desired or ready < desired:
+    dep_generation = int(deployment.get("metadata", {}).get("generation") or 0)
+    observed = int(dep_status.get("observedGeneration") or 0)
+    if model_status.get("newVersionFailed"):
+        updates.append(condition("Progressing", FALSE, "NewVersionFailed",
+                                 model_status["message"]))
+    elif observed < dep_generation:
+        # The Deployment controller has not seen our last change yet: its
+        # replica counts describe the previous template.
+        updates.append(condition("Progressing", TRUE, "RollingOut",
+                                 "Waiting for the Deployment controller to pick up the change."))
+    elif updated < desired or ready < desired:
         updates.append(condition("Progressing", TRUE, "RollingOut",
                                  f"{ready}/{desired} replicas ready, {updated} up to date."))
     else:
@@ -224,6 +248,10 @@ async def reconcile(
             body, reason=new_ready["reason"], message=new_ready["message"])
     if not conditions_equal(old_conditions, new_conditions):
         patch.status["conditions"] = new_conditions
+    stuck = bool(model_status.pop("newVersionFailed", False))
+    if stuck and status.get("lastFailure") != model_status["message"]:
+        patch.status["lastFailure"] = model_status["message"]
+        kopf.warn(body, reason="NewVersionFailed", message=model_status["message"])
     if status.get("model") != {**(status.get("model") or {}), **model_status}:
         patch.status["model"] = model_status
     if model_status["state"] == "Failed" and status.get("lastFailure") != model_cond["message"]:

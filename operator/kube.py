@@ -17,6 +17,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 MERGE = "application/merge-patch+json"
+REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
 JSON_PATCH = "application/json-patch+json"
 
 
@@ -32,6 +33,9 @@ class KubeApi:
         return self.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # The client has no default timeout: a stalled connection would hold a
+        # worker thread and this object's handlers forever.
+        kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def _get(self, fn: Any, name: str, namespace: str) -> dict[str, Any] | None:

@@ -42,6 +42,7 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         configure_kopf(settings)
         await asyncio.to_thread(load_kube_config)
         memo.windows = autoscaler.Windows()
+        memo.locks = {}  # uid -> asyncio.Lock, see handlers.serialized
         memo.ctx = Context(
             settings=app_settings,
             store=MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix),
@@ -74,6 +75,9 @@ async def prune_forever(ctx: Context) -> None:
             removed = await ctx.store.prune_expired()
         except StoreUnavailable as exc:
             log.warning("prune skipped: %s", exc)
+            continue
+        except Exception:  # a bug here must not end pruning for good
+            log.exception("prune failed")
             continue
         if removed:
             log.info("pruned expired store records count=%d", removed)

@@ -1,4 +1,4 @@
-"""kopf handlers for Client: parse, call the reconciler, nothing else."""
+"""kopf handlers for Client: serialise per object, call the services, nothing else."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import kopf
 
 from mulambda.operator import clients
+from mulambda.operator.handlers import deleting, forget_lock, live, serialized
 from mulambda.resources import GROUP, VERSION
 from mulambda.settings import Settings
 
@@ -20,34 +21,38 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     @kopf.on.create(*RESOURCE, registry=registry)
     @kopf.on.update(*RESOURCE, registry=registry, field="spec")
     async def reconcile_client(
-        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
-        patch: kopf.Patch, memo: kopf.Memo, logger: Any, retry: int, **_: Any,
+        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any,
+        retry: int, **_: Any,
     ) -> None:
-        await clients.reconcile(
-            memo.ctx, body, dict(spec), dict(status), int(meta.get("generation") or 0),
-            patch, logger, retry,
-        )
+        async with serialized(memo, uid):
+            if deleting(body):
+                return
+            spec, status, generation = live(body)
+            await clients.reconcile(memo.ctx, body, spec, status, generation, patch, logger,
+                                    retry, spec_changed=True)
 
     @kopf.timer(*RESOURCE, registry=registry, interval=settings.probe_interval_seconds,
                 initial_delay=settings.probe_interval_seconds, idle=None)
     async def reselect_client(
-        body: kopf.Body, spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta,
-        patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any,
+        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any,
     ) -> None:
         # Latencies and executors change without the Client changing:
         # recompute the selection every probe interval.
-        try:
-            await clients.reconcile(
-                memo.ctx, body, dict(spec), dict(status), int(meta.get("generation") or 0),
-                patch, logger,
-            )
-        except kopf.PermanentError:
-            pass  # already reported in status by reconcile
-        except kopf.TemporaryError as exc:
-            logger.warning("reselect deferred: %s", exc)
+        async with serialized(memo, uid):
+            if deleting(body):
+                return
+            spec, status, generation = live(body)
+            try:
+                await clients.reconcile(memo.ctx, body, spec, status, generation, patch, logger)
+            except kopf.PermanentError:
+                pass  # already reported in status by reconcile
+            except kopf.TemporaryError as exc:
+                logger.warning("reselect deferred: %s", exc)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def forget_client(
-        meta: kopf.Meta, memo: kopf.Memo, logger: Any, retry: int, **_: Any
+        meta: kopf.Meta, uid: str, memo: kopf.Memo, logger: Any, retry: int, **_: Any
     ) -> None:
-        await clients.forget(memo.ctx, meta["namespace"], meta["name"], retry, logger)
+        async with serialized(memo, uid):
+            await clients.forget(memo.ctx, meta["namespace"], meta["name"], retry, logger)
+        forget_lock(memo, uid)

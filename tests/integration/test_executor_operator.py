@@ -163,6 +163,41 @@ def test_failed_model_load_reported_by_a_companion_is_shown(
     assert "has no objects" in status_of(kube)["lastFailure"]
 
 
+def test_new_version_failing_while_old_pods_serve_is_reported(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    kube.create(executor())
+    kube.wait_for(lambda: kube.get(*DEP, "ml", "hp2"))
+    now = time.time()
+    r = redis.Redis.from_url(redis_url)
+    r.hset(f"{PREFIX}:replicas", "ml/hp2|old", json.dumps(
+        {"executor": "ml/hp2", "pod": "old", "state": "Available", "version": 1,
+         "expires_at": now + 60}))
+    r.hset(f"{PREFIX}:replicas", "ml/hp2|new", json.dumps(
+        {"executor": "ml/hp2", "pod": "new", "state": "Failed", "reason": "NotASavedModel",
+         "message": "s3://models/half_plus_two/2/ has no saved_model.pb", "expires_at": now + 60}))
+    progressing = kube.wait_for(
+        lambda: condition(kube, "Progressing").get("reason") == "NewVersionFailed"
+        and condition(kube, "Progressing"), what="Progressing=False/NewVersionFailed")
+    assert progressing["status"] == "False" and "no saved_model.pb" in progressing["message"]
+    assert condition(kube, "ModelLoaded")["status"] == "True"  # version 1 still serves
+    assert "keeps serving" in status_of(kube)["lastFailure"]
+    kube.wait_for(lambda: events(kube, "NewVersionFailed"), what="a NewVersionFailed Event")
+
+
+def test_labels_added_by_others_are_kept(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    kube.create(executor())
+    kube.wait_for(lambda: kube.get(*DEP, "ml", "hp2"))
+    kube.patch(*DEP, "ml", "hp2", {"metadata": {"labels": {"cost-center": "ml-42"}}})
+    time.sleep(1.5)  # three reconcile rounds
+    labels = kube.get(*DEP, "ml", "hp2")["metadata"]["labels"]
+    assert labels["cost-center"] == "ml-42"
+    assert labels["app.kubernetes.io/managed-by"] == "mulambda-operator"
+    assert not events(kube, "UpdatedDeployment")
+
+
 def test_spec_change_patches_deployment_and_updates_metadata(
     kube: Kube, operator: OperatorRun, redis_url: str
 ) -> None:
@@ -334,18 +369,41 @@ def test_redis_down_during_delete_keeps_the_executor_until_metadata_is_removed(
                   what="the executor gone once Redis is back")
 
 
-def test_operator_uses_only_the_rbac_rules_it_declares(
+def test_operator_uses_exactly_the_rbac_rules_it_declares(
     kube: Kube, operator: OperatorRun, redis_url: str
 ) -> None:
     from mulambda.operator.rbac import REQUIRED_RULES
 
+    # Everything the operator does: executors created, changed, deleted;
+    # a Client whose workload is created, then dropped, then the Client deleted.
     kube.create(executor())
     kube.wait_for(lambda: condition(kube, "Registered").get("status") == "True")
     kube.patch(*ME, "ml", "hp2", {"spec": {"model": {"version": 2}}})
     kube.wait_for(lambda: status_of(kube).get("observedGeneration") == 2)
+    # Drift on a child is corrected by a patch.
+    kube.patch(*SVC, "ml", "hp2", {"spec": {"selector": {"app": "someone-else"}}})
+    kube.wait_for(lambda: kube.get(*SVC, "ml", "hp2")["spec"]["selector"].get("app") is None,
+                  what="the Service selector restored")
+    cl = ("mulambda.io/v1alpha1", "clients")
+    template = {"spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}
+    kube.create({"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
+                 "metadata": {"name": "shop", "namespace": "ml"},
+                 "spec": {"criteria": {"type": "regression"},
+                          "workload": {"template": template}}})
+    kube.wait_for(lambda: kube.get(*DEP, "ml", "shop-workload"))
+    kube.patch(*cl, "ml", "shop", [{"op": "remove", "path": "/spec/workload"}],
+               patch_type="json")
+    kube.wait_for(lambda: kube.get(*DEP, "ml", "shop-workload") is None, what="workload removed")
+    kube.delete(*cl, "ml", "shop")
     kube.delete(*ME, "ml", "hp2")
-    kube.wait_for(lambda: kube.get(*ME, "ml", "hp2") is None)
-    assert kube.rbac_violations(copy.deepcopy(REQUIRED_RULES)) == set()
+    kube.wait_for(lambda: kube.get(*ME, "ml", "hp2") is None and kube.get(*cl, "ml", "shop")
+                  is None)
+
+    assert kube.rbac_violations(copy.deepcopy(REQUIRED_RULES)) == set()  # nothing undeclared
+    declared = {(g, r, v) for rule in REQUIRED_RULES for g in rule["apiGroups"]
+                for r in rule["resources"] for v in rule["verbs"]}
+    unused = sorted(declared - kube.rbac_triples())
+    assert unused == [], unused  # nothing granted that is never used
 
 
 async def test_store_record_round_trip_is_what_selection_reads(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mulambda.client import MulambdaClient
 from mulambda.operator.main import register_all
 from mulambda.settings import Settings
 from mulambda.store import MetadataStore
@@ -78,7 +79,7 @@ async def _with_store(redis_url: str, fn: Callable[[MetadataStore], Any]) -> Any
         await store.close()
 
 
-def test_min_zero_executor_starts_cold_and_a_waiting_client_activates_it(
+def test_min_zero_executor_starts_cold_and_sdk_demand_activates_it(
     kube: Kube, operator: OperatorRun, redis_url: str
 ) -> None:
     kube.create(executor())
@@ -89,11 +90,27 @@ def test_min_zero_executor_starts_cold_and_a_waiting_client_activates_it(
         what="Ready=False/ScaledToZero")
     assert ready["status"] == "False"
 
-    # A client that prefers to wait for the best (cold) model: the operator's
-    # selection records demand for it, and the autoscaler activates it.
+    # A Client that prefers to wait for the best (cold) model. Registering it
+    # wakes nothing: only requests are demand.
     kube.create({"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
                  "metadata": {"name": "shop", "namespace": "ml"},
                  "spec": {"criteria": {"type": "sentiment"}, "coldStart": "Wait"}})
+    kube.wait_for(lambda: (kube.get(*CL, "ml", "shop").get("status") or {}).get("selected"),
+                  what="the cold executor selected")
+    time.sleep(1.5)  # several autoscaler ticks
+    assert replicas(kube) == 0
+
+    # The application asks the SDK for a model: the SDK records demand for the
+    # cold executor it would pick, and the operator activates it at once.
+    async def ask() -> str:
+        store = MetadataStore.from_url(redis_url, PREFIX)
+        async with MulambdaClient(store, "ml/shop", cold_start_timeout=5) as mu:
+            chosen = (await mu.select()).executor_id
+            await asyncio.sleep(0.3)  # the demand signal is sent in the background
+        await store.close()
+        return chosen
+
+    assert run(ask()) == "ml/sent"
     kube.wait_for(lambda: replicas(kube) == 1, timeout=5, what="activated to one replica")
     assert scaling_status(kube).get("reason") == "Activate"
     kube.wait_for(lambda: events(kube, "Activate"), what="an Activate Event")
@@ -108,6 +125,22 @@ def test_min_zero_executor_starts_cold_and_a_waiting_client_activates_it(
     assert 0.5 <= cold < 10
     assert "activatedAt" not in scaling_status(kube)
     kube.wait_for(lambda: events(kube, "ColdStart"), what="a ColdStart Event")
+
+
+def test_autoscaler_never_scales_a_deployment_it_does_not_own(
+    kube: Kube, operator: OperatorRun, redis_url: str
+) -> None:
+    foreign = {"apiVersion": "apps/v1", "kind": "Deployment",
+               "metadata": {"name": "sent", "namespace": "ml"},
+               "spec": {"replicas": 5, "selector": {"matchLabels": {"app": "b"}},
+                        "template": {"metadata": {"labels": {"app": "b"}},
+                                     "spec": {"containers": [{"name": "b", "image": "b"}]}}}}
+    kube.create(foreign)
+    kube.create(executor(minReplicas=0, idleWindowSeconds=0))
+    kube.wait_for(lambda: any(c.get("reason") == "NameConflict" for c in (
+        kube.get(*ME, "ml", "sent").get("status") or {}).get("conditions", [])))
+    time.sleep(1.5)  # autoscaler ticks with no demand at all
+    assert replicas(kube) == 5
 
 
 def test_idle_executor_scales_to_zero_after_the_idle_window(
@@ -135,13 +168,15 @@ def test_in_flight_demand_scales_up_within_max_replicas(
                subresource="status")
 
     # 10 requests in flight with a target of 2 per replica: wants 5, max is 3.
-    run(_with_store(redis_url, lambda s: s.add_inflight("ml/sent", 10)))
+    # (What an SDK instance publishes as its in-flight lease.)
+    run(_with_store(redis_url, lambda s: s.publish_inflight("test-sdk", {"ml/sent": 10})))
     kube.wait_for(lambda: replicas(kube) == 3, timeout=5, what="scaled to maxReplicas")
-    status = scaling_status(kube)
-    assert status["desiredReplicas"] == 3 and status["reason"] in {"Bounded", "Panic"}
+    status = kube.wait_for(lambda: scaling_status(kube).get("desiredReplicas") == 3
+                           and scaling_status(kube), what="the decision in status")
+    assert status["reason"] in {"Bounded", "Panic"}
 
     # Demand gone: with minReplicas 1 it never goes below one.
-    run(_with_store(redis_url, lambda s: s.add_inflight("ml/sent", -10)))
+    run(_with_store(redis_url, lambda s: s.publish_inflight("test-sdk", {"ml/sent": 0})))
     kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 3, "readyReplicas": 3}},
                subresource="status")
     time.sleep(2.0)

@@ -48,7 +48,7 @@ async def publish_replica(store: MetadataStore, rec: ExecutorRecord) -> None:
 async def activator(store: MetadataStore, executor: str, delay: float) -> float:
     """Wait for demand on ``executor``, 'start a pod' for ``delay`` s, publish it."""
     while True:  # polling the store is what the operator's autoscaler does too
-        if (await store.demand(window_seconds=10)).get(executor, 0) > 0:
+        if (await store.demand(window_seconds=20)).get(executor, 0) > 0:
             break
         await asyncio.sleep(0.05)
     seen = time.monotonic()
@@ -96,7 +96,7 @@ async def test_waiting_gives_up_after_the_cold_start_timeout(store, doubles):
         with pytest.raises(AllCandidatesFailed, match="cold start not done"):
             await mu.predict([["meh"]])
     assert 1.0 <= time.monotonic() - started < 5
-    assert (await store.demand(window_seconds=10)).get(eid, 0) > 0  # it did ask for it
+    assert (await store.demand(window_seconds=20)).get(eid, 0) > 0  # it did ask for it
     assert cold.requests == []
 
 
@@ -117,10 +117,10 @@ async def test_use_warm_client_is_served_by_a_warm_model_while_the_better_one_wa
         assert result.executor == "ml/warm"
         # The much better cold model was asked for, so the operator activates it.
         for _ in range(40):
-            if (await store.demand(window_seconds=10)).get(best, 0) > 0:
+            if (await store.demand(window_seconds=20)).get(best, 0) > 0:
                 break
             await asyncio.sleep(0.05)
-        assert (await store.demand(window_seconds=10)).get(best, 0) > 0
+        assert (await store.demand(window_seconds=20)).get(best, 0) > 0
     assert cold.requests == []
 
 

@@ -58,6 +58,14 @@ def test_quantities_parse_like_kubernetes():
     assert parse_quantity(2) == 2
     with pytest.raises(ValueError):
         parse_quantity("1 GB")
+    for typo in ("512mi", "1ki", "2ni"):  # lower-case binary suffixes do not exist
+        with pytest.raises(ValueError, match="not a Kubernetes quantity"):
+            parse_quantity(typo)
+
+
+def test_quantity_typo_in_a_spec_is_a_spec_error_not_a_crash():
+    with pytest.raises(SpecError, match=r"spec\.serving\.resources\.limits\.memory"):
+        parse_executor_spec(_with("serving.resources", {"limits": {"memory": "512mi"}}))
 
 
 def test_client_spec_rejects_negative_weights():

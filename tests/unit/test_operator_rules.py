@@ -1,0 +1,55 @@
+"""Small operator rules that need no API server: rejections, sticky choices, settings."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from mulambda.operator import children, clients
+from mulambda.selection import Criteria, rank
+from mulambda.settings import Settings
+from mulambda.store import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
+
+
+def test_api_validation_errors_become_rejections_with_the_servers_message():
+    exc = ApiException(status=422, reason="Unprocessable Entity")
+    exc.body = json.dumps({"message": 'Deployment.apps "x" is invalid: spec.template.spec.'
+                                     'tolerations[0].effect: Unsupported value: "Sometimes"'})
+    rejected = children._rejected(exc, "Deployment", "x")
+    assert rejected is not None and 'Unsupported value: "Sometimes"' in str(rejected)
+    assert children._rejected(ApiException(status=500, reason="boom"), "Deployment", "x") is None
+    assert children._rejected(ApiException(status=409, reason="exists"), "Service", "x") is None
+
+
+def _snapshot(latencies: dict[str, float]) -> Snapshot:
+    now = time.time()
+    executors, replicas, latency = {}, {}, {}
+    for name, ms in latencies.items():
+        rec = ExecutorRecord(namespace="ml", name=name, model=name, version=1, type="t",
+                             input="i", output="o", accuracy=0.9, rest=f"http://{name}",
+                             grpc="", state="Ready", service_time_ms=5)
+        executors[rec.id] = rec
+        replicas[rec.id] = [ReplicaRecord(executor=rec.id, pod="p", state="Available",
+                                          expires_at=now + 60)]
+        latency[rec.id] = {"p": LatencySample(ms=ms, samples=3, expires_at=now + 60)}
+    return Snapshot(executors, replicas, latency, {}, now)
+
+
+def test_operator_keeps_its_choice_among_equals_but_moves_for_a_better_one():
+    criteria = Criteria(type="t")
+    tie = rank(criteria, _snapshot({"a": 2.0, "b": 2.0}), client="apps/c")
+    other = next(c.executor_id for c in tie if c.executor_id != tie[0].executor_id)
+    assert clients._sticky_choice(tie, other).executor_id == other  # no flapping
+    better = rank(criteria, _snapshot({"a": 1.0, "b": 40.0}), client="apps/c")
+    assert clients._sticky_choice(better, "ml/b").executor_id == "ml/a"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_intervals_must_be_positive_and_finite(value):
+    with pytest.raises(ValueError, match="MULAMBDA_HEARTBEAT_TTL_SECONDS"):
+        Settings.from_env({"MULAMBDA_HEARTBEAT_TTL_SECONDS": value})
+    ok = Settings.from_env({"MULAMBDA_HEARTBEAT_TTL_SECONDS": "12.5"})
+    assert ok.heartbeat_ttl_seconds == 12.5
