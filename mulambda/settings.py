@@ -23,6 +23,9 @@ DEFAULT_COMPANION_IMAGE = "ghcr.io/mulambda/mulambda:0.1.0"
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "REDIS_URL": (
         "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB)."),
+    "REDIS_SECRET": (
+        "", "Secret (key password) with the store's password, read via secretKeyRef; "
+        "empty: no password."),
     "KEY_PREFIX": ("mulambda", "Prefix of every key mulambda writes in the store."),
     "SERVING_IMAGE": (DEFAULT_SERVING_IMAGE, "Default TF Serving image for executors."),
     "COMPANION_IMAGE": (DEFAULT_COMPANION_IMAGE, "Image of the companion sidecar (this project)."),
@@ -56,6 +59,7 @@ class Settings:
     """Typed view of the environment. Build with :meth:`from_env`."""
 
     redis_url: str = SETTINGS_DOC["REDIS_URL"][0]
+    redis_secret: str = ""
     key_prefix: str = SETTINGS_DOC["KEY_PREFIX"][0]
     serving_image: str = DEFAULT_SERVING_IMAGE
     companion_image: str = DEFAULT_COMPANION_IMAGE

@@ -58,6 +58,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
 import types
 import typing
@@ -92,6 +93,9 @@ DEMAND_TTL_SECONDS = 600
 INFLIGHT_LEASE_SECONDS = 30.0
 
 log = logging.getLogger("mulambda.store")
+
+
+PASSWORD_ENV = "MULAMBDA_REDIS_PASSWORD"
 
 
 class StoreUnavailable(RuntimeError):
@@ -298,10 +302,20 @@ class MetadataStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0,
-                 instance: str | None = None) -> MetadataStore:
-        """Create a store; does not connect until the first command."""
+                 instance: str | None = None, password: str | None = None) -> MetadataStore:
+        """Create a store; does not connect until the first command.
+
+        The password comes from ``password`` or else the environment variable
+        ``MULAMBDA_REDIS_PASSWORD`` (fed by the Secret ``MULAMBDA_REDIS_SECRET``
+        names), so it never has to be part of a URL that is copied into
+        ConfigMaps, pod specs or logs.
+        """
+        if password is None:
+            password = os.environ.get(PASSWORD_ENV) or None
+        extra: dict[str, Any] = {"password": password} if password else {}
         client = aioredis.Redis.from_url(
             url,
+            **extra,
             decode_responses=True,
             # Invalid UTF-8 in one value must not fail a whole HGETALL: it
             # decodes to U+FFFD and that value is skipped as malformed.

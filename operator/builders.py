@@ -79,6 +79,14 @@ def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
 
 
+def _redis_password_env(settings: Settings) -> list[dict[str, Any]]:
+    """The store's password, from the Secret named by MULAMBDA_REDIS_SECRET (same
+    namespace as the pod), never as a literal value."""
+    if not settings.redis_secret:
+        return []
+    return [_secret_env("MULAMBDA_REDIS_PASSWORD", settings.redis_secret, "password")]
+
+
 def companion_env(
     name: str, namespace: str, spec: ModelExecutorSpec, settings: Settings
 ) -> list[dict[str, Any]]:
@@ -105,6 +113,7 @@ def companion_env(
         _field_env("MULAMBDA_POD_IP", "status.podIP"),
         _secret_env("MULAMBDA_S3_ACCESS_KEY", secret, "accessKey"),
         _secret_env("MULAMBDA_S3_SECRET_KEY", secret, "secretKey"),
+        *_redis_password_env(settings),
     ]
     if settings.s3_region:
         env.append(_env("MULAMBDA_S3_REGION", settings.s3_region))
@@ -294,6 +303,7 @@ def client_env(client_name: str, namespace: str, settings: Settings) -> list[dic
         _env("MULAMBDA_REDIS_URL", settings.redis_url),
         _env("MULAMBDA_KEY_PREFIX", settings.key_prefix),
         _env("MULAMBDA_SELECTOR_URL", settings.selector_url),
+        *_redis_password_env(settings),
     ]
 
 

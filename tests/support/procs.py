@@ -52,7 +52,8 @@ class RedisServer:
     bring it back to check that components retry and converge.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, password: str | None = None) -> None:
+        self.password = password
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server not installed (apt-get install redis-server)")
@@ -67,7 +68,8 @@ class RedisServer:
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
+             "--appendonly", "no", "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_until(self._pings, 10, f"redis-server on port {self.port}")
@@ -75,7 +77,9 @@ class RedisServer:
     def _pings(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            answer = s.recv(64)
+            # With a password, "-NOAUTH" also proves the server is up.
+            return answer.startswith(b"+PONG") or answer.startswith(b"-NOAUTH")
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -115,3 +115,16 @@ def test_endpoints_use_the_service_dns_name():
         "rest": "http://hp2.ml.svc.cluster.local:8501",
         "grpc": "hp2.ml.svc.cluster.local:8500",
     }
+
+
+def test_store_password_reaches_pods_only_through_a_secret_reference():
+    with_secret = Settings(redis_secret="store-auth", companion_image="mulambda:test")
+    dep = builders.build_deployment("hp2", "ml", parse_executor_spec(SPEC), with_secret)
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][1]["env"]}
+    ref = env["MULAMBDA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "store-auth", "key": "password"}
+    workload = builders.client_env("c", "apps", with_secret)
+    assert any(e["name"] == "MULAMBDA_REDIS_PASSWORD" and "valueFrom" in e for e in workload)
+    # Without a Secret configured nothing is added.
+    plain = _deployment()["spec"]["template"]["spec"]["containers"][1]["env"]
+    assert "MULAMBDA_REDIS_PASSWORD" not in {e["name"] for e in plain}

@@ -518,6 +518,11 @@ def test_kustomize_crds_are_the_canonical_ones() -> None:
 SCENARIOS: dict[str, Obj] = {
     "defaults": {},
     "byo-redis": {"redis": {"enabled": False, "url": "redis://my-redis.db.svc:6379/2"}},
+    "byo-redis-with-password": {
+        "redis": {"enabled": False, "url": "redis://my-redis.db.svc:6379/2",
+                  "existingSecret": "store-auth"},
+        "operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+    },
     "byo-s3": {
         "s3": {"endpoint": "s3.example.com:443", "secure": True, "region": "eu-west-1",
                "existingSecret": "team-s3"},
@@ -563,7 +568,8 @@ def test_chart_renders_valid_hardened_objects(scenario: str) -> None:
     assert_hardened(docs)
     assert_services_select_pods(docs)
     v = merged(values)
-    external = {v["s3"]["existingSecret"], v["serviceAccount"]["name"]} - {""}
+    external = {v["s3"]["existingSecret"], v["redis"]["existingSecret"],
+                v["serviceAccount"]["name"]} - {""}
     if not v["minio"]["enabled"]:
         external.add(config_data(docs)["MULAMBDA_S3_SECRET"])
     assert_references_resolve(docs, external)
@@ -744,6 +750,19 @@ def test_bucket_script_waits_for_s3_then_creates_each_bucket(
     monkeypatch.setenv("BUCKETS", "models,extra")
     runpy.run_path(str(BUCKET_SCRIPT), run_name="__main__")
     assert calls == ["models", "models", "extra"]
+
+
+def test_chart_store_password_only_through_the_secret() -> None:
+    docs = render(SCENARIOS["byo-redis-with-password"])
+    for name in ("mulambda-operator", "mulambda-selector"):
+        env = {e["name"]: e for e in container(docs, name).get("env", [])}
+        ref = env["MULAMBDA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "store-auth", "key": "password"}
+    assert "HTTPS_PROXY" in {e["name"] for e in container(docs, "mulambda-operator")["env"]}
+    assert config_data(docs)["MULAMBDA_REDIS_SECRET"] == "store-auth"
+    assert "store-auth" not in config_data(docs)["MULAMBDA_REDIS_URL"]
+    defaults = render({})
+    assert "env" not in container(defaults, "mulambda-selector")
 
 
 def test_chart_selector_node_port() -> None:

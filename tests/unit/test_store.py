@@ -179,3 +179,29 @@ async def test_malformed_values_are_skipped_and_logged_by_every_reader(
     text = "\n".join(logged)
     for fragment in ("oops", "fast", "many", "soon"):
         assert fragment not in text  # the content is never logged
+
+
+async def test_store_password_comes_from_the_environment_not_the_url(monkeypatch):
+    from mulambda.store import StoreUnavailable
+
+    from support.procs import RedisServer
+
+    server = RedisServer(password="s3cr3t-pw")
+    server.start()
+    try:
+        monkeypatch.delenv("MULAMBDA_REDIS_PASSWORD", raising=False)
+        anonymous = MetadataStore.from_url(server.url)
+        try:
+            with pytest.raises(StoreUnavailable) as err:
+                await anonymous.ping()
+            assert "s3cr3t-pw" not in str(err.value)
+        finally:
+            await anonymous.close()
+        monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", "s3cr3t-pw")
+        authed = MetadataStore.from_url(server.url)  # the URL has no credentials
+        try:
+            assert await authed.ping()
+        finally:
+            await authed.close()
+    finally:
+        server.stop()

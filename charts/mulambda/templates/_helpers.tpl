@@ -102,3 +102,14 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* The store password from redis.existingSecret, for processes that talk to the store. */}}
+{{- define "mulambda.redisPasswordEnv" -}}
+{{- if .Values.redis.existingSecret }}
+- name: MULAMBDA_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.existingSecret }}
+      key: password
+{{- end }}
+{{- end }}
