@@ -20,8 +20,9 @@ from mulambda.operator.conditions import (
     conditions_equal,
     get_condition,
     merge_conditions,
+    report_failure,
 )
-from mulambda.operator.executors import Context, backoff
+from mulambda.operator.executors import Context, backoff, forget_records
 from mulambda.resources import ClientSpec, SpecError, parse_client_spec
 from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, rank
 from mulambda.store import ClientRecord, StoreUnavailable
@@ -182,24 +183,9 @@ def _summary(entry: dict[str, Any] | None) -> tuple[Any, ...] | None:
 
 def _fail(body: kopf.Body, patch: kopf.Patch, old: list[dict[str, Any]] | None,
           generation: int, reason: str, msg: str) -> None:
-    ready = get_condition(old, "Ready")
-    already = (ready is not None and ready.get("reason") == reason
-               and ready.get("observedGeneration") == generation)
-    patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = merge_conditions(
-        old, [condition("Ready", FALSE, reason, msg)], generation)
-    if not already:
-        kopf.warn(body, reason=reason, message=msg)
+    report_failure(body, patch, old, generation, reason, msg)
 
 
 async def forget(ctx: Context, namespace: str, name: str, retry: int, logger: Any) -> None:
     """Remove the Client's store records (the finalizer's job); the workload goes by GC."""
-    try:
-        await ctx.store.remove_client(f"{namespace}/{name}")
-    except StoreUnavailable as exc:
-        delay = backoff(retry, ctx.settings)
-        raise kopf.TemporaryError(
-            f"{exc}; the Client stays until its metadata is removed. Retrying in {delay:g}s.",
-            delay=delay,
-        ) from None
-    logger.info("client metadata removed client=%s/%s", namespace, name)
+    await forget_records(ctx, ctx.store.remove_client, "Client", namespace, name, retry, logger)

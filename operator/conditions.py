@@ -16,6 +16,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import kopf
+
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
 
 
@@ -66,3 +68,18 @@ def conditions_equal(a: list[dict[str, Any]] | None, b: list[dict[str, Any]] | N
         return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in cs or []]
 
     return strip(a) == strip(b)
+
+
+def report_failure(
+    body: kopf.Body, patch: kopf.Patch, old: list[dict[str, Any]] | None, generation: int,
+    reason: str, msg: str, types: tuple[str, ...] = ("Ready",),
+) -> None:
+    """Set ``types`` False with ``reason``; one Warning Event per generation and reason."""
+    ready = get_condition(old, "Ready")
+    already = (ready is not None and ready.get("reason") == reason
+               and ready.get("observedGeneration") == generation)
+    patch.status["observedGeneration"] = generation
+    patch.status["conditions"] = merge_conditions(
+        old, [condition(t, FALSE, reason, msg) for t in types], generation)
+    if not already:
+        kopf.warn(body, reason=reason, message=msg)

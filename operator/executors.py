@@ -8,7 +8,7 @@ only with what changed. Handlers stay thin (see handlers/modelexecutor.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from mulambda.operator.conditions import (
     conditions_equal,
     get_condition,
     merge_conditions,
+    report_failure,
 )
 from mulambda.operator.kube import KubeApi
 from mulambda.resources import ModelExecutorSpec, SpecError, parse_executor_spec
@@ -281,28 +282,27 @@ def _fail(
     body: kopf.Body, patch: kopf.Patch, old_conditions: list[dict[str, Any]] | None,
     generation: int, reason: str, msg: str,
 ) -> None:
-    """Ready/Progressing False with ``reason``; one Warning Event per generation."""
-    ready = get_condition(old_conditions, "Ready")
-    already = (ready is not None and ready.get("reason") == reason
-               and ready.get("observedGeneration") == generation)
-    patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = merge_conditions(
-        old_conditions,
-        [condition("Ready", FALSE, reason, msg), condition("Progressing", FALSE, reason, msg)],
-        generation,
-    )
-    if not already:
-        kopf.warn(body, reason=reason, message=msg)
+    report_failure(body, patch, old_conditions, generation, reason, msg,
+                   ("Ready", "Progressing"))
 
 
 async def forget(ctx: Context, namespace: str, name: str, retry: int, logger: Any) -> None:
     """Remove the executor's store records (the finalizer's job); children go by GC."""
+    await forget_records(ctx, ctx.store.remove_executor, "executor", namespace, name, retry,
+                         logger)
+
+
+async def forget_records(
+    ctx: Context, remove: Callable[[str], Awaitable[None]], kind: str, namespace: str,
+    name: str, retry: int, logger: Any,
+) -> None:
+    """Run a store removal for a finalizer; while the store is down, keep the object."""
     try:
-        await ctx.store.remove_executor(f"{namespace}/{name}")
+        await remove(f"{namespace}/{name}")
     except StoreUnavailable as exc:
         delay = backoff(retry, ctx.settings)
         raise kopf.TemporaryError(
-            f"{exc}; the executor stays until its metadata is removed. Retrying in {delay:g}s.",
+            f"{exc}; the {kind} stays until its metadata is removed. Retrying in {delay:g}s.",
             delay=delay,
         ) from None
-    logger.info("executor metadata removed executor=%s/%s", namespace, name)
+    logger.info("%s metadata removed %s=%s/%s", kind, kind, namespace, name)
