@@ -75,8 +75,13 @@ class Windows:
 async def autoscale(
     ctx: Context, memory: Windows, body: kopf.Body, spec: dict[str, Any],
     status: dict[str, Any], patch: kopf.Patch, logger: Any, now: float | None = None,
+    deployment: dict[str, Any] | None = None,
 ) -> None:
-    """One autoscaling step for one executor."""
+    """One autoscaling step for one executor.
+
+    ``deployment`` is the executor's Deployment as the watch cache has it
+    (``None``: not created yet, nothing to scale).
+    """
     name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
     eid = f"{ns}/{name}"
     try:
@@ -84,7 +89,6 @@ async def autoscale(
     except SpecError:
         return  # reported by the reconcile handler; nothing to scale
     policy = parsed.scaling
-    deployment = await ctx.kube.get_deployment(name, ns)
     if deployment is None or not children.owned_by(deployment, body):
         return  # not created yet, or someone else's (reported as NameConflict)
     current = int(deployment.get("spec", {}).get("replicas") or 0)

@@ -49,12 +49,14 @@ REQUIRED_RULES: Final[list[Rule]] = [
         "verbs": ["patch"],
     },
     # Children: executor and client-workload Deployments and their Services,
-    # read by name (get-or-create, compare-then-patch), never listed or watched.
-    # delete: a Client's workload is removed when spec.workload is dropped.
+    # read by name for get-or-create and compare-then-patch; executor
+    # Deployments are also listed and watched (label-selected) into the
+    # autoscaler's cache. delete: a Client's workload goes when spec.workload
+    # is dropped.
     {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
-        "verbs": ["get", "create", "patch", "delete"],
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
     {
         "apiGroups": [""],

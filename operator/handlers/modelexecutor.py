@@ -6,7 +6,7 @@ from typing import Any
 
 import kopf
 
-from mulambda.operator import autoscaler, executors
+from mulambda.operator import autoscaler, builders, executors
 from mulambda.operator.handlers import deleting, forget_lock, live, serialized
 from mulambda.resources import GROUP, VERSION
 from mulambda.settings import Settings
@@ -50,17 +50,35 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             except kopf.TemporaryError as exc:
                 logger.warning("refresh deferred: %s", exc)
 
+    # The executors' Deployments as the watch stream delivers them (kopf's
+    # informer-style cache): the autoscaler reads replicas and readiness from
+    # here every tick instead of GETting each Deployment every 2 s.
+    @kopf.index("apps", "v1", "deployments", registry=registry, id="executor_deployments",
+                labels={"app.kubernetes.io/managed-by": builders.MANAGED_BY,
+                        "app.kubernetes.io/name": "modelexecutor"})
+    def executor_deployments(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        meta, spec, status = kwargs["meta"], kwargs["spec"], kwargs["status"]
+        return {(kwargs["namespace"], kwargs["name"]): {
+            "metadata": {"ownerReferences": list(meta.get("ownerReferences") or [])},
+            "spec": {"replicas": spec.get("replicas")},
+            "status": {"readyReplicas": status.get("readyReplicas") or 0},
+        }}
+
     @kopf.timer(*RESOURCE, registry=registry, interval=settings.autoscale_interval_seconds,
                 idle=None)
     async def autoscale_executor(
-        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any,
+        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any,
+        **kwargs: Any,
     ) -> None:
+        index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["executor_deployments"]
         async with serialized(memo, uid):
             if deleting(body):
                 return
             spec, status, _generation = live(body)
+            key = (body["metadata"]["namespace"], body["metadata"]["name"])
+            deployment = next(iter(index.get(key, [])), None)
             await autoscaler.autoscale(memo.ctx, memo.windows, body, spec, status, patch,
-                                       logger)
+                                       logger, deployment=deployment)
 
     @kopf.on.delete(*RESOURCE, registry=registry)
     async def forget_executor(
