@@ -13,6 +13,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from urllib.parse import urlsplit
 
 PREFIX = "MULAMBDA_"
 
@@ -101,6 +102,12 @@ class Settings:
             else:
                 values[f.name] = raw
         settings = cls(**values)  # type: ignore[arg-type]
+        if urlsplit(settings.redis_url).password:
+            # The URL is copied into every executor and workload pod spec: a
+            # password there would be readable by anyone who can read Deployments.
+            raise ValueError(
+                f"{PREFIX}REDIS_URL must not carry a password; put it in a Secret (key "
+                f"'password') and name that Secret in {PREFIX}REDIS_SECRET")
         for f in fields(cls):
             value = getattr(settings, f.name)
             if f.name.endswith("_seconds") and not (math.isfinite(value) and value > 0):

@@ -51,10 +51,6 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
                  app_settings.key_prefix)
-        if "@" in app_settings.redis_url:
-            log.warning("MULAMBDA_REDIS_URL carries credentials; it is copied into executor "
-                        "and workload pod specs. Put the password in a Secret and name it "
-                        "in MULAMBDA_REDIS_SECRET instead.")
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:

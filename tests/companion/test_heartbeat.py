@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 from mulambda.companion import loader
 from mulambda.companion.config import CompanionConfig
@@ -46,12 +47,13 @@ async def test_heartbeat_carries_a_ttl_and_is_renewed(store: MetadataStore):
     hb = make_heartbeat(store, state, ttl=2.0, interval=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(hb.run(stop))
-    await asyncio.sleep(0.1)
-    first = await current(store)
-    await asyncio.sleep(0.2)
-    second = await current(store)
+    # Poll rather than sleep a fixed time: a loaded CI machine may be slow to
+    # schedule the first write, and what matters is that a renewal follows it.
+    first = await _eventually(lambda: current(store))
+    second = await _eventually(
+        lambda: _renewed_after(store, first.heartbeat_at))  # type: ignore[union-attr]
     stop.set()
-    await asyncio.wait_for(task, 1.0)
+    await asyncio.wait_for(task, 5.0)
 
     assert first is not None and second is not None
     assert (second.state, second.version, second.ip) == ("Available", 4, "10.1.2.3")
@@ -60,11 +62,28 @@ async def test_heartbeat_carries_a_ttl_and_is_renewed(store: MetadataStore):
 
 
 async def test_heartbeat_ages_out_when_not_renewed(store: MetadataStore):
-    hb = make_heartbeat(store, ModelState(), ttl=0.2, interval=0.05)
-    await run_for(hb, 0.1)  # stopped without remove(): a pod that died
-    assert [r.pod for r in await store.list_replicas(EXECUTOR)] == [POD]
-    await asyncio.sleep(0.3)
+    hb = make_heartbeat(store, ModelState(), ttl=1.0, interval=0.1)
+    await run_for(hb, 0.2)  # stopped without remove(): a pod that died
+    rec = await current(store)
+    assert rec is not None and rec.pod == POD
+    # Live until its TTL, gone after it (judged by the record's own clock).
+    await asyncio.sleep(max(0.0, rec.expires_at - time.time()) + 0.2)
     assert await store.list_replicas(EXECUTOR) == []
+
+
+async def _eventually(fetch: Any, within: float = 5.0) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        found = await fetch()
+        if found is not None:
+            return found
+        await asyncio.sleep(0.02)
+    raise AssertionError("not seen in time")
+
+
+async def _renewed_after(store: MetadataStore, at: float) -> Any:
+    rec = await current(store)
+    return rec if rec is not None and rec.heartbeat_at > at else None
 
 
 async def test_state_change_is_published_without_waiting_for_the_interval(store: MetadataStore):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from mulambda.client import MulambdaClient
 from mulambda.operator.main import register_all
@@ -125,6 +126,12 @@ def test_min_zero_executor_starts_cold_and_sdk_demand_activates_it(
     assert 0.5 <= cold < 10
     assert "activatedAt" not in scaling_status(kube)
     kube.wait_for(lambda: events(kube, "ColdStart"), what="a ColdStart Event")
+    # The operator runs in this process: its Prometheus histogram saw it too.
+    count = REGISTRY.get_sample_value("mulambda_cold_start_seconds_count",
+                                      {"executor": "ml/sent"})
+    total = REGISTRY.get_sample_value("mulambda_cold_start_seconds_sum",
+                                      {"executor": "ml/sent"})
+    assert count is not None and count >= 1 and total is not None and total >= 0.5
 
 
 def test_autoscaler_never_scales_a_deployment_it_does_not_own(
@@ -162,7 +169,8 @@ def test_idle_executor_scales_to_zero_after_the_idle_window(
 def test_in_flight_demand_scales_up_within_max_replicas(
     kube: Kube, operator: OperatorRun, redis_url: str
 ) -> None:
-    kube.create(executor(minReplicas=1))
+    # Short windows so the test can also watch it come back down.
+    kube.create(executor(minReplicas=1, stableWindowSeconds=2, panicWindowSeconds=1))
     kube.wait_for(lambda: replicas(kube) == 1)
     kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
                subresource="status")
@@ -175,12 +183,14 @@ def test_in_flight_demand_scales_up_within_max_replicas(
                            and scaling_status(kube), what="the decision in status")
     assert status["reason"] in {"Bounded", "Panic"}
 
-    # Demand gone: with minReplicas 1 it never goes below one.
+    # Demand gone: back down once the stable window has passed, to minReplicas, not 0.
     run(_with_store(redis_url, lambda s: s.publish_inflight("test-sdk", {"ml/sent": 0})))
     kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 3, "readyReplicas": 3}},
                subresource="status")
-    time.sleep(2.0)
-    assert replicas(kube) is not None and replicas(kube) >= 1
+    kube.wait_for(lambda: replicas(kube) == 1, timeout=10, what="back to minReplicas")
+    assert scaling_status(kube)["reason"] in {"ScaleDown", "Bounded"}
+    time.sleep(1.0)  # and it stays there: never below minReplicas
+    assert replicas(kube) == 1
 
 
 def test_store_outage_holds_replicas(

@@ -288,16 +288,17 @@ async def test_a_long_call_keeps_its_lease_and_a_dead_sdk_lease_expires(store, d
     slow = await TFServingRESTDouble("slow", on_request=hold).start()
     doubles.append(slow)
     await register(store, "slow", slow.url, rtt=1)
-    mu = MulambdaClient(store, CLIENT, type="vision", inflight_lease_seconds=0.6)
+    # A 2 s lease (refreshed every third of it): slack for a loaded CI machine.
+    mu = MulambdaClient(store, CLIENT, type="vision", inflight_lease_seconds=2.0)
     call = asyncio.create_task(mu.predict([[0]]))
     await eventually(lambda: inflight(store, "ml/slow"), 1)
-    for _ in range(8):  # 1.6 s, well past one lease: refreshed while in flight
-        await asyncio.sleep(0.2)
+    for _ in range(10):  # 5 s, well past two leases: refreshed while in flight
+        await asyncio.sleep(0.5)
         assert await inflight(store, "ml/slow") == 1
     # The process dies: nothing refreshes or releases its lease any more.
     await mu._leases.stop()
     assert await inflight(store, "ml/slow") == 1
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(2.3)
     assert await inflight(store, "ml/slow") == 0
     assert await store.prune_expired() == 1
     assert await store.redis.hgetall(store.inflight_key) == {}

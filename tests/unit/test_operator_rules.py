@@ -53,3 +53,10 @@ def test_intervals_must_be_positive_and_finite(value):
         Settings.from_env({"MULAMBDA_HEARTBEAT_TTL_SECONDS": value})
     ok = Settings.from_env({"MULAMBDA_HEARTBEAT_TTL_SECONDS": "12.5"})
     assert ok.heartbeat_ttl_seconds == 12.5
+
+
+def test_a_password_in_the_store_url_is_refused_with_the_way_out():
+    with pytest.raises(ValueError, match="MULAMBDA_REDIS_SECRET") as err:
+        Settings.from_env({"MULAMBDA_REDIS_URL": "redis://:hunter2@redis:6379/0"})
+    assert "hunter2" not in str(err.value)
+    assert Settings.from_env({"MULAMBDA_REDIS_URL": "redis://redis:6379/1"}).redis_url.endswith("/1")

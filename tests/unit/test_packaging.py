@@ -1004,3 +1004,43 @@ def test_install_doc_covers_kustomize_helm_byo_and_uninstall() -> None:
                    "helm install", "redis.enabled=false", "s3.existingSecret", "helm uninstall",
                    "kubectl delete -k", "make up"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("source", ["chart", "kustomize"])
+def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None:
+    from mulambda.operator import builders
+    from mulambda.resources import parse_client_spec, parse_executor_spec
+    from mulambda.settings import Settings
+
+    if source == "kustomize" and shutil.which("kubectl") is None:
+        pytest.skip("kubectl is needed to render kustomize")
+    docs = render({}) if source == "chart" else kustomize("manifests/base")
+    policy = one(docs, "NetworkPolicy")
+    store = next(d for d in find(docs, "Deployment")
+                 if d["metadata"]["labels"].get("app.kubernetes.io/component") == "store")
+    store_labels = store["spec"]["template"]["metadata"]["labels"]
+    assert all(store_labels.get(k) == v
+               for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    [rule] = policy["spec"]["ingress"]
+    allowed = rule["from"][0]["podSelector"]["matchLabels"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+    def admitted(labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in allowed.items())
+
+    for d in find(docs, "Deployment"):
+        component = d["metadata"]["labels"].get("app.kubernetes.io/component")
+        if component in ("operator", "selector"):
+            assert admitted(d["spec"]["template"]["metadata"]["labels"]), component
+    # The pods the operator builds: executors (companions) and Client workloads.
+    spec = parse_executor_spec({"model": {"name": "m", "storageUri": "s3://bkt/m"},
+                                "traits": {"type": "t", "input": "i", "output": "o"}})
+    executor_pod = builders.build_deployment("m", "ml", spec, Settings())["spec"]["template"]
+    workload = parse_client_spec({"criteria": {"type": "t"}, "workload": {"template": {
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}}).workload
+    assert workload is not None
+    client_pod = builders.build_client_deployment("c", "apps", workload.template, 1,
+                                                  Settings())["spec"]["template"]
+    assert admitted(executor_pod["metadata"]["labels"])
+    assert admitted(client_pod["metadata"]["labels"])
+    assert not admitted({"app": "something-else"})

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from typing import Any
 
 import pytest
 
@@ -25,13 +26,38 @@ def _executor(name: str = "mx", ns: str = "ml") -> ExecutorRecord:
     )
 
 
-async def test_snapshot_reads_executors_replicas_latency_in_one_pipeline(store: MetadataStore):
+async def test_snapshot_reads_executors_replicas_latency_in_one_pipeline(
+    store: MetadataStore, monkeypatch: pytest.MonkeyPatch
+):
     await store.put_executor(_executor())
     await store.put_replica(ReplicaRecord(executor="ml/mx", pod="p1", state="Available"), ttl=30)
     await store.put_latencies("ml/mx", "p1", {"ml/c": LatencySample(ms=3.0, samples=2)}, ttl=30)
     await store.add_inflight("ml/mx", 2)
 
+    # Count round trips: every command must go through one pipeline execution.
+    executions = 0
+    real_pipeline = store.redis.pipeline
+
+    def counting_pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = real_pipeline(*args, **kwargs)
+        real_execute = pipe.execute
+
+        async def execute(*a: Any, **k: Any) -> Any:
+            nonlocal executions
+            executions += 1
+            return await real_execute(*a, **k)
+
+        pipe.execute = execute
+        return pipe
+
+    async def direct_command(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"command outside the pipeline: {args[:1]}")
+
+    monkeypatch.setattr(store.redis, "pipeline", counting_pipeline)
+    monkeypatch.setattr(store.redis, "execute_command", direct_command)
     snap = await store.snapshot("ml/c")
+    monkeypatch.undo()
+    assert executions == 1
 
     assert set(snap.executors) == {"ml/mx"}
     assert [r.pod for r in snap.replicas["ml/mx"]] == ["p1"]
