@@ -3,7 +3,8 @@
 One ModelExecutor built from examples/modelexecutor.yaml, under a unique
 name and a unique trait type (so only it can match the test's Client, even
 beside the `make up` example), goes Ready, answers half_plus_two predictions
-over REST, gets selected by a Client, and leaves nothing behind when deleted.
+over REST and through the SDK, gets selected by a Client, and leaves nothing
+behind when deleted.
 Tests depend on each other's order: they share the module's executor.
 """
 
@@ -145,6 +146,51 @@ def test_rest_prediction_is_half_plus_two(executor: dict[str, Any], port_forward
                               json={"instances": [1.0, 2.0, 5.0]}, timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["predictions"] == pytest.approx([2.5, 3.0, 4.5])
+
+
+class _ToPortForward(httpx.AsyncBaseTransport):
+    """Sends requests for in-cluster Service URLs to a local port-forward instead.
+
+    The SDK selects from the real store and calls the endpoint the operator
+    published (cluster DNS, unreachable from the laptop); only the last hop is
+    redirected, the request itself is the SDK's.
+    """
+
+    def __init__(self, routes: dict[tuple[str, int], int]) -> None:
+        self.routes = routes
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        local = self.routes.get((request.url.host, request.url.port or 80))
+        if local is not None:
+            request.url = request.url.copy_with(host="127.0.0.1", port=local)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_sdk_selects_the_executor_and_predicts_half_plus_two(
+    executor: dict[str, Any], store_url: str, settings_map: dict[str, str], port_forward: Any,
+) -> None:
+    from mulambda.client import MulambdaClient
+
+    rest = httpx.URL(executor["status"]["endpoint"]["rest"])
+    service = rest.host.split(".")[0]
+    with port_forward(NAMESPACE, f"svc/{service}", rest.port or 80) as local:
+        http = httpx.AsyncClient(transport=_ToPortForward({(rest.host, rest.port or 80): local}),
+                                 timeout=30)
+        store = MetadataStore.from_url(
+            store_url, prefix=settings_map.get("MULAMBDA_KEY_PREFIX", "mulambda"))
+        try:
+            async with MulambdaClient(store, f"{NAMESPACE}/e2e-sdk-{SUFFIX}", type=TYPE,
+                                      http=http) as mu:
+                result = await mu.predict([1.0, 2.0, 5.0])
+        finally:
+            await store.close()
+            await http.aclose()
+    assert result.executor == f"{NAMESPACE}/{EXECUTOR}"
+    assert result.predictions == pytest.approx([2.5, 3.0, 4.5])
 
 
 def test_client_status_and_selector_name_the_executor(
