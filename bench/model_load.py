@@ -1,6 +1,7 @@
 """Model load throughput: the companion loader vs. a single stream vs. a raw ceiling.
 
     python bench/model_load.py [--size-mib 1024] [--small-mib 256] [--repeat 3] [--crc zlib]
+                               [--link-mbps-per-conn 80] [--link-latency-ms 0]
 
 Starts a real SeaweedFS S3 server on loopback, pushes a synthetic SavedModel
 of ``--size-mib`` (saved_model.pb, a variables index, several shards and one
@@ -29,11 +30,24 @@ here: ``companion / baseline = companion / ceiling x ceiling / baseline``.
 Peak RSS growth (high-water mark above the RSS right before the load) of
 the companion is measured for ``--small-mib`` and ``--size-mib`` models to
 show memory does not grow with model size.
+
+Everything above runs on loopback, where one TCP stream is already about as
+fast as four, so no loader can show what parallel GETs are for. The
+constrained-link mode (``--link-mbps-per-conn``, 0 skips it) then runs
+companion, baseline and ceiling again through ``bench/link_proxy.py``,
+which caps every TCP connection at that many MB/s (its own token bucket;
+connections do not share it) and can delay every request
+(``--link-latency-ms``): what limits a single stream across a real network
+(TCP window / RTT, per-connection throttling in object stores). It first
+measures and prints what the proxy carries uncapped with ``--workers``
+connections, and also runs the ceiling through an uncapped proxy
+(``ceil-open``), so the cap, not the proxy, is seen to set the pace.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -44,8 +58,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -202,6 +218,82 @@ def run_child(mode: str, prefix: str, env: dict, workers: int, part_size: int,
     return {**json.loads(proc.stdout.strip().splitlines()[-1]), "server_cpu_seconds": server_cpu}
 
 
+def load_link_proxy() -> ModuleType:
+    """bench/link_proxy.py, loaded by path (the repository root stays off sys.path)."""
+    name = "mulambda_bench_link_proxy"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(
+            "link_proxy.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def rate(r: dict) -> float:
+    return r["bytes"] / r["seconds"] / 1e6
+
+
+class Summary:
+    """Best, median and paired ratios over interleaved rounds of several modes."""
+
+    def __init__(self, runs: dict[str, list[dict]]) -> None:
+        self.runs = runs
+
+    def best(self, mode: str) -> float:
+        return max(rate(r) for r in self.runs[mode])
+
+    def median(self, mode: str) -> float:
+        return statistics.median(rate(r) for r in self.runs[mode])
+
+    def paired(self, a: str, b: str) -> float:
+        """Median over rounds of a/b, both measured back to back in the same round."""
+        pairs = zip(self.runs[a], self.runs[b], strict=True)
+        return statistics.median(rate(x) / rate(y) for x, y in pairs)
+
+    def ratio_line(self, a: str, b: str, target: str = "") -> str:
+        return (f"  {a + ' / ' + b:<23} = {self.best(a) / self.best(b):.2f} best/best, "
+                f"{self.median(a) / self.median(b):.2f} median/median, "
+                f"{self.paired(a, b):.2f} median per round{target}")
+
+    def table(self) -> None:
+        print("  mode        MB/s best  median")
+        for mode in self.runs:
+            print(f"  {mode:<10} {self.best(mode):9.0f} {self.median(mode):7.0f}")
+
+    def noise(self, mode: str = "ceiling") -> None:
+        rates = [rate(r) for r in self.runs[mode]]
+        print(f"  noise: the {mode}'s own runs differ by up to {max(rates) / min(rates):.1f}x; "
+              f"ratios above 1 or off by more than that are noise, not speed (raise --repeat)")
+
+
+def run_rounds(plan: dict[str, tuple[str, dict]], repeat: int, workers: int, part_size: int,
+               work: Path, server_pid: int, note: Callable[[], str] = lambda: "") -> Summary:
+    """``repeat`` rounds of every ``label: (child mode, env)``, order rotated each round."""
+    runs: dict[str, list[dict]] = {label: [] for label in plan}
+    labels = list(plan)
+    for i in range(repeat):
+        # Rotate the order each round so no mode always runs first (right
+        # after the previous round's files were deleted) or last.
+        for label in labels[i % len(labels):] + labels[:i % len(labels)]:
+            mode, env = plan[label]
+            r = run_child(mode, "big", env, workers, part_size, work, server_pid)
+            runs[label].append(r)
+            print(f"  run {i + 1} {label:<10} {rate(r):6.0f} MB/s "
+                  f"({r['seconds']:.2f}s; CPU s client {r['cpu_seconds']:.2f} "
+                  f"(sys {r['sys_seconds']:.2f}) "
+                  f"server {r['server_cpu_seconds']:.2f}{note()}; "
+                  f"peak RSS +{r['peak_rss_growth_kib'] / 1024:.0f} MiB)", flush=True)
+    return Summary(runs)
+
+
+def print_load(when: str) -> None:
+    load = os.getloadavg()
+    print(f"load average {when}: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
+          f"({os.cpu_count()} cores, shared with the S3 server and anything else running)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -213,6 +305,12 @@ def main() -> int:
     parser.add_argument("--crc", choices=("auto", "zlib"), default="auto",
                         help="CRC-32 implementation of the loader: auto (ISA-L if the isal "
                              "package is installed) or zlib")
+    parser.add_argument("--link-mbps-per-conn", type=float, default=80,
+                        help="constrained-link mode: cap of each TCP connection, MB/s "
+                             "(10^6 bytes/s); 0 skips the mode")
+    parser.add_argument("--link-latency-ms", type=float, default=0,
+                        help="constrained-link mode: added before each request reaches the "
+                             "server (first-byte delay)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -225,12 +323,14 @@ def main() -> int:
 
     sys.path.insert(0, str(REPO / "tests"))  # tests/, not the repo root: no stdlib shadowing
     from mulambda.models_cli import push_version
-    from mulambda.storage import ModelStorage
+    from mulambda.storage import CRC32_IMPL, ModelStorage
 
     from support.seaweedfs import ADMIN, SeaweedFS
 
+    crc_impl = "zlib" if args.crc == "zlib" else CRC32_IMPL
     work = Path(tempfile.mkdtemp(prefix="mulambda-bench-"))
     server = SeaweedFS(work / "seaweedfs")
+    proxies: list = []  # link_proxy.LinkProxy instances, stopped at the end
     try:
         t0 = time.perf_counter()
         server.start()
@@ -249,91 +349,126 @@ def main() -> int:
             shutil.rmtree(src)
 
         pid = server.proc.pid  # type: ignore[union-attr]
-        runs: dict[str, list[dict]] = {"companion": [], "sizes-only": [], "baseline": [],
-                                       "ceiling": []}
-        load = os.getloadavg()
-        print(f"load average before the loads: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-        modes = list(runs)
-        for i in range(args.repeat):
-            # Rotate the order each round so no mode always runs first (right
-            # after the previous round's files were deleted) or last.
-            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
-                r = run_child(mode, "big", env, args.workers, part_size, work, pid)
-                runs[mode].append(r)
-                print(f"  run {i + 1} {mode:<10} {r['bytes'] / r['seconds'] / 1e6:6.0f} MB/s "
-                      f"({r['seconds']:.2f}s; CPU s client {r['cpu_seconds']:.2f} "
-                      f"(sys {r['sys_seconds']:.2f}) "
-                      f"server {r['server_cpu_seconds']:.2f}; "
-                      f"peak RSS +{r['peak_rss_growth_kib'] / 1024:.0f} MiB)", flush=True)
+
+        # -- loopback, unconstrained ----------------------------------------------------
+        print("\n== loopback, unconstrained: client -> S3 server on 127.0.0.1 ==")
+        print_load("before the loads")
+        loop = run_rounds({m: (m, env) for m in ("companion", "sizes-only", "baseline",
+                                                 "ceiling")},
+                          args.repeat, args.workers, part_size, work, pid)
         small = [run_child("companion", "small", env, args.workers, part_size, work, pid)
                  for _ in range(2)]
 
-        def rate(r: dict) -> float:
-            return r["bytes"] / r["seconds"] / 1e6
-
-        def best(mode: str) -> float:
-            return max(rate(r) for r in runs[mode])
-
-        def median(mode: str) -> float:
-            return statistics.median(rate(r) for r in runs[mode])
-
-        def paired(a: str, b: str) -> float:
-            """Median over rounds of a/b, both measured back to back in the same round."""
-            pairs = zip(runs[a], runs[b], strict=True)
-            return statistics.median(rate(x) / rate(y) for x, y in pairs)
-
-        def ratio_line(a: str, b: str, target: str = "") -> str:
-            return (f"  {a + ' / ' + b:<23} = {best(a) / best(b):.2f} best/best, "
-                    f"{median(a) / median(b):.2f} median/median, "
-                    f"{paired(a, b):.2f} median per round{target}")
-
-        from mulambda.storage import CRC32_IMPL
-
-        crc_impl = "zlib" if args.crc == "zlib" else CRC32_IMPL
-
-        checked = runs["companion"][0]
+        checked = loop.runs["companion"][0]
         print()
         print(f"model: {args.size_mib} MiB, {checked['files']} files; workers={args.workers}, "
               f"part={args.part_mib} MiB; {checked['checksummed']}/{checked['files']} files "
               f"checksum-verified by the companion (CRC-32 via {crc_impl}); "
               f"{args.repeat} interleaved rounds")
-        load = os.getloadavg()
-        print(f"load average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
-              f"({os.cpu_count()} cores, shared with the S3 server and anything else running)")
-        print("  mode        MB/s best  median")
-        for mode in runs:
-            print(f"  {mode:<10} {best(mode):9.0f} {median(mode):7.0f}")
-        print(ratio_line("companion", "ceiling", "  (target >= 0.90)"))
-        print(ratio_line("companion", "baseline", "  (target >= 1.50)"))
-        print(ratio_line("sizes-only", "ceiling", "  (verify_checksums=False)"))
-        print(ratio_line("ceiling", "baseline", "  (what parallel GETs buy here)"))
-        bound = paired("ceiling", "baseline")
-        print(f"  bound: a loader at the ceiling would be ~{bound:.2f}x the baseline here "
-              f"(median per round); "
-              + ("so the 1.5x target is out of reach on this machine whatever the loader does"
+        print_load("at the end")
+        loop.table()
+        print(loop.ratio_line("companion", "ceiling", "  (target >= 0.90)"))
+        print(loop.ratio_line("companion", "baseline", "  (target >= 1.50)"))
+        print(loop.ratio_line("sizes-only", "ceiling", "  (verify_checksums=False)"))
+        print(loop.ratio_line("ceiling", "baseline", "  (what parallel GETs buy here)"))
+        bound = loop.paired("ceiling", "baseline")
+        print(f"  loopback, unconstrained: ceiling/baseline bound = {bound:.2f} (median per "
+              f"round): a loader at the ceiling would be ~{bound:.2f}x the baseline here; "
+              + ("so the 1.5x target is out of reach on loopback whatever the loader does"
                  if bound < 1.5 else
                  f"1.5x needs companion / ceiling >= {1.5 / bound:.2f}"))
-        spread = max(rate(r) for r in runs["ceiling"]) / min(rate(r) for r in runs["ceiling"])
-        print(f"  noise: the ceiling's own runs differ by up to {spread:.1f}x; ratios above 1 "
-              f"or off by more than that are noise, not speed (raise --repeat)")
+        loop.noise()
         # User CPU, not user + sys: checksums run in user space, while the
         # kernel's share (socket reads, page-cache writes) is the same work in
         # both modes and swings 0.5-3 s per GiB on this VM with other load.
         def user_cpu(mode: str) -> float:
-            return statistics.median(r["cpu_seconds"] - r["sys_seconds"] for r in runs[mode])
+            return statistics.median(r["cpu_seconds"] - r["sys_seconds"]
+                                     for r in loop.runs[mode])
 
         print(f"  checksum verification cost: {user_cpu('companion') - user_cpu('sizes-only'):+.2f}"
               f" user CPU s for {args.size_mib} MiB (median companion - median sizes-only); "
               f"client user CPU: companion {user_cpu('companion'):.2f}, "
               f"ceiling {user_cpu('ceiling'):.2f}, baseline {user_cpu('baseline'):.2f}")
         peak_small = max(r["peak_rss_growth_kib"] for r in small) / 1024
-        peak_big = max(r["peak_rss_growth_kib"] for r in runs["companion"]) / 1024
+        peak_big = max(r["peak_rss_growth_kib"] for r in loop.runs["companion"]) / 1024
         print(f"  companion peak RSS growth: {peak_small:.1f} MiB for {args.small_mib} MiB, "
               f"{peak_big:.1f} MiB for {args.size_mib} MiB")
+
+        if args.link_mbps_per_conn > 0:
+            constrained(args, server.ports["s3"], env, part_size, work, pid, proxies)
         return 0
     finally:
+        for proxy in proxies:
+            proxy.stop()
         server.kill()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def constrained(args: argparse.Namespace, s3_port: int, env: dict, part_size: int, work: Path,
+                pid: int, proxies: list) -> None:
+    """The same loads through bench/link_proxy.py: a cap per TCP connection, optional latency."""
+    link_proxy = load_link_proxy()
+    LinkProxy, MB = link_proxy.LinkProxy, link_proxy.MB
+    cap = args.link_mbps_per_conn * MB
+    print(f"\n== constrained link: client -> bench/link_proxy.py -> S3 server; every TCP "
+          f"connection capped at {args.link_mbps_per_conn:g} MB/s per direction (its own token "
+          f"bucket), +{args.link_latency_ms:g} ms before each request reaches the server ==")
+    t0 = time.perf_counter()
+    via, direct = link_proxy.measure_capacity(args.workers)
+    aggregate = args.workers * cap
+    print(f"proxy capacity, uncapped, {args.workers} parallel connections (synthetic source, "
+          f"source + proxy + clients on these {os.cpu_count()} cores; best of 3): "
+          f"{via / MB:.0f} MB/s aggregate (direct, no proxy: {direct / MB:.0f} MB/s); "
+          f"the constrained runs need at most {args.workers} x {args.link_mbps_per_conn:g} = "
+          f"{aggregate / MB:.0f} MB/s = {aggregate / via:.0%} of it "
+          f"(measured in {time.perf_counter() - t0:.1f}s)")
+    if aggregate > 0.5 * via:
+        print("  WARNING: the proxy may be the bottleneck at this cap; lower "
+              "--link-mbps-per-conn")
+    capped = LinkProxy(s3_port, bytes_per_s=cap, latency_s=args.link_latency_ms / 1000).start()
+    proxies.append(capped)
+    open_ = LinkProxy(s3_port).start()  # uncapped: what the proxy costs on the S3 path
+    proxies.append(open_)
+    via_capped = {**env, "MULAMBDA_S3_ENDPOINT": capped.endpoint}
+    via_open = {**env, "MULAMBDA_S3_ENDPOINT": open_.endpoint}
+    print(f"  capped proxy {capped.endpoint}: {capped.describe()}; "
+          f"uncapped proxy {open_.endpoint} for 'ceil-open'")
+    print_load("before the constrained loads")
+
+    cpu = [resource.getrusage(resource.RUSAGE_SELF)]
+
+    def proxy_cpu() -> str:
+        # This process only waits for the child; its CPU is the proxies' threads.
+        now = resource.getrusage(resource.RUSAGE_SELF)
+        before, cpu[0] = cpu[0], now
+        used = now.ru_utime - before.ru_utime + now.ru_stime - before.ru_stime
+        return f" proxy {used:.2f}"
+
+    link = run_rounds({"companion": ("companion", via_capped),
+                       "baseline": ("baseline", via_capped),
+                       "ceiling": ("ceiling", via_capped),
+                       "ceil-open": ("ceiling", via_open)},
+                      args.repeat, args.workers, part_size, work, pid,
+                      note=lambda: proxy_cpu())
+    print()
+    print(f"constrained link: {args.size_mib} MiB model, workers={args.workers}, "
+          f"part={args.part_mib} MiB; cap {args.link_mbps_per_conn:g} MB/s per connection, "
+          f"+{args.link_latency_ms:g} ms per request; {args.repeat} interleaved rounds; "
+          f"'ceil-open' is the ceiling through the same proxy uncapped")
+    print_load("at the end")
+    link.table()
+    print(link.ratio_line("companion", "ceiling", "  (target >= 0.90)"))
+    print(link.ratio_line("companion", "baseline", "  (target >= 1.50)"))
+    print(link.ratio_line("ceiling", "baseline",
+                          f"  (what parallel GETs buy on this link; <= {args.workers} by "
+                          "construction)"))
+    print(f"  one stream gets at most {args.link_mbps_per_conn:g} MB/s here: baseline median "
+          f"{link.median('baseline'):.0f} MB/s = {link.median('baseline') * 1e6 / cap:.0%} of the "
+          f"cap; {args.workers} streams at most {aggregate / MB:.0f} MB/s: ceiling median "
+          f"{link.median('ceiling'):.0f} MB/s = {link.median('ceiling') * 1e6 / aggregate:.0%}")
+    print(f"  ceil-open (uncapped proxy) median {link.median('ceil-open'):.0f} MB/s vs capped "
+          f"ceiling {link.median('ceiling'):.0f}: the cap, not the proxy, sets the pace")
+    link.noise()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,119 @@
+"""bench/link_proxy.py: the per-connection cap and the per-request latency hold.
+
+The bench module is loaded by path: putting the repository root on sys.path
+would let the top-level ``operator/`` folder shadow the standard library.
+Timings are judged against an uncapped transfer measured in the same test,
+so a slow or busy machine widens the tolerance instead of failing the test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "link_proxy.py"
+MB = 1_000_000
+CAP = 20 * MB
+
+
+@pytest.fixture(scope="module")
+def lp() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("mulambda_bench_link_proxy_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def source(lp: ModuleType) -> Iterator[object]:
+    with lp.ByteSource() as src:
+        yield src
+
+
+def seconds(lp: ModuleType, port: int, connections: int, n: int) -> float:
+    return connections * n / lp.transfer(port, connections, n)
+
+
+def test_one_connection_moves_at_the_cap(lp: ModuleType, source) -> None:
+    n = 20 * MB  # 1 s at 20 MB/s
+    with lp.LinkProxy(source.port) as open_proxy:
+        uncapped = seconds(lp, open_proxy.port, 1, n)
+    with lp.LinkProxy(source.port, bytes_per_s=CAP) as proxy:
+        capped = seconds(lp, proxy.port, 1, n)
+        assert proxy.connections == 1
+    expected = n / CAP
+    assert uncapped < expected / 4, "the machine itself is too slow to judge the cap"
+    # Never faster than the cap (at most one 5 ms burst ahead); slower only by
+    # what moving the bytes costs here, which the uncapped transfer measures.
+    assert capped / expected >= 0.95
+    assert capped / expected <= 1.05 + 2 * uncapped / expected
+
+
+def test_each_connection_has_its_own_cap(lp: ModuleType, source) -> None:
+    n = 8 * MB  # 0.4 s per connection at 20 MB/s
+    with lp.LinkProxy(source.port) as open_proxy:
+        uncapped = seconds(lp, open_proxy.port, 2, n)
+    with lp.LinkProxy(source.port, bytes_per_s=CAP) as proxy:
+        capped = seconds(lp, proxy.port, 2, n)
+    expected = n / CAP  # both in parallel: twice the cap in aggregate, not one cap shared
+    assert capped / expected >= 0.95
+    assert capped / expected <= 1.05 + 2 * uncapped / expected
+
+
+def test_latency_delays_every_request_once(lp: ModuleType, source) -> None:
+    latency = 0.1
+    with lp.LinkProxy(source.port) as open_proxy, \
+            socket.create_connection(("127.0.0.1", open_proxy.port)) as sock:
+        plain = max(lp.fetch(sock, 1000) for _ in range(3))
+    with lp.LinkProxy(source.port, latency_s=latency) as proxy, \
+            socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        firsts = [lp.fetch(sock, 1000) for _ in range(3)]  # one keep-alive connection
+    for first in firsts:
+        assert latency <= first <= latency + 0.02 + 5 * plain
+
+
+def test_pacer_banks_at_most_one_burst_of_idle_time(lp: ModuleType) -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    pacer = lp.Pacer(1000.0, burst_s=0.01, clock=lambda: now[0], sleep=sleep)
+    pacer.spend(500)  # 0.5 s worth
+    assert slept == [pytest.approx(0.5)]
+    now[0] += 10.0  # idle: only 10 ms of it may be spent later
+    slept.clear()
+    pacer.spend(10)
+    assert slept == []
+    pacer.spend(100)
+    assert slept == [pytest.approx(0.1)]
+    assert lp.Pacer(None).chunk == lp.UNPACED_CHUNK
+    assert lp.Pacer(80e6).chunk == 400_000  # one 5 ms burst per move
+
+
+def test_stop_ends_open_connections(lp: ModuleType, source) -> None:
+    proxy = lp.LinkProxy(source.port, bytes_per_s=CAP).start()
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    sock.sendall(b"%d\n" % (100 * MB))  # would take 5 s
+    sock.recv(1)
+    started = time.perf_counter()
+    proxy.stop()
+    assert time.perf_counter() - started < 1.0
+    sock.settimeout(2)
+    while sock.recv(1 << 20):
+        pass  # the proxy closed its end: EOF, not a hang
+    sock.close()
