@@ -71,6 +71,31 @@ class CountingStorage(ModelStorage):
         return super().get_range(bucket, key, offset, length)
 
 
+class OverlapStorage(ModelStorage):
+    """Real storage that records how many ranged GETs are open at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lock = threading.Lock()
+        self.open = 0
+        self.most = 0
+
+    def get_range(self, bucket: str, key: str, offset: int, length: int) -> Any:
+        response = super().get_range(bucket, key, offset, length)
+        with self._lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+        original_close = response.close
+
+        def close() -> None:
+            with self._lock:
+                self.open -= 1
+            original_close()
+
+        response.close = close
+        return response
+
+
 class _FlipFirstByteReadOnly:
     """A response whose first byte arrives flipped, like a broken proxy would deliver it.
 
@@ -144,6 +169,25 @@ def numeric_dirs(models: Path, name: str) -> list[str]:
 
 
 # -- happy paths -----------------------------------------------------------------------
+
+
+def test_large_objects_are_fetched_by_parallel_ranged_gets(
+    seaweedfs, s3, bucket, half_plus_two, tmp_path
+):
+    from support.seaweedfs import ADMIN
+
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 16 * MiB})
+    upload(s3, bucket, "par", 1, src)
+    storage = OverlapStorage.from_env(seaweedfs.env(ADMIN))
+    try:
+        result = load_model_version(storage, bucket, "par", 1, tmp_path / "models", "par",
+                                    part_size=1 * MiB, workers=4)
+    finally:
+        storage.close()
+    assert result.downloaded and same_tree(src, result.path)
+    # 16 ranges of one object with 4 workers: several were open at the same time.
+    assert storage.most >= 2, f"at most {storage.most} ranged GET open at once"
+    assert storage.most <= 4  # and never more than the worker bound
 
 
 def test_fresh_load_publishes_a_verified_copy(s3, bucket, half_plus_two, tmp_path):
