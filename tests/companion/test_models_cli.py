@@ -139,3 +139,41 @@ def test_console_entry_point_with_endpoint_flag(seaweedfs, s3, bucket, half_plus
     listing = subprocess.run([*args, "list", f"s3://{bucket}/hpt"], env=env,
                              capture_output=True, text=True, timeout=60, cwd="/")
     assert listing.returncode == 0 and listing.stdout.splitlines()[1].split()[0] == "2"
+
+
+def test_push_shows_a_progress_bar_on_a_terminal_and_none_in_pipes(
+    seaweedfs, s3, bucket, half_plus_two
+):
+    """On a terminal (a real pseudo-terminal here) push draws a bar; piped, it stays quiet."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    env = {**os.environ, **seaweedfs.env(ADMIN)}
+    args = [sys.executable, "-m", "mulambda", "models", "push", str(half_plus_two),
+            f"s3://{bucket}/bar", "--version", "1"]
+    controller, terminal = pty.openpty()
+    # A terminal has a size; tqdm draws nothing on a 0x0 one.
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        proc = subprocess.run(args, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=terminal, timeout=60, cwd="/")
+        os.close(terminal)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(controller)
+    assert proc.returncode == 0, drawn.decode(errors="replace")
+    text = drawn.decode(errors="replace")
+    assert "push bar/1" in text and "100%" in text  # tqdm's bar, completed
+    piped = subprocess.run([*args[:-1], "2"], env=env, capture_output=True, text=True,
+                           timeout=60, cwd="/")
+    assert piped.returncode == 0 and "%|" not in piped.stderr
