@@ -723,7 +723,13 @@ def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
     partial = base / f".partial-{version}"
     partial.mkdir(exist_ok=True)
     if verify_checksums:
-        plans = {o.relpath: _plan_file(storage, bucket, o, part_size, retries) for o in objects}
+        # One HEAD per object for its checksum metadata: in parallel, since on
+        # a link with real latency a serial round of HEADs delays every range.
+        with ThreadPoolExecutor(max(1, min(workers, len(objects))),
+                                thread_name_prefix="model-plan") as pool:
+            planned = pool.map(
+                lambda o: _plan_file(storage, bucket, o, part_size, retries), objects)
+            plans = {o.relpath: plan for o, plan in zip(objects, planned, strict=True)}
     else:
         plans = {o.relpath: _FilePlan(o, "size", _split(o.size, part_size)) for o in objects}
     journal = _Journal(partial / JOURNAL_NAME, plans)
