@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -44,14 +45,12 @@ class Responder:
         try:
             await reader.readuntil(b"\r\n\r\n")
             if self.delay:
-                try:
+                with contextlib.suppress(TimeoutError):  # a slow client: answer late
                     await asyncio.wait_for(self.release.wait(), self.delay)
-                except TimeoutError:
-                    pass
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
             await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+            return  # the prober gave up on this client: expected for slow ones
         finally:
             self.inflight -= 1
             writer.close()

@@ -15,6 +15,7 @@ Two identities are configured: :data:`ADMIN` (everything) and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -181,10 +182,8 @@ class SeaweedFS:
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(10)
         self.proc = None
         # Let the kernel release the listening sockets before a restart binds them.
