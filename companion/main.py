@@ -18,15 +18,18 @@ that folder; the companion never talks to it except to read model status.
   200 (a restart would not fix it) and /readyz 503 with the reason. The load
   is re-attempted every ``MULAMBDA_FAILED_RETRY_SECONDS`` because an
   administrator may upload the missing model later.
-* Version switch without downtime: every ``MULAMBDA_VERSION_WATCH_SECONDS``
-  the executor record's ``version`` (written by the operator) is compared
-  with the served one; with no version pinned anywhere, the newest version
-  in storage is the target. The new version is loaded next to the old one,
-  and the old folder is deleted only once TF Serving reports the new one
-  AVAILABLE, so readiness stays 200 throughout. TF Serving's default
-  version policy serves only the highest version, so a *rollback* to a
-  lower number cannot overlap: the higher folder is removed first and
-  readiness drops until the lower version is AVAILABLE.
+* Which version: ``MULAMBDA_MODEL_VERSION`` from the pod template. A new
+  pinned version in the ModelExecutor changes the template, so the
+  Deployment rolls (surge, ``maxUnavailable: 0``): new pods load it while
+  old pods keep serving theirs untouched. Only an unpinned executor follows
+  storage in place: every ``MULAMBDA_VERSION_WATCH_SECONDS`` the newest
+  version in storage is compared with the served one, the new version is
+  loaded next to the old one, and the old folder is deleted only once TF
+  Serving reports the new one AVAILABLE, so readiness stays 200 throughout.
+  TF Serving's default version policy serves only the highest version, so
+  if the newest version disappears from storage the *rollback* cannot
+  overlap: the higher folder is removed first and readiness drops until
+  the lower version is AVAILABLE.
 * While serving, TF Serving's status is re-read every
   ``MULAMBDA_SERVING_POLL_SECONDS``; if the version stops being AVAILABLE
   (TF Serving restarted), readiness drops to 503 until it is back.
@@ -54,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mulambda.store import MetadataStore, StoreUnavailable
+from mulambda.store import MetadataStore
 
 from .config import CompanionConfig, ConfigError
 from .heartbeat import Heartbeat
@@ -256,18 +259,6 @@ class Companion:
                 delay = min(delay * 2, cap)
         return None
 
-    async def _target_version(self, pinned: int | None) -> int | None:
-        """The executor record's version (the operator's latest intent), else ``pinned``."""
-        try:
-            record = await self.store.get_executor(self.config.executor_id)
-        except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(component="version-watch").inc()
-            log.warning("executor record not read error=%s", exc)
-            return pinned
-        if record is not None and record.version is not None:
-            return int(record.version)
-        return pinned
-
     async def converge(self, wanted: int | None) -> bool:
         """Make TF Serving serve ``wanted`` (None: newest in storage); False on a lasting error."""
         if wanted is not None and wanted == self._serving_version:
@@ -327,12 +318,13 @@ class Companion:
 
     async def manage_model(self) -> None:
         """Converge on the wanted version, then keep watching for a new one until stopped."""
-        wanted = await self._target_version(self.config.version)
+        # The pod template pins the version (a change rolls the Deployment);
+        # None follows the newest version in storage.
+        wanted = self.config.version
         while not self.stop_event.is_set():
             ok = await self.converge(wanted)
             if await self._sleep(self.config.version_watch if ok else self.config.failed_retry):
                 return
-            wanted = await self._target_version(self.config.version)
 
     async def watch_serving(self) -> None:
         """Drop readiness while TF Serving stops serving the installed version."""

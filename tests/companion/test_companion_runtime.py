@@ -25,7 +25,7 @@ from mulambda.companion import loader
 from mulambda.companion.config import CompanionConfig
 from mulambda.companion.main import Companion, S3ModelSource
 from mulambda.companion.serving import ServingClient
-from mulambda.store import ExecutorRecord, MetadataStore, ReplicaRecord
+from mulambda.store import MetadataStore, ReplicaRecord
 
 from support.procs import free_port
 from support.tfserving_double import TFServingDouble
@@ -267,15 +267,13 @@ async def test_tf_serving_load_failure_is_reported_as_failed(
     assert await finish(r) == 0
 
 
-async def test_version_switch_stays_ready_and_removes_old_version_after_new_is_available(
+async def test_new_version_in_storage_switches_without_dropping_readiness(
     start_companion, store: MetadataStore, models_dir: Path
 ):
+    # No version pinned: the companion follows the newest version in storage.
     double = TFServingDouble(models_dir, MODEL, hold=True).start()
     double.release(1)
-    record = ExecutorRecord(namespace="ml", name="hpt", model=MODEL, version=1, type="regression",
-                            input="float", output="float", accuracy=0.9, rest="", grpc="")
-    await store.put_executor(record)
-    source = FakeSource(models_dir, [1, 2])
+    source = FakeSource(models_dir, [1])
     r = await start_companion(source, double)
     await eventually(lambda: _replica_in_state(store, "Available"), what="v1 Available")
 
@@ -287,8 +285,7 @@ async def test_version_switch_stays_ready_and_removes_old_version_after_new_is_a
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch_readiness())
-    record.version = 2  # the operator's new intent
-    await store.put_executor(record)
+    source.versions.append(2)  # an administrator pushes version 2
     await eventually(lambda: double.states().get(2) == "LOADING", what="v2 loading")
     await asyncio.sleep(0.2)  # several serving polls while v2 is still loading
     assert (models_dir / MODEL / "1").is_dir(), "old version removed before new one serves"
@@ -308,40 +305,36 @@ async def test_failed_switch_keeps_serving_the_old_version_and_says_why(
     start_companion, store: MetadataStore, models_dir: Path
 ):
     double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
-    record = ExecutorRecord(namespace="ml", name="hpt", model=MODEL, version=1, type="regression",
-                            input="float", output="float", accuracy=0.9, rest="", grpc="")
-    await store.put_executor(record)
-    r = await start_companion(FakeSource(models_dir, [1]), double,
-                              MULAMBDA_FAILED_RETRY_SECONDS="60")
+    source = FakeSource(models_dir, [1])
+    r = await start_companion(source, double, MULAMBDA_FAILED_RETRY_SECONDS="60")
     await eventually(lambda: _replica_in_state(store, "Available"), what="v1 Available")
 
-    record.version = 5  # never uploaded
-    await store.put_executor(record)
+    # Version 5 appears in storage but cannot be loaded.
+    source.errors.append(loader.ModelLoadError("NotASavedModel", "5/ has no saved_model.pb",
+                                               permanent=True))
+    source.versions.append(5)
 
     async def stuck() -> ReplicaRecord | None:
         rec = await replica(store)
         return rec if rec is not None and rec.reason else None
 
     rec = await eventually(stuck, what="stuck switch reported")
-    assert (rec.state, rec.version, rec.reason) == ("Available", 1, "VersionSwitchVersionNotFound")
+    assert (rec.state, rec.version, rec.reason) == ("Available", 1, "VersionSwitchNotASavedModel")
     assert (await r.get("/readyz")).status_code == 200
     assert (models_dir / MODEL / "1").is_dir()
     assert await finish(r) == 0
 
 
-async def test_rollback_to_a_lower_version_removes_the_higher_one_first(
+async def test_withdrawn_newest_version_rolls_back_removing_the_higher_one_first(
     start_companion, store: MetadataStore, models_dir: Path
 ):
     # TF Serving's "latest" policy would keep serving 2 while 1 sits next to it.
     double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
-    record = ExecutorRecord(namespace="ml", name="hpt", model=MODEL, version=2, type="regression",
-                            input="float", output="float", accuracy=0.9, rest="", grpc="")
-    await store.put_executor(record)
-    r = await start_companion(FakeSource(models_dir, [1, 2]), double)
+    source = FakeSource(models_dir, [1, 2])
+    r = await start_companion(source, double)
     await eventually(lambda: _version_is(store, 2), what="v2 served")
 
-    record.version = 1
-    await store.put_executor(record)
+    source.versions.remove(2)  # version 2 withdrawn from storage: back to 1
     rec = await eventually(lambda: _version_is(store, 1), what="rolled back to v1")
     assert rec.state == "Available"
     assert double.states() == {1: "AVAILABLE", 2: "END"}
@@ -529,3 +522,17 @@ def test_config_rejects_incomplete_or_malformed_environment():
     ):
         with pytest.raises(ConfigError, match=needle):
             CompanionConfig.from_env({**base, **bad})
+
+
+async def test_pinned_version_ignores_newer_versions_in_storage(
+    start_companion, store: MetadataStore, models_dir: Path
+):
+    # A pinned version changes only with the pod template (the Deployment rolls).
+    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    source = FakeSource(models_dir, [1])
+    r = await start_companion(source, double, MULAMBDA_MODEL_VERSION="1")
+    await eventually(lambda: _version_is(store, 1), what="v1 served")
+    source.versions.append(2)
+    await asyncio.sleep(0.5)  # five version-watch rounds
+    assert source.loads == [1] and (await replica(store)).version == 1
+    assert await finish(r) == 0
