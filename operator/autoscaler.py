@@ -1,14 +1,15 @@
 """Applying the autoscaler's decision (``mulambda.scaling.decide``) to an executor.
 
 Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator samples each
-executor's demand from the store (in-flight requests reported by the SDK and
-the selector, and the arrival rate, which also counts activation requests
-for executors at zero), asks the pure decision function for the desired
-replicas, patches the Deployment when that differs, and records the decision
-in ``status.scaling`` with an Event. The demand window lives in memory;
-the decision state is also kept in ``status.scaling.state`` so a restarted
-operator resumes its idle clock and scale-down delay instead of starting
-afresh (losing it errs towards keeping replicas, never towards dropping them).
+executor's demand from the store (in-flight leases the SDK publishes, and
+the arrival rate, which counts selector requests and activation signals for
+executors at zero; concurrency is at least rate x service time, Little's
+law), asks the pure decision function for the desired replicas, patches the
+Deployment when that differs, and records the decision in ``status.scaling``
+with an Event. The demand window and the decision state live in memory: a
+restarted operator starts a fresh state that counts the current replicas as
+just wanted and its idle clock from now, so a restart errs towards keeping
+replicas, never towards dropping them.
 
 Cold start: when an executor is activated from zero, the time until its
 first ready replica is measured, shown in ``status.scaling.lastColdStartSeconds``
@@ -18,7 +19,6 @@ and exported as the ``mulambda_cold_start_seconds`` histogram.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -114,17 +114,11 @@ async def autoscale(
     memory.windows[eid] = window
     state = memory.states.get(eid)
     if state is None:
-        # First tick of this operator process: resume the saved state, but
-        # restart the idle clock. The saved lastDemandAt is only as fresh as
-        # the last replica change, so trusting it could drop an executor to
-        # zero right after a restart; waiting one more idle window is safe.
-        try:
-            state = ScalingState.from_json(scaling_status.get("state"))
-        except ValueError:
-            state = ScalingState.from_json(None)
-        # Likewise the scale-down delay: count the current replicas as wanted
-        # just now, so a restart never scales down before the delay has passed.
-        state = replace(state, last_demand_at=now, recent=((now, current),))
+        # First tick of this operator process: a fresh state whose idle clock
+        # starts now and which counts the current replicas as just wanted, so
+        # a (re)started operator never scales down or to zero before a whole
+        # scale-down delay / idle window of its own observation.
+        state = ScalingState(last_demand_at=now, recent=((now, current),))
     decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
                       state=state, now=now)
     memory.states[eid] = decision.state
@@ -138,7 +132,6 @@ async def autoscale(
                         "value": decision.desired_replicas}], JSON_PATCH)
         DECISIONS.labels(eid, str(decision.reason)).inc()
         new_status["lastScaleTime"] = _iso(now)
-        new_status["state"] = decision.state.to_json()
         if current == 0 and decision.desired_replicas > 0:
             new_status["activatedAt"] = now
         kopf.info(body, reason=str(decision.reason),
@@ -153,8 +146,6 @@ async def autoscale(
         new_status["lastColdStartSeconds"] = round(cold, 3)
         kopf.info(body, reason="ColdStart",
                   message=f"First replica ready {cold:.1f}s after activation")
-    if decision.reason == Reason.SCALE_TO_ZERO or "state" not in new_status:
-        new_status["state"] = decision.state.to_json()
     if _meaningful(new_status) != _meaningful(scaling_status):
         patch.status["scaling"] = new_status
 
@@ -162,7 +153,7 @@ async def autoscale(
 def _meaningful(s: dict[str, Any]) -> dict[str, Any]:
     """What is worth a status patch: not the per-tick concurrency figures."""
     return {k: v for k, v in s.items() if v is not None
-            and k not in {"stableConcurrency", "panicConcurrency", "state", "message"}}
+            and k not in {"stableConcurrency", "panicConcurrency", "message"}}
 
 
 def _iso(ts: float) -> str:
