@@ -83,11 +83,25 @@ class _Selector:
             "mulambda_selector_requests", "Selection requests by outcome",
             ["outcome"], registry=self.registry,
         )
+        self._background: set[asyncio.Task[None]] = set()
         self.latency = Histogram(
             "mulambda_selector_selection_seconds", "Time to answer a selection request",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+
+    def note_demand(self, executors: list[str], client: str) -> None:
+        """Record demand without making the caller wait for the store."""
+
+        async def write() -> None:
+            try:
+                await self.store.note_demand(executors)
+            except StoreUnavailable as exc:  # demand is a hint; the answer still helps
+                log.warning("demand not recorded client=%s error=%s", client, exc)
+
+        task = asyncio.create_task(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def view(self, client: str) -> tuple[Snapshot, ClientRecord | None]:
         """Snapshot and registered Client of ``client``, cached for ``cache_ttl``."""
@@ -161,10 +175,7 @@ async def select(request: web.Request) -> web.Response:
             log.info("no match client=%s reason=%r", client, reason)
             return _error(404, "no matching model", reason=reason)
         best = ranking[0]
-        try:
-            await sel.store.note_demand([best.executor_id, *ranking.wake])
-        except StoreUnavailable as exc:  # demand is a hint; the answer still helps
-            log.warning("demand not recorded client=%s error=%s", client, exc)
+        sel.note_demand([best.executor_id, *ranking.wake], client)
         rec = best.record
         outcome = "selected"
         log.info("selected client=%s executor=%s score=%.3f warm=%s", client,
