@@ -84,13 +84,19 @@ def _flag(value: str) -> bool:
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """Split ``s3://BUCKET/NAME[/...]`` into ``(bucket, prefix)`` without slashes at the ends."""
+    # The same rule as ModelExecutor.spec.model.storageUri: whatever `models
+    # push` accepts, an executor can reference.
+    from mulambda.resources import S3_URI
+
     if not uri.startswith("s3://"):
         raise ValueError(f"not an s3:// URI: {uri!r} (expected s3://BUCKET/NAME)")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    prefix = prefix.strip("/")
-    if len(bucket) < 3 or not prefix:
-        raise ValueError(f"expected s3://BUCKET/NAME with a bucket of 3+ characters, got {uri!r}")
-    return bucket, prefix
+    match = S3_URI.match(uri)
+    prefix = ((match.group("prefix") if match else "") or "").strip("/")
+    if match is None or not prefix:
+        raise ValueError(
+            f"expected s3://BUCKET/NAME with a bucket of 3-63 lowercase letters, digits, dots "
+            f"or dashes, got {uri!r}")
+    return match.group("bucket"), prefix
 
 
 def version_prefix(prefix: str, version: int) -> str:

@@ -7,7 +7,6 @@ new executor, a lost replica or a latency shift shows within one interval.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -20,6 +19,7 @@ from mulambda.operator.conditions import (
     conditions_equal,
     get_condition,
     merge_conditions,
+    now_iso,
     report_failure,
 )
 from mulambda.operator.executors import Context, backoff, forget_records
@@ -28,10 +28,6 @@ from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, ran
 from mulambda.store import ClientRecord, StoreUnavailable
 
 TOP_CANDIDATES = 3
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 async def ensure_workload(
@@ -128,7 +124,7 @@ async def reconcile(
             "endpoint": {"rest": best.record.rest, "grpc": best.record.grpc},
             "score": round(best.score, 3),
             "reason": best.reason,
-            "since": old_sel.get("since") if old_selected == best.executor_id else _now_iso(),
+            "since": old_sel.get("since") if old_selected == best.executor_id else now_iso(),
         }
         updates.append(condition("Ready", TRUE, "Selected", f"Selected {best.executor_id}."))
         if old_selected != best.executor_id:

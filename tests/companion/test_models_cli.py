@@ -177,3 +177,8 @@ def test_push_shows_a_progress_bar_on_a_terminal_and_none_in_pipes(
     piped = subprocess.run([*args[:-1], "2"], env=env, capture_output=True, text=True,
                            timeout=60, cwd="/")
     assert piped.returncode == 0 and "%|" not in piped.stderr
+
+
+def test_push_refuses_a_bucket_no_model_executor_could_reference(cli, half_plus_two):
+    code, _, err = cli("push", str(half_plus_two), "s3://My_Bucket/hpt", "--version", "1")
+    assert code == 2 and "lowercase" in err
