@@ -43,7 +43,8 @@ COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "LATENCY_ALPHA": ("0.3", "EWMA weight of a new latency sample (0 < alpha <= 1)."),
     "LATENCY_TTL_SECONDS": ("3 * probe interval", "Lifetime of a latency sample without refresh."),
     "SERVING_POLL_SECONDS": ("1", "How often TF Serving's model status is polled."),
-    "VERSION_WATCH_SECONDS": ("15", "Unpinned executors: how often the newest version in storage is checked."),
+    "VERSION_WATCH_SECONDS": (
+        "15", "Unpinned executors: how often the newest version in storage is checked."),
     "LOAD_WORKERS": ("4", "Parallel ranged GETs per model download."),
     "RETRY_BASE_DELAY_SECONDS": ("1", "First back-off after a transient load error (doubles)."),
     "FAILED_RETRY_SECONDS": ("60", "Retry after a permanent load error (model uploaded later)."),
