@@ -225,20 +225,14 @@ class MulambdaClient:
 
     # -- selection -----------------------------------------------------------
     async def _refresh(self) -> None:
+        # One round trip: the snapshot carries the registered Client's record.
+        snap = await self.store.snapshot(self.client_id, exclude_instance=self._leases.instance)
         if self._registered:
-            # Concurrent, so a registered client still waits one round trip.
-            snap, record = await asyncio.gather(
-                self.store.snapshot(self.client_id, exclude_instance=self._leases.instance),
-                self.store.get_client(self.client_id),
-            )
-            if record is None:
+            if snap.client_record is None:
                 raise NoMatchingModel(
                     self.client_id, "client is not registered in the store and no criteria given"
                 )
-            self.criteria = Criteria.from_client(record)
-        else:
-            snap = await self.store.snapshot(self.client_id,
-                                             exclude_instance=self._leases.instance)
+            self.criteria = Criteria.from_client(snap.client_record)
         assert self.criteria is not None
         # Ranking runs on every select(); filtering by type once per refresh
         # keeps it proportional to the matching executors, not all of them.

@@ -110,10 +110,8 @@ class _Selector:
         if hit is not None and now - hit[0] < self.cache_ttl:
             self._cache.move_to_end(client)
             return hit[1], hit[2]
-        # Concurrent: a miss costs one round trip of waiting, not two.
-        snap, record = await asyncio.gather(
-            self.store.snapshot(client), self.store.get_client(client)
-        )
+        snap = await self.store.snapshot(client)  # one round trip, with the Client's record
+        record = snap.client_record
         self._cache[client] = (now, snap, record)
         self._cache.move_to_end(client)
         while len(self._cache) > self.max_cached:

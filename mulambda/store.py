@@ -202,6 +202,7 @@ class Snapshot:
     latency: dict[str, dict[str, LatencySample]]  # executor id -> pod -> sample (one client)
     inflight: dict[str, int]
     taken_at: float
+    client_record: ClientRecord | None = None  # the snapshot's client, when registered
 
 
 def _dump(obj: Any) -> str:
@@ -618,7 +619,8 @@ class MetadataStore:
     # -- selection snapshot -----------------------------------------------------
     async def snapshot(self, client: str | None = None,
                        exclude_instance: str | None = None) -> Snapshot:
-        """Executors, live replicas, load and (for ``client``) latencies: one round trip.
+        """Executors, live replicas, load and (for ``client``) latencies and its
+        registered record: one round trip.
 
         ``exclude_instance`` leaves that SDK instance's own leases out of the
         in-flight counts (it adds its exact local counts itself).
@@ -629,6 +631,7 @@ class MetadataStore:
             pipe.hgetall(self.inflight_key)
             if client is not None:
                 pipe.hgetall(self.latency_key(client))
+                pipe.hget(self.clients_key, client)
             results = await self._run(pipe.execute())
         now = _now()
         executors = self._decode_all(ExecutorRecord, self.executors_key, results[0])
@@ -637,13 +640,16 @@ class MetadataStore:
             replicas.setdefault(r.executor, []).append(r)
         inflight = self._inflight_totals(results[2], now, exclude_instance)
         latency: dict[str, dict[str, LatencySample]] = {}
+        record: ClientRecord | None = None
         if client is not None:
             key = self.latency_key(client)
             for f, sample in self._decode_all(LatencySample, key, results[3]).items():
                 if sample.expires_at >= now:
                     ex, pod = _split_field(f)
                     latency.setdefault(ex, {})[pod] = sample
-        return Snapshot(executors, replicas, latency, inflight, now)
+            if results[4] is not None:
+                record = self._decode(ClientRecord, self.clients_key, client, results[4])
+        return Snapshot(executors, replicas, latency, inflight, now, record)
 
     # -- demand (SDK / selector; read by the autoscaler) -------------------------
     def demand_key(self, bucket: int) -> str:

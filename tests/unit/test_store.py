@@ -231,3 +231,14 @@ async def test_store_password_comes_from_the_environment_not_the_url(monkeypatch
             await authed.close()
     finally:
         server.stop()
+
+
+async def test_snapshot_carries_the_registered_client_in_the_same_round_trip(
+    store: MetadataStore,
+):
+    await store.put_client(ClientRecord(namespace="apps", name="shop", type="vision",
+                                        latency_weight=2.0))
+    snap = await store.snapshot("apps/shop")
+    assert snap.client_record is not None and snap.client_record.latency_weight == 2.0
+    assert (await store.snapshot("apps/unknown")).client_record is None
+    assert (await store.snapshot()).client_record is None
