@@ -26,13 +26,14 @@ KUBECTL  ?= kubectl
 HELM     ?= helm
 DOCKER   ?= docker
 
-.PHONY: help dev test lint e2e image cluster install models examples wait predict up down uninstall
+.PHONY: help dev test lint e2e image cluster install models examples wait predict up down uninstall controlplane
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-dev: ## editable install with test tools (strict: the stdlib `operator` is never shadowed)
-	$(PYTHON) -m pip install -e '.[test]' --config-settings editable_mode=strict
+dev: ## install with test tools, the package symlinked to this checkout (hack/dev_install.py)
+	$(PYTHON) -m pip install '.[test]'
+	$(PYTHON) hack/dev_install.py
 
 # Plain `pytest`, not `python -m pytest`: the latter puts the repo root on
 # sys.path, where operator/ would shadow the standard library.
@@ -44,6 +45,9 @@ lint: ## ruff + mypy
 	# From outside the checkout: check the installed package, where operator/ and
 	# companion/ live under mulambda (run from here, ./mulambda would shadow it).
 	cd / && mypy --config-file $(CURDIR)/pyproject.toml -p mulambda
+
+controlplane: ## build (or reuse) etcd, kube-apiserver & co., kwok, helm from hack/controlplane/go.mod
+	bash hack/controlplane/build.sh
 
 e2e: ## end-to-end tests against the cluster KUBECONFIG points to (after `make up`)
 	MULAMBDA_E2E_NAMESPACE=$(NAMESPACE) MULAMBDA_E2E_RELEASE=$(RELEASE) $(PYTEST) -m e2e tests/e2e

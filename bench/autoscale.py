@@ -54,8 +54,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from mulambda.resources import Scaling
-from mulambda.scaling import (
+from mulambda.api.modelexecutor import Scaling
+from mulambda.policy.scaling import (
     DemandWindow,
     Sample,
     ScalingState,

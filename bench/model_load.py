@@ -89,7 +89,7 @@ def _reset_peak_rss() -> None:
 
 def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> dict:
     import mulambda.storage
-    from mulambda.storage import ModelStorage
+    from mulambda.storage.s3 import ModelStorage
 
     if os.environ.get("MULAMBDA_BENCH_CRC") == "zlib":
         # --crc zlib: what a node without the optional isal package gets.
@@ -322,8 +322,9 @@ def main() -> int:
         return 0
 
     sys.path.insert(0, str(REPO / "tests"))  # tests/, not the repo root: no stdlib shadowing
-    from mulambda.models_cli import push_version
-    from mulambda.storage import CRC32_IMPL, ModelStorage
+    from mulambda.storage.checksums import CRC32_IMPL
+    from mulambda.storage.s3 import ModelStorage
+    from mulambda.tools.models import push_version
 
     from support.seaweedfs import ADMIN, SeaweedFS
 

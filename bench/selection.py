@@ -38,8 +38,9 @@ import sys
 import time
 from contextlib import closing
 
-from mulambda.client import MulambdaClient
-from mulambda.store import ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+from mulambda.sdk import MulambdaClient
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
 
 def _free_port() -> int:

@@ -18,7 +18,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mulambda.resources import S3_URI
+from mulambda.api.common import S3_URI
 from mulambda.settings import PREFIX, Settings
 
 # name (without prefix) -> (default, description). "" means "unset".

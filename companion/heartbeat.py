@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from mulambda.store import MetadataStore, ReplicaRecord, StoreUnavailable
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ReplicaRecord, StoreUnavailable
 
 from .server import Metrics, ModelState
 

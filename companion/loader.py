@@ -49,14 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mulambda.storage import (
-    ModelStorage,
-    StoredObject,
-    classify_error,
-    crc32,
-    crc32_combine,
-    relpath_is_safe,
-)
+from mulambda.storage.checksums import crc32, crc32_combine
+from mulambda.storage.s3 import ModelStorage, StoredObject, classify_error, relpath_is_safe
 
 __all__ = [
     "MANIFEST_NAME",

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from mulambda.store import MetadataStore
+from mulambda.store.metadata import MetadataStore
 
 from .config import CompanionConfig, ConfigError
 from .heartbeat import Heartbeat
@@ -100,7 +100,7 @@ class S3ModelSource:
 
     @classmethod
     def from_config(cls, config: CompanionConfig) -> S3ModelSource:
-        from mulambda.storage import ModelStorage
+        from mulambda.storage.s3 import ModelStorage
 
         return cls(ModelStorage.from_env(max_connections=max(16, config.load_workers * 2)), config)
 

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 import httpx
 
-from mulambda.store import LatencySample, MetadataStore, StoreUnavailable
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import LatencySample, StoreUnavailable
 
 from .server import Metrics
 

@@ -20,19 +20,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "operator": ("mulambda.operator.main", "run the Kubernetes operator (kopf)"),
     "companion": ("mulambda.companion.main", "run the companion sidecar beside TF Serving"),
     "selector": ("mulambda.selector", "run the HTTP selector API"),
-    "models": ("mulambda.models_cli", "push, list and remove models in S3 storage"),
-    "simulate": ("mulambda.simulate", "replay a scenario through selectors and compare"),
-    "ping": ("mulambda.ping", "answer latency probes (sidecar of Client workloads)"),
+    "models": ("mulambda.tools.models", "push, list and remove models in S3 storage"),
+    "simulate": ("mulambda.tools.simulate", "replay a scenario through selectors and compare"),
+    "ping": ("mulambda.companion.ping", "answer latency probes (sidecar of Client workloads)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s module is imported (to add its options)."""
     parser = argparse.ArgumentParser(prog="mulambda", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"mulambda {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if name != command:
+            continue
         try:
             mod = importlib.import_module(module)
         except ImportError:  # a component not built into this install
@@ -42,8 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The subcommand named on the command line (the first word that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     if getattr(args, "_missing", False):
         print(f"mulambda: '{args.command}' is not available in this install", file=sys.stderr)

@@ -59,9 +59,10 @@ from prometheus_client import (
     generate_latest,
 )
 
-from mulambda.selection import DEFAULT_POLICY, Criteria, Policy, rank
+from mulambda.policy.selection import DEFAULT_POLICY, Criteria, Policy, rank
 from mulambda.settings import Settings
-from mulambda.store import ClientRecord, MetadataStore, Snapshot, StoreUnavailable
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, Snapshot, StoreUnavailable
 
 log = logging.getLogger("mulambda.selector")
 

@@ -11,12 +11,15 @@ import kopf
 import kubernetes
 import prometheus_client
 
-from mulambda.operator import autoscaler
-from mulambda.operator.executors import Context
-from mulambda.operator.handlers import client, modelexecutor
-from mulambda.operator.kube import KubeApi
 from mulambda.settings import Settings
-from mulambda.store import MetadataStore, StoreUnavailable
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import StoreUnavailable
+
+from .client import handlers as client
+from .context import Context
+from .k8s.api import KubeApi
+from .modelexecutor import autoscale as autoscaler
+from .modelexecutor import handlers as modelexecutor
 
 FINALIZER = "mulambda.io/metadata"
 log = logging.getLogger(__name__)

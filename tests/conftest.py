@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from mulambda.store import MetadataStore
+from mulambda.store.metadata import MetadataStore
 
 from support.procs import RedisServer
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mulambda.storage import ModelStorage
+from mulambda.storage.s3 import ModelStorage
 
 from support.seaweedfs import ADMIN, READER, Identity, SeaweedFS
 

@@ -25,7 +25,8 @@ from mulambda.companion import loader
 from mulambda.companion.config import CompanionConfig
 from mulambda.companion.main import Companion, S3ModelSource
 from mulambda.companion.serving import ServingClient
-from mulambda.store import MetadataStore, ReplicaRecord
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ReplicaRecord
 
 from support.procs import free_port
 from support.tfserving_double import TFServingDouble
@@ -372,7 +373,7 @@ async def test_readiness_drops_when_tf_serving_stops_serving_the_version(
 async def test_metrics_expose_load_probe_and_error_series(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    from mulambda.store import ClientRecord
+    from mulambda.store.records import ClientRecord
 
     dead = free_port()  # nothing listens there
     await store.put_client(ClientRecord(namespace="ml", name="dead", type="regression",
@@ -426,7 +427,7 @@ async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_si
     seaweedfs, s3, bucket: str, half_plus_two: Path, redis_url: str, store: MetadataStore,
     tmp_path: Path,
 ):
-    from mulambda.models_cli import push_version
+    from mulambda.tools.models import push_version
 
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     models_dir = tmp_path / "models"
@@ -475,9 +476,9 @@ async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_si
 
 
 def test_config_reads_the_environment_the_operator_builds():
-    """Contract with operator/builders.companion_env: every value the pod gets is understood."""
-    from mulambda.operator import builders
-    from mulambda.resources import parse_executor_spec
+    """Contract with the operator's companion_env: every value the pod gets is understood."""
+    from mulambda.api.modelexecutor import parse_executor_spec
+    from mulambda.operator.modelexecutor import build as builders
     from mulambda.settings import Settings
 
     spec = parse_executor_spec({

@@ -29,11 +29,11 @@ from typing import Any
 import httpx
 import pytest
 
-from mulambda.client import MulambdaClient
-from mulambda.models_cli import push_version
 from mulambda.operator.main import register_all
+from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
-from mulambda.store import MetadataStore
+from mulambda.store.metadata import MetadataStore
+from mulambda.tools.models import push_version
 
 from support.kube import Kube, running_kube
 from support.kube_operator import OperatorRun

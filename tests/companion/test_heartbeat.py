@@ -14,7 +14,8 @@ from mulambda.companion.config import CompanionConfig
 from mulambda.companion.heartbeat import Heartbeat
 from mulambda.companion.main import Companion, serve
 from mulambda.companion.server import Metrics, ModelState
-from mulambda.store import MetadataStore, ReplicaRecord
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ReplicaRecord
 
 from support.procs import free_port
 

@@ -29,8 +29,9 @@ from mulambda.companion.loader import (
     remove_other_versions,
     resolve_version,
 )
-from mulambda.models_cli import push_version
-from mulambda.storage import ModelStorage, crc32, crc32_combine
+from mulambda.storage.checksums import crc32, crc32_combine
+from mulambda.storage.s3 import ModelStorage
+from mulambda.tools.models import push_version
 
 from support.seaweedfs import ADMIN, Identity, SeaweedFS
 
@@ -576,7 +577,7 @@ def test_encoded_bodies_fall_back_to_urllib3_decoding():
 
     import urllib3
 
-    from mulambda.storage import RangeResponse
+    from mulambda.storage.s3 import RangeResponse
 
     body = os.urandom(5000)
     resp = RangeResponse(urllib3.HTTPResponse(

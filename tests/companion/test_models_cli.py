@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mulambda.cli import main
-from mulambda.storage import ModelStorage
+from mulambda.storage.s3 import ModelStorage
 
 from support.seaweedfs import ADMIN, READER, SeaweedFS
 

@@ -11,7 +11,8 @@ import pytest
 
 from mulambda.companion.prober import Prober, ewma
 from mulambda.companion.server import Metrics
-from mulambda.store import ClientRecord, LatencySample, MetadataStore
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, LatencySample
 
 from support.procs import free_port
 

@@ -21,7 +21,7 @@ import httpx
 import pytest
 import yaml
 
-from mulambda.store import MetadataStore
+from mulambda.store.metadata import MetadataStore
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -173,7 +173,7 @@ class _ToPortForward(httpx.AsyncBaseTransport):
 async def test_sdk_selects_the_executor_and_predicts_half_plus_two(
     executor: dict[str, Any], store_url: str, settings_map: dict[str, str], port_forward: Any,
 ) -> None:
-    from mulambda.client import MulambdaClient
+    from mulambda.sdk import MulambdaClient
 
     rest = httpx.URL(executor["status"]["endpoint"]["rest"])
     service = rest.host.split(".")[0]

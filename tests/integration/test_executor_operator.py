@@ -409,7 +409,7 @@ def test_operator_uses_exactly_the_rbac_rules_it_declares(
 async def test_store_record_round_trip_is_what_selection_reads(
     kube: Kube, operator: OperatorRun, redis_url: str
 ) -> None:
-    from mulambda.store import MetadataStore
+    from mulambda.store.metadata import MetadataStore
 
     await asyncio.to_thread(kube.create, executor())
     store = MetadataStore.from_url(redis_url, PREFIX)

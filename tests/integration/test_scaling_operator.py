@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from mulambda.client import MulambdaClient
 from mulambda.operator.main import register_all
+from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
-from mulambda.store import MetadataStore
+from mulambda.store.metadata import MetadataStore
 
 from support.kube import Kube
 from support.kube_operator import OperatorRun

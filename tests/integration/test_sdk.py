@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from mulambda.client import (
+from mulambda.policy.selection import Criteria
+from mulambda.sdk import (
     AllCandidatesFailed,
     MissingExtra,
     MulambdaClient,
@@ -17,8 +18,8 @@ from mulambda.client import (
     NoMatchingModel,
     PredictionRejected,
 )
-from mulambda.selection import Criteria
-from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.procs import RedisServer, free_port
 from support.serving_double import TFServingRESTDouble

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mulambda.client import AllCandidatesFailed, MulambdaClient
-from mulambda.store import ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+from mulambda.sdk import AllCandidatesFailed, MulambdaClient
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.serving_double import TFServingRESTDouble
 

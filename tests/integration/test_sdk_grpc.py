@@ -23,18 +23,14 @@ pytest.importorskip(
 import grpc
 import numpy as np
 
-from mulambda.client import (
+from mulambda.sdk import (
     AllCandidatesFailed,
     MulambdaClient,
     MulambdaClientSync,
     PredictionRejected,
 )
-from mulambda.store import (
-    ExecutorRecord,
-    LatencySample,
-    MetadataStore,
-    ReplicaRecord,
-)
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.grpc_serving_double import TFServingGRPCDouble
 from support.procs import free_port

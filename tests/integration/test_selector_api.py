@@ -10,7 +10,8 @@ import pytest
 from aiohttp import web
 
 from mulambda.selector import create_app
-from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, MetadataStore, ReplicaRecord
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 pytestmark = pytest.mark.integration
 

@@ -6,8 +6,9 @@ import copy
 
 import pytest
 
-from mulambda.operator import builders
-from mulambda.resources import parse_executor_spec
+from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.operator.client import build as client_build
+from mulambda.operator.modelexecutor import build as builders
 from mulambda.settings import Settings
 
 from support.schemas import validate_k8s
@@ -123,7 +124,7 @@ def test_store_password_reaches_pods_only_through_a_secret_reference():
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][1]["env"]}
     ref = env["MULAMBDA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "store-auth", "key": "password"}
-    workload = builders.client_env("c", "apps", with_secret)
+    workload = client_build.client_env("c", "apps", with_secret)
     assert any(e["name"] == "MULAMBDA_REDIS_PASSWORD" and "valueFrom" in e for e in workload)
     # Without a Secret configured nothing is added.
     plain = _deployment()["spec"]["template"]["spec"]["containers"][1]["env"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mulambda.operator import builders
+from mulambda.operator.client import build as builders
 from mulambda.settings import Settings
 
 from support.schemas import validate_k8s

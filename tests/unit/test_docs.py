@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from mulambda.companion.config import COMPANION_SETTINGS_DOC
-from mulambda.scaling import Reason
+from mulambda.policy.scaling import Reason
 from mulambda.settings import SETTINGS_DOC
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +82,7 @@ def operator_reasons() -> tuple[set[str], set[str]]:
                 if m[3]:
                     literal.add(m[3])
     # The autoscaler emits the decision's reason as the Event reason.
-    autoscaler = (REPO / "operator" / "autoscaler.py").read_text()
+    autoscaler = (REPO / "operator" / "modelexecutor" / "autoscale.py").read_text()
     assert "reason=str(decision.reason)" in autoscaler
     literal |= {str(r) for r in Reason}
     return literal, templates

@@ -8,10 +8,11 @@ import time
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from mulambda.operator import children, clients
-from mulambda.selection import Criteria, rank
+from mulambda.operator.client import reconcile as clients
+from mulambda.operator.k8s import children
+from mulambda.policy.selection import Criteria, rank
 from mulambda.settings import Settings
-from mulambda.store import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
 
 
 def test_api_validation_errors_become_rejections_with_the_servers_message():

@@ -29,7 +29,9 @@ import pytest
 import yaml
 
 from mulambda import __version__
-from mulambda.resources import SpecError, parse_client_spec, parse_executor_spec
+from mulambda.api.client import parse_client_spec
+from mulambda.api.common import SpecError
+from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.settings import DEFAULT_COMPANION_IMAGE, PREFIX, SETTINGS_DOC, Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -379,13 +381,12 @@ def test_image_is_slim_non_root_and_runs_mulambda() -> None:
 def test_deployment_args_parse_with_the_real_cli() -> None:
     from mulambda.cli import build_parser
 
-    parser = build_parser()
     docs = list(kustomize("manifests/base")) + render(SCENARIOS["namespaced"])
     for d in find(docs, "Deployment"):
         for c in d["spec"]["template"]["spec"]["containers"]:
             if c["name"] not in ("operator", "selector"):
                 continue
-            args = parser.parse_args(c["args"])
+            args = build_parser(c["args"][0]).parse_args(c["args"])
             if getattr(args, "_missing", False):
                 pytest.skip(f"mulambda {c['name']} is not importable here: reinstall (make dev)")
             if c["name"] == "operator":
@@ -734,7 +735,7 @@ def test_bucket_script_waits_for_s3_then_creates_each_bucket(
 ) -> None:
     import runpy
 
-    import mulambda.storage
+    import mulambda.storage.s3
 
     calls: list[str] = []
 
@@ -744,7 +745,7 @@ def test_bucket_script_waits_for_s3_then_creates_each_bucket(
             if len(calls) == 1:
                 raise ConnectionRefusedError("MinIO is starting")
 
-    monkeypatch.setattr(mulambda.storage.ModelStorage, "from_env",
+    monkeypatch.setattr(mulambda.storage.s3.ModelStorage, "from_env",
                         classmethod(lambda cls: FlakyStorage()))
     monkeypatch.setattr("time.sleep", lambda _: None)
     monkeypatch.setenv("BUCKETS", "models,extra")
@@ -1008,8 +1009,10 @@ def test_install_doc_covers_kustomize_helm_byo_and_uninstall() -> None:
 
 @pytest.mark.parametrize("source", ["chart", "kustomize"])
 def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None:
-    from mulambda.operator import builders
-    from mulambda.resources import parse_client_spec, parse_executor_spec
+    from mulambda.api.client import parse_client_spec
+    from mulambda.api.modelexecutor import parse_executor_spec
+    from mulambda.operator.client import build as client_build
+    from mulambda.operator.modelexecutor import build as builders
     from mulambda.settings import Settings
 
     if source == "kustomize" and shutil.which("kubectl") is None:
@@ -1039,7 +1042,7 @@ def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None
     workload = parse_client_spec({"criteria": {"type": "t"}, "workload": {"template": {
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}}).workload
     assert workload is not None
-    client_pod = builders.build_client_deployment("c", "apps", workload.template, 1,
+    client_pod = client_build.build_client_deployment("c", "apps", workload.template, 1,
                                                   Settings())["spec"]["template"]
     assert admitted(executor_pod["metadata"]["labels"])
     assert admitted(client_pod["metadata"]["labels"])

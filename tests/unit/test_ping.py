@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from mulambda import ping
+from mulambda.companion import ping
 
 from support.procs import free_port
 

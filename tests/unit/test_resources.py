@@ -9,7 +9,9 @@ import jsonschema
 import pytest
 import yaml
 
-from mulambda.resources import SpecError, parse_client_spec, parse_executor_spec, parse_quantity
+from mulambda.api.client import parse_client_spec
+from mulambda.api.common import SpecError, parse_quantity
+from mulambda.api.modelexecutor import parse_executor_spec
 
 from support.schemas import validate_custom
 

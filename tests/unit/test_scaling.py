@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mulambda.resources import Scaling
-from mulambda.scaling import (
+from mulambda.api.modelexecutor import Scaling
+from mulambda.policy.scaling import (
     Decision,
     DemandWindow,
     Reason,

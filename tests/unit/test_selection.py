@@ -6,8 +6,14 @@ from collections import Counter
 
 import pytest
 
-from mulambda.selection import Criteria, Policy, prefilter, rank
-from mulambda.store import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
+from mulambda.policy.selection import Criteria, Policy, prefilter, rank
+from mulambda.store.records import (
+    ClientRecord,
+    ExecutorRecord,
+    LatencySample,
+    ReplicaRecord,
+    Snapshot,
+)
 
 NOW = 1_700_000_000.0
 

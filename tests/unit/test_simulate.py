@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from mulambda import simulate as sim
+from mulambda.tools import simulate as sim
 
 # One fast model next to the client and one slow, far one of equal accuracy:
 # round-robin sends half the traffic far away, so its p95 must be worse.

@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 
-from mulambda.store import (
-    ClientRecord,
-    ExecutorRecord,
-    LatencySample,
-    MetadataStore,
-    ReplicaRecord,
-)
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 
 def _executor(name: str = "mx", ns: str = "ml") -> ExecutorRecord:
@@ -208,7 +203,7 @@ async def test_malformed_values_are_skipped_and_logged_by_every_reader(
 
 
 async def test_store_password_comes_from_the_environment_not_the_url(monkeypatch):
-    from mulambda.store import StoreUnavailable
+    from mulambda.store.records import StoreUnavailable
 
     from support.procs import RedisServer
 

@@ -3,7 +3,7 @@ import os
 import sys
 import time
 
-from mulambda.storage import ModelStorage
+from mulambda.storage.s3 import ModelStorage
 
 storage = ModelStorage.from_env()
 for bucket in filter(None, os.environ["BUCKETS"].split(",")):

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from mulambda.operator import builders
-from mulambda.operator.kube import JSON_PATCH, KubeApi, is_conflict
+from ..k8s.objects import TEMPLATE_HASH
+from .api import JSON_PATCH, KubeApi, is_conflict
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ async def ensure_deployment(
     _check_owner(current, owner, "Deployment")
     ops: list[dict[str, Any]] = []
     what: list[str] = []
-    key = builders.TEMPLATE_HASH
+    key = TEMPLATE_HASH
     want = desired["metadata"]["annotations"][key]
     have = (current["metadata"].get("annotations") or {}).get(key)
     if want != have:

@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from mulambda.selection import (
+from mulambda.policy.selection import (
     DEFAULT_POLICY,
     Candidate,
     Criteria,
@@ -57,13 +57,9 @@ from mulambda.selection import (
     prefilter,
     rank,
 )
-from mulambda.store import (
-    INFLIGHT_LEASE_SECONDS,
-    InflightLeases,
-    MetadataStore,
-    Snapshot,
-    StoreUnavailable,
-)
+from mulambda.store.leases import InflightLeases
+from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
+from mulambda.store.records import Snapshot, StoreUnavailable
 
 __all__ = [
     "AllCandidatesFailed",

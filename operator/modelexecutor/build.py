@@ -7,30 +7,28 @@ Owner references are added by the handler (``kopf.adopt``), not here.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
-from mulambda.resources import ModelExecutorSpec
+from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.settings import Settings
+
+from ..k8s.objects import (
+    MANAGED_BY,
+    RESTRICTED_CONTAINER_SECURITY,
+    TEMPLATE_HASH,
+    env_var,
+    field_env,
+    redis_password_env,
+    secret_env,
+    template_hash,
+)
 
 REST_PORT = 8501
 GRPC_PORT = 8500
 COMPANION_PORT = 8080
 MODELS_DIR = "/models"
-MANAGED_BY = "mulambda-operator"
 
-# Annotation carrying a hash of the pod template the operator built: a changed
-# hash (new model version, image, resources...) means "patch the Deployment".
-TEMPLATE_HASH = "mulambda.io/template-hash"
 
-_RESTRICTED_CONTAINER_SECURITY = {
-    "allowPrivilegeEscalation": False,
-    "readOnlyRootFilesystem": True,
-    "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]},
-    "seccompProfile": {"type": "RuntimeDefault"},
-}
 
 DEFAULT_COMPANION_RESOURCES = {
     "requests": {"cpu": "50m", "memory": "64Mi"},
@@ -67,56 +65,36 @@ def endpoints(name: str, namespace: str, settings: Settings) -> dict[str, str]:
     return {"rest": f"http://{host}:{REST_PORT}", "grpc": f"{host}:{GRPC_PORT}"}
 
 
-def _env(name: str, value: str) -> dict[str, Any]:
-    return {"name": name, "value": value}
-
-
-def _field_env(name: str, path: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
-
-
-def _secret_env(name: str, secret: str, key: str) -> dict[str, Any]:
-    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-
-
-def _redis_password_env(settings: Settings) -> list[dict[str, Any]]:
-    """The store's password, from the Secret named by MULAMBDA_REDIS_SECRET (same
-    namespace as the pod), never as a literal value."""
-    if not settings.redis_secret:
-        return []
-    return [_secret_env("MULAMBDA_REDIS_PASSWORD", settings.redis_secret, "password")]
-
-
 def companion_env(
     name: str, namespace: str, spec: ModelExecutorSpec, settings: Settings
 ) -> list[dict[str, Any]]:
     """Environment of the companion: identity, model, store and S3 (keys from a Secret)."""
     secret = spec.model.credentials_secret or settings.s3_secret
     env = [
-        _env("MULAMBDA_EXECUTOR", f"{namespace}/{name}"),
-        _env("MULAMBDA_MODEL_NAME", spec.model.name),
-        _env("MULAMBDA_MODEL_URI", spec.model.storage_uri),
-        _env("MULAMBDA_MODEL_VERSION", str(spec.model.version or "")),
-        _env("MULAMBDA_MODELS_DIR", MODELS_DIR),
-        _env("MULAMBDA_TFSERVING_URL", f"http://127.0.0.1:{REST_PORT}"),
-        _env("MULAMBDA_HTTP_PORT", str(COMPANION_PORT)),
-        _env("MULAMBDA_REDIS_URL", settings.redis_url),
-        _env("MULAMBDA_KEY_PREFIX", settings.key_prefix),
-        _env("MULAMBDA_S3_ENDPOINT", settings.s3_endpoint),
-        _env("MULAMBDA_S3_SECURE", "true" if settings.s3_secure else "false"),
-        _env("MULAMBDA_HEARTBEAT_TTL_SECONDS", f"{settings.heartbeat_ttl_seconds:g}"),
-        _env("MULAMBDA_PROBE_INTERVAL_SECONDS", f"{settings.probe_interval_seconds:g}"),
-        _env("MULAMBDA_RETRY_MAX_DELAY_SECONDS", f"{settings.retry_max_delay_seconds:g}"),
-        _env("MULAMBDA_LOG_LEVEL", settings.log_level),
-        _field_env("MULAMBDA_POD_NAME", "metadata.name"),
-        _field_env("MULAMBDA_POD_NAMESPACE", "metadata.namespace"),
-        _field_env("MULAMBDA_POD_IP", "status.podIP"),
-        _secret_env("MULAMBDA_S3_ACCESS_KEY", secret, "accessKey"),
-        _secret_env("MULAMBDA_S3_SECRET_KEY", secret, "secretKey"),
-        *_redis_password_env(settings),
+        env_var("MULAMBDA_EXECUTOR", f"{namespace}/{name}"),
+        env_var("MULAMBDA_MODEL_NAME", spec.model.name),
+        env_var("MULAMBDA_MODEL_URI", spec.model.storage_uri),
+        env_var("MULAMBDA_MODEL_VERSION", str(spec.model.version or "")),
+        env_var("MULAMBDA_MODELS_DIR", MODELS_DIR),
+        env_var("MULAMBDA_TFSERVING_URL", f"http://127.0.0.1:{REST_PORT}"),
+        env_var("MULAMBDA_HTTP_PORT", str(COMPANION_PORT)),
+        env_var("MULAMBDA_REDIS_URL", settings.redis_url),
+        env_var("MULAMBDA_KEY_PREFIX", settings.key_prefix),
+        env_var("MULAMBDA_S3_ENDPOINT", settings.s3_endpoint),
+        env_var("MULAMBDA_S3_SECURE", "true" if settings.s3_secure else "false"),
+        env_var("MULAMBDA_HEARTBEAT_TTL_SECONDS", f"{settings.heartbeat_ttl_seconds:g}"),
+        env_var("MULAMBDA_PROBE_INTERVAL_SECONDS", f"{settings.probe_interval_seconds:g}"),
+        env_var("MULAMBDA_RETRY_MAX_DELAY_SECONDS", f"{settings.retry_max_delay_seconds:g}"),
+        env_var("MULAMBDA_LOG_LEVEL", settings.log_level),
+        field_env("MULAMBDA_POD_NAME", "metadata.name"),
+        field_env("MULAMBDA_POD_NAMESPACE", "metadata.namespace"),
+        field_env("MULAMBDA_POD_IP", "status.podIP"),
+        secret_env("MULAMBDA_S3_ACCESS_KEY", secret, "accessKey"),
+        secret_env("MULAMBDA_S3_SECRET_KEY", secret, "secretKey"),
+        *redis_password_env(settings),
     ]
     if settings.s3_region:
-        env.append(_env("MULAMBDA_S3_REGION", settings.s3_region))
+        env.append(env_var("MULAMBDA_S3_REGION", settings.s3_region))
     return env
 
 
@@ -145,7 +123,7 @@ def build_pod_template(
             {"name": "grpc", "containerPort": GRPC_PORT, "protocol": "TCP"},
         ],
         "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR, "readOnly": True}],
-        "securityContext": dict(_RESTRICTED_CONTAINER_SECURITY),
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
         # TF Serving needs no writable root; it only reads /models.
         "livenessProbe": {
             "tcpSocket": {"port": "http"},
@@ -177,7 +155,7 @@ def build_pod_template(
             "failureThreshold": 3,
         },
         "resources": dict(spec.companion.resources or DEFAULT_COMPANION_RESOURCES),
-        "securityContext": dict(_RESTRICTED_CONTAINER_SECURITY),
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
     }
     models_volume: dict[str, Any] = {}
     if spec.model_volume.medium:
@@ -208,12 +186,6 @@ def build_pod_template(
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
     return {"metadata": {"labels": labels}, "spec": pod_spec}
-
-
-def template_hash(template: dict[str, Any]) -> str:
-    """Stable short hash of a pod template (key order does not matter)."""
-    raw = json.dumps(template, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def build_deployment(
@@ -272,111 +244,5 @@ def build_service(name: str, namespace: str, spec: ModelExecutorSpec) -> dict[st
                 {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
                  "appProtocol": "grpc"},
             ],
-        },
-    }
-
-
-# -- Client workloads ---------------------------------------------------------
-
-PING_PORT = 8079
-
-
-def workload_name(client_name: str) -> str:
-    """Name of a Client's workload Deployment and Service."""
-    return f"{client_name}-workload"
-
-
-def client_selector_labels(client_name: str) -> dict[str, str]:
-    return {"app.kubernetes.io/name": "client-workload", "app.kubernetes.io/instance": client_name}
-
-
-def probe_url(client_name: str, namespace: str, settings: Settings) -> str:
-    """URL companions probe for a Client that runs a workload (its ping sidecar)."""
-    host = f"{workload_name(client_name)}.{namespace}.svc.{settings.cluster_domain}"
-    return f"http://{host}:{PING_PORT}/ping"
-
-
-def client_env(client_name: str, namespace: str, settings: Settings) -> list[dict[str, Any]]:
-    """Platform settings injected into every container of a Client's workload."""
-    return [
-        _env("MULAMBDA_CLIENT", f"{namespace}/{client_name}"),
-        _env("MULAMBDA_REDIS_URL", settings.redis_url),
-        _env("MULAMBDA_KEY_PREFIX", settings.key_prefix),
-        _env("MULAMBDA_SELECTOR_URL", settings.selector_url),
-        *_redis_password_env(settings),
-    ]
-
-
-def build_client_deployment(
-    client_name: str, namespace: str, template: dict[str, Any], replicas: int,
-    settings: Settings,
-) -> dict[str, Any]:
-    """The Client's workload: the user's pod template, our env injected, a ping sidecar."""
-    tpl = json.loads(json.dumps(template))  # deep copy, the input stays untouched
-    meta = tpl.setdefault("metadata", {})
-    labels = {
-        **(meta.get("labels") or {}),
-        **client_selector_labels(client_name),
-        "app.kubernetes.io/part-of": "mulambda",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-    }
-    meta["labels"] = labels
-    pod = tpl.setdefault("spec", {})
-    injected = client_env(client_name, namespace, settings)
-    names = {e["name"] for e in injected}
-    for container in pod.get("containers", []):
-        # Ours win: the identity must match the Client the operator registered.
-        container["env"] = [e for e in container.get("env", []) if e.get("name") not in names]
-        container["env"] += injected
-    pod["containers"] = [*pod.get("containers", []), {
-        "name": "mulambda-ping",
-        "image": settings.companion_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "args": ["ping", f"--port={PING_PORT}"],
-        "ports": [{"name": "mulambda-ping", "containerPort": PING_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "mulambda-ping"},
-                           "periodSeconds": 10},
-        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
-                      "limits": {"memory": "64Mi"}},
-        "securityContext": {**_RESTRICTED_CONTAINER_SECURITY, "runAsUser": 65532},
-    }]
-    digest = template_hash(tpl)
-    meta.setdefault("annotations", {})[TEMPLATE_HASH] = digest
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {
-            "name": workload_name(client_name),
-            "namespace": namespace,
-            "labels": {**client_selector_labels(client_name),
-                       "app.kubernetes.io/part-of": "mulambda",
-                       "app.kubernetes.io/managed-by": MANAGED_BY},
-            "annotations": {TEMPLATE_HASH: digest},
-        },
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": client_selector_labels(client_name)},
-            "template": tpl,
-        },
-    }
-
-
-def build_client_service(client_name: str, namespace: str) -> dict[str, Any]:
-    """Service in front of the workload's ping sidecars (what companions probe)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {
-            "name": workload_name(client_name),
-            "namespace": namespace,
-            "labels": {**client_selector_labels(client_name),
-                       "app.kubernetes.io/part-of": "mulambda",
-                       "app.kubernetes.io/managed-by": MANAGED_BY},
-        },
-        "spec": {
-            "type": "ClusterIP",
-            "selector": client_selector_labels(client_name),
-            "ports": [{"name": "mulambda-ping", "port": PING_PORT,
-                       "targetPort": "mulambda-ping", "protocol": "TCP"}],
         },
     }

@@ -24,13 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mulambda.storage import (
-    ModelStorage,
-    classify_error,
-    file_crc32,
-    parse_s3_uri,
-    version_prefix,
-)
+from mulambda.storage.checksums import file_crc32
+from mulambda.storage.s3 import ModelStorage, classify_error, parse_s3_uri, version_prefix
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +207,7 @@ def _rm(storage: ModelStorage, bucket: str, prefix: str, version: int) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - convenience: python -m mulambda.models_cli
+if __name__ == "__main__":  # pragma: no cover - convenience: python -m mulambda.tools.models
     parser = argparse.ArgumentParser(prog="mulambda models")
     configure(parser)
     raise SystemExit(run(parser.parse_args()))

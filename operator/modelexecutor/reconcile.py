@@ -2,20 +2,24 @@
 
 Called from the create/update/resume handlers and from a timer, so every
 step is idempotent: get-or-create, compare-then-patch, and a status patch
-only with what changed. Handlers stay thin (see handlers/modelexecutor.py).
+only with what changed. Handlers stay thin (see modelexecutor/handlers.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import kopf
 
-from mulambda.operator import builders, children
-from mulambda.operator.conditions import (
+from mulambda.api.common import SpecError
+from mulambda.api.modelexecutor import ModelExecutorSpec, parse_executor_spec
+from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailable
+
+from ..context import Context, backoff, forget_records
+from ..k8s import children
+from ..k8s.conditions import (
     FALSE,
     TRUE,
     UNKNOWN,
@@ -25,26 +29,11 @@ from mulambda.operator.conditions import (
     merge_conditions,
     report_failure,
 )
-from mulambda.operator.kube import KubeApi
-from mulambda.resources import ModelExecutorSpec, SpecError, parse_executor_spec
-from mulambda.settings import Settings
-from mulambda.store import ExecutorRecord, MetadataStore, ReplicaRecord, StoreUnavailable
+from . import build as builders
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Context:
-    """What a reconcile needs; built once per operator in the startup handler."""
-
-    settings: Settings
-    store: MetadataStore
-    kube: KubeApi
-
-
-def backoff(retry: int, settings: Settings) -> float:
-    """Exponential back-off for store outages: 1, 2, 4 ... capped."""
-    return float(min(settings.retry_max_delay_seconds, 2 ** min(retry, 16)))
 
 
 def _bounded_replicas(spec: ModelExecutorSpec) -> Callable[[int | None], int]:
@@ -290,19 +279,3 @@ async def forget(ctx: Context, namespace: str, name: str, retry: int, logger: An
     """Remove the executor's store records (the finalizer's job); children go by GC."""
     await forget_records(ctx, ctx.store.remove_executor, "executor", namespace, name, retry,
                          logger)
-
-
-async def forget_records(
-    ctx: Context, remove: Callable[[str], Awaitable[None]], kind: str, namespace: str,
-    name: str, retry: int, logger: Any,
-) -> None:
-    """Run a store removal for a finalizer; while the store is down, keep the object."""
-    try:
-        await remove(f"{namespace}/{name}")
-    except StoreUnavailable as exc:
-        delay = backoff(retry, ctx.settings)
-        raise kopf.TemporaryError(
-            f"{exc}; the {kind} stays until its metadata is removed. Retrying in {delay:g}s.",
-            delay=delay,
-        ) from None
-    logger.info("%s metadata removed %s=%s/%s", kind, kind, namespace, name)

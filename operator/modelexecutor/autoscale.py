@@ -24,11 +24,9 @@ from typing import Any
 import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
-from mulambda.operator import children
-from mulambda.operator.executors import Context
-from mulambda.operator.kube import JSON_PATCH
-from mulambda.resources import SpecError, parse_executor_spec
-from mulambda.scaling import (
+from mulambda.api.common import SpecError
+from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.policy.scaling import (
     DemandWindow,
     Reason,
     Sample,
@@ -37,8 +35,12 @@ from mulambda.scaling import (
     record_sample,
     window_horizon,
 )
-from mulambda.selection import DEFAULT_POLICY
-from mulambda.store import StoreUnavailable
+from mulambda.policy.selection import DEFAULT_POLICY
+from mulambda.store.records import StoreUnavailable
+
+from ..context import Context
+from ..k8s import children
+from ..k8s.api import JSON_PATCH
 
 COLD_START = Histogram(
     "mulambda_cold_start_seconds", "Time from activation at zero to the first ready replica",

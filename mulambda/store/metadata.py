@@ -54,35 +54,37 @@ with no latency sample for a client simply has none in the snapshot.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import logging
 import os
-import time
-import types
-import typing
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = [
-    "ClientRecord",
-    "ExecutorRecord",
-    "InflightLease",
-    "InflightLeases",
-    "LatencySample",
-    "MetadataStore",
-    "ReplicaRecord",
-    "Snapshot",
-    "StoreUnavailable",
-]
+from .records import (
+    ClientRecord,
+    ExecutorRecord,
+    InflightLease,
+    LatencySample,
+    ReplicaRecord,
+    Snapshot,
+    StoreUnavailable,
+    _count,
+    _dump,
+    _expires_at,
+    _glob_escape,
+    _load,
+    _now,
+    _split_field,
+)
+
+if TYPE_CHECKING:
+    from .leases import InflightLeases
+
 
 
 # Demand is counted per time bucket so that "requests per second lately" is
@@ -96,194 +98,6 @@ log = logging.getLogger("mulambda.store")
 
 
 PASSWORD_ENV = "MULAMBDA_REDIS_PASSWORD"
-
-
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached; callers retry with back-off."""
-
-
-def executor_id(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
-
-
-def _now() -> float:
-    return time.time()
-
-
-@dataclass
-class ExecutorRecord:
-    """What the operator publishes about one ModelExecutor."""
-
-    namespace: str
-    name: str
-    model: str
-    version: int | None
-    type: str
-    input: str
-    output: str
-    accuracy: float | None
-    rest: str
-    grpc: str
-    state: str = "Pending"  # Pending | Ready | ScaledToZero | Failed | Unavailable
-    min_replicas: int = 1
-    max_replicas: int = 1
-    ready_replicas: int = 0
-    service_time_ms: float | None = None
-    generation: int = 0
-    updated_at: float = field(default_factory=_now)
-
-    @property
-    def id(self) -> str:
-        return executor_id(self.namespace, self.name)
-
-
-@dataclass
-class ReplicaRecord:
-    """A companion's heartbeat for one pod of an executor."""
-
-    executor: str
-    pod: str
-    ip: str = ""
-    state: str = "Loading"  # Loading | Available | Failed
-    version: int | None = None
-    reason: str = ""
-    message: str = ""
-    heartbeat_at: float = field(default_factory=_now)
-    expires_at: float = 0.0
-
-
-@dataclass
-class ClientRecord:
-    """What the operator publishes about one Client."""
-
-    namespace: str
-    name: str
-    type: str
-    input: str | None = None
-    output: str | None = None
-    latency_weight: float = 1.0
-    accuracy_weight: float = 1.0
-    max_latency_ms: float | None = None
-    min_accuracy: float | None = None
-    probe_url: str | None = None
-    cold_start: str = "UseWarm"  # Wait | UseWarm (when the best executor is at zero)
-    generation: int = 0
-    updated_at: float = field(default_factory=_now)
-
-    @property
-    def id(self) -> str:
-        return executor_id(self.namespace, self.name)
-
-
-@dataclass
-class LatencySample:
-    """Smoothed round-trip time from one replica to one client."""
-
-    ms: float
-    samples: int
-    at: float = field(default_factory=_now)
-    expires_at: float = 0.0
-
-
-@dataclass
-class InflightLease:
-    """Requests one SDK instance has in flight on one executor, until ``expires_at``."""
-
-    n: int
-    expires_at: float
-
-
-@dataclass
-class Snapshot:
-    """Everything selection needs, read in one round trip."""
-
-    executors: dict[str, ExecutorRecord]
-    replicas: dict[str, list[ReplicaRecord]]  # executor id -> live replicas
-    latency: dict[str, dict[str, LatencySample]]  # executor id -> pod -> sample (one client)
-    inflight: dict[str, int]
-    taken_at: float
-    client_record: ClientRecord | None = None  # the snapshot's client, when registered
-
-
-def _dump(obj: Any) -> str:
-    return json.dumps(asdict(obj), separators=(",", ":"), sort_keys=True)
-
-
-def _accepted_types(annotation: Any) -> tuple[type, ...]:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        members: tuple[Any, ...] = typing.get_args(annotation)
-    else:
-        members = (annotation,)
-    out: list[type] = []
-    for member in members:
-        out.append(member)
-        if member is float:
-            out.append(int)  # JSON has one number type: 1 is a fine float
-    return tuple(out)
-
-
-_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
-
-
-def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
-    found = _FIELD_TYPES.get(cls)
-    if found is None:
-        hints = typing.get_type_hints(cls)
-        found = _FIELD_TYPES[cls] = {
-            name: _accepted_types(hints[name]) for name in cls.__dataclass_fields__  # type: ignore[attr-defined]
-        }
-    return found
-
-
-def _load(cls: Any, raw: str | bytes) -> Any:
-    """Decode a record; ValueError (naming no value) when it is not a valid one."""
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise ValueError("not JSON") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"JSON {type(data).__name__}, not an object")
-    fields = _field_types(cls)
-    # Unknown fields (written by a newer version) are dropped, not fatal.
-    known = {k: v for k, v in data.items() if k in fields}
-    for name, value in known.items():
-        # bool is an int to isinstance, never a number here.
-        if isinstance(value, bool) or not isinstance(value, fields[name]):
-            raise ValueError(f"field {name!r} is a JSON {type(value).__name__}")
-    try:
-        return cls(**known)
-    except TypeError as exc:  # a required field is missing
-        raise ValueError(str(exc)) from exc
-
-
-def _expires_at(raw: str) -> float | None:
-    """The ``expires_at`` of a JSON value, or None when it has no usable one."""
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    value = data.get("expires_at") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def _split_field(raw: str) -> tuple[str, str]:
-    executor, _, pod = raw.rpartition("|")
-    return executor, pod
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` as a literal in a Redis MATCH pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def _count(raw: Any) -> int | None:
-    """A HINCRBY counter's value, or None when it is not an integer."""
-    try:
-        return int(raw)
-    except (TypeError, ValueError):
-        return None
 
 
 class MetadataStore:
@@ -556,6 +370,8 @@ class MetadataStore:
     def leases(self) -> InflightLeases:
         """This object's own in-flight leases (``start_request``, ``add_inflight``)."""
         if self._leases is None:
+            from .leases import InflightLeases
+
             self._leases = InflightLeases(self, self.instance)
         return self._leases
 
@@ -767,143 +583,3 @@ def _bucket_count(window_seconds: float) -> int:
 def _new_instance_id() -> str:
     return uuid.uuid4().hex[:16]
 
-
-class InflightLeases:
-    """One SDK instance's requests in flight, published as self-expiring leases.
-
-    Counting is local and synchronous (:meth:`start`, :meth:`finish` never
-    wait for the store, so neither a cancelled caller nor a slow store can
-    skip or delay a release). One background writer publishes the absolute
-    counts, coalescing bursts into one pipelined write, and rewrites them
-    every ``ttl / 3`` while anything is in flight; a failed write is retried
-    with back-off. Requests started are queued as demand and go out with the
-    next write. :meth:`close` deletes the leases (best effort, bounded);
-    :meth:`stop` leaves them to expire.
-    """
-
-    def __init__(self, store: MetadataStore, instance: str | None = None,
-                 ttl: float = INFLIGHT_LEASE_SECONDS) -> None:
-        self.store = store
-        self.instance = instance or _new_instance_id()
-        if "|" in self.instance:
-            raise ValueError("instance must not contain '|'")
-        self.ttl = ttl
-        self.release_timeout = 2.0  # close() gives up deleting the leases after this
-        self.refresh_seconds = max(0.05, ttl / 3)
-        self.counts: dict[str, int] = {}
-        # Executors whose lease the store may hold (a failed write may have landed).
-        self._maybe_published: set[str] = set()
-        self._demand: dict[tuple[int, str], int] = {}
-        self._dirty = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._writer: asyncio.Task[None] | None = None
-        self._closed = False
-
-    # -- counting (synchronous) ------------------------------------------------
-    def add(self, executor: str, delta: int, publish: bool = True) -> None:
-        """Change the local count of ``executor`` (never below zero)."""
-        n = max(0, self.counts.get(executor, 0) + delta)
-        if n:
-            self.counts[executor] = n
-        else:
-            self.counts.pop(executor, None)
-        self._ensure_writer()
-        if publish:
-            self._dirty.set()
-
-    def start(self, executor: str, at: float | None = None, publish: bool = True) -> None:
-        """A request to ``executor`` started: in flight, and one more demand."""
-        key = (_bucket(at), executor)
-        self._demand[key] = self._demand.get(key, 0) + 1
-        self.add(executor, 1, publish)
-
-    def finish(self, executor: str, publish: bool = True) -> None:
-        """A request to ``executor`` ended (answered, failed or cancelled)."""
-        self.add(executor, -1, publish)
-
-    def kick(self) -> None:
-        """Publish soon, in the background."""
-        self._ensure_writer()
-        self._dirty.set()
-
-    # -- publishing ----------------------------------------------------------------
-    async def flush(self) -> None:
-        """Publish the current counts and queued demand now; raises StoreUnavailable."""
-        async with self._lock:
-            counts = dict(self.counts)
-            for executor in self._maybe_published:
-                counts.setdefault(executor, 0)  # zero: delete the lease
-            oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
-            demand = {k: v for k, v in self._demand.items() if k[0] > oldest}
-            self._demand = {}
-            if not counts and not demand:
-                return
-            try:
-                await self.store.publish_inflight(self.instance, counts, ttl=self.ttl,
-                                                  demand=demand)
-            except BaseException:  # incl. cancellation: the write may or may not have landed
-                self._maybe_published |= {e for e, n in counts.items() if n > 0}
-                for k, v in demand.items():
-                    self._demand[k] = self._demand.get(k, 0) + v
-                raise
-            self._maybe_published = {e for e, n in counts.items() if n > 0}
-
-    def _ensure_writer(self) -> None:
-        if self._closed or (self._writer is not None and not self._writer.done()):
-            return
-        try:
-            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
-        except RuntimeError:  # no running loop: flush() / close() publish instead
-            self._writer = None
-
-    async def _write_forever(self) -> None:
-        backoff = 0.0
-        while True:
-            if not self._dirty.is_set():
-                # Refresh the expiry only while something is in flight.
-                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a
-                # cancellation that arrives as the event is set.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.refresh_seconds if self.counts else None):
-                        await self._dirty.wait()
-            if self._closed:
-                return
-            self._dirty.clear()
-            try:
-                await self.flush()
-            except StoreUnavailable as exc:
-                log.warning("in-flight leases not published instance=%s error=%s",
-                            self.instance, exc)
-                self._dirty.set()
-                backoff = min(self.refresh_seconds, max(0.1, backoff * 2))
-                await asyncio.sleep(backoff)
-            else:
-                backoff = 0.0
-
-    async def stop(self) -> None:
-        """Stop publishing; the leases expire within ``ttl``."""
-        self._closed = True
-        writer, self._writer = self._writer, None
-        if writer is None:
-            return
-        writer.cancel()
-        # redis-py can swallow a cancellation that lands as a reply arrives;
-        # then the writer wakes up here, sees _closed and returns.
-        self._dirty.set()
-        while not writer.done():
-            await asyncio.wait({writer}, timeout=0.1)
-            writer.cancel()
-        if not writer.cancelled() and writer.exception() is not None:
-            log.warning("in-flight lease writer failed instance=%s error=%r", self.instance,
-                        writer.exception())
-
-    async def close(self) -> None:
-        """Stop publishing and delete this instance's leases (best effort, bounded)."""
-        await self.stop()
-        self.counts.clear()
-        try:
-            async with asyncio.timeout(self.release_timeout):
-                await self.flush()
-        except (StoreUnavailable, TimeoutError) as exc:
-            log.warning("in-flight leases not released instance=%s error=%r; they expire "
-                        "within %gs", self.instance, exc, self.ttl)

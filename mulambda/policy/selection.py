@@ -88,7 +88,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from mulambda.store import ClientRecord, ExecutorRecord, Snapshot
+from mulambda.store.records import ClientRecord, ExecutorRecord, Snapshot
 
 __all__ = ["Candidate", "Criteria", "Policy", "Ranking", "prefilter", "rank"]
 

@@ -6,10 +6,13 @@ from typing import Any
 
 import kopf
 
-from mulambda.operator import autoscaler, builders, executors
-from mulambda.operator.handlers import deleting, forget_lock, live, serialized
-from mulambda.resources import GROUP, VERSION
+from mulambda.api.common import GROUP, VERSION
 from mulambda.settings import Settings
+
+from ..serialize import deleting, forget_lock, live, serialized
+from . import autoscale as autoscaler
+from . import build as builders
+from . import reconcile as executors
 
 RESOURCE = (GROUP, VERSION, "modelexecutors")
 

@@ -11,8 +11,14 @@ from typing import Any
 
 import kopf
 
-from mulambda.operator import builders, children
-from mulambda.operator.conditions import (
+from mulambda.api.client import ClientSpec, parse_client_spec
+from mulambda.api.common import SpecError
+from mulambda.policy.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, rank
+from mulambda.store.records import ClientRecord, StoreUnavailable
+
+from ..context import Context, backoff, forget_records
+from ..k8s import children
+from ..k8s.conditions import (
     FALSE,
     TRUE,
     condition,
@@ -22,10 +28,7 @@ from mulambda.operator.conditions import (
     now_iso,
     report_failure,
 )
-from mulambda.operator.executors import Context, backoff, forget_records
-from mulambda.resources import ClientSpec, SpecError, parse_client_spec
-from mulambda.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, rank
-from mulambda.store import ClientRecord, StoreUnavailable
+from . import build as builders
 
 TOP_CANDIDATES = 3
 

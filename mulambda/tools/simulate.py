@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mulambda.selection import Criteria, Policy, rank
-from mulambda.store import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
+from mulambda.policy.selection import Criteria, Policy, rank
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
 
 log = logging.getLogger("mulambda.simulate")
 

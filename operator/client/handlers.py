@@ -6,10 +6,11 @@ from typing import Any
 
 import kopf
 
-from mulambda.operator import clients
-from mulambda.operator.handlers import deleting, forget_lock, live, serialized
-from mulambda.resources import GROUP, VERSION
+from mulambda.api.common import GROUP, VERSION
 from mulambda.settings import Settings
+
+from ..serialize import deleting, forget_lock, live, serialized
+from . import reconcile as clients
 
 RESOURCE = (GROUP, VERSION, "clients")
 

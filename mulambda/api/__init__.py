@@ -1,0 +1,1 @@
+"""The CRD contract: typed specs of ModelExecutor and Client, parsed once at the boundary."""

@@ -1,0 +1,113 @@
+"""The ModelExecutor spec: model, traits, scaling, serving pod overrides."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from .common import S3_URI, SpecError, _Model, check_resources, explain, parse_quantity
+
+
+class ModelRef(_Model):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
+    storage_uri: str = Field(alias="storageUri")
+    version: int | None = Field(default=None, ge=1)
+    credentials_secret: str | None = Field(default=None, alias="credentialsSecret")
+
+    @property
+    def bucket(self) -> str:
+        m = S3_URI.match(self.storage_uri)
+        assert m is not None  # validated
+        return m.group("bucket")
+
+    @property
+    def prefix(self) -> str:
+        m = S3_URI.match(self.storage_uri)
+        assert m is not None
+        return (m.group("prefix") or "").strip("/")
+
+    @model_validator(mode="after")
+    def _uri(self) -> ModelRef:
+        if not S3_URI.match(self.storage_uri):
+            raise ValueError(
+                f"storageUri {self.storage_uri!r} must look like s3://BUCKET/PREFIX "
+                "(bucket: 3-63 lowercase letters, digits, dots, dashes)"
+            )
+        return self
+
+
+class Traits(_Model):
+    type: str = Field(pattern=r"^[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?$")
+    input: str = Field(min_length=1, max_length=128)
+    output: str = Field(min_length=1, max_length=128)
+    accuracy: float | None = Field(default=None, ge=0, le=1)
+    service_time_ms: float | None = Field(default=None, ge=0, alias="serviceTimeMs")
+
+
+class Scaling(_Model):
+    min_replicas: int = Field(default=1, ge=0, le=1000, alias="minReplicas")
+    max_replicas: int = Field(default=3, ge=1, le=1000, alias="maxReplicas")
+    target_concurrency: float = Field(default=4.0, ge=0.1, alias="targetConcurrency")
+    idle_window_seconds: int = Field(default=300, ge=0, alias="idleWindowSeconds")
+    stable_window_seconds: int = Field(default=60, ge=1, alias="stableWindowSeconds")
+    panic_window_seconds: int = Field(default=6, ge=1, alias="panicWindowSeconds")
+    scale_down_delay_seconds: int = Field(default=30, ge=0, alias="scaleDownDelaySeconds")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"scaling.minReplicas ({self.min_replicas}) must not exceed "
+                f"scaling.maxReplicas ({self.max_replicas})"
+            )
+        return self
+
+
+class Serving(_Model):
+    image: str | None = Field(default=None, min_length=1)
+    resources: dict[str, Any] | None = None
+    args: list[str] = Field(default_factory=list)
+
+
+class Companion(_Model):
+    resources: dict[str, Any] | None = None
+
+
+class ModelVolume(_Model):
+    size_limit: int | str | None = Field(default=None, alias="sizeLimit")
+    medium: Literal["", "Memory"] = ""
+
+
+class ModelExecutorSpec(_Model):
+    model: ModelRef
+    traits: Traits
+    scaling: Scaling = Field(default_factory=Scaling)
+    serving: Serving = Field(default_factory=Serving)
+    companion: Companion = Field(default_factory=Companion)
+    model_volume: ModelVolume = Field(default_factory=ModelVolume, alias="modelVolume")
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    service_account_name: str | None = Field(default=None, alias="serviceAccountName")
+
+    @model_validator(mode="after")
+    def _quantities(self) -> ModelExecutorSpec:
+        check_resources(self.serving.resources, "spec.serving.resources")
+        check_resources(self.companion.resources, "spec.companion.resources")
+        if self.model_volume.size_limit is not None:
+            try:
+                parse_quantity(self.model_volume.size_limit)
+            except ValueError as exc:
+                raise SpecError(f"spec.modelVolume.sizeLimit: {exc}") from exc
+        return self
+
+
+def parse_executor_spec(spec: dict[str, Any]) -> ModelExecutorSpec:
+    """Parse a ModelExecutor spec or raise SpecError with an actionable message."""
+    try:
+        return ModelExecutorSpec.model_validate(dict(spec))
+    except SpecError:
+        raise
+    except ValidationError as exc:
+        # check_resources raises SpecError inside a validator: pydantic wraps it.
+        raise SpecError(explain(exc)) from None

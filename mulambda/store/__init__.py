@@ -1,0 +1,1 @@
+"""The metadata store (Redis, Valkey, DragonflyDB): records, keys, in-flight leases."""

@@ -1,0 +1,163 @@
+"""In-flight leases: one SDK instance's requests in flight, published so they expire."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from .metadata import (
+    DEMAND_BUCKET_SECONDS,
+    DEMAND_TTL_SECONDS,
+    INFLIGHT_LEASE_SECONDS,
+    _bucket,
+    _new_instance_id,
+)
+from .records import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .metadata import MetadataStore
+
+log = logging.getLogger("mulambda.store")
+
+
+class InflightLeases:
+    """One SDK instance's requests in flight, published as self-expiring leases.
+
+    Counting is local and synchronous (:meth:`start`, :meth:`finish` never
+    wait for the store, so neither a cancelled caller nor a slow store can
+    skip or delay a release). One background writer publishes the absolute
+    counts, coalescing bursts into one pipelined write, and rewrites them
+    every ``ttl / 3`` while anything is in flight; a failed write is retried
+    with back-off. Requests started are queued as demand and go out with the
+    next write. :meth:`close` deletes the leases (best effort, bounded);
+    :meth:`stop` leaves them to expire.
+    """
+
+    def __init__(self, store: MetadataStore, instance: str | None = None,
+                 ttl: float = INFLIGHT_LEASE_SECONDS) -> None:
+        self.store = store
+        self.instance = instance or _new_instance_id()
+        if "|" in self.instance:
+            raise ValueError("instance must not contain '|'")
+        self.ttl = ttl
+        self.release_timeout = 2.0  # close() gives up deleting the leases after this
+        self.refresh_seconds = max(0.05, ttl / 3)
+        self.counts: dict[str, int] = {}
+        # Executors whose lease the store may hold (a failed write may have landed).
+        self._maybe_published: set[str] = set()
+        self._demand: dict[tuple[int, str], int] = {}
+        self._dirty = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # -- counting (synchronous) ------------------------------------------------
+    def add(self, executor: str, delta: int, publish: bool = True) -> None:
+        """Change the local count of ``executor`` (never below zero)."""
+        n = max(0, self.counts.get(executor, 0) + delta)
+        if n:
+            self.counts[executor] = n
+        else:
+            self.counts.pop(executor, None)
+        self._ensure_writer()
+        if publish:
+            self._dirty.set()
+
+    def start(self, executor: str, at: float | None = None, publish: bool = True) -> None:
+        """A request to ``executor`` started: in flight, and one more demand."""
+        key = (_bucket(at), executor)
+        self._demand[key] = self._demand.get(key, 0) + 1
+        self.add(executor, 1, publish)
+
+    def finish(self, executor: str, publish: bool = True) -> None:
+        """A request to ``executor`` ended (answered, failed or cancelled)."""
+        self.add(executor, -1, publish)
+
+    def kick(self) -> None:
+        """Publish soon, in the background."""
+        self._ensure_writer()
+        self._dirty.set()
+
+    # -- publishing ----------------------------------------------------------------
+    async def flush(self) -> None:
+        """Publish the current counts and queued demand now; raises StoreUnavailable."""
+        async with self._lock:
+            counts = dict(self.counts)
+            for executor in self._maybe_published:
+                counts.setdefault(executor, 0)  # zero: delete the lease
+            oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
+            demand = {k: v for k, v in self._demand.items() if k[0] > oldest}
+            self._demand = {}
+            if not counts and not demand:
+                return
+            try:
+                await self.store.publish_inflight(self.instance, counts, ttl=self.ttl,
+                                                  demand=demand)
+            except BaseException:  # incl. cancellation: the write may or may not have landed
+                self._maybe_published |= {e for e, n in counts.items() if n > 0}
+                for k, v in demand.items():
+                    self._demand[k] = self._demand.get(k, 0) + v
+                raise
+            self._maybe_published = {e for e, n in counts.items() if n > 0}
+
+    def _ensure_writer(self) -> None:
+        if self._closed or (self._writer is not None and not self._writer.done()):
+            return
+        try:
+            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+        except RuntimeError:  # no running loop: flush() / close() publish instead
+            self._writer = None
+
+    async def _write_forever(self) -> None:
+        backoff = 0.0
+        while True:
+            if not self._dirty.is_set():
+                # Refresh the expiry only while something is in flight.
+                # asyncio.timeout, not wait_for: 3.11's wait_for swallows a
+                # cancellation that arrives as the event is set.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.refresh_seconds if self.counts else None):
+                        await self._dirty.wait()
+            if self._closed:
+                return
+            self._dirty.clear()
+            try:
+                await self.flush()
+            except StoreUnavailable as exc:
+                log.warning("in-flight leases not published instance=%s error=%s",
+                            self.instance, exc)
+                self._dirty.set()
+                backoff = min(self.refresh_seconds, max(0.1, backoff * 2))
+                await asyncio.sleep(backoff)
+            else:
+                backoff = 0.0
+
+    async def stop(self) -> None:
+        """Stop publishing; the leases expire within ``ttl``."""
+        self._closed = True
+        writer, self._writer = self._writer, None
+        if writer is None:
+            return
+        writer.cancel()
+        # redis-py can swallow a cancellation that lands as a reply arrives;
+        # then the writer wakes up here, sees _closed and returns.
+        self._dirty.set()
+        while not writer.done():
+            await asyncio.wait({writer}, timeout=0.1)
+            writer.cancel()
+        if not writer.cancelled() and writer.exception() is not None:
+            log.warning("in-flight lease writer failed instance=%s error=%r", self.instance,
+                        writer.exception())
+
+    async def close(self) -> None:
+        """Stop publishing and delete this instance's leases (best effort, bounded)."""
+        await self.stop()
+        self.counts.clear()
+        try:
+            async with asyncio.timeout(self.release_timeout):
+                await self.flush()
+        except (StoreUnavailable, TimeoutError) as exc:
+            log.warning("in-flight leases not released instance=%s error=%r; they expire "
+                        "within %gs", self.instance, exc, self.ttl)

@@ -1,0 +1,204 @@
+"""Store records: the JSON values mulambda keeps in the metadata store, and their codec.
+
+See :mod:`mulambda.store.metadata` for the keys that hold them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+log = logging.getLogger("mulambda.store")
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached; callers retry with back-off."""
+
+
+def executor_id(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+def _now() -> float:
+    return time.time()
+
+
+@dataclass
+class ExecutorRecord:
+    """What the operator publishes about one ModelExecutor."""
+
+    namespace: str
+    name: str
+    model: str
+    version: int | None
+    type: str
+    input: str
+    output: str
+    accuracy: float | None
+    rest: str
+    grpc: str
+    state: str = "Pending"  # Pending | Ready | ScaledToZero | Failed | Unavailable
+    min_replicas: int = 1
+    max_replicas: int = 1
+    ready_replicas: int = 0
+    service_time_ms: float | None = None
+    generation: int = 0
+    updated_at: float = field(default_factory=_now)
+
+    @property
+    def id(self) -> str:
+        return executor_id(self.namespace, self.name)
+
+
+@dataclass
+class ReplicaRecord:
+    """A companion's heartbeat for one pod of an executor."""
+
+    executor: str
+    pod: str
+    ip: str = ""
+    state: str = "Loading"  # Loading | Available | Failed
+    version: int | None = None
+    reason: str = ""
+    message: str = ""
+    heartbeat_at: float = field(default_factory=_now)
+    expires_at: float = 0.0
+
+
+@dataclass
+class ClientRecord:
+    """What the operator publishes about one Client."""
+
+    namespace: str
+    name: str
+    type: str
+    input: str | None = None
+    output: str | None = None
+    latency_weight: float = 1.0
+    accuracy_weight: float = 1.0
+    max_latency_ms: float | None = None
+    min_accuracy: float | None = None
+    probe_url: str | None = None
+    cold_start: str = "UseWarm"  # Wait | UseWarm (when the best executor is at zero)
+    generation: int = 0
+    updated_at: float = field(default_factory=_now)
+
+    @property
+    def id(self) -> str:
+        return executor_id(self.namespace, self.name)
+
+
+@dataclass
+class LatencySample:
+    """Smoothed round-trip time from one replica to one client."""
+
+    ms: float
+    samples: int
+    at: float = field(default_factory=_now)
+    expires_at: float = 0.0
+
+
+@dataclass
+class InflightLease:
+    """Requests one SDK instance has in flight on one executor, until ``expires_at``."""
+
+    n: int
+    expires_at: float
+
+
+@dataclass
+class Snapshot:
+    """Everything selection needs, read in one round trip."""
+
+    executors: dict[str, ExecutorRecord]
+    replicas: dict[str, list[ReplicaRecord]]  # executor id -> live replicas
+    latency: dict[str, dict[str, LatencySample]]  # executor id -> pod -> sample (one client)
+    inflight: dict[str, int]
+    taken_at: float
+    client_record: ClientRecord | None = None  # the snapshot's client, when registered
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(asdict(obj), separators=(",", ":"), sort_keys=True)
+
+
+def _accepted_types(annotation: Any) -> tuple[type, ...]:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        members: tuple[Any, ...] = typing.get_args(annotation)
+    else:
+        members = (annotation,)
+    out: list[type] = []
+    for member in members:
+        out.append(member)
+        if member is float:
+            out.append(int)  # JSON has one number type: 1 is a fine float
+    return tuple(out)
+
+
+_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+
+
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    found = _FIELD_TYPES.get(cls)
+    if found is None:
+        hints = typing.get_type_hints(cls)
+        found = _FIELD_TYPES[cls] = {
+            name: _accepted_types(hints[name]) for name in cls.__dataclass_fields__  # type: ignore[attr-defined]
+        }
+    return found
+
+
+def _load(cls: Any, raw: str | bytes) -> Any:
+    """Decode a record; ValueError (naming no value) when it is not a valid one."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError("not JSON") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"JSON {type(data).__name__}, not an object")
+    fields = _field_types(cls)
+    # Unknown fields (written by a newer version) are dropped, not fatal.
+    known = {k: v for k, v in data.items() if k in fields}
+    for name, value in known.items():
+        # bool is an int to isinstance, never a number here.
+        if isinstance(value, bool) or not isinstance(value, fields[name]):
+            raise ValueError(f"field {name!r} is a JSON {type(value).__name__}")
+    try:
+        return cls(**known)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(str(exc)) from exc
+
+
+def _expires_at(raw: str) -> float | None:
+    """The ``expires_at`` of a JSON value, or None when it has no usable one."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    value = data.get("expires_at") if isinstance(data, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def _split_field(raw: str) -> tuple[str, str]:
+    executor, _, pod = raw.rpartition("|")
+    return executor, pod
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _count(raw: Any) -> int | None:
+    """A HINCRBY counter's value, or None when it is not an integer."""
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        return None
+

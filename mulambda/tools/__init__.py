@@ -1,0 +1,1 @@
+"""Command-line tools that need neither kopf nor the Kubernetes client."""

@@ -1,0 +1,1 @@
+"""Client: kopf handlers, reconcile, status and the workload builders."""

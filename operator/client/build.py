@@ -1,0 +1,121 @@
+"""Pure builders: a Client's workload Deployment (the user's pod template, platform env
+injected, a ping sidecar) and the Service companions probe."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mulambda.settings import Settings
+
+from ..k8s.objects import (
+    MANAGED_BY,
+    RESTRICTED_CONTAINER_SECURITY,
+    TEMPLATE_HASH,
+    env_var,
+    redis_password_env,
+    template_hash,
+)
+
+PING_PORT = 8079
+
+
+def workload_name(client_name: str) -> str:
+    """Name of a Client's workload Deployment and Service."""
+    return f"{client_name}-workload"
+
+
+def client_selector_labels(client_name: str) -> dict[str, str]:
+    return {"app.kubernetes.io/name": "client-workload", "app.kubernetes.io/instance": client_name}
+
+
+def probe_url(client_name: str, namespace: str, settings: Settings) -> str:
+    """URL companions probe for a Client that runs a workload (its ping sidecar)."""
+    host = f"{workload_name(client_name)}.{namespace}.svc.{settings.cluster_domain}"
+    return f"http://{host}:{PING_PORT}/ping"
+
+
+def client_env(client_name: str, namespace: str, settings: Settings) -> list[dict[str, Any]]:
+    """Platform settings injected into every container of a Client's workload."""
+    return [
+        env_var("MULAMBDA_CLIENT", f"{namespace}/{client_name}"),
+        env_var("MULAMBDA_REDIS_URL", settings.redis_url),
+        env_var("MULAMBDA_KEY_PREFIX", settings.key_prefix),
+        env_var("MULAMBDA_SELECTOR_URL", settings.selector_url),
+        *redis_password_env(settings),
+    ]
+
+
+def build_client_deployment(
+    client_name: str, namespace: str, template: dict[str, Any], replicas: int,
+    settings: Settings,
+) -> dict[str, Any]:
+    """The Client's workload: the user's pod template, our env injected, a ping sidecar."""
+    tpl = json.loads(json.dumps(template))  # deep copy, the input stays untouched
+    meta = tpl.setdefault("metadata", {})
+    labels = {
+        **(meta.get("labels") or {}),
+        **client_selector_labels(client_name),
+        "app.kubernetes.io/part-of": "mulambda",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+    meta["labels"] = labels
+    pod = tpl.setdefault("spec", {})
+    injected = client_env(client_name, namespace, settings)
+    names = {e["name"] for e in injected}
+    for container in pod.get("containers", []):
+        # Ours win: the identity must match the Client the operator registered.
+        container["env"] = [e for e in container.get("env", []) if e.get("name") not in names]
+        container["env"] += injected
+    pod["containers"] = [*pod.get("containers", []), {
+        "name": "mulambda-ping",
+        "image": settings.companion_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "args": ["ping", f"--port={PING_PORT}"],
+        "ports": [{"name": "mulambda-ping", "containerPort": PING_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/healthz", "port": "mulambda-ping"},
+                           "periodSeconds": 10},
+        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"},
+                      "limits": {"memory": "64Mi"}},
+        "securityContext": {**RESTRICTED_CONTAINER_SECURITY, "runAsUser": 65532},
+    }]
+    digest = template_hash(tpl)
+    meta.setdefault("annotations", {})[TEMPLATE_HASH] = digest
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": workload_name(client_name),
+            "namespace": namespace,
+            "labels": {**client_selector_labels(client_name),
+                       "app.kubernetes.io/part-of": "mulambda",
+                       "app.kubernetes.io/managed-by": MANAGED_BY},
+            "annotations": {TEMPLATE_HASH: digest},
+        },
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": client_selector_labels(client_name)},
+            "template": tpl,
+        },
+    }
+
+
+def build_client_service(client_name: str, namespace: str) -> dict[str, Any]:
+    """Service in front of the workload's ping sidecars (what companions probe)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": workload_name(client_name),
+            "namespace": namespace,
+            "labels": {**client_selector_labels(client_name),
+                       "app.kubernetes.io/part-of": "mulambda",
+                       "app.kubernetes.io/managed-by": MANAGED_BY},
+        },
+        "spec": {
+            "type": "ClusterIP",
+            "selector": client_selector_labels(client_name),
+            "ports": [{"name": "mulambda-ping", "port": PING_PORT,
+                       "targetPort": "mulambda-ping", "protocol": "TCP"}],
+        },
+    }

@@ -1,0 +1,1 @@
+"""Kubernetes plumbing shared by both kinds: API calls, owned children, conditions."""

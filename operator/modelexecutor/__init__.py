@@ -1,0 +1,1 @@
+"""ModelExecutor: kopf handlers, reconcile, status, builders and the autoscaler."""
