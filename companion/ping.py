@@ -1,8 +1,10 @@
 """``mulambda ping``: a tiny HTTP responder companions probe to measure latency.
 
 Runs as a sidecar in a Client's workload pods. It answers ``GET /ping`` (and
-``/healthz``) with ``204 No Content`` as fast as it can: the probe measures
+``/healthz``) with ``204 No Content`` and nothing else: the probe measures
 the network round trip, so the responder must add as little as possible.
+Other paths get ``404``. Served by aiohttp (:mod:`.httpd`: bounded
+requests, keep-alive).
 """
 
 from __future__ import annotations
@@ -12,38 +14,28 @@ import asyncio
 import logging
 import signal
 
+from aiohttp import web
+
+from .httpd import start_server
+
 log = logging.getLogger(__name__)
 
-_OK = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
-_NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: keep-alive\r\n\r\n"
+PATHS = frozenset({"/ping", "/healthz"})
 
 
-async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while True:
-            request_line = await reader.readline()
-            if not request_line:
-                break
-            # Skip headers; probes send no body.
-            while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request_line.split()
-            path = parts[1].split(b"?")[0] if len(parts) > 1 else b""
-            writer.write(_OK if path in (b"/ping", b"/healthz") else _NOT_FOUND)
-            await writer.drain()
-            if not line:
-                break
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+async def _answer(request: web.Request) -> web.Response:
+    # Any method: the probe only needs an answer; no body either way.
+    return web.Response(status=204 if request.path in PATHS else 404)
 
 
 async def serve(host: str, port: int, stop: asyncio.Event) -> None:
-    server = await asyncio.start_server(_handle, host, port)
+    """Answer probes on ``host:port`` until ``stop`` is set."""
+    runner, port = await start_server(_answer, host, port, shutdown_timeout=1.0)
     log.info("ping responder listening host=%s port=%d", host, port)
-    async with server:
+    try:
         await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

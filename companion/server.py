@@ -1,9 +1,9 @@
 """The companion's HTTP endpoints: ``/healthz``, ``/readyz``, ``/metrics``.
 
-A deliberately tiny HTTP/1.1 server on :func:`asyncio.start_server`: three
-GET routes for the kubelet and Prometheus do not justify a web framework in
-the sidecar image, and running on the companion's own event loop means the
-handlers read the live state without locks.
+Served by aiohttp (:mod:`.httpd`: bounded requests, keep-alive) on the
+companion's own event loop, so the handler reads the live state without
+locks; :meth:`CompanionServer.route` decides every answer and is pure, so
+tests can call it directly.
 
 * ``/healthz`` answers 200 while the event loop turns (the kubelet restarts
   a wedged companion, never one whose model failed to load: restarting would
@@ -16,14 +16,15 @@ handlers read the live state without locks.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from dataclasses import dataclass
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from .httpd import start_server
 
 log = logging.getLogger("mulambda.companion.server")
 
@@ -114,10 +115,6 @@ class ModelState:
             self.version = version
 
 
-_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
-_MAX_HEADER_BYTES = 16 * 1024
-
-
 class CompanionServer:
     """Serves health, readiness and metrics from a :class:`ModelState` and :class:`Metrics`."""
 
@@ -126,21 +123,23 @@ class CompanionServer:
         self.metrics = metrics
         self.host = host
         self.port = port
-        self._server: asyncio.Server | None = None
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def listening(self) -> bool:
+        return self._runner is not None
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, self.port)
-        # Port 0 picks a free port: report the real one (tests rely on it).
-        self.port = self._server.sockets[0].getsockname()[1]
+        # Do not let a stuck scraper delay exit by more than 2 s.
+        self._runner, self.port = await start_server(self._handle, self.host, self.port,
+                                                     shutdown_timeout=2.0)
+        # Port 0 picks a free port: self.port is the real one (tests rely on it).
         log.info("http server listening host=%s port=%d", self.host, self.port)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            # wait_closed waits for open connections too; do not let a stuck scraper block exit.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            self._server = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
 
     def route(self, method: str, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) for one request; pure, so tests can call it directly."""
@@ -161,31 +160,6 @@ class CompanionServer:
         ).encode()
         return (200 if s.ready else 503), "application/json", body
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
-            if len(head) > _MAX_HEADER_BYTES:
-                return
-            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-            parts = request_line.split()
-            if len(parts) != 3:
-                return
-            method, path, _ = parts
-            status, ctype, body = self.route(method, path)
-            header = (
-                f"HTTP/1.1 {status} {_REASONS.get(status, 'OK')}\r\n"
-                f"Content-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n"
-            ).encode("latin-1")
-            writer.write(header if method == "HEAD" else header + body)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
-                ConnectionError):
-            pass  # a probe that hung up or sent garbage: nothing to answer
-        except Exception:
-            log.exception("http handler failed")
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    async def _handle(self, request: web.Request) -> web.Response:
+        status, ctype, body = self.route(request.method, request.path)
+        return web.Response(status=status, body=body, headers={"Content-Type": ctype})

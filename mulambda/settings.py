@@ -1,26 +1,43 @@
-"""Process-wide configuration, read once at start-up from ``MULAMBDA_*`` variables.
+"""Every component's configuration, read once at start-up from ``MULAMBDA_*`` variables.
 
-Every knob is listed in :data:`SETTINGS_DOC` (the README's configuration table
-is checked against it by a test). Nothing here connects to anything.
-Credentials never come from here: S3 keys are read by the companion from the
-environment variables a Secret feeds (``MULAMBDA_S3_ACCESS_KEY`` /
-``MULAMBDA_S3_SECRET_KEY``), and are never logged or echoed in a repr.
+One module, two sections, one parser:
+
+* :class:`Settings`, the shared section: what the operator, the selector, the
+  CLI and the companion all read. The Helm chart and the manifests set
+  exactly these keys from a ConfigMap; the table is :data:`SETTINGS_DOC`.
+* :class:`CompanionSettings`, the companion's own section: its pod's
+  identity, its model and the timing of its loops, set by the operator in
+  every executor pod. It carries the shared section as ``shared``; the
+  table is :data:`COMPANION_SETTINGS_DOC`.
+
+Each table maps a variable (without the prefix) to its documented default
+and meaning; the README's tables are checked against both by a test, and a
+literal default in a table is the one the code uses (:class:`Env` reads it
+from there). Every value is parsed by :class:`Env`, so a bad one always
+raises :class:`SettingsError` naming the variable. Nothing here connects to
+anything. Credentials never come from here: S3 keys are read by the
+companion from the environment variables a Secret feeds
+(``MULAMBDA_S3_ACCESS_KEY`` / ``MULAMBDA_S3_SECRET_KEY``), and are never
+logged or echoed in a repr.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
+
+from mulambda.storage.layout import S3_URI
 
 PREFIX = "MULAMBDA_"
 
 DEFAULT_SERVING_IMAGE = "tensorflow/serving:2.18.0"
 DEFAULT_COMPANION_IMAGE = "ghcr.io/mulambda/mulambda:0.1.0"
 
-# name -> (default, description). Order is the order of the README table.
+# name -> (default, description); "" means "unset". Order is the order of the README table.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "REDIS_URL": (
         "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB)."),
@@ -50,68 +67,260 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "LOG_LEVEL": ("INFO", "Log level of every entry point."),
 }
 
+# The companion's section, read besides the shared one. A default that is not a
+# literal ("TTL / 3") is computed by CompanionSettings.from_env.
+COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    "EXECUTOR": ("(required)", "NAMESPACE/NAME of the ModelExecutor this pod serves."),
+    "POD_NAMESPACE": ("", "Namespace used when EXECUTOR has no NAMESPACE/ part."),
+    "MODEL_URI": ("", "s3://BUCKET/PREFIX of the model; versions live under PREFIX/VERSION/."),
+    "MODEL_BUCKET": ("", "Bucket of the model (alternative to MODEL_URI)."),
+    "MODEL_PREFIX": ("", "Prefix of the model in the bucket (alternative to MODEL_URI)."),
+    "MODEL_NAME": ("last prefix segment", "TF Serving model name = folder under MODELS_DIR."),
+    "MODEL_VERSION": ("", "Version to load; empty means the highest version in storage."),
+    "MODELS_DIR": ("/models", "Volume shared with TF Serving (--model_base_path=MODELS_DIR/NAME)."),
+    "POD_NAME": ("hostname", "This pod's name (downward API metadata.name)."),
+    "POD_IP": ("", "This pod's IP (downward API status.podIP), published in the heartbeat."),
+    "TFSERVING_URL": ("http://127.0.0.1:8501", "TF Serving REST API in the same pod."),
+    "HTTP_HOST": ("0.0.0.0", "Address the companion's /healthz, /readyz, /metrics listen on."),
+    "HTTP_PORT": ("8080", "Port of the companion's HTTP server."),
+    "HEARTBEAT_INTERVAL_SECONDS": ("TTL / 3", "How often the heartbeat is renewed."),
+    "PROBE_TIMEOUT_SECONDS": ("2", "Per-probe timeout; a slower client counts as an error."),
+    "PROBE_CONCURRENCY": ("16", "Probes in flight at once."),
+    "PROBE_JITTER": ("0.2", "Random +/- fraction of the probe interval between rounds."),
+    "LATENCY_ALPHA": ("0.3", "EWMA weight of a new latency sample (0 < alpha <= 1)."),
+    "LATENCY_TTL_SECONDS": ("3 * probe interval", "Lifetime of a latency sample without refresh."),
+    "SERVING_POLL_SECONDS": ("1", "How often TF Serving's model status is polled."),
+    "VERSION_WATCH_SECONDS": (
+        "15", "Unpinned executors: how often the newest version in storage is checked."),
+    "LOAD_WORKERS": ("4", "Parallel ranged GETs per model download."),
+    "RETRY_BASE_DELAY_SECONDS": ("1", "First back-off after a transient load error (doubles)."),
+    "FAILED_RETRY_SECONDS": ("60", "Retry after a permanent load error (model uploaded later)."),
+}
+
+
+class SettingsError(ValueError):
+    """A ``MULAMBDA_*`` variable is missing or malformed; the message names it."""
+
 
 def _flag(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
 
 
+class Env:
+    """Typed ``MULAMBDA_*`` values, defaulting to ``table``'s literal defaults.
+
+    The one parser of every section: a bad value raises
+    :class:`SettingsError` naming the variable.
+    """
+
+    def __init__(
+        self, table: Mapping[str, tuple[str, str]], environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.table = table
+        self.environ = os.environ if environ is None else environ
+
+    def raw(self, name: str) -> str:
+        """The variable's value, stripped; "" when unset."""
+        return self.environ.get(PREFIX + name, "").strip()
+
+    def text(self, name: str, default: str | None = None) -> str:
+        """The value, else ``default``, else the table's default."""
+        return self.raw(name) or (self.table[name][0] if default is None else default)
+
+    def flag(self, name: str) -> bool:
+        return _flag(self.text(name))
+
+    def number(
+        self, name: str, default: float | None = None, *, kind: type = float,
+        minimum: float = 0.0, positive: bool = False,
+    ) -> float:
+        """A number >= ``minimum`` (finite and > 0 if ``positive``); unset: the default."""
+        raw = self.raw(name)
+        if not raw:
+            return kind(self.table[name][0]) if default is None else default
+        try:
+            value = kind(raw)
+        except ValueError as exc:
+            raise SettingsError(f"{PREFIX}{name} must be a number, got {raw!r}") from exc
+        if positive and not (math.isfinite(value) and value > 0):
+            raise SettingsError(f"{PREFIX}{name} must be a positive number, got {raw!r}")
+        if value < minimum:
+            raise SettingsError(f"{PREFIX}{name} must be >= {minimum}, got {raw!r}")
+        return value
+
+
+# Companion intervals below this would spin the loops.
+_MIN_SECONDS = 0.01
+
+
+def _default(name: str) -> str:
+    return SETTINGS_DOC[name][0]
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Typed view of the environment. Build with :meth:`from_env`."""
+    """The shared section, typed; field ``x_y`` is ``MULAMBDA_X_Y``. Build with :meth:`from_env`."""
 
-    redis_url: str = SETTINGS_DOC["REDIS_URL"][0]
-    redis_secret: str = ""
-    key_prefix: str = SETTINGS_DOC["KEY_PREFIX"][0]
-    serving_image: str = DEFAULT_SERVING_IMAGE
-    companion_image: str = DEFAULT_COMPANION_IMAGE
-    image_pull_policy: str = "IfNotPresent"
-    s3_endpoint: str = SETTINGS_DOC["S3_ENDPOINT"][0]
-    s3_secure: bool = False
-    s3_region: str = ""
-    s3_secret: str = "mulambda-s3"
-    selector_url: str = "http://mulambda-selector.mulambda.svc:8080"
-    cluster_domain: str = "cluster.local"
-    heartbeat_ttl_seconds: float = 30.0
-    probe_interval_seconds: float = 10.0
-    reconcile_interval_seconds: float = 10.0
-    autoscale_interval_seconds: float = 2.0
-    retry_max_delay_seconds: float = 60.0
-    log_level: str = "INFO"
+    redis_url: str = _default("REDIS_URL")
+    redis_secret: str = _default("REDIS_SECRET")
+    key_prefix: str = _default("KEY_PREFIX")
+    serving_image: str = _default("SERVING_IMAGE")
+    companion_image: str = _default("COMPANION_IMAGE")
+    image_pull_policy: str = _default("IMAGE_PULL_POLICY")
+    s3_endpoint: str = _default("S3_ENDPOINT")
+    s3_secure: bool = _flag(_default("S3_SECURE"))
+    s3_region: str = _default("S3_REGION")
+    s3_secret: str = _default("S3_SECRET")
+    selector_url: str = _default("SELECTOR_URL")
+    cluster_domain: str = _default("CLUSTER_DOMAIN")
+    heartbeat_ttl_seconds: float = float(_default("HEARTBEAT_TTL_SECONDS"))
+    probe_interval_seconds: float = float(_default("PROBE_INTERVAL_SECONDS"))
+    reconcile_interval_seconds: float = float(_default("RECONCILE_INTERVAL_SECONDS"))
+    autoscale_interval_seconds: float = float(_default("AUTOSCALE_INTERVAL_SECONDS"))
+    retry_max_delay_seconds: float = float(_default("RETRY_MAX_DELAY_SECONDS"))
+    log_level: str = _default("LOG_LEVEL")
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read ``MULAMBDA_*`` variables; unknown ones are ignored, bad numbers raise."""
-        env = os.environ if environ is None else environ
+        """Read ``MULAMBDA_*`` variables; unknown ones are ignored, bad values raise."""
+        env = Env(SETTINGS_DOC, environ)
         values: dict[str, object] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
-            raw = env.get(PREFIX + f.name.upper())
-            if raw is None or raw == "":
+            name = f.name.upper()
+            if name not in SETTINGS_DOC:
                 continue
             if f.type in ("float", float):
-                try:
-                    values[f.name] = float(raw)
-                except ValueError as exc:
-                    raise ValueError(
-                        f"{PREFIX}{f.name.upper()} must be a number, got {raw!r}"
-                    ) from exc
+                # Every number here is an interval or a TTL.
+                values[f.name] = env.number(name, positive=True)
             elif f.type in ("bool", bool):
-                values[f.name] = _flag(raw)
+                values[f.name] = env.flag(name)
             else:
-                values[f.name] = raw
+                values[f.name] = env.text(name)
         settings = cls(**values)  # type: ignore[arg-type]
         if urlsplit(settings.redis_url).password:
             # The URL is copied into every executor and workload pod spec: a
             # password there would be readable by anyone who can read Deployments.
-            raise ValueError(
+            raise SettingsError(
                 f"{PREFIX}REDIS_URL must not carry a password; put it in a Secret (key "
                 f"'password') and name that Secret in {PREFIX}REDIS_SECRET")
-        for f in fields(cls):
-            value = getattr(settings, f.name)
-            if f.name.endswith("_seconds") and not (math.isfinite(value) and value > 0):
-                raise ValueError(
-                    f"{PREFIX}{f.name.upper()} must be a positive number of seconds, "
-                    f"got {value!r}")
         return settings
+
+
+@dataclass(frozen=True)
+class CompanionSettings:
+    """The companion's section plus the shared one. Build with :meth:`from_env`.
+
+    The operator sets these in the companion container of every executor pod
+    (pod name and IP through the downward API). S3 endpoint and credentials
+    are read by :meth:`mulambda.storage.s3.ModelStorage.from_env`, never
+    here, so no secret ever passes through this object.
+    """
+
+    namespace: str
+    executor_name: str
+    bucket: str
+    prefix: str
+    model_name: str
+    version: int | None
+    models_dir: str
+    pod_name: str
+    pod_ip: str
+    shared: Settings
+    serving_rest_url: str
+    http_host: str
+    http_port: int
+    heartbeat_interval: float
+    probe_timeout: float
+    probe_concurrency: int
+    probe_jitter: float
+    latency_alpha: float
+    latency_ttl: float
+    serving_poll: float
+    version_watch: float
+    load_workers: int
+    retry_base_delay: float
+    failed_retry: float
+
+    @property
+    def executor_id(self) -> str:
+        return f"{self.namespace}/{self.executor_name}"
+
+    @property
+    def heartbeat_ttl(self) -> float:
+        return self.shared.heartbeat_ttl_seconds
+
+    @property
+    def probe_interval(self) -> float:
+        return self.shared.probe_interval_seconds
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> CompanionSettings:
+        """Read both sections; raise :class:`SettingsError` naming the bad variable."""
+        shared = Settings.from_env(environ)
+        env = Env(COMPANION_SETTINGS_DOC, environ)
+
+        executor = env.raw("EXECUTOR")
+        namespace, _, name = executor.rpartition("/")
+        namespace = namespace or env.raw("POD_NAMESPACE")
+        if not namespace or not name:
+            raise SettingsError(
+                f"{PREFIX}EXECUTOR must be NAMESPACE/NAME (or NAME with {PREFIX}POD_NAMESPACE), "
+                f"got {executor!r}"
+            )
+
+        uri = env.raw("MODEL_URI")
+        if uri:
+            match = S3_URI.match(uri)
+            if not match:
+                raise SettingsError(
+                    f"{PREFIX}MODEL_URI must look like s3://bucket/prefix, got {uri!r}"
+                )
+            bucket, prefix = match["bucket"], match["prefix"] or ""
+        else:
+            bucket, prefix = env.raw("MODEL_BUCKET"), env.raw("MODEL_PREFIX")
+            if not bucket:
+                raise SettingsError(f"set {PREFIX}MODEL_URI (or {PREFIX}MODEL_BUCKET)")
+        prefix = prefix.strip("/")
+
+        model_name = env.raw("MODEL_NAME") or prefix.rsplit("/", 1)[-1]
+        if not model_name:
+            raise SettingsError(f"{PREFIX}MODEL_NAME is required when the prefix is empty")
+
+        version: int | None = None
+        if env.raw("MODEL_VERSION"):
+            # Any integer: the loader turns a negative one into a Failed InvalidVersion.
+            version = int(env.number("MODEL_VERSION", kind=int, minimum=-math.inf))
+
+        alpha = env.number("LATENCY_ALPHA")
+        if not 0 < alpha <= 1:
+            raise SettingsError(f"{PREFIX}LATENCY_ALPHA must be in (0, 1], got {alpha}")
+        return cls(
+            namespace=namespace,
+            executor_name=name,
+            bucket=bucket,
+            prefix=prefix,
+            model_name=model_name,
+            version=version,
+            models_dir=env.text("MODELS_DIR"),
+            pod_name=env.raw("POD_NAME") or socket.gethostname(),
+            pod_ip=env.text("POD_IP"),
+            shared=shared,
+            serving_rest_url=env.text("TFSERVING_URL").rstrip("/"),
+            http_host=env.text("HTTP_HOST"),
+            http_port=int(env.number("HTTP_PORT", kind=int)),
+            heartbeat_interval=env.number(
+                "HEARTBEAT_INTERVAL_SECONDS", max(shared.heartbeat_ttl_seconds / 3, 0.1),
+                minimum=_MIN_SECONDS),
+            probe_timeout=env.number("PROBE_TIMEOUT_SECONDS", minimum=_MIN_SECONDS),
+            probe_concurrency=int(env.number("PROBE_CONCURRENCY", kind=int, minimum=1)),
+            probe_jitter=min(env.number("PROBE_JITTER"), 1.0),
+            latency_alpha=alpha,
+            latency_ttl=env.number(
+                "LATENCY_TTL_SECONDS", 3 * shared.probe_interval_seconds, minimum=_MIN_SECONDS),
+            serving_poll=env.number("SERVING_POLL_SECONDS", minimum=_MIN_SECONDS),
+            version_watch=env.number("VERSION_WATCH_SECONDS", minimum=_MIN_SECONDS),
+            load_workers=int(env.number("LOAD_WORKERS", kind=int, minimum=1)),
+            retry_base_delay=env.number("RETRY_BASE_DELAY_SECONDS", minimum=_MIN_SECONDS),
+            failed_retry=env.number("FAILED_RETRY_SECONDS", minimum=_MIN_SECONDS),
+        )

@@ -22,9 +22,9 @@ import httpx
 import pytest
 
 from mulambda.companion import loader
-from mulambda.companion.config import CompanionConfig
-from mulambda.companion.main import Companion, S3ModelSource
+from mulambda.companion.lifecycle import Companion, S3ModelSource
 from mulambda.companion.serving import ServingClient
+from mulambda.settings import CompanionSettings
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ReplicaRecord
 
@@ -154,11 +154,11 @@ async def start_companion(
     running: list[tuple[Running, TFServingDouble]] = []
 
     async def start(source: object, double: TFServingDouble, **env: str) -> Running:
-        config = CompanionConfig.from_env(companion_env(redis_url, models_dir, double.url, **env))
+        config = CompanionSettings.from_env(companion_env(redis_url, models_dir, double.url, **env))
         serving = ServingClient(config.serving_rest_url)
         companion = Companion(config, store, source, serving)  # type: ignore[arg-type]
         task = asyncio.create_task(companion.run())
-        await eventually(lambda: companion.server._server is not None, what="http server")
+        await eventually(lambda: companion.server.listening, what="http server")
         r = Running(companion, task)
         running.append((r, double))
         return r
@@ -167,7 +167,7 @@ async def start_companion(
     for r, double in running:
         if not r.task.done():
             await finish(r)
-        double.stop()
+        await double.stop()
 
 
 
@@ -175,7 +175,7 @@ async def start_companion(
 async def test_readiness_turns_200_only_when_tf_serving_reports_the_version_available(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    double = TFServingDouble(models_dir, MODEL, hold=True).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, hold=True).start()
     r = await start_companion(FakeSource(models_dir, [1]), double)
 
     # The folder is on disk and TF Serving (the double) is "loading" it.
@@ -211,7 +211,7 @@ async def _replica_in_state(store: MetadataStore, state: str) -> ReplicaRecord |
 async def test_permanent_load_error_publishes_failed_with_reason_and_stays_alive(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    double = TFServingDouble(models_dir, MODEL).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir).start()
     source = FakeSource(models_dir, [])  # nothing in storage: ModelNotFound, permanent
     r = await start_companion(source, double)
 
@@ -236,7 +236,7 @@ async def test_permanent_load_error_publishes_failed_with_reason_and_stays_alive
 async def test_transient_load_errors_are_retried_until_the_model_serves(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     flaky = [loader.ModelLoadError("StorageUnavailable", "connection refused", permanent=False)
              for _ in range(2)]
     source = FakeSource(models_dir, [1], errors=flaky)
@@ -258,7 +258,7 @@ async def test_tf_serving_load_failure_is_reported_as_failed(
             (result.path / "saved_model.pb").unlink()  # TF Serving will refuse it
             return result
 
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     r = await start_companion(NoSavedModel(models_dir, [1]), double,
                               MULAMBDA_FAILED_RETRY_SECONDS="60")
     rec = await eventually(lambda: _replica_in_state(store, "Failed"), what="Failed")
@@ -272,7 +272,7 @@ async def test_new_version_in_storage_switches_without_dropping_readiness(
     start_companion, store: MetadataStore, models_dir: Path
 ):
     # No version pinned: the companion follows the newest version in storage.
-    double = TFServingDouble(models_dir, MODEL, hold=True).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, hold=True).start()
     double.release(1)
     source = FakeSource(models_dir, [1])
     r = await start_companion(source, double)
@@ -305,7 +305,7 @@ async def test_new_version_in_storage_switches_without_dropping_readiness(
 async def test_failed_switch_keeps_serving_the_old_version_and_says_why(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     source = FakeSource(models_dir, [1])
     r = await start_companion(source, double, MULAMBDA_FAILED_RETRY_SECONDS="60")
     await eventually(lambda: _replica_in_state(store, "Available"), what="v1 Available")
@@ -330,7 +330,7 @@ async def test_withdrawn_newest_version_rolls_back_removing_the_higher_one_first
     start_companion, store: MetadataStore, models_dir: Path
 ):
     # TF Serving's "latest" policy would keep serving 2 while 1 sits next to it.
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     source = FakeSource(models_dir, [1, 2])
     r = await start_companion(source, double)
     await eventually(lambda: _version_is(store, 2), what="v2 served")
@@ -352,7 +352,7 @@ async def _version_is(store: MetadataStore, version: int) -> ReplicaRecord | Non
 async def test_readiness_drops_when_tf_serving_stops_serving_the_version(
     start_companion, store: MetadataStore, models_dir: Path
 ):
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     r = await start_companion(FakeSource(models_dir, [1]), double,
                               MULAMBDA_VERSION_WATCH_SECONDS="60")
     await eventually(lambda: _replica_in_state(store, "Available"), what="Available")
@@ -378,7 +378,7 @@ async def test_metrics_expose_load_probe_and_error_series(
     dead = free_port()  # nothing listens there
     await store.put_client(ClientRecord(namespace="ml", name="dead", type="regression",
                                         probe_url=f"http://127.0.0.1:{dead}/"))
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     r = await start_companion(FakeSource(models_dir, [7]), double)
     await eventually(lambda: _replica_in_state(store, "Available"), what="Available")
 
@@ -412,9 +412,9 @@ async def test_missing_model_in_real_s3_is_failed_model_not_found(
 ):
     for k, v in seaweedfs.env().items():  # S3ModelSource reads them like in a pod
         monkeypatch.setenv(k, v)
-    double = TFServingDouble(models_dir, MODEL).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir).start()
     env = {"MULAMBDA_MODEL_URI": f"s3://{bucket}/{MODEL}", "MULAMBDA_FAILED_RETRY_SECONDS": "60"}
-    config = CompanionConfig.from_env(companion_env(redis_url, models_dir, double.url, **env))
+    config = CompanionSettings.from_env(companion_env(redis_url, models_dir, double.url, **env))
     r = await start_companion(S3ModelSource.from_config(config), double, **env)
     rec = await eventually(lambda: _replica_in_state(store, "Failed"), within=15, what="Failed")
     assert rec.reason == "ModelNotFound"
@@ -432,7 +432,7 @@ async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_si
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     models_dir = tmp_path / "models"
     port = free_port()
-    with TFServingDouble(models_dir, MODEL, load_delay=0.1) as double:
+    async with TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.1) as double:
         env = {**os.environ, **seaweedfs.env(),
                **companion_env(redis_url, models_dir, double.url, MULAMBDA_HTTP_PORT=str(port),
                                MULAMBDA_MODEL_URI=f"s3://{bucket}/{MODEL}")}
@@ -499,7 +499,7 @@ def test_config_reads_the_environment_the_operator_builds():
         else:
             env[var["name"]] = var["value"]
 
-    c = CompanionConfig.from_env(env)
+    c = CompanionSettings.from_env(env)
     assert (c.executor_id, c.pod_name, c.pod_ip) == ("ml/hp2", "hp2-7d9f-x2", "10.0.0.7")
     assert (c.bucket, c.prefix, c.model_name, c.version) == (
         "models", "half_plus_two", "half-plus-two", 3)
@@ -510,10 +510,10 @@ def test_config_reads_the_environment_the_operator_builds():
 
 
 def test_config_rejects_incomplete_or_malformed_environment():
-    from mulambda.companion.config import ConfigError
+    from mulambda.settings import SettingsError
 
     base = {"MULAMBDA_EXECUTOR": "ml/hp2", "MULAMBDA_MODEL_URI": "s3://models/hpt"}
-    assert CompanionConfig.from_env(base).version is None  # unset version: newest
+    assert CompanionSettings.from_env(base).version is None  # unset version: newest
     for bad, needle in (
         ({"MULAMBDA_EXECUTOR": ""}, "MULAMBDA_EXECUTOR"),
         ({"MULAMBDA_MODEL_URI": "http://x/y"}, "MULAMBDA_MODEL_URI"),
@@ -521,15 +521,15 @@ def test_config_rejects_incomplete_or_malformed_environment():
         ({"MULAMBDA_PROBE_TIMEOUT_SECONDS": "soon"}, "MULAMBDA_PROBE_TIMEOUT_SECONDS"),
         ({"MULAMBDA_LATENCY_ALPHA": "0"}, "MULAMBDA_LATENCY_ALPHA"),
     ):
-        with pytest.raises(ConfigError, match=needle):
-            CompanionConfig.from_env({**base, **bad})
+        with pytest.raises(SettingsError, match=needle):
+            CompanionSettings.from_env({**base, **bad})
 
 
 async def test_pinned_version_ignores_newer_versions_in_storage(
     start_companion, store: MetadataStore, models_dir: Path
 ):
     # A pinned version changes only with the pod template (the Deployment rolls).
-    double = TFServingDouble(models_dir, MODEL, load_delay=0.05).start()
+    double = await TFServingDouble(MODEL, models_dir=models_dir, load_delay=0.05).start()
     source = FakeSource(models_dir, [1])
     r = await start_companion(source, double, MULAMBDA_MODEL_VERSION="1")
     await eventually(lambda: _version_is(store, 1), what="v1 served")

@@ -112,7 +112,8 @@ async def test_executor_loads_from_s3_serves_is_selected_and_cleans_up(
         assert env["MULAMBDA_S3_ENDPOINT"] == seaweedfs.endpoint
 
         port = free_port()
-        with TFServingDouble(models_dir, "half_plus_two", load_delay=0.1) as serving:
+        async with TFServingDouble("half_plus_two", models_dir=models_dir,
+                                   load_delay=0.1) as serving:
             pod_env = {**os.environ, **env, "MULAMBDA_MODELS_DIR": str(models_dir),
                        "MULAMBDA_TFSERVING_URL": serving.url, "MULAMBDA_HTTP_PORT": str(port)}
             # cwd: not the repo root, where ./mulambda would shadow the installed package.

@@ -10,10 +10,10 @@ import time
 from typing import Any
 
 from mulambda.companion import loader
-from mulambda.companion.config import CompanionConfig
 from mulambda.companion.heartbeat import Heartbeat
-from mulambda.companion.main import Companion, serve
+from mulambda.companion.lifecycle import Companion, serve
 from mulambda.companion.server import Metrics, ModelState
+from mulambda.settings import CompanionSettings
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ReplicaRecord
 
@@ -133,7 +133,7 @@ class MissingModel:
 async def test_sigterm_removes_the_heartbeat_and_exits_zero(
     store: MetadataStore, redis_url: str, tmp_path
 ):
-    config = CompanionConfig.from_env({
+    config = CompanionSettings.from_env({
         "MULAMBDA_EXECUTOR": EXECUTOR, "MULAMBDA_MODEL_URI": "s3://models/hpt",
         "MULAMBDA_MODELS_DIR": str(tmp_path), "MULAMBDA_POD_NAME": POD,
         "MULAMBDA_TFSERVING_URL": f"http://127.0.0.1:{free_port()}",

@@ -25,7 +25,6 @@ from mulambda.companion.loader import (
     LoadResult,
     ModelLoadError,
     load_model_version,
-    local_versions,
     remove_other_versions,
     resolve_version,
 )
@@ -167,6 +166,14 @@ def storage_as(cls: type[ModelStorage], server: SeaweedFS,
 
 def numeric_dirs(models: Path, name: str) -> list[str]:
     return sorted(p.name for p in (models / name).iterdir() if p.name.isdigit())
+
+
+def local_versions(models_dir: Path, model_name: str) -> list[int]:
+    """Numeric version folders TF Serving would see under ``models_dir/model_name``."""
+    base = models_dir / model_name
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 # -- happy paths -----------------------------------------------------------------------

@@ -22,8 +22,8 @@ from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.procs import RedisServer, free_port
-from support.serving_double import TFServingRESTDouble
 from support.tcp_proxy import DroppingProxy
+from support.tfserving_double import TFServingDouble
 
 pytestmark = pytest.mark.integration
 
@@ -72,16 +72,16 @@ async def proxied_store(redis_server: RedisServer, redis_url: str) -> AsyncItera
 
 
 @pytest.fixture
-async def doubles() -> AsyncIterator[list[TFServingRESTDouble]]:
-    made: list[TFServingRESTDouble] = []
+async def doubles() -> AsyncIterator[list[TFServingDouble]]:
+    made: list[TFServingDouble] = []
     yield made
     for d in made:
         await d.stop()
 
 
 async def test_predict_goes_to_the_best_model_over_rest(store, doubles):
-    near = await TFServingRESTDouble("near").start()
-    far = await TFServingRESTDouble("far").start()
+    near = await TFServingDouble("near").start()
+    far = await TFServingDouble("far").start()
     doubles += [near, far]
     await register(store, "near", near.url, rtt=1)
     await register(store, "far", far.url, rtt=40)
@@ -96,8 +96,8 @@ async def test_predict_goes_to_the_best_model_over_rest(store, doubles):
 
 
 async def test_failover_when_the_first_endpoint_fails(store, doubles):
-    broken = await TFServingRESTDouble("broken", status=503).start()
-    backup = await TFServingRESTDouble("backup").start()
+    broken = await TFServingDouble("broken", status=503).start()
+    backup = await TFServingDouble("backup").start()
     doubles += [broken, backup]
     await register(store, "broken", broken.url, rtt=1)
     await register(store, "backup", backup.url, rtt=30)
@@ -114,7 +114,7 @@ async def test_failover_when_the_first_endpoint_fails(store, doubles):
 
 
 async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
-    a = await TFServingRESTDouble("a", status=500).start()
+    a = await TFServingDouble("a", status=500).start()
     doubles.append(a)
     await register(store, "a", a.url, rtt=1)
     await register(store, "b", f"http://127.0.0.1:{free_port()}", rtt=2)
@@ -128,8 +128,8 @@ async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
 
 
 async def test_client_error_is_not_retried_elsewhere(store, doubles):
-    picky = await TFServingRESTDouble("picky", status=400).start()
-    other = await TFServingRESTDouble("other").start()
+    picky = await TFServingDouble("picky", status=400).start()
+    other = await TFServingDouble("other").start()
     doubles += [picky, other]
     await register(store, "picky", picky.url, rtt=1)
     await register(store, "other", other.url, rtt=20)
@@ -146,7 +146,7 @@ async def test_inflight_counter_is_up_during_the_call_and_back_to_zero(store, do
         await asyncio.sleep(0.05)  # the SDK publishes its leases in the background
         seen.append((await store.executor_load("ml/slow"))[0])
 
-    slow = await TFServingRESTDouble("slow", on_request=observe).start()
+    slow = await TFServingDouble("slow", on_request=observe).start()
     doubles.append(slow)
     await register(store, "slow", slow.url, rtt=1)
     async with MulambdaClient(store, CLIENT, type="vision") as mu:
@@ -155,8 +155,8 @@ async def test_inflight_counter_is_up_during_the_call_and_back_to_zero(store, do
         # Released by the calls themselves, not only by close().
         await eventually(lambda: inflight(store, "ml/slow"), 0)
     assert await store.redis.hgetall(store.inflight_key) == {}
-    demand = await store.demand(window_seconds=20)
-    assert demand["ml/slow"] == pytest.approx(5 / 20)  # 5 requests over two 10 s buckets
+    _, arrivals = await store.executor_load("ml/slow", window_seconds=20)
+    assert arrivals == pytest.approx(5 / 20)  # 5 requests over two 10 s buckets
 
 
 async def test_no_matching_model_says_why(store):
@@ -168,7 +168,7 @@ async def test_no_matching_model_says_why(store):
 
 
 async def test_registered_client_criteria_come_from_the_store(store, doubles):
-    d = await TFServingRESTDouble("d").start()
+    d = await TFServingDouble("d").start()
     doubles.append(d)
     await register(store, "d", d.url, rtt=1)
     await store.put_client(ClientRecord(namespace="shop", name="app", type="vision"))
@@ -231,7 +231,7 @@ async def test_cancelled_prediction_releases_its_inflight_count(store, doubles):
         entered.set()
         await asyncio.sleep(30)
 
-    slow = await TFServingRESTDouble("slow", on_request=hang).start()
+    slow = await TFServingDouble("slow", on_request=hang).start()
     doubles.append(slow)
     await register(store, "slow", slow.url, rtt=1)
     async with MulambdaClient(store, CLIENT, type="vision") as mu:
@@ -248,7 +248,7 @@ async def test_cancelled_prediction_releases_its_inflight_count(store, doubles):
 
 async def test_lost_reply_to_the_inflight_write_does_not_leak(store, proxied_store, doubles):
     via, proxy = proxied_store
-    d = await TFServingRESTDouble("d").start()
+    d = await TFServingDouble("d").start()
     doubles.append(d)
     await register(store, "d", d.url, rtt=1)
     async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60) as mu:
@@ -268,7 +268,7 @@ async def test_failed_release_is_retried_until_the_store_takes_it(store, proxied
         await eventually(lambda: inflight(store, "ml/d"), 1)
         proxy.blackhole()  # the release cannot get through
 
-    d = await TFServingRESTDouble("d", on_request=cut).start()
+    d = await TFServingDouble("d", on_request=cut).start()
     doubles.append(d)
     await register(store, "d", d.url, rtt=1)
     async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60) as mu:
@@ -286,7 +286,7 @@ async def test_a_long_call_keeps_its_lease_and_a_dead_sdk_lease_expires(store, d
     async def hold() -> None:
         await release.wait()
 
-    slow = await TFServingRESTDouble("slow", on_request=hold).start()
+    slow = await TFServingDouble("slow", on_request=hold).start()
     doubles.append(slow)
     await register(store, "slow", slow.url, rtt=1)
     # A 2 s lease (refreshed every third of it): slack for a loaded CI machine.
@@ -312,7 +312,7 @@ async def test_blackholed_store_adds_no_latency_to_use_warm_predictions(
     store, proxied_store, doubles
 ):
     via, proxy = proxied_store
-    warm = await TFServingRESTDouble("warm").start()
+    warm = await TFServingDouble("warm").start()
     doubles.append(warm)
     await register(store, "warm", warm.url, rtt=1, accuracy=0.5)
     await store.put_executor(ExecutorRecord(

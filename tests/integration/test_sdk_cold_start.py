@@ -17,7 +17,7 @@ from mulambda.sdk import AllCandidatesFailed, MulambdaClient
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
-from support.serving_double import TFServingRESTDouble
+from support.tfserving_double import TFServingDouble
 
 pytestmark = pytest.mark.integration
 
@@ -49,27 +49,27 @@ async def publish_replica(store: MetadataStore, rec: ExecutorRecord) -> None:
 async def activator(store: MetadataStore, executor: str, delay: float) -> float:
     """Wait for demand on ``executor``, 'start a pod' for ``delay`` s, publish it."""
     while True:  # polling the store is what the operator's autoscaler does too
-        if (await store.demand(window_seconds=20)).get(executor, 0) > 0:
+        if (await store.executor_load(executor, window_seconds=20))[1] > 0:
             break
         await asyncio.sleep(0.05)
     seen = time.monotonic()
     await asyncio.sleep(delay)
-    rec = await store.get_executor(executor)
+    rec = (await store.snapshot()).executors.get(executor)
     assert rec is not None
     await publish_replica(store, rec)
     return seen
 
 
 @pytest.fixture
-async def doubles() -> AsyncIterator[list[TFServingRESTDouble]]:
-    made: list[TFServingRESTDouble] = []
+async def doubles() -> AsyncIterator[list[TFServingDouble]]:
+    made: list[TFServingDouble] = []
     yield made
     for d in made:
         await d.stop()
 
 
 async def test_waiting_client_signals_demand_and_predicts_once_activated(store, doubles):
-    cold = await TFServingRESTDouble("cold").start()
+    cold = await TFServingDouble("cold").start()
     doubles.append(cold)
     eid = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.95)
     wake = asyncio.create_task(activator(store, eid, delay=1.0))
@@ -87,7 +87,7 @@ async def test_waiting_client_signals_demand_and_predicts_once_activated(store, 
 
 
 async def test_waiting_gives_up_after_the_cold_start_timeout(store, doubles):
-    cold = await TFServingRESTDouble("cold").start()
+    cold = await TFServingDouble("cold").start()
     doubles.append(cold)
     eid = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.95)
 
@@ -97,15 +97,15 @@ async def test_waiting_gives_up_after_the_cold_start_timeout(store, doubles):
         with pytest.raises(AllCandidatesFailed, match="cold start not done"):
             await mu.predict([["meh"]])
     assert 1.0 <= time.monotonic() - started < 5
-    assert (await store.demand(window_seconds=20)).get(eid, 0) > 0  # it did ask for it
+    assert (await store.executor_load(eid, window_seconds=20))[1] > 0  # it did ask for it
     assert cold.requests == []
 
 
 async def test_use_warm_client_is_served_by_a_warm_model_while_the_better_one_wakes(
     store, doubles
 ):
-    cold = await TFServingRESTDouble("cold").start()
-    warm = await TFServingRESTDouble("warm").start()
+    cold = await TFServingDouble("cold").start()
+    warm = await TFServingDouble("warm").start()
     doubles += [cold, warm]
     best = await put_executor(store, "cold", cold.url, warm=False, accuracy=0.99)
     await put_executor(store, "warm", warm.url, warm=True, accuracy=0.5)
@@ -118,17 +118,17 @@ async def test_use_warm_client_is_served_by_a_warm_model_while_the_better_one_wa
         assert result.executor == "ml/warm"
         # The much better cold model was asked for, so the operator activates it.
         for _ in range(40):
-            if (await store.demand(window_seconds=20)).get(best, 0) > 0:
+            if (await store.executor_load(best, window_seconds=20))[1] > 0:
                 break
             await asyncio.sleep(0.05)
-        assert (await store.demand(window_seconds=20)).get(best, 0) > 0
+        assert (await store.executor_load(best, window_seconds=20))[1] > 0
     assert cold.requests == []
 
 
 async def test_pending_record_with_a_live_replica_serves_at_once(store, doubles):
     # The operator rewrites the record's state only every reconcile interval;
     # the companion's Available heartbeat is the fresher truth.
-    fresh = await TFServingRESTDouble("fresh").start()
+    fresh = await TFServingDouble("fresh").start()
     doubles.append(fresh)
     rec = ExecutorRecord(
         namespace="ml", name="fresh", model="model-fresh", version=1, type="sentiment",

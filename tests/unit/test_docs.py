@@ -6,9 +6,8 @@ import ast
 import re
 from pathlib import Path
 
-from mulambda.companion.config import COMPANION_SETTINGS_DOC
 from mulambda.policy.scaling import Reason
-from mulambda.settings import SETTINGS_DOC
+from mulambda.settings import COMPANION_SETTINGS_DOC, SETTINGS_DOC
 
 REPO = Path(__file__).resolve().parents[2]
 README = REPO / "README.md"
