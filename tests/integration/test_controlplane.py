@@ -219,25 +219,37 @@ def test_garbage_collector_deletes_owned_objects(
         assert core.read_namespaced_config_map("bystander", ns).metadata.name == "bystander"
 
 
-def test_service_account_tokens_are_issued(controlplane: ControlPlane, cp_namespace: str) -> None:
-    """TokenRequest works, and the token authenticates as the ServiceAccount
-    under RBAC: allowed nothing until a Role grants it."""
+def test_service_account_identity_is_held_to_rbac(
+    controlplane: ControlPlane, cp_namespace: str
+) -> None:
+    """A TokenRequest token authenticates as the ServiceAccount, which RBAC
+    allows nothing until a Role grants it."""
     ns = cp_namespace
     with controlplane.api_client() as api:
         core = client.CoreV1Api(api)
         core.create_namespaced_service_account(ns, {"metadata": {"name": "robot"}})
-        token = core.create_namespaced_service_account_token(
-            "robot", ns, {"spec": {"expirationSeconds": 600}}
-        ).status.token
-    assert token.count(".") == 2
+    kubeconfig = controlplane.service_account_kubeconfig(ns, "robot")
 
-    config = client.Configuration()
-    config.host = controlplane.server
-    config.ssl_ca_cert = str(controlplane.pki / "ca.crt")
-    config.api_key = {"authorization": f"Bearer {token}"}
-    with client.ApiClient(config) as robot:
-        review = client.AuthenticationV1Api(robot).create_self_subject_review({})
-        assert review.status.user_info.username == f"system:serviceaccount:{ns}:robot"
-        with pytest.raises(client.ApiException) as forbidden:
-            client.CoreV1Api(robot).list_namespaced_config_map(ns)
-        assert forbidden.value.status == 403
+    def as_robot(*args: str) -> Any:
+        return controlplane.kubectl(*args, kubeconfig=kubeconfig, check=False)
+
+    whoami = as_robot("auth", "whoami", "-o", "jsonpath={.status.userInfo.username}")
+    assert whoami.stdout == f"system:serviceaccount:{ns}:robot"
+    denied = as_robot("-n", ns, "get", "configmaps")
+    assert denied.returncode == 1
+    assert "Forbidden" in denied.stderr
+
+    controlplane.kubectl(
+        "-n", ns, "create", "role", "read-cm", "--verb=get,list", "--resource=configmaps"
+    )
+    controlplane.kubectl(
+        "-n", ns, "create", "rolebinding", "robot-read-cm", "--role=read-cm",
+        f"--serviceaccount={ns}:robot",
+    )  # fmt: skip
+    allowed = wait_for(
+        "the RoleBinding to take effect",
+        lambda: as_robot("-n", ns, "get", "configmaps", "-o", "name").returncode == 0,
+        timeout=10,
+    )
+    assert allowed
+    assert as_robot("-n", ns, "delete", "configmap", "kube-root-ca.crt").returncode == 1

@@ -20,6 +20,7 @@ service-account signing key.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.client
 import json
@@ -51,13 +52,16 @@ BINARIES = (
 # Nodes KWOK manages carry this annotation; nodes without it are left alone.
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
+# KWOK's default Stages, which build.sh copies from the kwok module beside bin/.
+KWOK_STAGES = "share/kwok-stages.yaml"
 SERVICE_CIDR = "10.0.0.0/24"
 POD_CIDR = "10.244.0.0/16"
 
 MISSING_HINT = (
     "The Kubernetes control plane binaries are not built: run `make controlplane` "
     "(hack/controlplane/build.sh; Go >= 1.26 and the Go module proxy), "
-    "or point MULAMBDA_CONTROLPLANE_BIN at a directory holding {bins}."
+    "or point MULAMBDA_CONTROLPLANE_BIN at a directory holding {bins} "
+    f"(and ../{KWOK_STAGES})."
 )
 
 
@@ -98,6 +102,8 @@ def find_bin_dir() -> Path:
             )
         bin_dir = Path(proc.stdout.strip().splitlines()[-1])
     missing = [b for b in BINARIES if not os.access(bin_dir / b, os.X_OK)]
+    if not (bin_dir.parent / KWOK_STAGES).is_file():
+        missing.append(str(bin_dir.parent / KWOK_STAGES))
     if missing:
         raise BinariesMissing(
             MISSING_HINT.format(bins=", ".join(BINARIES))
@@ -125,32 +131,44 @@ def _ec_key(path: Path) -> None:
     )  # fmt: skip
 
 
-def make_certs(pki: Path) -> None:
-    """CA, apiserver serving cert, admin client cert, service-account key pair."""
-    pki.mkdir(parents=True, exist_ok=True)
-    _ec_key(pki / "ca.key")
+def _ca(pki: Path, name: str, subject: str) -> None:
+    _ec_key(pki / f"{name}.key")
     _openssl(
-        "req", "-x509", "-new", "-key", "ca.key", "-out", "ca.crt", "-days", "3650",
-        "-subj", "/CN=mulambda-test-ca",
+        "req", "-x509", "-new", "-key", f"{name}.key", "-out", f"{name}.crt", "-days", "3650",
+        "-subj", subject,
         "-addext", "basicConstraints=critical,CA:TRUE",
         "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
         cwd=pki,
     )  # fmt: skip
 
-    def leaf(name: str, subject: str, extensions: str) -> None:
-        _ec_key(pki / f"{name}.key")
-        (pki / f"{name}.ext").write_text(extensions)
-        _openssl(
-            "req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
-            cwd=pki,
-        )  # fmt: skip
-        _openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.crt", "-days", "365",
-            "-extfile", f"{name}.ext",
-            cwd=pki,
-        )  # fmt: skip
 
+def make_cert(pki: Path, name: str, subject: str, extensions: str, ca: str = "ca") -> None:
+    """``pki/NAME.crt`` and ``.key`` signed by ``pki/CA.crt``; ``subject`` like
+    ``/O=group/CN=user``, ``extensions`` an openssl extfile body."""
+    _ec_key(pki / f"{name}.key")
+    (pki / f"{name}.ext").write_text(extensions)
+    _openssl(
+        "req", "-new", "-key", f"{name}.key", "-out", f"{name}.csr", "-subj", subject,
+        cwd=pki,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-out", f"{name}.crt", "-days", "365", "-extfile", f"{name}.ext",
+        cwd=pki,
+    )  # fmt: skip
+
+
+CLIENT_EXTENSIONS = (
+    "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+    "extendedKeyUsage=clientAuth\n"
+)
+
+
+def make_certs(pki: Path) -> None:
+    """CA, apiserver serving cert, admin client cert (``system:masters``),
+    front-proxy CA and client, service-account key pair."""
+    pki.mkdir(parents=True, exist_ok=True)
+    _ca(pki, "ca", "/CN=mulambda-test-ca")
     sans = ",".join(
         [
             "DNS:localhost",
@@ -162,17 +180,20 @@ def make_certs(pki: Path) -> None:
             "IP:10.0.0.1",  # the `kubernetes` Service's ClusterIP in SERVICE_CIDR
         ]
     )
-    leaf(
+    make_cert(
+        pki,
         "apiserver",
         "/CN=kube-apiserver",
         "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
         f"extendedKeyUsage=serverAuth\nsubjectAltName={sans}\n",
     )
-    leaf(
-        "admin",
-        "/O=system:masters/CN=mulambda-admin",
-        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-        "extendedKeyUsage=clientAuth\n",
+    make_cert(pki, "admin", "/O=system:masters/CN=mulambda-admin", CLIENT_EXTENSIONS)
+    # Request-header authentication (the aggregation layer), with its own CA as
+    # kubeadm has it; without it the controller manager's and scheduler's
+    # delegated authentication logs an error every few seconds.
+    _ca(pki, "front-proxy-ca", "/CN=mulambda-test-front-proxy-ca")
+    make_cert(
+        pki, "front-proxy-client", "/CN=front-proxy-client", CLIENT_EXTENSIONS, ca="front-proxy-ca"
     )
     # Service-account tokens: the API server signs with sa.key and verifies
     # with sa.pub; the controller manager signs legacy token Secrets with sa.key.
@@ -180,7 +201,18 @@ def make_certs(pki: Path) -> None:
     _openssl("pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
 
 
-def write_kubeconfig(path: Path, server: str, pki: Path, user: str = "admin") -> None:
+def write_kubeconfig(
+    path: Path, server: str, pki: Path, user: str = "admin", token: str | None = None
+) -> None:
+    """A kubeconfig for ``server``: client certificate ``pki/USER.crt`` or a bearer token."""
+    credentials = (
+        {"token": token}
+        if token
+        else {
+            "client-certificate": str(pki / f"{user}.crt"),
+            "client-key": str(pki / f"{user}.key"),
+        }
+    )
     config = {
         "apiVersion": "v1",
         "kind": "Config",
@@ -190,15 +222,7 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str = "admin") ->
                 "cluster": {"server": server, "certificate-authority": str(pki / "ca.crt")},
             }
         ],
-        "users": [
-            {
-                "name": user,
-                "user": {
-                    "client-certificate": str(pki / f"{user}.crt"),
-                    "client-key": str(pki / f"{user}.key"),
-                },
-            }
-        ],
+        "users": [{"name": user, "user": credentials}],
         "contexts": [
             {"name": "mulambda-test", "context": {"cluster": "mulambda-test", "user": user}}
         ],
@@ -206,6 +230,7 @@ def write_kubeconfig(path: Path, server: str, pki: Path, user: str = "admin") ->
     }
     # JSON is YAML: no dependency on a YAML writer here.
     path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
 
 
 def _tail(path: Path, lines: int) -> str:
@@ -247,6 +272,12 @@ class Component:
                 f"{self.name} exited with {self.proc.returncode}; "
                 f"last lines of {self.log}:\n{_tail(self.log, 30)}"
             )
+
+    def terminate(self) -> None:
+        """SIGTERM to the group without waiting (stop() waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
@@ -308,6 +339,7 @@ class ControlPlane:
             mark = now
 
         self.logs.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop)  # should the caller never reach stop()
         try:
             make_certs(self.pki)
             phase("certs")
@@ -330,9 +362,15 @@ class ControlPlane:
         return self
 
     def stop(self) -> None:
+        """Terminate every component's process group: the API server's clients
+        together, then the API server, then etcd."""
+        for component in self.components:
+            if component.name not in ("etcd", "kube-apiserver"):
+                component.terminate()
         for component in reversed(self.components):
             component.stop()
         self.components.clear()
+        atexit.unregister(self.stop)
 
     def cleanup(self) -> None:
         """Stop and remove the working directory (keeps it when the caller gave it)."""
@@ -384,13 +422,13 @@ class ControlPlane:
         self._launch(
             "etcd",
             [
-                "--name=default",
+                "--name=mulambda-test",
                 f"--data-dir={self.dir / 'etcd'}",
                 f"--listen-client-urls={self.etcd_url}",
                 f"--advertise-client-urls={self.etcd_url}",
                 f"--listen-peer-urls={peer_url}",
                 f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=default={peer_url}",
+                f"--initial-cluster=mulambda-test={peer_url}",
                 "--unsafe-no-fsync",  # test data: durability is not wanted, speed is
                 "--log-level=warn",
             ],
@@ -432,6 +470,16 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki / 'sa.key'}",
                 f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--allow-privileged=true",
+                f"--requestheader-client-ca-file={pki / 'front-proxy-ca.crt'}",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={pki / 'front-proxy-client.crt'}",
+                f"--proxy-client-key-file={pki / 'front-proxy-client.key'}",
+                # The `kubernetes` Service would point at 127.0.0.1, which
+                # Endpoints refuse (loopback): leave it without endpoints.
+                "--endpoint-reconciler-type=none",
                 "--profiling=false",
                 "--v=1",
             ],
@@ -468,11 +516,7 @@ class ControlPlane:
             ],
         )
         self._launch("kube-scheduler", [*delegated, f"--secure-port={free_port()}"])
-        stages = self.bin.parent / "share" / "kwok-stages.yaml"
-        if not stages.is_file():
-            raise BinariesMissing(
-                MISSING_HINT.format(bins=", ".join(BINARIES)) + f"\nmissing {stages}"
-            )
+        stages = self.bin.parent / KWOK_STAGES
         self._launch(
             "kwok",
             [
@@ -592,9 +636,15 @@ class ControlPlane:
         return env
 
     def _run(
-        self, tool: str, args: Sequence[str], input: str | None, check: bool, timeout: float
+        self,
+        tool: str,
+        args: Sequence[str],
+        input: str | None,
+        check: bool,
+        timeout: float,
+        kubeconfig: Path | None,
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.bin / tool), f"--kubeconfig={self.kubeconfig}", *args]
+        cmd = [str(self.bin / tool), f"--kubeconfig={kubeconfig or self.kubeconfig}", *args]
         proc = subprocess.run(
             cmd, input=input, capture_output=True, text=True, env=self.env, timeout=timeout
         )
@@ -603,17 +653,47 @@ class ControlPlane:
         return proc
 
     def kubectl(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the built kubectl as the admin; raises ToolFailed (a CalledProcessError
-        with stderr in its message) unless ``check=False``."""
-        return self._run("kubectl", args, input, check, timeout)
+        """Run the built kubectl (as the admin unless ``kubeconfig`` says otherwise);
+        raises ToolFailed (a CalledProcessError with stderr in its message) unless
+        ``check=False``."""
+        return self._run("kubectl", args, input, check, timeout, kubeconfig)
 
     def helm(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 300
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 300,
+        kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the built helm as the admin (its cache and config under ``dir``)."""
-        return self._run("helm", args, input, check, timeout)
+        """Run the built helm like kubectl (its cache and config under ``dir``)."""
+        return self._run("helm", args, input, check, timeout, kubeconfig)
+
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, expiration_seconds: int = 3600
+    ) -> Path:
+        """A kubeconfig that authenticates as ServiceAccount ``namespace/name``
+        with a token from the TokenRequest API (what a pod would mount)."""
+        from kubernetes import client
+
+        with self.api_client() as api:
+            token = (
+                client.CoreV1Api(api)
+                .create_namespaced_service_account_token(
+                    name, namespace, {"spec": {"expirationSeconds": expiration_seconds}}
+                )
+                .status.token
+            )
+        path = self.dir / f"sa-{namespace}-{name}.kubeconfig"
+        write_kubeconfig(path, self.server, self.pki, user=f"{namespace}-{name}", token=token)
+        return path
 
     @contextlib.contextmanager
     def namespace(
@@ -654,4 +734,6 @@ class ControlPlane:
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items())
         logs = f"; logs in {self.logs}" if self.logs.exists() else ""
-        return f"control plane {self.server} started in {self.startup_seconds:.1f}s ({phases}){logs}"
+        return (
+            f"control plane {self.server} started in {self.startup_seconds:.1f}s ({phases}){logs}"
+        )

@@ -66,11 +66,14 @@ def _reporter(config: pytest.Config) -> _Report:
 def controlplane(request: pytest.FixtureRequest) -> Iterator[ControlPlane]:
     """etcd, kube-apiserver, controller manager, scheduler and KWOK with 3 nodes."""
     report = _reporter(request.config)
+    missing = None
     try:
         plane = ControlPlane()
     except BinariesMissing as e:
-        report.error = str(e).splitlines()[0]
-        pytest.fail(str(e), pytrace=False)
+        missing = str(e)
+    if missing is not None:  # outside the except: no chained traceback
+        report.error = missing.splitlines()[0]
+        pytest.fail(missing, pytrace=False)
     try:
         plane.start()
     except Exception as e:
