@@ -71,7 +71,8 @@ def operator_reasons() -> tuple[set[str], set[str]]:
             m = re.search(r'"([A-Z][A-Za-z]+)"', args)
             if m:
                 literal.add(m[1])
-        for call in ("kopf.info", "kopf.warn"):
+        # Events (kopf.info/warn, or Event values the handlers emit) and failure statuses.
+        for call in ("kopf.info", "kopf.warn", "Event.normal", "Event.warning", "kind.failure"):
             for args in _calls(src, call):
                 m = re.search(r'\breason=(f?)"([^"]+)"(?:\s+if\s.+?\selse\s+"([^"]+)")?', args,
                               re.S)
