@@ -23,7 +23,7 @@ What is simulated, the same for every policy:
 
 Policies compared on that trace:
 
-a. ``mulambda``: :func:`mulambda.scaling.decide` fed a demand sample every
+a. ``mulambda``: :func:`mulambda.policy.scaling.decide` fed a demand sample every
    second (in-flight plus queued requests, arrival rate), deciding every 2 s,
    minReplicas 0 and the CRD's default windows; ``mulambda-d300`` is the
    same with a 300 s scale-down delay, the HPA's stabilisation, so the two

@@ -88,14 +88,14 @@ def _reset_peak_rss() -> None:
 
 
 def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> dict:
-    import mulambda.storage
+    import mulambda.storage.checksums
     from mulambda.storage.s3 import ModelStorage
 
     if os.environ.get("MULAMBDA_BENCH_CRC") == "zlib":
         # --crc zlib: what a node without the optional isal package gets.
         import zlib
 
-        mulambda.storage._crc32_impl = zlib.crc32
+        mulambda.storage.checksums._crc32_impl = zlib.crc32
 
     storage = ModelStorage.from_env(max_connections=max(16, workers * 2))
     objects = storage.list_version_objects(BUCKET, prefix, 1)

@@ -1,6 +1,6 @@
 """Selection latency through the SDK against a real redis-server, beside one PING.
 
-Run:  /work/venv/bin/python bench/selection.py [--executors 1000] [--clients 100]
+Run:  python bench/selection.py [--executors 1000] [--clients 100]
 
 Loads ``--executors`` executors (``--types`` model types, 1-2 live replicas
 each, RTT samples from every replica to every client) and ``--clients``
@@ -39,6 +39,7 @@ import time
 from contextlib import closing
 
 from mulambda.sdk import MulambdaClient
+from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
@@ -76,8 +77,12 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-async def _load(store: MetadataStore, executors: int, clients: list[str], types: int) -> None:
+async def _load(store: MetadataStore, executors: int, clients: list[str],
+                types: int) -> InflightLeases:
+    """Register the executors and clients; returns the in-flight load of "other" SDK
+    instances, published (and refreshed) until the caller stops it."""
     rng = random.Random(1)
+    others = InflightLeases(store, instance="bench-others")
     for i in range(executors):
         rec = ExecutorRecord(
             namespace="bench", name=f"ex{i:04d}", model=f"m{i}", version=1,
@@ -93,7 +98,9 @@ async def _load(store: MetadataStore, executors: int, clients: list[str], types:
             await store.put_latencies(
                 rec.id, pod, {c: LatencySample(ms=rng.uniform(0.2, 40), samples=5)
                               for c in clients}, ttl=3600)
-        await store.add_inflight(rec.id, rng.randint(0, 3))
+        others.add(rec.id, rng.randint(0, 3), publish=False)
+    await others.flush()
+    return others
 
 
 async def _measure(fn, seconds: float) -> list[float]:
@@ -111,7 +118,7 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     try:
         store = MetadataStore.from_url(url, prefix="bench")
         clients = [f"apps/client{c:03d}" for c in range(args.clients)]
-        await _load(store, args.executors, clients, args.types)
+        others = await _load(store, args.executors, clients, args.types)
         results: dict[str, list[float]] = {}
 
         half = args.ping_seconds / 2
@@ -140,6 +147,7 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
         results["store.snapshot()"] = await _measure(snapshot_only, args.seconds_per_client)
         results["redis PING"] += await _measure(store.ping, half)
+        await others.stop()
         await store.close()
     finally:
         proc.terminate()

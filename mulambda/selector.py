@@ -139,7 +139,7 @@ def _criteria(body: Any, record: ClientRecord | None) -> Criteria:
     if length is not None and (isinstance(length, bool) or not isinstance(length, int)
                                or length < 0):
         raise ValueError("data_length must be a non-negative integer")
-    base = Criteria.from_client(record) if record is not None else None
+    base = record.criteria if record is not None else None
     if base is None and not required.get("type"):
         raise ValueError("required.type is missing and the client is not registered")
     return Criteria.from_request(required, desired, base)

@@ -21,8 +21,6 @@ GROUP = "mulambda.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
-S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>\S*))?$")
-
 
 class SpecError(ValueError):
     """A spec the operator cannot act on; the message says what to fix."""

@@ -6,7 +6,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from .common import S3_URI, SpecError, _Model, check_resources, explain, parse_quantity
+from mulambda.storage.layout import S3_URI
+
+from .common import SpecError, _Model, check_resources, explain, parse_quantity
 
 
 class ModelRef(_Model):
@@ -14,18 +16,6 @@ class ModelRef(_Model):
     storage_uri: str = Field(alias="storageUri")
     version: int | None = Field(default=None, ge=1)
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret")
-
-    @property
-    def bucket(self) -> str:
-        m = S3_URI.match(self.storage_uri)
-        assert m is not None  # validated
-        return m.group("bucket")
-
-    @property
-    def prefix(self) -> str:
-        m = S3_URI.match(self.storage_uri)
-        assert m is not None
-        return (m.group("prefix") or "").strip("/")
 
     @model_validator(mode="after")
     def _uri(self) -> ModelRef:

@@ -4,7 +4,7 @@ Modelled on Knative's KPA. The operator samples demand for each executor
 (requests in flight, counting those queued in front of its replicas or held
 while it is scaled to zero, and the arrival rate), keeps the samples in a
 bounded :class:`DemandWindow`, and calls :func:`decide` with the executor's
-``spec.scaling``, the replica counts, the :class:`ScalingState` it persisted
+``spec.scaling``, the replica counts, the :class:`ScalingState` it kept
 from the previous call and ``now``. :func:`decide` does no I/O and reads no
 clock: the same inputs always give the same :class:`Decision`.
 
@@ -43,11 +43,11 @@ Reasons (CamelCase, for conditions and Events): ``Activate``,
 ``Hold``.
 
 Samples are assumed to arrive at a roughly regular interval (the mean is
-over samples, not time-weighted); the operator samples on a timer. Both
-the window and the state serialise to small JSON objects (``to_json`` /
-``from_json``) so the operator can keep them in the executor's status or
-in the metadata store across restarts; losing them only restarts the idle
-clock and the scale-down delay, which errs towards keeping replicas.
+over samples, not time-weighted); the operator samples on a timer. The
+operator keeps the window and the state in memory only
+(:mod:`mulambda.operator.modelexecutor.autoscale`): a restart loses them,
+which only restarts the idle clock and the scale-down delay and so errs
+towards keeping replicas.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ __all__ = [
 #: Panic when the panic-window desire is this many times the ready replicas (Knative: 200%).
 PANIC_THRESHOLD = 2.0
 
-#: Hard cap on samples kept, whatever the sampling rate, so the JSON stays small.
+#: Hard cap on samples kept, whatever the sampling rate, so a window stays small.
 DEFAULT_MAX_SAMPLES = 600
 
 # ceil(2.0000000001) must stay 2: averages of floats carry rounding noise.
@@ -95,7 +95,7 @@ class Reason(StrEnum):
 
 
 class ScalingPolicy(Protocol):
-    """What :func:`decide` reads from a spec; :class:`mulambda.resources.Scaling` fits."""
+    """What :func:`decide` reads from a spec; :class:`mulambda.api.modelexecutor.Scaling` fits."""
 
     @property
     def min_replicas(self) -> int: ...
@@ -150,22 +150,6 @@ class DemandWindow:
 
     samples: tuple[Sample, ...] = ()
 
-    def to_json(self) -> dict[str, Any]:
-        """Compact JSON form: ``{"samples": [[at, concurrency, rate], ...]}``."""
-        return {"samples": [[s.at, s.concurrency, s.rate] for s in self.samples]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> DemandWindow:
-        """Inverse of :meth:`to_json`; ``None`` or ``{}`` is an empty window."""
-        if not data:
-            return cls()
-        try:
-            samples = [Sample(float(a), float(c), float(r)) for a, c, r in data["samples"]]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed demand window: {exc}") from exc
-        samples.sort(key=lambda s: s.at)
-        return cls(tuple(samples))
-
 
 def window_horizon(policy: ScalingPolicy) -> float:
     """Seconds of samples :func:`decide` looks at (the longer of the two windows)."""
@@ -197,7 +181,7 @@ def record_sample(
     return DemandWindow(tuple(samples[first:]))
 
 
-# -- persisted state ----------------------------------------------------------------
+# -- state kept between decisions ---------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,44 +200,6 @@ class ScalingState:
     panic_since: float | None = None
     panic_last_at: float | None = None
     recent: tuple[tuple[float, int], ...] = field(default=())
-
-    def to_json(self) -> dict[str, Any]:
-        """camelCase JSON, shaped like the rest of the status; ``None`` fields omitted."""
-        out: dict[str, Any] = {
-            "desired": self.desired,
-            "lastChangeAt": self.last_change_at,
-            "lastScaleUpAt": self.last_scale_up_at,
-            "lastDemandAt": self.last_demand_at,
-            "panicSince": self.panic_since,
-            "panicLastAt": self.panic_last_at,
-        }
-        out = {k: v for k, v in out.items() if v is not None}
-        out["recent"] = [[at, n] for at, n in self.recent]
-        return out
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any] | None) -> ScalingState:
-        """Inverse of :meth:`to_json`; missing keys (or ``None``) give a fresh state."""
-        if not data:
-            return cls()
-
-        def num(key: str) -> float | None:
-            value = data.get(key)
-            return None if value is None else float(value)
-
-        try:
-            desired = data.get("desired")
-            return cls(
-                desired=None if desired is None else int(desired),
-                last_change_at=num("lastChangeAt"),
-                last_scale_up_at=num("lastScaleUpAt"),
-                last_demand_at=num("lastDemandAt"),
-                panic_since=num("panicSince"),
-                panic_last_at=num("panicLastAt"),
-                recent=tuple((float(at), int(n)) for at, n in data.get("recent") or ()),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"malformed scaling state: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True)

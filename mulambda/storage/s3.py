@@ -1,10 +1,8 @@
 """Model storage in S3-compatible object stores (MinIO in production).
 
-Layout: a model lives under ``s3://BUCKET/PREFIX/VERSION/`` where VERSION is
-a non-negative integer folder holding a TensorFlow SavedModel, exactly the
-layout TF Serving expects on local disk. :class:`ModelStorage` wraps
-:class:`minio.Minio` with the handful of operations the companion loader and
-the ``mulambda models`` CLI need.
+:class:`ModelStorage` wraps :class:`minio.Minio` with the handful of
+operations the companion loader and the ``mulambda models`` CLI need, on the
+layout :mod:`mulambda.storage.layout` defines (``s3://BUCKET/PREFIX/VERSION/``).
 
 Credentials come only from the environment (``MULAMBDA_S3_ACCESS_KEY`` /
 ``MULAMBDA_S3_SECRET_KEY``, fed by a Kubernetes Secret). They are never
@@ -17,14 +15,15 @@ import http.client
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 
 import urllib3
 from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
+
+from .layout import version_prefix
 
 __all__ = [
     "ENV_ACCESS_KEY",
@@ -38,7 +37,6 @@ __all__ = [
     "StorageErrorInfo",
     "StoredObject",
     "classify_error",
-    "parse_s3_uri",
 ]
 
 log = logging.getLogger(__name__)
@@ -58,35 +56,10 @@ PART_SIZE_META = "x-amz-meta-mulambda-part-size"
 # load on a small node (bench/model_load.py).
 CRC32_META = "x-amz-meta-mulambda-crc32"
 
-# CRC-32 (zlib's polynomial and values) from ISA-L when the optional ``isal``
-# package is installed: it uses carry-less multiply and checksums a cached
-# 1 MiB buffer at ~50 GB/s per core here, against ~4 GB/s for zlib 1.2's table-driven loop, which
-# makes verifying a download almost free (bench/model_load.py). zlib
+
 
 def _flag(value: str) -> bool:
     return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """Split ``s3://BUCKET/NAME[/...]`` into ``(bucket, prefix)`` without slashes at the ends."""
-    # The same rule as ModelExecutor.spec.model.storageUri: whatever `models
-    # push` accepts, an executor can reference.
-    from mulambda.api.common import S3_URI
-
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r} (expected s3://BUCKET/NAME)")
-    match = S3_URI.match(uri)
-    prefix = ((match.group("prefix") if match else "") or "").strip("/")
-    if match is None or not prefix:
-        raise ValueError(
-            f"expected s3://BUCKET/NAME with a bucket of 3-63 lowercase letters, digits, dots "
-            f"or dashes, got {uri!r}")
-    return match.group("bucket"), prefix
-
-
-def version_prefix(prefix: str, version: int) -> str:
-    """Key prefix of one version folder: ``PREFIX/VERSION/``."""
-    return f"{prefix.strip('/')}/{int(version)}/"
 
 
 @dataclass(frozen=True)
@@ -307,9 +280,17 @@ class ModelStorage:
 
     # -- writing -----------------------------------------------------------------
 
-    def make_bucket(self, bucket: str) -> None:
-        if not self.client.bucket_exists(bucket):
+    def make_bucket(self, bucket: str) -> bool:
+        """Create ``bucket`` unless it exists; True if this call created it."""
+        if self.client.bucket_exists(bucket):
+            return False
+        try:
             self.client.make_bucket(bucket)
+        except S3Error as exc:
+            if exc.code != "BucketAlreadyOwnedByYou":
+                raise
+            return False  # created meanwhile, with the same credentials
+        return True
 
     def put_file(
         self, bucket: str, key: str, stream: BinaryIO, size: int, *, part_size: int,
@@ -353,12 +334,6 @@ class ModelStorage:
             except S3Error as exc:
                 log.debug("folder marker not removed key=%s code=%s", folder, exc.code)
         return len(objects)
-
-    def iter_keys(self, bucket: str, prefix: str) -> Iterator[str]:
-        """Every key under ``prefix`` (recursive)."""
-        for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
-            yield obj.object_name
-
 
 class RangeResponse:
     """Body of a ranged GET, read straight into the caller's buffer.
@@ -428,12 +403,4 @@ class _ProgressReader:
 
 def _is_hex(text: str) -> bool:
     return all(c in "0123456789abcdefABCDEF" for c in text)
-
-
-
-def relpath_is_safe(relpath: str) -> bool:
-    """True if a key's path below the version folder stays inside it when written to disk."""
-    parts = relpath.split("/")
-    return (bool(relpath) and not PurePosixPath(relpath).is_absolute() and "\\" not in relpath
-            and all(part not in ("", ".", "..") for part in parts))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from typing import TYPE_CHECKING
 
 from .metadata import (
@@ -12,7 +13,6 @@ from .metadata import (
     DEMAND_TTL_SECONDS,
     INFLIGHT_LEASE_SECONDS,
     _bucket,
-    _new_instance_id,
 )
 from .records import StoreUnavailable
 
@@ -38,7 +38,7 @@ class InflightLeases:
     def __init__(self, store: MetadataStore, instance: str | None = None,
                  ttl: float = INFLIGHT_LEASE_SECONDS) -> None:
         self.store = store
-        self.instance = instance or _new_instance_id()
+        self.instance = instance or uuid.uuid4().hex[:16]
         if "|" in self.instance:
             raise ValueError("instance must not contain '|'")
         self.ttl = ttl

@@ -22,16 +22,15 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
 ``P:inflight`` (HASH) ``EXEC|INSTANCE`` -> :class:`InflightLease`
     (``{"n": requests in flight, "expires_at": epoch seconds}``).
     One lease per SDK instance (``INSTANCE`` is a random id per
-    :class:`InflightLeases`, or per :class:`MetadataStore` for its own
-    ``start_request``/``add_inflight``) and executor. The owner writes its
+    :class:`~mulambda.store.leases.InflightLeases`) and executor. The owner writes its
     absolute count (never an increment), so a lost reply, a failed write or
     a cancelled caller can only delay the published value, never leave it
     wrong; it rewrites its leases every ``INFLIGHT_LEASE_SECONDS / 3`` while
     it has requests in flight and deletes a lease when its count drops to
     zero. Readers sum the unexpired leases per executor, so a dead process's
     count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); the
-    operator prunes expired leases (and counters of the old ``EXEC`` ->
-    integer layout) with the heartbeats; ``remove_executor`` deletes them.
+    operator prunes expired leases with the heartbeats; ``remove_executor``
+    deletes them.
 ``P:demand:BUCKET`` (HASH) executor id -> requests started in that
     10-second bucket (``BUCKET = epoch // 10``), plus demand signals for
     executors scaled to zero (SDK, selector, the operator's Client
@@ -42,7 +41,7 @@ A value that does not decode (bad JSON or UTF-8, not an object, a required
 field missing or of the wrong type) is skipped by every reader and logged
 with its key and field, never its content: one bad writer must not break
 selection for everyone. ``prune_expired`` leaves such values alone (a newer
-version may have written them) except old-layout in-flight counters.
+version may have written them).
 
 Why hashes with an ``expires_at`` inside the value instead of one key per
 replica with EXPIRE: selection must read everything it needs in one
@@ -56,9 +55,9 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -82,11 +81,6 @@ from .records import (
     _split_field,
 )
 
-if TYPE_CHECKING:
-    from .leases import InflightLeases
-
-
-
 # Demand is counted per time bucket so that "requests per second lately" is
 # a few HGETALLs of small hashes, and old buckets vanish by themselves.
 DEMAND_BUCKET_SECONDS = 10
@@ -103,21 +97,18 @@ PASSWORD_ENV = "MULAMBDA_REDIS_PASSWORD"
 class MetadataStore:
     """Async facade over the store; every key is built here and nowhere else.
 
-    ``instance`` names this object's own in-flight leases (``start_request``,
-    ``add_inflight``); a random id when not given.
+    In-flight counts are published through
+    :class:`~mulambda.store.leases.InflightLeases`, one per SDK instance.
     """
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda",
-                 instance: str | None = None) -> None:
+    def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda") -> None:
         self.redis = redis
         self.prefix = prefix
-        self.instance = instance or _new_instance_id()
-        self._leases: InflightLeases | None = None
         self._reported: set[tuple[str, str]] = set()
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0,
-                 instance: str | None = None, password: str | None = None) -> MetadataStore:
+                 password: str | None = None) -> MetadataStore:
         """Create a store; does not connect until the first command.
 
         The password comes from ``password`` or else the environment variable
@@ -139,13 +130,10 @@ class MetadataStore:
             socket_connect_timeout=timeout,
             health_check_interval=30,
         )
-        return cls(client, prefix, instance)
+        return cls(client, prefix)
 
     async def close(self) -> None:
-        """Disconnect. This object's own in-flight leases are left to expire
-        (``INFLIGHT_LEASE_SECONDS``); ``await store.leases.close()`` first deletes them."""
-        if self._leases is not None:
-            await self._leases.stop()
+        """Disconnect."""
         await self.redis.aclose()
 
     # -- keys ---------------------------------------------------------------
@@ -212,18 +200,9 @@ class MetadataStore:
 
     # -- executors (operator) ------------------------------------------------
     async def put_executor(self, record: ExecutorRecord) -> None:
-        record.updated_at = _now()
-        await self._run(self.redis.hset(self.executors_key, record.id, _dump(record)))
-
-    async def get_executor(self, executor: str) -> ExecutorRecord | None:
-        """The executor's record; None when there is none or it is malformed (logged)."""
-        raw = await self._run(self.redis.hget(self.executors_key, executor))
-        return None if raw is None else self._decode(ExecutorRecord, self.executors_key,
-                                                      executor, raw)
-
-    async def list_executors(self) -> dict[str, ExecutorRecord]:
-        raw = await self._run(self.redis.hgetall(self.executors_key))
-        return self._decode_all(ExecutorRecord, self.executors_key, raw)
+        """Publish ``record`` (stamped with the time of writing; ``record`` is not changed)."""
+        stamped = replace(record, updated_at=_now())
+        await self._run(self.redis.hset(self.executors_key, record.id, _dump(stamped)))
 
     async def remove_executor(self, executor: str) -> None:
         """Forget an executor and everything keyed by it (replicas, in-flight leases)."""
@@ -232,8 +211,8 @@ class MetadataStore:
         leases = list(await self._scan_fields(self.inflight_key, pattern))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.executors_key, executor)
-            # The counter of the layout before leases, if one is left over.
-            pipe.hdel(self.inflight_key, executor, *leases)
+            if leases:
+                pipe.hdel(self.inflight_key, *leases)
             if mine:
                 pipe.hdel(self.replicas_key, *mine)
             await self._run(pipe.execute())
@@ -275,8 +254,7 @@ class MetadataStore:
         (a killed process cannot delete its own); readers already ignore them,
         this keeps the hashes from growing. Values without a readable
         ``expires_at`` are left alone (logged): a newer version may have
-        written them. In-flight counters of the layout before leases
-        (``EXEC`` -> integer, no ``|INSTANCE``) cannot expire and are deleted.
+        written them.
         """
         now = _now()
         removed = 0
@@ -291,32 +269,18 @@ class MetadataStore:
                     out.append(name)
             return out
 
-        raw = await self._run(self.redis.hgetall(self.replicas_key))
-        dead = expired(self.replicas_key, raw)
-        if dead:
-            removed += int(await self._run(self.redis.hdel(self.replicas_key, *dead)))
-        leases = await self._run(self.redis.hgetall(self.inflight_key))
-        legacy = [k for k in leases if "|" not in k]
-        dead = legacy + expired(self.inflight_key, {k: v for k, v in leases.items() if "|" in k})
-        if dead:
-            removed += int(await self._run(self.redis.hdel(self.inflight_key, *dead)))
-        for client in await self._run(self.redis.hkeys(self.clients_key)):
-            key = self.latency_key(client)
-            samples = await self._run(self.redis.hgetall(key))
-            stale = expired(key, samples)
-            if stale:
-                removed += int(await self._run(self.redis.hdel(key, *stale)))
+        clients = await self._run(self.redis.hkeys(self.clients_key))
+        for key in [self.replicas_key, self.inflight_key, *map(self.latency_key, clients)]:
+            dead = expired(key, await self._run(self.redis.hgetall(key)))
+            if dead:
+                removed += int(await self._run(self.redis.hdel(key, *dead)))
         return removed
 
     # -- clients (operator) ----------------------------------------------------
     async def put_client(self, record: ClientRecord) -> None:
-        record.updated_at = _now()
-        await self._run(self.redis.hset(self.clients_key, record.id, _dump(record)))
-
-    async def get_client(self, client: str) -> ClientRecord | None:
-        """The client's record; None when there is none or it is malformed (logged)."""
-        raw = await self._run(self.redis.hget(self.clients_key, client))
-        return None if raw is None else self._decode(ClientRecord, self.clients_key, client, raw)
+        """Publish ``record`` (stamped with the time of writing; ``record`` is not changed)."""
+        stamped = replace(record, updated_at=_now())
+        await self._run(self.redis.hset(self.clients_key, record.id, _dump(stamped)))
 
     async def list_clients(self) -> dict[str, ClientRecord]:
         raw = await self._run(self.redis.hgetall(self.clients_key))
@@ -366,15 +330,6 @@ class MetadataStore:
             await self._run(pipe.execute())
 
     # -- load (SDK / selector) -------------------------------------------------
-    @property
-    def leases(self) -> InflightLeases:
-        """This object's own in-flight leases (``start_request``, ``add_inflight``)."""
-        if self._leases is None:
-            from .leases import InflightLeases
-
-            self._leases = InflightLeases(self, self.instance)
-        return self._leases
-
     async def publish_inflight(
         self, instance: str, counts: Mapping[str, int], *,
         ttl: float = INFLIGHT_LEASE_SECONDS, demand: Mapping[tuple[int, str], int] | None = None,
@@ -407,26 +362,16 @@ class MetadataStore:
                 pipe.expire(self.demand_key(bucket), DEMAND_TTL_SECONDS)
             await self._run(pipe.execute())
 
-    async def add_inflight(self, executor: str, delta: int) -> int:
-        """Add ``delta`` to this object's own in-flight count of ``executor``, published now.
-
-        Returns that count. On StoreUnavailable the local count is restored.
-        """
-        self.leases.add(executor, delta, publish=False)
-        try:
-            await self.leases.flush()
-        except StoreUnavailable:
-            self.leases.add(executor, -delta)  # and republish, in case the write did land
-            raise
-        return self.leases.counts.get(executor, 0)
-
     def _inflight_totals(self, raw: Mapping[str, str], now: float,
                          exclude_instance: str | None = None) -> dict[str, int]:
         totals: dict[str, int] = {}
         for name, value in raw.items():
-            executor, _, instance = name.rpartition("|")
-            if not executor or instance == exclude_instance:
-                continue  # a counter of the layout before leases: cannot be trusted
+            executor, sep, instance = name.rpartition("|")
+            if not sep:
+                self._malformed(self.inflight_key, name, "field is not EXEC|INSTANCE")
+                continue
+            if instance == exclude_instance:
+                continue
             lease = self._decode(InflightLease, self.inflight_key, name, value)
             if lease is not None and lease.expires_at >= now and lease.n > 0:
                 totals[executor] = totals.get(executor, 0) + lease.n
@@ -471,34 +416,6 @@ class MetadataStore:
     def demand_key(self, bucket: int) -> str:
         return f"{self.prefix}:demand:{bucket}"
 
-    async def start_request(self, executor: str, at: float | None = None) -> int:
-        """Count a request in this object's lease and as demand, published now.
-
-        Returns this object's in-flight count of ``executor``. Pair it with
-        :meth:`finish_request` unless it raised (then nothing is counted).
-        """
-        self.leases.start(executor, at, publish=False)
-        try:
-            await self.leases.flush()
-        except StoreUnavailable:
-            self.leases.add(executor, -1)  # and republish, in case the write did land
-            raise
-        return self.leases.counts.get(executor, 0)
-
-    async def finish_request(self, executor: str) -> int:
-        """Undo :meth:`start_request`'s in-flight count (demand stays, it is history).
-
-        The local count drops even when this raises; the lease is republished
-        in the background until the store takes it.
-        """
-        self.leases.finish(executor, publish=False)
-        try:
-            await self.leases.flush()
-        except StoreUnavailable:
-            self.leases.kick()
-            raise
-        return self.leases.counts.get(executor, 0)
-
     async def note_demand(self, executors: Iterable[str], at: float | None = None) -> None:
         """Record demand for executors a client wants but does not call (cold ones to wake)."""
         names = list(executors)
@@ -510,35 +427,6 @@ class MetadataStore:
                 pipe.hincrby(key, name, 1)
             pipe.expire(key, DEMAND_TTL_SECONDS)
             await self._run(pipe.execute())
-
-    def _counts(self, key: str, raw: Mapping[str, Any]) -> dict[str, int]:
-        out = {}
-        for name, value in raw.items():
-            n = _count(value)
-            if n is None:
-                self._malformed(key, name, "not an integer")
-            else:
-                out[name] = n
-        return out
-
-    async def demand(self, window_seconds: float = 60.0, at: float | None = None) -> dict[
-        str, float
-    ]:
-        """Requests per second per executor over the last ``window_seconds`` (whole buckets)."""
-        now = _now() if at is None else at
-        last = int(now // DEMAND_BUCKET_SECONDS)
-        n = _bucket_count(window_seconds)
-        keys = [self.demand_key(b) for b in range(last - n + 1, last + 1)]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.hgetall(key)
-            buckets = await self._run(pipe.execute())
-        total: dict[str, int] = {}
-        for key, bucket in zip(keys, buckets, strict=True):
-            for executor, count in self._counts(key, bucket).items():
-                total[executor] = total.get(executor, 0) + count
-        span = n * DEMAND_BUCKET_SECONDS
-        return {k: v / span for k, v in total.items()}
 
     async def executor_load(
         self, executor: str, window_seconds: float = 10.0, at: float | None = None
@@ -566,8 +454,13 @@ class MetadataStore:
                 self.redis.hscan(self.inflight_key, cursor, match=pattern, count=1000))
             leases.update(more)
         inflight = self._inflight_totals(leases, now).get(executor, 0)
-        arrivals = sum(self._counts(k, {executor: r}).get(executor, 0)
-                       for k, r in zip(keys, results[1:], strict=True) if r is not None)
+        arrivals = 0
+        for key, raw in zip(keys, results[1:], strict=True):
+            count = None if raw is None else _count(raw)
+            if count is not None:
+                arrivals += count
+            elif raw is not None:
+                self._malformed(key, executor, "not an integer")
         return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)
 
 
@@ -578,8 +471,4 @@ def _bucket(at: float | None = None) -> int:
 def _bucket_count(window_seconds: float) -> int:
     return max(1, min(int(window_seconds // DEMAND_BUCKET_SECONDS),
                       DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS))
-
-
-def _new_instance_id() -> str:
-    return uuid.uuid4().hex[:16]
 

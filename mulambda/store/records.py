@@ -10,25 +10,35 @@ import logging
 import time
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from mulambda.policy.criteria import Criteria
 
 log = logging.getLogger("mulambda.store")
 
+
 class StoreUnavailable(RuntimeError):
     """The store could not be reached; callers retry with back-off."""
-
-
-def executor_id(namespace: str, name: str) -> str:
-    return f"{namespace}/{name}"
 
 
 def _now() -> float:
     return time.time()
 
 
+class _Resource:
+    """A record of one custom resource, identified by ``NAMESPACE/NAME``."""
+
+    namespace: str
+    name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
 @dataclass
-class ExecutorRecord:
+class ExecutorRecord(_Resource):
     """What the operator publishes about one ModelExecutor."""
 
     namespace: str
@@ -49,9 +59,25 @@ class ExecutorRecord:
     generation: int = 0
     updated_at: float = field(default_factory=_now)
 
+
+@dataclass(frozen=True, kw_only=True)
+class ClientRecord(Criteria, _Resource):
+    """What the operator publishes about one Client: its :class:`Criteria`, and who it is.
+
+    Stored flat (the criteria fields beside ``namespace``, ``name``, ...), so
+    selection reads exactly what the operator registered.
+    """
+
+    namespace: str
+    name: str
+    probe_url: str | None = None
+    generation: int = 0
+    updated_at: float = field(default_factory=_now)
+
     @property
-    def id(self) -> str:
-        return executor_id(self.namespace, self.name)
+    def criteria(self) -> Criteria:
+        """The selection criteria alone (a plain :class:`Criteria`)."""
+        return Criteria(**{f.name: getattr(self, f.name) for f in fields(Criteria)})
 
 
 @dataclass
@@ -67,29 +93,6 @@ class ReplicaRecord:
     message: str = ""
     heartbeat_at: float = field(default_factory=_now)
     expires_at: float = 0.0
-
-
-@dataclass
-class ClientRecord:
-    """What the operator publishes about one Client."""
-
-    namespace: str
-    name: str
-    type: str
-    input: str | None = None
-    output: str | None = None
-    latency_weight: float = 1.0
-    accuracy_weight: float = 1.0
-    max_latency_ms: float | None = None
-    min_accuracy: float | None = None
-    probe_url: str | None = None
-    cold_start: str = "UseWarm"  # Wait | UseWarm (when the best executor is at zero)
-    generation: int = 0
-    updated_at: float = field(default_factory=_now)
-
-    @property
-    def id(self) -> str:
-        return executor_id(self.namespace, self.name)
 
 
 @dataclass
@@ -133,6 +136,10 @@ def _accepted_types(annotation: Any) -> tuple[type, ...]:
         members = (annotation,)
     out: list[type] = []
     for member in members:
+        if typing.get_origin(member) is typing.Literal:
+            # The type of the values; the class itself checks which ones.
+            out.extend({type(v) for v in typing.get_args(member)})
+            continue
         out.append(member)
         if member is float:
             out.append(int)  # JSON has one number type: 1 is a fine float

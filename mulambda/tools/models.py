@@ -1,8 +1,9 @@
-"""``mulambda models``: push, list and remove model versions in S3 storage.
+"""``mulambda models``: push, list and remove model versions in S3 storage; create buckets.
 
     mulambda models push DIR s3://BUCKET/NAME --version N [--force]
     mulambda models list s3://BUCKET/NAME
     mulambda models rm   s3://BUCKET/NAME --version N
+    mulambda models mb   BUCKET... [--wait SECONDS]
 
 Endpoint and credentials come from ``MULAMBDA_S3_ENDPOINT``,
 ``MULAMBDA_S3_ACCESS_KEY``, ``MULAMBDA_S3_SECRET_KEY`` (and
@@ -12,22 +13,31 @@ usage (not a SavedModel, bad URI, missing credentials).
 
 ``push`` uploads ``saved_model.pb`` last: companions resolving "the latest
 version" only pick folders that hold it, so a push in progress is never
-loaded half-way.
+loaded half-way. ``mb`` creates buckets that do not exist yet, waiting for
+the store to answer first (the dev install's bucket Job runs it while MinIO
+starts).
+
+Importing this module costs next to nothing beyond argparse: the S3 client,
+checksums, logging, pathlib and typing are imported when a subcommand runs,
+so ``mulambda models --help`` starts within 3x a bare ``python -c pass``
+(tests/unit/test_layout.py measures it).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+import time
+from collections.abc import Callable, Iterable
 
-from mulambda.storage.checksums import file_crc32
-from mulambda.storage.s3 import ModelStorage, classify_error, parse_s3_uri, version_prefix
+from mulambda.storage.layout import is_bucket_name, parse_s3_uri, version_prefix
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
+if TYPE_CHECKING:
+    import logging
+    from pathlib import Path
+
+    from mulambda.storage.s3 import ModelStorage
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Multipart part size of pushes. Loaders fetch multipart objects range by
@@ -35,6 +45,7 @@ SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # also their download granularity; see bench/model_load.py.
 DEFAULT_PART_SIZE_MIB = 16
 MIN_PART_SIZE_MIB = 5  # S3's minimum multipart part size
+DEFAULT_WAIT_SECONDS = 180.0  # how long ``mb`` waits for the store to answer
 
 
 class UsageError(Exception):
@@ -45,13 +56,19 @@ class StoreError(Exception):
     """The store refused or failed (exit code 1)."""
 
 
-@dataclass(frozen=True)
 class PushResult:
-    """What ``push_version`` uploaded."""
+    """What ``push_version`` uploaded (a plain class: dataclasses would import inspect)."""
 
-    files: int
-    bytes: int
-    replaced: bool
+    __slots__ = ("bytes", "files", "replaced")
+
+    def __init__(self, files: int, bytes: int, replaced: bool) -> None:
+        self.files, self.bytes, self.replaced = files, bytes, replaced
+
+
+def _log() -> logging.Logger:
+    import logging
+
+    return logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +77,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
     push = sub.add_parser("push", help="upload a SavedModel folder as one version")
-    push.add_argument("dir", type=Path, help="SavedModel folder (holds saved_model.pb)")
+    push.add_argument("dir", help="SavedModel folder (holds saved_model.pb)")
     push.add_argument("uri", help="s3://BUCKET/NAME")
     push.add_argument("--version", type=int, required=True, help="version number (>= 0)")
     push.add_argument("--force", action="store_true", help="replace an existing version")
@@ -74,21 +91,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
     rm.add_argument("uri", help="s3://BUCKET/NAME")
     rm.add_argument("--version", type=int, required=True, help="version number")
 
+    mb = sub.add_parser("mb", help="create buckets unless they exist, waiting for the store")
+    mb.add_argument("buckets", nargs="+", metavar="BUCKET",
+                    help="bucket name; a comma-separated list counts as several")
+    mb.add_argument("--wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
+                    help="how long to retry while the store does not answer "
+                         f"(default {DEFAULT_WAIT_SECONDS:g})")
+
+
+def bucket_names(args: Iterable[str]) -> list[str]:
+    """Bucket names from ``BUCKET`` arguments (each may be a comma-separated list)."""
+    names = [b for arg in args for b in arg.split(",") if b]
+    if not names:
+        raise UsageError("no bucket name given")
+    bad = [b for b in names if not is_bucket_name(b)]
+    if bad:
+        raise UsageError(f"not a bucket name (3-63 lowercase letters, digits, dots or dashes): "
+                         f"{', '.join(map(repr, bad))}")
+    return list(dict.fromkeys(names))
+
 
 def run(args: argparse.Namespace) -> int:
     """Run one ``models`` subcommand; returns the exit code."""
+    # The S3 client (minio, urllib3) only once a subcommand really runs.
+    from mulambda.storage.s3 import ModelStorage, classify_error
+
+    command = args.models_command
     try:
-        bucket, prefix = parse_s3_uri(args.uri)
+        if command == "mb":
+            buckets, bucket, prefix = bucket_names(args.buckets), "", ""
+        else:
+            buckets, (bucket, prefix) = [], parse_s3_uri(args.uri)
         if getattr(args, "version", None) is not None and args.version < 0:
             raise UsageError("--version must be >= 0")
         storage = ModelStorage.from_env(endpoint=args.endpoint)
     except (ValueError, UsageError) as exc:
         return _fail(str(exc), 2)
     try:
-        if args.models_command == "push":
+        if command == "push":
             return _push(storage, args, bucket, prefix)
-        if args.models_command == "list":
+        if command == "list":
             return _list(storage, bucket, prefix)
+        if command == "mb":
+            return _mb(storage, buckets, args.wait)
         return _rm(storage, bucket, prefix, args.version)
     except UsageError as exc:
         return _fail(str(exc), 2)
@@ -133,6 +178,8 @@ def push_version(
     progress: Callable[[int], object] | None = None,
 ) -> PushResult:
     """Upload SavedModel folder ``src`` to ``s3://bucket/prefix/version/``."""
+    from mulambda.storage.checksums import file_crc32
+
     files = saved_model_files(src)
     if not storage.bucket_exists(bucket):
         raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
@@ -161,7 +208,7 @@ def push_version(
         errors = list(storage.client.remove_objects(bucket, (DeleteObject(o.key) for o in stale)))
         if errors:
             raise StoreError(f"pushed, but could not delete {len(errors)} stale object(s)")
-    log.info("pushed model version target=%s files=%d bytes=%d replaced=%s",
+    _log().info("pushed model version target=%s files=%d bytes=%d replaced=%s",
              target, len(files), total, bool(existing))
     return PushResult(files=len(files), bytes=total, replaced=bool(existing))
 
@@ -169,7 +216,9 @@ def push_version(
 def _push(storage: ModelStorage, args: argparse.Namespace, bucket: str, prefix: str) -> int:
     if args.part_size_mib < MIN_PART_SIZE_MIB:
         raise UsageError(f"--part-size-mib must be at least {MIN_PART_SIZE_MIB}")
-    src: Path = args.dir
+    from pathlib import Path
+
+    src = Path(args.dir)
     files = saved_model_files(src)
     total = sum(p.stat().st_size for p in files)
     from tqdm import tqdm
@@ -204,6 +253,38 @@ def _rm(storage: ModelStorage, bucket: str, prefix: str, version: int) -> int:
     if removed == 0:
         raise StoreError(f"s3://{bucket}/{prefix}/{version}/ not found")
     print(f"removed s3://{bucket}/{prefix}/{version}/ ({removed} objects)")
+    return 0
+
+
+def make_buckets(storage: ModelStorage, buckets: Iterable[str], *,
+                 wait: float = DEFAULT_WAIT_SECONDS, retry_every: float = 2.0) -> dict[str, bool]:
+    """Create each bucket unless it exists; ``{bucket: created?}``.
+
+    While the store does not answer (connection refused, 5xx: it may still
+    be starting) each bucket is retried for up to ``wait`` seconds in all;
+    an answer that retrying cannot change (access denied) raises at once.
+    """
+    from mulambda.storage.s3 import classify_error
+
+    deadline = time.monotonic() + wait
+    done: dict[str, bool] = {}
+    for bucket in buckets:
+        while bucket not in done:
+            try:
+                done[bucket] = bool(storage.make_bucket(bucket))
+            except Exception as exc:
+                info = classify_error(exc)
+                if info.permanent or time.monotonic() >= deadline:
+                    raise
+                _log().warning("waiting for S3 bucket=%s reason=%s error=%s",
+                            bucket, info.reason, info.message)
+                time.sleep(retry_every)
+    return done
+
+
+def _mb(storage: ModelStorage, buckets: list[str], wait: float) -> int:
+    for bucket, created in make_buckets(storage, buckets, wait=wait).items():
+        print(f"{'created' if created else 'exists'} s3://{bucket}")
     return 0
 
 

@@ -18,7 +18,7 @@ A discrete-event simulation (milliseconds, seeded, no I/O) of:
 
 Every selector sees exactly the same stream and jitter:
 
-* ``mulambda`` -- :func:`mulambda.selection.rank` on a snapshot built from the
+* ``mulambda`` -- :func:`mulambda.policy.selection.rank` on a snapshot built from the
   scenario: service times as the operator publishes them, RTTs as the
   companions measure them, and the in-flight counts (load feedback) as
   they stood at most ``feedback_interval_ms`` ago (0 = always current, like

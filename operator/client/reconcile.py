@@ -13,7 +13,7 @@ import kopf
 
 from mulambda.api.client import ClientSpec, parse_client_spec
 from mulambda.api.common import SpecError
-from mulambda.policy.selection import DEFAULT_POLICY, Candidate, Criteria, Ranking, rank
+from mulambda.policy.selection import DEFAULT_POLICY, Candidate, Ranking, rank
 from mulambda.store.records import ClientRecord, StoreUnavailable
 
 from ..context import Context, backoff, forget_records
@@ -113,7 +113,7 @@ async def reconcile(
             old_conditions, [condition("Registered", FALSE, "StoreUnavailable", msg)], generation)
         raise kopf.TemporaryError(msg, delay=delay) from None
 
-    ranking = rank(Criteria.from_client(record), snapshot, client=record.id)
+    ranking = rank(record.criteria, snapshot, client=record.id)
     # Cold executors are woken by real demand (SDK and selector requests),
     # not by the operator: a Client that sends nothing must let them sleep.
     updates = [condition("Registered", TRUE, "Registered",

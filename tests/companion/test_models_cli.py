@@ -182,3 +182,20 @@ def test_push_shows_a_progress_bar_on_a_terminal_and_none_in_pipes(
 def test_push_refuses_a_bucket_no_model_executor_could_reference(cli, half_plus_two):
     code, _, err = cli("push", str(half_plus_two), "s3://My_Bucket/hpt", "--version", "1")
     assert code == 2 and "lowercase" in err
+
+
+def test_mb_creates_missing_buckets_and_keeps_existing_ones(cli, s3, bucket):
+    fresh = f"made-{bucket}"
+    code, out, _ = cli("mb", f"{bucket},{fresh}")  # one $(BUCKETS) argument, as a Job passes it
+    assert code == 0
+    assert out.splitlines() == [f"exists s3://{bucket}", f"created s3://{fresh}"]
+    assert s3.bucket_exists(fresh)
+    assert cli("mb", fresh)[:2] == (0, f"exists s3://{fresh}\n")  # idempotent
+
+
+def test_mb_gives_up_after_waiting_for_an_unreachable_store(cli, monkeypatch):
+    monkeypatch.setenv("MULAMBDA_S3_ENDPOINT", "127.0.0.1:1")
+    code, _, err = cli("mb", "models", "--wait", "0")
+    assert code == 1 and "StorageUnavailable" in err
+    code, _, err = cli("mb", "Not_A_Bucket")
+    assert code == 2 and "not a bucket name" in err

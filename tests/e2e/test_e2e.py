@@ -248,13 +248,13 @@ async def test_deleting_executor_removes_children_and_store_record(
                                                                       "mulambda"))
     try:
         record_id = f"{NAMESPACE}/{EXECUTOR}"
-        assert await store.get_executor(record_id) is not None, "executor was never registered"
+        assert record_id in (await store.snapshot()).executors, "executor was never registered"
 
         _delete(custom, "modelexecutors", EXECUTOR)
         wait_for(f"ModelExecutor {EXECUTOR} to be gone (finalizer done)",
                  lambda: _get(custom, "modelexecutors", EXECUTOR) is None, 120)
         wait_for("owned Deployments and Services to be garbage-collected",
                  lambda: not any(owned().values()), 120, describe=lambda: f"left: {owned()}")
-        assert await store.get_executor(record_id) is None
+        assert record_id not in (await store.snapshot()).executors
     finally:
         await store.close()

@@ -194,8 +194,8 @@ async def test_grpc_inflight_lease_is_up_during_the_call_and_back_to_zero(store,
         assert len(seen) == 5 and max(seen) >= 2  # concurrent calls were counted
         # Released by the calls themselves, not only by close().
         await no_leases_left(store, "ml/slow")
-    demand = await store.demand(window_seconds=20)
-    assert demand["ml/slow"] == pytest.approx(5 / 20)
+    _, arrivals = await store.executor_load("ml/slow", window_seconds=20)
+    assert arrivals == pytest.approx(5 / 20)
 
 
 def test_sync_wrapper_predicts_over_grpc(redis_server, redis_url):

@@ -67,10 +67,10 @@ async def test_select_answers_endpoint_and_model(api, store):
     # Every selection is counted as demand for the autoscaler (written in the
     # background, after the answer: poll briefly).
     for _ in range(100):
-        if (await store.demand(20)).get("ml/fast", 0) > 0:
+        if (await store.executor_load("ml/fast", 20))[1] > 0:
             break
         await asyncio.sleep(0.02)
-    assert (await store.demand(20))["ml/fast"] > 0
+    assert (await store.executor_load("ml/fast", 20))[1] > 0
 
 
 async def test_registered_client_needs_no_body(api, store):

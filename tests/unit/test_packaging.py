@@ -706,12 +706,16 @@ def test_chart_creates_the_s3_secret_only_for_its_own_minio(scenario: str) -> No
     assert len(pvcs) == int(v["minio"]["enabled"] and v["minio"]["persistence"]["enabled"])
 
 
-BUCKET_SCRIPT = CHART / "files" / "make_buckets.py"
+BUCKET_ARGS = ["models", "mb", "$(BUCKETS)"]  # `mulambda models mb`, BUCKETS expanded by k8s
 
 
-def test_bucket_script_copies_are_identical() -> None:
-    copy_ = REPO / "manifests" / "overlays" / "dev" / "make_buckets.py"
-    assert copy_.read_bytes() == BUCKET_SCRIPT.read_bytes()
+def test_chart_and_overlay_bucket_jobs_run_the_same_command() -> None:
+    (chart_job,) = find(render(SCENARIOS["minio"]), "Job")
+    (dev_job,) = find(kustomize("manifests/overlays/dev"), "Job")
+    for job in (chart_job, dev_job):
+        (c,) = job["spec"]["template"]["spec"]["containers"]
+        assert "command" not in c  # the image's entry point, mulambda
+        assert c["args"] == BUCKET_ARGS
 
 
 @pytest.mark.parametrize("scenario", ["minio", "minio-persistent-byo-secret", "defaults"])
@@ -725,8 +729,7 @@ def test_chart_creates_the_model_bucket_with_its_minio(scenario: str) -> None:
     (job,) = jobs
     assert "post-install" in job["metadata"]["annotations"]["helm.sh/hook"]
     c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"] == ["python", "-c"]
-    assert c["args"][0].strip() == BUCKET_SCRIPT.read_text().strip()
+    assert c["args"] == BUCKET_ARGS
     env = {e["name"]: e for e in c["env"]}
     executor = next(d for ds in examples().values() for d in ds if d["kind"] == "ModelExecutor")
     assert executor["spec"]["model"]["storageUri"].split("/")[2] in env["BUCKETS"]["value"]
@@ -738,26 +741,29 @@ def test_chart_creates_the_model_bucket_with_its_minio(scenario: str) -> None:
         "name": secret, "key": "accessKey"}
 
 
-def test_bucket_script_waits_for_s3_then_creates_each_bucket(
+def test_bucket_job_command_waits_for_s3_then_creates_each_bucket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import runpy
-
     import mulambda.storage.s3
+    from mulambda.cli import main
 
     calls: list[str] = []
 
     class FlakyStorage:
-        def make_bucket(self, bucket: str) -> None:
+        def make_bucket(self, bucket: str) -> bool:
             calls.append(bucket)
             if len(calls) == 1:
                 raise ConnectionRefusedError("MinIO is starting")
+            return True
+
+        def close(self) -> None:
+            pass
 
     monkeypatch.setattr(mulambda.storage.s3.ModelStorage, "from_env",
-                        classmethod(lambda cls: FlakyStorage()))
+                        classmethod(lambda cls, **kwargs: FlakyStorage()))
     monkeypatch.setattr("time.sleep", lambda _: None)
-    monkeypatch.setenv("BUCKETS", "models,extra")
-    runpy.run_path(str(BUCKET_SCRIPT), run_name="__main__")
+    # What the Job runs once Kubernetes has expanded $(BUCKETS).
+    assert main([*BUCKET_ARGS[:-1], "models,extra"]) == 0
     assert calls == ["models", "models", "extra"]
 
 

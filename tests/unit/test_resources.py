@@ -12,6 +12,7 @@ import yaml
 from mulambda.api.client import parse_client_spec
 from mulambda.api.common import SpecError, parse_quantity
 from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.storage.layout import parse_s3_uri
 
 from support.schemas import validate_custom
 
@@ -33,7 +34,7 @@ def _with(path: str, value):
 
 def test_good_spec_parses_with_defaults():
     parsed = parse_executor_spec(GOOD)
-    assert parsed.model.bucket == "bucket" and parsed.model.prefix == "models/m"
+    assert parse_s3_uri(parsed.model.storage_uri) == ("bucket", "models/m")
     assert parsed.scaling.min_replicas == 1 and parsed.scaling.max_replicas == 3
 
 
@@ -100,7 +101,7 @@ def test_crd_schema_rejects_negative_client_preferences():
 
 def test_crds_have_status_subresource_short_names_and_printer_columns():
     root = Path(__file__).resolve().parents[2] / "crds"
-    for path in root.glob("*.yaml"):
+    for path in root.glob("*.mulambda.io.yaml"):  # not crds/kustomization.yaml
         crd = yaml.safe_load(path.read_text())
         version = crd["spec"]["versions"][0]
         assert version["subresources"] == {"status": {}}

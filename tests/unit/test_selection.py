@@ -1,4 +1,4 @@
-"""Selection rules of mulambda.selection.rank (pure, no I/O)."""
+"""Selection rules of mulambda.policy.selection.rank (pure, no I/O)."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_ranking_is_deterministic():
 def test_criteria_from_client_record_and_request():
     rec = ClientRecord(namespace="ns", name="app", type="vision", input="image",
                        latency_weight=2, accuracy_weight=0.5, max_latency_ms=100)
-    base = Criteria.from_client(rec)
+    base = rec.criteria
     assert base == Criteria(type="vision", input="image", latency_weight=2,
                             accuracy_weight=0.5, max_latency_ms=100)
     merged = Criteria.from_request({"output": "label", "minAccuracy": 0.8}, {"latency": 1}, base)

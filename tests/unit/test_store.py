@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
@@ -27,7 +28,7 @@ async def test_snapshot_reads_executors_replicas_latency_in_one_pipeline(
     await store.put_executor(_executor())
     await store.put_replica(ReplicaRecord(executor="ml/mx", pod="p1", state="Available"), ttl=30)
     await store.put_latencies("ml/mx", "p1", {"ml/c": LatencySample(ms=3.0, samples=2)}, ttl=30)
-    await store.add_inflight("ml/mx", 2)
+    await store.publish_inflight("sdk", {"ml/mx": 2})
 
     # Count round trips: every command must go through one pipeline execution.
     executions = 0
@@ -93,10 +94,10 @@ async def test_removing_executor_drops_its_replicas_and_load(store: MetadataStor
     await store.put_executor(_executor("b"))
     await store.put_replica(ReplicaRecord(executor="ml/a", pod="p"), ttl=30)
     await store.put_replica(ReplicaRecord(executor="ml/b", pod="p"), ttl=30)
-    await store.add_inflight("ml/a", 1)
+    await store.publish_inflight("sdk", {"ml/a": 1})
     await store.publish_inflight("other-sdk", {"ml/a": 2, "ml/b": 1})
     await store.remove_executor("ml/a")
-    assert set(await store.list_executors()) == {"ml/b"}
+    assert set((await store.snapshot()).executors) == {"ml/b"}
     assert [r.executor for r in await store.list_replicas()] == ["ml/b"]
     assert (await store.snapshot()).inflight == {"ml/b": 1}
     assert await store.executor_load("ml/a") == (0, 0.0)
@@ -108,7 +109,7 @@ async def test_record_round_trips_and_tolerates_unknown_fields(store: MetadataSt
     # A newer writer added a field this version does not know: still readable.
     raw = await store.redis.hget(store.executors_key, rec.id)
     await store.redis.hset(store.executors_key, rec.id, raw[:-1] + ',"future":1}')
-    got = await store.get_executor(rec.id)
+    got = (await store.snapshot()).executors.get(rec.id)
     assert got is not None and got.rest == rec.rest and got.updated_at <= time.time()
 
 
@@ -124,23 +125,32 @@ async def test_inflight_sums_unexpired_leases_of_every_instance(store: MetadataS
     assert (await store.snapshot()).inflight == {"ml/a": 3, "ml/b": 1}
 
 
-async def test_prune_drops_expired_leases_and_counters_of_the_old_layout(store: MetadataStore):
+async def test_prune_drops_expired_leases(store: MetadataStore):
     await store.publish_inflight("live", {"ml/a": 1})
     await store.publish_inflight("dead", {"ml/a": 4, "ml/b": 1}, ttl=-1)
-    await store.redis.hset(store.inflight_key, "ml/a", 3)  # HINCRBY counter, before leases
     assert (await store.snapshot()).inflight == {"ml/a": 1}
-    assert await store.prune_expired() == 3
+    assert await store.prune_expired() == 2
     assert list(await store.redis.hkeys(store.inflight_key)) == ["ml/a|live"]
 
 
-async def test_store_level_request_counting_still_works(store: MetadataStore):
-    assert await store.start_request("ml/a") == 1
-    assert await store.start_request("ml/a") == 2
-    assert (await store.executor_load("ml/a"))[0] == 2
-    assert await store.finish_request("ml/a") == 1
-    assert await store.add_inflight("ml/a", -1) == 0
-    assert await store.executor_load("ml/a") == (0, pytest.approx(2 / 10))
-    assert await store.redis.hgetall(store.inflight_key) == {}
+async def test_leases_count_requests_in_flight_and_as_demand(store: MetadataStore):
+    leases = InflightLeases(store)
+    try:
+        leases.start("ml/a", publish=False)
+        assert leases.counts["ml/a"] == 1
+        leases.start("ml/a", publish=False)
+        assert leases.counts["ml/a"] == 2
+        await leases.flush()
+        assert (await store.executor_load("ml/a"))[0] == 2
+        leases.finish("ml/a", publish=False)
+        assert leases.counts["ml/a"] == 1
+        leases.add("ml/a", -1, publish=False)
+        assert "ml/a" not in leases.counts
+        await leases.flush()
+        assert await store.executor_load("ml/a") == (0, pytest.approx(2 / 10))
+        assert await store.redis.hgetall(store.inflight_key) == {}
+    finally:
+        await leases.close()
 
 
 GARBAGE = {
@@ -165,7 +175,7 @@ async def test_malformed_values_are_skipped_and_logged_by_every_reader(
     await store.put_replica(ReplicaRecord(executor="ml/good", pod="p", state="Available"), ttl=30)
     await store.put_latencies("ml/good", "p", {"a/c": LatencySample(ms=2, samples=1)}, ttl=30)
     await store.publish_inflight("sdk", {"ml/good": 2})
-    await store.start_request("ml/good")
+    await store.publish_inflight("sdk2", {"ml/good": 1})
     bucket = int(time.time() // 10)
     for key, field in [(store.executors_key, "ml/bad"), (store.clients_key, "a/bad"),
                        (store.replicas_key, "ml/good|bad"),
@@ -180,15 +190,13 @@ async def test_malformed_values_are_skipped_and_logged_by_every_reader(
     assert [r.pod for r in snap.replicas["ml/good"]] == ["p"]
     assert set(snap.latency["ml/good"]) == {"p"}
     assert snap.inflight == {"ml/good": 3}
-    assert set(await store.list_executors()) == {"ml/good"}
     assert set(await store.list_clients()) == {"a/c"}
-    assert await store.get_executor("ml/bad") is None
-    assert await store.get_client("a/bad") is None
+    assert (await store.snapshot("a/bad")).client_record is None
     assert [r.pod for r in await store.list_replicas()] == ["p"]
     assert [r.pod for r in await store.list_replicas("ml/good")] == ["p"]
     assert await store.get_latencies("ml/good", "bad", ["a/c"]) == {}
-    assert (await store.executor_load("ml/good"))[0] == 3
-    assert await store.demand(10) == {}  # the only demand counter is the garbage one
+    # The only demand counter is the garbage one.
+    assert await store.executor_load("ml/good") == (3, 0.0)
     await store.prune_expired()  # leaves what it cannot read alone, does not raise
     assert await store.redis.hget(store.replicas_key, "ml/good|bad") is not None
 

@@ -1,49 +1,14 @@
-"""The mulambda SDK: pick the best model for a client and call it directly.
+"""The async SDK client: cached selection, failover, in-flight counting.
 
-Typical use (async first; :class:`MulambdaClientSync` wraps it for sync code)::
-
-    async with MulambdaClient("redis://store:6379/0", "shop/recommender") as mu:
-        result = await mu.predict([[1.0, 2.0]])
-        print(result.executor, result.predictions)
-
-How it stays cheap on the request path:
-
-* The store snapshot (executors, live replicas, in-flight counts, this
-  client's latency samples) is read in one pipelined round trip and cached
-  for ``cache_ttl`` seconds. With ``background_refresh`` (the default) a
-  stale snapshot is still used while one refresh runs in the background, so
-  ``select()`` waits for the store only on the very first call or when the
-  snapshot is older than ``max_stale``.
-* Ranking runs locally on every ``select()`` with this instance's own
-  in-flight requests added to the cached counts of everybody else, so a
-  burst from one process spreads over models before the next refresh shows
-  the load.
-* Each call counts itself in flight and as demand locally, without waiting
-  for the store: a background writer publishes this instance's counts as
-  leases that expire unless refreshed (see
-  :class:`mulambda.store.InflightLeases`), so a cancelled call, a lost
-  reply or a store outage cannot leave a count up for good, and a slow store
-  adds nothing to a prediction's latency. Demand signals for cold executors
-  are sent in the background too (except when the client waits for one).
-
-Failover: a connection error, timeout or 5xx moves on to the next candidate
-(at most ``max_attempts``) and keeps the failed executor out of this
-process's rankings for ``suspect_seconds``. A 4xx is the caller's problem
-and is raised at once as :class:`PredictionRejected`.
-
-gRPC needs the optional extra ``mulambda[grpc]`` (tensorflow-serving-api,
-which pulls in TensorFlow); it is imported only when ``predict_grpc`` is
-called.
+How it works is described in :mod:`mulambda.sdk`, its public face.
 """
-
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
@@ -61,71 +26,11 @@ from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
 from mulambda.store.records import Snapshot, StoreUnavailable
 
-__all__ = [
-    "AllCandidatesFailed",
-    "MissingExtra",
-    "MulambdaClient",
-    "MulambdaClientSync",
-    "MulambdaError",
-    "NoMatchingModel",
-    "Prediction",
-    "PredictionRejected",
-]
+from .errors import AllCandidatesFailed, NoMatchingModel, Prediction, Retryable
+from .transport import GrpcTransport, rest_predict
 
-log = logging.getLogger("mulambda.client")
+log = logging.getLogger("mulambda.sdk")
 T = TypeVar("T")
-
-
-class MulambdaError(Exception):
-    """Base class of the SDK's errors."""
-
-
-class NoMatchingModel(MulambdaError, LookupError):
-    """No executor can serve this client; ``reason`` says why."""
-
-    def __init__(self, client: str, reason: str) -> None:
-        super().__init__(f"no model for client {client!r}: {reason}")
-        self.client = client
-        self.reason = reason
-
-
-class AllCandidatesFailed(MulambdaError):
-    """Every candidate tried failed; ``attempts`` lists (executor id, error)."""
-
-    def __init__(self, client: str, attempts: list[tuple[str, str]]) -> None:
-        tried = "; ".join(f"{e}: {err}" for e, err in attempts)
-        super().__init__(f"all {len(attempts)} candidate(s) failed for {client!r}: {tried}")
-        self.client = client
-        self.attempts = attempts
-
-
-class PredictionRejected(MulambdaError):
-    """The model rejected the request (4xx / invalid argument): retrying elsewhere won't help."""
-
-    def __init__(self, executor: str, status: int | str, body: str) -> None:
-        super().__init__(f"{executor} rejected the request ({status}): {body[:500]}")
-        self.executor = executor
-        self.status = status
-        self.body = body
-
-
-class MissingExtra(MulambdaError, ImportError):
-    """An optional dependency is not installed."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A model's answer and who gave it."""
-
-    predictions: Any
-    executor: str
-    candidate: Candidate
-    elapsed_ms: float
-    attempts: int
-
-
-class _Retryable(Exception):
-    """Internal: this candidate failed in a way another one may not."""
 
 
 class MulambdaClient:
@@ -187,7 +92,7 @@ class MulambdaClient:
         self._refresh_task: asyncio.Task[None] | None = None
         self._woken: set[tuple[str, float]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
-        self._grpc_channels: dict[str, Any] = {}
+        self._grpc: GrpcTransport | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:
@@ -202,9 +107,8 @@ class MulambdaClient:
             if task is not None and not task.done():
                 task.cancel()
         await self._leases.close()
-        for channel in self._grpc_channels.values():
-            await channel.close()
-        self._grpc_channels.clear()
+        if self._grpc is not None:
+            await self._grpc.close()
         if self._http is not None and self._owns_http:
             await self._http.aclose()
             self._http = None
@@ -228,7 +132,7 @@ class MulambdaClient:
                 raise NoMatchingModel(
                     self.client_id, "client is not registered in the store and no criteria given"
                 )
-            self.criteria = Criteria.from_client(snap.client_record)
+            self.criteria = snap.client_record.criteria
         assert self.criteria is not None
         # Ranking runs on every select(); filtering by type once per refresh
         # keeps it proportional to the matching executors, not all of them.
@@ -359,7 +263,7 @@ class MulambdaClient:
             try:
                 result = await self._counted(candidate.executor_id, call(candidate))
                 return result, candidate, len(attempts) + 1
-            except _Retryable as exc:
+            except Retryable as exc:
                 attempts.append((candidate.executor_id, str(exc)))
                 self._suspect[candidate.executor_id] = time.monotonic() + self.suspect_seconds
                 log.warning("candidate failed client=%s executor=%s error=%s; failing over",
@@ -379,6 +283,12 @@ class MulambdaClient:
         finally:
             self._leases.finish(executor)
 
+    async def _predict(self, call: Callable[[Candidate], Awaitable[Any]]) -> Prediction:
+        started = time.perf_counter()
+        result, cand, n = await self._with_failover(call)
+        return Prediction(result, cand.executor_id, cand,
+                          (time.perf_counter() - started) * 1000, n)
+
     async def predict(
         self, instances: list[Any], *, signature_name: str | None = None,
         attempt_timeout: float | None = None,
@@ -391,26 +301,8 @@ class MulambdaClient:
         body: dict[str, Any] = {"instances": instances}
         if signature_name:
             body["signature_name"] = signature_name
-        started = time.perf_counter()
-
-        async def call(c: Candidate) -> Any:
-            url = f"{c.record.rest.rstrip('/')}/v1/models/{c.record.model}:predict"
-            try:
-                resp = await self.http.post(url, json=body, timeout=attempt_timeout or self.timeout)
-            except httpx.TransportError as exc:  # connect / read errors and timeouts
-                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
-            if resp.status_code >= 500:
-                raise _Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            if resp.status_code >= 400:
-                raise PredictionRejected(c.executor_id, resp.status_code, resp.text)
-            try:
-                return resp.json()["predictions"]
-            except (ValueError, KeyError) as exc:
-                raise _Retryable(f"malformed answer: {resp.text[:200]}") from exc
-
-        result, cand, n = await self._with_failover(call)
-        return Prediction(result, cand.executor_id, cand,
-                          (time.perf_counter() - started) * 1000, n)
+        timeout = attempt_timeout or self.timeout
+        return await self._predict(lambda c: rest_predict(self.http, c, body, timeout))
 
     async def predict_grpc(
         self, inputs: dict[str, Any], *, signature_name: str = "serving_default",
@@ -421,87 +313,7 @@ class MulambdaClient:
         ``inputs`` maps input tensor names to array-likes; the answer maps
         output names to numpy arrays. ``attempt_timeout`` bounds each attempt.
         """
-        try:
-            import grpc
-            import tensorflow as tf
-            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-        except ImportError as exc:
-            raise MissingExtra(
-                "gRPC predictions need the optional extra: pip install 'mulambda[grpc]' "
-                f"(tensorflow-serving-api, grpcio); import failed: {exc}"
-            ) from exc
-        retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-                       grpc.StatusCode.RESOURCE_EXHAUSTED}
-        started = time.perf_counter()
-
-        async def call(c: Candidate) -> Any:
-            target = c.record.grpc
-            channel = self._grpc_channels.get(target)
-            if channel is None:
-                channel = self._grpc_channels[target] = grpc.aio.insecure_channel(target)
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            request = predict_pb2.PredictRequest()
-            request.model_spec.name = c.record.model
-            request.model_spec.signature_name = signature_name
-            for name, value in inputs.items():
-                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
-            try:
-                response = await stub.Predict(request, timeout=attempt_timeout or self.timeout)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() in retry_codes:
-                    raise _Retryable(f"gRPC {exc.code().name}: {exc.details()}") from exc
-                raise PredictionRejected(c.executor_id, exc.code().name,
-                                         exc.details() or "") from exc
-            return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
-
-        result, cand, n = await self._with_failover(call)
-        return Prediction(result, cand.executor_id, cand,
-                          (time.perf_counter() - started) * 1000, n)
-
-
-class MulambdaClientSync:
-    """Blocking wrapper: runs a :class:`MulambdaClient` on a private event-loop thread.
-
-    Do not call it from inside a running event loop; use the async client there.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
-                                        name="mulambda-sdk")
-        self._thread.start()
-
-        async def make() -> MulambdaClient:
-            return MulambdaClient(*args, **kwargs)  # asyncio.Lock binds to this loop
-
-        self._client = self._run(make())
-
-    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def select(self) -> Candidate:
-        return self._run(self._client.select())
-
-    def ranking(self) -> Ranking:
-        return self._run(self._client.ranking())
-
-    def predict(self, instances: list[Any], **kwargs: Any) -> Prediction:
-        return self._run(self._client.predict(instances, **kwargs))
-
-    def predict_grpc(self, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
-        return self._run(self._client.predict_grpc(inputs, **kwargs))
-
-    def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
-
-    def __enter__(self) -> MulambdaClientSync:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        if self._grpc is None:
+            self._grpc = GrpcTransport()
+        grpc, timeout = self._grpc, attempt_timeout or self.timeout
+        return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout))

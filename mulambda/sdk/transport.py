@@ -1,0 +1,91 @@
+"""How the SDK calls one model: TF Serving's REST and gRPC predict APIs.
+
+Each call maps the outcome to what failover needs: :class:`~.errors.Retryable`
+when another candidate may succeed (connection errors, timeouts, 5xx,
+UNAVAILABLE...), :class:`~.errors.PredictionRejected` when the request
+itself is wrong (4xx, INVALID_ARGUMENT...), else the model's answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from mulambda.policy.selection import Candidate
+
+from .errors import MissingExtra, PredictionRejected, Retryable
+
+
+async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict[str, Any],
+                       attempt_timeout: float) -> Any:
+    """POST ``body`` to ``{endpoint}/v1/models/{model}:predict``; the ``predictions``."""
+    record = candidate.record
+    url = f"{record.rest.rstrip('/')}/v1/models/{record.model}:predict"
+    try:
+        resp = await http.post(url, json=body, timeout=attempt_timeout)
+    except httpx.TransportError as exc:  # connect / read errors and timeouts
+        raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    if resp.status_code >= 500:
+        raise Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+    if resp.status_code >= 400:
+        raise PredictionRejected(candidate.executor_id, resp.status_code, resp.text)
+    try:
+        return resp.json()["predictions"]
+    except (ValueError, KeyError) as exc:
+        raise Retryable(f"malformed answer: {resp.text[:200]}") from exc
+
+
+class GrpcTransport:
+    """TF Serving's gRPC PredictionService, one channel per target.
+
+    Needs the optional extra ``mulambda[grpc]`` (tensorflow-serving-api, which
+    pulls in TensorFlow): imported when the first instance is made, and
+    :class:`~.errors.MissingExtra` when it is not installed.
+    """
+
+    def __init__(self) -> None:
+        try:
+            import grpc
+            import tensorflow as tf
+            from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+        except ImportError as exc:
+            raise MissingExtra(
+                "gRPC predictions need the optional extra: pip install 'mulambda[grpc]' "
+                f"(tensorflow-serving-api, grpcio); import failed: {exc}"
+            ) from exc
+        self._grpc, self._tf = grpc, tf
+        self._predict_pb2, self._service = predict_pb2, prediction_service_pb2_grpc
+        self._retry_codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                             grpc.StatusCode.RESOURCE_EXHAUSTED}
+        self._channels: dict[str, Any] = {}
+
+    async def predict(self, candidate: Candidate, inputs: dict[str, Any], signature_name: str,
+                      attempt_timeout: float) -> dict[str, Any]:
+        """Call ``Predict`` on the candidate; output tensor name -> numpy array."""
+        grpc, tf = self._grpc, self._tf
+        target = candidate.record.grpc
+        channel = self._channels.get(target)
+        if channel is None:
+            channel = self._channels[target] = grpc.aio.insecure_channel(target)
+        stub = self._service.PredictionServiceStub(channel)
+        request = self._predict_pb2.PredictRequest()
+        request.model_spec.name = candidate.record.model
+        request.model_spec.signature_name = signature_name
+        for name, value in inputs.items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        try:
+            response = await stub.Predict(request, timeout=attempt_timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in self._retry_codes:
+                raise Retryable(f"gRPC {exc.code().name}: {exc.details()}") from exc
+            raise PredictionRejected(candidate.executor_id, exc.code().name,
+                                     exc.details() or "") from exc
+        return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
+
+    async def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
