@@ -1275,7 +1275,7 @@ class Kube:
 def repo_crds() -> list[dict[str, Any]]:
     """The canonical CRDs of the project (crds/*.yaml)."""
     crds: list[dict[str, Any]] = []
-    for path in sorted(CRDS_DIR.glob("*.yaml")):
+    for path in sorted(CRDS_DIR.glob("*.mulambda.io.yaml")):
         crds.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
     return crds
 
