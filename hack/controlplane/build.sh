@@ -106,6 +106,6 @@ bin=$dir/bin
 "$bin/kube-controller-manager" --version
 "$bin/kube-scheduler" --version
 echo "kubectl $("$bin/kubectl" version --client -o yaml | awk '/gitVersion/ {print $2}')"
-echo "kwok $("$bin/kwok" --version 2>&1 | sed -n 1p)"
+"$bin/kwok" --version 2>&1 | sed -n 1p
 echo "helm $("$bin/helm" version --short)"
 echo "$bin"
