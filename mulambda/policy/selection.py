@@ -208,6 +208,16 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _or_fallback(value: float | None, median: float | None, default: float,
+                 what: str) -> tuple[float, tuple[str, ...]]:
+    """``value``, else the median over the other candidates, else the default; and why."""
+    if value is not None:
+        return value, ()
+    if median is not None:
+        return median, (f"no {what}: median of others",)
+    return default, (f"no {what}: default",)
+
+
 def matches(criteria: Criteria, record: ExecutorRecord) -> bool:
     """Whether ``record`` meets the hard criteria (type, input, output)."""
     return (record.type == criteria.type
@@ -302,23 +312,11 @@ def rank(
     measured: list[tuple[str, ExecutorRecord, bool, float, float, float, float, float,
                          tuple[str, ...]]] = []
     for eid, rec, warm, live in viable:
-        notes: tuple[str, ...] = ()
-        net = network[eid]
-        if net is None:
-            if net_fallback is not None:
-                net = net_fallback
-                notes += ("no RTT sample: median of others",)
-            else:
-                net = policy.default_network_ms
-                notes += ("no RTT sample: default",)
-        svc = rec.service_time_ms
-        if svc is None:
-            if svc_fallback is not None:
-                svc = svc_fallback
-                notes += ("no service time: median of others",)
-            else:
-                svc = policy.default_service_time_ms
-                notes += ("no service time: default",)
+        net, net_note = _or_fallback(network[eid], net_fallback, policy.default_network_ms,
+                                     "RTT sample")
+        svc, svc_note = _or_fallback(rec.service_time_ms, svc_fallback,
+                                     policy.default_service_time_ms, "service time")
+        notes = net_note + svc_note
         inflight = snapshot.inflight.get(eid, 0)
         load = svc * inflight / (max(live, 1) * policy.replica_concurrency)
         expected = net + svc + load

@@ -1,1 +1,1 @@
-"""Model storage: S3-compatible object stores and the checksums that verify model bytes."""
+"""Model storage: where models live in S3 (layout), the S3 client, checksums of model bytes."""
