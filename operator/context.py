@@ -1,19 +1,27 @@
-"""What every reconcile shares: its context (settings, store, Kubernetes API), back-off,
-and the finalizer's store clean-up."""
+"""What every reconcile shares: its context (settings, store, Kubernetes API, the
+autoscaler's memory), the object it is called for, back-off, and the finalizer's store
+clean-up."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
-
-import kopf
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 
 from .k8s.api import KubeApi
+from .k8s.objects import ObjectRef
+from .status import Problem
+
+if TYPE_CHECKING:
+    from .modelexecutor.autoscale import Windows
+
+Spec = TypeVar("Spec")
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
 @dataclass
@@ -23,6 +31,22 @@ class Context:
     settings: Settings
     store: MetadataStore
     kube: KubeApi
+    windows: Windows
+
+
+@dataclass(frozen=True)
+class Observed(Generic[Spec]):
+    """The object a handler runs for, typed once at the boundary."""
+
+    ref: ObjectRef
+    spec: Spec
+    status: Mapping[str, Any]  # as it was when the handler started
+    generation: int
+    # kopf's per-object logger: it tags each line with the object (and posts
+    # INFO and above as Events).
+    logger: Logger = field(compare=False)
+    retry: int = 0  # kopf's retry count for this change, drives the back-off
+    spec_changed: bool = False  # a change handler, not a timer
 
 
 def backoff(retry: int, settings: Settings) -> float:
@@ -30,17 +54,26 @@ def backoff(retry: int, settings: Settings) -> float:
     return float(min(settings.retry_max_delay_seconds, 2 ** min(retry, 16)))
 
 
+def store_retry(exc: StoreUnavailable, retry: int, settings: Settings, note: str = "") -> Problem:
+    """The store is down: retry with back-off. The message also goes into status."""
+    delay = backoff(retry, settings)
+    message = f"{exc}; retrying in {delay:g}s."
+    return Problem(f"{message} {note}" if note else message, retry_after=delay)
+
+
 async def forget_records(
-    ctx: Context, remove: Callable[[str], Awaitable[None]], kind: str, namespace: str,
-    name: str, retry: int, logger: Any,
-) -> None:
-    """Run a store removal for a finalizer; while the store is down, keep the object."""
+    ctx: Context, remove: Callable[[str], Awaitable[None]], kind: str, object_id: str,
+    retry: int, logger: Logger,
+) -> Problem | None:
+    """Run a store removal for a finalizer; while the store is down, the object stays
+    (the problem says when to try again)."""
     try:
-        await remove(f"{namespace}/{name}")
+        await remove(object_id)
     except StoreUnavailable as exc:
         delay = backoff(retry, ctx.settings)
-        raise kopf.TemporaryError(
+        return Problem(
             f"{exc}; the {kind} stays until its metadata is removed. Retrying in {delay:g}s.",
-            delay=delay,
-        ) from None
-    logger.info("%s metadata removed %s=%s/%s", kind, kind, namespace, name)
+            retry_after=delay,
+        )
+    logger.info("%s metadata removed %s=%s", kind, kind, object_id)
+    return None

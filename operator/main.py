@@ -15,11 +15,11 @@ from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 
-from .client import handlers as client
+from .client.handlers import register as register_clients
 from .context import Context
 from .k8s.api import KubeApi
-from .modelexecutor import autoscale as autoscaler
-from .modelexecutor import handlers as modelexecutor
+from .modelexecutor.autoscale import Windows
+from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
 log = logging.getLogger(__name__)
@@ -44,12 +44,12 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
         configure_kopf(settings)
         await asyncio.to_thread(load_kube_config)
-        memo.windows = autoscaler.Windows()
-        memo.locks = {}  # uid -> asyncio.Lock, see handlers.serialized
+        memo.locks = {}  # uid -> asyncio.Lock, see handling.serialized
         memo.ctx = Context(
             settings=app_settings,
             store=MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix),
             kube=KubeApi(),
+            windows=Windows(),
         )
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
@@ -66,8 +66,8 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             await ctx.kube.close()
 
     app_settings = settings
-    modelexecutor.register(registry, settings)
-    client.register(registry, settings)
+    register_executors(registry, settings)
+    register_clients(registry, settings)
 
 
 async def prune_forever(ctx: Context) -> None:

@@ -29,6 +29,12 @@ def client_selector_labels(client_name: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": "client-workload", "app.kubernetes.io/instance": client_name}
 
 
+def workload_labels(client_name: str) -> dict[str, str]:
+    """Labels of the workload's Deployment, Service and pods."""
+    return {**client_selector_labels(client_name), "app.kubernetes.io/part-of": "mulambda",
+            "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
 def probe_url(client_name: str, namespace: str, settings: Settings) -> str:
     """URL companions probe for a Client that runs a workload (its ping sidecar)."""
     host = f"{workload_name(client_name)}.{namespace}.svc.{settings.cluster_domain}"
@@ -53,13 +59,7 @@ def build_client_deployment(
     """The Client's workload: the user's pod template, our env injected, a ping sidecar."""
     tpl = json.loads(json.dumps(template))  # deep copy, the input stays untouched
     meta = tpl.setdefault("metadata", {})
-    labels = {
-        **(meta.get("labels") or {}),
-        **client_selector_labels(client_name),
-        "app.kubernetes.io/part-of": "mulambda",
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-    }
-    meta["labels"] = labels
+    meta["labels"] = {**(meta.get("labels") or {}), **workload_labels(client_name)}
     pod = tpl.setdefault("spec", {})
     injected = client_env(client_name, namespace, settings)
     names = {e["name"] for e in injected}
@@ -87,9 +87,7 @@ def build_client_deployment(
         "metadata": {
             "name": workload_name(client_name),
             "namespace": namespace,
-            "labels": {**client_selector_labels(client_name),
-                       "app.kubernetes.io/part-of": "mulambda",
-                       "app.kubernetes.io/managed-by": MANAGED_BY},
+            "labels": workload_labels(client_name),
             "annotations": {TEMPLATE_HASH: digest},
         },
         "spec": {
@@ -108,9 +106,7 @@ def build_client_service(client_name: str, namespace: str) -> dict[str, Any]:
         "metadata": {
             "name": workload_name(client_name),
             "namespace": namespace,
-            "labels": {**client_selector_labels(client_name),
-                       "app.kubernetes.io/part-of": "mulambda",
-                       "app.kubernetes.io/managed-by": MANAGED_BY},
+            "labels": workload_labels(client_name),
         },
         "spec": {
             "type": "ClusterIP",

@@ -1,59 +1,24 @@
-"""kopf handlers for Client: serialise per object, call the services, nothing else."""
+"""kopf handlers for Client: the shared ones (``handling.py``), its timer reselecting."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import kopf
 
-from mulambda.api.common import GROUP, VERSION
+from mulambda.api.client import parse_client_spec
 from mulambda.settings import Settings
 
-from ..serialize import deleting, forget_lock, live, serialized
-from . import reconcile as clients
+from .. import handling
+from .reconcile import forget, reconcile
+from .status import failure
 
-RESOURCE = (GROUP, VERSION, "clients")
+CLIENT = handling.Kind(
+    plural="clients", noun="client", parse=parse_client_spec, reconcile=reconcile,
+    failure=failure, forget=forget,
+    # Latencies and executors change without the Client changing.
+    timer="reselect_client", interval=lambda settings: settings.probe_interval_seconds,
+)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     """Attach the Client handlers to ``registry``."""
-
-    @kopf.on.resume(*RESOURCE, registry=registry)
-    @kopf.on.create(*RESOURCE, registry=registry)
-    @kopf.on.update(*RESOURCE, registry=registry, field="spec")
-    async def reconcile_client(
-        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any,
-        retry: int, **_: Any,
-    ) -> None:
-        async with serialized(memo, uid):
-            if deleting(body):
-                return
-            spec, status, generation = live(body)
-            await clients.reconcile(memo.ctx, body, spec, status, generation, patch, logger,
-                                    retry, spec_changed=True)
-
-    @kopf.timer(*RESOURCE, registry=registry, interval=settings.probe_interval_seconds,
-                initial_delay=settings.probe_interval_seconds, idle=None)
-    async def reselect_client(
-        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Any, **_: Any,
-    ) -> None:
-        # Latencies and executors change without the Client changing:
-        # recompute the selection every probe interval.
-        async with serialized(memo, uid):
-            if deleting(body):
-                return
-            spec, status, generation = live(body)
-            try:
-                await clients.reconcile(memo.ctx, body, spec, status, generation, patch, logger)
-            except kopf.PermanentError:
-                pass  # already reported in status by reconcile
-            except kopf.TemporaryError as exc:
-                logger.warning("reselect deferred: %s", exc)
-
-    @kopf.on.delete(*RESOURCE, registry=registry)
-    async def forget_client(
-        meta: kopf.Meta, uid: str, memo: kopf.Memo, logger: Any, retry: int, **_: Any
-    ) -> None:
-        async with serialized(memo, uid):
-            await clients.forget(memo.ctx, meta["namespace"], meta["name"], retry, logger)
-        forget_lock(memo, uid)
+    handling.register(registry, CLIENT, settings)

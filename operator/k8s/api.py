@@ -1,9 +1,10 @@
 """Thin async wrapper over the Kubernetes client for the objects the operator owns.
 
 The official client is synchronous; every call runs in a worker thread so
-handlers never block kopf's event loop. Only merge and JSON patches are used
-(no strategic merge, no server-side apply), which keeps the operator
-compatible with every API server and with the KMock emulator in tests.
+handlers never block kopf's event loop. Children are patched with JSON
+patches only (no strategic merge, no server-side apply), which keeps the
+operator compatible with every API server and with the KMock emulator in
+tests.
 Every API call the operator makes goes through here, so ``operator/rbac.py``
 can be checked against this module.
 """
@@ -11,23 +12,41 @@ can be checked against this module.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-MERGE = "application/merge-patch+json"
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
 JSON_PATCH = "application/json-patch+json"
 
 
+@dataclass(frozen=True)
+class _Calls:
+    """The client methods for one kind of child."""
+
+    read: Any
+    create: Any
+    patch: Any
+    delete: Any
+
+
 class KubeApi:
-    """Typed calls for Deployments and Services; returns plain dicts."""
+    """Get, create, patch and delete the operator's children by kind; returns plain dicts."""
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         self.api_client = api_client or client.ApiClient()
-        self.apps = client.AppsV1Api(self.api_client)
-        self.core = client.CoreV1Api(self.api_client)
+        apps = client.AppsV1Api(self.api_client)
+        core = client.CoreV1Api(self.api_client)
+        self._calls = {
+            "Deployment": _Calls(apps.read_namespaced_deployment,
+                                 apps.create_namespaced_deployment,
+                                 apps.patch_namespaced_deployment,
+                                 apps.delete_namespaced_deployment),
+            "Service": _Calls(core.read_namespaced_service, core.create_namespaced_service,
+                              core.patch_namespaced_service, core.delete_namespaced_service),
+        }
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         return self.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
@@ -38,62 +57,33 @@ class KubeApi:
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
         return await asyncio.to_thread(fn, *args, **kwargs)
 
-    async def _get(self, fn: Any, name: str, namespace: str) -> dict[str, Any] | None:
+    async def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
+        """The object, or None when there is none of that name."""
         try:
-            return self._dict(await self._call(fn, name, namespace))
+            return self._dict(await self._call(self._calls[kind].read, name, namespace))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
 
-    # -- Deployments ---------------------------------------------------------
-    async def get_deployment(self, name: str, namespace: str) -> dict[str, Any] | None:
-        return await self._get(self.apps.read_namespaced_deployment, name, namespace)
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        calls = self._calls[body["kind"]]
+        return self._dict(await self._call(calls.create, body["metadata"]["namespace"], body))
 
-    async def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
-        ns = body["metadata"]["namespace"]
-        return self._dict(await self._call(self.apps.create_namespaced_deployment, ns, body))
-
-    async def patch_deployment(
-        self, name: str, namespace: str, patch: Any, content_type: str = MERGE
+    async def patch(
+        self, kind: str, name: str, namespace: str, ops: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        return self._dict(
-            await self._call(
-                self.apps.patch_namespaced_deployment, name, namespace, patch,
-                _content_type=content_type,
-            )
-        )
+        """Apply the JSON patch ``ops``; returns the object as patched."""
+        return self._dict(await self._call(self._calls[kind].patch, name, namespace, ops,
+                                           _content_type=JSON_PATCH))
 
-    async def delete_deployment(self, name: str, namespace: str) -> None:
-        await self._delete(self.apps.delete_namespaced_deployment, name, namespace)
-
-    async def _delete(self, fn: Any, name: str, namespace: str) -> None:
+    async def delete(self, kind: str, name: str, namespace: str) -> None:
         try:
-            await self._call(fn, name, namespace, propagation_policy="Background")
+            await self._call(self._calls[kind].delete, name, namespace,
+                             propagation_policy="Background")
         except ApiException as exc:
             if exc.status != 404:  # already gone is what we wanted
                 raise
-
-    # -- Services -------------------------------------------------------------
-    async def get_service(self, name: str, namespace: str) -> dict[str, Any] | None:
-        return await self._get(self.core.read_namespaced_service, name, namespace)
-
-    async def create_service(self, body: dict[str, Any]) -> dict[str, Any]:
-        ns = body["metadata"]["namespace"]
-        return self._dict(await self._call(self.core.create_namespaced_service, ns, body))
-
-    async def patch_service(
-        self, name: str, namespace: str, patch: Any, content_type: str = MERGE
-    ) -> dict[str, Any]:
-        return self._dict(
-            await self._call(
-                self.core.patch_namespaced_service, name, namespace, patch,
-                _content_type=content_type,
-            )
-        )
-
-    async def delete_service(self, name: str, namespace: str) -> None:
-        await self._delete(self.core.delete_namespaced_service, name, namespace)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.api_client.close)

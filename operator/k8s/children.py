@@ -1,4 +1,4 @@
-"""Get-or-create, compare-then-patch for the children the operator owns.
+"""Create-or-adopt, compare-then-patch for the children the operator owns.
 
 Shared by ModelExecutors (serving Deployment + Service) and Clients (workload
 Deployment + Service). A child whose ``ownerReferences`` do not name the
@@ -15,10 +15,13 @@ from typing import Any, TypeVar
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from ..k8s.objects import TEMPLATE_HASH
-from .api import JSON_PATCH, KubeApi, is_conflict
+from .api import KubeApi, is_conflict
+from .objects import TEMPLATE_HASH, ObjectRef
 
 T = TypeVar("T")
+Patch = list[dict[str, Any]]
+# What a child kind compares: (JSON patch operations, what they change in words).
+Changes = Callable[[dict[str, Any]], tuple[Patch, list[str]]]
 
 
 class NameConflict(kopf.PermanentError):
@@ -50,85 +53,121 @@ async def _guard(coro: Awaitable[T], kind: str, name: str) -> T:
         raise
 
 
-def owned_by(obj: dict[str, Any], owner: kopf.Body) -> bool:
-    uid = owner["metadata"].get("uid")
-    return any(ref.get("uid") == uid for ref in obj["metadata"].get("ownerReferences") or [])
+def owned_by(obj: dict[str, Any], owner: ObjectRef) -> bool:
+    return any(ref.get("uid") == owner.uid
+               for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-def _check_owner(current: dict[str, Any], owner: kopf.Body, kind: str) -> None:
-    if not owned_by(current, owner):
-        meta = current["metadata"]
-        raise NameConflict(
-            f"{kind} {meta.get('namespace')}/{meta['name']} already exists and is not owned by "
-            f"{owner['kind']} {owner['metadata']['name']}; rename or delete it"
-        )
+def _adopt(child: dict[str, Any], owner: ObjectRef) -> None:
+    """Owner reference (garbage collection, ownership check) and the owner's labels under
+    ours, as ``kopf.adopt`` does."""
+    meta = child["metadata"]
+    refs = meta.setdefault("ownerReferences", [])
+    if not any(ref.get("uid") == owner.uid for ref in refs):
+        refs.append({"controller": True, "blockOwnerDeletion": True,
+                     "apiVersion": owner.api_version, "kind": owner.kind, "name": owner.name,
+                     "uid": owner.uid})
+    labels = meta.setdefault("labels", {})
+    for key, value in owner.labels.items():
+        labels.setdefault(key, value)
 
 
-async def ensure_deployment(
-    kube: KubeApi,
-    owner: kopf.Body,
-    desired: dict[str, Any],
-    replicas: Callable[[int | None], int],
+async def ensure_child(
+    kube: KubeApi, owner: ObjectRef, desired: dict[str, Any], changes: Changes,
 ) -> tuple[dict[str, Any], list[str]]:
-    """Create or patch a Deployment; ``replicas(current)`` says what spec.replicas must be.
+    """Create ``desired`` owned by ``owner``, or patch the existing child by ``changes``.
 
-    Returns the Deployment as the API server has it and a list of what changed
+    Returns the child as the API server has it and a list of what changed
     (``["created"]`` on creation, empty when nothing changed).
     """
-    kopf.adopt(desired, owner=owner)
-    name, ns = desired["metadata"]["name"], desired["metadata"]["namespace"]
-    current = await kube.get_deployment(name, ns)
+    _adopt(desired, owner)
+    kind, name, ns = desired["kind"], desired["metadata"]["name"], desired["metadata"]["namespace"]
+    current = await kube.get(kind, name, ns)
     if current is None:
-        desired["spec"]["replicas"] = replicas(None)
         try:
-            return await _guard(kube.create_deployment(desired), "Deployment", name), [
-                "created"]
+            return await _guard(kube.create(desired), kind, name), ["created"]
         except Exception as exc:
             if not is_conflict(exc):
                 raise
             # Created concurrently (or by an earlier run of this reconcile): converge on it.
-            current = await kube.get_deployment(name, ns)
+            current = await kube.get(kind, name, ns)
             if current is None:
-                raise kopf.TemporaryError(f"Deployment {name} vanished", delay=1) from exc
-    _check_owner(current, owner, "Deployment")
-    ops: list[dict[str, Any]] = []
-    what: list[str] = []
-    key = TEMPLATE_HASH
-    want = desired["metadata"]["annotations"][key]
-    have = (current["metadata"].get("annotations") or {}).get(key)
-    if want != have:
-        what.append("pod template")
-        ops += [
-            {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-            {"op": "add", "path": "/metadata/annotations",
-             "value": {**(current["metadata"].get("annotations") or {}), key: want}},
-        ]
-    labels = _merged_labels(current, desired)
-    if labels is not None:
-        what.append("labels")
-        ops.append({"op": "add", "path": "/metadata/labels", "value": labels})
-    have_replicas = current.get("spec", {}).get("replicas")
-    want_replicas = replicas(have_replicas)
-    if want_replicas != have_replicas:
-        what.append(f"replicas {have_replicas} -> {want_replicas}")
-        ops.append({"op": "add", "path": "/spec/replicas", "value": want_replicas})
+                raise kopf.TemporaryError(f"{kind} {name} vanished", delay=1) from exc
+    if not owned_by(current, owner):
+        raise NameConflict(
+            f"{kind} {ns}/{name} already exists and is not owned by "
+            f"{owner.kind} {owner.name}; rename or delete it"
+        )
+    ops, what = changes(current)
     if not ops:
         return current, []
-    return await _guard(kube.patch_deployment(name, ns, ops, JSON_PATCH), "Deployment",
-                        name), what
+    return await _guard(kube.patch(kind, name, ns, ops), kind, name), what
 
 
-def _merged_labels(current: dict[str, Any], desired: dict[str, Any]) -> dict[str, str] | None:
-    """Labels with ours enforced and others' kept; None when ours are already right.
+async def ensure_deployment(
+    kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
+    replicas: Callable[[int | None], int],
+) -> tuple[dict[str, Any], list[str]]:
+    """Create or patch a Deployment; ``replicas(current)`` says what spec.replicas must be
+    (``current`` is None on creation)."""
+    desired["spec"]["replicas"] = replicas(None)
 
-    Other controllers and policies (Kyverno, cost tools) add labels: removing
-    them every reconcile would fight them forever.
-    """
+    def changes(current: dict[str, Any]) -> tuple[Patch, list[str]]:
+        ops: Patch = []
+        what: list[str] = []
+        annotations = current["metadata"].get("annotations") or {}
+        want = desired["metadata"]["annotations"][TEMPLATE_HASH]
+        if want != annotations.get(TEMPLATE_HASH):
+            what.append("pod template")
+            ops += [
+                {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
+                {"op": "add", "path": "/metadata/annotations",
+                 "value": {**annotations, TEMPLATE_HASH: want}},
+            ]
+        _add_label_changes(current, desired, ops, what)
+        have_replicas = current.get("spec", {}).get("replicas")
+        want_replicas = replicas(have_replicas)
+        if want_replicas != have_replicas:
+            what.append(f"replicas {have_replicas} -> {want_replicas}")
+            ops.append({"op": "add", "path": "/spec/replicas", "value": want_replicas})
+        return ops, what
+
+    return await ensure_child(kube, owner, desired, changes)
+
+
+async def ensure_service(
+    kube: KubeApi, owner: ObjectRef, desired: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Create or patch a Service (ports, selector, labels)."""
+
+    def changes(current: dict[str, Any]) -> tuple[Patch, list[str]]:
+        ops: Patch = []
+        what: list[str] = []
+        spec = current.get("spec", {})
+        if _ports(spec.get("ports")) != _ports(desired["spec"]["ports"]):
+            what.append("ports")
+            ops.append({"op": "replace", "path": "/spec/ports",
+                        "value": desired["spec"]["ports"]})
+        if spec.get("selector") != desired["spec"]["selector"]:
+            what.append("selector")
+            ops.append({"op": "add", "path": "/spec/selector",
+                        "value": desired["spec"]["selector"]})
+        _add_label_changes(current, desired, ops, what)
+        return ops, what
+
+    return await ensure_child(kube, owner, desired, changes)
+
+
+def _add_label_changes(
+    current: dict[str, Any], desired: dict[str, Any], ops: Patch, what: list[str]
+) -> None:
+    """Enforce our labels and keep others': other controllers and policies (Kyverno, cost
+    tools) add labels, and removing them every reconcile would fight them forever."""
     have = current["metadata"].get("labels") or {}
     want = desired["metadata"]["labels"]
-    if all(have.get(k) == v for k, v in want.items()):
-        return None
-    return {**have, **want}
+    if not all(have.get(k) == v for k, v in want.items()):
+        what.append("labels")
+        ops.append({"op": "add", "path": "/metadata/labels", "value": {**have, **want}})
 
 
 def _ports(ports: list[dict[str, Any]] | None) -> list[tuple[Any, ...]]:
@@ -139,50 +178,12 @@ def _ports(ports: list[dict[str, Any]] | None) -> list[tuple[Any, ...]]:
     )
 
 
-async def ensure_service(
-    kube: KubeApi, owner: kopf.Body, desired: dict[str, Any]
-) -> tuple[dict[str, Any], list[str]]:
-    """Create or patch a Service (ports, selector, labels)."""
-    kopf.adopt(desired, owner=owner)
-    name, ns = desired["metadata"]["name"], desired["metadata"]["namespace"]
-    current = await kube.get_service(name, ns)
-    if current is None:
-        try:
-            return await _guard(kube.create_service(desired), "Service", name), ["created"]
-        except Exception as exc:
-            if not is_conflict(exc):
-                raise
-            current = await kube.get_service(name, ns)
-            if current is None:
-                raise kopf.TemporaryError(f"Service {name} vanished", delay=1) from exc
-    _check_owner(current, owner, "Service")
-    ops: list[dict[str, Any]] = []
-    what: list[str] = []
-    spec = current.get("spec", {})
-    if _ports(spec.get("ports")) != _ports(desired["spec"]["ports"]):
-        what.append("ports")
-        ops.append({"op": "replace", "path": "/spec/ports", "value": desired["spec"]["ports"]})
-    if spec.get("selector") != desired["spec"]["selector"]:
-        what.append("selector")
-        ops.append({"op": "add", "path": "/spec/selector", "value": desired["spec"]["selector"]})
-    labels = _merged_labels(current, desired)
-    if labels is not None:
-        what.append("labels")
-        ops.append({"op": "add", "path": "/metadata/labels", "value": labels})
-    if not ops:
-        return current, []
-    return await _guard(kube.patch_service(name, ns, ops, JSON_PATCH), "Service", name), what
-
-
-async def remove_owned(kube: KubeApi, owner: kopf.Body, name: str, namespace: str) -> list[str]:
+async def remove_owned(kube: KubeApi, owner: ObjectRef, name: str, namespace: str) -> list[str]:
     """Delete the Deployment and Service ``name`` if (and only if) ``owner`` owns them."""
     removed = []
-    dep = await kube.get_deployment(name, namespace)
-    if dep is not None and owned_by(dep, owner):
-        await kube.delete_deployment(name, namespace)
-        removed.append(f"Deployment {namespace}/{name}")
-    svc = await kube.get_service(name, namespace)
-    if svc is not None and owned_by(svc, owner):
-        await kube.delete_service(name, namespace)
-        removed.append(f"Service {namespace}/{name}")
+    for kind in ("Deployment", "Service"):
+        child = await kube.get(kind, name, namespace)
+        if child is not None and owned_by(child, owner):
+            await kube.delete(kind, name, namespace)
+            removed.append(f"{kind} {namespace}/{name}")
     return removed

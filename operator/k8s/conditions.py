@@ -1,24 +1,20 @@
-"""Kubernetes-style status conditions (``metav1.Condition`` shape).
+"""Kubernetes-style status conditions (``metav1.Condition`` shape), pure.
 
-Operator-owned condition types on a ModelExecutor:
-
-- ``Registered``: the executor's record is in the metadata store.
-- ``Progressing``: the Deployment is rolling out / has the desired pods.
-- ``ModelLoaded``: derived from the companions' heartbeats (companion-owned
-  facts, mirrored by the operator; the companions never patch the resource).
-- ``Ready``: the summary a user looks at first.
-
-Reasons are CamelCase; messages are sentences a user can act on.
+Which condition types each kind has, and what their reasons mean, is in
+``modelexecutor/status.py`` and ``client/status.py``. Reasons are CamelCase;
+messages are sentences a user can act on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-import kopf
-
 TRUE, FALSE, UNKNOWN = "True", "False", "Unknown"
+
+# Display order in status.conditions; types not listed go last.
+ORDER = ("Ready", "Registered", "Progressing", "ModelLoaded")
 
 
 def now_iso() -> str:
@@ -27,6 +23,19 @@ def now_iso() -> str:
 
 def condition(type_: str, status: str, reason: str, message: str) -> dict[str, str]:
     return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def summarize(type_: str, dependents: Sequence[dict[str, str]]) -> dict[str, str]:
+    """The summary condition ``type_`` (KServe's ConditionSet): True when every dependent is
+    True, else False with the reason and message of the first dependent that is not.
+
+    When all are True it takes the reason and message of the last dependent, the one
+    that says what the object is doing.
+    """
+    blocking = next((d for d in dependents if d["status"] != TRUE), None)
+    if blocking is None:
+        return {**dependents[-1], "type": type_}
+    return condition(type_, FALSE, blocking["reason"], blocking["message"])
 
 
 def merge_conditions(
@@ -49,9 +58,8 @@ def merge_conditions(
         else:
             new["lastTransitionTime"] = stamp
         by_type[upd["type"]] = new
-    order = ["Ready", "Registered", "Progressing", "ModelLoaded"]
-    return sorted(by_type.values(), key=lambda c: (order.index(c["type"])
-                                                   if c["type"] in order else 99, c["type"]))
+    return sorted(by_type.values(), key=lambda c: (ORDER.index(c["type"])
+                                                   if c["type"] in ORDER else 99, c["type"]))
 
 
 def get_condition(conditions: list[dict[str, Any]] | None, type_: str) -> dict[str, Any] | None:
@@ -68,18 +76,3 @@ def conditions_equal(a: list[dict[str, Any]] | None, b: list[dict[str, Any]] | N
         return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in cs or []]
 
     return strip(a) == strip(b)
-
-
-def report_failure(
-    body: kopf.Body, patch: kopf.Patch, old: list[dict[str, Any]] | None, generation: int,
-    reason: str, msg: str, types: tuple[str, ...] = ("Ready",),
-) -> None:
-    """Set ``types`` False with ``reason``; one Warning Event per generation and reason."""
-    ready = get_condition(old, "Ready")
-    already = (ready is not None and ready.get("reason") == reason
-               and ready.get("observedGeneration") == generation)
-    patch.status["observedGeneration"] = generation
-    patch.status["conditions"] = merge_conditions(
-        old, [condition(t, FALSE, reason, msg) for t in types], generation)
-    if not already:
-        kopf.warn(body, reason=reason, message=msg)

@@ -1,10 +1,12 @@
-"""Pieces every child object shares: ownership labels, the template hash, hardened security,
-environment entries (never a literal secret)."""
+"""Pieces every child object shares: its owner, ownership labels, the template hash,
+hardened security, environment entries (never a literal secret)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from mulambda.settings import Settings
@@ -14,6 +16,31 @@ MANAGED_BY = "mulambda-operator"
 # Annotation carrying a hash of the pod template the operator built: a changed
 # hash (new model version, image, resources...) means "patch the Deployment".
 TEMPLATE_HASH = "mulambda.io/template-hash"
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """The custom resource being reconciled: what its children and Events need to name it."""
+
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> ObjectRef:
+        meta = body["metadata"]
+        return cls(api_version=body["apiVersion"], kind=body["kind"],
+                   namespace=meta["namespace"], name=meta["name"], uid=meta["uid"],
+                   labels=dict(meta.get("labels") or {}))
+
+    @property
+    def id(self) -> str:
+        """``NAMESPACE/NAME``, the object's key in the metadata store."""
+        return f"{self.namespace}/{self.name}"
+
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,

@@ -1,4 +1,4 @@
-"""Applying the autoscaler's decision (``mulambda.scaling.decide``) to an executor.
+"""Applying the autoscaler's decision (``mulambda.policy.scaling.decide``) to an executor.
 
 Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator samples each
 executor's demand from the store (in-flight leases the SDK publishes, and
@@ -19,13 +19,12 @@ and exported as the ``mulambda_cold_start_seconds`` histogram.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
-import kopf
 from prometheus_client import Counter, Gauge, Histogram
 
-from mulambda.api.common import SpecError
-from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.policy.scaling import (
     DemandWindow,
     Reason,
@@ -38,9 +37,10 @@ from mulambda.policy.scaling import (
 from mulambda.policy.selection import DEFAULT_POLICY
 from mulambda.store.records import StoreUnavailable
 
-from ..context import Context
-from ..k8s import children
-from ..k8s.api import JSON_PATCH
+from ..context import Context, Logger
+from ..k8s.children import owned_by
+from ..k8s.objects import ObjectRef
+from ..status import Event, StatusUpdate
 
 COLD_START = Histogram(
     "mulambda_cold_start_seconds", "Time from activation at zero to the first ready replica",
@@ -75,28 +75,23 @@ class Windows:
 
 
 async def autoscale(
-    ctx: Context, memory: Windows, body: kopf.Body, spec: dict[str, Any],
-    status: dict[str, Any], patch: kopf.Patch, logger: Any, now: float | None = None,
-    deployment: dict[str, Any] | None = None,
-) -> None:
-    """One autoscaling step for one executor.
+    ctx: Context, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
+    deployment: dict[str, Any] | None, logger: Logger, now: float | None = None,
+) -> StatusUpdate:
+    """One autoscaling step for one executor: patch its replicas if the decision says so
+    and return ``status.scaling`` with the Events of what happened.
 
     ``deployment`` is the executor's Deployment as the watch cache has it
     (``None``: not created yet, nothing to scale).
     """
-    name, ns = body["metadata"]["name"], body["metadata"]["namespace"]
-    eid = f"{ns}/{name}"
-    try:
-        parsed = parse_executor_spec(spec)
-    except SpecError:
-        return  # reported by the reconcile handler; nothing to scale
-    policy = parsed.scaling
-    if deployment is None or not children.owned_by(deployment, body):
-        return  # not created yet, or someone else's (reported as NameConflict)
+    eid = executor.id
+    policy = spec.scaling
+    if deployment is None or not owned_by(deployment, executor):
+        return StatusUpdate()  # not created yet, or someone else's (reported as NameConflict)
     current = int(deployment.get("spec", {}).get("replicas") or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
     now = time.time() if now is None else now
-    scaling_status = dict(status.get("scaling") or {})
+    scaling_status = dict(previous.get("scaling") or {})
 
     try:
         inflight, rate = await ctx.store.executor_load(
@@ -105,11 +100,12 @@ async def autoscale(
     except StoreUnavailable as exc:
         # No sample: decide() holds the count when its window runs dry.
         logger.warning("demand unavailable, holding replicas: %s", exc)
-        return
+        return StatusUpdate()
     # Little's law: arrivals that nobody reports as in flight (selector users)
     # still occupy rate x service time of capacity.
-    service_s = (parsed.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
+    service_s = (spec.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
     concurrency = max(float(inflight), rate * service_s)
+    memory = ctx.windows
     window = record_sample(memory.windows.get(eid, DemandWindow()),
                            Sample(now, concurrency, rate),
                            horizon_seconds=window_horizon(policy))
@@ -126,18 +122,20 @@ async def autoscale(
     memory.states[eid] = decision.state
     DESIRED.labels(eid).set(decision.desired_replicas)
 
+    events: list[Event] = []
     new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
                   "readyReplicas": ready}
     if decision.desired_replicas != current:
-        await ctx.kube.patch_deployment(
-            name, ns, [{"op": "replace", "path": "/spec/replicas",
-                        "value": decision.desired_replicas}], JSON_PATCH)
+        await ctx.kube.patch(
+            "Deployment", executor.name, executor.namespace,
+            [{"op": "replace", "path": "/spec/replicas", "value": decision.desired_replicas}])
         DECISIONS.labels(eid, str(decision.reason)).inc()
         new_status["lastScaleTime"] = _iso(now)
         if current == 0 and decision.desired_replicas > 0:
             new_status["activatedAt"] = now
-        kopf.info(body, reason=str(decision.reason),
-                  message=f"Scaled {current} -> {decision.desired_replicas}: {decision.message}")
+        events.append(Event.normal(
+            reason=str(decision.reason),
+            message=f"Scaled {current} -> {decision.desired_replicas}: {decision.message}"))
         logger.info("scaled executor=%s from=%d to=%d reason=%s", eid, current,
                     decision.desired_replicas, decision.reason)
     activated = scaling_status.get("activatedAt")
@@ -146,10 +144,11 @@ async def autoscale(
         COLD_START.labels(eid).observe(cold)
         new_status["activatedAt"] = None  # a merge patch deletes a key set to null
         new_status["lastColdStartSeconds"] = round(cold, 3)
-        kopf.info(body, reason="ColdStart",
-                  message=f"First replica ready {cold:.1f}s after activation")
-    if _meaningful(new_status) != _meaningful(scaling_status):
-        patch.status["scaling"] = new_status
+        events.append(Event.normal(reason="ColdStart",
+                                   message=f"First replica ready {cold:.1f}s after activation"))
+    if _meaningful(new_status) == _meaningful(scaling_status):
+        return StatusUpdate(events=events)
+    return StatusUpdate({"scaling": new_status}, events)
 
 
 def _meaningful(s: dict[str, Any]) -> dict[str, Any]:

@@ -7,8 +7,9 @@ import copy
 import pytest
 
 from mulambda.api.modelexecutor import parse_executor_spec
-from mulambda.operator.client import build as client_build
-from mulambda.operator.modelexecutor import build as builders
+from mulambda.operator.client.build import client_env
+from mulambda.operator.k8s.objects import TEMPLATE_HASH
+from mulambda.operator.modelexecutor.build import build_deployment, build_service, endpoints
 from mulambda.settings import Settings
 
 from support.schemas import validate_k8s
@@ -27,12 +28,12 @@ SETTINGS = Settings(serving_image="tensorflow/serving:2.18.0", companion_image="
 
 
 def _deployment(spec=SPEC, **kw):
-    return builders.build_deployment("hp2", "ml", parse_executor_spec(spec), SETTINGS, **kw)
+    return build_deployment("hp2", "ml", parse_executor_spec(spec), SETTINGS, **kw)
 
 
 def test_deployment_and_service_validate_strictly_against_upstream_schemas():
     validate_k8s(_deployment())
-    validate_k8s(builders.build_service("hp2", "ml", parse_executor_spec(SPEC)))
+    validate_k8s(build_service("hp2", "ml", parse_executor_spec(SPEC)))
 
 
 def test_minimal_spec_also_builds_valid_objects():
@@ -87,7 +88,7 @@ def test_builders_are_deterministic_and_hash_tracks_template_changes():
     newer = copy.deepcopy(SPEC)
     newer["model"]["version"] = 2
     c = _deployment(newer)
-    key = builders.TEMPLATE_HASH
+    key = TEMPLATE_HASH
     assert a["metadata"]["annotations"][key] != c["metadata"]["annotations"][key]
     # Scaling bounds are not part of the pod template: no rollout for them.
     rescaled = copy.deepcopy(SPEC)
@@ -98,7 +99,7 @@ def test_builders_are_deterministic_and_hash_tracks_template_changes():
 
 def test_service_selects_exactly_the_deployment_pods():
     dep = _deployment()
-    svc = builders.build_service("hp2", "ml", parse_executor_spec(SPEC))
+    svc = build_service("hp2", "ml", parse_executor_spec(SPEC))
     assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())
@@ -112,7 +113,7 @@ def test_initial_replicas_follow_min_replicas(min_replicas, expected):
 
 
 def test_endpoints_use_the_service_dns_name():
-    assert builders.endpoints("hp2", "ml", SETTINGS) == {
+    assert endpoints("hp2", "ml", SETTINGS) == {
         "rest": "http://hp2.ml.svc.cluster.local:8501",
         "grpc": "hp2.ml.svc.cluster.local:8500",
     }
@@ -120,11 +121,11 @@ def test_endpoints_use_the_service_dns_name():
 
 def test_store_password_reaches_pods_only_through_a_secret_reference():
     with_secret = Settings(redis_secret="store-auth", companion_image="mulambda:test")
-    dep = builders.build_deployment("hp2", "ml", parse_executor_spec(SPEC), with_secret)
+    dep = build_deployment("hp2", "ml", parse_executor_spec(SPEC), with_secret)
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][1]["env"]}
     ref = env["MULAMBDA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
     assert ref == {"name": "store-auth", "key": "password"}
-    workload = client_build.client_env("c", "apps", with_secret)
+    workload = client_env("c", "apps", with_secret)
     assert any(e["name"] == "MULAMBDA_REDIS_PASSWORD" and "valueFrom" in e for e in workload)
     # Without a Secret configured nothing is added.
     plain = _deployment()["spec"]["template"]["spec"]["containers"][1]["env"]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from mulambda.operator.client import build as builders
+from mulambda.operator.client.build import (
+    PING_PORT,
+    build_client_deployment,
+    build_client_service,
+    probe_url,
+)
 from mulambda.settings import Settings
 
 from support.schemas import validate_k8s
@@ -19,12 +24,12 @@ TEMPLATE = {
 
 
 def test_workload_deployment_and_service_validate_strictly():
-    validate_k8s(builders.build_client_deployment("shop", "apps", TEMPLATE, 2, SETTINGS))
-    validate_k8s(builders.build_client_service("shop", "apps"))
+    validate_k8s(build_client_deployment("shop", "apps", TEMPLATE, 2, SETTINGS))
+    validate_k8s(build_client_service("shop", "apps"))
 
 
 def test_workload_gets_identity_and_settings_and_cannot_spoof_them():
-    dep = builders.build_client_deployment("shop", "apps", TEMPLATE, 2, SETTINGS)
+    dep = build_client_deployment("shop", "apps", TEMPLATE, 2, SETTINGS)
     app = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in app["env"]}
     assert env["MULAMBDA_CLIENT"] == "apps/shop"
@@ -35,13 +40,13 @@ def test_workload_gets_identity_and_settings_and_cannot_spoof_them():
 
 
 def test_ping_sidecar_is_what_the_service_and_probe_url_point_at():
-    dep = builders.build_client_deployment("shop", "apps", TEMPLATE, 1, SETTINGS)
+    dep = build_client_deployment("shop", "apps", TEMPLATE, 1, SETTINGS)
     pod = dep["spec"]["template"]
     ping = pod["spec"]["containers"][-1]
     assert ping["args"][0] == "ping" and ping["securityContext"]["runAsNonRoot"] is True
-    svc = builders.build_client_service("shop", "apps")
+    svc = build_client_service("shop", "apps")
     assert all(pod["metadata"]["labels"][k] == v for k, v in svc["spec"]["selector"].items())
     assert pod["metadata"]["labels"]["team"] == "a"
-    url = builders.probe_url("shop", "apps", SETTINGS)
-    assert url == f"http://shop-workload.apps.svc.cluster.local:{builders.PING_PORT}/ping"
-    assert svc["spec"]["ports"][0]["port"] == builders.PING_PORT
+    url = probe_url("shop", "apps", SETTINGS)
+    assert url == f"http://shop-workload.apps.svc.cluster.local:{PING_PORT}/ping"
+    assert svc["spec"]["ports"][0]["port"] == PING_PORT

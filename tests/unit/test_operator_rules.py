@@ -8,7 +8,7 @@ import time
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from mulambda.operator.client import reconcile as clients
+from mulambda.operator.client.status import sticky_choice
 from mulambda.operator.k8s import children
 from mulambda.policy.selection import Criteria, rank
 from mulambda.settings import Settings
@@ -43,9 +43,9 @@ def test_operator_keeps_its_choice_among_equals_but_moves_for_a_better_one():
     criteria = Criteria(type="t")
     tie = rank(criteria, _snapshot({"a": 2.0, "b": 2.0}), client="apps/c")
     other = next(c.executor_id for c in tie if c.executor_id != tie[0].executor_id)
-    assert clients._sticky_choice(tie, other).executor_id == other  # no flapping
+    assert sticky_choice(tie, other).executor_id == other  # no flapping
     better = rank(criteria, _snapshot({"a": 1.0, "b": 40.0}), client="apps/c")
-    assert clients._sticky_choice(better, "ml/b").executor_id == "ml/a"
+    assert sticky_choice(better, "ml/b").executor_id == "ml/a"
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])

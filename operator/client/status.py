@@ -1,0 +1,115 @@
+"""How a Client's status is derived from a ranking: pure functions, no I/O.
+
+Conditions the operator sets:
+
+- ``Registered``: the Client's record is in the metadata store.
+- ``Ready``: an executor is selected (``Selected``) or none matches
+  (``NoMatchingExecutor``, the message says why each was turned down). While
+  the store is down Ready keeps its last value: nothing new is known.
+
+``status.selected`` is sticky (:func:`sticky_choice`) and, like
+``status.candidates``, written only when the choice or a rounded score
+changes: scores carry measured latencies that move every probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mulambda.policy.selection import DEFAULT_POLICY, Candidate, Ranking
+
+from ..k8s.conditions import (
+    FALSE,
+    TRUE,
+    condition,
+    conditions_equal,
+    get_condition,
+    merge_conditions,
+    now_iso,
+)
+from ..status import Event, StatusUpdate, failed
+
+TOP_CANDIDATES = 3
+
+
+def sticky_choice(ranking: Ranking, current: str | None) -> Candidate:
+    """The best candidate, but keep the current one while it is as good (within the
+    tie tolerance): the SDK spreads ties per request; the Client's status should
+    not flap between equals every probe interval."""
+    best = ranking[0]
+    if current is None or current == best.executor_id:
+        return best
+    for c in ranking:
+        if c.executor_id == current:
+            if best.score - c.score <= DEFAULT_POLICY.tie_tolerance and c.warm == best.warm:
+                return c
+            break
+    return best
+
+
+def _summary(entry: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
+    """What makes a selection or candidate worth a status write: who, and the score to 0.01."""
+    if not entry:
+        return None
+    return entry.get("executor"), round(float(entry.get("score") or 0), 2)
+
+
+def client_status(
+    client_id: str, ranking: Ranking, previous: Mapping[str, Any], generation: int,
+    now: str | None = None,
+) -> StatusUpdate:
+    """Selection, top candidates, Registered and Ready from a fresh ranking."""
+    stamp = now or now_iso()
+    old_conditions = previous.get("conditions")
+    old_selected = previous.get("selected") or {}
+    current = old_selected.get("executor")
+    updates = [condition("Registered", TRUE, "Registered",
+                         f"Registered in the metadata store as {client_id}.")]
+    events: list[Event] = []
+    selected: dict[str, Any] | None = None
+    if ranking:
+        best = sticky_choice(ranking, current)
+        kept = current == best.executor_id
+        selected = {
+            "executor": best.executor_id,
+            "endpoint": {"rest": best.record.rest, "grpc": best.record.grpc},
+            "score": round(best.score, 3),
+            "reason": best.reason,
+            "since": old_selected.get("since") if kept else stamp,
+        }
+        updates.append(condition("Ready", TRUE, "Selected", f"Selected {best.executor_id}."))
+        if not kept:
+            events.append(Event.normal(
+                reason="SelectionChanged",
+                message=f"Selected {best.executor_id} (was {current or 'none'}): {best.reason}"))
+    else:
+        explain = ranking.explain()
+        updates.append(condition("Ready", FALSE, "NoMatchingExecutor", explain))
+        old_ready = get_condition(old_conditions, "Ready") or {}
+        if current is not None or old_ready.get("reason") != "NoMatchingExecutor":
+            events.append(Event.warning(reason="NoMatchingExecutor", message=explain))
+    candidates = [{"executor": c.executor_id, "score": round(c.score, 3), "reason": c.reason}
+                  for c in ranking[:TOP_CANDIDATES]]
+
+    fields: dict[str, Any] = {}
+    conditions = merge_conditions(old_conditions, updates, generation, stamp)
+    if not conditions_equal(old_conditions, conditions):
+        fields["conditions"] = conditions
+    if _summary(previous.get("selected")) != _summary(selected):
+        fields["selected"] = selected
+    if ([_summary(c) for c in previous.get("candidates") or []]
+            != [_summary(c) for c in candidates]):
+        fields["candidates"] = candidates
+    if previous.get("observedGeneration") != generation:
+        fields["observedGeneration"] = generation
+    return StatusUpdate(fields, events)
+
+
+def failure(
+    reason: str, detail: str, previous: Mapping[str, Any], generation: int,
+    now: str | None = None,
+) -> StatusUpdate:
+    """Ready False with ``reason`` (``InvalidSpec``, ``NameConflict``, ``Rejected``): the
+    operator cannot act on the Client as it is."""
+    return failed(previous, generation, reason, detail, ("Ready",), now)

@@ -1,0 +1,161 @@
+"""kopf's side of every kind: lock, parse at the boundary, reconcile, write the outcome.
+
+kopf runs timers concurrently with change handlers of the same object. Both
+go through :func:`serialized`, one lock per object uid, and read the spec
+from the live ``body`` inside the lock: a timer tick that started before an
+update never re-applies the old spec after the update handler has run, and
+nothing writes to the store after the delete handler removed the object's
+records.
+
+A reconcile returns a ``StatusUpdate``; :func:`apply` writes its fields to
+kopf's patch, posts its Events and turns its problem into the error kopf
+retries (TemporaryError) or gives up on (PermanentError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol
+
+import kopf
+
+from mulambda.api.common import GROUP, VERSION, SpecError
+from mulambda.settings import Settings
+
+from .context import Context, Logger, Observed, Spec
+from .k8s.children import NameConflict, Rejected
+from .k8s.objects import ObjectRef
+from .status import WARNING, Problem, StatusUpdate
+
+
+class Failure(Protocol):
+    """The status when the operator cannot act on an object as it is (``status.failure``)."""
+
+    def __call__(self, reason: str, detail: str, previous: Mapping[str, Any],
+                 generation: int) -> StatusUpdate: ...
+
+
+@dataclass(frozen=True)
+class Kind(Generic[Spec]):
+    """A custom resource kind, as the shared handlers drive it."""
+
+    plural: str
+    noun: str  # names the handlers: reconcile_<noun>, forget_<noun>
+    parse: Callable[[dict[str, Any]], Spec]
+    reconcile: Callable[[Context, Observed[Spec]], Awaitable[StatusUpdate]]
+    failure: Failure
+    # Removes its store records by id; a problem keeps the object (and its finalizer).
+    forget: Callable[[Context, str, int, Logger], Awaitable[Problem | None]]
+    # The timer that reconciles again: what the object depends on changes
+    # without it changing (Deployment readiness, heartbeats, latencies, a store restart).
+    timer: str
+    interval: Callable[[Settings], float]
+
+    @property
+    def resource(self) -> tuple[str, str, str]:
+        return GROUP, VERSION, self.plural
+
+
+@contextlib.asynccontextmanager
+async def serialized(memo: kopf.Memo, uid: str) -> AsyncIterator[None]:
+    """Hold the per-object lock shared by handlers and timers."""
+    locks: dict[str, asyncio.Lock] = memo.setdefault("locks", {})
+    lock = locks.setdefault(uid, asyncio.Lock())
+    async with lock:
+        yield
+
+
+def deleting(body: kopf.Body) -> bool:
+    """True once deletion started: timers stop writing, the delete handler cleans up."""
+    return bool(body.get("metadata", {}).get("deletionTimestamp"))
+
+
+def apply(body: kopf.Body, patch: kopf.Patch, update: StatusUpdate) -> None:
+    """Write ``update`` through kopf: status fields, Events, then its problem as an error."""
+    for key, value in update.fields.items():
+        patch.status[key] = value
+    for event in update.events:
+        # kopf.info/kopf.warn, not kopf.event: they honour the posting level.
+        post = kopf.warn if event.type == WARNING else kopf.info
+        post(body, reason=event.reason, message=event.message)
+    raise_problem(update.problem)
+
+
+def raise_problem(problem: Problem | None) -> None:
+    if problem is None:
+        return
+    if problem.retry_after is None:
+        raise kopf.PermanentError(problem.message)
+    raise kopf.TemporaryError(problem.message, delay=problem.retry_after)
+
+
+async def reconcile(
+    kind: Kind[Spec], ctx: Context, body: kopf.Body, patch: kopf.Patch, logger: Logger,
+    retry: int = 0, spec_changed: bool = False,
+) -> None:
+    """Parse the live spec once, reconcile, and apply the outcome; a spec the operator
+    cannot act on becomes the kind's failure status."""
+    status = dict(body.get("status") or {})
+    generation = int(body.get("metadata", {}).get("generation") or 0)
+    try:
+        spec = kind.parse(dict(body.get("spec") or {}))
+    except SpecError as exc:
+        apply(body, patch, kind.failure(reason="InvalidSpec", detail=f"Invalid spec: {exc}",
+                                        previous=status, generation=generation))
+        return
+    observed = Observed(ObjectRef.of(body), spec, status, generation, logger, retry, spec_changed)
+    try:
+        update = await kind.reconcile(ctx, observed)
+    except NameConflict as exc:
+        update = kind.failure(reason="NameConflict", detail=str(exc), previous=status,
+                              generation=generation)
+    except Rejected as exc:
+        update = kind.failure(reason="Rejected", detail=str(exc), previous=status,
+                              generation=generation)
+    apply(body, patch, update)
+
+
+def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Settings) -> None:
+    """Reconcile ``kind`` on create, resume and spec changes and from its timer; remove its
+    store records on delete."""
+    interval = kind.interval(settings)
+
+    @kopf.on.resume(*kind.resource, registry=registry, id=f"reconcile_{kind.noun}")
+    @kopf.on.create(*kind.resource, registry=registry, id=f"reconcile_{kind.noun}")
+    @kopf.on.update(*kind.resource, registry=registry, id=f"reconcile_{kind.noun}",
+                    field="spec")
+    async def on_change(
+        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger,
+        retry: int, **_: Any,
+    ) -> None:
+        async with serialized(memo, uid):
+            if not deleting(body):
+                await reconcile(kind, memo.ctx, body, patch, logger, retry, spec_changed=True)
+
+    @kopf.timer(*kind.resource, registry=registry, id=kind.timer, interval=interval,
+                initial_delay=interval, idle=None)
+    async def on_timer(
+        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger, **_: Any,
+    ) -> None:
+        async with serialized(memo, uid):
+            if deleting(body):
+                return
+            try:
+                await reconcile(kind, memo.ctx, body, patch, logger)
+            except kopf.PermanentError:
+                pass  # already reported in status; nothing to retry until the spec changes
+            except kopf.TemporaryError as exc:
+                logger.warning("%s deferred: %s", kind.timer, exc)
+
+    @kopf.on.delete(*kind.resource, registry=registry, id=f"forget_{kind.noun}")
+    async def on_delete(
+        meta: kopf.Meta, uid: str, memo: kopf.Memo, logger: Logger, retry: int, **_: Any
+    ) -> None:
+        async with serialized(memo, uid):
+            problem = await kind.forget(memo.ctx, f"{meta['namespace']}/{meta['name']}", retry,
+                                        logger)
+        raise_problem(problem)
+        memo.setdefault("locks", {}).pop(uid, None)

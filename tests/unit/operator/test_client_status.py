@@ -1,0 +1,134 @@
+"""A Client's status from a ranking: the sticky selection, top candidates, every reason
+docs/design.md lists for Ready and Registered, and the Events."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from mulambda.operator.client.status import (
+    TOP_CANDIDATES,
+    client_status,
+    failure,
+    sticky_choice,
+)
+from mulambda.operator.status import NORMAL, WARNING, Problem, store_unavailable
+from mulambda.policy.selection import Criteria, Ranking, rank
+from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord, Snapshot
+
+NOW = "2026-12-01T00:00:00Z"
+LATER = "2026-12-01T00:05:00Z"
+CRITERIA = Criteria(type="t", input="i")
+
+
+def ranking(latencies: dict[str, float], other_type: tuple[str, ...] = ()) -> Ranking:
+    """A ranking of executors ml/NAME (type t) with the given RTTs, plus executors of
+    another type that selection turns down."""
+    now = time.time()
+    executors, replicas, latency = {}, {}, {}
+    for name in [*latencies, *other_type]:
+        rec = ExecutorRecord(namespace="ml", name=name, model=name, version=1,
+                             type="t" if name in latencies else "u", input="i", output="o",
+                             accuracy=0.9, rest=f"http://{name}:8501", grpc=f"{name}:8500",
+                             state="Ready", service_time_ms=5)
+        executors[rec.id] = rec
+        replicas[rec.id] = [ReplicaRecord(executor=rec.id, pod="p", state="Available",
+                                          expires_at=now + 60)]
+        if name in latencies:
+            latency[rec.id] = {"p": LatencySample(ms=latencies[name], samples=3,
+                                                  expires_at=now + 60)}
+    return rank(CRITERIA, Snapshot(executors, replicas, latency, {}, now), client="apps/c")
+
+
+def derive(ranked: Ranking, previous: dict[str, Any] | None = None, generation: int = 1,
+           now: str = NOW):
+    return client_status("apps/c", ranked, previous or {}, generation, now)
+
+
+def conditions(fields: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in fields["conditions"]}
+
+
+@pytest.mark.parametrize(("ranked", "ready"), [
+    pytest.param(ranking({"a": 2.0}), ("True", "Selected"), id="a-match"),
+    pytest.param(ranking({}, other_type=("x",)), ("False", "NoMatchingExecutor"),
+                 id="none-matches"),
+    pytest.param(ranking({}), ("False", "NoMatchingExecutor"), id="nothing-registered"),
+])
+def test_ready_says_whether_an_executor_is_selected(ranked, ready):
+    assert conditions(derive(ranked).fields) == {"Ready": ready,
+                                                 "Registered": ("True", "Registered")}
+
+
+def test_no_match_explains_each_refusal_and_warns_once():
+    turned_down = ranking({}, other_type=("x",))
+    update = derive(turned_down)
+    ready = next(c for c in update.fields["conditions"] if c["type"] == "Ready")
+    assert "ml/x" in ready["message"] and "selected" not in update.fields
+    assert [(e.type, e.reason) for e in update.events] == [(WARNING, "NoMatchingExecutor")]
+    assert derive(turned_down, previous={**update.fields}).events == []
+
+
+def test_the_selection_carries_endpoint_score_and_since():
+    update = derive(ranking({"a": 1.0, "b": 40.0}))
+    selected = update.fields["selected"]
+    assert selected["executor"] == "ml/a" and selected["since"] == NOW
+    assert selected["endpoint"] == {"rest": "http://a:8501", "grpc": "a:8500"}
+    assert [(e.type, e.reason, e.message.split(":")[0]) for e in update.events] == [
+        (NORMAL, "SelectionChanged", "Selected ml/a (was none)")]
+    assert update.fields["observedGeneration"] == 1
+
+
+def test_an_equal_executor_does_not_take_over_but_a_better_one_does():
+    tie = ranking({"a": 2.0, "b": 2.0})
+    other = next(c.executor_id for c in tie if c.executor_id != tie[0].executor_id)
+    assert sticky_choice(tie, other).executor_id == other
+    previous = {"selected": {"executor": other, "score": round(tie[0].score, 3),
+                             "since": NOW}}
+    kept = derive(tie, previous=previous, now=LATER)
+    assert "selected" not in kept.fields and kept.events == []
+    better = ranking({"a": 1.0, "b": 40.0})
+    moved = derive(better, previous={"selected": {"executor": "ml/b", "since": NOW}},
+                   now=LATER)
+    assert moved.fields["selected"]["executor"] == "ml/a"
+    assert moved.fields["selected"]["since"] == LATER
+    assert "ml/a (was ml/b)" in moved.events[0].message
+
+
+def test_losing_every_match_warns_even_if_ready_was_already_no_match():
+    previous = {"selected": {"executor": "ml/a", "score": 0.9},
+                "conditions": [{"type": "Ready", "status": "False",
+                                "reason": "NoMatchingExecutor", "message": "old"}]}
+    update = derive(ranking({}), previous=previous)
+    assert [e.reason for e in update.events] == ["NoMatchingExecutor"]
+
+
+def test_candidates_are_the_top_few_and_only_rewritten_when_they_change():
+    ranked = ranking({name: float(i + 1) for i, name in enumerate("abcde")})
+    update = derive(ranked)
+    assert [c["executor"] for c in update.fields["candidates"]] == [
+        c.executor_id for c in ranked[:TOP_CANDIDATES]]
+    again = derive(ranked, previous=dict(update.fields))
+    assert (again.fields, again.events) == ({}, [])
+
+
+def test_store_outage_is_registered_false_and_leaves_ready_alone():
+    selected = derive(ranking({"a": 1.0})).fields
+    problem = Problem("store down; retrying in 1s.", retry_after=1.0)
+    update = store_unavailable(selected, 1, problem, now=NOW)
+    assert conditions(update.fields) == {"Ready": ("True", "Selected"),
+                                         "Registered": ("False", "StoreUnavailable")}
+    assert update.problem == problem
+    assert [(e.type, e.reason) for e in update.events] == [(WARNING, "StoreUnavailable")]
+    assert store_unavailable({**selected, **update.fields}, 1, problem, now=NOW).events == []
+
+
+@pytest.mark.parametrize("reason", ["InvalidSpec", "NameConflict", "Rejected"])
+def test_what_the_operator_cannot_act_on_sets_ready_false(reason):
+    update = failure(reason, "what is wrong", {}, 2, NOW)
+    assert conditions(update.fields) == {"Ready": ("False", reason)}
+    assert update.problem == Problem("what is wrong")
+    assert [(e.type, e.reason) for e in update.events] == [(WARNING, reason)]
+    assert failure(reason, "what is wrong", update.fields, 2, NOW).events == []

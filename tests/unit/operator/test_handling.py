@@ -1,0 +1,108 @@
+"""The handlers' boundary: parse once, reconcile, write the StatusUpdate through kopf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kopf
+import pytest
+
+from mulambda.api.common import SpecError
+from mulambda.operator import handling
+from mulambda.operator.client.status import failure
+from mulambda.operator.context import Observed
+from mulambda.operator.k8s.children import NameConflict, Rejected
+from mulambda.operator.status import Event, Problem, StatusUpdate
+
+BODY = {"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
+        "metadata": {"namespace": "apps", "name": "c", "uid": "u1", "generation": 4,
+                     "labels": {"team": "a"}},
+        "spec": {"want": "x"}, "status": {"observedGeneration": 3}}
+
+
+def parse(spec: dict[str, Any]) -> str:
+    if "want" not in spec:
+        raise SpecError("spec.want: Field required")
+    return str(spec["want"])
+
+
+@pytest.fixture
+def posted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
+    """Events handed to kopf, as (function, reason, message)."""
+    calls: list[tuple[str, str, str]] = []
+    for name in ("info", "warn"):
+        monkeypatch.setattr(kopf, name, lambda _body, *, reason, message, _name=name:
+                            calls.append((_name, reason, message)))
+    return calls
+
+
+def kind(outcome: Any) -> tuple[handling.Kind[str], list[Observed[str]]]:
+    seen: list[Observed[str]] = []
+
+    async def reconcile(_ctx: Any, observed: Observed[str]) -> StatusUpdate:
+        seen.append(observed)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def forget(*_: Any) -> None:
+        return None
+
+    return handling.Kind(plural="clients", noun="client", parse=parse, reconcile=reconcile,
+                         failure=failure, forget=forget, timer="reselect_client",
+                         interval=lambda _settings: 10.0), seen
+
+
+async def run(kind_: handling.Kind[str], body: dict[str, Any], patch: kopf.Patch,
+              **kw: Any) -> None:
+    # No context or logger: the fake reconcile uses neither.
+    await handling.reconcile(kind_, None, kopf.Body(body), patch, None, **kw)  # type: ignore[arg-type]
+
+
+async def test_the_object_is_typed_once_and_the_update_written(posted):
+    update = StatusUpdate({"selected": None}, [Event.normal(reason="SelectionChanged",
+                                                            message="m"),
+                                               Event.warning(reason="NoMatchingExecutor",
+                                                             message="w")])
+    kind_, seen = kind(update)
+    patch = kopf.Patch()
+    await run(kind_, BODY, patch, retry=2, spec_changed=True)
+    assert dict(patch.status) == {"selected": None}
+    assert posted == [("info", "SelectionChanged", "m"), ("warn", "NoMatchingExecutor", "w")]
+    [observed] = seen
+    assert (observed.ref.id, observed.ref.kind, observed.ref.uid, dict(observed.ref.labels)) == (
+        "apps/c", "Client", "u1", {"team": "a"})
+    assert (observed.spec, observed.generation, observed.retry, observed.spec_changed) == (
+        "x", 4, 2, True)
+    assert observed.status == {"observedGeneration": 3}
+
+
+async def test_a_problem_with_a_delay_is_retried_after_the_status_is_written(posted):
+    kind_, _ = kind(StatusUpdate({"conditions": []}, [], Problem("down", retry_after=4.0)))
+    patch = kopf.Patch()
+    with pytest.raises(kopf.TemporaryError, match="down") as err:
+        await run(kind_, BODY, patch)
+    assert err.value.delay == 4.0
+    assert dict(patch.status) == {"conditions": []}
+
+
+@pytest.mark.parametrize(("body", "outcome", "reason", "message"), [
+    ({**BODY, "spec": {}}, StatusUpdate(), "InvalidSpec",
+     "Invalid spec: spec.want: Field required"),
+    (BODY, NameConflict("Deployment apps/c-workload is not ours"), "NameConflict",
+     "Deployment apps/c-workload is not ours"),
+    (BODY, Rejected("the API server rejected Deployment c-workload: bad"), "Rejected",
+     "the API server rejected Deployment c-workload: bad"),
+])
+async def test_what_the_operator_cannot_act_on_is_the_kinds_failure_and_permanent(
+    posted, body, outcome, reason, message,
+):
+    kind_, seen = kind(outcome)
+    patch = kopf.Patch()
+    with pytest.raises(kopf.PermanentError, match=message):
+        await run(kind_, body, patch)
+    [ready] = patch.status["conditions"]
+    assert (ready["type"], ready["status"], ready["reason"], ready["message"]) == (
+        "Ready", "False", reason, message)
+    assert posted == [("warn", reason, message)]
+    assert bool(seen) == (reason != "InvalidSpec")  # a spec that does not parse goes no further
