@@ -10,6 +10,10 @@ from mulambda.store.metadata import MetadataStore
 
 from support.procs import RedisServer
 
+# The real control plane and operator fixtures (support/controlplane_fixture.py,
+# support/operator_fixtures.py): started once per session, by the first test that asks.
+pytest_plugins = ["support.controlplane_fixture", "support.operator_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:

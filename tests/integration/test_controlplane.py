@@ -13,15 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from support import controlplane_fixture
 from support.controlplane import ControlPlane
-
-# The fixtures live in a plugin module; until the root conftest lists it in
-# pytest_plugins, bind them here (drop these three lines once it does, or this
-# module gets a control plane of its own).
-controlplane = controlplane_fixture.controlplane
-cp_namespace = controlplane_fixture.cp_namespace
-cp_restricted_namespace = controlplane_fixture.cp_restricted_namespace
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

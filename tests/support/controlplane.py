@@ -320,6 +320,7 @@ class ControlPlane:
         self.pki = self.dir / "pki"
         self.logs = self.dir / "logs"
         self.kubeconfig = self.dir / "admin.kubeconfig"
+        self.audit_log = self.logs / "audit.log"
         self.server = ""
         self.components: list[Component] = []
         self.timings: dict[str, float] = {}
@@ -480,12 +481,38 @@ class ControlPlane:
                 # The `kubernetes` Service would point at 127.0.0.1, which
                 # Endpoints refuse (loopback): leave it without endpoints.
                 "--endpoint-reconciler-type=none",
+                # Every request of a client under test (the operator's
+                # ServiceAccount, tests' own calls), as the server saw it: what
+                # the tests count requests and check RBAC use with.
+                f"--audit-policy-file={self._write_audit_policy()}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
                 "--profiling=false",
                 "--v=1",
             ],
         )
         write_kubeconfig(self.kubeconfig, self.server, pki)
         self._wait("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200)
+
+    def _write_audit_policy(self) -> Path:
+        """Metadata-level audit of everyone but the control plane's own components."""
+        policy = {
+            "apiVersion": "audit.k8s.io/v1", "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "None", "users": ["system:kube-controller-manager",
+                                            "system:kube-scheduler", "system:apiserver"]},
+                {"level": "None", "userGroups": ["system:serviceaccounts:kube-system",
+                                                 "system:nodes"]},
+                {"level": "None", "resources": [{"group": "coordination.k8s.io",
+                                                 "resources": ["leases"]}]},
+                {"level": "Metadata"},
+            ],
+        }
+        path = self.dir / "audit-policy.yaml"
+        path.write_text(json.dumps(policy))
+        return path
 
     def _start_controllers(self) -> None:
         kc = str(self.kubeconfig)

@@ -24,7 +24,7 @@ def validate_k8s(obj: dict[str, Any]) -> None:
 def crds() -> dict[str, dict[str, Any]]:
     """kind -> CRD document, from crds/."""
     out = {}
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
+    for path in sorted((ROOT / "crds").glob("*.mulambda.io.yaml")):
         doc = yaml.safe_load(path.read_text())
         out[doc["spec"]["names"]["kind"]] = doc
     return out
