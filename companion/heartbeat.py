@@ -48,6 +48,7 @@ class Heartbeat:
         self.interval = interval
         self.metrics = metrics
         self._wake = asyncio.Event()
+        self._failures = 0  # failed writes since the last one that landed
 
     def record(self) -> ReplicaRecord:
         """The heartbeat as it would be written now."""
@@ -71,8 +72,14 @@ class Heartbeat:
         except StoreUnavailable as exc:
             if self.metrics is not None:
                 self.metrics.heartbeat_errors.inc()
+            self._failures += 1
+            # Repeats are rate-limited by the process's RepeatFilter (.logs).
             log.warning("heartbeat not written pod=%s error=%s", self.pod, exc)
             return False
+        if self._failures:
+            log.info("heartbeat written again pod=%s after=%d failed writes",
+                     self.pod, self._failures)
+            self._failures = 0
         return True
 
     def changed(self) -> None:

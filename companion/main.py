@@ -16,6 +16,8 @@ import threading
 
 from mulambda.settings import CompanionSettings, SettingsError
 
+from .logs import configure_logging
+
 log = logging.getLogger("mulambda.companion")
 
 
@@ -36,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     except SettingsError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    logging.getLogger().setLevel(config.shared.log_level.upper())
+    configure_logging(config.shared.log_level)
     try:
         source = S3ModelSource.from_config(config)
     except ValueError as exc:  # S3 endpoint or credentials missing: a configuration problem

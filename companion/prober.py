@@ -27,7 +27,8 @@ Rules, chosen so a bad client can never hurt the loop:
 * Smoothing is an EWMA: ``ms = alpha * new + (1 - alpha) * old``; the first
   sample is taken as is. The previous value is read back from the store, so
   a restarted companion continues its series instead of starting over.
-* A store outage skips the round (counted, logged) and the loop goes on.
+* A store outage skips the round (counted, logged) and the loop goes on;
+  the first round that stores again says so. A routine round logs at DEBUG.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Prober:
         self.alpha = alpha
         self.jitter = jitter
         self.metrics = metrics or Metrics()
+        self._store_failures = 0  # store calls failed since the last one that worked
         self._http = httpx.AsyncClient(
             timeout=timeout,
             follow_redirects=False,
@@ -131,11 +133,12 @@ class Prober:
         try:
             clients = await self.store.list_clients()
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(component="prober").inc()
+            self._store_failed()
             log.warning("probe round skipped, store unavailable error=%s", exc)
             return {}
         targets = {cid: c.probe_url for cid, c in clients.items() if c.probe_url}
         if not targets:
+            self._store_ok()
             self.metrics.probe_rounds.inc()
             return {}
         slots = asyncio.Semaphore(self.concurrency)
@@ -150,15 +153,27 @@ class Prober:
             samples = {c: ewma(previous.get(c), ms, self.alpha) for c, ms in measured.items()}
             await self.store.put_latencies(self.executor, self.pod, samples, ttl=self.ttl)
         except StoreUnavailable as exc:
-            self.metrics.store_errors.labels(component="prober").inc()
+            self._store_failed()
             log.warning("probe results not stored error=%s", exc)
+        else:
+            self._store_ok()
         self.metrics.probe_rounds.inc()
-        log.info(
+        # DEBUG: a round every probe interval is routine; failures are counted in metrics.
+        log.debug(
             "probe round done clients=%d ok=%d failed=%d seconds=%.3f",
             len(targets), len(measured), len(targets) - len(measured),
             time.monotonic() - started,
         )
         return by_client
+
+    def _store_failed(self) -> None:
+        self.metrics.store_errors.labels(component="prober").inc()
+        self._store_failures += 1
+
+    def _store_ok(self) -> None:
+        if self._store_failures:
+            log.info("store reachable again after=%d failed calls", self._store_failures)
+            self._store_failures = 0
 
     def next_delay(self) -> float:
         """The interval with +/- ``jitter`` fraction, so companions drift apart."""
