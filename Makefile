@@ -37,7 +37,7 @@ dev: ## install with test tools, the package symlinked to this checkout (hack/de
 
 # Plain `pytest`, not `python -m pytest`: the latter puts the repo root on
 # sys.path, where operator/ would shadow the standard library.
-test: ## unit + integration tests (no cluster needed)
+test: controlplane ## unit + integration tests (a local control plane, no cluster needed)
 	$(PYTEST) -m "not e2e"
 
 lint: ## ruff + mypy

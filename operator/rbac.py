@@ -9,9 +9,12 @@ unit test renders both and compares. Least privilege on purpose:
   only the kubelet reads them, never the operator;
 - no Pods: executor readiness comes from the Deployment status and the
   companions' heartbeats in the metadata store;
-- no ``namespaces``: the operator runs kopf cluster-wide or on an explicit
-  list of namespaces (``--namespace``), neither of which needs to list them
-  (kopf logs a warning and uses the given list when it may not);
+- ``namespaces`` (list, watch) only when the operator watches a list of
+  namespaces (``--namespace``): kopf then observes namespaces to follow
+  them. Without the grant a real API server answers 403 and kopf retries
+  with ERROR lines on every start before it falls back to the given list
+  (seen on the test control plane; the emulator used before never said no).
+  Cluster-wide, nothing lists namespaces and nothing grants it;
 - no ``kopfpeerings``: the operator runs kopf standalone with one replica.
 
 Adding an API call to the operator means adding its rule here first. An
@@ -27,7 +30,8 @@ Rule = dict[str, list[str]]
 
 # (apiGroup, resource) pairs that are cluster-scoped: granted through a
 # ClusterRoleBinding even when the operator watches only some namespaces.
-CLUSTER_SCOPED: Final = frozenset({("apiextensions.k8s.io", "customresourcedefinitions")})
+CLUSTER_SCOPED: Final = frozenset({("apiextensions.k8s.io", "customresourcedefinitions"),
+                                   ("", "namespaces")})
 
 REQUIRED_RULES: Final[list[Rule]] = [
     # kopf: notice CRDs being installed or removed while it runs.
@@ -68,6 +72,20 @@ REQUIRED_RULES: Final[list[Rule]] = [
 ]
 
 
+# Only with ``--namespace`` (the chart's ``watch.clusterwide: false``): kopf's
+# namespace observer.
+NAMESPACE_OBSERVER_RULE: Final[Rule] = {
+    "apiGroups": [""],
+    "resources": ["namespaces"],
+    "verbs": ["list", "watch"],
+}
+
+
+def rules_for(clusterwide: bool) -> list[Rule]:
+    """Every rule the operator needs in one watch mode."""
+    return list(REQUIRED_RULES) if clusterwide else [*REQUIRED_RULES, NAMESPACE_OBSERVER_RULE]
+
+
 def _is_cluster_scoped(rule: Rule) -> bool:
     pairs = {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
     scoped = pairs & CLUSTER_SCOPED
@@ -76,9 +94,9 @@ def _is_cluster_scoped(rule: Rule) -> bool:
     return bool(scoped)
 
 
-def cluster_scoped_rules() -> list[Rule]:
-    """Rules that must be bound cluster-wide in every watch mode."""
-    return [r for r in REQUIRED_RULES if _is_cluster_scoped(r)]
+def cluster_scoped_rules(clusterwide: bool = True) -> list[Rule]:
+    """Rules that must be bound cluster-wide in a watch mode."""
+    return [r for r in rules_for(clusterwide) if _is_cluster_scoped(r)]
 
 
 def namespaced_rules() -> list[Rule]:

@@ -312,6 +312,9 @@ def test_rules_split_into_cluster_scoped_and_namespaced() -> None:
     cluster, namespaced = RBAC.cluster_scoped_rules(), RBAC.namespaced_rules()
     assert canonical_rules(cluster + namespaced) == canonical_rules(RBAC.REQUIRED_RULES)
     assert [r["resources"] for r in cluster] == [["customresourcedefinitions"]]
+    # Watching a list of namespaces adds kopf's namespace observer, cluster-wide.
+    assert [r["resources"] for r in RBAC.cluster_scoped_rules(clusterwide=False)] == [
+        ["customresourcedefinitions"], ["namespaces"]]
 
 
 # --------------------------------------------------------------------------- image
@@ -600,10 +603,12 @@ def test_chart_grants_exactly_the_required_rules(scenario: str) -> None:
     values = SCENARIOS[scenario]
     docs = render(values)
     v = merged(values)
-    assert canonical_rules(rbac_rules(docs)) == canonical_rules(RBAC.REQUIRED_RULES)
+    clusterwide = v["watch"]["clusterwide"]
+    assert canonical_rules(rbac_rules(docs)) == canonical_rules(RBAC.rules_for(clusterwide))
     roles = {r["metadata"]["name"]: r["rules"] for r in find(docs, "ClusterRole")}
-    cluster_role = next(n for n, rules in roles.items()
-                        if canonical_rules(rules) == canonical_rules(RBAC.cluster_scoped_rules()))
+    cluster_role = next(
+        n for n, rules in roles.items()
+        if canonical_rules(rules) == canonical_rules(RBAC.cluster_scoped_rules(clusterwide)))
     ns_role = next(n for n, rules in roles.items()
                    if canonical_rules(rules) == canonical_rules(RBAC.namespaced_rules()))
     sa = v["serviceAccount"]["name"] or f"{RELEASE}-operator"
