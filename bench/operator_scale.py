@@ -1,0 +1,304 @@
+"""Fleet scale: the operator against a kopf no-op operator on the real control plane.
+
+Run:  python bench/operator_scale.py [--sizes 1000,5000] [--idle-seconds 60]
+
+For each N, on one real control plane (etcd, kube-apiserver,
+kube-controller-manager, kube-scheduler, KWOK; ``make controlplane``) and a
+real redis-server, in the same run:
+
+1. **Backlog**: N ModelExecutors exist before any operator starts
+   (scale-to-zero executors: ``minReplicas: 0``, so the fleet is idle and
+   no pods are needed).
+2. **No-op baseline**: a kopf operator whose only handler is an empty
+   ``on.create`` for modelexecutors (``bench/noop_operator.py``), run as a
+   process of its own, as the chart's ServiceAccount; objects/s until kopf
+   marked all N handled (its last-handled annotation).
+3. **mulambda**: ``mulambda operator`` as a process, same identity; objects/s
+   until all N have ``status.observedGeneration`` (children created, store
+   record written, status patched). Peak RSS (VmHWM).
+4. **Steady state**, all N idle, for ``--idle-seconds``: API requests/s the
+   operator makes (the API server's audit log, filtered by its user; also
+   ``apiserver_request_total`` from /metrics before and after, all clients),
+   store commands/s (redis ``INFO stats`` total_commands_processed, less this
+   script's own), and CPU cores (utime+stime from /proc).
+
+Goals (issue 15): throughput >= 0.5x the no-op's; peak RSS < 200 MiB at
+5,000; per 1,000 idle executors <= 5 API requests/s, <= 20 store commands/s,
+<= 0.1 core. Every figure is printed beside the goal and the baseline of the
+same run. The benchmark needs a few GB of memory and several minutes at
+N = 5,000 on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the test support: control plane, identity
+
+from support.cluster import Cluster  # noqa: E402
+from support.controlplane import ControlPlane  # noqa: E402
+from support.identity import operator_identity  # noqa: E402
+from support.procs import RedisServer  # noqa: E402
+
+ME = ("mulambda.io/v1alpha1", "modelexecutors")
+NOOP = ROOT / "bench" / "noop_operator.py"
+PAGE = 500
+
+
+@dataclass
+class Run:
+    """What one operator did for one fleet size."""
+
+    name: str
+    n: int
+    seconds: float = 0.0
+    peak_rss_mib: float = 0.0
+    idle_api_per_s: float = 0.0
+    idle_api_all_per_s: float = 0.0
+    idle_store_per_s: float = 0.0
+    idle_cores: float = 0.0
+    creation_requests: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def objects_per_s(self) -> float:
+        return self.n / self.seconds if self.seconds else 0.0
+
+
+def executor(namespace: str, i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
+        "metadata": {"name": f"mx-{i:05d}", "namespace": namespace},
+        "spec": {
+            "model": {"name": "m", "storageUri": f"s3://models/m{i % 50}"},
+            "traits": {"type": f"type-{i % 20}", "input": "tensor", "output": "tensor",
+                       "accuracy": 0.5 + (i % 50) / 100},
+            "scaling": {"minReplicas": 0, "maxReplicas": 3},
+        },
+    }
+
+
+async def create_backlog(cp: ControlPlane, namespace: str, n: int, workers: int = 16) -> float:
+    """Create N executors with bounded concurrency; returns seconds taken."""
+    import ssl
+
+    tls = ssl.create_default_context(cafile=str(cp.pki / "ca.crt"))
+    tls.load_cert_chain(str(cp.pki / "admin.crt"), str(cp.pki / "admin.key"))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    url = f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}/modelexecutors"
+    started = time.monotonic()
+    async with httpx.AsyncClient(base_url=cp.server, verify=tls, timeout=60) as http:
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                resp = await http.post(url, json=executor(namespace, i))
+                if resp.status_code not in (201, 409):
+                    raise RuntimeError(f"create mx-{i}: {resp.status_code} {resp.text[:200]}")
+
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    return time.monotonic() - started
+
+
+def count_handled(cluster: Cluster, namespace: str, handled: Any) -> int:
+    """How many executors of the namespace ``handled(obj)`` says are done (paged list)."""
+    done, token = 0, ""
+    while True:
+        params = {"limit": str(PAGE)}
+        if token:
+            params["continue"] = token
+        page = cluster.request("GET", f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}"
+                               "/modelexecutors", params=params)
+        assert page is not None
+        done += sum(1 for obj in page.get("items") or [] if handled(obj))
+        token = (page.get("metadata") or {}).get("continue") or ""
+        if not token:
+            return done
+
+
+def noop_handled(obj: dict[str, Any]) -> bool:
+    return "kopf.zalando.org/last-handled-configuration" in (
+        obj["metadata"].get("annotations") or {})
+
+
+def mulambda_handled(obj: dict[str, Any]) -> bool:
+    return bool((obj.get("status") or {}).get("observedGeneration"))
+
+
+def rss_peak_mib(pid: int) -> float:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    return int(match.group(1)) / 1024 if match else 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+
+
+def apiserver_requests(cluster: Cluster) -> float:
+    """Sum of apiserver_request_total over every label set."""
+    text = cluster.http.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("apiserver_request_total{"))
+
+
+def store_commands(r: redis.Redis) -> int:
+    return int(r.info("stats")["total_commands_processed"])
+
+
+def start_operator(kind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    if kind == "noop":
+        cmd = [sys.executable, str(NOOP)]
+    else:
+        cmd = [sys.executable, "-m", "mulambda", "operator", "--metrics-port", "0",
+               "--liveness", "http://127.0.0.1:0/healthz"]
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tempfile.gettempdir(), start_new_session=True)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: Cluster,
+                 env: dict[str, str], user: str, store: redis.Redis, idle_seconds: float,
+                 workdir: Path) -> Run:
+    run = Run(kind, n)
+    handled = noop_handled if kind == "noop" else mulambda_handled
+    mark = cluster.audit_mark()
+    proc = start_operator(kind, env, workdir / f"{kind}-{n}.log")
+    started = time.monotonic()
+    try:
+        while count_handled(cluster, namespace, handled) < n:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{kind} operator exited: see {workdir / f'{kind}-{n}.log'}")
+            run.peak_rss_mib = max(run.peak_rss_mib, rss_peak_mib(proc.pid))
+            time.sleep(0.5)
+        run.seconds = time.monotonic() - started
+        creation = cluster.audit(user, since=mark)
+        for e in creation:
+            key = f"{e.verb} {e.resource}{'/' + e.subresource if e.subresource else ''}"
+            run.creation_requests[key] = run.creation_requests.get(key, 0) + 1
+        if kind != "noop":
+            time.sleep(min(10.0, idle_seconds / 4))  # let the first timers settle
+            mark = cluster.audit_mark()
+            api0, cmds0, cpu0 = apiserver_requests(cluster), store_commands(store), \
+                cpu_seconds(proc.pid)
+            t0 = time.monotonic()
+            time.sleep(idle_seconds)
+            elapsed = time.monotonic() - t0
+            run.idle_api_per_s = len(cluster.audit(user, since=mark)) / elapsed
+            # /metrics counts every client; the two reads of it are ours.
+            run.idle_api_all_per_s = (apiserver_requests(cluster) - api0 - 1) / elapsed
+            run.idle_store_per_s = (store_commands(store) - cmds0 - 2) / elapsed
+            run.idle_cores = (cpu_seconds(proc.pid) - cpu0) / elapsed
+        run.peak_rss_mib = max(run.peak_rss_mib, rss_peak_mib(proc.pid))
+    finally:
+        stop(proc)
+    return run
+
+
+def reset(cluster: Cluster, namespace: str) -> None:
+    """Strip kopf's marks so the next operator sees an unhandled backlog again."""
+    cp_kubectl = cluster.cp.kubectl
+    cp_kubectl("annotate", "modelexecutors", "--all", "-n", namespace,
+               "kopf.zalando.org/last-handled-configuration-", timeout=600)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000,5000")
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="mulambda-scale-"))
+    cp = ControlPlane(nodes=1)
+    store_server = RedisServer()
+    store_server.start()
+    results: list[tuple[Run, Run]] = []
+    try:
+        cp.start()
+        cp.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
+        cluster = Cluster(cp)
+        for crd in ("modelexecutors.mulambda.io", "clients.mulambda.io"):
+            cluster.wait_for(lambda c=crd: cluster.get(
+                "apiextensions.k8s.io/v1", "customresourcedefinitions", None, c), what=crd)
+        time.sleep(2)  # the new resources' watch caches
+        identity = operator_identity(cp, cluster, workdir)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
+        env.update(KUBECONFIG=str(identity.kubeconfig), MULAMBDA_REDIS_URL=store_server.url,
+                   MULAMBDA_KEY_PREFIX="scale", MULAMBDA_LOG_LEVEL="WARNING",
+                   PYTHONUNBUFFERED="1")
+        store = redis.Redis.from_url(store_server.url)
+        for n in sizes:
+            namespace = f"scale-{n}"
+            cluster.create({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": namespace}})
+            took = asyncio.run(create_backlog(cp, namespace, n))
+            print(f"N={n}: backlog created in {took:.1f}s", flush=True)
+            noop = run_operator("noop", n, namespace, cp, cluster, env, identity.user, store,
+                                args.idle_seconds, workdir)
+            print(f"  no-op: {noop.objects_per_s:.1f} objects/s", flush=True)
+            reset(cluster, namespace)
+            ours = run_operator("mulambda", n, namespace, cp, cluster, env, identity.user,
+                                store, args.idle_seconds, workdir)
+            print(f"  mulambda: {ours.objects_per_s:.1f} objects/s", flush=True)
+            results.append((noop, ours))
+            cp.kubectl("delete", "namespace", namespace, "--wait=false")
+    finally:
+        cp.stop()
+        store_server.stop()
+    print()
+    print(report(results))
+    if args.json:
+        print(json.dumps([[vars(a), vars(b)] for a, b in results], indent=2))
+    return 0
+
+
+def report(results: list[tuple[Run, Run]]) -> str:
+    lines = ["| N | no-op objects/s | mulambda objects/s | ratio (goal >= 0.5) | peak RSS MiB "
+             "(goal < 200 at 5,000) | idle API req/s per 1,000 (goal <= 5) | idle store "
+             "cmds/s per 1,000 (goal <= 20) | idle cores per 1,000 (goal <= 0.1) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for noop, ours in results:
+        per_k = 1000 / ours.n
+        lines.append(
+            f"| {ours.n} | {noop.objects_per_s:.1f} | {ours.objects_per_s:.1f} | "
+            f"{ours.objects_per_s / noop.objects_per_s:.2f} | {ours.peak_rss_mib:.0f} | "
+            f"{ours.idle_api_per_s * per_k:.2f} (all clients: "
+            f"{ours.idle_api_all_per_s * per_k:.2f}) | {ours.idle_store_per_s * per_k:.1f} | "
+            f"{ours.idle_cores * per_k:.3f} |")
+    lines.append("")
+    for noop, ours in results:
+        lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
+        lines.append(f"                              no-op {noop.creation_requests}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
