@@ -16,6 +16,8 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
+from minio.error import S3Error, ServerError
+
 from mulambda.storage.s3 import ModelStorage, StoredObject
 
 from .errors import ModelLoadError, RetryPolicy
@@ -97,11 +99,33 @@ class Downloader:
         try:
             self.retry.call(fetch_the_rest, f"download {plan.obj.key} at {cursor.offset}",
                             stop=self.stop)
+        except ModelLoadError as err:
+            if err.permanent or self.stop.is_set() or not _store_fault(err.__cause__):
+                raise
+            raise self._unreadable(plan.obj, err) from err
         finally:
             os.close(fd)
         if self.stop.is_set() and cursor.written < cursor.length:
             return
         self.journal.mark(rel, index, hasher.hexdigest() if hasher is not None else "")
+
+    def _unreadable(self, obj: StoredObject, err: ModelLoadError) -> ModelLoadError:
+        """``err`` as a permanent ``ObjectUnreadable`` if the store still answers for ``obj``.
+
+        A store that fails every GET of one object with a server error while
+        it answers a HEAD of the same object is not down: it reports that it
+        cannot read the object (SeaweedFS answers 500 InternalError for a
+        needle whose CRC does not match, for instance). Retrying that with
+        back-off forever, as StorageUnavailable, would hide it.
+        """
+        try:
+            self.storage.client.stat_object(self.bucket, obj.key)
+        except Exception:  # the store itself is unavailable: stay transient
+            return err
+        return ModelLoadError(
+            "ObjectUnreadable",
+            f"{obj.key}: the store answers for it but every read failed ({err.message}); "
+            f"the stored object is probably damaged, push the version again", permanent=True)
 
     def _stream_into(self, fd: int, obj: StoredObject, cursor: _Cursor, hasher: Any) -> None:
         """GET the rest of the range into the file, advancing ``cursor`` as bytes land."""
@@ -156,6 +180,18 @@ class Downloader:
         if view is None:
             view = self._local.view = memoryview(bytearray(CHUNK_SIZE))
         return view
+
+
+# Server errors that say "busy, try later", not "cannot read this".
+_BUSY_CODES = frozenset({"SlowDown", "ServiceUnavailable", "RequestTimeout"})
+
+
+def _store_fault(exc: BaseException | None) -> bool:
+    """True for a server-side error answer (5xx) that is not throttling."""
+    if isinstance(exc, S3Error):
+        status = exc.response.status if exc.response is not None else 0
+        return status >= 500 and exc.code not in _BUSY_CODES
+    return isinstance(exc, ServerError) and exc.status_code >= 500 and exc.status_code != 503
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mulambda.storage.layout import relpath_is_safe
+from mulambda.storage.manifest import PushManifest
 from mulambda.storage.s3 import ModelStorage, StoredObject
+from mulambda.storage.savedmodel import NotASavedModel, check_saved_model
 
 from .download import Downloader, Progress
 from .errors import ModelLoadError, RetryPolicy
@@ -18,10 +20,14 @@ from .journal import Journal
 from .plan import DEFAULT_PART_SIZE, plan_files
 from .publish import (
     Manifest,
+    forget_rejected,
+    listing_fingerprint,
     local_copy_intact,
     manifest,
     publish,
     read_manifest,
+    rejected,
+    remember_rejected,
     same_listing,
     version_lock,
 )
@@ -148,21 +154,53 @@ def load_model_version(
             return _cached_result(final, cached, version, started)
 
         _refuse_unloadable(storage, bucket, prefix, source, objects, retry)
+        pushed, pushed_etag = _push_manifest(storage, bucket, prefix, version, source, retry)
         cached = read_manifest(final)
-        if cached is not None and same_listing(cached, objects) \
+        if cached is not None and same_listing(cached, objects, pushed_etag) \
                 and local_copy_intact(final, cached):
             log.info("model version already present model=%s version=%d", model_name, version)
             return _cached_result(final, cached, version, started)
 
-        result = _download(storage, bucket, prefix, version, objects, final, workers=workers,
-                           part_size=part_size, retry=retry, progress=progress,
-                           verify_checksums=verify_checksums)
+        fingerprint = listing_fingerprint(objects, pushed_etag)
+        known = rejected(base, version, fingerprint)
+        if known is not None:
+            # The same bytes failed verification before: say so again, download nothing.
+            raise ModelLoadError(known[0], f"{known[1]} (not downloaded again until "
+                                 f"{source} changes in storage)", permanent=True)
+        try:
+            result = _download(storage, bucket, prefix, version, objects, final,
+                               workers=workers, part_size=part_size, retry=retry,
+                               progress=progress, verify_checksums=verify_checksums,
+                               pushed=pushed, pushed_etag=pushed_etag)
+        except ModelLoadError as err:
+            if err.reason in _REMEMBERED:
+                remember_rejected(base, version, fingerprint, err.reason, err.message)
+            raise
+        forget_rejected(base, version)
         result.seconds = time.monotonic() - started
         log.info("model version loaded model=%s version=%d files=%d bytes=%d fetched=%d "
                  "checksummed=%d seconds=%.2f mb_per_s=%.1f", model_name, version, result.files,
                  result.bytes, result.fetched_bytes, result.checksummed_files, result.seconds,
                  result.fetched_bytes / 1e6 / max(result.seconds, 1e-9))
         return result
+
+
+# Verdicts about the bytes in storage: the same listing gives the same verdict, so
+# they are remembered and not downloaded again until the version changes.
+_REMEMBERED = frozenset({"ChecksumMismatch", "NotASavedModel"})
+
+
+def _push_manifest(storage: ModelStorage, bucket: str, prefix: str, version: int, source: str,
+                   retry: RetryPolicy) -> tuple[PushManifest | None, str]:
+    """The version's push manifest (None for versions uploaded without one) and its ETag."""
+    try:
+        return retry.call(lambda: storage.push_manifest(bucket, prefix, version),
+                          f"read the push manifest of {source}")
+    except ModelLoadError as err:
+        if isinstance(err.__cause__, ValueError):  # it is there but does not parse
+            raise ModelLoadError("ChecksumMismatch", f"{source}: {err.__cause__}",
+                                 permanent=True) from None
+        raise
 
 
 def _refuse_unloadable(storage: ModelStorage, bucket: str, prefix: str, source: str,
@@ -198,12 +236,19 @@ def _cached_result(final: Path, manifest: Manifest, version: int, started: float
 def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
               objects: list[StoredObject], final: Path, *, workers: int, part_size: int,
               retry: RetryPolicy, progress: Progress | None,
-              verify_checksums: bool) -> LoadResult:
-    """Download into ``.partial-VERSION/`` (resuming its journal), verify, publish."""
+              verify_checksums: bool, pushed: PushManifest | None = None,
+              pushed_etag: str = "") -> LoadResult:
+    """Download into ``.partial-VERSION/`` (resuming its journal), verify, publish.
+
+    Nothing reaches ``final`` unless every file passed its check: a failed
+    check deletes the partial folder and leaves a published copy untouched.
+    """
     partial = final.parent / f".partial-{version}"
-    partial.mkdir(exist_ok=True)
+    source = f"s3://{bucket}/{prefix}/{version}/"
     plans = plan_files(storage, bucket, objects, part_size=part_size, workers=workers,
-                       retry=retry, verify_checksums=verify_checksums)
+                       retry=retry, verify_checksums=verify_checksums, manifest=pushed,
+                       source=source)
+    partial.mkdir(exist_ok=True)
     journal = Journal(partial, plans)
     reused = journal.restore()
     for rel, plan in plans.items():
@@ -214,8 +259,7 @@ def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
             with path.open("wb") as f:
                 f.truncate(plan.obj.size)
     if reused:
-        log.info("resuming partial download source=s3://%s/%s/%d reused_bytes=%d",
-                 bucket, prefix, version, reused)
+        log.info("resuming partial download source=%s reused_bytes=%d", source, reused)
 
     downloader = Downloader(storage, bucket, journal, workers=workers, retry=retry,
                             progress=progress)
@@ -223,14 +267,18 @@ def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
 
     try:
         checked = verify(partial, plans)
+        try:
+            check_saved_model(partial)
+        except NotASavedModel as exc:
+            raise ModelLoadError("NotASavedModel", f"{source}: {exc}", permanent=True) from None
     except ModelLoadError as err:
-        if err.reason in ("ChecksumMismatch", "SizeMismatch"):
+        if err.reason in ("ChecksumMismatch", "SizeMismatch", "NotASavedModel"):
             # Never resume from bytes that failed verification.
             shutil.rmtree(partial, ignore_errors=True)
         raise
 
     journal.remove()
-    publish(partial, final, manifest(bucket, prefix, version, objects))
+    publish(partial, final, manifest(bucket, prefix, version, objects, pushed_etag))
     return LoadResult(version=version, path=final, bytes=sum(o.size for o in objects),
                       files=len(objects), seconds=0.0, downloaded=True,
                       fetched_bytes=downloader.fetched, checksummed_files=checked)

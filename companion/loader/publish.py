@@ -4,7 +4,10 @@ TF Serving watches ``MODELS_DIR/NAME/`` and loads any numeric folder it
 finds. A finished download is renamed into place in one step; a folder
 being removed is first renamed to a hidden name. The manifest inside each
 version folder records the listing it was made from, so a later load of
-the same listing is a no-op.
+the same listing is a no-op. A version whose bytes failed verification is
+remembered next to the folders (``.rejected-VERSION.json``, with a digest
+of its listing), so the same bad bytes are not downloaded again on every
+retry; a new push (a new listing) is tried again.
 """
 
 from __future__ import annotations
@@ -29,9 +32,13 @@ MANIFEST_NAME = ".mulambda-manifest.json"
 Manifest = dict[str, Any]
 
 
-def manifest(bucket: str, prefix: str, version: int, objects: list[StoredObject]) -> Manifest:
+def manifest(bucket: str, prefix: str, version: int, objects: list[StoredObject],
+             push_manifest_etag: str = "") -> Manifest:
+    """What a published folder was made from: the listing, and the push manifest it was
+    checked against (its ETag; empty when the version has none)."""
     return {
         "bucket": bucket, "prefix": prefix, "version": version,
+        "push_manifest": push_manifest_etag,
         "objects": [{"key": o.key, "path": o.relpath, "size": o.size, "etag": o.etag}
                     for o in objects],
     }
@@ -56,9 +63,49 @@ def local_copy_intact(version_dir: Path, manifest: Manifest) -> bool:
     return True
 
 
-def same_listing(manifest: Manifest, objects: list[StoredObject]) -> bool:
+def same_listing(manifest: Manifest, objects: list[StoredObject],
+                 push_manifest_etag: str = "") -> bool:
+    """True if ``manifest`` was made from exactly this listing and push manifest."""
     want = {(o["key"], o["size"], o["etag"]) for o in manifest.get("objects", [])}
-    return want == {(o.key, o.size, o.etag) for o in objects}
+    return (want == {(o.key, o.size, o.etag) for o in objects}
+            and manifest.get("push_manifest", "") == push_manifest_etag)
+
+
+def listing_fingerprint(objects: list[StoredObject], push_manifest_etag: str) -> str:
+    """A short digest of a listing and its push manifest: "the same bytes in storage"."""
+    import hashlib
+
+    raw = json.dumps([push_manifest_etag, sorted((o.key, o.size, o.etag) for o in objects)])
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def _rejected_path(base: Path, version: int) -> Path:
+    return base / f".rejected-{version}.json"
+
+
+def remember_rejected(base: Path, version: int, fingerprint: str, reason: str,
+                      message: str) -> None:
+    """Record that this exact content of ``version`` failed verification."""
+    path = _rejected_path(base, version)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, "reason": reason,
+                               "message": message}))
+    tmp.replace(path)
+
+
+def rejected(base: Path, version: int, fingerprint: str) -> tuple[str, str] | None:
+    """(reason, message) if this exact content of ``version`` failed verification before."""
+    try:
+        data = json.loads(_rejected_path(base, version).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("fingerprint") != fingerprint:
+        return None
+    return str(data.get("reason", "ChecksumMismatch")), str(data.get("message", ""))
+
+
+def forget_rejected(base: Path, version: int) -> None:
+    _rejected_path(base, version).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from .layout import version_prefix
+from .manifest import PUSH_MANIFEST_NAME, PushManifest
 
 __all__ = [
     "ENV_ACCESS_KEY",
@@ -36,6 +37,7 @@ __all__ = [
     "RangeResponse",
     "StorageErrorInfo",
     "StoredObject",
+    "VersionSummary",
     "classify_error",
 ]
 
@@ -55,7 +57,8 @@ PART_SIZE_META = "x-amz-meta-mulambda-part-size"
 # zlib's CRC-32 runs ~5x faster than MD5, which is what bounds a verified
 # load on a small node (bench/model_load.py).
 CRC32_META = "x-amz-meta-mulambda-crc32"
-
+# A push manifest lists a few entries per file; anything this big is not one.
+_MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
 def _flag(value: str) -> bool:
@@ -70,6 +73,16 @@ class StoredObject:
     relpath: str
     size: int
     etag: str
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One version folder as ``mulambda models list`` shows it."""
+
+    files: int
+    bytes: int
+    pushed: bool  # holds a push manifest: complete, every file checkable
+    saved_model: bool  # holds saved_model.pb(txt) at its top level
 
 
 @dataclass(frozen=True)
@@ -211,17 +224,76 @@ class ModelStorage:
                 versions.add(int(name))
         return sorted(versions)
 
-    def list_version_objects(self, bucket: str, prefix: str, version: int) -> list[StoredObject]:
-        """Every object of one version, sorted by relative path (folder markers skipped)."""
+    def list_version_objects(self, bucket: str, prefix: str, version: int, *,
+                             include_manifest: bool = False) -> list[StoredObject]:
+        """Every model file of one version, sorted by relative path (folder markers skipped;
+        the push manifest only with ``include_manifest``)."""
         base = version_prefix(prefix, version)
         found: list[StoredObject] = []
         for obj in self.client.list_objects(bucket, prefix=base, recursive=True):
             if obj.is_dir or obj.object_name.endswith("/"):
                 continue
             rel = obj.object_name[len(base):]
+            if rel == PUSH_MANIFEST_NAME and not include_manifest:
+                continue
             found.append(StoredObject(obj.object_name, rel, int(obj.size or 0),
                                       (obj.etag or "").strip('"')))
         return sorted(found, key=lambda o: o.relpath)
+
+    def push_manifest(self, bucket: str, prefix: str, version: int
+                      ) -> tuple[PushManifest | None, str]:
+        """The version's push manifest and its ETag; ``(None, "")`` when there is none.
+
+        Raises ValueError for a manifest that does not parse (the caller decides
+        what that means), and the store's errors as usual.
+        """
+        key = version_prefix(prefix, version) + PUSH_MANIFEST_NAME
+        try:
+            resp = self.client.get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                return None, ""
+            raise
+        try:
+            raw = resp.read(_MAX_MANIFEST_BYTES + 1)
+            etag = (resp.headers.get("ETag") or "").strip('"')
+        finally:
+            resp.close()
+            resp.release_conn()
+        if len(raw) > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"push manifest {key} is larger than {_MAX_MANIFEST_BYTES} bytes")
+        return PushManifest.from_json(raw), etag
+
+    def put_push_manifest(self, bucket: str, prefix: str, manifest: PushManifest) -> None:
+        """Write the push manifest (the last object of a push)."""
+        import io
+
+        raw = manifest.to_json()
+        self.client.put_object(bucket, version_prefix(prefix, manifest.version) +
+                               PUSH_MANIFEST_NAME, io.BytesIO(raw), len(raw),
+                               content_type="application/json")
+
+    def abort_unfinished_uploads(self, bucket: str, prefix: str) -> list[str]:
+        """Abort every multipart upload in progress under ``prefix``; the keys they were for.
+
+        Parts of an upload never completed stay in the store (and are billed)
+        until aborted. Only called on a version folder being pushed: an upload
+        still running there is an abandoned one, or a concurrent push of the
+        same version, which is an error anyway.
+        """
+        aborted: list[str] = []
+        for _ in range(1000):  # each round aborts what it listed; 1000 x 1000 uploads at most
+            # minio's _list_multipart_uploads / _abort_multipart_upload: the S3 calls,
+            # not public in minio-py 7.
+            listing = self.client._list_multipart_uploads(bucket, prefix=prefix)
+            if not listing.uploads:
+                break
+            for upload in listing.uploads:
+                if upload.object_name and upload.upload_id:
+                    self.client._abort_multipart_upload(bucket, upload.object_name,
+                                                        upload.upload_id)
+                    aborted.append(upload.object_name)
+        return aborted
 
     def has_saved_model(self, bucket: str, prefix: str, version: int) -> bool:
         """True if the version folder holds ``saved_model.pb`` or ``saved_model.pbtxt``."""
@@ -231,17 +303,26 @@ class ModelStorage:
                 return True
         return False
 
-    def version_sizes(self, bucket: str, prefix: str) -> dict[int, tuple[int, int]]:
-        """``{version: (files, bytes)}`` for every numeric version, in one recursive listing."""
+    def version_summaries(self, bucket: str, prefix: str) -> dict[int, VersionSummary]:
+        """Every numeric version with its files, bytes and completeness, in one recursive
+        listing (the push manifest is not counted as a file)."""
         base = prefix.strip("/") + "/"
-        sizes: dict[int, tuple[int, int]] = {}
+        found: dict[int, list[Any]] = {}
         for obj in self.client.list_objects(bucket, prefix=base, recursive=True):
             head, _, rest = obj.object_name[len(base):].partition("/")
             if not head.isdigit() or not rest or obj.object_name.endswith("/"):
                 continue
-            files, total = sizes.get(int(head), (0, 0))
-            sizes[int(head)] = (files + 1, total + int(obj.size or 0))
-        return dict(sorted(sizes.items()))
+            files, total, pushed, saved = found.setdefault(int(head), [0, 0, False, False])
+            if rest == PUSH_MANIFEST_NAME:
+                found[int(head)][2] = True
+                continue
+            found[int(head)] = [files + 1, total + int(obj.size or 0), pushed,
+                                saved or rest in ("saved_model.pb", "saved_model.pbtxt")]
+        return {v: VersionSummary(*found[v]) for v in sorted(found)}
+
+    def version_sizes(self, bucket: str, prefix: str) -> dict[int, tuple[int, int]]:
+        """``{version: (files, bytes)}`` for every numeric version, in one recursive listing."""
+        return {v: (s.files, s.bytes) for v, s in self.version_summaries(bucket, prefix).items()}
 
     def object_checksums(self, bucket: str, key: str, *, multipart_parts: int = 0
                          ) -> ObjectChecksums:
@@ -312,10 +393,15 @@ class ModelStorage:
         return (result.etag or "").strip('"')
 
     def remove_version(self, bucket: str, prefix: str, version: int) -> int:
-        """Delete every object of one version; returns how many were deleted."""
+        """Delete every object of one version; returns how many model files were deleted."""
         from minio.deleteobjects import DeleteObject
 
-        objects = self.list_version_objects(bucket, prefix, version)
+        everything = self.list_version_objects(bucket, prefix, version, include_manifest=True)
+        objects = [o for o in everything if o.relpath != PUSH_MANIFEST_NAME]
+        if len(objects) < len(everything):
+            # The manifest first: a version losing files stops looking complete at once.
+            self.client.remove_object(bucket, version_prefix(prefix, version) +
+                                      PUSH_MANIFEST_NAME)
         errors = list(self.client.remove_objects(bucket, (DeleteObject(o.key) for o in objects)))
         if errors:
             first = errors[0]

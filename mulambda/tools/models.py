@@ -11,11 +11,17 @@ Endpoint and credentials come from ``MULAMBDA_S3_ENDPOINT``,
 the endpoint. Exit codes: 0 success, 1 the store refused or failed, 2 bad
 usage (not a SavedModel, bad URI, missing credentials).
 
-``push`` uploads ``saved_model.pb`` last: companions resolving "the latest
-version" only pick folders that hold it, so a push in progress is never
-loaded half-way. ``mb`` creates buckets that do not exist yet, waiting for
-the store to answer first (the dev install's bucket Job runs it while MinIO
-starts).
+``push`` checks that DIR is a SavedModel (``saved_model.pb`` decodes as
+one, with at least one meta graph: :mod:`mulambda.storage.savedmodel`),
+uploads every file with its CRC-32 as metadata, ``saved_model.pb`` after the
+others (companions resolving "the latest version" only pick folders that
+hold it), and the push manifest (:mod:`mulambda.storage.manifest`: every
+file's size and CRC-32) last; loaders verify every file against it. An
+interrupted push is resumed by running it again: files already uploaded
+with the same size and CRC-32 are kept, multipart uploads the interrupted
+run left open are aborted (also on Ctrl-C). ``mb`` creates buckets that do
+not exist yet, waiting for the store to answer first (the dev install's
+bucket Job runs it while MinIO starts).
 
 Importing this module costs next to nothing beyond argparse: the S3 client,
 checksums, logging, pathlib and typing are imported when a subcommand runs,
@@ -37,7 +43,7 @@ if TYPE_CHECKING:
     import logging
     from pathlib import Path
 
-    from mulambda.storage.s3 import ModelStorage
+    from mulambda.storage.s3 import ModelStorage, StoredObject
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 # Multipart part size of pushes. Loaders fetch multipart objects range by
@@ -57,12 +63,18 @@ class StoreError(Exception):
 
 
 class PushResult:
-    """What ``push_version`` uploaded (a plain class: dataclasses would import inspect)."""
+    """What ``push_version`` did (a plain class: dataclasses would import inspect).
 
-    __slots__ = ("bytes", "files", "replaced")
+    ``kept``: files a resumed push found already uploaded; ``aborted``:
+    multipart uploads an interrupted push had left open.
+    """
 
-    def __init__(self, files: int, bytes: int, replaced: bool) -> None:
+    __slots__ = ("aborted", "bytes", "files", "kept", "replaced")
+
+    def __init__(self, files: int, bytes: int, replaced: bool, kept: int = 0,
+                 aborted: int = 0) -> None:
         self.files, self.bytes, self.replaced = files, bytes, replaced
+        self.kept, self.aborted = kept, aborted
 
 
 def _log() -> logging.Logger:
@@ -71,32 +83,89 @@ def _log() -> logging.Logger:
     return logging.getLogger(__name__)
 
 
+CREDENTIALS_HELP = """\
+credentials and endpoint (environment only, never arguments):
+  MULAMBDA_S3_ENDPOINT    host:port of the S3 store (--endpoint overrides it)
+  MULAMBDA_S3_ACCESS_KEY  access key
+  MULAMBDA_S3_SECRET_KEY  secret key
+  MULAMBDA_S3_SECURE      true: talk TLS (default false)
+  MULAMBDA_S3_REGION      region, if the store needs one
+
+exit codes: 0 done, 1 the store refused or failed, 2 bad usage"""
+
+PUSH_HELP = """\
+Upload the SavedModel folder DIR (the folder holding saved_model.pb, e.g.
+examples/models/half_plus_two/1) as version N of model s3://BUCKET/NAME.
+
+layout written:
+  s3://BUCKET/NAME/N/<every file of DIR, same relative paths>
+                     each with x-amz-meta-mulambda-crc32 (its CRC-32)
+  s3://BUCKET/NAME/N/saved_model.pb             uploaded after the other files
+  s3://BUCKET/NAME/N/.mulambda-push-manifest.json
+                     written last: every file's size and CRC-32; companions
+                     verify every downloaded file against it
+
+Give the model's URI without a version (s3://BUCKET/NAME, not
+s3://BUCKET/NAME/1): the version comes from --version only.
+
+DIR must be a SavedModel: saved_model.pb must decode as a SavedModel protocol
+buffer with at least one meta graph (or saved_model.pbtxt hold one in text).
+An existing complete version is replaced only with --force. An interrupted
+push is resumed by running the same command again: files already uploaded
+unchanged are kept, and multipart uploads the interrupted run left open are
+aborted."""
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``models`` subcommands to ``parser``."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser.formatter_class = raw
+    parser.epilog = CREDENTIALS_HELP
     parser.add_argument("--endpoint", help="S3 endpoint host:port (default: $MULAMBDA_S3_ENDPOINT)")
     sub = parser.add_subparsers(dest="models_command", metavar="ACTION", required=True)
 
-    push = sub.add_parser("push", help="upload a SavedModel folder as one version")
+    push = sub.add_parser("push", help="upload a SavedModel folder as one version",
+                          description=PUSH_HELP, epilog=CREDENTIALS_HELP, formatter_class=raw)
     push.add_argument("dir", help="SavedModel folder (holds saved_model.pb)")
-    push.add_argument("uri", help="s3://BUCKET/NAME")
+    push.add_argument("uri", help="s3://BUCKET/NAME (without the version)")
     push.add_argument("--version", type=int, required=True, help="version number (>= 0)")
     push.add_argument("--force", action="store_true", help="replace an existing version")
     push.add_argument("--part-size-mib", type=int, default=DEFAULT_PART_SIZE_MIB,
                       help=f"multipart part size in MiB (default {DEFAULT_PART_SIZE_MIB})")
 
-    lst = sub.add_parser("list", help="list versions with their sizes")
+    lst = sub.add_parser("list", help="list versions with their sizes", epilog=CREDENTIALS_HELP,
+                         formatter_class=raw)
     lst.add_argument("uri", help="s3://BUCKET/NAME")
 
-    rm = sub.add_parser("rm", help="remove one version")
-    rm.add_argument("uri", help="s3://BUCKET/NAME")
+    rm = sub.add_parser("rm", help="remove one version", epilog=CREDENTIALS_HELP,
+                        formatter_class=raw)
+    rm.add_argument("uri", help="s3://BUCKET/NAME (without the version)")
     rm.add_argument("--version", type=int, required=True, help="version number")
 
-    mb = sub.add_parser("mb", help="create buckets unless they exist, waiting for the store")
+    mb = sub.add_parser("mb", help="create buckets unless they exist, waiting for the store",
+                        epilog=CREDENTIALS_HELP, formatter_class=raw)
     mb.add_argument("buckets", nargs="+", metavar="BUCKET",
                     help="bucket name; a comma-separated list counts as several")
     mb.add_argument("--wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
                     help="how long to retry while the store does not answer "
                          f"(default {DEFAULT_WAIT_SECONDS:g})")
+
+
+def refuse_version_in_uri(uri: str, prefix: str, version: int | None) -> None:
+    """UsageError when ``uri`` already ends in a version number and ``--version`` is given.
+
+    ``push .../half_plus_two/1 --version 1`` would write ``half_plus_two/1/1/``,
+    a model named "1" inside the model folder.
+    """
+    parent, _, last = prefix.rpartition("/")
+    if version is None or not last.isdigit():
+        return
+    fixed = uri.rstrip("/").rsplit("/", 1)[0]
+    hint = (f"use {fixed} --version {version}" if parent else
+            "give the model's folder, s3://BUCKET/NAME, with --version")
+    raise UsageError(
+        f"{uri} already ends in a version number ({last}) and --version {version} is given: "
+        f"this would address {uri.rstrip('/')}/{version}/. {hint}")
 
 
 def bucket_names(args: Iterable[str]) -> list[str]:
@@ -124,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
             buckets, (bucket, prefix) = [], parse_s3_uri(args.uri)
         if getattr(args, "version", None) is not None and args.version < 0:
             raise UsageError("--version must be >= 0")
+        if command in ("push", "rm"):
+            refuse_version_in_uri(args.uri, prefix, args.version)
         storage = ModelStorage.from_env(endpoint=args.endpoint)
     except (ValueError, UsageError) as exc:
         return _fail(str(exc), 2)
@@ -161,12 +232,18 @@ def _human(n: float) -> str:
 
 def saved_model_files(src: Path) -> list[Path]:
     """Files of a SavedModel folder, ``saved_model.pb*`` last. Raises UsageError if not one."""
+    from mulambda.storage.savedmodel import NotASavedModel, check_saved_model
+
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory")
     if not any((src / name).is_file() for name in SAVED_MODEL_FILES):
         raise UsageError(
             f"{src} is not a SavedModel folder: no saved_model.pb or saved_model.pbtxt in it "
             f"(pass the version folder itself, e.g. .../half_plus_two/1)")
+    try:
+        check_saved_model(src)
+    except NotASavedModel as exc:
+        raise UsageError(f"{src} is not a SavedModel: {exc}") from None
     files = sorted(p for p in src.rglob("*") if p.is_file())
     # The marker goes last so a half-pushed version is never "the latest".
     return sorted(files, key=lambda p: p.relative_to(src).as_posix() in SAVED_MODEL_FILES)
@@ -177,30 +254,75 @@ def push_version(
     force: bool = False, part_size: int = DEFAULT_PART_SIZE_MIB * 1024 * 1024,
     progress: Callable[[int], object] | None = None,
 ) -> PushResult:
-    """Upload SavedModel folder ``src`` to ``s3://bucket/prefix/version/``."""
+    """Upload SavedModel folder ``src`` to ``s3://bucket/prefix/version/``, manifest last.
+
+    Without ``force`` a complete version (one with a push manifest) or a
+    folder some other tool uploaded (a SavedModel without a manifest) is
+    refused; a folder an interrupted push left behind (no manifest, no
+    ``saved_model.pb`` yet) is resumed: files already there with the same
+    size and CRC-32 are kept. Multipart uploads left open under the version
+    are aborted first, and on any failure or interruption of this push.
+    """
+    from datetime import UTC, datetime
+
+    from mulambda import __version__
     from mulambda.storage.checksums import file_crc32
+    from mulambda.storage.manifest import ManifestFile, PushManifest
+    from mulambda.storage.savedmodel import check_saved_model
 
     files = saved_model_files(src)
+    saved_name, saved_info = check_saved_model(src)
     if not storage.bucket_exists(bucket):
         raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
-    existing = storage.list_version_objects(bucket, prefix, version)
-    target = f"s3://{bucket}/{prefix}/{version}/"
-    if existing and not force:
-        raise StoreError(f"{target} already exists ({len(existing)} objects); "
-                         "pass --force to replace it")
     base = version_prefix(prefix, version)
+    target = f"s3://{bucket}/{base}"
+    aborted = storage.abort_unfinished_uploads(bucket, base)
+    if aborted:
+        _log().warning("aborted unfinished uploads of an interrupted push target=%s keys=%d",
+                       target, len(aborted))
+    existing = storage.list_version_objects(bucket, prefix, version)
+    complete = _has_manifest(storage, bucket, prefix, version)
+    if existing and not force:
+        if complete:
+            raise StoreError(f"{target} already exists ({len(existing)} objects); "
+                             "pass --force to replace it")
+        if any(o.relpath in SAVED_MODEL_FILES for o in existing):
+            raise StoreError(f"{target} already holds a SavedModel without a push manifest "
+                             "(uploaded by another tool, or a push interrupted at its very "
+                             "end); pass --force to replace it")
+    if complete:
+        # Replacing: the old version must stop looking complete before any file changes.
+        storage.client.remove_object(bucket, base + _manifest_name())
+    resumable = {} if force else {o.relpath: o for o in existing}
+    pushed: list[ManifestFile] = []
     uploaded: set[str] = set()
-    total = 0
-    for path in files:
-        key = base + path.relative_to(src).as_posix()
-        size = path.stat().st_size
-        crc = file_crc32(path)  # a second read, from the page cache; loaders check it
-        with path.open("rb") as stream:
-            storage.put_file(bucket, key, stream, size, part_size=part_size, progress=progress,
-                             crc32=crc)
-        uploaded.add(key)
-        total += size
-    # Objects of the replaced version that the new one does not have.
+    kept = total = 0
+    try:
+        for path in files:
+            rel = path.relative_to(src).as_posix()
+            key = base + rel
+            size = path.stat().st_size
+            crc = file_crc32(path)  # a second read, from the page cache; loaders check it
+            pushed.append(ManifestFile(rel, size, crc))
+            uploaded.add(key)
+            total += size
+            if _already_there(storage, bucket, resumable.get(rel), size, crc):
+                kept += 1
+                if progress is not None:
+                    progress(size)
+                continue
+            with path.open("rb") as stream:
+                storage.put_file(bucket, key, stream, size, part_size=part_size,
+                                 progress=progress, crc32=crc)
+    except BaseException:
+        # Ctrl-C or a failed upload: do not leave parts in the store; the files
+        # already uploaded stay, and the next run of the same push keeps them.
+        try:
+            storage.abort_unfinished_uploads(bucket, base)
+        except Exception as exc:  # the store may be what failed
+            _log().warning("could not abort unfinished uploads target=%s error=%s", target, exc)
+        raise
+    # Objects of the replaced (or interrupted) version that the new one does not have.
     stale = [o for o in existing if o.key not in uploaded]
     if stale:
         from minio.deleteobjects import DeleteObject
@@ -208,9 +330,37 @@ def push_version(
         errors = list(storage.client.remove_objects(bucket, (DeleteObject(o.key) for o in stale)))
         if errors:
             raise StoreError(f"pushed, but could not delete {len(errors)} stale object(s)")
-    _log().info("pushed model version target=%s files=%d bytes=%d replaced=%s",
-             target, len(files), total, bool(existing))
-    return PushResult(files=len(files), bytes=total, replaced=bool(existing))
+    storage.put_push_manifest(bucket, prefix, PushManifest(
+        version=version, files=tuple(pushed), saved_model=saved_name,
+        meta_graphs=saved_info.meta_graphs, tool=f"mulambda {__version__}",
+        pushed_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")))
+    _log().info("pushed model version target=%s files=%d bytes=%d replaced=%s kept=%d",
+                target, len(files), total, complete, kept)
+    return PushResult(files=len(files), bytes=total, replaced=bool(existing) and force,
+                      kept=kept, aborted=len(aborted))
+
+
+def _manifest_name() -> str:
+    from mulambda.storage.manifest import PUSH_MANIFEST_NAME
+
+    return PUSH_MANIFEST_NAME
+
+
+def _has_manifest(storage: ModelStorage, bucket: str, prefix: str, version: int) -> bool:
+    """True if the version holds a push manifest (a malformed one counts: it is replaced)."""
+    try:
+        return storage.push_manifest(bucket, prefix, version)[0] is not None
+    except ValueError:
+        return True
+
+
+def _already_there(storage: ModelStorage, bucket: str, stored: StoredObject | None, size: int,
+                   crc: int) -> bool:
+    """True if an interrupted push already uploaded this file unchanged (same size and the
+    CRC-32 it recorded)."""
+    if stored is None or stored.size != size:
+        return False
+    return storage.object_checksums(bucket, stored.key).crc32 == crc
 
 
 def _push(storage: ModelStorage, args: argparse.Namespace, bucket: str, prefix: str) -> int:
@@ -229,20 +379,32 @@ def _push(storage: ModelStorage, args: argparse.Namespace, bucket: str, prefix: 
         result = push_version(storage, src, bucket, prefix, args.version, force=args.force,
                               part_size=args.part_size_mib * 1024 * 1024, progress=bar.update)
     verb = "replaced" if result.replaced else "pushed"
+    notes = []
+    if result.kept:
+        notes.append(f"resumed: {result.kept} already uploaded")
+    if result.aborted:
+        notes.append(f"aborted {result.aborted} unfinished upload(s)")
+    extra = f" ({'; '.join(notes)})" if notes else ""
     print(f"{verb} s3://{bucket}/{prefix}/{args.version}/: {result.files} files, "
-          f"{_human(result.bytes)}")
+          f"{_human(result.bytes)}, manifest written{extra}")
     return 0
 
 
 def _list(storage: ModelStorage, bucket: str, prefix: str) -> int:
     if not storage.bucket_exists(bucket):
         raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")
-    sizes = storage.version_sizes(bucket, prefix)
-    if not sizes:
-        raise StoreError(f"no versions under s3://{bucket}/{prefix}/")
-    print(f"{'VERSION':>8}  {'FILES':>6}  {'SIZE':>10}  BYTES")
-    for version, (files, nbytes) in sizes.items():
-        print(f"{version:>8}  {files:>6}  {_human(nbytes):>10}  {nbytes}")
+    versions = storage.version_summaries(bucket, prefix)
+    if not versions:
+        last = prefix.rpartition("/")[2]
+        hint = (f" ({last} looks like a version: list s3://{bucket}/"
+                f"{prefix.rpartition('/')[0]})" if last.isdigit() and "/" in prefix else "")
+        raise StoreError(f"no versions under s3://{bucket}/{prefix}/{hint}")
+    print(f"{'VERSION':>8}  {'FILES':>6}  {'SIZE':>10}  {'STATUS':<10}  BYTES")
+    for version, v in versions.items():
+        # complete: pushed with a manifest; unverified: a SavedModel another tool
+        # uploaded (loaders check ETags only); incomplete: no saved_model.pb yet.
+        status = "complete" if v.pushed else "unverified" if v.saved_model else "incomplete"
+        print(f"{version:>8}  {v.files:>6}  {_human(v.bytes):>10}  {status:<10}  {v.bytes}")
     return 0
 
 
@@ -252,7 +414,7 @@ def _rm(storage: ModelStorage, bucket: str, prefix: str, version: int) -> int:
     removed = storage.remove_version(bucket, prefix, version)
     if removed == 0:
         raise StoreError(f"s3://{bucket}/{prefix}/{version}/ not found")
-    print(f"removed s3://{bucket}/{prefix}/{version}/ ({removed} objects)")
+    print(f"removed s3://{bucket}/{prefix}/{version}/ ({removed} files)")
     return 0
 
 

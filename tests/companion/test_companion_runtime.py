@@ -423,6 +423,46 @@ async def test_missing_model_in_real_s3_is_failed_model_not_found(
 
 
 @pytest.mark.integration
+async def test_model_changed_after_its_push_is_failed_checksum_mismatch_and_not_refetched(
+    seaweedfs, s3, bucket: str, half_plus_two: Path, start_companion, store: MetadataStore,
+    redis_url: str, models_dir: Path, monkeypatch: pytest.MonkeyPatch,
+):
+    import io
+
+    from mulambda.storage.s3 import ModelStorage
+    from mulambda.tools.models import push_version
+
+    push_version(s3, half_plus_two, bucket, MODEL, 1)
+    index = (half_plus_two / "variables" / "variables.index").read_bytes()
+    damaged = index[:-1] + bytes([index[-1] ^ 0xFF])  # same size, one byte differs
+    s3.client.put_object(bucket, f"{MODEL}/1/variables/variables.index", io.BytesIO(damaged),
+                         len(damaged))
+
+    class Counting(ModelStorage):
+        gets = 0
+
+        def get_range(self, *args: object, **kwargs: object) -> object:
+            Counting.gets += 1
+            return super().get_range(*args, **kwargs)  # type: ignore[arg-type]
+
+    double = await TFServingDouble(MODEL, models_dir=models_dir).start()
+    env = {"MULAMBDA_MODEL_URI": f"s3://{bucket}/{MODEL}", "MULAMBDA_FAILED_RETRY_SECONDS": "0.2"}
+    config = CompanionSettings.from_env(companion_env(redis_url, models_dir, double.url, **env))
+    source = S3ModelSource(Counting.from_env(seaweedfs.env()), config)
+    r = await start_companion(source, double, **env)
+    rec = await eventually(lambda: _replica_in_state(store, "Failed"), within=15, what="Failed")
+    assert rec.reason == "ChecksumMismatch" and "variables.index" in rec.message
+    gets = Counting.gets
+    await asyncio.sleep(1.0)  # about five retries of the permanent error
+    assert Counting.gets == gets, "the same bad bytes were downloaded again"
+    assert (await replica(store)).reason == "ChecksumMismatch"
+    assert not (models_dir / MODEL / "1").exists()  # nothing published for TF Serving
+    assert (await r.get("/readyz")).status_code == 503
+    assert await finish(r) == 0
+    source.close()
+
+
+@pytest.mark.integration
 async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_sigterm(
     seaweedfs, s3, bucket: str, half_plus_two: Path, redis_url: str, store: MetadataStore,
     tmp_path: Path,

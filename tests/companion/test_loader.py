@@ -29,6 +29,7 @@ from mulambda.companion.loader import (
     resolve_version,
 )
 from mulambda.storage.checksums import crc32, crc32_combine
+from mulambda.storage.manifest import PUSH_MANIFEST_NAME
 from mulambda.storage.s3 import ModelStorage
 from mulambda.tools.models import push_version
 
@@ -474,8 +475,8 @@ def test_objects_uploaded_by_other_tools_are_md5_verified(s3, bucket, half_plus_
 
 
 @pytest.mark.parametrize("uploader, target", [
-    ("push", "saved_model.pb"),       # small: MD5 of a single-part ETag, on the fly
-    ("push", "variables/big.bin"),    # CRC-32 recorded by push, combined over ranges
+    ("push", "saved_model.pb"),       # small: CRC-32 from the push manifest
+    ("push", "variables/big.bin"),    # CRC-32 from the push manifest, combined over ranges
     ("multipart", "variables/big.bin"),  # multipart ETag: MD5 of part MD5s
     ("single", "variables/big.bin"),  # single-part ETag over several ranges: whole-file MD5
 ])
@@ -534,6 +535,131 @@ def test_read_only_responses_load_a_verified_copy(seaweedfs, s3, bucket, half_pl
                                 tmp_path / "models", "hpt", part_size=1 * MiB, workers=2)
     assert result.checksummed_files == result.files
     assert same_tree(src, result.path)
+
+
+# -- the push manifest: bytes changed in storage after the push --------------------------------
+
+
+def _overwrite(s3: ModelStorage, bucket: str, key: str, data: bytes) -> None:
+    """Replace an object the way a stray tool or a mistaken copy would: a plain PUT."""
+    s3.client.put_object(bucket, key, io.BytesIO(data), len(data))
+
+
+def _same_size_garbage(path: Path) -> bytes:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("change", [
+    "small-file-same-size", "big-file-same-size", "file-added", "file-removed", "file-resized",
+])
+def test_a_file_changed_after_the_push_is_refused_and_the_verified_copy_kept(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path, change):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 11 * MiB})
+    upload(s3, bucket, "hpt", 1, src)
+    models = tmp_path / "models"
+    first = load_model_version(s3, bucket, "hpt", 1, models, "hpt", part_size=1 * MiB)
+    assert first.downloaded
+
+    if change == "small-file-same-size":  # under one part: the ETag alone would pass it
+        _overwrite(s3, bucket, "hpt/1/variables/variables.index",
+                   _same_size_garbage(src / "variables" / "variables.index"))
+    elif change == "big-file-same-size":
+        _overwrite(s3, bucket, "hpt/1/variables/big.bin",
+                   _same_size_garbage(src / "variables" / "big.bin"))
+    elif change == "file-added":
+        _overwrite(s3, bucket, "hpt/1/assets/extra.txt", b"not pushed")
+    elif change == "file-removed":
+        s3.client.remove_object(bucket, "hpt/1/variables/variables.index")
+    else:
+        _overwrite(s3, bucket, "hpt/1/fingerprint.pb", b"short")
+    storage = storage_as(CountingStorage, seaweedfs)
+
+    with pytest.raises(ModelLoadError) as info:
+        load_model_version(storage, bucket, "hpt", 1, models, "hpt", part_size=1 * MiB,
+                           retries=1)
+
+    assert (info.value.reason, info.value.permanent) == ("ChecksumMismatch", True)
+    assert same_tree(src, first.path)  # the verified copy is untouched
+    assert numeric_dirs(models, "hpt") == ["1"]
+    assert not (models / "hpt" / ".partial-1").exists()
+    gets = storage.gets
+
+    # Asked again (the companion retries permanent errors every minute), nothing is
+    # downloaded: the same listing already failed.
+    with pytest.raises(ModelLoadError) as again:
+        load_model_version(storage, bucket, "hpt", 1, models, "hpt", part_size=1 * MiB)
+    assert again.value.reason == "ChecksumMismatch" and "not downloaded again" in \
+        again.value.message
+    assert storage.gets == gets
+
+    # A new push of the version is loaded (or, byte for byte the copy already
+    # published, kept).
+    upload(s3, bucket, "hpt", 1, src)
+    assert load_model_version(storage, bucket, "hpt", 1, models, "hpt").path == first.path
+    assert same_tree(src, first.path)
+
+
+def test_every_file_is_checked_against_the_manifest_whatever_its_size(s3, bucket,
+                                                                      half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 3 * MiB})
+    upload(s3, bucket, "hpt", 1, src)
+    result = load_model_version(s3, bucket, "hpt", 1, tmp_path / "models", "hpt",
+                                part_size=1 * MiB)
+    assert result.checksummed_files == result.files == 5
+
+
+def test_a_malformed_push_manifest_is_a_permanent_checksum_mismatch(s3, bucket, half_plus_two,
+                                                                     tmp_path):
+    upload(s3, bucket, "hpt", 1, make_model(tmp_path / "src", half_plus_two))
+    _overwrite(s3, bucket, f"hpt/1/{PUSH_MANIFEST_NAME}", b"{not json")
+    err = _load_error(s3, bucket, "hpt", 1, tmp_path / "models")
+    assert (err.reason, err.permanent) == ("ChecksumMismatch", True)
+    assert "malformed push manifest" in err.message
+
+
+def test_a_saved_model_pb_that_does_not_decode_is_not_published(s3, bucket, half_plus_two,
+                                                                 tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two)
+    (src / "saved_model.pb").write_bytes(b"<html>an error page, saved by mistake</html>")
+    upload_raw(s3, bucket, "hpt", src, 64 * MiB)  # another tool: push would refuse it
+
+    err = _load_error(s3, bucket, "hpt", 1, tmp_path / "models")
+
+    assert (err.reason, err.permanent) == ("NotASavedModel", True)
+    assert "does not decode as a SavedModel" in err.message
+    assert numeric_dirs(tmp_path / "models", "m") == []
+    assert not (tmp_path / "models" / "m" / ".partial-1").exists()
+
+
+def _corrupt_on_disk(server: SeaweedFS, bucket: str, data: bytes) -> None:
+    """Flip bytes of ``data``'s stored copy in the volume files (bit rot, a bad disk)."""
+    needle = data[4096:4096 + 64]
+    for volume in (server.data_dir / "data").rglob(f"{bucket}_*.dat"):
+        raw = volume.read_bytes()
+        at = raw.find(needle)
+        if at >= 0:
+            with volume.open("r+b") as f:
+                f.seek(at + 10)
+                f.write(b"\xff\x00\xff\x00")
+            return
+    raise AssertionError("object bytes not found in any volume file")
+
+
+def test_corruption_the_store_reports_is_permanent_not_retried_as_unavailable(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path):
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 2 * MiB})
+    upload(s3, bucket, "hpt", 1, src)
+    _corrupt_on_disk(seaweedfs, bucket, (src / "variables" / "big.bin").read_bytes())
+
+    # SeaweedFS checks each needle's CRC on read and answers 500 InternalError,
+    # like a transient fault; the loader sees that HEAD still works.
+    err = _load_error(s3, bucket, "hpt", 1, tmp_path / "models")
+
+    assert (err.reason, err.permanent) == ("ObjectUnreadable", True), err
+    assert "variables/big.bin" in err.message and "damaged" in err.message
+    assert numeric_dirs(tmp_path / "models", "m") == []
 
 
 # -- ranged reads and CRC-32 arithmetic -------------------------------------------------

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from mulambda.cli import main
+from mulambda.storage.checksums import file_crc32
+from mulambda.storage.manifest import PUSH_MANIFEST_NAME
 from mulambda.storage.s3 import ModelStorage
 
 from support.seaweedfs import ADMIN, READER, SeaweedFS
@@ -49,8 +53,9 @@ def test_push_list_rm_round_trip(cli, s3, bucket, half_plus_two):
         ("1", "4", str(sum(local.values()))), ("3", "4", str(sum(local.values())))]
 
     code, out, _ = cli("rm", f"s3://{bucket}/hpt", "--version", "1")
-    assert code == 0 and "removed" in out and "(4 objects)" in out
+    assert code == 0 and "removed" in out and "(4 files)" in out
     assert s3.list_versions(bucket, "hpt") == [3]
+    assert s3.list_version_objects(bucket, "hpt", 1, include_manifest=True) == []
 
 
 def test_push_refuses_to_overwrite_without_force(cli, s3, bucket, half_plus_two, tmp_path):
@@ -74,17 +79,35 @@ def test_push_refuses_to_overwrite_without_force(cli, s3, bucket, half_plus_two,
     assert after == {p.relative_to(changed).as_posix() for p in changed.rglob("*") if p.is_file()}
 
 
-def test_push_uploads_saved_model_pb_last(cli, s3, bucket, half_plus_two, monkeypatch):
+def test_push_uploads_saved_model_pb_after_the_files_and_the_manifest_last(
+        cli, s3, bucket, half_plus_two, monkeypatch):
     order: list[str] = []
-    real_put = ModelStorage.put_file
+    real_put, real_manifest = ModelStorage.put_file, ModelStorage.put_push_manifest
 
     def spy(self, bucket_, key, *args, **kwargs):
         order.append(key.rsplit("/", 1)[-1])
         return real_put(self, bucket_, key, *args, **kwargs)
 
+    def spy_manifest(self, *args, **kwargs):
+        order.append(PUSH_MANIFEST_NAME)
+        return real_manifest(self, *args, **kwargs)
+
     monkeypatch.setattr(ModelStorage, "put_file", spy)
+    monkeypatch.setattr(ModelStorage, "put_push_manifest", spy_manifest)
     assert cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")[0] == 0
-    assert order[-1] == "saved_model.pb" and len(order) == 4
+    assert order[-2:] == ["saved_model.pb", PUSH_MANIFEST_NAME] and len(order) == 5
+
+
+def test_manifest_names_every_file_with_its_size_and_crc32(cli, s3, bucket, half_plus_two):
+    assert cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")[0] == 0
+    manifest, etag = s3.push_manifest(bucket, "hpt", 1)
+    assert manifest is not None and etag
+    local = {p.relative_to(half_plus_two).as_posix(): p for p in half_plus_two.rglob("*")
+             if p.is_file()}
+    assert {f.path: (f.size, f.crc32) for f in manifest.files} == {
+        rel: (p.stat().st_size, file_crc32(p)) for rel, p in local.items()}
+    assert (manifest.version, manifest.saved_model, manifest.meta_graphs) == (
+        1, "saved_model.pb", 1)
 
 
 @pytest.mark.parametrize("make_dir, message", [
@@ -199,3 +222,165 @@ def test_mb_gives_up_after_waiting_for_an_unreachable_store(cli, monkeypatch):
     assert code == 1 and "StorageUnavailable" in err
     code, _, err = cli("mb", "Not_A_Bucket")
     assert code == 2 and "not a bucket name" in err
+
+
+# -- what push accepts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"", "no meta graph"),
+    (b"not a protocol buffer at all\n", "wire type"),
+    (b"\x08\x01\x12\x00", "meta graph 0 is empty"),
+    (bytes(range(256)) * 8, ""),
+], ids=["empty", "text", "empty-meta-graph", "binary-noise"])
+def test_push_refuses_a_saved_model_pb_that_is_not_a_saved_model(
+        cli, s3, bucket, half_plus_two, tmp_path, content, why):
+    fake = tmp_path / "fake"
+    shutil.copytree(half_plus_two, fake)
+    (fake / "saved_model.pb").write_bytes(content)
+    code, _, err = cli("push", str(fake), f"s3://{bucket}/hpt", "--version", "1")
+    assert code == 2, err
+    assert "does not decode as a SavedModel protocol buffer" in err and why in err
+    assert s3.list_version_objects(bucket, "hpt", 1, include_manifest=True) == []
+
+
+def test_push_accepts_a_text_saved_model(cli, s3, bucket, half_plus_two, tmp_path):
+    text = tmp_path / "text"
+    shutil.copytree(half_plus_two, text)
+    (text / "saved_model.pb").unlink()
+    (text / "saved_model.pbtxt").write_text(
+        "saved_model_schema_version: 1\nmeta_graphs {\n  meta_info_def { tags: 'serve' }\n}\n")
+    assert cli("push", str(text), f"s3://{bucket}/txt", "--version", "1")[0] == 0
+    (text / "saved_model.pbtxt").write_text("hello: 1\n")
+    code, _, err = cli("push", str(text), f"s3://{bucket}/txt", "--version", "2")
+    assert code == 2 and "no top-level meta_graphs" in err
+
+
+@pytest.mark.parametrize("action", ["push", "rm"])
+def test_a_uri_ending_in_a_version_with_version_is_refused(cli, s3, bucket, half_plus_two,
+                                                           action):
+    uri = f"s3://{bucket}/half_plus_two/1/"
+    args = [str(half_plus_two), uri] if action == "push" else [uri]
+    code, _, err = cli(action, *args, "--version", "1")
+    assert code == 2
+    assert "already ends in a version number (1)" in err
+    assert f"s3://{bucket}/half_plus_two --version 1" in err
+    assert s3.version_sizes(bucket, "half_plus_two") == {}
+
+
+def test_list_hints_at_a_uri_that_ends_in_a_version(cli, bucket, half_plus_two):
+    assert cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")[0] == 0
+    code, _, err = cli("list", f"s3://{bucket}/hpt/1")
+    assert code == 1 and f"list s3://{bucket}/hpt" in err
+
+
+def test_help_documents_credentials_and_the_layout_written(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["models", "push", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("MULAMBDA_S3_ACCESS_KEY", "MULAMBDA_S3_SECRET_KEY", "MULAMBDA_S3_ENDPOINT",
+                   "s3://BUCKET/NAME/N/", PUSH_MANIFEST_NAME, "written last",
+                   "x-amz-meta-mulambda-crc32", "without a version", "--force", "resumed"):
+        assert needle in text, needle
+    with pytest.raises(SystemExit):
+        main(["models", "--help"])
+    assert "MULAMBDA_S3_SECRET_KEY" in capsys.readouterr().out
+
+
+def test_list_shows_complete_unverified_and_incomplete_versions(cli, s3, bucket, half_plus_two):
+    assert cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")[0] == 0
+    for path in half_plus_two.rglob("*"):  # version 2 as another tool would upload it
+        if path.is_file():
+            s3.client.fput_object(bucket, f"hpt/2/{path.relative_to(half_plus_two)}", str(path))
+    s3.client.fput_object(bucket, "hpt/3/variables/variables.index",
+                          str(half_plus_two / "variables" / "variables.index"))
+    code, out, _ = cli("list", f"s3://{bucket}/hpt")
+    assert code == 0
+    status = {line.split()[0]: line.split()[-2] for line in out.splitlines()[1:]}
+    assert status == {"1": "complete", "2": "unverified", "3": "incomplete"}
+
+
+# -- interrupted pushes -------------------------------------------------------------------------
+
+
+class _Interrupt(io.RawIOBase):
+    """A file that raises KeyboardInterrupt (Ctrl-C) after ``limit`` bytes were read."""
+
+    def __init__(self, stream: Any, limit: int) -> None:
+        self.stream, self.left = stream, limit
+
+    def read(self, size: int = -1) -> bytes:
+        if self.left <= 0:
+            raise KeyboardInterrupt
+        data: bytes = self.stream.read(min(size, self.left) if size >= 0 else self.left)
+        self.left -= len(data)
+        return data
+
+
+def _open_uploads(s3: ModelStorage, bucket: str, prefix: str) -> list[str]:
+    return [u.object_name for u in
+            s3.client._list_multipart_uploads(bucket, prefix=prefix).uploads]
+
+
+def test_interrupted_push_aborts_its_upload_and_is_resumed(cli, s3, bucket, half_plus_two,
+                                                           tmp_path, monkeypatch):
+    MiB = 1024 * 1024
+    src = tmp_path / "big"
+    shutil.copytree(half_plus_two, src)
+    (src / "variables" / "variables.data-00000-of-00001").write_bytes(os.urandom(13 * MiB))
+    real_put = ModelStorage.put_file
+    calls: list[str] = []
+
+    def ctrl_c_in_the_big_file(self, bucket_, key, stream, size, **kwargs):
+        calls.append(key.rsplit("/", 1)[-1])
+        if size > 10 * MiB:  # two 5 MiB parts get through, then Ctrl-C
+            stream = _Interrupt(stream, 11 * MiB)
+        return real_put(self, bucket_, key, stream, size, **kwargs)
+
+    monkeypatch.setattr(ModelStorage, "put_file", ctrl_c_in_the_big_file)
+    with pytest.raises(KeyboardInterrupt):
+        cli("push", str(src), f"s3://{bucket}/hpt", "--version", "1", "--part-size-mib", "5")
+    assert _open_uploads(s3, bucket, "hpt/1/") == []  # no parts left behind in the store
+    assert s3.push_manifest(bucket, "hpt", 1) == (None, "")  # not complete
+    assert cli("list", f"s3://{bucket}/hpt")[1].splitlines()[1].split()[-2] == "incomplete"
+    done_before = {o.relpath for o in s3.list_version_objects(bucket, "hpt", 1)}
+    assert "saved_model.pb" not in done_before
+
+    calls.clear()
+    monkeypatch.setattr(ModelStorage, "put_file", real_put)
+    spy: list[str] = []
+
+    def counting_put(self, bucket_, key, *args, **kwargs):
+        spy.append(key.rsplit("/", 1)[-1])
+        return real_put(self, bucket_, key, *args, **kwargs)
+
+    monkeypatch.setattr(ModelStorage, "put_file", counting_put)
+    code, out, err = cli("push", str(src), f"s3://{bucket}/hpt", "--version", "1",
+                         "--part-size-mib", "5")
+    assert code == 0, err
+    assert f"resumed: {len(done_before)} already uploaded" in out
+    assert not set(spy) & {p.rsplit("/", 1)[-1] for p in done_before}  # kept, not re-sent
+    assert s3.push_manifest(bucket, "hpt", 1)[0] is not None
+
+
+def test_push_aborts_uploads_a_killed_push_left_open(cli, s3, bucket, half_plus_two):
+    # A push killed with SIGKILL cannot clean up: its upload stays open in the store.
+    key = "hpt/1/variables/variables.data-00000-of-00001"
+    upload_id = s3.client._create_multipart_upload(bucket, key, {})
+    s3.client._upload_part(bucket, key, os.urandom(5 * 1024 * 1024), None, upload_id, 1)
+    assert _open_uploads(s3, bucket, "hpt/1/") == [key]
+
+    code, out, _ = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")
+    assert code == 0 and "aborted 1 unfinished upload(s)" in out
+    assert _open_uploads(s3, bucket, "hpt/1/") == []
+
+
+def test_a_version_another_tool_uploaded_is_replaced_only_with_force(cli, s3, bucket,
+                                                                     half_plus_two):
+    s3.client.fput_object(bucket, "hpt/1/saved_model.pb", str(half_plus_two / "saved_model.pb"))
+    code, _, err = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")
+    assert code == 1 and "without a push manifest" in err and "--force" in err
+    code, out, _ = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1",
+                       "--force")
+    assert code == 0 and out.startswith("replaced")
