@@ -1,15 +1,23 @@
-"""Serverless scaling through the real operator (KMock + real redis-server).
+"""Serverless scaling through the real operator on the real control plane, with a real
+redis-server.
 
 Demand is written to the store the way the SDK and the selector write it
-(in-flight counters, demand buckets); nothing runs pods here, so "the first
-replica became ready" is a status patch, as the Deployment controller would make.
+(in-flight leases, demand buckets). Replicas are real: the operator patches
+the Deployment, the real Deployment and ReplicaSet controllers create and
+delete pods, the scheduler binds them to KWOK nodes and KWOK makes them
+Ready. So scale to zero means the pods go away, activation means a pod comes
+back Ready, and the cold start the operator measures ends when that pod is
+Ready (it was a status patch on the emulator).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -20,31 +28,35 @@ from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
 
-from support.kube import Kube
-from support.kube_operator import OperatorRun
+from support.cluster import Cluster, path_of
+from support.controlplane import ControlPlane
+from support.operator_run import OperatorRun
+from support.procs import RedisServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 ME = ("mulambda.io/v1alpha1", "modelexecutors")
 CL = ("mulambda.io/v1alpha1", "clients")
 DEP = ("apps/v1", "deployments")
 PREFIX = "stest"
+AUTOSCALE_INTERVAL = 0.25
+TICK = "Timer 'autoscale_executor' succeeded."  # kopf's line for each autoscaler tick
 
 
 @pytest.fixture
-def operator(kube: Kube, run_operator: Callable[..., OperatorRun], redis_url: str) -> OperatorRun:
+def operator(run_operator: Callable[..., OperatorRun], redis_url: str) -> OperatorRun:
     settings = Settings(
         redis_url=redis_url, key_prefix=PREFIX, companion_image="mulambda:test",
         reconcile_interval_seconds=0.3, probe_interval_seconds=0.3,
-        autoscale_interval_seconds=0.25, retry_max_delay_seconds=1.0,
+        autoscale_interval_seconds=AUTOSCALE_INTERVAL, retry_max_delay_seconds=1.0,
     )
     return run_operator(lambda registry: register_all(registry, settings))
 
 
-def executor(name: str = "sent", **scaling: Any) -> dict[str, Any]:
+def executor(ns: str, name: str = "sent", **scaling: Any) -> dict[str, Any]:
     return {
         "apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
-        "metadata": {"name": name, "namespace": "ml"},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {
             "model": {"name": name, "storageUri": f"s3://models/{name}"},
             "traits": {"type": "sentiment", "input": "text", "output": "label",
@@ -55,17 +67,102 @@ def executor(name: str = "sent", **scaling: Any) -> dict[str, Any]:
     }
 
 
-def replicas(kube: Kube, name: str = "sent") -> int | None:
-    dep = kube.get(*DEP, "ml", name)
+def replicas(cluster: Cluster, ns: str, name: str = "sent") -> int | None:
+    dep = cluster.get(*DEP, ns, name)
     return None if dep is None else dep["spec"].get("replicas")
 
 
-def scaling_status(kube: Kube, name: str = "sent") -> dict[str, Any]:
-    return ((kube.get(*ME, "ml", name) or {}).get("status") or {}).get("scaling") or {}
+def scaling_status(cluster: Cluster, ns: str, name: str = "sent") -> dict[str, Any]:
+    return ((cluster.get(*ME, ns, name) or {}).get("status") or {}).get("scaling") or {}
 
 
-def events(kube: Kube, reason: str) -> list[dict[str, Any]]:
-    return [e for e in kube.list("v1", "events", "ml") if e.get("reason") == reason]
+def pods(cluster: Cluster, ns: str, name: str = "sent") -> list[dict[str, Any]]:
+    """Every pod of the executor, terminating ones included."""
+    return cluster.list("v1", "pods", ns, labelSelector=(
+        f"app.kubernetes.io/name=modelexecutor,app.kubernetes.io/instance={name}"))
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    conditions = {c["type"]: c["status"] for c in (pod.get("status") or {}).get("conditions", [])}
+    return conditions.get("Ready") == "True" and not pod["metadata"].get("deletionTimestamp")
+
+
+def ready_pods(
+    cluster: Cluster, cp: ControlPlane, ns: str, count: int, name: str = "sent",
+    timeout: float = 60,
+) -> list[dict[str, Any]]:
+    """Wait until the executor has exactly ``count`` pods, each Ready on a KWOK node."""
+    def check() -> list[dict[str, Any]] | None:
+        found = pods(cluster, ns, name)
+        return found if len(found) == count and all(map(is_ready, found)) else None
+
+    found = cluster.wait_for(check, timeout=timeout, what=f"{count} Ready pod(s) of {name}")
+    for pod in found:
+        assert pod["spec"]["nodeName"] in cp.node_names
+    return found
+
+
+def no_pods(cluster: Cluster, ns: str, name: str = "sent") -> None:
+    """Wait until the executor's pods are gone (deleted, not just terminating)."""
+    cluster.wait_for(lambda: not pods(cluster, ns, name), timeout=60,
+                     what=f"the pods of {name} gone")
+
+
+def autoscaler_ticks(operator: OperatorRun, ns: str) -> int:
+    """Autoscaler ticks the operator completed for executors in ``ns`` so far."""
+    return sum(1 for r in list(operator.records)
+               if r.getMessage() == TICK
+               and (getattr(r, "k8s_ref", None) or {}).get("namespace") == ns)
+
+
+def autoscaler_timeline(operator: OperatorRun, ns: str) -> tuple[list[tuple[float, float]],
+                                                                    list[float]]:
+    """From the operator's log, for executors in ``ns``: (invoked, finished) wall times of
+    each autoscaler tick, and when it logged a scale to zero."""
+    ticks: list[tuple[float, float]] = []
+    to_zero: list[float] = []
+    invoked = 0.0
+    for r in list(operator.records):
+        if (getattr(r, "k8s_ref", None) or {}).get("namespace") != ns:
+            continue
+        message = r.getMessage()
+        if message == "Timer 'autoscale_executor' is invoked.":
+            invoked = r.created
+        elif message == TICK:
+            ticks.append((invoked, r.created))
+        elif message.startswith("scaled executor=") and " to=0 " in message:
+            to_zero.append(r.created)
+    return ticks, to_zero
+
+
+def let_autoscaler_tick(cluster: Cluster, operator: OperatorRun, ns: str, n: int = 6) -> None:
+    """Wait for ``n`` more autoscaler ticks (was a fixed sleep: a loaded machine may
+    tick less often than the interval says, so count them)."""
+    start = autoscaler_ticks(operator, ns)
+    cluster.wait_for(lambda: autoscaler_ticks(operator, ns) >= start + n, timeout=30,
+                     what=f"{n} autoscaler ticks")
+
+
+def history(
+    cluster: Cluster, api_version: str, plural: str, ns: str, name: str, since: str
+) -> list[dict[str, Any]]:
+    """Every version of an object stored after resourceVersion ``since``: a watch from
+    that version replays them all, so no intermediate state is missed by polling."""
+    params = {"watch": "1", "resourceVersion": since, "timeoutSeconds": "1",
+              "fieldSelector": f"metadata.name={name}"}
+    found = []
+    with cluster.http.stream("GET", path_of(api_version, plural, ns), params=params) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.strip():
+                event = json.loads(line)
+                assert event["type"] != "ERROR", event
+                found.append(event["object"])
+    return found
+
+
+def epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp).timestamp()
 
 
 def run(coro: Any) -> Any:
@@ -80,128 +177,192 @@ async def _with_store(redis_url: str, fn: Callable[[MetadataStore], Any]) -> Any
         await store.close()
 
 
+def inflight(redis_url: str, ns: str, count: int) -> None:
+    """An SDK instance's in-flight lease for the executor (0 drops it). The lease lives
+    for minutes, not the SDK's 30 s, so a slow machine cannot end the demand early."""
+    run(_with_store(redis_url, lambda s: s.publish_inflight(
+        "test-sdk", {f"{ns}/sent": count}, ttl=600)))
+
+
 def test_min_zero_executor_starts_cold_and_sdk_demand_activates_it(
-    kube: Kube, operator: OperatorRun, redis_url: str
+    cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str, ns: str
 ) -> None:
-    kube.create(executor())
-    kube.wait_for(lambda: replicas(kube) == 0, what="Deployment at zero")
-    ready = kube.wait_for(
-        lambda: next((c for c in (kube.get(*ME, "ml", "sent").get("status") or {}).get(
+    sent = f"{ns}/sent"
+    cluster.create(executor(ns))
+    cluster.wait_for(lambda: replicas(cluster, ns) == 0, what="Deployment at zero")
+    ready = cluster.wait_for(
+        lambda: next((c for c in (cluster.get(*ME, ns, "sent").get("status") or {}).get(
             "conditions", []) if c["type"] == "Ready" and c["reason"] == "ScaledToZero"), None),
         what="Ready=False/ScaledToZero")
     assert ready["status"] == "False"
+    assert not pods(cluster, ns)  # the Deployment controller started none
 
     # A Client that prefers to wait for the best (cold) model. Registering it
     # wakes nothing: only requests are demand.
-    kube.create({"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
-                 "metadata": {"name": "shop", "namespace": "ml"},
-                 "spec": {"criteria": {"type": "sentiment"}, "coldStart": "Wait"}})
-    kube.wait_for(lambda: (kube.get(*CL, "ml", "shop").get("status") or {}).get("selected"),
-                  what="the cold executor selected")
-    time.sleep(1.5)  # several autoscaler ticks
-    assert replicas(kube) == 0
+    cluster.create({"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
+                    "metadata": {"name": "shop", "namespace": ns},
+                    "spec": {"criteria": {"type": "sentiment"}, "coldStart": "Wait"}})
+    cluster.wait_for(lambda: (cluster.get(*CL, ns, "shop").get("status") or {}).get("selected"),
+                     what="the cold executor selected")
+    let_autoscaler_tick(cluster, operator, ns)
+    assert replicas(cluster, ns) == 0 and not pods(cluster, ns)
 
     # The application asks the SDK for a model: the SDK records demand for the
     # cold executor it would pick, and the operator activates it at once.
     async def ask() -> str:
         store = MetadataStore.from_url(redis_url, PREFIX)
-        async with MulambdaClient(store, "ml/shop", cold_start_timeout=5) as mu:
+        async with MulambdaClient(store, f"{ns}/shop", cold_start_timeout=5) as mu:
             chosen = (await mu.select()).executor_id
             await asyncio.sleep(0.3)  # the demand signal is sent in the background
         await store.close()
         return chosen
 
-    assert run(ask()) == "ml/sent"
-    kube.wait_for(lambda: replicas(kube) == 1, timeout=5, what="activated to one replica")
-    assert scaling_status(kube).get("reason") == "Activate"
-    kube.wait_for(lambda: events(kube, "Activate"), what="an Activate Event")
-    assert "activatedAt" in kube.wait_for(lambda: scaling_status(kube).get("activatedAt")
-                                          and scaling_status(kube))
+    before = cluster.get(*ME, ns, "sent")["metadata"]["resourceVersion"]
+    asked = time.monotonic()
+    assert run(ask()) == sent
+    cluster.wait_for(lambda: replicas(cluster, ns) == 1, timeout=5, what="activated to one replica")
+    cluster.wait_for(lambda: cluster.events(ns, "Activate"), what="an Activate Event")
 
-    time.sleep(0.5)  # the pod "starts"
-    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
-               subresource="status")
-    cold = kube.wait_for(lambda: scaling_status(kube).get("lastColdStartSeconds"),
-                         what="cold start measured")
-    assert 0.5 <= cold < 10
-    assert "activatedAt" not in scaling_status(kube)
-    kube.wait_for(lambda: events(kube, "ColdStart"), what="a ColdStart Event")
+    # The real Deployment controller brings a pod up; KWOK makes it Ready; the
+    # operator sees readyReplicas and measures the cold start up to that moment.
+    pod = ready_pods(cluster, controlplane, ns, 1)[0]
+    cold = cluster.wait_for(lambda: scaling_status(cluster, ns).get("lastColdStartSeconds"),
+                            what="cold start measured")
+    waited = time.monotonic() - asked
+    assert 0 < cold < waited
+    assert "activatedAt" not in scaling_status(cluster, ns)
+    cold_event = cluster.wait_for(lambda: cluster.events(ns, "ColdStart"),
+                                  what="a ColdStart Event")[0]
+
+    # Was: polled once, racing the next tick. Now the server's history of the
+    # executor: the activation was recorded (reason and timestamp) before the pod
+    # existed, and the cold start spans the pod's whole start until it was Ready.
+    versions = [(v.get("status") or {}).get("scaling") or {}
+                for v in history(cluster, *ME, ns, "sent", before)]
+    activated = next(s for s in versions if s.get("activatedAt") is not None)
+    assert activated["reason"] == "Activate"
+    activated_at = float(activated["activatedAt"])
+    ready_at = epoch(next(c["lastTransitionTime"] for c in pod["status"]["conditions"]
+                          if c["type"] == "Ready"))
+    created_at = epoch(pod["metadata"]["creationTimestamp"])
+    # (The server's timestamps are whole seconds, truncated.)
+    assert math.floor(activated_at) <= created_at <= ready_at < activated_at + cold + 1e-3
+    observed_at = epoch(cold_event.get("eventTime") or cold_event["firstTimestamp"])
+    assert ready_at <= observed_at + 1e-3
+
     # The operator runs in this process: its Prometheus histogram saw it too.
-    count = REGISTRY.get_sample_value("mulambda_cold_start_seconds_count",
-                                      {"executor": "ml/sent"})
-    total = REGISTRY.get_sample_value("mulambda_cold_start_seconds_sum",
-                                      {"executor": "ml/sent"})
-    assert count is not None and count >= 1 and total is not None and total >= 0.5
+    count = REGISTRY.get_sample_value("mulambda_cold_start_seconds_count", {"executor": sent})
+    total = REGISTRY.get_sample_value("mulambda_cold_start_seconds_sum", {"executor": sent})
+    assert count is not None and count >= 1
+    assert total is not None and total >= cold - 0.001  # status rounds to milliseconds
 
 
 def test_autoscaler_never_scales_a_deployment_it_does_not_own(
-    kube: Kube, operator: OperatorRun, redis_url: str
+    cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str, ns: str
 ) -> None:
+    # Restricted-compliant: the namespace would refuse its pods otherwise.
     foreign = {"apiVersion": "apps/v1", "kind": "Deployment",
-               "metadata": {"name": "sent", "namespace": "ml"},
+               "metadata": {"name": "sent", "namespace": ns},
                "spec": {"replicas": 5, "selector": {"matchLabels": {"app": "b"}},
-                        "template": {"metadata": {"labels": {"app": "b"}},
-                                     "spec": {"containers": [{"name": "b", "image": "b"}]}}}}
-    kube.create(foreign)
-    kube.create(executor(minReplicas=0, idleWindowSeconds=0))
-    kube.wait_for(lambda: any(c.get("reason") == "NameConflict" for c in (
-        kube.get(*ME, "ml", "sent").get("status") or {}).get("conditions", [])))
-    time.sleep(1.5)  # autoscaler ticks with no demand at all
-    assert replicas(kube) == 5
+                        "template": {"metadata": {"labels": {"app": "b"}}, "spec": {
+                            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000,
+                                                "seccompProfile": {"type": "RuntimeDefault"}},
+                            "containers": [{"name": "b", "image": "b", "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]}}}]}}}}
+    cluster.create(foreign)
+    cluster.create(executor(ns, minReplicas=0, idleWindowSeconds=0))
+    cluster.wait_for(lambda: any(c.get("reason") == "NameConflict" for c in (
+        cluster.get(*ME, ns, "sent").get("status") or {}).get("conditions", [])),
+        what="NameConflict")
+    let_autoscaler_tick(cluster, operator, ns)  # ticks with no demand at all
+    assert replicas(cluster, ns) == 5
+    # And the foreign pods run on, all five.
+    cluster.wait_for(lambda: (cluster.get(*DEP, ns, "sent").get("status") or {}).get(
+        "readyReplicas") == 5, timeout=60, what="the foreign Deployment's 5 pods Ready")
+    assert replicas(cluster, ns) == 5
 
 
 def test_idle_executor_scales_to_zero_after_the_idle_window(
-    kube: Kube, operator: OperatorRun, redis_url: str
+    cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str, ns: str
 ) -> None:
-    kube.create(executor(idleWindowSeconds=1))
-    kube.wait_for(lambda: replicas(kube) == 0)
-    # As if it had been activated earlier: one replica, serving, no demand since.
-    kube.patch(*DEP, "ml", "sent", {"spec": {"replicas": 1}})
-    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
-               subresource="status")
-    started = time.monotonic()
-    kube.wait_for(lambda: replicas(kube) == 0, timeout=10, what="scaled to zero")
-    assert time.monotonic() - started >= 1.0  # not before the idle window
-    assert scaling_status(kube)["reason"] == "ScaleToZero"
-    kube.wait_for(lambda: events(kube, "ScaleToZero"), what="a ScaleToZero Event")
+    idle_window = 2
+    cluster.create(executor(ns, idleWindowSeconds=idle_window, stableWindowSeconds=1))
+    cluster.wait_for(lambda: replicas(cluster, ns) == 0, what="Deployment at zero")
+    # Was: spec.replicas and a Ready status patched in "as if activated earlier",
+    # which on a real cluster races the idle clock (it runs from the operator's
+    # first tick, seconds before a real pod is up). Now a real activation: an SDK
+    # in-flight lease, a pod that becomes Ready, then the demand ends.
+    inflight(redis_url, ns, 1)
+    cluster.wait_for(lambda: replicas(cluster, ns) == 1, timeout=10, what="activated")
+    ready_pods(cluster, controlplane, ns, 1)
+    cluster.wait_for(lambda: scaling_status(cluster, ns).get("readyReplicas") == 1,
+                     what="the operator seeing the ready replica")
+    assert replicas(cluster, ns) == 1  # demand holds it
+
+    idle_since = time.time()
+    inflight(redis_url, ns, 0)
+    cluster.wait_for(lambda: replicas(cluster, ns) == 0, timeout=15, what="scaled to zero")
+    # Not before the idle window. The idle clock starts at the last tick that saw
+    # the lease: at the latest tick that finished before the lease was dropped,
+    # or later. (Was: the test's clock from the status patch, which a slow tick
+    # on a loaded machine can make look early.)
+    # (The tick logs its decision just after the replica patch the test already saw.)
+    cluster.wait_for(lambda: autoscaler_timeline(operator, ns)[1], what="the scale logged")
+    ticks, to_zero = autoscaler_timeline(operator, ns)
+    saw_demand = max(invoked for invoked, finished in ticks if finished < idle_since)
+    assert len(to_zero) == 1 and to_zero[0] >= saw_demand + idle_window
+    cluster.wait_for(lambda: scaling_status(cluster, ns).get("reason") == "ScaleToZero",
+                     what="ScaleToZero in status")
+    cluster.wait_for(lambda: cluster.events(ns, "ScaleToZero"), what="a ScaleToZero Event")
+    no_pods(cluster, ns)  # the real ReplicaSet controller deleted the pod
 
 
 def test_in_flight_demand_scales_up_within_max_replicas(
-    kube: Kube, operator: OperatorRun, redis_url: str
+    cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str, ns: str
 ) -> None:
     # Short windows so the test can also watch it come back down.
-    kube.create(executor(minReplicas=1, stableWindowSeconds=2, panicWindowSeconds=1))
-    kube.wait_for(lambda: replicas(kube) == 1)
-    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 1, "readyReplicas": 1}},
-               subresource="status")
+    cluster.create(executor(ns, minReplicas=1, stableWindowSeconds=2, panicWindowSeconds=1))
+    cluster.wait_for(lambda: replicas(cluster, ns) == 1, what="one replica")
+    ready_pods(cluster, controlplane, ns, 1)  # was a patched status
 
     # 10 requests in flight with a target of 2 per replica: wants 5, max is 3.
     # (What an SDK instance publishes as its in-flight lease.)
-    run(_with_store(redis_url, lambda s: s.publish_inflight("test-sdk", {"ml/sent": 10})))
-    kube.wait_for(lambda: replicas(kube) == 3, timeout=5, what="scaled to maxReplicas")
-    status = kube.wait_for(lambda: scaling_status(kube).get("desiredReplicas") == 3
-                           and scaling_status(kube), what="the decision in status")
+    inflight(redis_url, ns, 10)
+    cluster.wait_for(lambda: replicas(cluster, ns) == 3, timeout=5, what="scaled to maxReplicas")
+    status = cluster.wait_for(lambda: scaling_status(cluster, ns).get("desiredReplicas") == 3
+                              and scaling_status(cluster, ns), what="the decision in status")
     assert status["reason"] in {"Bounded", "Panic"}
+    ready_pods(cluster, controlplane, ns, 3)  # three real pods serve
 
     # Demand gone: back down once the stable window has passed, to minReplicas, not 0.
-    run(_with_store(redis_url, lambda s: s.publish_inflight("test-sdk", {"ml/sent": 0})))
-    kube.patch(*DEP, "ml", "sent", {"status": {"replicas": 3, "readyReplicas": 3}},
-               subresource="status")
-    kube.wait_for(lambda: replicas(kube) == 1, timeout=10, what="back to minReplicas")
-    assert scaling_status(kube)["reason"] in {"ScaleDown", "Bounded"}
-    time.sleep(1.0)  # and it stays there: never below minReplicas
-    assert replicas(kube) == 1
+    inflight(redis_url, ns, 0)
+    cluster.wait_for(lambda: replicas(cluster, ns) == 1, timeout=15, what="back to minReplicas")
+    # (The status patch follows the replica patch at the end of the same tick.)
+    cluster.wait_for(lambda: scaling_status(cluster, ns).get("reason") in {"ScaleDown", "Bounded"},
+                     what="the scale-down in status")
+    ready_pods(cluster, controlplane, ns, 1)  # two pods deleted, one serving
+    let_autoscaler_tick(cluster, operator, ns)  # and it stays there: never below minReplicas
+    assert replicas(cluster, ns) == 1
+    assert len(ready_pods(cluster, controlplane, ns, 1, timeout=0)) == 1
 
 
 def test_store_outage_holds_replicas(
-    kube: Kube, operator: OperatorRun, redis_url: str, redis_server: Any
+    cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str,
+    redis_server: RedisServer, ns: str,
 ) -> None:
-    kube.create(executor(minReplicas=0, idleWindowSeconds=0))
-    kube.wait_for(lambda: replicas(kube) == 0)
-    kube.patch(*DEP, "ml", "sent", {"spec": {"replicas": 2}})
+    cluster.create(executor(ns, minReplicas=0, idleWindowSeconds=0))
+    cluster.wait_for(lambda: replicas(cluster, ns) == 0, what="Deployment at zero")
+    # The store goes first (was: after the patch, racing a tick that would scale
+    # an idle executor with idleWindowSeconds 0 straight back to zero).
     redis_server.stop()
     try:
-        time.sleep(1.5)  # several autoscaler ticks without demand data
-        assert replicas(kube) == 2  # not knowing the load is no reason to act
+        cluster.patch(*DEP, ns, "sent", {"spec": {"replicas": 2}})
+        # Pods are managed normally meanwhile: the real controllers run both.
+        ready_pods(cluster, controlplane, ns, 2)
+        let_autoscaler_tick(cluster, operator, ns)  # ticks without demand data
+        assert any("demand unavailable" in m for m in operator.messages())
+        assert replicas(cluster, ns) == 2  # not knowing the load is no reason to act
+        assert len(ready_pods(cluster, controlplane, ns, 2, timeout=0)) == 2
     finally:
         redis_server.start()
