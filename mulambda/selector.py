@@ -1,6 +1,35 @@
-"""``mulambda selector``: model selection over HTTP, for clients without the SDK.
+"""``mulambda selector``: model selection over HTTP, and a gateway that routes predictions.
 
-API (JSON in, JSON out):
+API (JSON in, JSON out; every JSON answer is strict JSON, never ``NaN``):
+
+``POST /v1/predict/{namespace}/{client}``
+    The gateway, for clients that cannot embed the SDK. The body is a TF
+    Serving REST predict body (``{"instances": [...]}`` or ``{"inputs":
+    ...}``), forwarded as is to the best executor for the client (the
+    Client registered as ``namespace/client``; query parameters ``type``,
+    ``input``, ``output``, ``latency``, ``accuracy``, ``max_latency_ms``,
+    ``min_accuracy``, ``cold_start`` override its criteria, and give them
+    when the client is not registered) at
+    ``/v1/models/MODEL:predict``. The answer is the executor's (status,
+    body, content type) with headers ``X-Mulambda-Executor``,
+    ``X-Mulambda-Replica`` and ``X-Mulambda-Attempts``.
+
+    The gateway sees load the way the SDK does: it picks a replica (its pod
+    IP from the heartbeat, else the executor's Service), counts its own
+    requests in flight per replica exactly, publishes them as in-flight
+    leases (so SDKs, other selector replicas and the autoscaler see them),
+    times every answer and feeds the service-time model
+    (:mod:`mulambda.policy.latency`, published to ``P:service``). A connect
+    failure or a 503 moves on to another executor (at most
+    ``--max-attempts``; the failed replica is avoided for a few seconds);
+    another error answer is passed through, a timeout is 504, a broken
+    connection 502. With only cold candidates (or ``cold_start: Wait`` and
+    a better cold one) it signals demand and waits up to
+    ``--cold-start-timeout`` for a replica, measuring the cold start;
+    otherwise 503 with ``Retry-After``. Errors of its own: 400 (body not
+    JSON, bad criteria), 404 (``unknown client``, ``no matching model``
+    with the reason), 502 ``{"error": "all candidates failed", "attempts":
+    [...]}``, 503 (store unreachable).
 
 ``POST /select/{client}``
     ``client`` is the client id ``NAMESPACE/NAME`` (the slash may appear
@@ -24,7 +53,11 @@ API (JSON in, JSON out):
 
     404 ``{"error": "no matching model", "reason": "..."}`` when nothing
     matches; 400 ``{"error": "..."}`` on bad JSON or bad fields; 503 when the
-    store is unreachable.
+    store is unreachable. The selector cannot see when the client's request
+    ends, so each answer counts, in this process only, as one request in
+    flight on the chosen executor for its expected latency: a burst of
+    selections spreads instead of all getting the same answer. Clients that
+    want measured load use the SDK or the gateway.
 
 ``GET /healthz``
     200 when the store answers a PING, else 503.
@@ -32,24 +65,29 @@ API (JSON in, JSON out):
 ``GET /metrics``
     Prometheus text format.
 
-The selector cannot see when a client's request to the model ends, so it
-counts every selection as demand (``P:demand:BUCKET``) but not as in-flight
-load; clients that want load feedback use the SDK. Snapshots are cached per
-client for ``--cache-ttl`` seconds, so a burst of selections costs one store
-round trip per client per TTL.
+Every selection is counted as demand (``P:demand:BUCKET``) for the
+autoscaler. Snapshots are cached per client for ``--cache-ttl`` seconds
+(this process's own requests are exact at every request), so a burst costs
+one store round trip per client per TTL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import heapq
 import json
 import logging
+import random
 import time
+import uuid
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,29 +97,65 @@ from prometheus_client import (
     generate_latest,
 )
 
-from mulambda.policy.selection import DEFAULT_POLICY, Criteria, Policy, rank
+from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.selection import (
+    DEFAULT_POLICY,
+    Candidate,
+    Criteria,
+    Policy,
+    Ranking,
+    overlay,
+    rank,
+)
 from mulambda.settings import Settings
+from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, Snapshot, StoreUnavailable
 
 log = logging.getLogger("mulambda.selector")
 
 STORE_KEY = web.AppKey("store", MetadataStore)
+_dumps = functools.partial(json.dumps, allow_nan=False)
+
+# An answered selection counts as in flight for its expected latency, at most this long.
+VIRTUAL_INFLIGHT_MAX_SECONDS = 10.0
 
 
 class _Selector:
-    """State of one selector process: store, per-client snapshot cache, metrics."""
+    """State of one selector process: store, snapshot cache, own load and measurements."""
 
-    def __init__(self, store: MetadataStore, cache_ttl: float, policy: Policy,
+    def __init__(self, store: MetadataStore, cache_ttl: float, policy: Policy, *,
+                 predict_timeout: float = 30.0, max_attempts: int = 3,
+                 cold_start_timeout: float = 30.0, suspect_seconds: float = 5.0,
                  max_cached_clients: int = 1024) -> None:
         self.store = store
         self.cache_ttl = cache_ttl
         self.policy = policy
+        self.predict_timeout = predict_timeout
+        self.max_attempts = max(1, max_attempts)
+        self.cold_start_timeout = cold_start_timeout
+        self.suspect_seconds = suspect_seconds
         self.max_cached = max_cached_clients
-        self._cache: OrderedDict[str, tuple[float, Snapshot, ClientRecord | None]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, Snapshot]] = OrderedDict()
+        self.instance = f"selector-{uuid.uuid4().hex[:12]}"
+        self.tracker = ServiceTracker(policy.fit)
+        self.leases = InflightLeases(store, self.instance, service=self.tracker)
+        self.load = InflightReader(store, self.instance)
+        # Own requests (forwarded ones, and /select answers while they last): when sent,
+        # how long they should stay at the executor.
+        self.own = OwnRequests()
+        self.suspect: dict[tuple[str, str], float] = {}  # (executor, pod) -> monotonic deadline
+        self.waking: dict[str, float] = {}  # cold executor -> monotonic time demand was sent
+        self.rng = random.Random()
+        self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
+        self.http: aiohttp.ClientSession | None = None
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mulambda_selector_requests", "Selection requests by outcome",
+            ["outcome"], registry=self.registry,
+        )
+        self.predictions = Counter(
+            "mulambda_gateway_requests", "Gateway predictions by outcome",
             ["outcome"], registry=self.registry,
         )
         self._background: set[asyncio.Task[None]] = set()
@@ -90,9 +164,17 @@ class _Selector:
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=self.registry,
         )
+        self.gateway_latency = Histogram(
+            "mulambda_gateway_seconds", "Time to answer a prediction through the gateway",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
 
-    def note_demand(self, executors: list[str], client: str) -> None:
-        """Record demand without making the caller wait for the store."""
+    # -- background store writes ---------------------------------------------------
+    def note_demand(self, executors: list[str], client: str,
+                    cold: list[str] | None = None) -> None:
+        """Record demand without making the caller wait for the store; ``cold`` ones
+        (asked to wake) have their cold start measured when they come up."""
 
         async def write() -> None:
             try:
@@ -100,31 +182,139 @@ class _Selector:
             except StoreUnavailable as exc:  # demand is a hint; the answer still helps
                 log.warning("demand not recorded client=%s error=%s", client, exc)
 
+        now = time.monotonic()
+        for e in cold or ():
+            self.waking.setdefault(e, now)
         task = asyncio.create_task(write())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def view(self, client: str) -> tuple[Snapshot, ClientRecord | None]:
-        """Snapshot and registered Client of ``client``, cached for ``cache_ttl``."""
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await self.leases.close()
+        self.load.close()
+        if self.http is not None:
+            await self.http.close()
+
+    # -- snapshots -------------------------------------------------------------------
+    async def view(self, client: str, fresh: bool = False) -> Snapshot:
+        """Snapshot for ``client`` (with its registered record), cached for ``cache_ttl``;
+        this process's leases and measurements are left out (:meth:`ranking` adds them)."""
         hit = self._cache.get(client)
         now = time.monotonic()
-        if hit is not None and now - hit[0] < self.cache_ttl:
+        if not fresh and hit is not None and now - hit[0] < self.cache_ttl:
             self._cache.move_to_end(client)
-            return hit[1], hit[2]
-        snap = await self.store.snapshot(client)  # one round trip, with the Client's record
-        record = snap.client_record
-        self._cache[client] = (now, snap, record)
+            return hit[1]
+        snap = await self.store.snapshot(client, exclude_instance=self.instance)
+        self._cache[client] = (now, snap)
         self._cache.move_to_end(client)
         while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
-        return snap, record
+        self._note_woken(snap)
+        return snap
+
+    def _note_woken(self, snap: Snapshot) -> None:
+        """An executor we asked to wake that now has a live replica: its cold start."""
+        if not self.waking:
+            return
+        now = time.monotonic()
+        for executor, asked in list(self.waking.items()):
+            if any(r.state == "Available" for r in snap.replicas.get(executor, ())):
+                self.tracker.observe_cold_start(executor, (now - asked) * 1000)
+                self.leases.kick()
+                del self.waking[executor]
+            elif now - asked > max(self.cold_start_timeout, 600.0):
+                del self.waking[executor]
+
+    async def ranking(self, criteria: Criteria, snap: Snapshot, client: str, *,
+                      items: int = 1, replicas: bool = False) -> Ranking:
+        """Rank with this process's own requests in flight and measurements added, and
+        everybody else's requests in flight read fresh."""
+        now = time.monotonic()
+        while self._virtual and self._virtual[0][0] <= now:
+            self.own.remove(heapq.heappop(self._virtual)[1])
+        others = await self.load.read()
+        own, own_pods = self.own.ahead(now * 1000)
+        view = overlay(snap, own_inflight=own, replica_inflight=own_pods,
+                       service=self.tracker.stats, inflight=others)
+        return rank(criteria, view, client=client, policy=self.policy, items=items,
+                    rng=self.rng, replicas=replicas)
+
+    def count_selection(self, candidate: Candidate) -> None:
+        """A /select answer: one request of ours on its way, for its expected latency."""
+        seconds = min(candidate.expected_latency_ms / 1000, VIRTUAL_INFLIGHT_MAX_SECONDS)
+        now = time.monotonic()
+        token = self.own.add(candidate.executor_id, None, now * 1000,
+                             candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        heapq.heappush(self._virtual, (now + seconds, token))
+
+    # -- forwarding ------------------------------------------------------------------
+    def is_suspect(self, candidate: Candidate) -> bool:
+        if not self.suspect:
+            return False
+        now = time.monotonic()
+        self.suspect = {k: t for k, t in self.suspect.items() if t > now}
+        pod = candidate.replica.pod if candidate.replica is not None else ""
+        return (candidate.executor_id, pod) in self.suspect
+
+    def distrust(self, candidate: Candidate) -> None:
+        pod = candidate.replica.pod if candidate.replica is not None else ""
+        self.suspect[(candidate.executor_id, pod)] = time.monotonic() + self.suspect_seconds
+
+    async def forward(self, candidate: Candidate, body: bytes, items: int) -> tuple[
+        int, bytes, str
+    ]:
+        """POST ``body`` to the candidate, counted in flight; (status, body, content type).
+
+        Raises aiohttp errors and TimeoutError; a 200 feeds the service-time model.
+        """
+        assert self.http is not None
+        executor = candidate.executor_id
+        pod = candidate.replica.pod if candidate.replica is not None else None
+        url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
+        self.leases.start(executor)
+        token = self.own.add(executor, pod, time.monotonic() * 1000,
+                             candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        started = time.perf_counter()
+        try:
+            async with self.http.post(
+                url, data=body, headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
+                                              sock_connect=min(5.0, self.predict_timeout)),
+            ) as resp:
+                payload = await resp.read()
+                status, ctype = resp.status, resp.headers.get("Content-Type",
+                                                              "application/json")
+            if status == 200:
+                self.tracker.observe(
+                    executor, inflight=candidate.inflight, items=items,
+                    elapsed_ms=(time.perf_counter() - started) * 1000,
+                    network_ms=candidate.network_ms,
+                    predicted_ms=candidate.service_ms + candidate.load_ms)
+            return status, payload, ctype
+        finally:
+            self.own.remove(token)
+            self.leases.finish(executor)
 
 
 SELECTOR_KEY = web.AppKey("selector", _Selector)
 
 
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+          ) -> web.Response:
+    """A strict JSON answer: a non-finite number is a bug, answered as 500, never ``NaN``."""
+    try:
+        text = _dumps(data)
+    except ValueError as exc:
+        log.error("answer not representable as JSON error=%s", exc)
+        text, status = _dumps({"error": "internal error: non-finite number in answer"}), 500
+    return web.Response(text=text, status=status, content_type="application/json",
+                        headers=headers)
+
+
 def _error(status: int, message: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": message, **extra}, status=status)
+    return _json({"error": message, **extra}, status=status)
 
 
 def _criteria(body: Any, record: ClientRecord | None) -> Criteria:
@@ -145,6 +335,40 @@ def _criteria(body: Any, record: ClientRecord | None) -> Criteria:
     return Criteria.from_request(required, desired, base)
 
 
+_QUERY_NUMBERS = {"latency": "desired", "accuracy": "desired", "max_latency_ms": "required",
+                  "min_accuracy": "required"}
+_QUERY_TEXT = ("type", "input", "output", "cold_start")
+
+
+def _query_criteria(query: Mapping[str, str], record: ClientRecord | None) -> Criteria:
+    """Criteria of a gateway request: the registered client, overridden by the query."""
+    required: dict[str, Any] = {k: query[k] for k in _QUERY_TEXT if query.get(k)}
+    desired: dict[str, Any] = {}
+    for name, where in _QUERY_NUMBERS.items():
+        if query.get(name):
+            try:
+                value = float(query[name])
+            except ValueError:
+                raise ValueError(f"query parameter {name} must be a number") from None
+            (required if where == "required" else desired)[name] = value
+    base = record.criteria if record is not None else None
+    return Criteria.from_request(required, desired, base)
+
+
+def _items(payload: Any) -> int:
+    """How many items a TF Serving predict body carries (1 when it does not say)."""
+    if isinstance(payload, dict):
+        for key in ("instances", "inputs"):
+            value = payload.get(key)
+            if isinstance(value, list):
+                return max(1, len(value))
+            if isinstance(value, dict):
+                first = next(iter(value.values()), None)
+                if isinstance(first, list):
+                    return max(1, len(first))
+    return 1
+
+
 async def select(request: web.Request) -> web.Response:
     sel = request.app[SELECTOR_KEY]
     started = time.perf_counter()
@@ -157,29 +381,31 @@ async def select(request: web.Request) -> web.Response:
             outcome = "bad_request"
             return _error(400, f"body is not valid JSON: {exc}")
         try:
-            snap, record = await sel.view(client)
+            snap = await sel.view(client)
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("selection failed client=%s error=%s", client, exc)
             return _error(503, "metadata store unavailable")
         try:
-            criteria = _criteria(body, record)
+            criteria = _criteria(body, snap.client_record)
         except ValueError as exc:
             outcome = "bad_request"
             return _error(400, str(exc))
-        ranking = rank(criteria, snap, client=client, now=time.time(), policy=sel.policy)
+        ranking = await sel.ranking(criteria, snap, client)
         if not ranking:
             outcome = "no_match"
             reason = ranking.explain()
             log.info("no match client=%s reason=%r", client, reason)
             return _error(404, "no matching model", reason=reason)
         best = ranking[0]
-        sel.note_demand([best.executor_id, *ranking.wake], client)
+        if best.warm:
+            sel.count_selection(best)
+        sel.note_demand([best.executor_id, *ranking.wake], client, ranking.wake)
         rec = best.record
         outcome = "selected"
         log.info("selected client=%s executor=%s score=%.3f warm=%s", client,
                  best.executor_id, best.score, best.warm)
-        return web.json_response({
+        return _json({
             "endpoint": rec.rest,
             "grpc": rec.grpc,
             "model": {
@@ -200,12 +426,115 @@ async def select(request: web.Request) -> web.Response:
         sel.latency.observe(time.perf_counter() - started)
 
 
+async def _warm_candidate(sel: _Selector, criteria: Criteria, client: str, executor: str,
+                          items: int) -> Candidate | None:
+    """Wait for a cold executor to get a live replica (demand was signalled); None on
+    timeout."""
+    deadline = time.monotonic() + sel.cold_start_timeout
+    while time.monotonic() < deadline:
+        snap = await sel.view(client, fresh=True)
+        for c in await sel.ranking(criteria, snap, client, items=items, replicas=True):
+            if c.executor_id == executor and c.warm:
+                return c
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def predict(request: web.Request) -> web.StreamResponse:
+    sel = request.app[SELECTOR_KEY]
+    started = time.perf_counter()
+    client = f"{request.match_info['namespace']}/{request.match_info['client']}"
+    outcome = "error"
+    try:
+        body = await request.read()
+        try:
+            items = _items(json.loads(body))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            outcome = "bad_request"
+            return _error(400, f"body is not valid JSON: {exc}")
+        try:
+            snap = await sel.view(client)
+        except StoreUnavailable as exc:
+            outcome = "store_unavailable"
+            log.warning("prediction failed client=%s error=%s", client, exc)
+            return _error(503, "metadata store unavailable")
+        if snap.client_record is None and not request.query.get("type"):
+            outcome = "unknown_client"
+            return _error(404, "unknown client", reason=f"client {client!r} is not registered "
+                          "and the query gives no type")
+        try:
+            criteria = _query_criteria(request.query, snap.client_record)
+        except ValueError as exc:
+            outcome = "bad_request"
+            return _error(400, str(exc))
+        attempts: list[dict[str, str]] = []
+        tried: set[str] = set()
+        while len(attempts) < sel.max_attempts:
+            ranking = await sel.ranking(criteria, snap, client, items=items, replicas=True)
+            if not ranking and not attempts:
+                outcome = "no_match"
+                return _error(404, "no matching model", reason=ranking.explain())
+            left = [c for c in ranking if c.executor_id not in tried]
+            healthy = [c for c in left if not sel.is_suspect(c)] or left
+            if not healthy:
+                break
+            warm = [c for c in healthy if c.warm]
+            if ranking.wake:
+                sel.note_demand(ranking.wake, client, ranking.wake)
+            if warm and (criteria.cold_start == "UseWarm" or healthy[0].warm):
+                candidate = warm[0]
+            else:
+                cold = healthy[0]
+                sel.note_demand([cold.executor_id], client, [cold.executor_id])
+                found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
+                if found is None:
+                    outcome = "cold_start_timeout"
+                    return _error(503, "cold start not done", executor=cold.executor_id,
+                                  waited_seconds=sel.cold_start_timeout)
+                candidate = found
+            tried.add(candidate.executor_id)
+            try:
+                status, payload, ctype = await sel.forward(candidate, body, items)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                attempts.append({"executor": candidate.executor_id,
+                                 "error": f"connect failed: {exc}"})
+                sel.distrust(candidate)
+                continue
+            except TimeoutError:
+                outcome = "timeout"
+                return _error(504, "executor timed out", executor=candidate.executor_id,
+                              timeout_seconds=sel.predict_timeout)
+            except aiohttp.ClientError as exc:
+                outcome = "upstream_error"
+                return _error(502, "executor connection failed", executor=candidate.executor_id,
+                              detail=str(exc))
+            if status == 503:
+                attempts.append({"executor": candidate.executor_id, "error": "HTTP 503"})
+                sel.distrust(candidate)
+                continue
+            outcome = "ok" if status == 200 else f"http_{status // 100}xx"
+            headers = {
+                "X-Mulambda-Executor": candidate.executor_id,
+                "X-Mulambda-Attempts": str(len(attempts) + 1),
+            }
+            if candidate.replica is not None:
+                headers["X-Mulambda-Replica"] = candidate.replica.pod
+            return web.Response(body=payload, status=status, headers=headers,
+                                content_type=ctype.split(";")[0].strip() or None)
+        outcome = "all_failed"
+        log.warning("all candidates failed client=%s attempts=%s", client, attempts)
+        return _error(502, "all candidates failed", attempts=attempts)
+    finally:
+        sel.predictions.labels(outcome=outcome).inc()
+        sel.gateway_latency.observe(time.perf_counter() - started)
+
+
 async def healthz(request: web.Request) -> web.Response:
     try:
         await request.app[STORE_KEY].ping()
     except StoreUnavailable as exc:
         return _error(503, "metadata store unavailable", detail=str(exc))
-    return web.json_response({"status": "ok"})
+    return _json({"status": "ok"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -215,11 +544,28 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
-               policy: Policy = DEFAULT_POLICY) -> web.Application:
+               policy: Policy = DEFAULT_POLICY, predict_timeout: float = 30.0,
+               max_attempts: int = 3, cold_start_timeout: float = 30.0,
+               suspect_seconds: float = 5.0) -> web.Application:
     """The selector's aiohttp application (the caller owns ``store``)."""
     app = web.Application()
     app[STORE_KEY] = store
-    app[SELECTOR_KEY] = _Selector(store, cache_ttl, policy)
+    sel = _Selector(store, cache_ttl, policy, predict_timeout=predict_timeout,
+                    max_attempts=max_attempts, cold_start_timeout=cold_start_timeout,
+                    suspect_seconds=suspect_seconds)
+    app[SELECTOR_KEY] = sel
+
+    async def open_http(_app: web.Application) -> None:
+        # Pooled connections: a TCP handshake per prediction would cost more than selection.
+        sel.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         auto_decompress=False)
+
+    async def close(_app: web.Application) -> None:
+        await sel.close()
+
+    app.on_startup.append(open_http)
+    app.on_cleanup.append(close)
+    app.router.add_post("/v1/predict/{namespace}/{client}", predict)
     app.router.add_post("/select/{client:.+}", select)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
@@ -234,6 +580,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-prefix", default=None, help="key prefix (MULAMBDA_KEY_PREFIX)")
     parser.add_argument("--cache-ttl", type=float, default=0.5,
                         help="seconds a client's snapshot is reused (default 0.5)")
+    parser.add_argument("--predict-timeout", type=float, default=30.0,
+                        help="seconds the gateway waits for an executor's answer (default 30)")
+    parser.add_argument("--max-attempts", type=int, default=3,
+                        help="executors the gateway tries per prediction (default 3)")
+    parser.add_argument("--cold-start-timeout", type=float, default=30.0,
+                        help="seconds the gateway waits for a cold executor (default 30)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -241,7 +593,9 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     store = MetadataStore.from_url(args.redis_url or settings.redis_url,
                                    prefix=args.key_prefix or settings.key_prefix)
-    app = create_app(store, cache_ttl=args.cache_ttl)
+    app = create_app(store, cache_ttl=args.cache_ttl, predict_timeout=args.predict_timeout,
+                     max_attempts=args.max_attempts,
+                     cold_start_timeout=args.cold_start_timeout)
 
     async def close_store(_app: web.Application) -> None:
         await store.close()

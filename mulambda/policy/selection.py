@@ -1,96 +1,124 @@
 """Model selection: (client criteria, store snapshot) -> ranked candidates.
 
 :func:`rank` is pure: no I/O, no clock (``now`` defaults to the snapshot's
-``taken_at``), no global random state. The same input always gives the same
-output, so the operator, the SDK, the selector API and the simulator agree.
+``taken_at``), and randomness only from the ``rng`` the caller passes. The
+same input (and seed) gives the same output, so the operator, the SDK, the
+selector, its gateway and the simulator agree.
 
-Rules (the defaults live in :class:`Policy`)
---------------------------------------------
+Rules (the constants live in :class:`Policy`)
+---------------------------------------------
 
 **Hard criteria** filter: ``type`` must equal the executor's type; ``input``
 and ``output`` must equal the executor's formats when the client gives them.
 
+**Bad values never rank.** An executor whose record holds NaN, an infinity,
+a negative service time or an accuracy outside [0, 1] is rejected with the
+reason (the store's decoder already drops such values; records built in
+process are checked here too). A latency sample that is not a finite,
+non-negative number is ignored. An expected latency that is not finite
+rejects the executor.
+
 **Can it serve?** An executor is a *warm* candidate when it is not
 ``Failed`` and at least one replica has a live (unexpired) heartbeat in state
 ``Available``: the heartbeat is first-hand and seconds old, while the
-record's state is rewritten only every reconcile interval, so a record that
-still says ``Pending`` or ``ScaledToZero`` right after a cold start does not
-hide a replica that is serving. It is a *cold* (activatable) candidate when
-it has no live Available replica and is ``ScaledToZero``, or has
-``min_replicas == 0`` and is not ``Failed``. Everything else (Failed;
-Pending, Unavailable or Ready without a live Available replica) is rejected
-with a reason.
+record's state is rewritten only every reconcile interval. It is a *cold*
+(activatable) candidate when it has no live Available replica and is
+``ScaledToZero``, or has ``min_replicas == 0`` and is not ``Failed``.
+Everything else is rejected with a reason.
 
 **Expected latency** (milliseconds, what one request would see now)::
 
-    expected = network + service + load
-    network  = mean of the smoothed RTT samples from the executor's live
-               Available replicas to this client (the Kubernetes Service
-               spreads requests over replicas, so the mean is the expectation;
-               replicas without a sample are left out of the mean)
-    service  = ExecutorRecord.service_time_ms
-    load     = service * inflight / (ready * Policy.replica_concurrency)
-               inflight = snapshot.inflight[executor], ready = live Available
-               replicas (1 for a cold executor, which starts with one)
+    expected = network + service + load (+ cold start when cold)
+    network  = smoothed RTT from the replica to this client (companion
+               samples); over the Service: the mean over live replicas
+    service  = base + per_item * items        (the measured model,
+    load     = per_inflight * k                mulambda.policy.latency)
+    k        = requests ahead of this one per replica:
+               others * stay / (stay + network)  +  own
+    others   = the executor's in-flight count (everybody else's, or
+               everybody's when the caller keeps no own count) / live replicas;
+               a request counted in flight is on the wire part of the time,
+               and is ahead of a new one only while it has not been served:
+               about stay / (stay + network) of the time, with
+               stay = service + per_inflight * others
+    own      = the caller's own requests still ahead at that replica
+               (``Snapshot.replica_inflight``, ``replicas=True``) or at the
+               executor / live replicas (``Snapshot.own_inflight``): a
+               router knows when it sent each and how long it should stay
+    cold     = measured cold start of the executor (mean of what the SDKs
+               and gateways measured), else Policy.default_cold_start_ms
 
-The load term is a queueing estimate: each request already in flight on a
-replica delays a new one by about one service time. It is what keeps every
-client from piling onto the single fastest model.
+The model is fitted from the response times routers measured; the declared
+``serviceTimeMs`` is only its prior (base = serviceTimeMs, per_inflight =
+serviceTimeMs / replica_concurrency). With ``replicas=True`` each live
+replica is evaluated and the candidate carries the best one
+(:attr:`Candidate.replica`, :attr:`Candidate.url`).
 
-**Missing measurements are normal.** No RTT sample for an executor: the
-median of the network latencies known for the other candidates of this
-ranking, or ``Policy.default_network_ms`` when none is known. No service
-time: the median of the known ones among the candidates, or
-``Policy.default_service_time_ms``. No accuracy: the lowest known accuracy
-among the candidates (pessimistic, but no penalty to zero), or 1.0 for all
-when none is known (then accuracy does not discriminate). A ``min_accuracy``
-limit rejects an executor whose accuracy is unknown (it cannot be shown to
-meet it). Every fallback is named in the candidate's ``reason``.
+**Missing measurements are normal.** No RTT sample: the median of the
+network latencies known for the other candidates, or
+``default_network_ms``. No declared service time: the median of the
+declared ones among the candidates, or ``default_service_time_ms``. No
+accuracy: the lowest known accuracy among the candidates, or 1.0 for all.
+Every fallback is named in the candidate's ``reason``.
 
 **Limits**: ``max_latency_ms`` rejects candidates whose expected latency
-(including load, excluding a cold start) exceeds it; ``min_accuracy`` rejects
-candidates below it. Weights and limits must be finite numbers (JSON parsers
-accept ``NaN`` and ``Infinity``; :class:`Criteria` rejects them).
+without a cold start exceeds it; ``min_accuracy`` rejects candidates below
+it or of unknown accuracy.
 
-**Score** in [0, 1], higher is better, from scale-free ratios so two close
-models do not get 0 and 1 as min-max normalisation would give them::
+**Score** in [0, 1], higher is better, in absolute terms::
 
-    latency_score  = best expected latency among candidates / expected
-    accuracy_score = accuracy / best accuracy among candidates
-    score = (w_lat * latency_score + w_acc * accuracy_score) / (w_lat + w_acc)
+    latency_utility  = B / (B + latency)       B = max_latency_ms, else
+                                               Policy.latency_scale_ms (100)
+    accuracy_utility = accuracy / best accuracy among candidates
+    score = (w_lat * latency_utility + w_acc * accuracy_utility) / (w_lat + w_acc)
 
-Both weights zero means "no preference": they are treated as 1 and 1.
+``latency`` is the expected latency including a cold start (a client with
+``cold_start="Wait"`` ranks by the latency once warm). The latency utility
+is 1 at zero, halves at the budget and keeps falling: 20 ms against 60 ms
+with no budget is 0.83 against 0.63, not a 3x gap, so equal weights pick a
+model that is good on both. Both weights zero means equal weights. Latency
+always weighs at least ``min_latency_share`` (5 %) of the score: among
+equally accurate candidates the faster (less loaded) one wins, even for a
+client that asked for accuracy only.
 
-**Warm preference**: a cold executor needs seconds to start, so its ranking
-score is its score minus ``Policy.cold_margin`` (default 0.25): it ranks
-first only when it is that much better than every warm candidate, or when
-there is no warm candidate at all. A client with ``cold_start="Wait"``
-prefers the best model even when cold: no margin. Cold executors that would
-beat the first candidate without the margin are listed in
-:attr:`Ranking.wake` so callers can signal demand and have them activated.
+**Ceiling**: a candidate whose expected latency exceeds the client's
+``max_latency_ms`` (for a cold one: with its cold start), or
+``Policy.default_max_latency_ms`` (1 s) without one, ranks after every
+candidate within it, whatever its accuracy: load awareness applies to every
+client. When none is within, they rank by score as usual.
 
-**Ties** spread load: candidates whose ranking scores are within
-``Policy.tie_tolerance`` of the best of their group are ordered by a stable
-hash (BLAKE2b, not Python's salted ``hash``) of ``(client, executor, time
-bucket)`` where the bucket is ``now // Policy.tie_bucket_seconds``. Different
-clients therefore prefer different members of a tie, and one client rotates
-among them from bucket to bucket, while the result stays reproducible.
+**Wake**: cold candidates whose score once warm beats the first candidate
+are listed in :attr:`Ranking.wake`, so callers signal demand and the
+autoscaler activates them; the first candidate is listed when it is cold.
+
+**Spreading** (only with ``rng``): candidates whose score is within the
+noise band of the best one are near-equal. The band is what a
+``latency_noise`` (10 %) error in the best one's expected latency would
+change its score by, at most ``tie_tolerance``. One near-equal candidate is
+drawn with probability proportional to how far its score is above the
+bottom of the band (its spare capacity: the best gets the most, one at the
+edge almost none) and put first; the rest keep their order. A candidate
+scoring lower beyond the noise is never put first. Without ``rng`` the order
+is by score, then executor id.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import math
+import random
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from mulambda.store.records import ExecutorRecord, Snapshot
+from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, Snapshot
 
 from .criteria import Criteria
+from .latency import DEFAULT_FIT, FitSettings, ServiceModel, add_stats, fit
 
 # Criteria (defined in .criteria, shared with the store's ClientRecord) is rank's input.
-__all__ = ["Candidate", "Criteria", "Policy", "Ranking", "prefilter", "rank"]
+__all__ = ["Candidate", "Criteria", "Policy", "Preferences", "Ranking", "overlay", "prefilter",
+           "rank"]
 
 
 @dataclass(frozen=True)
@@ -99,13 +127,54 @@ class Policy:
 
     default_network_ms: float = 5.0
     default_service_time_ms: float = 20.0
+    default_cold_start_ms: float = 30_000.0
     replica_concurrency: float = 1.0
-    cold_margin: float = 0.25
+    latency_scale_ms: float = 100.0
+    default_max_latency_ms: float = 1000.0
+    min_latency_share: float = 0.05
+    latency_noise: float = 0.1
     tie_tolerance: float = 0.02
-    tie_bucket_seconds: float = 10.0
+    fit: FitSettings = DEFAULT_FIT
 
 
 DEFAULT_POLICY = Policy()
+
+
+@dataclass(frozen=True)
+class Preferences:
+    """A client's weights and latency scale, as :func:`rank` scores with them."""
+
+    latency_weight: float
+    accuracy_weight: float
+    scale_ms: float
+    ceiling_ms: float
+
+    @classmethod
+    def of(cls, criteria: Criteria, policy: Policy = DEFAULT_POLICY) -> Preferences:
+        w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
+        if w_lat == 0 and w_acc == 0:
+            w_lat = w_acc = 1.0  # no preference at all: weigh both equally
+        total = w_lat + w_acc
+        w_lat = max(w_lat, policy.min_latency_share * total)
+        budget = criteria.max_latency_ms
+        return cls(w_lat, w_acc, budget or policy.latency_scale_ms,
+                   budget or policy.default_max_latency_ms)
+
+    def latency_utility(self, latency_ms: float) -> float:
+        return self.scale_ms / (self.scale_ms + max(0.0, latency_ms))
+
+    def score(self, latency_ms: float, accuracy_ratio: float) -> float:
+        """Score in [0, 1] of a latency and an accuracy relative to the best one."""
+        return ((self.latency_weight * self.latency_utility(latency_ms)
+                 + self.accuracy_weight * accuracy_ratio)
+                / (self.latency_weight + self.accuracy_weight))
+
+    def band(self, latency_ms: float, policy: Policy) -> float:
+        """How much a ``latency_noise`` error in ``latency_ms`` moves the score (capped)."""
+        share = self.latency_weight / (self.latency_weight + self.accuracy_weight)
+        drop = (self.latency_utility(latency_ms)
+                - self.latency_utility(latency_ms * (1 + policy.latency_noise)))
+        return min(policy.tie_tolerance, share * drop)
 
 
 @dataclass(slots=True)
@@ -117,37 +186,61 @@ class Candidate:
     """
 
     executor_id: str
-    score: float  # ranking score in [-cold_margin, 1]; the list is sorted by it
-    expected_latency_ms: float
+    score: float  # ranking score in [0, 1]; the list is sorted by it (see the ceiling)
+    expected_latency_ms: float  # network + service + load (+ cold start when cold)
     accuracy: float | None
     warm: bool
     record: ExecutorRecord = field(repr=False, compare=False)
     network_ms: float = 0.0
-    service_ms: float = 0.0
-    load_ms: float = 0.0
-    raw_score: float = 0.0  # before the cold margin
+    service_ms: float = 0.0  # base + per-item part for this request's size
+    load_ms: float = 0.0  # per_inflight * inflight
+    cold_start_ms: float = 0.0  # added to the expected latency while cold
+    raw_score: float = 0.0  # score once warm (without the cold start)
     assumed_accuracy: float = 0.0  # accuracy used for scoring (after fallback)
-    cold_margin: float = 0.0
+    inflight: float = 0.0  # requests in flight per replica counted by the load term
+    over_ceiling: bool = False
+    replica: ReplicaRecord | None = field(default=None, repr=False, compare=False)
+    model: ServiceModel | None = field(default=None, repr=False, compare=False)
+    measured: int = 0  # requests the service-time model was measured on
     notes: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
         """Human-readable explanation of the score."""
         parts = [
-            f"score {self.raw_score:.3f}",
+            f"score {self.score:.3f}",
             f"latency {self.expected_latency_ms:.1f} ms = net {self.network_ms:.1f}"
-            f" + service {self.service_ms:.1f} + load {self.load_ms:.1f}",
+            f" + service {self.service_ms:.1f} + load {self.load_ms:.1f}"
+            + (f" + cold start {self.cold_start_ms:.0f}" if self.cold_start_ms else ""),
             f"accuracy {self.assumed_accuracy:.3f}",
+            f"{self.inflight:g} in flight per replica",
+            (f"service time measured over {self.measured} requests" if self.measured
+             else "service time declared, not measured yet"),
         ]
         if not self.warm:
-            parts.append(f"cold: -{self.cold_margin:g}" if self.cold_margin else "cold")
+            parts.append("cold")
+        if self.over_ceiling:
+            parts.append("over the latency ceiling")
+        if self.replica is not None:
+            parts.append(f"replica {self.replica.pod}")
         parts.extend(self.notes)
         return "; ".join(parts)
 
     @property
     def endpoint(self) -> str:
-        """REST endpoint of the executor."""
+        """REST endpoint of the executor (its Service)."""
         return self.record.rest
+
+    @property
+    def url(self) -> str:
+        """Where to send a request: the chosen replica's pod IP on the executor's REST
+        port when the replica published one, else the executor's Service."""
+        if self.replica is None or not self.replica.ip:
+            return self.record.rest
+        parts = urlsplit(self.record.rest)
+        port = parts.port or (443 if parts.scheme == "https" else 8501)
+        host = f"[{self.replica.ip}]" if ":" in self.replica.ip else self.replica.ip
+        return f"{parts.scheme or 'http'}://{host}:{port}"
 
 
 class Ranking(list[Candidate]):
@@ -199,9 +292,19 @@ def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]
     return None, f"not serving: state {record.state}"
 
 
-@functools.lru_cache(maxsize=65536)  # same keys for a whole time bucket: hash once
-def _tie_key(client: str, executor: str, bucket: int) -> bytes:
-    return hashlib.blake2b(f"{client}|{executor}|{bucket}".encode(), digest_size=8).digest()
+def _bad_value(record: ExecutorRecord) -> str | None:
+    """The impossible value selection reads from ``record``, if any (chained comparisons
+    are False for NaN, so NaN fails them)."""
+    acc, svc = record.accuracy, record.service_time_ms
+    if acc is not None and not 0 <= acc <= 1:
+        return "invalid record: accuracy is not within [0, 1]"
+    if svc is not None and not 0 <= svc < math.inf:
+        return "invalid record: serviceTimeMs is not a finite non-negative number"
+    return None
+
+
+def _sound(ms: float) -> bool:
+    return 0 <= ms < math.inf
 
 
 def _median(values: list[float]) -> float | None:
@@ -241,7 +344,49 @@ def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
         latency={k: v for k, v in snapshot.latency.items() if k in keep},
         inflight={k: v for k, v in snapshot.inflight.items() if k in keep},
         taken_at=snapshot.taken_at,
+        client_record=snapshot.client_record,
+        service={k: v for k, v in snapshot.service.items() if k in keep},
+        own_inflight={k: v for k, v in snapshot.own_inflight.items() if k in keep},
+        replica_inflight={k: v for k, v in snapshot.replica_inflight.items() if k in keep},
     )
+
+
+def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
+            replica_inflight: dict[str, dict[str, float]] | None = None,
+            service: dict[str, ServiceStats] | None = None,
+            inflight: dict[str, int] | None = None) -> Snapshot:
+    """``snapshot`` with a router's own exact knowledge added (a new object).
+
+    ``own_inflight`` / ``replica_inflight``: its own requests still ahead at
+    each executor / replica (:class:`~mulambda.policy.latency.OwnRequests`;
+    the snapshot's ``inflight`` must then leave them out, as the store's
+    does for the reader's instance); ``service``: its own measured
+    statistics (added to everybody else's); ``inflight``: fresher counts of
+    everybody else's requests than the snapshot's.
+    """
+    stats = snapshot.service
+    if service:
+        stats = dict(stats)
+        for e, st in service.items():
+            merged = add_stats(stats.get(e), st)
+            if merged is not None:
+                stats[e] = merged
+    return Snapshot(
+        snapshot.executors, snapshot.replicas, snapshot.latency,
+        snapshot.inflight if inflight is None else inflight, snapshot.taken_at,
+        snapshot.client_record, stats,
+        snapshot.own_inflight if own_inflight is None else own_inflight,
+        snapshot.replica_inflight if replica_inflight is None else replica_inflight,
+    )
+
+
+@dataclass(slots=True)
+class _Viable:
+    eid: str
+    rec: ExecutorRecord
+    warm: bool
+    live: list[ReplicaRecord]
+    rtt: dict[str, float]  # pod -> sound RTT sample of a live replica
 
 
 def rank(
@@ -251,20 +396,25 @@ def rank(
     client: str = "",
     now: float | None = None,
     policy: Policy = DEFAULT_POLICY,
+    items: float = 1.0,
+    rng: random.Random | None = None,
+    replicas: bool = False,
 ) -> Ranking:
     """Rank the executors of ``snapshot`` for ``criteria``; best first.
 
-    ``client`` is the client id: it seeds the tie-break so clients spread
-    over equally good executors (the snapshot's latency samples must be the
-    ones of this client). ``now`` defaults to ``snapshot.taken_at``. Returns
-    a :class:`Ranking` (a list of :class:`Candidate`); when it is empty,
-    ``Ranking.explain()`` says why.
+    The snapshot's latency samples must be the ones of ``client`` (kept for
+    callers and logs; the order does not depend on it). ``items`` is the
+    request's size (``instances``) for the per-item cost. ``rng`` spreads
+    near-equal candidates (see the module docstring); without it the order
+    is deterministic. ``replicas=True`` evaluates each live replica and puts
+    the best one in :attr:`Candidate.replica` (for a router that addresses
+    pods). Returns a :class:`Ranking`; when it is empty, ``explain()`` says why.
     """
-    now = snapshot.taken_at if now is None else now
+    del client, now  # the order depends on neither; the signature stays for callers
     rejected: dict[str, str] = {}
 
-    # 1. hard criteria and ability to serve
-    viable: list[tuple[str, ExecutorRecord, bool, int]] = []
+    # 1. hard criteria, sound values, ability to serve
+    viable: list[_Viable] = []
     for eid in sorted(snapshot.executors):
         rec = snapshot.executors[eid]
         if rec.type != criteria.type:
@@ -276,8 +426,12 @@ def rank(
         if criteria.output is not None and rec.output != criteria.output:
             rejected[eid] = f"wrong output: has {rec.output!r}"
             continue
-        live = sum(1 for r in snapshot.replicas.get(eid, ()) if r.state == "Available")
-        warm, why = _serving_state(rec, live)
+        bad = _bad_value(rec)
+        if bad is not None:
+            rejected[eid] = bad
+            continue
+        live = [r for r in snapshot.replicas.get(eid, ()) if r.state == "Available"]
+        warm, why = _serving_state(rec, len(live))
         if warm is None:
             rejected[eid] = why
             continue
@@ -290,39 +444,73 @@ def rank(
                     f"below min accuracy: {rec.accuracy:g} < {criteria.min_accuracy:g}"
                 )
                 continue
-        viable.append((eid, rec, warm, live))
+        samples = snapshot.latency.get(eid) or {}
+        rtt = {}
+        for r in live:
+            s = samples.get(r.pod)
+            if s is not None and _sound(s.ms):
+                rtt[r.pod] = s.ms
+        viable.append(_Viable(eid, rec, warm, live, rtt))
 
-    # 2. measurements, with fallbacks computed over the viable set
-    network: dict[str, float | None] = {}
-    for eid, _rec, _warm, live in viable:
-        samples = snapshot.latency.get(eid)
-        known = None
-        if samples and live:
-            known = [samples[r.pod].ms for r in snapshot.replicas[eid]
-                     if r.state == "Available" and r.pod in samples]
-        network[eid] = sum(known) / len(known) if known else None
-    net_fallback = _median([v for v in network.values() if v is not None])
-    svc_fallback = _median(
-        [r.service_time_ms for _, r, _, _ in viable if r.service_time_ms is not None]
-    )
-    acc_known = [r.accuracy for _, r, _, _ in viable if r.accuracy is not None]
+    # 2. fallbacks computed over the viable set
+    net_known = [sum(v.rtt.values()) / len(v.rtt) for v in viable if v.rtt]
+    net_fallback = _median(net_known)
+    svc_fallback = _median([v.rec.service_time_ms for v in viable
+                            if v.rec.service_time_ms is not None])
+    acc_known = [v.rec.accuracy for v in viable if v.rec.accuracy is not None]
     acc_fallback = min(acc_known) if acc_known else None
+    prefs = Preferences.of(criteria, policy)
+    wait = criteria.cold_start == "Wait"
 
     # 3. expected latency and limits
-    measured: list[tuple[str, ExecutorRecord, bool, float, float, float, float, float,
-                         tuple[str, ...]]] = []
-    for eid, rec, warm, live in viable:
-        net, net_note = _or_fallback(network[eid], net_fallback, policy.default_network_ms,
-                                     "RTT sample")
-        svc, svc_note = _or_fallback(rec.service_time_ms, svc_fallback,
-                                     policy.default_service_time_ms, "service time")
-        notes = net_note + svc_note
-        inflight = snapshot.inflight.get(eid, 0)
-        load = svc * inflight / (max(live, 1) * policy.replica_concurrency)
-        expected = net + svc + load
-        if criteria.max_latency_ms is not None and expected > criteria.max_latency_ms:
+    cands: list[Candidate] = []
+    for v in viable:
+        eid, rec = v.eid, v.rec
+        mean_rtt = sum(v.rtt.values()) / len(v.rtt) if v.rtt else None
+        net, notes = _or_fallback(mean_rtt, net_fallback, policy.default_network_ms,
+                                  "RTT sample")
+        b0, svc_note = _or_fallback(rec.service_time_ms, svc_fallback,
+                                    policy.default_service_time_ms, "service time")
+        notes += svc_note
+        stats = snapshot.service.get(eid)
+        model = fit(stats, ServiceModel(b0, b0 / policy.replica_concurrency, 0.0), policy.fit)
+        ready = max(len(v.live), 1)
+        service = model.base_ms + model.per_item_ms * items
+        # Everybody else's requests per replica, as counted (some are on the wire);
+        # the share still ahead when this one arrives is about stay / (stay + RTT).
+        others = snapshot.inflight.get(eid, 0) / ready
+        stay = service + model.per_inflight_ms * others
+        replica = None
+        if replicas and v.live:
+            own = snapshot.replica_inflight.get(eid) or {}
+            best = None
+            for r in v.live:
+                net_r = v.rtt.get(r.pod, net)
+                k_r = own.get(r.pod, 0.0) + (others * stay / (stay + net_r) if others else 0.0)
+                e_r = net_r + model.per_inflight_ms * k_r
+                if best is None or e_r < best[0]:
+                    best = (e_r, r, k_r, net_r)
+            assert best is not None
+            _, replica, k, net = best
+        else:
+            k = (snapshot.own_inflight.get(eid, 0.0) / ready
+                 + (others * stay / (stay + net) if others else 0.0))
+        load = model.per_inflight_ms * k
+        steady = net + service + load
+        cold = 0.0
+        if not v.warm:
+            cold_ms = stats.cold_ms if stats is not None else None
+            if cold_ms is None:
+                cold_ms = policy.default_cold_start_ms
+                notes += ("cold start not measured: default",)
+            cold = cold_ms
+        expected = steady + cold
+        if not math.isfinite(expected):
+            rejected[eid] = "invalid measurement: expected latency is not finite"
+            continue
+        if criteria.max_latency_ms is not None and steady > criteria.max_latency_ms:
             rejected[eid] = (
-                f"over max latency: expected {expected:.1f} ms > {criteria.max_latency_ms:g} ms"
+                f"over max latency: expected {steady:.1f} ms > {criteria.max_latency_ms:g} ms"
             )
             continue
         acc = rec.accuracy
@@ -330,46 +518,51 @@ def rank(
             acc = acc_fallback if acc_fallback is not None else 1.0
             notes += ("accuracy unknown: lowest known" if acc_fallback is not None
                       else "accuracy unknown",)
-        measured.append((eid, rec, warm, net, svc, load, expected, acc, notes))
-
-    if not measured:
-        return Ranking([], rejected, [], criteria)
-
-    # 4. scores
-    w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
-    if w_lat == 0 and w_acc == 0:
-        w_lat = w_acc = 1.0  # no preference at all: weigh both equally
-    w_sum = w_lat + w_acc
-    best_lat = min(m[6] for m in measured)
-    best_acc = max(m[7] for m in measured)
-    margin = 0.0 if criteria.cold_start == "Wait" else policy.cold_margin
-    cands: list[Candidate] = []
-    for eid, rec, warm, net, svc, load, expected, acc, notes in measured:
-        lat_score = best_lat / expected if expected > 0 else 1.0
-        acc_score = acc / best_acc if best_acc > 0 else 1.0
-        score = (w_lat * lat_score + w_acc * acc_score) / w_sum
         cands.append(Candidate(
-            eid, round(score if warm else score - margin, 9), expected, rec.accuracy, warm,
-            rec, net, svc, load, score, acc, margin, notes,
+            eid, 0.0, expected, rec.accuracy, v.warm, rec, net, service, load, cold, 0.0,
+            acc, k, False, replica, model, stats.count if stats is not None else 0, notes,
         ))
 
-    # 5. order, spreading ties with a stable per-client, per-time-bucket hash
-    bucket = int(now // policy.tie_bucket_seconds) if policy.tie_bucket_seconds > 0 else 0
-    cands.sort(key=lambda c: (-c.score, c.executor_id))
-    ordered: list[Candidate] = []
-    i = 0
-    while i < len(cands):
-        j = i + 1
-        while j < len(cands) and cands[i].score - cands[j].score <= policy.tie_tolerance:
-            j += 1
-        group = cands[i:j]
-        if len(group) > 1:
-            group.sort(key=lambda c: _tie_key(client, c.executor_id, bucket))
-        ordered.extend(group)
-        i = j
+    if not cands:
+        return Ranking([], rejected, [], criteria)
 
-    first = ordered[0].raw_score
-    wake = [c.executor_id for c in ordered if not c.warm and c.raw_score > first]
-    if not ordered[0].warm:
-        wake.insert(0, ordered[0].executor_id)
-    return Ranking(ordered, rejected, wake, criteria)
+    # 4. scores and the ceiling
+    best_acc = max(c.assumed_accuracy for c in cands)
+    for c in cands:
+        ratio = c.assumed_accuracy / best_acc if best_acc > 0 else 1.0
+        steady = c.expected_latency_ms - c.cold_start_ms
+        c.raw_score = round(prefs.score(steady, ratio), 9)
+        ranked_latency = steady if wait else c.expected_latency_ms
+        c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
+        c.over_ceiling = ranked_latency > prefs.ceiling_ms
+
+    # 5. order; spread over near-equal candidates
+    cands.sort(key=lambda c: (c.over_ceiling, -c.score, c.executor_id))
+    if rng is not None and len(cands) > 1:
+        _spread(cands, prefs, policy, rng, wait)
+
+    first = cands[0]
+    wake = [c.executor_id for c in cands if not c.warm and c.raw_score > first.score]
+    if not first.warm and first.executor_id not in wake:
+        wake.insert(0, first.executor_id)
+    return Ranking(cands, rejected, wake, criteria)
+
+
+def _spread(cands: list[Candidate], prefs: Preferences, policy: Policy, rng: random.Random,
+            wait: bool) -> None:
+    """Put one near-equal candidate first, drawn in proportion to its headroom."""
+    first = cands[0]
+    latency = first.expected_latency_ms - (first.cold_start_ms if wait else 0.0)
+    floor = first.score - prefs.band(latency, policy)
+    group = [first]
+    for c in cands[1:]:
+        if c.score <= floor or c.over_ceiling != first.over_ceiling:
+            break
+        if c.warm == first.warm:
+            group.append(c)
+    if len(group) == 1:
+        return
+    pick = rng.choices(group, weights=[c.score - floor for c in group])[0]
+    if pick is not first:
+        cands.remove(pick)
+        cands.insert(0, pick)

@@ -6,23 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import httpx
 
+from mulambda.policy.latency import OwnRequests, ServiceTracker
 from mulambda.policy.selection import (
     DEFAULT_POLICY,
     Candidate,
     Criteria,
     Policy,
     Ranking,
+    overlay,
     prefilter,
     rank,
 )
-from mulambda.store.leases import InflightLeases
+from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
 from mulambda.store.records import Snapshot, StoreUnavailable
 
@@ -42,6 +44,14 @@ class MulambdaClient:
     ``accuracy_weight``, ``max_latency_ms``, ``min_accuracy`` build criteria
     inline instead. ``inflight_lease_seconds`` bounds how long this
     instance's in-flight counts outlive it if it dies without ``close()``.
+    ``direct`` sends REST requests to the chosen replica's pod IP (when its
+    heartbeat has one) instead of the executor's Service, so this process
+    knows its load per replica; ``seed`` seeds the spreading over
+    near-equal candidates (default: random). ``fresh_load`` reads everybody
+    else's requests in flight for each decision (shared within
+    ``load_ttl`` seconds, bounded by ``load_timeout``; see
+    :class:`~mulambda.store.leases.InflightReader`) instead of using the
+    snapshot's counts, which are up to ``cache_ttl`` old.
     """
 
     def __init__(
@@ -61,6 +71,11 @@ class MulambdaClient:
         prefix: str = "mulambda",
         http: httpx.AsyncClient | None = None,
         inflight_lease_seconds: float = INFLIGHT_LEASE_SECONDS,
+        direct: bool = True,
+        seed: int | None = None,
+        fresh_load: bool = True,
+        load_ttl: float = 0.002,
+        load_timeout: float = 0.05,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -85,8 +100,17 @@ class MulambdaClient:
         self._snap: Snapshot | None = None
         self._view: Snapshot | None = None  # _snap restricted to executors meeting the criteria
         self._snap_at = 0.0  # monotonic
-        self._leases = InflightLeases(self.store, ttl=inflight_lease_seconds)
+        self.direct = direct
+        self._rng = random.Random(seed)
+        # What this process measured; published with its leases (P:service).
+        self._tracker = ServiceTracker(policy.fit)
+        self._leases = InflightLeases(self.store, ttl=inflight_lease_seconds,
+                                      service=self._tracker)
         self._local = self._leases.counts  # own in-flight now (snapshots leave it out)
+        self._own = OwnRequests()  # own requests: when sent, how long they should stay
+        self._load = (InflightReader(self.store, self._leases.instance, ttl=load_ttl,
+                                     timeout=load_timeout) if fresh_load else None)
+        self._waking: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
         self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
@@ -107,6 +131,8 @@ class MulambdaClient:
             if task is not None and not task.done():
                 task.cancel()
         await self._leases.close()
+        if self._load is not None:
+            self._load.close()
         if self._grpc is not None:
             await self._grpc.close()
         if self._http is not None and self._owns_http:
@@ -138,6 +164,7 @@ class MulambdaClient:
         # keeps it proportional to the matching executors, not all of them.
         self._view = prefilter(self.criteria, snap)
         self._snap, self._snap_at = snap, time.monotonic()
+        self._note_woken(snap)
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
                   len(snap.executors))
 
@@ -165,22 +192,21 @@ class MulambdaClient:
         assert self._snap is not None
         return self._snap
 
-    async def ranking(self) -> Ranking:
-        """All candidates, best first, with this process's own load taken into account."""
+    async def ranking(self, items: int = 1, *, direct: bool | None = None) -> Ranking:
+        """All candidates, best first, with this process's own load and measurements
+        taken into account; ``items`` is the request's size (for the per-item cost)."""
         full = await self.snapshot()
         assert self.criteria is not None and self._view is not None
-        snap = self._view
-        if self._local:
-            # The snapshot counts everybody's leases but ours; ours are exact here.
-            inflight = dict(snap.inflight)
-            for ex, n in self._local.items():
-                inflight[ex] = inflight.get(ex, 0) + n
-            snap = replace(snap, inflight=inflight)
-        ranking = rank(self.criteria, snap, client=self.client_id, now=time.time(),
-                       policy=self.policy)
+        # The snapshot leaves out our leases and statistics; ours are exact here.
+        others = await self._load.read() if self._load is not None else None
+        own, own_pods = self._own.ahead(time.monotonic() * 1000)
+        snap = overlay(self._view, own_inflight=own, replica_inflight=own_pods,
+                       service=self._tracker.stats, inflight=others)
+        pods = self.direct if direct is None else direct
+        ranking = rank(self.criteria, snap, client=self.client_id, policy=self.policy,
+                       items=items, rng=self._rng, replicas=pods)
         if not ranking:  # explain with every executor, not only the prefiltered ones
-            ranking = rank(self.criteria, full, client=self.client_id, now=time.time(),
-                           policy=self.policy)
+            ranking = rank(self.criteria, full, client=self.client_id, policy=self.policy)
         if self._suspect:
             now = time.monotonic()
             self._suspect = {e: t for e, t in self._suspect.items() if t > now}
@@ -207,9 +233,29 @@ class MulambdaClient:
         todo = [e for e in executors if (e, self._snap_at) not in self._woken]
         if not todo:
             return
+        now = time.monotonic()
+        for e in todo:
+            self._waking.setdefault(e, now)
         self._woken = {k for k in self._woken if k[1] == self._snap_at}
         self._woken.update((e, self._snap_at) for e in todo)
         self._spawn(self._note_demand(todo))
+
+    def _note_woken(self, snap: Snapshot) -> None:
+        """Measure cold starts: an executor we asked to wake that now has a live replica
+        took (now - asked) to start, within one refresh interval."""
+        if not self._waking:
+            return
+        now = time.monotonic()
+        for executor, asked in list(self._waking.items()):
+            live = any(r.state == "Available" for r in snap.replicas.get(executor, ()))
+            if live:
+                self._tracker.observe_cold_start(executor, (now - asked) * 1000)
+                self._leases.kick()  # publish it with the next write
+                del self._waking[executor]
+                log.info("cold start measured client=%s executor=%s seconds=%.1f",
+                         self.client_id, executor, now - asked)
+            elif now - asked > max(self.cold_start_timeout, 600.0):
+                del self._waking[executor]  # it never came: nothing to learn
 
     async def _note_demand(self, executors: list[str]) -> None:
         try:
@@ -224,22 +270,23 @@ class MulambdaClient:
         task.add_done_callback(self._bg.discard)
 
     # -- calling models --------------------------------------------------------
-    async def _wait_until_warm(self, executor: str) -> Candidate | None:
+    async def _wait_until_warm(self, executor: str, items: int, direct: bool) -> Candidate | None:
         """Poll the store until a cold executor has a live replica (or give up)."""
+        self._waking.setdefault(executor, time.monotonic())
         deadline = time.monotonic() + self.cold_start_timeout
         while time.monotonic() < deadline:
             async with self._lock:
                 await self._refresh()
-            for c in await self.ranking():
+            for c in await self.ranking(items, direct=direct):
                 if c.executor_id == executor and c.warm:
                     return c
             await asyncio.sleep(0.5)
         return None
 
-    async def _with_failover(self, call: Callable[[Candidate], Awaitable[T]]) -> tuple[
-        T, Candidate, int
-    ]:
-        ranking = await self.ranking()
+    async def _with_failover(self, call: Callable[[Candidate], Awaitable[T]], items: int = 1,
+                             direct: bool | None = None) -> tuple[T, Candidate, int]:
+        pods = self.direct if direct is None else direct
+        ranking = await self.ranking(items, direct=pods)
         if not ranking:
             raise NoMatchingModel(self.client_id, ranking.explain())
         attempts: list[tuple[str, str]] = []
@@ -254,14 +301,14 @@ class MulambdaClient:
         for candidate in ranking[: self.max_attempts]:
             if not candidate.warm:
                 await self._note_demand([candidate.executor_id])
-                warm = await self._wait_until_warm(candidate.executor_id)
+                warm = await self._wait_until_warm(candidate.executor_id, items, pods)
                 if warm is None:
                     attempts.append((candidate.executor_id,
                                      f"cold start not done in {self.cold_start_timeout:g}s"))
                     continue
                 candidate = warm
             try:
-                result = await self._counted(candidate.executor_id, call(candidate))
+                result = await self._counted(candidate, call(candidate), items)
                 return result, candidate, len(attempts) + 1
             except Retryable as exc:
                 attempts.append((candidate.executor_id, str(exc)))
@@ -270,22 +317,38 @@ class MulambdaClient:
                             self.client_id, candidate.executor_id, exc)
         raise AllCandidatesFailed(self.client_id, attempts)
 
-    async def _counted(self, executor: str, op: Awaitable[T]) -> T:
-        """Run ``op`` counted as in flight (and as demand) in this instance's leases.
+    async def _counted(self, candidate: Candidate, op: Awaitable[T], items: int = 1) -> T:
+        """Run ``op`` counted as in flight (and as demand) in this instance's leases, and
+        feed its response time to the service-time model when it answers.
 
         Counting and releasing are local and synchronous: nothing between
         them can be skipped by a cancellation, and CancelledError propagates
-        untouched. The store learns the counts from the leases' writer.
+        untouched. The store learns the counts (and the measurements) from
+        the leases' writer.
         """
+        executor = candidate.executor_id
+        pod = candidate.replica.pod if candidate.replica is not None else None
         self._leases.start(executor)
+        token = self._own.add(executor, pod, time.monotonic() * 1000,
+                              candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        started = time.perf_counter()
         try:
-            return await op
+            result = await op
+            # Only answers measure the model: a failure's time says nothing about it.
+            self._tracker.observe(
+                executor, inflight=candidate.inflight, items=items,
+                elapsed_ms=(time.perf_counter() - started) * 1000,
+                network_ms=candidate.network_ms,
+                predicted_ms=candidate.service_ms + candidate.load_ms)
+            return result
         finally:
+            self._own.remove(token)
             self._leases.finish(executor)
 
-    async def _predict(self, call: Callable[[Candidate], Awaitable[Any]]) -> Prediction:
+    async def _predict(self, call: Callable[[Candidate], Awaitable[Any]], items: int = 1,
+                       direct: bool | None = None) -> Prediction:
         started = time.perf_counter()
-        result, cand, n = await self._with_failover(call)
+        result, cand, n = await self._with_failover(call, items, direct)
         return Prediction(result, cand.executor_id, cand,
                           (time.perf_counter() - started) * 1000, n)
 
@@ -302,7 +365,8 @@ class MulambdaClient:
         if signature_name:
             body["signature_name"] = signature_name
         timeout = attempt_timeout or self.timeout
-        return await self._predict(lambda c: rest_predict(self.http, c, body, timeout))
+        return await self._predict(lambda c: rest_predict(self.http, c, body, timeout),
+                                   max(1, len(instances)))
 
     async def predict_grpc(
         self, inputs: dict[str, Any], *, signature_name: str = "serving_default",
@@ -316,4 +380,6 @@ class MulambdaClient:
         if self._grpc is None:
             self._grpc = GrpcTransport()
         grpc, timeout = self._grpc, attempt_timeout or self.timeout
-        return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout))
+        # gRPC goes to the Service's gRPC port: no replica is picked.
+        return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout),
+                                   direct=False)

@@ -19,9 +19,13 @@ from .errors import MissingExtra, PredictionRejected, Retryable
 
 async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict[str, Any],
                        attempt_timeout: float) -> Any:
-    """POST ``body`` to ``{endpoint}/v1/models/{model}:predict``; the ``predictions``."""
+    """POST ``body`` to ``{url}/v1/models/{model}:predict``; the ``predictions``.
+
+    ``url`` is the chosen replica's pod address or the executor's Service
+    (:attr:`~mulambda.policy.selection.Candidate.url`).
+    """
     record = candidate.record
-    url = f"{record.rest.rstrip('/')}/v1/models/{record.model}:predict"
+    url = f"{candidate.url.rstrip('/')}/v1/models/{record.model}:predict"
     try:
         resp = await http.post(url, json=body, timeout=attempt_timeout)
     except httpx.TransportError as exc:  # connect / read errors and timeouts

@@ -1,10 +1,12 @@
-"""In-flight leases: one SDK instance's requests in flight, published so they expire."""
+"""In-flight leases: one router's requests in flight, published so they expire; and a
+fresh reader of everybody else's."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,8 @@ from .metadata import (
 from .records import StoreUnavailable
 
 if TYPE_CHECKING:
+    from mulambda.policy.latency import ServiceTracker
+
     from .metadata import MetadataStore
 
 log = logging.getLogger("mulambda.store")
@@ -32,12 +36,16 @@ class InflightLeases:
     every ``ttl / 3`` while anything is in flight; a failed write is retried
     with back-off. Requests started are queued as demand and go out with the
     next write. :meth:`close` deletes the leases (best effort, bounded);
-    :meth:`stop` leaves them to expire.
+    :meth:`stop` leaves them to expire. With a ``service`` tracker, the
+    service times it measured since the last write go out in the same
+    pipeline (``P:service``).
     """
 
     def __init__(self, store: MetadataStore, instance: str | None = None,
-                 ttl: float = INFLIGHT_LEASE_SECONDS) -> None:
+                 ttl: float = INFLIGHT_LEASE_SECONDS,
+                 service: ServiceTracker | None = None) -> None:
         self.store = store
+        self.service = service
         self.instance = instance or uuid.uuid4().hex[:16]
         if "|" in self.instance:
             raise ValueError("instance must not contain '|'")
@@ -90,15 +98,18 @@ class InflightLeases:
             oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
             demand = {k: v for k, v in self._demand.items() if k[0] > oldest}
             self._demand = {}
-            if not counts and not demand:
+            measured = self.service.take_changed() if self.service is not None else {}
+            if not counts and not demand and not measured:
                 return
             try:
                 await self.store.publish_inflight(self.instance, counts, ttl=self.ttl,
-                                                  demand=demand)
+                                                  demand=demand, service=measured)
             except BaseException:  # incl. cancellation: the write may or may not have landed
                 self._maybe_published |= {e for e, n in counts.items() if n > 0}
                 for k, v in demand.items():
                     self._demand[k] = self._demand.get(k, 0) + v
+                if self.service is not None:
+                    self.service.mark_changed(list(measured))
                 raise
             self._maybe_published = {e for e, n in counts.items() if n > 0}
 
@@ -161,3 +172,59 @@ class InflightLeases:
         except (StoreUnavailable, TimeoutError) as exc:
             log.warning("in-flight leases not released instance=%s error=%r; they expire "
                         "within %gs", self.instance, exc, self.ttl)
+
+
+class InflightReader:
+    """Everybody else's requests in flight, read fresh for each routing decision.
+
+    A snapshot is refreshed about once a second, but a fast model serves a
+    request in tens of milliseconds: routers that only see each other's load
+    a second late send their requests to the same idle replica at the same
+    time. So each decision reads the in-flight leases again (one HGETALL of
+    ``P:inflight``, a fraction of a millisecond on a nearby store), shared by
+    every decision within ``ttl`` seconds and bounded by ``timeout``. When
+    the store is slow or down, :meth:`read` returns None at once for
+    ``backoff`` seconds (callers then use their snapshot's counts): a store
+    outage never adds more than one ``timeout`` to a prediction.
+    """
+
+    def __init__(self, store: MetadataStore, exclude_instance: str | None = None, *,
+                 ttl: float = 0.002, timeout: float = 0.05, backoff: float = 1.0) -> None:
+        self.store = store
+        self.exclude_instance = exclude_instance
+        self.ttl = ttl
+        self.timeout = timeout
+        self.backoff = backoff
+        self._counts: dict[str, int] | None = None
+        self._at = -float("inf")
+        self._failed_until = -float("inf")
+        self._pending: asyncio.Task[dict[str, int]] | None = None
+
+    async def read(self) -> dict[str, int] | None:
+        """Everybody else's requests in flight per executor, or None (use the snapshot)."""
+        now = time.monotonic()
+        if self._counts is not None and now - self._at < self.ttl:
+            return self._counts
+        if now < self._failed_until:
+            return None
+        if self._pending is None or self._pending.done():
+            self._pending = asyncio.ensure_future(
+                self.store.inflight_counts(self.exclude_instance))
+            # Retrieve a failure nobody waits for any more (its caller timed out).
+            self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
+        try:
+            async with asyncio.timeout(self.timeout):
+                # shield: a caller's timeout or cancellation must not cancel the read
+                # others are waiting for.
+                counts = await asyncio.shield(self._pending)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self._failed_until = time.monotonic() + self.backoff
+            log.debug("fresh in-flight read failed error=%r; using the snapshot for %gs",
+                      exc, self.backoff)
+            return None
+        self._counts, self._at = counts, now
+        return counts
+
+    def close(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()

@@ -31,6 +31,18 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); the
     operator prunes expired leases with the heartbeats; ``remove_executor``
     deletes them.
+``P:service`` (HASH) ``EXEC|INSTANCE`` -> :class:`ServiceStats`.
+    Measured service times of one executor as one router saw them: each SDK
+    instance and each selector (gateway) process publishes the sufficient
+    statistics of its own observations (response time minus network RTT,
+    requests in flight, items) and its measured cold starts, with the same
+    writer that publishes its in-flight leases. ``expires_at`` is
+    ``now + SERVICE_TTL_SECONDS`` (1 h) at every write: a measurement
+    outlives a restart of its writer, and an executor idle for an hour
+    falls back to its declared ``serviceTimeMs``. Readers add the
+    unexpired values per executor (:mod:`mulambda.policy.latency` fits the
+    model); expired ones are pruned by the operator with the heartbeats;
+    ``remove_executor`` deletes them.
 ``P:demand:BUCKET`` (HASH) executor id -> requests started in that
     10-second bucket (``BUCKET = epoch // 10``), plus demand signals for
     executors scaled to zero (SDK, selector, the operator's Client
@@ -38,8 +50,10 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     autoscaler reads the arrival rate from the last buckets.
 
 A value that does not decode (bad JSON or UTF-8, not an object, a required
-field missing or of the wrong type) is skipped by every reader and logged
-with its key and field, never its content: one bad writer must not break
+field missing or of the wrong type) or holds an impossible value (NaN or an
+infinity, a negative time or count, an accuracy outside [0, 1]:
+:func:`~mulambda.store.records.invalid_reason`) is skipped by every reader
+and logged with its key, field and reason, never its content: one bad writer must not break
 selection for everyone. ``prune_expired`` leaves such values alone (a newer
 version may have written them).
 
@@ -58,6 +72,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -70,6 +85,7 @@ from .records import (
     InflightLease,
     LatencySample,
     ReplicaRecord,
+    ServiceStats,
     Snapshot,
     StoreUnavailable,
     _count,
@@ -87,11 +103,27 @@ DEMAND_BUCKET_SECONDS = 10
 DEMAND_TTL_SECONDS = 600
 # An in-flight lease outlives its owner by at most this long.
 INFLIGHT_LEASE_SECONDS = 30.0
+# Measured service times are kept this long after their writer's last write.
+SERVICE_TTL_SECONDS = 3600.0
 
 log = logging.getLogger("mulambda.store")
 
 
 PASSWORD_ENV = "MULAMBDA_REDIS_PASSWORD"
+# The ACL user a process logs in as (mulambda.store.acl: one per role); it wins over
+# the URL's own user, which the operator copies into executor pods for companions.
+USERNAME_ENV = "MULAMBDA_REDIS_USERNAME"
+
+
+def _with_username(url: str) -> str:
+    """``url`` with its user replaced by ``MULAMBDA_REDIS_USERNAME`` when that is set."""
+    username = os.environ.get(USERNAME_ENV, "").strip()
+    if not username:
+        return url
+    parts = urlsplit(url)
+    secret = f":{parts.password}" if parts.password else ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{quote(username, safe='')}{secret}@{host}"))
 
 
 class MetadataStore:
@@ -114,8 +146,10 @@ class MetadataStore:
         The password comes from ``password`` or else the environment variable
         ``MULAMBDA_REDIS_PASSWORD`` (fed by the Secret ``MULAMBDA_REDIS_SECRET``
         names), so it never has to be part of a URL that is copied into
-        ConfigMaps, pod specs or logs.
+        ConfigMaps, pod specs or logs. The user is ``MULAMBDA_REDIS_USERNAME``,
+        else the URL's (docs/security.md).
         """
+        url = _with_username(url)
         if password is None:
             password = os.environ.get(PASSWORD_ENV) or None
         extra: dict[str, Any] = {"password": password} if password else {}
@@ -152,6 +186,10 @@ class MetadataStore:
     @property
     def inflight_key(self) -> str:
         return f"{self.prefix}:inflight"
+
+    @property
+    def service_key(self) -> str:
+        return f"{self.prefix}:service"
 
     def latency_key(self, client: str) -> str:
         return f"{self.prefix}:latency:{client}"
@@ -205,14 +243,18 @@ class MetadataStore:
         await self._run(self.redis.hset(self.executors_key, record.id, _dump(stamped)))
 
     async def remove_executor(self, executor: str) -> None:
-        """Forget an executor and everything keyed by it (replicas, in-flight leases)."""
+        """Forget an executor and everything keyed by it (replicas, in-flight leases,
+        measured service times)."""
         pattern = f"{_glob_escape(executor)}|*"
         mine = list(await self._scan_fields(self.replicas_key, pattern))
         leases = list(await self._scan_fields(self.inflight_key, pattern))
+        measured = list(await self._scan_fields(self.service_key, pattern))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.executors_key, executor)
             if leases:
                 pipe.hdel(self.inflight_key, *leases)
+            if measured:
+                pipe.hdel(self.service_key, *measured)
             if mine:
                 pipe.hdel(self.replicas_key, *mine)
             await self._run(pipe.execute())
@@ -248,7 +290,7 @@ class MetadataStore:
         return dict(await self._run(scan()))
 
     async def prune_expired(self) -> int:
-        """Delete expired replica heartbeats, latency samples and in-flight leases.
+        """Delete expired heartbeats, latency samples, in-flight leases and service times.
 
         Returns how many. Dead pods and dead SDK processes leave values behind
         (a killed process cannot delete its own); readers already ignore them,
@@ -270,7 +312,8 @@ class MetadataStore:
             return out
 
         clients = await self._run(self.redis.hkeys(self.clients_key))
-        for key in [self.replicas_key, self.inflight_key, *map(self.latency_key, clients)]:
+        for key in [self.replicas_key, self.inflight_key, self.service_key,
+                    *map(self.latency_key, clients)]:
             dead = expired(key, await self._run(self.redis.hgetall(key)))
             if dead:
                 removed += int(await self._run(self.redis.hdel(key, *dead)))
@@ -333,26 +376,36 @@ class MetadataStore:
     async def publish_inflight(
         self, instance: str, counts: Mapping[str, int], *,
         ttl: float = INFLIGHT_LEASE_SECONDS, demand: Mapping[tuple[int, str], int] | None = None,
+        service: Mapping[str, ServiceStats] | None = None,
     ) -> None:
         """Set ``instance``'s in-flight leases, one pipeline.
 
         A positive count is written with ``expires_at = now + ttl``; zero
         deletes the lease. ``demand`` maps (bucket, executor) -> requests to
-        add to that demand bucket.
+        add to that demand bucket. ``service`` maps executor -> this
+        instance's measured service times (``P:service``, expiring after
+        ``SERVICE_TTL_SECONDS``).
         """
         if "|" in instance or not instance:
             raise ValueError("instance must be non-empty and contain no '|'")
-        expires_at = _now() + ttl
+        now = _now()
+        expires_at = now + ttl
         live: dict[Any, Any] = {f"{e}|{instance}": _dump(InflightLease(int(n), expires_at))
                 for e, n in counts.items() if n > 0}
         gone = [f"{e}|{instance}" for e, n in counts.items() if n <= 0]
-        if not live and not gone and not demand:
+        measured: dict[Any, Any] = {
+            f"{e}|{instance}": _dump(replace(st, expires_at=now + SERVICE_TTL_SECONDS))
+            for e, st in (service or {}).items()
+        }
+        if not live and not gone and not demand and not measured:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             if live:
                 pipe.hset(self.inflight_key, mapping=live)
             if gone:
                 pipe.hdel(self.inflight_key, *gone)
+            if measured:
+                pipe.hset(self.service_key, mapping=measured)
             buckets: set[int] = set()
             for (bucket, executor), n in (demand or {}).items():
                 if n:
@@ -377,19 +430,49 @@ class MetadataStore:
                 totals[executor] = totals.get(executor, 0) + lease.n
         return totals
 
+    def _service_totals(self, raw: Mapping[str, str], now: float,
+                        exclude_instance: str | None = None) -> dict[str, ServiceStats]:
+        totals: dict[str, ServiceStats] = {}
+        for name, value in raw.items():
+            executor, sep, instance = name.rpartition("|")
+            if not sep:
+                self._malformed(self.service_key, name, "field is not EXEC|INSTANCE")
+                continue
+            if instance == exclude_instance:
+                continue
+            stats = self._decode(ServiceStats, self.service_key, name, value)
+            if stats is not None and stats.expires_at >= now:
+                seen = totals.get(executor)
+                totals[executor] = stats if seen is None else seen + stats
+        return totals
+
+    async def service_stats(self, exclude_instance: str | None = None) -> dict[
+        str, ServiceStats
+    ]:
+        """Every executor's measured service times, all writers added up."""
+        raw = await self._run(self.redis.hgetall(self.service_key))
+        return self._service_totals(raw, _now(), exclude_instance)
+
+    async def inflight_counts(self, exclude_instance: str | None = None) -> dict[str, int]:
+        """Requests in flight per executor (unexpired leases), leaving out
+        ``exclude_instance``'s: the cheap, fresh part of a snapshot."""
+        raw = await self._run(self.redis.hgetall(self.inflight_key))
+        return self._inflight_totals(raw, _now(), exclude_instance)
+
     # -- selection snapshot -----------------------------------------------------
     async def snapshot(self, client: str | None = None,
                        exclude_instance: str | None = None) -> Snapshot:
-        """Executors, live replicas, load and (for ``client``) latencies and its
-        registered record: one round trip.
+        """Executors, live replicas, load, measured service times and (for
+        ``client``) latencies and its registered record: one round trip.
 
-        ``exclude_instance`` leaves that SDK instance's own leases out of the
-        in-flight counts (it adds its exact local counts itself).
+        ``exclude_instance`` leaves that SDK instance's own leases and
+        service-time statistics out (it adds its exact local ones itself).
         """
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.executors_key)
             pipe.hgetall(self.replicas_key)
             pipe.hgetall(self.inflight_key)
+            pipe.hgetall(self.service_key)
             if client is not None:
                 pipe.hgetall(self.latency_key(client))
                 pipe.hget(self.clients_key, client)
@@ -400,17 +483,18 @@ class MetadataStore:
         for r in self._live_replicas(results[1], now):
             replicas.setdefault(r.executor, []).append(r)
         inflight = self._inflight_totals(results[2], now, exclude_instance)
+        service = self._service_totals(results[3], now, exclude_instance)
         latency: dict[str, dict[str, LatencySample]] = {}
         record: ClientRecord | None = None
         if client is not None:
             key = self.latency_key(client)
-            for f, sample in self._decode_all(LatencySample, key, results[3]).items():
+            for f, sample in self._decode_all(LatencySample, key, results[4]).items():
                 if sample.expires_at >= now:
                     ex, pod = _split_field(f)
                     latency.setdefault(ex, {})[pod] = sample
-            if results[4] is not None:
-                record = self._decode(ClientRecord, self.clients_key, client, results[4])
-        return Snapshot(executors, replicas, latency, inflight, now, record)
+            if results[5] is not None:
+                record = self._decode(ClientRecord, self.clients_key, client, results[5])
+        return Snapshot(executors, replicas, latency, inflight, now, record, service=service)
 
     # -- demand (SDK / selector; read by the autoscaler) -------------------------
     def demand_key(self, bucket: int) -> str:

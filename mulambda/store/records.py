@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import types
 import typing
@@ -114,6 +115,49 @@ class InflightLease:
 
 
 @dataclass
+class ServiceStats:
+    """Measured service times of one executor, as sufficient statistics.
+
+    Exponentially weighted sums over observations (``k`` requests in flight
+    per replica when the request was sent, ``i`` items in it, ``t`` its
+    service time in ms = response time minus network RTT): ``w`` = sum of
+    weights, ``k`` = sum w*k, ``kk`` = sum w*k*k, ``kt`` = sum w*k*t and so
+    on. Sums of several writers add up to the statistics of all their
+    observations, so each writer publishes its own and readers add them;
+    :mod:`mulambda.policy.latency` fits the service-time model from them.
+    ``cold_ms`` is the writer's smoothed measured cold start (activation to
+    first answer) and ``cold_count`` how many it saw.
+    """
+
+    w: float = 0.0
+    k: float = 0.0
+    i: float = 0.0
+    t: float = 0.0
+    kk: float = 0.0
+    ii: float = 0.0
+    ki: float = 0.0
+    kt: float = 0.0
+    it: float = 0.0
+    count: int = 0
+    cold_ms: float | None = None
+    cold_count: int = 0
+    expires_at: float = 0.0
+
+    def __add__(self, other: ServiceStats) -> ServiceStats:
+        cold_count = self.cold_count + other.cold_count
+        cold: float | None = None
+        if cold_count:
+            cold = ((self.cold_ms or 0.0) * self.cold_count
+                    + (other.cold_ms or 0.0) * other.cold_count) / cold_count
+        return ServiceStats(
+            self.w + other.w, self.k + other.k, self.i + other.i, self.t + other.t,
+            self.kk + other.kk, self.ii + other.ii, self.ki + other.ki,
+            self.kt + other.kt, self.it + other.it, self.count + other.count,
+            cold, cold_count, max(self.expires_at, other.expires_at),
+        )
+
+
+@dataclass
 class Snapshot:
     """Everything selection needs, read in one round trip."""
 
@@ -123,6 +167,53 @@ class Snapshot:
     inflight: dict[str, int]
     taken_at: float
     client_record: ClientRecord | None = None  # the snapshot's client, when registered
+    # executor id -> measured service-time statistics, all writers added up
+    service: dict[str, ServiceStats] = field(default_factory=dict)
+    # The reader's own requests in flight, when it keeps them apart from ``inflight``
+    # (which then counts everybody else's): executor id -> requests still ahead at
+    # the executor (a router knows when it sent each one), and the same per replica.
+    own_inflight: dict[str, float] = field(default_factory=dict)
+    replica_inflight: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def invalid_reason(record: Any) -> str | None:
+    """Why ``record`` holds an impossible value (NaN, infinity, a negative time or
+    count, an accuracy outside [0, 1]), or None when it is sound.
+
+    Such a value must never rank: NaN compares False with everything, so a
+    NaN service time or accuracy would win every comparison it takes part in.
+    """
+    for f in fields(record):
+        value = getattr(record, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            if f.name == "expires_at" and value == math.inf:
+                continue  # "never expires": the simulator's records
+            return f"field {f.name!r} is not a finite number"
+    check = _RULES.get(type(record))
+    return check(record) if check is not None else None
+
+
+def _negative(record: Any, names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = getattr(record, name)
+        if value is not None and value < 0:
+            return f"field {name!r} is negative"
+    return None
+
+
+def _executor_rule(r: ExecutorRecord) -> str | None:
+    if r.accuracy is not None and not 0 <= r.accuracy <= 1:
+        return "field 'accuracy' is outside [0, 1]"
+    return _negative(r, ("service_time_ms", "min_replicas", "max_replicas", "ready_replicas"))
+
+
+_RULES: dict[type, Any] = {
+    ExecutorRecord: _executor_rule,
+    LatencySample: lambda r: _negative(r, ("ms", "samples")),
+    InflightLease: lambda r: _negative(r, ("n",)),
+    ServiceStats: lambda r: _negative(r, ("w", "k", "i", "t", "kk", "ii", "ki", "kt", "it",
+                                          "count", "cold_ms", "cold_count")),
+}
 
 
 def _dump(obj: Any) -> str:
@@ -175,9 +266,13 @@ def _load(cls: Any, raw: str | bytes) -> Any:
         if isinstance(value, bool) or not isinstance(value, fields[name]):
             raise ValueError(f"field {name!r} is a JSON {type(value).__name__}")
     try:
-        return cls(**known)
+        record = cls(**known)
     except TypeError as exc:  # a required field is missing
         raise ValueError(str(exc)) from exc
+    why = invalid_reason(record)
+    if why is not None:
+        raise ValueError(why)
+    return record
 
 
 def _expires_at(raw: str) -> float | None:

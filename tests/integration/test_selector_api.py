@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +14,8 @@ from aiohttp import web
 from mulambda.selector import create_app
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
+
+from support.tfserving_double import TFServingDouble
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +131,199 @@ async def test_store_outage_is_503(api, store, redis_server):
         assert (await api.get("/healthz")).status_code == 503
     finally:
         redis_server.start()
+
+
+# -- the gateway: POST /v1/predict/{namespace}/{client} ---------------------------------
+
+async def serve(store: MetadataStore, name: str, double: TFServingDouble, *, rtt: float,
+                service: float = 5.0, accuracy: float = 0.9) -> str:
+    """Register an executor whose Service name does not resolve: only its pod IP (from the
+    heartbeat) reaches the double, so an answer proves the gateway picked the replica."""
+    rec = ExecutorRecord(
+        namespace="ml", name=name, model=f"model-{name}", version=1, type="vision",
+        input="image", output="label", accuracy=accuracy,
+        rest=f"http://{name}.invalid:{double.port}", grpc="", state="Ready",
+        service_time_ms=service,
+    )
+    await store.put_executor(rec)
+    await store.put_replica(ReplicaRecord(executor=rec.id, pod=f"{name}-0", ip="127.0.0.1",
+                                          state="Available"), ttl=60)
+    await store.put_latencies(rec.id, f"{name}-0", {"shop/app": LatencySample(ms=rtt, samples=1)},
+                              ttl=60)
+    return rec.id
+
+
+@pytest.fixture
+async def doubles() -> AsyncIterator[list[TFServingDouble]]:
+    made: list[TFServingDouble] = []
+    yield made
+    for d in made:
+        await d.stop()
+
+
+@pytest.fixture
+async def client(store: MetadataStore) -> None:
+    await store.put_client(ClientRecord(namespace="shop", name="app", type="vision",
+                                        latency_weight=1, accuracy_weight=0))
+
+
+def strict(text: str) -> Any:
+    """JSON as a strict parser reads it: NaN and Infinity are errors."""
+    def refuse(literal: str) -> Any:
+        raise ValueError(f"not JSON: {literal}")
+    return json.loads(text, parse_constant=refuse)
+
+
+async def test_predict_forwards_the_body_to_the_best_executor(api, store, client, doubles):
+    fast = await TFServingDouble("fast").start()
+    slow = await TFServingDouble("slow").start()
+    doubles += [fast, slow]
+    await serve(store, "fast", fast, rtt=1)
+    await serve(store, "slow", slow, rtt=40)
+
+    resp = await api.post("/v1/predict/shop/app", json={"instances": [[1], [2]]})
+
+    assert resp.status_code == 200, resp.text
+    assert strict(resp.text) == {"predictions": [["fast"], ["fast"]]}
+    assert resp.headers["x-mulambda-executor"] == "ml/fast"
+    assert resp.headers["x-mulambda-replica"] == "fast-0"
+    assert resp.headers["x-mulambda-attempts"] == "1"
+    assert fast.requests == [{"model": "model-fast", "body": {"instances": [[1], [2]]}}]
+    assert slow.requests == []
+
+
+async def test_predict_tries_another_executor_after_a_connect_failure_or_a_503(
+    api, store, client, doubles
+):
+    busy = await TFServingDouble("busy", status=503).start()
+    ok = await TFServingDouble("ok").start()
+    doubles += [busy, ok]
+    down = await TFServingDouble("down").start()
+    await serve(store, "down", down, rtt=1)
+    await down.stop()  # nothing listens there any more
+    await serve(store, "busy", busy, rtt=5)
+    await serve(store, "ok", ok, rtt=30)
+
+    resp = await api.post("/v1/predict/shop/app", json={"instances": [[0]]})
+
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["x-mulambda-executor"] == "ml/ok"
+    assert resp.headers["x-mulambda-attempts"] == "3"
+    assert len(busy.requests) == 1 and len(ok.requests) == 1
+
+
+async def test_predict_passes_other_errors_through_without_retrying(api, store, client, doubles):
+    picky = await TFServingDouble("picky", status=400).start()
+    broken = await TFServingDouble("broken", status=500).start()
+    other = await TFServingDouble("other").start()
+    doubles += [picky, broken, other]
+    await serve(store, "picky", picky, rtt=1)
+    await serve(store, "other", other, rtt=30)
+    resp = await api.post("/v1/predict/shop/app", json={"instances": [[0]]})
+    assert resp.status_code == 400 and "picky told to fail" in resp.text
+    assert other.requests == []
+
+    await store.remove_executor("ml/picky")
+    await serve(store, "broken", broken, rtt=1)
+    resp = await api.post("/v1/predict/shop/app", json={"instances": [[0]]})
+    assert resp.status_code == 500 and other.requests == []
+
+
+async def test_predict_counts_its_requests_in_flight_and_routes_around_them(
+    api, store, client, doubles
+):
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await release.wait()
+
+    near = await TFServingDouble("near", on_request=hold).start()
+    far = await TFServingDouble("far").start()
+    doubles += [near, far]
+    await serve(store, "near", near, rtt=1)
+    await serve(store, "far", far, rtt=4)
+
+    first = asyncio.create_task(api.post("/v1/predict/shop/app", json={"instances": [[1]]}))
+    for _ in range(200):
+        if near.requests:
+            break
+        await asyncio.sleep(0.01)
+    # Published for everybody (SDKs, other selector replicas, the autoscaler)...
+    for _ in range(100):
+        if (await store.executor_load("ml/near"))[0] == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert (await store.executor_load("ml/near"))[0] == 1
+    # ...and counted here: the next request goes around it.
+    second = await api.post("/v1/predict/shop/app", json={"instances": [[2]]})
+    assert second.headers["x-mulambda-executor"] == "ml/far"
+    release.set()
+    assert (await first).headers["x-mulambda-executor"] == "ml/near"
+
+
+async def test_predict_feeds_measured_times_to_the_latency_model(api, store, client, doubles):
+    async def take_50_ms() -> None:
+        await asyncio.sleep(0.05)
+
+    slowish = await TFServingDouble("slowish", on_request=take_50_ms).start()
+    doubles.append(slowish)
+    await serve(store, "slowish", slowish, rtt=1, service=1)
+    for _ in range(3):
+        assert (await api.post("/v1/predict/shop/app", json={"instances": [[0]]})).status_code \
+            == 200
+    for _ in range(100):
+        stats = (await store.service_stats()).get("ml/slowish")
+        if stats is not None and stats.count == 3:
+            break
+        await asyncio.sleep(0.02)
+    assert stats is not None and stats.count == 3
+    assert stats.t / stats.w > 20  # measured, no longer the declared 1 ms
+
+
+@pytest.mark.parametrize(("path", "payload", "status", "error"), [
+    ("/v1/predict/shop/nobody", b'{"instances": [[0]]}', 404, "unknown client"),
+    ("/v1/predict/shop/app", b"{not json", 400, "not valid JSON"),
+    ("/v1/predict/shop/app?type=audio", b'{"instances": [[0]]}', 404, "no matching model"),
+    ("/v1/predict/shop/app?latency=fast", b'{"instances": [[0]]}', 400, "latency"),
+    ("/v1/predict/shop/app?max_latency_ms=nan", b'{"instances": [[0]]}', 400, "finite"),
+])
+async def test_predict_errors_are_json_with_the_reason(api, store, client, doubles, path, payload,
+                                                       status, error):
+    d = await TFServingDouble("d").start()
+    doubles.append(d)
+    await serve(store, "d", d, rtt=1)
+    resp = await api.post(path, content=payload, headers={"Content-Type": "application/json"})
+    assert resp.status_code == status
+    body = strict(resp.text)
+    assert error in body["error"] + str(body.get("reason", ""))
+    assert d.requests == []
+
+
+async def test_predict_answers_502_with_every_attempt_when_all_fail(api, store, client, doubles):
+    for name in ("a", "b"):
+        gone = await TFServingDouble(name).start()
+        await serve(store, name, gone, rtt=1)
+        await gone.stop()
+    resp = await api.post("/v1/predict/shop/app", json={"instances": [[0]]})
+    assert resp.status_code == 502
+    body = strict(resp.text)
+    assert body["error"] == "all candidates failed"
+    assert sorted(a["executor"] for a in body["attempts"]) == ["ml/a", "ml/b"]
+
+
+async def test_answers_are_strict_json_even_with_impossible_values_in_the_store(api, store):
+    await register(store, "good", accuracy=0.7)
+    bad = ExecutorRecord(namespace="ml", name="bad", model="m", version=1, type="vision",
+                         input="image", output="label", accuracy=0.9, rest="http://bad:8501",
+                         grpc="", state="Ready", service_time_ms=1)
+    raw = {k: v for k, v in vars(bad).items()}
+    for field, value in (("accuracy", "NaN"), ("service_time_ms", "-Infinity")):
+        text = json.dumps({**raw, field: value}).replace(f'"{value}"', value)
+        await store.redis.hset(store.executors_key, "ml/bad", text)
+        await store.put_replica(ReplicaRecord(executor="ml/bad", pod="bad-0", state="Available"),
+                                ttl=60)
+        resp = await api.post("/select/shop/app", json={"required": {"type": "vision"}})
+        assert resp.status_code == 200
+        body = strict(resp.text)
+        assert body["model"]["executor"] == "ml/good"
+        assert [c["executor"] for c in body["candidates"]] == ["ml/good"]

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
+import random
 from collections import Counter
 
 import pytest
 
-from mulambda.policy.selection import Criteria, Policy, prefilter, rank
+from mulambda.policy.latency import ServiceModel, ServiceTracker
+from mulambda.policy.selection import Criteria, Policy, Preferences, overlay, prefilter, rank
 from mulambda.store.records import (
     ClientRecord,
     ExecutorRecord,
     LatencySample,
     ReplicaRecord,
+    ServiceStats,
     Snapshot,
+    _load,
 )
 
 NOW = 1_700_000_000.0
@@ -150,10 +156,12 @@ def test_overload_pushes_traffic_to_the_second_model():
                     rtt={"fast": 1, "second": 1})
     crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)
     assert ids(rank(crit, snap))[0] == "ml/fast"
-    snap.inflight = {"ml/fast": 4}  # 4 queued ahead: 1 + 5 + 20 ms
+    snap.inflight = {"ml/fast": 4}  # 4 in flight, each costing a declared service time
     ranking = rank(crit, snap)
     assert ids(ranking)[0] == "ml/second"
-    assert ranking[1].load_ms == pytest.approx(20.0)
+    # A request counted in flight is ahead for its stay (5 + 20 ms) out of stay + RTT (1 ms).
+    assert ranking[1].inflight == pytest.approx(4 * 25 / 26)
+    assert ranking[1].load_ms == pytest.approx(5 * 4 * 25 / 26)
 
 
 def test_more_replicas_absorb_load():
@@ -178,12 +186,31 @@ def test_warm_executor_preferred_unless_cold_one_is_much_better():
     snap = snapshot(warm, cold, rtt={"warm": 1})
     r = rank(Criteria(type="vision"), snap)
     assert ids(r) == ["ml/warm", "ml/cold"]
-    assert r[0].warm and not r[1].warm and "cold: -0.25" in r[1].reason
-    assert r.wake == ["ml/cold"]  # better on its own merits: worth activating
+    assert r[0].warm and not r[1].warm
+    assert r[1].cold_start_ms == Policy().default_cold_start_ms
+    assert "cold start not measured: default" in r[1].reason
+    assert r.wake == ["ml/cold"]  # better once warm: worth activating
 
-    much_worse_warm = executor("warm", service=200, accuracy=0.3)
-    r = rank(Criteria(type="vision"), snapshot(much_worse_warm, cold, rtt={"warm": 1}))
-    assert ids(r)[0] == "ml/cold" and r.wake[0] == "ml/cold"
+    # Much more accurate but cold: a warm model serves meanwhile (the cold start is over
+    # the latency ceiling) and the cold one is woken; a client that waits gets it first.
+    precise = executor("cold", service=10, accuracy=0.99, state="ScaledToZero", min_replicas=0)
+    rough = executor("warm", service=12, accuracy=0.3)
+    snap = snapshot(rough, precise, rtt={"warm": 1})
+    r = rank(Criteria(type="vision", latency_weight=1, accuracy_weight=3), snap)
+    assert ids(r) == ["ml/warm", "ml/cold"] and r.wake == ["ml/cold"]
+    r = rank(Criteria(type="vision", latency_weight=1, accuracy_weight=3, cold_start="Wait"),
+             snap)
+    assert ids(r)[0] == "ml/cold" and r.wake == ["ml/cold"]
+
+
+def test_measured_cold_start_replaces_the_default():
+    cold = executor("cold", service=10, state="ScaledToZero", min_replicas=0)
+    snap = snapshot(cold)
+    snap.service = {"ml/cold": ServiceStats(cold_ms=4000.0, cold_count=3)}
+    [c] = rank(Criteria(type="vision"), snap)
+    assert c.cold_start_ms == 4000.0 and not c.warm
+    assert c.expected_latency_ms == pytest.approx(c.network_ms + 10 + 4000)
+    assert "cold start 4000" in c.reason and "cold start not measured" not in c.reason
 
 
 def test_cold_executor_is_used_when_no_warm_one_exists():
@@ -201,15 +228,44 @@ def test_wait_cold_start_ranks_best_model_first_even_if_cold():
     assert ids(r)[0] == "ml/cold"
 
 
-def test_ties_spread_over_clients_and_time():
+def test_equal_candidates_share_the_traffic():
     twins = [executor(f"twin{i}") for i in range(4)]
     snap = snapshot(*twins, rtt={f"twin{i}": 3 for i in range(4)})
-    crit = Criteria(type="vision")
-    firsts = Counter(ids(rank(crit, snap, client=f"ns/c{n}"))[0] for n in range(200))
+    rng = random.Random(1)
+    firsts = Counter(ids(rank(Criteria(type="vision"), snap, rng=rng))[0] for _ in range(2000))
     assert set(firsts) == {f"ml/twin{i}" for i in range(4)}
-    assert min(firsts.values()) > 20  # roughly even, not all on one
-    over_time = {ids(rank(crit, snap, client="ns/c0", now=NOW + 10 * k))[0] for k in range(50)}
-    assert len(over_time) > 1
+    assert min(firsts.values()) > 400  # about a quarter each
+
+
+def test_near_equal_candidates_share_in_proportion_to_their_headroom():
+    # Latency only; 100 ms scale: b is 0.5 ms slower than a, c is 6 ms slower (beyond the
+    # noise band of ~10 % of the best latency).
+    snap = snapshot(executor("a", service=10), executor("b", service=10.5),
+                    executor("c", service=16), rtt={"a": 1, "b": 1, "c": 1})
+    crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)
+    rng = random.Random(2)
+    firsts = Counter(ids(rank(crit, snap, rng=rng))[0] for _ in range(3000))
+    assert firsts["ml/c"] == 0  # lower beyond the noise: never first
+    assert firsts["ml/a"] > firsts["ml/b"] > 300
+
+
+def test_a_candidate_scoring_lower_beyond_noise_is_never_first():
+    snap = snapshot(*[executor(f"e{i}", service=5 + 3 * i, accuracy=0.9 - i / 20)
+                      for i in range(6)], rtt={f"e{i}": 2 for i in range(6)})
+    for weights in ((1, 0), (1, 1), (0, 1), (2, 1)):
+        crit = Criteria(type="vision", latency_weight=weights[0], accuracy_weight=weights[1])
+        plain = rank(crit, snap)
+        band = Preferences.of(crit).band(plain[0].expected_latency_ms, Policy())
+        rng = random.Random(3)
+        for _ in range(300):
+            first = rank(crit, snap, rng=rng)[0]
+            assert plain[0].score - first.score <= band + 1e-9
+
+
+def test_without_a_random_source_the_order_is_by_score_then_name():
+    twins = [executor(f"twin{i}") for i in range(3)]
+    snap = snapshot(*twins, rtt={f"twin{i}": 3 for i in range(3)})
+    assert ids(rank(Criteria(type="vision"), snap)) == ["ml/twin0", "ml/twin1", "ml/twin2"]
 
 
 def test_ranking_is_deterministic():
@@ -278,3 +334,192 @@ def test_request_criteria_reject_nan_and_infinity():
         Criteria.from_request({"type": "x"}, {"latency": float("nan")})
     with pytest.raises(ValueError, match=r"required\.max_latency_ms must be a finite number"):
         Criteria.from_request({"type": "x", "maxLatencyMs": float("inf")})
+
+
+# -- scoring in absolute terms ---------------------------------------------------------
+
+def test_latency_utility_is_absolute_not_a_ratio():
+    prefs = Preferences.of(Criteria(type="vision", latency_weight=1, accuracy_weight=0))
+    assert prefs.latency_utility(20) == pytest.approx(100 / 120)
+    assert prefs.latency_utility(60) == pytest.approx(100 / 160)
+    budget = Preferences.of(Criteria(type="vision", max_latency_ms=400))
+    assert budget.latency_utility(400) == pytest.approx(0.5)  # halves at the budget
+    assert budget.ceiling_ms == 400 and prefs.ceiling_ms == Policy().default_max_latency_ms
+
+
+@pytest.mark.parametrize(("weights", "budget", "winner"), [
+    pytest.param((1, 0), None, "fast", id="latency-only"),
+    pytest.param((0, 1), None, "precise", id="accuracy-only"),
+    pytest.param((0.5, 0.5), None, "precise", id="balanced-20-vs-60-ms"),
+    pytest.param((0.5, 0.5), 1000, "precise", id="balanced-loose-budget"),
+    pytest.param((3, 1), None, "fast", id="latency-first"),
+])
+def test_equal_weights_pick_a_model_that_is_good_on_both(weights, budget, winner):
+    # 20 ms at 0.6 against 60 ms at 0.9: a ratio would call the fast one 3x better.
+    snap = snapshot(executor("fast", service=19, accuracy=0.6),
+                    executor("precise", service=59, accuracy=0.9), rtt={"fast": 1, "precise": 1})
+    crit = Criteria(type="vision", latency_weight=weights[0], accuracy_weight=weights[1],
+                    max_latency_ms=budget)
+    assert ids(rank(crit, snap))[0] == f"ml/{winner}"
+
+
+def test_balanced_client_leaves_a_slow_model_for_a_fast_one_of_nearly_equal_accuracy():
+    snap = snapshot(executor("fast", service=19, accuracy=0.88),
+                    executor("slow", service=299, accuracy=0.9), rtt={"fast": 1, "slow": 1})
+    assert ids(rank(Criteria(type="vision", latency_weight=1, accuracy_weight=1), snap))[0] \
+        == "ml/fast"
+
+
+def test_accuracy_only_client_gets_the_less_loaded_of_equally_accurate_models():
+    snap = snapshot(executor("a", service=20, accuracy=0.9),
+                    executor("b", service=20, accuracy=0.9), rtt={"a": 1, "b": 1},
+                    inflight={"a": 3})
+    crit = Criteria(type="vision", latency_weight=0, accuracy_weight=1)
+    assert ids(rank(crit, snap))[0] == "ml/b"
+
+
+def test_accuracy_only_client_never_gets_a_replica_beyond_the_ceiling():
+    # The most accurate model is buried under 60 requests (expected > 1 s).
+    snap = snapshot(executor("best", service=20, accuracy=0.95),
+                    executor("good", service=20, accuracy=0.8), rtt={"best": 1, "good": 1},
+                    inflight={"best": 60})
+    crit = Criteria(type="vision", latency_weight=0, accuracy_weight=1)
+    r = rank(crit, snap)
+    assert ids(r) == ["ml/good", "ml/best"]
+    assert r[1].over_ceiling and "over the latency ceiling" in r[1].reason
+    # With a budget the budget is the ceiling (and a hard limit).
+    tight = rank(Criteria(type="vision", latency_weight=0, accuracy_weight=1,
+                          max_latency_ms=200), snap)
+    assert ids(tight) == ["ml/good"] and tight.rejected["ml/best"].startswith("over max latency")
+    # When every candidate is over the ceiling they still rank (by score): never nothing.
+    snap.inflight = {"ml/best": 60, "ml/good": 80}
+    assert ids(rank(crit, snap))[0] == "ml/best"
+
+
+# -- the measured model -------------------------------------------------------------------
+
+def test_measured_service_times_replace_the_declared_ones():
+    # Both declare 5 ms; "fast" really costs 80 ms per request ahead.
+    tracker = ServiceTracker()
+    for i in range(40):
+        k = i % 3
+        tracker.observe("ml/fast", inflight=k, items=1, elapsed_ms=1 + 5 + 80 * k,
+                        network_ms=1, predicted_ms=5)
+    snap = snapshot(executor("fast", service=5), executor("other", service=15),
+                    rtt={"fast": 1, "other": 1}, inflight={"fast": 1})
+    crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)
+    declared = rank(crit, snap)
+    measured = rank(crit, overlay(snap, service=tracker.stats))
+    by_id = {c.executor_id: c for c in measured}
+    assert by_id["ml/fast"].model is not None
+    assert by_id["ml/fast"].model.per_inflight_ms == pytest.approx(80, rel=0.1)
+    assert by_id["ml/fast"].measured == 40
+    assert "measured over 40 requests" in by_id["ml/fast"].reason
+    assert "declared, not measured" in by_id["ml/other"].reason
+    assert ids(declared)[0] == "ml/fast" and ids(measured)[0] == "ml/other"
+
+
+def test_per_item_cost_makes_large_requests_go_to_the_cheaper_model():
+    # a: 5 ms + 1 ms per item; b: 30 ms + 0.1 ms per item (both declared 10 ms).
+    tracker = ServiceTracker()
+    for i in range(300):
+        n = (1, 50, 100)[i % 3]
+        tracker.observe("ml/a", inflight=0, items=n, elapsed_ms=1 + 5 + n, network_ms=1,
+                        predicted_ms=5 + n)
+        tracker.observe("ml/b", inflight=0, items=n, elapsed_ms=1 + 30 + n / 10, network_ms=1,
+                        predicted_ms=30 + n / 10)
+    snap = overlay(snapshot(executor("a", service=10), executor("b", service=10),
+                            rtt={"a": 1, "b": 1}), service=tracker.stats)
+    crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)
+    small, large = rank(crit, snap, items=1), rank(crit, snap, items=200)
+    by = {c.executor_id: c for c in large}
+    assert by["ml/a"].service_ms == pytest.approx(205, rel=0.1)
+    assert by["ml/b"].service_ms == pytest.approx(50, rel=0.1)
+    assert ids(small)[0] == "ml/a" and ids(large)[0] == "ml/b"
+
+
+def test_own_requests_count_while_they_are_ahead_and_others_for_their_share():
+    e = executor("a", service=10)
+    snap = snapshot(e, rtt={"a": 30})
+    snap.inflight = {"ml/a": 2}  # everybody else's, two on the wire or at the model
+    snap.own_inflight = {"ml/a": 1.0}
+    [c] = rank(Criteria(type="vision"), snap)
+    stay = 10 + 10 * 2  # service + per-inflight prior * others
+    assert c.inflight == pytest.approx(1 + 2 * stay / (stay + 30))
+
+
+def test_a_router_that_picks_replicas_gets_the_best_replica_and_its_address():
+    e = executor("a", service=10)
+    snap = snapshot(e, replicas={"a": 2})
+    snap.latency = {"ml/a": {"a-0": LatencySample(ms=40, samples=1),
+                             "a-1": LatencySample(ms=5, samples=1)}}
+    snap.replicas["ml/a"][0].ip = "10.1.0.7"
+    snap.replicas["ml/a"][1].ip = "10.1.0.8"
+    [c] = rank(Criteria(type="vision"), snap, replicas=True)
+    assert c.replica is not None and c.replica.pod == "a-1" and c.network_ms == 5
+    assert c.url == "http://10.1.0.8:8501" and c.endpoint == "http://a:8501"
+    # Our own requests on the near replica push the next one to the far one.
+    snap.replica_inflight = {"ml/a": {"a-1": 5}}
+    [c] = rank(Criteria(type="vision"), snap, replicas=True)
+    assert c.replica is not None and c.replica.pod == "a-0" and c.url == "http://10.1.0.7:8501"
+    # Without replica routing: the Service, and the mean RTT.
+    [c] = rank(Criteria(type="vision"), snap)
+    assert c.replica is None and c.url == "http://a:8501" and c.network_ms == 22.5
+
+
+def test_replica_without_an_ip_is_reached_through_the_service():
+    snap = snapshot(executor("a"), rtt={"a": 1})
+    [c] = rank(Criteria(type="vision"), snap, replicas=True)
+    assert c.replica is not None and c.url == "http://a:8501"
+
+
+# -- bad values never rank -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("accuracy", math.nan), ("accuracy", 1.5), ("accuracy", -0.1), ("accuracy", math.inf),
+    ("service_time_ms", math.nan), ("service_time_ms", math.inf), ("service_time_ms", -1.0),
+])
+def test_an_impossible_value_in_a_record_never_ranks(field, value):
+    bad = executor("bad", service=1, accuracy=1.0)
+    setattr(bad, field, value)
+    snap = snapshot(bad, executor("good", service=50, accuracy=0.5), rtt={"bad": 1, "good": 1})
+    r = rank(Criteria(type="vision"), snap)
+    assert ids(r) == ["ml/good"]
+    assert r.rejected["ml/bad"].startswith("invalid record")
+    assert all(math.isfinite(c.score) and math.isfinite(c.expected_latency_ms) for c in r)
+
+
+@pytest.mark.parametrize("ms", [math.nan, math.inf, -5.0])
+def test_an_impossible_rtt_sample_is_ignored(ms):
+    snap = snapshot(executor("a"), executor("b"), rtt={"a": 1, "b": 3})
+    snap.latency["ml/a"]["a-0"] = LatencySample(ms=ms, samples=1)
+    by = {c.executor_id: c for c in rank(Criteria(type="vision"), snap)}
+    assert by["ml/a"].network_ms == 3.0 and "no RTT sample" in by["ml/a"].reason
+
+
+@pytest.mark.parametrize(("record", "why"), [
+    ({"accuracy": float("nan")}, "'accuracy' is not a finite number"),
+    ({"accuracy": 2}, "'accuracy' is outside [0, 1]"),
+    ({"service_time_ms": -3}, "'service_time_ms' is negative"),
+    ({"service_time_ms": float("inf")}, "'service_time_ms' is not a finite number"),
+])
+def test_the_decoder_rejects_impossible_values_with_the_reason(record, why):
+    good = executor("x")
+    raw = json.loads(json.dumps({k: v for k, v in vars(good).items()}))
+    raw.update(record)
+    with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
+        _load(ExecutorRecord, json.dumps(raw))
+    for cls, fields in ((LatencySample, {"ms": float("nan"), "samples": 1}),
+                        (LatencySample, {"ms": -1, "samples": 1}),
+                        (ServiceStats, {"w": float("inf")}),
+                        (ServiceStats, {"t": -2})):
+        with pytest.raises(ValueError):
+            _load(cls, json.dumps(fields))
+
+
+def test_the_fitted_model_is_used_at_face_value_only_when_finite():
+    snap = snapshot(executor("a"), executor("b"), rtt={"a": 1, "b": 1})
+    snap.service = {"ml/a": ServiceStats(w=1, t=math.inf, count=1)}
+    r = rank(Criteria(type="vision"), snap)
+    assert ids(r) == ["ml/b"] and "not finite" in r.rejected["ml/a"]
+    assert ServiceModel(1, 2, 3).predict(2, 10) == 1 + 4 + 30

@@ -1,0 +1,284 @@
+"""Measured service time: what one more request to an executor will cost, learned online.
+
+Pure (no I/O, no clock). The SDK and the selector's gateway time every
+request they send, :class:`ServiceTracker` turns those times into
+:class:`~mulambda.store.records.ServiceStats` that go to the store
+(``P:service``), and :func:`fit` turns everybody's statistics plus the
+declared ``serviceTimeMs`` into a :class:`ServiceModel` that selection uses.
+
+Model (per executor: its replicas run the same pod template)::
+
+    service(k, n) = base + per_inflight * k + per_item * n
+
+``k`` is the number of requests in flight per replica when a request is
+sent (as the router that sends it counts them; requests on the wire count,
+because that is what the router knows when it decides), ``n`` the number of
+items in the request (``instances``). A queue in front of one slot gives
+``per_inflight`` = one service time; a server that runs every request at
+once but slows down with each gives its slowdown per request.
+
+Update rule. One observation is ``(k, n, t)`` with ``t`` = measured response
+time - the network RTT the router assumed for that replica (floored at 0).
+Before it is added, ``t`` is clipped to ``predicted +- clip * spread``, where
+``predicted`` is what the router's current model said and ``spread`` is an
+EWMA (``spread_alpha``) of ``|t - predicted|`` started at ``predicted`` (at
+least 10 ms): one
+stall or timeout moves the model by a bounded step, while a model that is
+wrong by 10x still gets there in a handful of observations because the
+spread grows with the errors. Then every sum is multiplied by
+``decay = 1 - 1/memory`` and the observation is added with weight 1 (an
+exponentially weighted window of about ``memory`` observations per writer).
+
+Fit. Exponentially weighted least squares with a ridge prior::
+
+    minimise  sum_j w_j (t_j - b - s k_j - a n_j)^2
+              + lb (b - b0)^2 + ls (s - s0)^2 + la a^2
+
+    b0 = declared serviceTimeMs (else the fallbacks of selection)
+    s0 = b0 / replica_concurrency   (each request ahead costs a service time)
+    lb = prior_weight (1), ls = slope_prior_weight (0.1),
+    la = 10 * prior_weight * max(1, mean n)^2
+
+The base prior weighs as one observation: measurements take over after a
+few requests. The slope prior is ten times weaker: a declared service time
+says nothing about what a request running beside another costs (for fast
+models it was 5-12x the declared time), so the first few requests that
+find others ahead of them decide it; it only keeps the fit defined while
+``k`` has not varied yet. ``la`` keeps a constant batch size in ``base``
+rather than in ``per_item`` (scaled by the mean ``n`` so that moving the
+prediction at the usual size costs the same). When all observations share
+one ``k`` the excess over the declared base goes to ``per_inflight``. The
+three normal equations are solved directly; a negative coefficient is set to
+0 and the others solved again (times never shrink with load).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+from mulambda.store.records import ServiceStats
+
+__all__ = ["FitSettings", "OwnRequests", "ServiceModel", "ServiceTracker", "add_stats", "fit",
+           "observe"]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Constants of the online fit (documented in the module docstring)."""
+
+    memory: float = 200.0
+    prior_weight: float = 1.0
+    slope_prior_weight: float = 0.1
+    clip: float = 5.0
+    spread_alpha: float = 0.1
+    cold_alpha: float = 0.3
+
+
+DEFAULT_FIT = FitSettings()
+# The first clipping bound is at least this wide: a model declared at 1 ms may take 100.
+MIN_SPREAD_MS = 10.0
+
+
+class ServiceModel(NamedTuple):
+    """``base + per_inflight * k + per_item * n`` milliseconds."""
+
+    base_ms: float
+    per_inflight_ms: float
+    per_item_ms: float = 0.0
+
+    def predict(self, inflight: float, items: float = 1.0) -> float:
+        """Expected service time of a request sent with ``inflight`` requests ahead per replica."""
+        return self.base_ms + self.per_inflight_ms * inflight + self.per_item_ms * items
+
+
+def fit(stats: ServiceStats | None, prior: ServiceModel,
+        settings: FitSettings = DEFAULT_FIT) -> ServiceModel:
+    """The service-time model from ``stats`` and the prior (see the module docstring)."""
+    if stats is None or stats.w <= 0:
+        return prior
+    return _fit(stats.w, stats.k, stats.i, stats.t, stats.kk, stats.ii, stats.ki, stats.kt,
+                stats.it, prior, settings.prior_weight, settings.slope_prior_weight)
+
+
+@functools.lru_cache(maxsize=4096)  # a snapshot's statistics are ranked many times
+def _fit(w: float, k: float, i: float, t: float, kk: float, ii: float, ki: float, kt: float,
+         it: float, prior: ServiceModel, weight: float, slope_weight: float) -> ServiceModel:
+    lam = (weight, slope_weight, 10 * weight * max(1.0, i / w) ** 2)
+    a = ((w + lam[0], k, i), (k, kk + lam[1], ki), (i, ki, ii + lam[2]))
+    rhs = (t + lam[0] * prior.base_ms, kt + lam[1] * prior.per_inflight_ms,
+           it + lam[2] * prior.per_item_ms)
+    free = [0, 1, 2]
+    theta = [0.0, 0.0, 0.0]
+    while free:
+        sol = _solve([[a[r][c] for c in free] for r in free], [rhs[r] for r in free])
+        negative = [f for f, v in zip(free, sol, strict=True) if v < 0]
+        if not negative:
+            for f, v in zip(free, sol, strict=True):
+                theta[f] = v
+            break
+        # Drop the most negative coefficient (fixed at 0) and solve for the rest.
+        worst = min(negative, key=lambda f: sol[free.index(f)])
+        free.remove(worst)
+    return ServiceModel(theta[0], theta[1], theta[2])
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float]:
+    """Gaussian elimination with partial pivoting for the (at most 3x3) normal equations."""
+    n = len(v)
+    m = [[*row, v[r]] for r, row in enumerate(m)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-12:
+            return [0.0] * n  # singular: cannot happen with positive prior weights
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for c in range(col, n + 1):
+                m[r][c] -= f * m[col][c]
+    out = [0.0] * n
+    for r in range(n - 1, -1, -1):
+        out[r] = (m[r][n] - sum(m[r][c] * out[c] for c in range(r + 1, n))) / m[r][r]
+    return out
+
+
+def observe(stats: ServiceStats, inflight: float, items: float, service_ms: float,
+            settings: FitSettings = DEFAULT_FIT) -> ServiceStats:
+    """``stats`` decayed by one step with the observation ``(k, n, t)`` added (a new object)."""
+    d = 1.0 - 1.0 / settings.memory
+    k, n, t = float(inflight), float(items), float(service_ms)
+    return replace(
+        stats, w=stats.w * d + 1, k=stats.k * d + k, i=stats.i * d + n, t=stats.t * d + t,
+        kk=stats.kk * d + k * k, ii=stats.ii * d + n * n, ki=stats.ki * d + k * n,
+        kt=stats.kt * d + k * t, it=stats.it * d + n * t, count=stats.count + 1,
+    )
+
+
+def add_stats(a: ServiceStats | None, b: ServiceStats | None) -> ServiceStats | None:
+    """Statistics of both writers (None when neither has any)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+class ServiceTracker:
+    """One router's own measurements, per executor: what it publishes to ``P:service``.
+
+    Not thread-safe; one per SDK instance or gateway, used from its event loop.
+    """
+
+    def __init__(self, settings: FitSettings = DEFAULT_FIT) -> None:
+        self.settings = settings
+        self.stats: dict[str, ServiceStats] = {}
+        self._spread: dict[str, float] = {}
+        self._changed: set[str] = set()
+
+    def observe(self, executor: str, *, inflight: float, items: float, elapsed_ms: float,
+                network_ms: float, predicted_ms: float) -> bool:
+        """Add one answered request; False (and nothing added) for an impossible value.
+
+        ``elapsed_ms`` is the response time the router measured, ``network_ms``
+        the RTT it assumed, ``predicted_ms`` the service time its model predicted.
+        """
+        values = (inflight, items, elapsed_ms, network_ms, predicted_ms)
+        if not all(math.isfinite(v) and v >= 0 for v in values):
+            return False
+        service = max(0.0, elapsed_ms - network_ms)
+        spread = self._spread.get(executor, max(predicted_ms, MIN_SPREAD_MS))
+        error = service - predicted_ms
+        self._spread[executor] = spread + self.settings.spread_alpha * (abs(error) - spread)
+        bound = self.settings.clip * spread
+        service = min(max(service, predicted_ms - bound), predicted_ms + bound, )
+        current = self.stats.get(executor) or ServiceStats()
+        self.stats[executor] = observe(current, inflight, items, max(0.0, service),
+                                       self.settings)
+        self._changed.add(executor)
+        return True
+
+    def observe_cold_start(self, executor: str, cold_ms: float) -> bool:
+        """Add one measured cold start (activation asked for -> first warm answer)."""
+        if not (math.isfinite(cold_ms) and cold_ms >= 0):
+            return False
+        current = self.stats.get(executor) or ServiceStats()
+        a = self.settings.cold_alpha
+        smoothed = cold_ms if current.cold_ms is None else current.cold_ms + a * (
+            cold_ms - current.cold_ms)
+        self.stats[executor] = replace(current, cold_ms=smoothed,
+                                       cold_count=current.cold_count + 1)
+        self._changed.add(executor)
+        return True
+
+    def take_changed(self) -> dict[str, ServiceStats]:
+        """Statistics changed since the last call (to publish), and forget that they changed."""
+        out = {e: self.stats[e] for e in self._changed if e in self.stats}
+        self._changed.clear()
+        return out
+
+    def mark_changed(self, executors: set[str] | list[str]) -> None:
+        """Publish these again (a write that failed)."""
+        self._changed.update(e for e in executors if e in self.stats)
+
+    def forget(self, executor: str) -> None:
+        self.stats.pop(executor, None)
+        self._spread.pop(executor, None)
+        self._changed.discard(executor)
+
+
+class OwnRequests:
+    """A router's own requests in flight: where each went, when, over which network, and
+    how long it was expected to stay at the executor (queueing and service).
+
+    A request sent ``age`` ms ago with an expected stay ``stay`` over a
+    network of round trip ``network`` is, when a new request sent to the same
+    replica now arrives there (both cross the same network):
+
+    * still being served, so ahead of the new one, while ``age < stay``;
+    * on its way back, costing the new one nothing, while
+      ``stay <= age < stay + network``;
+    * late when it has not come back after ``stay + network``: its stay was
+      longer than expected, so it is most likely still being served and
+      counts as ahead again. (Counting a late request as gone would let a
+      router that underestimates stays pile more requests onto a replica
+      that is still busy, and learn a too-small cost from them.)
+
+    :meth:`ahead` adds these up per executor and per replica, which is what
+    selection's load term wants (``Snapshot.own_inflight``,
+    ``Snapshot.replica_inflight``). Times are in milliseconds on the
+    caller's clock.
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[int, tuple[str, str | None, float, float, float]] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def add(self, executor: str, pod: str | None, sent_ms: float, stay_ms: float,
+            network_ms: float = 0.0) -> int:
+        """Register a request; returns the token :meth:`remove` takes."""
+        self._next += 1
+        self._requests[self._next] = (executor, pod, sent_ms, max(stay_ms, 0.0),
+                                      max(network_ms, 0.0))
+        return self._next
+
+    def remove(self, token: int) -> None:
+        self._requests.pop(token, None)
+
+    def ahead(self, now_ms: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Requests still ahead at each executor and at each replica (by pod)."""
+        per_executor: dict[str, float] = {}
+        per_pod: dict[str, dict[str, float]] = {}
+        for executor, pod, sent, stay, network in self._requests.values():
+            age = now_ms - sent
+            if stay <= age < stay + network:
+                continue  # on its way back
+            per_executor[executor] = per_executor.get(executor, 0.0) + 1
+            if pod is not None:
+                pods = per_pod.setdefault(executor, {})
+                pods[pod] = pods.get(pod, 0.0) + 1
+        return per_executor, per_pod

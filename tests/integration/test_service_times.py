@@ -1,0 +1,133 @@
+"""Measured service times and fresh load in the store (``P:service``, ``P:inflight``),
+against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from mulambda.policy.latency import ServiceTracker
+from mulambda.store.leases import InflightLeases, InflightReader
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ExecutorRecord, ServiceStats
+
+from support.procs import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+def _executor(name: str = "mx") -> ExecutorRecord:
+    return ExecutorRecord(namespace="ml", name=name, model="m", version=1, type="t", input="i",
+                          output="o", accuracy=0.9, rest="http://x:8501", grpc="x:8500",
+                          state="Ready", service_time_ms=5.0)
+
+
+async def test_every_writers_measurements_add_up_and_a_writer_leaves_its_own_out(
+    store: MetadataStore,
+):
+    await store.put_executor(_executor())
+    a, b = ServiceTracker(), ServiceTracker()
+    for _ in range(3):
+        a.observe("ml/mx", inflight=1, items=2, elapsed_ms=40, network_ms=10, predicted_ms=20)
+    b.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+    b.observe_cold_start("ml/mx", 9000)
+    await store.publish_inflight("sdk-a", {}, service=a.take_changed())
+    await store.publish_inflight("sdk-b", {}, service=b.take_changed())
+
+    snap = await store.snapshot()
+    total = snap.service["ml/mx"]
+    assert total.count == 4 and total.cold_count == 1 and total.cold_ms == 9000
+    assert total.w == pytest.approx(a.stats["ml/mx"].w + b.stats["ml/mx"].w)
+    assert total.t == pytest.approx(a.stats["ml/mx"].t + b.stats["ml/mx"].t)
+    assert (await store.snapshot(exclude_instance="sdk-a")).service["ml/mx"].count == 1
+    assert (await store.service_stats(exclude_instance="sdk-b"))["ml/mx"].count == 3
+    # Written with an expiry an hour out.
+    raw = json.loads(await store.redis.hget(store.service_key, "ml/mx|sdk-a"))
+    assert raw["expires_at"] == pytest.approx(time.time() + 3600, abs=60)
+
+
+async def test_expired_measurements_are_ignored_pruned_and_removed_with_the_executor(
+    store: MetadataStore,
+):
+    await store.put_executor(_executor())
+    old = ServiceStats(w=1, t=30, count=1, expires_at=time.time() - 1)
+    await store.redis.hset(store.service_key, "ml/mx|dead", json.dumps(vars(old)))
+    tracker = ServiceTracker()
+    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+    await store.publish_inflight("live", {}, service=tracker.take_changed())
+    assert (await store.snapshot()).service["ml/mx"].count == 1
+    assert await store.prune_expired() == 1
+    assert await store.redis.hkeys(store.service_key) == ["ml/mx|live"]
+    await store.remove_executor("ml/mx")
+    assert await store.redis.hgetall(store.service_key) == {}
+
+
+@pytest.mark.parametrize(("value", "why"), [
+    ({"w": "NaN"}, "not a finite number"),
+    ({"t": -3}, "is negative"),
+    ({"cold_ms": "Infinity"}, "not a finite number"),
+])
+async def test_impossible_measurements_are_skipped_with_a_logged_reason(
+    store: MetadataStore, caplog: pytest.LogCaptureFixture, value: dict, why: str
+):
+    await store.put_executor(_executor())
+    fields = {"w": 1, "t": 20, "count": 1, "expires_at": time.time() + 60}
+    # NaN and Infinity as JSON literals (Python's json writes and reads them).
+    text = json.dumps({**fields, **value}).replace('"NaN"', "NaN").replace(
+        '"Infinity"', "Infinity")
+    await store.redis.hset(store.service_key, "ml/mx|bad", text)
+    caplog.set_level(logging.WARNING, logger="mulambda.store")
+    assert (await store.snapshot()).service == {}
+    assert any("field=ml/mx|bad error=" in r.getMessage() and why in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_an_executor_record_with_a_nan_accuracy_is_not_in_the_snapshot(
+    store: MetadataStore, caplog: pytest.LogCaptureFixture
+):
+    good = _executor("good")
+    await store.put_executor(good)
+    raw = json.loads(json.dumps(vars(_executor("bad"))))
+    raw["accuracy"] = float("nan")
+    await store.redis.hset(store.executors_key, "ml/bad", json.dumps(raw))
+    caplog.set_level(logging.WARNING, logger="mulambda.store")
+    assert set((await store.snapshot()).executors) == {"ml/good"}
+    assert any("field=ml/bad" in r.getMessage() and "'accuracy' is not a finite number"
+               in r.getMessage() for r in caplog.records)
+
+
+async def test_leases_publish_the_trackers_measurements_with_the_counts(store: MetadataStore):
+    tracker = ServiceTracker()
+    leases = InflightLeases(store, "sdk-1", service=tracker)
+    leases.start("ml/mx")
+    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+    await leases.flush()
+    assert (await store.inflight_counts()) == {"ml/mx": 1}
+    assert (await store.inflight_counts(exclude_instance="sdk-1")) == {}
+    assert (await store.service_stats())["ml/mx"].count == 1
+    leases.finish("ml/mx")
+    await leases.close()
+    assert await store.inflight_counts() == {}
+    assert (await store.service_stats())["ml/mx"].count == 1  # measurements stay
+
+
+async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_store(
+    store: MetadataStore, redis_server: RedisServer
+):
+    reader = InflightReader(store, "me", ttl=0.0, timeout=0.2, backoff=1.0)
+    assert await reader.read() == {}
+    await store.publish_inflight("other", {"ml/mx": 2})
+    await store.publish_inflight("me", {"ml/mx": 5})
+    assert await reader.read() == {"ml/mx": 2}
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        assert await reader.read() is None
+        assert await reader.read() is None  # backing off: no second wait
+        assert time.monotonic() - started < 1.0
+    finally:
+        redis_server.start()
+    reader.close()

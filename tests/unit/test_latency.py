@@ -1,0 +1,169 @@
+"""The measured service-time model of mulambda.policy.latency (pure, no I/O)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from mulambda.policy.latency import (
+    FitSettings,
+    OwnRequests,
+    ServiceModel,
+    ServiceTracker,
+    add_stats,
+    fit,
+    observe,
+)
+from mulambda.store.records import ServiceStats
+
+PRIOR = ServiceModel(10.0, 10.0, 0.0)
+
+
+def stats_from(points: list[tuple[float, float, float]]) -> ServiceStats:
+    st = ServiceStats()
+    for k, n, t in points:
+        st = observe(st, k, n, t)
+    return st
+
+
+def test_without_measurements_the_declared_time_is_the_model():
+    assert fit(None, PRIOR) == PRIOR
+    assert fit(ServiceStats(), PRIOR) == PRIOR
+
+
+@pytest.mark.parametrize(("truth", "ks", "items"), [
+    # a fast model whose requests running beside each other cost 8x its base time
+    pytest.param(ServiceModel(12.0, 96.0, 0.0), (0, 1, 2, 3), (1,), id="steep-per-inflight"),
+    # a slow model that barely slows down under load
+    pytest.param(ServiceModel(180.0, 20.0, 0.0), (0, 1, 2), (1,), id="flat"),
+    # per-item cost visible because request sizes vary
+    pytest.param(ServiceModel(20.0, 30.0, 2.0), (0, 1, 2), (1, 10, 50), id="per-item"),
+])
+def test_fit_recovers_the_true_model_from_noisy_measurements(truth, ks, items):
+    rng = random.Random(4)
+    points = []
+    for _ in range(400):
+        k, n = rng.choice(ks), rng.choice(items)
+        t = truth.predict(k, n) * rng.lognormvariate(0, 0.1) + rng.uniform(-3, 3)
+        points.append((k, n, max(0.0, t)))
+    model = fit(stats_from(points), PRIOR)
+    for k in ks:
+        for n in items:
+            assert model.predict(k, n) == pytest.approx(truth.predict(k, n), rel=0.1, abs=3)
+
+
+def test_a_declared_time_ten_times_too_low_is_corrected_within_a_few_requests():
+    truth = ServiceModel(10.0, 100.0)  # declared 10 ms per request ahead; it is 100
+    tracker = ServiceTracker()
+    model = PRIOR
+    for i in range(30):
+        k = i % 3
+        predicted = model.predict(k)
+        tracker.observe("e", inflight=k, items=1, elapsed_ms=truth.predict(k) + 5,
+                        network_ms=5, predicted_ms=predicted)
+        model = fit(tracker.stats["e"], PRIOR)
+    assert model.per_inflight_ms == pytest.approx(100, rel=0.1)
+    assert model.base_ms == pytest.approx(10, abs=5)
+
+
+def test_one_stall_moves_the_model_by_a_bounded_step():
+    tracker = ServiceTracker()
+    for _ in range(100):
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5, predicted_ms=20)
+    before = fit(tracker.stats["e"], PRIOR).base_ms
+    tracker.observe("e", inflight=0, items=1, elapsed_ms=60_000, network_ms=5, predicted_ms=20)
+    after = fit(tracker.stats["e"], PRIOR).base_ms
+    # Unclipped, one 60 s answer in ~100 would add ~600 ms; clipped it adds at most a few.
+    assert after - before < 5
+
+
+def test_coefficients_never_go_negative():
+    # Faster under load (a warming cache, noise): the slope is 0, not negative.
+    st = stats_from([(0, 1, 50), (1, 1, 40), (2, 1, 30), (3, 1, 20)] * 10)
+    model = fit(st, PRIOR)
+    assert model.per_inflight_ms == 0 and model.base_ms > 0 and model.per_item_ms >= 0
+
+
+def test_measurements_of_one_load_level_put_the_excess_into_the_per_inflight_cost():
+    st = stats_from([(2, 1, 110)] * 50)  # always two ahead, 110 ms; declared base 10
+    model = fit(st, PRIOR)
+    assert model.predict(2) == pytest.approx(110, rel=0.02)
+    assert model.base_ms == pytest.approx(10, abs=5)
+
+
+def test_old_measurements_fade():
+    settings = FitSettings(memory=50)
+    st = ServiceStats()
+    for _ in range(300):
+        st = observe(st, 0, 1, 100, settings)
+    for _ in range(300):
+        st = observe(st, 0, 1, 20, settings)
+    assert fit(st, PRIOR, settings).base_ms == pytest.approx(20, abs=1)
+
+
+@pytest.mark.parametrize("bad", [
+    {"elapsed_ms": math.nan}, {"elapsed_ms": math.inf}, {"elapsed_ms": -1.0},
+    {"network_ms": math.nan}, {"inflight": -1.0}, {"items": math.inf},
+    {"predicted_ms": math.nan},
+])
+def test_impossible_measurements_are_not_recorded(bad):
+    tracker = ServiceTracker()
+    kwargs = {"inflight": 0.0, "items": 1.0, "elapsed_ms": 30.0, "network_ms": 5.0,
+              "predicted_ms": 20.0, **bad}
+    assert tracker.observe("e", **kwargs) is False
+    assert tracker.stats == {} and tracker.take_changed() == {}
+    assert tracker.observe_cold_start("e", math.nan) is False
+
+
+def test_tracker_hands_out_what_changed_once_and_again_after_a_failed_write():
+    tracker = ServiceTracker()
+    tracker.observe("a", inflight=0, items=1, elapsed_ms=30, network_ms=5, predicted_ms=20)
+    tracker.observe_cold_start("b", 12_000)
+    changed = tracker.take_changed()
+    assert set(changed) == {"a", "b"} and changed["b"].cold_ms == 12_000
+    assert tracker.take_changed() == {}
+    tracker.mark_changed(list(changed))
+    assert set(tracker.take_changed()) == {"a", "b"}
+
+
+def test_cold_starts_are_smoothed_and_writers_add_up():
+    tracker = ServiceTracker()
+    tracker.observe_cold_start("e", 10_000)
+    tracker.observe_cold_start("e", 20_000)
+    mine = tracker.stats["e"]
+    assert mine.cold_count == 2 and mine.cold_ms == pytest.approx(13_000)
+    theirs = ServiceStats(w=2, t=40, count=2, cold_ms=30_000, cold_count=1)
+    both = add_stats(mine, theirs)
+    assert both is not None
+    assert both.cold_count == 3 and both.cold_ms == pytest.approx((13_000 * 2 + 30_000) / 3)
+    assert both.w == mine.w + 2 and both.count == mine.count + 2
+    assert add_stats(None, theirs) is theirs and add_stats(None, None) is None
+
+
+@pytest.mark.parametrize(("age", "ahead"), [
+    pytest.param(0, 1, id="just-sent"),
+    pytest.param(19, 1, id="still-being-served"),
+    pytest.param(20, 0, id="on-its-way-back"),
+    pytest.param(49, 0, id="still-on-its-way-back"),
+    pytest.param(50, 1, id="late-so-still-being-served"),
+])
+def test_own_request_is_ahead_unless_it_is_probably_on_its_way_back(age, ahead):
+    own = OwnRequests()
+    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30)
+    per_executor, per_pod = own.ahead(1000 + age)
+    assert per_executor.get("e", 0) == ahead
+    assert per_pod.get("e", {}).get("pod-a", 0) == ahead
+
+
+def test_own_requests_count_per_replica_and_are_forgotten_when_removed():
+    own = OwnRequests()
+    a = own.add("e", "pod-a", 0, 100, 1)
+    own.add("e", "pod-b", 0, 100, 1)
+    own.add("f", None, 0, 100, 1)
+    assert own.ahead(10) == ({"e": 2, "f": 1}, {"e": {"pod-a": 1, "pod-b": 1}})
+    own.remove(a)
+    own.remove(a)  # twice is harmless
+    assert own.ahead(10) == ({"e": 1, "f": 1}, {"e": {"pod-b": 1}})
+    assert len(own) == 2
