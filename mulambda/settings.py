@@ -15,10 +15,9 @@ and meaning; the README's tables are checked against both by a test, and a
 literal default in a table is the one the code uses (:class:`Env` reads it
 from there). Every value is parsed by :class:`Env`, so a bad one always
 raises :class:`SettingsError` naming the variable. Nothing here connects to
-anything. Credentials never come from here: S3 keys are read by the
-companion from the environment variables a Secret feeds
-(``MULAMBDA_S3_ACCESS_KEY`` / ``MULAMBDA_S3_SECRET_KEY``), and are never
-logged or echoed in a repr.
+anything. Credentials never come from here: each process reads its own
+from the environment variables a Secret feeds (:data:`CREDENTIALS_DOC`),
+and they are never logged or echoed in a repr.
 """
 
 from __future__ import annotations
@@ -40,10 +39,14 @@ DEFAULT_COMPANION_IMAGE = "ghcr.io/mulambda/mulambda:0.1.0"
 # name -> (default, description); "" means "unset". Order is the order of the README table.
 SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "REDIS_URL": (
-        "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB)."),
+        "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB); its "
+        "user, if any, is the companions' (the operator copies the URL into executor pods)."),
     "REDIS_SECRET": (
-        "", "Secret (key password) with the store's password, read via secretKeyRef; "
-        "empty: no password."),
+        "", "Secret (keys username, password) with the companions' store credentials, read "
+        "via secretKeyRef in each executor's namespace; empty: no password."),
+    "REDIS_CLIENT_SECRET": (
+        "", "Secret (keys username, password) with the read-only store user Client workloads "
+        "get, in each workload's namespace; empty: workloads get no store access at all."),
     "KEY_PREFIX": ("mulambda", "Prefix of every key mulambda writes in the store."),
     "SERVING_IMAGE": (DEFAULT_SERVING_IMAGE, "Default TF Serving image for executors."),
     "COMPANION_IMAGE": (DEFAULT_COMPANION_IMAGE, "Image of the companion sidecar (this project)."),
@@ -65,6 +68,17 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "2", "How often the operator samples demand and runs the autoscaler."),
     "RETRY_MAX_DELAY_SECONDS": ("60", "Upper bound of the back-off when the store is unreachable."),
     "LOG_LEVEL": ("INFO", "Log level of every entry point."),
+}
+
+# Per process, from a Secret through secretKeyRef, never from the shared ConfigMap:
+# read where they are used (mulambda.store.metadata, mulambda.storage.s3).
+CREDENTIALS_DOC: dict[str, str] = {
+    "REDIS_USERNAME": "The store ACL user this process logs in as (mulambda.store.acl: "
+                      "mulambda-operator, -selector, -companion, -sdk, -client); wins over "
+                      "the URL's user.",
+    "REDIS_PASSWORD": "That user's password.",
+    "S3_ACCESS_KEY": "S3 access key (companions, `mulambda models`).",
+    "S3_SECRET_KEY": "S3 secret key (companions, `mulambda models`).",
 }
 
 # The companion's section, read besides the shared one. A default that is not a
@@ -163,6 +177,7 @@ class Settings:
 
     redis_url: str = _default("REDIS_URL")
     redis_secret: str = _default("REDIS_SECRET")
+    redis_client_secret: str = _default("REDIS_CLIENT_SECRET")
     key_prefix: str = _default("KEY_PREFIX")
     serving_image: str = _default("SERVING_IMAGE")
     companion_image: str = _default("COMPANION_IMAGE")

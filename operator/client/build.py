@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mulambda.settings import Settings
 
@@ -13,7 +14,7 @@ from ..k8s.objects import (
     RESTRICTED_CONTAINER_SECURITY,
     TEMPLATE_HASH,
     env_var,
-    redis_password_env,
+    secret_env,
     template_hash,
 )
 
@@ -45,10 +46,33 @@ def client_env(client_name: str, namespace: str, settings: Settings) -> list[dic
     """Platform settings injected into every container of a Client's workload."""
     return [
         env_var("MULAMBDA_CLIENT", f"{namespace}/{client_name}"),
-        env_var("MULAMBDA_REDIS_URL", settings.redis_url),
         env_var("MULAMBDA_KEY_PREFIX", settings.key_prefix),
         env_var("MULAMBDA_SELECTOR_URL", settings.selector_url),
-        *redis_password_env(settings),
+        *client_store_env(settings),
+    ]
+
+
+# -- store access of tenant code (issue 12, store access control; docs/security.md) --------
+
+
+def client_store_env(settings: Settings) -> list[dict[str, Any]]:
+    """The store as a Client workload may see it: read-only, or not at all.
+
+    Workloads run tenant code, so they never get the companions' or the
+    operator's credentials. Only when ``MULAMBDA_REDIS_CLIENT_SECRET`` names
+    the read-only ``mulambda-client`` user's Secret do they get the store's
+    URL (without the companions' user in it) and that user; otherwise they
+    get no store address at all and use the selector.
+    """
+    secret = settings.redis_client_secret
+    if not secret:
+        return []
+    parts = urlsplit(settings.redis_url)
+    url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return [
+        env_var("MULAMBDA_REDIS_URL", url),
+        secret_env("MULAMBDA_REDIS_USERNAME", secret, "username"),
+        secret_env("MULAMBDA_REDIS_PASSWORD", secret, "password"),
     ]
 
 

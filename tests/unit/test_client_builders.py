@@ -33,7 +33,6 @@ def test_workload_gets_identity_and_settings_and_cannot_spoof_them():
     app = dep["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in app["env"]}
     assert env["MULAMBDA_CLIENT"] == "apps/shop"
-    assert env["MULAMBDA_REDIS_URL"] == "redis://store:6379/0"
     assert env["OWN"] == "kept"
     assert [e["name"] for e in app["env"]].count("MULAMBDA_CLIENT") == 1
     assert TEMPLATE["spec"]["containers"][0]["env"][0]["value"] == "spoofed/identity"  # untouched
@@ -50,3 +49,34 @@ def test_ping_sidecar_is_what_the_service_and_probe_url_point_at():
     url = probe_url("shop", "apps", SETTINGS)
     assert url == f"http://shop-workload.apps.svc.cluster.local:{PING_PORT}/ping"
     assert svc["spec"]["ports"][0]["port"] == PING_PORT
+
+
+# -- store access of tenant code (issue 12) ---------------------------------------------------
+
+
+def _env(settings: Settings) -> dict[str, dict[str, object]]:
+    dep = build_client_deployment("shop", "apps", TEMPLATE, 1, settings)
+    return {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_workload_gets_no_store_access_by_default():
+    settings = Settings(redis_url="redis://mulambda-companion@store:6379/0",
+                        redis_secret="store-companion", selector_url="http://sel:8080")
+    env = _env(settings)
+    assert env["MULAMBDA_SELECTOR_URL"]["value"] == "http://sel:8080"
+    # Neither the store's address nor any credential, least of all the companions'.
+    assert not {"MULAMBDA_REDIS_URL", "MULAMBDA_REDIS_USERNAME",
+                "MULAMBDA_REDIS_PASSWORD"} & env.keys()
+    assert "store-companion" not in str(env)
+
+
+def test_workload_gets_only_the_read_only_user_when_its_secret_is_configured():
+    settings = Settings(redis_url="redis://mulambda-companion@store:6379/0",
+                        redis_secret="store-companion", redis_client_secret="store-client")
+    env = _env(settings)
+    assert env["MULAMBDA_REDIS_URL"]["value"] == "redis://store:6379/0"  # not the companion
+    for name, key in (("MULAMBDA_REDIS_USERNAME", "username"),
+                      ("MULAMBDA_REDIS_PASSWORD", "password")):
+        assert env[name]["valueFrom"] == {"secretKeyRef": {"name": "store-client", "key": key}}
+    assert "store-companion" not in str(env)
+    validate_k8s(build_client_deployment("shop", "apps", TEMPLATE, 1, settings))

@@ -9,6 +9,7 @@ openAPIV3Schema read with structural-schema semantics.
 
 from __future__ import annotations
 
+import base64
 import copy
 import importlib.util
 import json
@@ -33,6 +34,7 @@ from mulambda.api.client import parse_client_spec
 from mulambda.api.common import SpecError
 from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.settings import DEFAULT_COMPANION_IMAGE, PREFIX, SETTINGS_DOC, Settings
+from mulambda.store.acl import ROLES
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "mulambda"
@@ -211,7 +213,8 @@ def assert_hardened(docs: list[Obj] | tuple[Obj, ...]) -> None:
             assert sc["capabilities"] == {"drop": ["ALL"]}, where
             assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
             assert c["resources"]["requests"] and c["resources"]["limits"]["memory"], where
-            if spec.get("restartPolicy", "Always") == "Always":  # long-running, not a Job
+            long_running = spec.get("restartPolicy", "Always") == "Always"  # not a Job
+            if long_running and c in spec["containers"]:  # init containers finish
                 assert "livenessProbe" in c and "readinessProbe" in c, where
             assert not c.get("image", "").endswith(":latest"), where
 
@@ -227,9 +230,15 @@ def assert_references_resolve(docs: list[Obj] | tuple[Obj, ...], external: set[s
             if "persistentVolumeClaim" in vol:
                 claim = vol["persistentVolumeClaim"]["claimName"]
                 assert ("PersistentVolumeClaim", claim) in names, f"{name}: {claim}"
-            if "configMap" in vol:
-                assert ("ConfigMap", vol["configMap"]["name"]) in names, f"{name}: {vol}"
-        for c in spec["containers"]:
+            sources = [vol, *vol.get("projected", {}).get("sources", [])]
+            for src in sources:
+                if "configMap" in src:
+                    cm = src["configMap"]["name"]
+                    assert ("ConfigMap", cm) in names or cm in external, f"{name}: {vol}"
+                if "secret" in src:
+                    secret = src["secret"].get("secretName") or src["secret"]["name"]
+                    assert ("Secret", secret) in names or secret in external, f"{name}: {vol}"
+        for c in spec["containers"] + spec.get("initContainers", []):
             for src in c.get("envFrom", []):
                 if "configMapRef" in src:
                     assert ("ConfigMap", src["configMapRef"]["name"]) in names, name
@@ -444,8 +453,12 @@ def test_kustomization_is_hardened_and_consistent(path: str) -> None:
     docs = kustomize(path)
     assert_hardened(docs)
     assert_services_select_pods(docs)
-    # The base leaves the S3 Secret to the user; the dev overlay ships one.
-    external = {"mulambda-s3"} if path.endswith("base") else set()
+    # The base leaves the S3 Secret to the user; the dev overlay ships one. The store
+    # creates its users' Secrets at its first start; Kubernetes puts kube-root-ca.crt
+    # in every namespace.
+    external = {f"mulambda-store-{role}" for role in ROLES} | {"kube-root-ca.crt"}
+    if path.endswith("base"):
+        external.add("mulambda-s3")
     assert_references_resolve(docs, external)
     for d in docs:
         if d["kind"] not in ("Namespace", "CustomResourceDefinition", "ClusterRole",
@@ -456,14 +469,26 @@ def test_kustomization_is_hardened_and_consistent(path: str) -> None:
 @pytest.mark.parametrize("path", ["manifests/base", "manifests/overlays/dev"])
 def test_kustomization_grants_exactly_the_required_rules(path: str) -> None:
     docs = kustomize(path)
-    assert canonical_rules(rbac_rules(docs)) == canonical_rules(RBAC.REQUIRED_RULES)
+    operator_rules = [rule for role in find(docs, "ClusterRole") for rule in role["rules"]]
+    assert canonical_rules(operator_rules) == canonical_rules(RBAC.REQUIRED_RULES)
     bound = {b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")}
     assert bound == {r["metadata"]["name"] for r in find(docs, "ClusterRole")}
     for b in find(docs, "ClusterRoleBinding"):
         assert b["subjects"] == [
             {"kind": "ServiceAccount", "name": "mulambda-operator", "namespace": NAMESPACE}
         ]
-    assert not find(docs, "Role") and not find(docs, "RoleBinding")
+    # The one namespaced Role: the store's init container creates and reads its users'
+    # Secrets, nothing else; bound to the store's own ServiceAccount only.
+    (role,) = find(docs, "Role")
+    secrets = sorted(f"mulambda-store-{r}" for r in ROLES)
+    assert canonical_rules(role["rules"]) == canonical_rules([
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+         "resourceNames": secrets}])
+    (binding,) = find(docs, "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "mulambda-store", "namespace": NAMESPACE}]
 
 
 def test_kustomize_base_config_matches_the_code_defaults() -> None:
@@ -472,8 +497,11 @@ def test_kustomize_base_config_matches_the_code_defaults() -> None:
     assert set(data) == {PREFIX + k for k in SETTINGS_DOC}
     store = one(docs, "Service", "mulambda-redis")
     for key, (default, _) in SETTINGS_DOC.items():
-        if key == "REDIS_URL":
-            assert data[PREFIX + key] == f"redis://{store['metadata']['name']}.{NAMESPACE}.svc:6379/0"
+        if key == "REDIS_URL":  # the companions' user: the operator copies the URL to them
+            assert data[PREFIX + key] == (
+                f"redis://mulambda-companion@{store['metadata']['name']}.{NAMESPACE}.svc:6379/0")
+        elif key == "REDIS_SECRET":
+            assert data[PREFIX + key] == "mulambda-store-companion"
         else:
             assert data[PREFIX + key] == default, key
     Settings.from_env(data)  # every value parses
@@ -532,8 +560,11 @@ SCENARIOS: dict[str, Obj] = {
     "byo-redis": {"redis": {"enabled": False, "url": "redis://my-redis.db.svc:6379/2"}},
     "byo-redis-with-password": {
         "redis": {"enabled": False, "url": "redis://my-redis.db.svc:6379/2",
-                  "existingSecret": "store-auth"},
+                  "existingSecret": "store-auth", "acl": {"enabled": False}},
         "operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
+    },
+    "acl-namespaces": {
+        "redis": {"acl": {"executorNamespaces": ["ml", "ml-gpu"], "clientNamespaces": ["apps"]}},
     },
     "byo-s3": {
         "s3": {"endpoint": "s3.example.com:443", "secure": True, "region": "eu-west-1",
@@ -586,12 +617,21 @@ def test_chart_renders_valid_hardened_objects(scenario: str) -> None:
         external.add(config_data(docs)["MULAMBDA_S3_SECRET"])
     assert_references_resolve(docs, external)
     watched = set(v["watch"]["namespaces"]) or {NAMESPACE}
+    acl = v["redis"]["acl"]
+    copies = {  # store-credentials Secrets go where a pod needs them (store-users.yaml)
+        "companion": {NAMESPACE, *(acl["executorNamespaces"] or (
+            [] if v["watch"]["clusterwide"] else v["watch"]["namespaces"]))},
+        "client": {NAMESPACE, *acl["clientNamespaces"]},
+    }
     for d in docs:
         ns = d["metadata"].get("namespace")
+        role = d["metadata"].get("labels", {}).get("mulambda.io/store-role")
         if d["kind"] in ("ClusterRole", "ClusterRoleBinding"):
             assert ns is None
         elif d["kind"] == "RoleBinding":
             assert ns in watched
+        elif d["kind"] == "Secret" and role:
+            assert ns in copies.get(role, {NAMESPACE}), (role, ns)
         else:
             assert ns == NAMESPACE, f"{d['kind']} {d['metadata']['name']}"
     names = [(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]) for d in docs]
@@ -656,22 +696,32 @@ def test_chart_config_carries_every_setting(scenario: str) -> None:
         for c in d["spec"]["template"]["spec"]["containers"]:
             if c["name"] in ("operator", "selector"):
                 assert c["image"] == image and c["imagePullPolicy"] == v["image"]["pullPolicy"]
+    # With per-role users the URL names the companions' user (the operator copies it
+    # into executor pods); the operator and the selector log in as themselves.
+    user = "mulambda-companion@" if v["redis"]["acl"]["enabled"] else ""
     if v["redis"]["enabled"]:
         store = next(s for s in find(docs, "Service") if s["metadata"]["name"].endswith("-redis"))
         host = f"{store['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
-        assert settings.redis_url == f"redis://{host}:6379/0"
+        assert settings.redis_url == f"redis://{user}{host}:6379/0"
         redis_image = container(docs, store["metadata"]["name"])["image"]
         assert redis_image == f"{v['redis']['image']['repository']}:{v['redis']['image']['tag']}"
     else:
-        assert settings.redis_url == v["redis"]["url"]
+        assert settings.redis_url == v["redis"]["url"].replace("redis://", f"redis://{user}")
         assert not any(d["metadata"]["name"].endswith("-redis") for d in docs)
+    fullname = v["fullnameOverride"] or RELEASE
+    if v["redis"]["acl"]["enabled"]:
+        assert settings.redis_secret == f"{fullname}-store-companion"
+        assert settings.redis_client_secret == (
+            f"{fullname}-store-client" if v["redis"]["acl"]["clientNamespaces"] else "")
+    else:
+        assert settings.redis_secret == v["redis"]["existingSecret"]
+        assert settings.redis_client_secret == ""
     if v["selector"]["enabled"]:
         svc = next(s for s in find(docs, "Service") if s["metadata"]["name"].endswith("-selector"))
         host = f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
         assert settings.selector_url == f"http://{host}:{svc['spec']['ports'][0]['port']}"
     else:
         assert data["MULAMBDA_SELECTOR_URL"] == ""
-    fullname = v["fullnameOverride"] or RELEASE
     secret_name = v["s3"]["existingSecret"] or f"{fullname}-s3"
     assert settings.s3_secret == secret_name
     assert settings.s3_secure is v["s3"]["secure"] and settings.s3_region == v["s3"]["region"]
@@ -689,6 +739,7 @@ def test_chart_config_carries_every_setting(scenario: str) -> None:
 def test_chart_defaults_equal_the_code_defaults() -> None:
     data = config_data(render({}))
     expected = Settings(redis_url=data["MULAMBDA_REDIS_URL"],
+                        redis_secret=data["MULAMBDA_REDIS_SECRET"],
                         selector_url=data["MULAMBDA_SELECTOR_URL"])
     assert Settings.from_env(data) == expected
     assert DEFAULT_COMPANION_IMAGE == f"{chart().values['image']['repository']}:{__version__}"
@@ -699,7 +750,8 @@ def test_chart_creates_the_s3_secret_only_for_its_own_minio(scenario: str) -> No
     values = SCENARIOS[scenario]
     docs = render(values)
     v = merged(values)
-    secrets = find(docs, "Secret")
+    secrets = [d for d in find(docs, "Secret")
+               if d["metadata"]["labels"]["app.kubernetes.io/component"] != "store-credentials"]
     if v["minio"]["enabled"] and not v["s3"]["existingSecret"]:
         (secret,) = secrets
         assert set(secret["data"]) == {"accessKey", "secretKey"}
@@ -773,16 +825,81 @@ def test_bucket_job_command_waits_for_s3_then_creates_each_bucket(
 
 
 def test_chart_store_password_only_through_the_secret() -> None:
+    # Per-role users off: one shared password, from redis.existingSecret only.
     docs = render(SCENARIOS["byo-redis-with-password"])
     for name in ("mulambda-operator", "mulambda-selector"):
         env = {e["name"]: e for e in container(docs, name).get("env", [])}
         ref = env["MULAMBDA_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "store-auth", "key": "password"}
+        assert "MULAMBDA_REDIS_USERNAME" not in env
     assert "HTTPS_PROXY" in {e["name"] for e in container(docs, "mulambda-operator")["env"]}
     assert config_data(docs)["MULAMBDA_REDIS_SECRET"] == "store-auth"
     assert "store-auth" not in config_data(docs)["MULAMBDA_REDIS_URL"]
-    defaults = render({})
-    assert "env" not in container(defaults, "mulambda-selector")
+    components = {d["metadata"]["labels"].get("app.kubernetes.io/component")
+                  for d in find(docs, "Secret")}
+    assert "store-credentials" not in components
+    assert "WARNING: redis.acl.enabled is false" in notes(SCENARIOS["byo-redis-with-password"])
+    assert "NO password" in notes({"redis": {"acl": {"enabled": False}}})
+
+
+def _store_secrets(docs: list[Obj]) -> dict[tuple[str, str], dict[str, str]]:
+    """(role, namespace) -> decoded data of the chart's store-credentials Secrets."""
+    return {(d["metadata"]["labels"]["mulambda.io/store-role"], d["metadata"]["namespace"]):
+            {k: base64.b64decode(v).decode() for k, v in d["data"].items()}
+            for d in find(docs, "Secret")
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "store-credentials"}
+
+
+@pytest.mark.parametrize("scenario", ["defaults", "acl-namespaces", "byo-redis", "tuned"])
+def test_chart_gives_each_role_its_own_generated_store_user(scenario: str) -> None:
+    values = SCENARIOS[scenario]
+    docs = render(values)
+    v = merged(values)
+    fullname = v["fullnameOverride"] or RELEASE
+    secrets = _store_secrets(docs)
+    acl = v["redis"]["acl"]
+    executor_ns = {NAMESPACE, *acl["executorNamespaces"]}
+    expected = {(role, NAMESPACE) for role in ROLES}
+    expected |= {("companion", ns) for ns in executor_ns}
+    expected |= {("client", ns) for ns in acl["clientNamespaces"]}
+    assert set(secrets) == expected
+    for (role, _ns), data in secrets.items():
+        assert data["username"] == ROLES[role].username
+        assert len(data["password"]) >= 32
+        assert data["password"] == secrets[(role, NAMESPACE)]["password"]  # copies agree
+    assert len({secrets[(r, NAMESPACE)]["password"] for r in ROLES}) == len(ROLES)
+    # Generated, not fixed: another render (no cluster to look up) gives others.
+    again = _store_secrets(render(values))
+    assert all(again[k]["password"] != secrets[k]["password"] for k in secrets)
+    # Each process logs in as its own role, from its own Secret.
+    for component, role in (("operator", "operator"), ("selector", "selector")):
+        env = {e["name"]: e for e in container(docs, f"{fullname}-{component}").get("env", [])}
+        for var, key in (("MULAMBDA_REDIS_USERNAME", "username"),
+                         ("MULAMBDA_REDIS_PASSWORD", "password")):
+            assert env[var]["valueFrom"]["secretKeyRef"] == {
+                "name": f"{fullname}-store-{role}", "key": key}, (component, var)
+    # Nobody else's Secret is mounted or referenced by a pod of the chart.
+    text = json.dumps([d for d in docs if d["kind"] == "Deployment"
+                       and not d["metadata"]["name"].endswith("-redis")])
+    for role in ("companion", "sdk", "client"):
+        assert f"{fullname}-store-{role}" not in text, role
+
+
+def test_chart_store_loads_an_acl_file_from_the_role_secrets() -> None:
+    docs = render({})
+    spec = one(docs, "Deployment", "mulambda-redis")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    assert init["command"][:3] == ["python", "-m", "mulambda.store.acl"]
+    assert "--aclfile /etc/mulambda-store/users.acl" in spec["containers"][0]["args"][0]
+    assert spec["automountServiceAccountToken"] is False
+    (users,) = [vol for vol in spec["volumes"] if vol["name"] == "users"]
+    assert sorted(src["secret"]["name"] for src in users["projected"]["sources"]) == sorted(
+        f"mulambda-store-{role}" for role in ROLES)
+    # Only the init container sees the passwords; the store sees the ACL file.
+    assert [m["name"] for m in spec["containers"][0]["volumeMounts"]] == ["data", "acl"]
+    # Without per-role users nothing of this is rendered.
+    plain = one(render({"redis": {"acl": {"enabled": False}}}), "Deployment", "mulambda-redis")
+    assert "initContainers" not in plain["spec"]["template"]["spec"]
 
 
 def test_chart_selector_node_port() -> None:
@@ -1026,8 +1143,25 @@ def test_install_doc_covers_kustomize_helm_byo_and_uninstall() -> None:
         assert needle in text, needle
 
 
-@pytest.mark.parametrize("source", ["chart", "kustomize"])
-def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None:
+def _peer_admits(peer: Obj, namespace: str, labels: dict[str, str]) -> bool:
+    """A NetworkPolicy peer (namespaceSelector + podSelector) evaluated for one pod."""
+
+    def matches(selector: Obj, have: dict[str, str]) -> bool:
+        if not all(have.get(k) == v for k, v in (selector.get("matchLabels") or {}).items()):
+            return False
+        for expr in selector.get("matchExpressions") or []:
+            assert expr["operator"] == "In", expr  # all this test needs to understand
+            if have.get(expr["key"]) not in expr["values"]:
+                return False
+        return True
+
+    ns_labels = {"kubernetes.io/metadata.name": namespace}
+    return matches(peer["namespaceSelector"], ns_labels) and matches(peer["podSelector"], labels)
+
+
+@pytest.mark.parametrize("source", ["chart", "chart-client-namespaces", "kustomize"])
+def test_store_network_policy_admits_only_platform_pods_in_platform_namespaces(
+        source: str) -> None:
     from mulambda.api.client import parse_client_spec
     from mulambda.api.modelexecutor import parse_executor_spec
     from mulambda.operator.client import build as client_build
@@ -1036,7 +1170,11 @@ def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None
 
     if source == "kustomize" and shutil.which("kubectl") is None:
         pytest.skip("kubectl is needed to render kustomize")
-    docs = render({}) if source == "chart" else kustomize("manifests/base")
+    if source == "kustomize":
+        docs: list[Obj] | tuple[Obj, ...] = kustomize("manifests/base")
+    else:
+        docs = render({} if source == "chart" else
+                      {"redis": {"acl": {"clientNamespaces": ["apps"]}}})
     policy = one(docs, "NetworkPolicy")
     store = next(d for d in find(docs, "Deployment")
                  if d["metadata"]["labels"].get("app.kubernetes.io/component") == "store")
@@ -1044,25 +1182,40 @@ def test_store_network_policy_admits_exactly_mulambdas_pods(source: str) -> None
     assert all(store_labels.get(k) == v
                for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
     [rule] = policy["spec"]["ingress"]
-    allowed = rule["from"][0]["podSelector"]["matchLabels"]
     assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    peers = rule["from"]
+    for peer in peers:
+        # Every peer names its namespaces by kubernetes.io/metadata.name, which the API
+        # server sets and nobody can change; never "any namespace".
+        ns_sel = peer["namespaceSelector"]
+        keys = set(ns_sel.get("matchLabels") or {}) | {
+            e["key"] for e in ns_sel.get("matchExpressions") or []}
+        assert keys == {"kubernetes.io/metadata.name"}, peer
+        assert peer["podSelector"], peer
 
-    def admitted(labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in allowed.items())
+    def admitted(namespace: str, labels: dict[str, str]) -> bool:
+        return any(_peer_admits(p, namespace, labels) for p in peers)
 
     for d in find(docs, "Deployment"):
         component = d["metadata"]["labels"].get("app.kubernetes.io/component")
+        labels = d["spec"]["template"]["metadata"]["labels"]
         if component in ("operator", "selector"):
-            assert admitted(d["spec"]["template"]["metadata"]["labels"]), component
+            assert admitted(NAMESPACE, labels), component
+            assert not admitted("apps", labels), f"{component} labels in a tenant namespace"
     # The pods the operator builds: executors (companions) and Client workloads.
     spec = parse_executor_spec({"model": {"name": "m", "storageUri": "s3://bkt/m"},
                                 "traits": {"type": "t", "input": "i", "output": "o"}})
-    executor_pod = builders.build_deployment("m", "ml", spec, Settings())["spec"]["template"]
+    executor_pod = builders.build_deployment("m", NAMESPACE, spec, Settings())["spec"]["template"]
     workload = parse_client_spec({"criteria": {"type": "t"}, "workload": {"template": {
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}}).workload
     assert workload is not None
     client_pod = client_build.build_client_deployment("c", "apps", workload.template, 1,
-                                                  Settings())["spec"]["template"]
-    assert admitted(executor_pod["metadata"]["labels"])
-    assert admitted(client_pod["metadata"]["labels"])
-    assert not admitted({"app": "something-else"})
+                                                      Settings())["spec"]["template"]
+    assert admitted(NAMESPACE, executor_pod["metadata"]["labels"])
+    # A tenant namespace: executor-looking pods there are not companions we trust.
+    assert not admitted("apps", executor_pod["metadata"]["labels"])
+    assert admitted("apps", client_pod["metadata"]["labels"]) is (
+        source == "chart-client-namespaces")
+    # The label the old policy trusted, which any pod can set, admits nothing by itself.
+    assert not admitted(NAMESPACE, {"app.kubernetes.io/part-of": "mulambda"})
+    assert not admitted("apps", {"app.kubernetes.io/part-of": "mulambda"})

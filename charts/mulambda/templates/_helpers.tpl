@@ -46,12 +46,60 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* Fully qualified so companions in other namespaces reach it too. */}}
+{{/* Fully qualified so companions in other namespaces reach it too. With per-role
+users it names the companions' user: the operator copies this URL into every
+executor pod; the operator and the selector log in as themselves
+(MULAMBDA_REDIS_USERNAME wins over the URL's user). */}}
 {{- define "mulambda.redisUrl" -}}
+{{- $url := "" }}
 {{- if .Values.redis.enabled }}
-{{- printf "redis://%s-redis.%s.svc.%s:6379/0" (include "mulambda.fullname" .) .Release.Namespace .Values.settings.clusterDomain }}
+{{- $url = printf "redis://%s-redis.%s.svc.%s:6379/0" (include "mulambda.fullname" .) .Release.Namespace .Values.settings.clusterDomain }}
 {{- else }}
-{{- required "redis.url is required when redis.enabled is false" .Values.redis.url }}
+{{- $url = required "redis.url is required when redis.enabled is false" .Values.redis.url }}
+{{- end }}
+{{- if and .Values.redis.acl.enabled (regexMatch "^rediss?://" $url) }}
+{{- $url = regexReplaceAll "^(rediss?://)([^@/]*@)?" $url "${1}mulambda-companion@" }}
+{{- end }}
+{{- $url }}
+{{- end }}
+
+{{/* Name of the Secret with one store role's credentials: include "mulambda.storeSecret" (list . "operator") */}}
+{{- define "mulambda.storeSecret" -}}
+{{- printf "%s-store-%s" (include "mulambda.fullname" (index . 0)) (index . 1) }}
+{{- end }}
+
+{{/* Namespaces where executors run (the companions' Secret is copied there). */}}
+{{- define "mulambda.executorNamespaces" -}}
+{{- $list := list .Release.Namespace }}
+{{- if .Values.redis.acl.executorNamespaces }}
+{{- $list = concat $list .Values.redis.acl.executorNamespaces }}
+{{- else if not .Values.watch.clusterwide }}
+{{- $list = concat $list .Values.watch.namespaces }}
+{{- end }}
+{{- $list | uniq | join "," }}
+{{- end }}
+
+{{/* How a process logs in to the store: its role's user from its Secret, or (per-role
+users off) the one password of redis.existingSecret. include "mulambda.storeLoginEnv" (list . "operator") */}}
+{{- define "mulambda.storeLoginEnv" -}}
+{{- $root := index . 0 -}}
+{{- if $root.Values.redis.acl.enabled }}
+- name: MULAMBDA_REDIS_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mulambda.storeSecret" . }}
+      key: username
+- name: MULAMBDA_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mulambda.storeSecret" . }}
+      key: password
+{{- else if $root.Values.redis.existingSecret }}
+- name: MULAMBDA_REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $root.Values.redis.existingSecret }}
+      key: password
 {{- end }}
 {{- end }}
 
@@ -101,15 +149,4 @@ capabilities:
   drop: [ALL]
 seccompProfile:
   type: RuntimeDefault
-{{- end }}
-
-{{/* The store password from redis.existingSecret, for processes that talk to the store. */}}
-{{- define "mulambda.redisPasswordEnv" -}}
-{{- if .Values.redis.existingSecret }}
-- name: MULAMBDA_REDIS_PASSWORD
-  valueFrom:
-    secretKeyRef:
-      name: {{ .Values.redis.existingSecret }}
-      key: password
-{{- end }}
 {{- end }}
