@@ -32,6 +32,9 @@ class Context:
     store: MetadataStore
     kube: KubeApi
     windows: Windows
+    # uid -> (resourceVersion it was written over, monotonic time, status):
+    # see handling.previous_status.
+    written: dict[str, tuple[str | None, float, dict[str, Any]]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,21 @@ records.
 A reconcile returns a ``StatusUpdate``; :func:`apply` writes its fields to
 kopf's patch, posts its Events and turns its problem into the error kopf
 retries (TemporaryError) or gives up on (PermanentError).
+
+kopf writes a handler's status patch after the handler returns, so after
+the lock is released; until the watch delivers the patched object, the next
+handler or timer of that object gets the old ``body``. :func:`previous_status`
+gives it the status as last written instead (seen on a real API server: a
+timer re-posting the Ready Event and restamping conditions).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol
 
 import kopf
@@ -25,7 +32,8 @@ import kopf
 from mulambda.api.common import GROUP, VERSION, SpecError
 from mulambda.settings import Settings
 
-from .context import Context, Logger, Observed, Spec
+from .context import Context, Logger, Observed, Spec, backoff
+from .k8s.api import Forbidden
 from .k8s.children import NameConflict, Rejected
 from .k8s.objects import ObjectRef
 from .status import WARNING, Problem, StatusUpdate
@@ -68,6 +76,33 @@ async def serialized(memo: kopf.Memo, uid: str) -> AsyncIterator[None]:
         yield
 
 
+# How long a status this operator wrote stands in for an older body's: kopf
+# applies the patch right after the handler; a patch that failed is not
+# trusted for longer than this.
+WRITTEN_STATUS_SECONDS = 10.0
+
+
+def previous_status(ctx: Context, body: kopf.Body) -> dict[str, Any]:
+    """The object's status as this operator last wrote it, while ``body`` predates that
+    write; else the body's."""
+    meta = body.get("metadata", {})
+    written = ctx.written.get(meta.get("uid", ""))
+    if (written is not None and written[0] == meta.get("resourceVersion")
+            and time.monotonic() - written[1] < WRITTEN_STATUS_SECONDS):
+        return dict(written[2])
+    return dict(body.get("status") or {})
+
+
+def remember_status(ctx: Context, body: kopf.Body, previous: dict[str, Any],
+                    update: StatusUpdate) -> None:
+    """Note the status ``update`` writes over ``previous`` (see :func:`previous_status`)."""
+    if not update.fields:
+        return
+    meta = body.get("metadata", {})
+    ctx.written[meta.get("uid", "")] = (meta.get("resourceVersion"), time.monotonic(),
+                                        {**previous, **update.fields})
+
+
 def deleting(body: kopf.Body) -> bool:
     """True once deletion started: timers stop writing, the delete handler cleans up."""
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
@@ -98,13 +133,15 @@ async def reconcile(
 ) -> None:
     """Parse the live spec once, reconcile, and apply the outcome; a spec the operator
     cannot act on becomes the kind's failure status."""
-    status = dict(body.get("status") or {})
+    status = previous_status(ctx, body)
     generation = int(body.get("metadata", {}).get("generation") or 0)
     try:
         spec = kind.parse(dict(body.get("spec") or {}))
     except SpecError as exc:
-        apply(body, patch, kind.failure(reason="InvalidSpec", detail=f"Invalid spec: {exc}",
-                                        previous=status, generation=generation))
+        update = kind.failure(reason="InvalidSpec", detail=f"Invalid spec: {exc}",
+                              previous=status, generation=generation)
+        remember_status(ctx, body, status, update)
+        apply(body, patch, update)
         return
     observed = Observed(ObjectRef.of(body), spec, status, generation, logger, retry, spec_changed)
     try:
@@ -115,6 +152,16 @@ async def reconcile(
     except Rejected as exc:
         update = kind.failure(reason="Rejected", detail=str(exc), previous=status,
                               generation=generation)
+    except Forbidden as exc:
+        # RBAC lacks a permission: say so in status, and retry (an admin can grant it).
+        update = kind.failure(reason="Forbidden", detail=f"The API server refused the "
+                              f"operator: {exc}", previous=status, generation=generation)
+        delay = backoff(retry, ctx.settings)
+        assert update.problem is not None
+        update = replace(update, problem=replace(
+            update.problem, message=f"{update.problem.message} Retrying in {delay:g}s.",
+            retry_after=delay))
+    remember_status(ctx, body, status, update)
     apply(body, patch, update)
 
 
@@ -159,3 +206,4 @@ def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Setting
                                         logger)
         raise_problem(problem)
         memo.setdefault("locks", {}).pop(uid, None)
+        memo.ctx.written.pop(uid, None)

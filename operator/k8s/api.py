@@ -12,6 +12,7 @@ can be checked against this module.
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,18 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+
+
+class Forbidden(Exception):
+    """The API server refused the operator a call (403): its RBAC lacks a permission."""
+
+
+def api_message(exc: ApiException) -> str:
+    """The API server's own sentence for a refused call (its Status message)."""
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason)
 JSON_PATCH = "application/json-patch+json"
 
 
@@ -55,7 +68,13 @@ class KubeApi:
         # The client has no default timeout: a stalled connection would hold a
         # worker thread and this object's handlers forever.
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
-        return await asyncio.to_thread(fn, *args, **kwargs)
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except ApiException as exc:
+            if exc.status == 403:
+                # Not retried blindly: the status says which permission is missing.
+                raise Forbidden(api_message(exc)) from None
+            raise
 
     async def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         """The object, or None when there is none of that name."""

@@ -8,14 +8,13 @@ would lose their work.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from .api import KubeApi, is_conflict
+from .api import KubeApi, api_message, is_conflict
 from .objects import TEMPLATE_HASH, ObjectRef
 
 T = TypeVar("T")
@@ -34,11 +33,7 @@ class Rejected(Exception):
 
 def _rejected(exc: Exception, kind: str, name: str) -> Rejected | None:
     if isinstance(exc, ApiException) and exc.status in (400, 422):
-        try:
-            detail = json.loads(exc.body or "{}").get("message") or exc.reason
-        except (TypeError, ValueError):
-            detail = exc.reason
-        return Rejected(f"the API server rejected {kind} {name}: {detail}")
+        return Rejected(f"the API server rejected {kind} {name}: {api_message(exc)}")
     return None
 
 

@@ -13,6 +13,7 @@ from mulambda.settings import Settings
 
 from .. import handling
 from ..context import Logger
+from ..k8s.api import Forbidden
 from ..k8s.objects import MANAGED_BY, ObjectRef
 from .autoscale import autoscale
 from .reconcile import forget, reconcile
@@ -61,6 +62,12 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
                 return  # reported by the reconcile handlers; nothing to scale
             executor = ObjectRef.of(body)
             deployment = next(iter(index.get((executor.namespace, executor.name), [])), None)
-            update = await autoscale(memo.ctx, executor, spec, dict(body.get("status") or {}),
-                                     deployment, logger)
+            previous = handling.previous_status(memo.ctx, body)
+            try:
+                update = await autoscale(memo.ctx, executor, spec, previous, deployment, logger)
+            except Forbidden as exc:
+                # Reported in status by the reconcile timer, which meets the same refusal.
+                logger.warning("autoscale skipped, the API server refused: %s", exc)
+                return
+            handling.remember_status(memo.ctx, body, previous, update)
             handling.apply(body, patch, update)

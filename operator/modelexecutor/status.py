@@ -51,6 +51,8 @@ QUIET_NOT_READY = frozenset({"WaitingForReplicas", "ScaledToZero"})
 FIXES = {
     "InvalidSpec": "Fix the ModelExecutor; existing pods are left as they are.",
     "Rejected": "Fix the ModelExecutor spec.",
+    "Forbidden": ("Grant the operator's ServiceAccount the permissions operator/rbac.py lists "
+                  "(the Helm chart and manifests/ do)"),
 }
 
 
@@ -250,7 +252,7 @@ def failure(
     now: str | None = None,
 ) -> StatusUpdate:
     """Ready and Progressing False with ``reason`` (``InvalidSpec``, ``NameConflict``,
-    ``Rejected``): the operator cannot act on the executor as it is."""
+    ``Rejected``, ``Forbidden``): the operator cannot act on the executor as it is."""
     fix = FIXES.get(reason)
     return failed(previous, generation, reason, f"{detail}. {fix}" if fix else detail,
                   ("Ready", "Progressing"), now)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -674,30 +675,24 @@ def test_a_missing_rbac_verb_fails_visibly_and_recovers_once_granted(
         # (a refused create names no object in the audit log: the body is never read)
         assert {(e.resource, e.namespace) for e in denied} == {("services", env.ns)}
 
-        # ... in the operator's log, with the server's reason ...
-        def logged() -> list[str]:
-            return [str(r.exc_info[1]) for r in operator.records
-                    if r.exc_info and "Forbidden" in str(r.exc_info[1])]
-
-        [text, *_] = env.wait(logged, what="the 403 in the operator's log")
-        assert "(403)" in text and 'cannot create resource \\"services\\"' in text, text
-        # ... and on the executor: kopf keeps the handler's last error in its progress
-        # annotation (`kubectl get -o yaml`), and nothing claims Ready. No condition
-        # and no Event say "forbidden": the reconcile raises before it writes status,
-        # and kopf 1.45 posts log lines as Events only with settings.posting.loggers
-        # (off by default). The emulator enforced no RBAC, so this was never seen.
-        def progress() -> dict[str, Any]:
-            raw = (env.get(ME)["metadata"].get("annotations") or {}).get(
-                "mulambda.io/reconcile_executor")
-            return json.loads(raw) if raw else {}
-
-        state = env.wait(lambda: "Forbidden" in progress().get("message", "") and progress(),
-                         what="the 403 in the executor's progress annotation")
-        assert state["success"] is False and state["retries"] >= 1
-        assert 'cannot create resource \\"services\\"' in state["message"]
-        assert env.condition("Ready").get("status") != "True"
-        assert env.condition("Registered") == {}
+        # ... in the executor's status, where a user looks first: Ready and Progressing
+        # False/Forbidden with the server's sentence and what to do ...
+        ready = env.wait(lambda: env.condition("Ready").get("reason") == "Forbidden"
+                         and env.condition("Ready"), what="Ready=False/Forbidden")
+        assert ready["status"] == "False"
+        assert 'cannot create resource "services"' in ready["message"], ready
+        assert "operator/rbac.py" in ready["message"]
+        assert env.condition("Progressing").get("reason") == "Forbidden"
+        # ... as a Warning Event (`kubectl describe`), once, not per retry ...
+        [event] = env.wait(lambda: [e for e in env.cluster.events(env.ns, "Forbidden")],
+                           what="a Forbidden Event")
+        assert event["type"] == "Warning"
+        # ... and in the operator's log, with a retry (an admin can grant it).
+        env.wait(lambda: [m for m in operator.messages(logging.WARNING)
+                          if "refused the operator" in m and "Retrying" in m],
+                 what="the 403 and the retry in the operator's log")
         assert env.get(SVC) is None and env.record() is None
+        assert len(env.cluster.events(env.ns, "Forbidden")) == 1
     # The chart's role again: kopf retries the handler, the Service comes, it registers.
     env.wait(lambda: env.get(SVC), what="the Service once create is granted")
     env.wait(lambda: env.condition("Registered").get("status") == "True", what="Registered")
