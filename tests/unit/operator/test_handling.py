@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import kopf
@@ -11,8 +12,10 @@ from mulambda.api.common import SpecError
 from mulambda.operator import handling
 from mulambda.operator.client.status import failure
 from mulambda.operator.context import Observed
+from mulambda.operator.k8s.api import Forbidden
 from mulambda.operator.k8s.children import NameConflict, Rejected
 from mulambda.operator.status import Event, Problem, StatusUpdate
+from mulambda.settings import Settings
 
 BODY = {"apiVersion": "mulambda.io/v1alpha1", "kind": "Client",
         "metadata": {"namespace": "apps", "name": "c", "uid": "u1", "generation": 4,
@@ -53,10 +56,16 @@ def kind(outcome: Any) -> tuple[handling.Kind[str], list[Observed[str]]]:
                          interval=lambda _settings: 10.0), seen
 
 
+def context() -> Any:
+    """What handling itself reads of the context (the fake reconcile reads nothing)."""
+    return SimpleNamespace(settings=Settings(retry_max_delay_seconds=30), written={})
+
+
 async def run(kind_: handling.Kind[str], body: dict[str, Any], patch: kopf.Patch,
-              **kw: Any) -> None:
-    # No context or logger: the fake reconcile uses neither.
-    await handling.reconcile(kind_, None, kopf.Body(body), patch, None, **kw)  # type: ignore[arg-type]
+              ctx: Any = None, **kw: Any) -> None:
+    # No logger: the fake reconcile does not log.
+    await handling.reconcile(kind_, ctx or context(), kopf.Body(body), patch,
+                             None, **kw)  # type: ignore[arg-type]
 
 
 async def test_the_object_is_typed_once_and_the_update_written(posted):
@@ -106,3 +115,32 @@ async def test_what_the_operator_cannot_act_on_is_the_kinds_failure_and_permanen
         "Ready", "False", reason, message)
     assert posted == [("warn", reason, message)]
     assert bool(seen) == (reason != "InvalidSpec")  # a spec that does not parse goes no further
+
+
+async def test_a_refused_call_is_a_visible_failure_retried_with_back_off(posted):
+    refusal = ('deployments.apps is forbidden: User "system:serviceaccount:m:op" cannot '
+               'create resource "deployments"')
+    kind_, _ = kind(Forbidden(refusal))
+    patch = kopf.Patch()
+    with pytest.raises(kopf.TemporaryError, match="Retrying in 4s") as err:
+        await run(kind_, BODY, patch, retry=2)
+    assert err.value.delay == 4.0  # 2 ** retry, capped by the settings
+    [ready] = patch.status["conditions"]
+    assert (ready["status"], ready["reason"]) == ("False", "Forbidden")
+    assert refusal in ready["message"]
+    assert posted == [("warn", "Forbidden", ready["message"])]
+
+
+@pytest.mark.parametrize(("written_over", "age", "expected"), [
+    ("7", 0.0, {"observedGeneration": 4, "selected": {"executor": "ml/a"}}),  # body predates it
+    ("8", 0.0, {"observedGeneration": 3}),  # the watch delivered a newer object: trust it
+    ("7", handling.WRITTEN_STATUS_SECONDS + 1, {"observedGeneration": 3}),  # a lost write
+])
+def test_the_status_last_written_stands_in_for_an_older_body(written_over, age, expected):
+    ctx = context()
+    body = kopf.Body({**BODY, "metadata": {**BODY["metadata"], "resourceVersion": "7"}})
+    handling.remember_status(ctx, body, {"observedGeneration": 3}, StatusUpdate(
+        {"observedGeneration": 4, "selected": {"executor": "ml/a"}}))
+    _, at, status = ctx.written["u1"]
+    ctx.written["u1"] = (written_over, at - age, status)
+    assert handling.previous_status(ctx, body) == expected
