@@ -49,6 +49,13 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     selection). EXPIRE 600 s, so old buckets vanish by themselves. The
     autoscaler reads the arrival rate from the last buckets.
 
+The operator reads these fleet-wide, never per executor, so its store load
+does not grow with the fleet: each autoscaler tick one pipeline of HGETALL
+``P:inflight`` plus HGETALL of each demand bucket its longest window covers
+(:meth:`MetadataStore.fleet_load`); each refresh tick HGETALL ``P:replicas``
+and HKEYS ``P:executors`` (a record a store restart lost is written again),
+and one HSET of only the executor records that changed.
+
 A value that does not decode (bad JSON or UTF-8, not an object, a required
 field missing or of the wrong type) or holds an impossible value (NaN or an
 infinity, a negative time or count, an accuracy outside [0, 1]:
@@ -546,6 +553,55 @@ class MetadataStore:
             elif raw is not None:
                 self._malformed(key, executor, "not an integer")
         return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)
+
+    # -- fleet-wide reads and writes (the operator's ticks) ------------------------
+    async def fleet_load(
+        self, windows: Mapping[str, float], at: float | None = None
+    ) -> dict[str, tuple[int, float]]:
+        """:meth:`executor_load` for many executors in one pipelined round trip:
+        executor id -> (in-flight requests, arrivals per second over its window).
+
+        ``windows`` maps each executor to its window in seconds. Reads the
+        whole ``P:inflight`` hash once (HGETALL) and every demand bucket that
+        the longest window covers (one HGETALL each): the command count does
+        not grow with the number of executors.
+        """
+        if not windows:
+            return {}
+        now = _now() if at is None else at
+        last = int(now // DEMAND_BUCKET_SECONDS)
+        counts = {e: _bucket_count(w) for e, w in windows.items()}
+        buckets = list(range(last - max(counts.values()) + 1, last + 1))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.inflight_key)
+            for bucket in buckets:
+                pipe.hgetall(self.demand_key(bucket))
+            results = await self._run(pipe.execute())
+        inflight = self._inflight_totals(results[0], now)
+        arrivals: dict[str, list[int]] = {}
+        for bucket, raw in zip(buckets, results[1:], strict=True):
+            for executor, value in raw.items():
+                if executor not in counts:
+                    continue
+                count = _count(value)
+                if count is None:
+                    self._malformed(self.demand_key(bucket), executor, "not an integer")
+                elif bucket > last - counts[executor]:
+                    arrivals.setdefault(executor, []).append(count)
+        return {e: (inflight.get(e, 0),
+                    sum(arrivals.get(e, ())) / (n * DEMAND_BUCKET_SECONDS))
+                for e, n in counts.items()}
+
+    async def executor_ids(self) -> set[str]:
+        """The ids of every executor record (HKEYS): finds records a store restart lost."""
+        return set(await self._run(self.redis.hkeys(self.executors_key)))
+
+    async def put_executors(self, records: Iterable[ExecutorRecord]) -> None:
+        """:meth:`put_executor` for many records: one HSET."""
+        now = _now()
+        mapping: dict[Any, Any] = {r.id: _dump(replace(r, updated_at=now)) for r in records}
+        if mapping:
+            await self._run(self.redis.hset(self.executors_key, mapping=mapping))
 
 
 def _bucket(at: float | None = None) -> int:
