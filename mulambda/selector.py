@@ -237,9 +237,11 @@ class _Selector:
         others = await self.load.read()
         own, own_pods = self.own.ahead(now * 1000)
         view = overlay(snap, own_inflight=own, replica_inflight=own_pods,
-                       service=self.tracker.stats, inflight=others)
+                       service=self.tracker.stats,
+                       inflight=others[0] if others is not None else None,
+                       inflight_requests=others[1] if others is not None else None)
         return rank(criteria, view, client=client, policy=self.policy, items=items,
-                    rng=self.rng, replicas=replicas)
+                    rng=self.rng, replicas=replicas, now=time.time())
 
     def count_selection(self, candidate: Candidate) -> None:
         """A /select answer: one request of ours on its way, for its expected latency."""
@@ -273,9 +275,11 @@ class _Selector:
         executor = candidate.executor_id
         pod = candidate.replica.pod if candidate.replica is not None else None
         url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
-        self.leases.start(executor)
-        token = self.own.add(executor, pod, time.monotonic() * 1000,
-                             candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        sent = time.time()
+        lease = self.leases.start(executor, timing=(
+            pod or "", sent + (net / 2 + stay) / 1000, sent + (net + stay) / 1000))
+        token = self.own.add(executor, pod, time.monotonic() * 1000, stay, net)
         started = time.perf_counter()
         try:
             async with self.http.post(
@@ -295,7 +299,7 @@ class _Selector:
             return status, payload, ctype
         finally:
             self.own.remove(token)
-            self.leases.finish(executor)
+            self.leases.finish(executor, token=lease)
 
 
 SELECTOR_KEY = web.AppKey("selector", _Selector)

@@ -34,12 +34,19 @@ Everything else is rejected with a reason.
     service  = base + per_item * items        (the measured model,
     load     = per_inflight * k                mulambda.policy.latency)
     k        = requests ahead of this one per replica:
-               others * stay / (stay + network)  +  own
-    others   = the executor's in-flight count (everybody else's, or
-               everybody's when the caller keeps no own count) / live replicas;
-               a request counted in flight is on the wire part of the time,
-               and is ahead of a new one only while it has not been served:
-               about stay / (stay + network) of the time, with
+               timed + others * stay / (stay + network) + own
+    timed    = everybody else's requests whose leases say when each should
+               be served and back (``Snapshot.inflight_requests``): one is
+               ahead while it will still be served when this one arrives
+               (now + network / 2 < busy_until) or when it is late (now >=
+               back_by: its stay was longer than its sender expected); per
+               replica, or spread over the live replicas when it went to
+               the Service
+    others   = the executor's other in-flight count (requests without
+               timing; everybody's when the caller keeps no own count) / live
+               replicas; a request counted in flight is on the wire part of
+               the time, and is ahead of a new one only while it has not
+               been served: about stay / (stay + network) of the time, with
                stay = service + per_inflight * others
     own      = the caller's own requests still ahead at that replica
                (``Snapshot.replica_inflight``, ``replicas=True``) or at the
@@ -346,6 +353,7 @@ def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
         taken_at=snapshot.taken_at,
         client_record=snapshot.client_record,
         service={k: v for k, v in snapshot.service.items() if k in keep},
+        inflight_requests={k: v for k, v in snapshot.inflight_requests.items() if k in keep},
         own_inflight={k: v for k, v in snapshot.own_inflight.items() if k in keep},
         replica_inflight={k: v for k, v in snapshot.replica_inflight.items() if k in keep},
     )
@@ -354,15 +362,18 @@ def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
 def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
             replica_inflight: dict[str, dict[str, float]] | None = None,
             service: dict[str, ServiceStats] | None = None,
-            inflight: dict[str, int] | None = None) -> Snapshot:
+            inflight: dict[str, int] | None = None,
+            inflight_requests: dict[str, list[tuple[str, float, float]]] | None = None,
+            ) -> Snapshot:
     """``snapshot`` with a router's own exact knowledge added (a new object).
 
     ``own_inflight`` / ``replica_inflight``: its own requests still ahead at
     each executor / replica (:class:`~mulambda.policy.latency.OwnRequests`;
     the snapshot's ``inflight`` must then leave them out, as the store's
     does for the reader's instance); ``service``: its own measured
-    statistics (added to everybody else's); ``inflight``: fresher counts of
-    everybody else's requests than the snapshot's.
+    statistics (added to everybody else's); ``inflight`` and
+    ``inflight_requests``: a fresher view of everybody else's requests than
+    the snapshot's (:meth:`~mulambda.store.metadata.MetadataStore.inflight_load`).
     """
     stats = snapshot.service
     if service:
@@ -375,6 +386,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
         snapshot.executors, snapshot.replicas, snapshot.latency,
         snapshot.inflight if inflight is None else inflight, snapshot.taken_at,
         snapshot.client_record, stats,
+        snapshot.inflight_requests if inflight_requests is None else inflight_requests,
         snapshot.own_inflight if own_inflight is None else own_inflight,
         snapshot.replica_inflight if replica_inflight is None else replica_inflight,
     )
@@ -410,7 +422,8 @@ def rank(
     the best one in :attr:`Candidate.replica` (for a router that addresses
     pods). Returns a :class:`Ranking`; when it is empty, ``explain()`` says why.
     """
-    del client, now  # the order depends on neither; the signature stays for callers
+    del client  # kept for callers and logs; the order does not depend on it
+    now = snapshot.taken_at if now is None else now
     rejected: dict[str, str] = {}
 
     # 1. hard criteria, sound values, ability to serve
@@ -476,8 +489,18 @@ def rank(
         model = fit(stats, ServiceModel(b0, b0 / policy.replica_concurrency, 0.0), policy.fit)
         ready = max(len(v.live), 1)
         service = model.base_ms + model.per_item_ms * items
-        # Everybody else's requests per replica, as counted (some are on the wire);
-        # the share still ahead when this one arrives is about stay / (stay + RTT).
+        # Everybody else's requests whose timing is known: ahead while still being
+        # served when ours would arrive there, or when late (not back when expected).
+        timed = snapshot.inflight_requests.get(eid)
+        timed_total, timed_pods = 0.0, dict[str, float]()
+        for pod, busy_until, back_by in timed or ():
+            if now + v.rtt.get(pod, net) / 2000 < busy_until or now >= back_by:
+                timed_total += 1
+                if pod:
+                    timed_pods[pod] = timed_pods.get(pod, 0.0) + 1
+        timed_spread = (timed_total - sum(timed_pods.values())) / ready  # sent to the Service
+        # Everybody else's requests only counted (some are on the wire): the share
+        # still ahead when this one arrives is about stay / (stay + RTT).
         others = snapshot.inflight.get(eid, 0) / ready
         stay = service + model.per_inflight_ms * others
         replica = None
@@ -486,14 +509,15 @@ def rank(
             best = None
             for r in v.live:
                 net_r = v.rtt.get(r.pod, net)
-                k_r = own.get(r.pod, 0.0) + (others * stay / (stay + net_r) if others else 0.0)
+                k_r = (own.get(r.pod, 0.0) + timed_pods.get(r.pod, 0.0) + timed_spread
+                       + (others * stay / (stay + net_r) if others else 0.0))
                 e_r = net_r + model.per_inflight_ms * k_r
                 if best is None or e_r < best[0]:
                     best = (e_r, r, k_r, net_r)
             assert best is not None
             _, replica, k, net = best
         else:
-            k = (snapshot.own_inflight.get(eid, 0.0) / ready
+            k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
                  + (others * stay / (stay + net) if others else 0.0))
         load = model.per_inflight_ms * k
         steady = net + service + load

@@ -10,25 +10,35 @@ Typical use (async first; :class:`MulambdaClientSync` wraps it for sync code)::
         result = await mu.predict([[1.0, 2.0]])
         print(result.executor, result.predictions)
 
-How it stays cheap on the request path:
+How it routes, and what that costs on the request path:
 
-* The store snapshot (executors, live replicas, in-flight counts, this
-  client's latency samples) is read in one pipelined round trip and cached
-  for ``cache_ttl`` seconds. With ``background_refresh`` (the default) a
-  stale snapshot is still used while one refresh runs in the background, so
-  ``select()`` waits for the store only on the very first call or when the
-  snapshot is older than ``max_stale``.
-* Ranking runs locally on every ``select()`` with this instance's own
-  in-flight requests added to the cached counts of everybody else, so a
-  burst from one process spreads over models before the next refresh shows
-  the load.
+* The store snapshot (executors, live replicas, measured service times,
+  this client's latency samples) is read in one pipelined round trip and
+  cached for ``cache_ttl`` seconds. With ``background_refresh`` (the
+  default) a stale snapshot is still used while one refresh runs in the
+  background, so ``select()`` waits for the full snapshot only on the very
+  first call or when it is older than ``max_stale``.
+* Everybody else's requests in flight are read fresh for each decision
+  (one HGETALL of the in-flight leases, shared by decisions within 2 ms,
+  bounded by ``load_timeout``; after a failure the snapshot's counts are
+  used for a second): a fast model serves a request in tens of
+  milliseconds, and routers that see each other's load a second late pile
+  onto the same idle replica. ``fresh_load=False`` turns it off.
+* Ranking (:func:`mulambda.policy.selection.rank`) runs locally on every
+  call with this instance's own requests that are still ahead at each
+  replica and its own measurements added; REST requests go to the chosen
+  replica's pod IP when its heartbeat has one (``direct``), else to the
+  executor's Service.
 * Each call counts itself in flight and as demand locally, without waiting
-  for the store: a background writer publishes this instance's counts as
-  leases that expire unless refreshed (see
-  :class:`mulambda.store.leases.InflightLeases`), so a cancelled call, a lost
-  reply or a store outage cannot leave a count up for good, and a slow store
-  adds nothing to a prediction's latency. Demand signals for cold executors
-  are sent in the background too (except when the client waits for one).
+  for the store, and each answer's response time feeds the service-time
+  model (:mod:`mulambda.policy.latency`): a background writer publishes
+  this instance's counts as leases that expire unless refreshed (see
+  :class:`mulambda.store.leases.InflightLeases`) and its measurements
+  (``P:service``), so a cancelled call, a lost reply or a store outage
+  cannot leave a count up for good, and a slow store adds at most one
+  ``load_timeout`` to a prediction. Demand signals for cold executors are
+  sent in the background too (except when the client waits for one), and
+  their cold starts are measured when they come up.
 
 Failover: a connection error, timeout or 5xx moves on to the next candidate
 (at most ``max_attempts``) and keeps the failed executor out of this

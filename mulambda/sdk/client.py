@@ -201,10 +201,12 @@ class MulambdaClient:
         others = await self._load.read() if self._load is not None else None
         own, own_pods = self._own.ahead(time.monotonic() * 1000)
         snap = overlay(self._view, own_inflight=own, replica_inflight=own_pods,
-                       service=self._tracker.stats, inflight=others)
+                       service=self._tracker.stats,
+                       inflight=others[0] if others is not None else None,
+                       inflight_requests=others[1] if others is not None else None)
         pods = self.direct if direct is None else direct
         ranking = rank(self.criteria, snap, client=self.client_id, policy=self.policy,
-                       items=items, rng=self._rng, replicas=pods)
+                       items=items, rng=self._rng, replicas=pods, now=time.time())
         if not ranking:  # explain with every executor, not only the prefiltered ones
             ranking = rank(self.criteria, full, client=self.client_id, policy=self.policy)
         if self._suspect:
@@ -328,9 +330,11 @@ class MulambdaClient:
         """
         executor = candidate.executor_id
         pod = candidate.replica.pod if candidate.replica is not None else None
-        self._leases.start(executor)
-        token = self._own.add(executor, pod, time.monotonic() * 1000,
-                              candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        sent = time.time()
+        lease = self._leases.start(executor, timing=(
+            pod or "", sent + (net / 2 + stay) / 1000, sent + (net + stay) / 1000))
+        token = self._own.add(executor, pod, time.monotonic() * 1000, stay, net)
         started = time.perf_counter()
         try:
             result = await op
@@ -343,7 +347,7 @@ class MulambdaClient:
             return result
         finally:
             self._own.remove(token)
-            self._leases.finish(executor)
+            self._leases.finish(executor, token=lease)
 
     async def _predict(self, call: Callable[[Candidate], Awaitable[Any]], items: int = 1,
                        direct: bool | None = None) -> Prediction:

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .metadata import (
     DEMAND_BUCKET_SECONDS,
@@ -24,6 +24,10 @@ if TYPE_CHECKING:
     from .metadata import MetadataStore
 
 log = logging.getLogger("mulambda.store")
+
+# Everybody else's requests in flight: counts without timing, and (pod, busy_until,
+# back_by) of those with timing, per executor.
+Load = tuple[dict[str, int], dict[str, list[tuple[str, float, float]]]]
 
 
 class InflightLeases:
@@ -53,6 +57,9 @@ class InflightLeases:
         self.release_timeout = 2.0  # close() gives up deleting the leases after this
         self.refresh_seconds = max(0.05, ttl / 3)
         self.counts: dict[str, int] = {}
+        # executor -> token -> [pod, busy_until, back_by] of each request that has them
+        self.timing: dict[str, dict[int, list[Any]]] = {}
+        self._token = 0
         # Executors whose lease the store may hold (a failed write may have landed).
         self._maybe_published: set[str] = set()
         self._demand: dict[tuple[int, str], int] = {}
@@ -73,14 +80,26 @@ class InflightLeases:
         if publish:
             self._dirty.set()
 
-    def start(self, executor: str, at: float | None = None, publish: bool = True) -> None:
-        """A request to ``executor`` started: in flight, and one more demand."""
+    def start(self, executor: str, at: float | None = None, publish: bool = True,
+              timing: tuple[str, float, float] | None = None) -> int:
+        """A request to ``executor`` started: in flight, and one more demand. ``timing``
+        is its ``(pod, busy_until, back_by)`` (see :class:`InflightLease`); returns the
+        token :meth:`finish` takes."""
         key = (_bucket(at), executor)
         self._demand[key] = self._demand.get(key, 0) + 1
+        self._token += 1
+        if timing is not None:
+            self.timing.setdefault(executor, {})[self._token] = list(timing)
         self.add(executor, 1, publish)
+        return self._token
 
-    def finish(self, executor: str, publish: bool = True) -> None:
+    def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None:
         """A request to ``executor`` ended (answered, failed or cancelled)."""
+        known = self.timing.get(executor)
+        if known is not None and token is not None:
+            known.pop(token, None)
+            if not known:
+                del self.timing[executor]
         self.add(executor, -1, publish)
 
     def kick(self) -> None:
@@ -101,9 +120,11 @@ class InflightLeases:
             measured = self.service.take_changed() if self.service is not None else {}
             if not counts and not demand and not measured:
                 return
+            timing = {e: list(t.values()) for e, t in self.timing.items()}
             try:
                 await self.store.publish_inflight(self.instance, counts, ttl=self.ttl,
-                                                  demand=demand, service=measured)
+                                                  demand=demand, service=measured,
+                                                  requests=timing)
             except BaseException:  # incl. cancellation: the write may or may not have landed
                 self._maybe_published |= {e for e, n in counts.items() if n > 0}
                 for k, v in demand.items():
@@ -195,35 +216,37 @@ class InflightReader:
         self.ttl = ttl
         self.timeout = timeout
         self.backoff = backoff
-        self._counts: dict[str, int] | None = None
+        self._load: Load | None = None
         self._at = -float("inf")
         self._failed_until = -float("inf")
-        self._pending: asyncio.Task[dict[str, int]] | None = None
+        self._pending: asyncio.Task[Load] | None = None
 
-    async def read(self) -> dict[str, int] | None:
-        """Everybody else's requests in flight per executor, or None (use the snapshot)."""
+    async def read(self) -> Load | None:
+        """Everybody else's requests in flight per executor: (counts of those without
+        timing, those with timing), as :meth:`MetadataStore.inflight_load`; or None
+        (use the snapshot)."""
         now = time.monotonic()
-        if self._counts is not None and now - self._at < self.ttl:
-            return self._counts
+        if self._load is not None and now - self._at < self.ttl:
+            return self._load
         if now < self._failed_until:
             return None
         if self._pending is None or self._pending.done():
             self._pending = asyncio.ensure_future(
-                self.store.inflight_counts(self.exclude_instance))
+                self.store.inflight_load(self.exclude_instance))
             # Retrieve a failure nobody waits for any more (its caller timed out).
             self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             async with asyncio.timeout(self.timeout):
                 # shield: a caller's timeout or cancellation must not cancel the read
                 # others are waiting for.
-                counts = await asyncio.shield(self._pending)
+                load = await asyncio.shield(self._pending)
         except (StoreUnavailable, TimeoutError) as exc:
             self._failed_until = time.monotonic() + self.backoff
             log.debug("fresh in-flight read failed error=%r; using the snapshot for %gs",
                       exc, self.backoff)
             return None
-        self._counts, self._at = counts, now
-        return counts
+        self._load, self._at = load, now
+        return load
 
     def close(self) -> None:
         if self._pending is not None and not self._pending.done():

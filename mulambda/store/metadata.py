@@ -20,17 +20,22 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     Smoothed round-trip time from one replica to the client, written by
     companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
 ``P:inflight`` (HASH) ``EXEC|INSTANCE`` -> :class:`InflightLease`
-    (``{"n": requests in flight, "expires_at": epoch seconds}``).
-    One lease per SDK instance (``INSTANCE`` is a random id per
-    :class:`~mulambda.store.leases.InflightLeases`) and executor. The owner writes its
-    absolute count (never an increment), so a lost reply, a failed write or
-    a cancelled caller can only delay the published value, never leave it
-    wrong; it rewrites its leases every ``INFLIGHT_LEASE_SECONDS / 3`` while
-    it has requests in flight and deletes a lease when its count drops to
-    zero. Readers sum the unexpired leases per executor, so a dead process's
-    count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); the
-    operator prunes expired leases with the heartbeats; ``remove_executor``
-    deletes them.
+    (``{"n": requests in flight, "expires_at": epoch seconds, "requests":
+    [[pod, busy_until, back_by], ...]}``: when each request is expected to
+    be served and back, so other routers can tell whether it will still be
+    ahead of theirs).
+    One lease per SDK instance or selector process (``INSTANCE`` is a
+    random id per :class:`~mulambda.store.leases.InflightLeases`) and
+    executor. The owner writes its absolute count (never an increment), so
+    a lost reply, a failed write or a cancelled caller can only delay the
+    published value, never leave it wrong; it writes at each change,
+    rewrites its leases every ``INFLIGHT_LEASE_SECONDS / 3`` while it has
+    requests in flight and deletes a lease when its count drops to zero.
+    Readers sum the unexpired leases per executor, so a dead process's
+    count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); routers
+    read them for each decision (:meth:`MetadataStore.inflight_counts`);
+    the operator prunes expired leases with the heartbeats;
+    ``remove_executor`` deletes them.
 ``P:service`` (HASH) ``EXEC|INSTANCE`` -> :class:`ServiceStats`.
     Measured service times of one executor as one router saw them: each SDK
     instance and each selector (gateway) process publishes the sufficient
@@ -384,6 +389,7 @@ class MetadataStore:
         self, instance: str, counts: Mapping[str, int], *,
         ttl: float = INFLIGHT_LEASE_SECONDS, demand: Mapping[tuple[int, str], int] | None = None,
         service: Mapping[str, ServiceStats] | None = None,
+        requests: Mapping[str, list[list[Any]]] | None = None,
     ) -> None:
         """Set ``instance``'s in-flight leases, one pipeline.
 
@@ -391,14 +397,17 @@ class MetadataStore:
         deletes the lease. ``demand`` maps (bucket, executor) -> requests to
         add to that demand bucket. ``service`` maps executor -> this
         instance's measured service times (``P:service``, expiring after
-        ``SERVICE_TTL_SECONDS``).
+        ``SERVICE_TTL_SECONDS``). ``requests`` maps executor -> the timing of
+        each request in flight (:class:`InflightLease`).
         """
         if "|" in instance or not instance:
             raise ValueError("instance must be non-empty and contain no '|'")
         now = _now()
         expires_at = now + ttl
-        live: dict[Any, Any] = {f"{e}|{instance}": _dump(InflightLease(int(n), expires_at))
-                for e, n in counts.items() if n > 0}
+        timing = requests or {}
+        live: dict[Any, Any] = {
+            f"{e}|{instance}": _dump(InflightLease(int(n), expires_at, list(timing.get(e, ()))))
+            for e, n in counts.items() if n > 0}
         gone = [f"{e}|{instance}" for e, n in counts.items() if n <= 0]
         measured: dict[Any, Any] = {
             f"{e}|{instance}": _dump(replace(st, expires_at=now + SERVICE_TTL_SECONDS))
@@ -462,9 +471,43 @@ class MetadataStore:
 
     async def inflight_counts(self, exclude_instance: str | None = None) -> dict[str, int]:
         """Requests in flight per executor (unexpired leases), leaving out
-        ``exclude_instance``'s: the cheap, fresh part of a snapshot."""
+        ``exclude_instance``'s."""
         raw = await self._run(self.redis.hgetall(self.inflight_key))
         return self._inflight_totals(raw, _now(), exclude_instance)
+
+    async def inflight_load(self, exclude_instance: str | None = None) -> tuple[
+        dict[str, int], dict[str, list[tuple[str, float, float]]]
+    ]:
+        """Everybody else's requests in flight: the cheap, fresh part of a snapshot.
+
+        (counts of requests without timing, requests with timing) per executor,
+        as :attr:`Snapshot.inflight` and :attr:`Snapshot.inflight_requests`.
+        """
+        raw = await self._run(self.redis.hgetall(self.inflight_key))
+        return self._inflight_view(raw, _now(), exclude_instance)
+
+    def _inflight_view(self, raw: Mapping[str, str], now: float,
+                       exclude_instance: str | None = None) -> tuple[
+        dict[str, int], dict[str, list[tuple[str, float, float]]]
+    ]:
+        counts: dict[str, int] = {}
+        timed: dict[str, list[tuple[str, float, float]]] = {}
+        for name, value in raw.items():
+            executor, sep, instance = name.rpartition("|")
+            if not sep:
+                self._malformed(self.inflight_key, name, "field is not EXEC|INSTANCE")
+                continue
+            if instance == exclude_instance:
+                continue
+            lease = self._decode(InflightLease, self.inflight_key, name, value)
+            if lease is None or lease.expires_at < now or lease.n <= 0:
+                continue
+            known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
+            if known:
+                timed.setdefault(executor, []).extend(known)
+            if lease.n > len(known):
+                counts[executor] = counts.get(executor, 0) + lease.n - len(known)
+        return counts, timed
 
     # -- selection snapshot -----------------------------------------------------
     async def snapshot(self, client: str | None = None,
@@ -489,7 +532,7 @@ class MetadataStore:
         replicas: dict[str, list[ReplicaRecord]] = {}
         for r in self._live_replicas(results[1], now):
             replicas.setdefault(r.executor, []).append(r)
-        inflight = self._inflight_totals(results[2], now, exclude_instance)
+        inflight, timed = self._inflight_view(results[2], now, exclude_instance)
         service = self._service_totals(results[3], now, exclude_instance)
         latency: dict[str, dict[str, LatencySample]] = {}
         record: ClientRecord | None = None
@@ -501,7 +544,8 @@ class MetadataStore:
                     latency.setdefault(ex, {})[pod] = sample
             if results[5] is not None:
                 record = self._decode(ClientRecord, self.clients_key, client, results[5])
-        return Snapshot(executors, replicas, latency, inflight, now, record, service=service)
+        return Snapshot(executors, replicas, latency, inflight, now, record, service=service,
+                        inflight_requests=timed)
 
     # -- demand (SDK / selector; read by the autoscaler) -------------------------
     def demand_key(self, bucket: int) -> str:

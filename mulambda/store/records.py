@@ -108,10 +108,21 @@ class LatencySample:
 
 @dataclass
 class InflightLease:
-    """Requests one SDK instance has in flight on one executor, until ``expires_at``."""
+    """Requests one router (SDK instance, selector) has in flight on one executor, until
+    ``expires_at``.
+
+    ``requests`` says, per request, ``[pod, busy_until, back_by]`` (epoch
+    seconds): the replica it went to (``""`` for the Service), when its
+    sender expects it to be served, and when back (sent + RTT + stay). A
+    reader counts it ahead of its own next request while it is still being
+    served when that one would arrive, or when it is late
+    (:func:`mulambda.policy.selection.rank`). Older writers leave it empty:
+    then only ``n`` is known.
+    """
 
     n: int
     expires_at: float
+    requests: list[list[Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +180,9 @@ class Snapshot:
     client_record: ClientRecord | None = None  # the snapshot's client, when registered
     # executor id -> measured service-time statistics, all writers added up
     service: dict[str, ServiceStats] = field(default_factory=dict)
+    # executor id -> everybody else's requests in flight whose timing is known:
+    # (pod, busy_until, back_by), epoch seconds; ``inflight`` then counts the others
+    inflight_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
     # The reader's own requests in flight, when it keeps them apart from ``inflight``
     # (which then counts everybody else's): executor id -> requests still ahead at
     # the executor (a router knows when it sent each one), and the same per replica.
@@ -207,10 +221,19 @@ def _executor_rule(r: ExecutorRecord) -> str | None:
     return _negative(r, ("service_time_ms", "min_replicas", "max_replicas", "ready_replicas"))
 
 
+def _lease_rule(r: InflightLease) -> str | None:
+    for item in r.requests:
+        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in item[1:])):
+            return "field 'requests' holds an item that is not [pod, busy_until, back_by]"
+    return _negative(r, ("n",))
+
+
 _RULES: dict[type, Any] = {
     ExecutorRecord: _executor_rule,
     LatencySample: lambda r: _negative(r, ("ms", "samples")),
-    InflightLease: lambda r: _negative(r, ("n",)),
+    InflightLease: _lease_rule,
     ServiceStats: lambda r: _negative(r, ("w", "k", "i", "t", "kk", "ii", "ki", "kt", "it",
                                           "count", "cold_ms", "cold_count")),
 }
@@ -231,7 +254,8 @@ def _accepted_types(annotation: Any) -> tuple[type, ...]:
             # The type of the values; the class itself checks which ones.
             out.extend({type(v) for v in typing.get_args(member)})
             continue
-        out.append(member)
+        # list[...]: a list; its items are the class's rules' business.
+        out.append(typing.get_origin(member) or member)
         if member is float:
             out.append(int)  # JSON has one number type: 1 is a fine float
     return tuple(out)

@@ -488,9 +488,9 @@ class _Instance:
     own: OwnRequests = field(default_factory=OwnRequests)
     snap_at: float = -math.inf
     others_stats: dict[str, ServiceStats] = field(default_factory=dict)
-    snap_inflight: dict[str, int] = field(default_factory=dict)
+    snap_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
     load_at: float = -math.inf
-    others_inflight: dict[str, int] = field(default_factory=dict)
+    others_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
 
 
 class _Mulambda(_Router):
@@ -516,8 +516,10 @@ class _Mulambda(_Router):
         self.turn = [0] * len(sc.clients)
         self.instances = [_Instance(i, random.Random(sc.seed * 7919 + i),
                                     ServiceTracker(self.policy.fit)) for i in range(count)]
-        # What the store holds: every instance's leases and measurements.
-        self.published_inflight: list[dict[str, int]] = [{} for _ in range(count)]
+        # What the store holds: every instance's leases (each request's replica and
+        # when it should be served and back, in seconds) and measurements.
+        self.published: list[dict[int, tuple[str, str, float, float]]] = [
+            {} for _ in range(count)]
         self.published_stats: list[dict[str, ServiceStats]] = [{} for _ in range(count)]
         self.pods = {eid: {f"r{i}": i for i in range(len(reps))}
                      for eid, reps in self.world.reps.items()}
@@ -544,14 +546,13 @@ class _Mulambda(_Router):
         return (self.sc.rtt(self.sc.clients[who]["node"], self.sc.gateway_node) / 2
                 + self.sc.gateway_overhead)
 
-    def _others(self, inst: _Instance) -> dict[str, int]:
-        inflight: dict[str, int] = {}
+    def _others(self, inst: _Instance) -> dict[str, list[tuple[str, float, float]]]:
+        found: dict[str, list[tuple[str, float, float]]] = {}
         for other in self.instances:
             if other is not inst:
-                for e, n in self.published_inflight[other.index].items():
-                    if n:
-                        inflight[e] = inflight.get(e, 0) + n
-        return inflight
+                for e, pod, busy_until, back_by in self.published[other.index].values():
+                    found.setdefault(e, []).append((pod, busy_until, back_by))
+        return found
 
     def _refresh(self, inst: _Instance, now: float) -> None:
         stats: dict[str, ServiceStats] = {}
@@ -561,7 +562,7 @@ class _Mulambda(_Router):
                     merged = add_stats(stats.get(e), st)
                     assert merged is not None
                     stats[e] = merged
-        inst.others_stats, inst.snap_inflight, inst.snap_at = stats, self._others(inst), now
+        inst.others_stats, inst.snap_requests, inst.snap_at = stats, self._others(inst), now
 
     def choose(self, req: int, who: int, now: float, items: int) -> tuple[str, int]:
         sc = self.sc
@@ -571,29 +572,30 @@ class _Mulambda(_Router):
         if now - inst.snap_at >= self.ttl:
             self._refresh(inst, now)
         delay = 0.0
-        if sc.load_ttl < 0:  # no fresh reads: the snapshot's counts
-            others = inst.snap_inflight
+        if sc.load_ttl < 0:  # no fresh reads: the snapshot's leases
+            others = inst.snap_requests
         else:
             if now - inst.load_at >= sc.load_ttl:
-                inst.others_inflight, inst.load_at = self._others(inst), now
+                inst.others_requests, inst.load_at = self._others(inst), now
                 delay = sc.store_rtt  # the decision waits for the read
-            others = inst.others_inflight
+            others = inst.others_requests
         stats = dict(inst.others_stats)
         for e, st in inst.tracker.stats.items():
             merged = add_stats(stats.get(e), st)
             assert merged is not None
             stats[e] = merged
         own, own_pods = inst.own.ahead(now)
-        snap = Snapshot(self.recs, self.replicas, self.latency[who], others, now / 1000, None,
-                        stats, own, own_pods)
+        snap = Snapshot(self.recs, self.replicas, self.latency[who], {}, now / 1000, None,
+                        stats, others, own, own_pods)
         ranking = rank(self.criteria[who], snap, policy=self.policy, items=items,
                        rng=inst.rng, replicas=True)
         c = ranking[0]
         pod = c.replica.pod if c.replica is not None else "r0"
         eid = c.executor_id
-        token = inst.own.add(eid, pod, now + delay, c.service_ms + c.load_ms, c.network_ms)
-        published = self.published_inflight[inst.index]
-        published[eid] = published.get(eid, 0) + 1
+        stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
+        token = inst.own.add(eid, pod, sent, stay, net)
+        self.published[inst.index][token] = (eid, pod, (sent + net / 2 + stay) / 1000,
+                                             (sent + net + stay) / 1000)
         self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
                           items)
         self.delay[req] = delay
@@ -607,7 +609,7 @@ class _Mulambda(_Router):
                              network_ms=net, predicted_ms=predicted)
         self.published_stats[inst.index][eid] = inst.tracker.stats[eid]
         inst.own.remove(token)
-        self.published_inflight[inst.index][eid] -= 1
+        del self.published[inst.index][token]
 
 
 def _routers(sc: Scenario, recs: dict[str, ExecutorRecord], world: _World,
@@ -858,14 +860,23 @@ class Goal:
 def goals(cells: list[Cell]) -> list[Goal]:
     """Medians and p95 of both mulambda paths within 1.25x the oracle's; mean accuracy
     within 5 % of the oracle's for balanced and accuracy-only clients; the gateway
-    within 1.25x the SDK."""
+    within 1.25x the SDK. And against the plain load-aware router: a lower p95 for
+    latency-only clients, a higher mean accuracy for the others."""
     out = []
     for cell in cells:
         f = cell.figures
         oracle = f.get("oracle")
+        plain = f.get("least-outstanding")
         for path in ("mulambda-sdk", "mulambda-gateway"):
             ours = f.get(path)
-            if ours is None or oracle is None:
+            if ours is None:
+                continue
+            if plain is not None and cell.client == "latency":
+                out.append(Goal(cell, f"{path} p95/least-outstanding", ours.p95 / plain.p95, 1.0))
+            elif plain is not None:
+                out.append(Goal(cell, f"{path} accuracy/least-outstanding (inverse)",
+                                plain.mean_accuracy / ours.mean_accuracy, 1.0))
+            if oracle is None:
                 continue
             out.append(Goal(cell, f"{path} p50/oracle", ours.p50 / oracle.p50, 1.25))
             out.append(Goal(cell, f"{path} p95/oracle", ours.p95 / oracle.p95, 1.25))

@@ -251,7 +251,10 @@ async def test_lost_reply_to_the_inflight_write_does_not_leak(store, proxied_sto
     d = await TFServingDouble("d").start()
     doubles.append(d)
     await register(store, "d", d.url, rtt=1)
-    async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60) as mu:
+    # fresh_load=False: the lease write must find the pooled connection idle (a new one
+    # would wait forever for the handshake reply the muted proxy drops).
+    async with MulambdaClient(via, CLIENT, type="vision", cache_ttl=60,
+                              fresh_load=False) as mu:
         await mu.select()  # snapshot cached: the request path needs no store read
         proxy.mute()  # the server applies the +1, the SDK never hears back
         result = await mu.predict([[0]])

@@ -106,6 +106,7 @@ async def test_leases_publish_the_trackers_measurements_with_the_counts(store: M
     tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
     await leases.flush()
     assert (await store.inflight_counts()) == {"ml/mx": 1}
+    assert (await store.inflight_load()) == ({"ml/mx": 1}, {})  # started without timing
     assert (await store.inflight_counts(exclude_instance="sdk-1")) == {}
     assert (await store.service_stats())["ml/mx"].count == 1
     leases.finish("ml/mx")
@@ -118,10 +119,12 @@ async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_
     store: MetadataStore, redis_server: RedisServer
 ):
     reader = InflightReader(store, "me", ttl=0.0, timeout=0.2, backoff=1.0)
-    assert await reader.read() == {}
-    await store.publish_inflight("other", {"ml/mx": 2})
+    assert await reader.read() == ({}, {})
+    await store.publish_inflight("old", {"ml/mx": 2})  # no timing: only counted
+    await store.publish_inflight("other", {"ml/mx": 1},
+                                 requests={"ml/mx": [["mx-0", 1e10, 2e10]]})
     await store.publish_inflight("me", {"ml/mx": 5})
-    assert await reader.read() == {"ml/mx": 2}
+    assert await reader.read() == ({"ml/mx": 2}, {"ml/mx": [("mx-0", 1e10, 2e10)]})
     redis_server.stop()
     try:
         started = time.monotonic()

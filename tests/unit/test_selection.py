@@ -523,3 +523,28 @@ def test_the_fitted_model_is_used_at_face_value_only_when_finite():
     r = rank(Criteria(type="vision"), snap)
     assert ids(r) == ["ml/b"] and "not finite" in r.rejected["ml/a"]
     assert ServiceModel(1, 2, 3).predict(2, 10) == 1 + 4 + 30
+
+
+@pytest.mark.parametrize(("busy_until", "back_by", "ahead"), [
+    pytest.param(NOW + 0.100, NOW + 0.130, 1, id="still-being-served-when-ours-arrives"),
+    pytest.param(NOW + 0.004, NOW + 0.034, 0, id="served-before-ours-arrives"),
+    pytest.param(NOW - 0.010, NOW + 0.020, 0, id="on-its-way-back"),
+    pytest.param(NOW - 0.050, NOW - 0.010, 1, id="late-so-still-being-served"),
+])
+def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, ahead):
+    # Our RTT to the replica is 10 ms: a request of ours sent now arrives at NOW + 5 ms.
+    snap = snapshot(executor("a", service=10), rtt={"a": 10})
+    snap.inflight_requests = {"ml/a": [("a-0", busy_until, back_by)]}
+    for replicas in (True, False):
+        [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=replicas)
+        assert c.inflight == ahead
+
+
+def test_a_lease_with_a_malformed_timing_is_refused():
+    from mulambda.store.records import InflightLease
+    ok = _load(InflightLease, json.dumps({"n": 1, "expires_at": 1, "requests": [["p", 1, 2]]}))
+    assert ok.requests == [["p", 1, 2]]
+    for requests in ([["p", 1]], [[1, 2, 3]], [["p", "soon", 2]], "x", [["p", 1, "NaN"]]):
+        text = json.dumps({"n": 1, "expires_at": 1, "requests": requests})
+        with pytest.raises(ValueError):
+            _load(InflightLease, text.replace('"NaN"', "NaN"))

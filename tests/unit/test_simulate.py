@@ -167,8 +167,10 @@ def test_goals_compare_both_paths_with_the_oracle_and_the_gateway_with_the_sdk()
 
     cell = sim.Cell("one-node", 0.5, 10.0, "balanced", {
         "oracle": figs(10, 20, 0.9), "mulambda-sdk": figs(12, 30, 0.88),
-        "mulambda-gateway": figs(16, 24, 0.80)})
+        "mulambda-gateway": figs(16, 24, 0.80), "least-outstanding": figs(8, 40, 0.85)})
     found = {g.what: g for g in sim.goals([cell])}
+    assert found["mulambda-sdk accuracy/least-outstanding (inverse)"].met
+    assert not found["mulambda-gateway accuracy/least-outstanding (inverse)"].met
     assert found["mulambda-sdk p50/oracle"].met and not found["mulambda-sdk p95/oracle"].met
     assert not found["mulambda-gateway accuracy shortfall"].met
     assert found["mulambda-sdk accuracy shortfall"].met
@@ -176,4 +178,6 @@ def test_goals_compare_both_paths_with_the_oracle_and_the_gateway_with_the_sdk()
     text = sim.format_goals(list(found.values()))
     assert "missed: one-node load 0.5 balanced: mulambda-sdk p95/oracle 1.500 > 1.25" in text
     latency_cell = sim.Cell("one-node", 0.5, 10.0, "latency", cell.figures)
-    assert not any("accuracy" in g.what for g in sim.goals([latency_cell]))
+    found = {g.what: g for g in sim.goals([latency_cell])}
+    assert not any("accuracy" in what for what in found)
+    assert found["mulambda-sdk p95/least-outstanding"].met  # 30 < 40
