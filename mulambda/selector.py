@@ -26,7 +26,10 @@ API (JSON in, JSON out; every JSON answer is strict JSON, never ``NaN``):
     connection 502. With only cold candidates (or ``cold_start: Wait`` and
     a better cold one) it signals demand and waits up to
     ``--cold-start-timeout`` for a replica, measuring the cold start;
-    otherwise 503 with ``Retry-After``. Errors of its own: 400 (body not
+    otherwise 503. Network latency is the client's, as
+    the companions measure it to the client's probe URL: right when the
+    selector runs near its clients (the extra hop is not in the estimate).
+    Errors of its own: 400 (body not
     JSON, bad criteria), 404 (``unknown client``, ``no matching model``
     with the reason), 502 ``{"error": "all candidates failed", "attempts":
     [...]}``, 503 (store unreachable).
