@@ -35,6 +35,8 @@ class Context:
     # uid -> (resourceVersion it was written over, monotonic time, status):
     # see handling.previous_status.
     written: dict[str, tuple[str | None, float, dict[str, Any]]] = field(default_factory=dict)
+    # executor id -> the store record last written: a refresh writes only changes.
+    records: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,9 @@ class Observed(Generic[Spec]):
     logger: Logger = field(compare=False)
     retry: int = 0  # kopf's retry count for this change, drives the back-off
     spec_changed: bool = False  # a change handler, not a timer
+    # What a fleet-wide loop already read for this object (watch caches, one
+    # store read for all): the reconcile uses it instead of its own reads.
+    cache: Mapping[str, Any] | None = field(default=None, compare=False)
 
 
 def backoff(retry: int, settings: Settings) -> float:

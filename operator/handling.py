@@ -11,6 +11,11 @@ A reconcile returns a ``StatusUpdate``; :func:`apply` writes its fields to
 kopf's patch, posts its Events and turns its problem into the error kopf
 retries (TemporaryError) or gives up on (PermanentError).
 
+Only the Events a reconcile returns are posted (``kopf.event``, Normal or
+Warning); kopf's own INFO log lines are not Events (posting level WARNING,
+``main.configure_kopf``). A kind without a ``timer`` is re-checked by a
+fleet-wide loop (``modelexecutor/fleet.py``) that takes the same lock.
+
 kopf writes a handler's status patch after the handler returns, so after
 the lock is released; until the watch delivers the patched object, the next
 handler or timer of that object gets the old ``body``. :func:`previous_status`
@@ -36,7 +41,7 @@ from .context import Context, Logger, Observed, Spec, backoff
 from .k8s.api import Forbidden
 from .k8s.children import NameConflict, Rejected
 from .k8s.objects import ObjectRef
-from .status import WARNING, Problem, StatusUpdate
+from .status import Event, Problem, StatusUpdate
 
 
 class Failure(Protocol):
@@ -59,7 +64,7 @@ class Kind(Generic[Spec]):
     forget: Callable[[Context, str, int, Logger], Awaitable[Problem | None]]
     # The timer that reconciles again: what the object depends on changes
     # without it changing (Deployment readiness, heartbeats, latencies, a store restart).
-    timer: str
+    timer: str | None
     interval: Callable[[Settings], float]
 
     @property
@@ -108,14 +113,23 @@ def deleting(body: kopf.Body) -> bool:
     return bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
-def apply(body: kopf.Body, patch: kopf.Patch, update: StatusUpdate) -> None:
-    """Write ``update`` through kopf: status fields, Events, then its problem as an error."""
+Post = Callable[[Event], None]
+
+
+def apply(body: kopf.Body, patch: kopf.Patch, update: StatusUpdate,
+          post: Post | None = None) -> None:
+    """Write ``update`` through kopf: status fields, Events, then its problem as an error.
+
+    ``post`` replaces kopf's Event poster (which works only inside kopf's handlers)."""
     for key, value in update.fields.items():
         patch.status[key] = value
     for event in update.events:
-        # kopf.info/kopf.warn, not kopf.event: they honour the posting level.
-        post = kopf.warn if event.type == WARNING else kopf.info
-        post(body, reason=event.reason, message=event.message)
+        if post is not None:
+            post(event)
+        else:
+            # kopf.event, not kopf.info: the posting level (WARNING) keeps kopf's
+            # own log lines out of Events, not the ones a reconcile means to post.
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     raise_problem(update.problem)
 
 
@@ -129,7 +143,8 @@ def raise_problem(problem: Problem | None) -> None:
 
 async def reconcile(
     kind: Kind[Spec], ctx: Context, body: kopf.Body, patch: kopf.Patch, logger: Logger,
-    retry: int = 0, spec_changed: bool = False,
+    retry: int = 0, spec_changed: bool = False, cache: Mapping[str, Any] | None = None,
+    post: Post | None = None,
 ) -> None:
     """Parse the live spec once, reconcile, and apply the outcome; a spec the operator
     cannot act on becomes the kind's failure status."""
@@ -141,9 +156,10 @@ async def reconcile(
         update = kind.failure(reason="InvalidSpec", detail=f"Invalid spec: {exc}",
                               previous=status, generation=generation)
         remember_status(ctx, body, status, update)
-        apply(body, patch, update)
+        apply(body, patch, update, post)
         return
-    observed = Observed(ObjectRef.of(body), spec, status, generation, logger, retry, spec_changed)
+    observed = Observed(ObjectRef.of(body), spec, status, generation, logger, retry, spec_changed,
+                        cache)
     try:
         update = await kind.reconcile(ctx, observed)
     except NameConflict as exc:
@@ -162,7 +178,7 @@ async def reconcile(
             update.problem, message=f"{update.problem.message} Retrying in {delay:g}s.",
             retry_after=delay))
     remember_status(ctx, body, status, update)
-    apply(body, patch, update)
+    apply(body, patch, update, post)
 
 
 def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Settings) -> None:
@@ -182,20 +198,24 @@ def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Setting
             if not deleting(body):
                 await reconcile(kind, memo.ctx, body, patch, logger, retry, spec_changed=True)
 
-    @kopf.timer(*kind.resource, registry=registry, id=kind.timer, interval=interval,
-                initial_delay=interval, idle=None)
-    async def on_timer(
-        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger, **_: Any,
-    ) -> None:
-        async with serialized(memo, uid):
-            if deleting(body):
-                return
-            try:
-                await reconcile(kind, memo.ctx, body, patch, logger)
-            except kopf.PermanentError:
-                pass  # already reported in status; nothing to retry until the spec changes
-            except kopf.TemporaryError as exc:
-                logger.warning("%s deferred: %s", kind.timer, exc)
+    if kind.timer is not None:
+        timer = kind.timer
+
+        @kopf.timer(*kind.resource, registry=registry, id=timer, interval=interval,
+                    initial_delay=interval, idle=None)
+        async def on_timer(
+            body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger,
+            **_: Any,
+        ) -> None:
+            async with serialized(memo, uid):
+                if deleting(body):
+                    return
+                try:
+                    await reconcile(kind, memo.ctx, body, patch, logger)
+                except kopf.PermanentError:
+                    pass  # already reported in status; nothing to retry until the spec changes
+                except kopf.TemporaryError as exc:
+                    logger.warning("%s deferred: %s", timer, exc)
 
     @kopf.on.delete(*kind.resource, registry=registry, id=f"forget_{kind.noun}")
     async def on_delete(

@@ -19,6 +19,8 @@ from .client.handlers import register as register_clients
 from .context import Context
 from .k8s.api import KubeApi
 from .modelexecutor.autoscale import Windows
+from .modelexecutor.fleet import Fleet
+from .modelexecutor.handlers import DEPLOYMENTS, EXECUTORS, MODEL_EXECUTOR, SERVICES
 from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
@@ -41,7 +43,7 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     """Start-up/clean-up and every resource handler (tests use this on fresh registries)."""
 
     @kopf.on.startup(registry=registry)
-    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
         configure_kopf(settings)
         await asyncio.to_thread(load_kube_config)
         memo.locks = {}  # uid -> asyncio.Lock, see handling.serialized
@@ -52,14 +54,19 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
             windows=Windows(),
         )
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
+        # kopf passes its (still empty) indexes to startup handlers; the watches fill them.
+        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, kwargs[EXECUTORS], kwargs[DEPLOYMENTS],
+                      kwargs[SERVICES])
+        memo.fleet = [asyncio.create_task(fleet.autoscale_forever()),
+                      asyncio.create_task(fleet.refresh_forever())]
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
                  app_settings.key_prefix)
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        pruner = getattr(memo, "pruner", None)
-        if pruner is not None:
-            pruner.cancel()
+        for task in [getattr(memo, "pruner", None), *getattr(memo, "fleet", [])]:
+            if task is not None:
+                task.cancel()
         ctx = getattr(memo, "ctx", None)
         if ctx is not None:
             await ctx.store.close()
@@ -101,7 +108,9 @@ def configure_kopf(s: kopf.OperatorSettings) -> None:
     s.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="mulambda.io")
     s.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="mulambda.io", key="last-handled-configuration")
-    s.posting.level = logging.INFO
+    # Only meaningful Events: the ones a reconcile returns are posted explicitly
+    # (handling.apply); kopf's INFO log lines ("Handler ... succeeded") are not.
+    s.posting.level = logging.WARNING
     s.watching.server_timeout = 300
     s.networking.request_timeout = 60
 

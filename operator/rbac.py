@@ -65,9 +65,10 @@ REQUIRED_RULES: Final[list[Rule]] = [
     {
         "apiGroups": [""],
         "resources": ["services"],
-        "verbs": ["get", "create", "patch", "delete"],
+        # list/watch: a watch on the executors' Services finds drift without GETs.
+        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
-    # kopf posts Events through the core API.
+    # kopf and the operator's fleet-wide loops post Events through the core API.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]
 

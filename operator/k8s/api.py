@@ -12,7 +12,9 @@ can be checked against this module.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +22,11 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # (connect, read) seconds
+# Worker threads for the synchronous client: its own pool, not asyncio's
+# default one (min(32, cores + 4) threads, shared with everything else that
+# uses to_thread). 16 keeps a backlog of creates moving on 2 cores without
+# the lockstep of a 6-thread pool; more threads only add GIL contention.
+API_THREADS = 16
 
 
 class Forbidden(Exception):
@@ -33,6 +40,7 @@ def api_message(exc: ApiException) -> str:
     except (TypeError, ValueError, AttributeError):
         return str(exc.reason)
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,15 @@ class KubeApi:
 
     def __init__(self, api_client: client.ApiClient | None = None) -> None:
         self.api_client = api_client or client.ApiClient()
+        # One connection per worker thread, or threads queue for urllib3's pool.
+        rest = getattr(self.api_client, "rest_client", None)
+        if rest is not None and hasattr(rest, "pool_manager"):
+            rest.pool_manager.connection_pool_kw["maxsize"] = API_THREADS
+        self._pool = ThreadPoolExecutor(API_THREADS, thread_name_prefix="kube-api")
         apps = client.AppsV1Api(self.api_client)
         core = client.CoreV1Api(self.api_client)
+        self._core = core
+        self._custom = client.CustomObjectsApi(self.api_client)
         self._calls = {
             "Deployment": _Calls(apps.read_namespaced_deployment,
                                  apps.create_namespaced_deployment,
@@ -68,8 +83,9 @@ class KubeApi:
         # The client has no default timeout: a stalled connection would hold a
         # worker thread and this object's handlers forever.
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+        loop = asyncio.get_running_loop()
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except ApiException as exc:
             if exc.status == 403:
                 # Not retried blindly: the status says which permission is missing.
@@ -104,8 +120,35 @@ class KubeApi:
             if exc.status != 404:  # already gone is what we wanted
                 raise
 
+    async def patch_status(
+        self, group: str, version: str, plural: str, name: str, namespace: str,
+        status: dict[str, Any],
+    ) -> None:
+        """Merge-patch a custom object's status subresource (a key set to None is deleted)."""
+        await self._call(self._custom.patch_namespaced_custom_object_status, group, version,
+                         namespace, plural, name, {"status": status},
+                         _content_type=MERGE_PATCH)
+
+    async def post_event(
+        self, involved: dict[str, Any], type_: str, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event about ``involved`` (apiVersion, kind, name, namespace, uid), as
+        kopf posts them, for the loops that run outside kopf's handlers."""
+        now = datetime.datetime.now(datetime.UTC).isoformat()
+        body = {
+            "metadata": {"generateName": "mulambda-", "namespace": involved["namespace"]},
+            "involvedObject": involved,
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": "mulambda-operator"},
+            "firstTimestamp": now, "lastTimestamp": now, "eventTime": None,
+            "reportingComponent": "mulambda-operator", "reportingInstance": "mulambda-operator",
+            "count": 1,
+        }
+        await self._call(self._core.create_namespaced_event, involved["namespace"], body)
+
     async def close(self) -> None:
-        await asyncio.to_thread(self.api_client.close)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.api_client.close)
+        self._pool.shutdown(wait=False)
 
 
 def is_conflict(exc: BaseException) -> bool:

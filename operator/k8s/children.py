@@ -69,14 +69,19 @@ def _adopt(child: dict[str, Any], owner: ObjectRef) -> None:
 
 async def ensure_child(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any], changes: Changes,
+    cached: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create ``desired`` owned by ``owner``, or patch the existing child by ``changes``.
 
     Returns the child as the API server has it and a list of what changed
-    (``["created"]`` on creation, empty when nothing changed).
+    (``["created"]`` on creation, empty when nothing changed). ``cached`` is the
+    child as a watch cache has it: when it is ours and needs no change, no API
+    call is made; anything else is decided on a fresh GET.
     """
     _adopt(desired, owner)
     kind, name, ns = desired["kind"], desired["metadata"]["name"], desired["metadata"]["namespace"]
+    if cached is not None and owned_by(cached, owner) and not changes(cached)[0]:
+        return cached, []
     current = await kube.get(kind, name, ns)
     if current is None:
         try:
@@ -101,7 +106,7 @@ async def ensure_child(
 
 async def ensure_deployment(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
-    replicas: Callable[[int | None], int],
+    replicas: Callable[[int | None], int], cached: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create or patch a Deployment; ``replicas(current)`` says what spec.replicas must be
     (``current`` is None on creation)."""
@@ -127,11 +132,12 @@ async def ensure_deployment(
             ops.append({"op": "add", "path": "/spec/replicas", "value": want_replicas})
         return ops, what
 
-    return await ensure_child(kube, owner, desired, changes)
+    return await ensure_child(kube, owner, desired, changes, cached)
 
 
 async def ensure_service(
-    kube: KubeApi, owner: ObjectRef, desired: dict[str, Any]
+    kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
+    cached: dict[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create or patch a Service (ports, selector, labels)."""
 
@@ -150,7 +156,7 @@ async def ensure_service(
         _add_label_changes(current, desired, ops, what)
         return ops, what
 
-    return await ensure_child(kube, owner, desired, changes)
+    return await ensure_child(kube, owner, desired, changes, cached)
 
 
 def _add_label_changes(

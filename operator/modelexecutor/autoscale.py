@@ -1,7 +1,8 @@
-"""Applying the autoscaler's decision (``mulambda.policy.scaling.decide``) to an executor.
+"""The autoscaler's step for one executor (``mulambda.policy.scaling.decide``), without I/O.
 
-Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator samples each
-executor's demand from the store (in-flight leases the SDK publishes, and
+Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator's fleet-wide
+tick (``fleet.py``) samples every executor's demand from the store in one
+pipelined read (in-flight leases the SDK publishes, and
 the arrival rate, which counts selector requests and activation signals for
 executors at zero; concurrency is at least rate x service time, Little's
 law), asks the pure decision function for the desired replicas, patches the
@@ -35,9 +36,7 @@ from mulambda.policy.scaling import (
     window_horizon,
 )
 from mulambda.policy.selection import DEFAULT_POLICY
-from mulambda.store.records import StoreUnavailable
 
-from ..context import Context, Logger
 from ..k8s.children import owned_by
 from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
@@ -74,38 +73,29 @@ class Windows:
                 pass
 
 
-async def autoscale(
-    ctx: Context, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
-    deployment: dict[str, Any] | None, logger: Logger, now: float | None = None,
-) -> StatusUpdate:
-    """One autoscaling step for one executor: patch its replicas if the decision says so
-    and return ``status.scaling`` with the Events of what happened.
+def plan(
+    memory: Windows, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
+    deployment: dict[str, Any] | None, load: tuple[int, float], now: float,
+) -> tuple[StatusUpdate, int | None]:
+    """One autoscaling step for one executor, without I/O: ``status.scaling`` with the
+    Events of what happened, and the replicas to patch the Deployment to (None: keep).
 
     ``deployment`` is the executor's Deployment as the watch cache has it
-    (``None``: not created yet, nothing to scale).
+    (``None``: not created yet, nothing to scale); ``load`` its (in-flight
+    requests, arrivals per second) from the store.
     """
     eid = executor.id
     policy = spec.scaling
     if deployment is None or not owned_by(deployment, executor):
-        return StatusUpdate()  # not created yet, or someone else's (reported as NameConflict)
+        return StatusUpdate(), None  # not created yet, or someone else's (NameConflict)
     current = int(deployment.get("spec", {}).get("replicas") or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas") or 0)
-    now = time.time() if now is None else now
     scaling_status = dict(previous.get("scaling") or {})
-
-    try:
-        inflight, rate = await ctx.store.executor_load(
-            # Two demand buckets: a signal late in the previous bucket still counts.
-            eid, window_seconds=max(20.0, float(policy.panic_window_seconds)), at=now)
-    except StoreUnavailable as exc:
-        # No sample: decide() holds the count when its window runs dry.
-        logger.warning("demand unavailable, holding replicas: %s", exc)
-        return StatusUpdate()
+    inflight, rate = load
     # Little's law: arrivals that nobody reports as in flight (selector users)
     # still occupy rate x service time of capacity.
     service_s = (spec.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
     concurrency = max(float(inflight), rate * service_s)
-    memory = ctx.windows
     window = record_sample(memory.windows.get(eid, DemandWindow()),
                            Sample(now, concurrency, rate),
                            horizon_seconds=window_horizon(policy))
@@ -125,10 +115,9 @@ async def autoscale(
     events: list[Event] = []
     new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
                   "readyReplicas": ready}
+    target: int | None = None
     if decision.desired_replicas != current:
-        await ctx.kube.patch(
-            "Deployment", executor.name, executor.namespace,
-            [{"op": "replace", "path": "/spec/replicas", "value": decision.desired_replicas}])
+        target = decision.desired_replicas
         DECISIONS.labels(eid, str(decision.reason)).inc()
         new_status["lastScaleTime"] = _iso(now)
         if current == 0 and decision.desired_replicas > 0:
@@ -136,8 +125,6 @@ async def autoscale(
         events.append(Event.normal(
             reason=str(decision.reason),
             message=f"Scaled {current} -> {decision.desired_replicas}: {decision.message}"))
-        logger.info("scaled executor=%s from=%d to=%d reason=%s", eid, current,
-                    decision.desired_replicas, decision.reason)
     activated = scaling_status.get("activatedAt")
     if activated is not None and ready > 0:
         cold = max(0.0, now - float(activated))
@@ -147,8 +134,14 @@ async def autoscale(
         events.append(Event.normal(reason="ColdStart",
                                    message=f"First replica ready {cold:.1f}s after activation"))
     if _meaningful(new_status) == _meaningful(scaling_status):
-        return StatusUpdate(events=events)
-    return StatusUpdate({"scaling": new_status}, events)
+        return StatusUpdate(events=events), target
+    return StatusUpdate({"scaling": new_status}, events), target
+
+
+def demand_window(spec: ModelExecutorSpec) -> float:
+    """How far back the arrival rate is read: two demand buckets at least, so a signal
+    late in the previous bucket still counts."""
+    return max(20.0, float(spec.scaling.panic_window_seconds))
 
 
 def _meaningful(s: dict[str, Any]) -> dict[str, Any]:

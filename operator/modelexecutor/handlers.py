@@ -1,5 +1,5 @@
-"""kopf handlers for ModelExecutor: the shared ones (``handling.py``), its timer refreshing,
-plus the autoscaler's timer and the Deployment index it reads."""
+"""kopf handlers for ModelExecutor: the shared ones (``handling.py``) and the watch caches
+(kopf indexes) that the fleet-wide autoscaler and refresh (``fleet.py``) read."""
 
 from __future__ import annotations
 
@@ -7,67 +7,70 @@ from typing import Any
 
 import kopf
 
-from mulambda.api.common import SpecError
 from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.settings import Settings
 
 from .. import handling
-from ..context import Logger
-from ..k8s.api import Forbidden
-from ..k8s.objects import MANAGED_BY, ObjectRef
-from .autoscale import autoscale
+from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
 from .reconcile import forget, reconcile
 from .status import failure
 
 MODEL_EXECUTOR = handling.Kind(
     plural="modelexecutors", noun="executor", parse=parse_executor_spec, reconcile=reconcile,
     failure=failure, forget=forget,
-    # Re-converges drift (deleted children, store restarts) and mirrors
-    # Deployment readiness and companion heartbeats into status.
-    timer="refresh_executor", interval=lambda settings: settings.reconcile_interval_seconds,
+    # No per-object timer: fleet.Fleet re-converges drift (deleted children,
+    # store restarts) and mirrors Deployment readiness and companion
+    # heartbeats into status, for the executors whose inputs changed.
+    timer=None, interval=lambda settings: settings.reconcile_interval_seconds,
 )
+CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY,
+                "app.kubernetes.io/name": "modelexecutor"}
+# Index ids: kopf passes each index to every handler under this name.
+EXECUTORS, DEPLOYMENTS, SERVICES = "executor_objects", "executor_deployments", "executor_services"
+
+
+def _meta(meta: Any, *extra: str) -> dict[str, Any]:
+    kept = {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion",
+                                     "generation", *extra) if meta.get(k) is not None}
+    return {**kept, "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": list(meta.get("ownerReferences") or [])}
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
-    """Attach the ModelExecutor handlers to ``registry``."""
+    """Attach the ModelExecutor handlers and watch caches to ``registry``."""
     handling.register(registry, MODEL_EXECUTOR, settings)
 
-    # The executors' Deployments as the watch stream delivers them (kopf's
-    # informer-style cache): the autoscaler reads replicas and readiness from
-    # here every tick instead of GETting each Deployment every 2 s.
-    @kopf.index("apps", "v1", "deployments", registry=registry, id="executor_deployments",
-                labels={"app.kubernetes.io/managed-by": MANAGED_BY,
-                        "app.kubernetes.io/name": "modelexecutor"})
-    def executor_deployments(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
-        meta, spec, status = kwargs["meta"], kwargs["spec"], kwargs["status"]
+    # Informer-style caches fed by the watch streams kopf keeps anyway: only
+    # what the fleet loops read is kept, so 5,000 executors stay a few MiB.
+    @kopf.index(*MODEL_EXECUTOR.resource, registry=registry, id=EXECUTORS)
+    def executor_objects(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        body = kwargs["body"]
         return {(kwargs["namespace"], kwargs["name"]): {
-            "metadata": {"ownerReferences": list(meta.get("ownerReferences") or [])},
-            "spec": {"replicas": spec.get("replicas")},
-            "status": {"readyReplicas": status.get("readyReplicas") or 0},
+            "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+            "metadata": _meta(kwargs["meta"], "deletionTimestamp"),
+            "spec": dict(kwargs["spec"]), "status": dict(kwargs["status"]),
         }}
 
-    @kopf.timer(*MODEL_EXECUTOR.resource, registry=registry, id="autoscale_executor",
-                interval=settings.autoscale_interval_seconds, idle=None)
-    async def autoscale_executor(
-        body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger,
-        **kwargs: Any,
-    ) -> None:
-        index: kopf.Index[tuple[str, str], dict[str, Any]] = kwargs["executor_deployments"]
-        async with handling.serialized(memo, uid):
-            if handling.deleting(body):
-                return
-            try:
-                spec = parse_executor_spec(dict(body.get("spec") or {}))
-            except SpecError:
-                return  # reported by the reconcile handlers; nothing to scale
-            executor = ObjectRef.of(body)
-            deployment = next(iter(index.get((executor.namespace, executor.name), [])), None)
-            previous = handling.previous_status(memo.ctx, body)
-            try:
-                update = await autoscale(memo.ctx, executor, spec, previous, deployment, logger)
-            except Forbidden as exc:
-                # Reported in status by the reconcile timer, which meets the same refusal.
-                logger.warning("autoscale skipped, the API server refused: %s", exc)
-                return
-            handling.remember_status(memo.ctx, body, previous, update)
-            handling.apply(body, patch, update)
+    @kopf.index("apps", "v1", "deployments", registry=registry, id=DEPLOYMENTS,
+                labels=CHILD_LABELS)
+    def executor_deployments(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        meta, spec, status = kwargs["meta"], kwargs["spec"], kwargs["status"]
+        annotations = meta.get("annotations") or {}
+        return {(kwargs["namespace"], kwargs["name"]): {
+            "kind": "Deployment",
+            "metadata": {**_meta(meta),
+                         "annotations": {TEMPLATE_HASH: annotations.get(TEMPLATE_HASH)}},
+            "spec": {"replicas": spec.get("replicas")},
+            "status": {k: status.get(k) for k in ("replicas", "readyReplicas",
+                                                  "updatedReplicas", "observedGeneration")
+                       if status.get(k) is not None},
+        }}
+
+    @kopf.index("", "v1", "services", registry=registry, id=SERVICES, labels=CHILD_LABELS)
+    def executor_services(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+        spec = kwargs["spec"]
+        return {(kwargs["namespace"], kwargs["name"]): {
+            "kind": "Service", "metadata": _meta(kwargs["meta"]),
+            "spec": {"ports": list(spec.get("ports") or []),
+                     "selector": dict(spec.get("selector") or {})},
+        }}

@@ -1,13 +1,17 @@
 """Reconciling one ModelExecutor: children, metadata store record, status.
 
-Called from the create/update/resume handlers and from a timer, so every
-step is idempotent: get-or-create, compare-then-patch, and a status update
-with only what changed (derived in ``status.py``).
+Called from the create/update/resume handlers and from the fleet-wide
+refresh (``fleet.py``), so every step is idempotent: get-or-create,
+compare-then-patch, and a status update with only what changed (derived in
+``status.py``). The refresh passes what it already read (``Observed.cache``:
+the children from the watch caches, the heartbeats from one store read for
+the fleet): no GET while the cached children need no change, and the store
+record is written only when it differs from the one last written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
@@ -34,15 +38,19 @@ def _bounded_replicas(spec: ModelExecutorSpec) -> Callable[[int | None], int]:
 
 
 async def ensure_children(
-    ctx: Context, executor: ObjectRef, spec: ModelExecutorSpec, logger: Logger
+    ctx: Context, executor: ObjectRef, spec: ModelExecutorSpec, logger: Logger,
+    cache: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], list[Event]]:
-    """Deployment and Service of an executor: the Deployment, and an Event per change."""
+    """Deployment and Service of an executor: the Deployment, and an Event per change.
+
+    ``cache`` may hold the children as the watch caches have them."""
     name, ns = executor.name, executor.namespace
+    cache = cache or {}
     deployment, deployment_changes = await ensure_deployment(
         ctx.kube, executor, build_deployment(name, ns, spec, ctx.settings),
-        _bounded_replicas(spec))
+        _bounded_replicas(spec), cache.get("deployment"))
     service, service_changes = await ensure_service(
-        ctx.kube, executor, build_service(name, ns, spec))
+        ctx.kube, executor, build_service(name, ns, spec), cache.get("service"))
     return deployment, [
         *_announce("Deployment", deployment, deployment_changes, logger),
         *_announce("Service", service, service_changes, logger),
@@ -81,16 +89,26 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Stat
     Children come first, so pods do not wait for the store.
     """
     ref, spec = executor.ref, executor.spec
-    deployment, events = await ensure_children(ctx, ref, spec, executor.logger)
+    cache = executor.cache or {}
+    deployment, events = await ensure_children(ctx, ref, spec, executor.logger, cache)
     endpoint = endpoints(ref.name, ref.namespace, ctx.settings)
     heartbeats: list[ReplicaRecord] = []
     problem: Problem | None = None
     try:
-        heartbeats = await ctx.store.list_replicas(ref.id)
+        if "heartbeats" in cache:
+            heartbeats = list(cache["heartbeats"])
+        else:
+            heartbeats = await ctx.store.list_replicas(ref.id)
         rollout = Rollout.of(deployment)
         state = executor_state(rollout, model_report(heartbeats, rollout.desired))
-        await ctx.store.put_executor(executor_record(ref, spec, endpoint, state, rollout.ready,
-                                                     executor.generation))
+        record = executor_record(ref, spec, endpoint, state, rollout.ready, executor.generation)
+        # A handler always writes (the store may have lost it); the refresh only a change,
+        # or a record the store no longer has (cache["stored"] False).
+        if (not cache or not cache.get("stored", False)
+                or ctx.records.get(ref.id) != record):
+            ctx.records.pop(ref.id, None)
+            await ctx.store.put_executor(record)
+            ctx.records[ref.id] = record
     except StoreUnavailable as exc:
         problem = store_retry(exc, executor.retry, ctx.settings,
                               "Pods are managed normally meanwhile.")
@@ -105,4 +123,5 @@ async def forget(ctx: Context, executor_id: str, retry: int, logger: Logger) -> 
                                    retry, logger)
     if problem is None:
         ctx.windows.forget(executor_id)
+        ctx.records.pop(executor_id, None)
     return problem

@@ -31,11 +31,11 @@ def parse(spec: dict[str, Any]) -> str:
 
 @pytest.fixture
 def posted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, str]]:
-    """Events handed to kopf, as (function, reason, message)."""
+    """Events handed to kopf, as (type, reason, message): posted with kopf.event, which
+    (unlike kopf.info) the posting level, WARNING, does not filter."""
     calls: list[tuple[str, str, str]] = []
-    for name in ("info", "warn"):
-        monkeypatch.setattr(kopf, name, lambda _body, *, reason, message, _name=name:
-                            calls.append((_name, reason, message)))
+    monkeypatch.setattr(kopf, "event", lambda _body, *, type, reason, message:
+                        calls.append((type, reason, message)))
     return calls
 
 
@@ -77,7 +77,7 @@ async def test_the_object_is_typed_once_and_the_update_written(posted):
     patch = kopf.Patch()
     await run(kind_, BODY, patch, retry=2, spec_changed=True)
     assert dict(patch.status) == {"selected": None}
-    assert posted == [("info", "SelectionChanged", "m"), ("warn", "NoMatchingExecutor", "w")]
+    assert posted == [("Normal", "SelectionChanged", "m"), ("Warning", "NoMatchingExecutor", "w")]
     [observed] = seen
     assert (observed.ref.id, observed.ref.kind, observed.ref.uid, dict(observed.ref.labels)) == (
         "apps/c", "Client", "u1", {"team": "a"})
@@ -113,7 +113,7 @@ async def test_what_the_operator_cannot_act_on_is_the_kinds_failure_and_permanen
     [ready] = patch.status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"], ready["message"]) == (
         "Ready", "False", reason, message)
-    assert posted == [("warn", reason, message)]
+    assert posted == [("Warning", reason, message)]
     assert bool(seen) == (reason != "InvalidSpec")  # a spec that does not parse goes no further
 
 
@@ -128,7 +128,7 @@ async def test_a_refused_call_is_a_visible_failure_retried_with_back_off(posted)
     [ready] = patch.status["conditions"]
     assert (ready["status"], ready["reason"]) == ("False", "Forbidden")
     assert refusal in ready["message"]
-    assert posted == [("warn", "Forbidden", ready["message"])]
+    assert posted == [("Warning", "Forbidden", ready["message"])]
 
 
 @pytest.mark.parametrize(("written_over", "age", "expected"), [

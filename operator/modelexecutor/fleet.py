@@ -1,0 +1,276 @@
+"""Fleet-wide loops for ModelExecutors: one autoscaler tick and one refresh tick for all.
+
+Per-object kopf timers cost one task and, each tick, reads of their own
+(a Deployment GET, a Service GET, an HSCAN and an HSET per executor every
+10 s, a store read per executor every 2 s): load that grows with the fleet
+while nothing changes. Instead the operator keeps what the watch streams
+deliver (kopf indexes of the executors, their Deployments and their
+Services, registered in ``handlers.py``) and runs two loops:
+
+- The autoscaler tick (every ``autoscale_interval_seconds``) reads the
+  demand of every executor in one pipelined store read
+  (``MetadataStore.fleet_load``), decides per executor (``autoscale.plan``,
+  pure) and writes only what changed: the Deployments whose replicas
+  change, ``status.scaling`` when it means something, their Events.
+- The refresh tick (every ``reconcile_interval_seconds``) reads the
+  heartbeats and the ids of the stored executor records once, and
+  reconciles only the executors whose inputs changed since their last
+  clean refresh (generation, Deployment or Service version, heartbeats,
+  record missing from the store), with the cached children and heartbeats,
+  so a clean executor costs no request at all.
+
+Both take the per-object lock the handlers take (``handling.serialized``);
+an executor whose lock is held (a handler at work) is skipped until the next
+tick rather than stalling the tick behind it. Neither writes to an
+executor once its deletion started. Status goes out as a merge patch on the
+status subresource, Events through the core API (kopf's poster works only
+inside its handlers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from mulambda.api.common import GROUP, VERSION, SpecError
+from mulambda.api.modelexecutor import ModelExecutorSpec, parse_executor_spec
+from mulambda.store.records import ReplicaRecord, StoreUnavailable
+
+from .. import handling
+from ..context import Context
+from ..k8s.api import Forbidden
+from ..k8s.objects import ObjectRef
+from ..status import Event, StatusUpdate
+from .autoscale import demand_window, plan
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, str]  # (namespace, name)
+Index = Mapping[Key, Any]  # kopf.Index: key -> the values indexed under it
+# What a refresh depended on: (generation, Deployment version, Service version,
+# heartbeats, record stored). Equal to the last clean refresh's: nothing to do.
+Fingerprint = tuple[Any, ...]
+
+
+def first(index: Index, key: Key) -> Any:
+    """The one object indexed under ``key``, if any (a body-like dict: kopf.Body's
+    readers accept it)."""
+    return next(iter(index.get(key, ())), None)
+
+
+def heartbeat_facts(heartbeats: list[ReplicaRecord]) -> tuple[Any, ...]:
+    """What status and the store record derive from the heartbeats (not their times)."""
+    return tuple(sorted((r.pod, r.state, r.version, r.reason, r.message) for r in heartbeats))
+
+
+class Fleet:
+    """The autoscaler and refresh ticks over every executor the watch caches hold."""
+
+    def __init__(self, ctx: Context, memo: kopf.Memo, kind: handling.Kind[Any],
+                 executors: Index, deployments: Index, services: Index) -> None:
+        self.ctx = ctx
+        self.memo = memo
+        self.kind = kind
+        self.executors = executors
+        self.deployments = deployments
+        self.services = services
+        self._specs: dict[str, tuple[int, ModelExecutorSpec | None]] = {}
+        self._clean: dict[str, Fingerprint] = {}
+
+    # -- the loops ---------------------------------------------------------------
+    async def autoscale_forever(self) -> None:
+        await self._forever(self.autoscale_tick, self.ctx.settings.autoscale_interval_seconds,
+                            "autoscaler")
+
+    async def refresh_forever(self) -> None:
+        await self._forever(self.refresh_tick, self.ctx.settings.reconcile_interval_seconds,
+                            "refresh")
+
+    async def _forever(self, tick: Any, interval: float, name: str) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug in one tick must not end the loop
+                log.exception("%s tick failed", name)
+
+    # -- what the caches hold ---------------------------------------------------------
+    def _spec(self, body: Mapping[str, Any]) -> ModelExecutorSpec | None:
+        """The parsed spec, parsed once per generation (None: invalid, reported by the
+        handlers)."""
+        meta = body["metadata"]
+        generation = int(meta.get("generation") or 0)
+        known = self._specs.get(meta["uid"])
+        if known is not None and known[0] == generation:
+            return known[1]
+        try:
+            spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
+        except SpecError:
+            spec = None
+        self._specs[meta["uid"]] = (generation, spec)
+        return spec
+
+    def _live(self) -> Iterator[tuple[Key, Any]]:
+        """Every executor in the cache whose deletion has not started."""
+        for key in list(self.executors):
+            body = first(self.executors, key)
+            if body is not None and not handling.deleting(body):
+                yield key, body
+
+    def _busy(self, uid: str) -> bool:
+        lock = self.memo.setdefault("locks", {}).get(uid)
+        return lock is not None and lock.locked()
+
+    def _forget_gone(self, seen: set[str]) -> None:
+        for cache in (self._specs, self._clean):
+            for uid in [u for u in cache if u not in seen]:
+                del cache[uid]
+
+    # -- autoscaler ------------------------------------------------------------------
+    async def autoscale_tick(self, now: float | None = None) -> None:
+        """Sample every executor's demand with one store read, decide, write the changes."""
+        now = time.time() if now is None else now
+        log.info("autoscaler tick started")
+        targets = []
+        for key, body in self._live():
+            spec = self._spec(body)
+            if spec is not None:
+                targets.append((key, body, spec, ObjectRef.of(body)))
+        try:
+            load = await self.ctx.store.fleet_load(
+                {ref.id: demand_window(spec) for _, _, spec, ref in targets}, at=now)
+        except StoreUnavailable as exc:
+            # No sample: decide() holds the count when its window runs dry.
+            log.warning("demand unavailable, holding replicas: %s", exc)
+            log.info("autoscaler tick done executors=%d writes=0", len(targets))
+            return
+        writes = []
+        for key, body, spec, ref in targets:
+            if self._busy(ref.uid):
+                continue  # a handler holds it; next tick
+            previous = handling.previous_status(self.ctx, body)
+            deployment = first(self.deployments, key)
+            update, target = plan(self.ctx.windows, ref, spec, previous, deployment,
+                                  load.get(ref.id, (0, 0.0)), now)
+            if target is not None or update.fields or update.events:
+                current = int((deployment or {}).get("spec", {}).get("replicas") or 0)
+                writes.append(self._scale(key, ref, previous, update, current, target))
+        await asyncio.gather(*writes)
+        log.info("autoscaler tick done executors=%d writes=%d", len(targets), len(writes))
+
+    async def _scale(self, key: Key, ref: ObjectRef, previous: dict[str, Any],
+                     update: StatusUpdate, current: int, target: int | None) -> None:
+        async with handling.serialized(self.memo, ref.uid):
+            body = first(self.executors, key)
+            if body is None or body["metadata"]["uid"] != ref.uid or handling.deleting(body):
+                return
+            try:
+                if target is not None:
+                    await self.ctx.kube.patch(
+                        "Deployment", ref.name, ref.namespace,
+                        [{"op": "replace", "path": "/spec/replicas", "value": target}])
+                    reason = (update.fields.get("scaling") or {}).get("reason", "")
+                    log.info("scaled executor=%s from=%d to=%d reason=%s", ref.id, current,
+                             target, reason)
+                await self._write(body, previous, update)
+            except Forbidden as exc:
+                # Reported in status by the refresh, which meets the same refusal.
+                log.warning("autoscale skipped executor=%s, the API server refused: %s",
+                            ref.id, exc)
+            except ApiException as exc:
+                log.warning("autoscale write failed executor=%s: %s", ref.id, exc.reason)
+
+    # -- refresh ---------------------------------------------------------------------
+    async def refresh_tick(self) -> None:
+        """Reconcile the executors whose Deployment, Service, heartbeats or spec changed,
+        or whose record the store lost, from the caches and one store read."""
+        log.info("refresh tick started")
+        store_down: StoreUnavailable | None = None
+        heartbeats: dict[str, list[ReplicaRecord]] = {}
+        stored: set[str] = set()
+        try:
+            for r in await self.ctx.store.list_replicas():
+                heartbeats.setdefault(r.executor, []).append(r)
+            stored = await self.ctx.store.executor_ids()
+        except StoreUnavailable as exc:
+            store_down = exc
+        seen: set[str] = set()
+        jobs = []
+        for key, body in self._live():
+            ref = ObjectRef.of(body)
+            seen.add(ref.uid)
+            if self._busy(ref.uid):
+                continue
+            deployment, service = first(self.deployments, key), first(self.services, key)
+            mine = heartbeats.get(ref.id, [])
+            fingerprint = (body["metadata"].get("generation"), _version(deployment),
+                           _version(service), heartbeat_facts(mine), ref.id in stored)
+            if store_down is None and self._clean.get(ref.uid) == fingerprint:
+                continue
+            cache: dict[str, Any] = {"deployment": deployment, "service": service}
+            if store_down is None:
+                cache.update(heartbeats=mine, stored=ref.id in stored)
+            jobs.append(self._refresh(key, ref, cache, fingerprint))
+        await asyncio.gather(*jobs)
+        self._forget_gone(seen)
+        log.info("refresh tick done executors=%d refreshed=%d", len(seen), len(jobs))
+
+    async def _refresh(self, key: Key, ref: ObjectRef, cache: dict[str, Any],
+                       fingerprint: Fingerprint) -> None:
+        async with handling.serialized(self.memo, ref.uid):
+            body = first(self.executors, key)
+            if body is None or body["metadata"]["uid"] != ref.uid or handling.deleting(body):
+                return
+            patch = kopf.Patch()
+            events: list[Event] = []
+            clean = True
+            try:
+                await handling.reconcile(self.kind, self.ctx, body, patch, log, cache=cache,
+                                         post=events.append)
+            except kopf.PermanentError:
+                pass  # reported in status; nothing to retry until something changes
+            except kopf.TemporaryError as exc:
+                clean = False
+                log.warning("refresh deferred executor=%s: %s", ref.id, exc)
+            except ApiException as exc:
+                clean = False
+                log.warning("refresh failed executor=%s: %s", ref.id, exc.reason)
+            try:
+                await self._write(body, None, StatusUpdate(dict(patch.get("status") or {}),
+                                                           events))
+            except ApiException as exc:
+                clean = False
+                log.warning("status write failed executor=%s: %s", ref.id, exc.reason)
+            if clean:
+                self._clean[ref.uid] = fingerprint
+
+    # -- writes ----------------------------------------------------------------------
+    async def _write(self, body: Any, previous: dict[str, Any] | None,
+                     update: StatusUpdate) -> None:
+        """Status as a merge patch on the status subresource, then the Events."""
+        meta = body["metadata"]
+        if update.fields:
+            await self.ctx.kube.patch_status(GROUP, VERSION, self.kind.plural, meta["name"],
+                                             meta["namespace"], update.fields)
+            if previous is not None:  # the refresh's reconcile remembered it already
+                handling.remember_status(self.ctx, body, previous, update)
+        involved = {"apiVersion": body["apiVersion"], "kind": body["kind"],
+                    "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]}
+        for event in update.events:
+            try:
+                await self.ctx.kube.post_event(involved, event.type, event.reason,
+                                               event.message)
+            except Exception as exc:  # an Event lost is no reason to fail the write
+                log.warning("event not posted reason=%s: %s", event.reason, exc)
+
+
+def _version(obj: Mapping[str, Any] | None) -> str | None:
+    return None if obj is None else obj.get("metadata", {}).get("resourceVersion")
