@@ -153,7 +153,7 @@ class OperatorRun:
         namespaces: Iterable[str] = (),
         allow_errors: bool = False,
         startup_timeout: float = 15.0,
-        stop_timeout: float = 15.0,
+        stop_timeout: float = 30.0,
         log_level: int = logging.DEBUG,
     ) -> None:
         self.cluster = cluster
