@@ -59,6 +59,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
     "SELECTOR_URL": (
         "http://mulambda-selector.mulambda.svc:8080", "Selector API URL injected into workloads."),
+    "SELECTOR_AUTH": (
+        "true", "Selector and gateway callers must present a ServiceAccount token allowed to "
+        "`select` the Client (mulambda.authz); false only for local development (warned at "
+        "start)."),
     "CLUSTER_DOMAIN": ("cluster.local", "Cluster DNS domain used in executor endpoints."),
     "HEARTBEAT_TTL_SECONDS": ("30", "How long a replica heartbeat lives without renewal."),
     "PROBE_INTERVAL_SECONDS": (
@@ -187,6 +191,7 @@ class Settings:
     s3_region: str = _default("S3_REGION")
     s3_secret: str = _default("S3_SECRET")
     selector_url: str = _default("SELECTOR_URL")
+    selector_auth: bool = _flag(_default("SELECTOR_AUTH"))
     cluster_domain: str = _default("CLUSTER_DOMAIN")
     heartbeat_ttl_seconds: float = float(_default("HEARTBEAT_TTL_SECONDS"))
     probe_interval_seconds: float = float(_default("PROBE_INTERVAL_SECONDS"))

@@ -64,7 +64,8 @@ def operator_identity(cp: ControlPlane, cluster: Cluster, workdir: Path) -> Iden
         if d["kind"] == "ServiceAccount"
         and d["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"
     ]
-    roles = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"]
+    roles = [d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"
+             and d["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"]
     token = request_token(cluster, NAMESPACE, account)
     kubeconfig = workdir / f"{account}.kubeconfig"
     write_token_kubeconfig(kubeconfig, cp.server, cp.pki / "ca.crt", account, token)

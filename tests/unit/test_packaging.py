@@ -274,9 +274,53 @@ def assert_services_select_pods(docs: list[Obj] | tuple[Obj, ...]) -> None:
             assert port["targetPort"] in ports, svc["metadata"]["name"]
 
 
-def rbac_rules(docs: list[Obj] | tuple[Obj, ...]) -> list[Obj]:
+def component(obj: Obj) -> str:
+    return str(obj["metadata"].get("labels", {}).get("app.kubernetes.io/component", ""))
+
+
+def rbac_rules(docs: list[Obj] | tuple[Obj, ...], of: str = "operator") -> list[Obj]:
+    """The rules of the roles of one component (label app.kubernetes.io/component)."""
     roles = find(docs, "ClusterRole") + find(docs, "Role")
-    return [rule for role in roles for rule in role["rules"]]
+    return [rule for role in roles if component(role) == of for rule in role["rules"]]
+
+
+# The selector verifies callers (mulambda/authz.py) and may do nothing else; tenants bind
+# the caller role to select their namespace's Clients.
+SELECTOR_REVIEW_RULES = [
+    {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+    {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+     "verbs": ["create"]},
+]
+CLIENT_CALLER_RULES = [{"apiGroups": ["mulambda.io"], "resources": ["clients"],
+                        "verbs": ["select"]}]
+
+
+def assert_selector_reviews_callers(docs: list[Obj] | tuple[Obj, ...], prefix: str) -> None:
+    """The selector's ServiceAccount: a mounted token and exactly create on the two reviews,
+    cluster-wide; the caller role tenants bind grants select on clients and aggregates into
+    admin and edit."""
+    account = f"{prefix}-selector"
+    (sa,) = [a for a in find(docs, "ServiceAccount") if a["metadata"]["name"] == account]
+    assert sa.get("automountServiceAccountToken", True) is True
+    spec = one(docs, "Deployment", account)["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == account
+    assert spec.get("automountServiceAccountToken", True) is True
+    assert canonical_rules(rbac_rules(docs, "selector")) == canonical_rules(SELECTOR_REVIEW_RULES)
+    (review,) = [r for r in find(docs, "ClusterRole") if component(r) == "selector"]
+    (binding,) = [b for b in find(docs, "ClusterRoleBinding")
+                  if b["roleRef"]["name"] == review["metadata"]["name"]]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    assert not [b for b in find(docs, "RoleBinding") + find(docs, "ClusterRoleBinding")
+                if any(s.get("name") == account for s in b["subjects"]) and b is not binding]
+    (caller,) = [r for r in find(docs, "ClusterRole") if component(r) == "client-caller"]
+    assert canonical_rules(caller["rules"]) == canonical_rules(CLIENT_CALLER_RULES)
+    labels = caller["metadata"]["labels"]
+    assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert not [b for b in find(docs, "ClusterRoleBinding")
+                if b["roleRef"]["name"] == caller["metadata"]["name"]], "tenants bind it"
+    assert config_data(docs)["MULAMBDA_SELECTOR_AUTH"] == "true"
 
 
 def config_data(docs: list[Obj] | tuple[Obj, ...]) -> dict[str, str]:
@@ -469,11 +513,15 @@ def test_kustomization_is_hardened_and_consistent(path: str) -> None:
 @pytest.mark.parametrize("path", ["manifests/base", "manifests/overlays/dev"])
 def test_kustomization_grants_exactly_the_required_rules(path: str) -> None:
     docs = kustomize(path)
-    operator_rules = [rule for role in find(docs, "ClusterRole") for rule in role["rules"]]
-    assert canonical_rules(operator_rules) == canonical_rules(RBAC.REQUIRED_RULES)
-    bound = {b["roleRef"]["name"] for b in find(docs, "ClusterRoleBinding")}
-    assert bound == {r["metadata"]["name"] for r in find(docs, "ClusterRole")}
-    for b in find(docs, "ClusterRoleBinding"):
+    assert canonical_rules(rbac_rules(docs)) == canonical_rules(RBAC.REQUIRED_RULES)
+    operator_bindings = [b for b in find(docs, "ClusterRoleBinding") if component(b) == "operator"]
+    bound = {b["roleRef"]["name"] for b in operator_bindings}
+    assert bound == {r["metadata"]["name"] for r in find(docs, "ClusterRole")
+                     if component(r) == "operator"}
+    assert {component(r) for r in find(docs, "ClusterRole")} == {
+        "operator", "selector", "client-caller"}
+    assert_selector_reviews_callers(docs, "mulambda")
+    for b in operator_bindings:
         assert b["subjects"] == [
             {"kind": "ServiceAccount", "name": "mulambda-operator", "namespace": NAMESPACE}
         ]
@@ -653,7 +701,12 @@ def test_chart_grants_exactly_the_required_rules(scenario: str) -> None:
                    if canonical_rules(rules) == canonical_rules(RBAC.namespaced_rules()))
     sa = v["serviceAccount"]["name"] or f"{RELEASE}-operator"
     subject = [{"kind": "ServiceAccount", "name": sa, "namespace": NAMESPACE}]
-    crbs = {b["roleRef"]["name"]: b for b in find(docs, "ClusterRoleBinding")}
+    crbs = {b["roleRef"]["name"]: b for b in find(docs, "ClusterRoleBinding")
+            if component(b) == "operator"}
+    if v["selector"]["enabled"]:
+        assert_selector_reviews_callers(docs, v["fullnameOverride"] or RELEASE)
+    else:
+        assert not rbac_rules(docs, "selector") and not rbac_rules(docs, "client-caller")
     rbs = find(docs, "RoleBinding")
     assert crbs[cluster_role]["subjects"] == subject
     args = container(docs, next(d["metadata"]["name"] for d in find(docs, "Deployment")
@@ -675,6 +728,20 @@ def test_chart_grants_exactly_the_required_rules(scenario: str) -> None:
 def test_chart_without_rbac_renders_no_roles() -> None:
     docs = render({"rbac": {"create": False}})
     assert not find(docs, "ClusterRole") and not find(docs, "ClusterRoleBinding")
+
+
+def test_chart_selector_without_auth_has_no_token_and_no_api_access() -> None:
+    docs = render({"selector": {"auth": {"enabled": False}}})
+    assert config_data(docs)["MULAMBDA_SELECTOR_AUTH"] == "false"
+    (sa,) = [a for a in find(docs, "ServiceAccount") if component(a) == "selector"]
+    assert sa["automountServiceAccountToken"] is False
+    spec = one(docs, "Deployment", "mulambda-selector")["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert not rbac_rules(docs, "selector")
+    assert not [b for b in find(docs, "ClusterRoleBinding") if component(b) == "selector"]
+    # Tenants may bind the caller role ahead of turning authorization on.
+    assert canonical_rules(rbac_rules(docs, "client-caller")) == canonical_rules(
+        CLIENT_CALLER_RULES)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
