@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mulambda.tools import simulate as sim
+from mulambda.tools.simulate import experiment, routers, world
 
 # One fast model next to the client and one slow, far one of equal accuracy:
 # round-robin sends half the traffic far away, so its p95 must be worse.
@@ -52,7 +53,7 @@ DECLARED_WRONG = {
 
 
 def test_our_selector_beats_round_robin_on_p95():
-    results = sim.simulate(NEAR_AND_FAR, selectors=("mulambda-sdk", "round-robin"))
+    results = routers.simulate(NEAR_AND_FAR, selectors=("mulambda-sdk", "round-robin"))
     ours, rr = results["mulambda-sdk"], results["round-robin"]
     assert ours.p95 < rr.p95 / 2
     assert ours.used["fast-edge"] > 0.9 * len(ours.rtt_ms)
@@ -62,7 +63,7 @@ def test_our_selector_beats_round_robin_on_p95():
 def test_load_feedback_spills_over_when_the_fast_model_saturates():
     busy = dict(NEAR_AND_FAR, rate_per_s=900,
                 network_ms={"edge": {"edge": 0.5, "cloud": 2}, "cloud": {"cloud": 0.5}})
-    results = sim.simulate(busy, selectors=("mulambda-sdk", "mulambda-gateway",
+    results = routers.simulate(busy, selectors=("mulambda-sdk", "mulambda-gateway",
                                             "lowest-network"))
     # 900/s is more than the fast model's 500/s: without feedback it queues.
     assert results["lowest-network"].used == {"fast-edge": 720}
@@ -72,7 +73,7 @@ def test_load_feedback_spills_over_when_the_fast_model_saturates():
 
 
 def test_a_per_request_cost_the_declared_time_misses_is_learned():
-    results = sim.simulate(DECLARED_WRONG, selectors=("mulambda-sdk", "mulambda-gateway",
+    results = routers.simulate(DECLARED_WRONG, selectors=("mulambda-sdk", "mulambda-gateway",
                                                       "prototype", "oracle"))
     oracle, prototype = results["oracle"], results["prototype"]
     # The prototype believes the declared times and keeps sending to "steep".
@@ -85,30 +86,30 @@ def test_a_per_request_cost_the_declared_time_misses_is_learned():
 
 
 def test_least_outstanding_spreads_and_the_oracle_knows_the_truth():
-    results = sim.simulate(DECLARED_WRONG, selectors=("least-outstanding", "oracle"))
+    results = routers.simulate(DECLARED_WRONG, selectors=("least-outstanding", "oracle"))
     assert set(results["least-outstanding"].used) == {"steep", "steady"}
     assert results["oracle"].p95 < results["least-outstanding"].p95
 
 
 def test_same_seed_same_figures_other_seed_other_stream():
-    a = sim.simulate(NEAR_AND_FAR)
-    b = sim.simulate(NEAR_AND_FAR)
+    a = routers.simulate(NEAR_AND_FAR)
+    b = routers.simulate(NEAR_AND_FAR)
     assert {k: v.as_dict() for k, v in a.items()} == {k: v.as_dict() for k, v in b.items()}
-    c = sim.simulate(dict(NEAR_AND_FAR, seed=4), selectors=("random",))
+    c = routers.simulate(dict(NEAR_AND_FAR, seed=4), selectors=("random",))
     assert c["random"].rtt_ms != a["random"].rtt_ms
 
 
 def test_bad_scenario_is_rejected_with_the_field():
     bad = dict(NEAR_AND_FAR, executors=[{"name": "x", "model": "nope", "nodes": ["edge"]}])
     with pytest.raises(ValueError, match="unknown model 'nope'"):
-        sim.simulate(bad)
+        routers.simulate(bad)
     with pytest.raises(ValueError, match="bad scenario"):
-        sim.simulate({"requests": 1})
+        routers.simulate({"requests": 1})
     negative = dict(NEAR_AND_FAR, models={"fast": {"service_ms": -4}, "slow": {"service_ms": 1}})
     with pytest.raises(ValueError, match="non-negative"):
-        sim.simulate(negative)
+        routers.simulate(negative)
     with pytest.raises(ValueError, match="unknown selectors"):
-        sim.simulate(NEAR_AND_FAR, selectors=("telepathy",))
+        routers.simulate(NEAR_AND_FAR, selectors=("telepathy",))
 
 
 def test_cli_reads_a_yaml_scenario(tmp_path, capsys):
@@ -119,15 +120,15 @@ def test_cli_reads_a_yaml_scenario(tmp_path, capsys):
     assert sim.run(parser.parse_args(["--scenario", str(path), "--requests", "200",
                                       "--json"])) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["selector"] for r in rows] == list(sim.SELECTORS)
+    assert [r["selector"] for r in rows] == list(world.SELECTORS)
     assert all(sum(r["used"].values()) == 180 for r in rows)  # 200 minus the warm-up
 
 
 # -- the issue-11 experiment -----------------------------------------------------------
 
 def test_model_family_is_drawn_from_the_seed_and_has_every_tier():
-    a, b = sim.model_family(11), sim.model_family(12)
-    assert a == sim.model_family(11) and a != b
+    a, b = experiment.model_family(11), experiment.model_family(12)
+    assert a == experiment.model_family(11) and a != b
     assert sorted(a) == sorted(f"{t}-{g}" for t in ("fast", "mid", "slow")
                                for g in ("bad", "ok", "good"))
     for name, m in a.items():
@@ -141,43 +142,43 @@ def test_model_family_is_drawn_from_the_seed_and_has_every_tier():
     ("all-on-all", 36, 36), ("one-node", 9, 9),
 ])
 def test_suite_placements(placement, executors, replicas):
-    raw = sim.suite_scenario(placement, 0.25, requests=10)
+    raw = experiment.suite_scenario(placement, 0.25, requests=10)
     assert len(raw["executors"]) == executors
     assert sum(len(e["nodes"]) for e in raw["executors"]) == replicas
     assert {c["name"] for c in raw["clients"]} == {"latency", "accuracy", "balanced"}
     assert raw["network_ms"]["client"] == {"client": 0.5, "n10": 10, "n30": 30, "n100": 100,
                                            "n300": 300}
-    sim.Scenario(raw)  # valid
+    world.Scenario(raw)  # valid
 
 
 def test_mixed_placement_uses_every_model_and_spreads_one_over_two_nodes():
-    raw = sim.suite_scenario("mixed", 0.5, requests=10)
-    assert {e["model"] for e in raw["executors"]} == set(sim.model_family(11))
+    raw = experiment.suite_scenario("mixed", 0.5, requests=10)
+    assert {e["model"] for e in raw["executors"]} == set(experiment.model_family(11))
     assert any(len(e["nodes"]) == 2 for e in raw["executors"])
     assert raw["rate_per_s"] == pytest.approx(
-        2 * sim.suite_scenario("mixed", 0.25, requests=10)["rate_per_s"], rel=0.01)
+        2 * experiment.suite_scenario("mixed", 0.25, requests=10)["rate_per_s"], rel=0.01)
 
 
 def test_goals_compare_both_paths_with_the_oracle_and_the_gateway_with_the_sdk():
-    def figs(p50: float, p95: float, acc: float) -> sim.Figures:
-        f = sim.Figures()
+    def figs(p50: float, p95: float, acc: float) -> world.Figures:
+        f = world.Figures()
         f.rtt_ms = [p50] * 10 + [p95]
         f.accuracy = [acc]
         return f
 
-    cell = sim.Cell("one-node", 0.5, 10.0, "balanced", {
+    cell = experiment.Cell("one-node", 0.5, 10.0, "balanced", {
         "oracle": figs(10, 20, 0.9), "mulambda-sdk": figs(12, 30, 0.88),
         "mulambda-gateway": figs(16, 24, 0.80), "least-outstanding": figs(8, 40, 0.85)})
-    found = {g.what: g for g in sim.goals([cell])}
+    found = {g.what: g for g in experiment.goals([cell])}
     assert found["mulambda-sdk accuracy/least-outstanding (inverse)"].met
     assert not found["mulambda-gateway accuracy/least-outstanding (inverse)"].met
     assert found["mulambda-sdk p50/oracle"].met and not found["mulambda-sdk p95/oracle"].met
     assert not found["mulambda-gateway accuracy shortfall"].met
     assert found["mulambda-sdk accuracy shortfall"].met
     assert not found["gateway p50/sdk"].met and found["gateway p95/sdk"].met
-    text = sim.format_goals(list(found.values()))
+    text = experiment.format_goals(list(found.values()))
     assert "missed: one-node load 0.5 balanced: mulambda-sdk p95/oracle 1.500 > 1.25" in text
-    latency_cell = sim.Cell("one-node", 0.5, 10.0, "latency", cell.figures)
-    found = {g.what: g for g in sim.goals([latency_cell])}
+    latency_cell = experiment.Cell("one-node", 0.5, 10.0, "latency", cell.figures)
+    found = {g.what: g for g in experiment.goals([latency_cell])}
     assert not any("accuracy" in what for what in found)
     assert found["mulambda-sdk p95/least-outstanding"].met  # 30 < 40

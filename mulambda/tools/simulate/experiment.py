@@ -1,0 +1,200 @@
+"""The experiment of issue 11: placements x load levels x client kinds, and its goals."""
+
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .routers import simulate
+from .world import SELECTORS, Figures
+
+# -- the experiment of issue 11 --------------------------------------------------------
+
+NODE_RTT_MS = {"n10": 10.0, "n30": 30.0, "n100": 100.0, "n300": 300.0}
+PLACEMENTS = ("all-on-all", "one-node", "mixed")
+LOAD_LEVELS = (0.05, 0.25, 0.5, 0.75)
+CLIENT_KINDS = {"latency": (1.0, 0.0), "accuracy": (0.0, 1.0), "balanced": (0.5, 0.5)}
+SUITE_SELECTORS = SELECTORS
+
+
+def model_family(seed: int) -> dict[str, dict[str, Any]]:
+    """Nine models, three speed tiers x three accuracy tiers, drawn from ``seed``.
+
+    Base times: fast 8-15 ms, mid 40-80 ms, slow 120-200 ms. Each request
+    running beside one costs ``per_concurrent_ms``: 5-12x the base time for
+    fast models, 2-6x for mid, 0.5-2x for slow ones (what declared service
+    times miss). Per item 0.2-1 % of the base time; additive jitter up to
+    20-50 % of it. Two in three run every request at once (the published
+    dummy models), one in three has 1-3 slots and a queue (a server with a
+    thread pool). Accuracy: bad 0.50-0.62, ok 0.75-0.85, good 0.88-0.97.
+    The declared ``serviceTimeMs`` is the base time.
+    """
+    rng = random.Random(seed)
+    tiers = (("fast", (8, 15), (5, 12)), ("mid", (40, 80), (2, 6)), ("slow", (120, 200), (0.5, 2)))
+    grades = (("bad", (0.5, 0.62)), ("ok", (0.75, 0.85)), ("good", (0.88, 0.97)))
+    out: dict[str, dict[str, Any]] = {}
+    for tier, base, ratio in tiers:
+        for grade, acc in grades:
+            d = rng.uniform(*base)
+            parallel = rng.random() < 2 / 3
+            out[f"{tier}-{grade}"] = {
+                "service_ms": round(d, 2),
+                "per_concurrent_ms": round(d * rng.uniform(*ratio), 2),
+                "per_item_ms": round(d * rng.uniform(0.002, 0.01), 4),
+                "jitter_ms": round(d * rng.uniform(0.2, 0.5), 2),
+                "concurrency": 0 if parallel else rng.randint(1, 3),
+                "accuracy": round(rng.uniform(*acc), 3),
+            }
+    return out
+
+
+def _capacity(model: dict[str, Any]) -> float:
+    """Requests per second one replica sustains (asymptotically)."""
+    d = float(model["service_ms"])
+    beta = float(model.get("per_concurrent_ms", 0))
+    slots = int(model.get("concurrency", 1))
+    if slots <= 0:
+        return 1000 / beta if beta > 0 else 1000 / d * 10
+    return slots * 1000 / (d + beta * (slots - 1))
+
+
+def suite_scenario(placement: str, load: float, *, seed: int = 11,
+                   requests: int = 3000) -> dict[str, Any]:
+    """One cell of the suite: the model family placed on the four nodes, at ``load``
+    times their capacity, one client of each kind (latency-only, accuracy-only,
+    balanced) sharing the traffic, each with two SDK processes and 1-20 items per
+    request."""
+    models = model_family(seed)
+    names = sorted(models)
+    nodes = list(NODE_RTT_MS)
+    executors: list[dict[str, Any]] = []
+    if placement == "all-on-all":
+        executors = [{"name": f"{m}-{n}", "model": m, "nodes": [n]} for m in names for n in nodes]
+    elif placement == "one-node":
+        executors = [{"name": f"{m}-n10", "model": m, "nodes": ["n10"]} for m in names]
+    elif placement == "mixed":
+        # Each model on one or two nodes (drawn), one of them as a single executor
+        # whose two replicas sit on different nodes (the Service spreads over both).
+        rng = random.Random(seed + 1)
+        for m in names:
+            where = rng.sample(nodes, rng.choice((1, 2)))
+            if len(where) == 2 and rng.random() < 0.3:
+                executors.append({"name": f"{m}-spread", "model": m, "nodes": where})
+            else:
+                executors.extend({"name": f"{m}-{n}", "model": m, "nodes": [n]} for n in where)
+    else:
+        raise ValueError(f"unknown placement {placement!r}; one of {PLACEMENTS}")
+    capacity = sum(_capacity(models[e["model"]]) for e in executors for _ in e["nodes"])
+    clients = [{"name": kind, "node": "client", "latency": w[0], "accuracy": w[1],
+                "share": 1.0, "items": 1, "items_max": 20, "instances": 2}
+               for kind, w in CLIENT_KINDS.items()]
+    network = {"client": {"client": 0.5, **NODE_RTT_MS}}
+    return {
+        "seed": seed, "requests": requests, "rate_per_s": round(load * capacity, 2),
+        "jitter": 0.1, "nodes": ["client", *nodes], "network_ms": network,
+        "models": models, "executors": executors, "clients": clients,
+    }
+
+
+@dataclass
+class Cell:
+    """One placement x load x client kind of the suite, with every router's figures."""
+
+    placement: str
+    load: float
+    rate: float
+    client: str
+    figures: dict[str, Figures]
+
+
+def suite(*, seed: int = 11, requests: int = 3000,
+          selectors: tuple[str, ...] = SUITE_SELECTORS,
+          placements: tuple[str, ...] = PLACEMENTS,
+          loads: tuple[float, ...] = LOAD_LEVELS) -> list[Cell]:
+    """Run every placement at every load; one cell per client kind."""
+    cells = []
+    for placement in placements:
+        for load in loads:
+            raw = suite_scenario(placement, load, seed=seed, requests=requests)
+            results = simulate(raw, selectors)
+            for kind in CLIENT_KINDS:
+                cells.append(Cell(placement, load, float(raw["rate_per_s"]), kind,
+                                  {n: r.by_client.get(kind, Figures())
+                                   for n, r in results.items()}))
+    return cells
+
+
+@dataclass
+class Goal:
+    """One goal of issue 11 in one cell, met or not."""
+
+    cell: Cell
+    what: str
+    value: float
+    limit: float
+
+    @property
+    def met(self) -> bool:
+        return self.value <= self.limit
+
+
+def goals(cells: list[Cell]) -> list[Goal]:
+    """Medians and p95 of both mulambda paths within 1.25x the oracle's; mean accuracy
+    within 5 % of the oracle's for balanced and accuracy-only clients; the gateway
+    within 1.25x the SDK. And against the plain load-aware router: a lower p95 for
+    latency-only clients, a higher mean accuracy for the others."""
+    out = []
+    for cell in cells:
+        f = cell.figures
+        oracle = f.get("oracle")
+        plain = f.get("least-outstanding")
+        for path in ("mulambda-sdk", "mulambda-gateway"):
+            ours = f.get(path)
+            if ours is None:
+                continue
+            if plain is not None and cell.client == "latency":
+                out.append(Goal(cell, f"{path} p95/least-outstanding", ours.p95 / plain.p95, 1.0))
+            elif plain is not None:
+                out.append(Goal(cell, f"{path} accuracy/least-outstanding (inverse)",
+                                plain.mean_accuracy / ours.mean_accuracy, 1.0))
+            if oracle is None:
+                continue
+            out.append(Goal(cell, f"{path} p50/oracle", ours.p50 / oracle.p50, 1.25))
+            out.append(Goal(cell, f"{path} p95/oracle", ours.p95 / oracle.p95, 1.25))
+            if cell.client != "latency":
+                out.append(Goal(cell, f"{path} accuracy shortfall",
+                                1 - ours.mean_accuracy / oracle.mean_accuracy, 0.05))
+        sdk, gw = f.get("mulambda-sdk"), f.get("mulambda-gateway")
+        if sdk is not None and gw is not None:
+            out.append(Goal(cell, "gateway p50/sdk", gw.p50 / sdk.p50, 1.25))
+            out.append(Goal(cell, "gateway p95/sdk", gw.p95 / sdk.p95, 1.25))
+    return out
+
+
+def format_suite(cells: list[Cell]) -> str:
+    """One line per cell and router: p50, p95, accuracy and the ratios to the oracle."""
+    lines = [f"{'placement':<11}{'load':>5}{'rate/s':>8} {'client':<9}{'router':<18}"
+             f"{'p50 ms':>9}{'p95 ms':>9}{'acc':>7}{'p50/or':>8}{'p95/or':>8}{'acc/or':>8}"]
+    for cell in cells:
+        oracle = cell.figures.get("oracle")
+        for name, f in cell.figures.items():
+            ratios = ("", "", "")
+            if oracle is not None:
+                ratios = (f"{f.p50 / oracle.p50:.2f}", f"{f.p95 / oracle.p95:.2f}",
+                          f"{f.mean_accuracy / oracle.mean_accuracy:.3f}")
+            lines.append(f"{cell.placement:<11}{cell.load:>5.2f}{cell.rate:>8.1f} "
+                         f"{cell.client:<9}{name:<18}{f.p50:>9.1f}{f.p95:>9.1f}"
+                         f"{f.mean_accuracy:>7.3f}{ratios[0]:>8}{ratios[1]:>8}{ratios[2]:>8}")
+    return "\n".join(lines)
+
+
+def format_goals(found: list[Goal]) -> str:
+    missed = [g for g in found if not g.met]
+    lines = [f"goals: {len(found) - len(missed)} of {len(found)} met"]
+    for g in missed:
+        c = g.cell
+        lines.append(f"  missed: {c.placement} load {c.load:g} {c.client}: {g.what} "
+                     f"{g.value:.3f} > {g.limit:g}")
+    return "\n".join(lines)
