@@ -44,7 +44,7 @@ from mulambda.store.records import ReplicaRecord, StoreUnavailable
 
 from .. import handling
 from ..context import Context
-from ..k8s.api import Forbidden
+from ..k8s.api import API_THREADS, Forbidden
 from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
@@ -163,7 +163,7 @@ class Fleet:
             if target is not None or update.fields or update.events:
                 current = int((deployment or {}).get("spec", {}).get("replicas") or 0)
                 writes.append(self._scale(key, ref, previous, update, current, target))
-        await asyncio.gather(*writes)
+        await _bounded(writes)
         log.info("autoscaler tick done executors=%d writes=%d", len(targets), len(writes))
 
     async def _scale(self, key: Key, ref: ObjectRef, previous: dict[str, Any],
@@ -219,7 +219,7 @@ class Fleet:
             if store_down is None:
                 cache.update(heartbeats=mine, stored=ref.id in stored)
             jobs.append(self._refresh(key, ref, cache, fingerprint))
-        await asyncio.gather(*jobs)
+        await _bounded(jobs)
         self._forget_gone(seen)
         log.info("refresh tick done executors=%d refreshed=%d", len(seen), len(jobs))
 
@@ -270,6 +270,23 @@ class Fleet:
                                                event.message)
             except Exception as exc:  # an Event lost is no reason to fail the write
                 log.warning("event not posted reason=%s: %s", event.reason, exc)
+
+
+# Writes in flight at once per tick: as many as the API pool has threads. Unbounded,
+# a tick after a backlog opened one store connection per executor (a server's
+# maxclients refused them) and queued thousands of calls on the pool.
+CONCURRENT_WRITES = API_THREADS
+
+
+async def _bounded(jobs: list[Any]) -> None:
+    """Run the coroutines ``jobs``, at most :data:`CONCURRENT_WRITES` at a time."""
+    gate = asyncio.Semaphore(CONCURRENT_WRITES)
+
+    async def gated(job: Any) -> None:
+        async with gate:
+            await job
+
+    await asyncio.gather(*(gated(job) for job in jobs))
 
 
 def _version(obj: Mapping[str, Any] | None) -> str | None:
