@@ -1,5 +1,9 @@
 """The aiohttp set-up shared by the companion's HTTP server and the ping responder.
 
+The bounds themselves (header timeout, line and header limits, quiet logs for
+malformed requests) are :mod:`mulambda.httpd`'s, shared with the selector;
+here are the companion's sizes.
+
 Both answer probes and scrapes: a request line, a few short headers, no
 body. Requests are bounded accordingly, and one catch-all route hands every
 request to a single handler, which decides status and body itself (so a
@@ -26,45 +30,27 @@ Bounds (tests/companion/test_httpd.py):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+
+from mulambda.httpd import BODY_DRAIN_SECONDS, HEADER_TIMEOUT_SECONDS, refuse, server_options
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LINE_BYTES = 4096  # request line, and each header line
 MAX_HEADERS = 32
 MAX_BODY_BYTES = 1024  # neither server reads a body; larger declared ones get 413
-HEADER_TIMEOUT_SECONDS = 10.0
-BODY_DRAIN_SECONDS = 1.0
 
-log = logging.getLogger("mulambda.companion.httpd")
-
-
-class _ClientErrorsQuiet(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """aiohttp's server logger, minus the traceback for requests the client got wrong."""
-
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info")
-        if isinstance(exc, HttpProcessingError):
-            # aiohttp's "Error handling request from %s": the peer, then why, in one line.
-            first = (exc.message or type(exc).__name__).strip().splitlines()[0][:200]
-            log.debug("bad request from %s status=%s error=%s", args[0] if args else "?",
-                      exc.code, first)
-            return
-        super().log(level, msg, *args, **kwargs)
+__all__ = ["BODY_DRAIN_SECONDS", "HEADER_TIMEOUT_SECONDS", "MAX_BODY_BYTES", "MAX_HEADERS",
+           "MAX_LINE_BYTES", "start_server"]
 
 
 def _bounded(handler: Handler) -> Handler:
     async def bounded(request: web.Request) -> web.StreamResponse:
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-            response = web.Response(status=413, content_type="application/json",
-                                    body=b'{"error":"request body too large"}')
-            response.force_close()  # the body is never read: the connection cannot be reused
-            return response
+            # The body is never read: the connection cannot be reused.
+            return refuse(413, "request body too large")
         return await handler(request)
 
     return bounded
@@ -82,13 +68,9 @@ async def start_server(handler: Handler, host: str, port: int, *,
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     app.router.add_route("*", "/{path:.*}", _bounded(handler))
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=shutdown_timeout,
-        # aiohttp closes a connection whose next request is not complete when the
-        # keep-alive timer fires: the header timeout and the idle timeout in one.
-        keepalive_timeout=header_timeout, lingering_time=BODY_DRAIN_SECONDS,
-        max_line_size=MAX_LINE_BYTES, max_field_size=MAX_LINE_BYTES, max_headers=MAX_HEADERS,
-        logger=cast(logging.Logger, _ClientErrorsQuiet(logging.getLogger("aiohttp.server"))),
-    )
+        app, shutdown_timeout=shutdown_timeout,
+        **server_options(header_timeout=header_timeout, max_line_bytes=MAX_LINE_BYTES,
+                         max_headers=MAX_HEADERS))
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner, int(runner.addresses[0][1])

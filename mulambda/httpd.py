@@ -1,0 +1,157 @@
+"""HTTP hygiene shared by every aiohttp server of mulambda (the selector, the companion's
+endpoints, the ping responder).
+
+* **Header timeout**: a connection must deliver a complete request line and
+  headers within ``header_timeout`` seconds of opening or of its previous
+  response, otherwise it is closed. aiohttp's keep-alive timer does this: it
+  starts when a connection opens and fires only while no request is being
+  handled, so a client trickling its headers is cut off like an idle one.
+* **Header size**: request line and each header line at most
+  ``max_line_bytes``, at most ``max_headers`` headers; more is 400 and the
+  connection is closed.
+* **Body**: :func:`read_body` reads at most ``limit`` bytes within
+  ``timeout`` seconds (a declared ``Content-Length`` above the limit is
+  refused before reading anything: :class:`BodyTooLarge`, answered 413; a
+  client slower than the timeout: :class:`BodyTimeout`, answered 408; both
+  close the connection). A body a handler left unread is drained for at most
+  ``drain_seconds``.
+* **JSON**: :func:`loads_guarded` refuses nesting deeper than
+  :data:`MAX_JSON_DEPTH` and integers longer than :data:`MAX_JSON_INT_DIGITS`
+  digits with a ``ValueError`` a handler answers 400 (Python's own decoder
+  raises ``RecursionError`` or a bare ``ValueError`` for them, which would be a
+  500 and a traceback per request).
+* **Logs**: a malformed request (aiohttp's ``HttpProcessingError``) is the
+  client's problem: one DEBUG line without a traceback, never aiohttp's ERROR
+  with a traceback per request. A handler that raises is a bug and keeps its
+  traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_DRAIN_SECONDS = 1.0
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT_DIGITS = 100
+
+log = logging.getLogger("mulambda.httpd")
+
+
+class ClientErrorsQuiet(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server logger, minus the traceback for requests the client got wrong."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            # aiohttp's "Error handling request from %s": the peer, then why, in one line.
+            first = (exc.message or type(exc).__name__).strip().splitlines()[0][:200]
+            log.debug("bad request from %s status=%s error=%s", args[0] if args else "?",
+                      exc.code, first)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
+def server_options(*, header_timeout: float = HEADER_TIMEOUT_SECONDS,
+                   max_line_bytes: int = 8190, max_headers: int = 64,
+                   drain_seconds: float = BODY_DRAIN_SECONDS) -> dict[str, Any]:
+    """Keyword arguments of ``web.AppRunner`` (or ``web.run_app``) that bound a request."""
+    return {
+        "access_log": None,
+        # aiohttp closes a connection whose next request is not complete when the
+        # keep-alive timer fires: the header timeout and the idle timeout in one.
+        "keepalive_timeout": header_timeout,
+        "lingering_time": drain_seconds,
+        "max_line_size": max_line_bytes,
+        "max_field_size": max_line_bytes,
+        "max_headers": max_headers,
+        "logger": cast(logging.Logger, ClientErrorsQuiet(logging.getLogger("aiohttp.server"))),
+    }
+
+
+class BodyTooLarge(Exception):
+    """The request body is (or says it is) longer than the limit: 413."""
+
+
+class BodyTimeout(Exception):
+    """The client did not send its body within the timeout: 408."""
+
+
+def refuse(status: int, message: str) -> web.Response:
+    """A JSON error that also closes the connection (its body was not read to the end)."""
+    response = web.json_response({"error": message}, status=status)
+    response.force_close()
+    return response
+
+
+async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
+    """The whole body, at most ``limit`` bytes within ``seconds``.
+
+    Raises :class:`BodyTooLarge` (before reading anything when the declared
+    length says so) or :class:`BodyTimeout`.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"request body larger than {limit} bytes")
+    if not request.can_read_body:
+        return b""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"request body larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {seconds:g} s") from None
+    return b"".join(chunks)
+
+
+# Strings may hold brackets; escapes may hold quotes.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_JSON_INT_DIGITS + 1))
+
+
+def _too_deep(body: bytes, limit: int) -> bool:
+    """Whether ``body`` nests brackets deeper than ``limit`` (C-speed regex passes: each
+    removes the innermost pairs, so ``limit`` passes empty any body within it)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(limit):
+        brackets, n = _INNERMOST.subn(b"", brackets)
+        if not brackets or not n:
+            return False  # within the limit, or unbalanced (the decoder says why)
+    return bool(brackets)
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text) - (text[0] == "-")
+    if digits > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer longer than {MAX_JSON_INT_DIGITS} digits")
+    return int(text)
+
+
+def loads_guarded(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses what would otherwise be a 500: nesting deeper than
+    ``max_depth``, integers longer than :data:`MAX_JSON_INT_DIGITS` digits. Every
+    failure is a ``ValueError`` (``json.JSONDecodeError`` for bad syntax)."""
+    raw = body.encode() if isinstance(body, str) else body
+    if _too_deep(raw, max_depth):
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    try:
+        if _LONG_DIGITS.search(raw) is None:  # the common case: no per-integer hook
+            return json.loads(raw)
+        return json.loads(raw, parse_int=_bounded_int)
+    except RecursionError:  # a guard above missed it: still the client's error
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
