@@ -9,6 +9,10 @@ One module, two sections, one parser:
   identity, its model and the timing of its loops, set by the operator in
   every executor pod. It carries the shared section as ``shared``; the
   table is :data:`COMPANION_SETTINGS_DOC`.
+* :class:`SelectorSettings`, the selector's own section (its store
+  connection pool), with the shared one as ``shared``; the table is
+  :data:`SELECTOR_SETTINGS_DOC`. Unset, the defaults serve; the selector's
+  Deployment may set them.
 
 Each table maps a variable (without the prefix) to its documented default
 and meaning; the README's tables are checked against both by a test, and a
@@ -113,6 +117,16 @@ COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "LOAD_WORKERS": ("4", "Parallel ranged GETs per model download."),
     "RETRY_BASE_DELAY_SECONDS": ("1", "First back-off after a transient load error (doubles)."),
     "FAILED_RETRY_SECONDS": ("60", "Retry after a permanent load error (model uploaded later)."),
+}
+
+
+# The selector's own section (mulambda.selector; defaults as in mulambda.store.metadata).
+SELECTOR_SETTINGS_DOC: dict[str, tuple[str, str]] = {
+    "REDIS_POOL_SIZE": (
+        "64", "Store connections of one selector process; a request that finds them all "
+        "busy waits for one."),
+    "REDIS_POOL_TIMEOUT_SECONDS": (
+        "5", "How long a request waits for a free store connection before it answers 503."),
 }
 
 
@@ -343,4 +357,23 @@ class CompanionSettings:
             load_workers=int(env.number("LOAD_WORKERS", kind=int, minimum=1)),
             retry_base_delay=env.number("RETRY_BASE_DELAY_SECONDS", minimum=_MIN_SECONDS),
             failed_retry=env.number("FAILED_RETRY_SECONDS", minimum=_MIN_SECONDS),
+        )
+
+
+@dataclass(frozen=True)
+class SelectorSettings:
+    """The selector's section plus the shared one. Build with :meth:`from_env`."""
+
+    shared: Settings
+    redis_pool_size: int
+    redis_pool_timeout: float
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SelectorSettings:
+        """Read both sections; raise :class:`SettingsError` naming the bad variable."""
+        env = Env(SELECTOR_SETTINGS_DOC, environ)
+        return cls(
+            shared=Settings.from_env(environ),
+            redis_pool_size=int(env.number("REDIS_POOL_SIZE", kind=int, minimum=1)),
+            redis_pool_timeout=env.number("REDIS_POOL_TIMEOUT_SECONDS", positive=True),
         )

@@ -117,6 +117,10 @@ DEMAND_TTL_SECONDS = 600
 INFLIGHT_LEASE_SECONDS = 30.0
 # Measured service times are kept this long after their writer's last write.
 SERVICE_TTL_SECONDS = 3600.0
+# Connections per process, and how long a command waits for one when all are busy
+# (a burst queues for a connection instead of failing at once).
+DEFAULT_POOL_SIZE = 64
+DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 
 log = logging.getLogger("mulambda.store")
 
@@ -152,8 +156,14 @@ class MetadataStore:
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0,
-                 password: str | None = None) -> MetadataStore:
+                 password: str | None = None, *, pool_size: int = DEFAULT_POOL_SIZE,
+                 pool_timeout: float = DEFAULT_POOL_TIMEOUT_SECONDS) -> MetadataStore:
         """Create a store; does not connect until the first command.
+
+        At most ``pool_size`` connections; a command that finds them all busy
+        waits up to ``pool_timeout`` seconds for one (then
+        :class:`StoreUnavailable`), so a burst of requests queues instead of
+        failing at once.
 
         The password comes from ``password`` or else the environment variable
         ``MULAMBDA_REDIS_PASSWORD`` (fed by the Secret ``MULAMBDA_REDIS_SECRET``
@@ -165,8 +175,12 @@ class MetadataStore:
         if password is None:
             password = os.environ.get(PASSWORD_ENV) or None
         extra: dict[str, Any] = {"password": password} if password else {}
-        client = aioredis.Redis.from_url(
+        if pool_size < 1 or not pool_timeout > 0:
+            raise ValueError("pool_size must be >= 1 and pool_timeout > 0")
+        pool = aioredis.BlockingConnectionPool.from_url(
             url,
+            max_connections=pool_size,
+            timeout=pool_timeout,
             **extra,
             decode_responses=True,
             # Invalid UTF-8 in one value must not fail a whole HGETALL: it
@@ -176,7 +190,7 @@ class MetadataStore:
             socket_connect_timeout=timeout,
             health_check_interval=30,
         )
-        return cls(client, prefix)
+        return cls(aioredis.Redis.from_pool(pool), prefix)
 
     async def close(self) -> None:
         """Disconnect."""
@@ -422,14 +436,17 @@ class MetadataStore:
                 pipe.hdel(self.inflight_key, *gone)
             if measured:
                 pipe.hset(self.service_key, mapping=measured)
-            buckets: set[int] = set()
-            for (bucket, executor), n in (demand or {}).items():
-                if n:
-                    pipe.hincrby(self.demand_key(bucket), executor, n)
-                    buckets.add(bucket)
-            for bucket in sorted(buckets):
-                pipe.expire(self.demand_key(bucket), DEMAND_TTL_SECONDS)
+            self._queue_demand(pipe, demand or {})
             await self._run(pipe.execute())
+
+    def _queue_demand(self, pipe: Any, demand: Mapping[tuple[int, str], int]) -> None:
+        buckets: set[int] = set()
+        for (bucket, executor), n in demand.items():
+            if n:
+                pipe.hincrby(self.demand_key(bucket), executor, n)
+                buckets.add(bucket)
+        for bucket in sorted(buckets):
+            pipe.expire(self.demand_key(bucket), DEMAND_TTL_SECONDS)
 
     def _inflight_totals(self, raw: Mapping[str, str], now: float,
                          exclude_instance: str | None = None) -> dict[str, int]:
@@ -510,6 +527,43 @@ class MetadataStore:
         return counts, timed
 
     # -- selection snapshot -----------------------------------------------------
+    async def client_view(self, client: str, max_samples: int | None = None) -> tuple[
+        dict[str, dict[str, LatencySample]], ClientRecord | None
+    ]:
+        """The per-client part of a snapshot, one round trip: the client's latency
+        samples (executor -> pod -> sample) and its registered record.
+
+        With :meth:`snapshot` ``(None)`` it is what ``snapshot(client)`` reads, so
+        a reader serving many clients can share one snapshot and keep only this
+        part per client; ``max_samples`` bounds how many samples are kept.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.latency_key(client))
+            pipe.hget(self.clients_key, client)
+            raw, record = await self._run(pipe.execute())
+        return self._client_part(client, raw, record, _now(), max_samples)
+
+    def _client_part(self, client: str, raw: Mapping[str, str], raw_record: str | None,
+                     now: float, max_samples: int | None = None) -> tuple[
+        dict[str, dict[str, LatencySample]], ClientRecord | None
+    ]:
+        key = self.latency_key(client)
+        latency: dict[str, dict[str, LatencySample]] = {}
+        kept = 0
+        for f, sample in self._decode_all(LatencySample, key, raw).items():
+            if sample.expires_at >= now:
+                if max_samples is not None and kept >= max_samples:
+                    self._malformed(key, "*", f"more than {max_samples} live samples; "
+                                    "the rest are ignored")
+                    break
+                ex, pod = _split_field(f)
+                latency.setdefault(ex, {})[pod] = sample
+                kept += 1
+        record = None
+        if raw_record is not None:
+            record = self._decode(ClientRecord, self.clients_key, client, raw_record)
+        return latency, record
+
     async def snapshot(self, client: str | None = None,
                        exclude_instance: str | None = None) -> Snapshot:
         """Executors, live replicas, load, measured service times and (for
@@ -537,13 +591,7 @@ class MetadataStore:
         latency: dict[str, dict[str, LatencySample]] = {}
         record: ClientRecord | None = None
         if client is not None:
-            key = self.latency_key(client)
-            for f, sample in self._decode_all(LatencySample, key, results[4]).items():
-                if sample.expires_at >= now:
-                    ex, pod = _split_field(f)
-                    latency.setdefault(ex, {})[pod] = sample
-            if results[5] is not None:
-                record = self._decode(ClientRecord, self.clients_key, client, results[5])
+            latency, record = self._client_part(client, results[4], results[5], now)
         return Snapshot(executors, replicas, latency, inflight, now, record, service=service,
                         inflight_requests=timed)
 
@@ -561,6 +609,15 @@ class MetadataStore:
             for name in names:
                 pipe.hincrby(key, name, 1)
             pipe.expire(key, DEMAND_TTL_SECONDS)
+            await self._run(pipe.execute())
+
+    async def add_demand(self, demand: Mapping[tuple[int, str], int]) -> None:
+        """Add many demand counts, (bucket, executor) -> requests, in one pipeline: a
+        router's coalesced demand (:meth:`note_demand` is one signal)."""
+        if not any(demand.values()):
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._queue_demand(pipe, demand)
             await self._run(pipe.execute())
 
     async def executor_load(
