@@ -69,24 +69,47 @@ API (JSON in, JSON out; every JSON answer is strict JSON, never ``NaN``):
     Prometheus text format.
 
 Every selection is counted as demand (``P:demand:BUCKET``) for the
-autoscaler. Snapshots are cached per client for ``--cache-ttl`` seconds
-(this process's own requests are exact at every request), so a burst costs
-one store round trip per client per TTL.
+autoscaler: queued, coalesced and written off the request path in one
+pipeline every half second; a failed write is retried with the next one, and
+demand that cannot be written (queue full, too old, still queued at
+shutdown) is counted in ``mulambda_selector_demand_dropped_total``.
+
+Capacity: one snapshot of the store-wide keys (executors, replicas, load,
+service times) serves every client; it is read again once it is
+``--cache-ttl`` seconds old, single-flight (requests that find it old wait for
+the one read in progress). The per-client part (the client's latency samples
+and registered record) is read separately, single-flight per client, and
+kept in a bounded LRU (1,024 clients, 100,000 samples); a name with neither
+record nor samples is never kept, so made-up client names cost no memory.
+This process's own requests are exact at every request. Store connections
+come from a blocking pool (``MULAMBDA_REDIS_POOL_SIZE``, a request waits up to
+``MULAMBDA_REDIS_POOL_TIMEOUT_SECONDS`` for one).
+
+Request bounds (:mod:`mulambda.httpd`): a connection has ``--header-timeout``
+seconds (10) to send its request line and headers (also the keep-alive idle
+timeout) and a request ``--body-timeout`` seconds (15) to send its body,
+else 408; bodies above 64 KiB (``/select``) or ``--max-body-bytes`` (the
+gateway, 16 MiB) get 413; JSON nested deeper than 64 levels or with integers
+longer than 100 digits gets 400. Malformed requests are logged at DEBUG
+without a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import heapq
 import json
 import logging
+import math
 import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import unquote
 
@@ -100,6 +123,14 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mulambda.httpd import (
+    BodyTimeout,
+    BodyTooLarge,
+    loads_guarded,
+    read_body,
+    refuse,
+    server_options,
+)
 from mulambda.policy.latency import OwnRequests, ServiceTracker
 from mulambda.policy.selection import (
     DEFAULT_POLICY,
@@ -110,10 +141,15 @@ from mulambda.policy.selection import (
     overlay,
     rank,
 )
-from mulambda.settings import Settings
+from mulambda.settings import SelectorSettings
 from mulambda.store.leases import InflightLeases, InflightReader
-from mulambda.store.metadata import MetadataStore
-from mulambda.store.records import ClientRecord, Snapshot, StoreUnavailable
+from mulambda.store.metadata import (
+    DEMAND_BUCKET_SECONDS,
+    DEMAND_TTL_SECONDS,
+    MetadataStore,
+    _bucket,
+)
+from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
 
 log = logging.getLogger("mulambda.selector")
 
@@ -122,6 +158,229 @@ _dumps = functools.partial(json.dumps, allow_nan=False)
 
 # An answered selection counts as in flight for its expected latency, at most this long.
 VIRTUAL_INFLIGHT_MAX_SECONDS = 10.0
+# Request bounds (mulambda.httpd): a /select body is a few hundred bytes; a gateway body
+# is a TF Serving request (images: megabytes).
+SELECT_MAX_BODY_BYTES = 64 << 10
+GATEWAY_MAX_BODY_BYTES = 16 << 20
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_TIMEOUT_SECONDS = 15.0
+
+
+class SharedSnapshot:
+    """The store-wide part of a snapshot (executors, replicas, load, service times), one
+    for every client, refreshed single-flight: requests that find it older than they
+    accept wait for one refresh, never start their own."""
+
+    def __init__(self, store: MetadataStore, ttl: float, exclude_instance: str,
+                 on_refresh: Callable[[Snapshot], None] | None = None) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.exclude_instance = exclude_instance
+        self.on_refresh = on_refresh
+        self.refreshes = 0  # store reads started
+        self._snap: Snapshot | None = None
+        self._at = -math.inf
+        self._pending: asyncio.Future[Snapshot] | None = None
+
+    async def get(self, max_age: float | None = None) -> Snapshot:
+        """A snapshot taken less than ``max_age`` (default ``ttl``) seconds ago."""
+        age = self.ttl if max_age is None else max_age
+        if self._snap is not None and time.monotonic() - self._at < age:
+            return self._snap
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh())
+            self._pending.add_done_callback(_retrieve)
+        # shield: one waiter's cancellation must not cancel the read the others wait for.
+        return await asyncio.shield(self._pending)
+
+    async def _refresh(self) -> Snapshot:
+        started = time.monotonic()
+        self.refreshes += 1
+        try:
+            snap = await self.store.snapshot(None, exclude_instance=self.exclude_instance)
+        finally:
+            self._pending = None
+        self._snap, self._at = snap, started
+        if self.on_refresh is not None:
+            self.on_refresh(snap)
+        return snap
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Retrieve the failure of a shared read nobody waits for any more."""
+    if not future.cancelled():
+        future.exception()
+
+
+ClientPart = tuple[dict[str, dict[str, LatencySample]], ClientRecord | None]
+
+
+class ClientViews:
+    """The per-client part of a snapshot (latency samples, registered record), in a
+    bounded LRU, read single-flight per client.
+
+    Bounded whatever the number of client names callers make up: a name with
+    neither a record nor a sample (unknown) is never kept; at most
+    ``max_clients`` clients and ``max_samples`` samples in all are kept, each
+    client's read keeping at most ``max_client_samples``.
+    """
+
+    def __init__(self, store: MetadataStore, ttl: float, *, max_clients: int = 1024,
+                 max_samples: int = 100_000, max_client_samples: int = 4096) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.max_clients = max_clients
+        self.max_samples = max_samples
+        self.max_client_samples = max_client_samples
+        self.samples = 0  # samples kept in all
+        # client -> (monotonic time read, part, samples in it)
+        self._lru: OrderedDict[str, tuple[float, ClientPart, int]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[ClientPart]] = {}
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    async def get(self, client: str, max_age: float | None = None) -> ClientPart:
+        age = self.ttl if max_age is None else max_age
+        hit = self._lru.get(client)
+        if hit is not None and time.monotonic() - hit[0] < age:
+            self._lru.move_to_end(client)
+            return hit[1]
+        pending = self._pending.get(client)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(client))
+            pending.add_done_callback(_retrieve)
+            self._pending[client] = pending
+        return await asyncio.shield(pending)
+
+    async def _read(self, client: str) -> ClientPart:
+        started = time.monotonic()
+        try:
+            part = await self.store.client_view(client, max_samples=self.max_client_samples)
+        finally:
+            self._pending.pop(client, None)
+        self._forget(client)
+        latency, record = part
+        if record is not None or latency:
+            size = sum(len(pods) for pods in latency.values())
+            self._lru[client] = (started, part, size)
+            self.samples += size
+            while self._lru and (len(self._lru) > self.max_clients
+                                 or self.samples > self.max_samples):
+                self._forget(next(iter(self._lru)))
+        return part
+
+    def _forget(self, client: str) -> None:
+        gone = self._lru.pop(client, None)
+        if gone is not None:
+            self.samples -= gone[2]
+
+    def close(self) -> None:
+        for pending in list(self._pending.values()):
+            pending.cancel()
+
+
+class DemandQueue:
+    """Demand signals of selections, coalesced and written off the request path: one
+    pipelined write per ``interval`` of everything queued (``P:demand:BUCKET``).
+
+    A failed write is kept and retried with the next one. Nothing is lost
+    silently: what the queue cannot hold (``max_pending`` distinct
+    (bucket, executor) counts), what is older than the demand buckets live and
+    what is still queued when the selector stops are counted as dropped.
+    """
+
+    def __init__(self, store: MetadataStore, registry: CollectorRegistry, *,
+                 interval: float = 0.5, max_pending: int = 50_000) -> None:
+        self.store = store
+        self.interval = interval
+        self.max_pending = max_pending
+        self.pending: dict[tuple[int, str], int] = {}
+        self.written = Counter("mulambda_selector_demand_written",
+                               "Demand signals written to the store", registry=registry)
+        self.dropped = Counter("mulambda_selector_demand_dropped",
+                               "Demand signals never written, by reason", ["reason"],
+                               registry=registry)
+        self.flushes = Counter("mulambda_selector_demand_flushes",
+                               "Pipelined demand writes, by outcome", ["outcome"],
+                               registry=registry)
+        self._writer: asyncio.Task[None] | None = None
+        self._warned_at = -math.inf
+
+    def add(self, executors: Iterable[str]) -> None:
+        """Queue one demand signal per executor (synchronous, never waits)."""
+        bucket = _bucket()
+        for executor in executors:
+            key = (bucket, executor)
+            if key not in self.pending and len(self.pending) >= self.max_pending:
+                self._drop("queue_full", 1)
+                continue
+            self.pending[key] = self.pending.get(key, 0) + 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped.labels(reason=reason).inc(n)
+        now = time.monotonic()
+        if now - self._warned_at >= 10:  # one line per 10 s, whatever the rate
+            self._warned_at = now
+            log.warning("demand dropped reason=%s count=%d (counted in "
+                        "mulambda_selector_demand_dropped_total)", reason, n)
+
+    async def flush(self) -> None:
+        """Write everything queued in one pipeline; on failure it stays queued (raises
+        StoreUnavailable)."""
+        batch, self.pending = self.pending, {}
+        oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
+        stale = sum(n for (bucket, _), n in batch.items() if bucket <= oldest)
+        if stale:
+            self._drop("expired", stale)
+            batch = {k: n for k, n in batch.items() if k[0] > oldest}
+        if not batch:
+            return
+        try:
+            await self.store.add_demand(batch)
+        except BaseException:  # incl. cancellation: keep it for the next write
+            for key, n in batch.items():
+                if key in self.pending or len(self.pending) < self.max_pending:
+                    self.pending[key] = self.pending.get(key, 0) + n
+                else:
+                    self._drop("queue_full", n)
+            self.flushes.labels(outcome="failed").inc()
+            raise
+        self.flushes.labels(outcome="ok").inc()
+        self.written.inc(sum(batch.values()))
+
+    async def _write_forever(self) -> None:
+        delay = self.interval
+        while self.pending:
+            await asyncio.sleep(delay)
+            try:
+                await self.flush()
+                delay = self.interval
+            except StoreUnavailable as exc:
+                delay = min(max(delay * 2, self.interval), 10.0)
+                log.debug("demand write failed error=%s; retrying in %gs", exc, delay)
+
+    async def close(self, seconds: float = 2.0) -> None:
+        """Write what is queued (at most ``seconds``); what is left is counted dropped."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        try:
+            async with asyncio.timeout(seconds):
+                await self.flush()
+        except (StoreUnavailable, TimeoutError):
+            pass
+        left = sum(self.pending.values())
+        if left:
+            self._drop("shutdown", left)
+            self.pending = {}
 
 
 class _Selector:
@@ -130,7 +389,8 @@ class _Selector:
     def __init__(self, store: MetadataStore, cache_ttl: float, policy: Policy, *,
                  predict_timeout: float = 30.0, max_attempts: int = 3,
                  cold_start_timeout: float = 30.0, suspect_seconds: float = 5.0,
-                 max_cached_clients: int = 1024) -> None:
+                 max_cached_clients: int = 1024, demand_interval: float = 0.5,
+                 body_timeout: float = 15.0, max_body_bytes: int = 16 << 20) -> None:
         self.store = store
         self.cache_ttl = cache_ttl
         self.policy = policy
@@ -138,9 +398,11 @@ class _Selector:
         self.max_attempts = max(1, max_attempts)
         self.cold_start_timeout = cold_start_timeout
         self.suspect_seconds = suspect_seconds
-        self.max_cached = max_cached_clients
-        self._cache: OrderedDict[str, tuple[float, Snapshot]] = OrderedDict()
+        self.body_timeout = body_timeout
+        self.max_body_bytes = max_body_bytes
         self.instance = f"selector-{uuid.uuid4().hex[:12]}"
+        self.shared = SharedSnapshot(store, cache_ttl, self.instance, self._refreshed)
+        self.clients = ClientViews(store, cache_ttl, max_clients=max_cached_clients)
         self.tracker = ServiceTracker(policy.fit)
         self.leases = InflightLeases(store, self.instance, service=self.tracker)
         self.load = InflightReader(store, self.instance)
@@ -161,7 +423,6 @@ class _Selector:
             "mulambda_gateway_requests", "Gateway predictions by outcome",
             ["outcome"], registry=self.registry,
         )
-        self._background: set[asyncio.Task[None]] = set()
         self.latency = Histogram(
             "mulambda_selector_selection_seconds", "Time to answer a selection request",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
@@ -172,29 +433,25 @@ class _Selector:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
             registry=self.registry,
         )
+        self.demand = DemandQueue(store, self.registry, interval=demand_interval)
+        self.refreshes = Counter(
+            "mulambda_selector_snapshot_refreshes", "Shared snapshots read from the store",
+            registry=self.registry)
 
     # -- background store writes ---------------------------------------------------
-    def note_demand(self, executors: list[str], client: str,
-                    cold: list[str] | None = None) -> None:
-        """Record demand without making the caller wait for the store; ``cold`` ones
-        (asked to wake) have their cold start measured when they come up."""
-
-        async def write() -> None:
-            try:
-                await self.store.note_demand(executors)
-            except StoreUnavailable as exc:  # demand is a hint; the answer still helps
-                log.warning("demand not recorded client=%s error=%s", client, exc)
-
+    def note_demand(self, executors: list[str], cold: list[str] | None = None) -> None:
+        """Record demand without making the caller wait for the store (queued, written
+        in batches); ``cold`` ones (asked to wake) have their cold start measured when
+        they come up."""
         now = time.monotonic()
         for e in cold or ():
             self.waking.setdefault(e, now)
-        task = asyncio.create_task(write())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self.demand.add(executors)
 
     async def close(self) -> None:
-        for task in list(self._background):
-            task.cancel()
+        self.shared.close()
+        self.clients.close()
+        await self.demand.close()
         await self.leases.close()
         self.load.close()
         if self.http is not None:
@@ -202,20 +459,20 @@ class _Selector:
 
     # -- snapshots -------------------------------------------------------------------
     async def view(self, client: str, fresh: bool = False) -> Snapshot:
-        """Snapshot for ``client`` (with its registered record), cached for ``cache_ttl``;
-        this process's leases and measurements are left out (:meth:`ranking` adds them)."""
-        hit = self._cache.get(client)
-        now = time.monotonic()
-        if not fresh and hit is not None and now - hit[0] < self.cache_ttl:
-            self._cache.move_to_end(client)
-            return hit[1]
-        snap = await self.store.snapshot(client, exclude_instance=self.instance)
-        self._cache[client] = (now, snap)
-        self._cache.move_to_end(client)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
+        """Snapshot for ``client``: the shared part (one for all clients, at most
+        ``cache_ttl`` old, refreshed single-flight) with the client's own part (its
+        latency samples and registered record, cached in a bounded LRU). This
+        process's leases and measurements are left out (:meth:`ranking` adds them).
+        ``fresh``: both parts read after this call started (or joined a read in
+        progress)."""
+        max_age = 0.0 if fresh else None
+        shared, (latency, record) = await asyncio.gather(
+            self.shared.get(max_age), self.clients.get(client, max_age))
+        return replace(shared, latency=latency, client_record=record)
+
+    def _refreshed(self, snap: Snapshot) -> None:
+        self.refreshes.inc()
         self._note_woken(snap)
-        return snap
 
     def _note_woken(self, snap: Snapshot) -> None:
         """An executor we asked to wake that now has a live replica: its cold start."""
@@ -324,6 +581,16 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json({"error": message, **extra}, status=status)
 
 
+def _bad_body(exc: Exception) -> tuple[str, web.Response]:
+    """(outcome, answer) for a body that cannot be used: 413, 408 (both close the
+    connection: the body was not read to its end) or 400; never a traceback."""
+    if isinstance(exc, BodyTooLarge):
+        return "too_large", refuse(413, str(exc))
+    if isinstance(exc, BodyTimeout):
+        return "body_timeout", refuse(408, str(exc))
+    return "bad_request", _error(400, f"body is not valid JSON: {exc}")
+
+
 def _criteria(body: Any, record: ClientRecord | None) -> Criteria:
     """Criteria from a request body and the registered client; ValueError when bad."""
     if not isinstance(body, dict):
@@ -383,10 +650,12 @@ async def select(request: web.Request) -> web.Response:
     outcome = "error"
     try:
         try:
-            body = await request.json() if request.can_read_body else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            outcome = "bad_request"
-            return _error(400, f"body is not valid JSON: {exc}")
+            raw = await read_body(request, min(SELECT_MAX_BODY_BYTES, sel.max_body_bytes),
+                                  sel.body_timeout)
+            body = loads_guarded(raw) if raw.strip() else {}
+        except (BodyTooLarge, BodyTimeout, ValueError) as exc:
+            outcome, answer = _bad_body(exc)
+            return answer
         try:
             snap = await sel.view(client)
         except StoreUnavailable as exc:
@@ -407,7 +676,7 @@ async def select(request: web.Request) -> web.Response:
         best = ranking[0]
         if best.warm:
             sel.count_selection(best)
-        sel.note_demand([best.executor_id, *ranking.wake], client, ranking.wake)
+        sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
         rec = best.record
         outcome = "selected"
         log.info("selected client=%s executor=%s score=%.3f warm=%s", client,
@@ -453,12 +722,12 @@ async def predict(request: web.Request) -> web.StreamResponse:
     client = f"{request.match_info['namespace']}/{request.match_info['client']}"
     outcome = "error"
     try:
-        body = await request.read()
         try:
-            items = _items(json.loads(body))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            outcome = "bad_request"
-            return _error(400, f"body is not valid JSON: {exc}")
+            body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
+            items = _items(loads_guarded(body))
+        except (BodyTooLarge, BodyTimeout, ValueError) as exc:
+            outcome, answer = _bad_body(exc)
+            return answer
         try:
             snap = await sel.view(client)
         except StoreUnavailable as exc:
@@ -487,12 +756,12 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 break
             warm = [c for c in healthy if c.warm]
             if ranking.wake:
-                sel.note_demand(ranking.wake, client, ranking.wake)
+                sel.note_demand(ranking.wake, ranking.wake)
             if warm and (criteria.cold_start == "UseWarm" or healthy[0].warm):
                 candidate = warm[0]
             else:
                 cold = healthy[0]
-                sel.note_demand([cold.executor_id], client, [cold.executor_id])
+                sel.note_demand([cold.executor_id], [cold.executor_id])
                 found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
                 if found is None:
                     outcome = "cold_start_timeout"
@@ -553,13 +822,23 @@ async def metrics(request: web.Request) -> web.Response:
 def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
                policy: Policy = DEFAULT_POLICY, predict_timeout: float = 30.0,
                max_attempts: int = 3, cold_start_timeout: float = 30.0,
-               suspect_seconds: float = 5.0) -> web.Application:
-    """The selector's aiohttp application (the caller owns ``store``)."""
-    app = web.Application()
+               suspect_seconds: float = 5.0, body_timeout: float = BODY_TIMEOUT_SECONDS,
+               max_body_bytes: int = GATEWAY_MAX_BODY_BYTES,
+               max_cached_clients: int = 1024, demand_interval: float = 0.5,
+               middlewares: Iterable[Any] = ()) -> web.Application:
+    """The selector's aiohttp application (the caller owns ``store``).
+
+    ``middlewares`` run before every handler, in order (caller authorization goes
+    here). Serve it with :func:`server_options` (the header timeout and header
+    bounds are the server's, not the application's).
+    """
+    app = web.Application(middlewares=list(middlewares), client_max_size=max_body_bytes)
     app[STORE_KEY] = store
     sel = _Selector(store, cache_ttl, policy, predict_timeout=predict_timeout,
                     max_attempts=max_attempts, cold_start_timeout=cold_start_timeout,
-                    suspect_seconds=suspect_seconds)
+                    suspect_seconds=suspect_seconds, body_timeout=body_timeout,
+                    max_body_bytes=max_body_bytes, max_cached_clients=max_cached_clients,
+                    demand_interval=demand_interval)
     app[SELECTOR_KEY] = sel
 
     async def open_http(_app: web.Application) -> None:
@@ -579,6 +858,13 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     return app
 
 
+def selector_server_options(header_timeout: float = HEADER_TIMEOUT_SECONDS) -> dict[str, Any]:
+    """``web.AppRunner`` / ``web.run_app`` arguments the selector is served with: a
+    connection that has not sent a complete request line and headers within
+    ``header_timeout`` seconds is closed (also the keep-alive idle timeout)."""
+    return server_options(header_timeout=header_timeout)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mulambda selector``; store settings default to MULAMBDA_* variables."""
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
@@ -593,21 +879,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="executors the gateway tries per prediction (default 3)")
     parser.add_argument("--cold-start-timeout", type=float, default=30.0,
                         help="seconds the gateway waits for a cold executor (default 30)")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_SECONDS,
+                        help="seconds a connection has to send a request's headers, and "
+                             f"to stay idle (default {HEADER_TIMEOUT_SECONDS:g})")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_SECONDS,
+                        help="seconds a request has to send its body; slower gets 408 "
+                             f"(default {BODY_TIMEOUT_SECONDS:g})")
+    parser.add_argument("--max-body-bytes", type=int, default=GATEWAY_MAX_BODY_BYTES,
+                        help="largest gateway body; larger gets 413 (default 16 MiB; "
+                             f"/select bodies at most {SELECT_MAX_BODY_BYTES} bytes)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
-    settings = Settings.from_env()
-    store = MetadataStore.from_url(args.redis_url or settings.redis_url,
-                                   prefix=args.key_prefix or settings.key_prefix)
+    settings = SelectorSettings.from_env()
+    store = MetadataStore.from_url(args.redis_url or settings.shared.redis_url,
+                                   prefix=args.key_prefix or settings.shared.key_prefix,
+                                   pool_size=settings.redis_pool_size,
+                                   pool_timeout=settings.redis_pool_timeout)
     app = create_app(store, cache_ttl=args.cache_ttl, predict_timeout=args.predict_timeout,
                      max_attempts=args.max_attempts,
-                     cold_start_timeout=args.cold_start_timeout)
+                     cold_start_timeout=args.cold_start_timeout,
+                     body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
 
     async def close_store(_app: web.Application) -> None:
         await store.close()
 
     app.on_cleanup.append(close_store)
     log.info("selector listening host=%s port=%d", args.host, args.port)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(app, host=args.host, port=args.port, print=None,
+                **selector_server_options(args.header_timeout))
     return 0

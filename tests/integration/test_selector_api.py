@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from mulambda.selector import create_app
+from mulambda.selector import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
@@ -36,7 +36,7 @@ async def register(store: MetadataStore, name: str, *, type: str = "vision",
 
 @pytest.fixture
 async def api(store: MetadataStore) -> AsyncIterator[httpx.AsyncClient]:
-    runner = web.AppRunner(create_app(store, cache_ttl=0))
+    runner = web.AppRunner(create_app(store, cache_ttl=0), **selector_server_options())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
