@@ -38,6 +38,7 @@ def lines() -> Iterator[Lines]:
     """Root logging as ``mulambda companion`` sets it up, printing into a list; restored after."""
     root = logging.getLogger()
     saved = root.level, {n: logging.getLogger(n).level for n in CHATTY_LOGGERS}
+    filters = {h: list(h.filters) for h in root.handlers}
     handler = Lines()
     root.addHandler(handler)
     try:
@@ -45,6 +46,10 @@ def lines() -> Iterator[Lines]:
         yield handler
     finally:
         root.removeHandler(handler)
+        # configure_logging filtered every root handler, pytest's capture among them:
+        # later tests' log assertions must not inherit its 60 s window.
+        for h, kept in filters.items():
+            h.filters[:] = kept
         root.setLevel(saved[0])
         for name, level in saved[1].items():
             logging.getLogger(name).setLevel(level)
