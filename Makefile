@@ -99,8 +99,12 @@ predict: ## one REST prediction in-cluster via the executor's status endpoint; a
 	  --image=curlimages/curl:8.11.1 -- \
 	  curl -fsS -X POST -d '{"instances": [1.0, 2.0, 5.0]}' "$$endpoint/v1/models/half_plus_two:predict"
 	@echo
-	@echo "POST $(SELECTOR_URL)/select/$(NAMESPACE)/demo (selector NodePort, kind-config.yaml)"
-	@curl -fsS -X POST $(SELECTOR_URL)/select/$(NAMESPACE)/demo || echo "(selector not reachable on $(SELECTOR_URL))"
+	@echo "POST $(SELECTOR_URL)/select/$(NAMESPACE)/demo (selector NodePort, kind-config.yaml; as a ServiceAccount allowed to select)"
+	@$(KUBECTL) -n $(NAMESPACE) create serviceaccount demo-caller --dry-run=client -o yaml | $(KUBECTL) apply -f - >/dev/null
+	@$(KUBECTL) -n $(NAMESPACE) create rolebinding demo-caller --clusterrole=$(RELEASE)-client-caller \
+	  --serviceaccount=$(NAMESPACE):demo-caller --dry-run=client -o yaml | $(KUBECTL) apply -f - >/dev/null
+	@curl -fsS -X POST -H "Authorization: Bearer $$($(KUBECTL) -n $(NAMESPACE) create token demo-caller)" \
+	  $(SELECTOR_URL)/select/$(NAMESPACE)/demo || echo "(selector not reachable on $(SELECTOR_URL))"
 	@echo
 	@$(KUBECTL) -n $(NAMESPACE) get modelexecutors,clients
 

@@ -104,6 +104,7 @@ import heapq
 import json
 import logging
 import math
+import os
 import random
 import time
 import uuid
@@ -123,6 +124,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mulambda import authz
 from mulambda.httpd import (
     BodyTimeout,
     BodyTooLarge,
@@ -902,11 +904,20 @@ def run(args: argparse.Namespace) -> int:
                      cold_start_timeout=args.cold_start_timeout,
                      body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
 
+    # Callers prove who they are with a ServiceAccount token; the API server
+    # says whether they may select the Client (mulambda.authz). None when
+    # MULAMBDA_SELECTOR_AUTH=false, which it warns about loudly.
+    authorizer = authz.from_settings(settings.shared.selector_auth, os.environ)
+    if authorizer is not None:
+        authz.install(app, authorizer)
+        authorizer.register_metrics(app[SELECTOR_KEY].registry)
+
     async def close_store(_app: web.Application) -> None:
         await store.close()
 
     app.on_cleanup.append(close_store)
-    log.info("selector listening host=%s port=%d", args.host, args.port)
+    log.info("selector listening host=%s port=%d auth=%s", args.host, args.port,
+             "on" if authorizer is not None else "OFF")
     web.run_app(app, host=args.host, port=args.port, print=None,
                 **selector_server_options(args.header_timeout))
     return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,21 @@ async def test_sdk_selects_the_executor_and_predicts_half_plus_two(
     assert result.predictions == pytest.approx([2.5, 3.0, 4.5])
 
 
+def _caller_token(namespace: str) -> str:
+    """A token of a ServiceAccount bound to the chart's client-caller role in ``namespace``."""
+    for manifest in (["create", "serviceaccount", "e2e-caller"],
+                     ["create", "rolebinding", "e2e-caller",
+                      f"--clusterrole={RELEASE}-client-caller",
+                      f"--serviceaccount={namespace}:e2e-caller"]):
+        yaml_text = subprocess.run(["kubectl", "-n", namespace, *manifest, "--dry-run=client",
+                                    "-o", "yaml"], check=True, capture_output=True,
+                                   text=True).stdout
+        subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml_text, check=True,
+                       capture_output=True, text=True)
+    return subprocess.run(["kubectl", "-n", namespace, "create", "token", "e2e-caller"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
 def test_client_status_and_selector_name_the_executor(
     custom: Any, executor: dict[str, Any], wait_for: Any, port_forward: Any,
 ) -> None:
@@ -213,10 +229,16 @@ def test_client_status_and_selector_name_the_executor(
         client_obj = _get(custom, "clients", CLIENT) or {}
         assert _condition(client_obj, "Ready").get("status") == "True", client_obj.get("status")
 
-        # The selector API answers the same for the registered client.
+        # The selector API answers the same for the registered client, to a caller
+        # whose ServiceAccount may `select` it (the chart's client-caller role);
+        # without a token it refuses.
+        token = _caller_token(NAMESPACE)
         with port_forward(NAMESPACE, f"svc/{RELEASE}-selector", 8080) as local:
-            answer = httpx.post(f"http://127.0.0.1:{local}/select/{NAMESPACE}/{CLIENT}",
-                                json={}, timeout=30)
+            url = f"http://127.0.0.1:{local}/select/{NAMESPACE}/{CLIENT}"
+            anonymous = httpx.post(url, json={}, timeout=30)
+            answer = httpx.post(url, json={}, timeout=30,
+                                headers={"Authorization": f"Bearer {token}"})
+        assert anonymous.status_code == 401, anonymous.text
         assert answer.status_code == 200, answer.text
         assert answer.json()["model"]["executor"] == f"{NAMESPACE}/{EXECUTOR}"
         assert answer.json()["endpoint"] == executor["status"]["endpoint"]["rest"]
