@@ -11,7 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from mulambda.selector import create_app, selector_server_options
+from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 

@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from mulambda.selector import SELECTOR_KEY, create_app, selector_server_options
+from mulambda.selector.app import create_app, selector_server_options
+from mulambda.selector.service import SELECTOR_KEY
 from mulambda.store.metadata import DEMAND_BUCKET_SECONDS, MetadataStore
 from mulambda.store.records import (
     ClientRecord,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import pytest
 from aiohttp import web
 
-from mulambda.selector import create_app, selector_server_options
+from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 
 pytestmark = pytest.mark.integration

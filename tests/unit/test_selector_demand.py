@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from mulambda.selector import DemandQueue
+from mulambda.selector.caches import DemandQueue
 from mulambda.settings import SELECTOR_SETTINGS_DOC, SelectorSettings, SettingsError
 from mulambda.store.metadata import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_SECONDS
 from mulambda.store.records import StoreUnavailable

@@ -1,0 +1,79 @@
+"""The selector's aiohttp application and the server options it is served with."""
+
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from mulambda.httpd import (
+    server_options,
+)
+from mulambda.policy.selection import (
+    DEFAULT_POLICY,
+    Policy,
+)
+from mulambda.store.metadata import (
+    MetadataStore,
+)
+
+from .handlers import healthz, metrics, predict, select
+from .service import (
+    BODY_TIMEOUT_SECONDS,
+    GATEWAY_MAX_BODY_BYTES,
+    HEADER_TIMEOUT_SECONDS,
+    SELECTOR_KEY,
+    STORE_KEY,
+    Selector,
+)
+
+log = logging.getLogger("mulambda.selector")
+
+def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
+               policy: Policy = DEFAULT_POLICY, predict_timeout: float = 30.0,
+               max_attempts: int = 3, cold_start_timeout: float = 30.0,
+               suspect_seconds: float = 5.0, body_timeout: float = BODY_TIMEOUT_SECONDS,
+               max_body_bytes: int = GATEWAY_MAX_BODY_BYTES,
+               max_cached_clients: int = 1024, demand_interval: float = 0.5,
+               middlewares: Iterable[Any] = ()) -> web.Application:
+    """The selector's aiohttp application (the caller owns ``store``).
+
+    ``middlewares`` run before every handler, in order (caller authorization goes
+    here). Serve it with :func:`server_options` (the header timeout and header
+    bounds are the server's, not the application's).
+    """
+    app = web.Application(middlewares=list(middlewares), client_max_size=max_body_bytes)
+    app[STORE_KEY] = store
+    sel = Selector(store, cache_ttl, policy, predict_timeout=predict_timeout,
+                    max_attempts=max_attempts, cold_start_timeout=cold_start_timeout,
+                    suspect_seconds=suspect_seconds, body_timeout=body_timeout,
+                    max_body_bytes=max_body_bytes, max_cached_clients=max_cached_clients,
+                    demand_interval=demand_interval)
+    app[SELECTOR_KEY] = sel
+
+    async def open_http(_app: web.Application) -> None:
+        # Pooled connections: a TCP handshake per prediction would cost more than selection.
+        sel.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         auto_decompress=False)
+
+    async def close(_app: web.Application) -> None:
+        await sel.close()
+
+    app.on_startup.append(open_http)
+    app.on_cleanup.append(close)
+    app.router.add_post("/v1/predict/{namespace}/{client}", predict)
+    app.router.add_post("/select/{client:.+}", select)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def selector_server_options(header_timeout: float = HEADER_TIMEOUT_SECONDS) -> dict[str, Any]:
+    """``web.AppRunner`` / ``web.run_app`` arguments the selector is served with: a
+    connection that has not sent a complete request line and headers within
+    ``header_timeout`` seconds is closed (also the keep-alive idle timeout)."""
+    return server_options(header_timeout=header_timeout)

@@ -1,0 +1,246 @@
+"""What the selector keeps between requests: one shared store snapshot refreshed
+single-flight, a bounded LRU of per-client views, and demand signals queued and written
+in batches."""
+
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+)
+
+from mulambda.store.metadata import (
+    DEMAND_BUCKET_SECONDS,
+    DEMAND_TTL_SECONDS,
+    MetadataStore,
+    _bucket,
+)
+from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
+
+log = logging.getLogger("mulambda.selector")
+
+class SharedSnapshot:
+    """The store-wide part of a snapshot (executors, replicas, load, service times), one
+    for every client, refreshed single-flight: requests that find it older than they
+    accept wait for one refresh, never start their own."""
+
+    def __init__(self, store: MetadataStore, ttl: float, exclude_instance: str,
+                 on_refresh: Callable[[Snapshot], None] | None = None) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.exclude_instance = exclude_instance
+        self.on_refresh = on_refresh
+        self.refreshes = 0  # store reads started
+        self._snap: Snapshot | None = None
+        self._at = -math.inf
+        self._pending: asyncio.Future[Snapshot] | None = None
+
+    async def get(self, max_age: float | None = None) -> Snapshot:
+        """A snapshot taken less than ``max_age`` (default ``ttl``) seconds ago."""
+        age = self.ttl if max_age is None else max_age
+        if self._snap is not None and time.monotonic() - self._at < age:
+            return self._snap
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh())
+            self._pending.add_done_callback(_retrieve)
+        # shield: one waiter's cancellation must not cancel the read the others wait for.
+        return await asyncio.shield(self._pending)
+
+    async def _refresh(self) -> Snapshot:
+        started = time.monotonic()
+        self.refreshes += 1
+        try:
+            snap = await self.store.snapshot(None, exclude_instance=self.exclude_instance)
+        finally:
+            self._pending = None
+        self._snap, self._at = snap, started
+        if self.on_refresh is not None:
+            self.on_refresh(snap)
+        return snap
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Retrieve the failure of a shared read nobody waits for any more."""
+    if not future.cancelled():
+        future.exception()
+
+
+ClientPart = tuple[dict[str, dict[str, LatencySample]], ClientRecord | None]
+
+
+class ClientViews:
+    """The per-client part of a snapshot (latency samples, registered record), in a
+    bounded LRU, read single-flight per client.
+
+    Bounded whatever the number of client names callers make up: a name with
+    neither a record nor a sample (unknown) is never kept; at most
+    ``max_clients`` clients and ``max_samples`` samples in all are kept, each
+    client's read keeping at most ``max_client_samples``.
+    """
+
+    def __init__(self, store: MetadataStore, ttl: float, *, max_clients: int = 1024,
+                 max_samples: int = 100_000, max_client_samples: int = 4096) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.max_clients = max_clients
+        self.max_samples = max_samples
+        self.max_client_samples = max_client_samples
+        self.samples = 0  # samples kept in all
+        # client -> (monotonic time read, part, samples in it)
+        self._lru: OrderedDict[str, tuple[float, ClientPart, int]] = OrderedDict()
+        self._pending: dict[str, asyncio.Future[ClientPart]] = {}
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    async def get(self, client: str, max_age: float | None = None) -> ClientPart:
+        age = self.ttl if max_age is None else max_age
+        hit = self._lru.get(client)
+        if hit is not None and time.monotonic() - hit[0] < age:
+            self._lru.move_to_end(client)
+            return hit[1]
+        pending = self._pending.get(client)
+        if pending is None:
+            pending = asyncio.ensure_future(self._read(client))
+            pending.add_done_callback(_retrieve)
+            self._pending[client] = pending
+        return await asyncio.shield(pending)
+
+    async def _read(self, client: str) -> ClientPart:
+        started = time.monotonic()
+        try:
+            part = await self.store.client_view(client, max_samples=self.max_client_samples)
+        finally:
+            self._pending.pop(client, None)
+        self._forget(client)
+        latency, record = part
+        if record is not None or latency:
+            size = sum(len(pods) for pods in latency.values())
+            self._lru[client] = (started, part, size)
+            self.samples += size
+            while self._lru and (len(self._lru) > self.max_clients
+                                 or self.samples > self.max_samples):
+                self._forget(next(iter(self._lru)))
+        return part
+
+    def _forget(self, client: str) -> None:
+        gone = self._lru.pop(client, None)
+        if gone is not None:
+            self.samples -= gone[2]
+
+    def close(self) -> None:
+        for pending in list(self._pending.values()):
+            pending.cancel()
+
+
+class DemandQueue:
+    """Demand signals of selections, coalesced and written off the request path: one
+    pipelined write per ``interval`` of everything queued (``P:demand:BUCKET``).
+
+    A failed write is kept and retried with the next one. Nothing is lost
+    silently: what the queue cannot hold (``max_pending`` distinct
+    (bucket, executor) counts), what is older than the demand buckets live and
+    what is still queued when the selector stops are counted as dropped.
+    """
+
+    def __init__(self, store: MetadataStore, registry: CollectorRegistry, *,
+                 interval: float = 0.5, max_pending: int = 50_000) -> None:
+        self.store = store
+        self.interval = interval
+        self.max_pending = max_pending
+        self.pending: dict[tuple[int, str], int] = {}
+        self.written = Counter("mulambda_selector_demand_written",
+                               "Demand signals written to the store", registry=registry)
+        self.dropped = Counter("mulambda_selector_demand_dropped",
+                               "Demand signals never written, by reason", ["reason"],
+                               registry=registry)
+        self.flushes = Counter("mulambda_selector_demand_flushes",
+                               "Pipelined demand writes, by outcome", ["outcome"],
+                               registry=registry)
+        self._writer: asyncio.Task[None] | None = None
+        self._warned_at = -math.inf
+
+    def add(self, executors: Iterable[str]) -> None:
+        """Queue one demand signal per executor (synchronous, never waits)."""
+        bucket = _bucket()
+        for executor in executors:
+            key = (bucket, executor)
+            if key not in self.pending and len(self.pending) >= self.max_pending:
+                self._drop("queue_full", 1)
+                continue
+            self.pending[key] = self.pending.get(key, 0) + 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_forever())
+
+    def _drop(self, reason: str, n: int) -> None:
+        self.dropped.labels(reason=reason).inc(n)
+        now = time.monotonic()
+        if now - self._warned_at >= 10:  # one line per 10 s, whatever the rate
+            self._warned_at = now
+            log.warning("demand dropped reason=%s count=%d (counted in "
+                        "mulambda_selector_demand_dropped_total)", reason, n)
+
+    async def flush(self) -> None:
+        """Write everything queued in one pipeline; on failure it stays queued (raises
+        StoreUnavailable)."""
+        batch, self.pending = self.pending, {}
+        oldest = _bucket() - DEMAND_TTL_SECONDS // DEMAND_BUCKET_SECONDS
+        stale = sum(n for (bucket, _), n in batch.items() if bucket <= oldest)
+        if stale:
+            self._drop("expired", stale)
+            batch = {k: n for k, n in batch.items() if k[0] > oldest}
+        if not batch:
+            return
+        try:
+            await self.store.add_demand(batch)
+        except BaseException:  # incl. cancellation: keep it for the next write
+            for key, n in batch.items():
+                if key in self.pending or len(self.pending) < self.max_pending:
+                    self.pending[key] = self.pending.get(key, 0) + n
+                else:
+                    self._drop("queue_full", n)
+            self.flushes.labels(outcome="failed").inc()
+            raise
+        self.flushes.labels(outcome="ok").inc()
+        self.written.inc(sum(batch.values()))
+
+    async def _write_forever(self) -> None:
+        delay = self.interval
+        while self.pending:
+            await asyncio.sleep(delay)
+            try:
+                await self.flush()
+                delay = self.interval
+            except StoreUnavailable as exc:
+                delay = min(max(delay * 2, self.interval), 10.0)
+                log.debug("demand write failed error=%s; retrying in %gs", exc, delay)
+
+    async def close(self, seconds: float = 2.0) -> None:
+        """Write what is queued (at most ``seconds``); what is left is counted dropped."""
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+        try:
+            async with asyncio.timeout(seconds):
+                await self.flush()
+        except (StoreUnavailable, TimeoutError):
+            pass
+        left = sum(self.pending.values())
+        if left:
+            self._drop("shutdown", left)
+            self.pending = {}

@@ -1,0 +1,289 @@
+"""The HTTP routes: ``POST /select/NAMESPACE/NAME``, the gateway's
+``POST /v1/predict/NAMESPACE/NAME``, ``/healthz`` and ``/metrics``."""
+
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    generate_latest,
+)
+
+from mulambda.httpd import (
+    BodyTimeout,
+    BodyTooLarge,
+    loads_guarded,
+    read_body,
+    refuse,
+)
+from mulambda.policy.selection import (
+    Candidate,
+    Criteria,
+)
+from mulambda.store.records import ClientRecord, StoreUnavailable
+
+from .service import SELECT_MAX_BODY_BYTES, SELECTOR_KEY, STORE_KEY, Selector, dumps_strict
+
+log = logging.getLogger("mulambda.selector")
+
+def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
+          ) -> web.Response:
+    """A strict JSON answer: a non-finite number is a bug, answered as 500, never ``NaN``."""
+    try:
+        text = dumps_strict(data)
+    except ValueError as exc:
+        log.error("answer not representable as JSON error=%s", exc)
+        text, status = dumps_strict({"error": "internal error: non-finite number in answer"}), 500
+    return web.Response(text=text, status=status, content_type="application/json",
+                        headers=headers)
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return _json({"error": message, **extra}, status=status)
+
+
+def _bad_body(exc: Exception) -> tuple[str, web.Response]:
+    """(outcome, answer) for a body that cannot be used: 413, 408 (both close the
+    connection: the body was not read to its end) or 400; never a traceback."""
+    if isinstance(exc, BodyTooLarge):
+        return "too_large", refuse(413, str(exc))
+    if isinstance(exc, BodyTimeout):
+        return "body_timeout", refuse(408, str(exc))
+    return "bad_request", _error(400, f"body is not valid JSON: {exc}")
+
+
+def _criteria(body: Any, record: ClientRecord | None) -> Criteria:
+    """Criteria from a request body and the registered client; ValueError when bad."""
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    required = body.get("required") or {}
+    desired = body.get("desired") or {}
+    if not isinstance(required, dict) or not isinstance(desired, dict):
+        raise ValueError("required and desired must be JSON objects")
+    length = body.get("data_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int)
+                               or length < 0):
+        raise ValueError("data_length must be a non-negative integer")
+    base = record.criteria if record is not None else None
+    if base is None and not required.get("type"):
+        raise ValueError("required.type is missing and the client is not registered")
+    return Criteria.from_request(required, desired, base)
+
+
+_QUERY_NUMBERS = {"latency": "desired", "accuracy": "desired", "max_latency_ms": "required",
+                  "min_accuracy": "required"}
+_QUERY_TEXT = ("type", "input", "output", "cold_start")
+
+
+def _query_criteria(query: Mapping[str, str], record: ClientRecord | None) -> Criteria:
+    """Criteria of a gateway request: the registered client, overridden by the query."""
+    required: dict[str, Any] = {k: query[k] for k in _QUERY_TEXT if query.get(k)}
+    desired: dict[str, Any] = {}
+    for name, where in _QUERY_NUMBERS.items():
+        if query.get(name):
+            try:
+                value = float(query[name])
+            except ValueError:
+                raise ValueError(f"query parameter {name} must be a number") from None
+            (required if where == "required" else desired)[name] = value
+    base = record.criteria if record is not None else None
+    return Criteria.from_request(required, desired, base)
+
+
+def _items(payload: Any) -> int:
+    """How many items a TF Serving predict body carries (1 when it does not say)."""
+    if isinstance(payload, dict):
+        for key in ("instances", "inputs"):
+            value = payload.get(key)
+            if isinstance(value, list):
+                return max(1, len(value))
+            if isinstance(value, dict):
+                first = next(iter(value.values()), None)
+                if isinstance(first, list):
+                    return max(1, len(first))
+    return 1
+
+
+async def select(request: web.Request) -> web.Response:
+    sel = request.app[SELECTOR_KEY]
+    started = time.perf_counter()
+    client = unquote(request.match_info["client"])
+    outcome = "error"
+    try:
+        try:
+            raw = await read_body(request, min(SELECT_MAX_BODY_BYTES, sel.max_body_bytes),
+                                  sel.body_timeout)
+            body = loads_guarded(raw) if raw.strip() else {}
+        except (BodyTooLarge, BodyTimeout, ValueError) as exc:
+            outcome, answer = _bad_body(exc)
+            return answer
+        try:
+            snap = await sel.view(client)
+        except StoreUnavailable as exc:
+            outcome = "store_unavailable"
+            log.warning("selection failed client=%s error=%s", client, exc)
+            return _error(503, "metadata store unavailable")
+        try:
+            criteria = _criteria(body, snap.client_record)
+        except ValueError as exc:
+            outcome = "bad_request"
+            return _error(400, str(exc))
+        ranking = await sel.ranking(criteria, snap, client)
+        if not ranking:
+            outcome = "no_match"
+            reason = ranking.explain()
+            log.info("no match client=%s reason=%r", client, reason)
+            return _error(404, "no matching model", reason=reason)
+        best = ranking[0]
+        if best.warm:
+            sel.count_selection(best)
+        sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
+        rec = best.record
+        outcome = "selected"
+        log.info("selected client=%s executor=%s score=%.3f warm=%s", client,
+                 best.executor_id, best.score, best.warm)
+        return _json({
+            "endpoint": rec.rest,
+            "grpc": rec.grpc,
+            "model": {
+                "executor": best.executor_id, "name": rec.model, "version": rec.version,
+                "type": rec.type, "input": rec.input, "output": rec.output,
+                "accuracy": rec.accuracy, "score": best.score,
+                "expected_latency_ms": round(best.expected_latency_ms, 3),
+                "warm": best.warm, "reason": best.reason,
+            },
+            "candidates": [
+                {"executor": c.executor_id, "endpoint": c.record.rest, "score": c.score,
+                 "warm": c.warm, "reason": c.reason}
+                for c in ranking[:5]
+            ],
+        })
+    finally:
+        sel.requests.labels(outcome=outcome).inc()
+        sel.latency.observe(time.perf_counter() - started)
+
+
+async def _warm_candidate(sel: Selector, criteria: Criteria, client: str, executor: str,
+                          items: int) -> Candidate | None:
+    """Wait for a cold executor to get a live replica (demand was signalled); None on
+    timeout."""
+    deadline = time.monotonic() + sel.cold_start_timeout
+    while time.monotonic() < deadline:
+        snap = await sel.view(client, fresh=True)
+        for c in await sel.ranking(criteria, snap, client, items=items, replicas=True):
+            if c.executor_id == executor and c.warm:
+                return c
+        await asyncio.sleep(0.5)
+    return None
+
+
+async def predict(request: web.Request) -> web.StreamResponse:
+    sel = request.app[SELECTOR_KEY]
+    started = time.perf_counter()
+    client = f"{request.match_info['namespace']}/{request.match_info['client']}"
+    outcome = "error"
+    try:
+        try:
+            body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
+            items = _items(loads_guarded(body))
+        except (BodyTooLarge, BodyTimeout, ValueError) as exc:
+            outcome, answer = _bad_body(exc)
+            return answer
+        try:
+            snap = await sel.view(client)
+        except StoreUnavailable as exc:
+            outcome = "store_unavailable"
+            log.warning("prediction failed client=%s error=%s", client, exc)
+            return _error(503, "metadata store unavailable")
+        if snap.client_record is None and not request.query.get("type"):
+            outcome = "unknown_client"
+            return _error(404, "unknown client", reason=f"client {client!r} is not registered "
+                          "and the query gives no type")
+        try:
+            criteria = _query_criteria(request.query, snap.client_record)
+        except ValueError as exc:
+            outcome = "bad_request"
+            return _error(400, str(exc))
+        attempts: list[dict[str, str]] = []
+        tried: set[str] = set()
+        while len(attempts) < sel.max_attempts:
+            ranking = await sel.ranking(criteria, snap, client, items=items, replicas=True)
+            if not ranking and not attempts:
+                outcome = "no_match"
+                return _error(404, "no matching model", reason=ranking.explain())
+            left = [c for c in ranking if c.executor_id not in tried]
+            healthy = [c for c in left if not sel.is_suspect(c)] or left
+            if not healthy:
+                break
+            warm = [c for c in healthy if c.warm]
+            if ranking.wake:
+                sel.note_demand(ranking.wake, ranking.wake)
+            if warm and (criteria.cold_start == "UseWarm" or healthy[0].warm):
+                candidate = warm[0]
+            else:
+                cold = healthy[0]
+                sel.note_demand([cold.executor_id], [cold.executor_id])
+                found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
+                if found is None:
+                    outcome = "cold_start_timeout"
+                    return _error(503, "cold start not done", executor=cold.executor_id,
+                                  waited_seconds=sel.cold_start_timeout)
+                candidate = found
+            tried.add(candidate.executor_id)
+            try:
+                status, payload, ctype = await sel.forward(candidate, body, items)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                attempts.append({"executor": candidate.executor_id,
+                                 "error": f"connect failed: {exc}"})
+                sel.distrust(candidate)
+                continue
+            except TimeoutError:
+                outcome = "timeout"
+                return _error(504, "executor timed out", executor=candidate.executor_id,
+                              timeout_seconds=sel.predict_timeout)
+            except aiohttp.ClientError as exc:
+                outcome = "upstream_error"
+                return _error(502, "executor connection failed", executor=candidate.executor_id,
+                              detail=str(exc))
+            if status == 503:
+                attempts.append({"executor": candidate.executor_id, "error": "HTTP 503"})
+                sel.distrust(candidate)
+                continue
+            outcome = "ok" if status == 200 else f"http_{status // 100}xx"
+            headers = {
+                "X-Mulambda-Executor": candidate.executor_id,
+                "X-Mulambda-Attempts": str(len(attempts) + 1),
+            }
+            if candidate.replica is not None:
+                headers["X-Mulambda-Replica"] = candidate.replica.pod
+            return web.Response(body=payload, status=status, headers=headers,
+                                content_type=ctype.split(";")[0].strip() or None)
+        outcome = "all_failed"
+        log.warning("all candidates failed client=%s attempts=%s", client, attempts)
+        return _error(502, "all candidates failed", attempts=attempts)
+    finally:
+        sel.predictions.labels(outcome=outcome).inc()
+        sel.gateway_latency.observe(time.perf_counter() - started)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await request.app[STORE_KEY].ping()
+    except StoreUnavailable as exc:
+        return _error(503, "metadata store unavailable", detail=str(exc))
+    return _json({"status": "ok"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    sel = request.app[SELECTOR_KEY]
+    return web.Response(body=generate_latest(sel.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,237 @@
+"""The selector's state per process (:class:`Selector`): caches, in-flight accounting,
+measured service times, the gateway's HTTP session; its request bounds."""
+
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import heapq
+import json
+import logging
+import random
+import time
+import uuid
+from dataclasses import replace
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+)
+
+from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.selection import (
+    Candidate,
+    Criteria,
+    Policy,
+    Ranking,
+    overlay,
+    rank,
+)
+from mulambda.store.leases import InflightLeases, InflightReader
+from mulambda.store.metadata import (
+    MetadataStore,
+)
+from mulambda.store.records import Snapshot
+
+from .caches import ClientViews, DemandQueue, SharedSnapshot
+
+log = logging.getLogger("mulambda.selector")
+
+STORE_KEY = web.AppKey("store", MetadataStore)
+dumps_strict = functools.partial(json.dumps, allow_nan=False)
+
+# An answered selection counts as in flight for its expected latency, at most this long.
+VIRTUAL_INFLIGHT_MAX_SECONDS = 10.0
+# Request bounds (mulambda.httpd): a /select body is a few hundred bytes; a gateway body
+# is a TF Serving request (images: megabytes).
+SELECT_MAX_BODY_BYTES = 64 << 10
+GATEWAY_MAX_BODY_BYTES = 16 << 20
+HEADER_TIMEOUT_SECONDS = 10.0
+BODY_TIMEOUT_SECONDS = 15.0
+
+
+
+class Selector:
+    """State of one selector process: store, snapshot cache, own load and measurements."""
+
+    def __init__(self, store: MetadataStore, cache_ttl: float, policy: Policy, *,
+                 predict_timeout: float = 30.0, max_attempts: int = 3,
+                 cold_start_timeout: float = 30.0, suspect_seconds: float = 5.0,
+                 max_cached_clients: int = 1024, demand_interval: float = 0.5,
+                 body_timeout: float = 15.0, max_body_bytes: int = 16 << 20) -> None:
+        self.store = store
+        self.cache_ttl = cache_ttl
+        self.policy = policy
+        self.predict_timeout = predict_timeout
+        self.max_attempts = max(1, max_attempts)
+        self.cold_start_timeout = cold_start_timeout
+        self.suspect_seconds = suspect_seconds
+        self.body_timeout = body_timeout
+        self.max_body_bytes = max_body_bytes
+        self.instance = f"selector-{uuid.uuid4().hex[:12]}"
+        self.shared = SharedSnapshot(store, cache_ttl, self.instance, self._refreshed)
+        self.clients = ClientViews(store, cache_ttl, max_clients=max_cached_clients)
+        self.tracker = ServiceTracker(policy.fit)
+        self.leases = InflightLeases(store, self.instance, service=self.tracker)
+        self.load = InflightReader(store, self.instance)
+        # Own requests (forwarded ones, and /select answers while they last): when sent,
+        # how long they should stay at the executor.
+        self.own = OwnRequests()
+        self.suspect: dict[tuple[str, str], float] = {}  # (executor, pod) -> monotonic deadline
+        self.waking: dict[str, float] = {}  # cold executor -> monotonic time demand was sent
+        self.rng = random.Random()
+        self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
+        self.http: aiohttp.ClientSession | None = None
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mulambda_selector_requests", "Selection requests by outcome",
+            ["outcome"], registry=self.registry,
+        )
+        self.predictions = Counter(
+            "mulambda_gateway_requests", "Gateway predictions by outcome",
+            ["outcome"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "mulambda_selector_selection_seconds", "Time to answer a selection request",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.gateway_latency = Histogram(
+            "mulambda_gateway_seconds", "Time to answer a prediction through the gateway",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=self.registry,
+        )
+        self.demand = DemandQueue(store, self.registry, interval=demand_interval)
+        self.refreshes = Counter(
+            "mulambda_selector_snapshot_refreshes", "Shared snapshots read from the store",
+            registry=self.registry)
+
+    # -- background store writes ---------------------------------------------------
+    def note_demand(self, executors: list[str], cold: list[str] | None = None) -> None:
+        """Record demand without making the caller wait for the store (queued, written
+        in batches); ``cold`` ones (asked to wake) have their cold start measured when
+        they come up."""
+        now = time.monotonic()
+        for e in cold or ():
+            self.waking.setdefault(e, now)
+        self.demand.add(executors)
+
+    async def close(self) -> None:
+        self.shared.close()
+        self.clients.close()
+        await self.demand.close()
+        await self.leases.close()
+        self.load.close()
+        if self.http is not None:
+            await self.http.close()
+
+    # -- snapshots -------------------------------------------------------------------
+    async def view(self, client: str, fresh: bool = False) -> Snapshot:
+        """Snapshot for ``client``: the shared part (one for all clients, at most
+        ``cache_ttl`` old, refreshed single-flight) with the client's own part (its
+        latency samples and registered record, cached in a bounded LRU). This
+        process's leases and measurements are left out (:meth:`ranking` adds them).
+        ``fresh``: both parts read after this call started (or joined a read in
+        progress)."""
+        max_age = 0.0 if fresh else None
+        shared, (latency, record) = await asyncio.gather(
+            self.shared.get(max_age), self.clients.get(client, max_age))
+        return replace(shared, latency=latency, client_record=record)
+
+    def _refreshed(self, snap: Snapshot) -> None:
+        self.refreshes.inc()
+        self._note_woken(snap)
+
+    def _note_woken(self, snap: Snapshot) -> None:
+        """An executor we asked to wake that now has a live replica: its cold start."""
+        if not self.waking:
+            return
+        now = time.monotonic()
+        for executor, asked in list(self.waking.items()):
+            if any(r.state == "Available" for r in snap.replicas.get(executor, ())):
+                self.tracker.observe_cold_start(executor, (now - asked) * 1000)
+                self.leases.kick()
+                del self.waking[executor]
+            elif now - asked > max(self.cold_start_timeout, 600.0):
+                del self.waking[executor]
+
+    async def ranking(self, criteria: Criteria, snap: Snapshot, client: str, *,
+                      items: int = 1, replicas: bool = False) -> Ranking:
+        """Rank with this process's own requests in flight and measurements added, and
+        everybody else's requests in flight read fresh."""
+        now = time.monotonic()
+        while self._virtual and self._virtual[0][0] <= now:
+            self.own.remove(heapq.heappop(self._virtual)[1])
+        others = await self.load.read()
+        own, own_pods = self.own.ahead(now * 1000)
+        view = overlay(snap, own_inflight=own, replica_inflight=own_pods,
+                       service=self.tracker.stats,
+                       inflight=others[0] if others is not None else None,
+                       inflight_requests=others[1] if others is not None else None)
+        return rank(criteria, view, client=client, policy=self.policy, items=items,
+                    rng=self.rng, replicas=replicas, now=time.time())
+
+    def count_selection(self, candidate: Candidate) -> None:
+        """A /select answer: one request of ours on its way, for its expected latency."""
+        seconds = min(candidate.expected_latency_ms / 1000, VIRTUAL_INFLIGHT_MAX_SECONDS)
+        now = time.monotonic()
+        token = self.own.add(candidate.executor_id, None, now * 1000,
+                             candidate.service_ms + candidate.load_ms, candidate.network_ms)
+        heapq.heappush(self._virtual, (now + seconds, token))
+
+    # -- forwarding ------------------------------------------------------------------
+    def is_suspect(self, candidate: Candidate) -> bool:
+        if not self.suspect:
+            return False
+        now = time.monotonic()
+        self.suspect = {k: t for k, t in self.suspect.items() if t > now}
+        pod = candidate.replica.pod if candidate.replica is not None else ""
+        return (candidate.executor_id, pod) in self.suspect
+
+    def distrust(self, candidate: Candidate) -> None:
+        pod = candidate.replica.pod if candidate.replica is not None else ""
+        self.suspect[(candidate.executor_id, pod)] = time.monotonic() + self.suspect_seconds
+
+    async def forward(self, candidate: Candidate, body: bytes, items: int) -> tuple[
+        int, bytes, str
+    ]:
+        """POST ``body`` to the candidate, counted in flight; (status, body, content type).
+
+        Raises aiohttp errors and TimeoutError; a 200 feeds the service-time model.
+        """
+        assert self.http is not None
+        executor = candidate.executor_id
+        pod = candidate.replica.pod if candidate.replica is not None else None
+        url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
+        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        sent = time.time()
+        lease = self.leases.start(executor, timing=(
+            pod or "", sent + (net / 2 + stay) / 1000, sent + (net + stay) / 1000))
+        token = self.own.add(executor, pod, time.monotonic() * 1000, stay, net)
+        started = time.perf_counter()
+        try:
+            async with self.http.post(
+                url, data=body, headers={"Content-Type": "application/json"},
+                timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
+                                              sock_connect=min(5.0, self.predict_timeout)),
+            ) as resp:
+                payload = await resp.read()
+                status, ctype = resp.status, resp.headers.get("Content-Type",
+                                                              "application/json")
+            if status == 200:
+                self.tracker.observe(
+                    executor, inflight=candidate.inflight, items=items,
+                    elapsed_ms=(time.perf_counter() - started) * 1000,
+                    network_ms=candidate.network_ms,
+                    predicted_ms=candidate.service_ms + candidate.load_ms)
+            return status, payload, ctype
+        finally:
+            self.own.remove(token)
+            self.leases.finish(executor, token=lease)
+
+
+SELECTOR_KEY = web.AppKey("selector", Selector)
