@@ -109,9 +109,9 @@ async def test_another_sdks_requests_in_flight_are_seen_at_once(store, doubles):
             MulambdaClient(store, CLIENT, **crit) as b:
         assert (await b.select()).executor_id == "ml/near"  # b's snapshot is now cached
         call = asyncio.create_task(a.predict([[0]]))
-        for _ in range(100):  # a's lease reaches the store in the background
-            if (await store.inflight_counts()).get("ml/near"):
-                break
+        deadline = time.monotonic() + 10  # a's lease reaches the store in the background
+        while not (await store.inflight_counts()).get("ml/near"):
+            assert time.monotonic() < deadline, "a's in-flight lease never reached the store"
             await asyncio.sleep(0.01)
         # b's snapshot is a minute old, but it reads the in-flight leases fresh.
         assert (await b.select()).executor_id == "ml/other"
