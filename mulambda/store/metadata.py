@@ -1,96 +1,20 @@
-"""The metadata store: the one module that knows every key mulambda writes.
-
-Works with any Redis-compatible server (Redis, Valkey, DragonflyDB): only
-HASH commands (HSET, HGET, HGETALL, HKEYS, HDEL, HINCRBY, HSCAN), EXPIRE,
-DEL and pipelines are used, no Lua, no modules, no key-space scans.
-
-Key schema (``P`` is the configured prefix, default ``mulambda``; an
-executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
-
-``P:executors`` (HASH) executor id -> :class:`ExecutorRecord`.
-    Written by the operator on create/update; deleted by the executor's
-    finalizer (``mulambda.io/metadata``).
-``P:replicas`` (HASH) ``EXEC|POD`` -> :class:`ReplicaRecord`.
-    Companion heartbeats. Each value carries ``expires_at`` (its TTL):
-    readers ignore expired values, the operator prunes them, and a companion
-    deletes its own on SIGTERM.
-``P:clients`` (HASH) client id -> :class:`ClientRecord`.
-    Written by the operator; deleted by the Client's finalizer.
-``P:latency:CLIENT`` (HASH) ``EXEC|POD`` -> :class:`LatencySample`.
-    Smoothed round-trip time from one replica to the client, written by
-    companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
-``P:inflight`` (HASH) ``EXEC|INSTANCE`` -> :class:`InflightLease`
-    (``{"n": requests in flight, "expires_at": epoch seconds, "requests":
-    [[pod, busy_until, back_by], ...]}``: when each request is expected to
-    be served and back, so other routers can tell whether it will still be
-    ahead of theirs).
-    One lease per SDK instance or selector process (``INSTANCE`` is a
-    random id per :class:`~mulambda.store.leases.InflightLeases`) and
-    executor. The owner writes its absolute count (never an increment), so
-    a lost reply, a failed write or a cancelled caller can only delay the
-    published value, never leave it wrong; it writes at each change,
-    rewrites its leases every ``INFLIGHT_LEASE_SECONDS / 3`` while it has
-    requests in flight and deletes a lease when its count drops to zero.
-    Readers sum the unexpired leases per executor, so a dead process's
-    count vanishes after at most ``INFLIGHT_LEASE_SECONDS`` (30 s); routers
-    read them for each decision (:meth:`MetadataStore.inflight_counts`);
-    the operator prunes expired leases with the heartbeats;
-    ``remove_executor`` deletes them.
-``P:service`` (HASH) ``EXEC|INSTANCE`` -> :class:`ServiceStats`.
-    Measured service times of one executor as one router saw them: each SDK
-    instance and each selector (gateway) process publishes the sufficient
-    statistics of its own observations (response time minus network RTT,
-    requests in flight, items) and its measured cold starts, with the same
-    writer that publishes its in-flight leases. ``expires_at`` is
-    ``now + SERVICE_TTL_SECONDS`` (1 h) at every write: a measurement
-    outlives a restart of its writer, and an executor idle for an hour
-    falls back to its declared ``serviceTimeMs``. Readers add the
-    unexpired values per executor (:mod:`mulambda.policy.latency` fits the
-    model); expired ones are pruned by the operator with the heartbeats;
-    ``remove_executor`` deletes them.
-``P:demand:BUCKET`` (HASH) executor id -> requests started in that
-    10-second bucket (``BUCKET = epoch // 10``), plus demand signals for
-    executors scaled to zero (SDK, selector, the operator's Client
-    selection). EXPIRE 600 s, so old buckets vanish by themselves. The
-    autoscaler reads the arrival rate from the last buckets.
-
-The operator reads these fleet-wide, never per executor, so its store load
-does not grow with the fleet: each autoscaler tick one pipeline of HGETALL
-``P:inflight`` plus HGETALL of each demand bucket its longest window covers
-(:meth:`MetadataStore.fleet_load`); each refresh tick HGETALL ``P:replicas``
-and HKEYS ``P:executors`` (a record a store restart lost is written again),
-and one HSET of only the executor records that changed.
-
-A value that does not decode (bad JSON or UTF-8, not an object, a required
-field missing or of the wrong type) or holds an impossible value (NaN or an
-infinity, a negative time or count, an accuracy outside [0, 1]:
-:func:`~mulambda.store.records.invalid_reason`) is skipped by every reader
-and logged with its key, field and reason, never its content: one bad writer must not break
-selection for everyone. ``prune_expired`` leaves such values alone (a newer
-version may have written them).
-
-Why hashes with an ``expires_at`` inside the value instead of one key per
-replica with EXPIRE: selection must read everything it needs in one
-pipelined round trip, and a hash can be read whole with one HGETALL while
-per-key TTLs would need a SCAN. Field-level TTL (HEXPIRE) is not available
-on all three servers. Missing data is normal and never raises: an executor
-with no latency sample for a client simply has none in the snapshot.
-"""
+"""The store's one owner of keys: :class:`MetadataStore` (the key schema is in the package
+docstring, :mod:`mulambda.store`)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .connection import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_SECONDS, connect
+from .decoder import Decoder
 from .records import (
     ClientRecord,
     ExecutorRecord,
@@ -104,9 +28,7 @@ from .records import (
     _dump,
     _expires_at,
     _glob_escape,
-    _load,
     _now,
-    _split_field,
 )
 
 # Demand is counted per time bucket so that "requests per second lately" is
@@ -117,29 +39,8 @@ DEMAND_TTL_SECONDS = 600
 INFLIGHT_LEASE_SECONDS = 30.0
 # Measured service times are kept this long after their writer's last write.
 SERVICE_TTL_SECONDS = 3600.0
-# Connections per process, and how long a command waits for one when all are busy
-# (a burst queues for a connection instead of failing at once).
-DEFAULT_POOL_SIZE = 64
-DEFAULT_POOL_TIMEOUT_SECONDS = 5.0
 
 log = logging.getLogger("mulambda.store")
-
-
-PASSWORD_ENV = "MULAMBDA_REDIS_PASSWORD"
-# The ACL user a process logs in as (mulambda.store.acl: one per role); it wins over
-# the URL's own user, which the operator copies into executor pods for companions.
-USERNAME_ENV = "MULAMBDA_REDIS_USERNAME"
-
-
-def _with_username(url: str) -> str:
-    """``url`` with its user replaced by ``MULAMBDA_REDIS_USERNAME`` when that is set."""
-    username = os.environ.get(USERNAME_ENV, "").strip()
-    if not username:
-        return url
-    parts = urlsplit(url)
-    secret = f":{parts.password}" if parts.password else ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{quote(username, safe='')}{secret}@{host}"))
 
 
 class MetadataStore:
@@ -152,7 +53,7 @@ class MetadataStore:
     def __init__(self, redis: aioredis.Redis, prefix: str = "mulambda") -> None:
         self.redis = redis
         self.prefix = prefix
-        self._reported: set[tuple[str, str]] = set()
+        self.decoder = Decoder(self)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "mulambda", timeout: float = 5.0,
@@ -171,26 +72,7 @@ class MetadataStore:
         ConfigMaps, pod specs or logs. The user is ``MULAMBDA_REDIS_USERNAME``,
         else the URL's (docs/security.md).
         """
-        url = _with_username(url)
-        if password is None:
-            password = os.environ.get(PASSWORD_ENV) or None
-        extra: dict[str, Any] = {"password": password} if password else {}
-        if pool_size < 1 or not pool_timeout > 0:
-            raise ValueError("pool_size must be >= 1 and pool_timeout > 0")
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=pool_size,
-            timeout=pool_timeout,
-            **extra,
-            decode_responses=True,
-            # Invalid UTF-8 in one value must not fail a whole HGETALL: it
-            # decodes to U+FFFD and that value is skipped as malformed.
-            encoding_errors="replace",
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=30,
-        )
-        return cls(aioredis.Redis.from_pool(pool), prefix)
+        return cls(connect(url, timeout, password, pool_size, pool_timeout), prefix)
 
     async def close(self) -> None:
         """Disconnect."""
@@ -231,36 +113,6 @@ class MetadataStore:
 
     async def ping(self) -> bool:
         return bool(await self._run(self.redis.ping()))
-
-    def _malformed(self, key: str, name: str, why: str) -> None:
-        # Never the value: it may be anything, including a secret pasted by mistake.
-        # Warn once per value (readers run every second); debug afterwards.
-        seen = (key, name)
-        level = logging.DEBUG if seen in self._reported else logging.WARNING
-        if len(self._reported) >= 4096:
-            self._reported.clear()
-        self._reported.add(seen)
-        log.log(level, "malformed value skipped key=%s field=%s error=%s", key, name, why)
-
-    def _decode(self, cls: Any, key: str, name: str, raw: str) -> Any:
-        """``raw`` as a ``cls``, or None (logged) when it is not a valid one."""
-        try:
-            return _load(cls, raw)
-        except ValueError as exc:
-            self._malformed(key, name, str(exc))
-            return None
-
-    def _decode_all(self, cls: Any, key: str, raw: Mapping[str, str]) -> dict[str, Any]:
-        out = {}
-        for name, value in raw.items():
-            record = self._decode(cls, key, name, value)
-            if record is not None:
-                out[name] = record
-        return out
-
-    def _live_replicas(self, raw: Mapping[str, str], now: float) -> list[ReplicaRecord]:
-        return [r for r in self._decode_all(ReplicaRecord, self.replicas_key, raw).values()
-                if r.expires_at >= now]
 
     # -- executors (operator) ------------------------------------------------
     async def put_executor(self, record: ExecutorRecord) -> None:
@@ -307,7 +159,7 @@ class MetadataStore:
             raw = await self._run(self.redis.hgetall(self.replicas_key))
         else:
             raw = await self._scan_fields(self.replicas_key, f"{_glob_escape(executor)}|*")
-        return self._live_replicas(raw, _now())
+        return self.decoder.live_replicas(raw, _now())
 
     async def _scan_fields(self, key: str, pattern: str) -> dict[str, str]:
         async def scan() -> dict[str, str]:
@@ -332,7 +184,7 @@ class MetadataStore:
             for name, value in raw.items():
                 at = _expires_at(value)
                 if at is None:
-                    self._malformed(key, name, "no expires_at")
+                    self.decoder.malformed(key, name, "no expires_at")
                 elif at < now:
                     out.append(name)
             return out
@@ -353,7 +205,7 @@ class MetadataStore:
 
     async def list_clients(self) -> dict[str, ClientRecord]:
         raw = await self._run(self.redis.hgetall(self.clients_key))
-        return self._decode_all(ClientRecord, self.clients_key, raw)
+        return self.decoder.decode_all(ClientRecord, self.clients_key, raw)
 
     async def remove_client(self, client: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -376,7 +228,7 @@ class MetadataStore:
             raws = await self._run(pipe.execute())
         out = {}
         for c, r in zip(names, raws, strict=True):
-            sample = None if r is None else self._decode(LatencySample, self.latency_key(c),
+            sample = None if r is None else self.decoder.decode(LatencySample, self.latency_key(c),
                                                           name, r)
             if sample is not None:
                 out[c] = sample
@@ -448,49 +300,18 @@ class MetadataStore:
         for bucket in sorted(buckets):
             pipe.expire(self.demand_key(bucket), DEMAND_TTL_SECONDS)
 
-    def _inflight_totals(self, raw: Mapping[str, str], now: float,
-                         exclude_instance: str | None = None) -> dict[str, int]:
-        totals: dict[str, int] = {}
-        for name, value in raw.items():
-            executor, sep, instance = name.rpartition("|")
-            if not sep:
-                self._malformed(self.inflight_key, name, "field is not EXEC|INSTANCE")
-                continue
-            if instance == exclude_instance:
-                continue
-            lease = self._decode(InflightLease, self.inflight_key, name, value)
-            if lease is not None and lease.expires_at >= now and lease.n > 0:
-                totals[executor] = totals.get(executor, 0) + lease.n
-        return totals
-
-    def _service_totals(self, raw: Mapping[str, str], now: float,
-                        exclude_instance: str | None = None) -> dict[str, ServiceStats]:
-        totals: dict[str, ServiceStats] = {}
-        for name, value in raw.items():
-            executor, sep, instance = name.rpartition("|")
-            if not sep:
-                self._malformed(self.service_key, name, "field is not EXEC|INSTANCE")
-                continue
-            if instance == exclude_instance:
-                continue
-            stats = self._decode(ServiceStats, self.service_key, name, value)
-            if stats is not None and stats.expires_at >= now:
-                seen = totals.get(executor)
-                totals[executor] = stats if seen is None else seen + stats
-        return totals
-
     async def service_stats(self, exclude_instance: str | None = None) -> dict[
         str, ServiceStats
     ]:
         """Every executor's measured service times, all writers added up."""
         raw = await self._run(self.redis.hgetall(self.service_key))
-        return self._service_totals(raw, _now(), exclude_instance)
+        return self.decoder.service_totals(raw, _now(), exclude_instance)
 
     async def inflight_counts(self, exclude_instance: str | None = None) -> dict[str, int]:
         """Requests in flight per executor (unexpired leases), leaving out
         ``exclude_instance``'s."""
         raw = await self._run(self.redis.hgetall(self.inflight_key))
-        return self._inflight_totals(raw, _now(), exclude_instance)
+        return self.decoder.inflight_totals(raw, _now(), exclude_instance)
 
     async def inflight_load(self, exclude_instance: str | None = None) -> tuple[
         dict[str, int], dict[str, list[tuple[str, float, float]]]
@@ -501,30 +322,7 @@ class MetadataStore:
         as :attr:`Snapshot.inflight` and :attr:`Snapshot.inflight_requests`.
         """
         raw = await self._run(self.redis.hgetall(self.inflight_key))
-        return self._inflight_view(raw, _now(), exclude_instance)
-
-    def _inflight_view(self, raw: Mapping[str, str], now: float,
-                       exclude_instance: str | None = None) -> tuple[
-        dict[str, int], dict[str, list[tuple[str, float, float]]]
-    ]:
-        counts: dict[str, int] = {}
-        timed: dict[str, list[tuple[str, float, float]]] = {}
-        for name, value in raw.items():
-            executor, sep, instance = name.rpartition("|")
-            if not sep:
-                self._malformed(self.inflight_key, name, "field is not EXEC|INSTANCE")
-                continue
-            if instance == exclude_instance:
-                continue
-            lease = self._decode(InflightLease, self.inflight_key, name, value)
-            if lease is None or lease.expires_at < now or lease.n <= 0:
-                continue
-            known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
-            if known:
-                timed.setdefault(executor, []).extend(known)
-            if lease.n > len(known):
-                counts[executor] = counts.get(executor, 0) + lease.n - len(known)
-        return counts, timed
+        return self.decoder.inflight_view(raw, _now(), exclude_instance)
 
     # -- selection snapshot -----------------------------------------------------
     async def client_view(self, client: str, max_samples: int | None = None) -> tuple[
@@ -541,28 +339,7 @@ class MetadataStore:
             pipe.hgetall(self.latency_key(client))
             pipe.hget(self.clients_key, client)
             raw, record = await self._run(pipe.execute())
-        return self._client_part(client, raw, record, _now(), max_samples)
-
-    def _client_part(self, client: str, raw: Mapping[str, str], raw_record: str | None,
-                     now: float, max_samples: int | None = None) -> tuple[
-        dict[str, dict[str, LatencySample]], ClientRecord | None
-    ]:
-        key = self.latency_key(client)
-        latency: dict[str, dict[str, LatencySample]] = {}
-        kept = 0
-        for f, sample in self._decode_all(LatencySample, key, raw).items():
-            if sample.expires_at >= now:
-                if max_samples is not None and kept >= max_samples:
-                    self._malformed(key, "*", f"more than {max_samples} live samples; "
-                                    "the rest are ignored")
-                    break
-                ex, pod = _split_field(f)
-                latency.setdefault(ex, {})[pod] = sample
-                kept += 1
-        record = None
-        if raw_record is not None:
-            record = self._decode(ClientRecord, self.clients_key, client, raw_record)
-        return latency, record
+        return self.decoder.client_part(client, raw, record, _now(), max_samples)
 
     async def snapshot(self, client: str | None = None,
                        exclude_instance: str | None = None) -> Snapshot:
@@ -582,16 +359,16 @@ class MetadataStore:
                 pipe.hget(self.clients_key, client)
             results = await self._run(pipe.execute())
         now = _now()
-        executors = self._decode_all(ExecutorRecord, self.executors_key, results[0])
+        executors = self.decoder.decode_all(ExecutorRecord, self.executors_key, results[0])
         replicas: dict[str, list[ReplicaRecord]] = {}
-        for r in self._live_replicas(results[1], now):
+        for r in self.decoder.live_replicas(results[1], now):
             replicas.setdefault(r.executor, []).append(r)
-        inflight, timed = self._inflight_view(results[2], now, exclude_instance)
-        service = self._service_totals(results[3], now, exclude_instance)
+        inflight, timed = self.decoder.inflight_view(results[2], now, exclude_instance)
+        service = self.decoder.service_totals(results[3], now, exclude_instance)
         latency: dict[str, dict[str, LatencySample]] = {}
         record: ClientRecord | None = None
         if client is not None:
-            latency, record = self._client_part(client, results[4], results[5], now)
+            latency, record = self.decoder.client_part(client, results[4], results[5], now)
         return Snapshot(executors, replicas, latency, inflight, now, record, service=service,
                         inflight_requests=timed)
 
@@ -645,14 +422,14 @@ class MetadataStore:
             cursor, more = await self._run(
                 self.redis.hscan(self.inflight_key, cursor, match=pattern, count=1000))
             leases.update(more)
-        inflight = self._inflight_totals(leases, now).get(executor, 0)
+        inflight = self.decoder.inflight_totals(leases, now).get(executor, 0)
         arrivals = 0
         for key, raw in zip(keys, results[1:], strict=True):
             count = None if raw is None else _count(raw)
             if count is not None:
                 arrivals += count
             elif raw is not None:
-                self._malformed(key, executor, "not an integer")
+                self.decoder.malformed(key, executor, "not an integer")
         return inflight, arrivals / (n * DEMAND_BUCKET_SECONDS)
 
     # -- fleet-wide reads and writes (the operator's ticks) ------------------------
@@ -678,7 +455,7 @@ class MetadataStore:
             for bucket in buckets:
                 pipe.hgetall(self.demand_key(bucket))
             results = await self._run(pipe.execute())
-        inflight = self._inflight_totals(results[0], now)
+        inflight = self.decoder.inflight_totals(results[0], now)
         arrivals: dict[str, list[int]] = {}
         for bucket, raw in zip(buckets, results[1:], strict=True):
             for executor, value in raw.items():
@@ -686,7 +463,7 @@ class MetadataStore:
                     continue
                 count = _count(value)
                 if count is None:
-                    self._malformed(self.demand_key(bucket), executor, "not an integer")
+                    self.decoder.malformed(self.demand_key(bucket), executor, "not an integer")
                 elif bucket > last - counts[executor]:
                     arrivals.setdefault(executor, []).append(count)
         return {e: (inflight.get(e, 0),

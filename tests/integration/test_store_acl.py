@@ -228,7 +228,7 @@ def test_no_user_no_access(url):
 def test_the_process_user_wins_over_the_urls(url, monkeypatch):
     # The ConfigMap's URL names the companions' user (the operator copies it into
     # executor pods); the operator and the selector log in as themselves.
-    from mulambda.store.metadata import _with_username
+    from mulambda.store.connection import _with_username
 
     host = url.removeprefix("redis://")
     monkeypatch.delenv("MULAMBDA_REDIS_USERNAME", raising=False)

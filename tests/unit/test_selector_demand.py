@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from mulambda.selector.caches import DemandQueue
 from mulambda.settings import SELECTOR_SETTINGS_DOC, SelectorSettings, SettingsError
-from mulambda.store.metadata import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_SECONDS
+from mulambda.store.connection import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_SECONDS
 from mulambda.store.records import StoreUnavailable
 
 
