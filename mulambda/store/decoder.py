@@ -4,7 +4,7 @@ value that does not decode is skipped and logged (key and field, never its conte
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .records import (
@@ -60,52 +60,48 @@ class Decoder:
         return [r for r in self.decode_all(ReplicaRecord, self.keys.replicas_key, raw).values()
                 if r.expires_at >= now]
 
-    def inflight_totals(self, raw: Mapping[str, str], now: float,
-                         exclude_instance: str | None = None) -> dict[str, int]:
-        totals: dict[str, int] = {}
+    def per_instance(self, cls: Any, key: str, raw: Mapping[str, str], now: float,
+                     exclude_instance: str | None = None) -> Iterator[tuple[str, Any]]:
+        """(executor, record) of each unexpired ``EXEC|INSTANCE`` field of ``key`` that
+        decodes as ``cls``, leaving out ``exclude_instance``'s."""
         for name, value in raw.items():
             executor, sep, instance = name.rpartition("|")
             if not sep:
-                self.malformed(self.keys.inflight_key, name, "field is not EXEC|INSTANCE")
+                self.malformed(key, name, "field is not EXEC|INSTANCE")
                 continue
             if instance == exclude_instance:
                 continue
-            lease = self.decode(InflightLease, self.keys.inflight_key, name, value)
-            if lease is not None and lease.expires_at >= now and lease.n > 0:
+            record = self.decode(cls, key, name, value)
+            if record is not None and record.expires_at >= now:
+                yield executor, record
+
+    def inflight_totals(self, raw: Mapping[str, str], now: float,
+                        exclude_instance: str | None = None) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for executor, lease in self.per_instance(InflightLease, self.keys.inflight_key, raw,
+                                                 now, exclude_instance):
+            if lease.n > 0:
                 totals[executor] = totals.get(executor, 0) + lease.n
         return totals
 
     def service_totals(self, raw: Mapping[str, str], now: float,
-                        exclude_instance: str | None = None) -> dict[str, ServiceStats]:
+                       exclude_instance: str | None = None) -> dict[str, ServiceStats]:
         totals: dict[str, ServiceStats] = {}
-        for name, value in raw.items():
-            executor, sep, instance = name.rpartition("|")
-            if not sep:
-                self.malformed(self.keys.service_key, name, "field is not EXEC|INSTANCE")
-                continue
-            if instance == exclude_instance:
-                continue
-            stats = self.decode(ServiceStats, self.keys.service_key, name, value)
-            if stats is not None and stats.expires_at >= now:
-                seen = totals.get(executor)
-                totals[executor] = stats if seen is None else seen + stats
+        for executor, stats in self.per_instance(ServiceStats, self.keys.service_key, raw, now,
+                                                 exclude_instance):
+            seen = totals.get(executor)
+            totals[executor] = stats if seen is None else seen + stats
         return totals
 
     def inflight_view(self, raw: Mapping[str, str], now: float,
-                       exclude_instance: str | None = None) -> tuple[
+                      exclude_instance: str | None = None) -> tuple[
         dict[str, int], dict[str, list[tuple[str, float, float]]]
     ]:
         counts: dict[str, int] = {}
         timed: dict[str, list[tuple[str, float, float]]] = {}
-        for name, value in raw.items():
-            executor, sep, instance = name.rpartition("|")
-            if not sep:
-                self.malformed(self.keys.inflight_key, name, "field is not EXEC|INSTANCE")
-                continue
-            if instance == exclude_instance:
-                continue
-            lease = self.decode(InflightLease, self.keys.inflight_key, name, value)
-            if lease is None or lease.expires_at < now or lease.n <= 0:
+        for executor, lease in self.per_instance(InflightLease, self.keys.inflight_key, raw,
+                                                 now, exclude_instance):
+            if lease.n <= 0:
                 continue
             known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
             if known:
