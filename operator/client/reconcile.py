@@ -9,6 +9,8 @@ the operator: a Client that sends nothing must let them sleep.
 
 from __future__ import annotations
 
+from typing import Any
+
 from mulambda.api.client import ClientSpec
 from mulambda.policy.selection import rank
 from mulambda.settings import Settings
@@ -24,15 +26,16 @@ from .status import client_status
 
 async def ensure_workload(
     ctx: Context, client: ObjectRef, spec: ClientSpec, logger: Logger, spec_changed: bool,
-) -> list[Event]:
-    """Run (or stop running) the Client's workload Deployment + ping Service."""
+) -> tuple[list[Event], dict[str, Any] | None]:
+    """Run (or stop running) the Client's workload Deployment + ping Service; returns the
+    Events and the Deployment as the API server has it (None without a workload)."""
     name, ns = client.name, client.namespace
     if spec.workload is None:
         if not spec_changed:
-            return []  # a workload can only have gone away with a spec change
+            return [], None  # a workload can only have gone away with a spec change
         removed = await remove_owned(ctx.kube, client, workload_name(name), ns)
         return [Event.normal(reason="DeletedWorkload", message=f"Deleted {what}: no spec.workload")
-                for what in removed]
+                for what in removed], None
     replicas = spec.workload.replicas
     deployment, changes = await ensure_deployment(
         ctx.kube, client,
@@ -49,7 +52,7 @@ async def ensure_workload(
     if changes:
         logger.info("workload service reconciled name=%s changes=%s",
                     service["metadata"]["name"], changes)
-    return events
+    return events, deployment
 
 
 def client_record(
@@ -69,8 +72,8 @@ def client_record(
 
 async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
     """Converge workload and registration for one Client; return its selection as status."""
-    events = await ensure_workload(ctx, client.ref, client.spec, client.logger,
-                                   client.spec_changed)
+    events, workload = await ensure_workload(ctx, client.ref, client.spec, client.logger,
+                                             client.spec_changed)
     record = client_record(client.ref, client.spec, client.generation, ctx.settings)
     try:
         await ctx.store.put_client(record)
@@ -79,7 +82,8 @@ async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
         problem = store_retry(exc, client.retry, ctx.settings)
         return store_unavailable(client.status, client.generation, problem).after(events)
     ranking = rank(record.criteria, snapshot, client=record.id)
-    return client_status(record.id, ranking, client.status, client.generation).after(events)
+    return client_status(record.id, ranking, client.status, client.generation,
+                         workload=workload).after(events)
 
 
 async def forget(ctx: Context, client_id: str, retry: int, logger: Logger) -> Problem | None:

@@ -6,6 +6,11 @@ Conditions the operator sets:
 - ``Ready``: an executor is selected (``Selected``) or none matches
   (``NoMatchingExecutor``, the message says why each was turned down). While
   the store is down Ready keeps its last value: nothing new is known.
+- ``WorkloadReady`` (only with ``spec.workload``): the workload Deployment has
+  all its replicas ready (``WorkloadAvailable``), is on its way
+  (``WorkloadStarting``), or its pods are refused (``WorkloadFailed``, with the
+  ReplicaSet controller's sentence: a template that breaks the namespace's
+  Pod Security level, an exceeded quota).
 
 ``status.selected`` is sticky (:func:`sticky_choice`) and, like
 ``status.candidates``, written only when the choice or a rounded score
@@ -55,18 +60,47 @@ def _summary(entry: Mapping[str, Any] | None) -> tuple[Any, ...] | None:
     return entry.get("executor"), round(float(entry.get("score") or 0), 2)
 
 
+def workload_condition(deployment: Mapping[str, Any]) -> dict[str, str]:
+    """``WorkloadReady`` from the workload Deployment as the API server reports it."""
+    want = int((deployment.get("spec") or {}).get("replicas") or 0)
+    status = deployment.get("status") or {}
+    ready = int(status.get("readyReplicas") or 0)
+    failure = next((c for c in status.get("conditions") or []
+                    if c.get("type") == "ReplicaFailure" and c.get("status") == "True"), None)
+    if failure is not None:
+        return condition("WorkloadReady", FALSE, "WorkloadFailed",
+                         f"{ready}/{want} workload pods ready; "
+                         f"{failure.get('reason') or 'ReplicaFailure'}: "
+                         f"{failure.get('message') or 'the ReplicaSet cannot create pods'}")
+    if ready >= want:
+        return condition("WorkloadReady", TRUE, "WorkloadAvailable",
+                         f"{ready}/{want} workload pods ready.")
+    return condition("WorkloadReady", FALSE, "WorkloadStarting",
+                     f"{ready}/{want} workload pods ready.")
+
+
 def client_status(
     client_id: str, ranking: Ranking, previous: Mapping[str, Any], generation: int,
-    now: str | None = None,
+    now: str | None = None, workload: Mapping[str, Any] | None = None,
 ) -> StatusUpdate:
-    """Selection, top candidates, Registered and Ready from a fresh ranking."""
+    """Selection, top candidates, Registered and Ready from a fresh ranking, and
+    WorkloadReady from the workload Deployment when there is one."""
     stamp = now or now_iso()
     old_conditions = previous.get("conditions")
+    if workload is None and get_condition(old_conditions, "WorkloadReady") is not None:
+        # spec.workload is gone, and the Deployment with it: so is what was said of it.
+        old_conditions = [c for c in old_conditions or [] if c.get("type") != "WorkloadReady"]
     old_selected = previous.get("selected") or {}
     current = old_selected.get("executor")
     updates = [condition("Registered", TRUE, "Registered",
                          f"Registered in the metadata store as {client_id}.")]
     events: list[Event] = []
+    if workload is not None:
+        verdict = workload_condition(workload)
+        updates.append(verdict)
+        was = get_condition(old_conditions, "WorkloadReady") or {}
+        if verdict["reason"] == "WorkloadFailed" and was.get("reason") != "WorkloadFailed":
+            events.append(Event.warning(reason="WorkloadFailed", message=verdict["message"]))
     selected: dict[str, Any] | None = None
     if ranking:
         best = sticky_choice(ranking, current)
@@ -94,7 +128,7 @@ def client_status(
 
     fields: dict[str, Any] = {}
     conditions = merge_conditions(old_conditions, updates, generation, stamp)
-    if not conditions_equal(old_conditions, conditions):
+    if not conditions_equal(previous.get("conditions"), conditions):
         fields["conditions"] = conditions
     if _summary(previous.get("selected")) != _summary(selected):
         fields["selected"] = selected

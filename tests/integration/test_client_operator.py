@@ -265,6 +265,13 @@ def test_workload_runs_with_identity_and_a_probe_target_and_is_cleaned_up(
         lambda: (cluster.get(*DEP, apps, "shop-workload")["status"].get("readyReplicas") == 2),
         what="the workload's Deployment reporting 2 ready replicas")
 
+    # ... and the Client says so.
+    workload_ready = cluster.wait_for(
+        lambda: next((c for c in (cluster.get(*CL, apps, "shop") or {}).get("status", {})
+                      .get("conditions", []) if c["type"] == "WorkloadReady"
+                      and c["status"] == "True"), None), what="WorkloadReady=True")
+    assert workload_ready["reason"] == "WorkloadAvailable"
+
     raw = cluster.wait_for(lambda: redis.Redis.from_url(redis_url).hget(
         f"{PREFIX}:clients", f"{apps}/shop"), what="the Client's store record")
     assert json.loads(raw)["probe_url"] == (
@@ -275,11 +282,36 @@ def test_workload_runs_with_identity_and_a_probe_target_and_is_cleaned_up(
     assert redis.Redis.from_url(redis_url).hget(f"{PREFIX}:clients", f"{apps}/shop") is None
     # Was: gone at once (the emulator collected synchronously). The real garbage
     # collector follows ownerReferences in the background: Deployment, Service, pods.
+    # The collector learns a new kind (Client) at its discovery resync, up to 30 s
+    # after the CRDs were installed: allow for that when this test runs early.
     cluster.wait_for(lambda: cluster.get(*DEP, apps, "shop-workload") is None
-                     and cluster.get(*SVC, apps, "shop-workload") is None,
+                     and cluster.get(*SVC, apps, "shop-workload") is None, timeout=75,
                      what="workload Deployment and Service garbage-collected")
     cluster.wait_for(lambda: not pods(cluster, apps, "client-workload", "shop"),
                      what="the workload's pods gone")
+
+
+def test_a_workload_whose_pods_pod_security_refuses_is_a_false_condition_and_an_event(
+    cluster: Cluster, operator: OperatorRun, apps: str,
+) -> None:
+    # No securityContext: the namespace enforces "restricted", so the ReplicaSet
+    # controller's every pod is refused; the Client must say so, not only the
+    # ReplicaSet's Events (found on the real server; the emulator admitted anything).
+    template = {"spec": {"containers": [{"name": "app", "image": "example/app:1"}]}}
+    cluster.create(client(apps, workload={"replicas": 1, "template": template}))
+
+    def workload_condition() -> dict[str, Any] | None:
+        status = (cluster.get(*CL, apps, "shop") or {}).get("status") or {}
+        return next((c for c in status.get("conditions", [])
+                     if c["type"] == "WorkloadReady" and c["reason"] == "WorkloadFailed"), None)
+
+    failed = cluster.wait_for(workload_condition, timeout=60, what="WorkloadReady=False")
+    assert failed["status"] == "False"
+    assert "violates PodSecurity" in failed["message"], failed
+    [event] = cluster.wait_for(lambda: cluster.events(apps, "WorkloadFailed"),
+                               what="a WorkloadFailed Event")
+    assert event["type"] == "Warning" and "violates PodSecurity" in event["message"]
+    assert not pods(cluster, apps, "client-workload", "shop")
 
 
 def test_external_client_registers_its_probe_url_and_updates(

@@ -132,3 +132,42 @@ def test_what_the_operator_cannot_act_on_sets_ready_false(reason):
     assert update.problem == Problem("what is wrong")
     assert [(e.type, e.reason) for e in update.events] == [(WARNING, reason)]
     assert failure(reason, "what is wrong", update.fields, 2, NOW).events == []
+
+
+def workload(replicas: int, ready: int, failure: str | None = None) -> dict[str, Any]:
+    conditions = [] if failure is None else [
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": failure}]
+    return {"spec": {"replicas": replicas},
+            "status": {"readyReplicas": ready, "conditions": conditions}}
+
+
+REFUSED = ('pods "shop-workload-x" is forbidden: violates PodSecurity "restricted:latest": '
+           "allowPrivilegeEscalation != false")
+
+
+@pytest.mark.parametrize(("deployment", "status", "reason", "says"), [
+    pytest.param(workload(2, 2), "True", "WorkloadAvailable", "2/2 workload pods ready",
+                 id="available"),
+    pytest.param(workload(2, 1), "False", "WorkloadStarting", "1/2 workload pods ready",
+                 id="starting"),
+    pytest.param(workload(0, 0), "True", "WorkloadAvailable", "0/0", id="scaled-to-zero"),
+    pytest.param(workload(1, 0, REFUSED), "False", "WorkloadFailed", "violates PodSecurity",
+                 id="pods-refused"),
+])
+def test_workload_ready_tells_what_the_workload_deployment_reports(deployment, status, reason,
+                                                                   says):
+    update = client_status("apps/c", ranking({"a": 2.0}), {}, 1, NOW, workload=deployment)
+    [cond] = [c for c in update.fields["conditions"] if c["type"] == "WorkloadReady"]
+    assert (cond["status"], cond["reason"]) == (status, reason) and says in cond["message"]
+    warned = [e for e in update.events if e.reason == "WorkloadFailed"]
+    assert [e.type for e in warned] == ([WARNING] if reason == "WorkloadFailed" else [])
+
+
+def test_a_refused_workload_warns_once_and_the_condition_goes_with_the_workload():
+    first = client_status("apps/c", ranking({"a": 2.0}), {}, 1, NOW,
+                          workload=workload(1, 0, REFUSED))
+    again = client_status("apps/c", ranking({"a": 2.0}), first.fields, 1, LATER,
+                          workload=workload(1, 0, REFUSED))
+    assert not [e for e in again.events if e.reason == "WorkloadFailed"]
+    gone = client_status("apps/c", ranking({"a": 2.0}), first.fields, 2, LATER)
+    assert "WorkloadReady" not in conditions(gone.fields)
