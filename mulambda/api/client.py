@@ -19,6 +19,13 @@ class Preferences(_Model):
     latency: float = Field(default=1.0, ge=0)
     accuracy: float = Field(default=1.0, ge=0)
 
+    @model_validator(mode="after")
+    def _not_both_zero(self) -> Preferences:
+        # The CRD's CEL rule says the same; objects stored before it still come here.
+        if self.latency == 0 and self.accuracy == 0:
+            raise ValueError("preferences.latency and preferences.accuracy must not both be 0")
+        return self
+
 
 class Limits(_Model):
     max_latency_ms: float | None = Field(default=None, gt=0, alias="maxLatencyMs")

@@ -76,6 +76,20 @@ def test_client_spec_rejects_negative_weights():
         parse_client_spec({"criteria": {"type": "t"}, "preferences": {"latency": -1}})
 
 
+@pytest.mark.parametrize(("preferences", "ok"), [
+    ({"latency": 0, "accuracy": 0}, False),
+    ({"latency": 0, "accuracy": 1}, True),
+    ({"latency": 0.5}, True),  # accuracy defaults to 1
+])
+def test_client_spec_refuses_preferences_that_are_both_zero(preferences, ok):
+    spec = {"criteria": {"type": "t"}, "preferences": preferences}
+    if ok:
+        assert parse_client_spec(spec).preferences.latency == preferences["latency"]
+    else:
+        with pytest.raises(SpecError, match="must not both be 0"):
+            parse_client_spec(spec)
+
+
 def _executor(spec):
     return {"apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
             "metadata": {"name": "x"}, "spec": spec}
