@@ -99,8 +99,10 @@ async def test_failover_when_the_first_endpoint_fails(store, doubles):
     broken = await TFServingDouble("broken", status=503).start()
     backup = await TFServingDouble("backup").start()
     doubles += [broken, backup]
-    await register(store, "broken", broken.url, rtt=1)
-    await register(store, "backup", backup.url, rtt=30)
+    # RTTs far apart: near-equal candidates are spread at random (policy.selection),
+    # and this test is about the order of failover, not about spreading.
+    await register(store, "broken", broken.url, rtt=15)
+    await register(store, "backup", backup.url, rtt=60)
     await register(store, "down", f"http://127.0.0.1:{free_port()}", rtt=0.5)
 
     async with MulambdaClient(store, CLIENT, type="vision", suspect_seconds=60) as mu:
@@ -117,7 +119,7 @@ async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
     a = await TFServingDouble("a", status=500).start()
     doubles.append(a)
     await register(store, "a", a.url, rtt=1)
-    await register(store, "b", f"http://127.0.0.1:{free_port()}", rtt=2)
+    await register(store, "b", f"http://127.0.0.1:{free_port()}", rtt=20)
     async with MulambdaClient(store, CLIENT, type="vision") as mu:
         with pytest.raises(AllCandidatesFailed) as err:
             await mu.predict([[0]])
