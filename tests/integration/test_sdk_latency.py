@@ -102,8 +102,10 @@ async def test_another_sdks_requests_in_flight_are_seen_at_once(store, doubles):
     near = await TFServingDouble("near", on_request=hold).start()
     other = await TFServingDouble("other").start()
     doubles += [near, other]
-    await register(store, "near", near.url, rtt=1, service=5)
-    await register(store, "other", other.url, rtt=3, service=5)
+    # A request on "near" is expected to take 500 ms (the lease says when it will be
+    # served), so it still counts as ahead when b decides, however slow this machine.
+    await register(store, "near", near.url, rtt=1, service=500)
+    await register(store, "other", other.url, rtt=60, service=500)
     # load_timeout: the fresh read gives up after 50 ms by default (a request must not
     # wait on the store); a loaded CI machine can take longer, and this test is about
     # what the read sees, not how fast it is.
