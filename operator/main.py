@@ -64,9 +64,12 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     @kopf.on.cleanup(registry=registry)
     async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-        for task in [getattr(memo, "pruner", None), *getattr(memo, "fleet", [])]:
-            if task is not None:
-                task.cancel()
+        tasks = [t for t in [getattr(memo, "pruner", None), *getattr(memo, "fleet", [])] if t]
+        for task in tasks:
+            task.cancel()
+        # Wait for them to end before their clients close: a tick still writing would
+        # meet a closed API pool and log a failure at every shutdown.
+        await asyncio.gather(*tasks, return_exceptions=True)
         ctx = getattr(memo, "ctx", None)
         if ctx is not None:
             await ctx.store.close()
