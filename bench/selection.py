@@ -30,46 +30,18 @@ import argparse
 import asyncio
 import json
 import random
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from contextlib import closing
+from pathlib import Path
 
 from mulambda.sdk import MulambdaClient
 from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
 
-
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("redis-server did not start")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.procs import RedisServer
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -114,9 +86,10 @@ async def _measure(fn, seconds: float) -> list[float]:
 
 
 async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    proc, url = _start_redis()
+    server = RedisServer()
+    server.start()
     try:
-        store = MetadataStore.from_url(url, prefix="bench")
+        store = MetadataStore.from_url(server.url, prefix="bench")
         clients = [f"apps/client{c:03d}" for c in range(args.clients)]
         others = await _load(store, args.executors, clients, args.types)
         results: dict[str, list[float]] = {}
@@ -150,8 +123,7 @@ async def main(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         await others.stop()
         await store.close()
     finally:
-        proc.terminate()
-        proc.wait(5)
+        server.stop()
 
     ping = statistics.median(results["redis PING"])
     ping99 = _pct(results["redis PING"], 99)

@@ -35,26 +35,22 @@ import json
 import os
 import random
 import resource
-import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.procs import RedisServer, free_port
+
 BODY_SIZE = 600  # bytes, about a /select answer with a few candidates
 
 
-def _free_port() -> int:
-    with closing(socket.socket()) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _raise_fd_limit() -> int:
@@ -67,26 +63,6 @@ def _raise_fd_limit() -> int:
     return soft
 
 
-def _start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--maxclients", "10000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return proc, f"redis://127.0.0.1:{port}/0"
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    sys.exit("redis-server did not start")
 
 
 async def _fill(url: str, prefix: str, executors: int, types: int) -> None:
@@ -278,14 +254,16 @@ def main(args: argparse.Namespace) -> list[Result]:
     nofile = _raise_fd_limit()
     if nofile < 2 * max(levels) + 100:
         sys.exit(f"RLIMIT_NOFILE is {nofile}: too low for {max(levels)} connections")
-    redis_proc, url = _start_redis()
-    procs: list[subprocess.Popen[bytes]] = [redis_proc]
+    server = RedisServer(args=["--maxclients", "10000"])
+    server.start()
+    url = server.url
+    procs: list[subprocess.Popen[bytes]] = []
     procs_logs: list[Any] = []
     try:
         asyncio.run(_fill(url, "bench", args.executors, args.types))
         env = {**os.environ, "MULAMBDA_SELECTOR_AUTH": "false", "MULAMBDA_LOG_LEVEL": "WARNING",
                "MULAMBDA_REDIS_URL": url, "MULAMBDA_KEY_PREFIX": "bench"}
-        sel_port, base_port = _free_port(), _free_port()
+        sel_port, base_port = free_port(), free_port()
         # It logs a line per selection (as deployed): to a file, not this terminal.
         log = open(args.selector_log or os.devnull, "ab")  # closed in finally
         procs_logs.append(log)
@@ -305,6 +283,7 @@ def main(args: argparse.Namespace) -> list[Result]:
     finally:
         for proc in reversed(procs):
             _stop(proc)
+        server.stop()
         for f in procs_logs:
             f.close()
 

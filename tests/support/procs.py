@@ -9,7 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -62,8 +62,10 @@ class RedisServer:
 
     ADMIN_USER = "test-admin"
 
-    def __init__(self, password: str | None = None, acl: str | None = None) -> None:
+    def __init__(self, password: str | None = None, acl: str | None = None,
+                 args: Sequence[str] = ()) -> None:
         self.password = password
+        self.args = list(args)  # more redis-server flags (e.g. --maxclients for a benchmark)
         self.acl = acl
         self.admin_password = secrets.token_hex(16) if acl is not None else None
         binary = shutil.which("redis-server")
@@ -79,7 +81,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        extra: list[str] = []
+        extra: list[str] = list(self.args)
         if self.password:
             extra += ["--requirepass", self.password]
         if self.acl is not None:
