@@ -96,6 +96,10 @@ class Candidate:
     model: ServiceModel | None = field(default=None, repr=False, compare=False)
     measured: int = 0  # requests the service-time model was measured on
     notes: tuple[str, ...] = ()
+    # The two terms of the score (mulambda.policy.explain shows them): latency utility of
+    # the latency the score ranks by, and accuracy relative to the best candidate's.
+    latency_utility: float = 0.0
+    accuracy_utility: float = 0.0
 
     @property
     def reason(self) -> str:

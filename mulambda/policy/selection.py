@@ -125,7 +125,7 @@ from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
 # rank's inputs and outputs are defined beside it (.criteria, shared with the store's
 # ClientRecord; .ranking) and are part of this module's API.
 __all__ = ["DEFAULT_POLICY", "Candidate", "Criteria", "Policy", "Preferences", "Ranking",
-           "overlay", "prefilter", "rank"]
+           "near_equal", "overlay", "prefilter", "rank"]
 
 
 def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]:
@@ -401,6 +401,7 @@ def rank(
         c.raw_score = round(prefs.score(steady, ratio), 9)
         ranked_latency = steady if wait else c.expected_latency_ms
         c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
+        c.latency_utility, c.accuracy_utility = prefs.latency_utility(ranked_latency), ratio
         c.over_ceiling = ranked_latency > prefs.ceiling_ms
 
     # 5. order; spread over near-equal candidates
@@ -415,9 +416,16 @@ def rank(
     return Ranking(cands, rejected, wake, criteria)
 
 
-def _spread(cands: list[Candidate], prefs: Preferences, policy: Policy, rng: random.Random,
-            wait: bool) -> None:
-    """Put one near-equal candidate first, drawn in proportion to its headroom."""
+def near_equal(cands: list[Candidate], criteria: Criteria,
+               policy: Policy = DEFAULT_POLICY) -> tuple[list[Candidate], float]:
+    """The candidates sharing the first place of ``cands`` (ordered as :func:`rank` orders
+    them without ``rng``), and the floor of the noise band they lie above."""
+    prefs = Preferences.of(criteria, policy)
+    return _near_equal(cands, prefs, policy, criteria.cold_start == "Wait")
+
+
+def _near_equal(cands: list[Candidate], prefs: Preferences, policy: Policy,
+                wait: bool) -> tuple[list[Candidate], float]:
     first = cands[0]
     latency = first.expected_latency_ms - (first.cold_start_ms if wait else 0.0)
     floor = first.score - prefs.band(latency, policy)
@@ -427,6 +435,14 @@ def _spread(cands: list[Candidate], prefs: Preferences, policy: Policy, rng: ran
             break
         if c.warm == first.warm:
             group.append(c)
+    return group, floor
+
+
+def _spread(cands: list[Candidate], prefs: Preferences, policy: Policy, rng: random.Random,
+            wait: bool) -> None:
+    """Put one near-equal candidate first, drawn in proportion to its headroom."""
+    group, floor = _near_equal(cands, prefs, policy, wait)
+    first = cands[0]
     if len(group) == 1:
         return
     pick = rng.choices(group, weights=[c.score - floor for c in group])[0]
