@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, fields
 from urllib.parse import urlsplit
 
 from mulambda.storage.layout import S3_URI
+from mulambda.tasks.records import TaskOptions
 
 PREFIX = "MULAMBDA_"
 
@@ -117,6 +118,17 @@ COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "LOAD_WORKERS": ("4", "Parallel ranged GETs per model download."),
     "RETRY_BASE_DELAY_SECONDS": ("1", "First back-off after a transient load error (doubles)."),
     "FAILED_RETRY_SECONDS": ("60", "Retry after a permanent load error (model uploaded later)."),
+    "WORKER_CONCURRENCY": (
+        "4", "Tasks this pod's worker runs at once (the executor's target concurrency; 0 "
+        "turns the worker off)."),
+    "TASK_VISIBILITY_SECONDS": (
+        "30", "A task taken by a worker that stops renewing it for this long (the pod died "
+        "or froze) is delivered again."),
+    "TASK_DRAIN_SECONDS": (
+        "20", "On SIGTERM, how long running tasks may finish before they go back to the "
+        "queue."),
+    "TASK_PREDICT_TIMEOUT_SECONDS": (
+        "300", "Longest a worker waits for TF Serving's answer to one task."),
 }
 
 
@@ -127,6 +139,13 @@ SELECTOR_SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "busy waits for one."),
     "REDIS_POOL_TIMEOUT_SECONDS": (
         "5", "How long a request waits for a free store connection before it answers 503."),
+    "TASK_MAX_PAYLOAD_BYTES": (
+        "1048576", "Largest task body `POST /v1/tasks` accepts; larger gets 413."),
+    "TASK_TTL_SECONDS": (
+        "86400", "How long a task (and its Idempotency-Key) lives without an outcome."),
+    "TASK_RESULT_TTL_SECONDS": ("3600", "How long a task's result is kept once written."),
+    "TASK_MAX_ATTEMPTS": (
+        "3", "Deliveries of a task before it goes to the dead-letter stream."),
 }
 
 
@@ -275,6 +294,10 @@ class CompanionSettings:
     load_workers: int
     retry_base_delay: float
     failed_retry: float
+    worker_concurrency: int = 4
+    task_visibility: float = 30.0
+    task_drain: float = 20.0
+    task_predict_timeout: float = 300.0
 
     @property
     def executor_id(self) -> str:
@@ -357,6 +380,10 @@ class CompanionSettings:
             load_workers=int(env.number("LOAD_WORKERS", kind=int, minimum=1)),
             retry_base_delay=env.number("RETRY_BASE_DELAY_SECONDS", minimum=_MIN_SECONDS),
             failed_retry=env.number("FAILED_RETRY_SECONDS", minimum=_MIN_SECONDS),
+            worker_concurrency=int(env.number("WORKER_CONCURRENCY", kind=int)),
+            task_visibility=env.number("TASK_VISIBILITY_SECONDS", minimum=_MIN_SECONDS),
+            task_drain=env.number("TASK_DRAIN_SECONDS"),
+            task_predict_timeout=env.number("TASK_PREDICT_TIMEOUT_SECONDS", positive=True),
         )
 
 
@@ -367,6 +394,7 @@ class SelectorSettings:
     shared: Settings
     redis_pool_size: int
     redis_pool_timeout: float
+    tasks: TaskOptions = field(default_factory=TaskOptions)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> SelectorSettings:
@@ -376,4 +404,10 @@ class SelectorSettings:
             shared=Settings.from_env(environ),
             redis_pool_size=int(env.number("REDIS_POOL_SIZE", kind=int, minimum=1)),
             redis_pool_timeout=env.number("REDIS_POOL_TIMEOUT_SECONDS", positive=True),
+            tasks=TaskOptions(
+                max_payload_bytes=int(env.number("TASK_MAX_PAYLOAD_BYTES", kind=int, minimum=1)),
+                ttl_seconds=env.number("TASK_TTL_SECONDS", minimum=1),
+                result_ttl_seconds=env.number("TASK_RESULT_TTL_SECONDS", minimum=1),
+                max_attempts=int(env.number("TASK_MAX_ATTEMPTS", kind=int, minimum=1)),
+            ),
         )

@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(store, cache_ttl=args.cache_ttl, predict_timeout=args.predict_timeout,
                      max_attempts=args.max_attempts,
                      cold_start_timeout=args.cold_start_timeout,
-                     body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes)
+                     body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes,
+                     tasks=settings.tasks)
 
     # Callers prove who they are with a ServiceAccount token; the API server
     # says whether they may select the Client (mulambda.authz). None when

@@ -20,6 +20,8 @@ from mulambda.policy.selection import (
 from mulambda.store.metadata import (
     MetadataStore,
 )
+from mulambda.tasks.handlers import install as install_tasks
+from mulambda.tasks.records import TaskOptions
 
 from .handlers import healthz, metrics, predict, select
 from .service import (
@@ -39,12 +41,14 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
                suspect_seconds: float = 5.0, body_timeout: float = BODY_TIMEOUT_SECONDS,
                max_body_bytes: int = GATEWAY_MAX_BODY_BYTES,
                max_cached_clients: int = 1024, demand_interval: float = 0.5,
-               middlewares: Iterable[Any] = ()) -> web.Application:
+               middlewares: Iterable[Any] = (),
+               tasks: TaskOptions | None = None) -> web.Application:
     """The selector's aiohttp application (the caller owns ``store``).
 
     ``middlewares`` run before every handler, in order (caller authorization goes
     here). Serve it with :func:`server_options` (the header timeout and header
-    bounds are the server's, not the application's).
+    bounds are the server's, not the application's). ``tasks``: the task API's
+    limits (mulambda.tasks; defaults without).
     """
     app = web.Application(middlewares=list(middlewares), client_max_size=max_body_bytes)
     app[STORE_KEY] = store
@@ -69,6 +73,7 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     app.router.add_post("/select/{client:.+}", select)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    install_tasks(app, tasks or TaskOptions())
     return app
 
 

@@ -1,0 +1,283 @@
+"""The task queue on the store: every task key and command (the schema is the package
+docstring, :mod:`mulambda.tasks`).
+
+Delivery is at least once: a worker reads a task with XREADGROUP and it stays
+in the group's pending list until the worker acknowledges it; while the
+worker is busy it renews the entry's idle time (XCLAIM ... JUSTID), and an
+entry idle longer than the visibility timeout (its worker died, or froze) is
+claimed by another worker with XAUTOCLAIM. Each start counts an attempt;
+past the task's limit it goes to the dead-letter stream with the reason. The
+outcome is written with HSETNX, so a second delivery of a task that did
+finish cannot overwrite (or duplicate) its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis.exceptions import ResponseError, WatchError
+
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import StoreUnavailable
+
+from .records import Next, Status, TaskOptions, before_run, outcome, status_of
+
+GROUP = "workers"
+DEAD_LETTER_MAXLEN = 10_000
+# WATCH retries before a task's start or cancel gives up (another writer kept changing it).
+_WATCH_TRIES = 5
+
+Message = tuple[str, str]  # (stream entry id, task id)
+
+
+class TaskQueue:
+    """Submit, read, finish and inspect tasks; one stream per executor."""
+
+    def __init__(self, store: MetadataStore) -> None:
+        self.store = store
+        self.redis = store.redis
+        self.prefix = store.prefix
+
+    # -- keys ---------------------------------------------------------------------
+    def queue_key(self, executor: str) -> str:
+        return f"{self.prefix}:tasks:queue:{executor}"
+
+    def task_key(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}"
+
+    def idempotency_key(self, client: str, key: str) -> str:
+        return f"{self.prefix}:tasks:idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+    @property
+    def dead_key(self) -> str:
+        return f"{self.prefix}:tasks:dead"
+
+    async def _run(self, coro: Any) -> Any:
+        return await self.store._run(coro)  # the store's one mapping of errors
+
+    # -- the selector's side ----------------------------------------------------------
+    async def submit(self, task_id: str, *, client: str, executor: str, model: str, body: str,
+                     options: TaskOptions, idempotency_key: str | None = None,
+                     now: float | None = None) -> tuple[str, bool]:
+        """Queue a task for ``executor``; (task id, created). With an idempotency key
+        already used by ``client`` for a live task, that task's id and False."""
+        ttl = max(1, int(options.ttl_seconds))
+        if idempotency_key is not None:
+            key = self.idempotency_key(client, idempotency_key)
+            if not await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
+                earlier = await self._run(self.redis.get(key))
+                if earlier and await self._run(self.redis.exists(self.task_key(earlier))):
+                    return str(earlier), False
+                # The earlier task is gone (expired): the key starts over with this one.
+                await self._run(self.redis.set(key, task_id, ex=ttl))
+        fields = {"client": client, "executor": executor, "model": model, "body": body,
+                  "created_at": repr(time.time() if now is None else now),
+                  "max_attempts": str(options.max_attempts),
+                  "result_ttl": str(max(1, int(options.result_ttl_seconds))), "attempts": "0"}
+        queue = self.queue_key(executor)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.task_key(task_id), mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(self.task_key(task_id), ttl)
+            # Created at 0 before the first entry, so no worker can miss it.
+            pipe.xgroup_create(queue, GROUP, id="0", mkstream=True)
+            pipe.xadd(queue, {"task": task_id})
+            results = await self._run(pipe.execute(raise_on_error=False))
+        for result in results:
+            if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
+                raise StoreUnavailable(f"metadata store error: {result}")
+            if isinstance(result, Exception) and not isinstance(result, ResponseError):
+                raise StoreUnavailable(f"metadata store unreachable: {result}")
+        # Where it sits in the stream, so a cancel can take it out of the backlog.
+        await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-1])))
+        return task_id, True
+
+    async def get(self, task_id: str) -> dict[str, str]:
+        """The task's fields; empty when it is unknown or expired."""
+        return dict(await self._run(self.redis.hgetall(self.task_key(task_id))))
+
+    async def cancel(self, task_id: str, now: float | None = None) -> Status | None:
+        """Cancel a pending task; its status afterwards (None: unknown). A task that
+        is running or finished keeps its status."""
+        key = self.task_key(task_id)
+        for _ in range(_WATCH_TRIES):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await self._run(pipe.watch(key))
+                    fields = await self._run(pipe.hgetall(key))
+                    if not fields:
+                        return None
+                    status = status_of(fields)
+                    if status is not Status.PENDING:
+                        return status
+                    pipe.multi()
+                    pipe.hset(key, "outcome", outcome(
+                        Status.CANCELLED, worker="", at=time.time() if now is None else now,
+                        reason="cancelled by the caller"))
+                    pipe.expire(key, max(1, int(float(fields.get("result_ttl") or 1))))
+                    if fields.get("entry"):  # not delivered yet: out of the backlog at once
+                        pipe.xdel(self.queue_key(fields["executor"]), fields["entry"])
+                    await self._run(pipe.execute())
+                    return Status.CANCELLED
+            except WatchError:
+                continue
+        raise StoreUnavailable(f"task {task_id} kept changing while being cancelled")
+
+    # -- the worker's side --------------------------------------------------------------
+    async def ensure_group(self, executor: str) -> None:
+        """The consumer group, created at the start of the stream if it is missing (a
+        store that lost it: every entry still in the stream is delivered)."""
+        try:
+            await self._run(self.redis.xgroup_create(self.queue_key(executor), GROUP, id="0",
+                                                     mkstream=True))
+        except StoreUnavailable as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def read(self, executor: str, consumer: str, count: int, block_ms: int
+                   ) -> list[Message]:
+        """Up to ``count`` new tasks for ``consumer``, waiting up to ``block_ms``."""
+        try:
+            raw = await self._run(self.redis.xreadgroup(
+                GROUP, consumer, {self.queue_key(executor): ">"}, count=count, block=block_ms))
+        except StoreUnavailable as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(executor)
+            return []
+        return [(entry, data.get("task", "")) for _stream, entries in raw or ()
+                for entry, data in entries]
+
+    async def reclaim(self, executor: str, consumer: str, min_idle_ms: int, count: int
+                      ) -> list[Message]:
+        """Tasks another consumer took and has not renewed for ``min_idle_ms``."""
+        try:
+            raw = await self._run(self.redis.xautoclaim(
+                self.queue_key(executor), GROUP, consumer, min_idle_ms, "0-0", count=count))
+        except StoreUnavailable as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self.ensure_group(executor)
+            return []
+        return [(entry, data.get("task", "")) for entry, data in raw[1] if data]
+
+    async def begin(self, task_id: str, worker: str, now: float | None = None) -> tuple[
+        Next, str, dict[str, str]
+    ]:
+        """Decide whether a delivered task runs and, if so, count the attempt: (decision,
+        reason, the task's fields as they are now)."""
+        key = self.task_key(task_id)
+        for _ in range(_WATCH_TRIES):
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    await self._run(pipe.watch(key))
+                    fields = dict(await self._run(pipe.hgetall(key)))
+                    decision, reason = before_run(fields)
+                    if decision is not Next.RUN:
+                        return decision, reason, fields
+                    started = repr(time.time() if now is None else now)
+                    pipe.multi()
+                    pipe.hincrby(key, "attempts", 1)
+                    pipe.hset(key, mapping={"started_at": started, "worker": worker})
+                    attempts, _ = await self._run(pipe.execute())
+                    return Next.RUN, "", {**fields, "attempts": str(attempts),
+                                          "started_at": started, "worker": worker}
+            except WatchError:
+                continue
+        raise StoreUnavailable(f"task {task_id} kept changing while being started")
+
+    async def finish(self, executor: str, entry: str, task_id: str, final: str,
+                     result_ttl: int) -> bool:
+        """Write the outcome unless one is there, acknowledge and drop the entry; True
+        when this call wrote it."""
+        key = self.task_key(task_id)
+        queue = self.queue_key(executor)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hsetnx(key, "outcome", final)
+            pipe.expire(key, max(1, result_ttl))
+            pipe.xack(queue, GROUP, entry)
+            pipe.xdel(queue, entry)
+            written, *_ = await self._run(pipe.execute())
+        return bool(written)
+
+    async def dead_letter(self, executor: str, entry: str, task_id: str, reason: str, *,
+                          attempts: int, worker: str, result_ttl: int,
+                          now: float | None = None) -> bool:
+        """Fail the task with ``reason`` and record it in the dead-letter stream."""
+        at = time.time() if now is None else now
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_key, {"task": task_id, "executor": executor, "reason": reason,
+                                      "attempts": str(attempts), "worker": worker},
+                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            await self._run(pipe.execute())
+        return await self.finish(executor, entry, task_id, outcome(
+            Status.FAILED, worker=worker, at=at, reason=reason, attempts=attempts), result_ttl)
+
+    async def skip(self, executor: str, entry: str) -> None:
+        """Acknowledge and drop an entry whose task is gone or already final."""
+        queue = self.queue_key(executor)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xack(queue, GROUP, entry)
+            pipe.xdel(queue, entry)
+            await self._run(pipe.execute())
+
+    async def retry_later(self, executor: str, consumer: str, entry: str, task_id: str,
+                          error: str, visibility_ms: int) -> None:
+        """Keep the error and let the entry be claimed again at once (by anyone)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(self.task_key(task_id), "last_error", error[:1000])
+            pipe.hdel(self.task_key(task_id), "started_at")
+            pipe.xclaim(self.queue_key(executor), GROUP, consumer, 0, [entry],
+                        idle=visibility_ms, justid=True)
+            await self._run(pipe.execute())
+
+    async def give_back(self, executor: str, consumer: str, messages: Iterable[Message],
+                        visibility_ms: int) -> None:
+        """Shutdown: tasks this worker started but will not finish go back to the queue
+        at once, and the cut attempt does not count."""
+        taken = list(messages)
+        if not taken:
+            return
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _entry, task_id in taken:
+                pipe.hincrby(self.task_key(task_id), "attempts", -1)
+                pipe.hdel(self.task_key(task_id), "started_at")
+            pipe.xclaim(self.queue_key(executor), GROUP, consumer, 0,
+                        [entry for entry, _ in taken], idle=visibility_ms, justid=True)
+            await self._run(pipe.execute())
+
+    async def touch(self, executor: str, consumer: str, entries: list[str]) -> None:
+        """Renew the visibility of entries this worker is still busy with."""
+        if entries:
+            await self._run(self.redis.xclaim(self.queue_key(executor), GROUP, consumer, 0,
+                                              entries, justid=True))
+
+    async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
+        """The newest dead letters, newest first."""
+        raw = await self._run(self.redis.xrevrange(self.dead_key, count=count))
+        return [{"entry": entry, **data} for entry, data in raw]
+
+    # -- the operator's side ---------------------------------------------------------
+    async def backlog(self, executors: Iterable[str], now: float | None = None) -> dict[
+        str, tuple[int, float]
+    ]:
+        """Executor id -> (tasks queued or running, age of the oldest in seconds), one
+        pipelined round trip; executors without a backlog are left out."""
+        names = list(executors)
+        if not names:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.xlen(self.queue_key(name))
+                pipe.xrange(self.queue_key(name), count=1)
+            results = await self._run(pipe.execute())
+        at = time.time() if now is None else now
+        out = {}
+        for i, name in enumerate(names):
+            depth, first = int(results[2 * i]), results[2 * i + 1]
+            if depth and first:
+                millis = int(str(first[0][0]).partition("-")[0])
+                out[name] = (depth, max(0.0, at - millis / 1000))
+        return out
