@@ -73,6 +73,7 @@ class Run:
     idle_store_per_s: float = 0.0
     idle_cores: float = 0.0
     creation_requests: dict[str, int] = field(default_factory=dict)
+    idle_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def objects_per_s(self) -> float:
@@ -199,10 +200,7 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
             run.peak_rss_mib = max(run.peak_rss_mib, rss_peak_mib(proc.pid))
             time.sleep(0.5)
         run.seconds = time.monotonic() - started
-        creation = cluster.audit(user, since=mark)
-        for e in creation:
-            key = f"{e.verb} {e.resource}{'/' + e.subresource if e.subresource else ''}"
-            run.creation_requests[key] = run.creation_requests.get(key, 0) + 1
+        run.creation_requests = tally(cluster.audit(user, since=mark))
         if kind != "noop":
             time.sleep(min(10.0, idle_seconds / 4))  # let the first timers settle
             mark = cluster.audit_mark()
@@ -211,7 +209,9 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
             t0 = time.monotonic()
             time.sleep(idle_seconds)
             elapsed = time.monotonic() - t0
-            run.idle_api_per_s = len(cluster.audit(user, since=mark)) / elapsed
+            idle = cluster.audit(user, since=mark)
+            run.idle_api_per_s = len(idle) / elapsed
+            run.idle_requests = tally(idle)
             # /metrics counts every client; the two reads of it are ours.
             run.idle_api_all_per_s = (apiserver_requests(cluster) - api0 - 1) / elapsed
             run.idle_store_per_s = (store_commands(store) - cmds0 - 2) / elapsed
@@ -220,6 +220,15 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
     finally:
         stop(proc)
     return run
+
+
+def tally(events: list[Any]) -> dict[str, int]:
+    """Audit events counted by verb and resource (what the requests were)."""
+    out: dict[str, int] = {}
+    for e in events:
+        key = f"{e.verb} {e.resource}{'/' + e.subresource if e.subresource else ''}"
+        out[key] = out.get(key, 0) + 1
+    return out
 
 
 def reset(cluster: Cluster, namespace: str) -> None:
@@ -297,6 +306,7 @@ def report(results: list[tuple[Run, Run]]) -> str:
     for noop, ours in results:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
+        lines.append(f"requests while idle N={ours.n}: mulambda {ours.idle_requests}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from mulambda.store.metadata import (
 from mulambda.tasks.handlers import install as install_tasks
 from mulambda.tasks.records import TaskOptions
 
-from .handlers import healthz, metrics, predict, select
+from .handlers import explain_client, healthz, metrics, predict, select
 from .service import (
     BODY_TIMEOUT_SECONDS,
     GATEWAY_MAX_BODY_BYTES,
@@ -71,6 +71,7 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     app.on_cleanup.append(close)
     app.router.add_post("/v1/predict/{namespace}/{client}", predict)
     app.router.add_post("/select/{client:.+}", select)
+    app.router.add_get("/v1/explain/{namespace}/{client}", explain_client)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     install_tasks(app, tasks or TaskOptions())

@@ -25,6 +25,7 @@ from mulambda.httpd import (
     read_body,
     refuse,
 )
+from mulambda.policy.explain import explain
 from mulambda.policy.selection import (
     Candidate,
     Criteria,
@@ -273,6 +274,29 @@ async def predict(request: web.Request) -> web.StreamResponse:
     finally:
         sel.predictions.labels(outcome=outcome).inc()
         sel.gateway_latency.observe(time.perf_counter() - started)
+
+
+async def explain_client(request: web.Request) -> web.Response:
+    """``GET /v1/explain/NAMESPACE/NAME``: the ranking as this process would route now
+    (mulambda.policy.explain), without spreading near-equal candidates (it names them);
+    the query overrides the registered criteria as the gateway's does. Reads only."""
+    sel = request.app[SELECTOR_KEY]
+    client = f"{request.match_info['namespace']}/{request.match_info['client']}"
+    try:
+        snap = await sel.view(client)
+    except StoreUnavailable as exc:
+        log.warning("explain failed client=%s error=%s", client, exc)
+        return _error(503, "metadata store unavailable")
+    if snap.client_record is None and not request.query.get("type"):
+        return _error(404, "unknown client", reason=f"client {client!r} is not registered "
+                      "and the query gives no type")
+    try:
+        criteria = _query_criteria(request.query, snap.client_record)
+    except ValueError as exc:
+        return _error(400, str(exc))
+    found = explain(criteria, await sel.loaded(snap), client=client, policy=sel.policy,
+                    now=time.time())
+    return _json(found.to_dict())
 
 
 async def healthz(request: web.Request) -> web.Response:

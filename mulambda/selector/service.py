@@ -161,19 +161,22 @@ class Selector:
 
     async def ranking(self, criteria: Criteria, snap: Snapshot, client: str, *,
                       items: int = 1, replicas: bool = False) -> Ranking:
-        """Rank with this process's own requests in flight and measurements added, and
-        everybody else's requests in flight read fresh."""
+        """Rank :meth:`loaded` ``snap``, near-equal candidates spread."""
+        return rank(criteria, await self.loaded(snap), client=client, policy=self.policy,
+                    items=items, rng=self.rng, replicas=replicas, now=time.time())
+
+    async def loaded(self, snap: Snapshot) -> Snapshot:
+        """``snap`` with this process's own requests in flight and measurements added, and
+        everybody else's requests in flight read fresh: what a decision ranks."""
         now = time.monotonic()
         while self._virtual and self._virtual[0][0] <= now:
             self.own.remove(heapq.heappop(self._virtual)[1])
         others = await self.load.read()
         own, own_pods = self.own.ahead(now * 1000)
-        view = overlay(snap, own_inflight=own, replica_inflight=own_pods,
+        return overlay(snap, own_inflight=own, replica_inflight=own_pods,
                        service=self.tracker.stats,
                        inflight=others[0] if others is not None else None,
                        inflight_requests=others[1] if others is not None else None)
-        return rank(criteria, view, client=client, policy=self.policy, items=items,
-                    rng=self.rng, replicas=replicas, now=time.time())
 
     def count_selection(self, candidate: Candidate) -> None:
         """A /select answer: one request of ours on its way, for its expected latency."""
