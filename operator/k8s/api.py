@@ -76,16 +76,25 @@ class KubeApi:
                               core.patch_namespaced_service, core.delete_namespaced_service),
         }
 
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        return self.api_client.sanitize_for_serialization(obj)  # type: ignore[no-any-return]
-
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn``'s answer as plain JSON (None when empty), parsed in the worker thread.
+
+        The client's typed models are skipped (``_preload_content=False``):
+        turning a Deployment into them and back into a dict cost more CPU than
+        the request itself, most of it on the event loop, and made a backlog of
+        creates CPU-bound. Non-2xx answers still raise ApiException.
+        """
         # The client has no default timeout: a stalled connection would hold a
         # worker thread and this object's handlers forever.
         kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+
+        def call() -> Any:
+            data = fn(*args, _preload_content=False, **kwargs).data
+            return json.loads(data) if data else None
+
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+            return await loop.run_in_executor(self._pool, call)
         except ApiException as exc:
             if exc.status == 403:
                 # Not retried blindly: the status says which permission is missing.
@@ -95,7 +104,7 @@ class KubeApi:
     async def get(self, kind: str, name: str, namespace: str) -> dict[str, Any] | None:
         """The object, or None when there is none of that name."""
         try:
-            return self._dict(await self._call(self._calls[kind].read, name, namespace))
+            return await self._call(self._calls[kind].read, name, namespace)  # type: ignore[no-any-return]
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -103,14 +112,14 @@ class KubeApi:
 
     async def create(self, body: dict[str, Any]) -> dict[str, Any]:
         calls = self._calls[body["kind"]]
-        return self._dict(await self._call(calls.create, body["metadata"]["namespace"], body))
+        return await self._call(calls.create, body["metadata"]["namespace"], body)  # type: ignore[no-any-return]
 
     async def patch(
         self, kind: str, name: str, namespace: str, ops: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """Apply the JSON patch ``ops``; returns the object as patched."""
-        return self._dict(await self._call(self._calls[kind].patch, name, namespace, ops,
-                                           _content_type=JSON_PATCH))
+        return await self._call(  # type: ignore[no-any-return]
+            self._calls[kind].patch, name, namespace, ops, _content_type=JSON_PATCH)
 
     async def delete(self, kind: str, name: str, namespace: str) -> None:
         try:

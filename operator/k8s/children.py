@@ -69,20 +69,23 @@ def _adopt(child: dict[str, Any], owner: ObjectRef) -> None:
 
 async def ensure_child(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any], changes: Changes,
-    cached: dict[str, Any] | None = None,
+    cached: dict[str, Any] | None = None, absent: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create ``desired`` owned by ``owner``, or patch the existing child by ``changes``.
 
     Returns the child as the API server has it and a list of what changed
     (``["created"]`` on creation, empty when nothing changed). ``cached`` is the
     child as a watch cache has it: when it is ours and needs no change, no API
-    call is made; anything else is decided on a fresh GET.
+    call is made; anything else is decided on a fresh GET. ``absent``: the
+    watch cache has no such child, so it is created without a GET first (a
+    new executor's GETs would all answer 404); a child the cache has not
+    caught up with answers the create with a conflict, and the GET follows.
     """
     _adopt(desired, owner)
     kind, name, ns = desired["kind"], desired["metadata"]["name"], desired["metadata"]["namespace"]
     if cached is not None and owned_by(cached, owner) and not changes(cached)[0]:
         return cached, []
-    current = await kube.get(kind, name, ns)
+    current = None if absent and cached is None else await kube.get(kind, name, ns)
     if current is None:
         try:
             return await _guard(kube.create(desired), kind, name), ["created"]
@@ -107,6 +110,7 @@ async def ensure_child(
 async def ensure_deployment(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
     replicas: Callable[[int | None], int], cached: dict[str, Any] | None = None,
+    absent: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create or patch a Deployment; ``replicas(current)`` says what spec.replicas must be
     (``current`` is None on creation)."""
@@ -132,12 +136,12 @@ async def ensure_deployment(
             ops.append({"op": "add", "path": "/spec/replicas", "value": want_replicas})
         return ops, what
 
-    return await ensure_child(kube, owner, desired, changes, cached)
+    return await ensure_child(kube, owner, desired, changes, cached, absent)
 
 
 async def ensure_service(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
-    cached: dict[str, Any] | None = None,
+    cached: dict[str, Any] | None = None, absent: bool = False,
 ) -> tuple[dict[str, Any], list[str]]:
     """Create or patch a Service (ports, selector, labels)."""
 
@@ -156,7 +160,7 @@ async def ensure_service(
         _add_label_changes(current, desired, ops, what)
         return ops, what
 
-    return await ensure_child(kube, owner, desired, changes, cached)
+    return await ensure_child(kube, owner, desired, changes, cached, absent)
 
 
 def _add_label_changes(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -12,6 +13,7 @@ from mulambda.settings import Settings
 
 from .. import handling
 from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
+from .fleet import first
 from .reconcile import forget, reconcile
 from .status import failure
 
@@ -22,11 +24,19 @@ MODEL_EXECUTOR = handling.Kind(
     # store restarts) and mirrors Deployment readiness and companion
     # heartbeats into status, for the executors whose inputs changed.
     timer=None, interval=lambda settings: settings.reconcile_interval_seconds,
+    cached=lambda kwargs: cached_children(kwargs),
 )
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY,
                 "app.kubernetes.io/name": "modelexecutor"}
 # Index ids: kopf passes each index to every handler under this name.
 EXECUTORS, DEPLOYMENTS, SERVICES = "executor_objects", "executor_deployments", "executor_services"
+
+
+def cached_children(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The executor's Deployment and Service as the watch caches hold them (None: none)."""
+    key = (kwargs["namespace"], kwargs["name"])
+    return {"deployment": first(kwargs[DEPLOYMENTS], key),
+            "service": first(kwargs[SERVICES], key)}
 
 
 def _meta(meta: Any, *extra: str) -> dict[str, Any]:
