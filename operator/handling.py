@@ -33,12 +33,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Generic, Protocol
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from mulambda.api.common import GROUP, VERSION, SpecError
 from mulambda.settings import Settings
 
 from .context import Context, Logger, Observed, Spec, backoff
-from .k8s.api import Forbidden
+from .k8s.api import Forbidden, api_message
 from .k8s.children import NameConflict, Rejected
 from .k8s.objects import ObjectRef
 from .status import Event, Problem, StatusUpdate
@@ -171,10 +172,15 @@ async def reconcile(
     except Rejected as exc:
         update = kind.failure(reason="Rejected", detail=str(exc), previous=status,
                               generation=generation)
-    except Forbidden as exc:
-        # RBAC lacks a permission: say so in status, and retry (an admin can grant it).
-        update = kind.failure(reason="Forbidden", detail=f"The API server refused the "
-                              f"operator: {exc}", previous=status, generation=generation)
+    except (Forbidden, ApiException) as exc:
+        # RBAC lacks a permission (an admin can grant it), or the API server failed
+        # (overloaded, a Service IP range full): say so in status, and retry.
+        reason, detail = (
+            ("Forbidden", f"The API server refused the operator: {exc}")
+            if isinstance(exc, Forbidden) else
+            ("APIError", f"The API server failed a request ({exc.status}): {api_message(exc)}"))
+        update = kind.failure(reason=reason, detail=detail, previous=status,
+                              generation=generation)
         delay = backoff(retry, ctx.settings)
         assert update.problem is not None
         update = replace(update, problem=replace(

@@ -115,6 +115,7 @@ import math
 import random
 import statistics
 from dataclasses import dataclass
+from typing import Any, cast
 
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, Snapshot
 
@@ -178,7 +179,8 @@ def matches(criteria: Criteria, record: ExecutorRecord) -> bool:
             and (criteria.output is None or record.output == criteria.output))
 
 
-def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
+def prefilter(criteria: Criteria, snapshot: Snapshot,
+              reuse: tuple[Criteria, Snapshot, Snapshot] | None = None) -> Snapshot:
     """The part of ``snapshot`` about executors meeting the hard criteria.
 
     Ranking it gives the same candidates, in the same order, as ranking the
@@ -186,16 +188,31 @@ def prefilter(criteria: Criteria, snapshot: Snapshot) -> Snapshot:
     fraction of the cost when many executors are of other types. Only
     ``Ranking.rejected`` is shorter; rank the full snapshot to explain an
     empty result.
+
+    ``reuse`` is the previous call's (criteria, snapshot, result): each part
+    of ``snapshot`` that is the very object the previous snapshot had (an
+    incremental reader hands out the same dict for a part that did not
+    change) is taken from the previous result instead of filtered again.
     """
-    keep = {k: v for k, v in snapshot.executors.items() if matches(criteria, v)}
+    previous = (reuse if reuse is not None and reuse[0] == criteria
+                and reuse[1].executors is snapshot.executors else None)
+    keep = (previous[2].executors if previous is not None else
+            {k: v for k, v in snapshot.executors.items() if matches(criteria, v)})
+
+    def part(name: str) -> dict[str, Any]:
+        whole = getattr(snapshot, name)
+        if previous is not None and getattr(previous[1], name) is whole:
+            return cast(dict[str, Any], getattr(previous[2], name))
+        return {k: v for k, v in whole.items() if k in keep}
+
     return Snapshot(
         executors=keep,
-        replicas={k: v for k, v in snapshot.replicas.items() if k in keep},
-        latency={k: v for k, v in snapshot.latency.items() if k in keep},
+        replicas=part("replicas"),
+        latency=part("latency"),
         inflight={k: v for k, v in snapshot.inflight.items() if k in keep},
         taken_at=snapshot.taken_at,
         client_record=snapshot.client_record,
-        service={k: v for k, v in snapshot.service.items() if k in keep},
+        service=part("service"),
         inflight_requests={k: v for k, v in snapshot.inflight_requests.items() if k in keep},
         own_inflight={k: v for k, v in snapshot.own_inflight.items() if k in keep},
         replica_inflight={k: v for k, v in snapshot.replica_inflight.items() if k in keep},

@@ -26,6 +26,7 @@ from mulambda.policy.selection import (
 )
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
+from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import Snapshot, StoreUnavailable
 
 from .errors import AllCandidatesFailed, NoMatchingModel, Prediction, Retryable
@@ -108,6 +109,10 @@ class MulambdaClient:
                                       service=self._tracker)
         self._local = self._leases.counts  # own in-flight now (snapshots leave it out)
         self._own = OwnRequests()  # own requests: when sent, how long they should stay
+        # Each refresh reads what changed since the last (store/reader.py).
+        self._reader = SnapshotReader(self.store, client_id,
+                                      exclude_instance=self._leases.instance)
+        self._view_criteria: Criteria | None = None
         self._load = (InflightReader(self.store, self._leases.instance, ttl=load_ttl,
                                      timeout=load_timeout) if fresh_load else None)
         self._waking: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
@@ -152,7 +157,7 @@ class MulambdaClient:
     # -- selection -----------------------------------------------------------
     async def _refresh(self) -> None:
         # One round trip: the snapshot carries the registered Client's record.
-        snap = await self.store.snapshot(self.client_id, exclude_instance=self._leases.instance)
+        snap = await self._reader.snapshot()
         if self._registered:
             if snap.client_record is None:
                 raise NoMatchingModel(
@@ -162,7 +167,11 @@ class MulambdaClient:
         assert self.criteria is not None
         # Ranking runs on every select(); filtering by type once per refresh
         # keeps it proportional to the matching executors, not all of them.
-        self._view = prefilter(self.criteria, snap)
+        reuse = None
+        if self._snap is not None and self._view is not None and self._view_criteria:
+            reuse = (self._view_criteria, self._snap, self._view)
+        self._view = prefilter(self.criteria, snap, reuse)
+        self._view_criteria = self.criteria
         self._snap, self._snap_at = snap, time.monotonic()
         self._note_woken(snap)
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,

@@ -25,6 +25,7 @@ from mulambda.store.metadata import (
     MetadataStore,
     _bucket,
 )
+from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
 
 log = logging.getLogger("mulambda.selector")
@@ -40,6 +41,8 @@ class SharedSnapshot:
         self.ttl = ttl
         self.exclude_instance = exclude_instance
         self.on_refresh = on_refresh
+        # Each refresh reads what changed since the last (store/reader.py).
+        self._reader = SnapshotReader(store, None, exclude_instance=exclude_instance)
         self.refreshes = 0  # store reads started
         self._snap: Snapshot | None = None
         self._at = -math.inf
@@ -60,7 +63,7 @@ class SharedSnapshot:
         started = time.monotonic()
         self.refreshes += 1
         try:
-            snap = await self.store.snapshot(None, exclude_instance=self.exclude_instance)
+            snap = await self._reader.snapshot()
         finally:
             self._pending = None
         self._snap, self._at = snap, started

@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connection import DEFAULT_POOL_SIZE, DEFAULT_POOL_TIMEOUT_SECONDS, connect
 from .decoder import Decoder
+from .mirror import changes_key, queue_change
 from .records import (
     ClientRecord,
     ExecutorRecord,
@@ -118,7 +119,10 @@ class MetadataStore:
     async def put_executor(self, record: ExecutorRecord) -> None:
         """Publish ``record`` (stamped with the time of writing; ``record`` is not changed)."""
         stamped = replace(record, updated_at=_now())
-        await self._run(self.redis.hset(self.executors_key, record.id, _dump(stamped)))
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.executors_key, record.id, _dump(stamped))
+            queue_change(pipe, self.executors_key, [record.id])
+            await self._run(pipe.execute())
 
     async def remove_executor(self, executor: str) -> None:
         """Forget an executor and everything keyed by it (replicas, in-flight leases,
@@ -129,24 +133,33 @@ class MetadataStore:
         measured = list(await self._scan_fields(self.service_key, pattern))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.executors_key, executor)
+            queue_change(pipe, self.executors_key, [executor])
             if leases:
                 pipe.hdel(self.inflight_key, *leases)
             if measured:
                 pipe.hdel(self.service_key, *measured)
+                queue_change(pipe, self.service_key, measured)
             if mine:
                 pipe.hdel(self.replicas_key, *mine)
+                queue_change(pipe, self.replicas_key, mine)
             await self._run(pipe.execute())
 
     # -- replicas (companion heartbeat) ----------------------------------------
     async def put_replica(self, record: ReplicaRecord, ttl: float) -> None:
         record.heartbeat_at = _now()
         record.expires_at = record.heartbeat_at + ttl
-        await self._run(
-            self.redis.hset(self.replicas_key, f"{record.executor}|{record.pod}", _dump(record))
-        )
+        name = f"{record.executor}|{record.pod}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.replicas_key, name, _dump(record))
+            queue_change(pipe, self.replicas_key, [name])
+            await self._run(pipe.execute())
 
     async def remove_replica(self, executor: str, pod: str) -> None:
-        await self._run(self.redis.hdel(self.replicas_key, f"{executor}|{pod}"))
+        name = f"{executor}|{pod}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hdel(self.replicas_key, name)
+            queue_change(pipe, self.replicas_key, [name])
+            await self._run(pipe.execute())
 
     async def list_replicas(self, executor: str | None = None) -> list[ReplicaRecord]:
         """Live (unexpired) replicas, optionally of one executor.
@@ -194,7 +207,12 @@ class MetadataStore:
                     *map(self.latency_key, clients)]:
             dead = expired(key, await self._run(self.redis.hgetall(key)))
             if dead:
-                removed += int(await self._run(self.redis.hdel(key, *dead)))
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    pipe.hdel(key, *dead)
+                    if key != self.inflight_key:  # not mirrored: readers read it whole
+                        queue_change(pipe, key, dead)
+                    gone, *_ = await self._run(pipe.execute())
+                removed += int(gone)
         return removed
 
     # -- clients (operator) ----------------------------------------------------
@@ -210,7 +228,7 @@ class MetadataStore:
     async def remove_client(self, client: str) -> None:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hdel(self.clients_key, client)
-            pipe.delete(self.latency_key(client))
+            pipe.delete(self.latency_key(client), changes_key(self.latency_key(client)))
             await self._run(pipe.execute())
 
     # -- latency (companion prober) -------------------------------------------
@@ -247,7 +265,9 @@ class MetadataStore:
                 sample.expires_at = now + ttl
                 key = self.latency_key(client)
                 pipe.hset(key, f"{executor}|{pod}", _dump(sample))
+                queue_change(pipe, key, [f"{executor}|{pod}"])
                 pipe.expire(key, max(1, int(ttl) + 1))
+                pipe.expire(changes_key(key), max(1, int(ttl) + 1))
             await self._run(pipe.execute())
 
     # -- load (SDK / selector) -------------------------------------------------
@@ -288,6 +308,7 @@ class MetadataStore:
                 pipe.hdel(self.inflight_key, *gone)
             if measured:
                 pipe.hset(self.service_key, mapping=measured)
+                queue_change(pipe, self.service_key, measured)
             self._queue_demand(pipe, demand or {})
             await self._run(pipe.execute())
 
@@ -479,7 +500,10 @@ class MetadataStore:
         now = _now()
         mapping: dict[Any, Any] = {r.id: _dump(replace(r, updated_at=now)) for r in records}
         if mapping:
-            await self._run(self.redis.hset(self.executors_key, mapping=mapping))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hset(self.executors_key, mapping=mapping)
+                queue_change(pipe, self.executors_key, mapping)
+                await self._run(pipe.execute())
 
 
 def _bucket(at: float | None = None) -> int:

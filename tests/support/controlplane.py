@@ -54,7 +54,8 @@ KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 KWOK_SELECTOR = f"{KWOK_ANNOTATION}=fake"
 # KWOK's default Stages, which build.sh copies from the kwok module beside bin/.
 KWOK_STAGES = "share/kwok-stages.yaml"
-SERVICE_CIDR = "10.0.0.0/24"
+# Room for a fleet: every executor has a Service (a /24 ran out at 254 in bench/operator_scale).
+SERVICE_CIDR = "10.0.0.0/16"
 POD_CIDR = "10.244.0.0/16"
 
 MISSING_HINT = (

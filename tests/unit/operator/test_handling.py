@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 from typing import Any
 
 import kopf
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from mulambda.api.common import SpecError
 from mulambda.operator import handling
@@ -117,18 +119,38 @@ async def test_what_the_operator_cannot_act_on_is_the_kinds_failure_and_permanen
     assert bool(seen) == (reason != "InvalidSpec")  # a spec that does not parse goes no further
 
 
-async def test_a_refused_call_is_a_visible_failure_retried_with_back_off(posted):
-    refusal = ('deployments.apps is forbidden: User "system:serviceaccount:m:op" cannot '
-               'create resource "deployments"')
-    kind_, _ = kind(Forbidden(refusal))
+REFUSAL = ('deployments.apps is forbidden: User "system:serviceaccount:m:op" cannot '
+           'create resource "deployments"')
+RANGE_FULL = ('Internal error occurred: failed to allocate a serviceIP for Service "c": '
+              'range is full')
+
+
+def _server_error(status: int, message: str) -> ApiException:
+    exc = ApiException(status=status, reason="Internal Server Error")
+    exc.body = json.dumps({"kind": "Status", "message": message})
+    return exc
+
+
+@pytest.mark.parametrize(("failure", "reason", "said"), [
+    (Forbidden(REFUSAL), "Forbidden", REFUSAL),
+    # The server's own sentence, not the client's dump of headers and body.
+    (_server_error(500, RANGE_FULL), "APIError", f"failed a request (500): {RANGE_FULL}"),
+    (_server_error(429, "too many requests, please try again later"), "APIError",
+     "(429): too many requests"),
+])
+async def test_a_refused_or_failed_call_is_a_visible_failure_retried_with_back_off(
+    posted, failure, reason, said,
+):
+    kind_, _ = kind(failure)
     patch = kopf.Patch()
     with pytest.raises(kopf.TemporaryError, match="Retrying in 4s") as err:
         await run(kind_, BODY, patch, retry=2)
     assert err.value.delay == 4.0  # 2 ** retry, capped by the settings
     [ready] = patch.status["conditions"]
-    assert (ready["status"], ready["reason"]) == ("False", "Forbidden")
-    assert refusal in ready["message"]
-    assert posted == [("Warning", "Forbidden", ready["message"])]
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert said in ready["message"]
+    assert "HTTP response headers" not in ready["message"]
+    assert posted == [("Warning", reason, ready["message"])]
 
 
 @pytest.mark.parametrize(("written_over", "age", "expected"), [
