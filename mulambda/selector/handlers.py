@@ -145,6 +145,7 @@ async def select(request: web.Request) -> web.Response:
             log.info("no match client=%s reason=%r", client, reason)
             return _error(404, "no matching model", reason=reason)
         best = ranking[0]
+        sel.count_decision(ranking, best)
         if best.warm:
             sel.count_selection(best)
         sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
@@ -192,6 +193,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     client = f"{request.match_info['namespace']}/{request.match_info['client']}"
     outcome = "error"
+    # A label per registered client only: callers could invent names without end.
+    client_label = "unregistered"
     try:
         try:
             body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
@@ -205,6 +208,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
             outcome = "store_unavailable"
             log.warning("prediction failed client=%s error=%s", client, exc)
             return _error(503, "metadata store unavailable")
+        if snap.client_record is not None:
+            client_label = client
         if snap.client_record is None and not request.query.get("type"):
             outcome = "unknown_client"
             return _error(404, "unknown client", reason=f"client {client!r} is not registered "
@@ -230,8 +235,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 sel.note_demand(ranking.wake, ranking.wake)
             if warm and (criteria.cold_start == "UseWarm" or healthy[0].warm):
                 candidate = warm[0]
+                sel.count_decision(ranking, candidate, failover=bool(attempts))
             else:
                 cold = healthy[0]
+                sel.count_decision(ranking, cold, failover=bool(attempts))
                 sel.note_demand([cold.executor_id], [cold.executor_id])
                 found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
                 if found is None:
@@ -273,7 +280,9 @@ async def predict(request: web.Request) -> web.StreamResponse:
         return _error(502, "all candidates failed", attempts=attempts)
     finally:
         sel.predictions.labels(outcome=outcome).inc()
-        sel.gateway_latency.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        sel.gateway_latency.observe(elapsed)
+        sel.client_latency.labels(client=client_label).observe(elapsed)
 
 
 async def explain_client(request: web.Request) -> web.Response:

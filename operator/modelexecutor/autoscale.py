@@ -47,6 +47,9 @@ COLD_START = Histogram(
 )
 DESIRED = Gauge("mulambda_executor_desired_replicas", "Replicas the autoscaler wants",
                 ["executor"])
+READY = Gauge("mulambda_executor_ready_replicas",
+              "Ready replicas of the executor's Deployment at the last autoscaler tick",
+              ["executor"])
 DECISIONS = Counter("mulambda_scaling_decisions_total", "Replica changes by reason",
                     ["executor", "reason"])
 
@@ -61,7 +64,7 @@ class Windows:
     def forget(self, executor: str) -> None:
         self.windows.pop(executor, None)
         self.states.pop(executor, None)
-        for metric in (DESIRED, COLD_START):
+        for metric in (DESIRED, READY, COLD_START):
             try:
                 metric.remove(executor)
             except KeyError:
@@ -111,6 +114,7 @@ def plan(
                       state=state, now=now)
     memory.states[eid] = decision.state
     DESIRED.labels(eid).set(decision.desired_replicas)
+    READY.labels(eid).set(ready)
 
     events: list[Event] = []
     new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
