@@ -148,8 +148,8 @@ async def cancel(request: web.Request) -> web.Response:
             return _error(404, "unknown task", reason="no such task, or its result expired")
         if after is not Status.CANCELLED:
             outcome = "conflict"
-            return _error(409, f"task is {after}: only a pending task can be cancelled",
-                          status=str(after))
+            return _json({"error": f"task is {after}: only a pending task can be cancelled",
+                          "status": str(after)}, status=409)
         outcome = "cancelled"
         return _json({"id": task_id, "status": str(after)})
     finally:
