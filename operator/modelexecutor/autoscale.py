@@ -1,16 +1,19 @@
 """The autoscaler's step for one executor (``mulambda.policy.scaling.decide``), without I/O.
 
-Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator's fleet-wide
-tick (``fleet.py``) samples every executor's demand from the store in one
-pipelined read (in-flight leases the SDK publishes, and
-the arrival rate, which counts selector requests and activation signals for
-executors at zero; concurrency is at least rate x service time, Little's
-law), asks the pure decision function for the desired replicas, patches the
-Deployment when that differs, and records the decision in ``status.scaling``
-with an Event. The demand window and the decision state live in memory: a
-restarted operator starts a fresh state that counts the current replicas as
-just wanted and its idle clock from now, so a restart errs towards keeping
-replicas, never towards dropping them.
+Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator's fleet-wide tick
+(``fleet.py``) samples every executor's demand from the store in one pipelined
+read (in-flight leases the SDK publishes, and the arrival rate, which counts
+selector requests and activation signals for executors at zero; concurrency is
+at least rate x service time, Little's law) plus its backlog of asynchronous
+tasks (``mulambda.tasks``: queued or running, one XLEN and XRANGE per executor
+in one more pipeline; a queued task wakes an executor at zero;
+``status.scaling.queueDepth`` and ``oldestTaskAgeSeconds`` show it), asks the
+pure decision function for the desired replicas, patches the Deployment when
+that differs, and records the decision in ``status.scaling`` with an Event.
+The demand window and the decision state live in memory: a restarted operator
+starts a fresh state that counts the current replicas as just wanted and its
+idle clock from now, so a restart errs towards keeping replicas, never towards
+dropping them.
 
 Cold start: when an executor is activated from zero, the time until its
 first ready replica is measured, shown in ``status.scaling.lastColdStartSeconds``
@@ -52,6 +55,11 @@ READY = Gauge("mulambda_executor_ready_replicas",
               ["executor"])
 DECISIONS = Counter("mulambda_scaling_decisions_total", "Replica changes by reason",
                     ["executor", "reason"])
+QUEUE_DEPTH = Gauge("mulambda_task_queue_depth",
+                    "Asynchronous tasks queued or running for the executor (mulambda.tasks)",
+                    ["executor"])
+OLDEST_TASK = Gauge("mulambda_task_oldest_age_seconds",
+                    "Age of the executor's oldest task not finished yet", ["executor"])
 
 
 class Windows:
@@ -64,7 +72,7 @@ class Windows:
     def forget(self, executor: str) -> None:
         self.windows.pop(executor, None)
         self.states.pop(executor, None)
-        for metric in (DESIRED, READY, COLD_START):
+        for metric in (DESIRED, READY, COLD_START, QUEUE_DEPTH, OLDEST_TASK):
             try:
                 metric.remove(executor)
             except KeyError:
@@ -79,13 +87,15 @@ class Windows:
 def plan(
     memory: Windows, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
     deployment: dict[str, Any] | None, load: tuple[int, float], now: float,
+    backlog: tuple[int, float] = (0, 0.0),
 ) -> tuple[StatusUpdate, int | None]:
     """One autoscaling step for one executor, without I/O: ``status.scaling`` with the
     Events of what happened, and the replicas to patch the Deployment to (None: keep).
 
     ``deployment`` is the executor's Deployment as the watch cache has it
     (``None``: not created yet, nothing to scale); ``load`` its (in-flight
-    requests, arrivals per second) from the store.
+    requests, arrivals per second) from the store; ``backlog`` its asynchronous tasks
+    (queued or running, age of the oldest in seconds).
     """
     eid = executor.id
     policy = spec.scaling
@@ -98,7 +108,12 @@ def plan(
     # Little's law: arrivals that nobody reports as in flight (selector users)
     # still occupy rate x service time of capacity.
     service_s = (spec.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
-    concurrency = max(float(inflight), rate * service_s)
+    # Every task in the backlog waits for (or holds) a slot, like a request at the
+    # activator: it counts as in flight, so a queued task wakes an executor at zero.
+    depth, oldest = backlog
+    concurrency = max(float(inflight), rate * service_s) + depth
+    QUEUE_DEPTH.labels(eid).set(depth)
+    OLDEST_TASK.labels(eid).set(oldest)
     window = record_sample(memory.windows.get(eid, DemandWindow()),
                            Sample(now, concurrency, rate),
                            horizon_seconds=window_horizon(policy))
@@ -118,7 +133,8 @@ def plan(
 
     events: list[Event] = []
     new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
-                  "readyReplicas": ready}
+                  "readyReplicas": ready, "queueDepth": depth,
+                  "oldestTaskAgeSeconds": round(oldest)}
     target: int | None = None
     if decision.desired_replicas != current:
         target = decision.desired_replicas

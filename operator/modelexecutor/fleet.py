@@ -42,6 +42,7 @@ from prometheus_client import Counter
 from mulambda.api.common import GROUP, VERSION, SpecError
 from mulambda.api.modelexecutor import ModelExecutorSpec, parse_executor_spec
 from mulambda.store.records import ReplicaRecord, StoreUnavailable
+from mulambda.tasks.queue import TaskQueue
 
 from .. import handling
 from ..context import Context
@@ -154,6 +155,8 @@ class Fleet:
         try:
             load = await self.ctx.store.fleet_load(
                 {ref.id: demand_window(spec) for _, _, spec, ref in targets}, at=now)
+            backlog = await TaskQueue(self.ctx.store).backlog(
+                [ref.id for *_, ref in targets], now=now)
         except StoreUnavailable as exc:
             ERRORS.labels("store", "autoscale").inc()
             # No sample: decide() holds the count when its window runs dry.
@@ -167,7 +170,8 @@ class Fleet:
             previous = handling.previous_status(self.ctx, body)
             deployment = first(self.deployments, key)
             update, target = plan(self.ctx.windows, ref, spec, previous, deployment,
-                                  load.get(ref.id, (0, 0.0)), now)
+                                  load.get(ref.id, (0, 0.0)), now,
+                                  backlog.get(ref.id, (0, 0.0)))
             if target is not None or update.fields or update.events:
                 current = int((deployment or {}).get("spec", {}).get("replicas") or 0)
                 writes.append(self._scale(key, ref, previous, update, current, target))
