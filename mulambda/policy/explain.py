@@ -30,7 +30,8 @@ from .criteria import Criteria
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
 from .selection import near_equal, rank
 
-__all__ = ["CRITERIA", "Explanation", "Verdict", "candidate_line", "criterion_of", "explain"]
+__all__ = ["CRITERIA", "Explanation", "Verdict", "candidate_line", "candidate_summary",
+           "criterion_of", "explain"]
 
 # The start of each reason rank() rejects an executor with -> the criterion that did it.
 CRITERIA = {
@@ -128,15 +129,20 @@ class Explanation:
 
 
 def candidate_line(c: Candidate) -> str:
-    """``executor: score, latency = parts, accuracy, state`` on one line."""
+    """``executor: score, latency (parts), accuracy, state`` on one line."""
+    return f"{c.executor_id}: {candidate_summary(c)}"
+
+
+def candidate_summary(c: Candidate) -> str:
+    """``score, latency (parts), accuracy, state``: why a candidate ranks where it does."""
     parts = f"net {c.network_ms:.1f} + service {c.service_ms:.1f} + load {c.load_ms:.1f}"
     if c.cold_start_ms:
         parts += f" + cold start {c.cold_start_ms:.0f}"
     state = "warm" if c.warm else "cold"
     if c.over_ceiling:
         state += ", over the latency ceiling"
-    return (f"{c.executor_id}: score {c.score:.3f}, {c.expected_latency_ms:.1f} ms "
-            f"({parts}), accuracy {c.assumed_accuracy:.3f}, {state}")
+    return (f"score {c.score:.3f}, {c.expected_latency_ms:.1f} ms ({parts}), "
+            f"accuracy {c.assumed_accuracy:.3f}, {state}")
 
 
 def explain(criteria: Criteria, snapshot: Snapshot, *, client: str = "",
