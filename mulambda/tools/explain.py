@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import io
 import json
+import shutil
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -57,15 +59,17 @@ def render(found: Explanation, width: int = 120) -> str:
     console.print(f"winner: {found.winner or 'none'}")
     console.print(f"why: {found.why}")
     if found.candidates:
-        table = Table(title="candidates (best first)", title_justify="left")
-        for head in ("#", "executor", "score", "state", "expected ms", "network", "service",
-                     "load", "cold start", "in flight", "accuracy", "u(latency)",
-                     "u(accuracy)"):
-            table.add_column(head, justify="left" if head in ("executor", "state") else "right")
+        table = Table(title="candidates (best first)", title_justify="left",
+                      box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
+        # "ahead": requests ahead of this one per replica (what the load term charges for)
+        for head in ("#", "executor", "score", "state", "latency ms", "net", "service",
+                     "load", "cold", "ahead", "accuracy", "u(lat)", "u(acc)"):
+            table.add_column(head, justify="left" if head in ("executor", "state") else "right",
+                             no_wrap=True)
         for v in found.candidates:
             x = v.candidate
             assert x is not None
-            state = ("warm" if x.warm else "cold") + (", over ceiling" if x.over_ceiling else "")
+            state = ("warm" if x.warm else "cold") + (" >ceiling" if x.over_ceiling else "")
             table.add_row(str(v.position), v.executor, f"{x.score:.3f}", state,
                           f"{x.expected_latency_ms:.1f}", f"{x.network_ms:.1f}",
                           f"{x.service_ms:.1f}", f"{x.load_ms:.1f}", f"{x.cold_start_ms:.0f}",
@@ -77,13 +81,13 @@ def render(found: Explanation, width: int = 120) -> str:
         for executor, note in notes:
             console.print(f"  {executor}: {note}")
     if found.excluded:
-        table = Table(title="excluded", title_justify="left")
+        table = Table(title="excluded", title_justify="left", box=box.SIMPLE_HEAD)
         for head in ("executor", "criterion", "reason"):
             table.add_column(head)
         for v in found.excluded:
             table.add_row(v.executor, v.criterion or "", v.reason)
         console.print(table)
-    return out.getvalue()
+    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
 
 
 async def explain_client(store: MetadataStore, client: str) -> Explanation | None:
@@ -111,7 +115,7 @@ async def _main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(found.to_dict(), allow_nan=False, indent=2))
     else:
-        print(render(found), end="")
+        print(render(found, width=max(100, shutil.get_terminal_size().columns)), end="")
     return 0 if found.winner else 1
 
 
