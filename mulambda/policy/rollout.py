@@ -37,11 +37,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mulambda.api.modelexecutor import Analysis
-from mulambda.store.records import ExecutorRecord, ReplicaRecord, Snapshot
+from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord, Snapshot
 
-from .ranking import Candidate
+from .ranking import Ranking
 
 STABLE, CANDIDATE = "stable", "candidate"
+KEY_HEADER = "X-Mulambda-Key"  # the gateway's sticky assignment key without an experiment
 CANDIDATE_SUFFIX = "-candidate"
 
 # Latency histogram: bucket i holds latencies in (BUCKETS[i-1], BUCKETS[i]] ms;
@@ -407,12 +408,31 @@ def experiment_arm(experiment: Experiment, available: Iterable[str], draw: float
     return pick([(e, w) for e, w in experiment.arms if e in can])
 
 
-def experiment_first(candidates: list[Candidate], experiment: Experiment,
-                     draw: float) -> tuple[list[Candidate], str | None]:
-    """``candidates`` (the ranking: every one meets the client's hard criteria) with the
-    experiment's arm for this draw first, and that arm; unchanged when no arm is warm."""
-    chosen = experiment_arm(experiment, [c.executor_id for c in candidates if c.warm], draw)
+def experiment_ranking(ranking: Ranking, record: ClientRecord | None,
+                       draw: Callable[[str], float]) -> tuple[Ranking, Experiment | None]:
+    """``ranking`` (every candidate meets the client's hard criteria) with the arm of the
+    registered client's experiment first (``draw(experiment id)``), and the experiment;
+    unchanged when there is none or none of its arms is a warm candidate."""
+    experiment = Experiment.of(record.experiment if record is not None else None)
+    if experiment is None or not ranking:
+        return ranking, experiment
+    chosen = experiment_arm(experiment, [c.executor_id for c in ranking if c.warm],
+                            draw(experiment.id))
     if chosen is None:
-        return candidates, None
-    return ([c for c in candidates if c.executor_id == chosen]
-            + [c for c in candidates if c.executor_id != chosen]), chosen
+        return ranking, experiment
+    ordered = ([c for c in ranking if c.executor_id == chosen]
+               + [c for c in ranking if c.executor_id != chosen])
+    return Ranking(ordered, ranking.rejected, ranking.wake, ranking.criteria), experiment
+
+
+def assignment_key(headers: Mapping[str, str], payload: Any,
+                   experiment: Experiment | None) -> str | None:
+    """A gateway request's sticky key: the experiment's header or top-level body field,
+    else the ``X-Mulambda-Key`` header; None (a fresh draw) when it has none."""
+    if experiment is not None and experiment.field and isinstance(payload, dict):
+        value = payload.get(experiment.field)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value)
+    if experiment is not None and experiment.header and headers.get(experiment.header):
+        return headers[experiment.header]
+    return headers.get(KEY_HEADER) or None

@@ -19,7 +19,7 @@ from mulambda.policy.rollout import (
     CANDIDATE,
     ArmChoice,
     Experiment,
-    experiment_first,
+    experiment_ranking,
     route_view,
     sticky_draw,
 )
@@ -236,12 +236,8 @@ class MulambdaClient:
         pods = self.direct if direct is None else direct
         ranking = rank(self.criteria, snap, client=self.client_id, policy=self.policy,
                        items=items, rng=self._rng, replicas=pods, now=time.time())
-        experiment = Experiment.of(full.client_record.experiment
-                                   if full.client_record is not None else None)
-        if experiment is not None and ranking:
-            ordered, _ = experiment_first(list(ranking), experiment,
-                                          self._draw(key, experiment.id))
-            ranking = Ranking(ordered, ranking.rejected, ranking.wake, ranking.criteria)
+        ranking, experiment = experiment_ranking(ranking, full.client_record,
+                                                 lambda salt: self._draw(key, salt))
         if not ranking:  # explain with every executor, not only the prefiltered ones
             ranking = rank(self.criteria, full, client=self.client_id, policy=self.policy)
         if self._suspect:

@@ -26,6 +26,7 @@ from mulambda.httpd import (
     refuse,
 )
 from mulambda.policy.explain import explain
+from mulambda.policy.rollout import CANDIDATE, Experiment, assignment_key
 from mulambda.policy.selection import (
     Candidate,
     Criteria,
@@ -198,7 +199,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
     try:
         try:
             body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
-            items = _items(loads_guarded(body))
+            parsed = loads_guarded(body)
+            items = _items(parsed)
         except (BodyTooLarge, BodyTimeout, ValueError) as exc:
             outcome, answer = _bad_body(exc)
             return answer
@@ -221,8 +223,12 @@ async def predict(request: web.Request) -> web.StreamResponse:
             return _error(400, str(exc))
         attempts: list[dict[str, str]] = []
         tried: set[str] = set()
+        stable_only: set[str] = set()  # executors whose new version failed this request
+        key = assignment_key(request.headers, parsed, Experiment.of(
+            snap.client_record.experiment if snap.client_record is not None else None))
         while len(attempts) < sel.max_attempts:
-            ranking = await sel.ranking(criteria, snap, client, items=items, replicas=True)
+            ranking, arms, experiment = await sel.routed(
+                criteria, snap, client, items=items, key=key, force_stable=frozenset(stable_only))
             if not ranking and not attempts:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())
@@ -246,10 +252,17 @@ async def predict(request: web.Request) -> web.StreamResponse:
                     return _error(503, "cold start not done", executor=cold.executor_id,
                                   waited_seconds=sel.cold_start_timeout)
                 candidate = found
-            tried.add(candidate.executor_id)
+            arm = arms.get(candidate.executor_id)
+            if arm is not None and arm.arm == CANDIDATE:
+                stable_only.add(candidate.executor_id)  # a retry goes to the stable arm
+            else:
+                tried.add(candidate.executor_id)
+            sent = time.perf_counter()
             try:
                 status, payload, ctype = await sel.forward(candidate, body, items)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                sel.count_outcome(candidate, arms, experiment, None,
+                                  (time.perf_counter() - sent) * 1000, body, b"")
                 attempts.append({"executor": candidate.executor_id,
                                  "error": f"connect failed: {exc}"})
                 sel.distrust(candidate)
@@ -262,8 +275,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 outcome = "upstream_error"
                 return _error(502, "executor connection failed", executor=candidate.executor_id,
                               detail=str(exc))
-            if status == 503:
-                attempts.append({"executor": candidate.executor_id, "error": "HTTP 503"})
+            sel.count_outcome(candidate, arms, experiment, status,
+                              (time.perf_counter() - sent) * 1000, body, payload)
+            if status == 503 or (status >= 500 and arm is not None and arm.arm == CANDIDATE):
+                attempts.append({"executor": candidate.executor_id, "error": f"HTTP {status}"})
                 sel.distrust(candidate)
                 continue
             outcome = "ok" if status == 200 else f"http_{status // 100}xx"

@@ -23,6 +23,13 @@ from prometheus_client import (
 )
 
 from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.rollout import (
+    ArmChoice,
+    Experiment,
+    experiment_ranking,
+    route_view,
+    sticky_draw,
+)
 from mulambda.policy.selection import (
     Candidate,
     Criteria,
@@ -31,10 +38,12 @@ from mulambda.policy.selection import (
     overlay,
     rank,
 )
+from mulambda.sdk.shadow import ShadowCopies, count_outcome
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import (
     MetadataStore,
 )
+from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.records import Snapshot
 
 from .caches import ClientViews, DemandQueue, SharedSnapshot
@@ -96,6 +105,9 @@ class Selector:
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
         self.http: aiohttp.ClientSession | None = None
+        # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
+        self.outcomes = OutcomeRecorder(store)
+        self.shadows = ShadowCopies(self.outcomes, timeout=predict_timeout)
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mulambda_selector_requests", "Selection requests by outcome",
@@ -177,6 +189,8 @@ class Selector:
         self.clients.close()
         await self.demand.close()
         await self.leases.close()
+        await self.shadows.close()
+        await self.outcomes.close()
         self.load.close()
         if self.http is not None:
             await self.http.close()
@@ -216,6 +230,37 @@ class Selector:
         """Rank :meth:`loaded` ``snap``, near-equal candidates spread."""
         return rank(criteria, await self.loaded(snap), client=client, policy=self.policy,
                     items=items, rng=self.rng, replicas=replicas, now=time.time())
+
+    async def routed(self, criteria: Criteria, snap: Snapshot, client: str, *, items: int = 1,
+                     key: str | None = None, force_stable: frozenset[str] = frozenset(),
+                     ) -> tuple[Ranking, dict[str, ArmChoice], Experiment | None]:
+        """The gateway's ranking with rollout arms chosen (``force_stable``: executors
+        whose new version just failed this request) and the client's experiment arm
+        first; the arms chosen, and the experiment (mulambda.policy.rollout)."""
+        def draw(salt: str) -> float:
+            return sticky_draw(key, salt) if key is not None else self.rng.random()
+
+        view, arms = route_view(await self.loaded(snap), snap, draw, force_stable)
+        ranking = rank(criteria, view, client=client, policy=self.policy, items=items,
+                       rng=self.rng, replicas=True, now=time.time())
+        ranking, experiment = experiment_ranking(ranking, snap.client_record, draw)
+        return ranking, arms, experiment
+
+    def count_outcome(self, candidate: Candidate, arms: dict[str, ArmChoice],
+                      experiment: Experiment | None, status: int | None, ms: float,
+                      body: bytes, payload: bytes) -> None:
+        """Count a forwarded request for its rollout and experiment arms (``status`` None:
+        no answer); copy an answered one to a Shadow rollout's candidate."""
+        ok = status is not None and status < 500
+        count_outcome(self.outcomes, candidate.executor_id, arms, experiment, ok=ok, ms=ms)
+        choice = arms.get(candidate.executor_id)
+        if status != 200 or choice is None or not choice.shadow:
+            return
+        try:
+            baseline = json.loads(payload)["predictions"]
+        except (ValueError, KeyError, TypeError):
+            return
+        self.shadows.send(choice, candidate.record.model, body, baseline, self.rng.random())
 
     async def loaded(self, snap: Snapshot) -> Snapshot:
         """``snap`` with this process's own requests in flight and measurements added, and
