@@ -14,6 +14,7 @@ from typing import Any
 
 from mulambda.api.client import ClientSpec
 from mulambda.api.common import GROUP, VERSION
+from mulambda.policy.rollout import Experiment
 from mulambda.policy.selection import rank
 from mulambda.settings import Settings
 from mulambda.store.records import ClientRecord, StoreUnavailable
@@ -69,7 +70,20 @@ def client_record(
         latency_weight=spec.preferences.latency, accuracy_weight=spec.preferences.accuracy,
         max_latency_ms=spec.limits.max_latency_ms, min_accuracy=spec.limits.min_accuracy,
         probe_url=probe, cold_start=spec.cold_start, generation=generation,
+        experiment=experiment_record(client, spec, generation),
     )
+
+
+def experiment_record(client: ObjectRef, spec: ClientSpec,
+                      generation: int) -> dict[str, Any] | None:
+    """The experiment as routers read it; its id changes with the spec, so outcomes of
+    an earlier split are never counted for a new one."""
+    exp = spec.experiment
+    if exp is None:
+        return None
+    return Experiment(f"{client.id}@g{generation}", tuple(
+        (e, float(w)) for e, w in exp.executor_ids(client.namespace)),
+        exp.sticky_header, exp.sticky_field).to_record()
 
 
 async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
