@@ -6,7 +6,6 @@ Its queries against a real Prometheus are in test_dashboard.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,38 +14,19 @@ import pytest
 import yaml
 
 from support.prometheus import (
+    DASHBOARD,
+    dashboard_panels,
+    dashboard_queries,
+    dashboard_variables,
     exported_metric_names,
     grafana_expr,
     label_values_queries,
+    load_dashboard,
     metric_names,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARD = REPO / "docs" / "grafana" / "mulambda.json"
 CHART = REPO / "charts" / "mulambda"
-
-
-def dashboard() -> dict[str, Any]:
-    return dict(json.loads(DASHBOARD.read_text()))
-
-
-def panels(board: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for p in board["panels"]:
-        found.append(p)
-        found.extend(p.get("panels", []))  # panels inside collapsed rows
-    return found
-
-
-def queries(board: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every target."""
-    return [(p["title"], t["expr"]) for p in panels(board) for t in p.get("targets", [])]
-
-
-def variable_queries(board: dict[str, Any]) -> list[tuple[str, str]]:
-    """(variable name, label_values(...)) of every query variable."""
-    return [(v["name"], v["query"]["query"]) for v in board["templating"]["list"]
-            if v["type"] == "query"]
 
 
 @pytest.mark.parametrize("expr, names", [
@@ -77,19 +57,19 @@ def test_the_chart_dashboard_is_a_byte_identical_copy() -> None:
 
 
 def test_dashboard_covers_every_part_of_the_fleet() -> None:
-    board = dashboard()
+    board = load_dashboard()
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
     assert rows == ["Fleet overview", "Selection", "Latency", "Scaling",
                     "Companion model loads", "Store and API errors"]
-    ids = [p["id"] for p in panels(board)]
+    ids = [p["id"] for p in dashboard_panels(board)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
-    for p in panels(board):
+    for p in dashboard_panels(board):
         if p["type"] != "row":
             assert p["targets"] and p["description"], p["title"]
             assert p["datasource"]["uid"] == "${datasource}", p["title"]
             grid = p["gridPos"]
             assert grid["x"] + grid["w"] <= 24, p["title"]
-    names = {n for _, expr in queries(board) for n in metric_names(expr)}
+    names = {n for _, expr in dashboard_queries(board) for n in metric_names(expr)}
     for needed in ("mulambda_selector_decisions_total", "mulambda_selector_score_bucket",
                    "mulambda_executor_desired_replicas", "mulambda_executor_ready_replicas",
                    "mulambda_cold_start_seconds_count", "mulambda_scaling_decisions_total",
@@ -104,14 +84,15 @@ def test_dashboard_covers_every_part_of_the_fleet() -> None:
 
 def test_no_query_names_a_metric_the_code_does_not_export() -> None:
     exported = set().union(*exported_metric_names().values())
-    board = dashboard()
-    read = [(title, name) for title, expr in queries(board) for name in metric_names(expr)]
-    read += [(f"variable {name}", found[0]) for name, q in variable_queries(board)
+    board = load_dashboard()
+    read = [(title, name) for title, expr in dashboard_queries(board)
+            for name in metric_names(expr)]
+    read += [(f"variable {name}", found[0]) for name, q in dashboard_variables(board)
              if (found := label_values_queries(q)) is not None]
     assert read
     unknown = [(title, name) for title, name in read if name not in exported]
     assert unknown == [], f"not exported by the operator, selector or companion: {unknown}"
-    assert all(label_values_queries(q) for _, q in variable_queries(board))
+    assert all(label_values_queries(q) for _, q in dashboard_variables(board))
 
 
 def test_a_query_with_a_misspelt_metric_is_caught() -> None:

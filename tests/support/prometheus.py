@@ -24,6 +24,8 @@ from typing import Any
 
 from support.procs import free_port, stop, wait_until
 
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "mulambda.json"
+
 # Grafana's variables, as a test evaluates a dashboard query: every executor and client, and
 # ranges long enough to hold a short test's scrapes.
 GRAFANA_VARIABLES = {
@@ -129,6 +131,31 @@ class Prometheus:
     def wait_for_targets(self, timeout: float = 20.0) -> None:
         wait_until(lambda: set(self.targets_health().values()) == {"up"}, timeout,
                    "every scrape target up", interval=0.2)
+
+
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    return dict(json.loads(path.read_text()))
+
+
+def dashboard_panels(board: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every panel, rows and the panels inside collapsed rows included."""
+    found = []
+    for p in board["panels"]:
+        found.append(p)
+        found.extend(p.get("panels", []))
+    return found
+
+
+def dashboard_queries(board: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target."""
+    return [(p["title"], t["expr"]) for p in dashboard_panels(board)
+            for t in p.get("targets", [])]
+
+
+def dashboard_variables(board: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(variable name, its ``label_values(...)`` query) of every query variable."""
+    return [(v["name"], v["query"]["query"]) for v in board["templating"]["list"]
+            if v["type"] == "query"]
 
 
 def grafana_expr(expr: str, variables: Mapping[str, str] = GRAFANA_VARIABLES) -> str:
