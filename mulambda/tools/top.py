@@ -36,12 +36,13 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from mulambda.api.common import GROUP, VERSION
 from mulambda.policy.latency import ServiceModel, fit
 from mulambda.policy.ranking import DEFAULT_POLICY
 from mulambda.store.metadata import MetadataStore
@@ -234,9 +235,9 @@ def read_resources(namespace: str | None) -> dict[str, Mapping[str, Any]]:
     except config.ConfigException:
         config.load_kube_config()
     api = client.CustomObjectsApi()
-    args = ("mulambda.io", "v1alpha1")
-    found = (api.list_namespaced_custom_object(*args, namespace, "modelexecutors")
-             if namespace else api.list_cluster_custom_object(*args, "modelexecutors"))
+    found = cast(dict[str, Any], (
+        api.list_namespaced_custom_object(GROUP, VERSION, namespace, "modelexecutors")
+        if namespace else api.list_cluster_custom_object(GROUP, VERSION, "modelexecutors")))
     return {f"{o['metadata']['namespace']}/{o['metadata']['name']}": o.get("status") or {}
             for o in found.get("items", [])}
 
