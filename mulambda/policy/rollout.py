@@ -48,7 +48,7 @@ CANDIDATE_SUFFIX = "-candidate"
 # Latency histogram: bucket i holds latencies in (BUCKETS[i-1], BUCKETS[i]] ms;
 # bucket 0 everything up to BUCKETS[0], the last one everything above BUCKETS[-1].
 _RATIO = 2 ** 0.25
-BUCKETS: tuple[float, ...] = tuple(0.25 * _RATIO ** i for i in range(77))  # 0.25 ms .. 153 s
+BUCKETS: tuple[float, ...] = tuple(0.25 * 2 ** (i / 4) for i in range(77))  # 0.25 ms .. 181 s
 
 # Shadow answers agree with the stable arm's when every number is within
 # rtol * |stable| + atol of it and everything else is equal.
@@ -255,7 +255,7 @@ def agree(a: Any, b: Any, rtol: float = AGREE_RTOL, atol: float = AGREE_ATOL) ->
     """Whether a shadow answer ``a`` matches the stable answer ``b``: same shape, numbers
     within ``rtol * |b| + atol``, everything else equal."""
     if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
+        return type(a) is type(b) and a == b
     if isinstance(a, int | float) and isinstance(b, int | float):
         if not (math.isfinite(a) and math.isfinite(b)):
             return a == b or (math.isnan(a) and math.isnan(b))
