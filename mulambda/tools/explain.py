@@ -58,6 +58,8 @@ def render(found: Explanation, width: int = 120) -> str:
                   f"{p.accuracy_weight:g}")
     console.print(f"winner: {found.winner or 'none'}")
     console.print(f"why: {found.why}")
+    for line in found.routing:
+        console.print(f"routing: {line}")
     if found.candidates:
         table = Table(title="candidates (best first)", title_justify="left",
                       box=box.SIMPLE_HEAD, padding=0, pad_edge=False)
