@@ -52,6 +52,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from mulambda.api.modelexecutor import Scaling
@@ -63,6 +64,7 @@ from mulambda.policy.scaling import (
     record_sample,
     window_horizon,
 )
+from mulambda.tools.plots import ScalingPoint, plot_scaling_day
 
 DAY_S = 86_400
 
@@ -336,6 +338,8 @@ class Result:
     #: SLO misses by the trace hour the request arrived in (24 buckets).
     misses_by_hour: list[int] = field(default_factory=list)
     extra: dict[str, int] = field(default_factory=dict)
+    #: One (hour, demand req/s, desired, ready, waiting) per minute of the day (--plot).
+    timeline: list[ScalingPoint] = field(default_factory=list)
 
     @property
     def miss_share(self) -> float:
@@ -378,6 +382,9 @@ def simulate(
     hour_of = len(arrivals) / 24  # ticks per trace hour
     pod_ticks = 0
     max_queue = changes = peak = from_zero = started = 0
+    timeline: list[ScalingPoint] = []
+    sample_ticks = max(1, len(arrivals) // (24 * 60))  # a minute of the (compressed) day
+    window_arrivals = 0
 
     for t, arrived in enumerate(arrivals):
         while starting and starting[0] <= t:
@@ -437,6 +444,11 @@ def simulate(
         peak = max(peak, current)
         # A removed pod is paid for until its in-flight requests finish.
         pod_ticks += max(current, -(-busy // slots))
+        window_arrivals += arrived
+        if (t + 1) % sample_ticks == 0:
+            timeline.append(ScalingPoint(t / hour_of, window_arrivals / (sample_ticks * tick),
+                                         current, ready, queued))
+            window_arrivals = 0
 
     # Requests still queued at the end: count the ones already past the SLO.
     end = len(arrivals)
@@ -475,6 +487,7 @@ def simulate(
         cold_starts_from_zero=from_zero,
         misses_by_hour=misses_by_hour,
         extra=extra,
+        timeline=timeline,
     )
 
 
@@ -567,11 +580,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=float, default=24.0, help="compress the day into this")
     parser.add_argument("--peak", type=float, default=500.0, help="peak requests per second")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--plot", metavar="DIR", type=Path,
+                        help="also write DIR/autoscale-day.png (needs matplotlib)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     cfg = SimConfig()
     results, static_n = compare(int(args.hours * 3600), args.peak, args.seed, cfg)
     print(_report(results, static_n, cfg, args.hours))
+    if args.plot is not None:
+        picture = plot_scaling_day({name: r.timeline for name, r in results.items()},
+                                   args.plot / "autoscale-day.png",
+                                   title=f"One simulated day ({args.hours:g} h), peak "
+                                         f"{args.peak:g} req/s: demand, replicas, waiting")
+        print(f"wrote {picture}")
     print(f"simulated in {time.perf_counter() - started:.1f} s wall time")
     return 0
 
