@@ -173,7 +173,8 @@ def advance(previous: Mapping[str, Any] | None, spec: ModelExecutorSpec, generat
             now: float, observed: Observations | None = None) -> RolloutState:
     """The next ``status.rollout`` from the last one, the spec and (on an analysis tick)
     what was measured; pure."""
-    prev = dict(previous or {})
+    # A key set to None is one a merge patch removed (rollout_update).
+    prev = {k: v for k, v in (previous or {}).items() if v is not None}
     phase = prev.get("phase", STABLE_PHASE)
     want, strategy = spec.model.version, spec.rollout.strategy
     stable = prev.get("stableVersion") if prev else want
@@ -344,6 +345,9 @@ def rollout_update(previous: Mapping[str, Any], state: RolloutState,
                    update: StatusUpdate) -> StatusUpdate:
     """``update`` with ``status.rollout`` (when it changed) and the rollout's Events."""
     fields = dict(update.fields)
-    if previous.get("rollout") != state.status:
-        fields["rollout"] = state.status
+    before = {k: v for k, v in (previous.get("rollout") or {}).items() if v is not None}
+    if before != state.status:
+        # A merge patch keeps keys it does not name: the ones that went are set to null.
+        fields["rollout"] = {**{k: None for k in before if k not in state.status},
+                             **state.status}
     return StatusUpdate(fields, [*update.events, *state.events], update.problem)

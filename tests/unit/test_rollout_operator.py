@@ -191,3 +191,10 @@ def test_rollout_status_is_patched_only_when_it_changed() -> None:
     assert "rollout" in rollout_update({}, state, StatusUpdate()).fields
     assert "rollout" not in rollout_update({"rollout": dict(state.status)}, state,
                                            StatusUpdate()).fields
+    # Keys that went are removed by the merge patch, and read back as absent.
+    promoted = RolloutState({"phase": "Promoted", "stableVersion": 2})
+    patch = rollout_update({"rollout": {"phase": "Promoting", "stableVersion": 1,
+                                        "drainUntil": iso(T0)}}, promoted, StatusUpdate())
+    assert patch.fields["rollout"] == {"phase": "Promoted", "stableVersion": 2,
+                                       "drainUntil": None}
+    assert advance(patch.fields["rollout"], spec(2), 3, T0).status == promoted.status
