@@ -163,8 +163,9 @@ def _ms(value: float | None) -> str:
 
 
 def render(view: FleetView, *, namespace: str | None = None, type_: str | None = None,
-           sort: str = "name") -> Group:
-    """The frame: a header line, the table, and notes on what could not be read."""
+           sort: str = "name", limit: int | None = None) -> Group:
+    """The frame: a header line, the table (the first ``limit`` rows), and notes on what
+    could not be read."""
     rows = build_rows(view, namespace=namespace, type_=type_, sort=sort)
     table = Table(box=None, pad_edge=False)
     heads = ["executor", "type", "state", "ready/desired", "in flight", "req/s",
@@ -174,7 +175,8 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
     for head in heads:
         table.add_column(head, justify="left" if head in ("executor", "type", "state")
                          else "right", no_wrap=True)
-    for r in rows:
+    # Drawing costs milliseconds per row: a fleet of thousands shows the rows that fit.
+    for r in rows[:limit]:
         state = r.state + (f" ({r.why})" if r.why else "")
         service = _ms(r.service_ms) + ("" if r.measured else "*")
         cells = [r.executor, r.type, state,
@@ -189,6 +191,9 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
         f"{s} {n}" for s, n in counts.items()) + f"  sorted by {sort}")
     notes = [Text("service ms: the measured model's mean at the current load; "
                   "* = declared serviceTimeMs, nothing measured yet")]
+    if limit is not None and len(rows) > limit:
+        notes.insert(0, Text(f"... {len(rows) - limit} more executors (sorted by {sort}; "
+                             "narrow with -n, --type or --limit)"))
     notes.extend(Text(n) for n in view.notes)
     return Group(header, table, *notes)
 
@@ -264,6 +269,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--window", type=float, default=60.0,
                         help="seconds of demand requests/s is averaged over (default 60)")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="rows shown (default: all with --once, else what fits the "
+                             "terminal)")
     parser.add_argument("--no-kube", action="store_true",
                         help="do not read the API server (desired replicas unknown)")
     add_store_options(parser)
@@ -273,13 +281,16 @@ async def _main(args: argparse.Namespace) -> int:
     from rich.live import Live
 
     store = open_store(args)
-    options = {"namespace": args.namespace, "type_": args.type_, "sort": args.sort}
+    options: dict[str, Any] = {"namespace": args.namespace, "type_": args.type_,
+                               "sort": args.sort, "limit": args.limit}
     try:
         if args.once:
             print(frame_text(await read_view(store, args), **options), end="")
             return 0
         with Live(auto_refresh=False, screen=False) as live:
             while True:
+                if args.limit is None:  # the header, the table's head and two notes
+                    options["limit"] = max(3, live.console.size.height - 5)
                 live.update(render(await read_view(store, args), **options), refresh=True)
                 await asyncio.sleep(args.interval)
     except StoreUnavailable as exc:

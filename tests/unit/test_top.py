@@ -133,3 +133,13 @@ def test_without_the_api_server_or_a_task_queue_the_frame_says_so() -> None:
 def test_percentile_is_nearest_rank(values: list[float], q: float,
                                     expected: float | None) -> None:
     assert percentile(values, q) == expected
+
+
+def test_a_limit_shows_the_first_rows_and_says_how_many_more() -> None:
+    text = frame_text(VIEW, sort="rps", limit=2)
+    lines = text.splitlines()
+    assert [line.split()[0] for line in lines[2:4]] == ["ml/resnet", "nlp/bert"]
+    assert lines[4] == ("... 3 more executors (sorted by rps; narrow with -n, --type or "
+                        "--limit)")
+    assert "executors 5" in lines[0]  # the header counts every executor
+    assert "more executors" not in frame_text(VIEW, limit=5)
