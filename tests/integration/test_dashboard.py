@@ -8,12 +8,14 @@ A real ``prometheus`` (Debian package) scrapes, every second:
 * the selector: a ``mulambda selector`` process;
 * two companions: ``mulambda companion`` processes with a real redis-server
   and a real S3 (SeaweedFS) beside the TF Serving REST test double. One loads
-  the half_plus_two model; the other's model is missing (load failures).
+  the half_plus_two model (and runs a task with its worker); the other's
+  model is missing (load failures).
 
 The test drives a little traffic the way a fleet would: a selection wakes the
 executor at zero (the operator activates it, KWOK makes its pod Ready, the
 cold start is measured), its companion loads the model and probes the
-clients, and predictions go through the gateway to the replica. Then every
+clients, predictions go through the gateway to the replica and a task through
+the task API to the companion's worker. Then every
 dashboard query (Grafana's variables replaced) must parse and return at least
 one series, and every variable's label values must be non-empty.
 """
@@ -290,5 +292,15 @@ async def drive_traffic(
                 assert (await http.post(f"/select/{ns}/app")).status_code == 200
             nothing = await http.post(f"/select/{ns}/app", json={"required": {"type": "audio"}})
             assert nothing.status_code == 404
+            # An asynchronous task: queued by the selector, run by hpt's companion worker.
+            queued = await http.post(f"/v1/tasks/{ns}/app", json={"instances": [4.0]})
+            assert queued.status_code == 202, queued.text
+
+            async def task_done() -> dict[str, Any] | None:
+                answer = (await http.get(queued.json()["status_url"])).json()
+                return answer if answer["status"] in ("succeeded", "failed") else None
+
+            done = await until(task_done, "the task run by the companion's worker")
+            assert done["status"] == "succeeded", done
         finally:
             await store.close()

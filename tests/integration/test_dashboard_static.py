@@ -59,7 +59,7 @@ def test_the_chart_dashboard_is_a_byte_identical_copy() -> None:
 def test_dashboard_covers_every_part_of_the_fleet() -> None:
     board = load_dashboard()
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
-    assert rows == ["Fleet overview", "Selection", "Latency", "Scaling",
+    assert rows == ["Fleet overview", "Selection", "Latency", "Scaling", "Asynchronous tasks",
                     "Companion model loads", "Store and API errors"]
     ids = [p["id"] for p in dashboard_panels(board)]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
@@ -78,7 +78,7 @@ def test_dashboard_covers_every_part_of_the_fleet() -> None:
                    "mulambda_companion_client_rtt_seconds",
                    "mulambda_companion_model_load_bytes",
                    "mulambda_companion_model_load_errors_total",
-                   "mulambda_operator_errors_total"):
+                   "mulambda_operator_errors_total", "mulambda_task_queue_depth"):
         assert needed in names, needed
 
 

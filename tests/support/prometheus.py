@@ -222,22 +222,38 @@ def sample_names(registry: Any) -> set[str]:
 def exported_metric_names() -> dict[str, set[str]]:
     """Component -> the sample names its ``/metrics`` can export, from the code's own
     registries: the operator's (the process-wide default registry its modules define
-    their metrics in), a companion's and a selector's (each builds its own)."""
+    their metrics in), a companion's and a selector's (each builds its own, with every
+    part a running one has: the companion's task worker, the selector's task API)."""
     from prometheus_client import REGISTRY
 
     import mulambda.operator.main  # noqa: F401  (defines the operator's metrics)
-    from mulambda.companion.server import Metrics
+    from mulambda.companion.lifecycle import Companion, S3ModelSource
+    from mulambda.companion.serving import ServingClient
     from mulambda.selector.app import create_app
     from mulambda.selector.service import SELECTOR_KEY
+    from mulambda.settings import CompanionSettings
     from mulambda.store.metadata import MetadataStore
 
-    # create_app builds the selector's state without connecting: no store is needed.
-    app = create_app(MetadataStore.from_url(f"redis://127.0.0.1:{free_port()}/0"))
+    # Both build their state without connecting: nothing needs to listen there.
+    store = MetadataStore.from_url(store_url())
+    app = create_app(store)
+    config = CompanionSettings.from_env({
+        "MULAMBDA_EXECUTOR": "ml/m", "MULAMBDA_MODEL_URI": "s3://models/m",
+        "MULAMBDA_MODELS_DIR": "/models", "MULAMBDA_POD_NAME": "m-0",
+        "MULAMBDA_TFSERVING_URL": "http://127.0.0.1:8501", "MULAMBDA_REDIS_URL": store_url(),
+    })
+    serving = ServingClient(config.serving_rest_url)
+    companion = Companion(config, store, S3ModelSource(None, config), serving)
+    assert companion.worker is not None, "the companion's task worker is on by default"
     return {
         "operator": sample_names(REGISTRY),
-        "companion": sample_names(Metrics().registry),
+        "companion": sample_names(companion.metrics.registry),
         "selector": sample_names(app[SELECTOR_KEY].registry),
     }
+
+
+def store_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
 
 
 def wait_for_series(prom: Prometheus, exprs: Iterable[str], timeout: float) -> dict[str, int]:
