@@ -163,7 +163,8 @@ class Traffic:
     client: str
     ok: int = 0
     failures: list[str] = field(default_factory=list)
-    versions: dict[int | None, int] = field(default_factory=dict)
+    # (the rollout strategy routers followed, the version that answered) -> answers
+    answers: dict[tuple[str | None, int | None], int] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def start(self) -> Traffic:
@@ -181,8 +182,9 @@ class Traffic:
                 p = await self.sdk.predict([1.0, 2.0], key=f"user-{i % 50}")
                 assert p.predictions == [2.5, 3.0], p.predictions
                 self.ok += 1
-                self.versions[p.candidate.record.version] = (
-                    self.versions.get(p.candidate.record.version, 0) + 1)
+                record = p.candidate.record
+                seen = ((record.rollout or {}).get("strategy"), record.version)
+                self.answers[seen] = self.answers.get(seen, 0) + 1
             except Exception as exc:  # every failure counts: the assertion is on none
                 self.failures.append(f"sdk: {type(exc).__name__}: {exc}")
             await asyncio.sleep(0.02)
@@ -310,10 +312,9 @@ async def test_canary_is_promoted_under_steady_traffic_without_a_failed_request(
                          what="the candidate Deployment")
         assert stable_version(cluster, ns) == "1"  # the old version keeps serving beside it
         await serving(world, candidate_id(f"{ns}/{NAME}"), 2)
-        await eventually(lambda: traffic.versions.get(2, 0) > 5, within=30,
+        await eventually(lambda: traffic.answers.get(("Canary", 2), 0) > 5, within=30,
                          what="the canary's share of the SDK's traffic",
-                         explain=lambda: f"{traffic.versions} {traffic.failures[-3:]} "
-                         f"{rollout_status(cluster, ns)}")
+                         explain=lambda: f"{traffic.answers} {traffic.failures[-3:]}")
         await eventually(lambda: rollout_status(cluster, ns).get("phase") == "Promoted",
                          within=120, what="phase Promoted",
                          explain=lambda: str(rollout_status(cluster, ns)))
@@ -386,12 +387,13 @@ async def test_shadow_gets_copies_compared_never_answers_and_is_promoted(
         await eventually(lambda: rollout_status(cluster, ns).get("phase") == "Promoting",
                          within=120, what="phase Promoting",
                          explain=lambda: str(rollout_status(cluster, ns)))
-        # Until promotion, every caller was answered by the stable version.
-        assert set(traffic.versions) == {1}, traffic.versions
         await eventually(lambda: rollout_status(cluster, ns).get("phase") == "Promoted",
                          within=120, what="phase Promoted")
     finally:
         await traffic.stop()
+    # While routers followed the Shadow route, every caller was answered by version 1.
+    assert traffic.answers.get(("Shadow", 1), 0) > 0, traffic.answers
+    assert ("Shadow", 2) not in traffic.answers, traffic.answers
     arms = rollout_status(cluster, ns)["arms"]
     assert arms["candidate"]["compared"] >= ANALYSIS["minRequests"]
     assert arms["candidate"]["disagreed"] == 0
