@@ -386,10 +386,12 @@ class Experiment:
         return f"experiment/{self.id}"
 
 
-def experiment_arm(experiment: Experiment, available: Iterable[str], draw: float) -> str | None:
-    """The executor a request goes to: by weight over all arms, so a key keeps its arm
-    while that arm can serve; when it cannot, by weight over the arms that can (the same
-    draw); None when none can."""
+def experiment_arm(experiment: Experiment, eligible: Iterable[str], available: Iterable[str],
+                   draw: float) -> str | None:
+    """The executor a request goes to: by weight over the ``eligible`` arms (those that
+    meet the client's hard criteria), so a key keeps its arm while that arm can serve;
+    when it is not ``available`` (serving now), by weight over the arms that are (the
+    same draw); None when none is."""
     def pick(arms: list[tuple[str, float]]) -> str | None:
         total = sum(w for _, w in arms)
         if total <= 0:
@@ -401,8 +403,8 @@ def experiment_arm(experiment: Experiment, available: Iterable[str], draw: float
                 return executor
         return arms[-1][0]
 
-    can = set(available)
-    first = pick(list(experiment.arms))
+    can, ok = set(available), set(eligible)
+    first = pick([(e, w) for e, w in experiment.arms if e in ok])
     if first in can:
         return first
     return pick([(e, w) for e, w in experiment.arms if e in can])
@@ -416,8 +418,8 @@ def experiment_ranking(ranking: Ranking, record: ClientRecord | None,
     experiment = Experiment.of(record.experiment if record is not None else None)
     if experiment is None or not ranking:
         return ranking, experiment
-    chosen = experiment_arm(experiment, [c.executor_id for c in ranking if c.warm],
-                            draw(experiment.id))
+    chosen = experiment_arm(experiment, [c.executor_id for c in ranking],
+                            [c.executor_id for c in ranking if c.warm], draw(experiment.id))
     if chosen is None:
         return ranking, experiment
     ordered = ([c for c in ranking if c.executor_id == chosen]

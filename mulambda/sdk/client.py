@@ -62,7 +62,9 @@ class MulambdaClient:
     else's requests in flight for each decision (shared within
     ``load_ttl`` seconds, bounded by ``load_timeout``; see
     :class:`~mulambda.store.leases.InflightReader`) instead of using the
-    snapshot's counts, which are up to ``cache_ttl`` old.
+    snapshot's counts, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
+    bounds the copies of requests a Shadow rollout's new version gets from this
+    instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class MulambdaClient:
         fresh_load: bool = True,
         load_ttl: float = 0.002,
         load_timeout: float = 0.05,
+        max_shadow_inflight: int = 32,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -130,7 +133,8 @@ class MulambdaClient:
         self._grpc: GrpcTransport | None = None
         # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
         self._outcomes = OutcomeRecorder(self.store)
-        self._shadow = ShadowCopies(self._outcomes, timeout=timeout)
+        self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
+                                    timeout=timeout)
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:

@@ -227,21 +227,25 @@ def test_health_from_heartbeats() -> None:
 EXP = Experiment("shop/app@g1", (("ml/a", 70.0), ("ml/b", 30.0)), header="X-User")
 
 
-@pytest.mark.parametrize(("available", "draw", "want"), [
-    ({"ml/a", "ml/b"}, 0.69, "ml/a"),
-    ({"ml/a", "ml/b"}, 0.70, "ml/b"),
-    ({"ml/a"}, 0.9, "ml/a"),  # its arm cannot serve: another arm, by weight
-    ({"ml/b"}, 0.1, "ml/b"),
-    (set(), 0.1, None),
+@pytest.mark.parametrize(("eligible", "available", "draw", "want"), [
+    ({"ml/a", "ml/b"}, {"ml/a", "ml/b"}, 0.69, "ml/a"),
+    ({"ml/a", "ml/b"}, {"ml/a", "ml/b"}, 0.70, "ml/b"),
+    ({"ml/a", "ml/b"}, {"ml/a"}, 0.9, "ml/a"),  # its arm is not serving: another, by weight
+    ({"ml/a", "ml/b"}, {"ml/b"}, 0.1, "ml/b"),
+    ({"ml/b"}, {"ml/b"}, 0.1, "ml/b"),  # a fails the criteria: b takes all
+    ({"ml/a", "ml/b"}, set(), 0.1, None),
 ])
-def test_experiment_arm(available: set[str], draw: float, want: str | None) -> None:
-    assert experiment_arm(EXP, available, draw) == want
+def test_experiment_arm(eligible: set[str], available: set[str], draw: float,
+                        want: str | None) -> None:
+    assert experiment_arm(EXP, eligible, available, draw) == want
 
 
 def test_same_user_gets_the_same_arm_and_the_split_follows_the_weights() -> None:
     both = {"ml/a", "ml/b"}
-    arms = {u: experiment_arm(EXP, both, sticky_draw(u, EXP.id)) for u in map(str, range(5000))}
-    assert all(experiment_arm(EXP, both, sticky_draw(u, EXP.id)) == a for u, a in arms.items())
+    arms = {u: experiment_arm(EXP, both, both, sticky_draw(u, EXP.id))
+            for u in map(str, range(5000))}
+    assert all(experiment_arm(EXP, both, both, sticky_draw(u, EXP.id)) == a
+               for u, a in arms.items())
     share = sum(a == "ml/a" for a in arms.values()) / len(arms)
     assert abs(share - 0.7) < 0.03
 
