@@ -92,11 +92,9 @@ async def submit(request: web.Request) -> web.Response:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())
             best = ranking[0]
-            # Only cold ones get a demand signal (``wake`` holds the best one too when it
-            # is cold): the autoscaler counts queued tasks from the backlog itself, and a
-            # signal per task would count them twice.
-            if ranking.wake:
-                sel.note_demand(list(ranking.wake), list(ranking.wake))
+            # Every task is an arrival (the autoscaler's rate: with the backlog it sizes
+            # replicas to drain it); ``wake`` holds the best one too when it is cold.
+            sel.note_demand([best.executor_id, *ranking.wake], list(ranking.wake))
             task_id, created = await tasks.queue.submit(
                 new_task_id(client), client=client, executor=best.executor_id,
                 model=best.record.model, body=raw.decode("utf-8", "replace"),

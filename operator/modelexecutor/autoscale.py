@@ -108,14 +108,15 @@ def plan(
     # Little's law: arrivals that nobody reports as in flight (selector users)
     # still occupy rate x service time of capacity.
     service_s = (spec.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
-    # Every task in the backlog waits for (or holds) a slot, like a request at the
-    # activator: it counts as in flight, so a queued task wakes an executor at zero.
+    # The task backlog is demand too (a queued task wakes an executor at zero), but
+    # not head for head: with the arrival rate (task submissions count as arrivals)
+    # and the service time it is sized to drain (scaling.effective_concurrency).
     depth, oldest = backlog
     concurrency = max(float(inflight), rate * service_s) + depth
     QUEUE_DEPTH.labels(eid).set(depth)
     OLDEST_TASK.labels(eid).set(oldest)
     window = record_sample(memory.windows.get(eid, DemandWindow()),
-                           Sample(now, concurrency, rate),
+                           Sample(now, concurrency, rate, float(depth), service_s),
                            horizon_seconds=window_horizon(policy))
     memory.windows[eid] = window
     state = memory.states.get(eid)
@@ -125,8 +126,10 @@ def plan(
         # a (re)started operator never scales down or to zero before a whole
         # scale-down delay / idle window of its own observation.
         state = ScalingState(last_demand_at=now, recent=((now, current),))
+    cold_start = float(scaling_status.get("lastColdStartSeconds")
+                       or DEFAULT_POLICY.default_cold_start_ms / 1000)
     decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
-                      state=state, now=now)
+                      state=state, now=now, cold_start_seconds=cold_start)
     memory.states[eid] = decision.state
     DESIRED.labels(eid).set(decision.desired_replicas)
     READY.labels(eid).set(ready)
