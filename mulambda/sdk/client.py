@@ -38,8 +38,9 @@ from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
 from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.records import Snapshot, StoreUnavailable
 
-from .errors import AllCandidatesFailed, NoMatchingModel, Prediction, Retryable
+from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
+from .tasks import Task, TaskClient, TaskStatus, selector_url_from_env
 from .transport import GrpcTransport, rest_predict
 
 log = logging.getLogger("mulambda.sdk")
@@ -65,6 +66,8 @@ class MulambdaClient:
     snapshot's counts, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
     bounds the copies of requests a Shadow rollout's new version gets from this
     instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
+    ``selector_url`` (default ``MULAMBDA_SELECTOR_URL``) is where :meth:`submit`
+    and :meth:`result` send asynchronous tasks (mulambda.sdk.tasks).
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class MulambdaClient:
         load_ttl: float = 0.002,
         load_timeout: float = 0.05,
         max_shadow_inflight: int = 32,
+        selector_url: str | None = None,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -135,6 +139,8 @@ class MulambdaClient:
         self._outcomes = OutcomeRecorder(self.store)
         self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
                                     timeout=timeout)
+        self._selector_url = selector_url or selector_url_from_env()
+        self._tasks: TaskClient | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:
@@ -155,11 +161,32 @@ class MulambdaClient:
             self._load.close()
         if self._grpc is not None:
             await self._grpc.close()
+        if self._tasks is not None:
+            await self._tasks.close()
         if self._http is not None and self._owns_http:
             await self._http.aclose()
             self._http = None
         if self._owns_store:
             await self.store.close()
+
+    # -- asynchronous tasks (mulambda.sdk.tasks) ------------------------------------
+    @property
+    def tasks(self) -> TaskClient:
+        """The selector's task API for this client."""
+        if self._tasks is None:
+            if not self._selector_url:
+                raise MulambdaError("tasks need the selector: pass selector_url or set "
+                                    "MULAMBDA_SELECTOR_URL")
+            self._tasks = TaskClient(self._selector_url, self.client_id, timeout=self.timeout)
+        return self._tasks
+
+    async def submit(self, instances: list[Any], **kwargs: Any) -> Task:
+        """Queue a prediction as a task (an Idempotency-Key is sent by default)."""
+        return await self.tasks.submit(instances, **kwargs)
+
+    async def result(self, task_id: str, wait: float = 0.0) -> TaskStatus:
+        """A task's status and result, waiting up to ``wait`` seconds for it to end."""
+        return await self.tasks.result(task_id, wait)
 
     @property
     def http(self) -> httpx.AsyncClient:
