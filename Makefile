@@ -26,7 +26,7 @@ KUBECTL  ?= kubectl
 HELM     ?= helm
 DOCKER   ?= docker
 
-.PHONY: help dev test lint e2e image cluster install models examples wait predict up down uninstall controlplane
+.PHONY: help dev test lint e2e image cluster install models examples wait predict up down uninstall controlplane plots
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,14 @@ lint: ## ruff + mypy
 	# From outside the checkout: check the installed package, where operator/ and
 	# companion/ live under mulambda (run from here, ./mulambda would shadow it).
 	cd / && mypy --config-file $(CURDIR)/pyproject.toml -p mulambda
+
+# The README's pictures (mulambda/tools/plots.py; matplotlib from the `plots` or `test` extra).
+PLOTS_DIR   ?= docs/img
+PLOT_HOURS  ?= 24
+PLOT_SUITE  ?= --requests 3000
+plots: ## redraw docs/img/*.png: a simulated day of autoscaling, the routers of the simulation suite
+	$(PYTHON) bench/autoscale.py --hours $(PLOT_HOURS) --plot $(PLOTS_DIR)
+	$(MULAMBDA) simulate --suite $(PLOT_SUITE) --plot $(PLOTS_DIR)
 
 controlplane: ## build (or reuse) etcd, kube-apiserver & co., kwok, helm from hack/controlplane/go.mod
 	bash hack/controlplane/build.sh

@@ -51,11 +51,13 @@ import random
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Protocol
 
 from mulambda.api.modelexecutor import Scaling
 from mulambda.policy.scaling import (
+    QUEUE_DRAIN_SECONDS,
     DemandWindow,
     Sample,
     ScalingState,
@@ -63,6 +65,7 @@ from mulambda.policy.scaling import (
     record_sample,
     window_horizon,
 )
+from mulambda.tools.plots import ScalingPoint, plot_scaling_day
 
 DAY_S = 86_400
 
@@ -81,6 +84,9 @@ class SimConfig:
     target_concurrency: float = 7.0
     cold_start_s: float = 30.0
     slo_wait_s: float = 2.0
+    #: The queue case: a task may wait this long; each new pod loads a model this big.
+    task_wait_s: float = 10.0
+    model_gb: float = 1.0
     max_replicas: int = 200
     #: Sample/decide cadence of the mulambda autoscaler.
     sample_every_s: float = 1.0
@@ -234,27 +240,38 @@ class Mulambda:
     window: DemandWindow = field(default_factory=DemandWindow)
     state: ScalingState = field(default_factory=ScalingState)
     reasons: dict[str, int] = field(default_factory=dict)
+    #: Mean service time and measured cold start (traits.serviceTimeMs and
+    #: status.scaling.lastColdStartSeconds for the operator): with them the
+    #: backlog is sized to drain (scaling.effective_concurrency) instead of head for head.
+    service_s: float | None = None
+    cold_start_s: float | None = None
+    drain_s: float = QUEUE_DRAIN_SECONDS
     _conc_sum: float = 0.0
+    _queued_sum: float = 0.0
     _arrived: int = 0
     _ticks: int = 0
 
     def observe(self, now: float, busy: int, queued: int, arrived: int, ready: int) -> None:
         # The queue-proxy/activator view: what is in flight including what waits.
         self._conc_sum += busy + queued
+        self._queued_sum += queued
         self._arrived += arrived
         self._ticks += 1
         if self._ticks * self.tick_s >= self.sample_every_s - 1e-9:
             span = self._ticks * self.tick_s
-            sample = Sample(now, self._conc_sum / self._ticks, self._arrived / span)
+            sample = Sample(now, self._conc_sum / self._ticks, self._arrived / span,
+                            self._queued_sum / self._ticks if self.service_s else 0.0,
+                            self.service_s)
             self.window = record_sample(
                 self.window, sample, horizon_seconds=window_horizon(self.policy)
             )
-            self._conc_sum, self._arrived, self._ticks = 0.0, 0, 0
+            self._conc_sum, self._queued_sum, self._arrived, self._ticks = 0.0, 0.0, 0, 0
 
     def desired(self, now: float, current: int, ready: int) -> int:
         d = decide(
             self.policy, self.window, current_replicas=current, ready_replicas=ready,
-            state=self.state, now=now,
+            state=self.state, now=now, drain_seconds=self.drain_s,
+            cold_start_seconds=self.cold_start_s,
         )
         self.state = d.state
         self.reasons[d.reason] = self.reasons.get(d.reason, 0) + 1
@@ -336,6 +353,8 @@ class Result:
     #: SLO misses by the trace hour the request arrived in (24 buckets).
     misses_by_hour: list[int] = field(default_factory=list)
     extra: dict[str, int] = field(default_factory=dict)
+    #: One (hour, demand req/s, desired, ready, waiting) per minute of the day (--plot).
+    timeline: list[ScalingPoint] = field(default_factory=list)
 
     @property
     def miss_share(self) -> float:
@@ -378,6 +397,9 @@ def simulate(
     hour_of = len(arrivals) / 24  # ticks per trace hour
     pod_ticks = 0
     max_queue = changes = peak = from_zero = started = 0
+    timeline: list[ScalingPoint] = []
+    sample_ticks = max(1, len(arrivals) // (24 * 60))  # a minute of the (compressed) day
+    window_arrivals = 0
 
     for t, arrived in enumerate(arrivals):
         while starting and starting[0] <= t:
@@ -437,6 +459,11 @@ def simulate(
         peak = max(peak, current)
         # A removed pod is paid for until its in-flight requests finish.
         pod_ticks += max(current, -(-busy // slots))
+        window_arrivals += arrived
+        if (t + 1) % sample_ticks == 0:
+            timeline.append(ScalingPoint(t / hour_of, window_arrivals / (sample_ticks * tick),
+                                         current, ready, queued))
+            window_arrivals = 0
 
     # Requests still queued at the end: count the ones already past the SLO.
     end = len(arrivals)
@@ -475,14 +502,19 @@ def simulate(
         cold_starts_from_zero=from_zero,
         misses_by_hour=misses_by_hour,
         extra=extra,
+        timeline=timeline,
     )
+
+
+def mean_service_s(cfg: SimConfig) -> float:
+    """Mean service time of the simulated model (what its traits.serviceTimeMs declares)."""
+    return sum(d * cfg.tick_s * p for d, p in zip(SERVICE_TICKS, SERVICE_P, strict=True))
 
 
 def static_peak_replicas(rates: list[float], cfg: SimConfig) -> int:
     """Replicas that carry the busiest minute at the target concurrency per replica."""
-    mean_service_s = sum(d * cfg.tick_s * p for d, p in zip(SERVICE_TICKS, SERVICE_P, strict=True))
     minutes = [sum(rates[i : i + 60]) / len(rates[i : i + 60]) for i in range(0, len(rates), 60)]
-    return math.ceil(max(minutes) * mean_service_s / cfg.target_concurrency)
+    return math.ceil(max(minutes) * mean_service_s(cfg) / cfg.target_concurrency)
 
 
 def mulambda_policy(cfg: SimConfig, **overrides: float) -> Scaling:
@@ -508,14 +540,16 @@ def compare(
     rates = load_curve(duration_s, peak_rps, seed)
     arrivals = arrivals_per_tick(rates, cfg.tick_s, seed + 1)
     static_n = static_peak_replicas(rates, cfg)
+    sizing = {"service_s": mean_service_s(cfg), "cold_start_s": cfg.cold_start_s}
     controllers: list[Controller] = [
         Static(static_n),
-        Mulambda(mulambda_policy(cfg), cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s),
+        Mulambda(mulambda_policy(cfg), cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s,
+                 **sizing),
         # Same scale-down patience as the HPA's 5-minute stabilisation, to show
         # what the comparison owes to the shorter default delay.
         Mulambda(
             mulambda_policy(cfg, scaleDownDelaySeconds=cfg.hpa_downscale_window_s),
-            cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s, name="mulambda-d300",
+            cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s, name="mulambda-d300", **sizing,
         ),
         Hpa(
             cfg.slots_per_replica,
@@ -529,6 +563,32 @@ def compare(
     return {c.name: simulate(arrivals, c, cfg, seed + 2) for c in controllers}, static_n
 
 
+def compare_queue(
+    duration_s: int = DAY_S, peak_rps: float = 500.0, seed: int = 7, cfg: SimConfig | None = None
+) -> tuple[dict[str, Result], int, SimConfig]:
+    """The queue signal's sizing case: the same day as asynchronous tasks of a heavy
+    model (about 1 s per item), judged by the share waiting longer than the tasks'
+    wait budget. Static peak provisioning and the synchronous policy against
+    ``mulambda-queue``: the backlog (operator: ``mulambda.tasks`` stream depth) sized
+    to drain within twice the wait budget, with replicas running all their slots (a
+    task waiting in the queue needs no latency headroom at the replica)."""
+    cfg = replace(cfg or SimConfig(), slo_wait_s=(cfg or SimConfig()).task_wait_s)
+    rates = load_curve(duration_s, peak_rps, seed)
+    arrivals = arrivals_per_tick(rates, cfg.tick_s, seed + 1)
+    static_n = static_peak_replicas(rates, cfg)
+    sizing = {"service_s": mean_service_s(cfg), "cold_start_s": cfg.cold_start_s}
+    controllers: list[Controller] = [
+        Static(static_n),
+        Mulambda(mulambda_policy(cfg), cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s,
+                 **sizing),
+        Mulambda(mulambda_policy(cfg, targetConcurrency=cfg.slots_per_replica), cfg.tick_s,
+                 cfg.sample_every_s, cfg.decide_every_s, name="mulambda-queue",
+                 drain_s=2 * cfg.task_wait_s, **sizing),
+    ]
+    return ({c.name: simulate(arrivals, c, cfg, seed + 2) for c in controllers}, static_n,
+            cfg)
+
+
 def _report(results: dict[str, Result], static_n: int, cfg: SimConfig, hours: float) -> str:
     base = results["static-peak"]
     lines = [
@@ -537,7 +597,8 @@ def _report(results: dict[str, Result], static_n: int, cfg: SimConfig, hours: fl
         f"static fleet {static_n}; SLO: wait > {cfg.slo_wait_s:g} s",
         f"{'policy':<13} {'replica-h':>10} {'x static':>9} {'miss >SLO':>10} {'x static':>9} "
         f"{'mean wait':>10} {'p99 wait':>9} {'p99.9':>7} {'max wait':>9} {'max queue':>10} "
-        f"{'changes':>8} {'started':>8} {'peak':>5} {'from 0':>7}",
+        f"{'changes':>8} {'started':>8} {'loads GB':>9} {'peak':>5} {'x static':>9} "
+        f"{'from 0':>7}",
     ]
     for r in results.values():
         miss_ratio = f"{r.miss_share / base.miss_share:9.2f}" if base.miss_share else f"{'n/a':>9}"
@@ -545,7 +606,8 @@ def _report(results: dict[str, Result], static_n: int, cfg: SimConfig, hours: fl
             f"{r.name:<13} {r.replica_hours:10.1f} {r.replica_hours / base.replica_hours:9.3f} "
             f"{100 * r.miss_share:9.3f}% {miss_ratio} {r.mean_wait_s:9.3f}s {r.p99_wait_s:8.1f}s "
             f"{r.p999_wait_s:6.1f}s {r.max_wait_s:8.1f}s {r.max_queue:10d} {r.scale_changes:8d} "
-            f"{r.pods_started:8d} {r.peak_replicas:5d} {r.cold_starts_from_zero:7d}"
+            f"{r.pods_started:8d} {r.pods_started * cfg.model_gb:9.0f} {r.peak_replicas:5d} "
+            f"{r.peak_replicas / static_n:9.2f} {r.cold_starts_from_zero:7d}"
         )
     for r in results.values():
         if r.slo_misses:
@@ -567,11 +629,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hours", type=float, default=24.0, help="compress the day into this")
     parser.add_argument("--peak", type=float, default=500.0, help="peak requests per second")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-queue", action="store_true",
+                        help="skip the queue-signal case (asynchronous tasks)")
+    parser.add_argument("--plot", metavar="DIR", type=Path,
+                        help="also write DIR/autoscale-day.png (needs matplotlib)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     cfg = SimConfig()
     results, static_n = compare(int(args.hours * 3600), args.peak, args.seed, cfg)
     print(_report(results, static_n, cfg, args.hours))
+    if not args.no_queue:
+        tasks, static_q, qcfg = compare_queue(int(args.hours * 3600), args.peak, args.seed, cfg)
+        print(f"\nqueue signal: the same day as asynchronous tasks of a {qcfg.model_gb:g} GB model "
+              f"(about {mean_service_s(qcfg):g} s per item), wait budget {qcfg.task_wait_s:g} s")
+        print(_report(tasks, static_q, qcfg, args.hours))
+    if args.plot is not None:
+        picture = plot_scaling_day({name: r.timeline for name, r in results.items()},
+                                   args.plot / "autoscale-day.png",
+                                   title=f"One simulated day ({args.hours:g} h), peak "
+                                         f"{args.peak:g} req/s: demand, replicas, waiting")
+        print(f"wrote {picture}")
     print(f"simulated in {time.perf_counter() - started:.1f} s wall time")
     return 0
 

@@ -58,12 +58,14 @@ from typing import Any, Protocol, TypeVar
 
 from mulambda.settings import CompanionSettings
 from mulambda.store.metadata import MetadataStore
+from mulambda.tasks.queue import TaskQueue
 
 from .backoff import Backoff
 from .heartbeat import Heartbeat
 from .prober import Prober
 from .server import CompanionServer, Metrics, ModelState
 from .serving import AVAILABLE, ServingClient, ServingLoadFailed, ServingUnavailable
+from .worker import Worker
 
 log = logging.getLogger("mulambda.companion")
 
@@ -198,6 +200,14 @@ class Companion:
             alpha=config.latency_alpha, jitter=config.probe_jitter, metrics=self.metrics,
         )
         self.server = CompanionServer(self.state, self.metrics, config.http_host, config.http_port)
+        # Asynchronous tasks for this executor (mulambda.tasks), pulled only while ready.
+        self.worker = Worker(
+            TaskQueue(store), executor=config.executor_id, consumer=config.pod_name,
+            model=config.model_name, serving_url=config.serving_rest_url,
+            concurrency=config.worker_concurrency, visibility=config.task_visibility,
+            drain=config.task_drain, predict_timeout=config.task_predict_timeout,
+            ready=lambda: self.state.ready, registry=self.metrics.registry,
+        ) if config.worker_concurrency > 0 else None
 
     # -- state ------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -366,6 +376,10 @@ class Companion:
             asyncio.create_task(self.manage_model(), name="model"),
             asyncio.create_task(self.watch_serving(), name="serving-watch"),
         }
+        worker = (asyncio.create_task(self.worker.run(self.stop_event), name="worker")
+                  if self.worker is not None else None)
+        if worker is not None:
+            tasks.add(worker)
         stopping = asyncio.create_task(self.stop_event.wait(), name="stop")
         code = 0
         try:
@@ -379,6 +393,9 @@ class Companion:
             self.stop_event.set()
             self.state.ready = False
             self.metrics.model_ready.set(0)
+            if worker is not None:
+                # Running tasks finish or go back to the queue before anything closes.
+                await asyncio.wait({worker}, timeout=self.config.task_drain + 5)
             for task in (*tasks, stopping):
                 task.cancel()
             await asyncio.gather(*tasks, stopping, return_exceptions=True)

@@ -96,6 +96,7 @@ class Prober:
         self.jitter = jitter
         self.metrics = metrics or Metrics()
         self._store_failures = 0  # store calls failed since the last one that worked
+        self._exported: set[str] = set()  # clients with a client_rtt gauge
         self._http = httpx.AsyncClient(
             timeout=timeout,
             follow_redirects=False,
@@ -152,6 +153,7 @@ class Prober:
             previous = await self.store.get_latencies(self.executor, self.pod, measured)
             samples = {c: ewma(previous.get(c), ms, self.alpha) for c, ms in measured.items()}
             await self.store.put_latencies(self.executor, self.pod, samples, ttl=self.ttl)
+            self._export_rtts(samples, set(targets))
         except StoreUnavailable as exc:
             self._store_failed()
             log.warning("probe results not stored error=%s", exc)
@@ -165,6 +167,14 @@ class Prober:
             time.monotonic() - started,
         )
         return by_client
+
+    def _export_rtts(self, samples: dict[str, LatencySample], registered: set[str]) -> None:
+        """Smoothed RTTs as gauges; clients no longer registered lose theirs."""
+        for client, sample in samples.items():
+            self.metrics.client_rtt.labels(self.executor, client).set(sample.ms / 1000)
+        for client in self._exported - registered:
+            self.metrics.client_rtt.remove(self.executor, client)
+        self._exported = (self._exported & registered) | set(samples)
 
     def _store_failed(self) -> None:
         self.metrics.store_errors.labels(component="prober").inc()

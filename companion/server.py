@@ -94,6 +94,13 @@ class Metrics:
             "Metadata store calls that failed, by component.",
             ["component"], registry=r,
         )
+        self.store_errors.labels(component="prober")  # 0 until the first, not "no data"
+        self.client_rtt = Gauge(
+            "mulambda_companion_client_rtt_seconds",
+            "Smoothed round-trip time from this replica to each registered client (what "
+            "selection reads from the store).",
+            ["executor", "client"], registry=r,
+        )
 
 
 @dataclass

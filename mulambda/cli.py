@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mulambda.tools.models", "push, list, remove models; create buckets (S3)"),
     "simulate": ("mulambda.tools.simulate", "replay a scenario through selectors and compare"),
     "ping": ("mulambda.companion.ping", "answer latency probes (sidecar of Client workloads)"),
+    "explain": ("mulambda.tools.explain", "why a Client gets the executor it gets (ranking)"),
+    "top": ("mulambda.tools.top", "watch the executors: replicas, state, load, latency"),
 }
 
 

@@ -37,6 +37,9 @@ class Context:
     written: dict[str, tuple[str | None, float, dict[str, Any]]] = field(default_factory=dict)
     # executor id -> the store record last written: a refresh writes only changes.
     records: dict[str, Any] = field(default_factory=dict)
+    # client id -> the executor in its status.selected (filled as Clients reconcile, also
+    # on resume): how many Clients select an executor, for its Selected Events.
+    selections: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

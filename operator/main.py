@@ -19,7 +19,7 @@ from .client.handlers import register as register_clients
 from .context import Context
 from .k8s.api import KubeApi
 from .modelexecutor.autoscale import Windows
-from .modelexecutor.fleet import Fleet
+from .modelexecutor.fleet import ERRORS, Fleet
 from .modelexecutor.handlers import DEPLOYMENTS, EXECUTORS, MODEL_EXECUTOR, SERVICES
 from .modelexecutor.handlers import register as register_executors
 
@@ -87,6 +87,7 @@ async def prune_forever(ctx: Context) -> None:
         try:
             removed = await ctx.store.prune_expired()
         except StoreUnavailable as exc:
+            ERRORS.labels("store", "prune").inc()
             log.warning("prune skipped: %s", exc)
             continue
         except Exception:  # a bug here must not end pruning for good

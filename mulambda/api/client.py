@@ -53,6 +53,38 @@ class Workload(_Model):
         return self
 
 
+class ExperimentArm(_Model):
+    executor: str = Field(pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/)?"
+                                  r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+    weight: int = Field(default=50, ge=0, le=100)
+
+
+class Experiment(_Model):
+    """An A/B experiment over executors (docs/rollouts.md)."""
+
+    arms: list[ExperimentArm] = Field(min_length=2, max_length=10)
+    sticky_header: str | None = Field(default=None, alias="stickyHeader",
+                                      pattern=r"^[A-Za-z0-9-]{1,128}$")
+    sticky_field: str | None = Field(default=None, alias="stickyField",
+                                     pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+    @model_validator(mode="after")
+    def _arms(self) -> Experiment:
+        names = [a.executor for a in self.arms]
+        if len(set(names)) != len(names):
+            raise ValueError("experiment.arms name an executor twice")
+        if not any(a.weight for a in self.arms):
+            raise ValueError("experiment.arms: at least one weight must be above 0")
+        if self.sticky_header and self.sticky_field:
+            raise ValueError("experiment: set stickyHeader or stickyField, not both")
+        return self
+
+    def executor_ids(self, namespace: str) -> list[tuple[str, int]]:
+        """(executor id, weight) per arm; a bare name is in the Client's namespace."""
+        return [(a.executor if "/" in a.executor else f"{namespace}/{a.executor}", a.weight)
+                for a in self.arms]
+
+
 class ClientSpec(_Model):
     criteria: ClientCriteria
     preferences: Preferences = Field(default_factory=Preferences)
@@ -60,6 +92,7 @@ class ClientSpec(_Model):
     cold_start: Literal["Wait", "UseWarm"] = Field(default="UseWarm", alias="coldStart")
     probe_url: str | None = Field(default=None, alias="probeUrl", pattern=r"^https?://\S+$")
     workload: Workload | None = None
+    experiment: Experiment | None = None
 
 
 def parse_client_spec(spec: dict[str, Any]) -> ClientSpec:

@@ -69,6 +69,43 @@ class ModelVolume(_Model):
     medium: Literal["", "Memory"] = ""
 
 
+class Analysis(_Model):
+    """When the operator promotes or rolls back a new version (see docs/rollouts.md)."""
+
+    max_error_rate_increase: float = Field(default=0.05, ge=0, le=1,
+                                           alias="maxErrorRateIncrease")
+    max_p95_ratio: float = Field(default=1.5, ge=1, alias="maxP95Ratio")
+    min_requests: int = Field(default=50, ge=1, le=10_000_000, alias="minRequests")
+    duration_seconds: int = Field(default=60, ge=0, le=86_400, alias="durationSeconds")
+    max_disagreement_rate: float | None = Field(default=None, ge=0, le=1,
+                                                alias="maxDisagreementRate")
+    progress_deadline_seconds: int = Field(default=600, ge=1, le=86_400,
+                                           alias="progressDeadlineSeconds")
+
+
+class Rollout(_Model):
+    """How a change of ``model.version`` reaches the clients."""
+
+    strategy: Literal["Immediate", "Canary", "Shadow"] = "Immediate"
+    weight: int = Field(default=10, ge=0, le=100)
+    steps: list[int] = Field(default_factory=list, max_length=20)
+    analysis: Analysis = Field(default_factory=Analysis)
+    drain_seconds: int = Field(default=10, ge=0, le=3600, alias="drainSeconds")
+
+    @model_validator(mode="after")
+    def _steps(self) -> Rollout:
+        if any(not 1 <= s <= 100 for s in self.steps):
+            raise ValueError("rollout.steps must be percentages in [1, 100]")
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("rollout.steps must increase")
+        return self
+
+    @property
+    def weights(self) -> list[int]:
+        """The candidate's share at each step (one step of ``weight`` without ``steps``)."""
+        return list(self.steps) or [self.weight]
+
+
 class ModelExecutorSpec(_Model):
     model: ModelRef
     traits: Traits
@@ -79,6 +116,7 @@ class ModelExecutorSpec(_Model):
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[dict[str, Any]] = Field(default_factory=list)
     service_account_name: str | None = Field(default=None, alias="serviceAccountName")
+    rollout: Rollout = Field(default_factory=Rollout)
 
     @model_validator(mode="after")
     def _quantities(self) -> ModelExecutorSpec:

@@ -21,16 +21,18 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mulambda.store.records import Snapshot
 
 from .criteria import Criteria
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
+from .rollout import Experiment, Route
 from .selection import near_equal, rank
 
-__all__ = ["CRITERIA", "Explanation", "Verdict", "candidate_line", "criterion_of", "explain"]
+__all__ = ["CRITERIA", "Explanation", "Verdict", "candidate_line", "candidate_summary",
+           "criterion_of", "explain"]
 
 # The start of each reason rank() rejects an executor with -> the criterion that did it.
 CRITERIA = {
@@ -103,6 +105,9 @@ class Explanation:
     wake: list[str]  # cold executors worth activating
     why: str
     taken_at: float
+    # How routers split requests beyond the ranking: rollouts of candidates, the Client's
+    # experiment (mulambda.policy.rollout), one sentence each.
+    routing: list[str] = field(default_factory=list)
 
     @property
     def winner(self) -> str | None:
@@ -122,21 +127,26 @@ class Explanation:
                             "ceiling_ms": _num(p.ceiling_ms)},
             "candidates": [v.to_dict() for v in self.candidates],
             "excluded": [v.to_dict() for v in self.excluded],
-            "near_equal": self.near_equal, "wake": self.wake,
+            "near_equal": self.near_equal, "wake": self.wake, "routing": self.routing,
             "taken_at": _num(self.taken_at),
         }
 
 
 def candidate_line(c: Candidate) -> str:
-    """``executor: score, latency = parts, accuracy, state`` on one line."""
+    """``executor: score, latency (parts), accuracy, state`` on one line."""
+    return f"{c.executor_id}: {candidate_summary(c)}"
+
+
+def candidate_summary(c: Candidate) -> str:
+    """``score, latency (parts), accuracy, state``: why a candidate ranks where it does."""
     parts = f"net {c.network_ms:.1f} + service {c.service_ms:.1f} + load {c.load_ms:.1f}"
     if c.cold_start_ms:
         parts += f" + cold start {c.cold_start_ms:.0f}"
     state = "warm" if c.warm else "cold"
     if c.over_ceiling:
         state += ", over the latency ceiling"
-    return (f"{c.executor_id}: score {c.score:.3f}, {c.expected_latency_ms:.1f} ms "
-            f"({parts}), accuracy {c.assumed_accuracy:.3f}, {state}")
+    return (f"score {c.score:.3f}, {c.expected_latency_ms:.1f} ms ({parts}), "
+            f"accuracy {c.assumed_accuracy:.3f}, {state}")
 
 
 def explain(criteria: Criteria, snapshot: Snapshot, *, client: str = "",
@@ -156,7 +166,35 @@ def explain(criteria: Criteria, snapshot: Snapshot, *, client: str = "",
     shared = [c.executor_id for c in near_equal(ranking, criteria, policy)[0]] if ranking else []
     return Explanation(client, criteria, prefs, candidates, excluded, shared,
                        list(ranking.wake), _why(ranking, rejected, shared, prefs),
-                       snapshot.taken_at if now is None else now)
+                       snapshot.taken_at if now is None else now,
+                       _routing(ranking, snapshot))
+
+
+def _routing(ranking: Ranking, snapshot: Snapshot) -> list[str]:
+    """What the SDK and the gateway do per request beyond the order: rollout arms of the
+    candidates, and the Client's experiment."""
+    out = []
+    for c in ranking:
+        route = Route.of(c.record)
+        if route is None:
+            continue
+        version = f"version {route.version}" if route.version is not None else "a new version"
+        if route.strategy == "Shadow":
+            out.append(f"{c.executor_id}: Shadow rollout of {version}: the stable version "
+                       "answers, a copy of each request goes to the candidate")
+        else:
+            out.append(f"{c.executor_id}: Canary rollout of {version}: {route.weight}% of "
+                       "its requests go to the candidate")
+    record = snapshot.client_record
+    experiment = Experiment.of(record.experiment if record is not None else None)
+    if experiment is not None:
+        total = sum(w for _, w in experiment.arms)
+        arms = ", ".join(f"{e} {w / total:.0%}" for e, w in experiment.arms)
+        key = (f"header {experiment.header}" if experiment.header
+               else f"field {experiment.field}" if experiment.field else "X-Mulambda-Key")
+        out.append(f"experiment {experiment.id}: each request is assigned an arm ({arms}; "
+                   f"sticky by {key}), which goes first while it is a warm candidate")
+    return out
 
 
 def _why(ranking: Ranking, rejected: dict[str, str], shared: list[str],

@@ -37,6 +37,14 @@ The rule, in the order it is applied:
    clamp that changed the answer is reported as ``Bounded``.
 7. **No data.** With no sample in the stable window (metrics collection
    failing) the count is held: not knowing the load is no reason to act.
+8. **Backlog.** A sample that says how much of its concurrency waits
+   (``queued``) and the service time counts the waiting requests by what
+   drains them within ``QUEUE_DRAIN_SECONDS`` (35 s), on top of the arrival
+   rate times the service time, not head for head; the panic desire adds the
+   backlog still to come during one cold start. Head for head, a queue that
+   grows while new pods start asked for more pods every tick: a burst behind
+   a 30 s cold start took the fleet to maxReplicas, twice what the peak needs
+   (``bench/autoscale.py``).
 
 Reasons (CamelCase, for conditions and Events): ``Activate``,
 ``ScaleToZero``, ``Bounded``, ``Panic``, ``ScaleUp``, ``ScaleDown``,
@@ -61,6 +69,7 @@ from typing import Any, Protocol
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "PANIC_THRESHOLD",
+    "QUEUE_DRAIN_SECONDS",
     "Decision",
     "DemandWindow",
     "Reason",
@@ -68,6 +77,8 @@ __all__ = [
     "ScalingPolicy",
     "ScalingState",
     "decide",
+    "effective_concurrency",
+    "projected_backlog",
     "record_sample",
     "window_horizon",
 ]
@@ -80,6 +91,9 @@ DEFAULT_MAX_SAMPLES = 600
 
 # ceil(2.0000000001) must stay 2: averages of floats carry rounding noise.
 _EPSILON = 1e-9
+
+#: A backlog (Sample.queued) is sized to drain within this many seconds.
+QUEUE_DRAIN_SECONDS = 35.0
 
 
 class Reason(StrEnum):
@@ -123,14 +137,19 @@ class Sample:
     ``concurrency`` is requests in flight, including those waiting in a queue
     or at the activator (a saturated executor must still show its backlog);
     ``rate`` is arrivals per second. Either being positive counts as demand.
+    ``queued`` says how much of ``concurrency`` waits for a slot rather than
+    being served, and ``service_s`` the mean service time; with both, the
+    backlog is sized by :func:`effective_concurrency` instead of head for head.
     """
 
     at: float
     concurrency: float
     rate: float = 0.0
+    queued: float = 0.0
+    service_s: float | None = None
 
     def __post_init__(self) -> None:
-        for name in ("at", "concurrency", "rate"):
+        for name in ("at", "concurrency", "rate", "queued"):
             value = getattr(self, name)
             if not math.isfinite(value):
                 raise ValueError(f"sample {name} must be finite, got {value!r}")
@@ -138,10 +157,38 @@ class Sample:
             raise ValueError(
                 f"sample concurrency and rate must be >= 0, got {self.concurrency}, {self.rate}"
             )
+        if not 0 <= self.queued <= self.concurrency:
+            raise ValueError(f"sample queued must be in [0, concurrency], got {self.queued}")
+        if self.service_s is not None and not (math.isfinite(self.service_s)
+                                               and self.service_s > 0):
+            raise ValueError(f"sample service_s must be > 0, got {self.service_s!r}")
 
     @property
     def has_demand(self) -> bool:
         return self.concurrency > 0 or self.rate > 0
+
+
+def effective_concurrency(sample: Sample, drain_seconds: float = QUEUE_DRAIN_SECONDS) -> float:
+    """The concurrency a sample asks replicas for.
+
+    Head for head, a backlog asks for a slot per waiting request at once: while
+    new replicas start (a cold start is tens of seconds) the queue keeps growing
+    and so does the count, and the scale-up overshoots by the queue's growth
+    (panic mode, which never scales down mid-burst, keeps the overshoot). With
+    the backlog's size and the service time known, the offered load is what
+    arrives (Little's law: ``rate x service_s``; ``rate`` must count every
+    arrival, queued or not) and the backlog adds what drains it within
+    ``drain_seconds``:
+    ``queued x service_s / drain_seconds``. Without them: the concurrency as
+    reported.
+    """
+    if not sample.queued or sample.service_s is None:
+        return sample.concurrency
+    # Not what is being served: with a backlog the replicas run full, serving the
+    # backlog too, so that measures their capacity, not the demand (counting it
+    # would ask for more replicas at every tick for as long as a backlog drains).
+    offered = sample.rate * sample.service_s
+    return offered + sample.queued * sample.service_s / max(drain_seconds, _EPSILON)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +247,7 @@ class ScalingState:
     panic_since: float | None = None
     panic_last_at: float | None = None
     recent: tuple[tuple[float, int], ...] = field(default=())
+    starting_since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +280,27 @@ class Decision:
 # -- the decision ----------------------------------------------------------------------
 
 
+def projected_backlog(latest: Sample | None, *, ready: int, target: float,
+                      drain_seconds: float, cold_start_seconds: float | None,
+                      starting_for: float) -> float:
+    """Concurrency for the backlog that builds up until replicas started now are ready.
+
+    What arrives beyond what the ready replicas serve keeps queueing for the rest
+    of a cold start (``cold_start_seconds`` minus ``starting_for``, how long
+    replicas have been starting). Asking for it at the first sign of a burst
+    gets the capacity to drain it in one cold start, instead of adding replicas
+    tick by tick as the queue grows, each a cold start late. 0 without a
+    backlog, a service time or a cold start to project with.
+    """
+    if (latest is None or not latest.queued or latest.service_s is None
+            or not cold_start_seconds):
+        return 0.0
+    remaining = max(0.0, cold_start_seconds - starting_for)
+    served_per_s = ready * target / latest.service_s
+    growth = max(0.0, latest.rate - served_per_s) * remaining
+    return growth * latest.service_s / max(drain_seconds, _EPSILON)
+
+
 def _replicas_for(concurrency: float, target: float) -> int:
     return max(0, math.ceil(concurrency / target - _EPSILON))
 
@@ -260,13 +329,19 @@ def decide(
     state: ScalingState,
     now: float,
     activation: bool = False,
+    drain_seconds: float = QUEUE_DRAIN_SECONDS,
+    cold_start_seconds: float | None = None,
 ) -> Decision:
     """Desired replicas for one executor; pure and deterministic (see the module docstring).
 
     ``current_replicas`` is what the Deployment currently asks for (starting
     pods included), ``ready_replicas`` how many serve; ``activation`` is an
     explicit wake-up request (e.g. a client that chose to wait for a cold
-    start) on top of whatever the samples show.
+    start) on top of whatever the samples show. A backlog the samples name
+    (``Sample.queued``) is sized to drain within ``drain_seconds``, and, with
+    the executor's ``cold_start_seconds``, the panic desire adds the backlog
+    that builds up until replicas started now are ready
+    (:func:`projected_backlog`).
     """
     if current_replicas < 0 or ready_replicas < 0:
         raise ValueError("replica counts must be >= 0")
@@ -298,8 +373,17 @@ def decide(
         new_state = replace(state, last_demand_at=last_demand)
         return _finish(held, reason, message, new_state, current_replicas, now)
 
-    stable_c = _mean([s.concurrency for s in stable]) if stable else 0.0
-    panic_c = _mean([s.concurrency for s in panic]) if panic else stable_c
+    stable_c = _mean([effective_concurrency(s, drain_seconds) for s in stable]) if stable else 0.0
+    panic_c = (_mean([effective_concurrency(s, drain_seconds) for s in panic]) if panic
+               else stable_c)
+    # Replicas asked for but not ready yet: since when (the backlog projection's clock).
+    starting_since = (None if current_replicas <= ready_replicas else
+                      state.starting_since if state.starting_since is not None else now)
+    panic_c += projected_backlog(visible[-1] if visible else None, ready=ready_replicas,
+                                 target=target, drain_seconds=drain_seconds,
+                                 cold_start_seconds=cold_start_seconds,
+                                 starting_for=0.0 if starting_since is None
+                                 else now - starting_since)
     want_stable = _replicas_for(stable_c, target)
     want_panic = _replicas_for(panic_c, target)
     demand_in_window = activation or any(s.has_demand for s in stable)
@@ -405,6 +489,7 @@ def decide(
         panic_since=panic_since,
         panic_last_at=panic_last,
         recent=recent,
+        starting_since=starting_since,
     )
     return _finish(
         desired, reason, message, new_state, current_replicas, now,

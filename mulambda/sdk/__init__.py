@@ -45,6 +45,12 @@ Failover: a connection error, timeout or 5xx moves on to the next candidate
 process's rankings for ``suspect_seconds``. A 4xx is the caller's problem
 and is raised at once as :class:`PredictionRejected`.
 
+Asynchronous inference: ``submit()`` queues a prediction as a task through
+the selector's task API and ``result(id, wait=...)`` fetches it (both also on
+:class:`MulambdaClientSync`; :mod:`.tasks`, docs/async.md); an
+``Idempotency-Key`` is sent by default, so a retried submission never runs the
+model twice.
+
 gRPC needs the optional extra ``mulambda[grpc]`` (tensorflow-serving-api,
 which pulls in TensorFlow); it is imported only when ``predict_grpc`` is
 called.
@@ -60,6 +66,7 @@ from .errors import (
     PredictionRejected,
 )
 from .sync import MulambdaClientSync
+from .tasks import Task, TaskClient, TaskError, TaskStatus
 
 __all__ = [
     "AllCandidatesFailed",
@@ -70,4 +77,8 @@ __all__ = [
     "NoMatchingModel",
     "Prediction",
     "PredictionRejected",
+    "Task",
+    "TaskClient",
+    "TaskError",
+    "TaskStatus",
 ]

@@ -5,6 +5,7 @@ How it works is described in :mod:`mulambda.sdk`, its public face.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -14,6 +15,14 @@ from typing import Any, TypeVar
 import httpx
 
 from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.rollout import (
+    CANDIDATE,
+    ArmChoice,
+    Experiment,
+    experiment_ranking,
+    route_view,
+    sticky_draw,
+)
 from mulambda.policy.selection import (
     DEFAULT_POLICY,
     Candidate,
@@ -26,10 +35,13 @@ from mulambda.policy.selection import (
 )
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
+from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import Snapshot, StoreUnavailable
 
-from .errors import AllCandidatesFailed, NoMatchingModel, Prediction, Retryable
+from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
+from .shadow import ShadowCopies, count_outcome
+from .tasks import Task, TaskClient, TaskStatus, selector_url_from_env
 from .transport import GrpcTransport, rest_predict
 
 log = logging.getLogger("mulambda.sdk")
@@ -52,7 +64,11 @@ class MulambdaClient:
     else's requests in flight for each decision (shared within
     ``load_ttl`` seconds, bounded by ``load_timeout``; see
     :class:`~mulambda.store.leases.InflightReader`) instead of using the
-    snapshot's counts, which are up to ``cache_ttl`` old.
+    snapshot's counts, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
+    bounds the copies of requests a Shadow rollout's new version gets from this
+    instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
+    ``selector_url`` (default ``MULAMBDA_SELECTOR_URL``) is where :meth:`submit`
+    and :meth:`result` send asynchronous tasks (mulambda.sdk.tasks).
     """
 
     def __init__(
@@ -77,6 +93,8 @@ class MulambdaClient:
         fresh_load: bool = True,
         load_ttl: float = 0.002,
         load_timeout: float = 0.05,
+        max_shadow_inflight: int = 32,
+        selector_url: str | None = None,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -122,6 +140,12 @@ class MulambdaClient:
         self._woken: set[tuple[str, float]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
         self._grpc: GrpcTransport | None = None
+        # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
+        self._outcomes = OutcomeRecorder(self.store)
+        self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
+                                    timeout=timeout)
+        self._selector_url = selector_url or selector_url_from_env()
+        self._tasks: TaskClient | None = None
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:
@@ -136,15 +160,38 @@ class MulambdaClient:
             if task is not None and not task.done():
                 task.cancel()
         await self._leases.close()
+        await self._shadow.close()
+        await self._outcomes.close()
         if self._load is not None:
             self._load.close()
         if self._grpc is not None:
             await self._grpc.close()
+        if self._tasks is not None:
+            await self._tasks.close()
         if self._http is not None and self._owns_http:
             await self._http.aclose()
             self._http = None
         if self._owns_store:
             await self.store.close()
+
+    # -- asynchronous tasks (mulambda.sdk.tasks) ------------------------------------
+    @property
+    def tasks(self) -> TaskClient:
+        """The selector's task API for this client."""
+        if self._tasks is None:
+            if not self._selector_url:
+                raise MulambdaError("tasks need the selector: pass selector_url or set "
+                                    "MULAMBDA_SELECTOR_URL")
+            self._tasks = TaskClient(self._selector_url, self.client_id, timeout=self.timeout)
+        return self._tasks
+
+    async def submit(self, instances: list[Any], **kwargs: Any) -> Task:
+        """Queue a prediction as a task (an Idempotency-Key is sent by default)."""
+        return await self.tasks.submit(instances, **kwargs)
+
+    async def result(self, task_id: str, wait: float = 0.0) -> TaskStatus:
+        """A task's status and result, waiting up to ``wait`` seconds for it to end."""
+        return await self.tasks.result(task_id, wait)
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -201,9 +248,21 @@ class MulambdaClient:
         assert self._snap is not None
         return self._snap
 
-    async def ranking(self, items: int = 1, *, direct: bool | None = None) -> Ranking:
+    async def ranking(self, items: int = 1, *, direct: bool | None = None,
+                      key: str | None = None) -> Ranking:
         """All candidates, best first, with this process's own load and measurements
-        taken into account; ``items`` is the request's size (for the per-item cost)."""
+        taken into account; ``items`` is the request's size (for the per-item cost);
+        ``key`` the sticky assignment key of rollouts and experiments."""
+        return (await self._routed(items, direct, key))[0]
+
+    def _draw(self, key: str | None, salt: str) -> float:
+        return sticky_draw(key, salt) if key is not None else self._rng.random()
+
+    async def _routed(self, items: int = 1, direct: bool | None = None, key: str | None = None,
+                      force_stable: frozenset[str] = frozenset()) -> tuple[
+                          Ranking, dict[str, ArmChoice], Experiment | None]:
+        """:meth:`ranking`, the rollout arm chosen per executor, and the client's
+        experiment (its arm first in the ranking)."""
         full = await self.snapshot()
         assert self.criteria is not None and self._view is not None
         # The snapshot leaves out our leases and statistics; ours are exact here.
@@ -213,9 +272,12 @@ class MulambdaClient:
                        service=self._tracker.stats,
                        inflight=others[0] if others is not None else None,
                        inflight_requests=others[1] if others is not None else None)
+        snap, arms = route_view(snap, full, lambda salt: self._draw(key, salt), force_stable)
         pods = self.direct if direct is None else direct
         ranking = rank(self.criteria, snap, client=self.client_id, policy=self.policy,
                        items=items, rng=self._rng, replicas=pods, now=time.time())
+        ranking, experiment = experiment_ranking(ranking, full.client_record,
+                                                 lambda salt: self._draw(key, salt))
         if not ranking:  # explain with every executor, not only the prefiltered ones
             ranking = rank(self.criteria, full, client=self.client_id, policy=self.policy)
         if self._suspect:
@@ -230,7 +292,7 @@ class MulambdaClient:
                 )
         if ranking.wake:
             self._wake(ranking.wake)
-        return ranking
+        return ranking, arms, experiment
 
     async def select(self) -> Candidate:
         """The best candidate now; raises :class:`NoMatchingModel` with the reason."""
@@ -295,9 +357,12 @@ class MulambdaClient:
         return None
 
     async def _with_failover(self, call: Callable[[Candidate], Awaitable[T]], items: int = 1,
-                             direct: bool | None = None) -> tuple[T, Candidate, int]:
+                             direct: bool | None = None, key: str | None = None,
+                             shadow: bytes | None = None) -> tuple[T, Candidate, int]:
+        """Call the best candidate, failing over; ``shadow``: the request's body, copied to
+        a Shadow rollout's candidate once answered."""
         pods = self.direct if direct is None else direct
-        ranking = await self.ranking(items, direct=pods)
+        ranking, arms, experiment = await self._routed(items, pods, key)
         if not ranking:
             raise NoMatchingModel(self.client_id, ranking.explain())
         attempts: list[tuple[str, str]] = []
@@ -309,7 +374,9 @@ class MulambdaClient:
                 self._wake([ranking[0].executor_id])
             ranking = Ranking([c for c in ranking if c.warm], ranking.rejected,
                               ranking.wake, ranking.criteria)
-        for candidate in ranking[: self.max_attempts]:
+        queue = list(ranking[: self.max_attempts])
+        while queue and len(attempts) < self.max_attempts:
+            candidate = queue.pop(0)
             if not candidate.warm:
                 await self._note_demand([candidate.executor_id])
                 warm = await self._wait_until_warm(candidate.executor_id, items, pods)
@@ -318,14 +385,34 @@ class MulambdaClient:
                                      f"cold start not done in {self.cold_start_timeout:g}s"))
                     continue
                 candidate = warm
+            started = time.perf_counter()
             try:
                 result = await self._counted(candidate, call(candidate), items)
-                return result, candidate, len(attempts) + 1
             except Retryable as exc:
+                count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=False,
+                              ms=(time.perf_counter() - started) * 1000)
                 attempts.append((candidate.executor_id, str(exc)))
+                choice = arms.get(candidate.executor_id)
+                if choice is not None and choice.arm == CANDIDATE:
+                    # A new version failed this request: the stable one serves it instead,
+                    # so a bad candidate costs no caller an error.
+                    again = await self._routed(items, pods, key,
+                                               frozenset({candidate.executor_id}))
+                    queue[:0] = [c for c in again[0] if c.executor_id == candidate.executor_id
+                                 and c.warm]
+                    arms = {**arms, **again[1]}
+                    continue
                 self._suspect[candidate.executor_id] = time.monotonic() + self.suspect_seconds
                 log.warning("candidate failed client=%s executor=%s error=%s; failing over",
                             self.client_id, candidate.executor_id, exc)
+                continue
+            count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=True,
+                          ms=(time.perf_counter() - started) * 1000)
+            choice = arms.get(candidate.executor_id)
+            if shadow is not None and choice is not None and choice.shadow:
+                self._shadow.send(choice, candidate.record.model, shadow, result,
+                                  self._rng.random())
+            return result, candidate, len(attempts) + 1
         raise AllCandidatesFailed(self.client_id, attempts)
 
     async def _counted(self, candidate: Candidate, op: Awaitable[T], items: int = 1) -> T:
@@ -359,31 +446,35 @@ class MulambdaClient:
             self._leases.finish(executor, token=lease)
 
     async def _predict(self, call: Callable[[Candidate], Awaitable[Any]], items: int = 1,
-                       direct: bool | None = None) -> Prediction:
+                       direct: bool | None = None, key: str | None = None,
+                       shadow: bytes | None = None) -> Prediction:
         started = time.perf_counter()
-        result, cand, n = await self._with_failover(call, items, direct)
+        result, cand, n = await self._with_failover(call, items, direct, key, shadow)
         return Prediction(result, cand.executor_id, cand,
                           (time.perf_counter() - started) * 1000, n)
 
     async def predict(
         self, instances: list[Any], *, signature_name: str | None = None,
-        attempt_timeout: float | None = None,
+        attempt_timeout: float | None = None, key: str | None = None,
     ) -> Prediction:
         """POST ``{endpoint}/v1/models/{model}:predict`` to the best model, failing over.
 
         ``attempt_timeout`` bounds each attempt (default: the client's
         ``timeout``); wrap the call in ``asyncio.timeout`` to bound the total.
+        ``key`` (an end user, a session) keeps that caller in one arm of a
+        rollout or an A/B experiment; without it each request draws anew.
         """
         body: dict[str, Any] = {"instances": instances}
         if signature_name:
             body["signature_name"] = signature_name
         timeout = attempt_timeout or self.timeout
         return await self._predict(lambda c: rest_predict(self.http, c, body, timeout),
-                                   max(1, len(instances)))
+                                   max(1, len(instances)), key=key,
+                                   shadow=json.dumps(body).encode())
 
     async def predict_grpc(
         self, inputs: dict[str, Any], *, signature_name: str = "serving_default",
-        attempt_timeout: float | None = None,
+        attempt_timeout: float | None = None, key: str | None = None,
     ) -> Prediction:
         """Predict over gRPC (TF Serving PredictionService); needs ``mulambda[grpc]``.
 
@@ -394,5 +485,6 @@ class MulambdaClient:
             self._grpc = GrpcTransport()
         grpc, timeout = self._grpc, attempt_timeout or self.timeout
         # gRPC goes to the Service's gRPC port: no replica is picked.
+        # Canary and experiment arms apply; shadow copies are REST only.
         return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout),
-                                   direct=False)
+                                   direct=False, key=key)

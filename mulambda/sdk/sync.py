@@ -11,6 +11,7 @@ from mulambda.policy.selection import Candidate, Ranking
 
 from .client import MulambdaClient
 from .errors import Prediction
+from .tasks import Task, TaskStatus
 
 T = TypeVar("T")
 
@@ -46,6 +47,12 @@ class MulambdaClientSync:
 
     def predict_grpc(self, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
         return self._run(self._client.predict_grpc(inputs, **kwargs))
+
+    def submit(self, instances: list[Any], **kwargs: Any) -> Task:
+        return self._run(self._client.submit(instances, **kwargs))
+
+    def result(self, task_id: str, wait: float = 0.0) -> TaskStatus:
+        return self._run(self._client.result(task_id, wait))
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -62,6 +62,14 @@ API (JSON in, JSON out; every JSON answer is strict JSON, never ``NaN``):
     selections spreads instead of all getting the same answer. Clients that
     want measured load use the SDK or the gateway.
 
+``GET /v1/explain/{namespace}/{client}``
+    Why the client gets what it gets, as this process would route now
+    (:mod:`mulambda.policy.explain`: every executor with the criterion that
+    excluded it, or its expected latency in parts, accuracy, utilities and
+    score; why the winner won; the near-equal candidates it would spread
+    over). The query overrides the registered criteria as the gateway's does.
+    Reads only. 404 unknown client, 400 bad parameters, 503 store unreachable.
+
 ``GET /healthz``
     200 when the store answers a PING, else 503.
 

@@ -26,6 +26,7 @@ from mulambda.httpd import (
     refuse,
 )
 from mulambda.policy.explain import explain
+from mulambda.policy.rollout import CANDIDATE, Experiment, assignment_key
 from mulambda.policy.selection import (
     Candidate,
     Criteria,
@@ -145,6 +146,7 @@ async def select(request: web.Request) -> web.Response:
             log.info("no match client=%s reason=%r", client, reason)
             return _error(404, "no matching model", reason=reason)
         best = ranking[0]
+        sel.count_decision(ranking, best)
         if best.warm:
             sel.count_selection(best)
         sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
@@ -192,10 +194,13 @@ async def predict(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     client = f"{request.match_info['namespace']}/{request.match_info['client']}"
     outcome = "error"
+    # A label per registered client only: callers could invent names without end.
+    client_label = "unregistered"
     try:
         try:
             body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
-            items = _items(loads_guarded(body))
+            parsed = loads_guarded(body)
+            items = _items(parsed)
         except (BodyTooLarge, BodyTimeout, ValueError) as exc:
             outcome, answer = _bad_body(exc)
             return answer
@@ -205,6 +210,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
             outcome = "store_unavailable"
             log.warning("prediction failed client=%s error=%s", client, exc)
             return _error(503, "metadata store unavailable")
+        if snap.client_record is not None:
+            client_label = client
         if snap.client_record is None and not request.query.get("type"):
             outcome = "unknown_client"
             return _error(404, "unknown client", reason=f"client {client!r} is not registered "
@@ -216,8 +223,12 @@ async def predict(request: web.Request) -> web.StreamResponse:
             return _error(400, str(exc))
         attempts: list[dict[str, str]] = []
         tried: set[str] = set()
+        stable_only: set[str] = set()  # executors whose new version failed this request
+        key = assignment_key(request.headers, parsed, Experiment.of(
+            snap.client_record.experiment if snap.client_record is not None else None))
         while len(attempts) < sel.max_attempts:
-            ranking = await sel.ranking(criteria, snap, client, items=items, replicas=True)
+            ranking, arms, experiment = await sel.routed(
+                criteria, snap, client, items=items, key=key, force_stable=frozenset(stable_only))
             if not ranking and not attempts:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())
@@ -230,8 +241,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 sel.note_demand(ranking.wake, ranking.wake)
             if warm and (criteria.cold_start == "UseWarm" or healthy[0].warm):
                 candidate = warm[0]
+                sel.count_decision(ranking, candidate, failover=bool(attempts))
             else:
                 cold = healthy[0]
+                sel.count_decision(ranking, cold, failover=bool(attempts))
                 sel.note_demand([cold.executor_id], [cold.executor_id])
                 found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
                 if found is None:
@@ -239,10 +252,17 @@ async def predict(request: web.Request) -> web.StreamResponse:
                     return _error(503, "cold start not done", executor=cold.executor_id,
                                   waited_seconds=sel.cold_start_timeout)
                 candidate = found
-            tried.add(candidate.executor_id)
+            arm = arms.get(candidate.executor_id)
+            if arm is not None and arm.arm == CANDIDATE:
+                stable_only.add(candidate.executor_id)  # a retry goes to the stable arm
+            else:
+                tried.add(candidate.executor_id)
+            sent = time.perf_counter()
             try:
                 status, payload, ctype = await sel.forward(candidate, body, items)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+                sel.count_outcome(candidate, arms, experiment, None,
+                                  (time.perf_counter() - sent) * 1000, body, b"")
                 attempts.append({"executor": candidate.executor_id,
                                  "error": f"connect failed: {exc}"})
                 sel.distrust(candidate)
@@ -255,8 +275,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 outcome = "upstream_error"
                 return _error(502, "executor connection failed", executor=candidate.executor_id,
                               detail=str(exc))
-            if status == 503:
-                attempts.append({"executor": candidate.executor_id, "error": "HTTP 503"})
+            sel.count_outcome(candidate, arms, experiment, status,
+                              (time.perf_counter() - sent) * 1000, body, payload)
+            if status == 503 or (status >= 500 and arm is not None and arm.arm == CANDIDATE):
+                attempts.append({"executor": candidate.executor_id, "error": f"HTTP {status}"})
                 sel.distrust(candidate)
                 continue
             outcome = "ok" if status == 200 else f"http_{status // 100}xx"
@@ -273,7 +295,9 @@ async def predict(request: web.Request) -> web.StreamResponse:
         return _error(502, "all candidates failed", attempts=attempts)
     finally:
         sel.predictions.labels(outcome=outcome).inc()
-        sel.gateway_latency.observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        sel.gateway_latency.observe(elapsed)
+        sel.client_latency.labels(client=client_label).observe(elapsed)
 
 
 async def explain_client(request: web.Request) -> web.Response:

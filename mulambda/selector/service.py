@@ -23,6 +23,13 @@ from prometheus_client import (
 )
 
 from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.rollout import (
+    ArmChoice,
+    Experiment,
+    experiment_ranking,
+    route_view,
+    sticky_draw,
+)
 from mulambda.policy.selection import (
     Candidate,
     Criteria,
@@ -31,13 +38,16 @@ from mulambda.policy.selection import (
     overlay,
     rank,
 )
+from mulambda.sdk.shadow import ShadowCopies, count_outcome
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import (
     MetadataStore,
 )
+from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.records import Snapshot
 
 from .caches import ClientViews, DemandQueue, SharedSnapshot
+from .decisions import REJECTION_REASONS, decision_reason, rejections
 
 log = logging.getLogger("mulambda.selector")
 
@@ -52,6 +62,15 @@ SELECT_MAX_BODY_BYTES = 64 << 10
 GATEWAY_MAX_BODY_BYTES = 16 << 20
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT_SECONDS = 15.0
+# Outcomes the handlers count (plus the gateway's http_4xx/http_5xx pass-through).
+SELECT_OUTCOMES = ("selected", "no_match", "bad_request", "too_large", "body_timeout",
+                   "store_unavailable", "error")
+GATEWAY_OUTCOMES = ("ok", "no_match", "unknown_client", "bad_request", "too_large",
+                    "body_timeout", "store_unavailable", "cold_start_timeout", "timeout",
+                    "upstream_error", "all_failed", "error")
+# Expected and measured latencies: from a warm sub-millisecond answer to a cold start.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
 
 
 
@@ -86,6 +105,9 @@ class Selector:
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
         self.http: aiohttp.ClientSession | None = None
+        # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
+        self.outcomes = OutcomeRecorder(store)
+        self.shadows = ShadowCopies(self.outcomes, timeout=predict_timeout)
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "mulambda_selector_requests", "Selection requests by outcome",
@@ -109,6 +131,48 @@ class Selector:
         self.refreshes = Counter(
             "mulambda_selector_snapshot_refreshes", "Shared snapshots read from the store",
             registry=self.registry)
+        self.decisions = Counter(
+            "mulambda_selector_decisions", "Selections (and gateway routings) by the chosen "
+            "executor and why it won (mulambda.selector.decisions)", ["executor", "reason"],
+            registry=self.registry)
+        self.rejections = Counter(
+            "mulambda_selector_rejections", "Executors left out of a selection, by why",
+            ["reason"], registry=self.registry)
+        self.scores = Histogram(
+            "mulambda_selector_score", "Score of the chosen executor, in [0, 1]", ["executor"],
+            buckets=tuple(i / 10 for i in range(1, 11)), registry=self.registry)
+        self.expected = Histogram(
+            "mulambda_selector_expected_latency_seconds", "Latency the selection expected "
+            "of the chosen executor (network + service + load, + cold start when cold)",
+            ["executor"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.upstream = Histogram(
+            "mulambda_gateway_upstream_seconds", "Response time of the executor to a "
+            "forwarded prediction, by executor", ["executor"], buckets=LATENCY_BUCKETS,
+            registry=self.registry)
+        self.client_latency = Histogram(
+            "mulambda_gateway_client_seconds", "Time to answer a gateway prediction, by "
+            "registered client (unregistered callers share one label value)", ["client"],
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        # Known label values start at zero, so a dashboard shows 0, not "no data", until
+        # the first one happens (Prometheus' "avoid missing metrics").
+        for outcome in SELECT_OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        for outcome in GATEWAY_OUTCOMES:
+            self.predictions.labels(outcome=outcome)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
+
+    def count_decision(self, ranking: Ranking, chosen: Candidate, *,
+                       failover: bool = False) -> None:
+        """Count a decision: the chosen executor and why, its score and expected latency,
+        and why the others were left out."""
+        executor = chosen.executor_id
+        self.decisions.labels(executor=executor,
+                              reason=decision_reason(ranking, chosen, failover=failover)).inc()
+        self.scores.labels(executor=executor).observe(chosen.score)
+        self.expected.labels(executor=executor).observe(chosen.expected_latency_ms / 1000)
+        for reason, n in rejections(ranking).items():
+            self.rejections.labels(reason=reason).inc(n)
 
     # -- background store writes ---------------------------------------------------
     def note_demand(self, executors: list[str], cold: list[str] | None = None) -> None:
@@ -125,6 +189,8 @@ class Selector:
         self.clients.close()
         await self.demand.close()
         await self.leases.close()
+        await self.shadows.close()
+        await self.outcomes.close()
         self.load.close()
         if self.http is not None:
             await self.http.close()
@@ -164,6 +230,37 @@ class Selector:
         """Rank :meth:`loaded` ``snap``, near-equal candidates spread."""
         return rank(criteria, await self.loaded(snap), client=client, policy=self.policy,
                     items=items, rng=self.rng, replicas=replicas, now=time.time())
+
+    async def routed(self, criteria: Criteria, snap: Snapshot, client: str, *, items: int = 1,
+                     key: str | None = None, force_stable: frozenset[str] = frozenset(),
+                     ) -> tuple[Ranking, dict[str, ArmChoice], Experiment | None]:
+        """The gateway's ranking with rollout arms chosen (``force_stable``: executors
+        whose new version just failed this request) and the client's experiment arm
+        first; the arms chosen, and the experiment (mulambda.policy.rollout)."""
+        def draw(salt: str) -> float:
+            return sticky_draw(key, salt) if key is not None else self.rng.random()
+
+        view, arms = route_view(await self.loaded(snap), snap, draw, force_stable)
+        ranking = rank(criteria, view, client=client, policy=self.policy, items=items,
+                       rng=self.rng, replicas=True, now=time.time())
+        ranking, experiment = experiment_ranking(ranking, snap.client_record, draw)
+        return ranking, arms, experiment
+
+    def count_outcome(self, candidate: Candidate, arms: dict[str, ArmChoice],
+                      experiment: Experiment | None, status: int | None, ms: float,
+                      body: bytes, payload: bytes) -> None:
+        """Count a forwarded request for its rollout and experiment arms (``status`` None:
+        no answer); copy an answered one to a Shadow rollout's candidate."""
+        ok = status is not None and status < 500
+        count_outcome(self.outcomes, candidate.executor_id, arms, experiment, ok=ok, ms=ms)
+        choice = arms.get(candidate.executor_id)
+        if status != 200 or choice is None or not choice.shadow:
+            return
+        try:
+            baseline = json.loads(payload)["predictions"]
+        except (ValueError, KeyError, TypeError):
+            return
+        self.shadows.send(choice, candidate.record.model, body, baseline, self.rng.random())
 
     async def loaded(self, snap: Snapshot) -> Snapshot:
         """``snap`` with this process's own requests in flight and measurements added, and
@@ -225,6 +322,7 @@ class Selector:
                 payload = await resp.read()
                 status, ctype = resp.status, resp.headers.get("Content-Type",
                                                               "application/json")
+            self.upstream.labels(executor=executor).observe(time.perf_counter() - started)
             if status == 200:
                 self.tracker.observe(
                     executor, inflight=candidate.inflight, items=items,

@@ -7,22 +7,31 @@ that follows (``P`` is the key prefix; ``%R~`` read only, ``%W~`` write only,
 ================  ==========================================  =========================
 role (user)       does                                        keys
 ================  ==========================================  =========================
-operator          writes ``executors`` and ``clients``;       ``~`` every family,
-(mulambda-        prunes expired ``replicas``, ``inflight``,  ``%R~P:demand:*``
-operator)         ``service``, ``latency:*`` values; deletes
-                  a Client's ``latency:C``; reads demand
+operator          writes ``executors`` and ``clients``;       ``~`` every metadata
+(mulambda-        prunes expired ``replicas``, ``inflight``,  family, ``%R~P:demand:*``,
+operator)         ``service``, ``latency:*`` values; deletes  ``%R~P:tasks:queue:*``
+                  a Client's ``latency:C``; reads demand and  (no task, no result)
+                  the task backlog (XLEN, XRANGE)
 companion         writes its heartbeat in ``replicas`` and    ``%W~P:replicas``,
 (mulambda-        its samples in ``latency:*``; reads         ``~P:latency:*``,
-companion)        ``clients`` (probe targets)                 ``%R~P:clients``
+companion)        ``clients`` (probe targets); its worker     ``%R~P:clients``,
+                  takes tasks, writes outcomes, dead letters  ``~P:task:*``,
+                                                              ``~P:tasks:queue:*``,
+                                                              ``%W~P:tasks:dead``
 selector          reads the snapshot; writes demand,          ``%R~`` the snapshot,
 (mulambda-        its in-flight leases and measured service   ``~P:inflight``,
-selector; the     times                                       ``~P:service``,
-gateway too)                                                  ``~P:demand:*``
-sdk               the same as the selector, for trusted       as selector
-(mulambda-sdk)    platform processes embedding the SDK
+selector; the     times; queues tasks, reads their results,   ``~P:service``,
+gateway too)      cancels them                                ``~P:demand:*``,
+                                                              ``~P:task:*``,
+                                                              ``%W~P:tasks:queue:*``,
+                                                              ``~P:tasks:idem:*``
+sdk               the same as the selector, for trusted       as selector, without
+(mulambda-sdk)    platform processes embedding the SDK; its   the task families
+                  tasks go through the selector's task API
 client            reads the snapshot only: tenants'           ``%R~`` the snapshot
-(mulambda-        workloads; cannot write anything
-client)
+(mulambda-        workloads; cannot write anything, nor read
+client)           any task (results go through the selector,
+                  which checks the caller may use the Client)
 ================  ==========================================  =========================
 
 Commands are listed one by one (``-@all`` first), exactly the ones
@@ -70,7 +79,12 @@ __all__ = ["ROLES", "Role", "acl_file", "acl_line", "generate_password", "key_ru
 # Every key family metadata.py builds (``P:name``; ``*`` families have a suffix).
 EXECUTORS, CLIENTS, REPLICAS = "executors", "clients", "replicas"
 INFLIGHT, SERVICE, LATENCY, DEMAND = "inflight", "service", "latency:*", "demand:*"
-FAMILIES = (EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, DEMAND)
+OUTCOMES = "outcomes:*"  # per-arm outcomes of rollouts and experiments (outcomes.py)
+# The task queue's families (mulambda.tasks): tasks with their results, the
+# per-executor streams, Idempotency-Keys, the dead letters.
+TASK, QUEUE, IDEMPOTENCY, DEAD = "task:*", "tasks:queue:*", "tasks:idem:*", "tasks:dead"
+_METADATA = (EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, DEMAND, OUTCOMES)
+FAMILIES = (*_METADATA, TASK, QUEUE, IDEMPOTENCY, DEAD)
 
 # What every reader of a selection snapshot reads (MetadataStore.snapshot,
 # inflight_counts, service_stats).
@@ -96,20 +110,26 @@ class Role:
 ROLES: dict[str, Role] = {r.name: r for r in (
     Role("operator", "mulambda-operator",
          "executor and Client records; prunes expired values; reads demand",
-         read=FAMILIES, write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY),
-         commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del")),
+         read=(*_METADATA, QUEUE),
+         write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES),
+         commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del", "xlen",
+                   "xrange")),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
-         read=(LATENCY, CLIENTS), write=(REPLICAS, LATENCY),
-         commands=("hget", "hgetall", "hset", "hdel", "expire")),
+         read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),
+         commands=("hget", "hgetall", "hset", "hdel", "expire", "hincrby", "hsetnx", "watch",
+                   "multi", "exec", "xreadgroup", "xack", "xdel", "xautoclaim", "xclaim",
+                   "xadd", "xgroup|create")),
     Role("selector", "mulambda-selector",
          "selector and gateway: reads snapshots; writes demand, in-flight leases, "
          "measured service times",
-         read=(*_SNAPSHOT, DEMAND), write=(INFLIGHT, SERVICE, DEMAND),
-         commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire")),
+         read=(*_SNAPSHOT, DEMAND, TASK, IDEMPOTENCY),
+         write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, IDEMPOTENCY),
+         commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "exists", "get",
+                   "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create")),
     Role("sdk", "mulambda-sdk",
          "trusted processes embedding the SDK: like the selector",
-         read=(*_SNAPSHOT, DEMAND), write=(INFLIGHT, SERVICE, DEMAND),
+         read=(*_SNAPSHOT, DEMAND), write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire")),
     Role("client", "mulambda-client",
          "tenants' workloads embedding the SDK: reads snapshots, writes nothing",

@@ -59,6 +59,9 @@ class ExecutorRecord(_Resource):
     service_time_ms: float | None = None
     generation: int = 0
     updated_at: float = field(default_factory=_now)
+    # A new version beside this one, while a rollout routes to it: the route
+    # routers follow (mulambda.policy.rollout.Route); None otherwise.
+    rollout: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +77,8 @@ class ClientRecord(Criteria, _Resource):
     probe_url: str | None = None
     generation: int = 0
     updated_at: float = field(default_factory=_now)
+    # An A/B experiment over executors (mulambda.policy.rollout.Experiment); None otherwise.
+    experiment: dict[str, Any] | None = None
 
     @property
     def criteria(self) -> Criteria:

@@ -92,7 +92,8 @@ async def submit(request: web.Request) -> web.Response:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())
             best = ranking[0]
-            # ``wake`` holds the best one too when it is cold: its cold start is measured.
+            # Every task is an arrival (the autoscaler's rate: with the backlog it sizes
+            # replicas to drain it); ``wake`` holds the best one too when it is cold.
             sel.note_demand([best.executor_id, *ranking.wake], list(ranking.wake))
             task_id, created = await tasks.queue.submit(
                 new_task_id(client), client=client, executor=best.executor_id,
@@ -148,8 +149,8 @@ async def cancel(request: web.Request) -> web.Response:
             return _error(404, "unknown task", reason="no such task, or its result expired")
         if after is not Status.CANCELLED:
             outcome = "conflict"
-            return _error(409, f"task is {after}: only a pending task can be cancelled",
-                          status=str(after))
+            return _json({"error": f"task is {after}: only a pending task can be cancelled",
+                          "status": str(after)}, status=409)
         outcome = "cancelled"
         return _json({"id": task_id, "status": str(after)})
     finally:

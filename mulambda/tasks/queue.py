@@ -101,29 +101,35 @@ class TaskQueue:
     async def cancel(self, task_id: str, now: float | None = None) -> Status | None:
         """Cancel a pending task; its status afterwards (None: unknown). A task that
         is running or finished keeps its status."""
-        key = self.task_key(task_id)
+        at = time.time() if now is None else now
         for _ in range(_WATCH_TRIES):
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await self._run(pipe.watch(key))
-                    fields = await self._run(pipe.hgetall(key))
-                    if not fields:
-                        return None
-                    status = status_of(fields)
-                    if status is not Status.PENDING:
-                        return status
-                    pipe.multi()
-                    pipe.hset(key, "outcome", outcome(
-                        Status.CANCELLED, worker="", at=time.time() if now is None else now,
-                        reason="cancelled by the caller"))
-                    pipe.expire(key, max(1, int(float(fields.get("result_ttl") or 1))))
-                    if fields.get("entry"):  # not delivered yet: out of the backlog at once
-                        pipe.xdel(self.queue_key(fields["executor"]), fields["entry"])
-                    await self._run(pipe.execute())
-                    return Status.CANCELLED
-            except WatchError:
-                continue
+            done, after = await self._run(self._cancel_once(task_id, at))
+            if done:
+                return after  # type: ignore[no-any-return]
         raise StoreUnavailable(f"task {task_id} kept changing while being cancelled")
+
+    async def _cancel_once(self, task_id: str, at: float) -> tuple[bool, Status | None]:
+        """(False, None) when a worker changed the task meanwhile: try again."""
+        key = self.task_key(task_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                fields = await pipe.hgetall(key)
+                if not fields:
+                    return True, None
+                status = status_of(fields)
+                if status is not Status.PENDING:
+                    return True, status
+                pipe.multi()
+                pipe.hset(key, "outcome", outcome(Status.CANCELLED, worker="", at=at,
+                                                  reason="cancelled by the caller"))
+                pipe.expire(key, max(1, int(float(fields.get("result_ttl") or 1))))
+                if fields.get("entry"):  # not delivered yet: out of the backlog at once
+                    pipe.xdel(self.queue_key(fields["executor"]), fields["entry"])
+                await pipe.execute()
+            except WatchError:
+                return False, None
+        return True, Status.CANCELLED
 
     # -- the worker's side --------------------------------------------------------------
     async def ensure_group(self, executor: str) -> None:
@@ -168,25 +174,33 @@ class TaskQueue:
     ]:
         """Decide whether a delivered task runs and, if so, count the attempt: (decision,
         reason, the task's fields as they are now)."""
-        key = self.task_key(task_id)
+        started = repr(time.time() if now is None else now)
         for _ in range(_WATCH_TRIES):
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    await self._run(pipe.watch(key))
-                    fields = dict(await self._run(pipe.hgetall(key)))
-                    decision, reason = before_run(fields)
-                    if decision is not Next.RUN:
-                        return decision, reason, fields
-                    started = repr(time.time() if now is None else now)
-                    pipe.multi()
-                    pipe.hincrby(key, "attempts", 1)
-                    pipe.hset(key, mapping={"started_at": started, "worker": worker})
-                    attempts, _ = await self._run(pipe.execute())
-                    return Next.RUN, "", {**fields, "attempts": str(attempts),
-                                          "started_at": started, "worker": worker}
-            except WatchError:
-                continue
+            found = await self._run(self._begin_once(task_id, worker, started))
+            if found is not None:
+                return found  # type: ignore[no-any-return]
         raise StoreUnavailable(f"task {task_id} kept changing while being started")
+
+    async def _begin_once(self, task_id: str, worker: str, started: str) -> tuple[
+        Next, str, dict[str, str]
+    ] | None:
+        """None when the task changed meanwhile (a cancel): try again."""
+        key = self.task_key(task_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                fields = dict(await pipe.hgetall(key))
+                decision, reason = before_run(fields)
+                if decision is not Next.RUN:
+                    return decision, reason, fields
+                pipe.multi()
+                pipe.hincrby(key, "attempts", 1)
+                pipe.hset(key, mapping={"started_at": started, "worker": worker})
+                attempts, _ = await pipe.execute()
+            except WatchError:
+                return None
+        return Next.RUN, "", {**fields, "attempts": str(attempts), "started_at": started,
+                              "worker": worker}
 
     async def finish(self, executor: str, entry: str, task_id: str, final: str,
                      result_ttl: int) -> bool:

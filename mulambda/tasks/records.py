@@ -90,7 +90,7 @@ def view(task_id: str, fields: dict[str, str], now: float) -> dict[str, Any]:
         out["age_seconds"] = round(max(0.0, now - created), 3)
     done = _decoded(fields.get("outcome"))
     if done is not None:
-        out["status"] = done.get("status", str(Status.FAILED))
+        out["status"] = str(status_of(fields))
         for key in ("result", "reason", "finished_at", "worker"):
             if key in done:
                 out[key] = done[key]

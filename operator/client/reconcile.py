@@ -9,9 +9,12 @@ the operator: a Client that sends nothing must let them sleep.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from mulambda.api.client import ClientSpec
+from mulambda.api.common import GROUP, VERSION
+from mulambda.policy.rollout import Experiment
 from mulambda.policy.selection import rank
 from mulambda.settings import Settings
 from mulambda.store.records import ClientRecord, StoreUnavailable
@@ -21,7 +24,7 @@ from ..k8s.children import ensure_deployment, ensure_service, remove_owned
 from ..k8s.objects import ObjectRef
 from ..status import Event, Problem, StatusUpdate, store_unavailable
 from .build import build_client_deployment, build_client_service, probe_url, workload_name
-from .status import client_status
+from .status import client_status, selection_events
 
 
 async def ensure_workload(
@@ -67,7 +70,20 @@ def client_record(
         latency_weight=spec.preferences.latency, accuracy_weight=spec.preferences.accuracy,
         max_latency_ms=spec.limits.max_latency_ms, min_accuracy=spec.limits.min_accuracy,
         probe_url=probe, cold_start=spec.cold_start, generation=generation,
+        experiment=experiment_record(client, spec, generation),
     )
+
+
+def experiment_record(client: ObjectRef, spec: ClientSpec,
+                      generation: int) -> dict[str, Any] | None:
+    """The experiment as routers read it; its id changes with the spec, so outcomes of
+    an earlier split are never counted for a new one."""
+    exp = spec.experiment
+    if exp is None:
+        return None
+    return Experiment(f"{client.id}@g{generation}", tuple(
+        (e, float(w)) for e, w in exp.executor_ids(client.namespace)),
+        exp.sticky_header, exp.sticky_field).to_record()
 
 
 async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
@@ -82,10 +98,44 @@ async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
         problem = store_retry(exc, client.retry, ctx.settings)
         return store_unavailable(client.status, client.generation, problem).after(events)
     ranking = rank(record.criteria, snapshot, client=record.id)
-    return client_status(record.id, ranking, client.status, client.generation,
-                         workload=workload).after(events)
+    update = client_status(record.id, ranking, client.status, client.generation,
+                           workload=workload)
+    await announce_selection(ctx, record.id, client.status, update, client.logger)
+    return update.after(events)
+
+
+async def announce_selection(ctx: Context, client_id: str, previous: Mapping[str, Any],
+                             update: StatusUpdate, logger: Logger) -> None:
+    """Tell the executors a change of selection concerns (``Selected``, ``Deselected``
+    Events on them); remember the selection (``ctx.selections``)."""
+    was = (previous.get("selected") or {}).get("executor")
+    selected = update.fields["selected"] if "selected" in update.fields else previous.get(
+        "selected")
+    now = (selected or {}).get("executor")
+    if now is None:
+        ctx.selections.pop(client_id, None)
+    else:
+        ctx.selections[client_id] = now
+    for executor_id, event in selection_events(client_id, was, now, ctx.selections):
+        namespace, _, name = executor_id.partition("/")
+        try:
+            body = await ctx.kube.get_custom(GROUP, VERSION, "modelexecutors", name, namespace)
+            if body is None:
+                continue  # gone: nobody to tell
+            meta = body["metadata"]
+            await ctx.kube.post_event(
+                {"apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelExecutor", "name": name,
+                 "namespace": namespace, "uid": meta["uid"]},
+                event.type, event.reason, event.message)
+        except Exception as exc:  # an Event lost is no reason to fail the Client's reconcile
+            logger.warning("event not posted executor=%s reason=%s: %s", executor_id,
+                           event.reason, exc)
 
 
 async def forget(ctx: Context, client_id: str, retry: int, logger: Logger) -> Problem | None:
     """Remove the Client's store records (the finalizer's job); the workload goes by GC."""
-    return await forget_records(ctx, ctx.store.remove_client, "Client", client_id, retry, logger)
+    problem = await forget_records(ctx, ctx.store.remove_client, "Client", client_id, retry,
+                                   logger)
+    if problem is None:
+        ctx.selections.pop(client_id, None)
+    return problem

@@ -13,8 +13,14 @@ Conditions the operator sets:
   Pod Security level, an exceeded quota).
 
 ``status.selected`` is sticky (:func:`sticky_choice`) and, like
-``status.candidates``, written only when the choice or a rounded score
-changes: scores carry measured latencies that move every probe.
+``status.candidates`` (the top three, each with its expected latency and a
+one-line reason from :mod:`mulambda.policy.explain`), written only when the
+choice or a rounded score changes: scores carry measured latencies that move
+every probe, so ``expectedLatencyMs`` is as of the last such write.
+
+A change of selection is also told on the executors' side
+(:func:`selection_events`): ``Selected`` on the new one and ``Deselected``
+on the old one, each saying how many Clients select it now.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from mulambda.policy.explain import candidate_summary
 from mulambda.policy.selection import DEFAULT_POLICY, Candidate, Ranking
 
 from ..k8s.conditions import (
@@ -109,6 +116,7 @@ def client_status(
             "executor": best.executor_id,
             "endpoint": {"rest": best.record.rest, "grpc": best.record.grpc},
             "score": round(best.score, 3),
+            "expectedLatencyMs": round(best.expected_latency_ms, 1),
             "reason": best.reason,
             "since": old_selected.get("since") if kept else stamp,
         }
@@ -123,7 +131,9 @@ def client_status(
         old_ready = get_condition(old_conditions, "Ready") or {}
         if current is not None or old_ready.get("reason") != "NoMatchingExecutor":
             events.append(Event.warning(reason="NoMatchingExecutor", message=explain))
-    candidates = [{"executor": c.executor_id, "score": round(c.score, 3), "reason": c.reason}
+    candidates = [{"executor": c.executor_id, "score": round(c.score, 3),
+                   "expectedLatencyMs": round(c.expected_latency_ms, 1),
+                   "reason": candidate_summary(c)}
                   for c in ranking[:TOP_CANDIDATES]]
 
     fields: dict[str, Any] = {}
@@ -147,3 +157,29 @@ def failure(
     """Ready False with ``reason`` (``InvalidSpec``, ``NameConflict``, ``Rejected``): the
     operator cannot act on the Client as it is."""
     return failed(previous, generation, reason, detail, ("Ready",), now)
+
+
+def selection_events(client_id: str, was: str | None, now: str | None,
+                     selections: Mapping[str, str]) -> list[tuple[str, Event]]:
+    """(executor id, Event) for the executors a change of ``client_id``'s selection from
+    ``was`` to ``now`` concerns; ``selections`` is every Client's choice after the change
+    (client id -> executor id). Nothing when the selection did not change."""
+    if was == now:
+        return []
+
+    def chosen_by(executor: str) -> str:
+        n = sum(1 for e in selections.values() if e == executor)
+        return f"selected by {n} Client{'' if n == 1 else 's'} now"
+
+    out = []
+    if now is not None:
+        out.append((now, Event.normal(
+            reason="Selected",
+            message=f"Client {client_id} selected this executor (was {was or 'none'}); "
+                    f"{chosen_by(now)}.")))
+    if was is not None:
+        out.append((was, Event.normal(
+            reason="Deselected",
+            message=f"Client {client_id} moved to {now or 'no executor'}; "
+                    f"{chosen_by(was)}.")))
+    return out

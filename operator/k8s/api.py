@@ -129,6 +129,15 @@ class KubeApi:
             if exc.status != 404:  # already gone is what we wanted
                 raise
 
+    async def get_custom(self, group: str, version: str, plural: str, name: str,
+                         namespace: str) -> dict[str, Any] | None:
+        """A custom object, or None when there is none of that name. Read by a list with a
+        field selector: the operator's RBAC grants list and watch on its kinds, not get."""
+        found = await self._call(self._custom.list_namespaced_custom_object, group, version,
+                                 namespace, plural, field_selector=f"metadata.name={name}")
+        items = found.get("items") or []
+        return dict(items[0]) if items else None
+
     async def patch_status(
         self, group: str, version: str, plural: str, name: str, namespace: str,
         status: dict[str, Any],

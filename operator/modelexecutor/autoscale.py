@@ -1,16 +1,19 @@
 """The autoscaler's step for one executor (``mulambda.policy.scaling.decide``), without I/O.
 
-Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator's fleet-wide
-tick (``fleet.py``) samples every executor's demand from the store in one
-pipelined read (in-flight leases the SDK publishes, and
-the arrival rate, which counts selector requests and activation signals for
-executors at zero; concurrency is at least rate x service time, Little's
-law), asks the pure decision function for the desired replicas, patches the
-Deployment when that differs, and records the decision in ``status.scaling``
-with an Event. The demand window and the decision state live in memory: a
-restarted operator starts a fresh state that counts the current replicas as
-just wanted and its idle clock from now, so a restart errs towards keeping
-replicas, never towards dropping them.
+Every ``MULAMBDA_AUTOSCALE_INTERVAL_SECONDS`` the operator's fleet-wide tick
+(``fleet.py``) samples every executor's demand from the store in one pipelined
+read (in-flight leases the SDK publishes, and the arrival rate, which counts
+selector requests and activation signals for executors at zero; concurrency is
+at least rate x service time, Little's law) plus its backlog of asynchronous
+tasks (``mulambda.tasks``: queued or running, one XLEN and XRANGE per executor
+in one more pipeline; a queued task wakes an executor at zero;
+``status.scaling.queueDepth`` and ``oldestTaskAgeSeconds`` show it), asks the
+pure decision function for the desired replicas, patches the Deployment when
+that differs, and records the decision in ``status.scaling`` with an Event.
+The demand window and the decision state live in memory: a restarted operator
+starts a fresh state that counts the current replicas as just wanted and its
+idle clock from now, so a restart errs towards keeping replicas, never towards
+dropping them.
 
 Cold start: when an executor is activated from zero, the time until its
 first ready replica is measured, shown in ``status.scaling.lastColdStartSeconds``
@@ -47,8 +50,16 @@ COLD_START = Histogram(
 )
 DESIRED = Gauge("mulambda_executor_desired_replicas", "Replicas the autoscaler wants",
                 ["executor"])
+READY = Gauge("mulambda_executor_ready_replicas",
+              "Ready replicas of the executor's Deployment at the last autoscaler tick",
+              ["executor"])
 DECISIONS = Counter("mulambda_scaling_decisions_total", "Replica changes by reason",
                     ["executor", "reason"])
+QUEUE_DEPTH = Gauge("mulambda_task_queue_depth",
+                    "Asynchronous tasks queued or running for the executor (mulambda.tasks)",
+                    ["executor"])
+OLDEST_TASK = Gauge("mulambda_task_oldest_age_seconds",
+                    "Age of the executor's oldest task not finished yet", ["executor"])
 
 
 class Windows:
@@ -61,7 +72,7 @@ class Windows:
     def forget(self, executor: str) -> None:
         self.windows.pop(executor, None)
         self.states.pop(executor, None)
-        for metric in (DESIRED, COLD_START):
+        for metric in (DESIRED, READY, COLD_START, QUEUE_DEPTH, OLDEST_TASK):
             try:
                 metric.remove(executor)
             except KeyError:
@@ -76,13 +87,15 @@ class Windows:
 def plan(
     memory: Windows, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
     deployment: dict[str, Any] | None, load: tuple[int, float], now: float,
+    backlog: tuple[int, float] = (0, 0.0),
 ) -> tuple[StatusUpdate, int | None]:
     """One autoscaling step for one executor, without I/O: ``status.scaling`` with the
     Events of what happened, and the replicas to patch the Deployment to (None: keep).
 
     ``deployment`` is the executor's Deployment as the watch cache has it
     (``None``: not created yet, nothing to scale); ``load`` its (in-flight
-    requests, arrivals per second) from the store.
+    requests, arrivals per second) from the store; ``backlog`` its asynchronous tasks
+    (queued or running, age of the oldest in seconds).
     """
     eid = executor.id
     policy = spec.scaling
@@ -95,9 +108,15 @@ def plan(
     # Little's law: arrivals that nobody reports as in flight (selector users)
     # still occupy rate x service time of capacity.
     service_s = (spec.traits.service_time_ms or DEFAULT_POLICY.default_service_time_ms) / 1000
-    concurrency = max(float(inflight), rate * service_s)
+    # The task backlog is demand too (a queued task wakes an executor at zero), but
+    # not head for head: with the arrival rate (task submissions count as arrivals)
+    # and the service time it is sized to drain (scaling.effective_concurrency).
+    depth, oldest = backlog
+    concurrency = max(float(inflight), rate * service_s) + depth
+    QUEUE_DEPTH.labels(eid).set(depth)
+    OLDEST_TASK.labels(eid).set(oldest)
     window = record_sample(memory.windows.get(eid, DemandWindow()),
-                           Sample(now, concurrency, rate),
+                           Sample(now, concurrency, rate, float(depth), service_s),
                            horizon_seconds=window_horizon(policy))
     memory.windows[eid] = window
     state = memory.states.get(eid)
@@ -107,14 +126,18 @@ def plan(
         # a (re)started operator never scales down or to zero before a whole
         # scale-down delay / idle window of its own observation.
         state = ScalingState(last_demand_at=now, recent=((now, current),))
+    cold_start = float(scaling_status.get("lastColdStartSeconds")
+                       or DEFAULT_POLICY.default_cold_start_ms / 1000)
     decision = decide(policy, window, current_replicas=current, ready_replicas=ready,
-                      state=state, now=now)
+                      state=state, now=now, cold_start_seconds=cold_start)
     memory.states[eid] = decision.state
     DESIRED.labels(eid).set(decision.desired_replicas)
+    READY.labels(eid).set(ready)
 
     events: list[Event] = []
     new_status = {**scaling_status, **decision.to_status(), "currentReplicas": current,
-                  "readyReplicas": ready}
+                  "readyReplicas": ready, "queueDepth": depth,
+                  "oldestTaskAgeSeconds": round(oldest)}
     target: int | None = None
     if decision.desired_replicas != current:
         target = decision.desired_replicas

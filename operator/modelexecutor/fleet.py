@@ -37,10 +37,12 @@ from typing import Any
 
 import kopf
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import Counter
 
 from mulambda.api.common import GROUP, VERSION, SpecError
 from mulambda.api.modelexecutor import ModelExecutorSpec, parse_executor_spec
 from mulambda.store.records import ReplicaRecord, StoreUnavailable
+from mulambda.tasks.queue import TaskQueue
 
 from .. import handling
 from ..context import Context
@@ -50,6 +52,12 @@ from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
 
 log = logging.getLogger(__name__)
+
+ERRORS = Counter("mulambda_operator_errors", "Store and API server calls of the operator's "
+                 "loops that failed, by target (store, api) and loop", ["target", "loop"])
+for _target, _loop in (("store", "autoscale"), ("store", "refresh"), ("store", "prune"),
+                       ("api", "autoscale"), ("api", "refresh")):
+    ERRORS.labels(_target, _loop)  # start at zero: a dashboard shows 0, not "no data"
 
 Key = tuple[str, str]  # (namespace, name)
 Index = Mapping[Key, Any]  # kopf.Index: key -> the values indexed under it
@@ -147,7 +155,10 @@ class Fleet:
         try:
             load = await self.ctx.store.fleet_load(
                 {ref.id: demand_window(spec) for _, _, spec, ref in targets}, at=now)
+            backlog = await TaskQueue(self.ctx.store).backlog(
+                [ref.id for *_, ref in targets], now=now)
         except StoreUnavailable as exc:
+            ERRORS.labels("store", "autoscale").inc()
             # No sample: decide() holds the count when its window runs dry.
             log.warning("demand unavailable, holding replicas: %s", exc)
             log.info("autoscaler tick done executors=%d writes=0", len(targets))
@@ -159,7 +170,8 @@ class Fleet:
             previous = handling.previous_status(self.ctx, body)
             deployment = first(self.deployments, key)
             update, target = plan(self.ctx.windows, ref, spec, previous, deployment,
-                                  load.get(ref.id, (0, 0.0)), now)
+                                  load.get(ref.id, (0, 0.0)), now,
+                                  backlog.get(ref.id, (0, 0.0)))
             if target is not None or update.fields or update.events:
                 current = int((deployment or {}).get("spec", {}).get("replicas") or 0)
                 writes.append(self._scale(key, ref, previous, update, current, target))
@@ -182,10 +194,12 @@ class Fleet:
                              target, reason)
                 await self._write(body, previous, update)
             except Forbidden as exc:
+                ERRORS.labels("api", "autoscale").inc()
                 # Reported in status by the refresh, which meets the same refusal.
                 log.warning("autoscale skipped executor=%s, the API server refused: %s",
                             ref.id, exc)
             except ApiException as exc:
+                ERRORS.labels("api", "autoscale").inc()
                 log.warning("autoscale write failed executor=%s: %s", ref.id, exc.reason)
 
     # -- refresh ---------------------------------------------------------------------
@@ -201,6 +215,7 @@ class Fleet:
                 heartbeats.setdefault(r.executor, []).append(r)
             stored = await self.ctx.store.executor_ids()
         except StoreUnavailable as exc:
+            ERRORS.labels("store", "refresh").inc()
             store_down = exc
         seen: set[str] = set()
         jobs = []
@@ -242,12 +257,14 @@ class Fleet:
                 log.warning("refresh deferred executor=%s: %s", ref.id, exc)
             except ApiException as exc:
                 clean = False
+                ERRORS.labels("api", "refresh").inc()
                 log.warning("refresh failed executor=%s: %s", ref.id, exc.reason)
             try:
                 await self._write(body, None, StatusUpdate(dict(patch.get("status") or {}),
                                                            events))
             except ApiException as exc:
                 clean = False
+                ERRORS.labels("api", "refresh").inc()
                 log.warning("status write failed executor=%s: %s", ref.id, exc.reason)
             if clean:
                 self._clean[ref.uid] = fingerprint

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import kopf
@@ -14,7 +15,8 @@ from mulambda.settings import Settings
 from .. import handling
 from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
 from .fleet import first
-from .reconcile import forget, reconcile
+from .reconcile import forget, reconcile, rollout_tick
+from .rollout import is_active
 from .status import failure
 
 MODEL_EXECUTOR = handling.Kind(
@@ -46,9 +48,30 @@ def _meta(meta: Any, *extra: str) -> dict[str, Any]:
             "ownerReferences": list(meta.get("ownerReferences") or [])}
 
 
+# A rollout's analysis tick: the same reconcile, with what the rollout measured.
+ROLLOUT_ANALYSIS = replace(MODEL_EXECUTOR, reconcile=rollout_tick)
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     """Attach the ModelExecutor handlers and watch caches to ``registry``."""
     handling.register(registry, MODEL_EXECUTOR, settings)
+
+    # Only while a rollout is in progress (kopf starts and stops the timer by the filter):
+    # outcomes change without any object changing, so the fleet refresh would not run.
+    @kopf.timer(*MODEL_EXECUTOR.resource, registry=registry, id="rollout_analysis",
+                interval=settings.reconcile_interval_seconds, idle=None,
+                when=lambda status, **_: is_active(status))
+    async def rollout_analysis(body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo,
+                               logger: Any, **_: Any) -> None:
+        async with handling.serialized(memo, uid):
+            if handling.deleting(body):
+                return
+            try:
+                await handling.reconcile(ROLLOUT_ANALYSIS, memo.ctx, body, patch, logger)
+            except kopf.PermanentError:
+                pass  # reported in status; nothing to retry until the spec changes
+            except kopf.TemporaryError as exc:
+                logger.warning("rollout analysis deferred: %s", exc)
 
     # Informer-style caches fed by the watch streams kopf keeps anyway: only
     # what the fleet loops read is kept, so 5,000 executors stay a few MiB.

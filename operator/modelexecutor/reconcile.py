@@ -11,10 +11,12 @@ record is written only when it differs from the one last written.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
+from mulambda.policy.rollout import Route
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailable
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
@@ -22,6 +24,7 @@ from ..k8s.children import ensure_deployment, ensure_service
 from ..k8s.objects import ObjectRef
 from ..status import Event, Problem, StatusUpdate
 from .build import build_deployment, build_service, endpoints
+from .rollout import Observations, advance, observe, reconcile_rollout, rollout_update, stable_spec
 from .status import Rollout, executor_state, executor_status, model_report
 
 
@@ -73,7 +76,7 @@ def _announce(kind: str, obj: dict[str, Any], changes: list[str], logger: Logger
 
 def executor_record(
     executor: ObjectRef, spec: ModelExecutorSpec, endpoint: dict[str, str], state: str,
-    ready_replicas: int, generation: int,
+    ready_replicas: int, generation: int, route: Route | None = None,
 ) -> ExecutorRecord:
     return ExecutorRecord(
         namespace=executor.namespace, name=executor.name, model=spec.model.name,
@@ -82,17 +85,27 @@ def executor_record(
         grpc=endpoint["grpc"], state=state, min_replicas=spec.scaling.min_replicas,
         max_replicas=spec.scaling.max_replicas, ready_replicas=ready_replicas,
         service_time_ms=spec.traits.service_time_ms, generation=generation,
+        rollout=route.to_record() if route is not None else None,
     )
 
 
-async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec]) -> StatusUpdate:
+async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
+                    measured: Observations | None = None) -> StatusUpdate:
     """Converge children and store record for one executor; return its new status.
 
-    Children come first, so pods do not wait for the store.
+    Children come first, so pods do not wait for the store. ``measured``: an
+    analysis tick's observations of a rollout in progress (``rollout.py``).
     """
-    ref, spec = executor.ref, executor.spec
+    ref = executor.ref
     cache = executor.cache or {}
+    rollout = advance(executor.status.get("rollout"), executor.spec, executor.generation,
+                      time.time(), measured)
+    # While a rollout runs, the stable Deployment and the record keep the stable version.
+    spec = stable_spec(executor.spec, rollout)
     deployment, events = await ensure_children(ctx, ref, spec, executor.logger, cache)
+    route, _ = await reconcile_rollout(ctx, ref, executor.spec, rollout,
+                                       int(deployment.get("spec", {}).get("replicas") or 0),
+                                       executor.logger)
     endpoint = endpoints(ref.name, ref.namespace, ctx.settings)
     heartbeats: list[ReplicaRecord] = []
     problem: Problem | None = None
@@ -101,9 +114,10 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Stat
             heartbeats = list(cache["heartbeats"])
         else:
             heartbeats = await ctx.store.list_replicas(ref.id)
-        rollout = Rollout.of(deployment)
-        state = executor_state(rollout, model_report(heartbeats, rollout.desired))
-        record = executor_record(ref, spec, endpoint, state, rollout.ready, executor.generation)
+        deployed = Rollout.of(deployment)
+        state = executor_state(deployed, model_report(heartbeats, deployed.desired))
+        record = executor_record(ref, spec, endpoint, state, deployed.ready,
+                                 executor.generation, route)
         # A handler always writes (the store may have lost it); the refresh only a change,
         # or a record the store no longer has (cache["stored"] False).
         if (not cache or not cache.get("stored", False)
@@ -114,8 +128,20 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Stat
     except StoreUnavailable as exc:
         problem = store_retry(exc, executor.retry, ctx.settings,
                               "Pods are managed normally meanwhile.")
-    return executor_status(ref.id, spec, deployment, heartbeats, problem, endpoint,
-                           executor.status, executor.generation).after(events)
+    update = executor_status(ref.id, spec, deployment, heartbeats, problem, endpoint,
+                             executor.status, executor.generation).after(events)
+    return rollout_update(executor.status, rollout, update)
+
+
+async def rollout_tick(ctx: Context, executor: Observed[ModelExecutorSpec]) -> StatusUpdate:
+    """The analysis tick of a rollout in progress: measure, then reconcile with it."""
+    try:
+        measured = await observe(ctx, executor)
+    except StoreUnavailable as exc:
+        executor.logger.warning("rollout analysis deferred executor=%s error=%s",
+                                executor.ref.id, exc)
+        measured = None
+    return await reconcile(ctx, executor, measured)
 
 
 async def forget(ctx: Context, executor_id: str, retry: int, logger: Logger) -> Problem | None:

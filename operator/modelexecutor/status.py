@@ -191,6 +191,26 @@ def ready_event(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Event 
     return Event.warning(reason=new["reason"], message=new["message"])
 
 
+def model_events(old: Mapping[str, Any] | None, new: Mapping[str, Any],
+                 old_model: Mapping[str, Any] | None, new_model: Mapping[str, Any]
+                 ) -> list[Event]:
+    """The model's story from ModelLoaded and ``status.model``: ``LoadStarted`` when
+    replicas begin loading, ``Loaded`` when a version becomes AVAILABLE, and
+    ``VersionSwitched`` when the serving version changes. Only on a change, so a restart,
+    a scale-up beside serving replicas or a repeated refresh posts nothing."""
+    events = []
+    was = (old or {}).get("reason")
+    if new["reason"] == "Loading" and was != "Loading":
+        events.append(Event.normal(reason="LoadStarted", message=new["message"]))
+    if new["status"] == TRUE and (old or {}).get("status") != TRUE:
+        events.append(Event.normal(reason="Loaded", message=new["message"]))
+    before, after = (old_model or {}).get("loadedVersion"), new_model.get("loadedVersion")
+    if before and after and before != after:
+        events.append(Event.normal(reason="VersionSwitched",
+                                   message=f"Serving version {after} (was {before})."))
+    return events
+
+
 def executor_status(
     executor_id: str,
     spec: ModelExecutorSpec,
@@ -232,7 +252,9 @@ def executor_status(
     conditions = merge_conditions(
         old, [registered, progressing(rollout, model), model.condition, summary], generation, now)
     fields = dict(counts)
-    events = [e for e in [ready_event(get_condition(old, "Ready"), summary)] if e is not None]
+    events = model_events(get_condition(old, "ModelLoaded"), model.condition,
+                          previous.get("model"), model.status)
+    events += [e for e in [ready_event(get_condition(old, "Ready"), summary)] if e is not None]
     if not conditions_equal(old, conditions):
         fields["conditions"] = conditions
     stuck = model.new_version_failure

@@ -69,6 +69,8 @@ class TFServingDouble:
         load_delay: float = 0.2,
         poll_interval: float = 0.05,
         hold: bool = False,
+        host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.name = name
         self.status = status
@@ -84,13 +86,17 @@ class TFServingDouble:
             {1: _Version(seen_at=0.0, state="AVAILABLE")} if self.base is None else {})
         self._runner: web.AppRunner | None = None
         self._poller: asyncio.Task[None] | None = None
+        # Any loopback address (127.0.0.0/8) with a fixed port stands in for a pod IP with
+        # TF Serving's port, where a router addresses the replica itself.
+        self.host = host
+        self._bind_port = port
         self.port = 0
 
     # -- control -------------------------------------------------------------------
     @property
     def url(self) -> str:
         assert self.port, "not started"
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def release(self, version: int) -> None:
         """Let a held version finish loading."""
@@ -109,7 +115,7 @@ class TFServingDouble:
         app.router.add_get(r"/v1/models/{name}/versions/{version:\d+}", self._status)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, self.host, self._bind_port).start()
         self.port = int(self._runner.addresses[0][1])
         if self.base is not None:
             self._poll()  # versions already on disk are seen before the first request

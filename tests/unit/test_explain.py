@@ -10,6 +10,7 @@ import pytest
 from mulambda.policy.explain import CRITERIA, UNREADABLE, criterion_of, explain
 from mulambda.policy.selection import Criteria, Preferences, rank
 from mulambda.store.records import (
+    ClientRecord,
     ExecutorRecord,
     LatencySample,
     ReplicaRecord,
@@ -209,3 +210,28 @@ def test_json_is_strict_even_with_impossible_records_in_the_snapshot() -> None:
 ])
 def test_criterion_of_reads_the_start_of_a_reason(reason: str, criterion: str) -> None:
     assert criterion_of(reason) == criterion
+
+
+def test_rollouts_and_the_clients_experiment_are_named_in_routing() -> None:
+    canary = executor("canary")
+    canary.rollout = {"id": "r1", "strategy": "Canary", "weight": 20, "version": 2,
+                      "rest": "http://canary-candidate:8501", "grpc": ""}
+    shadow = executor("shadow")
+    shadow.rollout = {"id": "r2", "strategy": "Shadow", "weight": 0, "version": None,
+                      "rest": "http://shadow-candidate:8501", "grpc": ""}
+    snap = snapshot(canary, shadow, executor("plain"), rtt={"canary": 1, "shadow": 1,
+                                                           "plain": 1})
+    snap.client_record = ClientRecord(
+        namespace="apps", name="shop", type="vision",
+        experiment={"id": "e1", "arms": [["ml/canary", 3], ["ml/plain", 1]],
+                    "header": "X-User"})
+    found = explain(Criteria(type="vision"), snap)
+    assert found.routing == [
+        "ml/canary: Canary rollout of version 2: 20% of its requests go to the candidate",
+        "ml/shadow: Shadow rollout of a new version: the stable version answers, a copy of "
+        "each request goes to the candidate",
+        "experiment e1: each request is assigned an arm (ml/canary 75%, ml/plain 25%; sticky "
+        "by header X-User), which goes first while it is a warm candidate",
+    ]
+    assert found.to_dict()["routing"] == found.routing
+    assert explain(Criteria(type="vision"), snapshot(executor("plain"))).routing == []

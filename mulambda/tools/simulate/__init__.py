@@ -69,9 +69,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .experiment import LOAD_LEVELS, PLACEMENTS, format_goals, format_suite, goals, suite
+from ..plots import PlotsUnavailable, SelectorPoint, plot_selectors
+from .experiment import (
+    LOAD_LEVELS,
+    PLACEMENTS,
+    Cell,
+    format_goals,
+    format_suite,
+    goals,
+    suite,
+)
 from .routers import simulate
-from .world import DEFAULT_SCENARIO, SELECTORS, SelectorResult, finite
+from .world import DEFAULT_SCENARIO, SELECTORS, Figures, SelectorResult, finite
 
 log = logging.getLogger("mulambda.simulate")
 
@@ -88,6 +97,35 @@ def format_table(results: dict[str, SelectorResult]) -> str:
                 lines.append(f"{'':<18}{name:<12}{f.p50:>9.1f}{f.p95:>9.1f}{f.mean:>9.1f}"
                              f"{f.mean_accuracy:>10.3f}")
     return "\n".join(lines)
+
+
+def _point(f: Figures) -> SelectorPoint:
+    return SelectorPoint(f.p50, f.p95, f.mean_accuracy)
+
+
+def plot_suite(cells: list[Cell], folder: Path) -> Path:
+    """The suite's picture: per client kind, each router's latency and accuracy over the
+    placement x load scenarios."""
+    groups: dict[str, dict[str, dict[str, SelectorPoint]]] = {}
+    for c in cells:
+        scenario = f"{c.placement} @ {c.load:g}"
+        groups.setdefault(f"{c.client} clients", {})[scenario] = {
+            router: _point(f) for router, f in c.figures.items()}
+    return plot_selectors(groups, folder / "simulate-suite.png",
+                          title="Routers per client kind over placements @ load "
+                                "(fraction of capacity)")
+
+
+def plot_scenario(results: dict[str, SelectorResult], name: str, folder: Path) -> Path:
+    """One scenario's picture: each router's latency and accuracy, overall and per client."""
+    clients = sorted({c for r in results.values() for c in r.by_client})
+    scenarios: dict[str, dict[str, SelectorPoint]] = {
+        "(all)": {r.selector: _point(r) for r in results.values()}}
+    for client in clients:
+        scenarios[client] = {r.selector: _point(r.by_client[client])
+                             for r in results.values() if client in r.by_client}
+    return plot_selectors({f"scenario {name}": scenarios}, folder / "simulate.png",
+                          title="Routers compared, overall and per client", connect=False)
 
 
 def load_scenario(path: str) -> dict[str, Any]:
@@ -115,6 +153,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feedback-interval-ms", "--snapshot-ttl-ms", dest="snapshot_ttl_ms",
                         type=float, help="override the SDK snapshot's refresh interval")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--plot", metavar="DIR", type=Path,
+                        help="also draw latency and accuracy per router and scenario into "
+                             "DIR/simulate.png (DIR/simulate-suite.png with --suite; needs "
+                             "matplotlib, extra plots)")
     parser.add_argument("--print-default", action="store_true",
                         help="print the built-in scenario as JSON and exit")
 
@@ -144,6 +186,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("scenario rejected error=%s", exc)
         return 2
+    if args.plot is not None:
+        try:
+            picture = (plot_suite(cells, args.plot) if args.suite
+                       else plot_scenario(results, args.scenario or "built-in", args.plot))
+        except PlotsUnavailable as exc:
+            log.error("%s", exc)
+            return 2
+        log.info("wrote %s", picture)
     if args.suite:
         found = goals(cells)
         if args.json:

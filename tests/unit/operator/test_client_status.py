@@ -12,6 +12,7 @@ from mulambda.operator.client.status import (
     TOP_CANDIDATES,
     client_status,
     failure,
+    selection_events,
     sticky_choice,
 )
 from mulambda.operator.status import NORMAL, WARNING, Problem, store_unavailable
@@ -112,6 +113,37 @@ def test_candidates_are_the_top_few_and_only_rewritten_when_they_change():
         c.executor_id for c in ranked[:TOP_CANDIDATES]]
     again = derive(ranked, previous=dict(update.fields))
     assert (again.fields, again.events) == ({}, [])
+
+
+def test_selection_and_candidates_carry_expected_latency_and_a_one_line_reason():
+    ranked = ranking({"a": 1.0, "b": 2.0})
+    fields = derive(ranked).fields
+    best = ranked[0]
+    assert fields["selected"]["expectedLatencyMs"] == round(best.expected_latency_ms, 1)
+    first = fields["candidates"][0]
+    assert first["expectedLatencyMs"] == round(best.expected_latency_ms, 1)
+    assert first["reason"].startswith(f"score {best.score:.3f}, ")
+    assert "\n" not in first["reason"] and first["reason"].endswith("warm")
+
+
+@pytest.mark.parametrize(("was", "now", "others", "told"), [
+    ("ml/a", "ml/a", {}, []),
+    (None, "ml/a", {"apps/x": "ml/a"}, [
+        ("ml/a", "Selected", "Client apps/shop selected this executor (was none); selected by "
+                             "2 Clients now.")]),
+    ("ml/a", "ml/b", {"apps/x": "ml/a"}, [
+        ("ml/b", "Selected", "Client apps/shop selected this executor (was ml/a); selected by "
+                             "1 Client now."),
+        ("ml/a", "Deselected", "Client apps/shop moved to ml/b; selected by 1 Client now.")]),
+    ("ml/a", None, {}, [
+        ("ml/a", "Deselected", "Client apps/shop moved to no executor; selected by 0 Clients "
+                               "now.")]),
+])
+def test_a_change_of_selection_is_told_to_both_executors_once(was, now, others, told):
+    selections = {**others, **({"apps/shop": now} if now else {})}
+    got = selection_events("apps/shop", was, now, selections)
+    assert [(e, ev.reason, ev.message) for e, ev in got] == told
+    assert all(ev.type == NORMAL for _, ev in got)
 
 
 def test_store_outage_is_registered_false_and_leaves_ready_alone():

@@ -139,7 +139,7 @@ def test_a_new_version_that_fails_while_the_old_serves_is_reported_once():
     assert "keeps serving" in first.fields["lastFailure"]
     assert first.fields["model"]["reason"] == "NotASavedModel"
     assert [(e.type, e.reason) for e in first.events] == [
-        (NORMAL, "ModelServing"), (WARNING, "NewVersionFailed")]
+        (NORMAL, "Loaded"), (NORMAL, "ModelServing"), (WARNING, "NewVersionFailed")]
     again = derive(deployment(2, 1, updated=1), [AVAILABLE, NEW_BROKEN],
                    previous=written({}, first.fields))
     assert again.events == [] and "lastFailure" not in again.fields
@@ -159,8 +159,39 @@ def test_a_new_version_that_fails_while_the_old_serves_is_reported_once():
 def test_ready_changes_are_events_warning_only_for_problems(before, after, event):
     previous = {} if before is None else written({}, derive(*before).fields)
     update = derive(*after, previous=previous)
-    got = [(e.type, e.reason) for e in update.events if e.reason != "NewVersionFailed"]
+    got = [(e.type, e.reason) for e in update.events if e.reason not in MODEL_EVENTS]
     assert got == ([] if event is None else [event])
+
+
+MODEL_EVENTS = ("NewVersionFailed", "LoadStarted", "Loaded", "VersionSwitched")
+V2 = heartbeat("hp2-c", "Available", version=2)
+
+
+@pytest.mark.parametrize(("steps", "story"), [
+    pytest.param([(deployment(1, 0), []), (deployment(1, 0), [LOADING]),
+                  (deployment(1, 1), [AVAILABLE])],
+                 [[], ["LoadStarted"], ["Loaded"]], id="first-load"),
+    pytest.param([(deployment(1, 1), [AVAILABLE]), (deployment(1, 1), [V2])],
+                 [["Loaded"], ["VersionSwitched"]], id="version-switch"),
+    pytest.param([(deployment(1, 1), [AVAILABLE]), (deployment(0, 0), []),
+                  (deployment(1, 0), [LOADING]), (deployment(1, 1), [AVAILABLE])],
+                 [["Loaded"], [], ["LoadStarted"], ["Loaded"]], id="cold-start-same-version"),
+    pytest.param([(deployment(1, 1), [AVAILABLE]), (deployment(2, 1), [AVAILABLE, LOADING]),
+                  (deployment(2, 2), [AVAILABLE, heartbeat("hp2-b", "Available")])],
+                 [["Loaded"], [], []], id="scale-up-beside-a-serving-replica"),
+    pytest.param([(deployment(1, 0), [LOADING]), (deployment(1, 0), [LOADING]),
+                  (deployment(1, 0), [NOT_FOUND])],
+                 [["LoadStarted"], [], []], id="load-fails-once-told"),
+])
+def test_the_model_story_is_told_once_per_change(steps, story):
+    previous: dict[str, Any] = {}
+    told = []
+    for dep, heartbeats in steps:
+        update = derive(dep, heartbeats, previous=previous)
+        told.append([e.reason for e in update.events
+                     if e.reason in MODEL_EVENTS and e.reason != "NewVersionFailed"])
+        previous = written(previous, update.fields)
+    assert told == story
 
 
 def test_a_second_derivation_from_the_written_status_writes_nothing():

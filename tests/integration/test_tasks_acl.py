@@ -1,0 +1,128 @@
+"""Store ACLs of the task queue on a real redis-server loading the ACL file the store gets:
+each role does its part of a task's life with its own user, and nobody reads a result
+that is not theirs to read. The expectations are written out, not derived from acl.py."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from redis.exceptions import NoPermissionError
+
+from mulambda.store.acl import ROLES, acl_file
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import StoreUnavailable
+from mulambda.tasks.queue import TaskQueue
+from mulambda.tasks.records import Next, Status, TaskOptions, new_task_id, outcome
+
+from support.procs import RedisServer
+
+pytestmark = pytest.mark.integration
+
+P = "acl"
+PASSWORDS = {name: f"{name}-pw-0123456789" for name in ROLES}
+EXECUTOR, CLIENT = "ml/hp2", "shop/app"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    s = RedisServer(acl=acl_file(P, PASSWORDS))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+async def queues(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+    dict[str, TaskQueue]
+]:
+    server.flush()
+    out, stores = {}, []
+    for role in ROLES:
+        monkeypatch.setenv("MULAMBDA_REDIS_USERNAME", ROLES[role].username)
+        monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", PASSWORDS[role])
+        store = MetadataStore.from_url(server.url, prefix=P, timeout=2)
+        stores.append(store)
+        out[role] = TaskQueue(store)
+    yield out
+    for store in stores:
+        await store.close()
+
+
+def login(server: RedisServer, role: str) -> redis.Redis:
+    return redis.Redis.from_url(server.url, username=ROLES[role].username,
+                                password=PASSWORDS[role], decode_responses=True)
+
+
+async def test_each_role_does_its_part_of_a_tasks_life(queues):
+    sel, comp, op = queues["selector"], queues["companion"], queues["operator"]
+    # Selector: queues a task (with an Idempotency-Key) and a second one it cancels.
+    task_id, created = await sel.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                        model="m", body='{"instances": [1]}',
+                                        options=TaskOptions(), idempotency_key="k1")
+    assert created
+    again, created = await sel.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                      model="m", body="{}", options=TaskOptions(),
+                                      idempotency_key="k1")
+    assert (again, created) == (task_id, False)
+    doomed, _ = await sel.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                 model="m", body="{}", options=TaskOptions())
+    assert await sel.cancel(doomed) is Status.CANCELLED
+    # Operator: reads the backlog.
+    assert (await op.backlog([EXECUTOR]))[EXECUTOR][0] == 1
+    # Companion: takes the task, renews it, claims, finishes; dead-letters another.
+    [(entry, got)] = await comp.read(EXECUTOR, "pod-0", 10, 100)
+    assert got == task_id
+    await comp.touch(EXECUTOR, "pod-0", [entry])
+    assert await comp.reclaim(EXECUTOR, "pod-1", 0, 10) == [(entry, task_id)]
+    decision, _, fields = await comp.begin(task_id, "pod-1")
+    assert decision is Next.RUN and fields["body"] == '{"instances": [1]}'
+    final = outcome(Status.SUCCEEDED, worker="pod-1", at=1.0, result={"predictions": [2.5]})
+    assert await comp.finish(EXECUTOR, entry, task_id, final, 60)
+    poison, _ = await sel.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                 model="m", body="{}", options=TaskOptions())
+    [(entry2, _)] = await comp.read(EXECUTOR, "pod-0", 10, 100)
+    await comp.dead_letter(EXECUTOR, entry2, poison, "refused", attempts=1, worker="pod-0",
+                           result_ttl=60)
+    # Selector: reads the results back.
+    assert "predictions" in (await sel.get(task_id))["outcome"]
+    assert "refused" in (await sel.get(poison))["outcome"]
+    assert await op.backlog([EXECUTOR]) == {}
+
+
+# role -> what it must not do with tasks (raw commands on the real server).
+FORBIDDEN = {
+    "client": [("hgetall", f"{P}:task:x"), ("get", f"{P}:tasks:idem:x"),
+               ("xlen", f"{P}:tasks:queue:{EXECUTOR}"), ("xrange", f"{P}:tasks:dead", "-", "+"),
+               ("hset", f"{P}:task:x", "outcome", "forged")],
+    "sdk": [("hgetall", f"{P}:task:x"), ("xadd", f"{P}:tasks:queue:{EXECUTOR}", "*", "task", "x"),
+            ("set", f"{P}:tasks:idem:x", "y")],
+    "operator": [("hgetall", f"{P}:task:x"), ("get", f"{P}:tasks:idem:x"),
+                 ("xadd", f"{P}:tasks:queue:{EXECUTOR}", "*", "task", "x"),
+                 ("xrange", f"{P}:tasks:dead", "-", "+")],
+    "companion": [("get", f"{P}:tasks:idem:x"), ("xrange", f"{P}:tasks:dead", "-", "+"),
+                  ("hset", f"{P}:executors", EXECUTOR, "{}")],
+    "selector": [("xreadgroup", "GROUP", "workers", "c", "STREAMS",
+                  f"{P}:tasks:queue:{EXECUTOR}", ">"),
+                 ("xrange", f"{P}:tasks:queue:{EXECUTOR}", "-", "+"),
+                 ("xadd", f"{P}:tasks:dead", "*", "task", "x")],
+}
+
+
+@pytest.mark.parametrize(("role", "command"), [
+    (role, command) for role, commands in FORBIDDEN.items() for command in commands])
+def test_roles_are_refused_what_is_not_theirs(server, role, command):
+    with pytest.raises(NoPermissionError):
+        login(server, role).execute_command(*command)
+
+
+async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
+    sel = queues["selector"]
+    task_id, _ = await sel.submit(new_task_id("other/app"), client="other/app",
+                                  executor=EXECUTOR, model="m", body='{"secret": 1}',
+                                  options=TaskOptions())
+    with pytest.raises(StoreUnavailable, match="NOPERM|permission"):
+        await queues["client"].get(task_id)
+    with pytest.raises(NoPermissionError):
+        login(server, "client").hget(f"{P}:task:{task_id}", "body")

@@ -1,0 +1,264 @@
+"""The task API on the selector, its queue on a real redis-server, and the worker
+(companion/worker.py) calling the TF Serving REST double."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+
+from mulambda.companion.worker import Worker
+from mulambda.selector.app import create_app, selector_server_options
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
+from mulambda.tasks.queue import TaskQueue
+from mulambda.tasks.records import TaskOptions
+
+from support.tfserving_double import TFServingDouble
+
+pytestmark = pytest.mark.integration
+
+EXECUTOR = "ml/hp2"
+MODEL = "half_plus_two"
+OPTIONS = TaskOptions(max_payload_bytes=4096, ttl_seconds=600, result_ttl_seconds=60,
+                      max_attempts=3)
+
+
+async def register(store: MetadataStore, *, state: str = "Ready", live: bool = True,
+                   min_replicas: int = 1) -> None:
+    await store.put_executor(ExecutorRecord(
+        namespace="ml", name="hp2", model=MODEL, version=1, type="regression",
+        input="tensor", output="tensor", accuracy=0.9, rest="http://hp2.ml:8501",
+        grpc="hp2.ml:8500", state=state, min_replicas=min_replicas, service_time_ms=5))
+    if live:
+        await store.put_replica(ReplicaRecord(executor=EXECUTOR, pod="hp2-0",
+                                              state="Available", version=1), ttl=60)
+    await store.put_client(ClientRecord(namespace="shop", name="app", type="regression"))
+
+
+async def eventually(check: Callable[[], Any], within: float = 10.0, what: str = "") -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what or check}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def api(store: MetadataStore) -> AsyncIterator[httpx.AsyncClient]:
+    runner = web.AppRunner(create_app(store, cache_ttl=0, tasks=OPTIONS),
+                           **selector_server_options())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        yield http
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def double() -> AsyncIterator[TFServingDouble]:
+    async with TFServingDouble(MODEL) as d:
+        yield d
+
+
+@pytest.fixture
+async def worker(store: MetadataStore, double: TFServingDouble) -> AsyncIterator[
+    Callable[..., Worker]
+]:
+    """Factory: a worker for ml/hp2 running in this loop until the test ends."""
+    running: list[tuple[asyncio.Event, asyncio.Task[None]]] = []
+
+    def start(pod: str = "hp2-0", **kw: Any) -> Worker:
+        options: dict[str, Any] = {"concurrency": 2, "visibility": 1.0, "drain": 1.0,
+                                   "predict_timeout": 5.0, **kw}
+        w = Worker(TaskQueue(store), executor=EXECUTOR, consumer=pod, model=MODEL,
+                   serving_url=double.url, ready=lambda: True, **options)
+        stop = asyncio.Event()
+        running.append((stop, asyncio.create_task(w.run(stop))))
+        return w
+
+    yield start
+    for stop, task in running:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def status(api: httpx.AsyncClient, task_id: str) -> dict[str, Any]:
+    resp = await api.get(f"/v1/tasks/{task_id}")
+    assert resp.status_code == 200, resp.text
+    return dict(resp.json())
+
+
+async def finished(api: httpx.AsyncClient, task_id: str, within: float = 10.0
+                   ) -> dict[str, Any]:
+    async def done() -> dict[str, Any] | None:
+        s = await status(api, task_id)
+        return s if s["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return dict(await eventually(done, within, f"task {task_id} finished"))
+
+
+async def test_submitted_task_is_answered_by_the_executors_worker(api, store, double, worker):
+    await register(store)
+    resp = await api.post("/v1/tasks/shop/app", json={"instances": [1.0, 2.0]})
+    assert resp.status_code == 202, resp.text
+    body = resp.json()
+    assert body["executor"] == EXECUTOR
+    assert body["status_url"] == f"/v1/tasks/{body['id']}" == resp.headers["Location"]
+    assert (await status(api, body["id"]))["status"] == "pending"
+
+    worker()
+    done = await finished(api, body["id"])
+
+    assert done["status"] == "succeeded"
+    assert done["result"] == {"predictions": [[MODEL], [MODEL]]}
+    assert done["attempts"] == 1 and done["worker"] == "hp2-0"
+    assert [r["body"] for r in double.requests] == [{"instances": [1.0, 2.0]}]
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
+
+
+async def test_idempotency_key_returns_the_same_task_and_runs_the_model_once(
+        api, store, double, worker):
+    await register(store)
+    headers = {"Idempotency-Key": "order-17"}
+    first = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]}, headers=headers)
+    again = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]}, headers=headers)
+    other = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]},
+                           headers={"Idempotency-Key": "order-18"})
+    assert first.status_code == again.status_code == other.status_code == 202
+    assert first.json()["id"] == again.json()["id"] != other.json()["id"]
+    assert (first.headers["Idempotent-Replayed"], again.headers["Idempotent-Replayed"]) == (
+        "false", "true")
+
+    worker()
+    await finished(api, first.json()["id"])
+    await finished(api, other.json()["id"])
+    assert len(double.requests) == 2
+
+
+async def test_payload_over_the_limit_is_413_with_a_json_error(api, store):
+    await register(store)
+    resp = await api.post("/v1/tasks/shop/app", content=b'{"instances": [' + b"1," * 4096
+                          + b"1]}", headers={"Content-Type": "application/json"})
+    assert resp.status_code == 413
+    assert "4096 bytes" in resp.json()["error"]
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
+
+
+@pytest.mark.parametrize(("body", "headers", "code", "words"), [
+    (b"{not json", {}, 400, "not valid JSON"),
+    (b'{"instances": [1]}', {"Idempotency-Key": "x" * 300}, 400, "Idempotency-Key"),
+])
+async def test_bad_submissions_are_400(api, store, body, headers, code, words):
+    await register(store)
+    resp = await api.post("/v1/tasks/shop/app", content=body,
+                          headers={"Content-Type": "application/json", **headers})
+    assert resp.status_code == code
+    assert words in resp.json()["error"]
+
+
+async def test_a_client_whose_criteria_match_no_executor_fails_fast_with_the_reason(
+        api, store):
+    await register(store)
+    await store.put_client(ClientRecord(namespace="shop", name="vision", type="image"))
+    started = time.perf_counter()
+    resp = await api.post("/v1/tasks/shop/vision", json={"instances": [1.0]})
+    assert resp.status_code == 404
+    assert time.perf_counter() - started < 1.0
+    assert resp.json()["error"] == "no matching model"
+    assert "type" in resp.json()["reason"]
+    unknown = await api.post("/v1/tasks/shop/nobody", json={"instances": [1.0]})
+    assert unknown.status_code == 404 and "not registered" in unknown.json()["reason"]
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
+
+
+async def test_cancel_takes_a_pending_task_out_of_the_backlog(api, store, double, worker):
+    await register(store)
+    task_id = (await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})).json()["id"]
+    assert (await TaskQueue(store).backlog([EXECUTOR]))[EXECUTOR][0] == 1
+
+    resp = await api.delete(f"/v1/tasks/{task_id}")
+    assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    assert (await status(api, task_id))["status"] == "cancelled"
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
+
+    worker()
+    done = (await api.post("/v1/tasks/shop/app", json={"instances": [2.0]})).json()["id"]
+    await finished(api, done)
+    assert len(double.requests) == 1  # the cancelled one never reached the model
+    conflict = await api.delete(f"/v1/tasks/{done}")
+    assert conflict.status_code == 409 and conflict.json()["status"] == "succeeded"
+
+
+async def test_unknown_and_malformed_task_ids_are_404(api, store):
+    assert (await api.get("/v1/tasks/shop~app~" + "0" * 32)).status_code == 404
+    assert (await api.delete("/v1/tasks/shop~app~" + "0" * 32)).status_code == 404
+    for bad in ("nope", "shop~app~xyz", "../../etc"):
+        resp = await api.get(f"/v1/tasks/{bad}")
+        assert resp.status_code == 404
+
+
+async def test_poison_task_goes_to_the_dead_letter_stream_with_the_models_reason(
+        api, store, double, worker):
+    await register(store)
+    double.status = 400
+    task_id = (await api.post("/v1/tasks/shop/app", json={"instances": ["x"]})).json()["id"]
+    worker()
+    done = await finished(api, task_id)
+    assert done["status"] == "failed"
+    assert "HTTP 400" in done["reason"] and "told to fail" in done["reason"]
+    assert len(double.requests) == 1  # refused by the model: never retried
+    dead = await TaskQueue(store).dead_letters()
+    assert [(d["task"], d["executor"]) for d in dead] == [(task_id, EXECUTOR)]
+    assert "HTTP 400" in dead[0]["reason"]
+
+
+async def test_failing_model_is_retried_up_to_the_limit_then_dead_lettered(
+        api, store, double, worker):
+    await register(store)
+    double.status = 503
+    task_id = (await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})).json()["id"]
+    worker(visibility=0.4)
+    done = await finished(api, task_id)
+    assert done["status"] == "failed"
+    assert done["reason"].startswith("no result after 3 attempt(s)")
+    assert "HTTP 503" in done["reason"]
+    assert len(double.requests) == OPTIONS.max_attempts
+    dead = await TaskQueue(store).dead_letters()
+    assert [d["task"] for d in dead] == [task_id] and dead[0]["attempts"] == "3"
+
+
+async def test_a_task_for_an_executor_at_zero_waits_in_its_backlog(api, store, double, worker):
+    await register(store, state="ScaledToZero", live=False, min_replicas=0)
+    resp = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})
+    assert resp.status_code == 202 and resp.json()["executor"] == EXECUTOR
+    depth, age = (await TaskQueue(store).backlog([EXECUTOR]))[EXECUTOR]
+    assert depth == 1 and 0 <= age < 5
+    # The selector also signals demand for the cold executor (written in the background).
+    async def demand() -> bool:
+        return (await store.executor_load(EXECUTOR, 20))[1] > 0
+
+    await eventually(demand, what="demand for the cold executor")
+    worker()  # the executor came up
+    assert (await finished(api, resp.json()["id"]))["status"] == "succeeded"
+
+
+async def test_metrics_count_task_requests(api, store):
+    await register(store)
+    await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})
+    await api.get("/v1/tasks/shop~app~" + "0" * 32)
+    text = (await api.get("/metrics")).text
+    assert 'mulambda_task_requests_total{outcome="queued",route="submit"} 1.0' in text
+    assert 'mulambda_task_requests_total{outcome="unknown",route="status"} 1.0' in text

@@ -1,0 +1,200 @@
+"""The operator's side of rollouts: the phase machine (pure ``advance``), the candidate's
+children, the spec the stable Deployment is built from, and the route routers follow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.operator.modelexecutor.rollout import (
+    Observations,
+    RolloutState,
+    advance,
+    candidate_children,
+    is_active,
+    rollout_update,
+    stable_spec,
+)
+from mulambda.operator.status import StatusUpdate
+from mulambda.policy.rollout import ArmStats, Health, bucket_of
+from mulambda.settings import Settings
+from mulambda.store.records import ReplicaRecord
+
+from support.schemas import validate_k8s
+
+SETTINGS = Settings(serving_image="tensorflow/serving:2.18.0", companion_image="mulambda:test")
+T0 = 1_800_000_000.0
+
+
+def spec(version: int | None = 2, strategy: str = "Canary", **rollout: Any):
+    return parse_executor_spec({
+        "model": {"name": "m", "storageUri": "s3://models/m", "version": version},
+        "traits": {"type": "t", "input": "i", "output": "o"},
+        "rollout": {"strategy": strategy, "weight": 20, "drainSeconds": 5,
+                    "analysis": {"minRequests": 10, "durationSeconds": 30,
+                                 "progressDeadlineSeconds": 120}, **rollout},
+    })
+
+
+def iso(t: float) -> str:
+    from datetime import UTC, datetime
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+PROGRESSING = {"phase": "Progressing", "strategy": "Canary", "stableVersion": 1,
+               "candidateVersion": 2, "id": "v2-g2", "step": 0, "weight": 20,
+               "startedAt": iso(T0), "stepStartedAt": iso(T0), "reason": "Started",
+               "message": "x"}
+GOOD = ArmStats(20, 0, {bucket_of(10): 20})
+BAD = ArmStats(20, 10, {bucket_of(10): 10})
+
+
+SERVING = Health(1)
+
+
+def seen(candidate: ArmStats = GOOD, health: Health = SERVING, beats=(), desired=1):
+    return Observations(GOOD, candidate, health, beats, desired)
+
+
+def beat(version: int, state: str = "Available") -> ReplicaRecord:
+    return ReplicaRecord("ml/m", f"m-{version}", state=state, version=version)
+
+
+# (name, previous status.rollout, spec, seconds after T0, observations,
+#  expected phase, stable Deployment version, candidate present, events, removes candidate)
+CASES = [
+    ("new executor records its version", None, spec(1), 0, None,
+     "Stable", 1, False, [], False),
+    ("version change with Canary starts a rollout", {"phase": "Stable", "stableVersion": 1},
+     spec(2), 0, None, "Progressing", 1, True, ["RolloutStarted"], False),
+    ("Immediate follows the spec", {"phase": "Stable", "stableVersion": 1},
+     spec(2, "Immediate"), 0, None, "Stable", 2, False, [], False),
+    ("from an unpinned version: Immediate", {"phase": "Stable"}, spec(2), 0, None,
+     "Stable", 2, False, [], False),
+    ("within thresholds but too early: wait", PROGRESSING, spec(2), 10, seen(),
+     "Progressing", 1, True, [], False),
+    ("within thresholds for the duration: promote", PROGRESSING, spec(2), 30, seen(),
+     "Promoting", 2, True, ["RolloutPromoting"], False),
+    ("errors: roll back, drain first", PROGRESSING, spec(2), 5, seen(BAD),
+     "RollingBack", 1, True, ["RolloutRollingBack"], False),
+    ("fails to load: roll back", PROGRESSING, spec(2), 5,
+     seen(ArmStats(), Health(0, "VersionNotFound", "no 2")),
+     "RollingBack", 1, True, ["RolloutRollingBack"], False),
+    ("drained after a rollback: candidate removed", {**PROGRESSING, "phase": "RollingBack",
+                                                     "drainUntil": iso(T0 + 5)},
+     spec(2), 5, seen(), "RolledBack", 1, False, ["RolloutRolledBack"], True),
+    ("still draining", {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 4, seen(), "RollingBack", 1, True, [], False),
+    ("rolled back: the same version is not tried again",
+     {**PROGRESSING, "phase": "RolledBack"}, spec(2), 100, None, "RolledBack", 1, False, [],
+     False),
+    ("rolled back: a new version is", {**PROGRESSING, "phase": "RolledBack"}, spec(3), 100,
+     None, "Progressing", 1, True, ["RolloutStarted"], False),
+    ("promoting waits for the stable arm to serve the new version",
+     {**PROGRESSING, "phase": "Promoting"}, spec(2), 40, seen(beats=[beat(1), beat(2)]),
+     "Promoting", 2, True, [], False),
+    ("promoting drains once it does", {**PROGRESSING, "phase": "Promoting"}, spec(2), 40,
+     seen(beats=[beat(2)]), "Promoting", 2, True, [], False),
+    ("promoted after the drain", {**PROGRESSING, "phase": "Promoting",
+                                  "drainUntil": iso(T0 + 45)},
+     spec(2), 45, seen(), "Promoted", 2, False, ["RolloutPromoted"], True),
+    ("spec set back to the stable version: roll back", PROGRESSING, spec(1), 5, None,
+     "RollingBack", 1, True, ["RolloutRollingBack"], False),
+    ("another version replaces the candidate", PROGRESSING, spec(3), 5, None,
+     "Progressing", 1, True, ["RolloutReplaced", "RolloutStarted"], False),
+    ("strategy set to Immediate: promote", PROGRESSING, spec(2, "Immediate"), 5, None,
+     "Promoting", 2, True, ["RolloutPromoting"], False),
+    ("no observations: nothing moves", PROGRESSING, spec(2), 1000, None,
+     "Progressing", 1, True, [], False),
+]
+
+
+@pytest.mark.parametrize(("name", "previous", "the_spec", "after", "observed", "phase",
+                          "stable", "candidate", "events", "removes"), CASES,
+                         ids=[c[0] for c in CASES])
+def test_advance(name: str, previous: dict | None, the_spec: Any, after: float,
+                 observed: Observations | None, phase: str, stable: int, candidate: bool,
+                 events: list[str], removes: bool) -> None:
+    state = advance(previous, the_spec, 3, T0 + after, observed)
+    assert state.phase == phase
+    assert stable_spec(the_spec, state).model.version == stable
+    assert state.has_candidate is candidate
+    assert [e.reason for e in state.events] == events
+    assert state.remove_candidate is removes
+    # Pure and settled: the same inputs again give the same state, and no event twice.
+    again = advance(state.status, the_spec, 3, T0 + after, None)
+    assert again.status == state.status and not again.events
+
+
+def test_promoting_records_the_drain_once_the_stable_arm_serves_the_new_version() -> None:
+    state = advance({**PROGRESSING, "phase": "Promoting"}, spec(2), 3, T0 + 40,
+                    seen(beats=[beat(2)]))
+    assert state.draining and state.route("r", "g") is None
+    waiting = advance({**PROGRESSING, "phase": "Promoting"}, spec(2), 3, T0 + 40,
+                      seen(beats=[beat(2)], desired=2))
+    assert not waiting.draining and waiting.route("r", "g").weight == 100  # type: ignore[union-attr]
+
+
+def test_steps_advance_the_weight() -> None:
+    s = spec(2, steps=[10, 50])
+    start = advance({"phase": "Stable", "stableVersion": 1}, s, 3, T0)
+    assert start.status["weight"] == 10
+    step = advance(start.status, s, 3, T0 + 30, seen())
+    assert [e.reason for e in step.events] == ["RolloutStepAdvanced"]
+    assert step.status["weight"] == 50 and step.phase == "Progressing"
+    assert advance(step.status, s, 3, T0 + 50, seen()).phase == "Progressing"
+    assert advance(step.status, s, 3, T0 + 60, seen()).phase == "Promoting"
+
+
+def test_status_shows_per_arm_outcomes() -> None:
+    state = advance(PROGRESSING, spec(2), 3, T0 + 10, seen())
+    arms = state.status["arms"]
+    assert arms["stable"]["requests"] == 20 and arms["candidate"]["errorRate"] == 0
+    assert {"p50Ms", "p95Ms"} <= set(arms["candidate"])
+
+
+@pytest.mark.parametrize(("status", "route"), [
+    (PROGRESSING, ("Canary", 20)),
+    ({**PROGRESSING, "strategy": "Shadow", "weight": 0}, ("Shadow", 0)),
+    ({**PROGRESSING, "phase": "Promoting"}, ("Canary", 100)),
+    ({**PROGRESSING, "phase": "Promoting", "drainUntil": iso(T0)}, None),
+    ({**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0)}, None),
+    ({"phase": "Stable", "stableVersion": 1}, None),
+])
+def test_route_routers_follow(status: dict, route: tuple[str, int] | None) -> None:
+    got = RolloutState(status).route("http://m-candidate:8501", "m-candidate:8500")
+    assert (None if got is None else (got.strategy, got.weight)) == route
+    assert is_active({"rollout": status}) is (status["phase"] != "Stable")
+
+
+def test_candidate_children_are_valid_apart_from_the_stable_ones_and_pin_the_version() -> None:
+    deployment, service = candidate_children("m", "ml", spec(2), 2, 2, SETTINGS)
+    validate_k8s(deployment)
+    validate_k8s(service)
+    assert deployment["metadata"]["name"] == service["metadata"]["name"] == "m-candidate"
+    assert deployment["spec"]["replicas"] == 2
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector["app.kubernetes.io/instance"] == "m-candidate"
+    assert service["spec"]["selector"] == selector
+    assert deployment["metadata"]["labels"]["mulambda.io/rollout-of"] == "m"
+    [companion] = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                   if c["name"] == "companion"]
+    env = {e["name"]: e.get("value") for e in companion["env"]}
+    assert env["MULAMBDA_EXECUTOR"] == "ml/m-candidate"
+    assert env["MULAMBDA_MODEL_VERSION"] == "2"
+
+
+def test_rollout_status_is_patched_only_when_it_changed() -> None:
+    state = RolloutState({"phase": "Stable", "stableVersion": 1})
+    assert "rollout" in rollout_update({}, state, StatusUpdate()).fields
+    assert "rollout" not in rollout_update({"rollout": dict(state.status)}, state,
+                                           StatusUpdate()).fields
+    # Keys that went are removed by the merge patch, and read back as absent.
+    promoted = RolloutState({"phase": "Promoted", "stableVersion": 2})
+    patch = rollout_update({"rollout": {"phase": "Promoting", "stableVersion": 1,
+                                        "drainUntil": iso(T0)}}, promoted, StatusUpdate())
+    assert patch.fields["rollout"] == {"phase": "Promoted", "stableVersion": 2,
+                                       "drainUntil": None}
+    assert advance(patch.fields["rollout"], spec(2), 3, T0).status == promoted.status
