@@ -223,10 +223,10 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
 
 
 def tally(events: list[Any]) -> dict[str, int]:
-    """Audit events counted by verb and resource (what the requests were)."""
+    """Audit events counted by verb, resource and answer (what the requests were)."""
     out: dict[str, int] = {}
     for e in events:
-        key = f"{e.verb} {e.resource}{'/' + e.subresource if e.subresource else ''}"
+        key = f"{e.verb} {e.resource}{'/' + e.subresource if e.subresource else ''} {e.code}"
         out[key] = out.get(key, 0) + 1
     return out
 

@@ -42,7 +42,7 @@ class SharedSnapshot:
         self.exclude_instance = exclude_instance
         self.on_refresh = on_refresh
         # Each refresh reads what changed since the last (store/reader.py).
-        self._reader = SnapshotReader(store, None, exclude_instance=exclude_instance)
+        self.reader = SnapshotReader(store, None, exclude_instance=exclude_instance)
         self.refreshes = 0  # store reads started
         self._snap: Snapshot | None = None
         self._at = -math.inf
@@ -63,7 +63,7 @@ class SharedSnapshot:
         started = time.monotonic()
         self.refreshes += 1
         try:
-            snap = await self._reader.snapshot()
+            snap = await self.reader.snapshot()
         finally:
             self._pending = None
         self._snap, self._at = snap, started

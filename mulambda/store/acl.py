@@ -46,7 +46,13 @@ hash for everybody (``P:replicas``, ``P:inflight``, ``P:service``,
 replica's heartbeat and any latency sample, not only its own pod's; a
 selector or SDK credential can write any in-flight lease, service-time
 statistic or demand counter. None of them can write an executor's or a
-Client's record, which is where endpoints and criteria live.
+Client's record, which is where endpoints and criteria live. Each mirrored
+family's change stream (``P:executors:changes``, ``P:replicas:changes``,
+``P:inflight:changes``, ``P:service:changes``; ``P:latency:C:changes`` under
+``latency:*``) takes
+its family's rule: whoever may write the family may note changes to it, and
+a flood of made-up changes costs readers a whole read, never a wrong value
+(readers read the fields themselves).
 
 ``python -m mulambda.store.acl`` builds what the bundled store loads:
 
@@ -89,6 +95,13 @@ FAMILIES = (*_METADATA, TASK, QUEUE, IDEMPOTENCY, DEAD)
 # What every reader of a selection snapshot reads (MetadataStore.snapshot,
 # inflight_counts, service_stats).
 _SNAPSHOT = (EXECUTORS, REPLICAS, INFLIGHT, SERVICE, LATENCY, CLIENTS)
+# Families whose writers note changed fields in a stream beside them
+# (``P:FAMILY:changes``, store/mirror.py): the stream gets the family's rule.
+# ``latency:*`` needs none (its pattern covers ``P:latency:C:changes``).
+_MIRRORED = (EXECUTORS, REPLICAS, INFLIGHT, SERVICE)
+# What a snapshot reader sends besides HGETALL: changes since its last read, and
+# the changed fields (store/reader.py).
+_MIRROR_READ = ("hmget", "xrange", "xrevrange")
 # CLIENT SETINFO (redis-py names itself on connect) is not granted: it exists only
 # since Redis 7.2 (an ACL file naming it stops 7.0 from starting), and redis-py
 # ignores the refusal.
@@ -113,7 +126,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          read=(*_METADATA, QUEUE),
          write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES),
          commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del", "xlen",
-                   "xrange")),
+                   "xrange", "xadd")),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
          read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),
@@ -126,15 +139,17 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          read=(*_SNAPSHOT, DEMAND, TASK, IDEMPOTENCY),
          write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, IDEMPOTENCY),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "exists", "get",
-                   "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create")),
+                   "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create",
+                   *_MIRROR_READ)),
     Role("sdk", "mulambda-sdk",
          "trusted processes embedding the SDK: like the selector",
          read=(*_SNAPSHOT, DEMAND), write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES),
-         commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire")),
+         commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "xadd",
+                   *_MIRROR_READ)),
     Role("client", "mulambda-client",
          "tenants' workloads embedding the SDK: reads snapshots, writes nothing",
          read=_SNAPSHOT, write=(),
-         commands=("hget", "hgetall")),
+         commands=("hget", "hgetall", *_MIRROR_READ)),
 )}
 
 
@@ -152,6 +167,8 @@ def key_rules(role: Role, prefix: str) -> list[str]:
         if r or w:
             mode = "~" if r and w else "%R~" if r else "%W~"
             rules.append(f"{mode}{_pattern(prefix, family)}")
+            if family in _MIRRORED:
+                rules.append(f"{mode}{_pattern(prefix, family + ':changes')}")
     return rules
 
 

@@ -101,13 +101,11 @@ class Decoder:
         timed: dict[str, list[tuple[str, float, float]]] = {}
         for executor, lease in self.per_instance(InflightLease, self.keys.inflight_key, raw,
                                                  now, exclude_instance):
-            if lease.n <= 0:
-                continue
-            known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
+            untimed, known = lease_parts(lease)
             if known:
                 timed.setdefault(executor, []).extend(known)
-            if lease.n > len(known):
-                counts[executor] = counts.get(executor, 0) + lease.n - len(known)
+            if untimed:
+                counts[executor] = counts.get(executor, 0) + untimed
         return counts, timed
 
     def client_part(self, client: str, raw: Mapping[str, str], raw_record: str | None,
@@ -130,3 +128,12 @@ class Decoder:
         if raw_record is not None:
             record = self.decode(ClientRecord, self.keys.clients_key, client, raw_record)
         return latency, record
+
+
+def lease_parts(lease: InflightLease) -> tuple[int, list[tuple[str, float, float]]]:
+    """(requests without timing, requests with timing as (pod, busy_until, back_by)) of
+    one in-flight lease."""
+    if lease.n <= 0:
+        return 0, []
+    known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
+    return lease.n - len(known), known

@@ -16,6 +16,7 @@ from .metadata import (
     INFLIGHT_LEASE_SECONDS,
     _bucket,
 )
+from .reader import InflightMirror
 from .records import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -201,8 +202,9 @@ class InflightReader:
     A snapshot is refreshed about once a second, but a fast model serves a
     request in tens of milliseconds: routers that only see each other's load
     a second late send their requests to the same idle replica at the same
-    time. So each decision reads the in-flight leases again (one HGETALL of
-    ``P:inflight``, a fraction of a millisecond on a nearby store), shared by
+    time. So each decision reads the in-flight leases again (those changed
+    since the last read: :class:`~mulambda.store.reader.InflightMirror`, a
+    fraction of a millisecond on a nearby store), shared by
     every decision within ``ttl`` seconds and bounded by ``timeout``. When
     the store is slow or down, :meth:`read` returns None at once for
     ``backoff`` seconds (callers then use their snapshot's counts): a store
@@ -216,6 +218,8 @@ class InflightReader:
         self.ttl = ttl
         self.timeout = timeout
         self.backoff = backoff
+        # Only the leases that changed since the last read are read (store/reader.py).
+        self._mirror = InflightMirror(store, exclude_instance)
         self._load: Load | None = None
         self._at = -float("inf")
         self._failed_until = -float("inf")
@@ -231,8 +235,7 @@ class InflightReader:
         if now < self._failed_until:
             return None
         if self._pending is None or self._pending.done():
-            self._pending = asyncio.ensure_future(
-                self.store.inflight_load(self.exclude_instance))
+            self._pending = asyncio.ensure_future(self._mirror.load())
             # Retrieve a failure nobody waits for any more (its caller timed out).
             self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:

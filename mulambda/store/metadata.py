@@ -136,6 +136,7 @@ class MetadataStore:
             queue_change(pipe, self.executors_key, [executor])
             if leases:
                 pipe.hdel(self.inflight_key, *leases)
+                queue_change(pipe, self.inflight_key, leases)
             if measured:
                 pipe.hdel(self.service_key, *measured)
                 queue_change(pipe, self.service_key, measured)
@@ -209,8 +210,7 @@ class MetadataStore:
             if dead:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hdel(key, *dead)
-                    if key != self.inflight_key:  # not mirrored: readers read it whole
-                        queue_change(pipe, key, dead)
+                    queue_change(pipe, key, dead)
                     gone, *_ = await self._run(pipe.execute())
                 removed += int(gone)
         return removed
@@ -306,6 +306,7 @@ class MetadataStore:
                 pipe.hset(self.inflight_key, mapping=live)
             if gone:
                 pipe.hdel(self.inflight_key, *gone)
+            queue_change(pipe, self.inflight_key, [*live, *gone])
             if measured:
                 pipe.hset(self.service_key, mapping=measured)
                 queue_change(pipe, self.service_key, measured)

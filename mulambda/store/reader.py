@@ -1,25 +1,27 @@
 """Snapshots for a long-lived reader (an SDK instance, the selector): each refresh reads
 only what changed since the previous one (:mod:`mulambda.store.mirror`).
 
-The executor records, heartbeats, measured service times and (for a client)
-its latency samples are mirrored; requests in flight are read whole each
-time (HGETALL of ``P:inflight``: its size follows the requests in flight,
-not the fleet) with the client's record (HGET). So a refresh when nothing
-changed is one round trip of small replies, and otherwise reads the changed
-fields and recomputes the executors they belong to.
+The executor records, heartbeats, in-flight leases, measured service times
+and (for a client) its latency samples are mirrored; the client's record is
+read with them (one HGET). So a refresh when nothing changed is one round
+trip of small replies, and otherwise reads the changed fields and
+recomputes the executors they belong to. :class:`InflightMirror` is the
+in-flight part alone, for routers that read it fresh for every decision.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from .decoder import lease_parts
 from .metadata import MetadataStore
 from .mirror import FULL_RELOAD_SECONDS, GroupView, HashMirror
 from .records import (
     ClientRecord,
     ExecutorRecord,
+    InflightLease,
     LatencySample,
     ReplicaRecord,
     ServiceStats,
@@ -27,6 +29,8 @@ from .records import (
     _now,
     _split_field,
 )
+
+Timed = list[tuple[str, float, float]]
 
 
 def _whole(name: str) -> tuple[str, str]:
@@ -44,17 +48,125 @@ def _live_replicas(members: Mapping[str, ReplicaRecord], now: float) -> tuple[An
 
 def _summed_stats(members: Mapping[str, ServiceStats], now: float) -> tuple[Any, float]:
     total: ServiceStats | None = None
-    nxt = math.inf
     for stats in members.values():
         if stats.expires_at >= now:
             total = stats if total is None else total + stats
-            nxt = min(nxt, stats.expires_at)
-    return total, nxt
+    return total, _next_expiry(members, now)
 
 
 def _live_samples(members: Mapping[str, LatencySample], now: float) -> tuple[Any, float]:
     live = {pod: s for pod, s in members.items() if s.expires_at >= now}
-    return (live or None), min((s.expires_at for s in live.values()), default=math.inf)
+    return (live or None), _next_expiry(members, now)
+
+
+def _untimed(members: Mapping[str, InflightLease], now: float) -> tuple[Any, float]:
+    n = sum(lease_parts(lease)[0] for lease in members.values() if lease.expires_at >= now)
+    return (n or None), _next_expiry(members, now)
+
+
+def _timed(members: Mapping[str, InflightLease], now: float) -> tuple[Any, float]:
+    known: Timed = []
+    for lease in members.values():
+        if lease.expires_at >= now:
+            known.extend(lease_parts(lease)[1])
+    return (known or None), _next_expiry(members, now)
+
+
+def _next_expiry(members: Mapping[str, Any], now: float) -> float:
+    return min((r.expires_at for r in members.values() if r.expires_at >= now),
+               default=math.inf)
+
+
+Part = tuple[HashMirror, list[GroupView]]
+
+
+class Mirrors:
+    """Mirrors refreshed together: one pipelined round trip for all (plus whatever the
+    caller queues), a second only for those whose hash changed."""
+
+    def __init__(self, store: MetadataStore, parts: list[Part]) -> None:
+        self.store = store
+        self.parts = parts
+
+    def decoding(self, cls: Any, key: str, exclude_instance: str | None = None,
+                 per_instance: bool = False) -> Callable[[str, str], Any]:
+        """A mirror's decoder: ``key``'s values as ``cls`` (logged and skipped when bad);
+        for ``EXEC|INSTANCE`` fields, ``exclude_instance``'s are left out."""
+        decoder = self.store.decoder
+
+        def decode(name: str, raw: str) -> Any:
+            if per_instance:
+                _, sep, instance = name.rpartition("|")
+                if not sep:
+                    decoder.malformed(key, name, "field is not EXEC|INSTANCE")
+                    return None
+                if instance == exclude_instance:
+                    return None
+            return decoder.decode(cls, key, name, raw)
+
+        return decode
+
+    async def refresh(self, extra: Callable[[Any], int] | None = None) -> tuple[
+        list[list[dict[str, Any]]], list[Any]
+    ]:
+        """Every part's views as of now, and the replies of what ``extra(pipe)`` queued
+        in the first round trip (it returns how many commands)."""
+        store = self.store
+        now = _now()
+        async with store.redis.pipeline(transaction=False) as pipe:
+            for mirror, _ in self.parts:
+                mirror.queue_first(pipe, now)
+            n_extra = extra(pipe) if extra is not None else 0
+            replies = await store._run(pipe.execute())
+        changes: list[dict[str, Any] | None] = []
+        at = 0
+        for mirror, _ in self.parts:
+            n = mirror.replies_first()
+            changes.append(mirror.take_first(replies[at:at + n], now))
+            at += n
+        extra_replies = list(replies[at:at + n_extra])
+        second = [i for i, (mirror, _) in enumerate(self.parts) if mirror.pending_second()]
+        if second:
+            async with store.redis.pipeline(transaction=False) as pipe:
+                asked = [i for i in second if self.parts[i][0].queue_second(pipe)]
+                more = await store._run(pipe.execute()) if asked else []
+            at = 0
+            for i in asked:
+                mirror = self.parts[i][0]
+                n = mirror.replies_first()  # a reload reads 2 replies, a field read 1
+                got, before = mirror.take_second(more[at:at + n], now), changes[i]
+                changes[i] = None if got is None or before is None else {**before, **got}
+                at += n
+        out = []
+        for (mirror, views), changed in zip(self.parts, changes, strict=True):
+            for view in views:
+                if changed is None or changed:
+                    view.update(changed, mirror.records)
+            out.append([view.current(now) for view in views])
+        return out, extra_replies
+
+
+def _inflight_part(mirrors: Mirrors, exclude_instance: str | None,
+                   full_every: float) -> Part:
+    key = mirrors.store.inflight_key
+    return (HashMirror(key, mirrors.decoding(InflightLease, key, exclude_instance, True),
+                       full_every=full_every),
+            [GroupView(_split_field, _untimed), GroupView(_split_field, _timed)])
+
+
+class InflightMirror:
+    """Everybody else's requests in flight (as :meth:`MetadataStore.inflight_load`),
+    reading only the leases that changed since the last call."""
+
+    def __init__(self, store: MetadataStore, exclude_instance: str | None = None, *,
+                 full_every: float = FULL_RELOAD_SECONDS) -> None:
+        self._mirrors = Mirrors(store, [])
+        self._mirrors.parts.append(_inflight_part(self._mirrors, exclude_instance,
+                                                  full_every))
+
+    async def load(self) -> tuple[dict[str, int], dict[str, Timed]]:
+        [[counts, timed]], _ = await self._mirrors.refresh()
+        return counts, timed
 
 
 class SnapshotReader:
@@ -69,84 +181,44 @@ class SnapshotReader:
                  full_every: float = FULL_RELOAD_SECONDS) -> None:
         self.store = store
         self.client = client
-        self.exclude_instance = exclude_instance
-        decoder = store.decoder
+        m = self._mirrors = Mirrors(store, [])
 
-        def decoding(cls: Any, key: str, per_instance: bool = False) -> Any:
-            def decode(name: str, raw: str) -> Any:
-                if per_instance:
-                    _, sep, instance = name.rpartition("|")
-                    if not sep:
-                        decoder.malformed(key, name, "field is not EXEC|INSTANCE")
-                        return None
-                    if instance == exclude_instance:
-                        return None
-                return decoder.decode(cls, key, name, raw)
-            return decode
+        def part(key: str, cls: Any, group: Callable[[str], tuple[str, str]],
+                 reduce: Any, per_instance: bool = False) -> Part:
+            decode = m.decoding(cls, key, exclude_instance, per_instance)
+            return HashMirror(key, decode, full_every=full_every), [GroupView(group, reduce)]
 
-        self._parts: list[tuple[HashMirror, GroupView]] = [
-            (HashMirror(store.executors_key, decoding(ExecutorRecord, store.executors_key),
-                        full_every=full_every), GroupView(_whole, _only)),
-            (HashMirror(store.replicas_key, decoding(ReplicaRecord, store.replicas_key),
-                        full_every=full_every), GroupView(_split_field, _live_replicas)),
-            (HashMirror(store.service_key, decoding(ServiceStats, store.service_key, True),
-                        full_every=full_every), GroupView(_split_field, _summed_stats)),
+        m.parts += [
+            part(store.executors_key, ExecutorRecord, _whole, _only),
+            part(store.replicas_key, ReplicaRecord, _split_field, _live_replicas),
+            part(store.service_key, ServiceStats, _split_field, _summed_stats, True),
+            _inflight_part(m, exclude_instance, full_every),
         ]
         if client is not None:
-            key = store.latency_key(client)
-            self._parts.append((HashMirror(key, decoding(LatencySample, key),
-                                           full_every=full_every),
-                                GroupView(_split_field, _live_samples)))
+            m.parts.append(part(store.latency_key(client), LatencySample, _split_field,
+                                _live_samples))
 
     @property
     def mirrors(self) -> list[HashMirror]:
-        return [mirror for mirror, _ in self._parts]
+        return [mirror for mirror, _ in self._mirrors.parts]
 
     async def snapshot(self) -> Snapshot:
         """Executors, live replicas, load, measured service times and (for the client)
         latencies and its registered record, as of now."""
-        store = self.store
-        now = _now()
-        async with store.redis.pipeline(transaction=False) as pipe:
-            for mirror, _ in self._parts:
-                mirror.queue_first(pipe, now)
-            pipe.hgetall(store.inflight_key)
-            if self.client is not None:
-                pipe.hget(store.clients_key, self.client)
-            replies = await store._run(pipe.execute())
-        changes: list[dict[str, Any] | None] = []
-        at = 0
-        for mirror, _ in self._parts:
-            n = mirror.replies_first()
-            changes.append(mirror.take_first(replies[at:at + n], now))
-            at += n
-        raw_inflight = replies[at]
-        raw_record = replies[at + 1] if self.client is not None else None
-        second = [i for i, (mirror, _) in enumerate(self._parts) if mirror.pending_second()]
-        if second:
-            async with store.redis.pipeline(transaction=False) as pipe:
-                asked = [i for i in second if self._parts[i][0].queue_second(pipe)]
-                more = await store._run(pipe.execute()) if asked else []
-            at = 0
-            for i in asked:
-                mirror = self._parts[i][0]
-                n = mirror.replies_first()  # a reload reads 2 replies, a field read 1
-                got, before = mirror.take_second(more[at:at + n], now), changes[i]
-                changes[i] = None if got is None or before is None else {**before, **got}
-                at += n
-        views = []
-        for (mirror, view), changed in zip(self._parts, changes, strict=True):
-            if changed is None or changed:
-                view.update(changed, mirror.records)
-            views.append(view.current(now))
-        decoder = store.decoder
-        inflight, timed = decoder.inflight_view(raw_inflight, now, self.exclude_instance)
-        latency: dict[str, dict[str, LatencySample]] = {}
-        record = None
-        if self.client is not None:
-            latency = views[3]
-            if raw_record is not None:
-                record = decoder.decode(ClientRecord, store.clients_key, self.client,
-                                        raw_record)
-        return Snapshot(views[0], views[1], latency, inflight, now, record, service=views[2],
-                        inflight_requests=timed)
+        store, client = self.store, self.client
+
+        def record(pipe: Any) -> int:
+            if client is None:
+                return 0
+            pipe.hget(store.clients_key, client)
+            return 1
+
+        views, replies = await self._mirrors.refresh(record)
+        [executors], [replicas], [service], [inflight, timed], *rest = views
+        latency = rest[0][0] if rest else {}
+        client_record = None
+        if client is not None and replies[0] is not None:
+            client_record = store.decoder.decode(ClientRecord, store.clients_key, client,
+                                                 replies[0])
+        return Snapshot(executors, replicas, latency, inflight, _now(), client_record,
+                        service=service, inflight_requests=timed)

@@ -35,10 +35,15 @@ EXECUTORS, DEPLOYMENTS, SERVICES = "executor_objects", "executor_deployments", "
 
 
 def cached_children(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The executor's Deployment and Service as the watch caches hold them (None: none)."""
+    """The executor's Deployment and Service as the watch caches hold them (None: none).
+
+    Only for handlers: kopf starts them once every index is populated, so a
+    child missing here does not exist (or is not ours), and is created without
+    a GET first (``indexed``). The fleet ticks start before that and GET.
+    """
     key = (kwargs["namespace"], kwargs["name"])
     return {"deployment": first(kwargs[DEPLOYMENTS], key),
-            "service": first(kwargs[SERVICES], key)}
+            "service": first(kwargs[SERVICES], key), "indexed": True}
 
 
 def _meta(meta: Any, *extra: str) -> dict[str, Any]:

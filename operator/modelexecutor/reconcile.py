@@ -46,16 +46,17 @@ async def ensure_children(
 ) -> tuple[dict[str, Any], list[Event]]:
     """Deployment and Service of an executor: the Deployment, and an Event per change.
 
-    ``cache`` may hold the children as the watch caches have them (a key
-    present with None: the cache has none)."""
+    ``cache`` may hold the children as the watch caches have them; with
+    ``indexed`` true, a child they lack does not exist."""
     name, ns = executor.name, executor.namespace
     cache = cache or {}
+    indexed = bool(cache.get("indexed"))
     deployment, deployment_changes = await ensure_deployment(
         ctx.kube, executor, build_deployment(name, ns, spec, ctx.settings),
-        _bounded_replicas(spec), cache.get("deployment"), absent="deployment" in cache)
+        _bounded_replicas(spec), cache.get("deployment"), absent=indexed)
     service, service_changes = await ensure_service(
         ctx.kube, executor, build_service(name, ns, spec), cache.get("service"),
-        absent="service" in cache)
+        absent=indexed)
     return deployment, [
         *_announce("Deployment", deployment, deployment_changes, logger),
         *_announce("Service", service, service_changes, logger),

@@ -117,7 +117,7 @@ async def burst(url: str, paths: list[str], body: dict[str, Any]) -> Counter[int
 async def test_a_thousand_concurrent_selections_all_answer_without_5xx(store, selector):
     await fill(store, 1000)
     served = await selector(cache_ttl=0.5)
-    refreshes = count_calls(store, "snapshot")
+    refreshes = count_calls(served.sel.shared.reader, "snapshot")
     paths = [f"/select/shop/app{i % 50}" for i in range(1000)]
 
     statuses = await burst(served.url, paths, {"required": {"type": "t3"}})
@@ -131,7 +131,7 @@ async def test_the_shared_snapshot_is_refreshed_single_flight(store, selector):
     await fill(store, 100)
     served = await selector(cache_ttl=60)
     # A slow store read: every request of the burst arrives while it is in progress.
-    refreshes = count_calls(store, "snapshot", delay=0.3)
+    refreshes = count_calls(served.sel.shared.reader, "snapshot", delay=0.3)
     client_reads = count_calls(store, "client_view", delay=0.3)
     paths = [f"/select/shop/app{i % 10}" for i in range(200)]
 
