@@ -8,8 +8,9 @@ each role may do. The key schema:
 The metadata store: the one module that knows every key mulambda writes.
 
 Works with any Redis-compatible server (Redis, Valkey, DragonflyDB): only
-HASH commands (HSET, HGET, HGETALL, HKEYS, HDEL, HINCRBY, HSCAN), EXPIRE,
-DEL and pipelines are used, no Lua, no modules, no key-space scans.
+HASH commands (HSET, HGET, HMGET, HGETALL, HKEYS, HDEL, HINCRBY, HSCAN),
+stream commands (XADD, XRANGE, XREVRANGE), EXPIRE, DEL and pipelines are
+used, no Lua, no modules, no key-space scans.
 
 Key schema (``P`` is the configured prefix, default ``mulambda``; an
 executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
@@ -60,6 +61,16 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     executors scaled to zero (SDK, selector, the operator's Client
     selection). EXPIRE 600 s, so old buckets vanish by themselves. The
     autoscaler reads the arrival rate from the last buckets.
+
+``P:executors:changes``, ``P:replicas:changes``, ``P:inflight:changes``,
+``P:service:changes``, ``P:latency:CLIENT:changes`` (STREAM) entries
+``{"f": JSON list of field names}``. Every writer of the hash beside it
+appends the fields it set or deleted, in the same pipeline as the write
+(XADD, trimmed near 20,000 entries; a latency stream expires with its
+hash). Long-lived readers (the SDK, the selector:
+:mod:`~mulambda.store.reader`) keep a copy of each hash and read only the
+fields named since their last refresh; a trimmed or lost stream, or a
+minute gone by, makes them read the hash whole (:mod:`~mulambda.store.mirror`).
 
 The operator reads these fleet-wide, never per executor, so its store load
 does not grow with the fleet: each autoscaler tick one pipeline of HGETALL

@@ -13,9 +13,9 @@ The hash is read whole (HGETALL, with the stream's newest id read first)
 when the mirror is new, when the id it kept is gone (the stream was
 trimmed past it, or lost in a store restart), when more than
 ``max_changes`` changes piled up (one HGETALL is cheaper then), and every
-``full_every`` seconds regardless: a writer that does not note its changes
-(an older version during an upgrade) delays what readers see by at most
-that long.
+``full_every`` seconds regardless (5 minutes): a writer that does not note
+its changes (an older version during an upgrade) delays what readers see
+by at most that long.
 
 :class:`GroupView` turns a mirror's records into what a
 :class:`~mulambda.store.records.Snapshot` holds per executor (live replicas,
@@ -34,7 +34,8 @@ from typing import Any
 
 # Changes kept per stream: readers that fall further behind read the hash whole.
 CHANGES_MAXLEN = 20_000
-FULL_RELOAD_SECONDS = 60.0
+# A whole read of 10,000 executors takes seconds of a reader's CPU: rarely.
+FULL_RELOAD_SECONDS = 300.0
 MAX_CHANGES = 2_000
 _EMPTY = "0-0"  # the stream was empty when the hash was read: every entry is new
 
