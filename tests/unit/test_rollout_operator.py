@@ -198,3 +198,33 @@ def test_rollout_status_is_patched_only_when_it_changed() -> None:
     assert patch.fields["rollout"] == {"phase": "Promoted", "stableVersion": 2,
                                        "drainUntil": None}
     assert advance(patch.fields["rollout"], spec(2), 3, T0).status == promoted.status
+
+
+def test_client_experiment_is_published_with_arm_ids_and_an_id_per_generation() -> None:
+    from mulambda.api.client import parse_client_spec
+    from mulambda.operator.client.reconcile import experiment_record
+    from mulambda.operator.k8s.objects import ObjectRef
+    from mulambda.policy.rollout import Experiment
+
+    ref = ObjectRef("mulambda.io/v1alpha1", "Client", "shop", "app", "uid-1")
+    spec = parse_client_spec({"criteria": {"type": "t"}, "experiment": {
+        "arms": [{"executor": "a", "weight": 70}, {"executor": "ml/b", "weight": 30}],
+        "stickyField": "user"}})
+    published = Experiment.of(experiment_record(ref, spec, 4))
+    assert published == Experiment("shop/app@g4", (("shop/a", 70.0), ("ml/b", 30.0)),
+                                   field="user")
+    assert experiment_record(ref, parse_client_spec({"criteria": {"type": "t"}}), 4) is None
+
+
+@pytest.mark.parametrize("experiment", [
+    {"arms": [{"executor": "a"}]},  # one arm is no experiment
+    {"arms": [{"executor": "a"}, {"executor": "a"}]},
+    {"arms": [{"executor": "a", "weight": 0}, {"executor": "b", "weight": 0}]},
+    {"arms": [{"executor": "a"}, {"executor": "b"}], "stickyHeader": "X", "stickyField": "u"},
+])
+def test_bad_experiments_are_refused_with_a_message(experiment: dict) -> None:
+    from mulambda.api.client import parse_client_spec
+    from mulambda.api.common import SpecError
+
+    with pytest.raises(SpecError, match="experiment"):
+        parse_client_spec({"criteria": {"type": "t"}, "experiment": experiment})
