@@ -32,6 +32,14 @@ import httpx
 import pytest
 from aiohttp import web
 from companion.test_golden_path import eventually, resolve_env
+from integration.test_crd_validation import (
+    CLIENT,
+    EXECUTOR,
+    with_,
+)
+from integration.test_crd_validation import (
+    test_the_api_server_refuses_it_with_the_reason as refused_with_the_reason,
+)
 
 from mulambda.operator.main import register_all
 from mulambda.policy.rollout import candidate_id
@@ -399,3 +407,24 @@ async def test_shadow_gets_copies_compared_never_answers_and_is_promoted(
     assert arms["candidate"]["disagreed"] == 0
     assert traffic.failures == [], traffic.failures[:5]
     assert stable_version(cluster, ns) == "2"
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "BlueGreen"}),
+                 "spec.rollout.strategy: Unsupported value", id="strategy"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"weight": 150}),
+                 "spec.rollout.weight: Invalid value", id="weight-over-100"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"steps": [0, 50]}),
+                 "spec.rollout.steps[0]: Invalid value", id="step-zero"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"analysis": {"maxP95Ratio": 0.5}}),
+                 "spec.rollout.analysis.maxP95Ratio: Invalid value", id="p95-ratio-below-1"),
+    pytest.param(with_(CLIENT, "spec.experiment", {"arms": [{"executor": "a"}]}),
+                 "spec.experiment.arms in body should have at least 2 items", id="one-arm"),
+    pytest.param(with_(CLIENT, "spec.experiment", {
+        "arms": [{"executor": "a"}, {"executor": "b"}], "stickyHeader": "X-User",
+        "stickyField": "user"}), "set stickyHeader or stickyField, not both", id="two-keys"),
+])
+def test_the_api_server_refuses_bad_rollouts_and_experiments(
+    cluster: Cluster, ns: str, body: dict[str, Any], says: str,
+) -> None:
+    refused_with_the_reason(cluster, ns, body, says)
