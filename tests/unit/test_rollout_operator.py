@@ -54,8 +54,9 @@ BAD = ArmStats(20, 10, {bucket_of(10): 10})
 SERVING = Health(1)
 
 
-def seen(candidate: ArmStats = GOOD, health: Health = SERVING, beats=(), desired=1):
-    return Observations(GOOD, candidate, health, beats, desired)
+def seen(candidate: ArmStats = GOOD, health: Health = SERVING, beats=(), desired=1,
+         inflight=0):
+    return Observations(GOOD, candidate, health, beats, desired, inflight)
 
 
 def beat(version: int, state: str = "Available") -> ReplicaRecord:
@@ -87,6 +88,15 @@ CASES = [
      spec(2), 5, seen(), "RolledBack", 1, False, ["RolloutRolledBack"], True),
     ("still draining", {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
      spec(2), 4, seen(), "RollingBack", 1, True, [], False),
+    ("drain time over, requests still in flight on the candidate: wait",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 6, seen(inflight=2), "RollingBack", 1, True, [], False),
+    ("in flight beyond the grace: removed anyway",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 36, seen(inflight=2), "RolledBack", 1, False, ["RolloutRolledBack"], True),
+    ("drain time over but no tick yet: the reconcile waits for one",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 6, None, "RollingBack", 1, True, [], False),
     ("rolled back: the same version is not tried again",
      {**PROGRESSING, "phase": "RolledBack"}, spec(2), 100, None, "RolledBack", 1, False, [],
      False),
