@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError, WatchError
@@ -114,7 +114,8 @@ class TaskQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(key)
-                fields = await pipe.hgetall(key)
+                # decode_responses=True: str, whatever the stubs say
+                fields: dict[str, str] = await pipe.hgetall(key)  # type: ignore[assignment]
                 if not fields:
                     return True, None
                 status = status_of(fields)
@@ -267,11 +268,11 @@ class TaskQueue:
                         [entry for entry, _ in taken], idle=visibility_ms, justid=True)
             await self._run(pipe.execute())
 
-    async def touch(self, executor: str, consumer: str, entries: list[str]) -> None:
+    async def touch(self, executor: str, consumer: str, entries: Sequence[str]) -> None:
         """Renew the visibility of entries this worker is still busy with."""
         if entries:
             await self._run(self.redis.xclaim(self.queue_key(executor), GROUP, consumer, 0,
-                                              entries, justid=True))
+                                              list[Any](entries), justid=True))
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The newest dead letters, newest first."""
