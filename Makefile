@@ -50,7 +50,7 @@ lint: ## ruff + mypy
 PLOTS_DIR   ?= docs/img
 PLOT_HOURS  ?= 24
 PLOT_SUITE  ?= --requests 3000
-plots: ## redraw docs/img/*.png: a simulated day of autoscaling, the routers of the simulation suite
+plots: ## redraw docs/img/*.png: a simulated day of autoscaling (requests, tasks), the routers of the simulation suite
 	$(PYTHON) bench/autoscale.py --hours $(PLOT_HOURS) --plot $(PLOTS_DIR)
 	$(MULAMBDA) simulate --suite $(PLOT_SUITE) --plot $(PLOTS_DIR)
 

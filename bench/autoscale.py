@@ -632,23 +632,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-queue", action="store_true",
                         help="skip the queue-signal case (asynchronous tasks)")
     parser.add_argument("--plot", metavar="DIR", type=Path,
-                        help="also write DIR/autoscale-day.png (needs matplotlib)")
+                        help="also write DIR/autoscale-day.png, and DIR/autoscale-tasks.png for "
+                             "the queue-signal case (needs matplotlib)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     cfg = SimConfig()
     results, static_n = compare(int(args.hours * 3600), args.peak, args.seed, cfg)
     print(_report(results, static_n, cfg, args.hours))
-    if not args.no_queue:
-        tasks, static_q, qcfg = compare_queue(int(args.hours * 3600), args.peak, args.seed, cfg)
-        print(f"\nqueue signal: the same day as asynchronous tasks of a {qcfg.model_gb:g} GB model "
-              f"(about {mean_service_s(qcfg):g} s per item), wait budget {qcfg.task_wait_s:g} s")
-        print(_report(tasks, static_q, qcfg, args.hours))
     if args.plot is not None:
         picture = plot_scaling_day({name: r.timeline for name, r in results.items()},
                                    args.plot / "autoscale-day.png",
                                    title=f"One simulated day ({args.hours:g} h), peak "
                                          f"{args.peak:g} req/s: demand, replicas, waiting")
         print(f"wrote {picture}")
+    if not args.no_queue:
+        tasks, static_q, qcfg = compare_queue(int(args.hours * 3600), args.peak, args.seed, cfg)
+        print(f"\nqueue signal: the same day as asynchronous tasks of a {qcfg.model_gb:g} GB model "
+              f"(about {mean_service_s(qcfg):g} s per item), wait budget {qcfg.task_wait_s:g} s")
+        print(_report(tasks, static_q, qcfg, args.hours))
+        if args.plot is not None:
+            picture = plot_scaling_day(
+                {name: r.timeline for name, r in tasks.items()}, args.plot / "autoscale-tasks.png",
+                title=f"The same day as asynchronous tasks ({qcfg.model_gb:g} GB model): demand, "
+                      "replicas, tasks waiting", waiting="tasks waiting")
+            print(f"wrote {picture}")
     print(f"simulated in {time.perf_counter() - started:.1f} s wall time")
     return 0
 

@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 
-import httpx
+import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mulambda.store.records import StoreUnavailable
@@ -56,6 +56,10 @@ class Worker:
         self.model = model
         self.serving_url = serving_url.rstrip("/")
         self.concurrency = max(1, concurrency)
+        # TF Serving sees at most ``concurrency`` tasks at once; as many more may be taken
+        # ahead, so a slot never waits for the store round trips of its next task.
+        self.slots = asyncio.Semaphore(self.concurrency)
+        self.prefetch = self.concurrency
         self.visibility_ms = max(1, int(visibility * 1000))
         self.drain = drain
         self.predict_timeout = predict_timeout
@@ -72,7 +76,9 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Pull and run tasks until ``stop``, then drain (see the module docstring)."""
-        http = httpx.AsyncClient(base_url=self.serving_url, timeout=self.predict_timeout)
+        # aiohttp rather than httpx: at tens of tasks per second per pod the client's own
+        # CPU per request is what the queue adds to a direct call (bench/async_tasks.py).
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.predict_timeout))
         renew = asyncio.create_task(self._renew_forever(stop), name="task-renew")
         failures = 0
         next_reclaim = 0.0
@@ -81,7 +87,7 @@ class Worker:
                 if not self.ready():
                     await _wait(stop, 0.1)
                     continue
-                free = self.concurrency - len(self.running)
+                free = self.concurrency + self.prefetch - len(self.running)
                 if free <= 0:
                     await asyncio.wait(list(self.running), timeout=0.5,
                                        return_when=asyncio.FIRST_COMPLETED)
@@ -115,7 +121,7 @@ class Worker:
             renew.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await renew
-            await http.aclose()
+            await http.close()
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
@@ -152,7 +158,7 @@ class Worker:
                 self.store_errors.inc()
                 log.warning("task visibility not renewed tasks=%d error=%s", len(entries), exc)
 
-    async def _handle(self, http: httpx.AsyncClient, message: Message) -> None:
+    async def _handle(self, http: aiohttp.ClientSession, message: Message) -> None:
         entry, task_id = message
         try:
             await self._run_task(http, entry, task_id)
@@ -161,7 +167,7 @@ class Worker:
             self.store_errors.inc()
             log.warning("task outcome not written id=%s error=%s", task_id, exc)
 
-    async def _run_task(self, http: httpx.AsyncClient, entry: str, task_id: str) -> None:
+    async def _run_task(self, http: aiohttp.ClientSession, entry: str, task_id: str) -> None:
         decision, reason, fields = await self.queue.begin(task_id, self.consumer)
         attempts = int(fields.get("attempts") or 0)
         result_ttl = int(float(fields.get("result_ttl") or 3600))
@@ -172,8 +178,9 @@ class Worker:
         if decision is Next.DEAD:
             await self._dead(entry, task_id, reason, attempts, result_ttl)
             return
-        started = time.perf_counter()
-        status, payload = await self._predict(http, fields.get("body") or "")
+        async with self.slots:
+            started = time.perf_counter()
+            status, payload = await self._predict(http, fields.get("body") or "")
         decision, reason = after_answer(status, payload if status != 200 else "")
         if decision is Next.DONE:
             try:
@@ -207,14 +214,16 @@ class Worker:
         self.tasks.labels(outcome="dead_letter").inc()
         log.warning("task dead-lettered id=%s attempts=%d reason=%s", task_id, attempts, reason)
 
-    async def _predict(self, http: httpx.AsyncClient, body: str) -> tuple[int | None, str]:
+    async def _predict(self, http: aiohttp.ClientSession, body: str) -> tuple[int | None, str]:
         """(HTTP status or None without an answer, body or error text)."""
         try:
-            resp = await http.post(f"/v1/models/{self.model}:predict", content=body,
-                                   headers={"Content-Type": "application/json"})
-        except httpx.HTTPError as exc:
+            async with http.post(f"{self.serving_url}/v1/models/{self.model}:predict",
+                                 data=body.encode(),
+                                 headers={"Content-Type": "application/json"}) as resp:
+                text = await resp.text(errors="replace")
+                return resp.status, text if resp.status == 200 else text[:500]
+        except (aiohttp.ClientError, TimeoutError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
-        return resp.status_code, resp.text if resp.status_code == 200 else resp.text[:500]
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

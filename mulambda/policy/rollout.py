@@ -126,6 +126,25 @@ def _live(replicas: Iterable[ReplicaRecord]) -> tuple[ReplicaRecord, ...]:
     return tuple(r for r in replicas if r.state == "Available")
 
 
+# Records are ranked many times per snapshot: their route, parsed, and the record as
+# the candidate arm shows it, by record object (the record is kept to check identity).
+_ARMS: dict[int, tuple[ExecutorRecord, Route | None, ExecutorRecord | None]] = {}
+_ARMS_MAX = 8192
+
+
+def _arms(record: ExecutorRecord) -> tuple[Route | None, ExecutorRecord | None]:
+    known = _ARMS.get(id(record))
+    if known is not None and known[0] is record:
+        return known[1], known[2]
+    route = Route.of(record)
+    shown = (replace(record, rest=route.rest, grpc=route.grpc, version=route.version)
+             if route is not None else None)
+    if len(_ARMS) >= _ARMS_MAX:
+        _ARMS.clear()
+    _ARMS[id(record)] = (record, route, shown)
+    return route, shown
+
+
 def route_view(view: Snapshot, source: Snapshot, draw: Callable[[str], float],
                force_stable: frozenset[str] = frozenset()) -> tuple[Snapshot, dict[str, ArmChoice]]:
     """The snapshot one request sees, and the arm chosen per rolled-out executor.
@@ -142,19 +161,19 @@ def route_view(view: Snapshot, source: Snapshot, draw: Callable[[str], float],
     for eid, record in view.executors.items():
         if record.rollout is None:
             continue
-        route = Route.of(record)
-        if route is None:
+        route, shown = _arms(record)
+        if route is None or shown is None:
             continue
         cid = candidate_id(eid)
-        live = _live(source.replicas.get(cid, ()))
-        if (route.strategy == "Canary" and live and eid not in force_stable
-                and draw(route.id) * 100 < route.weight):
+        canary = (route.strategy == "Canary" and eid not in force_stable
+                  and draw(route.id) * 100 < route.weight)
+        live = _live(source.replicas.get(cid, ())) if canary or route.strategy == "Shadow" else ()
+        if canary and live:
             if executors is None:
                 executors, replicas, latency = (dict(view.executors), dict(view.replicas),
                                                 dict(view.latency))
             assert replicas is not None and latency is not None
-            executors[eid] = replace(record, rest=route.rest, grpc=route.grpc,
-                                     version=route.version)
+            executors[eid] = shown
             replicas[eid] = list(source.replicas.get(cid, ()))
             latency[eid] = source.latency.get(cid, {})
             choices[eid] = ArmChoice(eid, route.id, CANDIDATE, route=route)

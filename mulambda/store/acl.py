@@ -136,14 +136,15 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("selector", "mulambda-selector",
          "selector and gateway: reads snapshots; writes demand, in-flight leases, "
          "measured service times",
-         read=(*_SNAPSHOT, DEMAND, TASK, IDEMPOTENCY),
+         read=(*_SNAPSHOT, DEMAND, OUTCOMES, TASK, IDEMPOTENCY),
          write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, IDEMPOTENCY),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "exists", "get",
                    "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create",
                    *_MIRROR_READ)),
     Role("sdk", "mulambda-sdk",
          "trusted processes embedding the SDK: like the selector",
-         read=(*_SNAPSHOT, DEMAND), write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES),
+         # outcomes: HINCRBY reads the key it writes.
+         read=(*_SNAPSHOT, DEMAND, OUTCOMES), write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "xadd",
                    *_MIRROR_READ)),
     Role("client", "mulambda-client",

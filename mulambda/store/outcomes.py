@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from redis.exceptions import NoPermissionError
 
 from mulambda.policy.rollout import ArmStats, bucket_of
 
@@ -52,11 +54,15 @@ class OutcomeRecorder:
         self._pending: Counter[tuple[str, str]] = Counter()  # (subject, field) -> increment
         self._writer: asyncio.Task[None] | None = None
         self.dropped = 0
+        # The store user may not write outcomes (a tenant's read-only one): stop counting.
+        self.refused = False
 
     def record(self, subject: str, run: str, arm: str, *, ok: bool,
                ms: float | None = None, agreed: bool | None = None) -> None:
         """One request (or shadow copy) to ``arm``: answered (with its latency) or not;
         ``agreed``: a shadow answer compared with the stable one."""
+        if self.refused:
+            return
         base = f"{run}|{arm}|"
         names = ["requests"]
         if not ok:
@@ -90,11 +96,19 @@ class OutcomeRecorder:
         for subject in subjects:
             pipe.expire(outcomes_key(self.store, subject), OUTCOMES_TTL_SECONDS)
         try:
-            await self.store._run(pipe.execute())
+            await self.store._run(self._execute(pipe))
         except StoreUnavailable:
             pending.update(self._pending)  # counted meanwhile
             self._pending = pending
             raise
+
+    async def _execute(self, pipe: Any) -> None:
+        try:
+            await pipe.execute()
+        except NoPermissionError as exc:
+            self.refused = True
+            log.warning("outcomes not counted: the store user may not write them (the "
+                        "tenants' read-only user?) error=%s", exc)
 
     async def _run(self) -> None:
         while self._pending:

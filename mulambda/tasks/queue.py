@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from redis.exceptions import ResponseError, WatchError
@@ -114,7 +114,8 @@ class TaskQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await pipe.watch(key)
-                fields = await pipe.hgetall(key)
+                # decode_responses=True: str, whatever the stubs say
+                fields: dict[str, str] = await pipe.hgetall(key)  # type: ignore[assignment]
                 if not fields:
                     return True, None
                 status = status_of(fields)
@@ -173,34 +174,39 @@ class TaskQueue:
         Next, str, dict[str, str]
     ]:
         """Decide whether a delivered task runs and, if so, count the attempt: (decision,
-        reason, the task's fields as they are now)."""
-        started = repr(time.time() if now is None else now)
-        for _ in range(_WATCH_TRIES):
-            found = await self._run(self._begin_once(task_id, worker, started))
-            if found is not None:
-                return found  # type: ignore[no-any-return]
-        raise StoreUnavailable(f"task {task_id} kept changing while being started")
+        reason, the task's fields as they are now).
 
-    async def _begin_once(self, task_id: str, worker: str, started: str) -> tuple[
-        Next, str, dict[str, str]
-    ] | None:
-        """None when the task changed meanwhile (a cancel): try again."""
+        One transaction reads the task and marks it started; a task that must not
+        run gets its marks taken back. A cancel racing with it either lands first
+        (the task is final: skipped) or sees it running (its WATCH fails).
+        """
         key = self.task_key(task_id)
+        started = repr(time.time() if now is None else now)
         async with self.redis.pipeline(transaction=True) as pipe:
-            try:
-                await pipe.watch(key)
-                fields = dict(await pipe.hgetall(key))
-                decision, reason = before_run(fields)
-                if decision is not Next.RUN:
-                    return decision, reason, fields
-                pipe.multi()
-                pipe.hincrby(key, "attempts", 1)
-                pipe.hset(key, mapping={"started_at": started, "worker": worker})
-                attempts, _ = await pipe.execute()
-            except WatchError:
-                return None
-        return Next.RUN, "", {**fields, "attempts": str(attempts), "started_at": started,
+            pipe.hgetall(key)
+            pipe.hincrby(key, "attempts", 1)
+            pipe.hset(key, mapping={"started_at": started, "worker": worker})
+            before, attempts, _ = await self._run(pipe.execute())
+        decision, reason = before_run(before)
+        if decision is not Next.RUN:
+            await self._unmark(key, before)
+            return decision, reason, before
+        return Next.RUN, "", {**before, "attempts": str(attempts), "started_at": started,
                               "worker": worker}
+
+    async def _unmark(self, key: str, before: dict[str, str]) -> None:
+        """Take back :meth:`begin`'s marks (an expired task's hash goes with its fields)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            if not before:
+                pipe.hdel(key, "attempts", "started_at", "worker")
+            else:
+                pipe.hincrby(key, "attempts", -1)
+                for name in ("started_at", "worker"):
+                    if name in before:
+                        pipe.hset(key, name, before[name])
+                    else:
+                        pipe.hdel(key, name)
+            await self._run(pipe.execute())
 
     async def finish(self, executor: str, entry: str, task_id: str, final: str,
                      result_ttl: int) -> bool:
@@ -262,11 +268,11 @@ class TaskQueue:
                         [entry for entry, _ in taken], idle=visibility_ms, justid=True)
             await self._run(pipe.execute())
 
-    async def touch(self, executor: str, consumer: str, entries: list[str]) -> None:
+    async def touch(self, executor: str, consumer: str, entries: Sequence[str]) -> None:
         """Renew the visibility of entries this worker is still busy with."""
         if entries:
             await self._run(self.redis.xclaim(self.queue_key(executor), GROUP, consumer, 0,
-                                              entries, justid=True))
+                                              list[Any](entries), justid=True))
 
     async def dead_letters(self, count: int = 100) -> list[dict[str, str]]:
         """The newest dead letters, newest first."""

@@ -110,7 +110,7 @@ def status_of(fields: dict[str, str]) -> Status:
     done = _decoded(fields.get("outcome"))
     if done is not None:
         try:
-            return Status(done.get("status"))
+            return Status(str(done.get("status")))
         except ValueError:
             return Status.FAILED
     return Status.RUNNING if fields.get("started_at") else Status.PENDING

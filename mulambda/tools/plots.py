@@ -1,8 +1,8 @@
 """Pictures of the benchmarks and the simulator (PNG, matplotlib).
 
 * :func:`plot_scaling_day`: ``bench/autoscale.py --plot DIR``, per scaling
-  policy the demand, desired and ready replicas and the waiting requests
-  over the simulated day.
+  policy the demand, desired and ready replicas and the waiting requests (or
+  tasks) over the simulated day.
 * :func:`plot_selectors`: ``mulambda simulate --plot DIR``, latency (p50,
   p95) and accuracy per router, one panel column per figure and one
   point per scenario (the suite's placement x load cells, or the clients of
@@ -66,7 +66,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_scaling_day(policies: Mapping[str, Sequence[ScalingPoint]], path: Path, *,
-                     title: str = "Autoscaling over a simulated day") -> Path:
+                     title: str = "Autoscaling over a simulated day",
+                     waiting: str = "waiting requests") -> Path:
     """One row per policy: replicas desired (dashed) and ready (solid) on the left axis;
     demand (req/s, shaded) and waiting requests (red) on the right one, logarithmic
     (a queue of thousands beside a demand of tens). Same x axis (hour of the day) and
@@ -87,7 +88,7 @@ def plot_scaling_day(policies: Mapping[str, Sequence[ScalingPoint]], path: Path,
         right.fill_between(hours, [p.demand_rps for p in points], color="0.85", step="post",
                            label="demand (req/s)")
         right.step(hours, [p.waiting for p in points], where="post", color="tab:red",
-                   linewidth=1.0, label="waiting requests")
+                   linewidth=1.0, label=waiting)
         right.set_yscale("symlog", linthresh=1.0)
         right.set_ylim(0, max(1.0, top_requests) * 1.5)
         right.set_ylabel("req/s, waiting")

@@ -20,8 +20,9 @@ Phases (``status.rollout.phase``)::
 * **Promoting**: all traffic goes to the candidate while the stable
   Deployment rolls to the new version; once every live stable replica
   serves it, traffic goes back to the stable arm, and after
-  ``drainSeconds`` (requests in flight, routers' cached snapshots) the
-  candidate is deleted: **Promoted**.
+  ``drainSeconds`` (routers' cached snapshots), and once no router's
+  in-flight lease names a candidate pod (at most ``DRAIN_GRACE_SECONDS``
+  more), the candidate is deleted: **Promoted**.
 * **RollingBack**: traffic goes to the stable arm at once; after
   ``drainSeconds`` the candidate is deleted: **RolledBack**, with why in
   ``reason``/``message``. The same version is not tried again until
@@ -64,6 +65,7 @@ PROGRESSING, PROMOTING, ROLLING_BACK = "Progressing", "Promoting", "RollingBack"
 STABLE_PHASE, PROMOTED, ROLLED_BACK = "Stable", "Promoted", "RolledBack"
 ACTIVE = frozenset({PROGRESSING, PROMOTING, ROLLING_BACK})
 ARM_LABEL, ROLLOUT_OF_LABEL = "mulambda.io/arm", "mulambda.io/rollout-of"
+DRAIN_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,8 @@ class Observations:
     health: Health
     stable_heartbeats: Sequence[ReplicaRecord] = ()
     stable_desired: int = 1
+    # Requests routers have in flight on the candidate's pods (their in-flight leases).
+    candidate_inflight: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,7 +206,11 @@ def _active(prev: dict[str, Any], spec: ModelExecutorSpec, generation: int, now:
     phase, want = prev["phase"], spec.model.version
     drain = spec.rollout.drain_seconds
     if "drainUntil" in prev:
-        if now < _epoch(prev["drainUntil"], now):
+        until = _epoch(prev["drainUntil"], now)
+        # The tick ends a drain: it sees the requests still in flight on the candidate,
+        # and waits for them (at most DRAIN_GRACE_SECONDS longer).
+        if (now < until or observed is None
+                or (observed.candidate_inflight and now < until + DRAIN_GRACE_SECONDS)):
             return RolloutState(prev)
         if phase == PROMOTING:
             done = {**_without(prev, "drainUntil"), "phase": PROMOTED,
@@ -330,10 +338,14 @@ async def observe(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Observ
     outcomes = await read_outcomes(ctx.store, f"executor/{ref.id}", str(rollout.get("id")))
     candidate_beats = await ctx.store.list_replicas(candidate_id(ref.id))
     stable_beats = await ctx.store.list_replicas(ref.id)
+    _, timed = await ctx.store.inflight_load()
+    pods = f"{candidate_name(ref.name)}-"
     return Observations(
         stable=outcomes.get(STABLE, ArmStats()), candidate=outcomes.get(CANDIDATE, ArmStats()),
         health=Health.of(candidate_beats), stable_heartbeats=stable_beats,
-        stable_desired=int(executor.status.get("desiredReplicas") or 1))
+        stable_desired=int(executor.status.get("desiredReplicas") or 1),
+        candidate_inflight=sum(1 for pod, _, _ in timed.get(ref.id, ())
+                               if pod.startswith(pods)))
 
 
 def is_active(status: Mapping[str, Any]) -> bool:

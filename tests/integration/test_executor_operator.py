@@ -283,7 +283,8 @@ def test_ready_replicas_and_companion_heartbeats_show_in_status(
     assert row.pop("AGE")
     assert row == {"NAME": "hp2", "MODEL": "half_plus_two", "VERSION": "1",
                    "TYPE": "regression", "READY": "True", "REPLICAS": "1/1",
-                   "REASON": "ModelServing", "ENDPOINT": f"http://{env.host()}:8501"}
+                   "REASON": "ModelServing", "ROLLOUT": "Stable",
+                   "ENDPOINT": f"http://{env.host()}:8501"}
 
 
 def test_failed_model_load_reported_by_a_companion_is_shown(

@@ -32,6 +32,14 @@ import httpx
 import pytest
 from aiohttp import web
 from companion.test_golden_path import eventually, resolve_env
+from integration.test_crd_validation import (
+    CLIENT,
+    EXECUTOR,
+    with_,
+)
+from integration.test_crd_validation import (
+    test_the_api_server_refuses_it_with_the_reason as refused_with_the_reason,
+)
 
 from mulambda.operator.main import register_all
 from mulambda.policy.rollout import candidate_id
@@ -40,6 +48,7 @@ from mulambda.selector.app import create_app, selector_server_options
 from mulambda.settings import Settings
 from mulambda.storage.s3 import ModelStorage
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.outcomes import read_outcomes
 from mulambda.tools.models import push_version
 
 from support.cluster import Cluster
@@ -237,10 +246,11 @@ async def world(cluster: Cluster, ns: str, run_operator: Callable[..., OperatorR
     await store.close()
 
 
-def executor(ns: str, bucket: str, version: int, strategy: str, **rollout: Any) -> dict:
+def executor(ns: str, bucket: str, version: int, strategy: str, name: str = NAME,
+             **rollout: Any) -> dict:
     return {
         "apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
-        "metadata": {"name": NAME, "namespace": ns},
+        "metadata": {"name": name, "namespace": ns},
         "spec": {"model": {"name": MODEL, "storageUri": f"s3://{bucket}/{MODEL}",
                            "version": version},
                  "traits": {"type": "regression", "input": "tensor/float32",
@@ -399,3 +409,68 @@ async def test_shadow_gets_copies_compared_never_answers_and_is_promoted(
     assert arms["candidate"]["disagreed"] == 0
     assert traffic.failures == [], traffic.failures[:5]
     assert stable_version(cluster, ns) == "2"
+
+
+async def test_ab_experiment_keeps_users_on_their_arm_through_sdk_and_gateway(
+    cluster: Cluster, ns: str, world: dict[str, Any],
+) -> None:
+    for name in ("hp2-a", "hp2-b"):
+        await asyncio.to_thread(cluster.create, executor(ns, world["bucket"], 1, "Immediate",
+                                                         name=name))
+    for name in ("hp2-a", "hp2-b"):
+        await serving(world, f"{ns}/{name}", 1)
+    await asyncio.to_thread(cluster.patch, "mulambda.io/v1alpha1", "clients", ns, "shop", {
+        "spec": {"experiment": {"arms": [{"executor": "hp2-a", "weight": 50},
+                                         {"executor": "hp2-b", "weight": 50}],
+                                "stickyHeader": "X-User"}}})
+    store: MetadataStore = world["store"]
+
+    async def published() -> dict | None:
+        record = (await store.snapshot(world["client"])).client_record
+        return record.experiment if record is not None else None
+
+    experiment = await eventually(published, what="the experiment in the Client's record")
+    sdk: MulambdaClient = world["sdk"]
+    gateway: httpx.AsyncClient = world["gateway"]
+    arms: dict[str, set[str]] = {}
+    for _ in range(3):
+        for user in range(30):
+            answer = await sdk.predict([1.0], key=f"u{user}")
+            assert answer.predictions == [2.5]
+            arms.setdefault(f"u{user}", set()).add(answer.executor)
+            resp = await gateway.post(f"/v1/predict/{ns}/shop", json={"instances": [1.0]},
+                                      headers={"X-User": f"u{user}"})
+            assert resp.status_code == 200, resp.text
+            # The SDK hashes the key as the gateway hashes the header: the same arm.
+            arms[f"u{user}"].add(resp.headers["X-Mulambda-Executor"])
+    assert all(len(a) == 1 for a in arms.values()), arms
+    assert {next(iter(a)) for a in arms.values()} == {f"{ns}/hp2-a", f"{ns}/hp2-b"}
+    subject, run = f"experiment/{experiment['id']}", experiment["id"]
+
+    async def counted() -> dict | None:
+        outcomes = await read_outcomes(store, subject, run)
+        return outcomes if sum(o.requests for o in outcomes.values()) == 180 else None
+
+    outcomes = await eventually(counted, what="180 requests counted per arm")
+    assert all(o.errors == 0 and o.p95 is not None for o in outcomes.values())
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "BlueGreen"}),
+                 "spec.rollout.strategy: Unsupported value", id="strategy"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"weight": 150}),
+                 "spec.rollout.weight: Invalid value", id="weight-over-100"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"steps": [0, 50]}),
+                 "spec.rollout.steps[0]: Invalid value", id="step-zero"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"analysis": {"maxP95Ratio": 0.5}}),
+                 "spec.rollout.analysis.maxP95Ratio: Invalid value", id="p95-ratio-below-1"),
+    pytest.param(with_(CLIENT, "spec.experiment", {"arms": [{"executor": "a"}]}),
+                 "spec.experiment.arms in body should have at least 2 items", id="one-arm"),
+    pytest.param(with_(CLIENT, "spec.experiment", {
+        "arms": [{"executor": "a"}, {"executor": "b"}], "stickyHeader": "X-User",
+        "stickyField": "user"}), "set stickyHeader or stickyField, not both", id="two-keys"),
+])
+def test_the_api_server_refuses_bad_rollouts_and_experiments(
+    cluster: Cluster, ns: str, body: dict[str, Any], says: str,
+) -> None:
+    refused_with_the_reason(cluster, ns, body, says)

@@ -16,9 +16,15 @@ from aiohttp import web
 from mulambda.policy.rollout import CANDIDATE, STABLE, Experiment, Route, candidate_id
 from mulambda.sdk import MulambdaClient
 from mulambda.selector.app import create_app, selector_server_options
+from mulambda.store.acl import ROLES, acl_file
 from mulambda.store.metadata import MetadataStore
-from mulambda.store.outcomes import OutcomeRecorder, read_outcomes
-from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
+from mulambda.store.outcomes import OutcomeRecorder, drop_outcomes, read_outcomes
+from mulambda.store.records import (
+    ClientRecord,
+    ExecutorRecord,
+    LatencySample,
+    ReplicaRecord,
+)
 
 from support.procs import RedisServer
 from support.tcp_proxy import DroppingProxy
@@ -203,3 +209,36 @@ async def eventually_outcomes(store: MetadataStore, subject: str, run: str, tota
             assert counted == total, outcomes
             return outcomes
         await asyncio.sleep(0.1)
+
+
+async def test_outcomes_acl_routers_write_the_operator_reads_and_deletes_tenants_cannot(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    passwords = {name: f"{name}-pw-0123456789" for name in ROLES}
+    server = RedisServer(acl=acl_file("acl", passwords))
+    server.start()
+    stores: dict[str, MetadataStore] = {}
+    try:
+        for role in ("sdk", "selector", "operator", "client", "companion"):
+            monkeypatch.setenv("MULAMBDA_REDIS_USERNAME", ROLES[role].username)
+            monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", passwords[role])
+            stores[role] = MetadataStore.from_url(server.url, prefix="acl", timeout=2)
+        for role in ("sdk", "selector"):
+            recorder = OutcomeRecorder(stores[role])
+            recorder.record("executor/ml/m", "r1", STABLE, ok=True, ms=2.0)
+            await recorder.flush()
+        assert (await read_outcomes(stores["operator"], "executor/ml/m", "r1"))[
+            STABLE].requests == 2
+        for role in ("client", "companion"):
+            refused = OutcomeRecorder(stores[role])
+            refused.record("executor/ml/m", "r1", STABLE, ok=False)
+            await refused.flush()  # refused once: it stops counting rather than retrying
+            assert refused.refused
+            refused.record("executor/ml/m", "r1", STABLE, ok=False)
+            assert not refused._pending
+        await drop_outcomes(stores["operator"], "executor/ml/m")
+        assert await read_outcomes(stores["operator"], "executor/ml/m", "r1") == {}
+    finally:
+        for store in stores.values():
+            await store.close()
+        server.stop()

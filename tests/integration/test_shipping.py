@@ -433,18 +433,19 @@ def test_kubectl_get_prints_the_crd_columns(
 
     # No operator: the spec columns are filled, the status columns empty.
     (me_head, [me]), (cl_head, [cl]) = get()
-    assert me_head == ["NAME", "MODEL", "VERSION", "TYPE", "READY", "REPLICAS", "REASON", "AGE"]
+    assert me_head == ["NAME", "MODEL", "VERSION", "TYPE", "READY", "REPLICAS", "REASON",
+                       "ROLLOUT", "AGE"]
     assert cl_head == ["NAME", "TYPE", "SELECTED", "SCORE", "READY", "AGE"]
     assert me == {**me, "NAME": "modelexecutor.mulambda.io/half-plus-two",
                   "MODEL": "half_plus_two", "VERSION": "", "TYPE": "regression", "READY": "",
-                  "REPLICAS": "", "REASON": ""}
+                  "REPLICAS": "", "REASON": "", "ROLLOUT": ""}
     assert cl == {**cl, "NAME": "client.mulambda.io/demo", "TYPE": "regression",
                   "SELECTED": "", "SCORE": "", "READY": ""}
     assert re.fullmatch(r"\d+[smh]\w*", me["AGE"]) and re.fullmatch(r"\d+[smh]\w*", cl["AGE"])
     # -o wide adds the priority-1 columns.
     (me_head, _), (cl_head, _) = get("-o", "wide")
     assert me_head == ["NAME", "MODEL", "VERSION", "TYPE", "READY", "REPLICAS", "REASON",
-                       "ENDPOINT", "AGE"]
+                       "ROLLOUT", "ENDPOINT", "AGE"]
     assert cl_head == ["NAME", "TYPE", "SELECTED", "SCORE", "READY", "REASON", "AGE"]
 
     # A status as the operator writes it (through the status subresource): the server's
@@ -454,7 +455,7 @@ def test_kubectl_get_prints_the_crd_columns(
                 "grpc": f"half-plus-two.{ns}.svc.cluster.local:8500"}
     admin.patch("mulambda.io/v1alpha1", "modelexecutors", ns, "half-plus-two", {"status": {
         "replicaSummary": "1/2", "model": {"loadedVersion": "1", "state": "Available"},
-        "endpoint": endpoint,
+        "endpoint": endpoint, "rollout": {"phase": "Progressing", "candidateVersion": 2},
         "conditions": [
             {"type": "Registered", "status": "True", "reason": "Registered",
              "lastTransitionTime": now},
@@ -466,6 +467,7 @@ def test_kubectl_get_prints_the_crd_columns(
                         "lastTransitionTime": now}]}}, subresource="status")
     (_, [me]), (_, [cl]) = get("-o", "wide")
     assert me == {**me, "VERSION": "1", "READY": "True", "REPLICAS": "1/2",
-                  "REASON": "ModelServing", "ENDPOINT": endpoint["rest"]}
+                  "REASON": "ModelServing", "ROLLOUT": "Progressing",
+                  "ENDPOINT": endpoint["rest"]}
     assert cl == {**cl, "SELECTED": f"{ns}/half-plus-two", "SCORE": "0.875", "READY": "False",
                   "REASON": "NoCandidate"}

@@ -122,7 +122,7 @@ async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
     task_id, _ = await sel.submit(new_task_id("other/app"), client="other/app",
                                   executor=EXECUTOR, model="m", body='{"secret": 1}',
                                   options=TaskOptions())
-    with pytest.raises(StoreUnavailable, match="NOPERM|permission"):
+    with pytest.raises(StoreUnavailable, match=r"NOPERM|permission"):
         await queues["client"].get(task_id)
     with pytest.raises(NoPermissionError):
         login(server, "client").hget(f"{P}:task:{task_id}", "body")

@@ -52,8 +52,8 @@ def test_make_plots_draws_the_readme_pictures(tmp_path: Path) -> None:
          f"PYTHON={sys.executable}", f"MULAMBDA={sys.executable} -m mulambda"],
         capture_output=True, text=True, timeout=230, cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["autoscale-day.png",
-                                                              "simulate-suite.png"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "autoscale-day.png", "autoscale-tasks.png", "simulate-suite.png"]
     for png in tmp_path.glob("*.png"):
         assert_picture(png)
     assert "replica-h" in out.stdout  # the benchmark's table is still printed
@@ -63,7 +63,8 @@ def test_the_committed_pictures_are_the_ones_the_readme_shows() -> None:
     readme = (REPO / "README.md").read_text()
     for name in ("autoscale-day.png", "simulate-suite.png"):
         assert f"docs/img/{name}" in readme, name
-        assert_picture(REPO / "docs" / "img" / name)
+    for png in ("autoscale-day.png", "autoscale-tasks.png", "simulate-suite.png"):
+        assert_picture(REPO / "docs" / "img" / png)
 
 
 def test_simulate_plot_draws_one_scenario(tmp_path: Path) -> None:

@@ -54,8 +54,9 @@ BAD = ArmStats(20, 10, {bucket_of(10): 10})
 SERVING = Health(1)
 
 
-def seen(candidate: ArmStats = GOOD, health: Health = SERVING, beats=(), desired=1):
-    return Observations(GOOD, candidate, health, beats, desired)
+def seen(candidate: ArmStats = GOOD, health: Health = SERVING, beats=(), desired=1,
+         inflight=0):
+    return Observations(GOOD, candidate, health, beats, desired, inflight)
 
 
 def beat(version: int, state: str = "Available") -> ReplicaRecord:
@@ -87,6 +88,15 @@ CASES = [
      spec(2), 5, seen(), "RolledBack", 1, False, ["RolloutRolledBack"], True),
     ("still draining", {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
      spec(2), 4, seen(), "RollingBack", 1, True, [], False),
+    ("drain time over, requests still in flight on the candidate: wait",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 6, seen(inflight=2), "RollingBack", 1, True, [], False),
+    ("in flight beyond the grace: removed anyway",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 36, seen(inflight=2), "RolledBack", 1, False, ["RolloutRolledBack"], True),
+    ("drain time over but no tick yet: the reconcile waits for one",
+     {**PROGRESSING, "phase": "RollingBack", "drainUntil": iso(T0 + 5)},
+     spec(2), 6, None, "RollingBack", 1, True, [], False),
     ("rolled back: the same version is not tried again",
      {**PROGRESSING, "phase": "RolledBack"}, spec(2), 100, None, "RolledBack", 1, False, [],
      False),
@@ -198,3 +208,33 @@ def test_rollout_status_is_patched_only_when_it_changed() -> None:
     assert patch.fields["rollout"] == {"phase": "Promoted", "stableVersion": 2,
                                        "drainUntil": None}
     assert advance(patch.fields["rollout"], spec(2), 3, T0).status == promoted.status
+
+
+def test_client_experiment_is_published_with_arm_ids_and_an_id_per_generation() -> None:
+    from mulambda.api.client import parse_client_spec
+    from mulambda.operator.client.reconcile import experiment_record
+    from mulambda.operator.k8s.objects import ObjectRef
+    from mulambda.policy.rollout import Experiment
+
+    ref = ObjectRef("mulambda.io/v1alpha1", "Client", "shop", "app", "uid-1")
+    spec = parse_client_spec({"criteria": {"type": "t"}, "experiment": {
+        "arms": [{"executor": "a", "weight": 70}, {"executor": "ml/b", "weight": 30}],
+        "stickyField": "user"}})
+    published = Experiment.of(experiment_record(ref, spec, 4))
+    assert published == Experiment("shop/app@g4", (("shop/a", 70.0), ("ml/b", 30.0)),
+                                   field="user")
+    assert experiment_record(ref, parse_client_spec({"criteria": {"type": "t"}}), 4) is None
+
+
+@pytest.mark.parametrize("experiment", [
+    {"arms": [{"executor": "a"}]},  # one arm is no experiment
+    {"arms": [{"executor": "a"}, {"executor": "a"}]},
+    {"arms": [{"executor": "a", "weight": 0}, {"executor": "b", "weight": 0}]},
+    {"arms": [{"executor": "a"}, {"executor": "b"}], "stickyHeader": "X", "stickyField": "u"},
+])
+def test_bad_experiments_are_refused_with_a_message(experiment: dict) -> None:
+    from mulambda.api.client import parse_client_spec
+    from mulambda.api.common import SpecError
+
+    with pytest.raises(SpecError, match="experiment"):
+        parse_client_spec({"criteria": {"type": "t"}, "experiment": experiment})
