@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import StoreUnavailable
 
 from .k8s.api import KubeApi
@@ -32,6 +33,9 @@ class Context:
     store: MetadataStore
     kube: KubeApi
     windows: Windows
+    # The store-wide part of every Client's selection, read incrementally and shared
+    # by all Clients' reselections within a second (store/reader.py).
+    snapshots: SharedSnapshot
     # uid -> (resourceVersion it was written over, monotonic time, status):
     # see handling.previous_status.
     written: dict[str, tuple[str | None, float, dict[str, Any]]] = field(default_factory=dict)

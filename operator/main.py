@@ -13,6 +13,7 @@ import prometheus_client
 
 from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import StoreUnavailable
 
 from .client.handlers import register as register_clients
@@ -47,12 +48,9 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         configure_kopf(settings)
         await asyncio.to_thread(load_kube_config)
         memo.locks = {}  # uid -> asyncio.Lock, see handling.serialized
-        memo.ctx = Context(
-            settings=app_settings,
-            store=MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix),
-            kube=KubeApi(),
-            windows=Windows(),
-        )
+        store = MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix)
+        memo.ctx = Context(settings=app_settings, store=store, kube=KubeApi(),
+                           windows=Windows(), snapshots=SharedSnapshot(store, ttl=1.0))
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
         # kopf passes its (still empty) indexes to startup handlers; the watches fill them.
         fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, kwargs[EXECUTORS], kwargs[DEPLOYMENTS],
@@ -72,6 +70,7 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         ctx = getattr(memo, "ctx", None)
         if ctx is not None:
+            ctx.snapshots.close()
             await ctx.store.close()
             await ctx.kube.close()
 

@@ -11,8 +11,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -25,62 +24,10 @@ from mulambda.store.metadata import (
     MetadataStore,
     _bucket,
 )
-from mulambda.store.reader import SnapshotReader
-from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
+from mulambda.store.reader import retrieve
+from mulambda.store.records import ClientRecord, LatencySample, StoreUnavailable
 
 log = logging.getLogger("mulambda.selector")
-
-class SharedSnapshot:
-    """The store-wide part of a snapshot (executors, replicas, load, service times), one
-    for every client, refreshed single-flight: requests that find it older than they
-    accept wait for one refresh, never start their own."""
-
-    def __init__(self, store: MetadataStore, ttl: float, exclude_instance: str,
-                 on_refresh: Callable[[Snapshot], None] | None = None) -> None:
-        self.store = store
-        self.ttl = ttl
-        self.exclude_instance = exclude_instance
-        self.on_refresh = on_refresh
-        # Each refresh reads what changed since the last (store/reader.py).
-        self.reader = SnapshotReader(store, None, exclude_instance=exclude_instance)
-        self.refreshes = 0  # store reads started
-        self._snap: Snapshot | None = None
-        self._at = -math.inf
-        self._pending: asyncio.Future[Snapshot] | None = None
-
-    async def get(self, max_age: float | None = None) -> Snapshot:
-        """A snapshot taken less than ``max_age`` (default ``ttl``) seconds ago."""
-        age = self.ttl if max_age is None else max_age
-        if self._snap is not None and time.monotonic() - self._at < age:
-            return self._snap
-        if self._pending is None:
-            self._pending = asyncio.ensure_future(self._refresh())
-            self._pending.add_done_callback(_retrieve)
-        # shield: one waiter's cancellation must not cancel the read the others wait for.
-        return await asyncio.shield(self._pending)
-
-    async def _refresh(self) -> Snapshot:
-        started = time.monotonic()
-        self.refreshes += 1
-        try:
-            snap = await self.reader.snapshot()
-        finally:
-            self._pending = None
-        self._snap, self._at = snap, started
-        if self.on_refresh is not None:
-            self.on_refresh(snap)
-        return snap
-
-    def close(self) -> None:
-        if self._pending is not None:
-            self._pending.cancel()
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Retrieve the failure of a shared read nobody waits for any more."""
-    if not future.cancelled():
-        future.exception()
-
 
 ClientPart = tuple[dict[str, dict[str, LatencySample]], ClientRecord | None]
 
@@ -119,7 +66,7 @@ class ClientViews:
         pending = self._pending.get(client)
         if pending is None:
             pending = asyncio.ensure_future(self._read(client))
-            pending.add_done_callback(_retrieve)
+            pending.add_done_callback(retrieve)
             self._pending[client] = pending
         return await asyncio.shield(pending)
 

@@ -44,9 +44,10 @@ from mulambda.store.metadata import (
     MetadataStore,
 )
 from mulambda.store.outcomes import OutcomeRecorder
+from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import Snapshot
 
-from .caches import ClientViews, DemandQueue, SharedSnapshot
+from .caches import ClientViews, DemandQueue
 from .decisions import REJECTION_REASONS, decision_reason, rejections
 
 log = logging.getLogger("mulambda.selector")

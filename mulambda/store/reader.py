@@ -11,7 +11,9 @@ in-flight part alone, for routers that read it fresh for every decision.
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -222,3 +224,56 @@ class SnapshotReader:
                                                  replies[0])
         return Snapshot(executors, replicas, latency, inflight, _now(), client_record,
                         service=service, inflight_requests=timed)
+
+
+class SharedSnapshot:
+    """The store-wide part of a snapshot (executors, replicas, load, service times), one
+    for every client of a process (the selector, the operator), refreshed
+    single-flight: callers that find it older than they accept wait for one
+    refresh, never start their own."""
+
+    def __init__(self, store: MetadataStore, ttl: float, exclude_instance: str | None = None,
+                 on_refresh: Callable[[Snapshot], None] | None = None) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.exclude_instance = exclude_instance
+        self.on_refresh = on_refresh
+        # Each refresh reads what changed since the last (store/reader.py).
+        self.reader = SnapshotReader(store, None, exclude_instance=exclude_instance)
+        self.refreshes = 0  # store reads started
+        self._snap: Snapshot | None = None
+        self._at = -math.inf
+        self._pending: asyncio.Future[Snapshot] | None = None
+
+    async def get(self, max_age: float | None = None) -> Snapshot:
+        """A snapshot taken less than ``max_age`` (default ``ttl``) seconds ago."""
+        age = self.ttl if max_age is None else max_age
+        if self._snap is not None and time.monotonic() - self._at < age:
+            return self._snap
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(self._refresh())
+            self._pending.add_done_callback(retrieve)
+        # shield: one waiter's cancellation must not cancel the read the others wait for.
+        return await asyncio.shield(self._pending)
+
+    async def _refresh(self) -> Snapshot:
+        started = time.monotonic()
+        self.refreshes += 1
+        try:
+            snap = await self.reader.snapshot()
+        finally:
+            self._pending = None
+        self._snap, self._at = snap, started
+        if self.on_refresh is not None:
+            self.on_refresh(snap)
+        return snap
+
+    def close(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+
+def retrieve(future: asyncio.Future[Any]) -> None:
+    """Retrieve the failure of a shared read nobody waits for any more."""
+    if not future.cancelled():
+        future.exception()

@@ -10,6 +10,7 @@ the operator: a Client that sends nothing must let them sleep.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from mulambda.api.client import ClientSpec
@@ -93,7 +94,10 @@ async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
     record = client_record(client.ref, client.spec, client.generation, ctx.settings)
     try:
         await ctx.store.put_client(record)
-        snapshot = await ctx.store.snapshot(record.id)
+        # The fleet part is shared by every Client (one incremental read a second);
+        # only this Client's samples are read for it.
+        latency, _ = await ctx.store.client_view(record.id)
+        snapshot = replace(await ctx.snapshots.get(), latency=latency, client_record=record)
     except StoreUnavailable as exc:
         problem = store_retry(exc, client.retry, ctx.settings)
         return store_unavailable(client.status, client.generation, problem).after(events)
