@@ -5,7 +5,8 @@ One pod, one executor::
     resolve version -> download into MODELS_DIR/NAME/VERSION (atomic rename)
       -> wait until TF Serving reports the version AVAILABLE -> /readyz 200
       -> delete the other version folders
-      -> heartbeat + client probing + version watch ... until SIGTERM
+      -> heartbeat + client probing + version watch + task worker ... until SIGTERM
+      -> the worker drains (running tasks finish or go back to the queue)
       -> delete the heartbeat, exit 0
 
 TF Serving is started with ``--model_base_path=MODELS_DIR/NAME`` and polls

@@ -457,3 +457,20 @@ def assignment_key(headers: Mapping[str, str], payload: Any,
     if experiment is not None and experiment.header and headers.get(experiment.header):
         return headers[experiment.header]
     return headers.get(KEY_HEADER) or None
+
+
+def experiment_status(experiment: Experiment, eligible: Iterable[str],
+                      rejected: Mapping[str, str],
+                      outcomes: Mapping[str, ArmStats]) -> dict[str, Any]:
+    """What a Client's ``status.experiment`` shows: per arm its weight, whether it can get
+    traffic (meets the criteria) or why not, and its counted outcomes."""
+    ok = set(eligible)
+    arms = []
+    for executor, weight in experiment.arms:
+        arm: dict[str, Any] = {"executor": executor, "weight": weight,
+                               "eligible": executor in ok}
+        if executor not in ok:
+            arm["reason"] = rejected.get(executor, "no such executor is registered")
+        arm.update(outcomes.get(executor, ArmStats()).summary())
+        arms.append(arm)
+    return {"id": experiment.id, "arms": arms}

@@ -13,6 +13,7 @@ finish cannot overwrite (or duplicate) its result.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -27,8 +28,10 @@ from .records import Next, Status, TaskOptions, before_run, outcome, status_of
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 10_000
-# WATCH retries before a task's start or cancel gives up (another writer kept changing it).
+# WATCH retries before a task's cancel gives up (a worker kept changing it).
 _WATCH_TRIES = 5
+# Pauses while a racing submission with the same Idempotency-Key writes its task.
+_CREATION_WAITS = (0.01, 0.02, 0.05, 0.1)
 
 Message = tuple[str, str]  # (stream entry id, task id)
 
@@ -69,9 +72,10 @@ class TaskQueue:
             key = self.idempotency_key(client, idempotency_key)
             if not await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
                 earlier = await self._run(self.redis.get(key))
-                if earlier and await self._run(self.redis.exists(self.task_key(earlier))):
+                if earlier and await self._created(str(earlier)):
                     return str(earlier), False
-                # The earlier task is gone (expired): the key starts over with this one.
+                # The earlier task is gone (its result expired, or its submission
+                # failed half-way): the key starts over with this one.
                 await self._run(self.redis.set(key, task_id, ex=ttl))
         fields = {"client": client, "executor": executor, "model": model, "body": body,
                   "created_at": repr(time.time() if now is None else now),
@@ -93,6 +97,15 @@ class TaskQueue:
         # Where it sits in the stream, so a cancel can take it out of the backlog.
         await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-1])))
         return task_id, True
+
+    async def _created(self, task_id: str) -> bool:
+        """Whether ``task_id`` exists, waiting a moment for a submission that took its
+        Idempotency-Key a few milliseconds ago (a retry racing the original) to write it."""
+        for delay in _CREATION_WAITS:
+            if await self._run(self.redis.exists(self.task_key(task_id))):
+                return True
+            await asyncio.sleep(delay)
+        return bool(await self._run(self.redis.exists(self.task_key(task_id))))
 
     async def get(self, task_id: str) -> dict[str, str]:
         """The task's fields; empty when it is unknown or expired."""

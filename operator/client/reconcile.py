@@ -15,9 +15,10 @@ from typing import Any
 
 from mulambda.api.client import ClientSpec
 from mulambda.api.common import GROUP, VERSION
-from mulambda.policy.rollout import Experiment
-from mulambda.policy.selection import rank
+from mulambda.policy.rollout import Experiment, experiment_status
+from mulambda.policy.selection import Ranking, rank
 from mulambda.settings import Settings
+from mulambda.store.outcomes import read_outcomes
 from mulambda.store.records import ClientRecord, StoreUnavailable
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
@@ -75,6 +76,25 @@ def client_record(
     )
 
 
+async def with_experiment(ctx: Context, record: ClientRecord, ranking: Ranking,
+                          previous: Mapping[str, Any], update: StatusUpdate) -> StatusUpdate:
+    """``update`` with ``status.experiment`` (arms, eligibility, counted outcomes) when the
+    Client runs one and it changed; a store outage leaves the last one shown."""
+    experiment = Experiment.of(record.experiment)
+    if experiment is None:
+        shown: dict[str, Any] | None = None
+    else:
+        try:
+            outcomes = await read_outcomes(ctx.store, experiment.subject, experiment.id)
+        except StoreUnavailable:
+            return update
+        shown = experiment_status(experiment, [c.executor_id for c in ranking],
+                                  ranking.rejected, outcomes)
+    if previous.get("experiment") == shown:
+        return update
+    return replace(update, fields={**update.fields, "experiment": shown})
+
+
 def experiment_record(client: ObjectRef, spec: ClientSpec,
                       generation: int) -> dict[str, Any] | None:
     """The experiment as routers read it; its id changes with the spec, so outcomes of
@@ -104,6 +124,7 @@ async def reconcile(ctx: Context, client: Observed[ClientSpec]) -> StatusUpdate:
     ranking = rank(record.criteria, snapshot, client=record.id)
     update = client_status(record.id, ranking, client.status, client.generation,
                            workload=workload)
+    update = await with_experiment(ctx, record, ranking, client.status, update)
     await announce_selection(ctx, record.id, client.status, update, client.logger)
     return update.after(events)
 

@@ -421,7 +421,8 @@ async def test_ab_experiment_keeps_users_on_their_arm_through_sdk_and_gateway(
         await serving(world, f"{ns}/{name}", 1)
     await asyncio.to_thread(cluster.patch, "mulambda.io/v1alpha1", "clients", ns, "shop", {
         "spec": {"experiment": {"arms": [{"executor": "hp2-a", "weight": 50},
-                                         {"executor": "hp2-b", "weight": 50}],
+                                         {"executor": "hp2-b", "weight": 50},
+                                         {"executor": "hp2-gone", "weight": 50}],
                                 "stickyHeader": "X-User"}}})
     store: MetadataStore = world["store"]
 
@@ -453,6 +454,17 @@ async def test_ab_experiment_keeps_users_on_their_arm_through_sdk_and_gateway(
 
     outcomes = await eventually(counted, what="180 requests counted per arm")
     assert all(o.errors == 0 and o.p95 is not None for o in outcomes.values())
+
+    # The Client's status shows the arms: who can get traffic, and what they got.
+    def shown() -> list[dict[str, Any]] | None:
+        status = (cluster.get("mulambda.io/v1alpha1", "clients", ns, "shop") or {}).get(
+            "status") or {}
+        arms = (status.get("experiment") or {}).get("arms") or []
+        return arms if sum(a.get("requests", 0) for a in arms) == 180 else None
+
+    a, b, gone = await eventually(shown, what="status.experiment with the outcomes")
+    assert a["eligible"] and b["eligible"] and a["requests"] + b["requests"] == 180
+    assert not gone["eligible"] and gone["reason"] and gone["requests"] == 0
 
 
 @pytest.mark.parametrize(("body", "says"), [

@@ -17,7 +17,7 @@ from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
 from mulambda.tasks.queue import TaskQueue
-from mulambda.tasks.records import TaskOptions
+from mulambda.tasks.records import TaskOptions, new_task_id
 
 from support.tfserving_double import TFServingDouble
 
@@ -146,6 +146,49 @@ async def test_idempotency_key_returns_the_same_task_and_runs_the_model_once(
     await finished(api, first.json()["id"])
     await finished(api, other.json()["id"])
     assert len(double.requests) == 2
+
+
+async def test_concurrent_retries_with_one_key_make_one_task(api, store, double, worker):
+    await register(store)
+    answers = await asyncio.gather(*(
+        api.post("/v1/tasks/shop/app", json={"instances": [1.0]},
+                 headers={"Idempotency-Key": "burst-1"}) for _ in range(10)))
+    assert {a.status_code for a in answers} == {202}
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert [a.headers["Idempotent-Replayed"] for a in answers].count("false") == 1
+    worker()
+    await finished(api, answers[0].json()["id"])
+    assert len(double.requests) == 1
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
+
+
+async def test_a_retry_racing_its_original_waits_for_the_originals_task(store):
+    queue = TaskQueue(store)
+    earlier = new_task_id("shop/app")
+    # The original submission took the key; its task lands 30 ms later.
+    await store.redis.set(queue.idempotency_key("shop/app", "k"), earlier)
+
+    async def original_lands() -> None:
+        await asyncio.sleep(0.03)
+        await store.redis.hset(queue.task_key(earlier), mapping={"client": "shop/app"})
+
+    got, _ = await asyncio.gather(
+        queue.submit(new_task_id("shop/app"), client="shop/app", executor=EXECUTOR,
+                     model=MODEL, body="{}", options=OPTIONS, idempotency_key="k"),
+        original_lands())
+    assert got == (earlier, False)
+    assert await queue.backlog([EXECUTOR]) == {}  # nothing queued twice
+
+
+async def test_a_key_whose_task_is_gone_starts_over(store):
+    queue = TaskQueue(store)
+    gone = new_task_id("shop/app")
+    await store.redis.set(queue.idempotency_key("shop/app", "k"), gone)
+    fresh = new_task_id("shop/app")
+    got = await queue.submit(fresh, client="shop/app", executor=EXECUTOR, model=MODEL,
+                             body="{}", options=OPTIONS, idempotency_key="k")
+    assert got == (fresh, True)
+    assert await store.redis.get(queue.idempotency_key("shop/app", "k")) == fresh
 
 
 async def test_payload_over_the_limit_is_413_with_a_json_error(api, store):

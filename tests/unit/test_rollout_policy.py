@@ -268,3 +268,19 @@ def test_experiment_record_round_trip_and_bad_ones() -> None:
     assert Experiment.of({"id": "x", "arms": [["a", 0]]}) is None
     assert Experiment.of({"arms": "nope"}) is None
     assert Experiment.of(None) is None
+
+
+def test_experiment_status_shows_eligibility_and_outcomes_per_arm() -> None:
+    from mulambda.policy.rollout import experiment_status
+
+    shown = experiment_status(
+        EXP, ["ml/a"], {"ml/b": "type 'audio' != 'vision'"},
+        {"ml/a": ArmStats(10, 1, {bucket_of(4.0): 9})})
+    assert shown["id"] == EXP.id
+    a, b = shown["arms"]
+    assert (a["executor"], a["weight"], a["eligible"], a["requests"], a["errorRate"]) == (
+        "ml/a", 70.0, True, 10, 0.1)
+    assert "p95Ms" in a and "reason" not in a
+    assert (b["eligible"], b["reason"], b["requests"]) == (False, "type 'audio' != 'vision'", 0)
+    missing = experiment_status(EXP, [], {}, {})["arms"][1]
+    assert missing["reason"] == "no such executor is registered"
