@@ -16,7 +16,10 @@ real redis-server, in the same run:
 3. **mulambda**: ``mulambda operator`` as a process, same identity; objects/s
    until all N have ``status.observedGeneration`` (children created, store
    record written, status patched). Peak RSS (VmHWM).
-4. **Steady state**, all N idle, for ``--idle-seconds``: API requests/s the
+4. **Steady state**, once every executor's Progressing condition is False
+   (the Deployment controller has seen its Deployment; a loaded control
+   plane lags behind) and all N are idle, for ``--idle-seconds``: API
+   requests/s the
    operator makes (the API server's audit log, filtered by its user; also
    ``apiserver_request_total`` from /metrics before and after, all clients),
    store commands/s (redis ``INFO stats`` total_commands_processed, less this
@@ -74,6 +77,7 @@ class Run:
     idle_cores: float = 0.0
     creation_requests: dict[str, int] = field(default_factory=dict)
     idle_requests: dict[str, int] = field(default_factory=dict)
+    idle_store_commands: dict[str, int] = field(default_factory=dict)
 
     @property
     def objects_per_s(self) -> float:
@@ -142,6 +146,19 @@ def mulambda_handled(obj: dict[str, Any]) -> bool:
     return bool((obj.get("status") or {}).get("observedGeneration"))
 
 
+def settled(obj: dict[str, Any]) -> bool:
+    """Handled, and its Deployment's rollout seen through (Progressing False)."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    return mulambda_handled(obj) and any(
+        c.get("type") == "Progressing" and c.get("status") == "False" for c in conditions)
+
+
+def command_counts(r: redis.Redis) -> dict[str, int]:
+    """Commands the store processed so far, per command (INFO commandstats)."""
+    return {k.removeprefix("cmdstat_"): int(v["calls"])
+            for k, v in r.info("commandstats").items()}
+
+
 def rss_peak_mib(pid: int) -> float:
     text = Path(f"/proc/{pid}/status").read_text()
     match = re.search(r"VmHWM:\s+(\d+) kB", text)
@@ -202,13 +219,23 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
         run.seconds = time.monotonic() - started
         run.creation_requests = tally(cluster.audit(user, since=mark))
         if kind != "noop":
-            time.sleep(min(10.0, idle_seconds / 4))  # let the first timers settle
+            # Steady state: the Deployment controller has seen every Deployment (a loaded
+            # control plane lags), so no status has anything left to report.
+            settle_until = time.monotonic() + max(60.0, n / 10)
+            while (count_handled(cluster, namespace, settled) < n
+                   and time.monotonic() < settle_until):
+                time.sleep(2)
+            time.sleep(min(10.0, idle_seconds / 4))  # and the ticks after that
             mark = cluster.audit_mark()
             api0, cmds0, cpu0 = apiserver_requests(cluster), store_commands(store), \
                 cpu_seconds(proc.pid)
+            per_command0 = command_counts(store)
             t0 = time.monotonic()
             time.sleep(idle_seconds)
             elapsed = time.monotonic() - t0
+            run.idle_store_commands = {
+                k: v - per_command0.get(k, 0) for k, v in command_counts(store).items()
+                if v - per_command0.get(k, 0) > 0 and k != "info"}
             idle = cluster.audit(user, since=mark)
             run.idle_api_per_s = len(idle) / elapsed
             run.idle_requests = tally(idle)
@@ -307,6 +334,7 @@ def report(results: list[tuple[Run, Run]]) -> str:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
         lines.append(f"requests while idle N={ours.n}: mulambda {ours.idle_requests}")
+        lines.append(f"store commands while idle N={ours.n}: {ours.idle_store_commands}")
     return "\n".join(lines)
 
 

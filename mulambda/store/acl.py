@@ -9,9 +9,10 @@ role (user)       does                                        keys
 ================  ==========================================  =========================
 operator          writes ``executors`` and ``clients``;       ``~`` every metadata
 (mulambda-        prunes expired ``replicas``, ``inflight``,  family, ``%R~P:demand:*``,
-operator)         ``service``, ``latency:*`` values; deletes  ``%R~P:tasks:queue:*``
-                  a Client's ``latency:C``; reads demand and  (no task, no result)
-                  the task backlog (XLEN, XRANGE)
+operator)         ``service``, ``latency:*`` values; deletes  ``%R~P:tasks:queue:*``,
+                  a Client's ``latency:C``; reads demand and  ``~P:tasks:active``
+                  the task backlog of the active queues       (no task, no result)
+                  (SMEMBERS, XLEN, XRANGE)
 companion         writes its heartbeat in ``replicas`` and    ``%W~P:replicas``,
 (mulambda-        its samples in ``latency:*``; reads         ``~P:latency:*``,
 companion)        ``clients`` (probe targets); its worker     ``%R~P:clients``,
@@ -24,6 +25,7 @@ selector; the     times; queues tasks, reads their results,   ``~P:service``,
 gateway too)      cancels them                                ``~P:demand:*``,
                                                               ``~P:task:*``,
                                                               ``%W~P:tasks:queue:*``,
+                                                              ``%W~P:tasks:active``,
                                                               ``~P:tasks:idem:*``
 sdk               the same as the selector, for trusted       as selector, without
 (mulambda-sdk)    platform processes embedding the SDK; its   the task families
@@ -89,8 +91,9 @@ OUTCOMES = "outcomes:*"  # per-arm outcomes of rollouts and experiments (outcome
 # The task queue's families (mulambda.tasks): tasks with their results, the
 # per-executor streams, Idempotency-Keys, the dead letters.
 TASK, QUEUE, IDEMPOTENCY, DEAD = "task:*", "tasks:queue:*", "tasks:idem:*", "tasks:dead"
+ACTIVE = "tasks:active"  # executors whose queue may hold entries
 _METADATA = (EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, DEMAND, OUTCOMES)
-FAMILIES = (*_METADATA, TASK, QUEUE, IDEMPOTENCY, DEAD)
+FAMILIES = (*_METADATA, TASK, QUEUE, ACTIVE, IDEMPOTENCY, DEAD)
 
 # What every reader of a selection snapshot reads (MetadataStore.snapshot,
 # inflight_counts, service_stats).
@@ -123,10 +126,10 @@ class Role:
 ROLES: dict[str, Role] = {r.name: r for r in (
     Role("operator", "mulambda-operator",
          "executor and Client records; prunes expired values; reads demand",
-         read=(*_METADATA, QUEUE),
-         write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES),
+         read=(*_METADATA, QUEUE, ACTIVE),
+         write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES, ACTIVE),
          commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del", "xlen",
-                   "xrange", "xadd")),
+                   "xrange", "xadd", "smembers", "srem", "sadd")),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
          read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),
@@ -137,9 +140,9 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          "selector and gateway: reads snapshots; writes demand, in-flight leases, "
          "measured service times",
          read=(*_SNAPSHOT, DEMAND, OUTCOMES, TASK, IDEMPOTENCY),
-         write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, IDEMPOTENCY),
+         write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, ACTIVE, IDEMPOTENCY),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "exists", "get",
-                   "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create",
+                   "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create", "sadd",
                    *_MIRROR_READ)),
     Role("sdk", "mulambda-sdk",
          "trusted processes embedding the SDK: like the selector",

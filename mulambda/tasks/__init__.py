@@ -28,6 +28,10 @@ SET NX, WATCH/MULTI):
 ``P:tasks:idem:CLIENT:SHA256`` (STRING) task id of an ``Idempotency-Key``
     (hashed: any length or character is safe in a key), SET NX with the
     task's TTL.
+``P:tasks:active`` (SET) executor ids whose queue may hold entries: a
+    submission adds its executor after its entry; the operator reads only
+    these queues' backlog and removes the ones it finds empty (reading them
+    once more after that, so no submission slips between).
 ``P:tasks:dead`` (STREAM, capped near 10,000 entries) ``{"task", "executor",
     "reason", "attempts"}``: tasks that will not be tried again.
 """

@@ -55,6 +55,10 @@ class TaskQueue:
         return f"{self.prefix}:tasks:idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
 
     @property
+    def active_key(self) -> str:
+        return f"{self.prefix}:tasks:active"
+
+    @property
     def dead_key(self) -> str:
         return f"{self.prefix}:tasks:dead"
 
@@ -88,6 +92,7 @@ class TaskQueue:
             # Created at 0 before the first entry, so no worker can miss it.
             pipe.xgroup_create(queue, GROUP, id="0", mkstream=True)
             pipe.xadd(queue, {"task": task_id})
+            pipe.sadd(self.active_key, executor)  # after the entry: see backlog()
             results = await self._run(pipe.execute(raise_on_error=False))
         for result in results:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
@@ -95,7 +100,7 @@ class TaskQueue:
             if isinstance(result, Exception) and not isinstance(result, ResponseError):
                 raise StoreUnavailable(f"metadata store unreachable: {result}")
         # Where it sits in the stream, so a cancel can take it out of the backlog.
-        await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-1])))
+        await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-2])))
         return task_id, True
 
     async def _created(self, task_id: str) -> bool:
@@ -296,9 +301,32 @@ class TaskQueue:
     async def backlog(self, executors: Iterable[str], now: float | None = None) -> dict[
         str, tuple[int, float]
     ]:
-        """Executor id -> (tasks queued or running, age of the oldest in seconds), one
-        pipelined round trip; executors without a backlog are left out."""
-        names = list(executors)
+        """Executor id -> (tasks queued or running, age of the oldest in seconds), for the
+        ``executors`` with a backlog; the others are left out.
+
+        Reads only the queues in ``P:tasks:active`` (SMEMBERS, then XLEN and the
+        first entry of each in one pipeline), so an idle fleet costs one
+        command per tick, not two per executor. A queue found empty leaves
+        the set, and is read once more after that: a task queued meanwhile
+        (its submission adds the executor after its entry) is seen, now or
+        by the next tick.
+        """
+        wanted = set(executors)
+        members = {str(m) for m in await self._run(self.redis.smembers(self.active_key))}
+        names = sorted(members & wanted)
+        depths = await self._depths(names)
+        empty = [name for name in names if not depths.get(name)]
+        if empty:
+            await self._run(self.redis.srem(self.active_key, *empty))
+            for name, found in (await self._depths(empty)).items():
+                await self._run(self.redis.sadd(self.active_key, name))
+                depths[name] = found
+        at = time.time() if now is None else now
+        return {name: (depth, max(0.0, at - first_ms / 1000))
+                for name, (depth, first_ms) in depths.items()}
+
+    async def _depths(self, names: list[str]) -> dict[str, tuple[int, int]]:
+        """Queue -> (XLEN, its first entry's time in ms) for the non-empty ``names``."""
         if not names:
             return {}
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -306,11 +334,9 @@ class TaskQueue:
                 pipe.xlen(self.queue_key(name))
                 pipe.xrange(self.queue_key(name), count=1)
             results = await self._run(pipe.execute())
-        at = time.time() if now is None else now
         out = {}
         for i, name in enumerate(names):
             depth, first = int(results[2 * i]), results[2 * i + 1]
             if depth and first:
-                millis = int(str(first[0][0]).partition("-")[0])
-                out[name] = (depth, max(0.0, at - millis / 1000))
+                out[name] = (depth, int(str(first[0][0]).partition("-")[0]))
         return out
