@@ -7,6 +7,8 @@ Owner references are added by the handler (``kopf.adopt``), not here.
 
 from __future__ import annotations
 
+import math
+
 from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
@@ -86,6 +88,9 @@ def companion_env(
         env_var("MULAMBDA_PROBE_INTERVAL_SECONDS", f"{settings.probe_interval_seconds:g}"),
         env_var("MULAMBDA_RETRY_MAX_DELAY_SECONDS", f"{settings.retry_max_delay_seconds:g}"),
         env_var("MULAMBDA_LOG_LEVEL", settings.log_level),
+        # Tasks at the model at once per pod: what the autoscaler sizes replicas for.
+        env_var("MULAMBDA_WORKER_CONCURRENCY",
+                str(max(1, math.ceil(spec.scaling.target_concurrency)))),
         field_env("MULAMBDA_POD_NAME", "metadata.name"),
         field_env("MULAMBDA_POD_NAMESPACE", "metadata.namespace"),
         field_env("MULAMBDA_POD_IP", "status.podIP"),

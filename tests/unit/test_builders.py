@@ -132,3 +132,11 @@ def test_store_password_reaches_pods_only_through_a_secret_reference():
     # Without a Secret configured nothing is added.
     plain = _deployment()["spec"]["template"]["spec"]["containers"][1]["env"]
     assert "MULAMBDA_REDIS_PASSWORD" not in {e["name"] for e in plain}
+
+
+@pytest.mark.parametrize(("target", "expected"), [(4, "4"), (2.5, "3"), (0.5, "1"), (16, "16")])
+def test_task_workers_take_as_many_tasks_as_the_target_concurrency(target, expected):
+    spec = {**SPEC, "scaling": {**SPEC["scaling"], "targetConcurrency": target}}
+    companion = _deployment(spec)["spec"]["template"]["spec"]["containers"][1]
+    env = {e["name"]: e.get("value") for e in companion["env"]}
+    assert env["MULAMBDA_WORKER_CONCURRENCY"] == expected

@@ -137,3 +137,18 @@ def test_every_test_cited_in_the_docs_exists():
         if not path.is_file() or name not in _defined_functions(path):
             missing.append(f"{rel}::{name}")
     assert not missing, f"cited tests that do not exist: {missing}"
+
+
+def test_install_doc_shows_the_acl_each_role_gets_now():
+    """The role table and the printed ACL SETUSER commands in docs/install.md are the
+    ones mulambda/store/acl.py gives (a changed role that the doc still shows the old
+    way would have operators set up a store that refuses the new commands)."""
+    from mulambda.store.acl import ROLES, key_rules, setuser_command
+
+    text = (REPO / "docs" / "install.md").read_text()
+    for role in ROLES.values():
+        row = next(line for line in text.splitlines()
+                   if line.startswith("| ") and f"| `{role.username}` |" in line)
+        assert f"`{' '.join(key_rules(role, 'P'))}`" in row, role.name
+        assert f"`{' '.join(c.upper() for c in role.commands)}`" in row, role.name
+        assert f"    {setuser_command(role, 'mulambda')}\n" in text, role.name
