@@ -8,7 +8,6 @@ Owner references are added by the handler (``kopf.adopt``), not here.
 from __future__ import annotations
 
 import math
-
 from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
