@@ -330,6 +330,17 @@ def report(results: list[tuple[Run, Run]]) -> str:
             f"{ours.idle_api_all_per_s * per_k:.2f}) | {ours.idle_store_per_s * per_k:.1f} | "
             f"{ours.idle_cores * per_k:.3f} |")
     lines.append("")
+    lines.append("| N | API requests per object: no-op / mulambda | API requests/s while handling: "
+                 "no-op / mulambda |")
+    lines.append("|---|---|---|")
+    for noop, ours in results:
+        # Both against the same API server: equal request rates mean the server, not the
+        # operator, sets the pace, and the objects/s ratio is the inverse of the requests
+        # each object needs.
+        per = [sum(r.creation_requests.values()) / r.n for r in (noop, ours)]
+        rate = [sum(r.creation_requests.values()) / r.seconds for r in (noop, ours)]
+        lines.append(f"| {ours.n} | {per[0]:.1f} / {per[1]:.1f} | {rate[0]:.0f} / {rate[1]:.0f} |")
+    lines.append("")
     for noop, ours in results:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
