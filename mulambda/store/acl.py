@@ -129,7 +129,7 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          read=(*_METADATA, QUEUE, ACTIVE),
          write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES, ACTIVE),
          commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del", "xlen",
-                   "xrange", "xadd", "smembers", "srem", "sadd")),
+                   "xadd", "smembers", "srem", "sadd", *_MIRROR_READ)),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
          read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),

@@ -44,7 +44,8 @@ pytestmark = pytest.mark.integration
 
 P = "explain"
 VIEWER = Role("viewer", "mulambda-viewer", "reads every key family, writes nothing",
-              read=FAMILIES, write=(), commands=("hget", "hgetall", "hkeys", "hscan"))
+              read=FAMILIES, write=(),
+              commands=("hget", "hgetall", "hkeys", "hscan", "hmget", "xrange", "xrevrange"))
 VIEWER_PASSWORD = "viewer-pw-0123456789"
 CLIENT = "apps/shop"
 

@@ -20,6 +20,7 @@ from redis.exceptions import AuthenticationError, NoPermissionError, ResponseErr
 from mulambda.store.acl import ROLES, acl_file
 from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.reader import InflightMirror, SharedSnapshot, SnapshotReader
 from mulambda.store.records import (
     ClientRecord,
     ExecutorRecord,
@@ -118,6 +119,16 @@ async def test_each_role_does_its_job_with_its_own_user(stores):
     assert (await sdk.snapshot(CLIENT)).inflight == {EXECUTOR: 1}
     # Client (tenant workload): reads the same snapshot.
     assert (await cli.snapshot(CLIENT)).inflight == {EXECUTOR: 1}
+    # Every reader also refreshes as its process does: what changed since its last read.
+    for reader in (sel, sdk, cli):
+        mirrored = SnapshotReader(reader, CLIENT)
+        for _ in range(2):  # the first read is whole, the second follows the streams
+            snap = await mirrored.snapshot()
+            assert snap.inflight == {EXECUTOR: 1} and snap.latency[EXECUTOR][POD].ms == 1.5
+    assert (await InflightMirror(cli).load())[0] == {EXECUTOR: 1}
+    # Operator: every Client's reselection reads the shared fleet part and its samples.
+    assert EXECUTOR in (await SharedSnapshot(op, ttl=0).get()).executors
+    assert POD in (await op.client_view(CLIENT))[0][EXECUTOR]
     # Operator: sees heartbeats and load, prunes, forgets.
     assert [r.pod for r in await op.list_replicas(EXECUTOR)] == [POD]
     inflight, rate = await op.executor_load(EXECUTOR, window_seconds=20)
