@@ -298,9 +298,8 @@ class TaskQueue:
         return [{"entry": entry, **data} for entry, data in raw]
 
     # -- the operator's side ---------------------------------------------------------
-    async def backlog(self, executors: Iterable[str], now: float | None = None) -> dict[
-        str, tuple[int, float]
-    ]:
+    async def backlog(self, executors: Iterable[str], now: float | None = None, *,
+                      tidy: bool = True) -> dict[str, tuple[int, float]]:
         """Executor id -> (tasks queued or running, age of the oldest in seconds), for the
         ``executors`` with a backlog; the others are left out.
 
@@ -309,14 +308,15 @@ class TaskQueue:
         command per tick, not two per executor. A queue found empty leaves
         the set, and is read once more after that: a task queued meanwhile
         (its submission adds the executor after its entry) is seen, now or
-        by the next tick.
+        by the next tick. ``tidy`` False leaves the set alone (a read-only
+        reader: ``mulambda top``).
         """
         wanted = set(executors)
         members = {str(m) for m in await self._run(self.redis.smembers(self.active_key))}
         names = sorted(members & wanted)
         depths = await self._depths(names)
         empty = [name for name in names if not depths.get(name)]
-        if empty:
+        if empty and tidy:
             await self._run(self.redis.srem(self.active_key, *empty))
             for name, found in (await self._depths(empty)).items():
                 await self._run(self.redis.sadd(self.active_key, name))

@@ -224,7 +224,7 @@ async def read_store(store: MetadataStore, window: float) -> FleetView:
         pass
     else:
         try:
-            queue = await TaskQueue(store).backlog(snap.executors)
+            queue = await TaskQueue(store).backlog(snap.executors, tidy=False)
         except StoreUnavailable as exc:
             notes.append(f"task queues not read: {exc}")
     return FleetView(snap.taken_at, snap.executors, snap.replicas, load, snap.service, rtt,

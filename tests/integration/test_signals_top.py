@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 P = "top"
 VIEWER, PASSWORD = "mulambda-viewer", "viewer-pw-0123456789"
-READS = ("hget", "hgetall", "hkeys", "hscan", "xlen", "xrange")
+READS = ("hget", "hgetall", "hkeys", "hscan", "xlen", "xrange", "smembers")
 # Every key of the prefix, read only; read commands only.
 VIEWER_ACL = (f"user {VIEWER} on >{PASSWORD} resetkeys %R~{P}:* resetchannels -@all "
               + " ".join(f"+{c}" for c in ("ping", "select", *READS)))
@@ -62,6 +62,7 @@ async def seed(server: RedisServer) -> None:
     await leases.stop()  # stop the writer; the leases stay (an SDK still at work)
     await admin.note_demand(["ml/resnet"])
     await admin.redis.xadd(f"{P}:tasks:queue:ml/resnet", {"task": "t1"})
+    await admin.redis.sadd(f"{P}:tasks:active", "ml/resnet")  # as a submission does
     await admin.close()
 
 

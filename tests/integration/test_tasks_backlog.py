@@ -81,3 +81,11 @@ async def test_a_task_queued_between_the_read_and_the_removal_is_not_lost(
     found = await queue.backlog(FLEET)
     assert raced and found["ml/e1"][0] == 1
     assert await store.redis.sismember(queue.active_key, "ml/e1") == 1
+
+
+async def test_a_read_only_reader_leaves_the_set_alone(store: MetadataStore):
+    queue = TaskQueue(store)
+    await submit(queue, "ml/e1", "t1")
+    await drain(store, queue, "ml/e1")
+    assert await queue.backlog(FLEET, tidy=False) == {}
+    assert await store.redis.smembers(queue.active_key) == {"ml/e1"}
