@@ -435,18 +435,19 @@ def test_kubectl_get_prints_the_crd_columns(
     (me_head, [me]), (cl_head, [cl]) = get()
     assert me_head == ["NAME", "MODEL", "VERSION", "TYPE", "READY", "REPLICAS", "REASON",
                        "ROLLOUT", "AGE"]
-    assert cl_head == ["NAME", "TYPE", "SELECTED", "SCORE", "READY", "AGE"]
+    assert cl_head == ["NAME", "TYPE", "SELECTED", "LATENCY-MS", "SCORE", "READY", "AGE"]
     assert me == {**me, "NAME": "modelexecutor.mulambda.io/half-plus-two",
                   "MODEL": "half_plus_two", "VERSION": "", "TYPE": "regression", "READY": "",
                   "REPLICAS": "", "REASON": "", "ROLLOUT": ""}
     assert cl == {**cl, "NAME": "client.mulambda.io/demo", "TYPE": "regression",
-                  "SELECTED": "", "SCORE": "", "READY": ""}
+                  "SELECTED": "", "LATENCY-MS": "", "SCORE": "", "READY": ""}
     assert re.fullmatch(r"\d+[smh]\w*", me["AGE"]) and re.fullmatch(r"\d+[smh]\w*", cl["AGE"])
     # -o wide adds the priority-1 columns.
     (me_head, _), (cl_head, _) = get("-o", "wide")
     assert me_head == ["NAME", "MODEL", "VERSION", "TYPE", "READY", "REPLICAS", "REASON",
                        "ROLLOUT", "ENDPOINT", "AGE"]
-    assert cl_head == ["NAME", "TYPE", "SELECTED", "SCORE", "READY", "REASON", "AGE"]
+    assert cl_head == ["NAME", "TYPE", "SELECTED", "LATENCY-MS", "SCORE", "READY", "REASON",
+                       "AGE"]
 
     # A status as the operator writes it (through the status subresource): the server's
     # JSONPaths, including the conditions filter, pick it up.
@@ -462,12 +463,13 @@ def test_kubectl_get_prints_the_crd_columns(
             {"type": "Ready", "status": "True", "reason": "ModelServing",
              "lastTransitionTime": now}]}}, subresource="status")
     admin.patch("mulambda.io/v1alpha1", "clients", ns, "demo", {"status": {
-        "selected": {"executor": f"{ns}/half-plus-two", "score": 0.875, "endpoint": endpoint},
+        "selected": {"executor": f"{ns}/half-plus-two", "score": 0.875, "endpoint": endpoint,
+                     "expectedLatencyMs": 12.5},
         "conditions": [{"type": "Ready", "status": "False", "reason": "NoCandidate",
                         "lastTransitionTime": now}]}}, subresource="status")
     (_, [me]), (_, [cl]) = get("-o", "wide")
     assert me == {**me, "VERSION": "1", "READY": "True", "REPLICAS": "1/2",
                   "REASON": "ModelServing", "ROLLOUT": "Progressing",
                   "ENDPOINT": endpoint["rest"]}
-    assert cl == {**cl, "SELECTED": f"{ns}/half-plus-two", "SCORE": "0.875", "READY": "False",
-                  "REASON": "NoCandidate"}
+    assert cl == {**cl, "SELECTED": f"{ns}/half-plus-two", "LATENCY-MS": "12.5",
+                  "SCORE": "0.875", "READY": "False", "REASON": "NoCandidate"}
