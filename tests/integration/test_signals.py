@@ -113,7 +113,8 @@ def test_describe_tells_the_story_once_and_get_clients_shows_the_latency(
 
     # A new version is served: the switch is told.
     heartbeat(redis_url, eid, pod, "Available", 2)
-    cluster.wait_for(lambda: story(cluster, ns, "hp2")["VersionSwitched"],
+    # A refresh tick sees the new heartbeat; on a loaded machine that took over 30 s.
+    cluster.wait_for(lambda: story(cluster, ns, "hp2")["VersionSwitched"], timeout=90,
                      what="VersionSwitched")
     # Several refresh ticks and Client reselections later, nothing was told twice.
     time.sleep(3)
