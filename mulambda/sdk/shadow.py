@@ -20,14 +20,17 @@ from typing import Any
 import httpx
 
 from mulambda.policy.rollout import CANDIDATE, ArmChoice, Experiment, agree, shadow_url
-from mulambda.store.outcomes import OutcomeRecorder
+from mulambda.store.outcomes import SERVED_RUN, OutcomeRecorder, served_subject
 
 log = logging.getLogger("mulambda.sdk")
 
 
 def count_outcome(recorder: OutcomeRecorder, executor_id: str, arms: dict[str, ArmChoice],
                   experiment: Experiment | None, *, ok: bool, ms: float) -> None:
-    """Count one attempt at ``executor_id`` for its rollout arm and its experiment arm."""
+    """Count one attempt at ``executor_id``: for the executor's served requests (every
+    executor, per minute) and for its rollout arm and its experiment arm."""
+    recorder.record(served_subject(time.time()), SERVED_RUN, executor_id, ok=ok,
+                    ms=ms if ok else None)
     choice = arms.get(executor_id)
     if choice is not None:
         recorder.record(choice.subject, choice.rollout, choice.arm, ok=ok, ms=ms if ok else None)

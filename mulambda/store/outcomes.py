@@ -1,7 +1,9 @@
 """Per-arm outcomes of rollouts and experiments: counted by routers, read by the operator.
 
 Key ``P:outcomes:SUBJECT`` (HASH), ``SUBJECT`` = ``executor/NAMESPACE/NAME``
-(a rollout) or ``experiment/ID`` (a Client's A/B experiment). Fields
+(a rollout), ``experiment/ID`` (a Client's A/B experiment) or
+``served/MINUTE`` (every executor's requests in that minute, ``MINUTE`` =
+epoch // 60; arm = executor id, run ``all``; kept 15 minutes). Fields
 ``RUN|ARM|NAME`` -> integer (HINCRBY): ``RUN`` is the rollout or experiment
 id (a new run never counts an old run's outcomes), ``ARM`` the arm
 (``stable``/``candidate`` or an executor id), ``NAME`` one of
@@ -33,12 +35,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("mulambda.store")
 
 OUTCOMES_TTL_SECONDS = 7 * 24 * 3600
+# Every executor's served requests, per minute (``served/MINUTE`` subjects, run
+# ``all``, arm = executor id): what ``mulambda top`` shows as requests/s and
+# latency percentiles. Kept a quarter of an hour.
+SERVED_RUN = "all"
+SERVED_BUCKET_SECONDS = 60
+SERVED_TTL_SECONDS = 900
 # Counters kept while the store is down; beyond this many distinct ones new ones are dropped.
 MAX_PENDING = 100_000
 
 
 def outcomes_key(store: MetadataStore, subject: str) -> str:
     return f"{store.prefix}:outcomes:{subject}"
+
+
+def served_subject(at: float) -> str:
+    """The subject counting every executor's requests in the minute of ``at``."""
+    return f"served/{int(at // SERVED_BUCKET_SECONDS)}"
+
+
+def _ttl(subject: str) -> int:
+    return SERVED_TTL_SECONDS if subject.startswith("served/") else OUTCOMES_TTL_SECONDS
 
 
 class OutcomeRecorder:
@@ -94,7 +111,7 @@ class OutcomeRecorder:
             pipe.hincrby(outcomes_key(self.store, subject), name, n)
             subjects.add(subject)
         for subject in subjects:
-            pipe.expire(outcomes_key(self.store, subject), OUTCOMES_TTL_SECONDS)
+            pipe.expire(outcomes_key(self.store, subject), _ttl(subject))
         try:
             await self.store._run(self._execute(pipe))
         except StoreUnavailable:
@@ -133,6 +150,30 @@ async def read_outcomes(store: MetadataStore, subject: str, run: str) -> dict[st
     """Each arm's outcomes in run ``run`` of ``subject`` (arms without any are absent)."""
     raw = await store._run(store.redis.hgetall(outcomes_key(store, subject)))
     counts: dict[str, dict[str, int]] = {}
+    _add_counts(counts, subject, run, raw)
+    return {arm: _stats(c) for arm, c in counts.items()}
+
+
+async def read_served(store: MetadataStore, at: float, minutes: int = 2) -> tuple[
+    dict[str, ArmStats], float
+]:
+    """Every executor's served requests over the last ``minutes`` minutes up to ``at``
+    (the current one included), all routers added: (executor -> stats, seconds covered)."""
+    subjects = [served_subject(at - i * SERVED_BUCKET_SECONDS) for i in range(minutes)]
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for subject in subjects:
+            pipe.hgetall(outcomes_key(store, subject))
+        raws = await store._run(pipe.execute())
+    counts: dict[str, dict[str, int]] = {}
+    for subject, raw in zip(subjects, raws, strict=True):
+        _add_counts(counts, subject, SERVED_RUN, raw)
+    covered = (minutes - 1) * SERVED_BUCKET_SECONDS + at % SERVED_BUCKET_SECONDS
+    return {arm: _stats(c) for arm, c in counts.items()}, covered
+
+
+def _add_counts(counts: dict[str, dict[str, int]], subject: str, run: str,
+                raw: dict[Any, Any]) -> None:
+    """Add the ``RUN|ARM|NAME`` counters of run ``run`` in ``raw`` to ``counts``."""
     for key, value in raw.items():
         key = key.decode() if isinstance(key, bytes) else key
         parts = key.split("|")
@@ -140,10 +181,10 @@ async def read_outcomes(store: MetadataStore, subject: str, run: str) -> dict[st
             continue
         arm, name = "|".join(parts[1:-1]), parts[-1]
         try:
-            counts.setdefault(arm, {})[name] = int(value)
+            named = counts.setdefault(arm, {})
+            named[name] = named.get(name, 0) + int(value)
         except ValueError:
             log.warning("outcome counter is not an integer key=%s field=%s", subject, key)
-    return {arm: _stats(c) for arm, c in counts.items()}
 
 
 def _stats(c: dict[str, int]) -> ArmStats:

@@ -1,9 +1,11 @@
 """``mulambda top``: the executors in a terminal, refreshed (``--once``: one frame).
 
 Per executor: replicas ready/desired, state, requests in flight, requests
-per second, the measured service time at the current load, the clients'
-network round trips (median and 95th percentile over every client and
-replica sample), and the asynchronous task queue's depth.
+per second and their latency (median and 95th percentile of what the SDK and
+the gateway measured over the last minutes, ``P:outcomes:served/MINUTE``), the
+measured service time at the current load, the clients' network round
+trips (median and 95th percentile over every client and replica sample),
+and the asynchronous task queue's depth.
 
 Where the figures come from (read only; the operator's store user and its
 Kubernetes read permissions are enough):
@@ -17,10 +19,10 @@ Kubernetes read permissions are enough):
   ``readyReplicas``, the Ready condition). Without it (``--no-kube``, or
   no kubeconfig) desired replicas are unknown and the frame says why.
 
-What the store does not hold, top does not show: measured service times
-are exponentially weighted sums (a mean model, :mod:`mulambda.policy.latency`),
-so the service column is the model's mean at the current load, not a
-percentile of requests; the percentiles are of the clients' smoothed RTTs.
+The service column is the service-time model's mean at the current load
+(:mod:`mulambda.policy.latency` keeps exponentially weighted sums, not a
+distribution); the request percentiles come from the routers' per-minute
+latency histograms, the RTT percentiles from the clients' smoothed samples.
 
 :func:`build_rows` and :func:`render` are pure functions of a
 :class:`FleetView`: the frame is tested from a fixed one.
@@ -45,13 +47,15 @@ from rich.text import Text
 from mulambda.api.common import GROUP, VERSION
 from mulambda.policy.latency import ServiceModel, fit
 from mulambda.policy.ranking import DEFAULT_POLICY
+from mulambda.policy.rollout import ArmStats
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.outcomes import read_served
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, StoreUnavailable
 
 from .storeargs import add_store_options, open_store
 
 STATES = ("serving", "warming", "cold", "failing")
-SORTS = ("name", "state", "rps", "inflight", "service", "rtt")
+SORTS = ("name", "state", "rps", "p95", "inflight", "service", "rtt")
 # Ready reasons of a ModelExecutor that are a normal state, not a failure.
 QUIET_REASONS = frozenset({"ModelServing", "WaitingForReplicas", "ScaledToZero"})
 
@@ -68,6 +72,9 @@ class FleetView:
     rtt: dict[str, list[float]] = field(default_factory=dict)  # ms, all clients' samples
     # executor id -> (tasks queued or running, oldest age s); None: no task queue to read
     queue: dict[str, tuple[int, float]] | None = None
+    # executor id -> requests the routers served in the last minutes (latency histogram)
+    served: dict[str, ArmStats] = field(default_factory=dict)
+    served_seconds: float = 0.0
     # executor id -> its ModelExecutor's status; None: the API server was not read
     resources: dict[str, Mapping[str, Any]] | None = None
     notes: tuple[str, ...] = ()
@@ -86,6 +93,8 @@ class Row:
     measured: int  # requests the service-time model was measured on (0: declared)
     rtt_p50: float | None
     rtt_p95: float | None
+    p50: float | None  # ms, requests served lately (the routers' measurement)
+    p95: float | None
     queue: int | None
     why: str  # a failing executor's reason
 
@@ -144,9 +153,13 @@ def build_rows(view: FleetView, *, namespace: str | None = None, type_: str | No
         service = model.predict(inflight / max(ready, 1))
         samples = view.rtt.get(eid, [])
         queued = None if view.queue is None else view.queue.get(eid, (0, 0.0))[0]
+        served = view.served.get(eid)
+        if served is not None and view.served_seconds > 0:
+            rps = served.requests / view.served_seconds  # answered and failed, all routers
         rows.append(Row(eid, rec.type, state, ready, desired, inflight, rps, service,
                         stats.count if stats is not None else 0, percentile(samples, 50),
-                        percentile(samples, 95), queued, why))
+                        percentile(samples, 95), served.p50 if served else None,
+                        served.p95 if served else None, queued, why))
     keys = {
         "name": lambda r: (r.executor,),
         "state": lambda r: (STATES.index(r.state), r.executor),
@@ -154,6 +167,7 @@ def build_rows(view: FleetView, *, namespace: str | None = None, type_: str | No
         "inflight": lambda r: (-r.inflight, r.executor),
         "service": lambda r: (-r.service_ms, r.executor),
         "rtt": lambda r: (-(r.rtt_p95 or 0.0), r.executor),
+        "p95": lambda r: (-(r.p95 or 0.0), r.executor),
     }
     return sorted(rows, key=keys[sort])
 
@@ -169,7 +183,7 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
     rows = build_rows(view, namespace=namespace, type_=type_, sort=sort)
     table = Table(box=None, pad_edge=False)
     heads = ["executor", "type", "state", "ready/desired", "in flight", "req/s",
-             "service ms", "rtt p50", "rtt p95"]
+             "p50 ms", "p95 ms", "service ms", "rtt p50", "rtt p95"]
     if view.queue is not None:
         heads.append("queue")
     for head in heads:
@@ -181,7 +195,8 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
         service = _ms(r.service_ms) + ("" if r.measured else "*")
         cells = [r.executor, r.type, state,
                  f"{r.ready}/{'?' if r.desired is None else r.desired}", str(r.inflight),
-                 f"{r.rps:.2f}", service, _ms(r.rtt_p50), _ms(r.rtt_p95)]
+                 f"{r.rps:.2f}", _ms(r.p50), _ms(r.p95), service, _ms(r.rtt_p50),
+                 _ms(r.rtt_p95)]
         if view.queue is not None:
             cells.append("-" if r.queue is None else str(r.queue))
         table.add_row(*cells)
@@ -189,8 +204,9 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
     stamp = time.strftime("%H:%M:%S", time.gmtime(view.taken_at))
     header = Text(f"mulambda top  {stamp} UTC  executors {len(rows)}  " + "  ".join(
         f"{s} {n}" for s, n in counts.items()) + f"  sorted by {sort}")
-    notes = [Text("service ms: the measured model's mean at the current load; "
-                  "* = declared serviceTimeMs, nothing measured yet")]
+    notes = [Text("req/s, p50/p95 ms: requests the SDK and the gateway sent in the last "
+                  "minutes, as they measured them; service ms: the measured model's mean "
+                  "at the current load (* = declared serviceTimeMs, nothing measured yet)")]
     if limit is not None and len(rows) > limit:
         notes.insert(0, Text(f"... {len(rows) - limit} more executors (sorted by {sort}; "
                              "narrow with -n, --type or --limit)"))
@@ -227,8 +243,13 @@ async def read_store(store: MetadataStore, window: float) -> FleetView:
             queue = await TaskQueue(store).backlog(snap.executors, tidy=False)
         except StoreUnavailable as exc:
             notes.append(f"task queues not read: {exc}")
+    try:
+        served, seconds = await read_served(store, snap.taken_at)
+    except StoreUnavailable as exc:
+        served, seconds = {}, 0.0
+        notes.append(f"served requests not read: {exc}")
     return FleetView(snap.taken_at, snap.executors, snap.replicas, load, snap.service, rtt,
-                     queue, None, tuple(notes))
+                     queue, served, seconds, None, tuple(notes))
 
 
 def read_resources(namespace: str | None) -> dict[str, Mapping[str, Any]]:

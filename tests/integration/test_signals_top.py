@@ -11,9 +11,11 @@ from collections.abc import Iterator
 import pytest
 import redis.asyncio as aioredis
 
+from mulambda.sdk.shadow import count_outcome
 from mulambda.store.acl import acl_file
 from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.procs import RedisServer
@@ -63,6 +65,11 @@ async def seed(server: RedisServer) -> None:
     await admin.note_demand(["ml/resnet"])
     await admin.redis.xadd(f"{P}:tasks:queue:ml/resnet", {"task": "t1"})
     await admin.redis.sadd(f"{P}:tasks:active", "ml/resnet")  # as a submission does
+    # Requests an SDK served: 17 answered near 20 ms, 3 near 300 ms, one failed.
+    served = OutcomeRecorder(admin)
+    for ok, ms in [(True, 20.0)] * 17 + [(True, 300.0)] * 3 + [(False, 5.0)]:
+        count_outcome(served, "ml/resnet", {}, None, ok=ok, ms=ms)
+    await served.close()
     await admin.close()
 
 
@@ -87,6 +94,9 @@ async def test_top_once_shows_the_store_as_a_read_only_user_and_writes_nothing(
     # serving, 1 ready of unknown desired (--no-kube), 3 in flight, RTT 4 ms, 1 queued task
     assert resnet[2:5] == ["serving", "1/?", "3"]
     assert resnet[-3:] == ["4.0", "4.0", "1"]
+    # 21 requests in the last minute or two; p50 near 20 ms, p95 in the 300 ms bucket.
+    assert float(resnet[5]) > 0
+    assert 18 < float(resnet[6]) <= 23 and 250 < float(resnet[7]) <= 310
     sleepy = next(line.split() for line in lines if line.startswith("ml/sleepy"))
     assert sleepy[2:4] == ["cold", "0/?"]
     stats = server.command("INFO", "commandstats").decode()

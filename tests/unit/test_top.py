@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mulambda.policy.rollout import BUCKETS, ArmStats, bucket_of
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats
 from mulambda.tools.top import FleetView, build_rows, frame_text, percentile, state_of
 
@@ -44,6 +45,9 @@ VIEW = FleetView(
     service={"ml/resnet": MEASURED},
     rtt={"ml/resnet": [1.0, 2.0, 3.0, 4.0, 10.0], "nlp/bert": [7.0]},
     queue={"ml/resnet": (3, 1.5)},
+    # Two minutes of routers' counts: 1,400 answers near 20 ms, 100 near 80 ms, 3 failed.
+    served={"ml/resnet": ArmStats(1500, 3, {bucket_of(20): 1400, bucket_of(80): 100})},
+    served_seconds=120.0,
     resources={"ml/resnet": {"desiredReplicas": 3, "readyReplicas": 2, **ready("True",
                                                                               "ModelServing")},
                "nlp/bert": {"desiredReplicas": 1, "readyReplicas": 1},
@@ -62,14 +66,21 @@ def test_a_fixed_view_renders_to_this_frame() -> None:
                         "cold 1  failing 1  sorted by name")
     rows = {line.split()[0]: line.split() for line in lines[2:7]}
     assert lines[1].split() == ["executor", "type", "state", "ready/desired", "in", "flight",
-                                "req/s", "service", "ms", "rtt", "p50", "rtt", "p95", "queue"]
+                                "req/s", "p50", "ms", "p95", "ms", "service", "ms", "rtt",
+                                "p50", "rtt", "p95", "queue"]
+    [resnet] = [r for r in build_rows(VIEW) if r.executor == "ml/resnet"]
+    # 1,500 requests in 120 s; the percentiles inside the buckets that hold them.
     assert rows["ml/resnet"] == ["ml/resnet", "vision", "serving", "2/3", "4", "12.50",
-                                 "48.9", "3.0", "10.0", "3"]
+                                 f"{resnet.p50:.1f}", f"{resnet.p95:.1f}", "48.9", "3.0",
+                                 "10.0", "3"]
+    assert BUCKETS[bucket_of(20) - 1] < resnet.p50 <= BUCKETS[bucket_of(20)]
+    assert BUCKETS[bucket_of(80) - 1] < resnet.p95 <= BUCKETS[bucket_of(80)]
+    assert rows["nlp/bert"][6:8] == ["-", "-"]  # nothing served lately: no percentiles
     assert rows["ml/broken"][2:5] == ["failing", "(ModelNotFound)", "0/1"]
     assert rows["ml/sleepy"][2:4] == ["cold", "0/0"]
     assert rows["ml/booting"][2:4] == ["warming", "0/1"]
     # Nothing measured: the declared time, marked.
-    assert rows["ml/sleepy"][6] == "10.0*"
+    assert rows["ml/sleepy"][8] == "10.0*"
     assert "service ms: the measured model's mean" in text
 
 
