@@ -1,4 +1,5 @@
-"""Fixtures for the companion tests: one real SeaweedFS S3 server per session."""
+"""Fixtures for the companion tests: storage clients and buckets on the session's real
+SeaweedFS S3 server (``seaweedfs``, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,20 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 HALF_PLUS_TWO = REPO / "examples" / "models" / "half_plus_two" / "1"
 
 
-@pytest.fixture(scope="session")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    """A real ``weed server -s3`` for the session. Tests that kill it restart it (see ``s3``)."""
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    yield server
-    server.kill()
-
 
 @pytest.fixture
 def s3(seaweedfs: SeaweedFS) -> Iterator[ModelStorage]:
-    """ModelStorage with admin rights on the running server (restarted if a test killed it)."""
-    if not seaweedfs.running:
-        seaweedfs.start()
+    """ModelStorage with admin rights on the running server."""
     storage = storage_for(seaweedfs, ADMIN)
     yield storage
     storage.close()

@@ -67,14 +67,6 @@ DEP = ("apps/v1", "deployments")
 REST_PORT = 8501  # operator/modelexecutor/build.py: the gateway calls POD_IP:8501
 
 
-@pytest.fixture(scope="module")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    yield server
-    server.kill()
-
-
 @pytest.fixture
 def bucket(seaweedfs: SeaweedFS) -> str:
     """A bucket holding half_plus_two version 1, pushed as `mulambda models push` does."""

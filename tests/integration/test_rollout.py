@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,14 +65,6 @@ ME = ("mulambda.io/v1alpha1", "modelexecutors")
 DEP = ("apps/v1", "deployments")
 NAME, MODEL, PREFIX = "hp2", "half_plus_two", "rollout"
 REST_PORT = 8501  # the port a router addresses on a replica's pod IP (build.py)
-
-
-@pytest.fixture(scope="module")
-def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
-    server.start()
-    yield server
-    server.kill()
 
 
 @pytest.fixture
