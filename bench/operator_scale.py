@@ -18,8 +18,8 @@ real redis-server, in the same run:
    record written, status patched). Peak RSS (VmHWM).
 4. **Steady state**, once every executor's Progressing condition is False
    (the Deployment controller has seen its Deployment; a loaded control
-   plane lags behind) and all N are idle, for ``--idle-seconds``: API
-   requests/s the
+   plane lags behind) and the operator has patched no status for 10 s, all
+   N idle, for ``--idle-seconds``: API requests/s the
    operator makes (the API server's audit log, filtered by its user; also
    ``apiserver_request_total`` from /metrics before and after, all clients),
    store commands/s (redis ``INFO stats`` total_commands_processed, less this
@@ -78,6 +78,7 @@ class Run:
     creation_requests: dict[str, int] = field(default_factory=dict)
     idle_requests: dict[str, int] = field(default_factory=dict)
     idle_store_commands: dict[str, int] = field(default_factory=dict)
+    settle_seconds: float = 0.0
 
     @property
     def objects_per_s(self) -> float:
@@ -144,6 +145,21 @@ def noop_handled(obj: dict[str, Any]) -> bool:
 
 def mulambda_handled(obj: dict[str, Any]) -> bool:
     return bool((obj.get("status") or {}).get("observedGeneration"))
+
+
+def settle(cluster: Cluster, namespace: str, n: int, user: str, limit: float) -> float:
+    """Wait until every executor's rollout is seen through and ``user`` patched no status
+    for 10 s (at most ``limit`` s); returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit:
+        if count_handled(cluster, namespace, settled) >= n:
+            mark = cluster.audit_mark()
+            time.sleep(10)
+            if not any(e.subresource == "status" for e in cluster.audit(user, since=mark)):
+                break
+        else:
+            time.sleep(2)
+    return time.monotonic() - started
 
 
 def settled(obj: dict[str, Any]) -> bool:
@@ -220,12 +236,9 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
         run.creation_requests = tally(cluster.audit(user, since=mark))
         if kind != "noop":
             # Steady state: the Deployment controller has seen every Deployment (a loaded
-            # control plane lags), so no status has anything left to report.
-            settle_until = time.monotonic() + max(60.0, n / 10)
-            while (count_handled(cluster, namespace, settled) < n
-                   and time.monotonic() < settle_until):
-                time.sleep(2)
-            time.sleep(min(10.0, idle_seconds / 4))  # and the ticks after that
+            # control plane lags), and the operator has written no status for 10 s: no
+            # status has anything left to report.
+            run.settle_seconds = settle(cluster, namespace, n, user, max(120.0, n / 5))
             mark = cluster.audit_mark()
             api0, cmds0, cpu0 = apiserver_requests(cluster), store_commands(store), \
                 cpu_seconds(proc.pid)
@@ -344,7 +357,8 @@ def report(results: list[tuple[Run, Run]]) -> str:
     for noop, ours in results:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
-        lines.append(f"requests while idle N={ours.n}: mulambda {ours.idle_requests}")
+        lines.append(f"requests while idle N={ours.n} (after {ours.settle_seconds:.0f} s "
+                     f"settling): mulambda {ours.idle_requests}")
         lines.append(f"store commands while idle N={ours.n}: {ours.idle_store_commands}")
     return "\n".join(lines)
 
