@@ -111,7 +111,10 @@ def test_describe_tells_the_story_once_and_get_clients_shows_the_latency(
     assert status["selected"]["expectedLatencyMs"] == 8.0
     assert status["candidates"][0]["reason"].startswith("score ")
 
-    # A new version is served: the switch is told.
+    # A new version is served: the switch is told (once version 1 is in the status).
+    cluster.wait_for(lambda: (cluster.get("mulambda.io/v1alpha1", "modelexecutors", ns, "hp2")
+                              .get("status", {}).get("model", {}).get("loadedVersion")) == "1",
+                     what="loadedVersion 1 in the status")
     heartbeat(redis_url, eid, pod, "Available", 2)
     # A refresh tick sees the new heartbeat; on a loaded machine that took over 30 s.
     cluster.wait_for(lambda: story(cluster, ns, "hp2")["VersionSwitched"], timeout=90,
