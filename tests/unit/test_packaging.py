@@ -418,6 +418,20 @@ def test_image_ships_every_package_dir_and_the_readme() -> None:
     assert needed <= copied, f"not copied into the image: {sorted(needed - copied)}"
 
 
+def test_every_package_of_the_checkout_is_installed() -> None:
+    """A package missing from ``packages`` works in the development install (symlinks)
+    and is absent from the wheel and the image: every folder with an __init__.py under
+    a package-dir root must be listed."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = set()
+    for name, folder in setuptools["package-dir"].items():
+        root = REPO / folder
+        for init in root.rglob("__init__.py"):
+            parts = init.parent.relative_to(root).parts
+            found.add(".".join((name, *parts)))
+    assert found - set(setuptools["packages"]) == set()
+
+
 def test_image_is_slim_non_root_and_runs_mulambda() -> None:
     instructions = dockerfile_instructions()
     final = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
