@@ -126,7 +126,7 @@ from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
 # rank's inputs and outputs are defined beside it (.criteria, shared with the store's
 # ClientRecord; .ranking) and are part of this module's API.
 __all__ = ["DEFAULT_POLICY", "Candidate", "Criteria", "Policy", "Preferences", "Ranking",
-           "near_equal", "overlay", "prefilter", "rank"]
+           "explained", "mismatch", "near_equal", "overlay", "prefilter", "rank"]
 
 
 def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]:
@@ -172,11 +172,16 @@ def _or_fallback(value: float | None, median: float | None, default: float,
     return default, (f"no {what}: default",)
 
 
-def matches(criteria: Criteria, record: ExecutorRecord) -> bool:
-    """Whether ``record`` meets the hard criteria (type, input, output)."""
-    return (record.type == criteria.type
-            and (criteria.input is None or record.input == criteria.input)
-            and (criteria.output is None or record.output == criteria.output))
+def mismatch(criteria: Criteria, record: ExecutorRecord) -> str | None:
+    """Why ``record`` fails the hard criteria (type, input, output); None when it meets
+    them."""
+    if record.type != criteria.type:
+        return f"wrong type: has {record.type!r}"
+    if criteria.input is not None and record.input != criteria.input:
+        return f"wrong input: has {record.input!r}"
+    if criteria.output is not None and record.output != criteria.output:
+        return f"wrong output: has {record.output!r}"
+    return None
 
 
 def prefilter(criteria: Criteria, snapshot: Snapshot,
@@ -197,7 +202,7 @@ def prefilter(criteria: Criteria, snapshot: Snapshot,
     previous = (reuse if reuse is not None and reuse[0] == criteria
                 and reuse[1].executors is snapshot.executors else None)
     keep = (previous[2].executors if previous is not None else
-            {k: v for k, v in snapshot.executors.items() if matches(criteria, v)})
+            {k: v for k, v in snapshot.executors.items() if mismatch(criteria, v) is None})
 
     def part(name: str) -> dict[str, Any]:
         whole = getattr(snapshot, name)
@@ -217,6 +222,21 @@ def prefilter(criteria: Criteria, snapshot: Snapshot,
         own_inflight={k: v for k, v in snapshot.own_inflight.items() if k in keep},
         replica_inflight={k: v for k, v in snapshot.replica_inflight.items() if k in keep},
     )
+
+
+def explained(ranking: Ranking, snapshot: Snapshot) -> Ranking:
+    """The empty ``ranking`` of a :func:`prefilter` view, with the executors of the whole
+    ``snapshot`` that the hard criteria left out added to its rejections, so that
+    ``explain()`` names them too. (Ranking the whole snapshot again could find a
+    candidate the view's load or limits had ruled out.)"""
+    assert not ranking, "only an empty ranking needs explaining"
+    rejected = {}
+    for eid, record in snapshot.executors.items():
+        why = mismatch(ranking.criteria, record)
+        if why is not None:
+            rejected[eid] = why
+    rejected.update(ranking.rejected)
+    return Ranking([], rejected, [], ranking.criteria)
 
 
 def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
@@ -253,53 +273,35 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
 
 
 @dataclass(slots=True)
-class _Viable:
+class Viable:
+    """An executor that meets the hard criteria and limits and can serve, with what its
+    expected latency needs that does not depend on load (:func:`prepare`)."""
+
     eid: str
     rec: ExecutorRecord
     warm: bool
     live: list[ReplicaRecord]
     rtt: dict[str, float]  # pod -> sound RTT sample of a live replica
+    net: float = 0.0  # mean RTT, or its fallback
+    notes: tuple[str, ...] = ()
+    model: ServiceModel | None = None
+    service: float = 0.0  # base + per-item part for this request's size
+    stats: ServiceStats | None = None
+    cold: float = 0.0  # cold start added while cold
+    accuracy: float = 0.0  # assumed accuracy (after fallback)
 
 
-def rank(
-    criteria: Criteria,
-    snapshot: Snapshot,
-    *,
-    client: str = "",
-    now: float | None = None,
-    policy: Policy = DEFAULT_POLICY,
-    items: float = 1.0,
-    rng: random.Random | None = None,
-    replicas: bool = False,
-) -> Ranking:
-    """Rank the executors of ``snapshot`` for ``criteria``; best first.
-
-    The snapshot's latency samples must be the ones of ``client`` (kept for
-    callers and logs; the order does not depend on it). ``items`` is the
-    request's size (``instances``) for the per-item cost. ``rng`` spreads
-    near-equal candidates (see the module docstring); without it the order
-    is deterministic. ``replicas=True`` evaluates each live replica and puts
-    the best one in :attr:`Candidate.replica` (for a router that addresses
-    pods). Returns a :class:`Ranking`; when it is empty, ``explain()`` says why.
-    """
-    del client  # kept for callers and logs; the order does not depend on it
-    now = snapshot.taken_at if now is None else now
+def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POLICY,
+            items: float = 1.0) -> tuple[list[Viable], dict[str, str]]:
+    """Steps 1-2 of :func:`rank`: the viable executors (hard criteria, sound values,
+    ability to serve, min accuracy) with their network, service model, cold start and
+    accuracy, and the reasons the others were rejected. Reads the snapshot's
+    executors, replicas, latency samples and service statistics, not its load."""
     rejected: dict[str, str] = {}
-
-    # 1. hard criteria, sound values, ability to serve
-    viable: list[_Viable] = []
+    viable: list[Viable] = []
     for eid in sorted(snapshot.executors):
         rec = snapshot.executors[eid]
-        if rec.type != criteria.type:
-            rejected[eid] = f"wrong type: has {rec.type!r}"
-            continue
-        if criteria.input is not None and rec.input != criteria.input:
-            rejected[eid] = f"wrong input: has {rec.input!r}"
-            continue
-        if criteria.output is not None and rec.output != criteria.output:
-            rejected[eid] = f"wrong output: has {rec.output!r}"
-            continue
-        bad = _bad_value(rec)
+        bad = mismatch(criteria, rec) or _bad_value(rec)
         if bad is not None:
             rejected[eid] = bad
             continue
@@ -323,114 +325,170 @@ def rank(
             s = samples.get(r.pod)
             if s is not None and _sound(s.ms):
                 rtt[r.pod] = s.ms
-        viable.append(_Viable(eid, rec, warm, live, rtt))
+        viable.append(Viable(eid, rec, warm, live, rtt))
 
-    # 2. fallbacks computed over the viable set
+    # Fallbacks computed over the viable set.
     net_known = [sum(v.rtt.values()) / len(v.rtt) for v in viable if v.rtt]
     net_fallback = _median(net_known)
     svc_fallback = _median([v.rec.service_time_ms for v in viable
                             if v.rec.service_time_ms is not None])
     acc_known = [v.rec.accuracy for v in viable if v.rec.accuracy is not None]
     acc_fallback = min(acc_known) if acc_known else None
-    prefs = Preferences.of(criteria, policy)
-    wait = criteria.cold_start == "Wait"
-
-    # 3. expected latency and limits
-    cands: list[Candidate] = []
     for v in viable:
-        eid, rec = v.eid, v.rec
+        rec = v.rec
         mean_rtt = sum(v.rtt.values()) / len(v.rtt) if v.rtt else None
-        net, notes = _or_fallback(mean_rtt, net_fallback, policy.default_network_ms,
-                                  "RTT sample")
+        v.net, notes = _or_fallback(mean_rtt, net_fallback, policy.default_network_ms,
+                                    "RTT sample")
         b0, svc_note = _or_fallback(rec.service_time_ms, svc_fallback,
                                     policy.default_service_time_ms, "service time")
         notes += svc_note
-        stats = snapshot.service.get(eid)
-        model = fit(stats, ServiceModel(b0, b0 / policy.replica_concurrency, 0.0), policy.fit)
-        ready = max(len(v.live), 1)
-        service = model.base_ms + model.per_item_ms * items
-        # Everybody else's requests whose timing is known: ahead while still being
-        # served when ours would arrive there, or when late (not back when expected).
-        timed = snapshot.inflight_requests.get(eid)
-        timed_total, timed_pods = 0.0, dict[str, float]()
-        for pod, busy_until, back_by in timed or ():
-            if now + v.rtt.get(pod, net) / 2000 < busy_until or now >= back_by:
-                timed_total += 1
-                if pod:
-                    timed_pods[pod] = timed_pods.get(pod, 0.0) + 1
-        timed_spread = (timed_total - sum(timed_pods.values())) / ready  # sent to the Service
-        # Everybody else's requests only counted (some are on the wire): the share
-        # still ahead when this one arrives is about stay / (stay + RTT).
-        others = snapshot.inflight.get(eid, 0) / ready
-        stay = service + model.per_inflight_ms * others
-        replica = None
-        if replicas and v.live:
-            own = snapshot.replica_inflight.get(eid) or {}
-            best = None
-            for r in v.live:
-                net_r = v.rtt.get(r.pod, net)
-                k_r = (own.get(r.pod, 0.0) + timed_pods.get(r.pod, 0.0) + timed_spread
-                       + (others * stay / (stay + net_r) if others else 0.0))
-                e_r = net_r + model.per_inflight_ms * k_r
-                if best is None or e_r < best[0]:
-                    best = (e_r, r, k_r, net_r)
-            assert best is not None
-            _, replica, k, net = best
-        else:
-            k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
-                 + (others * stay / (stay + net) if others else 0.0))
-        load = model.per_inflight_ms * k
-        steady = net + service + load
-        cold = 0.0
+        v.stats = snapshot.service.get(v.eid)
+        v.model = fit(v.stats, ServiceModel(b0, b0 / policy.replica_concurrency, 0.0),
+                      policy.fit)
+        v.service = v.model.base_ms + v.model.per_item_ms * items
         if not v.warm:
-            cold_ms = stats.cold_ms if stats is not None else None
+            cold_ms = v.stats.cold_ms if v.stats is not None else None
             if cold_ms is None:
                 cold_ms = policy.default_cold_start_ms
                 notes += ("cold start not measured: default",)
-            cold = cold_ms
-        expected = steady + cold
-        if not math.isfinite(expected):
-            rejected[eid] = "invalid measurement: expected latency is not finite"
-            continue
-        if criteria.max_latency_ms is not None and steady > criteria.max_latency_ms:
-            rejected[eid] = (
-                f"over max latency: expected {steady:.1f} ms > {criteria.max_latency_ms:g} ms"
-            )
-            continue
+            v.cold = cold_ms
         acc = rec.accuracy
         if acc is None:
             acc = acc_fallback if acc_fallback is not None else 1.0
             notes += ("accuracy unknown: lowest known" if acc_fallback is not None
                       else "accuracy unknown",)
-        cands.append(Candidate(
-            eid, 0.0, expected, rec.accuracy, v.warm, rec, net, service, load, cold, 0.0,
-            acc, k, False, replica, model, stats.count if stats is not None else 0, notes,
-        ))
+        v.accuracy, v.notes = acc, notes
+    return viable, rejected
 
+
+def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
+              replicas: bool) -> Candidate | str:
+    """Step 3 of :func:`rank`: ``v`` under the snapshot's load, unscored; or why the
+    limits reject it. Reads only the snapshot's load (``inflight``,
+    ``inflight_requests``, ``own_inflight``, ``replica_inflight``) of ``v``."""
+    eid, model, net, service = v.eid, v.model, v.net, v.service
+    assert model is not None
+    ready = max(len(v.live), 1)
+    # Everybody else's requests whose timing is known: ahead while still being
+    # served when ours would arrive there, or when late (not back when expected).
+    timed = snapshot.inflight_requests.get(eid)
+    timed_total = 0.0
+    timed_pods: dict[str, float] = {}
+    for pod, busy_until, back_by in timed or ():
+        if now + v.rtt.get(pod, net) / 2000 < busy_until or now >= back_by:
+            timed_total += 1
+            if pod:
+                timed_pods[pod] = timed_pods.get(pod, 0.0) + 1
+    timed_spread = (timed_total - sum(timed_pods.values())) / ready  # sent to the Service
+    # Everybody else's requests only counted (some are on the wire): the share
+    # still ahead when this one arrives is about stay / (stay + RTT).
+    others = snapshot.inflight.get(eid, 0) / ready
+    stay = service + model.per_inflight_ms * others
+    replica = None
+    if replicas and v.live:
+        own = snapshot.replica_inflight.get(eid) or {}
+        best = None
+        for r in v.live:
+            net_r = v.rtt.get(r.pod, net)
+            k_r = (own.get(r.pod, 0.0) + timed_pods.get(r.pod, 0.0) + timed_spread
+                   + (others * stay / (stay + net_r) if others else 0.0))
+            e_r = net_r + model.per_inflight_ms * k_r
+            if best is None or e_r < best[0]:
+                best = (e_r, r, k_r, net_r)
+        assert best is not None
+        _, replica, k, net = best
+    else:
+        k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
+             + (others * stay / (stay + net) if others else 0.0))
+    load = model.per_inflight_ms * k
+    steady = net + service + load
+    expected = steady + v.cold
+    if not math.isfinite(expected):
+        return "invalid measurement: expected latency is not finite"
+    if criteria.max_latency_ms is not None and steady > criteria.max_latency_ms:
+        return f"over max latency: expected {steady:.1f} ms > {criteria.max_latency_ms:g} ms"
+    return Candidate(
+        eid, 0.0, expected, v.rec.accuracy, v.warm, v.rec, net, service, load, v.cold, 0.0,
+        v.accuracy, k, False, replica, model, v.stats.count if v.stats is not None else 0,
+        v.notes,
+    )
+
+
+def score(c: Candidate, best_accuracy: float, prefs: Preferences, wait: bool) -> None:
+    """Step 4 of :func:`rank`: ``c``'s scores and ceiling, its accuracy relative to the
+    best candidate's (in place)."""
+    ratio = c.assumed_accuracy / best_accuracy if best_accuracy > 0 else 1.0
+    steady = c.expected_latency_ms - c.cold_start_ms
+    c.raw_score = round(prefs.score(steady, ratio), 9)
+    ranked_latency = steady if wait else c.expected_latency_ms
+    c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
+    c.latency_utility, c.accuracy_utility = prefs.latency_utility(ranked_latency), ratio
+    c.over_ceiling = ranked_latency > prefs.ceiling_ms
+
+
+def order_key(c: Candidate) -> tuple[bool, float, str]:
+    """The order of :func:`rank` without ``rng``: within the ceiling first, by score,
+    then executor id."""
+    return (c.over_ceiling, -c.score, c.executor_id)
+
+
+def finish(cands: list[Candidate], rejected: dict[str, str], criteria: Criteria,
+           prefs: Preferences, policy: Policy, rng: random.Random | None) -> Ranking:
+    """Step 5 of :func:`rank`: ``cands`` (scored, in :func:`order_key` order) with
+    near-equal ones spread and the cold ones worth waking listed."""
     if not cands:
         return Ranking([], rejected, [], criteria)
-
-    # 4. scores and the ceiling
-    best_acc = max(c.assumed_accuracy for c in cands)
-    for c in cands:
-        ratio = c.assumed_accuracy / best_acc if best_acc > 0 else 1.0
-        steady = c.expected_latency_ms - c.cold_start_ms
-        c.raw_score = round(prefs.score(steady, ratio), 9)
-        ranked_latency = steady if wait else c.expected_latency_ms
-        c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
-        c.latency_utility, c.accuracy_utility = prefs.latency_utility(ranked_latency), ratio
-        c.over_ceiling = ranked_latency > prefs.ceiling_ms
-
-    # 5. order; spread over near-equal candidates
-    cands.sort(key=lambda c: (c.over_ceiling, -c.score, c.executor_id))
     if rng is not None and len(cands) > 1:
-        _spread(cands, prefs, policy, rng, wait)
-
+        _spread(cands, prefs, policy, rng, criteria.cold_start == "Wait")
     first = cands[0]
     wake = [c.executor_id for c in cands if not c.warm and c.raw_score > first.score]
     if not first.warm and first.executor_id not in wake:
         wake.insert(0, first.executor_id)
     return Ranking(cands, rejected, wake, criteria)
+
+
+def rank(
+    criteria: Criteria,
+    snapshot: Snapshot,
+    *,
+    client: str = "",
+    now: float | None = None,
+    policy: Policy = DEFAULT_POLICY,
+    items: float = 1.0,
+    rng: random.Random | None = None,
+    replicas: bool = False,
+) -> Ranking:
+    """Rank the executors of ``snapshot`` for ``criteria``; best first.
+
+    The snapshot's latency samples must be the ones of ``client`` (kept for
+    callers and logs; the order does not depend on it). ``items`` is the
+    request's size (``instances``) for the per-item cost. ``rng`` spreads
+    near-equal candidates (see the module docstring); without it the order
+    is deterministic. ``replicas=True`` evaluates each live replica and puts
+    the best one in :attr:`Candidate.replica` (for a router that addresses
+    pods). Returns a :class:`Ranking`; when it is empty, ``explain()`` says why.
+    (:class:`~mulambda.policy.ranker.Ranker` gives the same answer, keeping
+    what did not change between calls.)
+    """
+    del client  # kept for callers and logs; the order does not depend on it
+    now = snapshot.taken_at if now is None else now
+    viable, rejected = prepare(criteria, snapshot, policy, items)
+    cands: list[Candidate] = []
+    for v in viable:
+        found = candidate(v, criteria, snapshot, now, replicas)
+        if isinstance(found, str):
+            rejected[v.eid] = found
+        else:
+            cands.append(found)
+    if not cands:
+        return Ranking([], rejected, [], criteria)
+    prefs = Preferences.of(criteria, policy)
+    wait = criteria.cold_start == "Wait"
+    best_acc = max(c.assumed_accuracy for c in cands)
+    for c in cands:
+        score(c, best_acc, prefs, wait)
+    cands.sort(key=order_key)
+    return finish(cands, rejected, criteria, prefs, policy, rng)
 
 
 def near_equal(cands: list[Candidate], criteria: Criteria,

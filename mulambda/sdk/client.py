@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import httpx
 
 from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.ranker import Ranker
 from mulambda.policy.rollout import (
     CANDIDATE,
     ArmChoice,
@@ -29,9 +30,9 @@ from mulambda.policy.selection import (
     Criteria,
     Policy,
     Ranking,
+    explained,
     overlay,
     prefilter,
-    rank,
 )
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import INFLIGHT_LEASE_SECONDS, MetadataStore
@@ -114,6 +115,7 @@ class MulambdaClient:
         self.suspect_seconds = suspect_seconds
         self.cold_start_timeout = cold_start_timeout
         self.policy = policy
+        self._ranker = Ranker(policy)
         self._owns_http = http is None
         self._http = http
         self._snap: Snapshot | None = None
@@ -274,12 +276,12 @@ class MulambdaClient:
                        inflight_requests=others[1] if others is not None else None)
         snap, arms = route_view(snap, full, lambda salt: self._draw(key, salt), force_stable)
         pods = self.direct if direct is None else direct
-        ranking = rank(self.criteria, snap, client=self.client_id, policy=self.policy,
-                       items=items, rng=self._rng, replicas=pods, now=time.time())
+        ranking = self._ranker.rank(self.criteria, snap, items=items, rng=self._rng,
+                                    replicas=pods, now=time.time())
         ranking, experiment = experiment_ranking(ranking, full.client_record,
                                                  lambda salt: self._draw(key, salt))
         if not ranking:  # explain with every executor, not only the prefiltered ones
-            ranking = rank(self.criteria, full, client=self.client_id, policy=self.policy)
+            ranking = explained(ranking, full)
         if self._suspect:
             now = time.monotonic()
             self._suspect = {e: t for e, t in self._suspect.items() if t > now}

@@ -1,6 +1,6 @@
 """What the selector keeps between requests: one shared store snapshot refreshed
-single-flight, a bounded LRU of per-client views, and demand signals queued and written
-in batches."""
+single-flight, a bounded LRU of per-client views, the part of the snapshot each
+criteria can match, and demand signals queued and written in batches."""
 
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -18,6 +19,7 @@ from prometheus_client import (
     Counter,
 )
 
+from mulambda.policy.selection import Criteria, prefilter
 from mulambda.store.metadata import (
     DEMAND_BUCKET_SECONDS,
     DEMAND_TTL_SECONDS,
@@ -25,7 +27,9 @@ from mulambda.store.metadata import (
     _bucket,
 )
 from mulambda.store.reader import retrieve
-from mulambda.store.records import ClientRecord, LatencySample, StoreUnavailable
+from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
+
+from .decisions import hard_rejections
 
 log = logging.getLogger("mulambda.selector")
 
@@ -95,6 +99,49 @@ class ClientViews:
     def close(self) -> None:
         for pending in list(self._pending.values()):
             pending.cancel()
+
+
+class MatchingViews:
+    """Per criteria, the part of the snapshot whose executors meet its hard criteria,
+    and how many executors they left out, by why; in a bounded LRU.
+
+    Ranking the part costs in proportion to the executors of the wanted type,
+    not to all of them. A view is filtered again only for the parts of the
+    snapshot that changed (the shared reader hands out the same dict for a
+    part that did not: :func:`~mulambda.policy.selection.prefilter`'s reuse);
+    the per-client parts (latency samples) are small and filtered each time.
+    Criteria come from request bodies, so the LRU is bounded whatever callers
+    send.
+    """
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self.max_entries = max_entries
+        # criteria -> (snapshot it was filtered from, view, executors left out by why)
+        self._lru: OrderedDict[Criteria, tuple[Snapshot, Snapshot, Tally[str]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, criteria: Criteria, snap: Snapshot) -> tuple[Snapshot, Tally[str]]:
+        """The part of ``snap`` that can match ``criteria``, and the hard criteria's
+        rejections by :func:`~mulambda.selector.decisions.rejection_kind`."""
+        hit = self._lru.get(criteria)
+        if hit is not None and hit[0] is snap:
+            self._lru.move_to_end(criteria)
+            return hit[1], hit[2]
+        view = prefilter(criteria, snap, (criteria, hit[0], hit[1]) if hit else None)
+        left_out = (hit[2] if hit is not None and hit[1].executors is view.executors
+                    else hard_rejections(criteria, snap.executors))
+        self._lru[criteria] = (snap, view, left_out)
+        self._lru.move_to_end(criteria)
+        while len(self._lru) > self.max_entries:
+            self._lru.popitem(last=False)
+        return view, left_out
+
+    def left_out(self, criteria: Criteria) -> Tally[str]:
+        """The rejections of the last :meth:`get` for ``criteria`` (empty if none)."""
+        hit = self._lru.get(criteria)
+        return hit[2] if hit is not None else Tally()
 
 
 class DemandQueue:

@@ -8,8 +8,11 @@ one of a few fixed words that a dashboard can group by.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 
 from mulambda.policy.ranking import Candidate, Ranking
+from mulambda.policy.selection import Criteria, mismatch
+from mulambda.store.records import ExecutorRecord
 
 # Why the chosen executor was chosen (``mulambda_selector_decisions_total{reason}``).
 DECISION_REASONS = (
@@ -57,3 +60,15 @@ def rejection_kind(reason: str) -> str:
 def rejections(ranking: Ranking) -> Counter[str]:
     """How many executors ``ranking`` left out, per :func:`rejection_kind`."""
     return Counter(rejection_kind(r) for r in ranking.rejected.values())
+
+
+def hard_rejections(criteria: Criteria, executors: Mapping[str, ExecutorRecord]
+                    ) -> Counter[str]:
+    """How many of ``executors`` the hard criteria leave out, per :func:`rejection_kind`
+    (what :func:`rejections` counts for them when the whole snapshot is ranked)."""
+    counts: Counter[str] = Counter()
+    for record in executors.values():
+        why = mismatch(criteria, record)
+        if why is not None:
+            counts[rejection_kind(why)] += 1
+    return counts

@@ -139,7 +139,7 @@ async def select(request: web.Request) -> web.Response:
         except ValueError as exc:
             outcome = "bad_request"
             return _error(400, str(exc))
-        ranking = await sel.ranking(criteria, snap, client)
+        ranking = await sel.ranking(criteria, snap)
         if not ranking:
             outcome = "no_match"
             reason = ranking.explain()
@@ -182,7 +182,7 @@ async def _warm_candidate(sel: Selector, criteria: Criteria, client: str, execut
     deadline = time.monotonic() + sel.cold_start_timeout
     while time.monotonic() < deadline:
         snap = await sel.view(client, fresh=True)
-        for c in await sel.ranking(criteria, snap, client, items=items, replicas=True):
+        for c in await sel.ranking(criteria, snap, items=items, replicas=True):
             if c.executor_id == executor and c.warm:
                 return c
         await asyncio.sleep(0.5)
@@ -228,7 +228,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
             snap.client_record.experiment if snap.client_record is not None else None))
         while len(attempts) < sel.max_attempts:
             ranking, arms, experiment = await sel.routed(
-                criteria, snap, client, items=items, key=key, force_stable=frozenset(stable_only))
+                criteria, snap, items=items, key=key, force_stable=frozenset(stable_only))
             if not ranking and not attempts:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())

@@ -23,6 +23,7 @@ from prometheus_client import (
 )
 
 from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.ranker import Ranker
 from mulambda.policy.rollout import (
     ArmChoice,
     Experiment,
@@ -35,8 +36,8 @@ from mulambda.policy.selection import (
     Criteria,
     Policy,
     Ranking,
+    explained,
     overlay,
-    rank,
 )
 from mulambda.sdk.shadow import ShadowCopies, count_outcome
 from mulambda.store.leases import InflightLeases, InflightReader
@@ -47,7 +48,7 @@ from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import Snapshot
 
-from .caches import ClientViews, DemandQueue
+from .caches import ClientViews, DemandQueue, MatchingViews
 from .decisions import REJECTION_REASONS, decision_reason, rejections
 
 log = logging.getLogger("mulambda.selector")
@@ -95,6 +96,8 @@ class Selector:
         self.instance = f"selector-{uuid.uuid4().hex[:12]}"
         self.shared = SharedSnapshot(store, cache_ttl, self.instance, self._refreshed)
         self.clients = ClientViews(store, cache_ttl, max_clients=max_cached_clients)
+        self.matching = MatchingViews()
+        self.ranker = Ranker(policy)
         self.tracker = ServiceTracker(policy.fit)
         self.leases = InflightLeases(store, self.instance, service=self.tracker)
         self.load = InflightReader(store, self.instance)
@@ -172,7 +175,8 @@ class Selector:
                               reason=decision_reason(ranking, chosen, failover=failover)).inc()
         self.scores.labels(executor=executor).observe(chosen.score)
         self.expected.labels(executor=executor).observe(chosen.expected_latency_ms / 1000)
-        for reason, n in rejections(ranking).items():
+        left_out = rejections(ranking) + self.matching.left_out(ranking.criteria)
+        for reason, n in left_out.items():
             self.rejections.labels(reason=reason).inc(n)
 
     # -- background store writes ---------------------------------------------------
@@ -226,13 +230,15 @@ class Selector:
             elif now - asked > max(self.cold_start_timeout, 600.0):
                 del self.waking[executor]
 
-    async def ranking(self, criteria: Criteria, snap: Snapshot, client: str, *,
-                      items: int = 1, replicas: bool = False) -> Ranking:
+    async def ranking(self, criteria: Criteria, snap: Snapshot, *, items: int = 1,
+                      replicas: bool = False) -> Ranking:
         """Rank :meth:`loaded` ``snap``, near-equal candidates spread."""
-        return rank(criteria, await self.loaded(snap), client=client, policy=self.policy,
-                    items=items, rng=self.rng, replicas=replicas, now=time.time())
+        view, _ = self.matching.get(criteria, snap)
+        found = self.ranker.rank(criteria, await self.loaded(view), items=items, rng=self.rng,
+                                 replicas=replicas, now=time.time())
+        return found or explained(found, snap)
 
-    async def routed(self, criteria: Criteria, snap: Snapshot, client: str, *, items: int = 1,
+    async def routed(self, criteria: Criteria, snap: Snapshot, *, items: int = 1,
                      key: str | None = None, force_stable: frozenset[str] = frozenset(),
                      ) -> tuple[Ranking, dict[str, ArmChoice], Experiment | None]:
         """The gateway's ranking with rollout arms chosen (``force_stable``: executors
@@ -241,9 +247,12 @@ class Selector:
         def draw(salt: str) -> float:
             return sticky_draw(key, salt) if key is not None else self.rng.random()
 
-        view, arms = route_view(await self.loaded(snap), snap, draw, force_stable)
-        ranking = rank(criteria, view, client=client, policy=self.policy, items=items,
-                       rng=self.rng, replicas=True, now=time.time())
+        matching, _ = self.matching.get(criteria, snap)
+        view, arms = route_view(await self.loaded(matching), snap, draw, force_stable)
+        ranking = self.ranker.rank(criteria, view, items=items, rng=self.rng, replicas=True,
+                                   now=time.time())
+        if not ranking:
+            return explained(ranking, snap), arms, None
         ranking, experiment = experiment_ranking(ranking, snap.client_record, draw)
         return ranking, arms, experiment
 

@@ -87,7 +87,7 @@ async def submit(request: web.Request) -> web.Response:
             except ValueError as exc:
                 outcome = "bad_request"
                 return _error(400, str(exc))
-            ranking = await sel.ranking(criteria, snap, client, items=items)
+            ranking = await sel.ranking(criteria, snap, items=items)
             if not ranking:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())

@@ -1,0 +1,158 @@
+"""Ranking on every request at a cost proportional to what changed (:class:`Ranker`).
+
+A router ranks the same executors for the same criteria many times a
+second, and between two calls little changes: the snapshot's records,
+heartbeats, latency samples and service statistics are the very same dicts
+(the incremental store reader and the selector's shared snapshot hand out the
+same object for a part that did not change), and only a few executors have
+requests in flight. :func:`~mulambda.policy.selection.rank` redoes all of it
+per call; :class:`Ranker` keeps, per (criteria, policy, items, replicas):
+
+* what :func:`~mulambda.policy.selection.prepare` derived from those parts,
+  while the parts are the same objects;
+* every viable executor's candidate *without load*, scored, in order: for an
+  executor with nothing in flight that is exactly what ``rank`` computes.
+
+Per call only the executors with something in flight (in the snapshot's
+``inflight``, ``inflight_requests``, ``own_inflight`` or ``replica_inflight``)
+are evaluated again and inserted into the kept order. When the best accuracy
+among the candidates changes (the most accurate one went over its latency
+limit, or came back), every score is recomputed. The answer is the one
+``rank`` gives (tests compare them on random snapshots and loads); callers
+must not change the candidates they get (they are shared between answers).
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+
+from mulambda.store.records import Snapshot
+
+from .criteria import Criteria
+from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
+from .selection import Viable, candidate, finish, order_key, prepare, score
+
+
+@dataclass
+class _Kept:
+    """What one (criteria, policy, items, replicas) ranking keeps between calls."""
+
+    parts: tuple[object, object, object, object]  # the snapshot dicts it was derived from
+    viable: dict[str, Viable]
+    rejected: dict[str, str]  # by prepare, and by the limits without load
+    unloaded: list[Candidate]  # every candidate without load, in order_key order
+    by_accuracy: list[Candidate]  # the same, most accurate first
+    scored_for: float  # the best accuracy their scores were computed with
+    # Re-scored copies of ``unloaded`` for another best accuracy (at most a few kept).
+    rescored: dict[float, list[Candidate]] = field(default_factory=dict)
+
+
+def _parts(snapshot: Snapshot) -> tuple[object, object, object, object]:
+    return (snapshot.executors, snapshot.replicas, snapshot.latency, snapshot.service)
+
+
+def _loaded(snapshot: Snapshot) -> set[str]:
+    """Executors the snapshot's load can change the candidate of."""
+    ids = {e for e, n in snapshot.inflight.items() if n}
+    ids.update(e for e, r in snapshot.inflight_requests.items() if r)
+    ids.update(e for e, n in snapshot.own_inflight.items() if n)
+    ids.update(e for e, pods in snapshot.replica_inflight.items() if pods)
+    return ids
+
+
+class Ranker:
+    """:func:`~mulambda.policy.selection.rank` with what did not change kept between
+    calls (see the module docstring); at most ``max_entries`` criteria kept."""
+
+    def __init__(self, policy: Policy = DEFAULT_POLICY, max_entries: int = 256) -> None:
+        self.policy = policy
+        self.max_entries = max_entries
+        self._kept: OrderedDict[tuple[Criteria, float, bool], _Kept] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def rank(self, criteria: Criteria, snapshot: Snapshot, *, now: float | None = None,
+             items: float = 1.0, rng: random.Random | None = None,
+             replicas: bool = False) -> Ranking:
+        """What ``rank(criteria, snapshot, now=now, policy=self.policy, items=items,
+        rng=rng, replicas=replicas)`` returns."""
+        now = snapshot.taken_at if now is None else now
+        policy = self.policy
+        prefs = Preferences.of(criteria, policy)
+        wait = criteria.cold_start == "Wait"
+        kept = self._keep(criteria, snapshot, items, replicas, prefs, wait)
+
+        loaded = _loaded(snapshot).intersection(kept.viable)
+        rejected = kept.rejected
+        fresh: list[Candidate] = []
+        if loaded:
+            rejected = {e: why for e, why in rejected.items() if e not in loaded}
+            for eid in sorted(loaded):
+                found = candidate(kept.viable[eid], criteria, snapshot, now, replicas)
+                if isinstance(found, str):
+                    rejected[eid] = found
+                else:
+                    fresh.append(found)
+        best = next((c.assumed_accuracy for c in kept.by_accuracy
+                     if c.executor_id not in loaded), None)
+        for c in fresh:
+            if best is None or c.assumed_accuracy > best:
+                best = c.assumed_accuracy
+        if best is None:
+            return Ranking([], rejected, [], criteria)
+        cands = [c for c in self._scored(kept, best, prefs, wait)
+                 if c.executor_id not in loaded]
+        for c in fresh:
+            score(c, best, prefs, wait)
+            bisect.insort(cands, c, key=order_key)
+        return finish(cands, rejected, criteria, prefs, policy, rng)
+
+    def _keep(self, criteria: Criteria, snapshot: Snapshot, items: float, replicas: bool,
+              prefs: Preferences, wait: bool) -> _Kept:
+        key = (criteria, items, replicas)
+        kept = self._kept.get(key)
+        parts = _parts(snapshot)
+        if kept is not None and all(a is b for a, b in zip(kept.parts, parts, strict=True)):
+            self._kept.move_to_end(key)
+            return kept
+        viable, rejected = prepare(criteria, snapshot, self.policy, items)
+        # Without load, a candidate depends on none of the snapshot's load nor the clock.
+        idle = replace(snapshot, inflight={}, inflight_requests={}, own_inflight={},
+                       replica_inflight={})
+        unloaded = []
+        for v in viable:
+            found = candidate(v, criteria, idle, 0.0, replicas)
+            if isinstance(found, str):
+                rejected[v.eid] = found
+            else:
+                unloaded.append(found)
+        best = max((c.assumed_accuracy for c in unloaded), default=0.0)
+        for c in unloaded:
+            score(c, best, prefs, wait)
+        unloaded.sort(key=order_key)
+        kept = _Kept(parts, {v.eid: v for v in viable}, rejected, unloaded,
+                     sorted(unloaded, key=lambda c: -c.assumed_accuracy), best)
+        self._kept[key] = kept
+        while len(self._kept) > self.max_entries:
+            self._kept.popitem(last=False)
+        return kept
+
+    @staticmethod
+    def _scored(kept: _Kept, best: float, prefs: Preferences, wait: bool) -> list[Candidate]:
+        """The unloaded candidates scored against ``best`` accuracy, in order."""
+        if best == kept.scored_for:
+            return kept.unloaded
+        found = kept.rescored.get(best)
+        if found is None:
+            found = [replace(c) for c in kept.unloaded]
+            for c in found:
+                score(c, best, prefs, wait)
+            found.sort(key=order_key)
+            if len(kept.rescored) >= 4:
+                kept.rescored.clear()
+            kept.rescored[best] = found
+        return found
