@@ -264,7 +264,7 @@ def main(args: argparse.Namespace) -> list[Result]:
         env = {**os.environ, "MULAMBDA_SELECTOR_AUTH": "false", "MULAMBDA_LOG_LEVEL": "WARNING",
                "MULAMBDA_REDIS_URL": url, "MULAMBDA_KEY_PREFIX": "bench"}
         sel_port, base_port = free_port(), free_port()
-        # It logs a line per selection (as deployed): to a file, not this terminal.
+        # Its log (warnings and above here) goes to a file, not this terminal.
         log = open(args.selector_log or os.devnull, "ab")  # closed in finally
         procs_logs.append(log)
         selector = subprocess.Popen(

@@ -70,21 +70,26 @@ class Ranker:
     def __init__(self, policy: Policy = DEFAULT_POLICY, max_entries: int = 256) -> None:
         self.policy = policy
         self.max_entries = max_entries
-        self._kept: OrderedDict[tuple[Criteria, float, bool], _Kept] = OrderedDict()
+        self._kept: OrderedDict[tuple[Criteria, float, bool, str], _Kept] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def rank(self, criteria: Criteria, snapshot: Snapshot, *, now: float | None = None,
              items: float = 1.0, rng: random.Random | None = None,
-             replicas: bool = False) -> Ranking:
+             replicas: bool = False, key: str = "") -> Ranking:
         """What ``rank(criteria, snapshot, now=now, policy=self.policy, items=items,
-        rng=rng, replicas=replicas)`` returns."""
+        rng=rng, replicas=replicas)`` returns.
+
+        What is kept is kept per (criteria, items, replicas, ``key``): a router
+        ranking for several clients whose snapshots carry each client's own
+        latency samples gives each its own key, so that they do not replace
+        each other's."""
         now = snapshot.taken_at if now is None else now
         policy = self.policy
         prefs = Preferences.of(criteria, policy)
         wait = criteria.cold_start == "Wait"
-        kept = self._keep(criteria, snapshot, items, replicas, prefs, wait)
+        kept = self._keep((criteria, items, replicas, key), snapshot, prefs, wait)
 
         loaded = _loaded(snapshot).intersection(kept.viable)
         rejected = kept.rejected
@@ -111,9 +116,9 @@ class Ranker:
             bisect.insort(cands, c, key=order_key)
         return finish(cands, rejected, criteria, prefs, policy, rng)
 
-    def _keep(self, criteria: Criteria, snapshot: Snapshot, items: float, replicas: bool,
+    def _keep(self, key: tuple[Criteria, float, bool, str], snapshot: Snapshot,
               prefs: Preferences, wait: bool) -> _Kept:
-        key = (criteria, items, replicas)
+        criteria, items, replicas, _ = key
         kept = self._kept.get(key)
         parts = _parts(snapshot)
         if kept is not None and all(a is b for a, b in zip(kept.parts, parts, strict=True)):

@@ -13,6 +13,7 @@ import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import replace
 
 from prometheus_client import (
     CollectorRegistry,
@@ -35,27 +36,38 @@ log = logging.getLogger("mulambda.selector")
 
 ClientPart = tuple[dict[str, dict[str, LatencySample]], ClientRecord | None]
 
+# The latency samples of a client without any: one object, so that every such client's
+# view (and what mulambda.policy.ranker keeps for it) is the same.
+NO_SAMPLES: dict[str, dict[str, LatencySample]] = {}
+_UNKNOWN: ClientPart = (NO_SAMPLES, None)  # a client with neither samples nor a record
+
 
 class ClientViews:
     """The per-client part of a snapshot (latency samples, registered record), in a
     bounded LRU, read single-flight per client.
 
-    Bounded whatever the number of client names callers make up: a name with
-    neither a record nor a sample (unknown) is never kept; at most
+    Bounded whatever the number of client names callers make up: at most
     ``max_clients`` clients and ``max_samples`` samples in all are kept, each
-    client's read keeping at most ``max_client_samples``.
+    client's read keeping at most ``max_client_samples``. A name with neither
+    a record nor a sample (unknown) keeps only its name and when it was read,
+    in an LRU of its own (``max_unknown`` names, about 100 bytes each), so
+    that made-up names neither evict registered clients nor cost a store
+    read on every request.
     """
 
     def __init__(self, store: MetadataStore, ttl: float, *, max_clients: int = 1024,
-                 max_samples: int = 100_000, max_client_samples: int = 4096) -> None:
+                 max_samples: int = 100_000, max_client_samples: int = 4096,
+                 max_unknown: int = 8192) -> None:
         self.store = store
         self.ttl = ttl
         self.max_clients = max_clients
         self.max_samples = max_samples
         self.max_client_samples = max_client_samples
+        self.max_unknown = max_unknown
         self.samples = 0  # samples kept in all
         # client -> (monotonic time read, part, samples in it)
         self._lru: OrderedDict[str, tuple[float, ClientPart, int]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()  # client -> monotonic read
         self._pending: dict[str, asyncio.Future[ClientPart]] = {}
 
     def __len__(self) -> int:
@@ -67,6 +79,9 @@ class ClientViews:
         if hit is not None and time.monotonic() - hit[0] < age:
             self._lru.move_to_end(client)
             return hit[1]
+        unknown = self._unknown.get(client)
+        if unknown is not None and time.monotonic() - unknown < age:
+            return _UNKNOWN
         pending = self._pending.get(client)
         if pending is None:
             pending = asyncio.ensure_future(self._read(client))
@@ -82,13 +97,19 @@ class ClientViews:
             self._pending.pop(client, None)
         self._forget(client)
         latency, record = part
-        if record is not None or latency:
-            size = sum(len(pods) for pods in latency.values())
-            self._lru[client] = (started, part, size)
-            self.samples += size
-            while self._lru and (len(self._lru) > self.max_clients
-                                 or self.samples > self.max_samples):
-                self._forget(next(iter(self._lru)))
+        if record is None and not latency:
+            self._unknown[client] = started
+            self._unknown.move_to_end(client)
+            while len(self._unknown) > self.max_unknown:
+                self._unknown.popitem(last=False)
+            return _UNKNOWN
+        self._unknown.pop(client, None)
+        size = sum(len(pods) for pods in latency.values())
+        self._lru[client] = (started, part, size)
+        self.samples += size
+        while self._lru and (len(self._lru) > self.max_clients
+                             or self.samples > self.max_samples):
+            self._forget(next(iter(self._lru)))
         return part
 
     def _forget(self, client: str) -> None:
@@ -106,42 +127,54 @@ class MatchingViews:
     and how many executors they left out, by why; in a bounded LRU.
 
     Ranking the part costs in proportion to the executors of the wanted type,
-    not to all of them. A view is filtered again only for the parts of the
-    snapshot that changed (the shared reader hands out the same dict for a
-    part that did not: :func:`~mulambda.policy.selection.prefilter`'s reuse);
-    the per-client parts (latency samples) are small and filtered each time.
-    Criteria come from request bodies, so the LRU is bounded whatever callers
-    send.
+    not to all of them. The part is filtered again only when the snapshot's
+    shared parts changed, and then only the parts that did (the shared reader
+    hands out the same dict for a part that did not:
+    :func:`~mulambda.policy.selection.prefilter`'s reuse). The client's own
+    part (latency samples, record) is put in as it is: rank reads only the
+    samples of the executors it ranks. Criteria come from request bodies, so
+    the LRU is bounded whatever callers send.
     """
 
     def __init__(self, max_entries: int = 256) -> None:
         self.max_entries = max_entries
-        # criteria -> (snapshot it was filtered from, view, executors left out by why)
+        # criteria -> (shared snapshot filtered, view of it, executors left out by why)
         self._lru: OrderedDict[Criteria, tuple[Snapshot, Snapshot, Tally[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._lru)
 
     def get(self, criteria: Criteria, snap: Snapshot) -> tuple[Snapshot, Tally[str]]:
-        """The part of ``snap`` that can match ``criteria``, and the hard criteria's
-        rejections by :func:`~mulambda.selector.decisions.rejection_kind`."""
+        """The part of ``snap`` that can match ``criteria``, with ``snap``'s client part,
+        and the hard criteria's rejections by
+        :func:`~mulambda.selector.decisions.rejection_kind`."""
         hit = self._lru.get(criteria)
-        if hit is not None and hit[0] is snap:
+        if hit is not None and _same_shared(hit[0], snap):
             self._lru.move_to_end(criteria)
-            return hit[1], hit[2]
-        view = prefilter(criteria, snap, (criteria, hit[0], hit[1]) if hit else None)
-        left_out = (hit[2] if hit is not None and hit[1].executors is view.executors
-                    else hard_rejections(criteria, snap.executors))
-        self._lru[criteria] = (snap, view, left_out)
-        self._lru.move_to_end(criteria)
-        while len(self._lru) > self.max_entries:
-            self._lru.popitem(last=False)
-        return view, left_out
+            view, left_out = hit[1], hit[2]
+        else:
+            shared = replace(snap, latency=NO_SAMPLES, client_record=None)
+            view = prefilter(criteria, shared, (criteria, hit[0], hit[1]) if hit else None)
+            left_out = (hit[2] if hit is not None and hit[1].executors is view.executors
+                        else hard_rejections(criteria, snap.executors))
+            self._lru[criteria] = (shared, view, left_out)
+            self._lru.move_to_end(criteria)
+            while len(self._lru) > self.max_entries:
+                self._lru.popitem(last=False)
+        return replace(view, latency=snap.latency or NO_SAMPLES,
+                       client_record=snap.client_record), left_out
 
     def left_out(self, criteria: Criteria) -> Tally[str]:
         """The rejections of the last :meth:`get` for ``criteria`` (empty if none)."""
         hit = self._lru.get(criteria)
         return hit[2] if hit is not None else Tally()
+
+
+def _same_shared(a: Snapshot, b: Snapshot) -> bool:
+    """Whether every part but the client's is the very same object in ``a`` and ``b``."""
+    return (a.executors is b.executors and a.replicas is b.replicas and a.service is b.service
+            and a.inflight is b.inflight and a.inflight_requests is b.inflight_requests
+            and a.own_inflight is b.own_inflight and a.replica_inflight is b.replica_inflight)
 
 
 class DemandQueue:

@@ -152,8 +152,10 @@ async def select(request: web.Request) -> web.Response:
         sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
         rec = best.record
         outcome = "selected"
-        log.info("selected client=%s executor=%s score=%.3f warm=%s", client,
-                 best.executor_id, best.score, best.warm)
+        # Every decision is counted in /metrics (decisions by executor and reason); a log
+        # line per request would cost more than the selection at a thousand a second.
+        log.debug("selected client=%s executor=%s score=%.3f warm=%s", client,
+                  best.executor_id, best.score, best.warm)
         return _json({
             "endpoint": rec.rest,
             "grpc": rec.grpc,

@@ -4,7 +4,6 @@ measured service times, the gateway's HTTP session; its request bounds."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import heapq
 import json
@@ -48,7 +47,7 @@ from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import Snapshot
 
-from .caches import ClientViews, DemandQueue, MatchingViews
+from .caches import NO_SAMPLES, ClientViews, DemandQueue, MatchingViews
 from .decisions import REJECTION_REASONS, decision_reason, rejections
 
 log = logging.getLogger("mulambda.selector")
@@ -209,8 +208,10 @@ class Selector:
         ``fresh``: both parts read after this call started (or joined a read in
         progress)."""
         max_age = 0.0 if fresh else None
-        shared, (latency, record) = await asyncio.gather(
-            self.shared.get(max_age), self.clients.get(client, max_age))
+        # One after the other: both are nearly always cached, and gathering them would
+        # make two tasks per request for nothing (a miss costs one more round trip).
+        shared = await self.shared.get(max_age)
+        latency, record = await self.clients.get(client, max_age)
         return replace(shared, latency=latency, client_record=record)
 
     def _refreshed(self, snap: Snapshot) -> None:
@@ -235,7 +236,7 @@ class Selector:
         """Rank :meth:`loaded` ``snap``, near-equal candidates spread."""
         view, _ = self.matching.get(criteria, snap)
         found = self.ranker.rank(criteria, await self.loaded(view), items=items, rng=self.rng,
-                                 replicas=replicas, now=time.time())
+                                 replicas=replicas, now=time.time(), key=_key(view))
         return found or explained(found, snap)
 
     async def routed(self, criteria: Criteria, snap: Snapshot, *, items: int = 1,
@@ -250,7 +251,7 @@ class Selector:
         matching, _ = self.matching.get(criteria, snap)
         view, arms = route_view(await self.loaded(matching), snap, draw, force_stable)
         ranking = self.ranker.rank(criteria, view, items=items, rng=self.rng, replicas=True,
-                                   now=time.time())
+                                   now=time.time(), key=_key(matching))
         if not ranking:
             return explained(ranking, snap), arms, None
         ranking, experiment = experiment_ranking(ranking, snap.client_record, draw)
@@ -343,6 +344,13 @@ class Selector:
         finally:
             self.own.remove(token)
             self.leases.finish(executor, token=lease)
+
+
+def _key(view: Snapshot) -> str:
+    """The Ranker's key for a client's view: its own for a client with latency samples
+    (ClientViews keeps one dict of them per client; while the Ranker keeps an entry, it
+    holds that dict, so its id cannot be another's), one shared by every client without."""
+    return "" if view.latency is NO_SAMPLES else str(id(view.latency))
 
 
 SELECTOR_KEY = web.AppKey("selector", Selector)

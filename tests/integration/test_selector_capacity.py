@@ -220,5 +220,38 @@ async def test_memory_stays_bounded_for_ten_thousand_client_names(store):
     assert grown < 20 * 2**20, f"grew {grown / 2**20:.1f} MiB"
     assert len(sel.clients) <= 1024  # registered clients: a bounded LRU
     assert sel.clients.samples <= 1024
+    assert len(sel.clients._unknown) <= sel.clients.max_unknown  # made-up names: names only
     assert not sel.clients._pending
+    await sel.close()
+
+
+async def test_a_made_up_name_is_read_from_the_store_once_per_ttl(store, monkeypatch):
+    """Unknown names are remembered (names only, bounded) for the cache TTL: a caller
+    repeating one costs no store read per request, and it evicts no registered client."""
+    await fill(store, 10)
+    client = ClientRecord(namespace="shop", name="known", type="t0")
+    await store.redis.hset(store.clients_key, client.id, _dump(client))
+    app = create_app(store, cache_ttl=60)
+    sel = app[SELECTOR_KEY]
+    reads: list[str] = []
+    real = store.client_view
+
+    async def counted(name: str, **kw):
+        reads.append(name)
+        return await real(name, **kw)
+
+    monkeypatch.setattr(store, "client_view", counted)
+    sel.clients.max_unknown = 3
+    assert (await sel.view("shop/known")).client_record == client
+    for _ in range(5):
+        snap = await sel.view("made-up/a")
+        assert snap.client_record is None and not snap.latency
+    assert reads == ["shop/known", "made-up/a"]
+    for name in ("made-up/b", "made-up/c", "made-up/d"):  # pushes "a" out
+        await sel.view(name)
+    await sel.view("made-up/a")
+    assert reads.count("made-up/a") == 2
+    assert len(sel.clients._unknown) == 3 and len(sel.clients) == 1
+    await sel.view("shop/known")
+    assert reads.count("shop/known") == 1  # still kept
     await sel.close()
