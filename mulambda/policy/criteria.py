@@ -104,3 +104,13 @@ class Criteria:
             min_accuracy=min_acc if min_acc is not None else (b.min_accuracy if b else None),
             cold_start=cold or (b.cold_start if b else "UseWarm"),
         )
+
+    def to_request(self) -> dict[str, Any]:
+        """The selector request body that :meth:`from_request` turns back into these
+        criteria."""
+        required: dict[str, Any] = {"type": self.type, "cold_start": self.cold_start}
+        for name in ("input", "output", "max_latency_ms", "min_accuracy"):
+            if getattr(self, name) is not None:
+                required[name] = getattr(self, name)
+        return {"required": required, "desired": {"latency": self.latency_weight,
+                                                  "accuracy": self.accuracy_weight}}

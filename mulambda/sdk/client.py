@@ -42,7 +42,7 @@ from mulambda.store.records import Snapshot, StoreUnavailable
 
 from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
-from .tasks import Task, TaskClient, TaskStatus, selector_url_from_env
+from .tasks import Task, TaskClient, TaskStatus, read_only_from_env, selector_url_from_env
 from .transport import GrpcTransport, rest_predict
 
 log = logging.getLogger("mulambda.sdk")
@@ -70,6 +70,14 @@ class MulambdaClient:
     instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
     ``selector_url`` (default ``MULAMBDA_SELECTOR_URL``) is where :meth:`submit`
     and :meth:`result` send asynchronous tasks (mulambda.sdk.tasks).
+    ``read_only`` (default ``MULAMBDA_SDK_READ_ONLY``, which the operator sets
+    in Client workloads it gives the read-only store user) writes nothing to
+    the store: in-flight counts and measurements stay in this process (its own
+    rankings still use them; other routers do not see them), rollouts and
+    experiments do not count its requests, Shadow copies are not sent, and
+    demand for a cold executor goes through the selector's ``/select`` (which
+    signals it) when a selector URL is known; without one, executors at zero
+    replicas are not woken by this client, and it says so once.
     """
 
     def __init__(
@@ -96,6 +104,7 @@ class MulambdaClient:
         load_timeout: float = 0.05,
         max_shadow_inflight: int = 32,
         selector_url: str | None = None,
+        read_only: bool | None = None,
         **criteria_fields: Any,
     ) -> None:
         if criteria is not None and criteria_fields:
@@ -124,9 +133,10 @@ class MulambdaClient:
         self.direct = direct
         self._rng = random.Random(seed)
         # What this process measured; published with its leases (P:service).
+        self.read_only = read_only_from_env() if read_only is None else read_only
         self._tracker = ServiceTracker(policy.fit)
         self._leases = InflightLeases(self.store, ttl=inflight_lease_seconds,
-                                      service=self._tracker)
+                                      service=self._tracker, writes=not self.read_only)
         self._local = self._leases.counts  # own in-flight now (snapshots leave it out)
         self._own = OwnRequests()  # own requests: when sent, how long they should stay
         # Each refresh reads what changed since the last (store/reader.py).
@@ -144,6 +154,8 @@ class MulambdaClient:
         self._grpc: GrpcTransport | None = None
         # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
         self._outcomes = OutcomeRecorder(self.store)
+        self._outcomes.refused = self.read_only
+        self._told_no_wake = False
         self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
                                     timeout=timeout)
         self._selector_url = selector_url or selector_url_from_env()
@@ -333,11 +345,31 @@ class MulambdaClient:
                 del self._waking[executor]  # it never came: nothing to learn
 
     async def _note_demand(self, executors: list[str]) -> None:
+        if self.read_only:
+            await self._wake_through_selector(executors)
+            return
         try:
             await self.store.note_demand(executors)
             log.info("demand signalled client=%s executors=%s", self.client_id, executors)
         except StoreUnavailable as exc:
             log.warning("demand signal failed client=%s error=%s", self.client_id, exc)
+
+    async def _wake_through_selector(self, executors: list[str]) -> None:
+        """Read-only: the selector signals demand for what it selects for this client."""
+        if not self._selector_url:
+            if not self._told_no_wake:
+                self._told_no_wake = True
+                log.warning("read-only client=%s cannot wake executors at zero replicas "
+                            "(%s): set MULAMBDA_SELECTOR_URL so the selector signals demand",
+                            self.client_id, ", ".join(executors))
+            return
+        try:
+            picked = await self.tasks.wake(None if self._registered else self.criteria)
+            log.info("demand signalled through the selector client=%s wanted=%s picked=%s",
+                     self.client_id, executors, picked)
+        except (MulambdaError, httpx.HTTPError) as exc:
+            log.warning("demand signal through the selector failed client=%s error=%s",
+                        self.client_id, exc)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -411,7 +443,7 @@ class MulambdaClient:
             count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=True,
                           ms=(time.perf_counter() - started) * 1000)
             choice = arms.get(candidate.executor_id)
-            if shadow is not None and choice is not None and choice.shadow:
+            if shadow is not None and choice is not None and choice.shadow and not self.read_only:
                 self._shadow.send(choice, candidate.record.model, shadow, result,
                                   self._rng.random())
             return result, candidate, len(attempts) + 1

@@ -26,6 +26,8 @@ from typing import Any
 
 import httpx
 
+from mulambda.policy.criteria import Criteria
+
 from .errors import MulambdaError, NoMatchingModel
 
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
@@ -34,7 +36,7 @@ _RETRY_STATUS = frozenset({502, 503, 504})
 
 
 class TaskError(MulambdaError):
-    """The task API refused a call; ``status`` is the HTTP status, ``body`` its answer."""
+    """The selector refused a call; ``status`` is the HTTP status, ``body`` its answer."""
 
     def __init__(self, what: str, status: int, body: Any) -> None:
         error = body.get("error") if isinstance(body, dict) else body
@@ -72,7 +74,8 @@ class TaskStatus:
 
 
 class TaskClient:
-    """The task API of one selector for one Client (``NAMESPACE/NAME``).
+    """The task API of one selector for one Client (``NAMESPACE/NAME``), and its
+    selection as a demand signal (:meth:`wake`).
 
     ``token``: a bearer token; by default the pod's ServiceAccount token, read
     again for every call (kubelets rotate it), or none outside a pod.
@@ -102,6 +105,21 @@ class TaskClient:
         if token is None and self.token_file is not None and self.token_file.is_file():
             token = self.token_file.read_text().strip()
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def wake(self, criteria: Criteria | None = None) -> str:
+        """Have the selector select for this client: it signals demand for the executor
+        it picks and for the cold ones worth waking (how an SDK whose store user may
+        not write wakes executors at zero). Returns the executor it picked; raises
+        :class:`NoMatchingModel` or :class:`TaskError`."""
+        body = criteria.to_request() if criteria is not None else {}
+        resp = await self._http.post(f"{self.base}/select/{self.client_id}", json=body,
+                                     headers=self._headers())
+        answer = _body(resp)
+        if resp.status_code == 404 and isinstance(answer, dict):
+            raise NoMatchingModel(self.client_id, str(answer.get("reason", "")))
+        if resp.status_code != 200 or not isinstance(answer, dict):
+            raise TaskError("select", resp.status_code, answer)
+        return str(answer["model"]["executor"])
 
     async def submit(self, instances: list[Any] | None = None, *,
                      body: dict[str, Any] | None = None, idempotency_key: str | None = None,
@@ -180,3 +198,9 @@ def _body(resp: httpx.Response) -> Any:
         return resp.json()
     except ValueError:
         return resp.text[:500]
+
+
+def read_only_from_env() -> bool:
+    """``MULAMBDA_SDK_READ_ONLY`` (set by the operator in Client workloads that get the
+    read-only store user): true, 1 or yes."""
+    return os.environ.get("MULAMBDA_SDK_READ_ONLY", "").strip().lower() in ("true", "1", "yes")

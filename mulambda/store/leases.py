@@ -43,14 +43,17 @@ class InflightLeases:
     next write. :meth:`close` deletes the leases (best effort, bounded);
     :meth:`stop` leaves them to expire. With a ``service`` tracker, the
     service times it measured since the last write go out in the same
-    pipeline (``P:service``).
+    pipeline (``P:service``). With ``writes=False`` (a store user that may
+    not write them) it only counts: nothing is published and no demand is
+    kept.
     """
 
     def __init__(self, store: MetadataStore, instance: str | None = None,
                  ttl: float = INFLIGHT_LEASE_SECONDS,
-                 service: ServiceTracker | None = None) -> None:
+                 service: ServiceTracker | None = None, *, writes: bool = True) -> None:
         self.store = store
         self.service = service
+        self.writes = writes
         self.instance = instance or uuid.uuid4().hex[:16]
         if "|" in self.instance:
             raise ValueError("instance must not contain '|'")
@@ -86,8 +89,9 @@ class InflightLeases:
         """A request to ``executor`` started: in flight, and one more demand. ``timing``
         is its ``(pod, busy_until, back_by)`` (see :class:`InflightLease`); returns the
         token :meth:`finish` takes."""
-        key = (_bucket(at), executor)
-        self._demand[key] = self._demand.get(key, 0) + 1
+        if self.writes:
+            key = (_bucket(at), executor)
+            self._demand[key] = self._demand.get(key, 0) + 1
         self._token += 1
         if timing is not None:
             self.timing.setdefault(executor, {})[self._token] = list(timing)
@@ -111,6 +115,8 @@ class InflightLeases:
     # -- publishing ----------------------------------------------------------------
     async def flush(self) -> None:
         """Publish the current counts and queued demand now; raises StoreUnavailable."""
+        if not self.writes:
+            return
         async with self._lock:
             counts = dict(self.counts)
             for executor in self._maybe_published:
@@ -136,7 +142,8 @@ class InflightLeases:
             self._maybe_published = {e for e, n in counts.items() if n > 0}
 
     def _ensure_writer(self) -> None:
-        if self._closed or (self._writer is not None and not self._writer.done()):
+        if (not self.writes or self._closed
+                or (self._writer is not None and not self._writer.done())):
             return
         try:
             self._writer = asyncio.get_running_loop().create_task(self._write_forever())

@@ -61,8 +61,9 @@ def client_store_env(settings: Settings) -> list[dict[str, Any]]:
     Workloads run tenant code, so they never get the companions' or the
     operator's credentials. Only when ``MULAMBDA_REDIS_CLIENT_SECRET`` names
     the read-only ``mulambda-client`` user's Secret do they get the store's
-    URL (without the companions' user in it) and that user; otherwise they
-    get no store address at all and use the selector.
+    URL (without the companions' user in it), that user, and
+    ``MULAMBDA_SDK_READ_ONLY`` (the SDK then writes nothing: mulambda.sdk);
+    otherwise they get no store address at all and use the selector.
     """
     secret = settings.redis_client_secret
     if not secret:
@@ -73,6 +74,7 @@ def client_store_env(settings: Settings) -> list[dict[str, Any]]:
         env_var("MULAMBDA_REDIS_URL", url),
         secret_env("MULAMBDA_REDIS_USERNAME", secret, "username"),
         secret_env("MULAMBDA_REDIS_PASSWORD", secret, "password"),
+        env_var("MULAMBDA_SDK_READ_ONLY", "true"),
     ]
 
 

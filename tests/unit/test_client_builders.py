@@ -66,7 +66,7 @@ def test_workload_gets_no_store_access_by_default():
     assert env["MULAMBDA_SELECTOR_URL"]["value"] == "http://sel:8080"
     # Neither the store's address nor any credential, least of all the companions'.
     assert not {"MULAMBDA_REDIS_URL", "MULAMBDA_REDIS_USERNAME",
-                "MULAMBDA_REDIS_PASSWORD"} & env.keys()
+                "MULAMBDA_REDIS_PASSWORD", "MULAMBDA_SDK_READ_ONLY"} & env.keys()
     assert "store-companion" not in str(env)
 
 
@@ -78,5 +78,6 @@ def test_workload_gets_only_the_read_only_user_when_its_secret_is_configured():
     for name, key in (("MULAMBDA_REDIS_USERNAME", "username"),
                       ("MULAMBDA_REDIS_PASSWORD", "password")):
         assert env[name]["valueFrom"] == {"secretKeyRef": {"name": "store-client", "key": key}}
+    assert env["MULAMBDA_SDK_READ_ONLY"]["value"] == "true"  # the SDK writes nothing
     assert "store-companion" not in str(env)
     validate_k8s(build_client_deployment("shop", "apps", TEMPLATE, 1, settings))

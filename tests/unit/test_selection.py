@@ -548,3 +548,15 @@ def test_a_lease_with_a_malformed_timing_is_refused():
         text = json.dumps({"n": 1, "expires_at": 1, "requests": requests})
         with pytest.raises(ValueError):
             _load(InflightLease, text.replace('"NaN"', "NaN"))
+
+
+@pytest.mark.parametrize("criteria", [
+    Criteria(type="vision"),
+    Criteria(type="nlp", input="text", output="label", latency_weight=0.0,
+             accuracy_weight=2.5, max_latency_ms=80.0, min_accuracy=0.7, cold_start="Wait"),
+    Criteria(type="vision", output="box", latency_weight=3.0, accuracy_weight=0.0),
+])
+def test_criteria_survive_the_selector_request_body(criteria: Criteria):
+    """What a read-only SDK sends the selector to wake executors is its own criteria."""
+    body = json.loads(json.dumps(criteria.to_request()))
+    assert Criteria.from_request(body["required"], body["desired"]) == criteria
