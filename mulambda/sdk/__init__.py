@@ -40,6 +40,11 @@ How it routes, and what that costs on the request path:
   sent in the background too (except when the client waits for one), and
   their cold starts are measured when they come up.
 
+Read-only mode (``read_only=True`` or ``MULAMBDA_SDK_READ_ONLY``, which the
+operator sets in Client workloads it gives the read-only store user): none
+of the writes above happen; counts and measurements stay in the process, and
+demand for executors at zero goes through the selector's ``/select``.
+
 Failover: a connection error, timeout or 5xx moves on to the next candidate
 (at most ``max_attempts``) and keeps the failed executor out of this
 process's rankings for ``suspect_seconds``. A 4xx is the caller's problem
