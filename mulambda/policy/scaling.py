@@ -40,11 +40,16 @@ The rule, in the order it is applied:
 8. **Backlog.** A sample that says how much of its concurrency waits
    (``queued``) and the service time counts the waiting requests by what
    drains them within ``QUEUE_DRAIN_SECONDS`` (35 s), on top of the arrival
-   rate times the service time, not head for head; the panic desire adds the
-   backlog still to come during one cold start. Head for head, a queue that
-   grows while new pods start asked for more pods every tick: a burst behind
-   a 30 s cold start took the fleet to maxReplicas, twice what the peak needs
-   (``bench/autoscale.py``).
+   rate times the service time, not head for head. The panic desire is at
+   least what :func:`mulambda.policy.backlog.drain_replicas` asks for: the
+   work queued now plus what arrives during one cold start and the drain
+   horizon, served by the ready replicas, by those already starting from the
+   end of their cold start and by new ones for the drain horizon. So the
+   first decision of a burst starts the pods it needs at once, and later ones
+   add none that the pods already starting will make useless. Head for head, a
+   queue that grows while new pods start asked for more pods every tick: a
+   burst behind a 30 s cold start took the fleet to maxReplicas, twice what
+   the peak needs (``bench/autoscale.py``).
 
 Reasons (CamelCase, for conditions and Events): ``Activate``,
 ``ScaleToZero``, ``Bounded``, ``Panic``, ``ScaleUp``, ``ScaleDown``,
@@ -66,6 +71,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+from .backlog import QUEUE_DRAIN_SECONDS, backlog_replicas
+
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "PANIC_THRESHOLD",
@@ -78,7 +85,6 @@ __all__ = [
     "ScalingState",
     "decide",
     "effective_concurrency",
-    "projected_backlog",
     "record_sample",
     "window_horizon",
 ]
@@ -92,8 +98,6 @@ DEFAULT_MAX_SAMPLES = 600
 # ceil(2.0000000001) must stay 2: averages of floats carry rounding noise.
 _EPSILON = 1e-9
 
-#: A backlog (Sample.queued) is sized to drain within this many seconds.
-QUEUE_DRAIN_SECONDS = 35.0
 
 
 class Reason(StrEnum):
@@ -248,6 +252,7 @@ class ScalingState:
     panic_last_at: float | None = None
     recent: tuple[tuple[float, int], ...] = field(default=())
     starting_since: float | None = None
+    decided_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,27 +283,6 @@ class Decision:
 
 
 # -- the decision ----------------------------------------------------------------------
-
-
-def projected_backlog(latest: Sample | None, *, ready: int, target: float,
-                      drain_seconds: float, cold_start_seconds: float | None,
-                      starting_for: float) -> float:
-    """Concurrency for the backlog that builds up until replicas started now are ready.
-
-    What arrives beyond what the ready replicas serve keeps queueing for the rest
-    of a cold start (``cold_start_seconds`` minus ``starting_for``, how long
-    replicas have been starting). Asking for it at the first sign of a burst
-    gets the capacity to drain it in one cold start, instead of adding replicas
-    tick by tick as the queue grows, each a cold start late. 0 without a
-    backlog, a service time or a cold start to project with.
-    """
-    if (latest is None or not latest.queued or latest.service_s is None
-            or not cold_start_seconds):
-        return 0.0
-    remaining = max(0.0, cold_start_seconds - starting_for)
-    served_per_s = ready * target / latest.service_s
-    growth = max(0.0, latest.rate - served_per_s) * remaining
-    return growth * latest.service_s / max(drain_seconds, _EPSILON)
 
 
 def _replicas_for(concurrency: float, target: float) -> int:
@@ -338,10 +322,10 @@ def decide(
     pods included), ``ready_replicas`` how many serve; ``activation`` is an
     explicit wake-up request (e.g. a client that chose to wait for a cold
     start) on top of whatever the samples show. A backlog the samples name
-    (``Sample.queued``) is sized to drain within ``drain_seconds``, and, with
-    the executor's ``cold_start_seconds``, the panic desire adds the backlog
-    that builds up until replicas started now are ready
-    (:func:`projected_backlog`).
+    (``Sample.queued``) is sized to drain within ``drain_seconds`` after one
+    ``cold_start_seconds`` (the executor's measured cold start; 0 when unknown),
+    counting what arrives meanwhile and what the replicas already starting will
+    serve (rule 8).
     """
     if current_replicas < 0 or ready_replicas < 0:
         raise ValueError("replica counts must be >= 0")
@@ -376,16 +360,17 @@ def decide(
     stable_c = _mean([effective_concurrency(s, drain_seconds) for s in stable]) if stable else 0.0
     panic_c = (_mean([effective_concurrency(s, drain_seconds) for s in panic]) if panic
                else stable_c)
-    # Replicas asked for but not ready yet: since when (the backlog projection's clock).
+    # Replicas asked for but not ready yet: since when (the backlog sizing's clock;
+    # pods added while others start are counted as old as the first ones).
     starting_since = (None if current_replicas <= ready_replicas else
                       state.starting_since if state.starting_since is not None else now)
-    panic_c += projected_backlog(visible[-1] if visible else None, ready=ready_replicas,
-                                 target=target, drain_seconds=drain_seconds,
-                                 cold_start_seconds=cold_start_seconds,
-                                 starting_for=0.0 if starting_since is None
-                                 else now - starting_since)
+    want_backlog = backlog_replicas(
+        panic, since=state.decided_at, target=target,
+        ready=ready_replicas, current=current_replicas,
+        starting_for=0.0 if starting_since is None else now - starting_since,
+        cold_start_seconds=cold_start_seconds or 0.0, drain_seconds=drain_seconds)
     want_stable = _replicas_for(stable_c, target)
-    want_panic = _replicas_for(panic_c, target)
+    want_panic = max(_replicas_for(panic_c, target), want_backlog)
     demand_in_window = activation or any(s.has_demand for s in stable)
 
     # Panic bookkeeping: the threshold is relative to what serves now, so a
@@ -441,6 +426,7 @@ def decide(
     stats = (
         f"concurrency {stable_c:.2f} over {stable_w:g}s, {panic_c:.2f} over {panic_w:g}s, "
         f"target {target:g}/replica"
+        + (f", backlog needs {want_backlog}" if want_backlog else "")
     )
     if current_replicas == 0 and desired > 0 and demand_in_window:
         reason = Reason.ACTIVATE
@@ -489,7 +475,10 @@ def decide(
         panic_since=panic_since,
         panic_last_at=panic_last,
         recent=recent,
-        starting_since=starting_since,
+        # Pods asked for now start now: their cold start runs from this decision.
+        starting_since=(starting_since if starting_since is not None
+                        else now if desired > current_replicas else None),
+        decided_at=state.decided_at,
     )
     return _finish(
         desired, reason, message, new_state, current_replicas, now,
@@ -516,5 +505,6 @@ def _finish(
         desired=desired,
         last_change_at=now if changed else state.last_change_at,
         last_scale_up_at=now if desired > current_replicas else state.last_scale_up_at,
+        decided_at=now,
     )
     return Decision(desired, reason, message, state, stable_c, panic_c, panicking)

@@ -16,7 +16,6 @@ from mulambda.policy.scaling import (
     ScalingState,
     decide,
     effective_concurrency,
-    projected_backlog,
     record_sample,
 )
 
@@ -99,32 +98,13 @@ def test_effective_concurrency(concurrency, rate, queued, service, drain, expect
     assert effective_concurrency(sample, drain) == pytest.approx(expected)
 
 
-# (rate, queued, ready, target, cold start, starting for) -> projected concurrency
-PROJECTED = [
-    (450.0, 600.0, 11, 7.0, 30.0, 0.0, (450 - 77) * 30 / 30),  # a burst: one cold start
-    (450.0, 600.0, 11, 7.0, 30.0, 20.0, (450 - 77) * 10 / 30),  # 20 s into the start
-    (450.0, 600.0, 11, 7.0, 30.0, 45.0, 0.0),  # the replicas should be up by now
-    (450.0, 600.0, 70, 7.0, 30.0, 0.0, 0.0),  # the ready ones keep up: nothing builds
-    (450.0, 0.0, 11, 7.0, 30.0, 0.0, 0.0),  # no backlog, no projection
-    (450.0, 600.0, 11, 7.0, None, 0.0, 0.0),  # no cold start known
-]
-
-
-@pytest.mark.parametrize(("rate", "queued", "ready", "target", "cold", "starting", "expected"),
-                         PROJECTED)
-def test_projected_backlog(rate, queued, ready, target, cold, starting, expected):
-    sample = Sample(0.0, queued + 100, rate, queued, 1.0)
-    assert projected_backlog(sample, ready=ready, target=target, drain_seconds=30.0,
-                             cold_start_seconds=cold, starting_for=starting) == (
-        pytest.approx(expected))
-
-
-def _burst_peak(service_s: float | None) -> int:
+def _burst(service_s: float | None) -> tuple[int, list[int]]:
     """Peak replicas over a burst from 100 to 450 requests/s of a 1 s model, 30 s cold
-    start, every request waiting in a FIFO queue in front of 10 slots per replica."""
+    start, every request waiting in a FIFO queue in front of 10 slots per replica; and the
+    seconds at which it scaled up."""
     policy = _spec(min_replicas=1, max_replicas=200, target=7).scaling
     window, state = DemandWindow(), ScalingState()
-    ready, starting, queued, peak = 15, [], 0.0, 15
+    ready, starting, queued, peak, ups = 15, [], 0.0, 15, []
     for second in range(120):
         ready += sum(1 for at in starting if at == second)
         starting = [at for at in starting if at > second]
@@ -143,15 +123,29 @@ def _burst_peak(service_s: float | None) -> int:
         state = d.state
         if d.desired_replicas > current:
             starting += [second + 30] * (d.desired_replicas - current)
+            ups.append(second)
         peak = max(peak, d.desired_replicas)
-    return peak
+    return peak, ups
+
+
+def _burst_peak(service_s: float | None) -> int:
+    return _burst(service_s)[0]
 
 
 def test_a_burst_behind_a_cold_start_no_longer_overshoots():
     # 450 req/s of a 1 s model at 7 per replica need 65 replicas; counted head for
     # head, the queue that grows during the cold start asks for the maximum.
     assert _burst_peak(service_s=None) == 200
-    # Sized to drain: 65 for the arrivals plus what drains the ~10,000 requests that
-    # queue during one cold start within QUEUE_DRAIN_SECONDS (35 s): 42 more, asked
-    # for at once, not tick by tick as the queue grows.
-    assert 65 < _burst_peak(service_s=1.0) <= 65 + 42
+    # Sized to drain: 65 for the arrivals plus what drains, within QUEUE_DRAIN_SECONDS
+    # (35 s), the ~10,650 requests queued when the new pods are ready (what 15 replicas
+    # at 7 cannot serve during one 30 s cold start): 44 more, not tick by tick.
+    assert 65 < _burst_peak(service_s=1.0) <= 65 + 44
+
+
+def test_a_burst_starts_its_pods_at_its_first_decisions():
+    # The burst begins at second 10: the decision then sees one second of it (its
+    # rate since the previous decision is half the burst's), the next the whole rate.
+    # After that the pods already starting are counted: none is added while the
+    # queue they will drain keeps growing, each of which would be ready too late.
+    _, ups = _burst(service_s=1.0)
+    assert ups == [10, 12]
