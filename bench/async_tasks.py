@@ -22,8 +22,10 @@ aiohttp app (task API, caller authorization off) and two companion workers
   and the part of it inside the system (queued -> result written).
 
 Printed: the figures and the ratios queue/direct throughput (goal >= 0.8 at
-the same concurrency) and added latency. Everything shares one event loop and
-the machine's cores, so read the ratios, not the absolute rates.
+the same concurrency) and added latency, and the CPU this process spent per
+direct call and per task (and the redis-server's per task). Everything shares
+one event loop and the machine's cores, so read the ratios, not the absolute
+rates; the CPU per task is the steadier figure when other work shares the cores.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import httpx
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from mulambda.companion.worker import Worker
@@ -52,6 +56,8 @@ from support.procs import RedisServer
 from support.tfserving_double import TFServingDouble
 
 MODEL, EXECUTOR, CLIENT = "bench_model", "bench/model", "bench/client"
+# The worker's outcomes (mulambda_companion_tasks_total) after which a task's is written.
+_WRITTEN = ("succeeded", "duplicate", "dead_letter", "skipped")
 BODY = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
 
 
@@ -89,10 +95,11 @@ async def direct(url: str, concurrency: int, seconds: float) -> dict[str, float]
                     await resp.read()
                 latencies.append(time.perf_counter() - started)
 
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(caller() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
     return {"requests": len(latencies), "per_s": len(latencies) / elapsed,
+            "cpu_ms": 1000 * cpu / max(1, len(latencies)),
             "p50_ms": 1000 * _quantile(latencies, 0.5), "p99_ms": 1000 * _quantile(latencies, 0.99)}
 
 
@@ -114,13 +121,34 @@ async def submit_all(api: str, n: int) -> tuple[list[str], float]:
         return ids, n / (time.perf_counter() - started)
 
 
-async def drain(queue: TaskQueue, ids: list[str], start_workers: Any) -> dict[str, float]:
-    """Start the workers on a full queue and time them until every outcome is written."""
-    started = time.perf_counter()
-    start_workers()
-    while await queue.backlog([EXECUTOR]):  # noqa: ASYNC110 - the store is what we wait on
+async def _server_cpu(queue: TaskQueue) -> float:
+    """CPU seconds the redis-server has used so far."""
+    info = await queue.redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _ended(registries: list[CollectorRegistry]) -> float:
+    """Tasks the workers ended with an outcome written (their own counters)."""
+    return sum(registry.get_sample_value("mulambda_companion_tasks_total", {"outcome": o})
+               or 0.0 for registry in registries for o in _WRITTEN)
+
+
+async def drain(queue: TaskQueue, ids: list[str],
+                start_workers: Callable[[], list[CollectorRegistry]]) -> dict[str, float]:
+    """Start the workers on a full queue and time them until every outcome is written.
+
+    The end is watched on the workers' counters in this process, then confirmed once in
+    the store (backlog empty): polling the store's backlog every 10 ms from this process
+    made the queue side pay about 0.6 store commands per task that neither the direct
+    side nor a deployment (its operator reads the backlog once per tick, elsewhere) pays.
+    """
+    store_cpu = await _server_cpu(queue)
+    started, cpu = time.perf_counter(), time.process_time()
+    registries = start_workers()
+    while _ended(registries) < len(ids) or await queue.backlog([EXECUTOR]):  # noqa: ASYNC110
         await asyncio.sleep(0.01)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    store_cpu = await _server_cpu(queue) - store_cpu
     served: list[float] = []
     failed = 0
     for task_id in ids:
@@ -130,6 +158,7 @@ async def drain(queue: TaskQueue, ids: list[str], start_workers: Any) -> dict[st
             failed += 1
         served.append(done["finished_at"] - float(fields["started_at"]))
     return {"tasks": len(ids), "failed": failed, "per_s": len(ids) / elapsed,
+            "cpu_ms": 1000 * cpu / len(ids), "store_cpu_ms": 1000 * store_cpu / len(ids),
             "p50_ms": 1000 * _quantile(served, 0.5), "p99_ms": 1000 * _quantile(served, 0.99)}
 
 
@@ -193,16 +222,21 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 workers: list[asyncio.Task[None]] = []
 
                 def start_workers(stops: list[asyncio.Event] = stops,
-                                  workers: list[asyncio.Task[None]] = workers) -> None:
+                                  workers: list[asyncio.Task[None]] = workers
+                                  ) -> list[CollectorRegistry]:
+                    registries = []
                     for pod in ("w-0", "w-1"):
                         stop = asyncio.Event()
+                        registry = CollectorRegistry()
                         worker = Worker(TaskQueue(store), executor=EXECUTOR, consumer=pod,
                                         model=MODEL, serving_url=double.url,
                                         concurrency=max(1, args.concurrency // 2),
                                         visibility=30, drain=5, predict_timeout=30,
-                                        ready=lambda: True)
+                                        ready=lambda: True, registry=registry)
                         stops.append(stop)
+                        registries.append(registry)
                         workers.append(asyncio.create_task(worker.run(stop)))
+                    return registries
 
                 try:
                     base = await direct(double.url, args.concurrency, args.seconds)
@@ -237,6 +271,9 @@ def report(r: dict[str, Any]) -> str:
         f"tasks, {q['failed']} failed; the API queued them at {q['submit_per_s']:.0f}/s "
         f"beforehand)",
         f"queue / direct throughput: {r['throughput_ratio']:.2f}x (goal >= 0.8)",
+        f"CPU of this process per call: direct {d['cpu_ms']:.2f} ms, through queue "
+        f"{q['cpu_ms']:.2f} ms (+{q['cpu_ms'] - d['cpu_ms']:.2f} ms: workers' store calls "
+        f"and scheduling); redis-server {q['store_cpu_ms']:.2f} ms per task",
         f"low load, one at a time: direct p50 {low['direct_p50_ms']:.1f} ms; task submit->"
         f"result p50 {low['task_p50_ms']:.1f} ms, p99 {low['task_p99_ms']:.1f} ms "
         f"(queued->written p50 {low['inside_p50_ms']:.1f} ms)",

@@ -5,7 +5,9 @@ it, writes the outcome (the queue is :mod:`mulambda.tasks.queue`).
   most ``MULAMBDA_WORKER_CONCURRENCY`` tasks at once (the executor's target
   concurrency): a pod never holds more than it serves, so the backlog stays
   in the stream where the autoscaler sees it and other pods can take it.
-* New tasks come with XREADGROUP; every ``visibility / 4`` seconds it also
+* New tasks come with XREADGROUP, in batches: it reads once half its
+  prefetch is free (:func:`mulambda.tasks.records.to_read`), and marks a
+  whole batch started in one transaction; every ``visibility / 4`` seconds it also
   claims tasks other pods took and stopped renewing for
   ``MULAMBDA_TASK_VISIBILITY_SECONDS`` (a killed pod), and renews its own
   every ``visibility / 3``, so a slow model is never mistaken for a dead pod.
@@ -13,11 +15,13 @@ it, writes the outcome (the queue is :mod:`mulambda.tasks.queue`).
   result, a 4xx the model's refusal of the task itself (dead letter at once:
   no attempt would do better), anything else is retried by whoever claims
   it next, until the task's attempts run out (dead letter with the last
-  error). A store outage is counted and the loop goes on; a task whose
+  error). Outcomes are written by group commit (:class:`OutcomeWriter`):
+  the first at once, the ones that finish meanwhile together in the next
+  transaction. A store outage is counted and the loop goes on; a task whose
   outcome could not be written is delivered again.
 * SIGTERM: no new tasks; running ones get ``MULAMBDA_TASK_DRAIN_SECONDS`` to
   finish, the rest go back to the queue at once, their cut attempt not
-  counted.
+  counted. A task the model has answered is not cut: its outcome is written.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mulambda.store.records import StoreUnavailable
-from mulambda.tasks.queue import Message, TaskQueue
-from mulambda.tasks.records import Next, Status, after_answer, outcome
+from mulambda.tasks.queue import Finished, Message, TaskQueue
+from mulambda.tasks.records import Next, Status, after_answer, outcome, to_read
 
 log = logging.getLogger("mulambda.companion.worker")
 
@@ -65,6 +69,9 @@ class Worker:
         self.predict_timeout = predict_timeout
         self.ready = ready
         self.running: dict[asyncio.Task[None], Message] = {}
+        self.finishing: set[asyncio.Task[None]] = set()  # past the model: writing
+        self.freed = asyncio.Event()  # a running task ended: room to read more
+        self.outcomes = OutcomeWriter(queue, executor)
         r = registry or CollectorRegistry()
         self.tasks = Counter("mulambda_companion_tasks", "Tasks this worker ended, by outcome "
                              "(succeeded, dead_letter, retry, skipped, duplicate, returned)",
@@ -87,20 +94,24 @@ class Worker:
                 if not self.ready():
                     await _wait(stop, 0.1)
                     continue
-                free = self.concurrency + self.prefetch - len(self.running)
-                if free <= 0:
-                    await asyncio.wait(list(self.running), timeout=0.5,
-                                       return_when=asyncio.FIRST_COMPLETED)
+                count = to_read(len(self.running), self.concurrency, self.prefetch)
+                if count <= 0:
+                    self.freed.clear()
+                    await _wait(self.freed, 0.5)
                     continue
                 try:
                     taken: list[Message] = []
                     if time.monotonic() >= next_reclaim:
                         next_reclaim = time.monotonic() + self.visibility_ms / 4000
                         taken = await self.queue.reclaim(self.executor, self.consumer,
-                                                         self.visibility_ms, free)
+                                                         self.visibility_ms, count)
                     if not taken:
-                        taken = await self.queue.read(self.executor, self.consumer, free,
+                        taken = await self.queue.read(self.executor, self.consumer, count,
                                                       READ_BLOCK_MS)
+                    # Not begun (store down): they stay pending, taken again once their
+                    # visibility lapses, their attempt not counted.
+                    begun = await self.queue.begin_many([task_id for _, task_id in taken],
+                                                        self.consumer)
                     failures = 0
                 except StoreUnavailable as exc:
                     self.store_errors.inc()
@@ -110,12 +121,13 @@ class Worker:
                                 exc)
                     await _wait(stop, delay)
                     continue
-                for message in taken:
-                    task = asyncio.create_task(self._handle(http, message),
-                                               name=f"task-{message[1]}")
+                for message, (decision, reason, fields) in zip(taken, begun, strict=True):
+                    task = asyncio.create_task(
+                        self._handle(http, message, decision, reason, fields),
+                        name=f"task-{message[1]}")
                     self.running[task] = message
                     task.add_done_callback(self._done)
-                    self.busy.set(len(self.running))
+                self.busy.set(len(self.running))
         finally:
             await self._drain()
             renew.cancel()
@@ -125,19 +137,25 @@ class Worker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.running.pop(task, None)
+        self.finishing.discard(task)
+        self.freed.set()
         self.busy.set(len(self.running))
         if not task.cancelled() and task.exception() is not None:
             log.error("task handler failed", exc_info=task.exception())
 
     async def _drain(self) -> None:
-        """Let running tasks finish for ``drain`` seconds; give the rest back."""
+        """Let running tasks finish for ``drain`` seconds; give the rest back. Tasks past
+        the model (writing what it answered) are let finish: their work is done, and a
+        cut write could leave a finished task to be given back."""
         if self.running:
             log.info("draining tasks=%d seconds=%.0f", len(self.running), self.drain)
             await asyncio.wait(list(self.running), timeout=self.drain)
-        left = dict(self.running)
+        left = {task: message for task, message in self.running.items()
+                if task not in self.finishing}
         for task in left:
             task.cancel()
         await asyncio.gather(*left, return_exceptions=True)
+        await asyncio.gather(*list(self.running), return_exceptions=True)  # the writes
         if left:
             try:
                 await self.queue.give_back(self.executor, self.consumer, left.values(),
@@ -158,29 +176,40 @@ class Worker:
                 self.store_errors.inc()
                 log.warning("task visibility not renewed tasks=%d error=%s", len(entries), exc)
 
-    async def _handle(self, http: aiohttp.ClientSession, message: Message) -> None:
+    async def _handle(self, http: aiohttp.ClientSession, message: Message, decision: Next,
+                      reason: str, fields: dict[str, str]) -> None:
         entry, task_id = message
         try:
-            await self._run_task(http, entry, task_id)
+            await self._run_task(http, entry, task_id, decision, reason, fields)
         except StoreUnavailable as exc:
             # Still pending in the stream: delivered again after the visibility timeout.
             self.store_errors.inc()
             log.warning("task outcome not written id=%s error=%s", task_id, exc)
 
-    async def _run_task(self, http: aiohttp.ClientSession, entry: str, task_id: str) -> None:
-        decision, reason, fields = await self.queue.begin(task_id, self.consumer)
+    def _finishing(self) -> None:
+        """From here on the handler only writes to the store: a drain lets it finish."""
+        task = asyncio.current_task()
+        if task is not None:
+            self.finishing.add(task)  # type: ignore[arg-type]
+
+    async def _run_task(self, http: aiohttp.ClientSession, entry: str, task_id: str,
+                        decision: Next, reason: str, fields: dict[str, str]) -> None:
+        """Run a task :meth:`TaskQueue.begin_many` decided on and write what came of it."""
         attempts = int(fields.get("attempts") or 0)
         result_ttl = int(float(fields.get("result_ttl") or 3600))
         if decision is Next.SKIP:
+            self._finishing()
             await self.queue.skip(self.executor, entry)
             self.tasks.labels(outcome="skipped").inc()
             return
         if decision is Next.DEAD:
+            self._finishing()
             await self._dead(entry, task_id, reason, attempts, result_ttl)
             return
         async with self.slots:
             started = time.perf_counter()
             status, payload = await self._predict(http, fields.get("body") or "")
+        self._finishing()
         decision, reason = after_answer(status, payload if status != 200 else "")
         if decision is Next.DONE:
             try:
@@ -190,8 +219,8 @@ class Worker:
             else:
                 final = outcome(Status.SUCCEEDED, worker=self.consumer, at=time.time(),
                                 result=result, attempts=attempts)
-                written = await self.queue.finish(self.executor, entry, task_id, final,
-                                                  result_ttl)
+                written = await self.outcomes.write(Finished(entry, task_id, final,
+                                                             result_ttl))
                 self.tasks.labels(outcome="succeeded" if written else "duplicate").inc()
                 log.info("task done id=%s attempts=%d seconds=%.3f written=%s", task_id,
                          attempts, time.perf_counter() - started, written)
@@ -224,6 +253,52 @@ class Worker:
                 return resp.status, text if resp.status == 200 else text[:500]
         except (aiohttp.ClientError, TimeoutError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
+
+
+class OutcomeWriter:
+    """Writes the outcomes of one executor's tasks by group commit: the first at once, and
+    those that finish while a write is on its way together in the next transaction
+    (:meth:`TaskQueue.finish_many`). An idle worker waits for no batch; a busy one pays
+    one transaction per batch, not per task."""
+
+    def __init__(self, queue: TaskQueue, executor: str) -> None:
+        self.queue = queue
+        self.executor = executor
+        self._pending: list[tuple[Finished, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def write(self, finished: Finished) -> bool:
+        """Write ``finished``'s outcome and acknowledge its entry; True when this wrote the
+        outcome (False: another delivery had). :class:`StoreUnavailable` when the
+        transaction failed: nothing of it was written."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._pending.append((finished, future))
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush(), name="task-outcomes")
+        return await future
+
+    async def _flush(self) -> None:
+        batch: list[tuple[Finished, asyncio.Future[bool]]] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    written = await self.queue.finish_many(self.executor,
+                                                           [done for done, _ in batch])
+                except Exception as exc:  # every waiter gets the failure
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), wrote in zip(batch, written, strict=True):
+                    if not future.done():
+                        future.set_result(wrote)
+        finally:
+            self._flusher = None
+            # Cancelled mid-write (the loop is closing): no waiter may hang.
+            for _, future in (*batch, *self._pending):
+                future.cancel()
+            self._pending = []
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> bool:

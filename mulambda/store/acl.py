@@ -133,9 +133,11 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
          read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),
+         # evalsha, script|load: the worker's start and outcome scripts (tasks/queue.py);
+         # the commands inside a script are checked against this user's rules too.
          commands=("hget", "hgetall", "hset", "hdel", "expire", "hincrby", "hsetnx", "watch",
                    "multi", "exec", "xreadgroup", "xack", "xdel", "xautoclaim", "xclaim",
-                   "xadd", "xgroup|create")),
+                   "xadd", "xgroup|create", "evalsha", "script|load")),
     Role("selector", "mulambda-selector",
          "selector and gateway: reads snapshots; writes demand, in-flight leases, "
          "measured service times",

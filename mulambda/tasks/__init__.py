@@ -9,7 +9,8 @@ the SDK's side ``mulambda/sdk/tasks.py``; docs/async.md tells the whole story.
 
 Key schema (``P`` is the key prefix; only commands Redis, Valkey and
 DragonflyDB all support: streams with consumer groups, XAUTOCLAIM, hashes,
-SET NX, WATCH/MULTI):
+SET NX, WATCH/MULTI, and two Lua scripts a worker runs with EVALSHA, every
+key they touch declared):
 
 ``P:tasks:queue:EXECUTOR`` (STREAM) entries ``{"task": ID}``, consumer
     group ``workers``. One stream per executor: selection decides the

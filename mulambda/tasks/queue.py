@@ -17,7 +17,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError, WatchError
 
@@ -35,6 +35,47 @@ _CREATION_WAITS = (0.01, 0.02, 0.05, 0.1)
 
 Message = tuple[str, str]  # (stream entry id, task id)
 
+# A worker's two writes per task as scripts over declared keys, one command per batch: a
+# transaction costs redis-py a command and a QUEUED reply per task, which at tens of
+# tasks per second was most of what the queue added to a call (bench/async_tasks.py). A
+# script runs atomically like MULTI/EXEC, and each command in it is checked against the
+# caller's ACL user as if sent alone.
+#
+# KEYS: the tasks; ARGV: started_at, worker. Per task {fields before, attempts now}.
+_BEGIN = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local before = redis.call('HGETALL', key)
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'started_at', ARGV[1], 'worker', ARGV[2])
+  out[i] = {before, attempts}
+end
+return out
+"""
+# KEYS: the queue, then the tasks; ARGV: the group, then per task entry, outcome,
+# result_ttl. Per task 1 when this wrote its outcome, 0 when one was there.
+_FINISH = """
+local written, entries = {}, {}
+for i = 2, #KEYS do
+  local at = 3 * (i - 2) + 1
+  entries[i - 1] = ARGV[at + 1]
+  written[i - 1] = redis.call('HSETNX', KEYS[i], 'outcome', ARGV[at + 2])
+  redis.call('EXPIRE', KEYS[i], ARGV[at + 3])
+end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
+redis.call('XDEL', KEYS[1], unpack(entries))
+return written
+"""
+
+
+class Finished(NamedTuple):
+    """A task whose outcome is ready to be written (:meth:`TaskQueue.finish_many`)."""
+
+    entry: str
+    task_id: str
+    outcome: str  # the ``outcome`` field, :func:`.records.outcome`
+    result_ttl: int
+
 
 class TaskQueue:
     """Submit, read, finish and inspect tasks; one stream per executor."""
@@ -43,6 +84,9 @@ class TaskQueue:
         self.store = store
         self.redis = store.redis
         self.prefix = store.prefix
+        # EVALSHA, loading the script first where the store does not know it (a restart).
+        self._begin = self.redis.register_script(_BEGIN)
+        self._finish = self.redis.register_script(_FINISH)
 
     # -- keys ---------------------------------------------------------------------
     def queue_key(self, executor: str) -> str:
@@ -192,32 +236,47 @@ class TaskQueue:
         Next, str, dict[str, str]
     ]:
         """Decide whether a delivered task runs and, if so, count the attempt: (decision,
-        reason, the task's fields as they are now).
+        reason, the task's fields as they are now). :meth:`begin_many` for one task."""
+        return (await self.begin_many([task_id], worker, now))[0]
 
-        One transaction reads the task and marks it started; a task that must not
-        run gets its marks taken back. A cancel racing with it either lands first
-        (the task is final: skipped) or sees it running (its WATCH fails).
+    async def begin_many(self, task_ids: Sequence[str], worker: str,
+                         now: float | None = None) -> list[tuple[Next, str, dict[str, str]]]:
+        """:meth:`begin` for every task of a delivered batch at once: per task, in order,
+        (decision, reason, its fields as they are now).
+
+        One script reads each task and marks it started (atomic, like a
+        transaction); a task that must not run gets its marks taken back. A
+        cancel racing with it either lands first (the task is final: skipped)
+        or sees it running (its WATCH fails).
         """
-        key = self.task_key(task_id)
+        if not task_ids:
+            return []
         started = repr(time.time() if now is None else now)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.hincrby(key, "attempts", 1)
-            pipe.hset(key, mapping={"started_at": started, "worker": worker})
-            before, attempts, _ = await self._run(pipe.execute())
-        decision, reason = before_run(before)
-        if decision is not Next.RUN:
-            await self._unmark(key, before)
-            return decision, reason, before
-        return Next.RUN, "", {**before, "attempts": str(attempts), "started_at": started,
-                              "worker": worker}
-
-    async def _unmark(self, key: str, before: dict[str, str]) -> None:
-        """Take back :meth:`begin`'s marks (an expired task's hash goes with its fields)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            if not before:
-                pipe.hdel(key, "attempts", "started_at", "worker")
+        keys = [self.task_key(task_id) for task_id in task_ids]
+        replies = await self._run(self._begin(keys=keys, args=[started, worker]))
+        out: list[tuple[Next, str, dict[str, str]]] = []
+        taken_back: list[tuple[str, dict[str, str]]] = []
+        for key, (flat, attempts) in zip(keys, replies, strict=True):
+            before = _pairs(flat)
+            decision, reason = before_run(before)
+            if decision is Next.RUN:
+                out.append((decision, "", {**before, "attempts": str(attempts),
+                                           "started_at": started, "worker": worker}))
             else:
+                out.append((decision, reason, before))
+                taken_back.append((key, before))
+        if taken_back:
+            await self._unmark(taken_back)
+        return out
+
+    async def _unmark(self, marked: Sequence[tuple[str, dict[str, str]]]) -> None:
+        """Take back :meth:`begin_many`'s marks on (key, fields before) (an expired task's
+        hash goes with its fields)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for key, before in marked:
+                if not before:
+                    pipe.hdel(key, "attempts", "started_at", "worker")
+                    continue
                 pipe.hincrby(key, "attempts", -1)
                 for name in ("started_at", "worker"):
                     if name in before:
@@ -229,16 +288,26 @@ class TaskQueue:
     async def finish(self, executor: str, entry: str, task_id: str, final: str,
                      result_ttl: int) -> bool:
         """Write the outcome unless one is there, acknowledge and drop the entry; True
-        when this call wrote it."""
-        key = self.task_key(task_id)
-        queue = self.queue_key(executor)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hsetnx(key, "outcome", final)
-            pipe.expire(key, max(1, result_ttl))
-            pipe.xack(queue, GROUP, entry)
-            pipe.xdel(queue, entry)
-            written, *_ = await self._run(pipe.execute())
-        return bool(written)
+        when this call wrote it. :meth:`finish_many` for one task."""
+        return (await self.finish_many(executor, [Finished(entry, task_id, final,
+                                                           result_ttl)]))[0]
+
+    async def finish_many(self, executor: str, finished: Sequence[Finished]) -> list[bool]:
+        """Write each outcome unless one is there, acknowledge and drop the entries, in one
+        script; per task, in order, True when this call wrote its outcome.
+
+        Atomic: a task's outcome and its acknowledgement land together (or, when
+        the store fails, neither does and the task is delivered again).
+        """
+        if not finished:
+            return []
+        args: list[str | int] = [GROUP]
+        for done in finished:
+            args += [done.entry, done.outcome, max(1, done.result_ttl)]
+        written = await self._run(self._finish(
+            keys=[self.queue_key(executor), *(self.task_key(d.task_id) for d in finished)],
+            args=args))
+        return [bool(w) for w in written]
 
     async def dead_letter(self, executor: str, entry: str, task_id: str, reason: str, *,
                           attempts: int, worker: str, result_ttl: int,
@@ -340,3 +409,8 @@ class TaskQueue:
             if depth and first:
                 out[name] = (depth, int(str(first[0][0]).partition("-")[0]))
         return out
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    """A hash from a script's HGETALL reply (field, value, field, value, ...)."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))

@@ -144,6 +144,20 @@ def before_run(fields: dict[str, str]) -> tuple[Next, str]:
     return Next.RUN, ""
 
 
+def to_read(held: int, concurrency: int, prefetch: int) -> int:
+    """How many tasks a worker holding ``held`` (waiting, at the model or being written)
+    reads now: 0 until half its prefetch is free, then all the room it has.
+
+    A worker holds at most ``concurrency + prefetch``. Reading as soon as one
+    task ends costs a read and a start transaction per task; waiting for half
+    the prefetch to be free makes them one per batch, while the other half is
+    still queued ahead of the model's slots. A worker with an idle slot (held
+    below ``concurrency``) always has that much room.
+    """
+    room = concurrency + prefetch - held
+    return room if room >= max(1, prefetch // 2) else 0
+
+
 def after_answer(status: int | None, detail: str) -> tuple[Next, str]:
     """What an answer of TF Serving means for the task: (decision, reason).
 

@@ -93,7 +93,8 @@ async def test_each_role_does_its_part_of_a_tasks_life(queues):
 
 # role -> what it must not do with tasks (raw commands on the real server).
 FORBIDDEN = {
-    "client": [("hgetall", f"{P}:task:x"), ("get", f"{P}:tasks:idem:x"),
+    "client": [("script", "load", "return 1"), ("hgetall", f"{P}:task:x"),
+               ("get", f"{P}:tasks:idem:x"),
                ("xlen", f"{P}:tasks:queue:{EXECUTOR}"), ("xrange", f"{P}:tasks:dead", "-", "+"),
                ("hset", f"{P}:task:x", "outcome", "forged")],
     "sdk": [("hgetall", f"{P}:task:x"), ("xadd", f"{P}:tasks:queue:{EXECUTOR}", "*", "task", "x"),
@@ -103,11 +104,23 @@ FORBIDDEN = {
                  ("xrange", f"{P}:tasks:dead", "-", "+")],
     "companion": [("get", f"{P}:tasks:idem:x"), ("xrange", f"{P}:tasks:dead", "-", "+"),
                   ("hset", f"{P}:executors", EXECUTOR, "{}")],
-    "selector": [("xreadgroup", "GROUP", "workers", "c", "STREAMS",
+    "selector": [("script", "load", "return 1"),
+                 ("xreadgroup", "GROUP", "workers", "c", "STREAMS",
                   f"{P}:tasks:queue:{EXECUTOR}", ">"),
                  ("xrange", f"{P}:tasks:queue:{EXECUTOR}", "-", "+"),
                  ("xadd", f"{P}:tasks:dead", "*", "task", "x")],
 }
+
+
+def test_a_companions_script_reaches_no_further_than_its_commands(server):
+    """The worker's scripts need SCRIPT LOAD and EVALSHA; a script it loads runs each
+    command under the companion's rules, so it reads no Idempotency-Key nor dead letter."""
+    companion = login(server, "companion")
+    for body, key in (("return redis.call('GET', KEYS[1])", f"{P}:tasks:idem:x"),
+                      ("return redis.call('XLEN', KEYS[1])", f"{P}:tasks:dead")):
+        sha = companion.script_load(body)
+        with pytest.raises(redis.exceptions.ResponseError, match=r"(?i)noperm|permission"):
+            companion.evalsha(sha, 1, key)
 
 
 @pytest.mark.parametrize(("role", "command"), [

@@ -16,6 +16,7 @@ from mulambda.tasks.records import (
     new_task_id,
     outcome,
     status_of,
+    to_read,
     view,
 )
 
@@ -126,3 +127,24 @@ def test_after_answer(status, decision):
     if decision is not Next.DONE:
         assert "detail text" in reason
         assert (str(status) in reason) == (status is not None)
+
+
+# (held, concurrency, prefetch, tasks to read now)
+READ_TABLE = [
+    (0, 4, 4, 8),  # idle: all the room there is
+    (3, 4, 4, 5),  # a slot is idle: read at once
+    (6, 4, 4, 2),  # half the prefetch free: a batch
+    (7, 4, 4, 0),  # one free: wait for a batch's worth
+    (8, 4, 4, 0),  # full
+    (9, 4, 4, 0),  # over (a reclaim counted late): nothing, never negative
+    (0, 1, 1, 2),
+    (1, 1, 1, 1),  # prefetch 1: every free place is a batch
+    (2, 1, 1, 0),
+    (13, 8, 8, 0),
+    (12, 8, 8, 4),
+]
+
+
+@pytest.mark.parametrize(("held", "concurrency", "prefetch", "count"), READ_TABLE)
+def test_to_read(held, concurrency, prefetch, count):
+    assert to_read(held, concurrency, prefetch) == count
