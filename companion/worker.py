@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -38,7 +37,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mulambda.store.records import StoreUnavailable
 from mulambda.tasks.queue import Finished, Message, TaskQueue
-from mulambda.tasks.records import Next, Status, after_answer, outcome, to_read
+from mulambda.tasks.records import Next, Status, after_answer, outcome, read_result, to_read
 
 log = logging.getLogger("mulambda.companion.worker")
 
@@ -212,11 +211,8 @@ class Worker:
         self._finishing()
         decision, reason = after_answer(status, payload if status != 200 else "")
         if decision is Next.DONE:
-            try:
-                result = json.loads(payload)
-            except ValueError:
-                decision, reason = Next.RETRY, "the model answered something that is not JSON"
-            else:
+            decision, result, reason = read_result(payload)
+            if decision is Next.DONE:
                 final = outcome(Status.SUCCEEDED, worker=self.consumer, at=time.time(),
                                 result=result, attempts=attempts)
                 written = await self.outcomes.write(Finished(entry, task_id, final,

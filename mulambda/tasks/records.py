@@ -174,6 +174,28 @@ def after_answer(status: int | None, detail: str) -> tuple[Next, str]:
     return Next.RETRY, f"the model failed (HTTP {status}): {detail}"
 
 
+class _Unportable(Exception):
+    """A JSON constant (NaN, Infinity) that strict JSON, and so a result, cannot carry."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Unportable(name)
+
+
+def read_result(payload: str) -> tuple[Next, Any, str]:
+    """A 2xx answer's body as the task's result: (DONE, result, ""), or what to do
+    instead and why. TF Serving writes NaN and Infinity for such values, which are not
+    JSON: the same input gives them again, so the task is a poison one (failed with the
+    reason), never one retried until its attempts run out."""
+    try:
+        return Next.DONE, json.loads(payload, parse_constant=_refuse_constant), ""
+    except _Unportable as exc:
+        return Next.POISON, None, (f"the model answered {exc}, which a JSON result cannot "
+                                   "carry (a NaN or infinite output)")
+    except ValueError:
+        return Next.RETRY, None, "the model answered something that is not JSON"
+
+
 def _decoded(raw: str | None) -> dict[str, Any] | None:
     if not raw:
         return None

@@ -227,6 +227,26 @@ async def test_a_poison_task_ends_in_the_dead_letter_stream_with_its_reason(
         pods.stop_all()
 
 
+async def test_a_model_answering_nan_fails_the_task_at_once_with_why(
+        seaweedfs, model_bucket, redis_url, store, tmp_path, double):
+    """TF Serving writes NaN and Infinity into its JSON; no result can carry them, and
+    the same input gives them again: failed after one attempt, saying so (it used to
+    fail writing the outcome and come back until its attempts ran out, as "lost")."""
+    pods = companions_for(seaweedfs, model_bucket, redis_url, tmp_path, double)
+    try:
+        await pods.start("hpt-a")
+        queue = TaskQueue(store)
+        task, _ = await queue.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                     model=MODEL, body='{"instances": [Infinity]}',
+                                     options=OPTIONS)
+        done = await eventually(lambda: outcome(queue, task), 20, "the task's outcome")
+        assert done["status"] == "failed" and "Infinity" in done["reason"]
+        [dead] = await queue.dead_letters()
+        assert dead["task"] == task and int(dead["attempts"]) == 1
+    finally:
+        pods.stop_all()
+
+
 @pytest.fixture
 def aof_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server that keeps every write in its append-only file (the chart's store

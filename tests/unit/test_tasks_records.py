@@ -15,6 +15,7 @@ from mulambda.tasks.records import (
     idempotency_problem,
     new_task_id,
     outcome,
+    read_result,
     status_of,
     to_read,
     view,
@@ -127,6 +128,25 @@ def test_after_answer(status, decision):
     if decision is not Next.DONE:
         assert "detail text" in reason
         assert (str(status) in reason) == (status is not None)
+
+
+# (TF Serving's 2xx body, decision, result, words of the reason)
+RESULT_TABLE = [
+    ('{"predictions": [2.5, 3.0]}', Next.DONE, {"predictions": [2.5, 3.0]}, ""),
+    ('{"predictions": [NaN]}', Next.POISON, None, "NaN"),
+    ('{"predictions": [Infinity, -Infinity]}', Next.POISON, None, "Infinity"),
+    ("<html>proxy error</html>", Next.RETRY, None, "not JSON"),
+    ("", Next.RETRY, None, "not JSON"),
+]
+
+
+@pytest.mark.parametrize(("payload", "decision", "result", "words"), RESULT_TABLE)
+def test_read_result(payload, decision, result, words):
+    """A NaN answer fails the task at once with why (it could never be written as a
+    result, and another attempt gives it again); garbage may be a passing fault."""
+    got, value, reason = read_result(payload)
+    assert (got, value) == (decision, result)
+    assert words in reason
 
 
 # (held, concurrency, prefetch, tasks to read now)
