@@ -6,13 +6,17 @@ to clean up ages out by itself. On graceful shutdown (SIGTERM) the record
 is deleted at once so selection stops choosing the pod before its TTL runs
 out. A state change is published immediately rather than at the next tick,
 so the operator sees "Failed" or "Available" without waiting an interval.
+With a signing key (``MULAMBDA_HEARTBEAT_KEY_FILE``) the record is signed:
+routers count it only then (mulambda.store.heartbeats).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
+from mulambda.store.heartbeats import Signer
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ReplicaRecord, StoreUnavailable
 
@@ -35,6 +39,7 @@ class Heartbeat:
         ttl: float,
         interval: float,
         metrics: Metrics | None = None,
+        signer: Signer | None = None,
     ) -> None:
         if interval >= ttl:
             # A heartbeat renewed less often than it expires flaps between live and dead.
@@ -47,6 +52,7 @@ class Heartbeat:
         self.ttl = ttl
         self.interval = interval
         self.metrics = metrics
+        self.signer = signer
         self._wake = asyncio.Event()
         self._failures = 0  # failed writes since the last one that landed
 
@@ -55,7 +61,7 @@ class Heartbeat:
         s = self.state
         # reason/message explain Loading and Failed, and on an Available replica a version
         # switch that is stuck (the old version keeps serving); otherwise they are empty.
-        return ReplicaRecord(
+        record = ReplicaRecord(
             executor=self.executor,
             pod=self.pod,
             ip=self.ip,
@@ -64,6 +70,8 @@ class Heartbeat:
             reason=s.reason,
             message=s.message,
         )
+        # Signed, routers count it as the executor's pod (mulambda.store.heartbeats).
+        return self.signer.sign(record, time.time()) if self.signer is not None else record
 
     async def publish(self) -> bool:
         """Write the heartbeat once; False (logged, counted) when the store is unreachable."""

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from mulambda.settings import CompanionSettings
+from mulambda.store.heartbeats import Signer
 from mulambda.store.metadata import MetadataStore
 from mulambda.tasks.queue import TaskQueue
 
@@ -192,6 +193,8 @@ class Companion:
             store, self.state,
             executor=config.executor_id, pod=config.pod_name, ip=config.pod_ip,
             ttl=config.heartbeat_ttl, interval=config.heartbeat_interval, metrics=self.metrics,
+            signer=(Signer.from_file(config.heartbeat_key_file) if config.heartbeat_key_file
+                    else None),
         )
         self.prober = Prober(
             store,

@@ -88,6 +88,9 @@ CREDENTIALS_DOC: dict[str, str] = {
     "REDIS_PASSWORD": "That user's password.",
     "S3_ACCESS_KEY": "S3 access key (companions, `mulambda models`).",
     "S3_SECRET_KEY": "S3 secret key (companions, `mulambda models`).",
+    "HEARTBEAT_SECRET": "The operator's secret every executor's heartbeat signing key is "
+                        "derived from (mulambda.store.heartbeats); unset: executors' "
+                        "heartbeats are not signed (warned at start).",
 }
 
 # The companion's section, read besides the shared one. A default that is not a
@@ -107,6 +110,9 @@ COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "HTTP_HOST": ("0.0.0.0", "Address the companion's /healthz, /readyz, /metrics listen on."),
     "HTTP_PORT": ("8080", "Port of the companion's HTTP server."),
     "HEARTBEAT_INTERVAL_SECONDS": ("TTL / 3", "How often the heartbeat is renewed."),
+    "HEARTBEAT_KEY_FILE": (
+        "", "This executor's heartbeat signing key (the operator mounts it from the Secret "
+        "NAME-heartbeat-KEYHASH); empty: heartbeats are not signed."),
     "PROBE_TIMEOUT_SECONDS": ("2", "Per-probe timeout; a slower client counts as an error."),
     "PROBE_CONCURRENCY": ("16", "Probes in flight at once."),
     "PROBE_JITTER": ("0.2", "Random +/- fraction of the probe interval between rounds."),
@@ -298,6 +304,7 @@ class CompanionSettings:
     task_visibility: float = 30.0
     task_drain: float = 20.0
     task_predict_timeout: float = 300.0
+    heartbeat_key_file: str = ""
 
     @property
     def executor_id(self) -> str:
@@ -384,6 +391,7 @@ class CompanionSettings:
             task_visibility=env.number("TASK_VISIBILITY_SECONDS", minimum=_MIN_SECONDS),
             task_drain=env.number("TASK_DRAIN_SECONDS"),
             task_predict_timeout=env.number("TASK_PREDICT_TIMEOUT_SECONDS", positive=True),
+            heartbeat_key_file=env.text("HEARTBEAT_KEY_FILE"),
         )
 
 

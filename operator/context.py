@@ -44,6 +44,9 @@ class Context:
     # client id -> the executor in its status.selected (filled as Clients reconcile, also
     # on resume): how many Clients select an executor, for its Selected Events.
     selections: dict[str, str] = field(default_factory=dict)
+    # The secret executors' heartbeat keys derive from (MULAMBDA_HEARTBEAT_SECRET, from a
+    # Secret); None: heartbeats are not signed (mulambda.store.heartbeats).
+    heartbeat_secret: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -26,6 +27,25 @@ from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
 log = logging.getLogger(__name__)
+
+
+HEARTBEAT_SECRET_MIN_BYTES = 16
+
+
+def heartbeat_secret_from_env() -> bytes | None:
+    """``MULAMBDA_HEARTBEAT_SECRET`` (from a Secret): what executors' heartbeat keys derive
+    from. Unset, heartbeats are not signed, and that is said loudly; too short to be a
+    secret, the operator does not start."""
+    value = os.environ.get("MULAMBDA_HEARTBEAT_SECRET", "").strip()
+    if not value:
+        log.warning("MULAMBDA_HEARTBEAT_SECRET is not set: executors' heartbeats are NOT "
+                    "signed, so any holder of the companions' store credential can point an "
+                    "executor's traffic elsewhere (docs/security.md T2)")
+        return None
+    if len(value.encode()) < HEARTBEAT_SECRET_MIN_BYTES:
+        raise SystemExit(f"MULAMBDA_HEARTBEAT_SECRET must be at least "
+                         f"{HEARTBEAT_SECRET_MIN_BYTES} bytes (the chart generates 48)")
+    return value.encode()
 
 
 def build_registry(settings: Settings) -> kopf.OperatorRegistry:
@@ -50,7 +70,8 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         memo.locks = {}  # uid -> asyncio.Lock, see handling.serialized
         store = MetadataStore.from_url(app_settings.redis_url, app_settings.key_prefix)
         memo.ctx = Context(settings=app_settings, store=store, kube=KubeApi(),
-                           windows=Windows(), snapshots=SharedSnapshot(store, ttl=1.0))
+                           windows=Windows(), snapshots=SharedSnapshot(store, ttl=1.0),
+                           heartbeat_secret=heartbeat_secret_from_env())
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
         # kopf passes its (still empty) indexes to startup handlers; the watches fill them.
         fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, kwargs[EXECUTORS], kwargs[DEPLOYMENTS],

@@ -5,8 +5,10 @@ The kustomize base (``manifests/base/rbac.yaml``) and the Helm chart
 unit test renders both and compares. Least privilege on purpose:
 
 - no wildcards, no ``update`` (kopf and the builders only patch);
-- no Secrets: companions get S3 credentials through ``env.valueFrom``, so
-  only the kubelet reads them, never the operator;
+- Secrets: ``create`` only, for each executor's heartbeat signing key
+  (mulambda.store.heartbeats); never read: companions get S3 and store
+  credentials through ``env.valueFrom`` and keys through volumes, so only
+  the kubelet reads them;
 - no Pods: executor readiness comes from the Deployment status and the
   companions' heartbeats in the metadata store;
 - ``namespaces`` (list, watch) only when the operator watches a list of
@@ -68,6 +70,9 @@ REQUIRED_RULES: Final[list[Rule]] = [
         # list/watch: a watch on the executors' Services finds drift without GETs.
         "verbs": ["get", "list", "watch", "create", "patch", "delete"],
     },
+    # Each executor's heartbeat key (mulambda.store.heartbeats), created once beside its
+    # Deployment; never read back.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
     # kopf and the operator's fleet-wide loops post Events through the core API.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 ]

@@ -20,8 +20,10 @@ rejects the executor.
 
 **Can it serve?** An executor is a *warm* candidate when it is not
 ``Failed`` and at least one replica has a live (unexpired) heartbeat in state
-``Available``: the heartbeat is first-hand and seconds old, while the
-record's state is rewritten only every reconcile interval. It is a *cold*
+``Available``, signed by the executor's key when its record has one
+(:mod:`mulambda.store.heartbeats`; others do not count): the heartbeat is
+first-hand and seconds old, while the record's state is rewritten only every
+reconcile interval. It is a *cold*
 (activatable) candidate when it has no live Available replica and is
 ``ScaledToZero``, or has ``min_replicas == 0`` and is not ``Failed``.
 Everything else is rejected with a reason.
@@ -117,6 +119,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, cast
 
+from mulambda.store.heartbeats import vouched
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, Snapshot
 
 from .criteria import Criteria
@@ -305,7 +308,8 @@ def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POL
         if bad is not None:
             rejected[eid] = bad
             continue
-        live = [r for r in snapshot.replicas.get(eid, ()) if r.state == "Available"]
+        live = [r for r in snapshot.replicas.get(eid, ())
+                if r.state == "Available" and vouched(rec, r, snapshot.taken_at)]
         warm, why = _serving_state(rec, len(live))
         if warm is None:
             rejected[eid] = why

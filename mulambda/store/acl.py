@@ -63,7 +63,9 @@ a flood of made-up changes costs readers a whole read, never a wrong value
   in an init container);
 * ``acl-file --namespace NS --secret-prefix NAME --out FILE``: the same,
   reading the Secrets ``NAME-ROLE`` through the Kubernetes API and creating
-  the missing ones with random passwords first (the kustomize base);
+  the missing ones with random passwords first (the kustomize base; with
+  ``--heartbeat-secret NAME`` it also creates the operator's heartbeat
+  secret when missing);
 * ``commands``: the ``ACL SETUSER`` commands for a store you run yourself.
 """
 
@@ -238,7 +240,6 @@ def passwords_from_api(namespace: str, secret_prefix: str, core: Any = None) -> 
     import base64
 
     from kubernetes import client, config
-    from kubernetes.client.exceptions import ApiException
 
     if core is None:
         config.load_incluster_config()
@@ -246,30 +247,39 @@ def passwords_from_api(namespace: str, secret_prefix: str, core: Any = None) -> 
     found = {}
     for name, role in ROLES.items():
         secret_name = f"{secret_prefix}-{name}"
-        try:
-            secret = core.read_namespaced_secret(secret_name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            body = client.V1Secret(
-                metadata=client.V1ObjectMeta(name=secret_name, labels={
-                    "app.kubernetes.io/name": "mulambda",
-                    "app.kubernetes.io/component": "store-credentials",
-                    "mulambda.io/store-role": name}),
-                type="Opaque",
-                string_data={"username": role.username, "password": generate_password()})
-            try:
-                secret = core.create_namespaced_secret(namespace, body)
-            except ApiException as race:  # another pod created it meanwhile
-                if race.status != 409:
-                    raise
-                secret = core.read_namespaced_secret(secret_name, namespace)
-            print(f"created Secret {namespace}/{secret_name}", file=sys.stderr)
-        data = secret.data or {}
+        data = secret_from_api(core, namespace, secret_name, {
+            "app.kubernetes.io/component": "store-credentials", "mulambda.io/store-role": name,
+        }, {"username": role.username, "password": generate_password()})
         if "password" not in data:
             raise SystemExit(f"Secret {namespace}/{secret_name} has no key 'password'")
         found[name] = base64.b64decode(data["password"]).decode()
     return found
+
+
+def secret_from_api(core: Any, namespace: str, name: str, labels: dict[str, str],
+                    fresh: dict[str, str]) -> dict[str, str]:
+    """The data (base64 values) of Secret ``name``, created with ``fresh`` (plain values)
+    when there is none."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        secret = core.read_namespaced_secret(name, namespace)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=name, labels={
+                "app.kubernetes.io/name": "mulambda", **labels}),
+            type="Opaque", string_data=fresh)
+        try:
+            secret = core.create_namespaced_secret(namespace, body)
+        except ApiException as race:  # another pod created it meanwhile
+            if race.status != 409:
+                raise
+            secret = core.read_namespaced_secret(name, namespace)
+        print(f"created Secret {namespace}/{name}", file=sys.stderr)
+    return dict(secret.data or {})
 
 
 def _write(path: Path, text: str) -> None:
@@ -292,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--namespace", help="read (and create) the Secrets through the API")
     build.add_argument("--secret-prefix", default="mulambda-store",
                        help="with --namespace: Secrets are named PREFIX-ROLE")
+    build.add_argument("--heartbeat-secret", default="",
+                       help="with --namespace: also make sure this Secret holds a random "
+                       "'secret' (what the operator derives executors' heartbeat keys from)")
     show = sub.add_parser("commands", help="print ACL SETUSER commands for your own store")
     show.add_argument("--prefix", default="mulambda")
     args = parser.parse_args(argv)
@@ -304,6 +317,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     passwords = (_passwords_from_files(args.secrets) if args.secrets is not None
                  else passwords_from_api(args.namespace, args.secret_prefix))
+    if args.heartbeat_secret and args.namespace:
+        from kubernetes import client
+
+        secret_from_api(client.CoreV1Api(), args.namespace, args.heartbeat_secret,
+                        {"app.kubernetes.io/component": "heartbeat-key"},
+                        {"secret": secrets.token_urlsafe(36)})
     if not passwords:
         print("no role passwords found: the store would accept nobody", file=sys.stderr)
         return 2

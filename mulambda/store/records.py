@@ -62,6 +62,9 @@ class ExecutorRecord(_Resource):
     # A new version beside this one, while a rollout routes to it: the route
     # routers follow (mulambda.policy.rollout.Route); None otherwise.
     rollout: dict[str, Any] | None = None
+    # Public key (base64 Ed25519) its pods sign their heartbeats with; None: heartbeats
+    # are not signed (mulambda.store.heartbeats).
+    heartbeat_key: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,6 +102,10 @@ class ReplicaRecord:
     message: str = ""
     heartbeat_at: float = field(default_factory=_now)
     expires_at: float = 0.0
+    # The signed claim (mulambda.store.heartbeats): until when it holds, and the
+    # signature (base64) of the executor's key; empty when not signed.
+    claim_until: float = 0.0
+    sig: str = ""
 
 
 @dataclass

@@ -74,6 +74,9 @@ class KubeApi:
                                  apps.delete_namespaced_deployment),
             "Service": _Calls(core.read_namespaced_service, core.create_namespaced_service,
                               core.patch_namespaced_service, core.delete_namespaced_service),
+            # Created only (heartbeat keys): the operator may not read Secrets back.
+            "Secret": _Calls(core.read_namespaced_secret, core.create_namespaced_secret,
+                             core.patch_namespaced_secret, core.delete_namespaced_secret),
         }
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:

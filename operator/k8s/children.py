@@ -107,6 +107,22 @@ async def ensure_child(
     return await _guard(kube.patch(kind, name, ns, ops), kind, name), what
 
 
+async def create_once(kube: KubeApi, owner: ObjectRef, desired: dict[str, Any]) -> bool:
+    """Create ``desired`` owned by ``owner`` unless one of its name exists; True when it
+    was created. For a child the operator may create but not read (a Secret of a key):
+    an existing one is taken to be the one an earlier reconcile created (its name says
+    which incarnation of the owner it belongs to)."""
+    _adopt(desired, owner)
+    kind, name = desired["kind"], desired["metadata"]["name"]
+    try:
+        await _guard(kube.create(desired), kind, name)
+    except Exception as exc:
+        if is_conflict(exc):
+            return False
+        raise
+    return True
+
+
 async def ensure_deployment(
     kube: KubeApi, owner: ObjectRef, desired: dict[str, Any],
     replicas: Callable[[int | None], int], cached: dict[str, Any] | None = None,

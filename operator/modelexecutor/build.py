@@ -7,6 +7,8 @@ Owner references are added by the handler (``kopf.adopt``), not here.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
 from typing import Any
 
@@ -28,7 +30,9 @@ REST_PORT = 8501
 GRPC_PORT = 8500
 COMPANION_PORT = 8080
 MODELS_DIR = "/models"
-
+# Where the companion finds its heartbeat signing key (mulambda.store.heartbeats).
+HEARTBEAT_KEY_DIR = "/var/run/mulambda/heartbeat"
+HEARTBEAT_KEY = "key"
 
 
 DEFAULT_COMPANION_RESOURCES = {
@@ -102,10 +106,33 @@ def companion_env(
     return env
 
 
+def heartbeat_secret_name(executor_name: str, seed: bytes) -> str:
+    """The Secret with an executor's heartbeat signing key, named after the key: a
+    recreated executor (new UID) or a new operator secret gets a new Secret, and the
+    Deployment rolls onto it, instead of pods mounting a key no record vouches for."""
+    return f"{executor_name}-heartbeat-{hashlib.sha256(seed).hexdigest()[:10]}"
+
+
+def build_heartbeat_secret(executor_name: str, namespace: str, seed: bytes) -> dict[str, Any]:
+    """The Secret holding an executor's heartbeat signing key (base64 of the seed,
+    mulambda.store.heartbeats); mounted into its companions only."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": heartbeat_secret_name(executor_name, seed), "namespace": namespace,
+                     "labels": {**selector_labels(executor_name),
+                                "app.kubernetes.io/component": "heartbeat-key"}},
+        "type": "Opaque",
+        "stringData": {HEARTBEAT_KEY: base64.b64encode(seed).decode()},
+    }
+
+
 def build_pod_template(
-    name: str, namespace: str, spec: ModelExecutorSpec, settings: Settings
+    name: str, namespace: str, spec: ModelExecutorSpec, settings: Settings,
+    heartbeat_secret: str | None = None,
 ) -> dict[str, Any]:
-    """Pod template: TF Serving + companion sharing an emptyDir of models."""
+    """Pod template: TF Serving + companion sharing an emptyDir of models; with
+    ``heartbeat_secret``, the companion signs its heartbeats with the key in it."""
     labels = common_labels(name, spec)
     serving_args = [
         f"--port={GRPC_PORT}",
@@ -161,6 +188,16 @@ def build_pod_template(
         "resources": dict(spec.companion.resources or DEFAULT_COMPANION_RESOURCES),
         "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
     }
+    volumes: list[dict[str, Any]] = []
+    if heartbeat_secret is not None:
+        # Only the companion mounts it: TF Serving runs a user-chosen image.
+        companion["volumeMounts"].append(
+            {"name": "heartbeat-key", "mountPath": HEARTBEAT_KEY_DIR, "readOnly": True})
+        companion["env"].append(
+            env_var("MULAMBDA_HEARTBEAT_KEY_FILE", f"{HEARTBEAT_KEY_DIR}/{HEARTBEAT_KEY}"))
+        volumes.append({"name": "heartbeat-key", "secret": {
+            "secretName": heartbeat_secret, "items": [{"key": HEARTBEAT_KEY,
+                                                       "path": HEARTBEAT_KEY}]}})
     models_volume: dict[str, Any] = {}
     if spec.model_volume.medium:
         models_volume["medium"] = spec.model_volume.medium
@@ -171,6 +208,7 @@ def build_pod_template(
         "volumes": [
             {"name": "models", "emptyDir": models_volume},
             {"name": "tmp", "emptyDir": {}},
+            *volumes,
         ],
         "securityContext": {
             "runAsNonRoot": True,
@@ -198,10 +236,12 @@ def build_deployment(
     spec: ModelExecutorSpec,
     settings: Settings,
     replicas: int | None = None,
+    heartbeat_secret: str | None = None,
 ) -> dict[str, Any]:
     """The executor's Deployment. ``replicas`` defaults to ``minReplicas`` (at least 1
-    unless scale-to-zero is allowed); the autoscaler owns it afterwards."""
-    template = build_pod_template(name, namespace, spec, settings)
+    unless scale-to-zero is allowed); the autoscaler owns it afterwards.
+    ``heartbeat_secret``: see :func:`build_pod_template`."""
+    template = build_pod_template(name, namespace, spec, settings, heartbeat_secret)
     digest = template_hash(template)
     template["metadata"]["annotations"] = {TEMPLATE_HASH: digest}
     if replicas is None:

@@ -17,13 +17,15 @@ from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.policy.rollout import Route
+from mulambda.store.heartbeats import public_key
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailable
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
-from ..k8s.children import ensure_deployment, ensure_service
+from ..k8s.children import create_once, ensure_deployment, ensure_service
 from ..k8s.objects import ObjectRef
 from ..status import Event, Problem, StatusUpdate
-from .build import build_deployment, build_service, endpoints
+from .build import build_deployment, build_heartbeat_secret, build_service, endpoints
+from .heartbeats import heartbeat_secret, heartbeat_seed
 from .rollout import Observations, advance, observe, reconcile_rollout, rollout_update, stable_spec
 from .status import Rollout, executor_state, executor_status, model_report
 
@@ -51,8 +53,16 @@ async def ensure_children(
     name, ns = executor.name, executor.namespace
     cache = cache or {}
     indexed = bool(cache.get("indexed"))
+    secret = heartbeat_secret(ctx, executor)
+    seed = heartbeat_seed(ctx, executor)
+    if seed is not None and cache.get("deployment") is None:
+        # Before its first pod, so the pod finds it; once the Deployment exists, a
+        # refresh from the watch caches does not ask again.
+        if await create_once(ctx.kube, executor, build_heartbeat_secret(name, ns, seed)):
+            logger.debug("heartbeat key created executor=%s", executor.id)
     deployment, deployment_changes = await ensure_deployment(
-        ctx.kube, executor, build_deployment(name, ns, spec, ctx.settings),
+        ctx.kube, executor, build_deployment(name, ns, spec, ctx.settings,
+                                             heartbeat_secret=secret),
         _bounded_replicas(spec), cache.get("deployment"), absent=indexed)
     service, service_changes = await ensure_service(
         ctx.kube, executor, build_service(name, ns, spec), cache.get("service"),
@@ -78,6 +88,7 @@ def _announce(kind: str, obj: dict[str, Any], changes: list[str], logger: Logger
 def executor_record(
     executor: ObjectRef, spec: ModelExecutorSpec, endpoint: dict[str, str], state: str,
     ready_replicas: int, generation: int, route: Route | None = None,
+    heartbeat_key: str | None = None,
 ) -> ExecutorRecord:
     return ExecutorRecord(
         namespace=executor.namespace, name=executor.name, model=spec.model.name,
@@ -87,6 +98,7 @@ def executor_record(
         max_replicas=spec.scaling.max_replicas, ready_replicas=ready_replicas,
         service_time_ms=spec.traits.service_time_ms, generation=generation,
         rollout=route.to_record() if route is not None else None,
+        heartbeat_key=heartbeat_key,
     )
 
 
@@ -117,8 +129,10 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
             heartbeats = await ctx.store.list_replicas(ref.id)
         deployed = Rollout.of(deployment)
         state = executor_state(deployed, model_report(heartbeats, deployed.desired))
+        seed = heartbeat_seed(ctx, ref)
         record = executor_record(ref, spec, endpoint, state, deployed.ready,
-                                 executor.generation, route)
+                                 executor.generation, route,
+                                 public_key(seed) if seed is not None else None)
         # A handler always writes (the store may have lost it); the refresh only a change,
         # or a record the store no longer has (cache["stored"] False).
         if (not cache or not cache.get("stored", False)

@@ -60,6 +60,7 @@ from ..k8s.children import ensure_deployment, ensure_service, remove_owned
 from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
 from .build import build_deployment, build_service, endpoints
+from .heartbeats import heartbeat_secret
 
 PROGRESSING, PROMOTING, ROLLING_BACK = "Progressing", "Promoting", "RollingBack"
 STABLE_PHASE, PROMOTED, ROLLED_BACK = "Stable", "Promoted", "RolledBack"
@@ -287,13 +288,15 @@ def _analysed(prev: dict[str, Any], spec: ModelExecutorSpec, observed: Observati
 
 
 def candidate_children(name: str, namespace: str, spec: ModelExecutorSpec, version: int | None,
-                       replicas: int, settings: Settings) -> tuple[dict[str, Any],
-                                                                   dict[str, Any]]:
+                       replicas: int, settings: Settings, heartbeat_secret: str | None = None,
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The candidate's Deployment and Service: the executor's pod with the new version,
-    named and labelled apart (its own selector, its companions' own store id); pure."""
+    named and labelled apart (its own selector, its companions' own store id), signing
+    its heartbeats with the executor's key (routers check them against the executor's
+    record); pure."""
     arm = candidate_name(name)
     pinned = spec.model_copy(update={"model": spec.model.model_copy(update={"version": version})})
-    deployment = build_deployment(arm, namespace, pinned, settings, replicas)
+    deployment = build_deployment(arm, namespace, pinned, settings, replicas, heartbeat_secret)
     service = build_service(arm, namespace, pinned)
     for obj in (deployment, service):
         obj["metadata"]["labels"].update({ARM_LABEL: CANDIDATE, ROLLOUT_OF_LABEL: name})
@@ -323,7 +326,8 @@ async def reconcile_rollout(ctx: Context, ref: ObjectRef, spec: ModelExecutorSpe
         return None, []
     replicas = max(1, math.ceil(stable_replicas * state.candidate_share()))
     deployment, service = candidate_children(ref.name, ref.namespace, spec,
-                                             state.candidate_version, replicas, ctx.settings)
+                                             state.candidate_version, replicas, ctx.settings,
+                                             heartbeat_secret(ctx, ref))
     _, d_changes = await ensure_deployment(ctx.kube, ref, deployment, lambda _: replicas)
     _, s_changes = await ensure_service(ctx.kube, ref, service)
     ep = endpoints(candidate_name(ref.name), ref.namespace, ctx.settings)

@@ -30,7 +30,9 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +42,7 @@ import pytest
 from mulambda.operator.main import register_all
 from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
+from mulambda.store.heartbeats import vouched
 from mulambda.store.metadata import MetadataStore
 from mulambda.tools.models import push_version
 
@@ -90,9 +93,44 @@ def field_path(pod: dict[str, Any], path: str) -> str:
     return str(value)
 
 
-def resolve_env(container: dict[str, Any], pod: dict[str, Any], cluster: Cluster) -> dict[str, str]:
+def secret_volumes(container: dict[str, Any], pod: dict[str, Any], cluster: Cluster,
+                   root: Path) -> dict[str, str]:
+    """The container's Secret volumes as the kubelet mounts them, written under ``root``
+    from the real Secrets: mount path -> local folder."""
+    namespace = pod["metadata"]["namespace"]
+    volumes = {v["name"]: v["secret"] for v in pod["spec"].get("volumes") or []
+               if "secret" in v}
+    mounted = {}
+    for mount in container.get("volumeMounts") or []:
+        source = volumes.get(mount["name"])
+        if source is None:
+            continue
+        secret = cluster.get("v1", "secrets", namespace, source["secretName"])
+        assert secret is not None, f"Secret {source['secretName']} missing: no pod would start"
+        items = source.get("items") or [{"key": k, "path": k} for k in secret["data"]]
+        folder = root / f"{pod['metadata']['name']}-{mount['name']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for item in items:
+            (folder / item["path"]).write_bytes(base64.b64decode(secret["data"][item["key"]]))
+        mounted[mount["mountPath"].rstrip("/")] = str(folder)
+    return mounted
+
+
+def resolve_env(container: dict[str, Any], pod: dict[str, Any], cluster: Cluster,
+                root: Path | None = None) -> dict[str, str]:
     """The container's env as the kubelet gives it: values, fieldRefs of the pod, and
-    secretKeyRefs read from the real Secret in the pod's namespace."""
+    secretKeyRefs read from the real Secret in the pod's namespace; with ``root``, Secret
+    volumes written there (:func:`secret_volumes`) and paths into them pointed there."""
+    env = _env(container, pod, cluster)
+    if root is not None:
+        for mount, local in secret_volumes(container, pod, cluster, root).items():
+            for name, value in env.items():
+                if value.startswith(mount + "/"):
+                    env[name] = local + value[len(mount):]
+    return env
+
+
+def _env(container: dict[str, Any], pod: dict[str, Any], cluster: Cluster) -> dict[str, str]:
     namespace = pod["metadata"]["namespace"]
     env = {}
     for item in container["env"]:
@@ -177,7 +215,7 @@ async def test_executor_pod_loads_from_s3_serves_is_selected_and_cleans_up(
 
         [companion] = [c for c in pod["spec"]["containers"] if c["name"] == "companion"]
         assert companion["args"] == ["companion"]
-        env = resolve_env(companion, pod, cluster)
+        env = resolve_env(companion, pod, cluster, tmp_path / "secrets")
         assert env["MULAMBDA_S3_ENDPOINT"] == seaweedfs.endpoint
         assert env["MULAMBDA_EXECUTOR"] == executor_id
         assert (env["MULAMBDA_POD_NAME"], env["MULAMBDA_POD_NAMESPACE"]) == (pod_name, ns)
@@ -217,6 +255,12 @@ async def test_executor_pod_loads_from_s3_serves_is_selected_and_cleans_up(
             # The heartbeat carries the pod's identity as the downward API gave it.
             [replica] = await store.list_replicas(executor_id)
             assert (replica.pod, replica.ip, replica.state) == (pod_name, pod_ip, "Available")
+            # Signed with the key the operator made for this executor (from the Secret
+            # mounted into the companion only): routers count it as the executor's pod.
+            record = (await store.snapshot(f"{ns}/{NAME}")).executors[executor_id]
+            assert record.heartbeat_key and replica.sig
+            assert vouched(record, replica, time.time())
+            assert not vouched(record, replace(replica, ip="203.0.113.9"), time.time())
 
             # A developer's Client gets it selected; the SDK agrees.
             await asyncio.to_thread(cluster.create, {
@@ -229,7 +273,8 @@ async def test_executor_pod_loads_from_s3_serves_is_selected_and_cleans_up(
             assert selected["executor"] == executor_id
             assert selected["endpoint"]["rest"] == status["endpoint"]["rest"]
             async with MulambdaClient(store, f"{ns}/shop") as mu:
-                assert (await mu.select()).executor_id == executor_id
+                chosen = await mu.select()
+                assert (chosen.executor_id, chosen.url) == (executor_id, f"http://{pod_ip}:8501")
             # The endpoint is cluster DNS; here the same model answers at the double.
             async with httpx.AsyncClient() as http:
                 answer = await http.post(f"{serving.url}/v1/models/half_plus_two:predict",

@@ -26,10 +26,11 @@ import redis
 
 from mulambda.operator.main import register_all
 from mulambda.settings import Settings
+from mulambda.store.records import ReplicaRecord, _dump
 
 from support.cluster import ApiError, Cluster
 from support.controlplane import ControlPlane
-from support.operator_fixtures import release_namespace
+from support.operator_fixtures import release_namespace, sign_as_its_pod
 from support.operator_run import OperatorRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -127,10 +128,11 @@ def make_ready(
     reports it), and the heartbeat its companion would send. Returns the pod's name."""
     # Was: a patched Deployment status. Now the real pod is admitted, scheduled, made Ready.
     pod = ready_pods(cluster, cp, ns, "modelexecutor", name, 1)[0]["metadata"]["name"]
-    heartbeat = {"executor": f"{ns}/{name}", "pod": pod, "state": "Available",
-                 "version": 1, "expires_at": time.time() + 120}
+    heartbeat = sign_as_its_pod(cluster, ReplicaRecord(
+        executor=f"{ns}/{name}", pod=pod, state="Available", version=1,
+        expires_at=time.time() + 120))
     redis.Redis.from_url(redis_url).hset(f"{PREFIX}:replicas", f"{ns}/{name}|{pod}",
-                                         json.dumps(heartbeat))
+                                         _dump(heartbeat))
     cluster.wait_for(lambda: stored_executor(redis_url, ns, name).get("state") == "Ready",
                      what=f"{name} Ready in the store")
     return str(pod)

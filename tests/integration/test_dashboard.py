@@ -23,6 +23,7 @@ one series, and every variable's label values must be non-empty.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import subprocess
@@ -36,12 +37,15 @@ import prometheus_client
 import pytest
 
 from mulambda.operator.main import register_all
+from mulambda.operator.modelexecutor.build import heartbeat_secret_name
 from mulambda.settings import Settings
 from mulambda.storage.s3 import ModelStorage
+from mulambda.store.heartbeats import executor_seed
 from mulambda.store.metadata import MetadataStore
 from mulambda.tools.models import push_version
 
 from support.cluster import Cluster
+from support.operator_fixtures import HEARTBEAT_SECRET
 from support.operator_run import OperatorRun
 from support.procs import free_port, stop
 from support.prometheus import (
@@ -120,6 +124,18 @@ def companion_env(executor: str, pod: str, ip: str, port: int, models: Path, ser
         "MULAMBDA_PROBE_INTERVAL_SECONDS": "0.5", "MULAMBDA_SERVING_POLL_SECONDS": "0.1",
         "MULAMBDA_FAILED_RETRY_SECONDS": "0.5", "MULAMBDA_RETRY_BASE_DELAY_SECONDS": "0.05",
     }
+
+
+def heartbeat_key_file(cluster: Cluster, ns: str, name: str, folder: Path) -> str:
+    """The executor's heartbeat key as its pods mount it, from the Secret the operator
+    created (what the kubelet would do for the companion started by hand here)."""
+    uid = cluster.get("mulambda.io/v1alpha1", "modelexecutors", ns, name)["metadata"]["uid"]
+    seed = executor_seed(HEARTBEAT_SECRET.encode(), ns, name, uid)
+    secret = cluster.get("v1", "secrets", ns, heartbeat_secret_name(name, seed))
+    assert secret is not None, "the operator created no heartbeat key"
+    path = folder / f"{name}-heartbeat-key"
+    path.write_bytes(base64.b64decode(secret["data"]["key"]))
+    return str(path)
 
 
 def executor(ns: str, name: str, uri: str, **scaling: Any) -> dict[str, Any]:
@@ -265,7 +281,9 @@ async def drive_traffic(
                 processes(f"companion-{name}", ["companion"], {
                     **seaweedfs.env(), **companion_env(
                         f"{ns}/{name}", f"{name}-0", pod_ip, port, tmp_path / f"models-{name}",
-                        double.url, redis_url, uri)})
+                        double.url, redis_url, uri),
+                    "MULAMBDA_HEARTBEAT_KEY_FILE": heartbeat_key_file(cluster, ns, name,
+                                                                      tmp_path)})
 
             async def serving_replica() -> bool:
                 return any(r.executor == f"{ns}/hpt" and r.state == "Available"

@@ -128,7 +128,8 @@ class Kubelet:
     async def _start(self, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
         [container] = [c for c in pod["spec"]["containers"] if c["name"] == "companion"]
-        env = await asyncio.to_thread(resolve_env, container, pod, self.cluster)
+        env = await asyncio.to_thread(resolve_env, container, pod, self.cluster,
+                                      self.root / "secrets")
         ip = f"127.{random.randrange(1, 255)}.{random.randrange(1, 255)}.{random.randrange(2, 255)}"
         models = self.root / name
         models.mkdir(parents=True)

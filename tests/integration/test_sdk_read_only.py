@@ -10,37 +10,29 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 from aiohttp import web
 
 from mulambda.sdk import MulambdaClient
 from mulambda.selector.app import create_app, selector_server_options
-from mulambda.store.acl import ROLES, acl_file
 from mulambda.store.metadata import MetadataStore, _bucket
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
+from support.acl_store import acl_server, login, role_stores
 from support.procs import RedisServer
 from support.tfserving_double import TFServingDouble
 
 pytestmark = pytest.mark.integration
 
 P = "ro"
-PASSWORDS = {name: f"{name}-pw-0123456789" for name in ROLES}
 CLIENT = "apps/shop"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    s = RedisServer(acl=acl_file(P, PASSWORDS))
+    s = acl_server(P)
     s.start()
     yield s
     s.stop()
-
-
-def _store(server: RedisServer, role: str, monkeypatch: pytest.MonkeyPatch) -> MetadataStore:
-    monkeypatch.setenv("MULAMBDA_REDIS_USERNAME", ROLES[role].username)
-    monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", PASSWORDS[role])
-    return MetadataStore.from_url(server.url, prefix=P, timeout=2)
 
 
 @pytest.fixture
@@ -48,8 +40,8 @@ async def world(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     dict[str, MetadataStore]
 ]:
     server.flush()
-    stores = {role: _store(server, role, monkeypatch) for role in ("operator", "companion",
-                                                                   "selector", "client")}
+    stores = role_stores(server.url, P, monkeypatch,
+                         ("operator", "companion", "selector", "client"))
     yield stores
     for s in stores.values():
         await s.close()
@@ -93,8 +85,7 @@ async def test_a_read_only_sdk_predicts_and_writes_nothing(server, world, caplog
         assert len(double.requests) == 20
     finally:
         await double.stop()
-    with redis.Redis.from_url(server.url, username=ROLES["operator"].username,
-                              password=PASSWORDS["operator"]) as op:
+    with login(server.url, "operator") as op:
         assert op.hgetall(f"{P}:inflight") == {}
         assert op.hgetall(f"{P}:demand:{_bucket()}") == {}
     assert not _refused(caplog)

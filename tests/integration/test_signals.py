@@ -23,11 +23,12 @@ import redis
 
 from mulambda.operator.main import register_all
 from mulambda.settings import Settings
+from mulambda.store.records import ReplicaRecord, _dump
 
 from support.cluster import Cluster
 from support.controlplane import ControlPlane
 from support.identity import Identity
-from support.operator_fixtures import release_namespace
+from support.operator_fixtures import release_namespace, sign_as_its_pod
 from support.operator_run import OperatorRun
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -55,12 +56,14 @@ def operator(apps: str, run_operator: Callable[..., OperatorRun], redis_url: str
     return run_operator(lambda registry: register_all(registry, settings))
 
 
-def heartbeat(redis_url: str, executor_id: str, pod: str, state: str, version: int) -> None:
-    """What the pod's companion would publish."""
-    record = {"executor": executor_id, "pod": pod, "state": state, "version": version,
-              "expires_at": time.time() + 120}
+def heartbeat(cluster: Cluster, redis_url: str, executor_id: str, pod: str, state: str,
+              version: int) -> None:
+    """What the pod's companion would publish (signed with the executor's key)."""
+    record = sign_as_its_pod(cluster, ReplicaRecord(
+        executor=executor_id, pod=pod, state=state, version=version,
+        expires_at=time.time() + 120))
     redis.Redis.from_url(redis_url).hset(f"{PREFIX}:replicas", f"{executor_id}|{pod}",
-                                         json.dumps(record))
+                                         _dump(record))
 
 
 def story(cluster: Cluster, ns: str, name: str) -> Counter[str]:
@@ -83,9 +86,9 @@ def test_describe_tells_the_story_once_and_get_clients_shows_the_latency(
         lambda: next((p["metadata"]["name"] for p in cluster.list("v1", "pods", ns)
                       if p["metadata"]["name"].startswith("hp2-")), None),
         timeout=60, what="hp2's pod")
-    heartbeat(redis_url, eid, pod, "Loading", 1)
+    heartbeat(cluster, redis_url, eid, pod, "Loading", 1)
     cluster.wait_for(lambda: story(cluster, ns, "hp2")["LoadStarted"], what="LoadStarted")
-    heartbeat(redis_url, eid, pod, "Available", 1)
+    heartbeat(cluster, redis_url, eid, pod, "Available", 1)
     cluster.wait_for(lambda: story(cluster, ns, "hp2")["ModelServing"], timeout=60,
                      what="ModelServing (the pod Ready on its KWOK node)")
 
@@ -115,7 +118,7 @@ def test_describe_tells_the_story_once_and_get_clients_shows_the_latency(
     cluster.wait_for(lambda: (cluster.get("mulambda.io/v1alpha1", "modelexecutors", ns, "hp2")
                               .get("status", {}).get("model", {}).get("loadedVersion")) == "1",
                      what="loadedVersion 1 in the status")
-    heartbeat(redis_url, eid, pod, "Available", 2)
+    heartbeat(cluster, redis_url, eid, pod, "Available", 2)
     # A refresh tick sees the new heartbeat; on a loaded machine that took over 30 s.
     cluster.wait_for(lambda: story(cluster, ns, "hp2")["VersionSwitched"], timeout=90,
                      what="VersionSwitched")

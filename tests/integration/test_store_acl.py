@@ -29,18 +29,18 @@ from mulambda.store.records import (
     StoreUnavailable,
 )
 
+from support.acl_store import PASSWORDS, acl_server, login, role_stores
 from support.procs import RedisServer
 
 pytestmark = pytest.mark.integration
 
 P = "acl"  # the key prefix (the chart's settings.keyPrefix); the rules are built for it
-PASSWORDS = {name: f"{name}-pw-0123456789" for name in ROLES}
 EXECUTOR, CLIENT, POD = "ml/hp2", "apps/shop", "hp2-abc"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    s = RedisServer(acl=acl_file(P, PASSWORDS))
+    s = acl_server(P)
     s.start()
     yield s
     s.stop()
@@ -52,12 +52,6 @@ def url(server: RedisServer) -> str:
     return server.url
 
 
-def login(url: str, role: str, password: str | None = None) -> redis.Redis:
-    """A plain client logged in as ``role``'s user (raw commands)."""
-    return redis.Redis.from_url(url, username=ROLES[role].username,
-                                password=password or PASSWORDS[role], decode_responses=True)
-
-
 @pytest.fixture
 async def stores(url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     dict[str, MetadataStore]
@@ -65,12 +59,7 @@ async def stores(url: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     """One MetadataStore per role, each built the way its process builds it: the URL (as
     the ConfigMap has it, with the companions' user) and MULAMBDA_REDIS_USERNAME/PASSWORD."""
     host = url.removeprefix("redis://")
-    out = {}
-    for role in ROLES:
-        monkeypatch.setenv("MULAMBDA_REDIS_USERNAME", ROLES[role].username)
-        monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", PASSWORDS[role])
-        out[role] = MetadataStore.from_url(f"redis://mulambda-companion@{host}", prefix=P,
-                                           timeout=2)
+    out = role_stores(f"redis://mulambda-companion@{host}", P, monkeypatch)
     yield out
     for store in out.values():
         await store.close()

@@ -10,24 +10,22 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
-from mulambda.store.acl import ROLES, acl_file
-from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 from mulambda.tasks.queue import TaskQueue
 from mulambda.tasks.records import Next, Status, TaskOptions, new_task_id, outcome
 
+from support.acl_store import acl_server, login, role_stores
 from support.procs import RedisServer
 
 pytestmark = pytest.mark.integration
 
 P = "acl"
-PASSWORDS = {name: f"{name}-pw-0123456789" for name in ROLES}
 EXECUTOR, CLIENT = "ml/hp2", "shop/app"
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[RedisServer]:
-    s = RedisServer(acl=acl_file(P, PASSWORDS))
+    s = acl_server(P)
     s.start()
     yield s
     s.stop()
@@ -38,21 +36,10 @@ async def queues(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncI
     dict[str, TaskQueue]
 ]:
     server.flush()
-    out, stores = {}, []
-    for role in ROLES:
-        monkeypatch.setenv("MULAMBDA_REDIS_USERNAME", ROLES[role].username)
-        monkeypatch.setenv("MULAMBDA_REDIS_PASSWORD", PASSWORDS[role])
-        store = MetadataStore.from_url(server.url, prefix=P, timeout=2)
-        stores.append(store)
-        out[role] = TaskQueue(store)
-    yield out
-    for store in stores:
+    stores = role_stores(server.url, P, monkeypatch)
+    yield {role: TaskQueue(store) for role, store in stores.items()}
+    for store in stores.values():
         await store.close()
-
-
-def login(server: RedisServer, role: str) -> redis.Redis:
-    return redis.Redis.from_url(server.url, username=ROLES[role].username,
-                                password=PASSWORDS[role], decode_responses=True)
 
 
 async def test_each_role_does_its_part_of_a_tasks_life(queues):
@@ -115,7 +102,7 @@ FORBIDDEN = {
 def test_a_companions_script_reaches_no_further_than_its_commands(server):
     """The worker's scripts need SCRIPT LOAD and EVALSHA; a script it loads runs each
     command under the companion's rules, so it reads no Idempotency-Key nor dead letter."""
-    companion = login(server, "companion")
+    companion = login(server.url, "companion")
     for body, key in (("return redis.call('GET', KEYS[1])", f"{P}:tasks:idem:x"),
                       ("return redis.call('XLEN', KEYS[1])", f"{P}:tasks:dead")):
         sha = companion.script_load(body)
@@ -127,7 +114,7 @@ def test_a_companions_script_reaches_no_further_than_its_commands(server):
     (role, command) for role, commands in FORBIDDEN.items() for command in commands])
 def test_roles_are_refused_what_is_not_theirs(server, role, command):
     with pytest.raises(NoPermissionError):
-        login(server, role).execute_command(*command)
+        login(server.url, role).execute_command(*command)
 
 
 async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
@@ -138,4 +125,4 @@ async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
     with pytest.raises(StoreUnavailable, match=r"NOPERM|permission"):
         await queues["client"].get(task_id)
     with pytest.raises(NoPermissionError):
-        login(server, "client").hget(f"{P}:task:{task_id}", "body")
+        login(server.url, "client").hget(f"{P}:task:{task_id}", "body")

@@ -11,12 +11,16 @@ or a logged exception fails the test.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from mulambda.store.heartbeats import Signer, executor_seed
+from mulambda.store.records import ReplicaRecord
 
 from support import identity
 from support.cluster import ApiError, Cluster
@@ -26,6 +30,8 @@ from support.operator_run import OperatorRun, Target
 
 MULAMBDA_KINDS = (("mulambda.io/v1alpha1", "modelexecutors"), ("mulambda.io/v1alpha1", "clients"))
 CRDS = Path(__file__).resolve().parents[2] / "crds"
+# The operator secret of every test operator (what executors' heartbeat keys derive from).
+HEARTBEAT_SECRET = "test-heartbeat-secret-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
@@ -131,6 +137,8 @@ def run_operator(
     """
     # kopf's login and the operator's own Kubernetes client both read KUBECONFIG.
     monkeypatch.setenv("KUBECONFIG", str(operator_identity.kubeconfig))
+    # As deployed: executors' heartbeats are signed (the chart's Secret, operator.yaml).
+    monkeypatch.setenv("MULAMBDA_HEARTBEAT_SECRET", HEARTBEAT_SECRET)
     # The kubernetes client reads KUBECONFIG once, when it is imported.
     monkeypatch.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION",
                         str(operator_identity.kubeconfig))
@@ -150,3 +158,13 @@ def run_operator(
             failures.append(exc)
     if failures:
         raise failures[0]
+
+
+def sign_as_its_pod(cluster: Cluster, replica: ReplicaRecord) -> ReplicaRecord:
+    """``replica`` signed with the key the operator made for its executor (the one its
+    pods mount): what a test writing a companion's heartbeat itself must send."""
+    namespace, _, name = replica.executor.partition("/")
+    uid = cluster.get("mulambda.io/v1alpha1", "modelexecutors", namespace, name)[
+        "metadata"]["uid"]
+    seed = executor_seed(HEARTBEAT_SECRET.encode(), namespace, name, uid)
+    return Signer(seed).sign(replica, time.time())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 
 import pytest
@@ -9,7 +10,12 @@ import pytest
 from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.operator.client.build import client_env
 from mulambda.operator.k8s.objects import TEMPLATE_HASH
-from mulambda.operator.modelexecutor.build import build_deployment, build_service, endpoints
+from mulambda.operator.modelexecutor.build import (
+    build_deployment,
+    build_heartbeat_secret,
+    build_service,
+    endpoints,
+)
 from mulambda.settings import Settings
 
 from support.schemas import validate_k8s
@@ -140,3 +146,36 @@ def test_task_workers_take_as_many_tasks_as_the_target_concurrency(target, expec
     companion = _deployment(spec)["spec"]["template"]["spec"]["containers"][1]
     env = {e["name"]: e.get("value") for e in companion["env"]}
     assert env["MULAMBDA_WORKER_CONCURRENCY"] == expected
+
+
+def test_only_the_companion_mounts_the_heartbeat_key():
+    """The serving container runs a user-chosen image: it never sees the key."""
+    dep = build_deployment("iris", "ml", parse_executor_spec(SPEC), SETTINGS,
+                           heartbeat_secret="iris-heartbeat-0123abcd")
+    validate_k8s(dep)
+    pod = dep["spec"]["template"]["spec"]
+    serving, companion = pod["containers"]
+    [volume] = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == "iris-heartbeat-0123abcd"
+    mounts = {m["name"]: m for m in companion["volumeMounts"]}
+    assert mounts[volume["name"]]["readOnly"] is True
+    assert volume["name"] not in {m["name"] for m in serving["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in companion["env"]}
+    assert env["MULAMBDA_HEARTBEAT_KEY_FILE"].startswith(mounts[volume["name"]]["mountPath"])
+    # Without a key (no MULAMBDA_HEARTBEAT_SECRET), nothing of it.
+    plain = _deployment()["spec"]["template"]["spec"]
+    assert not [v for v in plain["volumes"] if "secret" in v]
+    assert "MULAMBDA_HEARTBEAT_KEY_FILE" not in {e["name"] for e in plain["containers"][1]["env"]}
+
+
+def test_the_heartbeat_key_secret_is_named_after_its_key_and_holds_the_seed():
+    seed = bytes(range(32))
+    first = build_heartbeat_secret("iris", "ml", seed)
+    validate_k8s(first)
+    assert first["metadata"]["name"].startswith("iris-heartbeat-")
+    assert base64.b64decode(first["stringData"]["key"]) == seed
+    assert build_heartbeat_secret("iris", "ml", seed) == first  # the same key: the same
+    # Another key (a recreated executor, a new operator secret): another Secret.
+    again = build_heartbeat_secret("iris", "ml", bytes(range(1, 33)))
+    assert again["metadata"]["name"] != first["metadata"]["name"]
+    assert seed.hex() not in str(first["metadata"])

@@ -345,7 +345,9 @@ def test_required_rules_are_least_privilege() -> None:
             assert field and "*" not in field, rule
         assert not {"update", "escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
         resources |= {(g, r) for g in rule["apiGroups"] for r in rule["resources"]}
-    assert ("", "secrets") not in resources
+    # Secrets: create only (executors' heartbeat keys), never read back.
+    assert [r["verbs"] for r in RBAC.REQUIRED_RULES if "secrets" in r["resources"]] == [
+        ["create"]]
     assert ("", "pods") not in resources
     assert ("kopf.dev", "kopfpeerings") not in resources
     needed = {
@@ -356,6 +358,7 @@ def test_required_rules_are_least_privilege() -> None:
         ("mulambda.io", "clients/status"),
         ("apps", "deployments"),
         ("", "services"),
+        ("", "secrets"),
         ("", "events"),
     }
     assert needed <= resources
@@ -512,9 +515,10 @@ def test_kustomization_is_hardened_and_consistent(path: str) -> None:
     assert_hardened(docs)
     assert_services_select_pods(docs)
     # The base leaves the S3 Secret to the user; the dev overlay ships one. The store
-    # creates its users' Secrets at its first start; Kubernetes puts kube-root-ca.crt
-    # in every namespace.
-    external = {f"mulambda-store-{role}" for role in ROLES} | {"kube-root-ca.crt"}
+    # creates its users' Secrets (and the operator's heartbeat secret) at its first
+    # start; Kubernetes puts kube-root-ca.crt in every namespace.
+    external = ({f"mulambda-store-{role}" for role in ROLES}
+                | {"kube-root-ca.crt", "mulambda-heartbeat"})
     if path.endswith("base"):
         external.add("mulambda-s3")
     assert_references_resolve(docs, external)
@@ -540,9 +544,10 @@ def test_kustomization_grants_exactly_the_required_rules(path: str) -> None:
             {"kind": "ServiceAccount", "name": "mulambda-operator", "namespace": NAMESPACE}
         ]
     # The one namespaced Role: the store's init container creates and reads its users'
-    # Secrets, nothing else; bound to the store's own ServiceAccount only.
+    # Secrets and the operator's heartbeat secret, nothing else; bound to the store's own
+    # ServiceAccount only.
     (role,) = find(docs, "Role")
-    secrets = sorted(f"mulambda-store-{r}" for r in ROLES)
+    secrets = sorted([*(f"mulambda-store-{r}" for r in ROLES), "mulambda-heartbeat"])
     assert canonical_rules(role["rules"]) == canonical_rules([
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
@@ -832,7 +837,8 @@ def test_chart_creates_the_s3_secret_only_for_its_own_minio(scenario: str) -> No
     docs = render(values)
     v = merged(values)
     secrets = [d for d in find(docs, "Secret")
-               if d["metadata"]["labels"]["app.kubernetes.io/component"] != "store-credentials"]
+               if d["metadata"]["labels"]["app.kubernetes.io/component"] not in (
+                   "store-credentials", "heartbeat-key")]
     if v["minio"]["enabled"] and not v["s3"]["existingSecret"]:
         (secret,) = secrets
         assert set(secret["data"]) == {"accessKey", "secretKey"}
