@@ -300,8 +300,10 @@ def main() -> int:
         time.sleep(2)  # the new resources' watch caches
         identity = operator_identity(cp, cluster, workdir)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KUBE")}
+        # As deployed: heartbeats signed, so each executor also gets its key Secret.
         env.update(KUBECONFIG=str(identity.kubeconfig), MULAMBDA_REDIS_URL=store_server.url,
                    MULAMBDA_KEY_PREFIX="scale", MULAMBDA_LOG_LEVEL="WARNING",
+                   MULAMBDA_HEARTBEAT_SECRET="bench-heartbeat-secret-0123456789",
                    PYTHONUNBUFFERED="1")
         store = redis.Redis.from_url(store_server.url)
         for n in sizes:
