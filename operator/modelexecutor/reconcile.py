@@ -67,22 +67,35 @@ async def ensure_children(
     service, service_changes = await ensure_service(
         ctx.kube, executor, build_service(name, ns, spec), cache.get("service"),
         absent=indexed)
-    return deployment, [
-        *_announce("Deployment", deployment, deployment_changes, logger),
-        *_announce("Service", service, service_changes, logger),
-    ]
+    return deployment, announce([("Deployment", deployment, deployment_changes),
+                                 ("Service", service, service_changes)], logger)
 
 
-def _announce(kind: str, obj: dict[str, Any], changes: list[str], logger: Logger) -> list[Event]:
-    """An Event and a log line for a change made to a child."""
-    if not changes:
-        return []
-    ref = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
-    logger.info("child reconciled kind=%s name=%s changes=%s", kind, ref, changes)
-    if changes == ["created"]:
-        return [Event.normal(reason=f"Created{kind}", message=f"Created {kind} {ref}")]
-    return [Event.normal(reason=f"Updated{kind}",
-                         message=f"Updated {kind} {ref}: {', '.join(changes)}")]
+def announce(children: list[tuple[str, dict[str, Any], list[str]]],
+             logger: Logger) -> list[Event]:
+    """Events and log lines for the changes made to children: one ``Created`` for all that
+    were created (an executor's creation tells one story, and each Event is an API
+    request: a backlog of executors is bound by the API server), one ``Updated{kind}``
+    per child patched."""
+    events: list[Event] = []
+    created: list[tuple[str, str]] = []  # (kind, namespace/name)
+    for kind, obj, changes in children:
+        if not changes:
+            continue
+        ref = f"{obj['metadata'].get('namespace')}/{obj['metadata']['name']}"
+        logger.info("child reconciled kind=%s name=%s changes=%s", kind, ref, changes)
+        if changes == ["created"]:
+            created.append((kind, ref))
+        else:
+            events.append(Event.normal(reason=f"Updated{kind}",
+                                       message=f"Updated {kind} {ref}: {', '.join(changes)}"))
+    if len(created) > 1:
+        events.insert(0, Event.normal(reason="CreatedChildren", message="Created " + ", ".join(
+            f"{kind} {ref}" for kind, ref in created)))
+    elif created:
+        kind, ref = created[0]
+        events.insert(0, Event.normal(reason=f"Created{kind}", message=f"Created {kind} {ref}"))
+    return events
 
 
 def executor_record(

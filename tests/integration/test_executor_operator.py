@@ -237,7 +237,9 @@ def test_create_gives_deployment_service_metadata_and_status(
     assert status["endpoint"] == {"rest": f"http://{env.host()}:8501",
                                   "grpc": f"{env.host()}:8500"}
     assert FINALIZER in env.get(ME)["metadata"]["finalizers"]
-    env.wait(lambda: env.events("CreatedDeployment"), what="a CreatedDeployment Event")
+    [created] = env.wait(lambda: env.events("CreatedChildren"), what="a CreatedChildren Event")
+    assert created["message"] == f"Created Deployment {env.ns}/hp2, Service {env.ns}/hp2"
+    assert not env.events("CreatedDeployment") and not env.events("CreatedService")
     # Real pods follow within seconds (the emulator never had any), so the first
     # Ready state, "waiting for replicas", is checked where it stays: its Event
     # (the store record may already say Ready). Then the real ReplicaSet's pod,
