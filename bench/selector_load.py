@@ -104,6 +104,12 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str, timeout: floa
     sys.exit(f"{what} did not answer {url} within {timeout:g}s")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used (/proc/PID/stat, clock ticks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -123,6 +129,7 @@ class Result:
     errors: dict[str, int] = field(default_factory=dict)
     rss_before_mib: float = 0.0
     rss_after_mib: float = 0.0
+    cpu_ms_per_request: float = 0.0  # the server's CPU per answered request
 
 
 def _pct(ordered: list[float], q: float) -> float:
@@ -170,7 +177,7 @@ async def _load(base: str, connections: int, seconds: float, max_requests: int,
 
 async def _run_level(target: str, base: str, pid: int, n: int,
                      args: argparse.Namespace) -> Result:
-    rss_before = _rss_mib(pid)
+    rss_before, cpu_before = _rss_mib(pid), _cpu_seconds(pid)
     latencies, errors, elapsed = await _load(base, n, args.seconds, args.max_requests,
                                              args.clients, args.types)
     latencies.sort()
@@ -181,7 +188,9 @@ async def _run_level(target: str, base: str, pid: int, n: int,
                   rps=round(ok / elapsed, 1) if elapsed else 0.0,
                   p50_ms=round(_pct(latencies, 50), 2), p99_ms=round(_pct(latencies, 99), 2),
                   errors=dict(errors), rss_before_mib=round(rss_before, 1),
-                  rss_after_mib=round(_rss_mib(pid), 1))
+                  rss_after_mib=round(_rss_mib(pid), 1),
+                  cpu_ms_per_request=round((_cpu_seconds(pid) - cpu_before) * 1000
+                                           / max(1, len(latencies)), 3))
 
 
 def _serve_baseline(port: int) -> None:
@@ -204,19 +213,25 @@ def _serve_baseline(port: int) -> None:
 
 def _print(results: list[Result], levels: list[int]) -> None:
     head = ("| connections | target | requests/s | p50 ms | p99 ms | requests | errors | "
-            "RSS before -> after MiB |")
+            "RSS before -> after MiB | server CPU ms per request |")
     print(head)
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         errors = ", ".join(f"{k}: {v}" for k, v in sorted(r.errors.items())) or "0"
         print(f"| {r.connections} | {r.target} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} "
-              f"| {r.requests} | {errors} | {r.rss_before_mib:.0f} -> {r.rss_after_mib:.0f} |")
+              f"| {r.requests} | {errors} | {r.rss_before_mib:.0f} -> {r.rss_after_mib:.0f} "
+              f"| {r.cpu_ms_per_request:.3f} |")
     print()
     by = {(r.target, r.connections): r for r in results}
     for n in levels:
         base, sel = by[("baseline", n)], by[("selector", n)]
         ratio = sel.rps / base.rps if base.rps else 0.0
-        print(f"{n} connections: selector/baseline requests/s = {ratio:.2f}")
+        cost = (sel.cpu_ms_per_request / base.cpu_ms_per_request
+                if base.cpu_ms_per_request else 0.0)
+        # The load generator shares the cores, so the CPU a request costs each server is
+        # the steadier figure: at most 2x the baseline's is what 0.5x the rate needs.
+        print(f"{n} connections: selector/baseline requests/s = {ratio:.2f}; "
+              f"CPU per request = {cost:.2f}x the baseline's")
     clean = all(not r.errors for r in results if r.target == "selector")
     at200 = by.get(("selector", 200)), by.get(("baseline", 200))
     ratio200 = at200[0].rps / at200[1].rps if at200[0] and at200[1] and at200[1].rps else None
