@@ -308,10 +308,14 @@ def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POL
         if bad is not None:
             rejected[eid] = bad
             continue
-        live = [r for r in snapshot.replicas.get(eid, ())
-                if r.state == "Available" and vouched(rec, r, snapshot.taken_at)]
+        available = [r for r in snapshot.replicas.get(eid, ()) if r.state == "Available"]
+        live = [r for r in available if vouched(rec, r, snapshot.taken_at)]
         warm, why = _serving_state(rec, len(live))
         if warm is None:
+            if available and not live:
+                # Say so: a rotated operator secret or a forger looks like this.
+                why = (f"not serving: {len(available)} Available heartbeat(s), none signed "
+                       "with the executor's key (docs/security.md T2)")
             rejected[eid] = why
             continue
         if criteria.min_accuracy is not None:

@@ -121,4 +121,6 @@ def test_selection_never_routes_to_a_forged_heartbeat():
     # Forged heartbeats alone make no live replica at all.
     alone = replace(snap, replicas={rec.id: [forged, copied]})
     nothing = rank(Criteria(type="vision"), alone, replicas=True)
-    assert not nothing and "no live Available replica" in nothing.rejected[rec.id]
+    assert not nothing
+    assert nothing.rejected[rec.id] == ("not serving: 2 Available heartbeat(s), none signed "
+                                        "with the executor's key (docs/security.md T2)")
