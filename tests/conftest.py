@@ -13,7 +13,8 @@ from support.seaweedfs import SeaweedFS
 
 # The real control plane and operator fixtures (support/controlplane_fixture.py,
 # support/operator_fixtures.py): started once per session, by the first test that asks.
-pytest_plugins = ["support.controlplane_fixture", "support.operator_fixtures"]
+pytest_plugins = ["support.controlplane_fixture", "support.operator_fixtures",
+                  "support.acl_store"]
 
 
 @pytest.fixture(scope="session")

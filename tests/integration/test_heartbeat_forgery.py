@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import httpx
@@ -23,7 +23,7 @@ from mulambda.store.heartbeats import Signer, executor_seed, public_key
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, ReplicaRecord
 
-from support.acl_store import acl_server, role_stores
+from support.acl_store import role_stores
 from support.procs import RedisServer
 from support.tfserving_double import TFServingDouble
 
@@ -39,20 +39,12 @@ def _ip() -> str:
     return "127." + ".".join(str(random.randrange(1, 255)) for _ in range(3))
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = acl_server(P)
-    s.start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-async def stores(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+async def stores(acl_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     dict[str, MetadataStore]
 ]:
-    server.flush()
-    out = role_stores(server.url, P, monkeypatch, ("operator", "companion", "selector", "sdk"))
+    acl_redis.flush()
+    out = role_stores(acl_redis.url, P, monkeypatch, ("operator", "companion", "selector", "sdk"))
     yield out
     for s in out.values():
         await s.close()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
@@ -17,7 +17,7 @@ from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore, _bucket
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
-from support.acl_store import acl_server, login, role_stores
+from support.acl_store import login, role_stores
 from support.procs import RedisServer
 from support.tfserving_double import TFServingDouble
 
@@ -27,20 +27,12 @@ P = "ro"
 CLIENT = "apps/shop"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = acl_server(P)
-    s.start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-async def world(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+async def world(acl_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     dict[str, MetadataStore]
 ]:
-    server.flush()
-    stores = role_stores(server.url, P, monkeypatch,
+    acl_redis.flush()
+    stores = role_stores(acl_redis.url, P, monkeypatch,
                          ("operator", "companion", "selector", "client"))
     yield stores
     for s in stores.values():
@@ -70,7 +62,7 @@ def _refused(caplog: pytest.LogCaptureFixture) -> list[str]:
                                                  "not released", "signal failed"))]
 
 
-async def test_a_read_only_sdk_predicts_and_writes_nothing(server, world, caplog):
+async def test_a_read_only_sdk_predicts_and_writes_nothing(acl_redis, world, caplog):
     double = await TFServingDouble("warm").start()
     try:
         await _executor(world, "warm", double.url, accuracy=0.8, warm=True)
@@ -85,13 +77,13 @@ async def test_a_read_only_sdk_predicts_and_writes_nothing(server, world, caplog
         assert len(double.requests) == 20
     finally:
         await double.stop()
-    with login(server.url, "operator") as op:
+    with login(acl_redis.url, "operator") as op:
         assert op.hgetall(f"{P}:inflight") == {}
         assert op.hgetall(f"{P}:demand:{_bucket()}") == {}
     assert not _refused(caplog)
 
 
-async def test_without_read_only_the_same_user_is_refused_writes(server, world, caplog):
+async def test_without_read_only_the_same_user_is_refused_writes(acl_redis, world, caplog):
     """What read-only mode is for: the tenants' user may not write leases."""
     double = await TFServingDouble("warm").start()
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -29,7 +29,7 @@ from mulambda.store.records import (
     StoreUnavailable,
 )
 
-from support.acl_store import PASSWORDS, acl_server, login, role_stores
+from support.acl_store import PASSWORDS, login, role_stores
 from support.procs import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -38,18 +38,10 @@ P = "acl"  # the key prefix (the chart's settings.keyPrefix); the rules are buil
 EXECUTOR, CLIENT, POD = "ml/hp2", "apps/shop", "hp2-abc"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = acl_server(P)
-    s.start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-def url(server: RedisServer) -> str:
-    server.flush()
-    return server.url
+def url(acl_redis: RedisServer) -> str:
+    acl_redis.flush()
+    return acl_redis.url
 
 
 @pytest.fixture
@@ -199,7 +191,7 @@ ANY_WRITE = [
 ]
 
 
-def test_a_client_credential_cannot_write_anything(url, server):
+def test_a_client_credential_cannot_write_anything(url, acl_redis):
     login(url, "operator").hset(f"{P}:executors", EXECUTOR, "{}")
     r = login(url, "client")
     assert r.hgetall(f"{P}:executors") == {EXECUTOR: "{}"}  # it can read the snapshot
@@ -211,8 +203,8 @@ def test_a_client_credential_cannot_write_anything(url, server):
                 r.execute_command(*args)
             assert refused(err.value), (args, err.value)
     # Nothing changed.
-    assert server.command("HGETALL", f"{P}:executors").count(b"$") == 2
-    assert server.command("DBSIZE").startswith(b":1")
+    assert acl_redis.command("HGETALL", f"{P}:executors").count(b"$") == 2
+    assert acl_redis.command("DBSIZE").startswith(b":1")
 
 
 def test_no_user_no_access(url):
@@ -308,26 +300,26 @@ def test_the_charts_secrets_and_store_init_container_make_a_store_every_role_log
     acl = (tmp_path / "users.acl").read_text()
     assert not any(s["password"] in acl for s in secrets.values() if "password" in s)
 
-    server = RedisServer(acl=acl)
-    server.start()
+    built = RedisServer(acl=acl)
+    built.start()
     try:
         for role in ROLES:
             secret = secrets[f"ml-store-{role}"]
-            assert _can_log_in(server.url, secret["username"], secret["password"]), role
-            assert not _can_log_in(server.url, secret["username"], "guessed"), role
+            assert _can_log_in(built.url, secret["username"], secret["password"]), role
+            assert not _can_log_in(built.url, secret["username"], "guessed"), role
         operator = secrets["ml-store-operator"]
-        r = redis.Redis.from_url(server.url, username=operator["username"],
+        r = redis.Redis.from_url(built.url, username=operator["username"],
                                  password=operator["password"])
         r.hset("team:executors", "a/b", json.dumps({}))  # the chart's prefix, not the default
         with pytest.raises(NoPermissionError):
             r.hset("mulambda:executors", "a/b", "{}")
     finally:
-        server.stop()
+        built.stop()
 
 
 def test_the_kustomize_store_account_creates_and_reads_only_its_users_secrets(
         cluster, ns, tmp_path):
-    """The base's store ServiceAccount and Role on the real API server: the init
+    """The base's store ServiceAccount and Role on the real API acl_redis: the init
     container's code, authenticated as that account, creates the role Secrets once and
     reads them again; it can read no other Secret."""
     import yaml

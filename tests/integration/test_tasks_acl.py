@@ -4,7 +4,7 @@ that is not theirs to read. The expectations are written out, not derived from a
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -14,7 +14,7 @@ from mulambda.store.records import StoreUnavailable
 from mulambda.tasks.queue import TaskQueue
 from mulambda.tasks.records import Next, Status, TaskOptions, new_task_id, outcome
 
-from support.acl_store import acl_server, login, role_stores
+from support.acl_store import login, role_stores
 from support.procs import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -23,20 +23,12 @@ P = "acl"
 EXECUTOR, CLIENT = "ml/hp2", "shop/app"
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[RedisServer]:
-    s = acl_server(P)
-    s.start()
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-async def queues(server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+async def queues(acl_redis: RedisServer, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
     dict[str, TaskQueue]
 ]:
-    server.flush()
-    stores = role_stores(server.url, P, monkeypatch)
+    acl_redis.flush()
+    stores = role_stores(acl_redis.url, P, monkeypatch)
     yield {role: TaskQueue(store) for role, store in stores.items()}
     for store in stores.values():
         await store.close()
@@ -78,7 +70,7 @@ async def test_each_role_does_its_part_of_a_tasks_life(queues):
     assert await op.backlog([EXECUTOR]) == {}
 
 
-# role -> what it must not do with tasks (raw commands on the real server).
+# role -> what it must not do with tasks (raw commands on the real acl_redis).
 FORBIDDEN = {
     "client": [("script", "load", "return 1"), ("hgetall", f"{P}:task:x"),
                ("get", f"{P}:tasks:idem:x"),
@@ -99,10 +91,10 @@ FORBIDDEN = {
 }
 
 
-def test_a_companions_script_reaches_no_further_than_its_commands(server):
+def test_a_companions_script_reaches_no_further_than_its_commands(acl_redis):
     """The worker's scripts need SCRIPT LOAD and EVALSHA; a script it loads runs each
     command under the companion's rules, so it reads no Idempotency-Key nor dead letter."""
-    companion = login(server.url, "companion")
+    companion = login(acl_redis.url, "companion")
     for body, key in (("return redis.call('GET', KEYS[1])", f"{P}:tasks:idem:x"),
                       ("return redis.call('XLEN', KEYS[1])", f"{P}:tasks:dead")):
         sha = companion.script_load(body)
@@ -112,12 +104,12 @@ def test_a_companions_script_reaches_no_further_than_its_commands(server):
 
 @pytest.mark.parametrize(("role", "command"), [
     (role, command) for role, commands in FORBIDDEN.items() for command in commands])
-def test_roles_are_refused_what_is_not_theirs(server, role, command):
+def test_roles_are_refused_what_is_not_theirs(acl_redis, role, command):
     with pytest.raises(NoPermissionError):
-        login(server.url, role).execute_command(*command)
+        login(acl_redis.url, role).execute_command(*command)
 
 
-async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
+async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, acl_redis):
     sel = queues["selector"]
     task_id, _ = await sel.submit(new_task_id("other/app"), client="other/app",
                                   executor=EXECUTOR, model="m", body='{"secret": 1}',
@@ -125,4 +117,4 @@ async def test_a_tenant_credential_cannot_read_any_tasks_result(queues, server):
     with pytest.raises(StoreUnavailable, match=r"NOPERM|permission"):
         await queues["client"].get(task_id)
     with pytest.raises(NoPermissionError):
-        login(server.url, "client").hget(f"{P}:task:{task_id}", "body")
+        login(acl_redis.url, "client").hget(f"{P}:task:{task_id}", "body")

@@ -2,12 +2,13 @@
 
 Every role's password is known here; a store is built the way its process
 builds it (``MULAMBDA_REDIS_USERNAME`` and ``MULAMBDA_REDIS_PASSWORD``, which
-win over a user in the URL).
+win over a user in the URL). The fixture ``acl_redis`` (a plugin of
+tests/conftest.py) serves the test module's key prefix ``P``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import pytest
 import redis
@@ -40,3 +41,12 @@ def login(url: str, role: str, password: str | None = None) -> redis.Redis:
     """A plain client logged in as ``role``'s user (raw commands)."""
     return redis.Redis.from_url(url, username=ROLES[role].username,
                                 password=password or PASSWORDS[role], decode_responses=True)
+
+
+@pytest.fixture(scope="module")
+def acl_redis(request: pytest.FixtureRequest) -> Iterator[RedisServer]:
+    """A redis-server with every role's user for the keys under the module's ``P``."""
+    server = acl_server(request.module.P)
+    server.start()
+    yield server
+    server.stop()
