@@ -25,7 +25,8 @@ Policies compared on that trace:
 
 a. ``mulambda``: :func:`mulambda.policy.scaling.decide` fed a demand sample every
    second (in-flight plus queued requests, arrival rate), deciding every 2 s,
-   minReplicas 0 and the CRD's default windows; ``mulambda-d300`` is the
+   minReplicas 0 and the CRD's default windows and burstCapacity (spare
+   capacity ahead of demand, rule 9); ``mulambda-d300`` is the
    same with a 300 s scale-down delay, the HPA's stabilisation, so the two
    can be compared at equal patience.
 b. ``static-peak``: a fixed fleet sized so the trace's busiest minute runs at

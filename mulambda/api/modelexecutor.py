@@ -43,6 +43,8 @@ class Scaling(_Model):
     stable_window_seconds: int = Field(default=60, ge=1, alias="stableWindowSeconds")
     panic_window_seconds: int = Field(default=6, ge=1, alias="panicWindowSeconds")
     scale_down_delay_seconds: int = Field(default=30, ge=0, alias="scaleDownDelaySeconds")
+    #: Requests in flight kept spare ahead of demand (mulambda.policy.headroom).
+    burst_capacity: float = Field(default=40.0, ge=0, le=100_000, alias="burstCapacity")
 
     @model_validator(mode="after")
     def _bounds(self) -> Scaling:

@@ -50,6 +50,13 @@ The rule, in the order it is applied:
    queue that grows while new pods start asked for more pods every tick: a
    burst behind a 30 s cold start took the fleet to maxReplicas, twice what
    the peak needs (``bench/autoscale.py``).
+9. **Spare capacity.** While there is demand, the recommendation is at least
+   what carries the stable window's offered load plus ``burstCapacity`` more
+   requests in flight (at most the load itself again, never above
+   maxReplicas): :func:`mulambda.policy.headroom.headroom_replicas`. A burst
+   then meets ready replicas; rules 1-8 only react, and what arrives during a
+   cold start beyond what the ready replicas take waits however many pods
+   they start. The spare is paid for all day; 0 turns it off.
 
 Reasons (CamelCase, for conditions and Events): ``Activate``,
 ``ScaleToZero``, ``Bounded``, ``Panic``, ``ScaleUp``, ``ScaleDown``,
@@ -72,6 +79,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from .backlog import QUEUE_DRAIN_SECONDS, backlog_replicas
+from .headroom import headroom_replicas
 
 __all__ = [
     "DEFAULT_MAX_SAMPLES",
@@ -129,6 +137,8 @@ class ScalingPolicy(Protocol):
     def panic_window_seconds(self) -> int: ...
     @property
     def scale_down_delay_seconds(self) -> int: ...
+    @property
+    def burst_capacity(self) -> float: ...
 
 
 # -- demand samples ----------------------------------------------------------------
@@ -193,6 +203,13 @@ def effective_concurrency(sample: Sample, drain_seconds: float = QUEUE_DRAIN_SEC
     # would ask for more replicas at every tick for as long as a backlog drains).
     offered = sample.rate * sample.service_s
     return offered + sample.queued * sample.service_s / max(drain_seconds, _EPSILON)
+
+
+def _offered(sample: Sample) -> float:
+    """The concurrency of what arrives (:func:`effective_concurrency` without the drain)."""
+    if not sample.queued or sample.service_s is None:
+        return sample.concurrency
+    return sample.rate * sample.service_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,6 +350,7 @@ def decide(
     stable_w = float(policy.stable_window_seconds)
     panic_w = float(min(policy.panic_window_seconds, policy.stable_window_seconds))
     target = float(policy.target_concurrency)
+    burst_capacity = float(policy.burst_capacity)
 
     visible = [s for s in window.samples if s.at <= now]
     stable = [s for s in visible if s.at > now - stable_w]
@@ -370,6 +388,11 @@ def decide(
         starting_for=0.0 if starting_since is None else now - starting_since,
         cold_start_seconds=cold_start_seconds or 0.0, drain_seconds=drain_seconds)
     want_stable = _replicas_for(stable_c, target)
+    # The spare rides on the load that arrives, not on a backlog being drained:
+    # draining is transient and rule 8 sizes it already.
+    offered_c = _mean([_offered(s) for s in stable]) if stable else 0.0
+    want_spare = headroom_replicas(offered_c, target=target, burst_capacity=burst_capacity,
+                                   max_replicas=hi)
     want_panic = max(_replicas_for(panic_c, target), want_backlog)
     demand_in_window = activation or any(s.has_demand for s in stable)
 
@@ -394,6 +417,9 @@ def decide(
     else:
         panic_since = panic_last = None
         recommendation = want_stable
+    # Spare capacity (rule 9) is added after the panic bookkeeping, which keeps
+    # judging the demand itself: the spare is not a burst.
+    recommendation = max(recommendation, want_spare)
     if demand_in_window:
         # Requests too short to show as in-flight still need a replica to land on.
         recommendation = max(recommendation, 1)
@@ -410,7 +436,7 @@ def decide(
     if current_replicas == 0:
         # Activation skips the delay window: it only ever adds replicas. With
         # no demand, stale recommendations must not wake an executor at zero.
-        wanted = max(1, want_panic, want_stable) if demand_in_window else 0
+        wanted = max(1, want_panic, want_stable, want_spare) if demand_in_window else 0
     elif wanted == 0 and current_replicas > 0:
         if lo == 0 and idle_for >= policy.idle_window_seconds:
             wanted = 0
@@ -427,6 +453,8 @@ def decide(
         f"concurrency {stable_c:.2f} over {stable_w:g}s, {panic_c:.2f} over {panic_w:g}s, "
         f"target {target:g}/replica"
         + (f", backlog needs {want_backlog}" if want_backlog else "")
+        + (f", {want_spare} with burstCapacity {burst_capacity:g} spare"
+           if want_spare > want_stable else "")
     )
     if current_replicas == 0 and desired > 0 and demand_in_window:
         reason = Reason.ACTIVATE

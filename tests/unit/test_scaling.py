@@ -32,6 +32,8 @@ def _policy(**overrides: float) -> Scaling:
         "stableWindowSeconds": 60,
         "panicWindowSeconds": 6,
         "scaleDownDelaySeconds": 30,
+        # Rules 1-8 alone; the spare capacity (rule 9) has its own tests.
+        "burstCapacity": 0,
     }
     values.update(overrides)
     return Scaling.model_validate(values)

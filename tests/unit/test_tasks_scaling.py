@@ -22,13 +22,15 @@ from mulambda.policy.scaling import (
 NOW = 1_000_000.0
 
 
-def _spec(min_replicas: int = 0, max_replicas: int = 10, target: float = 4):
+def _spec(min_replicas: int = 0, max_replicas: int = 10, target: float = 4,
+          burst_capacity: float | None = None):
+    spare = {} if burst_capacity is None else {"burstCapacity": burst_capacity}
     return parse_executor_spec({
         "model": {"name": "m", "storageUri": "s3://models/m"},
         "traits": {"type": "vision", "input": "image", "output": "label",
                    "serviceTimeMs": 1000},
         "scaling": {"minReplicas": min_replicas, "maxReplicas": max_replicas,
-                    "targetConcurrency": target}})
+                    "targetConcurrency": target, **spare}})
 
 
 def _ref(name: str) -> ObjectRef:
@@ -102,7 +104,8 @@ def _burst(service_s: float | None) -> tuple[int, list[int]]:
     """Peak replicas over a burst from 100 to 450 requests/s of a 1 s model, 30 s cold
     start, every request waiting in a FIFO queue in front of 10 slots per replica; and the
     seconds at which it scaled up."""
-    policy = _spec(min_replicas=1, max_replicas=200, target=7).scaling
+    # Rule 8 alone: a spare capacity (rule 9) would change the replicas before the burst.
+    policy = _spec(min_replicas=1, max_replicas=200, target=7, burst_capacity=0).scaling
     window, state = DemandWindow(), ScalingState()
     ready, starting, queued, peak, ups = 15, [], 0.0, 15, []
     for second in range(120):
