@@ -47,6 +47,8 @@ class Context:
     # The secret executors' heartbeat keys derive from (MULAMBDA_HEARTBEAT_SECRET, from a
     # Secret); None: heartbeats are not signed (mulambda.store.heartbeats).
     heartbeat_secret: bytes | None = None
+    # uid -> the executor's heartbeat public key (derived once: see modelexecutor/heartbeats).
+    heartbeat_keys: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,7 @@ def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POL
             rejected[eid] = bad
             continue
         available = [r for r in snapshot.replicas.get(eid, ()) if r.state == "Available"]
-        live = [r for r in available if vouched(rec, r, snapshot.taken_at)]
+        live = [r for r in available if vouched(rec.heartbeat_key, r, snapshot.taken_at)]
         warm, why = _serving_state(rec, len(live))
         if warm is None:
             if available and not live:

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .records import ExecutorRecord, ReplicaRecord
+from .records import ReplicaRecord
 
 # A claim is signed for the current minute and the next one: signed about once a
 # minute, and an old one replayed holds at most this long.
@@ -116,12 +116,12 @@ def _verified(key: str, message: bytes, sig: str) -> bool:
     return True
 
 
-def vouched(record: ExecutorRecord, replica: ReplicaRecord, now: float) -> bool:
-    """Whether ``replica`` may count as one of ``record``'s pods: always for an executor
-    without a heartbeat key; else only with a valid signature of a claim that holds at
-    ``now``."""
-    if not record.heartbeat_key:
+def vouched(key: str | None, replica: ReplicaRecord, now: float) -> bool:
+    """Whether ``replica`` may count as a pod of the executor whose heartbeat key (its
+    record's ``heartbeat_key``) is ``key``: always without a key; else only with a valid
+    signature of a claim that holds at ``now``."""
+    if not key:
         return True
     if not replica.sig or replica.claim_until < now:
         return False
-    return _verified(record.heartbeat_key, claim(replica), replica.sig)
+    return _verified(key, claim(replica), replica.sig)

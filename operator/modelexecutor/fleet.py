@@ -50,6 +50,7 @@ from ..k8s.api import API_THREADS, Forbidden
 from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
+from .heartbeats import counted
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ class Fleet:
         return lock is not None and lock.locked()
 
     def _forget_gone(self, seen: set[str]) -> None:
-        for cache in (self._specs, self._clean):
+        for cache in (self._specs, self._clean, self.ctx.heartbeat_keys):
             for uid in [u for u in cache if u not in seen]:
                 del cache[uid]
 
@@ -219,13 +220,15 @@ class Fleet:
             store_down = exc
         seen: set[str] = set()
         jobs = []
+        now = time.time()
         for key, body in self._live():
             ref = ObjectRef.of(body)
             seen.add(ref.uid)
             if self._busy(ref.uid):
                 continue
             deployment, service = first(self.deployments, key), first(self.services, key)
-            mine = heartbeats.get(ref.id, [])
+            # Only what routers count: a forged heartbeat changes nothing here either.
+            mine = counted(self.ctx, ref, heartbeats.get(ref.id, []), now)
             fingerprint = (body["metadata"].get("generation"), _version(deployment),
                            _version(service), heartbeat_facts(mine), ref.id in stored)
             if store_down is None and self._clean.get(ref.uid) == fingerprint:

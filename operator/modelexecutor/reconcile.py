@@ -17,7 +17,6 @@ from typing import Any
 
 from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.policy.rollout import Route
-from mulambda.store.heartbeats import public_key
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailable
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
@@ -25,7 +24,7 @@ from ..k8s.children import create_once, ensure_deployment, ensure_service
 from ..k8s.objects import ObjectRef
 from ..status import Event, Problem, StatusUpdate
 from .build import build_deployment, build_heartbeat_secret, build_service, endpoints
-from .heartbeats import heartbeat_secret, heartbeat_seed
+from .heartbeats import counted, heartbeat_key, heartbeat_secret, heartbeat_seed
 from .rollout import Observations, advance, observe, reconcile_rollout, rollout_update, stable_spec
 from .status import Rollout, executor_state, executor_status, model_report
 
@@ -139,13 +138,11 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
         if "heartbeats" in cache:
             heartbeats = list(cache["heartbeats"])
         else:
-            heartbeats = await ctx.store.list_replicas(ref.id)
+            heartbeats = counted(ctx, ref, await ctx.store.list_replicas(ref.id), time.time())
         deployed = Rollout.of(deployment)
         state = executor_state(deployed, model_report(heartbeats, deployed.desired))
-        seed = heartbeat_seed(ctx, ref)
         record = executor_record(ref, spec, endpoint, state, deployed.ready,
-                                 executor.generation, route,
-                                 public_key(seed) if seed is not None else None)
+                                 executor.generation, route, heartbeat_key(ctx, ref))
         # A handler always writes (the store may have lost it); the refresh only a change,
         # or a record the store no longer has (cache["stored"] False).
         if (not cache or not cache.get("stored", False)

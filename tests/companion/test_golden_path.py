@@ -259,8 +259,9 @@ async def test_executor_pod_loads_from_s3_serves_is_selected_and_cleans_up(
             # mounted into the companion only): routers count it as the executor's pod.
             record = (await store.snapshot(f"{ns}/{NAME}")).executors[executor_id]
             assert record.heartbeat_key and replica.sig
-            assert vouched(record, replica, time.time())
-            assert not vouched(record, replace(replica, ip="203.0.113.9"), time.time())
+            assert vouched(record.heartbeat_key, replica, time.time())
+            assert not vouched(record.heartbeat_key, replace(replica, ip="203.0.113.9"),
+                               time.time())
 
             # A developer's Client gets it selected; the SDK agrees.
             await asyncio.to_thread(cluster.create, {

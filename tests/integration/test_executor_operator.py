@@ -30,9 +30,11 @@ from mulambda.operator.k8s.api import KubeApi
 from mulambda.operator.main import FINALIZER, register_all
 from mulambda.operator.rbac import REQUIRED_RULES
 from mulambda.settings import Settings
+from mulambda.store.records import ReplicaRecord, _dump
 
 from support.cluster import ApiError, AuditEvent, Cluster
 from support.identity import Identity
+from support.operator_fixtures import sign_as_its_pod
 from support.operator_run import OperatorRun
 from support.procs import RedisServer
 
@@ -134,10 +136,18 @@ class Env:
         return f"{name}.{self.ns}.svc.cluster.local"
 
     def heartbeat(self, pod: str, name: str = "hp2", **fields: Any) -> None:
-        """What the companion in ``pod`` would write to the store."""
-        record = {"executor": self.id(name), "pod": pod, "expires_at": time.time() + 60, **fields}
+        """What the companion in ``pod`` would write to the store (signed as it would)."""
+        record = sign_as_its_pod(self.cluster, ReplicaRecord(
+            executor=self.id(name), pod=pod, expires_at=time.time() + 60, **fields))
         redis.Redis.from_url(self.redis_url).hset(f"{PREFIX}:replicas", f"{self.id(name)}|{pod}",
-                                                  json.dumps(record))
+                                                  _dump(record))
+
+    def forged_heartbeat(self, pod: str, name: str = "hp2", **fields: Any) -> None:
+        """A heartbeat for ``pod`` that its executor's key did not sign."""
+        record = ReplicaRecord(executor=self.id(name), pod=pod, expires_at=time.time() + 60,
+                               **fields)
+        redis.Redis.from_url(self.redis_url).hset(f"{PREFIX}:replicas", f"{self.id(name)}|{pod}",
+                                                  _dump(record))
 
     def requests(self, since: int | None = None) -> list[AuditEvent]:
         """The operator's requests (the API server's audit log) since ``since`` (default:
@@ -287,6 +297,24 @@ def test_ready_replicas_and_companion_heartbeats_show_in_status(
                    "TYPE": "regression", "READY": "True", "REPLICAS": "1/1",
                    "REASON": "ModelServing", "ROLLOUT": "Stable",
                    "ENDPOINT": f"http://{env.host()}:8501"}
+
+
+def test_a_heartbeat_its_key_did_not_sign_is_not_a_replica(
+    env: Env, operator: OperatorRun
+) -> None:
+    """What routers do not count, the status does not count either: a forged Available
+    heartbeat leaves the executor loading; its pod's signed one makes it serve."""
+    env.create()
+    env.wait(lambda: ready_replicas(env) == 1, what="the Deployment's pod Ready")
+    [pod] = pods_of(env)
+    name = pod["metadata"]["name"]
+    env.forged_heartbeat(name, state="Available", version=1)
+    timer_rounds(operator, 2)
+    assert env.condition("ModelLoaded").get("status") != "True"
+    assert env.status().get("model", {}).get("loadedVersion") is None
+    env.heartbeat(name, state="Available", version=1)
+    env.wait(lambda: env.condition("ModelLoaded").get("status") == "True",
+             what="ModelLoaded=True from the signed heartbeat")
 
 
 def test_failed_model_load_reported_by_a_companion_is_shown(

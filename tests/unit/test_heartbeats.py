@@ -20,6 +20,7 @@ from mulambda.store.records import ExecutorRecord, ReplicaRecord, Snapshot
 
 NOW = 1_700_000_000.0
 SEED = executor_seed(b"operator-secret-0123456789", "ml", "hp2", "uid-1")
+KEY = public_key(SEED)
 
 
 def record(key: str | None = public_key(SEED), name: str = "hp2") -> ExecutorRecord:
@@ -49,7 +50,7 @@ def test_keys_are_per_executor_incarnation_and_repeatable():
 def test_a_signed_heartbeat_is_vouched_for():
     signed = Signer(SEED).sign(heartbeat(), NOW)
     assert signed.sig and signed.claim_until == claim_until(NOW) > NOW
-    assert vouched(record(), signed, NOW)
+    assert vouched(KEY, signed, NOW)
 
 
 @pytest.mark.parametrize("change", [
@@ -62,27 +63,27 @@ def test_a_signed_heartbeat_is_vouched_for():
 ], ids=lambda c: next(iter(c)))
 def test_a_signed_heartbeat_changed_by_anyone_else_is_not(change):
     signed = Signer(SEED).sign(heartbeat(), NOW)
-    assert not vouched(record(), replace(signed, **change), NOW)
+    assert not vouched(KEY, replace(signed, **change), NOW)
 
 
 def test_unsigned_or_foreign_signatures_are_not_vouched_for():
-    assert not vouched(record(), heartbeat(), NOW)  # unsigned
+    assert not vouched(KEY, heartbeat(), NOW)  # unsigned
     other = executor_seed(b"operator-secret-0123456789", "ml", "evil", "uid-9")
-    assert not vouched(record(), Signer(other).sign(heartbeat(), NOW), NOW)
-    assert not vouched(record(), replace(heartbeat(), sig="not base64!", claim_until=NOW + 60),
+    assert not vouched(KEY, Signer(other).sign(heartbeat(), NOW), NOW)
+    assert not vouched(KEY, replace(heartbeat(), sig="not base64!", claim_until=NOW + 60),
                        NOW)
-    assert not vouched(record(key="garbage"), Signer(SEED).sign(heartbeat(), NOW), NOW)
+    assert not vouched("garbage", Signer(SEED).sign(heartbeat(), NOW), NOW)
 
 
 def test_a_replayed_claim_runs_out():
     signed = Signer(SEED).sign(heartbeat(), NOW)
-    assert vouched(record(), signed, NOW + 60)
-    assert not vouched(record(), signed, NOW + CLAIM_SECONDS + 1)
+    assert vouched(KEY, signed, NOW + 60)
+    assert not vouched(KEY, signed, NOW + CLAIM_SECONDS + 1)
 
 
 def test_executors_without_a_key_take_heartbeats_as_they_come():
     """Records an operator without MULAMBDA_HEARTBEAT_SECRET writes (and tests, benches)."""
-    assert vouched(record(key=None), heartbeat(), NOW)
+    assert vouched(None, heartbeat(), NOW)
 
 
 def test_the_signer_signs_once_per_claim():
@@ -91,7 +92,7 @@ def test_the_signer_signs_once_per_claim():
     again = signer.sign(heartbeat(), NOW + 1)
     assert again.sig == first.sig  # same minute, same claim: no new signature
     moved = signer.sign(heartbeat(state="Failed"), NOW + 1)
-    assert moved.sig != first.sig and vouched(record(), moved, NOW + 1)
+    assert moved.sig != first.sig and vouched(KEY, moved, NOW + 1)
 
 
 def test_a_key_file_that_is_not_a_key_is_refused(tmp_path):
@@ -104,7 +105,7 @@ def test_a_key_file_that_is_not_a_key_is_refused(tmp_path):
         Signer.from_file(str(bad))
     good = tmp_path / "good"
     good.write_text(base64.b64encode(SEED).decode() + "\n")
-    assert vouched(record(), Signer.from_file(str(good)).sign(heartbeat(), NOW), NOW)
+    assert vouched(KEY, Signer.from_file(str(good)).sign(heartbeat(), NOW), NOW)
 
 
 def test_selection_never_routes_to_a_forged_heartbeat():
