@@ -19,13 +19,20 @@ once but slows down with each gives its slowdown per request.
 
 Update rule. One observation is ``(k, n, t)`` with ``t`` = measured response
 time - the network RTT the router assumed for that replica (floored at 0).
-Before it is added, ``t`` is clipped to ``predicted +- clip * spread``, where
-``predicted`` is what the router's current model said and ``spread`` is an
-EWMA (``spread_alpha``) of ``|t - predicted|`` started at ``predicted`` (at
-least 10 ms): one
-stall or timeout moves the model by a bounded step, while a model that is
-wrong by 10x still gets there in a handful of observations because the
-spread grows with the errors. Then every sum is multiplied by
+Before it is added, ``t`` is clipped to ``predicted +- clip * spread *
+scale``, where ``predicted`` is what the router's current model said,
+``scale`` is ``predicted`` (at least 10 ms) and ``spread`` is an EWMA
+(``spread_alpha``) of the relative error ``|t - predicted| / scale``
+started at 1: one stall or timeout moves the model by a bounded step, while
+a model that is wrong by 10x still gets there in a handful of observations
+because the spread grows with the errors. The spread is relative because
+errors grow with the time predicted (jitter is a share of the service time,
+and a request behind k others waits for k of them): most answers of a fast
+model find no request ahead and miss by a few ms, and an absolute spread
+learned from them clipped the rare answer with a request ahead (10x the
+base) to a fraction of its time, so the cost of a request ahead was
+learned far too small, and routers kept sending to busy replicas of
+exactly the models where that costs most. Then every sum is multiplied by
 ``decay = 1 - 1/memory`` and the observation is added with weight 1 (an
 exponentially weighted window of about ``memory`` observations per writer).
 
@@ -48,8 +55,15 @@ find others ahead of them decide it; it only keeps the fit defined while
 rather than in ``per_item`` (scaled by the mean ``n`` so that moving the
 prediction at the usual size costs the same). When all observations share
 one ``k`` the excess over the declared base goes to ``per_inflight``. The
-three normal equations are solved directly; a negative coefficient is set to
-0 and the others solved again (times never shrink with load).
+three normal equations are solved directly; a negative coefficient is fixed
+and the others solved again (times never shrink with load): ``base`` and
+``per_item`` at 0, ``per_inflight`` at its prior ``s0``. Times that fall as
+``k`` grows mean the counts were wrong (a request still being served was
+counted as on its way back, typically while the model was learning), not
+that load is free; fixed at 0, a router would see no cost in sending
+request after request to one replica until their answers came back (a
+queue of a hundred on a model whose request ahead costs 400 ms, in the
+simulator).
 """
 
 from __future__ import annotations
@@ -78,7 +92,7 @@ class FitSettings:
 
 
 DEFAULT_FIT = FitSettings()
-# The first clipping bound is at least this wide: a model declared at 1 ms may take 100.
+# Errors are relative to at least this much: a model declared at 1 ms may take 100.
 MIN_SPREAD_MS = 10.0
 
 
@@ -113,14 +127,21 @@ def _fit(w: float, k: float, i: float, t: float, kk: float, ii: float, ki: float
     free = [0, 1, 2]
     theta = [0.0, 0.0, 0.0]
     while free:
-        sol = _solve([[a[r][c] for c in free] for r in free], [rhs[r] for r in free])
+        sol = _solve([[a[r][c] for c in free] for r in free],
+                     [rhs[r] - sum(a[r][c] * theta[c] for c in range(3) if c not in free)
+                      for r in free])
         negative = [f for f, v in zip(free, sol, strict=True) if v < 0]
         if not negative:
             for f, v in zip(free, sol, strict=True):
                 theta[f] = v
             break
-        # Drop the most negative coefficient (fixed at 0) and solve for the rest.
+        # Fix the most negative coefficient and solve for the rest: base and per-item
+        # at 0; per-inflight at the prior's, because times that shrink with load mean
+        # the counts of requests ahead were wrong (requests still served counted as
+        # gone), not that load is free, and a per-inflight cost of 0 would let a
+        # router pile requests onto one replica until their answers came back.
         worst = min(negative, key=lambda f: sol[free.index(f)])
+        theta[worst] = prior.per_inflight_ms if worst == 1 else 0.0
         free.remove(worst)
     return ServiceModel(theta[0], theta[1], theta[2])
 
@@ -188,11 +209,12 @@ class ServiceTracker:
         if not all(math.isfinite(v) and v >= 0 for v in values):
             return False
         service = max(0.0, elapsed_ms - network_ms)
-        spread = self._spread.get(executor, max(predicted_ms, MIN_SPREAD_MS))
-        error = service - predicted_ms
-        self._spread[executor] = spread + self.settings.spread_alpha * (abs(error) - spread)
-        bound = self.settings.clip * spread
-        service = min(max(service, predicted_ms - bound), predicted_ms + bound, )
+        scale = max(predicted_ms, MIN_SPREAD_MS)
+        spread = self._spread.get(executor, 1.0)  # relative to the prediction
+        error = abs(service - predicted_ms) / scale
+        self._spread[executor] = spread + self.settings.spread_alpha * (error - spread)
+        bound = self.settings.clip * spread * scale
+        service = min(max(service, predicted_ms - bound), predicted_ms + bound)
         current = self.stats.get(executor) or ServiceStats()
         self.stats[executor] = observe(current, inflight, items, max(0.0, service),
                                        self.settings)
