@@ -13,6 +13,8 @@ from mulambda.api.modelexecutor import Scaling
 from mulambda.policy.headroom import headroom_replicas, spare_concurrency
 from mulambda.policy.scaling import DemandWindow, Reason, Sample, ScalingState, decide
 
+from support.burst import run_burst
+
 REPO = Path(__file__).resolve().parents[2]
 
 # (concurrency, burst capacity, max replicas) -> replicas at a target of 7
@@ -124,28 +126,10 @@ def test_the_spare_rides_on_arrivals_not_on_a_backlog_being_drained():
 def _burst_queue(burst_capacity: float) -> tuple[int, float]:
     """Replicas ready when 100 requests/s of a 1 s model jump to 450 (10 slots a
     replica, 30 s cold start), and the most requests waiting over the burst."""
-    policy = _policy(burstCapacity=burst_capacity, minReplicas=1)
-    window, state = DemandWindow(), ScalingState()
-    ready, starting, queued, worst, at_burst = 15, [], 0.0, 0.0, 0
-    for second in range(1, 301):
-        ready += sum(1 for at in starting if at == second)
-        starting = [at for at in starting if at > second]
-        rate = 100.0 if second <= 200 else 450.0
-        at_burst = ready if second == 200 else at_burst
-        queued = max(0.0, queued + rate - ready * 10.0)
-        worst = max(worst, queued)
-        busy = min(ready * 10.0, rate + queued)
-        window = DemandWindow((*window.samples[-59:],
-                               Sample(float(second), busy + queued, rate, queued, 1.0)))
-        if second % 2:
-            continue
-        current = ready + len(starting)
-        d = decide(policy, window, current_replicas=current, ready_replicas=ready,
-                   state=state, now=float(second), cold_start_seconds=30.0)
-        state = d.state
-        if d.desired_replicas > current:
-            starting += [second + 30] * (d.desired_replicas - current)
-    return at_burst, worst
+    steps = run_burst(_policy(burstCapacity=burst_capacity, minReplicas=1),
+                      lambda second: 100.0 if second <= 200 else 450.0, range(1, 301))
+    at_burst = next(s.ready for s in steps if s.second == 200)
+    return at_burst, max(s.queued for s in steps)
 
 
 def test_a_burst_meets_the_spare_replicas_and_queues_less():

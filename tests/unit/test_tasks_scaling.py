@@ -11,13 +11,11 @@ from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.operator.k8s.objects import ObjectRef
 from mulambda.operator.modelexecutor.autoscale import Windows, plan
 from mulambda.policy.scaling import (
-    DemandWindow,
     Sample,
-    ScalingState,
-    decide,
     effective_concurrency,
-    record_sample,
 )
+
+from support.burst import run_burst
 
 NOW = 1_000_000.0
 
@@ -106,29 +104,11 @@ def _burst(service_s: float | None) -> tuple[int, list[int]]:
     seconds at which it scaled up."""
     # Rule 8 alone: a spare capacity (rule 9) would change the replicas before the burst.
     policy = _spec(min_replicas=1, max_replicas=200, target=7, burst_capacity=0).scaling
-    window, state = DemandWindow(), ScalingState()
-    ready, starting, queued, peak, ups = 15, [], 0.0, 15, []
-    for second in range(120):
-        ready += sum(1 for at in starting if at == second)
-        starting = [at for at in starting if at > second]
-        rate = 100.0 if second < 10 else 450.0
-        capacity = ready * 10.0
-        queued = max(0.0, queued + rate - capacity)
-        busy = min(capacity, rate + queued)
-        sample = Sample(float(second), busy + queued, rate, queued if service_s else 0.0,
-                        service_s)
-        window = record_sample(window, sample, horizon_seconds=60)
-        if second % 2:
-            continue
-        current = ready + len(starting)
-        d = decide(policy, window, current_replicas=current, ready_replicas=ready,
-                   state=state, now=float(second), cold_start_seconds=30.0)
-        state = d.state
-        if d.desired_replicas > current:
-            starting += [second + 30] * (d.desired_replicas - current)
-            ups.append(second)
-        peak = max(peak, d.desired_replicas)
-    return peak, ups
+    steps = run_burst(policy, lambda second: 100.0 if second < 10 else 450.0, range(120),
+                      service_s=service_s)
+    decided = [s for s in steps if s.desired is not None]
+    peak = max([15, *(s.desired for s in decided if s.desired is not None)])
+    return peak, [s.second for s in decided if s.desired is not None and s.desired > s.current]
 
 
 def _burst_peak(service_s: float | None) -> int:
