@@ -274,8 +274,13 @@ def test_helm_install_upgrade_uninstall_in_a_restricted_namespace(
     job_events = {e["reason"] for e in admin.events(ns, involved=f"{FULLNAME}-minio-buckets")
                   if e["involvedObject"]["kind"] == "Job"}
     assert {"SuccessfulCreate", "Completed"} <= job_events, job_events
+    # Not counted: the API server's own IP repair loop, which can run between a
+    # Service's creation and its IP's record reaching the loop's cache and then says
+    # "ClusterIPNotAllocated ... repairing" (and repairs it): a race inside the control
+    # plane on a busy machine, whatever created the Service (seen once in CI here).
     warnings = [f"{e['involvedObject']['name']}: {e['reason']} {e['message']}"
-                for e in admin.events(ns) if e.get("type") == "Warning"]
+                for e in admin.events(ns) if e.get("type") == "Warning"
+                and e.get("reason") != "ClusterIPNotAllocated"]
     assert warnings == []
 
     # Upgrade: two selector replicas, DEBUG logs, watch only the release namespace.
