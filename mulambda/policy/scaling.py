@@ -72,13 +72,20 @@ towards keeping replicas.
 
 from __future__ import annotations
 
-import bisect
 import math
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
 from .backlog import QUEUE_DRAIN_SECONDS, backlog_replicas
+from .demand import (
+    DEFAULT_MAX_SAMPLES,
+    DemandWindow,
+    Sample,
+    effective_concurrency,
+    offered_concurrency,
+    record_sample,
+)
 from .headroom import headroom_replicas
 
 __all__ = [
@@ -100,12 +107,8 @@ __all__ = [
 #: Panic when the panic-window desire is this many times the ready replicas (Knative: 200%).
 PANIC_THRESHOLD = 2.0
 
-#: Hard cap on samples kept, whatever the sampling rate, so a window stays small.
-DEFAULT_MAX_SAMPLES = 600
-
 # ceil(2.0000000001) must stay 2: averages of floats carry rounding noise.
 _EPSILON = 1e-9
-
 
 
 class Reason(StrEnum):
@@ -141,112 +144,9 @@ class ScalingPolicy(Protocol):
     def burst_capacity(self) -> float: ...
 
 
-# -- demand samples ----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """Demand on one executor at one instant.
-
-    ``concurrency`` is requests in flight, including those waiting in a queue
-    or at the activator (a saturated executor must still show its backlog);
-    ``rate`` is arrivals per second. Either being positive counts as demand.
-    ``queued`` says how much of ``concurrency`` waits for a slot rather than
-    being served, and ``service_s`` the mean service time; with both, the
-    backlog is sized by :func:`effective_concurrency` instead of head for head.
-    """
-
-    at: float
-    concurrency: float
-    rate: float = 0.0
-    queued: float = 0.0
-    service_s: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("at", "concurrency", "rate", "queued"):
-            value = getattr(self, name)
-            if not math.isfinite(value):
-                raise ValueError(f"sample {name} must be finite, got {value!r}")
-        if self.concurrency < 0 or self.rate < 0:
-            raise ValueError(
-                f"sample concurrency and rate must be >= 0, got {self.concurrency}, {self.rate}"
-            )
-        if not 0 <= self.queued <= self.concurrency:
-            raise ValueError(f"sample queued must be in [0, concurrency], got {self.queued}")
-        if self.service_s is not None and not (math.isfinite(self.service_s)
-                                               and self.service_s > 0):
-            raise ValueError(f"sample service_s must be > 0, got {self.service_s!r}")
-
-    @property
-    def has_demand(self) -> bool:
-        return self.concurrency > 0 or self.rate > 0
-
-
-def effective_concurrency(sample: Sample, drain_seconds: float = QUEUE_DRAIN_SECONDS) -> float:
-    """The concurrency a sample asks replicas for.
-
-    Head for head, a backlog asks for a slot per waiting request at once: while
-    new replicas start (a cold start is tens of seconds) the queue keeps growing
-    and so does the count, and the scale-up overshoots by the queue's growth
-    (panic mode, which never scales down mid-burst, keeps the overshoot). With
-    the backlog's size and the service time known, the offered load is what
-    arrives (Little's law: ``rate x service_s``; ``rate`` must count every
-    arrival, queued or not) and the backlog adds what drains it within
-    ``drain_seconds``:
-    ``queued x service_s / drain_seconds``. Without them: the concurrency as
-    reported.
-    """
-    if not sample.queued or sample.service_s is None:
-        return sample.concurrency
-    # Not what is being served: with a backlog the replicas run full, serving the
-    # backlog too, so that measures their capacity, not the demand (counting it
-    # would ask for more replicas at every tick for as long as a backlog drains).
-    offered = sample.rate * sample.service_s
-    return offered + sample.queued * sample.service_s / max(drain_seconds, _EPSILON)
-
-
-def _offered(sample: Sample) -> float:
-    """The concurrency of what arrives (:func:`effective_concurrency` without the drain)."""
-    if not sample.queued or sample.service_s is None:
-        return sample.concurrency
-    return sample.rate * sample.service_s
-
-
-@dataclass(frozen=True, slots=True)
-class DemandWindow:
-    """Recent samples of one executor, oldest first; build it with :func:`record_sample`."""
-
-    samples: tuple[Sample, ...] = ()
-
-
 def window_horizon(policy: ScalingPolicy) -> float:
     """Seconds of samples :func:`decide` looks at (the longer of the two windows)."""
     return float(max(policy.stable_window_seconds, policy.panic_window_seconds))
-
-
-def record_sample(
-    window: DemandWindow,
-    sample: Sample,
-    *,
-    horizon_seconds: float,
-    max_samples: int = DEFAULT_MAX_SAMPLES,
-) -> DemandWindow:
-    """Return ``window`` with ``sample`` added, keeping only the last ``horizon_seconds``.
-
-    Samples older than the newest one minus the horizon are dropped, then the
-    oldest beyond ``max_samples``; a late (out-of-order) sample is inserted in
-    its place so the window stays sorted.
-    """
-    if max_samples < 1:
-        raise ValueError("max_samples must be at least 1")
-    samples = list(window.samples)
-    keys = [s.at for s in samples]
-    # bisect_right: a sample with the same timestamp goes after the earlier ones.
-    samples.insert(bisect.bisect_right(keys, sample.at), sample)
-    cutoff = samples[-1].at - horizon_seconds
-    first = bisect.bisect_right([s.at for s in samples], cutoff)
-    first = max(first, len(samples) - max_samples)
-    return DemandWindow(tuple(samples[first:]))
 
 
 # -- state kept between decisions ---------------------------------------------------
@@ -390,7 +290,7 @@ def decide(
     want_stable = _replicas_for(stable_c, target)
     # The spare rides on the load that arrives, not on a backlog being drained:
     # draining is transient and rule 8 sizes it already.
-    offered_c = _mean([_offered(s) for s in stable]) if stable else 0.0
+    offered_c = _mean([offered_concurrency(s) for s in stable]) if stable else 0.0
     want_spare = headroom_replicas(offered_c, target=target, burst_capacity=burst_capacity,
                                    max_replicas=hi)
     want_panic = max(_replicas_for(panic_c, target), want_backlog)

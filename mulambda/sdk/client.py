@@ -44,6 +44,7 @@ from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Predict
 from .shadow import ShadowCopies, count_outcome
 from .tasks import Task, TaskClient, TaskStatus, read_only_from_env, selector_url_from_env
 from .transport import GrpcTransport, rest_predict
+from .waking import Waking
 
 log = logging.getLogger("mulambda.sdk")
 T = TypeVar("T")
@@ -145,21 +146,22 @@ class MulambdaClient:
         self._view_criteria: Criteria | None = None
         self._load = (InflightReader(self.store, self._leases.instance, ttl=load_ttl,
                                      timeout=load_timeout) if fresh_load else None)
-        self._waking: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
         self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
-        self._woken: set[tuple[str, float]] = set()
         self._bg: set[asyncio.Task[Any]] = set()
         self._grpc: GrpcTransport | None = None
         # Rollouts and experiments: per-arm outcomes, shadow copies (mulambda.sdk.shadow).
         self._outcomes = OutcomeRecorder(self.store)
         self._outcomes.refused = self.read_only
-        self._told_no_wake = False
         self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
                                     timeout=timeout)
         self._selector_url = selector_url or selector_url_from_env()
         self._tasks: TaskClient | None = None
+        self._waking = Waking(
+            self.store, client_id, self._tracker, cold_start_timeout=cold_start_timeout,
+            published=self._leases.kick, read_only=self.read_only,
+            through_selector=(self._wake_through_selector if self._selector_url else None))
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:
@@ -234,7 +236,7 @@ class MulambdaClient:
         self._view = prefilter(self.criteria, snap, reuse)
         self._view_criteria = self.criteria
         self._snap, self._snap_at = snap, time.monotonic()
-        self._note_woken(snap)
+        self._waking.note_woken(snap)
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
                   len(snap.executors))
 
@@ -317,59 +319,12 @@ class MulambdaClient:
 
     def _wake(self, executors: list[str]) -> None:
         """Signal demand for cold executors we would prefer, once per snapshot."""
-        todo = [e for e in executors if (e, self._snap_at) not in self._woken]
-        if not todo:
-            return
-        now = time.monotonic()
-        for e in todo:
-            self._waking.setdefault(e, now)
-        self._woken = {k for k in self._woken if k[1] == self._snap_at}
-        self._woken.update((e, self._snap_at) for e in todo)
-        self._spawn(self._note_demand(todo))
+        todo = self._waking.due(executors, self._snap_at)
+        if todo:
+            self._spawn(self._waking.signal(todo))
 
-    def _note_woken(self, snap: Snapshot) -> None:
-        """Measure cold starts: an executor we asked to wake that now has a live replica
-        took (now - asked) to start, within one refresh interval."""
-        if not self._waking:
-            return
-        now = time.monotonic()
-        for executor, asked in list(self._waking.items()):
-            live = any(r.state == "Available" for r in snap.replicas.get(executor, ()))
-            if live:
-                self._tracker.observe_cold_start(executor, (now - asked) * 1000)
-                self._leases.kick()  # publish it with the next write
-                del self._waking[executor]
-                log.info("cold start measured client=%s executor=%s seconds=%.1f",
-                         self.client_id, executor, now - asked)
-            elif now - asked > max(self.cold_start_timeout, 600.0):
-                del self._waking[executor]  # it never came: nothing to learn
-
-    async def _note_demand(self, executors: list[str]) -> None:
-        if self.read_only:
-            await self._wake_through_selector(executors)
-            return
-        try:
-            await self.store.note_demand(executors)
-            log.info("demand signalled client=%s executors=%s", self.client_id, executors)
-        except StoreUnavailable as exc:
-            log.warning("demand signal failed client=%s error=%s", self.client_id, exc)
-
-    async def _wake_through_selector(self, executors: list[str]) -> None:
-        """Read-only: the selector signals demand for what it selects for this client."""
-        if not self._selector_url:
-            if not self._told_no_wake:
-                self._told_no_wake = True
-                log.warning("read-only client=%s cannot wake executors at zero replicas "
-                            "(%s): set MULAMBDA_SELECTOR_URL so the selector signals demand",
-                            self.client_id, ", ".join(executors))
-            return
-        try:
-            picked = await self.tasks.wake(None if self._registered else self.criteria)
-            log.info("demand signalled through the selector client=%s wanted=%s picked=%s",
-                     self.client_id, executors, picked)
-        except (MulambdaError, httpx.HTTPError) as exc:
-            log.warning("demand signal through the selector failed client=%s error=%s",
-                        self.client_id, exc)
+    async def _wake_through_selector(self) -> str:
+        return await self.tasks.wake(None if self._registered else self.criteria)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
@@ -379,7 +334,7 @@ class MulambdaClient:
     # -- calling models --------------------------------------------------------
     async def _wait_until_warm(self, executor: str, items: int, direct: bool) -> Candidate | None:
         """Poll the store until a cold executor has a live replica (or give up)."""
-        self._waking.setdefault(executor, time.monotonic())
+        self._waking.asked.setdefault(executor, time.monotonic())
         deadline = time.monotonic() + self.cold_start_timeout
         while time.monotonic() < deadline:
             async with self._lock:
@@ -412,7 +367,7 @@ class MulambdaClient:
         while queue and len(attempts) < self.max_attempts:
             candidate = queue.pop(0)
             if not candidate.warm:
-                await self._note_demand([candidate.executor_id])
+                await self._waking.signal([candidate.executor_id])
                 warm = await self._wait_until_warm(candidate.executor_id, items, pods)
                 if warm is None:
                     attempts.append((candidate.executor_id,

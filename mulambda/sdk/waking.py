@@ -1,0 +1,99 @@
+"""How an SDK instance wakes executors at zero replicas and learns their cold starts.
+
+Demand for a cold executor goes to the store (``P:demand``), or, for an
+instance whose store user may not write (read-only mode), through the
+selector's ``/select``, which signals demand for what it selects. An executor
+asked to wake that later shows a live replica took that long to start: the
+time goes to the service-time model (``ServiceTracker.observe_cold_start``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+
+from mulambda.policy.latency import ServiceTracker
+from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import Snapshot, StoreUnavailable
+
+from .errors import MulambdaError
+
+log = logging.getLogger("mulambda.sdk")
+
+
+class Waking:
+    """Demand signals for cold executors, once per snapshot, and their cold starts."""
+
+    def __init__(self, store: MetadataStore, client_id: str, tracker: ServiceTracker, *,
+                 cold_start_timeout: float, published: Callable[[], None],
+                 through_selector: Callable[[], Awaitable[str]] | None,
+                 read_only: bool) -> None:
+        self.store = store
+        self.client_id = client_id
+        self.tracker = tracker
+        self.cold_start_timeout = cold_start_timeout
+        self.published = published  # asks for the measurement to be published
+        # Read-only: ask the selector (None: there is none to ask).
+        self.through_selector = through_selector
+        self.read_only = read_only
+        self.asked: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
+        self._signalled: set[tuple[str, float]] = set()  # (executor, snapshot time)
+        self._told_no_selector = False
+
+    def due(self, executors: list[str], snapshot_at: float) -> list[str]:
+        """Of ``executors``, those not yet signalled for this snapshot (now counted as
+        asked to wake)."""
+        todo = [e for e in executors if (e, snapshot_at) not in self._signalled]
+        now = time.monotonic()
+        for e in todo:
+            self.asked.setdefault(e, now)
+        self._signalled = {k for k in self._signalled if k[1] == snapshot_at}
+        self._signalled.update((e, snapshot_at) for e in todo)
+        return todo
+
+    def note_woken(self, snap: Snapshot) -> None:
+        """An executor asked to wake that now has a live replica took (now - asked) to
+        start, within one refresh interval."""
+        if not self.asked:
+            return
+        now = time.monotonic()
+        for executor, asked in list(self.asked.items()):
+            live = any(r.state == "Available" for r in snap.replicas.get(executor, ()))
+            if live:
+                self.tracker.observe_cold_start(executor, (now - asked) * 1000)
+                self.published()
+                del self.asked[executor]
+                log.info("cold start measured client=%s executor=%s seconds=%.1f",
+                         self.client_id, executor, now - asked)
+            elif now - asked > max(self.cold_start_timeout, 600.0):
+                del self.asked[executor]  # it never came: nothing to learn
+
+    async def signal(self, executors: list[str]) -> None:
+        """Signal demand for ``executors`` (failures are logged, never raised)."""
+        if self.read_only:
+            await self._through_selector(executors)
+            return
+        try:
+            await self.store.note_demand(executors)
+            log.info("demand signalled client=%s executors=%s", self.client_id, executors)
+        except StoreUnavailable as exc:
+            log.warning("demand signal failed client=%s error=%s", self.client_id, exc)
+
+    async def _through_selector(self, executors: list[str]) -> None:
+        if self.through_selector is None:
+            if not self._told_no_selector:
+                self._told_no_selector = True
+                log.warning("read-only client=%s cannot wake executors at zero replicas "
+                            "(%s): set MULAMBDA_SELECTOR_URL so the selector signals demand",
+                            self.client_id, ", ".join(executors))
+            return
+        try:
+            picked = await self.through_selector()
+            log.info("demand signalled through the selector client=%s wanted=%s picked=%s",
+                     self.client_id, executors, picked)
+        except (MulambdaError, httpx.HTTPError) as exc:
+            log.warning("demand signal through the selector failed client=%s error=%s",
+                        self.client_id, exc)
