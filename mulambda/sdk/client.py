@@ -44,7 +44,7 @@ from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Predict
 from .shadow import ShadowCopies, count_outcome
 from .tasks import Task, TaskClient, TaskStatus, read_only_from_env, selector_url_from_env
 from .transport import GrpcTransport, rest_predict
-from .waking import Waking
+from .waking import ColdStarts, Waking
 
 log = logging.getLogger("mulambda.sdk")
 T = TypeVar("T")
@@ -159,8 +159,10 @@ class MulambdaClient:
         self._selector_url = selector_url or selector_url_from_env()
         self._tasks: TaskClient | None = None
         self._waking = Waking(
-            self.store, client_id, self._tracker, cold_start_timeout=cold_start_timeout,
-            published=self._leases.kick, read_only=self.read_only,
+            self.store, client_id,
+            ColdStarts(self._tracker, timeout=cold_start_timeout, published=self._leases.kick,
+                       name=client_id),
+            read_only=self.read_only,
             through_selector=(self._wake_through_selector if self._selector_url else None))
 
     # -- lifecycle -------------------------------------------------------------
@@ -236,7 +238,7 @@ class MulambdaClient:
         self._view = prefilter(self.criteria, snap, reuse)
         self._view_criteria = self.criteria
         self._snap, self._snap_at = snap, time.monotonic()
-        self._waking.note_woken(snap)
+        self._waking.cold.note_woken(snap)
         log.debug("snapshot refreshed client=%s executors=%d", self.client_id,
                   len(snap.executors))
 
@@ -334,7 +336,7 @@ class MulambdaClient:
     # -- calling models --------------------------------------------------------
     async def _wait_until_warm(self, executor: str, items: int, direct: bool) -> Candidate | None:
         """Poll the store until a cold executor has a live replica (or give up)."""
-        self._waking.asked.setdefault(executor, time.monotonic())
+        self._waking.cold.ask([executor])
         deadline = time.monotonic() + self.cold_start_timeout
         while time.monotonic() < deadline:
             async with self._lock:

@@ -2,9 +2,10 @@
 
 Demand for a cold executor goes to the store (``P:demand``), or, for an
 instance whose store user may not write (read-only mode), through the
-selector's ``/select``, which signals demand for what it selects. An executor
-asked to wake that later shows a live replica took that long to start: the
-time goes to the service-time model (``ServiceTracker.observe_cold_start``).
+selector's ``/select``, which signals demand for what it selects
+(:class:`Waking`). An executor asked to wake that later shows a live replica
+took that long to start: the time goes to the service-time model
+(:class:`ColdStarts`, which the selector's gateway uses too).
 """
 
 from __future__ import annotations
@@ -24,35 +25,23 @@ from .errors import MulambdaError
 log = logging.getLogger("mulambda.sdk")
 
 
-class Waking:
-    """Demand signals for cold executors, once per snapshot, and their cold starts."""
+class ColdStarts:
+    """Executors asked to wake, and how long each took to show a live replica: the
+    cold start goes to the service-time model (a router's, the SDK's or the gateway's).
+    """
 
-    def __init__(self, store: MetadataStore, client_id: str, tracker: ServiceTracker, *,
-                 cold_start_timeout: float, published: Callable[[], None],
-                 through_selector: Callable[[], Awaitable[str]] | None,
-                 read_only: bool) -> None:
-        self.store = store
-        self.client_id = client_id
+    def __init__(self, tracker: ServiceTracker, *, timeout: float,
+                 published: Callable[[], None], name: str = "") -> None:
         self.tracker = tracker
-        self.cold_start_timeout = cold_start_timeout
+        self.timeout = timeout
         self.published = published  # asks for the measurement to be published
-        # Read-only: ask the selector (None: there is none to ask).
-        self.through_selector = through_selector
-        self.read_only = read_only
+        self.name = name  # the router, in log lines
         self.asked: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
-        self._signalled: set[tuple[str, float]] = set()  # (executor, snapshot time)
-        self._told_no_selector = False
 
-    def due(self, executors: list[str], snapshot_at: float) -> list[str]:
-        """Of ``executors``, those not yet signalled for this snapshot (now counted as
-        asked to wake)."""
-        todo = [e for e in executors if (e, snapshot_at) not in self._signalled]
+    def ask(self, executors: list[str]) -> None:
         now = time.monotonic()
-        for e in todo:
+        for e in executors:
             self.asked.setdefault(e, now)
-        self._signalled = {k for k in self._signalled if k[1] == snapshot_at}
-        self._signalled.update((e, snapshot_at) for e in todo)
-        return todo
 
     def note_woken(self, snap: Snapshot) -> None:
         """An executor asked to wake that now has a live replica took (now - asked) to
@@ -61,15 +50,39 @@ class Waking:
             return
         now = time.monotonic()
         for executor, asked in list(self.asked.items()):
-            live = any(r.state == "Available" for r in snap.replicas.get(executor, ()))
-            if live:
+            if any(r.state == "Available" for r in snap.replicas.get(executor, ())):
                 self.tracker.observe_cold_start(executor, (now - asked) * 1000)
                 self.published()
                 del self.asked[executor]
-                log.info("cold start measured client=%s executor=%s seconds=%.1f",
-                         self.client_id, executor, now - asked)
-            elif now - asked > max(self.cold_start_timeout, 600.0):
+                log.info("cold start measured router=%s executor=%s seconds=%.1f",
+                         self.name, executor, now - asked)
+            elif now - asked > max(self.timeout, 600.0):
                 del self.asked[executor]  # it never came: nothing to learn
+
+
+class Waking:
+    """Demand signals for cold executors, once per snapshot, and their cold starts."""
+
+    def __init__(self, store: MetadataStore, client_id: str, cold: ColdStarts, *,
+                 through_selector: Callable[[], Awaitable[str]] | None,
+                 read_only: bool) -> None:
+        self.store = store
+        self.client_id = client_id
+        self.cold = cold
+        # Read-only: ask the selector (None: there is none to ask).
+        self.through_selector = through_selector
+        self.read_only = read_only
+        self._signalled: set[tuple[str, float]] = set()  # (executor, snapshot time)
+        self._told_no_selector = False
+
+    def due(self, executors: list[str], snapshot_at: float) -> list[str]:
+        """Of ``executors``, those not yet signalled for this snapshot (now counted as
+        asked to wake)."""
+        todo = [e for e in executors if (e, snapshot_at) not in self._signalled]
+        self.cold.ask(todo)
+        self._signalled = {k for k in self._signalled if k[1] == snapshot_at}
+        self._signalled.update((e, snapshot_at) for e in todo)
+        return todo
 
     async def signal(self, executors: list[str]) -> None:
         """Signal demand for ``executors`` (failures are logged, never raised)."""

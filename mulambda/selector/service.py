@@ -39,6 +39,7 @@ from mulambda.policy.selection import (
     overlay,
 )
 from mulambda.sdk.shadow import ShadowCopies, count_outcome
+from mulambda.sdk.waking import ColdStarts
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import (
     MetadataStore,
@@ -99,12 +100,14 @@ class Selector:
         self.ranker = Ranker(policy)
         self.tracker = ServiceTracker(policy.fit)
         self.leases = InflightLeases(store, self.instance, service=self.tracker)
+        # Executors asked to wake: their cold starts, measured when they come up.
+        self.cold = ColdStarts(self.tracker, timeout=cold_start_timeout,
+                               published=self.leases.kick, name=self.instance)
         self.load = InflightReader(store, self.instance)
         # Own requests (forwarded ones, and /select answers while they last): when sent,
         # how long they should stay at the executor.
         self.own = OwnRequests()
         self.suspect: dict[tuple[str, str], float] = {}  # (executor, pod) -> monotonic deadline
-        self.waking: dict[str, float] = {}  # cold executor -> monotonic time demand was sent
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
         self.http: aiohttp.ClientSession | None = None
@@ -183,9 +186,7 @@ class Selector:
         """Record demand without making the caller wait for the store (queued, written
         in batches); ``cold`` ones (asked to wake) have their cold start measured when
         they come up."""
-        now = time.monotonic()
-        for e in cold or ():
-            self.waking.setdefault(e, now)
+        self.cold.ask(cold or [])
         self.demand.add(executors)
 
     async def close(self) -> None:
@@ -216,20 +217,7 @@ class Selector:
 
     def _refreshed(self, snap: Snapshot) -> None:
         self.refreshes.inc()
-        self._note_woken(snap)
-
-    def _note_woken(self, snap: Snapshot) -> None:
-        """An executor we asked to wake that now has a live replica: its cold start."""
-        if not self.waking:
-            return
-        now = time.monotonic()
-        for executor, asked in list(self.waking.items()):
-            if any(r.state == "Available" for r in snap.replicas.get(executor, ())):
-                self.tracker.observe_cold_start(executor, (now - asked) * 1000)
-                self.leases.kick()
-                del self.waking[executor]
-            elif now - asked > max(self.cold_start_timeout, 600.0):
-                del self.waking[executor]
+        self.cold.note_woken(snap)
 
     async def ranking(self, criteria: Criteria, snap: Snapshot, *, items: int = 1,
                       replicas: bool = False) -> Ranking:
