@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import kopf
@@ -20,6 +21,7 @@ from mulambda.store.records import StoreUnavailable
 from .client.handlers import register as register_clients
 from .context import Context
 from .k8s.api import KubeApi
+from .k8s.session import bounded_login
 from .modelexecutor.autoscale import Windows
 from .modelexecutor.fleet import ERRORS, Fleet
 from .modelexecutor.handlers import DEPLOYMENTS, EXECUTORS, MODEL_EXECUTOR, SERVICES
@@ -48,20 +50,21 @@ def heartbeat_secret_from_env() -> bytes | None:
     return value.encode()
 
 
-def build_registry(settings: Settings) -> kopf.OperatorRegistry:
-    """The production registry: login via the kubernetes client plus every handler."""
+def build_registry(settings: Settings, namespaces: Sequence[str] = ()) -> kopf.OperatorRegistry:
+    """The production registry: every handler, for the namespaces watched (none: all)."""
     registry = kopf.OperatorRegistry()
-
-    @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        return kopf.login_via_client(**kwargs)
-
-    register_all(registry, settings)
+    register_all(registry, settings, namespaces)
     return registry
 
 
-def register_all(registry: kopf.OperatorRegistry, settings: Settings) -> None:
-    """Start-up/clean-up and every resource handler (tests use this on fresh registries)."""
+def register_all(registry: kopf.OperatorRegistry, settings: Settings,
+                 namespaces: Sequence[str] = ()) -> None:
+    """Login, start-up/clean-up and every resource handler (tests use this on fresh
+    registries)."""
+
+    @kopf.on.login(registry=registry)
+    async def login(**kwargs: Any) -> kopf.AiohttpSession | None:
+        return await bounded_login(namespaces, **kwargs)
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
@@ -171,7 +174,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env()
     logging.getLogger().setLevel(settings.log_level.upper())
-    registry = build_registry(settings)
+    registry = build_registry(settings, args.namespace)
     if args.metrics_port:
         prometheus_client.start_http_server(args.metrics_port)
     asyncio.run(kopf.operator(
