@@ -86,10 +86,14 @@ Capacity: one snapshot of the store-wide keys (executors, replicas, load,
 service times) serves every client; it is read again once it is
 ``--cache-ttl`` seconds old, single-flight (requests that find it old wait for
 the one read in progress). The per-client part (the client's latency samples
-and registered record) is read separately, single-flight per client, and
+and registered record) is read separately, single-flight per client (the
+clients due in one turn of the event loop in one round trip), and
 kept in a bounded LRU (1,024 clients, 100,000 samples); a name with neither
 record nor samples is never kept, so made-up client names cost no memory.
-This process's own requests are exact at every request. Store connections
+This process's own requests are exact at every request. An answer is put
+together from the JSON text of its candidates, kept per everything it says
+(:mod:`mulambda.selector.answers`), and a body is decoded once per distinct
+bytes; metric children are looked up once per label values. Store connections
 come from a blocking pool (``MULAMBDA_REDIS_POOL_SIZE``, a request waits up to
 ``MULAMBDA_REDIS_POOL_TIMEOUT_SECONDS`` for one).
 

@@ -9,10 +9,40 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
+from typing import Generic, TypeVar
+
+from prometheus_client.metrics import MetricWrapperBase
 
 from mulambda.policy.ranking import Candidate, Ranking
 from mulambda.policy.selection import Criteria, mismatch
 from mulambda.store.records import ExecutorRecord
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """A labelled metric's children by label values (in the metric's label order),
+    each looked up in prometheus_client once: ``labels()`` validates, formats and
+    locks, several microseconds a call at every request. At most ``max_entries``
+    are kept (beyond, looked up each time). The selector never removes a child, so a
+    kept one is the metric's own."""
+
+    def __init__(self, metric: M, max_entries: int = 4096) -> None:
+        self.metric = metric
+        self.max_entries = max_entries
+        self._kept: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *values: str) -> M:
+        child = self._kept.get(values)
+        if child is None:
+            child = self.metric.labels(*values)
+            if len(self._kept) < self.max_entries:
+                self._kept[values] = child
+        return child
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
 
 # Why the chosen executor was chosen (``mulambda_selector_decisions_total{reason}``).
 DECISION_REASONS = (
@@ -46,8 +76,12 @@ def decision_reason(ranking: Ranking, chosen: Candidate, *, failover: bool = Fal
     if ranking and not ranking[0].warm and ranking[0] is not chosen:
         return "warm_instead_of_cold"
     # Over-ceiling candidates rank last whatever their score: not rivals of one within it.
-    if max(c.score for c in ranking if c.warm and not c.over_ceiling) > chosen.score:
-        return "near_equal"
+    # (One loop that tests the score first: this runs for every decision, over every
+    # candidate, and nearly all of them score lower.)
+    best = chosen.score
+    for c in ranking:
+        if c.score > best and c.warm and not c.over_ceiling:
+            return "near_equal"
     return "best_score"
 
 

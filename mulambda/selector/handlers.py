@@ -33,6 +33,7 @@ from mulambda.policy.selection import (
 )
 from mulambda.store.records import ClientRecord, StoreUnavailable
 
+from .answers import CANDIDATES_SHOWN
 from .service import SELECT_MAX_BODY_BYTES, SELECTOR_KEY, STORE_KEY, Selector, dumps_strict
 
 log = logging.getLogger("mulambda.selector")
@@ -43,10 +44,17 @@ def _json(data: Any, status: int = 200, headers: Mapping[str, str] | None = None
     try:
         text = dumps_strict(data)
     except ValueError as exc:
-        log.error("answer not representable as JSON error=%s", exc)
-        text, status = dumps_strict({"error": "internal error: non-finite number in answer"}), 500
+        return _not_json(exc, headers)
     return web.Response(text=text, status=status, content_type="application/json",
                         headers=headers)
+
+
+def _not_json(exc: ValueError, headers: Mapping[str, str] | None = None) -> web.Response:
+    """The 500 for an answer that holds a non-finite number (a bug, never ``NaN``)."""
+    log.error("answer not representable as JSON error=%s", exc)
+    return web.Response(
+        text=dumps_strict({"error": "internal error: non-finite number in answer"}),
+        status=500, content_type="application/json", headers=headers)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -115,6 +123,11 @@ def _items(payload: Any) -> int:
     return 1
 
 
+def _decode(raw: bytes) -> Any:
+    """A ``/select`` body decoded (empty: no fields); ValueError when it is not JSON."""
+    return loads_guarded(raw) if raw.strip() else {}
+
+
 async def select(request: web.Request) -> web.Response:
     sel = request.app[SELECTOR_KEY]
     started = time.perf_counter()
@@ -124,7 +137,7 @@ async def select(request: web.Request) -> web.Response:
         try:
             raw = await read_body(request, min(SELECT_MAX_BODY_BYTES, sel.max_body_bytes),
                                   sel.body_timeout)
-            body = loads_guarded(raw) if raw.strip() else {}
+            body = sel.bodies.parse(raw, _decode)
         except (BodyTooLarge, BodyTimeout, ValueError) as exc:
             outcome, answer = _bad_body(exc)
             return answer
@@ -135,7 +148,7 @@ async def select(request: web.Request) -> web.Response:
             log.warning("selection failed client=%s error=%s", client, exc)
             return _error(503, "metadata store unavailable")
         try:
-            criteria = _criteria(body, snap.client_record)
+            criteria = body.criteria(snap.client_record, _criteria)
         except ValueError as exc:
             outcome = "bad_request"
             return _error(400, str(exc))
@@ -150,30 +163,18 @@ async def select(request: web.Request) -> web.Response:
         if best.warm:
             sel.count_selection(best)
         sel.note_demand([best.executor_id, *ranking.wake], ranking.wake)
-        rec = best.record
         outcome = "selected"
         # Every decision is counted in /metrics (decisions by executor and reason); a log
         # line per request would cost more than the selection at a thousand a second.
         log.debug("selected client=%s executor=%s score=%.3f warm=%s", client,
                   best.executor_id, best.score, best.warm)
-        return _json({
-            "endpoint": rec.rest,
-            "grpc": rec.grpc,
-            "model": {
-                "executor": best.executor_id, "name": rec.model, "version": rec.version,
-                "type": rec.type, "input": rec.input, "output": rec.output,
-                "accuracy": rec.accuracy, "score": best.score,
-                "expected_latency_ms": round(best.expected_latency_ms, 3),
-                "warm": best.warm, "reason": best.reason,
-            },
-            "candidates": [
-                {"executor": c.executor_id, "endpoint": c.record.rest, "score": c.score,
-                 "warm": c.warm, "reason": c.reason}
-                for c in ranking[:5]
-            ],
-        })
+        try:
+            text = sel.answers.answer(best, ranking[:CANDIDATES_SHOWN])
+        except ValueError as exc:
+            return _not_json(exc)
+        return web.Response(text=text, content_type="application/json")
     finally:
-        sel.requests.labels(outcome=outcome).inc()
+        sel.outcome_count(outcome).inc()
         sel.latency.observe(time.perf_counter() - started)
 
 

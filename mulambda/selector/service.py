@@ -48,8 +48,9 @@ from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SharedSnapshot
 from mulambda.store.records import Snapshot
 
+from .answers import AnswerText, RequestBodies
 from .caches import NO_SAMPLES, ClientViews, DemandQueue, MatchingViews
-from .decisions import REJECTION_REASONS, decision_reason, rejections
+from .decisions import REJECTION_REASONS, Children, decision_reason, rejections
 
 log = logging.getLogger("mulambda.selector")
 
@@ -167,19 +168,30 @@ class Selector:
             self.predictions.labels(outcome=outcome)
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        # What every /select answer touches, kept: its metrics' children, the text of
+        # its candidates, its decoded body and criteria (together more than ranking).
+        self.outcome_count = Children(self.requests)
+        self.decision_count = Children(self.decisions)
+        self.score_seen = Children(self.scores)
+        self.expected_seen = Children(self.expected)
+        self.rejection_count = Children(self.rejections)
+        self.answers = AnswerText()
+        self.bodies = RequestBodies()
 
     def count_decision(self, ranking: Ranking, chosen: Candidate, *,
                        failover: bool = False) -> None:
         """Count a decision: the chosen executor and why, its score and expected latency,
         and why the others were left out."""
         executor = chosen.executor_id
-        self.decisions.labels(executor=executor,
-                              reason=decision_reason(ranking, chosen, failover=failover)).inc()
-        self.scores.labels(executor=executor).observe(chosen.score)
-        self.expected.labels(executor=executor).observe(chosen.expected_latency_ms / 1000)
-        left_out = rejections(ranking) + self.matching.left_out(ranking.criteria)
-        for reason, n in left_out.items():
-            self.rejections.labels(reason=reason).inc(n)
+        self.decision_count(executor, decision_reason(ranking, chosen, failover=failover)).inc()
+        self.score_seen(executor).observe(chosen.score)
+        self.expected_seen(executor).observe(chosen.expected_latency_ms / 1000)
+        # Those the hard criteria left out (tallied once per snapshot), then the ranking's.
+        for reason, n in self.matching.left_out(ranking.criteria).items():
+            self.rejection_count(reason).inc(n)
+        if ranking.rejected:
+            for reason, n in rejections(ranking).items():
+                self.rejection_count(reason).inc(n)
 
     # -- background store writes ---------------------------------------------------
     def note_demand(self, executors: list[str], cold: list[str] | None = None) -> None:
