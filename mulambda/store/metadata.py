@@ -43,6 +43,9 @@ SERVICE_TTL_SECONDS = 3600.0
 
 log = logging.getLogger("mulambda.store")
 
+# A client's part of a snapshot: its latency samples (executor -> pod -> sample), its record.
+ClientPart = tuple[dict[str, dict[str, LatencySample]], ClientRecord | None]
+
 
 class MetadataStore:
     """Async facade over the store; every key is built here and nowhere else.
@@ -347,9 +350,7 @@ class MetadataStore:
         return self.decoder.inflight_view(raw, _now(), exclude_instance)
 
     # -- selection snapshot -----------------------------------------------------
-    async def client_view(self, client: str, max_samples: int | None = None) -> tuple[
-        dict[str, dict[str, LatencySample]], ClientRecord | None
-    ]:
+    async def client_view(self, client: str, max_samples: int | None = None) -> ClientPart:
         """The per-client part of a snapshot, one round trip: the client's latency
         samples (executor -> pod -> sample) and its registered record.
 
@@ -357,11 +358,19 @@ class MetadataStore:
         a reader serving many clients can share one snapshot and keep only this
         part per client; ``max_samples`` bounds how many samples are kept.
         """
+        return (await self.client_views([client], max_samples))[0]
+
+    async def client_views(self, clients: list[str], max_samples: int | None = None
+                           ) -> list[ClientPart]:
+        """:meth:`client_view` of each of ``clients``, all in one round trip."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.latency_key(client))
-            pipe.hget(self.clients_key, client)
-            raw, record = await self._run(pipe.execute())
-        return self.decoder.client_part(client, raw, record, _now(), max_samples)
+            for client in clients:
+                pipe.hgetall(self.latency_key(client))
+                pipe.hget(self.clients_key, client)
+            replies = await self._run(pipe.execute())
+        now = _now()
+        return [self.decoder.client_part(c, replies[2 * i], replies[2 * i + 1], now, max_samples)
+                for i, c in enumerate(clients)]
 
     async def snapshot(self, client: str | None = None,
                        exclude_instance: str | None = None) -> Snapshot:

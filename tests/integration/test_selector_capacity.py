@@ -99,6 +99,22 @@ def count_calls(obj: Any, name: str, delay: float = 0.0) -> list[float]:
     return calls
 
 
+def count_clients_read(store: MetadataStore, delay: float = 0.0) -> list[str]:
+    """Wrap ``store.client_views`` to record each client whose part is read (clients due
+    together are read in one round trip); optionally make each read ``delay`` slower."""
+    clients: list[str] = []
+    original = store.client_views
+
+    async def counted(names: list[str], **kwargs: Any) -> Any:
+        clients.extend(names)
+        if delay:
+            await asyncio.sleep(delay)
+        return await original(names, **kwargs)
+
+    store.client_views = counted  # type: ignore[method-assign]
+    return clients
+
+
 async def burst(url: str, paths: list[str], body: dict[str, Any]) -> Counter[int]:
     """POST ``body`` to every path at once, one connection each; statuses counted."""
     statuses: Counter[int] = Counter()
@@ -132,14 +148,14 @@ async def test_the_shared_snapshot_is_refreshed_single_flight(store, selector):
     served = await selector(cache_ttl=60)
     # A slow store read: every request of the burst arrives while it is in progress.
     refreshes = count_calls(served.sel.shared.reader, "snapshot", delay=0.3)
-    client_reads = count_calls(store, "client_view", delay=0.3)
+    client_reads = count_clients_read(store, delay=0.3)
     paths = [f"/select/shop/app{i % 10}" for i in range(200)]
 
     statuses = await burst(served.url, paths, {"required": {"type": "t1"}})
 
     assert statuses == Counter({200: 200})
     assert len(refreshes) == 1  # one read for 200 requests and 10 clients
-    assert len(client_reads) == 10  # one per client
+    assert sorted(client_reads) == sorted(f"shop/app{i}" for i in range(10))  # one per client
     metrics = await fetch_metrics(served.url)
     assert "mulambda_selector_snapshot_refreshes_total 1.0" in metrics
     # Expired: the next burst waits for one refresh again.
@@ -234,13 +250,13 @@ async def test_a_made_up_name_is_read_from_the_store_once_per_ttl(store, monkeyp
     app = create_app(store, cache_ttl=60)
     sel = app[SELECTOR_KEY]
     reads: list[str] = []
-    real = store.client_view
+    real = store.client_views
 
-    async def counted(name: str, **kw):
-        reads.append(name)
-        return await real(name, **kw)
+    async def counted(names: list[str], **kw):
+        reads.extend(names)
+        return await real(names, **kw)
 
-    monkeypatch.setattr(store, "client_view", counted)
+    monkeypatch.setattr(store, "client_views", counted)
     sel.clients.max_unknown = 3
     assert (await sel.view("shop/known")).client_record == client
     for _ in range(5):
