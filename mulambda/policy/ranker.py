@@ -46,20 +46,24 @@ class _Kept:
     unloaded: list[Candidate]  # every candidate without load, in order_key order
     by_accuracy: list[Candidate]  # the same, most accurate first
     scored_for: float  # the best accuracy their scores were computed with
+    prefs: Preferences  # the criteria's preferences under the Ranker's policy
     # Re-scored copies of ``unloaded`` for another best accuracy (at most a few kept).
     rescored: dict[float, list[Candidate]] = field(default_factory=dict)
+    # Per best accuracy, where each executor is in the list scored for it (built when an
+    # executor of it is loaded: taking a few out beats filtering the whole list per call).
+    positions: dict[float, dict[str, int]] = field(default_factory=dict)
 
 
 def _parts(snapshot: Snapshot) -> tuple[object, object, object, object]:
     return (snapshot.executors, snapshot.replicas, snapshot.latency, snapshot.service)
 
 
-def _loaded(snapshot: Snapshot) -> set[str]:
-    """Executors the snapshot's load can change the candidate of."""
-    ids = {e for e, n in snapshot.inflight.items() if n}
-    ids.update(e for e, r in snapshot.inflight_requests.items() if r)
-    ids.update(e for e, n in snapshot.own_inflight.items() if n)
-    ids.update(e for e, pods in snapshot.replica_inflight.items() if pods)
+def _loaded(snapshot: Snapshot, among: dict[str, Viable]) -> set[str]:
+    """Executors ``among`` whose candidate the snapshot's load can change."""
+    ids = {e for e, n in snapshot.inflight.items() if n and e in among}
+    ids.update(e for e, r in snapshot.inflight_requests.items() if r and e in among)
+    ids.update(e for e, n in snapshot.own_inflight.items() if n and e in among)
+    ids.update(e for e, pods in snapshot.replica_inflight.items() if pods and e in among)
     return ids
 
 
@@ -87,11 +91,11 @@ class Ranker:
         each other's."""
         now = snapshot.taken_at if now is None else now
         policy = self.policy
-        prefs = Preferences.of(criteria, policy)
         wait = criteria.cold_start == "Wait"
-        kept = self._keep((criteria, items, replicas, key), snapshot, prefs, wait)
+        kept = self._keep((criteria, items, replicas, key), snapshot, wait)
+        prefs = kept.prefs
 
-        loaded = _loaded(snapshot).intersection(kept.viable)
+        loaded = _loaded(snapshot, kept.viable)
         rejected = kept.rejected
         fresh: list[Candidate] = []
         if loaded:
@@ -109,21 +113,30 @@ class Ranker:
                 best = c.assumed_accuracy
         if best is None:
             return Ranking([], rejected, [], criteria)
-        cands = [c for c in self._scored(kept, best, prefs, wait)
-                 if c.executor_id not in loaded]
+        scored = self._scored(kept, best, prefs, wait)
+        cands = list(scored)
+        if loaded:
+            where = kept.positions.get(best)
+            if where is None:
+                where = kept.positions[best] = {c.executor_id: i for i, c in enumerate(scored)}
+            for i in sorted((where[e] for e in loaded if e in where), reverse=True):
+                del cands[i]
         for c in fresh:
             score(c, best, prefs, wait)
             bisect.insort(cands, c, key=order_key)
         return finish(cands, rejected, criteria, prefs, policy, rng)
 
     def _keep(self, key: tuple[Criteria, float, bool, str], snapshot: Snapshot,
-              prefs: Preferences, wait: bool) -> _Kept:
+              wait: bool) -> _Kept:
         criteria, items, replicas, _ = key
         kept = self._kept.get(key)
-        parts = _parts(snapshot)
-        if kept is not None and all(a is b for a, b in zip(kept.parts, parts, strict=True)):
-            self._kept.move_to_end(key)
-            return kept
+        if kept is not None:
+            executors, replicas_, latency, service = kept.parts
+            if (executors is snapshot.executors and replicas_ is snapshot.replicas
+                    and latency is snapshot.latency and service is snapshot.service):
+                self._kept.move_to_end(key)
+                return kept
+        prefs = Preferences.of(criteria, self.policy)
         viable, rejected = prepare(criteria, snapshot, self.policy, items)
         # Without load, a candidate depends on none of the snapshot's load nor the clock.
         idle = replace(snapshot, inflight={}, inflight_requests={}, own_inflight={},
@@ -139,8 +152,8 @@ class Ranker:
         for c in unloaded:
             score(c, best, prefs, wait)
         unloaded.sort(key=order_key)
-        kept = _Kept(parts, {v.eid: v for v in viable}, rejected, unloaded,
-                     sorted(unloaded, key=lambda c: -c.assumed_accuracy), best)
+        kept = _Kept(_parts(snapshot), {v.eid: v for v in viable}, rejected, unloaded,
+                     sorted(unloaded, key=lambda c: -c.assumed_accuracy), best, prefs)
         self._kept[key] = kept
         while len(self._kept) > self.max_entries:
             self._kept.popitem(last=False)
@@ -159,5 +172,7 @@ class Ranker:
             found.sort(key=order_key)
             if len(kept.rescored) >= 4:
                 kept.rescored.clear()
+                kept.positions = {kept.scored_for: kept.positions[kept.scored_for]
+                                  } if kept.scored_for in kept.positions else {}
             kept.rescored[best] = found
         return found
