@@ -245,19 +245,31 @@ class InflightReader:
             self._pending = asyncio.ensure_future(self._mirror.load())
             # Retrieve a failure nobody waits for any more (its caller timed out).
             self._pending.add_done_callback(lambda t: t.cancelled() or t.exception())
+        pending = self._pending
         try:
             async with asyncio.timeout(self.timeout):
                 # shield: a caller's timeout or cancellation must not cancel the read
                 # others are waiting for.
-                load = await asyncio.shield(self._pending)
+                load = await asyncio.shield(pending)
         except (StoreUnavailable, TimeoutError) as exc:
-            self._failed_until = time.monotonic() + self.backoff
-            log.debug("fresh in-flight read failed error=%r; using the snapshot for %gs",
-                      exc, self.backoff)
-            return None
+            if not _answered(pending):
+                self._failed_until = time.monotonic() + self.backoff
+                log.debug("fresh in-flight read failed error=%r; using the snapshot for %gs",
+                          exc, self.backoff)
+                return None
+            # The read came back, but this process was too busy to wake its caller
+            # before the timer (a saturated event loop, not a slow store): at a few
+            # thousand requests a second the read would otherwise be given up for
+            # ``backoff`` again and again, exactly when load matters most.
+            load = pending.result()
         self._load, self._at = load, now
         return load
 
     def close(self) -> None:
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()
+
+
+def _answered(read: asyncio.Future[Load]) -> bool:
+    """Whether ``read`` is done with a result (not failed, not cancelled)."""
+    return read.done() and not read.cancelled() and read.exception() is None
