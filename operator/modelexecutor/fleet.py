@@ -14,7 +14,8 @@ Services, registered in ``handlers.py``) and runs two loops:
   change, ``status.scaling`` when it means something, their Events.
 - The refresh tick (every ``reconcile_interval_seconds``) reads the
   heartbeats and the ids of the stored executor records once, and
-  reconciles only the executors whose inputs changed since their last
+  reconciles only the executors kopf's handlers have concluded (their
+  ``observedGeneration`` is the generation) whose inputs changed since their last
   clean refresh (generation, Deployment or Service version, heartbeats,
   record missing from the store), with the cached children and heartbeats,
   so a clean executor costs no request at all.
@@ -138,6 +139,14 @@ class Fleet:
         lock = self.memo.setdefault("locks", {}).get(uid)
         return lock is not None and lock.locked()
 
+    def _unhandled(self, body: Mapping[str, Any]) -> bool:
+        """kopf's change handlers have yet to conclude this generation (every conclusion
+        writes ``observedGeneration``): theirs to reconcile. Refreshed beside them, a
+        backlog's executors were reconciled twice (a GET of each missing child, a Secret
+        create refused as a conflict, a second status patch)."""
+        generation = body["metadata"].get("generation")
+        return handling.previous_status(self.ctx, body).get("observedGeneration") != generation
+
     def _forget_gone(self, seen: set[str]) -> None:
         for cache in (self._specs, self._clean, self.ctx.heartbeat_keys):
             for uid in [u for u in cache if u not in seen]:
@@ -224,7 +233,7 @@ class Fleet:
         for key, body in self._live():
             ref = ObjectRef.of(body)
             seen.add(ref.uid)
-            if self._busy(ref.uid):
+            if self._busy(ref.uid) or self._unhandled(body):
                 continue
             deployment, service = first(self.deployments, key), first(self.services, key)
             # Only what routers count: a forged heartbeat changes nothing here either.

@@ -665,6 +665,14 @@ def test_a_backlog_shares_a_bounded_set_of_api_connections(
                          if env.status(f"mx-{i}").get("observedGeneration") == 1) == backlog,
              what=f"all {backlog} executors handled", timeout=90)
     assert 0 < len(opened) <= session.connection_limit(()) == 2 + session.WATCHES_PER_NAMESPACE
+    # Each executor's children were made once, by its create handler: the fleet refresh
+    # leaves executors kopf has yet to conclude alone (no GET of a missing child, no
+    # Secret created twice).
+    made = [(e.verb, e.resource, e.code) for e in env.requests()
+            if e.namespace == env.ns and e.resource in ("deployments", "services", "secrets")]
+    assert sorted(set(made)) == [("create", r, 201) for r in ("deployments", "secrets",
+                                                                 "services")]
+    assert len(made) == 3 * backlog
 
 
 def test_operator_uses_exactly_the_rbac_rules_it_declares(
