@@ -51,9 +51,11 @@ Everything else is rejected with a reason.
                been served: about stay / (stay + network) of the time, with
                stay = service + per_inflight * others
     own      = the caller's own requests still ahead at that replica
-               (``Snapshot.replica_inflight``, ``replicas=True``) or at the
-               executor / live replicas (``Snapshot.own_inflight``): a
-               router knows when it sent each and how long it should stay
+               (``Snapshot.replica_inflight``, ``replicas=True``; those it
+               sent to the Service, in ``Snapshot.own_inflight`` without a
+               pod, spread over the live replicas) or at the executor / live
+               replicas (``Snapshot.own_inflight``): a router knows when it
+               sent each and how long it should stay
     cold     = measured cold start of the executor (mean of what the SDKs
                and gateways measured), else Policy.default_cold_start_ms
 
@@ -296,10 +298,13 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     replica = None
     if replicas and v.live:
         own = snapshot.replica_inflight.get(eid) or {}
+        # The caller's own requests that went to the Service (no pod: a /select answer
+        # in flight) are on one replica or another: spread, as those of everybody else.
+        own_spread = max(0.0, snapshot.own_inflight.get(eid, 0.0) - sum(own.values())) / ready
         best = None
         for r in v.live:
             net_r = v.rtt.get(r.pod, net)
-            k_r = (own.get(r.pod, 0.0) + timed_pods.get(r.pod, 0.0) + timed_spread
+            k_r = (own.get(r.pod, 0.0) + own_spread + timed_pods.get(r.pod, 0.0) + timed_spread
                    + (others * stay / (stay + net_r) if others else 0.0))
             e_r = net_r + model.per_inflight_ms * k_r
             if best is None or e_r < best[0]:

@@ -467,6 +467,33 @@ def test_a_router_that_picks_replicas_gets_the_best_replica_and_its_address():
     assert c.replica is None and c.url == "http://a:8501" and c.network_ms == 22.5
 
 
+@pytest.mark.parametrize(("own_inflight", "replica_inflight", "ahead"), [
+    # every own request has its pod: the replica's own count
+    pytest.param({"ml/a": 3.0}, {"ml/a": {"a-0": 2.0, "a-1": 1.0}}, {"a-0": 2.0, "a-1": 1.0},
+                 id="all-with-pods"),
+    # two went to the Service (a /select answer in flight): one each per replica
+    pytest.param({"ml/a": 2.0}, {}, {"a-0": 1.0, "a-1": 1.0}, id="all-to-the-service"),
+    pytest.param({"ml/a": 4.0}, {"ml/a": {"a-0": 2.0}}, {"a-0": 3.0, "a-1": 1.0},
+                 id="mixed"),
+    # a replica count without its executor total (a hand-built snapshot): no negative share
+    pytest.param({}, {"ml/a": {"a-1": 1.0}}, {"a-0": 0.0, "a-1": 1.0}, id="no-total"),
+])
+def test_own_requests_sent_to_the_service_count_on_every_replica(own_inflight,
+                                                                  replica_inflight, ahead):
+    # A gateway that answered /select (clients send to the Service) and routes /v1/predict
+    # to replicas: the answers in flight load some replica, so each counts for its share.
+    e = executor("a", service=10)
+    snap = snapshot(e, replicas={"a": 2})
+    snap.latency = {"ml/a": {"a-0": LatencySample(ms=5, samples=1),
+                             "a-1": LatencySample(ms=5, samples=1)}}
+    snap.own_inflight = own_inflight
+    snap.replica_inflight = replica_inflight
+    [c] = rank(Criteria(type="vision"), snap, replicas=True)
+    assert c.replica is not None
+    assert c.inflight == pytest.approx(min(ahead.values()))
+    assert c.replica.pod == min(sorted(ahead), key=lambda pod: ahead[pod])
+
+
 def test_replica_without_an_ip_is_reached_through_the_service():
     snap = snapshot(executor("a"), rtt={"a": 1})
     [c] = rank(Criteria(type="vision"), snap, replicas=True)
