@@ -129,13 +129,27 @@ def count_handled(cluster: Cluster, namespace: str, handled: Any) -> int:
         params = {"limit": str(PAGE)}
         if token:
             params["continue"] = token
-        page = cluster.request("GET", f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}"
-                               "/modelexecutors", params=params)
+        page = patient(lambda params=params: cluster.request(
+            "GET", f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}/modelexecutors",
+            params=params))
         assert page is not None
         done += sum(1 for obj in page.get("items") or [] if handled(obj))
         token = (page.get("metadata") or {}).get("continue") or ""
         if not token:
             return done
+
+
+def patient(read: Any, tries: int = 5) -> Any:
+    """``read()``, tried again after a timeout: a loaded API server answering a 500-object
+    page slowly must not end an hour's run."""
+    for attempt in range(tries):
+        try:
+            return read()
+        except httpx.TimeoutException:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2)
+    return None
 
 
 def noop_handled(obj: dict[str, Any]) -> bool:
@@ -320,6 +334,7 @@ def main() -> int:
                                 store, args.idle_seconds, workdir)
             print(f"  mulambda: {ours.objects_per_s:.1f} objects/s", flush=True)
             results.append((noop, ours))
+            print(report([(noop, ours)]), flush=True)  # kept if a later size fails
             cp.kubectl("delete", "namespace", namespace, "--wait=false")
     finally:
         cp.stop()

@@ -182,9 +182,13 @@ def ready(known: Mapping[str, dict[str, str]]) -> dict[str, str]:
 
 def ready_event(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Event | None:
     """An Event when Ready changes status or reason: Warning unless all is well or the
-    executor is simply waiting or asleep."""
+    executor is simply waiting or asleep. A new executor's first state, when it is
+    waiting or asleep, is no news: its creation has an Event already, and each Event is an
+    API request (a backlog of executors is bound by the API server)."""
     if old is not None and (old.get("status"), old.get("reason")) == (new["status"],
                                                                       new["reason"]):
+        return None
+    if old is None and new["status"] != TRUE and new["reason"] in QUIET_NOT_READY:
         return None
     if new["status"] == TRUE or new["reason"] in QUIET_NOT_READY:
         return Event.normal(reason=new["reason"], message=new["message"])

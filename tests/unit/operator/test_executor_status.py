@@ -146,7 +146,15 @@ def test_a_new_version_that_fails_while_the_old_serves_is_reported_once():
 
 
 @pytest.mark.parametrize(("before", "after", "event"), [
-    pytest.param(None, (deployment(1, 0), []), (NORMAL, "WaitingForReplicas"), id="created"),
+    # A new executor's first state: its creation is the news (CreatedChildren).
+    pytest.param(None, (deployment(1, 0), []), None, id="created-waiting"),
+    pytest.param(None, (deployment(0, 0), []), None, id="created-at-zero"),
+    pytest.param(None, (deployment(1, 1), [AVAILABLE]), (NORMAL, "ModelServing"),
+                 id="created-serving"),
+    pytest.param(None, (deployment(1, 0), [NOT_FOUND]), (WARNING, "ModelNotFound"),
+                 id="created-failing"),
+    pytest.param((deployment(0, 0), []), (deployment(1, 0), []),
+                 (NORMAL, "WaitingForReplicas"), id="woken"),
     pytest.param((deployment(1, 0), []), (deployment(1, 1), [AVAILABLE]),
                  (NORMAL, "ModelServing"), id="serving"),
     pytest.param((deployment(1, 1), [AVAILABLE]), (deployment(0, 0), []),
