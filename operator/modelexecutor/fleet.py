@@ -139,7 +139,7 @@ class Fleet:
         lock = self.memo.setdefault("locks", {}).get(uid)
         return lock is not None and lock.locked()
 
-    def _unhandled(self, body: Mapping[str, Any]) -> bool:
+    def _unhandled(self, body: Any) -> bool:
         """kopf's change handlers have yet to conclude this generation (every conclusion
         writes ``observedGeneration``): theirs to reconcile. Refreshed beside them, a
         backlog's executors were reconciled twice (a GET of each missing child, a Secret
