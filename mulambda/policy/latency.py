@@ -35,6 +35,11 @@ learned far too small, and routers kept sending to busy replicas of
 exactly the models where that costs most. Then every sum is multiplied by
 ``decay = 1 - 1/memory`` and the observation is added with weight 1 (an
 exponentially weighted window of about ``memory`` observations per writer).
+Beside it, each router keeps a running median of the same relative error
+(a step of ``median_step`` up or down in log space per answer, started at
+1): ``1.4826`` x it x scale is the *margin* of a predicted stay, one
+standard deviation of the typical error, which :class:`OwnRequests` and the
+leases' ``busy_until`` add before they count a request as on its way back.
 
 Fit. Exponentially weighted least squares with a ridge prior::
 
@@ -89,11 +94,14 @@ class FitSettings:
     clip: float = 5.0
     spread_alpha: float = 0.1
     cold_alpha: float = 0.3
+    median_step: float = 0.1
 
 
 DEFAULT_FIT = FitSettings()
 # Errors are relative to at least this much: a model declared at 1 ms may take 100.
 MIN_SPREAD_MS = 10.0
+# Standard deviation of normal errors per median absolute error.
+MAD_TO_SIGMA = 1.4826
 
 
 class ServiceModel(NamedTuple):
@@ -196,6 +204,7 @@ class ServiceTracker:
         self.settings = settings
         self.stats: dict[str, ServiceStats] = {}
         self._spread: dict[str, float] = {}
+        self._median: dict[str, float] = {}  # running median of the relative error
         self._changed: set[str] = set()
 
     def observe(self, executor: str, *, inflight: float, items: float, elapsed_ms: float,
@@ -213,6 +222,12 @@ class ServiceTracker:
         spread = self._spread.get(executor, 1.0)  # relative to the prediction
         error = abs(service - predicted_ms) / scale
         self._spread[executor] = spread + self.settings.spread_alpha * (error - spread)
+        # A running median (a step up when above it, down when below, in log space): the
+        # typical error, which the rare answer with a request ahead that was not counted
+        # (ten times the prediction) does not move more than any other.
+        median = self._median.get(executor, 1.0)
+        step = self.settings.median_step if error > median else -self.settings.median_step
+        self._median[executor] = median * math.exp(step)
         bound = self.settings.clip * spread * scale
         service = min(max(service, predicted_ms - bound), predicted_ms + bound)
         current = self.stats.get(executor) or ServiceStats()
@@ -220,6 +235,17 @@ class ServiceTracker:
                                        self.settings)
         self._changed.add(executor)
         return True
+
+    def stay_margin_ms(self, executor: str, predicted_ms: float) -> float:
+        """How much longer than ``predicted_ms`` a stay at ``executor`` typically runs: one
+        standard deviation of this router's prediction errors there (robustly, from
+        their running median), in ms; what :meth:`OwnRequests.add` and a lease's
+        ``busy_until`` add to the predicted stay. Before any answer the error is taken
+        as the whole prediction."""
+        if not (math.isfinite(predicted_ms) and predicted_ms >= 0):
+            return 0.0
+        return (MAD_TO_SIGMA * self._median.get(executor, 1.0)
+                * max(predicted_ms, MIN_SPREAD_MS))
 
     def observe_cold_start(self, executor: str, cold_ms: float) -> bool:
         """Add one measured cold start (activation asked for -> first warm answer)."""
@@ -247,6 +273,7 @@ class ServiceTracker:
     def forget(self, executor: str) -> None:
         self.stats.pop(executor, None)
         self._spread.pop(executor, None)
+        self._median.pop(executor, None)
         self._changed.discard(executor)
 
 
@@ -254,18 +281,33 @@ class OwnRequests:
     """A router's own requests in flight: where each went, when, over which network, and
     how long it was expected to stay at the executor (queueing and service).
 
-    A request sent ``age`` ms ago with an expected stay ``stay`` over a
-    network of round trip ``network`` is, when a new request sent to the same
-    replica now arrives there (both cross the same network):
+    A request sent ``age`` ms ago with an expected stay ``stay`` (give or take
+    ``margin``, :meth:`ServiceTracker.stay_margin_ms`) over a network of round
+    trip ``network`` is, when a new request sent to the same replica now
+    arrives there (both cross the same network):
 
-    * still being served, so ahead of the new one, while ``age < stay``;
+    * still being served, so ahead of the new one, while
+      ``age < stay + margin``;
     * on its way back, costing the new one nothing, while
-      ``stay <= age < stay + network``;
+      ``stay + margin <= age < stay + network``;
     * late when it has not come back after ``stay + network``: its stay was
       longer than expected, so it is most likely still being served and
       counts as ahead again. (Counting a late request as gone would let a
       router that underestimates stays pile more requests onto a replica
       that is still busy, and learn a too-small cost from them.)
+
+    The margin is there because a stay is a prediction: about half of all
+    requests stay longer than predicted. Without it, a request that ran a
+    few ms over (jitter) was counted as on its way back while still being
+    served, the next one sent there found it running and paid a whole
+    per-inflight cost (for a fast model ten times its time), and stayed as
+    long itself, so the replica looked free while busy for a while longer
+    (issue 11: seed 11's one-node 0.75 latency-only p95 through the gateway,
+    2.5x -> 1.1x the oracle's; bench/README.md). Counting a request for
+    a margin after it was in fact served costs only the difference to the
+    next best replica. While a router has no answers from an executor, the
+    margin is the whole prediction: its requests count until they are back
+    or late.
 
     :meth:`ahead` adds these up per executor and per replica, which is what
     selection's load term wants (``Snapshot.own_inflight``,
@@ -281,11 +323,13 @@ class OwnRequests:
         return len(self._requests)
 
     def add(self, executor: str, pod: str | None, sent_ms: float, stay_ms: float,
-            network_ms: float = 0.0) -> int:
-        """Register a request; returns the token :meth:`remove` takes."""
+            network_ms: float = 0.0, margin_ms: float = 0.0) -> int:
+        """Register a request; returns the token :meth:`remove` takes. It counts as ahead
+        until ``stay_ms + margin_ms`` has passed (and again when late)."""
         self._next += 1
-        self._requests[self._next] = (executor, pod, sent_ms, max(stay_ms, 0.0),
-                                      max(network_ms, 0.0))
+        margin = margin_ms if math.isfinite(margin_ms) and margin_ms > 0 else 0.0
+        self._requests[self._next] = (executor, pod, sent_ms, max(stay_ms, 0.0) + margin,
+                                      max(stay_ms, 0.0) + max(network_ms, 0.0))
         return self._next
 
     def remove(self, token: int) -> None:
@@ -295,9 +339,9 @@ class OwnRequests:
         """Requests still ahead at each executor and at each replica (by pod)."""
         per_executor: dict[str, float] = {}
         per_pod: dict[str, dict[str, float]] = {}
-        for executor, pod, sent, stay, network in self._requests.values():
+        for executor, pod, sent, served_by, back_by in self._requests.values():
             age = now_ms - sent
-            if stay <= age < stay + network:
+            if served_by <= age < back_by:
                 continue  # on its way back
             per_executor[executor] = per_executor.get(executor, 0.0) + 1
             if pod is not None:

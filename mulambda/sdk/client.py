@@ -418,10 +418,12 @@ class MulambdaClient:
         executor = candidate.executor_id
         pod = candidate.replica.pod if candidate.replica is not None else None
         stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        # Counted as ahead until the stay has passed give or take its typical error.
+        margin = self._tracker.stay_margin_ms(executor, stay)
         sent = time.time()
         lease = self._leases.start(executor, timing=(
-            pod or "", sent + (net / 2 + stay) / 1000, sent + (net + stay) / 1000))
-        token = self._own.add(executor, pod, time.monotonic() * 1000, stay, net)
+            pod or "", sent + (net / 2 + stay + margin) / 1000, sent + (net + stay) / 1000))
+        token = self._own.add(executor, pod, time.monotonic() * 1000, stay, net, margin)
         started = time.perf_counter()
         try:
             result = await op

@@ -177,6 +177,49 @@ def test_own_request_is_ahead_unless_it_is_probably_on_its_way_back(age, ahead):
     assert per_pod.get("e", {}).get("pod-a", 0) == ahead
 
 
+@pytest.mark.parametrize(("margin", "age", "ahead"), [
+    # stay 20 ms, RTT 30 ms: with a 5 ms margin it counts until 25 ms, then is on its way back
+    pytest.param(5, 22, 1, id="past-the-stay-within-its-error"),
+    pytest.param(5, 25, 0, id="past-the-stay-and-its-error"),
+    pytest.param(5, 49, 0, id="on-its-way-back"),
+    pytest.param(5, 50, 1, id="late"),
+    # a margin as long as the way back: counted until it is back (or late)
+    pytest.param(30, 45, 1, id="margin-covers-the-way-back"),
+    pytest.param(math.nan, 20, 0, id="nan-margin-is-none"),
+    pytest.param(-3, 20, 0, id="negative-margin-is-none"),
+])
+def test_own_request_counts_for_its_margin_after_the_predicted_stay(margin, age, ahead):
+    own = OwnRequests()
+    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30, margin_ms=margin)
+    per_executor, per_pod = own.ahead(1000 + age)
+    assert per_executor.get("e", 0) == ahead
+    assert per_pod.get("e", {}).get("pod-a", 0) == ahead
+
+
+def test_stay_margin_is_the_whole_prediction_before_any_answer():
+    tracker = ServiceTracker()
+    assert tracker.stay_margin_ms("e", 40) == pytest.approx(1.4826 * 40)
+    assert tracker.stay_margin_ms("e", 2) == pytest.approx(1.4826 * 10)  # at least 10 ms
+    assert tracker.stay_margin_ms("e", math.nan) == 0.0
+
+
+@pytest.mark.parametrize(("noise", "low", "high"), [
+    # answers within +-1 ms of a 10 ms prediction: a margin of about a ms or two
+    pytest.param(1.0, 0.5, 2.0, id="jitter-1ms"),
+    pytest.param(3.0, 1.5, 5.0, id="jitter-3ms"),
+])
+def test_stay_margin_learns_the_typical_error_and_ignores_rare_collisions(noise, low, high):
+    rng = random.Random(7)
+    tracker = ServiceTracker()
+    for i in range(400):
+        t = 10 + rng.uniform(-noise, noise)
+        if i % 25 == 0:
+            t += 90  # one answer in 25 found a request ahead that nobody counted
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=t + 5, network_ms=5,
+                        predicted_ms=10)
+    assert low <= tracker.stay_margin_ms("e", 10) <= high
+
+
 def test_own_requests_count_per_replica_and_are_forgotten_when_removed():
     own = OwnRequests()
     a = own.add("e", "pod-a", 0, 100, 1)

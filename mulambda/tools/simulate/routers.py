@@ -297,8 +297,9 @@ class _Mulambda(_Router):
         pod = c.replica.pod if c.replica is not None else "r0"
         eid = c.executor_id
         stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
-        token = inst.own.add(eid, pod, sent, stay, net)
-        self.published[inst.index][token] = (eid, pod, (sent + net / 2 + stay) / 1000,
+        margin = inst.tracker.stay_margin_ms(eid, stay)
+        token = inst.own.add(eid, pod, sent, stay, net, margin)
+        self.published[inst.index][token] = (eid, pod, (sent + net / 2 + stay + margin) / 1000,
                                              (sent + net + stay) / 1000)
         self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
                           items)
