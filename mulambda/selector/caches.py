@@ -21,12 +21,8 @@ from prometheus_client import (
 )
 
 from mulambda.policy.selection import Criteria, prefilter
-from mulambda.store.metadata import (
-    DEMAND_BUCKET_SECONDS,
-    DEMAND_TTL_SECONDS,
-    MetadataStore,
-    _bucket,
-)
+from mulambda.store.demand import DEMAND_BUCKET_SECONDS, DEMAND_TTL_SECONDS, _bucket
+from mulambda.store.metadata import MetadataStore
 from mulambda.store.reader import retrieve
 from mulambda.store.records import ClientRecord, LatencySample, Snapshot, StoreUnavailable
 

@@ -10,12 +10,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .metadata import (
-    DEMAND_BUCKET_SECONDS,
-    DEMAND_TTL_SECONDS,
-    INFLIGHT_LEASE_SECONDS,
-    _bucket,
-)
+from .demand import DEMAND_BUCKET_SECONDS, DEMAND_TTL_SECONDS, _bucket
+from .metadata import INFLIGHT_LEASE_SECONDS
 from .reader import InflightMirror
 from .records import StoreUnavailable
 

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from mulambda.selector.app import create_app, selector_server_options
 from mulambda.selector.service import SELECTOR_KEY
-from mulambda.store.metadata import DEMAND_BUCKET_SECONDS, MetadataStore
+from mulambda.store.demand import DEMAND_BUCKET_SECONDS
+from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import (
     ClientRecord,
     ExecutorRecord,
