@@ -319,10 +319,13 @@ class Selector:
         pod = candidate.replica.pod if candidate.replica is not None else None
         url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
         stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        # Counted as ahead until the stay has passed give or take its typical error, as
+        # the SDK counts its requests (policy/latency.py ServiceTracker.stay_margin_ms).
+        margin = self.tracker.stay_margin_ms(executor, stay)
         sent = time.time()
         lease = self.leases.start(executor, timing=(
-            pod or "", sent + (net / 2 + stay) / 1000, sent + (net + stay) / 1000))
-        token = self.own.add(executor, pod, time.monotonic() * 1000, stay, net)
+            pod or "", sent + (net / 2 + stay + margin) / 1000, sent + (net + stay) / 1000))
+        token = self.own.add(executor, pod, time.monotonic() * 1000, stay, net, margin)
         started = time.perf_counter()
         try:
             async with self.http.post(

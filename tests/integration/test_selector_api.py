@@ -11,6 +11,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from mulambda.policy.latency import ServiceTracker
 from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
@@ -190,6 +191,36 @@ async def test_predict_forwards_the_body_to_the_best_executor(api, store, client
     assert resp.headers["x-mulambda-attempts"] == "1"
     assert fast.requests == [{"model": "model-fast", "body": {"instances": [[1], [2]]}}]
     assert slow.requests == []
+
+
+async def test_predict_counts_its_request_ahead_for_the_stay_and_its_margin(
+    api, store, client, doubles
+):
+    # Other routers see the gateway's request in its lease: ahead of theirs until the
+    # predicted stay plus the margin of its typical error has passed, as the SDK's are
+    # (a request that runs a little over its prediction is still being served).
+    gate = asyncio.Event()
+    held = await TFServingDouble("held", on_request=gate.wait).start()
+    doubles.append(held)
+    await serve(store, "held", held, rtt=1, service=5)
+    call = asyncio.create_task(api.post("/v1/predict/shop/app", json={"instances": [[0]]}))
+    try:
+        timed: dict[str, list[tuple[str, float, float]]] = {}
+        for _ in range(250):
+            _, timed = await store.inflight_load()
+            if timed.get("ml/held"):
+                break
+            await asyncio.sleep(0.02)
+        [(pod, busy_until, back_by)] = timed["ml/held"]
+    finally:
+        gate.set()
+    assert (await call).status_code == 200
+    assert pod == "held-0"
+    # Stay 5 ms, network 1 ms: back by sent + 6 ms; ahead until sent + 0.5 + 5 + margin,
+    # the margin before any answer being the whole prediction's (ServiceTracker).
+    margin = ServiceTracker().stay_margin_ms("ml/held", 5.0)
+    assert margin > 5.0
+    assert busy_until - back_by == pytest.approx((0.5 + 5 + margin - 6) / 1000, abs=1e-4)
 
 
 async def test_predict_tries_another_executor_after_a_connect_failure_or_a_503(
