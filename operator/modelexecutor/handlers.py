@@ -80,8 +80,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     # Informer-style caches fed by the watch streams kopf keeps anyway: only
     # what the fleet loops read is kept, so 5,000 executors stay a few MiB.
+    # Coroutines, so kopf runs them on its loop: a plain function goes through
+    # kopf's thread pool, a thread hop per watch event, and at start-up every
+    # handler of every object waits until each object has been indexed once.
     @kopf.index(*MODEL_EXECUTOR.resource, registry=registry, id=EXECUTORS)
-    def executor_objects(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    async def executor_objects(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
         body = kwargs["body"]
         return {(kwargs["namespace"], kwargs["name"]): {
             "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
@@ -91,7 +94,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
 
     @kopf.index("apps", "v1", "deployments", registry=registry, id=DEPLOYMENTS,
                 labels=CHILD_LABELS)
-    def executor_deployments(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    async def executor_deployments(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
         meta, spec, status = kwargs["meta"], kwargs["spec"], kwargs["status"]
         annotations = meta.get("annotations") or {}
         return {(kwargs["namespace"], kwargs["name"]): {
@@ -105,7 +108,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
         }}
 
     @kopf.index("", "v1", "services", registry=registry, id=SERVICES, labels=CHILD_LABELS)
-    def executor_services(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    async def executor_services(**kwargs: Any) -> dict[tuple[str, str], dict[str, Any]]:
         spec = kwargs["spec"]
         return {(kwargs["namespace"], kwargs["name"]): {
             "kind": "Service", "metadata": _meta(kwargs["meta"]),
