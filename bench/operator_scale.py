@@ -53,7 +53,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test support: control plane, identity
 
-from support.cluster import Cluster  # noqa: E402
+from support.cluster import ApiError, Cluster  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
 from support.identity import operator_identity  # noqa: E402
 from support.procs import RedisServer  # noqa: E402
@@ -124,14 +124,17 @@ async def create_backlog(cp: ControlPlane, namespace: str, n: int, workers: int 
 
 def count_handled(cluster: Cluster, namespace: str, handled: Any) -> int:
     """How many executors of the namespace ``handled(obj)`` says are done (paged list)."""
+    return int(patient(lambda: _count_pages(cluster, namespace, handled)))
+
+
+def _count_pages(cluster: Cluster, namespace: str, handled: Any) -> int:
     done, token = 0, ""
     while True:
         params = {"limit": str(PAGE)}
         if token:
             params["continue"] = token
-        page = patient(lambda params=params: cluster.request(
-            "GET", f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}/modelexecutors",
-            params=params))
+        page = cluster.request("GET", f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}"
+                               "/modelexecutors", params=params)
         assert page is not None
         done += sum(1 for obj in page.get("items") or [] if handled(obj))
         token = (page.get("metadata") or {}).get("continue") or ""
@@ -140,13 +143,14 @@ def count_handled(cluster: Cluster, namespace: str, handled: Any) -> int:
 
 
 def patient(read: Any, tries: int = 5) -> Any:
-    """``read()``, tried again after a timeout: a loaded API server answering a 500-object
-    page slowly must not end an hour's run."""
+    """``read()``, tried again after a timeout or a 5xx: a loaded API server answers a
+    500-object page slowly, or its watch cache lags behind a continue token (504 "Too
+    large resource version"); neither must end an hour's run."""
     for attempt in range(tries):
         try:
             return read()
-        except httpx.TimeoutException:
-            if attempt == tries - 1:
+        except (httpx.TimeoutException, ApiError) as exc:
+            if attempt == tries - 1 or (isinstance(exc, ApiError) and exc.status < 500):
                 raise
             time.sleep(2)
     return None
