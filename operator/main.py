@@ -24,7 +24,7 @@ from .k8s.api import KubeApi
 from .k8s.session import bounded_login
 from .modelexecutor.autoscale import Windows
 from .modelexecutor.fleet import ERRORS, Fleet
-from .modelexecutor.handlers import DEPLOYMENTS, EXECUTORS, MODEL_EXECUTOR, SERVICES
+from .modelexecutor.handlers import DEPLOYMENTS, MODEL_EXECUTOR, SERVICES
 from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
@@ -76,8 +76,10 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings,
                            windows=Windows(), snapshots=SharedSnapshot(store, ttl=1.0),
                            heartbeat_secret=heartbeat_secret_from_env())
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
-        # kopf passes its (still empty) indexes to startup handlers; the watches fill them.
-        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, kwargs[EXECUTORS], kwargs[DEPLOYMENTS],
+        # Filled by the executors' watch events (handlers.executor_cache); kopf passes its
+        # (still empty) indexes of the children to startup handlers, the watches fill them.
+        memo.executors = {}
+        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, memo.executors, kwargs[DEPLOYMENTS],
                       kwargs[SERVICES])
         memo.fleet = [asyncio.create_task(fleet.autoscale_forever()),
                       asyncio.create_task(fleet.refresh_forever())]
