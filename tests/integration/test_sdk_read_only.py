@@ -14,7 +14,8 @@ from aiohttp import web
 
 from mulambda.sdk import MulambdaClient
 from mulambda.selector.app import create_app, selector_server_options
-from mulambda.store.metadata import MetadataStore, _bucket
+from mulambda.store.demand import _bucket
+from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
 from support.acl_store import login, role_stores
