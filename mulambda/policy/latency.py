@@ -81,7 +81,7 @@ from typing import NamedTuple
 from mulambda.store.records import ServiceStats
 
 __all__ = ["FitSettings", "OwnRequests", "ServiceModel", "ServiceTracker", "add_stats", "fit",
-           "observe"]
+           "observe", "stay_window"]
 
 
 @dataclass(frozen=True)
@@ -275,6 +275,21 @@ class ServiceTracker:
         self._spread.pop(executor, None)
         self._median.pop(executor, None)
         self._changed.discard(executor)
+
+
+def stay_window(stay_ms: float, network_ms: float, margin_ms: float) -> tuple[float, float]:
+    """When a request sent now stops being ahead of new ones, and when it is due back, in ms
+    after it was sent: ``(busy_after, back_after)``, what its lease publishes (added to the
+    send time) so other routers count it as :class:`OwnRequests` counts it.
+
+    It reaches the replica after half the round trip and is served ``stay_ms`` later,
+    give or take ``margin_ms`` (:meth:`ServiceTracker.stay_margin_ms`); the answer is
+    due back one round trip plus the stay after it was sent. Other routers compare
+    ``busy_after`` with when their own request would arrive, so it includes the way
+    there; :class:`OwnRequests` compares with the time a request leaves the same router,
+    so it does not.
+    """
+    return network_ms / 2 + stay_ms + margin_ms, network_ms + stay_ms
 
 
 class OwnRequests:

@@ -40,6 +40,7 @@ from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import Snapshot, StoreUnavailable
 
+from .counting import InflightCounter
 from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
 from .tasks import Task, TaskClient, TaskStatus, read_only_from_env, selector_url_from_env
@@ -140,6 +141,7 @@ class MulambdaClient:
                                       service=self._tracker, writes=not self.read_only)
         self._local = self._leases.counts  # own in-flight now (snapshots leave it out)
         self._own = OwnRequests()  # own requests: when sent, how long they should stay
+        self._counter = InflightCounter(self._tracker, self._own, self._leases)
         # Each refresh reads what changed since the last (store/reader.py).
         self._reader = SnapshotReader(self.store, client_id,
                                       exclude_instance=self._leases.instance)
@@ -408,35 +410,16 @@ class MulambdaClient:
 
     async def _counted(self, candidate: Candidate, op: Awaitable[T], items: int = 1) -> T:
         """Run ``op`` counted as in flight (and as demand) in this instance's leases, and
-        feed its response time to the service-time model when it answers.
+        feed its response time to the service-time model when it answers
+        (:class:`~mulambda.sdk.counting.InflightCounter`, shared with the gateway).
 
-        Counting and releasing are local and synchronous: nothing between
-        them can be skipped by a cancellation, and CancelledError propagates
-        untouched. The store learns the counts (and the measurements) from
-        the leases' writer.
+        The store learns the counts (and the measurements) from the leases' writer.
         """
-        executor = candidate.executor_id
-        pod = candidate.replica.pod if candidate.replica is not None else None
-        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
-        # Counted as ahead until the stay has passed give or take its typical error.
-        margin = self._tracker.stay_margin_ms(executor, stay)
-        sent = time.time()
-        lease = self._leases.start(executor, timing=(
-            pod or "", sent + (net / 2 + stay + margin) / 1000, sent + (net + stay) / 1000))
-        token = self._own.add(executor, pod, time.monotonic() * 1000, stay, net, margin)
-        started = time.perf_counter()
-        try:
+        with self._counter.count(candidate, items) as request:
             result = await op
             # Only answers measure the model: a failure's time says nothing about it.
-            self._tracker.observe(
-                executor, inflight=candidate.inflight, items=items,
-                elapsed_ms=(time.perf_counter() - started) * 1000,
-                network_ms=candidate.network_ms,
-                predicted_ms=candidate.service_ms + candidate.load_ms)
+            request.answered()
             return result
-        finally:
-            self._own.remove(token)
-            self._leases.finish(executor, token=lease)
 
     async def _predict(self, call: Callable[[Candidate], Awaitable[Any]], items: int = 1,
                        direct: bool | None = None, key: str | None = None,

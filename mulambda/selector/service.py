@@ -38,6 +38,7 @@ from mulambda.policy.selection import (
     explained,
     overlay,
 )
+from mulambda.sdk.counting import InflightCounter
 from mulambda.sdk.shadow import ShadowCopies, count_outcome
 from mulambda.sdk.waking import ColdStarts
 from mulambda.store.leases import InflightLeases, InflightReader
@@ -108,6 +109,7 @@ class Selector:
         # Own requests (forwarded ones, and /select answers while they last): when sent,
         # how long they should stay at the executor.
         self.own = OwnRequests()
+        self.counter = InflightCounter(self.tracker, self.own, self.leases)
         self.suspect: dict[tuple[str, str], float] = {}  # (executor, pod) -> monotonic deadline
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
@@ -316,18 +318,9 @@ class Selector:
         """
         assert self.http is not None
         executor = candidate.executor_id
-        pod = candidate.replica.pod if candidate.replica is not None else None
         url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
-        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
-        # Counted as ahead until the stay has passed give or take its typical error, as
-        # the SDK counts its requests (policy/latency.py ServiceTracker.stay_margin_ms).
-        margin = self.tracker.stay_margin_ms(executor, stay)
-        sent = time.time()
-        lease = self.leases.start(executor, timing=(
-            pod or "", sent + (net / 2 + stay + margin) / 1000, sent + (net + stay) / 1000))
-        token = self.own.add(executor, pod, time.monotonic() * 1000, stay, net, margin)
-        started = time.perf_counter()
-        try:
+        # Counted as the SDK counts its requests (mulambda.sdk.counting).
+        with self.counter.count(candidate, items) as request:
             async with self.http.post(
                 url, data=body, headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
@@ -336,17 +329,11 @@ class Selector:
                 payload = await resp.read()
                 status, ctype = resp.status, resp.headers.get("Content-Type",
                                                               "application/json")
-            self.upstream.labels(executor=executor).observe(time.perf_counter() - started)
+            elapsed_ms = request.elapsed_ms()
+            self.upstream.labels(executor=executor).observe(elapsed_ms / 1000)
             if status == 200:
-                self.tracker.observe(
-                    executor, inflight=candidate.inflight, items=items,
-                    elapsed_ms=(time.perf_counter() - started) * 1000,
-                    network_ms=candidate.network_ms,
-                    predicted_ms=candidate.service_ms + candidate.load_ms)
+                request.answered(elapsed_ms)
             return status, payload, ctype
-        finally:
-            self.own.remove(token)
-            self.leases.finish(executor, token=lease)
 
 
 def _key(view: Snapshot) -> str:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker, add_stats
+from mulambda.policy.latency import OwnRequests, ServiceTracker, add_stats, stay_window
 from mulambda.policy.selection import Policy, Preferences, rank
 from mulambda.store.records import (
     ExecutorRecord,
@@ -297,10 +297,12 @@ class _Mulambda(_Router):
         pod = c.replica.pod if c.replica is not None else "r0"
         eid = c.executor_id
         stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
+        # Counted as mulambda.sdk.counting counts a request (the SDK's and the gateway's).
         margin = inst.tracker.stay_margin_ms(eid, stay)
         token = inst.own.add(eid, pod, sent, stay, net, margin)
-        self.published[inst.index][token] = (eid, pod, (sent + net / 2 + stay + margin) / 1000,
-                                             (sent + net + stay) / 1000)
+        busy_after, back_after = stay_window(stay, net, margin)
+        self.published[inst.index][token] = (eid, pod, (sent + busy_after) / 1000,
+                                             (sent + back_after) / 1000)
         self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
                           items)
         self.delay[req] = delay

@@ -1,0 +1,109 @@
+"""Counting a router's own request in flight while it runs, and measuring it when answered.
+
+One helper for both routers that send requests: the SDK
+(:meth:`mulambda.sdk.client.MulambdaClient._counted`) and the selector's gateway
+(:meth:`mulambda.selector.service.Selector.forward`). They must count alike: a
+router that counted its requests for less time than the other would pile more
+requests onto the replicas both use (issue 11).
+
+While a request runs it is, at once:
+
+* in this router's :class:`~mulambda.policy.latency.OwnRequests` (its own
+  rankings count it as ahead until its predicted stay plus margin has passed);
+* a lease in :class:`~mulambda.store.leases.InflightLeases` whose timing
+  (:func:`~mulambda.policy.latency.stay_window`) tells every other router the
+  same thing, and one more demand;
+* timed, so that an answer feeds :class:`~mulambda.policy.latency.ServiceTracker`
+  (only an answer: a failure's time says nothing about the model).
+
+Counting and releasing are local and synchronous (no await between them and
+the request), so a cancellation cannot skip the release.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from mulambda.policy.latency import OwnRequests, ServiceTracker, stay_window
+from mulambda.policy.ranking import Candidate
+
+__all__ = ["CountedRequest", "InflightCounter", "Leases"]
+
+
+class Leases(Protocol):
+    """What :class:`InflightCounter` needs of :class:`~mulambda.store.leases.InflightLeases`."""
+
+    def start(self, executor: str, at: float | None = None, publish: bool = True,
+              timing: tuple[str, float, float] | None = None) -> int: ...
+
+    def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None: ...
+
+
+class CountedRequest:
+    """One request being counted; :meth:`answered` measures it."""
+
+    def __init__(self, counter: InflightCounter, candidate: Candidate, items: int,
+                 started: float) -> None:
+        self._counter = counter
+        self._candidate = candidate
+        self._items = items
+        self._started = started
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request was counted."""
+        return (self._counter.perf() - self._started) * 1000
+
+    def answered(self, elapsed_ms: float | None = None) -> bool:
+        """The executor answered: add its response time (default: :meth:`elapsed_ms`) to the
+        service-time model, against what the ranking predicted. False when the tracker
+        refused an impossible value."""
+        c = self._candidate
+        return self._counter.tracker.observe(
+            c.executor_id, inflight=c.inflight, items=self._items,
+            elapsed_ms=self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
+            network_ms=c.network_ms, predicted_ms=c.service_ms + c.load_ms)
+
+
+class InflightCounter:
+    """A router's requests in flight: its own view, its leases and its measurements.
+
+    ``clock`` stamps leases (wall seconds: other processes read them),
+    ``monotonic`` this router's own requests, ``perf`` response times; tests
+    pass their own.
+    """
+
+    def __init__(self, tracker: ServiceTracker, own: OwnRequests, leases: Leases, *,
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 perf: Callable[[], float] = time.perf_counter) -> None:
+        self.tracker = tracker
+        self.own = own
+        self.leases = leases
+        self.clock = clock
+        self.monotonic = monotonic
+        self.perf = perf
+
+    @contextmanager
+    def count(self, candidate: Candidate, items: int = 1) -> Iterator[CountedRequest]:
+        """Count a request to ``candidate`` (its replica, when it has one) for the ``with``
+        block; released however the block ends."""
+        executor = candidate.executor_id
+        pod = candidate.replica.pod if candidate.replica is not None else None
+        stay, net = candidate.service_ms + candidate.load_ms, candidate.network_ms
+        # Ahead of new requests until the stay has passed give or take its typical error
+        # (policy/latency.py ServiceTracker.stay_margin_ms): about half of all requests
+        # stay longer than predicted.
+        margin = self.tracker.stay_margin_ms(executor, stay)
+        busy_after, back_after = stay_window(stay, net, margin)
+        sent = self.clock()
+        lease = self.leases.start(executor, timing=(
+            pod or "", sent + busy_after / 1000, sent + back_after / 1000))
+        token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin)
+        try:
+            yield CountedRequest(self, candidate, items, self.perf())
+        finally:
+            self.own.remove(token)
+            self.leases.finish(executor, token=lease)

@@ -1,0 +1,129 @@
+"""The in-flight accounting the SDK and the gateway share (mulambda.sdk.counting)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mulambda.policy.latency import OwnRequests, ServiceTracker, stay_window
+from mulambda.policy.ranking import Candidate
+from mulambda.sdk.counting import InflightCounter
+from mulambda.store.records import ExecutorRecord, ReplicaRecord
+
+
+@pytest.mark.parametrize(("stay", "net", "margin", "busy_after", "back_after"), [
+    # served half a round trip plus the stay after it left, give or take the margin
+    pytest.param(20, 30, 0, 35, 50, id="no-margin"),
+    pytest.param(20, 30, 5, 40, 50, id="margin"),
+    # a margin longer than the way back: still ahead when it is due back (late)
+    pytest.param(20, 30, 40, 75, 50, id="margin-past-the-way-back"),
+    pytest.param(20, 0, 3, 23, 20, id="no-network"),
+])
+def test_stay_window(stay, net, margin, busy_after, back_after):
+    assert stay_window(stay, net, margin) == (busy_after, back_after)
+
+
+class FakeLeases:
+    """Records what InflightLeases would publish."""
+
+    def __init__(self) -> None:
+        self.open: dict[int, tuple[str, tuple[str, float, float] | None]] = {}
+        self.next = 0
+
+    def start(self, executor: str, at: float | None = None, publish: bool = True,
+              timing: tuple[str, float, float] | None = None) -> int:
+        self.next += 1
+        self.open[self.next] = (executor, timing)
+        return self.next
+
+    def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None:
+        assert token is not None and self.open.pop(token)[0] == executor
+
+
+class Clock:
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def __call__(self) -> float:
+        return self.at
+
+
+def candidate(pod: str | None) -> Candidate:
+    rec = ExecutorRecord(namespace="ml", name="e", model="e", version=1, type="t",
+                         input="i", output="o", accuracy=0.9, rest="http://e:8501", grpc="",
+                         state="Ready")
+    replica = ReplicaRecord(executor="ml/e", pod=pod) if pod is not None else None
+    return Candidate(executor_id="ml/e", score=1.0, expected_latency_ms=62.0, accuracy=0.9,
+                     warm=True, record=rec, network_ms=30.0, service_ms=12.0, load_ms=8.0,
+                     inflight=1.0, replica=replica)
+
+
+@pytest.mark.parametrize(("pod", "outcome", "measured"), [
+    pytest.param("e-0", "answered", 1, id="answered-at-a-replica"),
+    pytest.param(None, "answered", 1, id="answered-through-the-service"),
+    pytest.param("e-0", "failed", 0, id="failed: released, not measured"),
+    pytest.param("e-0", "unanswered", 0, id="left without an answer (a 503)"),
+])
+def test_a_counted_request_is_ahead_while_it_runs_and_released_after(pod, outcome, measured):
+    tracker, own, leases = ServiceTracker(), OwnRequests(), FakeLeases()
+    wall, mono, perf = Clock(1000.0), Clock(50.0), Clock(7.0)
+    counter = InflightCounter(tracker, own, leases, clock=wall, monotonic=mono, perf=perf)
+    cand = candidate(pod)
+    margin = tracker.stay_margin_ms("ml/e", 20.0)  # stay = service 12 + load 8
+
+    def run() -> Any:
+        with counter.count(cand, items=3) as request:
+            # Ahead of new requests of this router, at its replica when it has one.
+            per_executor, per_pod = own.ahead(50_000.0 + 1)
+            assert per_executor == {"ml/e": 1}
+            assert per_pod == ({"ml/e": {pod: 1}} if pod else {})
+            # Published with the same window (wall seconds) for the other routers.
+            [(executor, timing)] = leases.open.values()
+            assert executor == "ml/e" and timing is not None
+            assert timing[0] == (pod or "")
+            assert timing[1] == pytest.approx(1000.0 + (15 + 20 + margin) / 1000)
+            assert timing[2] == pytest.approx(1000.0 + 50 / 1000)
+            perf.at += 0.045
+            assert request.elapsed_ms() == pytest.approx(45.0)
+            if outcome == "failed":
+                raise ConnectionError("refused")
+            if outcome == "answered":
+                assert request.answered()
+
+    if outcome == "failed":
+        with pytest.raises(ConnectionError):
+            run()
+    else:
+        run()
+    assert own.ahead(50_000.0 + 1) == ({}, {})
+    assert leases.open == {}
+    stats = tracker.stats.get("ml/e")
+    assert (stats.count if stats is not None else 0) == measured
+    if measured:
+        # Measured as k = 1 ahead, 3 items, 45 - 30 ms network = 15 ms of service.
+        assert stats is not None
+        assert (stats.k, stats.i, stats.t) == pytest.approx((1.0, 3.0, 15.0))
+
+
+def test_an_answer_timed_by_the_caller_is_measured_as_given():
+    tracker = ServiceTracker()
+    counter = InflightCounter(tracker, OwnRequests(), FakeLeases())
+    with counter.count(candidate("e-0")) as request:
+        assert request.answered(elapsed_ms=40.0)
+    stats = tracker.stats["ml/e"]
+    assert stats.t == pytest.approx(10.0)  # 40 - 30 ms of network
+
+
+def test_sdk_and_gateway_count_through_the_shared_helper():
+    """The duplicated copies are gone: both routers hold an InflightCounter over their own
+    tracker, requests and leases."""
+    import inspect
+
+    from mulambda.sdk import client
+    from mulambda.selector import service
+
+    for source in (inspect.getsource(client.MulambdaClient._counted),
+                   inspect.getsource(service.Selector.forward)):
+        assert ".count(candidate, items)" in source
+        assert "stay_margin_ms" not in source and "own.add" not in source
