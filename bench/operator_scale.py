@@ -24,6 +24,10 @@ real redis-server, in the same run:
    ``apiserver_request_total`` from /metrics before and after, all clients),
    store commands/s (redis ``INFO stats`` total_commands_processed, less this
    script's own), and CPU cores (utime+stime from /proc).
+5. **Restart**: each operator stopped and started again over the N it
+   handled, with one new executor created at the same time; seconds until
+   it handled that one (what a user waits for after an operator restart),
+   the API requests the restart made, and mulambda's peak RSS in it.
 
 Goals (issue 15): throughput >= 0.5x the no-op's; peak RSS < 200 MiB at
 5,000; per 1,000 idle executors <= 5 API requests/s, <= 20 store commands/s,
@@ -79,6 +83,9 @@ class Run:
     idle_requests: dict[str, int] = field(default_factory=dict)
     idle_store_commands: dict[str, int] = field(default_factory=dict)
     settle_seconds: float = 0.0
+    restart_seconds: float = 0.0
+    restart_rss_mib: float = 0.0
+    restart_requests: dict[str, int] = field(default_factory=dict)
 
     @property
     def objects_per_s(self) -> float:
@@ -275,9 +282,55 @@ def run_operator(kind: str, n: int, namespace: str, cp: ControlPlane, cluster: C
             run.idle_store_per_s = (store_commands(store) - cmds0 - 2) / elapsed
             run.idle_cores = (cpu_seconds(proc.pid) - cpu0) / elapsed
         run.peak_rss_mib = max(run.peak_rss_mib, rss_peak_mib(proc.pid))
+        stop(proc)
+        proc = restart(run, namespace, cluster, env, user, workdir)
     finally:
         stop(proc)
     return run
+
+
+def restart(run: Run, namespace: str, cluster: Cluster, env: dict[str, str], user: str,
+            workdir: Path) -> subprocess.Popen[bytes]:
+    """Start the operator again over the N it handled, with one new executor created at
+    once, and time how long until it handles that one: what a user waits for after an
+    operator restart (a rollout of the operator, a node drain). Also the API requests
+    the restart made and its peak RSS. Returns the process (the caller stops it)."""
+    handled = noop_handled if run.name == "noop" else mulambda_handled
+    probe = executor(namespace, run.n + (1 if run.name == "noop" else 2))
+    name = probe["metadata"]["name"]
+    mark = cluster.audit_mark()
+    proc = start_operator(run.name, env, workdir / f"{run.name}-{run.n}-restart.log")
+    try:
+        wait_for_probe(run, proc, cluster, namespace, probe, handled)
+    except BaseException:
+        stop(proc)
+        raise
+    run.restart_rss_mib = max(run.restart_rss_mib, rss_peak_mib(proc.pid))
+    run.restart_requests = tally(cluster.audit(user, since=mark))
+    if run.name == "noop":  # no finalizer: gone at once, so the next operator has N again
+        cluster.delete("mulambda.io/v1alpha1", "modelexecutors", namespace, name)
+    return proc
+
+
+def wait_for_probe(run: Run, proc: subprocess.Popen[bytes], cluster: Cluster, namespace: str,
+                   probe: dict[str, Any], handled: Any) -> None:
+    name = probe["metadata"]["name"]
+    started = time.monotonic()
+    cluster.create(probe)
+    limit = max(300.0, run.n / 5)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{run.name} operator exited after a restart")
+        obj = patient(lambda: cluster.get("mulambda.io/v1alpha1", "modelexecutors", namespace,
+                                          name))
+        run.restart_seconds = time.monotonic() - started
+        if obj is not None and handled(obj):
+            break
+        if run.restart_seconds > limit:
+            print(f"  {run.name}: restart probe not handled within {limit:.0f} s", flush=True)
+            break
+        run.restart_rss_mib = max(run.restart_rss_mib, rss_peak_mib(proc.pid))
+        time.sleep(0.5)
 
 
 def tally(events: list[Any]) -> dict[str, int]:
@@ -375,12 +428,24 @@ def report(results: list[tuple[Run, Run]]) -> str:
         rate = [sum(r.creation_requests.values()) / r.seconds for r in (noop, ours)]
         lines.append(f"| {ours.n} | {per[0]:.1f} / {per[1]:.1f} | {rate[0]:.0f} / {rate[1]:.0f} |")
     lines.append("")
+    lines.append("| N | restart: s until a new executor is handled, no-op / mulambda | ratio | "
+                 "restart API requests per 1,000 existing: no-op / mulambda | restart peak RSS "
+                 "MiB, mulambda |")
+    lines.append("|---|---|---|---|---|")
+    for noop, ours in results:
+        per_k = 1000 / ours.n
+        requests = [sum(r.restart_requests.values()) * per_k for r in (noop, ours)]
+        lines.append(f"| {ours.n} | {noop.restart_seconds:.1f} / {ours.restart_seconds:.1f} | "
+                     f"{noop.restart_seconds / max(ours.restart_seconds, 1e-9):.2f} | "
+                     f"{requests[0]:.1f} / {requests[1]:.1f} | {ours.restart_rss_mib:.0f} |")
+    lines.append("")
     for noop, ours in results:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
         lines.append(f"requests while idle N={ours.n} (after {ours.settle_seconds:.0f} s "
                      f"settling): mulambda {ours.idle_requests}")
         lines.append(f"store commands while idle N={ours.n}: {ours.idle_store_commands}")
+        lines.append(f"requests of the restart N={ours.n}: mulambda {ours.restart_requests}")
     return "\n".join(lines)
 
 

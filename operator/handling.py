@@ -67,9 +67,9 @@ class Kind(Generic[Spec]):
     # without it changing (Deployment readiness, heartbeats, latencies, a store restart).
     timer: str | None
     interval: Callable[[Settings], float]
-    # The object's children as the watch caches hold them, from a handler's
-    # keyword arguments (kopf passes every index): spares a GET per child.
-    cached: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None
+    # The object's children as the watch caches hold them, from the operator's memo and
+    # the object's (namespace, name): spares a GET per child.
+    cached: Callable[[kopf.Memo, tuple[str, str]], Mapping[str, Any]] | None = None
 
     @property
     def resource(self) -> tuple[str, str, str]:
@@ -201,11 +201,13 @@ def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Setting
                     field="spec")
     async def on_change(
         body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger,
-        retry: int, **kwargs: Any,
+        retry: int, **_: Any,
     ) -> None:
         async with serialized(memo, uid):
             if not deleting(body):
-                cache = None if kind.cached is None else kind.cached(kwargs)
+                meta = body.get("metadata", {})
+                cache = (None if kind.cached is None else
+                         kind.cached(memo, (meta.get("namespace", ""), meta.get("name", ""))))
                 await reconcile(kind, memo.ctx, body, patch, logger, retry, spec_changed=True,
                                 cache=cache)
 

@@ -23,8 +23,9 @@ from .context import Context
 from .k8s.api import KubeApi
 from .k8s.session import bounded_login
 from .modelexecutor.autoscale import Windows
+from .modelexecutor.children import Children
 from .modelexecutor.fleet import ERRORS, Fleet
-from .modelexecutor.handlers import DEPLOYMENTS, MODEL_EXECUTOR, SERVICES
+from .modelexecutor.handlers import MODEL_EXECUTOR
 from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
@@ -76,11 +77,13 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings,
                            windows=Windows(), snapshots=SharedSnapshot(store, ttl=1.0),
                            heartbeat_secret=heartbeat_secret_from_env())
         memo.pruner = asyncio.create_task(prune_forever(memo.ctx))
-        # Filled by the executors' watch events (handlers.executor_cache); kopf passes its
-        # (still empty) indexes of the children to startup handlers, the watches fill them.
+        # Filled by the executors' watch events (handlers.executor_cache) and by the
+        # children's informers, which start here.
         memo.executors = {}
-        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, memo.executors, kwargs[DEPLOYMENTS],
-                      kwargs[SERVICES])
+        memo.children = Children(namespaces)
+        memo.children.informers.start()
+        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, memo.executors,
+                      memo.children.deployments, memo.children.services)
         memo.fleet = [asyncio.create_task(fleet.autoscale_forever()),
                       asyncio.create_task(fleet.refresh_forever())]
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),
@@ -94,6 +97,9 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings,
         # Wait for them to end before their clients close: a tick still writing would
         # meet a closed API pool and log a failure at every shutdown.
         await _bounded_step("fleet tasks", asyncio.gather(*tasks, return_exceptions=True))
+        children = getattr(memo, "children", None)
+        if children is not None:
+            await _bounded_step("informers stop", children.informers.stop())
         ctx = getattr(memo, "ctx", None)
         if ctx is not None:
             ctx.snapshots.close()

@@ -172,5 +172,24 @@ class KubeApi:
         self._pool.shutdown(wait=False)
 
 
+# The informers' LIST and WATCH calls (``informer.py``), by kind: (in one namespace, in all).
+_LISTS = {
+    "Deployment": (lambda c: client.AppsV1Api(c).list_namespaced_deployment,
+                   lambda c: client.AppsV1Api(c).list_deployment_for_all_namespaces),
+    "Service": (lambda c: client.CoreV1Api(c).list_namespaced_service,
+                lambda c: client.CoreV1Api(c).list_service_for_all_namespaces),
+}
+
+
+def list_call(api_client: client.ApiClient, kind: str, namespace: str | None) -> Any:
+    """The synchronous list (and, with ``watch=True``, watch) call of ``kind`` in
+    ``namespace`` (None: every namespace), keyword arguments only."""
+    in_one, in_all = _LISTS[kind]
+    if namespace is None:
+        return in_all(api_client)
+    call = in_one(api_client)
+    return lambda **kwargs: call(namespace, **kwargs)
+
+
 def is_conflict(exc: BaseException) -> bool:
     return isinstance(exc, ApiException) and exc.status == 409

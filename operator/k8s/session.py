@@ -27,8 +27,8 @@ import kopf
 # control plane serves far fewer at a time; more only holds more buffers.
 REQUESTS_IN_FLIGHT = 32
 # Watch streams per watched namespace, with room to spare: the operator
-# watches ModelExecutors, Clients, Deployments and Services in each (plus
-# CRDs and, when namespaced, Namespaces cluster-wide).
+# watches ModelExecutors and Clients in each (plus CRDs and, when namespaced,
+# Namespaces cluster-wide); the children's informers have clients of their own.
 WATCHES_PER_NAMESPACE = 8
 GLOB = ("*", "?", "[", "!")
 

@@ -4,8 +4,8 @@ Per-object kopf timers cost one task and, each tick, reads of their own
 (a Deployment GET, a Service GET, an HSCAN and an HSET per executor every
 10 s, a store read per executor every 2 s): load that grows with the fleet
 while nothing changes. Instead the operator keeps what the watch streams
-deliver (the executors from their watch events, kopf indexes of their
-Deployments and Services, registered in ``handlers.py``) and runs two loops:
+deliver (the executors from their watch events, ``handlers.py``; their
+Deployments and Services from informers, ``children.py``) and runs two loops:
 
 - The autoscaler tick (every ``autoscale_interval_seconds``) reads the
   demand of every executor in one pipelined store read
@@ -62,7 +62,7 @@ for _target, _loop in (("store", "autoscale"), ("store", "refresh"), ("store", "
     ERRORS.labels(_target, _loop)  # start at zero: a dashboard shows 0, not "no data"
 
 Key = tuple[str, str]  # (namespace, name)
-Index = Mapping[Key, Any]  # a kopf.Index or the executors' cache: key -> values under it
+Index = Mapping[Key, Any]  # a watch cache: key -> [the object]
 # What a refresh depended on: (generation, Deployment version, Service version,
 # heartbeats, record stored). Equal to the last clean refresh's: nothing to do.
 Fingerprint = tuple[Any, ...]

@@ -1,0 +1,69 @@
+"""The executors' Deployments and Services as their informers keep them (``k8s/informer.py``).
+
+The fleet-wide loops (``fleet.py``) read readiness, replicas and versions
+from here instead of GETs, and the handlers create a child that is missing
+here without a GET, once the caches are synced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..k8s.informer import Cache, Informers
+from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
+
+CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY,
+                "app.kubernetes.io/name": "modelexecutor"}
+
+
+def trim_meta(meta: Mapping[str, Any], *extra: str) -> dict[str, Any]:
+    """What the caches keep of an object's metadata: identity, version, labels, owners."""
+    kept = {k: meta.get(k) for k in ("name", "namespace", "uid", "resourceVersion",
+                                     "generation", *extra) if meta.get(k) is not None}
+    return {**kept, "labels": dict(meta.get("labels") or {}),
+            "ownerReferences": list(meta.get("ownerReferences") or [])}
+
+
+def trim_deployment(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A Deployment as the autoscaler and the refresh read it (and ensure_deployment
+    compares it: template hash, labels, replicas)."""
+    meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
+    annotations = meta.get("annotations") or {}
+    return {
+        "kind": "Deployment",
+        "metadata": {**trim_meta(meta),
+                     "annotations": {TEMPLATE_HASH: annotations.get(TEMPLATE_HASH)}},
+        "spec": {"replicas": spec.get("replicas")},
+        "status": {k: status.get(k) for k in ("replicas", "readyReplicas", "updatedReplicas",
+                                              "observedGeneration")
+                   if status.get(k) is not None},
+    }
+
+
+def trim_service(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """A Service as ensure_service compares it (ports, selector, labels)."""
+    spec = obj.get("spec") or {}
+    return {"kind": "Service", "metadata": trim_meta(obj["metadata"]),
+            "spec": {"ports": list(spec.get("ports") or []),
+                     "selector": dict(spec.get("selector") or {})}}
+
+
+class Children:
+    """The Deployments and Services of every watched executor, by (namespace, name)."""
+
+    def __init__(self, namespaces: Sequence[str]) -> None:
+        self.deployments: Cache = {}
+        self.services: Cache = {}
+        selector = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
+        self.informers = Informers(selector, namespaces, {
+            "Deployment": (trim_deployment, self.deployments),
+            "Service": (trim_service, self.services),
+        })
+
+    def of(self, key: tuple[str, str]) -> dict[str, Any]:
+        """One executor's children for a reconcile (None: not in the cache). ``indexed``:
+        the caches are complete, so a child missing here does not exist."""
+        return {"deployment": next(iter(self.deployments.get(key, ())), None),
+                "service": next(iter(self.services.get(key, ())), None),
+                "indexed": self.informers.synced.is_set()}

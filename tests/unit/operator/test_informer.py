@@ -1,0 +1,98 @@
+"""The informers' decisions (operator/k8s/informer.py) and what the children's caches keep
+(operator/modelexecutor/children.py). The streams themselves run against the real
+control plane in tests/integration/test_informer.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from mulambda.operator.k8s.informer import Change, Expired, decide, is_pattern, watched
+from mulambda.operator.k8s.objects import TEMPLATE_HASH
+from mulambda.operator.modelexecutor.children import trim_deployment, trim_service
+
+
+def obj(ns: str = "ml", name: str = "hp2", version: str = "7") -> dict[str, Any]:
+    return {"metadata": {"namespace": ns, "name": name, "resourceVersion": version},
+            "spec": {"replicas": 2}}
+
+
+def keep(o: dict[str, Any]) -> dict[str, Any]:
+    return {"v": o["metadata"]["resourceVersion"]}
+
+
+@pytest.mark.parametrize(("event", "admit", "version", "change"), [
+    pytest.param({"type": "ADDED", "object": obj()}, True, "7",
+                 Change(("ml", "hp2"), {"v": "7"}), id="added-kept-trimmed"),
+    pytest.param({"type": "MODIFIED", "object": obj(version="9")}, True, "9",
+                 Change(("ml", "hp2"), {"v": "9"}), id="modified-replaces"),
+    pytest.param({"type": "DELETED", "object": obj(version="10")}, True, "10",
+                 Change(("ml", "hp2"), None), id="deleted-forgets"),
+    pytest.param({"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}},
+                 True, "12", None, id="bookmark-moves-the-version-only"),
+    pytest.param({"type": "ADDED", "object": obj(ns="other")}, False, "7", None,
+                 id="namespace-not-watched-ignored-version-kept"),
+])
+def test_a_watch_event_becomes_a_version_and_a_change(
+    event: dict[str, Any], admit: bool, version: str, change: Change | None
+) -> None:
+    assert decide(event, keep, lambda ns: admit) == (version, change)
+
+
+@pytest.mark.parametrize(("event", "error"), [
+    pytest.param({"type": "ERROR", "object": {"code": 410, "message": "too old"}}, Expired,
+                 id="gone-lists-again"),
+    pytest.param({"type": "ERROR", "object": {"code": 500, "message": "boom"}}, RuntimeError,
+                 id="other-error-retries"),
+])
+def test_an_error_event_ends_the_watch(event: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decide(event, keep, lambda ns: True)
+
+
+@pytest.mark.parametrize(("namespace", "patterns", "expected"), [
+    # kopf's documented examples (kopf._cogs.structs.references.match_namespace).
+    ("myapp-test", ["myapp-*, !*-pr-*, *pr-123"], True),
+    ("myapp-pr-123", ["myapp-*, !*-pr-*, *pr-123"], True),
+    ("myapp-pr-456", ["myapp-*, !*-pr-*, *pr-123"], False),
+    ("otherapp-pr-123", ["myapp-*, !*-pr-*, *pr-123"], False),
+    ("otherapp-pr-123", ["!*-pr-*, *pr-123"], True),
+    ("myapp-pr-456", ["!*-pr-*, *pr-123"], False),
+    ("anything", ["!*-pr-*"], True),
+    ("ml", ["ml"], True),
+    ("ml-2", ["ml"], False),
+    ("ml-2", ["team-*", "ml-?"], True),
+])
+def test_namespace_patterns_match_as_kopf_matches_them(
+    namespace: str, patterns: list[str], expected: bool
+) -> None:
+    assert watched(namespace, patterns) is expected
+
+
+@pytest.mark.parametrize(("namespace", "expected"), [
+    ("ml", False), ("team-a", False), ("team-*", True), ("ml-?", True), ("!kube-*", True),
+    ("a,b", True), ("[ab]", True),
+])
+def test_a_pattern_is_told_from_a_name(namespace: str, expected: bool) -> None:
+    assert is_pattern(namespace) is expected
+
+
+def test_the_caches_keep_what_the_fleet_and_the_comparisons_read() -> None:
+    meta = {"name": "hp2", "namespace": "ml", "uid": "u1", "resourceVersion": "5",
+            "generation": 3, "labels": {"a": "b"}, "ownerReferences": [{"uid": "p"}],
+            "annotations": {TEMPLATE_HASH: "h1", "noise": "x" * 1000},
+            "managedFields": [{"big": "x" * 1000}]}
+    deployment = trim_deployment({
+        "metadata": meta, "spec": {"replicas": 2, "template": {"big": "x" * 1000}},
+        "status": {"replicas": 2, "readyReplicas": 1, "conditions": [{"big": 1}]}})
+    assert deployment == {
+        "kind": "Deployment",
+        "metadata": {"name": "hp2", "namespace": "ml", "uid": "u1", "resourceVersion": "5",
+                     "generation": 3, "labels": {"a": "b"}, "ownerReferences": [{"uid": "p"}],
+                     "annotations": {TEMPLATE_HASH: "h1"}},
+        "spec": {"replicas": 2}, "status": {"replicas": 2, "readyReplicas": 1}}
+    service = trim_service({"metadata": meta, "spec": {
+        "ports": [{"port": 8501}], "selector": {"s": "t"}, "clusterIP": "10.0.0.1"}})
+    assert service["spec"] == {"ports": [{"port": 8501}], "selector": {"s": "t"}}
+    assert "annotations" not in service["metadata"]
