@@ -69,7 +69,7 @@ class Kind(Generic[Spec]):
     interval: Callable[[Settings], float]
     # The object's children as the watch caches hold them, from the operator's memo and
     # the object's (namespace, name): spares a GET per child.
-    cached: Callable[[kopf.Memo, tuple[str, str]], Mapping[str, Any]] | None = None
+    cached: Callable[[kopf.Memo, tuple[str, str]], Awaitable[Mapping[str, Any]]] | None = None
 
     @property
     def resource(self) -> tuple[str, str, str]:
@@ -206,7 +206,7 @@ def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Setting
         async with serialized(memo, uid):
             if not deleting(body):
                 meta = body.get("metadata", {})
-                cache = (None if kind.cached is None else
+                cache = (None if kind.cached is None else await
                          kind.cached(memo, (meta.get("namespace", ""), meta.get("name", ""))))
                 await reconcile(kind, memo.ctx, body, patch, logger, retry, spec_changed=True,
                                 cache=cache)

@@ -125,7 +125,7 @@ class Stream:
         self.trim = trim
         self.cache = cache
         self.synced = False
-        self._call = list_call(informers.api_client, kind, namespace)
+        self._call: Any = None  # made in the thread: the client builds it slowly (~1 s)
         self._response: Any = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"informer-{kind}-{namespace or 'all'}")
@@ -137,6 +137,7 @@ class Stream:
     def _run(self) -> None:
         wait = RETRY_SECONDS[0]
         stopping = self.informers.stopping
+        self._call = list_call(self.informers.api_client, self.kind, self.namespace)
         while not stopping.is_set():
             try:
                 version = self._relist()

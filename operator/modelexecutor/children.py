@@ -7,12 +7,17 @@ here without a GET, once the caches are synced.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..k8s.informer import Cache, Informers
 from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
 
+# How long a handler waits for the caches to be complete before it reads them anyway
+# (and GETs what they lack): a server slow to list must not hold handlers for good.
+SYNC_WAIT_SECONDS = 30.0
 CHILD_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY,
                 "app.kubernetes.io/name": "modelexecutor"}
 
@@ -60,6 +65,17 @@ class Children:
             "Deployment": (trim_deployment, self.deployments),
             "Service": (trim_service, self.services),
         })
+
+    async def synced_of(self, key: tuple[str, str]) -> dict[str, Any]:
+        """:meth:`of`, once the caches are complete (or after :data:`SYNC_WAIT_SECONDS`).
+
+        At a start over thousands of executors kopf runs their resume handlers at
+        once; before the first LISTs are in, each would GET its children (and
+        create its key Secret only to be refused). The wait is one Event, not
+        kopf's per-object toggles."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.informers.synced.wait(), SYNC_WAIT_SECONDS)
+        return self.of(key)
 
     def of(self, key: tuple[str, str]) -> dict[str, Any]:
         """One executor's children for a reconcile (None: not in the cache). ``indexed``:

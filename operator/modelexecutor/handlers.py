@@ -25,7 +25,7 @@ MODEL_EXECUTOR = handling.Kind(
     # store restarts) and mirrors Deployment readiness and companion
     # heartbeats into status, for the executors whose inputs changed.
     timer=None, interval=lambda settings: settings.reconcile_interval_seconds,
-    cached=lambda memo, key: memo.children.of(key),
+    cached=lambda memo, key: memo.children.synced_of(key),
 )
 # The executors as the watch delivers them: (namespace, name) -> [trimmed body], the
 # shape of the children's caches (fleet.first reads all three).

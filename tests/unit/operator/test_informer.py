@@ -4,13 +4,15 @@ control plane in tests/integration/test_informer.py."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from mulambda.operator.k8s.informer import Change, Expired, decide, is_pattern, watched
 from mulambda.operator.k8s.objects import TEMPLATE_HASH
-from mulambda.operator.modelexecutor.children import trim_deployment, trim_service
+from mulambda.operator.modelexecutor import children as children_module
+from mulambda.operator.modelexecutor.children import Children, trim_deployment, trim_service
 
 
 def obj(ns: str = "ml", name: str = "hp2", version: str = "7") -> dict[str, Any]:
@@ -96,3 +98,26 @@ def test_the_caches_keep_what_the_fleet_and_the_comparisons_read() -> None:
         "ports": [{"port": 8501}], "selector": {"s": "t"}, "clusterIP": "10.0.0.1"}})
     assert service["spec"] == {"ports": [{"port": 8501}], "selector": {"s": "t"}}
     assert "annotations" not in service["metadata"]
+
+
+def test_a_handler_reads_the_children_once_the_caches_are_complete(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the first LISTs are in, a handler waits (one Event, not kopf's per-object
+    toggles); a server too slow to list holds it only SYNC_WAIT_SECONDS, after which it
+    reads an incomplete cache and so GETs what is missing."""
+    monkeypatch.setattr(children_module, "SYNC_WAIT_SECONDS", 0.05)
+
+    async def scenario() -> tuple[dict[str, Any], dict[str, Any]]:
+        children = Children(["ml"])
+        children.deployments[("ml", "hp2")] = [{"kind": "Deployment"}]
+        unsynced = await children.synced_of(("ml", "hp2"))
+        asyncio.get_running_loop().call_later(0.02, children.informers.synced.set)
+        monkeypatch.setattr(children_module, "SYNC_WAIT_SECONDS", 5.0)
+        synced = await children.synced_of(("ml", "hp2"))
+        return unsynced, synced
+
+    unsynced, synced = asyncio.run(scenario())
+    assert unsynced == {"deployment": {"kind": "Deployment"}, "service": None,
+                        "indexed": False}
+    assert synced["indexed"] is True
