@@ -99,6 +99,35 @@ def test_same_seed_same_figures_other_seed_other_stream():
     assert c["random"].rtt_ms != a["random"].rtt_ms
 
 
+@pytest.mark.parametrize(("router_seed", "same"), [
+    pytest.param(None, True, id="default-is-the-seed"),
+    pytest.param(5, True, id="explicitly-the-seed"),
+    pytest.param(6, False, id="another-router-seed"),
+])
+def test_router_seed_redraws_only_the_routers_own_choices(router_seed, same):
+    # Two equal models on one node: mulambda spreads over them with its own draws.
+    twin = dict(DECLARED_WRONG, models={
+        "a": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9},
+        "b": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9}},
+        executors=[{"name": "a", "model": "a", "nodes": ["edge"]},
+                   {"name": "b", "model": "b", "nodes": ["edge"]}])
+    selectors = ("mulambda-sdk", "oracle")
+    base = routers.simulate(twin, selectors)
+    raw = twin if router_seed is None else dict(twin, router_seed=router_seed)
+    other = routers.simulate(raw, selectors)
+    # The stream and the world are the seed's: the oracle sees the very same requests.
+    assert other["oracle"].as_dict() == base["oracle"].as_dict()
+    assert (other["mulambda-sdk"].used == base["mulambda-sdk"].used) is same
+
+
+def test_suite_scenario_takes_overrides():
+    raw = experiment.suite_scenario("one-node", 0.05, seed=3, router_seed=9,
+                                    snapshot_ttl_ms=0)
+    sc = world.Scenario(raw)
+    assert (sc.seed, sc.router_seed, sc.snapshot_ttl) == (3, 9, 0.0)
+    assert world.Scenario(experiment.suite_scenario("one-node", 0.05, seed=3)).router_seed == 3
+
+
 def test_bad_scenario_is_rejected_with_the_field():
     bad = dict(NEAR_AND_FAR, executors=[{"name": "x", "model": "nope", "nodes": ["edge"]}])
     with pytest.raises(ValueError, match="unknown model 'nope'"):

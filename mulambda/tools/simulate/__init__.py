@@ -144,6 +144,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", action="store_true",
                         help="run the issue-11 experiment: placements x loads x client kinds")
     parser.add_argument("--seed", type=int, help="override the scenario's (or suite's) seed")
+    parser.add_argument("--router-seed", type=int,
+                        help="seed of the routers' own draws (default: --seed); the stream "
+                             "and the world stay those of --seed, so what moves with it is "
+                             "chance")
     parser.add_argument("--requests", type=int, help="override the number of requests")
     parser.add_argument("--rate", type=float, help="override requests per second")
     parser.add_argument("--selectors", help=f"comma-separated subset of {','.join(SELECTORS)}")
@@ -168,18 +172,20 @@ def run(args: argparse.Namespace) -> int:
         return 0
     selectors = tuple(args.selectors.split(",")) if args.selectors else SELECTORS
     try:
+        overrides = {key: value for key, value in (
+            ("router_seed", args.router_seed), ("snapshot_ttl_ms", args.snapshot_ttl_ms))
+            if value is not None}
         if args.suite:
             cells = suite(seed=args.seed if args.seed is not None else 11,
                           requests=args.requests or 3000, selectors=selectors,
                           placements=(tuple(args.placements.split(",")) if args.placements
                                       else PLACEMENTS),
                           loads=(tuple(float(x) for x in args.loads.split(",")) if args.loads
-                                 else LOAD_LEVELS))
+                                 else LOAD_LEVELS), **overrides)
         else:
             raw = load_scenario(args.scenario) if args.scenario else dict(DEFAULT_SCENARIO)
             for key, value in (("seed", args.seed), ("requests", args.requests),
-                               ("rate_per_s", args.rate),
-                               ("snapshot_ttl_ms", args.snapshot_ttl_ms)):
+                               ("rate_per_s", args.rate), *overrides.items()):
                 if value is not None:
                     raw[key] = value
             results = simulate(raw, selectors)

@@ -61,11 +61,12 @@ def _capacity(model: dict[str, Any]) -> float:
 
 
 def suite_scenario(placement: str, load: float, *, seed: int = 11,
-                   requests: int = 3000) -> dict[str, Any]:
+                   requests: int = 3000, **overrides: Any) -> dict[str, Any]:
     """One cell of the suite: the model family placed on the four nodes, at ``load``
     times their capacity, one client of each kind (latency-only, accuracy-only,
     balanced) sharing the traffic, each with two SDK processes and 1-20 items per
-    request."""
+    request. ``overrides`` replace scenario keys (``router_seed``,
+    ``snapshot_ttl_ms``, ...)."""
     models = model_family(seed)
     names = sorted(models)
     nodes = list(NODE_RTT_MS)
@@ -94,7 +95,7 @@ def suite_scenario(placement: str, load: float, *, seed: int = 11,
     return {
         "seed": seed, "requests": requests, "rate_per_s": round(load * capacity, 2),
         "jitter": 0.1, "nodes": ["client", *nodes], "network_ms": network,
-        "models": models, "executors": executors, "clients": clients,
+        "models": models, "executors": executors, "clients": clients, **overrides,
     }
 
 
@@ -112,12 +113,13 @@ class Cell:
 def suite(*, seed: int = 11, requests: int = 3000,
           selectors: tuple[str, ...] = SUITE_SELECTORS,
           placements: tuple[str, ...] = PLACEMENTS,
-          loads: tuple[float, ...] = LOAD_LEVELS) -> list[Cell]:
-    """Run every placement at every load; one cell per client kind."""
+          loads: tuple[float, ...] = LOAD_LEVELS, **overrides: Any) -> list[Cell]:
+    """Run every placement at every load; one cell per client kind (``overrides``: see
+    :func:`suite_scenario`)."""
     cells = []
     for placement in placements:
         for load in loads:
-            raw = suite_scenario(placement, load, seed=seed, requests=requests)
+            raw = suite_scenario(placement, load, seed=seed, requests=requests, **overrides)
             results = simulate(raw, selectors)
             for kind in CLIENT_KINDS:
                 cells.append(Cell(placement, load, float(raw["rate_per_s"]), kind,

@@ -103,7 +103,7 @@ def _baselines(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
         return _ByExecutor(pick, sc, recs, world, policy)
 
     def rand() -> _Router:
-        rng = random.Random(sc.seed + 1)
+        rng = random.Random(sc.router_seed + 1)
         return _ByExecutor(lambda who: rng.choice(base.matching[who]), sc, recs, world, policy)
 
     def lowest_network() -> _Router:
@@ -218,7 +218,7 @@ class _Mulambda(_Router):
                 count += n
         self.owners = owners
         self.turn = [0] * len(sc.clients)
-        self.instances = [_Instance(i, random.Random(sc.seed * 7919 + i),
+        self.instances = [_Instance(i, random.Random(sc.router_seed * 7919 + i),
                                     ServiceTracker(self.policy.fit)) for i in range(count)]
         # What the store holds: every instance's leases (each request's replica and
         # when it should be served and back, in seconds) and measurements.

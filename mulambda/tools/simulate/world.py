@@ -122,6 +122,10 @@ class Scenario:
     def __init__(self, raw: dict[str, Any]) -> None:
         try:
             self.seed = int(raw.get("seed", 1))
+            # The routers' own draws (mulambda's spreading over near-equal candidates,
+            # the random baseline), apart from the stream's: another router seed replays
+            # the same stream and world, so a figure that moves with it moves by chance.
+            self.router_seed = int(raw.get("router_seed", self.seed))
             self.requests = int(raw["requests"])
             self.rate = float(raw["rate_per_s"])
             # feedback_interval_ms: the old name of the SDK snapshot's age.
