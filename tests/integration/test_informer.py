@@ -32,9 +32,9 @@ def service(ns: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
             "spec": {"selector": {"app": name}, "ports": [{"port": 8501}]}}
 
 
-async def until(check: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+async def until(check: Callable[[], Any], what: str, seconds: float = 30.0) -> None:
     """Let the loop run (the streams post their changes to it) until ``check`` holds."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + seconds
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
