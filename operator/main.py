@@ -25,7 +25,7 @@ from .k8s.session import bounded_login
 from .modelexecutor.autoscale import Windows
 from .modelexecutor.children import Children
 from .modelexecutor.fleet import ERRORS, Fleet
-from .modelexecutor.handlers import MODEL_EXECUTOR
+from .modelexecutor.handlers import MODEL_EXECUTOR, ROLLOUT_ANALYSIS
 from .modelexecutor.handlers import register as register_executors
 
 FINALIZER = "mulambda.io/metadata"
@@ -82,7 +82,7 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings,
         memo.executors = {}
         memo.children = Children(namespaces)
         memo.children.informers.start()
-        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, memo.executors,
+        fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, ROLLOUT_ANALYSIS, memo.executors,
                       memo.children.deployments, memo.children.services)
         memo.fleet = [asyncio.create_task(fleet.autoscale_forever()),
                       asyncio.create_task(fleet.refresh_forever())]

@@ -18,7 +18,9 @@ Deployments and Services from informers, ``children.py``) and runs two loops:
   ``observedGeneration`` is the generation) whose inputs changed since their last
   clean refresh (generation, Deployment or Service version, heartbeats,
   record missing from the store), with the cached children and heartbeats,
-  so a clean executor costs no request at all.
+  so a clean executor costs no request at all; and every executor whose
+  rollout is in progress, with its analysis (``reconcile.rollout_tick``:
+  outcomes change without any object changing).
 
 Both take the per-object lock the handlers take (``handling.serialized``);
 an executor whose lock is held (a handler at work) is skipped until the next
@@ -52,6 +54,7 @@ from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
 from .heartbeats import counted
+from .rollout import is_active
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +86,12 @@ class Fleet:
     """The autoscaler and refresh ticks over every executor the watch caches hold."""
 
     def __init__(self, ctx: Context, memo: kopf.Memo, kind: handling.Kind[Any],
-                 executors: Index, deployments: Index, services: Index) -> None:
+                 analysis: handling.Kind[Any], executors: Index, deployments: Index,
+                 services: Index) -> None:
         self.ctx = ctx
         self.memo = memo
         self.kind = kind
+        self.analysis = analysis  # the reconcile of an executor whose rollout is in progress
         self.executors = executors
         self.deployments = deployments
         self.services = services
@@ -240,18 +245,20 @@ class Fleet:
             mine = counted(self.ctx, ref, heartbeats.get(ref.id, []), now)
             fingerprint = (body["metadata"].get("generation"), _version(deployment),
                            _version(service), heartbeat_facts(mine), ref.id in stored)
-            if store_down is None and self._clean.get(ref.uid) == fingerprint:
+            rolling = is_active(handling.previous_status(self.ctx, body))
+            if store_down is None and not rolling and self._clean.get(ref.uid) == fingerprint:
                 continue
             cache: dict[str, Any] = {"deployment": deployment, "service": service}
             if store_down is None:
                 cache.update(heartbeats=mine, stored=ref.id in stored)
-            jobs.append(self._refresh(key, ref, cache, fingerprint))
+            jobs.append(self._refresh(key, ref, cache, fingerprint,
+                                      self.analysis if rolling else self.kind))
         await _bounded(jobs)
         self._forget_gone(seen)
         log.info("refresh tick done executors=%d refreshed=%d", len(seen), len(jobs))
 
     async def _refresh(self, key: Key, ref: ObjectRef, cache: dict[str, Any],
-                       fingerprint: Fingerprint) -> None:
+                       fingerprint: Fingerprint, kind: handling.Kind[Any]) -> None:
         async with handling.serialized(self.memo, ref.uid):
             body = first(self.executors, key)
             if body is None or body["metadata"]["uid"] != ref.uid or handling.deleting(body):
@@ -260,7 +267,7 @@ class Fleet:
             events: list[Event] = []
             clean = True
             try:
-                await handling.reconcile(self.kind, self.ctx, body, patch, log, cache=cache,
+                await handling.reconcile(kind, self.ctx, body, patch, log, cache=cache,
                                          post=events.append)
             except kopf.PermanentError:
                 pass  # reported in status; nothing to retry until something changes

@@ -13,8 +13,8 @@ Phases (``status.rollout.phase``)::
   candidate Deployment (``NAME-candidate``, its companions heartbeat as
   ``NAMESPACE/NAME-candidate``) serves ``candidateVersion``; the store
   record's route sends ``weight`` percent of the traffic (Canary) or a copy
-  of it (Shadow) there. Each analysis tick (:func:`tick`, a kopf timer that
-  runs only while a rollout is active) reads both arms' outcomes and the
+  of it (Shadow) there. Each analysis tick (``reconcile.rollout_tick``, run by
+  the fleet refresh for every executor whose rollout is active) reads both arms' outcomes and the
   candidate's heartbeats and applies
   :func:`mulambda.policy.rollout.analyse`.
 * **Promoting**: all traffic goes to the candidate while the stable
