@@ -86,6 +86,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
             service: dict[str, ServiceStats] | None = None,
             inflight: dict[str, int] | None = None,
             inflight_requests: dict[str, list[tuple[str, float, float]]] | None = None,
+            others_service: dict[str, ServiceStats] | None = None,
             ) -> Snapshot:
     """``snapshot`` with a router's own exact knowledge added (a new object).
 
@@ -95,9 +96,11 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
     does for the reader's instance); ``service``: its own measured
     statistics (added to everybody else's); ``inflight`` and
     ``inflight_requests``: a fresher view of everybody else's requests than
-    the snapshot's (:meth:`~mulambda.store.metadata.MetadataStore.inflight_load`).
+    the snapshot's (:meth:`~mulambda.store.metadata.MetadataStore.inflight_load`);
+    ``others_service``: a fresher view of everybody else's measured statistics
+    than the snapshot's (``service`` is added to it).
     """
-    stats = snapshot.service
+    stats = snapshot.service if others_service is None else others_service
     if service:
         stats = dict(stats)
         for e, st in service.items():

@@ -64,10 +64,10 @@ class MulambdaClient:
     heartbeat has one) instead of the executor's Service, so this process
     knows its load per replica; ``seed`` seeds the spreading over
     near-equal candidates (default: random). ``fresh_load`` reads everybody
-    else's requests in flight for each decision (shared within
-    ``load_ttl`` seconds, bounded by ``load_timeout``; see
+    else's requests in flight and measured service times for each decision
+    (shared within ``load_ttl`` seconds, bounded by ``load_timeout``; see
     :class:`~mulambda.store.leases.InflightReader`) instead of using the
-    snapshot's counts, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
+    snapshot's, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
     bounds the copies of requests a Shadow rollout's new version gets from this
     instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
     ``selector_url`` (default ``MULAMBDA_SELECTOR_URL``) is where :meth:`submit`
@@ -146,8 +146,12 @@ class MulambdaClient:
         self._reader = SnapshotReader(self.store, client_id,
                                       exclude_instance=self._leases.instance)
         self._view_criteria: Criteria | None = None
+        # The others' measurements come with each fresh read: fitted on the snapshot's
+        # (up to cache_ttl old), their requests were counted as running after they were
+        # served (issue 11).
         self._load = (InflightReader(self.store, self._leases.instance, ttl=load_ttl,
-                                     timeout=load_timeout) if fresh_load else None)
+                                     timeout=load_timeout, service=True)
+                      if fresh_load else None)
         self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
@@ -290,8 +294,9 @@ class MulambdaClient:
         own, own_pods = self._own.ahead(time.monotonic() * 1000)
         snap = overlay(self._view, own_inflight=own, replica_inflight=own_pods,
                        service=self._tracker.stats,
-                       inflight=others[0] if others is not None else None,
-                       inflight_requests=others[1] if others is not None else None)
+                       inflight=others.counts if others is not None else None,
+                       inflight_requests=others.timed if others is not None else None,
+                       others_service=others.service if others is not None else None)
         snap, arms = route_view(snap, full, lambda salt: self._draw(key, salt), force_stable)
         pods = self.direct if direct is None else direct
         ranking = self._ranker.rank(self.criteria, snap, items=items, rng=self._rng,

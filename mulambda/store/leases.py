@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .demand import DEMAND_BUCKET_SECONDS, DEMAND_TTL_SECONDS, _bucket
 from .metadata import INFLIGHT_LEASE_SECONDS
-from .reader import InflightMirror
+from .reader import InflightMirror, Load
 from .records import StoreUnavailable
 
 if TYPE_CHECKING:
@@ -22,9 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mulambda.store")
 
-# Everybody else's requests in flight: counts without timing, and (pod, busy_until,
-# back_by) of those with timing, per executor.
-Load = tuple[dict[str, int], dict[str, list[tuple[str, float, float]]]]
+__all__ = ["InflightLeases", "InflightReader", "Load"]
 
 
 class InflightLeases:
@@ -212,17 +210,25 @@ class InflightReader:
     the store is slow or down, :meth:`read` returns None at once for
     ``backoff`` seconds (callers then use their snapshot's counts): a store
     outage never adds more than one ``timeout`` to a prediction.
+
+    With ``service``, each read also brings everybody else's measured service
+    times (``P:service``, in the same pipeline: one more XRANGE, and an HMGET
+    of the changed fields in the round trip the changed leases already
+    take). A router that fits its latency model on them counts the others'
+    requests as running for as long as they now take, not as long as they
+    took up to a snapshot ago.
     """
 
     def __init__(self, store: MetadataStore, exclude_instance: str | None = None, *,
-                 ttl: float = 0.002, timeout: float = 0.05, backoff: float = 1.0) -> None:
+                 ttl: float = 0.002, timeout: float = 0.05, backoff: float = 1.0,
+                 service: bool = False) -> None:
         self.store = store
         self.exclude_instance = exclude_instance
         self.ttl = ttl
         self.timeout = timeout
         self.backoff = backoff
         # Only the leases that changed since the last read are read (store/reader.py).
-        self._mirror = InflightMirror(store, exclude_instance)
+        self._mirror = InflightMirror(store, exclude_instance, service=service)
         self._load: Load | None = None
         self._at = -float("inf")
         self._failed_until = -float("inf")
@@ -230,8 +236,8 @@ class InflightReader:
 
     async def read(self) -> Load | None:
         """Everybody else's requests in flight per executor: (counts of those without
-        timing, those with timing), as :meth:`MetadataStore.inflight_load`; or None
-        (use the snapshot)."""
+        timing, those with timing), as :meth:`MetadataStore.inflight_load`, and with
+        ``service`` their measured service times; or None (use the snapshot)."""
         now = time.monotonic()
         if self._load is not None and now - self._at < self.ttl:
             return self._load

@@ -15,7 +15,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .decoder import lease_parts
 from .metadata import MetadataStore
@@ -156,19 +156,40 @@ def _inflight_part(mirrors: Mirrors, exclude_instance: str | None,
             [GroupView(_split_field, _untimed), GroupView(_split_field, _timed)])
 
 
+def _service_part(mirrors: Mirrors, exclude_instance: str | None, full_every: float) -> Part:
+    key = mirrors.store.service_key
+    return (HashMirror(key, mirrors.decoding(ServiceStats, key, exclude_instance, True),
+                       full_every=full_every),
+            [GroupView(_split_field, _summed_stats)])
+
+
+class Load(NamedTuple):
+    """Everybody else's requests in flight, as :meth:`MetadataStore.inflight_load`, and
+    (when asked for) their measured service times, as a snapshot's ``service``."""
+
+    counts: dict[str, int]
+    timed: dict[str, Timed]
+    service: dict[str, ServiceStats] | None = None
+
+
 class InflightMirror:
     """Everybody else's requests in flight (as :meth:`MetadataStore.inflight_load`),
-    reading only the leases that changed since the last call."""
+    reading only the leases that changed since the last call; with ``service``, their
+    measured service times too, in the same round trips (one more XRANGE per read, and
+    an HMGET of the changed fields when some changed)."""
 
     def __init__(self, store: MetadataStore, exclude_instance: str | None = None, *,
-                 full_every: float = FULL_RELOAD_SECONDS) -> None:
+                 full_every: float = FULL_RELOAD_SECONDS, service: bool = False) -> None:
         self._mirrors = Mirrors(store, [])
         self._mirrors.parts.append(_inflight_part(self._mirrors, exclude_instance,
                                                   full_every))
+        if service:
+            self._mirrors.parts.append(_service_part(self._mirrors, exclude_instance,
+                                                     full_every))
 
-    async def load(self) -> tuple[dict[str, int], dict[str, Timed]]:
-        [[counts, timed]], _ = await self._mirrors.refresh()
-        return counts, timed
+    async def load(self) -> Load:
+        [[counts, timed], *rest], _ = await self._mirrors.refresh()
+        return Load(counts, timed, rest[0][0] if rest else None)
 
 
 class SnapshotReader:
@@ -193,7 +214,7 @@ class SnapshotReader:
         m.parts += [
             part(store.executors_key, ExecutorRecord, _whole, _only),
             part(store.replicas_key, ReplicaRecord, _split_field, _live_replicas),
-            part(store.service_key, ServiceStats, _split_field, _summed_stats, True),
+            _service_part(m, exclude_instance, full_every),
             _inflight_part(m, exclude_instance, full_every),
         ]
         if client is not None:

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from mulambda.policy.latency import ServiceModel, fit
+from mulambda.policy.latency import ServiceModel, ServiceTracker, fit
 from mulambda.sdk import MulambdaClient
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, LatencySample, ReplicaRecord
@@ -160,3 +160,29 @@ async def test_an_unreachable_replica_address_fails_over(store, doubles):
                               accuracy_weight=0) as mu:
         result = await mu.predict([[0]])
     assert result.executor == "ml/backup" and result.attempts == 2
+
+
+async def test_the_sdk_fits_on_the_others_measurements_read_at_each_decision(store, doubles):
+    # Both declare fast; another SDK process has since measured "a" at 300 ms. The
+    # snapshot (an hour's cache here) predates that; the per-decision read does not.
+    a = await TFServingDouble("a").start()
+    b = await TFServingDouble("b").start()
+    doubles += [a, b]
+    await register(store, "a", a.url, rtt=1, service=5)
+    await register(store, "b", b.url, rtt=1, service=20)
+    kwargs = {"type": "vision", "latency_weight": 1, "accuracy_weight": 0, "seed": 1,
+              "cache_ttl": 3600}
+    async with MulambdaClient(store, CLIENT, **kwargs) as fresh, \
+            MulambdaClient(store, CLIENT, fresh_load=False, **kwargs) as stale:
+        assert (await fresh.select()).executor_id == "ml/a"
+        assert (await stale.select()).executor_id == "ml/a"
+        other = ServiceTracker()
+        for _ in range(5):
+            other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
+                          predicted_ms=5)
+        await store.publish_inflight("other-sdk", {}, service=other.take_changed())
+        chosen = await fresh.select()
+        assert chosen.executor_id == "ml/b"
+        assert next(c for c in await fresh.ranking() if c.executor_id == "ml/a").service_ms > 100
+        # Without fresh reads the snapshot's copy (taken before) still rules.
+        assert (await stale.select()).executor_id == "ml/a"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mulambda.policy.latency import ServiceTracker
-from mulambda.store.leases import InflightLeases, InflightReader
+from mulambda.store.leases import InflightLeases, InflightReader, Load
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, ServiceStats
 
@@ -119,12 +119,12 @@ async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_
     store: MetadataStore, redis_server: RedisServer
 ):
     reader = InflightReader(store, "me", ttl=0.0, timeout=0.2, backoff=1.0)
-    assert await reader.read() == ({}, {})
+    assert await reader.read() == Load({}, {})
     await store.publish_inflight("old", {"ml/mx": 2})  # no timing: only counted
     await store.publish_inflight("other", {"ml/mx": 1},
                                  requests={"ml/mx": [["mx-0", 1e10, 2e10]]})
     await store.publish_inflight("me", {"ml/mx": 5})
-    assert await reader.read() == ({"ml/mx": 2}, {"ml/mx": [("mx-0", 1e10, 2e10)]})
+    assert await reader.read() == Load({"ml/mx": 2}, {"ml/mx": [("mx-0", 1e10, 2e10)]})
     redis_server.stop()
     try:
         started = time.monotonic()
@@ -134,3 +134,35 @@ async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_
     finally:
         redis_server.start()
     reader.close()
+
+
+def _measured(ms: float, n: int = 3) -> dict[str, ServiceStats]:
+    tracker = ServiceTracker()
+    for _ in range(n):
+        tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=ms + 1, network_ms=1,
+                        predicted_ms=5)
+    return tracker.take_changed()
+
+
+async def test_fresh_reader_with_service_reads_the_others_measurements_at_every_read(
+    store: MetadataStore,
+):
+    with_service = InflightReader(store, "me", ttl=0.0, timeout=0.5, service=True)
+    without = InflightReader(store, "me", ttl=0.0, timeout=0.5)
+    assert await with_service.read() == Load({}, {}, {})
+    assert (await without.read()).service is None  # type: ignore[union-attr]
+    await store.publish_inflight("sdk-a", {}, service=_measured(40))
+    await store.publish_inflight("me", {}, service=_measured(900))  # its own: left out
+    first = await with_service.read()
+    assert first is not None and first.service is not None
+    assert first.service["ml/mx"].count == 3
+    # Another writer's new measurements are added up at the next read (the changed
+    # fields only: the mirror's XRANGE then HMGET, not a whole read).
+    await store.publish_inflight("sdk-b", {}, service=_measured(40, n=2))
+    second = await with_service.read()
+    assert second is not None and second.service is not None
+    assert second.service["ml/mx"].count == 5
+    assert with_service._mirror._mirrors.parts[1][0].reloads == 1
+    assert (await without.read()).service is None  # type: ignore[union-attr]
+    with_service.close()
+    without.close()

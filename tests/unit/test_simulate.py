@@ -211,3 +211,15 @@ def test_goals_compare_both_paths_with_the_oracle_and_the_gateway_with_the_sdk()
     found = {g.what: g for g in experiment.goals([latency_cell])}
     assert not any("accuracy" in what for what in found)
     assert found["mulambda-sdk p95/least-outstanding"].met  # 30 < 40
+
+
+def test_the_sdks_fresh_reads_carry_the_others_measurements():
+    # Two SDK processes that learn "steep"'s hidden cost from each other. With a fresh
+    # read at every decision, the snapshot's age no longer matters to the SDK path.
+    def sdk(**over: float) -> dict[str, object]:
+        raw = {**DECLARED_WRONG, "rate_per_s": 100, "load_ttl_ms": 0, **over}
+        return routers.simulate(raw, selectors=("mulambda-sdk",))["mulambda-sdk"].as_dict()
+
+    assert sdk() == sdk(snapshot_ttl_ms=0)
+    # Without fresh reads (load_ttl_ms < 0) the snapshot's copy is all it has.
+    assert sdk(load_ttl_ms=-1) != sdk(load_ttl_ms=-1, snapshot_ttl_ms=0)

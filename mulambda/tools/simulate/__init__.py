@@ -28,13 +28,17 @@ Routers:
 * ``mulambda-sdk`` -- each client's ``instances`` SDK processes run
   :func:`mulambda.policy.selection.rank` (``replicas=True``) on their own
   view: their own requests in flight and measurements exact, everybody
-  else's from a store snapshot refreshed every ``snapshot_ttl_ms`` (the
-  SDK's cache, 1 s), service times learned only from answered requests
+  else's read fresh from the store (``load_ttl_ms``, 2 ms, each read delaying
+  its request by ``store_rtt_ms``, 0.5 ms; ``load_ttl_ms`` < 0: from a store
+  snapshot refreshed every ``snapshot_ttl_ms``, the SDK's cache, 1 s),
+  service times learned only from answered requests
   (:class:`mulambda.policy.latency.ServiceTracker`), starting from the
   declared times. Requests go straight from the client to the replica.
 * ``mulambda-gateway`` -- the same ranking in ``gateways`` selector
   processes on ``gateway_node`` (default: the first client's node) with a
-  ``gateway_cache_ms`` (0.5 s) snapshot: requests go client -> gateway ->
+  ``gateway_cache_ms`` (0.5 s) snapshot (the other gateways' requests in
+  flight read fresh, their measurements from the snapshot, as the selector
+  does): requests go client -> gateway ->
   replica and back, plus ``gateway_overhead_ms`` each way.
 * ``oracle`` -- knows every model's true parameters and every replica's
   true state (running, queued, on the way to it) and scores the true

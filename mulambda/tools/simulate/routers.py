@@ -195,6 +195,8 @@ class _Instance:
     snap_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
     load_at: float = -math.inf
     others_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    # The others' measurements as of the last fresh read (the SDK's read carries them).
+    fresh_stats: dict[str, ServiceStats] | None = None
 
 
 class _Mulambda(_Router):
@@ -258,7 +260,7 @@ class _Mulambda(_Router):
                     found.setdefault(e, []).append((pod, busy_until, back_by))
         return found
 
-    def _refresh(self, inst: _Instance, now: float) -> None:
+    def _others_stats(self, inst: _Instance) -> dict[str, ServiceStats]:
         stats: dict[str, ServiceStats] = {}
         for other in self.instances:
             if other is not inst:
@@ -266,7 +268,11 @@ class _Mulambda(_Router):
                     merged = add_stats(stats.get(e), st)
                     assert merged is not None
                     stats[e] = merged
-        inst.others_stats, inst.snap_requests, inst.snap_at = stats, self._others(inst), now
+        return stats
+
+    def _refresh(self, inst: _Instance, now: float) -> None:
+        inst.others_stats, inst.snap_requests, inst.snap_at = (
+            self._others_stats(inst), self._others(inst), now)
 
     def choose(self, req: int, who: int, now: float, items: int) -> tuple[str, int]:
         sc = self.sc
@@ -281,9 +287,13 @@ class _Mulambda(_Router):
         else:
             if now - inst.load_at >= sc.load_ttl:
                 inst.others_requests, inst.load_at = self._others(inst), now
+                if not self.gateway:
+                    # The SDK's fresh read carries the others' measurements too
+                    # (InflightReader(service=True)); the selector's does not.
+                    inst.fresh_stats = self._others_stats(inst)
                 delay = sc.store_rtt  # the decision waits for the read
             others = inst.others_requests
-        stats = dict(inst.others_stats)
+        stats = dict(inst.others_stats if inst.fresh_stats is None else inst.fresh_stats)
         for e, st in inst.tracker.stats.items():
             merged = add_stats(stats.get(e), st)
             assert merged is not None
