@@ -112,6 +112,14 @@ def remember_status(ctx: Context, body: kopf.Body, previous: dict[str, Any],
                                         {**previous, **update.fields})
 
 
+def forget_old_writes(ctx: Context, now: float | None = None) -> None:
+    """Drop the statuses written longer ago than :data:`WRITTEN_STATUS_SECONDS`: no longer
+    trusted by :func:`previous_status`, they only held memory (a status per executor)."""
+    now = time.monotonic() if now is None else now
+    for uid in [u for u, (_, at, _) in ctx.written.items() if now - at >= WRITTEN_STATUS_SECONDS]:
+        del ctx.written[uid]
+
+
 def deleting(body: kopf.Body) -> bool:
     """True once deletion started: timers stop writing, the delete handler cleans up."""
     return bool(body.get("metadata", {}).get("deletionTimestamp"))

@@ -255,6 +255,7 @@ class Fleet:
                                       self.analysis if rolling else self.kind))
         await _bounded(jobs)
         self._forget_gone(seen)
+        handling.forget_old_writes(self.ctx)
         log.info("refresh tick done executors=%d refreshed=%d", len(seen), len(jobs))
 
     async def _refresh(self, key: Key, ref: ObjectRef, cache: dict[str, Any],

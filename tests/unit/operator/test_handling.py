@@ -166,3 +166,18 @@ def test_the_status_last_written_stands_in_for_an_older_body(written_over, age, 
     _, at, status = ctx.written["u1"]
     ctx.written["u1"] = (written_over, at - age, status)
     assert handling.previous_status(ctx, body) == expected
+
+
+@pytest.mark.parametrize(("age", "kept"), [
+    (0.0, True),
+    (handling.WRITTEN_STATUS_SECONDS - 1, True),
+    (handling.WRITTEN_STATUS_SECONDS, False),  # no longer trusted, so no longer held
+    (3600.0, False),
+])
+def test_statuses_written_long_ago_are_forgotten(age, kept):
+    ctx = context()
+    ctx.written["u1"] = ("7", 1000.0 - age, {"observedGeneration": 4})
+    ctx.written["u2"] = ("7", 1000.0, {"observedGeneration": 1})
+    handling.forget_old_writes(ctx, now=1000.0)
+    assert ("u1" in ctx.written) is kept
+    assert "u2" in ctx.written
