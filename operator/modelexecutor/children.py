@@ -8,13 +8,14 @@ here without a GET, once the caches are synced.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..k8s.informer import Cache, Informers
 from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
 
+log = logging.getLogger(__name__)
 # How long a handler waits for the caches to be complete before it reads them anyway
 # (and GETs what they lack): a server slow to list must not hold handlers for good.
 SYNC_WAIT_SECONDS = 30.0
@@ -60,6 +61,7 @@ class Children:
     def __init__(self, namespaces: Sequence[str]) -> None:
         self.deployments: Cache = {}
         self.services: Cache = {}
+        self._said_unsynced = False
         selector = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
         self.informers = Informers(selector, namespaces, {
             "Deployment": (trim_deployment, self.deployments),
@@ -73,8 +75,14 @@ class Children:
         once; before the first LISTs are in, each would GET its children (and
         create its key Secret only to be refused). The wait is one Event, not
         kopf's per-object toggles."""
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self.informers.synced.wait(), SYNC_WAIT_SECONDS)
+        except TimeoutError:
+            if not self._said_unsynced:  # once: every handler meets the same wait
+                self._said_unsynced = True
+                log.warning("the children's caches are not complete after %gs (see the "
+                            "informers' warnings); handlers read children from the API "
+                            "server meanwhile", SYNC_WAIT_SECONDS)
         return self.of(key)
 
     def of(self, key: tuple[str, str]) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_the_caches_keep_what_the_fleet_and_the_comparisons_read() -> None:
 
 
 def test_a_handler_reads_the_children_once_the_caches_are_complete(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before the first LISTs are in, a handler waits (one Event, not kopf's per-object
     toggles); a server too slow to list holds it only SYNC_WAIT_SECONDS, after which it
@@ -112,6 +112,7 @@ def test_a_handler_reads_the_children_once_the_caches_are_complete(
         children = Children(["ml"])
         children.deployments[("ml", "hp2")] = [{"kind": "Deployment"}]
         unsynced = await children.synced_of(("ml", "hp2"))
+        await children.synced_of(("ml", "other"))
         asyncio.get_running_loop().call_later(0.02, children.informers.synced.set)
         monkeypatch.setattr(children_module, "SYNC_WAIT_SECONDS", 5.0)
         synced = await children.synced_of(("ml", "hp2"))
@@ -121,3 +122,5 @@ def test_a_handler_reads_the_children_once_the_caches_are_complete(
     assert unsynced == {"deployment": {"kind": "Deployment"}, "service": None,
                         "indexed": False}
     assert synced["indexed"] is True
+    said = [r for r in caplog.records if "not complete" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "WARNING"  # once, not per handler
