@@ -324,6 +324,16 @@ class OwnRequests:
     margin is the whole prediction: its requests count until they are back
     or late.
 
+    An answer says when its request was served (half its round trip before it
+    came back). A later request to the same replica that counted it ahead but
+    reached the replica after that did not have it ahead: :meth:`answered`
+    takes its cost (``per_ahead_ms``) off the later one's stay, and
+    :meth:`gone_ahead` tells the later one's measurement. Otherwise one false
+    count lengthens the next request's predicted stay by a whole request
+    ahead, which is then counted ahead of the ones after it for as long, and
+    those answers teach the fit a too-small cost per request ahead (issue 11:
+    seed 11's mixed 0.5 balanced cell; bench/README.md).
+
     :meth:`ahead` adds these up per executor and per replica, which is what
     selection's load term wants (``Snapshot.own_inflight``,
     ``Snapshot.replica_inflight``). Times are in milliseconds on the
@@ -331,21 +341,52 @@ class OwnRequests:
     """
 
     def __init__(self) -> None:
-        self._requests: dict[int, tuple[str, str | None, float, float, float]] = {}
+        self._requests: dict[int, _Own] = {}
         self._next = 0
 
     def __len__(self) -> int:
         return len(self._requests)
 
     def add(self, executor: str, pod: str | None, sent_ms: float, stay_ms: float,
-            network_ms: float = 0.0, margin_ms: float = 0.0) -> int:
+            network_ms: float = 0.0, margin_ms: float = 0.0, per_ahead_ms: float = 0.0) -> int:
         """Register a request; returns the token :meth:`remove` takes. It counts as ahead
-        until ``stay_ms + margin_ms`` has passed (and again when late)."""
+        until ``stay_ms + margin_ms`` has passed (and again when late). ``per_ahead_ms``
+        is what each of this router's requests counted ahead of it at its replica added
+        to ``stay_ms``: taken off again when an answer shows one was not (:meth:`answered`)."""
         self._next += 1
         margin = margin_ms if math.isfinite(margin_ms) and margin_ms > 0 else 0.0
-        self._requests[self._next] = (executor, pod, sent_ms, max(stay_ms, 0.0) + margin,
-                                      max(stay_ms, 0.0) + max(network_ms, 0.0))
+        stay, net = max(stay_ms, 0.0), max(network_ms, 0.0)
+        ahead: set[int] = set()
+        if pod is not None:
+            ahead = {t for t, r in self._requests.items()
+                     if r.executor == executor and r.pod == pod and r.is_ahead(sent_ms)}
+        per_ahead = per_ahead_ms if math.isfinite(per_ahead_ms) and per_ahead_ms > 0 else 0.0
+        self._requests[self._next] = _Own(executor, pod, sent_ms, stay + margin, stay + net,
+                                          net, per_ahead, ahead)
         return self._next
+
+    def answered(self, token: int, now_ms: float) -> None:
+        """The answer of ``token`` is back at ``now_ms``: it was served half its round trip
+        earlier. A request of ours that counted it ahead but reached the replica after
+        that did not have it ahead: it stops counting its cost (its stay is shortened by
+        ``per_ahead_ms``) and :meth:`gone_ahead` says so for its measurement."""
+        done = self._requests.get(token)
+        if done is None:
+            return
+        served_at = now_ms - done.network / 2
+        for r in self._requests.values():
+            if token in r.ahead:
+                r.ahead.discard(token)
+                if served_at <= r.sent + r.network / 2:
+                    r.gone += 1
+                    r.served_by = max(0.0, r.served_by - r.per_ahead)
+                    r.back_by = max(0.0, r.back_by - r.per_ahead)
+
+    def gone_ahead(self, token: int) -> int:
+        """How many of the requests counted ahead of ``token`` when it was sent had in fact
+        been served before it arrived (answers say so, :meth:`answered`)."""
+        r = self._requests.get(token)
+        return r.gone if r is not None else 0
 
     def remove(self, token: int) -> None:
         self._requests.pop(token, None)
@@ -354,12 +395,30 @@ class OwnRequests:
         """Requests still ahead at each executor and at each replica (by pod)."""
         per_executor: dict[str, float] = {}
         per_pod: dict[str, dict[str, float]] = {}
-        for executor, pod, sent, served_by, back_by in self._requests.values():
-            age = now_ms - sent
-            if served_by <= age < back_by:
+        for r in self._requests.values():
+            if not r.is_ahead(now_ms):
                 continue  # on its way back
-            per_executor[executor] = per_executor.get(executor, 0.0) + 1
-            if pod is not None:
-                pods = per_pod.setdefault(executor, {})
-                pods[pod] = pods.get(pod, 0.0) + 1
+            per_executor[r.executor] = per_executor.get(r.executor, 0.0) + 1
+            if r.pod is not None:
+                pods = per_pod.setdefault(r.executor, {})
+                pods[r.pod] = pods.get(r.pod, 0.0) + 1
         return per_executor, per_pod
+
+
+class _Own:
+    """One request of :class:`OwnRequests` (times in ms; ``served_by``/``back_by`` after
+    ``sent``)."""
+
+    __slots__ = ("ahead", "back_by", "executor", "gone", "network", "per_ahead", "pod",
+                 "sent", "served_by")
+
+    def __init__(self, executor: str, pod: str | None, sent: float, served_by: float,
+                 back_by: float, network: float, per_ahead: float, ahead: set[int]) -> None:
+        self.executor, self.pod, self.sent = executor, pod, sent
+        self.served_by, self.back_by, self.network = served_by, back_by, network
+        self.per_ahead, self.ahead, self.gone = per_ahead, ahead, 0
+
+    def is_ahead(self, now_ms: float) -> bool:
+        """Still ahead of a request sent now (not on its way back)."""
+        age = now_ms - self.sent
+        return not self.served_by <= age < self.back_by

@@ -9,7 +9,8 @@ requests onto the replicas both use (issue 11).
 While a request runs it is, at once:
 
 * in this router's :class:`~mulambda.policy.latency.OwnRequests` (its own
-  rankings count it as ahead until its predicted stay plus margin has passed);
+  rankings count it as ahead until its predicted stay plus margin has passed,
+  less what its answer shows of requests counted ahead of it that were not);
 * a lease in :class:`~mulambda.store.leases.InflightLeases` whose timing
   (:func:`~mulambda.policy.latency.stay_window`) tells every other router the
   same thing, and one more demand;
@@ -46,11 +47,12 @@ class CountedRequest:
     """One request being counted; :meth:`answered` measures it."""
 
     def __init__(self, counter: InflightCounter, candidate: Candidate, items: int,
-                 started: float) -> None:
+                 started: float, token: int = 0) -> None:
         self._counter = counter
         self._candidate = candidate
         self._items = items
         self._started = started
+        self._token = token
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request was counted."""
@@ -60,11 +62,19 @@ class CountedRequest:
         """The executor answered: add its response time (default: :meth:`elapsed_ms`) to the
         service-time model, against what the ranking predicted. False when the tracker
         refused an impossible value."""
-        c = self._candidate
-        return self._counter.tracker.observe(
-            c.executor_id, inflight=c.inflight, items=self._items,
+        c, own = self._candidate, self._counter.own
+        # Requests of ours counted ahead of this one that answers showed were served
+        # before it arrived were not ahead: measured at the k it really met, or the fit
+        # learns a request ahead as cheaper than it is (issue 11).
+        gone = min(float(own.gone_ahead(self._token)), c.inflight)
+        per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
+        observed = self._counter.tracker.observe(
+            c.executor_id, inflight=c.inflight - gone, items=self._items,
             elapsed_ms=self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
-            network_ms=c.network_ms, predicted_ms=c.service_ms + c.load_ms)
+            network_ms=c.network_ms,
+            predicted_ms=max(0.0, c.service_ms + c.load_ms - gone * per_ahead))
+        own.answered(self._token, self._counter.monotonic() * 1000)
+        return observed
 
 
 class InflightCounter:
@@ -101,9 +111,11 @@ class InflightCounter:
         sent = self.clock()
         lease = self.leases.start(executor, timing=(
             pod or "", sent + busy_after / 1000, sent + back_after / 1000))
-        token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin)
+        per_ahead = candidate.model.per_inflight_ms if candidate.model is not None else 0.0
+        token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
+                             per_ahead)
         try:
-            yield CountedRequest(self, candidate, items, self.perf())
+            yield CountedRequest(self, candidate, items, self.perf(), token)
         finally:
             self.own.remove(token)
             self.leases.finish(executor, token=lease)

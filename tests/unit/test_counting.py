@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -127,3 +128,31 @@ def test_sdk_and_gateway_count_through_the_shared_helper():
                    inspect.getsource(service.Selector.forward)):
         assert ".count(candidate, items)" in source
         assert "stay_margin_ms" not in source and "own.add" not in source
+
+
+@pytest.mark.parametrize(("first_back_ms", "k_measured"), [
+    # RTT 30 ms: the first answered 39 ms after both left was served at 24, before the
+    # second arrived at 15 + 10: the second had nothing ahead
+    pytest.param(39.0, 0.0, id="counted-ahead-but-served-before"),
+    # answered at 60, served at 45: it was ahead of the second
+    pytest.param(60.0, 1.0, id="counted-ahead-and-ahead"),
+])
+def test_a_request_is_measured_at_the_requests_ahead_it_met(first_back_ms, k_measured):
+    from mulambda.policy.latency import ServiceModel
+
+    tracker = ServiceTracker()
+    mono = Clock(0.0)
+    counter = InflightCounter(tracker, OwnRequests(), FakeLeases(), monotonic=mono)
+    model = ServiceModel(12.0, 70.0)
+    first = replace(candidate("e-0"), inflight=0.0, load_ms=0.0, model=model)
+    second = replace(candidate("e-0"), inflight=1.0, load_ms=70.0, model=model)
+    with counter.count(first) as one:
+        mono.at = 0.010
+        with counter.count(second) as two:
+            mono.at = first_back_ms / 1000
+            assert one.answered(elapsed_ms=first_back_ms)
+            mono.at = 0.1
+            assert two.answered(elapsed_ms=90.0)
+    stats = tracker.stats["ml/e"]
+    assert stats.count == 2
+    assert stats.k == pytest.approx(k_measured)  # the first was measured at k = 0

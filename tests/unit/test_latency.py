@@ -230,3 +230,33 @@ def test_own_requests_count_per_replica_and_are_forgotten_when_removed():
     own.remove(a)  # twice is harmless
     assert own.ahead(10) == ({"e": 1, "f": 1}, {"e": {"pod-b": 1}})
     assert len(own) == 2
+
+
+@pytest.mark.parametrize(("first_pod", "first_back_at", "second_sent", "gone", "ahead"), [
+    # RTT 30 ms. The first (stay 15) answered at 39 was served at 24; the second, sent at
+    # 10, reached the replica at 25: it did not have the first ahead.
+    pytest.param("pod-a", 39, 10, 1, 0, id="served-before-the-second-arrived"),
+    pytest.param("pod-a", 40, 10, 1, 0, id="served-as-the-second-arrived"),
+    # answered at 50, served at 35: still running when the second arrived at 25
+    pytest.param("pod-a", 50, 10, 0, 1, id="served-after-the-second-arrived"),
+    # another replica: never counted ahead of the second
+    pytest.param("pod-b", 39, 10, 0, 1, id="other-replica"),
+    # on its way back when the second was sent (age 20 of 15..45): not counted, nothing
+    # to undo
+    pytest.param("pod-a", 39, 20, 0, 1, id="not-counted-ahead"),
+])
+def test_an_answer_shows_whether_a_request_counted_ahead_was(first_pod, first_back_at,
+                                                           second_sent, gone, ahead):
+    own = OwnRequests()
+    first = own.add("e", first_pod, sent_ms=0, stay_ms=15, network_ms=30)
+    # the second's stay: 15 of its own and 70 for the one request counted ahead
+    second = own.add("e", "pod-a", sent_ms=second_sent, stay_ms=85, network_ms=30,
+                     per_ahead_ms=70)
+    own.answered(first, first_back_at)
+    own.remove(first)
+    assert own.gone_ahead(second) == gone
+    # 30 ms after it was sent the second is still ahead unless its stay lost the 70 ms
+    assert own.ahead(second_sent + 30)[1].get("e", {}).get("pod-a", 0) == ahead
+    own.answered(first, first_back_at)  # after removal: harmless
+    assert own.gone_ahead(second) == gone
+    assert own.gone_ahead(12345) == 0

@@ -241,7 +241,7 @@ class _Mulambda(_Router):
                    for i, rep in enumerate(reps)} for eid, reps in self.world.reps.items()}
             for c in sc.clients
         ]
-        self.sent: dict[int, tuple[_Instance, str, int, float, float, float, int]] = {}
+        self.sent: dict[int, tuple[_Instance, str, int, float, float, float, int, float]] = {}
 
     def dispatch_node(self, who: int) -> str:
         return self.sc.gateway_node if self.gateway else super().dispatch_node(who)
@@ -309,22 +309,27 @@ class _Mulambda(_Router):
         stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
         # Counted as mulambda.sdk.counting counts a request (the SDK's and the gateway's).
         margin = inst.tracker.stay_margin_ms(eid, stay)
-        token = inst.own.add(eid, pod, sent, stay, net, margin)
+        per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
+        token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead)
         busy_after, back_after = stay_window(stay, net, margin)
         self.published[inst.index][token] = (eid, pod, (sent + busy_after) / 1000,
                                              (sent + back_after) / 1000)
         self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
-                          items)
+                          items, per_ahead)
         self.delay[req] = delay
         return eid, self.pods[eid][pod]
 
     def complete(self, req: int, now: float, elapsed_ms: float) -> None:
-        inst, eid, token, k, net, predicted, items = self.sent.pop(req)
+        inst, eid, token, k, net, predicted, items, per_ahead = self.sent.pop(req)
+        # Measured as mulambda.sdk.counting measures an answer: without the requests counted
+        # ahead that answers showed were served before this one arrived.
+        gone = min(inst.own.gone_ahead(token), k)
         # The router times the request from when it sent it, not from the store read.
-        inst.tracker.observe(eid, inflight=k, items=items,
+        inst.tracker.observe(eid, inflight=k - gone, items=items,
                              elapsed_ms=elapsed_ms - self.delay.pop(req, 0.0),
-                             network_ms=net, predicted_ms=predicted)
+                             network_ms=net, predicted_ms=max(0.0, predicted - gone * per_ahead))
         self.published_stats[inst.index][eid] = inst.tracker.stats[eid]
+        inst.own.answered(token, now)
         inst.own.remove(token)
         del self.published[inst.index][token]
 
