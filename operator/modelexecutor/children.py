@@ -14,6 +14,7 @@ from typing import Any
 
 from ..k8s.informer import Cache, Informers
 from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
+from .fleet import first
 
 log = logging.getLogger(__name__)
 # How long a handler waits for the caches to be complete before it reads them anyway
@@ -88,6 +89,6 @@ class Children:
     def of(self, key: tuple[str, str]) -> dict[str, Any]:
         """One executor's children for a reconcile (None: not in the cache). ``indexed``:
         the caches are complete, so a child missing here does not exist."""
-        return {"deployment": next(iter(self.deployments.get(key, ())), None),
-                "service": next(iter(self.services.get(key, ())), None),
+        return {"deployment": first(self.deployments, key),
+                "service": first(self.services, key),
                 "indexed": self.informers.synced.is_set()}
