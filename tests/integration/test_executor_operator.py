@@ -27,6 +27,8 @@ import aiohttp
 import pytest
 import redis
 
+from mulambda.operator import handling
+from mulambda.operator import main as operator_main
 from mulambda.operator.k8s import session
 from mulambda.operator.k8s.api import KubeApi
 from mulambda.operator.main import FINALIZER, register_all
@@ -671,6 +673,39 @@ def test_a_backlog_shares_a_bounded_set_of_api_connections(
                                                                  "services")]
     assert len(made) == 3 * backlog
     assert not [c for c in calls if c[2] in (404, 409)]
+
+
+def test_a_backlog_larger_than_the_worker_pool_is_handled_a_pool_at_a_time(
+    env: Env, run_operator: Callable[..., OperatorRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unbounded, kopf started a worker for every listed object at once, each holding
+    # its body until done (720 MiB for a backlog of 5,000). Capped, a worker that
+    # patched waits for its patched version while the watcher may wait for a free
+    # slot: the backlog must still complete, never more than the cap in handlers.
+    monkeypatch.setattr(operator_main, "WORKER_LIMIT", 4)
+    active, most = 0, 0
+    real_reconcile = handling.reconcile
+
+    async def counting_reconcile(*args: Any, **kwargs: Any) -> None:
+        nonlocal active, most
+        if not kwargs.get("spec_changed"):  # the fleet refresh, not a kopf handler
+            return await real_reconcile(*args, **kwargs)
+        active += 1
+        most = max(most, active)
+        try:
+            return await real_reconcile(*args, **kwargs)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(handling, "reconcile", counting_reconcile)
+    backlog = 24
+    for i in range(backlog):
+        env.create(f"mx-{i}", scaling={"minReplicas": 0, "maxReplicas": 1})
+    start(run_operator, env)
+    env.wait(lambda: sum(1 for i in range(backlog)
+                         if env.status(f"mx-{i}").get("observedGeneration") == 1) == backlog,
+             what=f"all {backlog} executors handled", timeout=120)
+    assert 1 <= most <= 4
 
 
 def test_operator_uses_exactly_the_rbac_rules_it_declares(
