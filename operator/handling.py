@@ -198,6 +198,18 @@ async def reconcile(
     apply(body, patch, update, post)
 
 
+def left_to_the_fleet(kind: Kind[Any], reason: str, body: Mapping[str, Any]) -> bool:
+    """A resume (an operator start) of an object whose generation was concluded, of a kind
+    the fleet refresh re-checks: its first tick reconciles every such object from the
+    caches (a new process has checked none yet), a bounded number at a time. Resumed
+    here as well, each was reconciled twice after a start, and kopf ran all of them
+    before it reached an object created meanwhile (107 s at 5,000)."""
+    status = body.get("status") or {}
+    generation = (body.get("metadata") or {}).get("generation")
+    return (reason == kopf.Reason.RESUME and kind.timer is None
+            and status.get("observedGeneration") == generation)
+
+
 def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Settings) -> None:
     """Reconcile ``kind`` on create, resume and spec changes and from its timer; remove its
     store records on delete."""
@@ -209,8 +221,10 @@ def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Setting
                     field="spec")
     async def on_change(
         body: kopf.Body, uid: str, patch: kopf.Patch, memo: kopf.Memo, logger: Logger,
-        retry: int, **_: Any,
+        retry: int, reason: str, **_: Any,
     ) -> None:
+        if left_to_the_fleet(kind, reason, body):
+            return
         async with serialized(memo, uid):
             if not deleting(body):
                 meta = body.get("metadata", {})

@@ -84,7 +84,8 @@ def register_all(registry: kopf.OperatorRegistry, settings: Settings,
         memo.children = Children(namespaces)
         memo.children.informers.start()
         fleet = Fleet(memo.ctx, memo, MODEL_EXECUTOR, ROLLOUT_ANALYSIS, memo.executors,
-                      memo.children.deployments, memo.children.services)
+                      memo.children.deployments, memo.children.services,
+                      memo.children.complete)
         memo.fleet = [asyncio.create_task(fleet.autoscale_forever()),
                       asyncio.create_task(fleet.refresh_forever())]
         log.info("operator started redis=%s prefix=%s", _redact(app_settings.redis_url),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ class Children:
         self.deployments: Cache = {}
         self.services: Cache = {}
         self._said_unsynced = False
+        self._since = time.monotonic()
         selector = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
         self.informers = Informers(selector, namespaces, {
             "Deployment": (trim_deployment, self.deployments),
@@ -85,6 +87,15 @@ class Children:
                             "informers' warnings); handlers read children from the API "
                             "server meanwhile", SYNC_WAIT_SECONDS)
         return self.of(key)
+
+    def complete(self, now: float | None = None) -> bool:
+        """Whether the fleet refresh may reconcile from the caches: their first LISTs are
+        in, or :data:`SYNC_WAIT_SECONDS` passed since the start (as for the handlers).
+        Before, an executor whose children were not listed yet looked as if they were
+        missing: a GET each, and a key Secret create refused (1,906 of each when a start
+        over 5,000 refreshed before its caches were complete)."""
+        now = time.monotonic() if now is None else now
+        return self.informers.synced.is_set() or now - self._since >= SYNC_WAIT_SECONDS
 
     def of(self, key: tuple[str, str]) -> dict[str, Any]:
         """One executor's children for a reconcile (None: not in the cache). ``indexed``:

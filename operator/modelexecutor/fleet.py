@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import kopf
@@ -87,7 +87,7 @@ class Fleet:
 
     def __init__(self, ctx: Context, memo: kopf.Memo, kind: handling.Kind[Any],
                  analysis: handling.Kind[Any], executors: Index, deployments: Index,
-                 services: Index) -> None:
+                 services: Index, complete: Callable[[], bool]) -> None:
         self.ctx = ctx
         self.memo = memo
         self.kind = kind
@@ -95,6 +95,7 @@ class Fleet:
         self.executors = executors
         self.deployments = deployments
         self.services = services
+        self.complete = complete  # the children's caches can be read as the truth
         self._specs: dict[str, tuple[int, ModelExecutorSpec | None]] = {}
         self._clean: dict[str, Fingerprint] = {}
 
@@ -221,6 +222,9 @@ class Fleet:
     async def refresh_tick(self) -> None:
         """Reconcile the executors whose Deployment, Service, heartbeats or spec changed,
         or whose record the store lost, from the caches and one store read."""
+        if not self.complete():
+            log.info("refresh tick skipped: the children's caches are not complete yet")
+            return
         log.info("refresh tick started")
         store_down: StoreUnavailable | None = None
         heartbeats: dict[str, list[ReplicaRecord]] = {}

@@ -569,6 +569,24 @@ def test_deleted_child_is_recreated_by_the_timer(env: Env, operator: OperatorRun
     assert again["metadata"]["ownerReferences"][0]["name"] == "hp2"
 
 
+def test_a_child_deleted_while_no_operator_ran_is_recreated_after_a_start(
+    env: Env, operator: OperatorRun
+) -> None:
+    # After a start, kopf's resume handler leaves a concluded executor to the fleet
+    # refresh, whose first tick re-checks every executor: drift from while no
+    # operator ran is repaired all the same.
+    env.create()
+    env.wait(lambda: env.status().get("observedGeneration") == 1, what="handled")
+    first = env.wait(lambda: env.get(SVC), what="the Service")
+    operator.stop()
+    env.cluster.delete(*SVC, env.ns, "hp2")
+    operator.start()
+    again = env.wait(lambda: (s := env.get(SVC)) and s["metadata"]["uid"] !=
+                     first["metadata"]["uid"] and s, what="the Service recreated")
+    assert again["metadata"]["ownerReferences"][0]["name"] == "hp2"
+    assert not operator.errors
+
+
 def test_foreign_object_with_the_childs_name_is_not_overwritten(
     env: Env, operator: OperatorRun
 ) -> None:

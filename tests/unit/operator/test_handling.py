@@ -181,3 +181,23 @@ def test_statuses_written_long_ago_are_forgotten(age, kept):
     handling.forget_old_writes(ctx, now=1000.0)
     assert ("u1" in ctx.written) is kept
     assert "u2" in ctx.written
+
+
+@pytest.mark.parametrize(("timer", "reason", "observed", "skipped"), [
+    # a start over a concluded generation: the fleet refresh's first tick has it
+    (None, kopf.Reason.RESUME, 4, True),
+    # the generation changed while no operator ran, or its handling never concluded
+    (None, kopf.Reason.RESUME, 3, False),
+    (None, kopf.Reason.RESUME, None, False),
+    # not a resume: kopf's create and update handlers always reconcile
+    (None, kopf.Reason.CREATE, 4, False),
+    (None, kopf.Reason.UPDATE, 4, False),
+    # a kind with its own per-object timer is not the fleet's
+    ("reselect_client", kopf.Reason.RESUME, 4, False),
+])
+def test_only_a_concluded_resume_of_a_fleet_kind_is_left_to_the_fleet(
+        timer, reason, observed, skipped):
+    client_kind, _ = kind(StatusUpdate())
+    body = {**BODY, "status": {} if observed is None else {"observedGeneration": observed}}
+    fleet_kind = handling.Kind(**{**vars(client_kind), "timer": timer})
+    assert handling.left_to_the_fleet(fleet_kind, reason, body) is skipped

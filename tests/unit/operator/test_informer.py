@@ -5,6 +5,7 @@ control plane in tests/integration/test_informer.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -124,3 +125,17 @@ def test_a_handler_reads_the_children_once_the_caches_are_complete(
     assert synced["indexed"] is True
     said = [r for r in caplog.records if "not complete" in r.getMessage()]
     assert len(said) == 1 and said[0].levelname == "WARNING"  # once, not per handler
+
+
+@pytest.mark.parametrize(("synced", "after", "complete"), [
+    (True, 0.0, True),
+    (False, 0.0, False),  # the fleet refresh waits: a child not listed yet is not missing
+    (False, 29.0, False),
+    (False, 30.0, True),  # a server too slow to list holds the refresh no longer
+])
+def test_the_fleet_refreshes_once_the_caches_are_complete_or_the_wait_is_over(
+        synced: bool, after: float, complete: bool) -> None:
+    children = Children(["ml"])
+    if synced:
+        children.informers.synced.set()
+    assert children.complete(now=time.monotonic() + after) is complete
