@@ -653,6 +653,18 @@ def rule_triples(rules: list[dict[str, list[str]]]) -> set[tuple[str, str, str]]
             for r in rule["resources"] for v in rule["verbs"]}
 
 
+def handle_a_backlog(env: Env, run_operator: Callable[..., OperatorRun], backlog: int,
+                     timeout: float) -> None:
+    """Create ``backlog`` scale-to-zero executors, then start the operator and wait until
+    it handled them all."""
+    for i in range(backlog):
+        env.create(f"mx-{i}", scaling={"minReplicas": 0, "maxReplicas": 1})
+    start(run_operator, env)
+    env.wait(lambda: sum(1 for i in range(backlog)
+                         if env.status(f"mx-{i}").get("observedGeneration") == 1) == backlog,
+             what=f"all {backlog} executors handled", timeout=timeout)
+
+
 def test_a_backlog_shares_a_bounded_set_of_api_connections(
     env: Env, run_operator: Callable[..., OperatorRun], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -674,12 +686,7 @@ def test_a_backlog_shares_a_bounded_set_of_api_connections(
 
     monkeypatch.setattr(session.aiohttp, "ClientSession", counting_session)
     backlog = 40
-    for i in range(backlog):
-        env.create(f"mx-{i}", scaling={"minReplicas": 0, "maxReplicas": 1})
-    start(run_operator, env)
-    env.wait(lambda: sum(1 for i in range(backlog)
-                         if env.status(f"mx-{i}").get("observedGeneration") == 1) == backlog,
-             what=f"all {backlog} executors handled", timeout=90)
+    handle_a_backlog(env, run_operator, backlog, timeout=90)
     assert 0 < len(opened) <= session.connection_limit(()) == 2 + session.WATCHES_PER_NAMESPACE
     # Each executor's children were made once, by its create handler: the fleet refresh
     # leaves executors kopf has yet to conclude alone (no GET of a missing child, no
@@ -716,13 +723,7 @@ def test_a_backlog_larger_than_the_worker_pool_is_handled_a_pool_at_a_time(
             active -= 1
 
     monkeypatch.setattr(handling, "reconcile", counting_reconcile)
-    backlog = 24
-    for i in range(backlog):
-        env.create(f"mx-{i}", scaling={"minReplicas": 0, "maxReplicas": 1})
-    start(run_operator, env)
-    env.wait(lambda: sum(1 for i in range(backlog)
-                         if env.status(f"mx-{i}").get("observedGeneration") == 1) == backlog,
-             what=f"all {backlog} executors handled", timeout=120)
+    handle_a_backlog(env, run_operator, 24, timeout=120)
     assert 1 <= most <= 4
 
 
