@@ -30,7 +30,7 @@ real redis-server, in the same run:
    the API requests the restart made, and mulambda's peak RSS in it.
 
 The benchmark counts handled executors from one watch of the namespace
-(``Watched``), not by listing them: a LIST of N every half second took the
+(``bench/watched.py``), not by listing them: a LIST of N every half second took the
 API server's CPU from the operator under test, and more of it the longer an
 operator took (at N = 5,000, ten thousand objects serialized per second).
 
@@ -48,6 +48,7 @@ import asyncio
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test support: control plane, identity
 
+from watched import Watched  # noqa: E402
+
 from support.cluster import Cluster  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
 from support.identity import operator_identity  # noqa: E402
@@ -69,7 +72,6 @@ from support.procs import RedisServer  # noqa: E402
 
 ME = ("mulambda.io/v1alpha1", "modelexecutors")
 NOOP = ROOT / "bench" / "noop_operator.py"
-PAGE = 500
 
 
 @dataclass
@@ -110,12 +112,15 @@ def executor(namespace: str, i: int) -> dict[str, Any]:
     }
 
 
-async def create_backlog(cp: ControlPlane, namespace: str, n: int, workers: int = 16) -> float:
-    """Create N executors with bounded concurrency; returns seconds taken."""
-    import ssl
-
+def admin_tls(cp: ControlPlane) -> ssl.SSLContext:
     tls = ssl.create_default_context(cafile=str(cp.pki / "ca.crt"))
     tls.load_cert_chain(str(cp.pki / "admin.crt"), str(cp.pki / "admin.key"))
+    return tls
+
+
+async def create_backlog(cp: ControlPlane, namespace: str, n: int, workers: int = 16) -> float:
+    """Create N executors with bounded concurrency; returns seconds taken."""
+    tls = admin_tls(cp)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -132,113 +137,6 @@ async def create_backlog(cp: ControlPlane, namespace: str, n: int, workers: int 
 
         await asyncio.gather(*(worker() for _ in range(workers)))
     return time.monotonic() - started
-
-
-class Watched:
-    """The namespace's executors as one list-then-watch stream sees them, in a thread.
-
-    The benchmark polls "how many are handled" every half second for minutes; a paged
-    LIST of N objects each time made the API server serialize N objects twice a
-    second, CPU taken from the operator under test (and more from the slower one).
-    A watch costs the server one encoding per change."""
-
-    def __init__(self, cp: ControlPlane, namespace: str) -> None:
-        import ssl
-        import threading
-
-        tls = ssl.create_default_context(cafile=str(cp.pki / "ca.crt"))
-        tls.load_cert_chain(str(cp.pki / "admin.crt"), str(cp.pki / "admin.key"))
-        self._http = httpx.Client(base_url=cp.server, verify=tls,
-                                  timeout=httpx.Timeout(60, read=400))
-        self.namespace = namespace
-        self._path = f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}/modelexecutors"
-        self._objects: dict[str, dict[str, Any]] = {}
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._listed = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-watch")
-        self._thread.start()
-        if not self._listed.wait(120):
-            raise RuntimeError(f"could not list {self._path}")
-
-    def count(self, handled: Any) -> int:
-        with self._lock:
-            return sum(1 for obj in self._objects.values() if handled(obj))
-
-    def get(self, name: str) -> dict[str, Any] | None:
-        with self._lock:
-            return self._objects.get(name)
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._http.close()
-
-    @staticmethod
-    def _trim(obj: dict[str, Any]) -> dict[str, Any]:
-        # Only what the handled/settled predicates read: N whole bodies would be this
-        # process's largest memory.
-        meta = obj.get("metadata") or {}
-        annotations = meta.get("annotations") or {}
-        status = obj.get("status") or {}
-        return {"metadata": {"annotations": {k: "" for k in annotations
-                                             if k.startswith("kopf.zalando.org/")}},
-                "status": {"observedGeneration": status.get("observedGeneration"),
-                           "conditions": status.get("conditions") or []}}
-
-    def _run(self) -> None:
-        version = ""
-        while not self._stopped.is_set():
-            try:
-                if not version:
-                    version = self._list()
-                    self._listed.set()
-                version = self._watch(version)
-            except (httpx.HTTPError, ValueError):
-                if self._stopped.is_set():
-                    return
-                time.sleep(1)
-
-    def _list(self) -> str:
-        objects: dict[str, dict[str, Any]] = {}
-        token, version = "", ""
-        while True:
-            params = {"limit": str(PAGE)}
-            if token:
-                params["continue"] = token
-            resp = self._http.get(self._path, params=params)
-            resp.raise_for_status()
-            page = resp.json()
-            for obj in page.get("items") or []:
-                objects[obj["metadata"]["name"]] = self._trim(obj)
-            version = version or page["metadata"]["resourceVersion"]
-            token = page["metadata"].get("continue") or ""
-            if not token:
-                break
-        with self._lock:
-            self._objects = objects
-        return str(version)
-
-    def _watch(self, version: str) -> str:
-        params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
-                  "timeoutSeconds": "300"}
-        with self._http.stream("GET", self._path, params=params) as resp:
-            resp.raise_for_status()
-            for line in resp.iter_lines():
-                if not line:
-                    continue
-                event = json.loads(line)
-                obj = event["object"]
-                if event["type"] == "ERROR":
-                    return ""  # 410 Gone and the like: list again
-                version = obj["metadata"].get("resourceVersion") or version
-                if event["type"] == "BOOKMARK":
-                    continue
-                with self._lock:
-                    if event["type"] == "DELETED":
-                        self._objects.pop(obj["metadata"]["name"], None)
-                    else:
-                        self._objects[obj["metadata"]["name"]] = self._trim(obj)
-        return version
 
 
 def noop_handled(obj: dict[str, Any]) -> bool:
@@ -460,7 +358,7 @@ def main() -> int:
                             "metadata": {"name": namespace}})
             took = asyncio.run(create_backlog(cp, namespace, n))
             print(f"N={n}: backlog created in {took:.1f}s", flush=True)
-            watched = Watched(cp, namespace)
+            watched = Watched(cp.server, admin_tls(cp), namespace)
             noop = run_operator("noop", n, watched, cluster, env, identity.user, store,
                                 args.idle_seconds, workdir)
             print(f"  no-op: {noop.objects_per_s:.1f} objects/s", flush=True)
