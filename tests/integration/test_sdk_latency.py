@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,15 @@ async def doubles() -> AsyncIterator[list[TFServingDouble]]:
         await d.stop()
 
 
+async def serve(store: MetadataStore, doubles: list[TFServingDouble], name: str, *,
+                on_request: Any = None, **record: Any) -> str:
+    """A TF Serving double named ``name`` (stopped after the test), registered as an
+    executor with :func:`register`'s keywords; returns the executor's id."""
+    double = await TFServingDouble(name, on_request=on_request).start()
+    doubles.append(double)
+    return await register(store, name, double.url, **record)
+
+
 def sleeper(seconds: float):
     async def sleep() -> None:
         await asyncio.sleep(seconds)
@@ -62,11 +72,8 @@ def sleeper(seconds: float):
 
 async def test_a_model_slower_than_declared_is_measured_and_left(store, doubles):
     # "liar" declares 1 ms and takes 300; "honest" declares 20 and takes 10.
-    liar = await TFServingDouble("liar", on_request=sleeper(0.3)).start()
-    honest = await TFServingDouble("honest", on_request=sleeper(0.01)).start()
-    doubles += [liar, honest]
-    await register(store, "liar", liar.url, rtt=1, service=1)
-    await register(store, "honest", honest.url, rtt=1, service=20)
+    await serve(store, doubles, "liar", on_request=sleeper(0.3), rtt=1, service=1)
+    await serve(store, doubles, "honest", on_request=sleeper(0.01), rtt=1, service=20)
 
     async with MulambdaClient(store, CLIENT, type="vision", latency_weight=1,
                               accuracy_weight=0, seed=1) as mu:
@@ -99,13 +106,10 @@ async def test_another_sdks_requests_in_flight_are_seen_at_once(store, doubles):
     async def hold() -> None:
         await release.wait()
 
-    near = await TFServingDouble("near", on_request=hold).start()
-    other = await TFServingDouble("other").start()
-    doubles += [near, other]
     # A request on "near" is expected to take 500 ms (the lease says when it will be
     # served), so it still counts as ahead when b decides, however slow this machine.
-    await register(store, "near", near.url, rtt=1, service=500)
-    await register(store, "other", other.url, rtt=60, service=500)
+    await serve(store, doubles, "near", on_request=hold, rtt=1, service=500)
+    await serve(store, doubles, "other", rtt=60, service=500)
     # load_timeout: the fresh read gives up after 50 ms by default (a request must not
     # wait on the store); a loaded CI machine can take longer, and this test is about
     # what the read sees, not how fast it is.
@@ -126,12 +130,9 @@ async def test_another_sdks_requests_in_flight_are_seen_at_once(store, doubles):
 
 
 async def test_a_cold_start_is_measured_and_published(store, doubles):
-    cold = await TFServingDouble("cold").start()
-    warm = await TFServingDouble("warm").start()
-    doubles += [cold, warm]
-    best = await register(store, "cold", cold.url, rtt=1, service=5, accuracy=0.99,
-                          state="ScaledToZero", min_replicas=0)
-    await register(store, "warm", warm.url, rtt=1, service=5, accuracy=0.5)
+    best = await serve(store, doubles, "cold", rtt=1, service=5, accuracy=0.99,
+                       state="ScaledToZero", min_replicas=0)
+    await serve(store, doubles, "warm", rtt=1, service=5, accuracy=0.5)
     async with MulambdaClient(store, CLIENT, type="vision", latency_weight=0,
                               accuracy_weight=1, cache_ttl=0.1) as mu:
         assert (await mu.predict([[0]])).executor == "ml/warm"  # and "cold" is asked to wake
@@ -165,11 +166,8 @@ async def test_an_unreachable_replica_address_fails_over(store, doubles):
 async def test_the_sdk_fits_on_the_others_measurements_read_at_each_decision(store, doubles):
     # Both declare fast; another SDK process has since measured "a" at 300 ms. The
     # snapshot (an hour's cache here) predates that; the per-decision read does not.
-    a = await TFServingDouble("a").start()
-    b = await TFServingDouble("b").start()
-    doubles += [a, b]
-    await register(store, "a", a.url, rtt=1, service=5)
-    await register(store, "b", b.url, rtt=1, service=20)
+    await serve(store, doubles, "a", rtt=1, service=5)
+    await serve(store, doubles, "b", rtt=1, service=20)
     kwargs = {"type": "vision", "latency_weight": 1, "accuracy_weight": 0, "seed": 1,
               "cache_ttl": 3600}
     async with MulambdaClient(store, CLIENT, **kwargs) as fresh, \
