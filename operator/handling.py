@@ -204,10 +204,14 @@ def left_to_the_fleet(kind: Kind[Any], reason: str, body: Mapping[str, Any]) -> 
     caches (a new process has checked none yet), a bounded number at a time. Resumed
     here as well, each was reconciled twice after a start, and kopf ran all of them
     before it reached an object created meanwhile (107 s at 5,000)."""
-    status = body.get("status") or {}
-    generation = (body.get("metadata") or {}).get("generation")
     return (reason == kopf.Reason.RESUME and kind.timer is None
-            and status.get("observedGeneration") == generation)
+            and concluded(body.get("status") or {}, body))
+
+
+def concluded(status: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """``status`` reports the body's generation: every conclusion of a handler writes
+    ``observedGeneration``."""
+    return status.get("observedGeneration") == (body.get("metadata") or {}).get("generation")
 
 
 def register(registry: kopf.OperatorRegistry, kind: Kind[Any], settings: Settings) -> None:

@@ -150,8 +150,7 @@ class Fleet:
         writes ``observedGeneration``): theirs to reconcile. Refreshed beside them, a
         backlog's executors were reconciled twice (a GET of each missing child, a Secret
         create refused as a conflict, a second status patch)."""
-        generation = body["metadata"].get("generation")
-        return handling.previous_status(self.ctx, body).get("observedGeneration") != generation
+        return not handling.concluded(handling.previous_status(self.ctx, body), body)
 
     def _forget_gone(self, seen: set[str]) -> None:
         for cache in (self._specs, self._clean, self.ctx.heartbeat_keys):
