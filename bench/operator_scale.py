@@ -30,7 +30,7 @@ real redis-server, in the same run:
    the API requests the restart made, and mulambda's peak RSS in it.
 
 The benchmark counts handled executors from one watch of the namespace
-(``bench/watched.py``), not by listing them: a LIST of N every half second took the
+(``tests/support/watched.py``), not by listing them: a LIST of N every half second took the
 API server's CPU from the operator under test, and more of it the longer an
 operator took (at N = 5,000, ten thousand objects serialized per second).
 
@@ -63,12 +63,11 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the test support: control plane, identity
 
-from watched import Watched  # noqa: E402
-
 from support.cluster import Cluster  # noqa: E402
 from support.controlplane import ControlPlane  # noqa: E402
 from support.identity import operator_identity  # noqa: E402
 from support.procs import RedisServer  # noqa: E402
+from support.watched import Watched  # noqa: E402
 
 ME = ("mulambda.io/v1alpha1", "modelexecutors")
 NOOP = ROOT / "bench" / "noop_operator.py"

@@ -1,5 +1,5 @@
 """The executors of one namespace as one list-then-watch stream sees them
-(``bench/operator_scale.py`` counts handled executors with it)."""
+(``bench/operator_scale.py`` counts handled executors with it; no test uses it)."""
 
 from __future__ import annotations
 
