@@ -35,8 +35,15 @@ learned far too small, and routers kept sending to busy replicas of
 exactly the models where that costs most. Then every sum is multiplied by
 ``decay = 1 - 1/memory`` and the observation is added with weight 1 (an
 exponentially weighted window of about ``memory`` observations per writer).
-Beside it, each router keeps a running median of the same relative error
-(a step of ``median_step`` up or down in log space per answer, started at
+A request of the router's own that is late (not back one predicted stay
+plus round trip after it left) says at once that the model is short, and
+by how much at least: selection raises the model it ranks that executor
+with until it predicts at least the request's age less the round trip at
+the count the request was sent with (:func:`floored`; the answer then
+replaces it). Answers alone come last from the replicas where requests
+wait longest. Beside it, each router keeps a running median of the same
+relative error (a step of ``median_step`` up or down in log space per
+answer, started at
 1): ``1.4826`` x it x scale is the *margin* of a predicted stay, one
 standard deviation of the typical error, which :class:`OwnRequests` and the
 leases' ``busy_until`` add before they count a request as on its way back.
@@ -75,13 +82,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from mulambda.store.records import ServiceStats
 
-__all__ = ["FitSettings", "OwnRequests", "ServiceModel", "ServiceTracker", "add_stats", "fit",
-           "observe", "stay_window"]
+__all__ = ["FitSettings", "Late", "OwnRequests", "ServiceModel", "ServiceTracker", "add_stats",
+           "fit", "floored", "observe", "stay_window"]
 
 
 @dataclass(frozen=True)
@@ -277,6 +285,33 @@ class ServiceTracker:
         self._changed.discard(executor)
 
 
+class Late(NamedTuple):
+    """A request of ours not back when due: sent with ``inflight`` requests ahead and
+    ``items`` items, its service time at least ``at_least_ms`` (:func:`floored`)."""
+
+    inflight: float
+    items: float
+    at_least_ms: float
+
+
+def floored(model: ServiceModel, late: Sequence[tuple[float, float, float]]) -> ServiceModel:
+    """``model`` raised until it predicts at least the least time each late request
+    (:class:`Late`) can take: ``per_inflight`` for one sent with requests ahead,
+    ``base`` for one sent with none. Never lowered: a late request is a lower bound,
+    and fitted as a point it pulled ``base`` up and ``per_inflight`` down (late requests
+    of a model with many ahead are late by less than their requests ahead cost)."""
+    base, per = model.base_ms, model.per_inflight_ms
+    for k, n, t in late:
+        if k <= 0:
+            base = max(base, t - model.per_item_ms * n)
+    for k, n, t in late:
+        if k > 0:
+            per = max(per, (t - base - model.per_item_ms * n) / k)
+    if base == model.base_ms and per == model.per_inflight_ms:
+        return model
+    return ServiceModel(base, per, model.per_item_ms)
+
+
 def stay_window(stay_ms: float, network_ms: float, margin_ms: float) -> tuple[float, float]:
     """When a request sent now stops being ahead of new ones, and when it is due back, in ms
     after it was sent: ``(busy_after, back_after)``, what its lease publishes (added to the
@@ -348,11 +383,14 @@ class OwnRequests:
         return len(self._requests)
 
     def add(self, executor: str, pod: str | None, sent_ms: float, stay_ms: float,
-            network_ms: float = 0.0, margin_ms: float = 0.0, per_ahead_ms: float = 0.0) -> int:
+            network_ms: float = 0.0, margin_ms: float = 0.0, per_ahead_ms: float = 0.0,
+            inflight: float | None = None, items: float = 1.0) -> int:
         """Register a request; returns the token :meth:`remove` takes. It counts as ahead
         until ``stay_ms + margin_ms`` has passed (and again when late). ``per_ahead_ms``
         is what each of this router's requests counted ahead of it at its replica added
-        to ``stay_ms``: taken off again when an answer shows one was not (:meth:`answered`)."""
+        to ``stay_ms``: taken off again when an answer shows one was not (:meth:`answered`).
+        ``inflight`` (requests ahead when it was sent) and ``items`` are what :meth:`late`
+        says of it once it is late; None: it is not said to be late."""
         self._next += 1
         margin = margin_ms if math.isfinite(margin_ms) and margin_ms > 0 else 0.0
         stay, net = max(stay_ms, 0.0), max(network_ms, 0.0)
@@ -361,8 +399,10 @@ class OwnRequests:
             ahead = {t for t, r in self._requests.items()
                      if r.executor == executor and r.pod == pod and r.is_ahead(sent_ms)}
         per_ahead = per_ahead_ms if math.isfinite(per_ahead_ms) and per_ahead_ms > 0 else 0.0
+        known = inflight is not None and math.isfinite(inflight) and inflight >= 0
+        k = float(inflight) if known and inflight is not None else -1.0  # -1: not filed
         self._requests[self._next] = _Own(executor, pod, sent_ms, stay + margin, stay + net,
-                                          net, per_ahead, ahead)
+                                          net, per_ahead, ahead, k, items)
         return self._next
 
     def answered(self, token: int, now_ms: float) -> None:
@@ -391,6 +431,19 @@ class OwnRequests:
     def remove(self, token: int) -> None:
         self._requests.pop(token, None)
 
+    def late(self, now_ms: float) -> dict[str, list[tuple[float, float, float]]]:
+        """Our requests not back after their predicted stay and round trip, per executor,
+        each with the least its service time can be (its age less the round trip): what
+        selection raises the executor's model to (:func:`floored`)."""
+        out: dict[str, list[tuple[float, float, float]]] = {}
+        for r in self._requests.values():
+            age = now_ms - r.sent
+            if r.inflight < 0 or age < r.back_by:
+                continue
+            out.setdefault(r.executor, []).append(Late(
+                max(0.0, r.inflight - r.gone), r.items, age - r.network))
+        return out
+
     def ahead(self, now_ms: float) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
         """Requests still ahead at each executor and at each replica (by pod)."""
         per_executor: dict[str, float] = {}
@@ -409,14 +462,16 @@ class _Own:
     """One request of :class:`OwnRequests` (times in ms; ``served_by``/``back_by`` after
     ``sent``)."""
 
-    __slots__ = ("ahead", "back_by", "executor", "gone", "network", "per_ahead", "pod",
-                 "sent", "served_by")
+    __slots__ = ("ahead", "back_by", "executor", "gone", "inflight", "items", "network",
+                 "per_ahead", "pod", "sent", "served_by")
 
     def __init__(self, executor: str, pod: str | None, sent: float, served_by: float,
-                 back_by: float, network: float, per_ahead: float, ahead: set[int]) -> None:
+                 back_by: float, network: float, per_ahead: float, ahead: set[int],
+                 inflight: float, items: float) -> None:
         self.executor, self.pod, self.sent = executor, pod, sent
         self.served_by, self.back_by, self.network = served_by, back_by, network
         self.per_ahead, self.ahead, self.gone = per_ahead, ahead, 0
+        self.inflight, self.items = inflight, items
 
     def is_ahead(self, now_ms: float) -> bool:
         """Still ahead of a request sent now (not on its way back)."""

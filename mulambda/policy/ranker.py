@@ -14,7 +14,8 @@ per call; :class:`Ranker` keeps, per (criteria, policy, items, replicas):
   executor with nothing in flight that is exactly what ``rank`` computes.
 
 Per call only the executors with something in flight (in the snapshot's
-``inflight``, ``inflight_requests``, ``own_inflight`` or ``replica_inflight``)
+``inflight``, ``inflight_requests``, ``own_inflight``, ``replica_inflight`` or
+``own_late``)
 are evaluated again and inserted into the kept order. When the best accuracy
 among the candidates changes (the most accurate one went over its latency
 limit, or came back), every score is recomputed. The answer is the one
@@ -64,6 +65,7 @@ def _loaded(snapshot: Snapshot, among: dict[str, Viable]) -> set[str]:
     ids.update(e for e, r in snapshot.inflight_requests.items() if r and e in among)
     ids.update(e for e, n in snapshot.own_inflight.items() if n and e in among)
     ids.update(e for e, pods in snapshot.replica_inflight.items() if pods and e in among)
+    ids.update(e for e, late in snapshot.own_late.items() if late and e in among)
     return ids
 
 
@@ -140,7 +142,7 @@ class Ranker:
         viable, rejected = prepare(criteria, snapshot, self.policy, items)
         # Without load, a candidate depends on none of the snapshot's load nor the clock.
         idle = replace(snapshot, inflight={}, inflight_requests={}, own_inflight={},
-                       replica_inflight={})
+                       replica_inflight={}, own_late={})
         unloaded = []
         for v in viable:
             found = candidate(v, criteria, idle, 0.0, replicas)

@@ -124,7 +124,7 @@ from mulambda.store.heartbeats import vouched
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, Snapshot
 
 from .criteria import Criteria
-from .latency import ServiceModel, fit
+from .latency import ServiceModel, fit, floored
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
 from .views import explained, mismatch, overlay, prefilter
 
@@ -276,9 +276,15 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
               replicas: bool) -> Candidate | str:
     """Step 3 of :func:`rank`: ``v`` under the snapshot's load, unscored; or why the
     limits reject it. Reads only the snapshot's load (``inflight``,
-    ``inflight_requests``, ``own_inflight``, ``replica_inflight``) of ``v``."""
-    eid, model, net, service = v.eid, v.model, v.net, v.service
-    assert model is not None
+    ``inflight_requests``, ``own_inflight``, ``replica_inflight``, ``own_late``) of
+    ``v``."""
+    eid, fitted, net, service = v.eid, v.model, v.net, v.service
+    assert fitted is not None
+    model = fitted
+    late = snapshot.own_late.get(eid)
+    if late:  # the caller's own requests there not back when due: the model is short
+        model = floored(fitted, late)
+        service += model.base_ms - fitted.base_ms
     ready = max(len(v.live), 1)
     # Everybody else's requests whose timing is known: ahead while still being
     # served when ours would arrive there, or when late (not back when expected).

@@ -63,6 +63,7 @@ def prefilter(criteria: Criteria, snapshot: Snapshot,
         inflight_requests={k: v for k, v in snapshot.inflight_requests.items() if k in keep},
         own_inflight={k: v for k, v in snapshot.own_inflight.items() if k in keep},
         replica_inflight={k: v for k, v in snapshot.replica_inflight.items() if k in keep},
+        own_late={k: v for k, v in snapshot.own_late.items() if k in keep},
     )
 
 
@@ -87,6 +88,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
             inflight: dict[str, int] | None = None,
             inflight_requests: dict[str, list[tuple[str, float, float]]] | None = None,
             others_service: dict[str, ServiceStats] | None = None,
+            own_late: dict[str, list[tuple[float, float, float]]] | None = None,
             ) -> Snapshot:
     """``snapshot`` with a router's own exact knowledge added (a new object).
 
@@ -98,7 +100,8 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
     ``inflight_requests``: a fresher view of everybody else's requests than
     the snapshot's (:meth:`~mulambda.store.metadata.MetadataStore.inflight_load`);
     ``others_service``: a fresher view of everybody else's measured statistics
-    than the snapshot's (``service`` is added to it).
+    than the snapshot's (``service`` is added to it); ``own_late``: its own requests
+    not back when due (:meth:`~mulambda.policy.latency.OwnRequests.late`).
     """
     stats = snapshot.service if others_service is None else others_service
     if service:
@@ -114,4 +117,5 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
         snapshot.inflight_requests if inflight_requests is None else inflight_requests,
         snapshot.own_inflight if own_inflight is None else own_inflight,
         snapshot.replica_inflight if replica_inflight is None else replica_inflight,
+        snapshot.own_late if own_late is None else own_late,
     )

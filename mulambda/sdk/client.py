@@ -291,9 +291,10 @@ class MulambdaClient:
         assert self.criteria is not None and self._view is not None
         # The snapshot leaves out our leases and statistics; ours are exact here.
         others = await self._load.read() if self._load is not None else None
-        own, own_pods = self._own.ahead(time.monotonic() * 1000)
+        now_ms = time.monotonic() * 1000
+        own, own_pods = self._own.ahead(now_ms)
         snap = overlay(self._view, own_inflight=own, replica_inflight=own_pods,
-                       service=self._tracker.stats,
+                       service=self._tracker.stats, own_late=self._own.late(now_ms),
                        inflight=others.counts if others is not None else None,
                        inflight_requests=others.timed if others is not None else None,
                        others_service=others.service if others is not None else None)

@@ -113,7 +113,7 @@ class InflightCounter:
             pod or "", sent + busy_after / 1000, sent + back_after / 1000))
         per_ahead = candidate.model.per_inflight_ms if candidate.model is not None else 0.0
         token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
-                             per_ahead)
+                             per_ahead, candidate.inflight, items)
         try:
             yield CountedRequest(self, candidate, items, self.perf(), token)
         finally:

@@ -215,7 +215,8 @@ def _same_shared(a: Snapshot, b: Snapshot) -> bool:
     """Whether every part but the client's is the very same object in ``a`` and ``b``."""
     return (a.executors is b.executors and a.replicas is b.replicas and a.service is b.service
             and a.inflight is b.inflight and a.inflight_requests is b.inflight_requests
-            and a.own_inflight is b.own_inflight and a.replica_inflight is b.replica_inflight)
+            and a.own_inflight is b.own_inflight and a.replica_inflight is b.replica_inflight
+            and a.own_late is b.own_late)
 
 
 class DemandQueue:

@@ -284,7 +284,7 @@ class Selector:
         others = await self.load.read()
         own, own_pods = self.own.ahead(now * 1000)
         return overlay(snap, own_inflight=own, replica_inflight=own_pods,
-                       service=self.tracker.stats,
+                       service=self.tracker.stats, own_late=self.own.late(now * 1000),
                        inflight=others[0] if others is not None else None,
                        inflight_requests=others[1] if others is not None else None)
 

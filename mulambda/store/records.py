@@ -200,6 +200,9 @@ class Snapshot:
     # the executor (a router knows when it sent each one), and the same per replica.
     own_inflight: dict[str, float] = field(default_factory=dict)
     replica_inflight: dict[str, dict[str, float]] = field(default_factory=dict)
+    # executor id -> the reader's own requests not back when due: (requests ahead when
+    # sent, items, the least its service time can be in ms) (policy/latency.py Late)
+    own_late: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
 
 
 def invalid_reason(record: Any) -> str | None:

@@ -156,3 +156,14 @@ def test_a_request_is_measured_at_the_requests_ahead_it_met(first_back_ms, k_mea
     stats = tracker.stats["ml/e"]
     assert stats.count == 2
     assert stats.k == pytest.approx(k_measured)  # the first was measured at k = 0
+
+
+def test_a_counted_request_not_back_when_due_says_what_it_was_sent_with():
+    own = OwnRequests()
+    mono = Clock(0.0)
+    counter = InflightCounter(ServiceTracker(), own, FakeLeases(), monotonic=mono)
+    with counter.count(candidate("e-0"), items=3):  # 1 ahead, stay 12 + 8, RTT 30
+        assert own.late(49.0) == {}
+        # 120 ms out, due at 50: served for at least 90 of them
+        assert own.late(120.0) == {"ml/e": [(1.0, 3.0, 90.0)]}
+    assert own.late(120.0) == {}

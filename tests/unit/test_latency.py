@@ -9,11 +9,13 @@ import pytest
 
 from mulambda.policy.latency import (
     FitSettings,
+    Late,
     OwnRequests,
     ServiceModel,
     ServiceTracker,
     add_stats,
     fit,
+    floored,
     observe,
 )
 from mulambda.store.records import ServiceStats
@@ -260,3 +262,64 @@ def test_an_answer_shows_whether_a_request_counted_ahead_was(first_pod, first_ba
     own.answered(first, first_back_at)  # after removal: harmless
     assert own.gone_ahead(second) == gone
     assert own.gone_ahead(12345) == 0
+
+
+@pytest.mark.parametrize(("inflight", "age", "late"), [
+    # sent with 2 ahead and 3 items, a stay of 20 ms over a 30 ms round trip: due at 50
+    pytest.param(2.0, 49.0, None, id="not-due-yet"),
+    pytest.param(2.0, 50.0, Late(2.0, 3.0, 20.0), id="due-and-not-back"),
+    # 130 ms out: served for at least 100 of them
+    pytest.param(2.0, 130.0, Late(2.0, 3.0, 100.0), id="long-late"),
+    # a /select answer counted without a count of what was ahead: nothing to go by
+    pytest.param(None, 130.0, None, id="count-unknown"),
+])
+def test_a_late_request_says_the_least_its_time_can_be(inflight, age, late):
+    own = OwnRequests()
+    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30, margin_ms=5,
+            inflight=inflight, items=3)
+    assert own.late(1000 + age) == ({"e": [late]} if late is not None else {})
+
+
+def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone():
+    own = OwnRequests()
+    first = own.add("e", "pod-a", sent_ms=0, stay_ms=15, network_ms=30, inflight=0)
+    # counted the first ahead: 15 ms of its own and 70 for the one ahead
+    own.add("e", "pod-a", sent_ms=10, stay_ms=85, network_ms=30, per_ahead_ms=70, inflight=1)
+    own.answered(first, 39)  # served at 24, before the second arrived at 25
+    own.remove(first)
+    assert own.late(10 + 44) == {}  # due at 15 + 30 once the 70 ms are taken off
+    assert own.late(10 + 45) == {"e": [Late(0.0, 1.0, 15.0)]}
+
+
+@pytest.mark.parametrize(("late", "want"), [
+    pytest.param([], ServiceModel(10.0, 5.0, 1.0), id="none: unchanged"),
+    # sent with 2 ahead and 4 items, at least 100 ms: 10 + 2 s + 4 >= 100 -> s = 43
+    pytest.param([(2.0, 4.0, 100.0)], ServiceModel(10.0, 43.0, 1.0), id="raises-per-inflight"),
+    # within what the model predicts already (10 + 5 + 1 = 16)
+    pytest.param([(1.0, 1.0, 12.0)], ServiceModel(10.0, 5.0, 1.0), id="never-lowered"),
+    # sent with none ahead: base (10 -> 39), and per-inflight against the new base
+    pytest.param([(0.0, 1.0, 40.0), (1.0, 1.0, 50.0)], ServiceModel(39.0, 10.0, 1.0),
+                 id="base-then-per-inflight"),
+    # the tightest of several
+    pytest.param([(1.0, 0.0, 30.0), (3.0, 0.0, 130.0)], ServiceModel(10.0, 40.0, 1.0),
+                 id="the-largest-need"),
+])
+def test_late_requests_raise_the_model_to_what_they_show(late, want):
+    assert floored(ServiceModel(10.0, 5.0, 1.0), late) == pytest.approx(want)
+
+
+def test_a_fit_that_learned_a_request_ahead_as_free_is_raised_by_its_late_requests():
+    tracker = ServiceTracker()
+    # Early answers: alone, 10 ms; "one ahead" but the one ahead was in fact done: 12 ms.
+    for _ in range(20):
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=15, network_ms=5,
+                        predicted_ms=10)
+    for _ in range(3):
+        tracker.observe("e", inflight=1, items=1, elapsed_ms=17, network_ms=5,
+                        predicted_ms=20)
+    model = fit(tracker.stats["e"], PRIOR)
+    assert model.predict(1) < 15  # a request ahead looks nearly free
+    own = OwnRequests()
+    for _ in range(3):  # three sent with one ahead, none back 100 ms later
+        own.add("e", None, sent_ms=0, stay_ms=model.predict(1), network_ms=5, inflight=1)
+    assert floored(model, own.late(100.0)["e"]).predict(1) >= 95

@@ -52,11 +52,11 @@ def _world(rng: random.Random, n: int) -> Snapshot:
 def _load(rng: random.Random, snap: Snapshot, share: float) -> Snapshot:
     """``snap`` with requests in flight at a random ``share`` of its executors (every kind
     of load rank reads), the other parts the very same objects."""
-    inflight, timed, own, per_pod = {}, {}, {}, {}
+    inflight, timed, own, per_pod, late = {}, {}, {}, {}, {}
     for eid, pods in snap.replicas.items():
         if rng.random() >= share:
             continue
-        kind = rng.randrange(4)
+        kind = rng.randrange(5)
         if kind == 0:
             inflight[eid] = rng.randint(1, 30)
         elif kind == 1:
@@ -65,10 +65,13 @@ def _load(rng: random.Random, snap: Snapshot, share: float) -> Snapshot:
                           for _ in range(rng.randint(1, 5))]
         elif kind == 2:
             own[eid] = rng.uniform(0.5, 8)
-        elif pods:
+        elif kind == 3 and pods:
             per_pod[eid] = {r.pod: rng.uniform(0.5, 8) for r in pods}
+        elif kind == 4:  # own requests not back when due: (ahead when sent, items, >= ms)
+            late[eid] = [(float(rng.randint(0, 4)), 1.0, rng.uniform(5, 900))
+                         for _ in range(rng.randint(1, 3))]
     return replace(snap, inflight=inflight, inflight_requests=timed, own_inflight=own,
-                   replica_inflight=per_pod)
+                   replica_inflight=per_pod, own_late=late)
 
 
 CRITERIA = [

@@ -448,6 +448,19 @@ def test_own_requests_count_while_they_are_ahead_and_others_for_their_share():
     assert c.inflight == pytest.approx(1 + 2 * stay / (stay + 30))
 
 
+def test_own_requests_not_back_when_due_raise_what_their_executor_is_expected_to_cost():
+    snap = snapshot(executor("a", service=10), executor("b", service=20),
+                    rtt={"a": 5, "b": 5})
+    snap.own_inflight = {"ml/a": 1.0}
+    assert ids(rank(Criteria(type="vision"), snap))[0] == "ml/a"  # 5 + 10 + 10 * 1 < 25
+    # The one we sent there with nobody ahead has taken 60 ms at least: base 60.
+    snap.own_late = {"ml/a": [(0.0, 1.0, 60.0)]}
+    by = {c.executor_id: c for c in rank(Criteria(type="vision"), snap)}
+    assert ids(rank(Criteria(type="vision"), snap))[0] == "ml/b"
+    assert by["ml/a"].service_ms == pytest.approx(60)
+    assert by["ml/a"].model == ServiceModel(60.0, 10.0, 0.0)
+
+
 def test_a_router_that_picks_replicas_gets_the_best_replica_and_its_address():
     e = executor("a", service=10)
     snap = snapshot(e, replicas={"a": 2})

@@ -300,7 +300,7 @@ class _Mulambda(_Router):
             stats[e] = merged
         own, own_pods = inst.own.ahead(now)
         snap = Snapshot(self.recs, self.replicas, self.latency[who], {}, now / 1000, None,
-                        stats, others, own, own_pods)
+                        stats, others, own, own_pods, inst.own.late(now))
         ranking = rank(self.criteria[who], snap, policy=self.policy, items=items,
                        rng=inst.rng, replicas=True)
         c = ranking[0]
@@ -310,7 +310,7 @@ class _Mulambda(_Router):
         # Counted as mulambda.sdk.counting counts a request (the SDK's and the gateway's).
         margin = inst.tracker.stay_margin_ms(eid, stay)
         per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
-        token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead)
+        token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead, c.inflight, items)
         busy_after, back_after = stay_window(stay, net, margin)
         self.published[inst.index][token] = (eid, pod, (sent + busy_after) / 1000,
                                              (sent + back_after) / 1000)
