@@ -15,6 +15,8 @@ in one process and one run:
   background refresh): what an application sees per request;
 * ``select()`` with ``cache_ttl=0``: a refresh (what changed since the
   last call) and a ranking on every call;
+* ``select()`` by an SDK that has measured answers of its own (three
+  executors'), merged into every decision's statistics;
 * ``store.snapshot()``: the whole read a refresh used to be;
 * an SDK's refresh now (``SnapshotReader.snapshot()``, store/reader.py)
   when nothing changed, and when 1% of the heartbeats were rewritten since
@@ -127,6 +129,18 @@ async def measure(args: argparse.Namespace, executors: int) -> dict[str, dict[st
                 uncached += await _measure(sdk.select, args.seconds_per_client / 4)
         results["SDK select (cache_ttl=1s)"] = cached
         results["SDK select (cache_ttl=0)"] = uncached
+        # An SDK process that has had answers: its own measurements are merged into every
+        # decision's statistics (what the two rows above, with none, do not see).
+        answered: list[float] = []
+        for c in picked:
+            kind = f"type{clients.index(c) % args.types}"
+            async with MulambdaClient(store, c, type=kind) as sdk:
+                for cand in (await sdk.ranking())[:3]:
+                    sdk._tracker.observe(cand.executor_id, inflight=0, items=1,
+                                         elapsed_ms=20.0, network_ms=5.0, predicted_ms=15.0)
+                await sdk.select()
+                answered += await _measure(sdk.select, args.seconds_per_client / 2)
+        results["SDK select, own answers"] = answered
 
         async def snapshot_only() -> None:
             await store.snapshot(picked[next(it) % len(picked)])

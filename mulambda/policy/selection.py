@@ -178,6 +178,9 @@ def _or_fallback(value: float | None, median: float | None, default: float,
     return default, (f"no {what}: default",)
 
 
+_UNSET_PRIOR = ServiceModel(0.0, 0.0)  # set by prepare
+
+
 @dataclass(slots=True)
 class Viable:
     """An executor that meets the hard criteria and limits and can serve, with what its
@@ -195,6 +198,9 @@ class Viable:
     stats: ServiceStats | None = None
     cold: float = 0.0  # cold start added while cold
     accuracy: float = 0.0  # assumed accuracy (after fallback)
+    prior: ServiceModel = _UNSET_PRIOR  # the declared time's (or its fallback's)
+    fixed_notes: tuple[str, ...] = ()  # the notes that do not depend on measurements
+    accuracy_notes: tuple[str, ...] = ()
 
 
 def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POLICY,
@@ -252,24 +258,32 @@ def prepare(criteria: Criteria, snapshot: Snapshot, policy: Policy = DEFAULT_POL
                                     "RTT sample")
         b0, svc_note = _or_fallback(rec.service_time_ms, svc_fallback,
                                     policy.default_service_time_ms, "service time")
-        notes += svc_note
-        v.stats = snapshot.service.get(v.eid)
-        v.model = fit(v.stats, ServiceModel(b0, b0 / policy.replica_concurrency, 0.0),
-                      policy.fit)
-        v.service = v.model.base_ms + v.model.per_item_ms * items
-        if not v.warm:
-            cold_ms = v.stats.cold_ms if v.stats is not None else None
-            if cold_ms is None:
-                cold_ms = policy.default_cold_start_ms
-                notes += ("cold start not measured: default",)
-            v.cold = cold_ms
+        v.prior = ServiceModel(b0, b0 / policy.replica_concurrency, 0.0)
+        v.fixed_notes = notes + svc_note
         acc = rec.accuracy
         if acc is None:
             acc = acc_fallback if acc_fallback is not None else 1.0
-            notes += ("accuracy unknown: lowest known" if acc_fallback is not None
-                      else "accuracy unknown",)
-        v.accuracy, v.notes = acc, notes
+            v.accuracy_notes = ("accuracy unknown: lowest known" if acc_fallback is not None
+                                else "accuracy unknown",)
+        v.accuracy = acc
+        measured(v, snapshot.service.get(v.eid), policy, items)
     return viable, rejected
+
+
+def measured(v: Viable, stats: ServiceStats | None, policy: Policy, items: float) -> None:
+    """The part of :func:`prepare` that depends on ``v``'s measured statistics: its service
+    model, its service time at this size and its cold start (in place)."""
+    v.stats = stats
+    v.model = fit(stats, v.prior, policy.fit)
+    v.service = v.model.base_ms + v.model.per_item_ms * items
+    cold_note: tuple[str, ...] = ()
+    if not v.warm:
+        cold_ms = stats.cold_ms if stats is not None else None
+        if cold_ms is None:
+            cold_ms = policy.default_cold_start_ms
+            cold_note = ("cold start not measured: default",)
+        v.cold = cold_ms
+    v.notes = v.fixed_notes + cold_note + v.accuracy_notes
 
 
 def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,

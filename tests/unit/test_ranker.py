@@ -74,6 +74,22 @@ def _load(rng: random.Random, snap: Snapshot, share: float) -> Snapshot:
                    replica_inflight=per_pod, own_late=late)
 
 
+def _remeasured(rng: random.Random, snap: Snapshot) -> dict[str, ServiceStats]:
+    """``snap``'s statistics in a new dict, as a router's merge makes one for every decision:
+    most the very same objects, a few new (an answer came) or gone (expired)."""
+    service = dict(snap.service)
+    for eid in rng.sample(sorted(snap.executors), 4):
+        if rng.random() < 0.2:
+            service.pop(eid, None)
+        else:
+            w = rng.uniform(1, 50)
+            service[eid] = ServiceStats(w=w, k=w * rng.uniform(0, 3), i=w,
+                                        t=w * rng.uniform(5, 300), kk=w * rng.uniform(0, 9),
+                                        ii=w, ki=w, kt=w * rng.uniform(0, 900), count=int(w),
+                                        cold_ms=rng.choice((None, rng.uniform(500, 5000))))
+    return service
+
+
 CRITERIA = [
     Criteria(type="vision"),
     Criteria(type="vision", latency_weight=0.0, accuracy_weight=1.0),
@@ -101,6 +117,8 @@ def test_answers_what_rank_answers_as_load_changes(criteria: Criteria, replicas:
     for call in range(40):
         if call % 10 == 9:  # the store changed: new dicts
             snap = _world(rng, 60)
+        elif call % 3 == 2:  # only measurements changed: a new dict, some new statistics
+            snap = replace(snap, service=_remeasured(rng, snap))
         loaded = _load(rng, snap, share=rng.choice((0.0, 0.05, 0.3, 1.0)))
         now = NOW + rng.uniform(-0.3, 0.6)
         items = rng.choice((1, 1, 4))
