@@ -9,7 +9,12 @@ requests in flight. :func:`~mulambda.policy.selection.rank` redoes all of it
 per call; :class:`Ranker` keeps, per (criteria, policy, items, replicas):
 
 * what :func:`~mulambda.policy.selection.prepare` derived from those parts,
-  while the parts are the same objects;
+  while the parts are the same objects; when only the statistics are
+  another dict (a router merges its own measurements into a new one for
+  every decision), what depends on them is derived again for the executors
+  whose statistics are another object, and those are then evaluated on
+  every call like a loaded one (all is built again once they are a
+  quarter of the viable ones);
 * every viable executor's candidate *without load*, scored, in order: for an
   executor with nothing in flight that is exactly what ``rank`` computes.
 
@@ -141,8 +146,10 @@ class Ranker:
                     and latency is snapshot.latency):
                 if service is not snapshot.service:
                     self._remeasure(kept, snapshot, items)
-                self._kept.move_to_end(key)
-                return kept
+                # Once a quarter of them is evaluated on every call, build it all again.
+                if len(kept.remeasured) * 4 <= len(kept.viable):
+                    self._kept.move_to_end(key)
+                    return kept
         prefs = Preferences.of(criteria, self.policy)
         viable, rejected = prepare(criteria, snapshot, self.policy, items)
         # Without load, a candidate depends on none of the snapshot's load nor the clock.
