@@ -129,6 +129,31 @@ async def test_another_sdks_requests_in_flight_are_seen_at_once(store, doubles):
         await call
 
 
+async def test_a_request_not_back_when_due_turns_the_next_ones_away_before_its_answer(
+        store, doubles):
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        arrived.set()
+        await release.wait()
+
+    # "stalls" declares 5 ms and holds what it gets; "steady" declares 40.
+    await serve(store, doubles, "stalls", on_request=hold, rtt=1, service=5)
+    await serve(store, doubles, "steady", rtt=1, service=40)
+    async with MulambdaClient(store, CLIENT, type="vision", latency_weight=1,
+                              accuracy_weight=0, seed=1) as mu:
+        call = asyncio.create_task(mu.predict([[0]]))
+        await asyncio.wait_for(arrived.wait(), 10)
+        await asyncio.sleep(0.2)  # it was due back after about 6 ms
+        # Counted as one request ahead at 5 ms each, "stalls" would still look like
+        # 1 + 5 + 5 = 11 ms against 41: the request it has held for 200 ms says more.
+        stalls = next(c for c in await mu.ranking() if c.executor_id == "ml/stalls")
+        assert stalls.service_ms >= 190
+        assert (await mu.select()).executor_id == "ml/steady"
+        release.set()
+        assert (await call).executor == "ml/stalls"
+
+
 async def test_a_cold_start_is_measured_and_published(store, doubles):
     best = await serve(store, doubles, "cold", rtt=1, service=5, accuracy=0.99,
                        state="ScaledToZero", min_replicas=0)

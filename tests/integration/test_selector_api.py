@@ -292,6 +292,32 @@ async def test_predict_counts_its_requests_in_flight_and_routes_around_them(
     assert (await first).headers["x-mulambda-executor"] == "ml/near"
 
 
+async def test_predict_turns_away_from_a_request_of_its_own_not_back_when_due(
+    api, store, client, doubles
+):
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        arrived.set()
+        await release.wait()
+
+    stalls = await TFServingDouble("stalls", on_request=hold).start()
+    steady = await TFServingDouble("steady").start()
+    doubles += [stalls, steady]
+    await serve(store, "stalls", stalls, rtt=1, service=5)
+    await serve(store, "steady", steady, rtt=1, service=40)
+
+    first = asyncio.create_task(api.post("/v1/predict/shop/app", json={"instances": [[1]]}))
+    await asyncio.wait_for(arrived.wait(), 10)
+    await asyncio.sleep(0.2)  # due back after about 6 ms
+    # One request ahead at 5 ms would leave "stalls" at 11 ms against 41; the one it has
+    # held for 200 ms raises what the gateway expects of it.
+    second = await api.post("/v1/predict/shop/app", json={"instances": [[2]]})
+    assert second.headers["x-mulambda-executor"] == "ml/steady"
+    release.set()
+    assert (await first).headers["x-mulambda-executor"] == "ml/stalls"
+
+
 async def test_predict_feeds_measured_times_to_the_latency_model(api, store, client, doubles):
     async def take_50_ms() -> None:
         await asyncio.sleep(0.05)
