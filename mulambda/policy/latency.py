@@ -296,16 +296,18 @@ class Late(NamedTuple):
 
 def floored(model: ServiceModel, late: Sequence[tuple[float, float, float]]) -> ServiceModel:
     """``model`` raised until it predicts at least the least time each late request
-    (:class:`Late`) can take: ``per_inflight`` for one sent with requests ahead,
-    ``base`` for one sent with none. Never lowered: a late request is a lower bound,
-    and fitted as a point it pulled ``base`` up and ``per_inflight`` down (late requests
-    of a model with many ahead are late by less than their requests ahead cost)."""
+    (:class:`Late`) can take: ``per_inflight`` for one sent with at least one request
+    ahead, ``base`` for one sent with less (a share of one, from other routers' counts:
+    divided by it, a late request would make every request ahead cost without bound).
+    Never lowered: a late request is a lower bound, and fitted as a point it pulled
+    ``base`` up and ``per_inflight`` down (late requests of a model with many ahead are
+    late by less than their requests ahead cost)."""
     base, per = model.base_ms, model.per_inflight_ms
     for k, n, t in late:
-        if k <= 0:
-            base = max(base, t - model.per_item_ms * n)
+        if k < 1:
+            base = max(base, t - per * k - model.per_item_ms * n)
     for k, n, t in late:
-        if k > 0:
+        if k >= 1:
             per = max(per, (t - base - model.per_item_ms * n) / k)
     if base == model.base_ms and per == model.per_inflight_ms:
         return model

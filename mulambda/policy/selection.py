@@ -294,11 +294,14 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     ``v``."""
     eid, fitted, net, service = v.eid, v.model, v.net, v.service
     assert fitted is not None
-    model = fitted
+    model, notes = fitted, v.notes
     late = snapshot.own_late.get(eid)
     if late:  # the caller's own requests there not back when due: the model is short
         model = floored(fitted, late)
-        service += model.base_ms - fitted.base_ms
+        if model is not fitted:
+            service += model.base_ms - fitted.base_ms
+            notes += (f"service time raised: {len(late)} request(s) of this router "
+                      "not back when due",)
     ready = max(len(v.live), 1)
     # Everybody else's requests whose timing is known: ahead while still being
     # served when ours would arrive there, or when late (not back when expected).
@@ -344,7 +347,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     return Candidate(
         eid, 0.0, expected, v.rec.accuracy, v.warm, v.rec, net, service, load, v.cold, 0.0,
         v.accuracy, k, False, replica, model, v.stats.count if v.stats is not None else 0,
-        v.notes,
+        notes,
     )
 
 

@@ -300,6 +300,8 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
     # sent with none ahead: base (10 -> 39), and per-inflight against the new base
     pytest.param([(0.0, 1.0, 40.0), (1.0, 1.0, 50.0)], ServiceModel(39.0, 10.0, 1.0),
                  id="base-then-per-inflight"),
+    # sent with a share of a request ahead (other routers' counts): base, not 40 / 0.25
+    pytest.param([(0.25, 1.0, 60.0)], ServiceModel(57.75, 5.0, 1.0), id="a-share-ahead"),
     # the tightest of several
     pytest.param([(1.0, 0.0, 30.0), (3.0, 0.0, 130.0)], ServiceModel(10.0, 40.0, 1.0),
                  id="the-largest-need"),

@@ -459,6 +459,8 @@ def test_own_requests_not_back_when_due_raise_what_their_executor_is_expected_to
     assert ids(rank(Criteria(type="vision"), snap))[0] == "ml/b"
     assert by["ml/a"].service_ms == pytest.approx(60)
     assert by["ml/a"].model == ServiceModel(60.0, 10.0, 0.0)
+    assert "service time raised: 1 request(s) of this router not back when due" in \
+        by["ml/a"].reason
 
 
 def test_a_router_that_picks_replicas_gets_the_best_replica_and_its_address():
