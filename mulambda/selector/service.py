@@ -105,7 +105,10 @@ class Selector:
         # Executors asked to wake: their cold starts, measured when they come up.
         self.cold = ColdStarts(self.tracker, timeout=cold_start_timeout,
                                published=self.leases.kick, name=self.instance)
-        self.load = InflightReader(store, self.instance)
+        # Everybody else's measured service times come with each fresh read, as the SDK's
+        # do: fitted on the snapshot's (up to cache_ttl old) the stays were predicted
+        # too long and requests counted ahead after they were served (docs/design.md).
+        self.load = InflightReader(store, self.instance, service=True)
         # Own requests (forwarded ones, and /select answers while they last): when sent,
         # how long they should stay at the executor.
         self.own = OwnRequests()
@@ -277,7 +280,8 @@ class Selector:
 
     async def loaded(self, snap: Snapshot) -> Snapshot:
         """``snap`` with this process's own requests in flight and measurements added, and
-        everybody else's requests in flight read fresh: what a decision ranks."""
+        everybody else's requests in flight and measurements read fresh: what a decision
+        ranks."""
         now = time.monotonic()
         while self._virtual and self._virtual[0][0] <= now:
             self.own.remove(heapq.heappop(self._virtual)[1])
@@ -285,8 +289,9 @@ class Selector:
         own, own_pods = self.own.ahead(now * 1000)
         return overlay(snap, own_inflight=own, replica_inflight=own_pods,
                        service=self.tracker.stats, own_late=self.own.late(now * 1000),
-                       inflight=others[0] if others is not None else None,
-                       inflight_requests=others[1] if others is not None else None)
+                       inflight=others.counts if others is not None else None,
+                       inflight_requests=others.timed if others is not None else None,
+                       others_service=others.service if others is not None else None)
 
     def count_selection(self, candidate: Candidate) -> None:
         """A /select answer: one request of ours on its way, for its expected latency."""

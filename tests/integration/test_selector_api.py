@@ -318,6 +318,36 @@ async def test_predict_turns_away_from_a_request_of_its_own_not_back_when_due(
     assert (await first).headers["x-mulambda-executor"] == "ml/stalls"
 
 
+async def test_predict_fits_on_the_others_measurements_read_at_each_decision(
+    store, client, doubles
+):
+    # Both declare fast; another router has since measured "a" at 300 ms. The selector's
+    # snapshot (an hour's cache here) predates that; its per-decision read does not.
+    a = await TFServingDouble("a").start()
+    b = await TFServingDouble("b").start()
+    doubles += [a, b]
+    await serve(store, "a", a, rtt=1, service=5)
+    await serve(store, "b", b, rtt=1, service=20)
+    runner = web.AppRunner(create_app(store, cache_ttl=3600), **selector_server_options())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+            first = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
+            assert first.headers["x-mulambda-executor"] == "ml/a"
+            other = ServiceTracker()
+            for _ in range(5):
+                other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
+                              predicted_ms=5)
+            await store.publish_inflight("other-sdk", {}, service=other.take_changed())
+            second = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
+            assert second.headers["x-mulambda-executor"] == "ml/b"
+    finally:
+        await runner.cleanup()
+
+
 async def test_predict_feeds_measured_times_to_the_latency_model(api, store, client, doubles):
     async def take_50_ms() -> None:
         await asyncio.sleep(0.05)

@@ -195,7 +195,7 @@ class _Instance:
     snap_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
     load_at: float = -math.inf
     others_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
-    # The others' measurements as of the last fresh read (the SDK's read carries them).
+    # The others' measurements as of the last fresh read (which carries them).
     fresh_stats: dict[str, ServiceStats] | None = None
 
 
@@ -287,10 +287,9 @@ class _Mulambda(_Router):
         else:
             if now - inst.load_at >= sc.load_ttl:
                 inst.others_requests, inst.load_at = self._others(inst), now
-                if not self.gateway:
-                    # The SDK's fresh read carries the others' measurements too
-                    # (InflightReader(service=True)); the selector's does not.
-                    inst.fresh_stats = self._others_stats(inst)
+                # The fresh read carries the others' measurements too (the SDK's and
+                # the selector's InflightReader(service=True)).
+                inst.fresh_stats = self._others_stats(inst)
                 delay = sc.store_rtt  # the decision waits for the read
             others = inst.others_requests
         stats = dict(inst.others_stats if inst.fresh_stats is None else inst.fresh_stats)
