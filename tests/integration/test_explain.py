@@ -20,10 +20,9 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 import yaml
-from aiohttp import web
 
 from mulambda.authz import ApiServer, Authorizer, install
-from mulambda.selector.app import create_app, selector_server_options
+from mulambda.selector.app import create_app
 from mulambda.store.acl import FAMILIES, Role, acl_file, acl_line
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import (
@@ -39,6 +38,7 @@ from support.cluster import Cluster
 from support.controlplane import ControlPlane
 from support.operator_fixtures import release_namespace
 from support.procs import RedisServer
+from support.selector_http import selector_http
 
 pytestmark = pytest.mark.integration
 
@@ -168,14 +168,8 @@ async def api(server: RedisServer, fleet: None,
               viewer: MetadataStore) -> AsyncIterator[httpx.AsyncClient]:
     """The real selector application over the fleet (as the read-only user: explain
     must not need to write)."""
-    runner = web.AppRunner(create_app(viewer, cache_ttl=0), **selector_server_options())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with selector_http(create_app(viewer, cache_ttl=0)) as http:
         yield http
-    await runner.cleanup()
 
 
 async def test_the_selector_route_gives_the_same_explanation(
@@ -210,18 +204,12 @@ async def test_bad_requests_get_a_json_error(api: httpx.AsyncClient, path: str,
 
 async def test_the_route_answers_503_when_the_store_is_gone(fleet: None) -> None:
     gone = MetadataStore.from_url("redis://127.0.0.1:1/0", prefix=P, timeout=0.5)
-    runner = web.AppRunner(create_app(gone, cache_ttl=0), **selector_server_options())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with selector_http(create_app(gone, cache_ttl=0)) as http:
             resp = await http.get(f"/v1/explain/{CLIENT}")
         assert resp.status_code == 503
         assert resp.json() == {"error": "metadata store unavailable"}
     finally:
-        await runner.cleanup()
         await gone.close()
 
 
@@ -266,21 +254,13 @@ async def test_explain_is_authorized_like_select(
     install(app, Authorizer(ApiServer(server=controlplane.server,
                                       ca_file=str(controlplane.pki / "ca.crt"),
                                       token=tokens["selector"])))
-    runner = web.AppRunner(app, **selector_server_options())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     bearer = {"Authorization": f"Bearer {tokens['caller']}"}
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            mine = await http.get(f"/v1/explain/{ns}/shop", headers=bearer)
-            assert mine.status_code == 200, mine.text
-            assert mine.json()["winner"] == "ml/fast"
-            theirs = await http.get(f"/v1/explain/{CLIENT}", headers=bearer)
-            assert theirs.status_code == 403
-            assert "may not select" in theirs.json()["error"]
-            anonymous = await http.get(f"/v1/explain/{ns}/shop")
-            assert anonymous.status_code == 401
-    finally:
-        await runner.cleanup()
+    async with selector_http(app) as http:
+        mine = await http.get(f"/v1/explain/{ns}/shop", headers=bearer)
+        assert mine.status_code == 200, mine.text
+        assert mine.json()["winner"] == "ml/fast"
+        theirs = await http.get(f"/v1/explain/{CLIENT}", headers=bearer)
+        assert theirs.status_code == 403
+        assert "may not select" in theirs.json()["error"]
+        anonymous = await http.get(f"/v1/explain/{ns}/shop")
+        assert anonymous.status_code == 401

@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from mulambda.policy.latency import ServiceTracker
-from mulambda.selector.app import create_app, selector_server_options
+from mulambda.selector.app import create_app
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
 
+from support.selector_http import selector_http
 from support.tfserving_double import TFServingDouble
 
 pytestmark = pytest.mark.integration
@@ -37,14 +37,8 @@ async def register(store: MetadataStore, name: str, *, type: str = "vision",
 
 @pytest.fixture
 async def api(store: MetadataStore) -> AsyncIterator[httpx.AsyncClient]:
-    runner = web.AppRunner(create_app(store, cache_ttl=0), **selector_server_options())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+    async with selector_http(create_app(store, cache_ttl=0)) as http:
         yield http
-    await runner.cleanup()
 
 
 async def test_select_answers_endpoint_and_model(api, store):
@@ -328,24 +322,16 @@ async def test_predict_fits_on_the_others_measurements_read_at_each_decision(
     doubles += [a, b]
     await serve(store, "a", a, rtt=1, service=5)
     await serve(store, "b", b, rtt=1, service=20)
-    runner = web.AppRunner(create_app(store, cache_ttl=3600), **selector_server_options())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
-            first = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
-            assert first.headers["x-mulambda-executor"] == "ml/a"
-            other = ServiceTracker()
-            for _ in range(5):
-                other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
-                              predicted_ms=5)
-            await store.publish_inflight("other-sdk", {}, service=other.take_changed())
-            second = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
-            assert second.headers["x-mulambda-executor"] == "ml/b"
-    finally:
-        await runner.cleanup()
+    async with selector_http(create_app(store, cache_ttl=3600)) as http:
+        first = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
+        assert first.headers["x-mulambda-executor"] == "ml/a"
+        other = ServiceTracker()
+        for _ in range(5):
+            other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
+                          predicted_ms=5)
+        await store.publish_inflight("other-sdk", {}, service=other.take_changed())
+        second = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
+        assert second.headers["x-mulambda-executor"] == "ml/b"
 
 
 async def test_predict_feeds_measured_times_to_the_latency_model(api, store, client, doubles):
