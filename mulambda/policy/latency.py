@@ -401,8 +401,9 @@ class OwnRequests:
             ahead = {t for t, r in self._requests.items()
                      if r.executor == executor and r.pod == pod and r.is_ahead(sent_ms)}
         per_ahead = per_ahead_ms if math.isfinite(per_ahead_ms) and per_ahead_ms > 0 else 0.0
-        known = inflight is not None and math.isfinite(inflight) and inflight >= 0
-        k = float(inflight) if known and inflight is not None else -1.0  # -1: not filed
+        k = -1.0  # not said to be late
+        if inflight is not None and math.isfinite(inflight) and inflight >= 0:
+            k = float(inflight)
         self._requests[self._next] = _Own(executor, pod, sent_ms, stay + margin, stay + net,
                                           net, per_ahead, ahead, k, items)
         return self._next

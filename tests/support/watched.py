@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-PAGE = 500
+from mulambda.operator.k8s.informer import PAGE, Expired, Key, decide
 
 
 class Watched:
@@ -27,7 +27,7 @@ class Watched:
                                   timeout=httpx.Timeout(60, read=400))
         self.namespace = namespace
         self._path = f"/apis/mulambda.io/v1alpha1/namespaces/{namespace}/modelexecutors"
-        self._objects: dict[str, dict[str, Any]] = {}
+        self._objects: dict[Key, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._listed = threading.Event()
@@ -42,7 +42,7 @@ class Watched:
 
     def get(self, name: str) -> dict[str, Any] | None:
         with self._lock:
-            return self._objects.get(name)
+            return self._objects.get((self.namespace, name))
 
     def close(self) -> None:
         self._stopped.set()
@@ -74,7 +74,7 @@ class Watched:
                 time.sleep(1)
 
     def _list(self) -> str:
-        objects: dict[str, dict[str, Any]] = {}
+        objects: dict[Key, dict[str, Any]] = {}
         token, version = "", ""
         while True:
             params = {"limit": str(PAGE)}
@@ -84,7 +84,8 @@ class Watched:
             resp.raise_for_status()
             page = resp.json()
             for obj in page.get("items") or []:
-                objects[obj["metadata"]["name"]] = self._trim(obj)
+                meta = obj["metadata"]
+                objects[(meta.get("namespace", ""), meta["name"])] = self._trim(obj)
             version = version or page["metadata"]["resourceVersion"]
             token = page["metadata"].get("continue") or ""
             if not token:
@@ -94,6 +95,8 @@ class Watched:
         return str(version)
 
     def _watch(self, version: str) -> str:
+        """Watch from ``version``; the last version seen, or "" to list again. Each event is
+        decided as the operator's informers decide it (operator/k8s/informer.py)."""
         params = {"watch": "1", "resourceVersion": version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": "300"}
         with self._http.stream("GET", self._path, params=params) as resp:
@@ -101,16 +104,20 @@ class Watched:
             for line in resp.iter_lines():
                 if not line:
                     continue
-                event = json.loads(line)
-                obj = event["object"]
-                if event["type"] == "ERROR":
+                try:
+                    seen, change = decide(json.loads(line), self._trim, _every_namespace)
+                except (Expired, RuntimeError):
                     return ""  # 410 Gone and the like: list again
-                version = obj["metadata"].get("resourceVersion") or version
-                if event["type"] == "BOOKMARK":
+                version = seen or version
+                if change is None:
                     continue
                 with self._lock:
-                    if event["type"] == "DELETED":
-                        self._objects.pop(obj["metadata"]["name"], None)
+                    if change.obj is None:
+                        self._objects.pop(change.key, None)
                     else:
-                        self._objects[obj["metadata"]["name"]] = self._trim(obj)
+                        self._objects[change.key] = change.obj
         return version
+
+
+def _every_namespace(namespace: str) -> bool:
+    return True
