@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ READ_TIMEOUT = WATCH_SECONDS + 30
 LIST_TIMEOUT = (5.0, 60.0)  # (connect, read) seconds, per page
 RETRY_SECONDS = (0.5, 30.0)  # first and longest wait after a failed list or watch
 JOIN_SECONDS = 5.0  # how long stop() waits for each stream's thread to end
+
+
+def compact(value: Any) -> Any:
+    """A copy of decoded JSON whose strings are interned, for what a cache keeps.
+
+    Each watch event is decoded on its own, so without this every cached object
+    holds its own copy of every key ("ownerReferences", label names, condition
+    fields) and of every value it shares with others (its namespace, its labels,
+    the name an executor and its two children have in common). At 1,000
+    executors the operator's caches held 16.5 MB of decoded JSON; most of it
+    was such copies."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, dict):
+        return {compact(k): compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    return value
 
 
 class Expired(Exception):
@@ -87,7 +106,7 @@ def is_pattern(namespace: str) -> bool:
 
 @dataclass(frozen=True)
 class Change:
-    """One watch event, decided: ``obj`` (trimmed) to keep under ``key``, or None to forget."""
+    """One watch event, decided: ``obj`` (trimmed, compacted) to keep under ``key``, or None to forget."""
 
     key: Key
     obj: dict[str, Any] | None
@@ -110,7 +129,7 @@ def decide(event: Mapping[str, Any], trim: Trim,
     if kind == "BOOKMARK" or not admit(meta.get("namespace", "")):
         return version, None
     key = (meta.get("namespace", ""), meta.get("name", ""))
-    return version, Change(key, None if kind == "DELETED" else trim(obj))
+    return version, Change(key, None if kind == "DELETED" else compact(trim(obj)))
 
 
 class Stream:
@@ -165,7 +184,7 @@ class Stream:
             for obj in page.get("items") or []:
                 meta = obj["metadata"]
                 if admit(meta.get("namespace", "")):
-                    items[(meta["namespace"], meta["name"])] = [self.trim(obj)]
+                    items[(meta["namespace"], meta["name"])] = [compact(self.trim(obj))]
             token = (page.get("metadata") or {}).get("continue")
             if not token:
                 break

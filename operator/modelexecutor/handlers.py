@@ -13,6 +13,7 @@ from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.settings import Settings
 
 from .. import handling
+from ..k8s.informer import compact
 from .children import trim_meta
 from .reconcile import forget, reconcile, rollout_tick
 from .status import failure
@@ -61,8 +62,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     async def executor_cache(**kwargs: Any) -> None:
         body = kwargs["body"]
         remember(kwargs["memo"].executors, (kwargs.get("event") or {}).get("type"),
-                 (kwargs["namespace"], kwargs["name"]), {
+                 (kwargs["namespace"], kwargs["name"]), compact({
                      "apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
                      "metadata": trim_meta(kwargs["meta"], "deletionTimestamp"),
                      "spec": dict(kwargs["spec"]), "status": dict(kwargs["status"]),
-                 })
+                 }))

@@ -5,12 +5,20 @@ control plane in tests/integration/test_informer.py."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
 import pytest
 
-from mulambda.operator.k8s.informer import Change, Expired, decide, is_pattern, watched
+from mulambda.operator.k8s.informer import (
+    Change,
+    Expired,
+    compact,
+    decide,
+    is_pattern,
+    watched,
+)
 from mulambda.operator.k8s.objects import TEMPLATE_HASH
 from mulambda.operator.modelexecutor import children as children_module
 from mulambda.operator.modelexecutor.children import Children, trim_deployment, trim_service
@@ -41,6 +49,41 @@ def test_a_watch_event_becomes_a_version_and_a_change(
     event: dict[str, Any], admit: bool, version: str, change: Change | None
 ) -> None:
     assert decide(event, keep, lambda ns: admit) == (version, change)
+
+
+def test_what_the_caches_keep_shares_one_copy_of_each_string_across_events() -> None:
+    # Two events decoded on their own, as the watch delivers them: equal strings are
+    # distinct objects until compacted.
+    body = {"metadata": {"namespace": "ml", "labels": {"app.kubernetes.io/name": "mx"},
+                         "ownerReferences": [{"kind": "ModelExecutor", "controller": True}]},
+            "spec": {"replicas": 2, "accuracy": 0.9, "paused": None}}
+    first, second = (json.loads(json.dumps({"type": "ADDED", "object": body}))
+                     for _ in range(2))
+    assert first["object"]["metadata"]["namespace"] is not \
+        second["object"]["metadata"]["namespace"]
+    (_, a), (_, b) = (decide(e, lambda o: o, lambda ns: True) for e in (first, second))
+    assert a is not None and b is not None
+    assert a.obj == b.obj == body  # the same data
+    meta_a, meta_b = a.obj["metadata"], b.obj["metadata"]
+    assert meta_a["namespace"] is meta_b["namespace"]
+    assert meta_a["labels"]["app.kubernetes.io/name"] is meta_b["labels"]["app.kubernetes.io/name"]
+    key_a = next(iter(meta_a["labels"]))
+    key_b = next(iter(meta_b["labels"]))
+    assert key_a is key_b
+    assert meta_a["ownerReferences"][0]["kind"] is meta_b["ownerReferences"][0]["kind"]
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param({"a": [1, 2.5, None, True, {"b": "c"}]}, id="nested"),
+    pytest.param([], id="empty-list"),
+    pytest.param("text", id="string"),
+    pytest.param(7, id="number"),
+])
+def test_compact_is_an_equal_copy_and_leaves_its_input_alone(value: Any) -> None:
+    before = json.loads(json.dumps(value))
+    assert compact(value) == value == before
+    if isinstance(value, (dict, list)):
+        assert compact(value) is not value
 
 
 @pytest.mark.parametrize(("event", "error"), [
