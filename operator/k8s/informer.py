@@ -65,9 +65,9 @@ def compact(value: Any) -> Any:
     Each watch event is decoded on its own, so without this every cached object
     holds its own copy of every key ("ownerReferences", label names, condition
     fields) and of every value it shares with others (its namespace, its labels,
-    the name an executor and its two children have in common). At 1,000
-    executors the operator's caches held 16.5 MB of decoded JSON; most of it
-    was such copies."""
+    the name an executor and its two children have in common). At 1,000 idle
+    executors (tracemalloc, after settling) what the caches kept of decoded JSON
+    went from 16.5 MB to 10.8 MB, the table of interned strings included."""
     if isinstance(value, str):
         return sys.intern(value)
     if isinstance(value, dict):
@@ -106,7 +106,8 @@ def is_pattern(namespace: str) -> bool:
 
 @dataclass(frozen=True)
 class Change:
-    """One watch event, decided: ``obj`` (trimmed, compacted) to keep under ``key``, or None to forget."""
+    """One watch event, decided: ``obj`` (trimmed, :func:`compact`) to keep under ``key``,
+    or None to forget."""
 
     key: Key
     obj: dict[str, Any] | None
