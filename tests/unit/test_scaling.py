@@ -343,6 +343,27 @@ def test_delay_queue_stays_short_and_the_status_is_json():
     json.dumps(status)
 
 
+@pytest.mark.parametrize(("before", "after", "shared"), [
+    pytest.param(Sample(1.0, 0.0, 0.0, 0.0, 0.02), Sample(3.0, 0.0, 0.0, 0.0, 0.02),
+                 {"concurrency", "rate", "queued", "service_s"}, id="idle-shares-all"),
+    pytest.param(Sample(1.0, 2.0, 5.0, 0.0, 0.02), Sample(3.0, 3.0, 5.0, 0.0, None),
+                 {"rate", "queued"}, id="changed-values-own"),
+    pytest.param(Sample(1.0, 2.0, 5.0, 1.0, 0.02), Sample(3.0, 3.0, 4.0, 2.0, 0.03),
+                 set(), id="nothing-equal"),
+])
+def test_a_sample_holds_the_previous_ones_values_where_they_are_equal(
+    before: Sample, after: Sample, shared: set[str]
+) -> None:
+    # Values computed as the autoscaler computes them: equal floats, distinct objects.
+    fresh = Sample(after.at, *(None if v is None else float(str(v)) for v in
+                               (after.concurrency, after.rate, after.queued, after.service_s)))
+    window = record_sample(DemandWindow((before,)), fresh, horizon_seconds=60)
+    newest = window.samples[-1]
+    assert newest == after  # the same sample
+    fields = ("concurrency", "rate", "queued", "service_s")
+    assert {f for f in fields if getattr(newest, f) is getattr(before, f)} == shared
+
+
 def test_record_sample_keeps_a_bounded_sorted_window():
     w = DemandWindow()
     for t in range(100):
