@@ -86,6 +86,17 @@ def test_compact_is_an_equal_copy_and_leaves_its_input_alone(value: Any) -> None
         assert compact(value) is not value
 
 
+def test_a_free_form_field_nested_deeper_than_compact_goes_is_kept_as_decoded() -> None:
+    # A tenant's spec may nest an unschema'd field hundreds of levels deep (the decoder
+    # allows it); the executor cache must still keep that executor.
+    depth = 900
+    deep = json.loads('{"a":' * depth + '"leaf"' + "}" * depth)
+    body = {"metadata": {"namespace": "ml"}, "spec": {"extra": deep}}
+    kept = compact(body)
+    assert kept == body
+    assert kept["metadata"]["namespace"] is compact({"n": "ml"})["n"]
+
+
 @pytest.mark.parametrize(("event", "error"), [
     pytest.param({"type": "ERROR", "object": {"code": 410, "message": "too old"}}, Expired,
                  id="gone-lists-again"),
