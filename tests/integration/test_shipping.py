@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,11 +110,31 @@ def restricted_ns(plane: ControlPlane, admin: Cluster) -> Iterator[str]:
 
 
 def no_crds(plane: ControlPlane, admin: Cluster) -> None:
-    """A cluster without mulambda's CRDs, so an install has to create them."""
-    plane.kubectl("delete", "crd", *CRD_NAMES, "--ignore-not-found", "--timeout=60s")
-    for name in CRD_NAMES:
-        assert admin.get("apiextensions.k8s.io/v1", "customresourcedefinitions", None, name) \
-            is None
+    """A cluster without mulambda's CRDs, so an install has to create them.
+
+    A CRD deleted while the API server (re)initialises its storage can stay
+    Terminating for the CRD informer's resync, 5 minutes (seen in CI): the CRD
+    finalizer's LIST of instances fails with "storage is (re)initializing", its
+    retry works from a stale copy, loses a conflict and gives up expecting an
+    update event, and the status update it lost to changes only the Terminating
+    condition, which the finalizer ignores (apiextensions-apiserver v0.36
+    crd_finalizer.go, sync and updateCustomResourceDefinition). Any other change
+    to the CRD queues it again, so a CRD still there after a few seconds gets an
+    annotation. docs/install.md "Uninstall" tells users the same.
+    """
+    plane.kubectl("delete", "crd", *CRD_NAMES, "--ignore-not-found", "--wait=false")
+    started = time.monotonic()
+
+    def gone() -> bool:
+        left = [name for name in CRD_NAMES if admin.get(
+            "apiextensions.k8s.io/v1", "customresourcedefinitions", None, name) is not None]
+        if left and time.monotonic() - started > 5:
+            for name in left:
+                plane.kubectl("annotate", "--overwrite", "crd", name,
+                              f"mulambda.io/requeue={time.monotonic_ns()}", check=False)
+        return not left
+
+    admin.wait_for(gone, timeout=60, interval=2, what=f"{' and '.join(CRD_NAMES)} deleted")
 
 
 def established(admin: Cluster, name: str) -> dict[str, Any] | None:
