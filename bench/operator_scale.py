@@ -28,6 +28,13 @@ real redis-server, in the same run:
    handled, with one new executor created at the same time; seconds until
    it handled that one (what a user waits for after an operator restart),
    the API requests the restart made, and mulambda's peak RSS in it.
+6. **Children baseline**, last, on a backlog of its own (a second namespace,
+   so the runs above are unchanged): ``bench/noop_operator.py --children``,
+   a kopf operator that makes exactly the API requests an executor needs
+   (its key Secret, Deployment and Service, one Event, its status, kopf's
+   finalizer) and nothing else; objects/s until all N have
+   ``status.observedGeneration``. mulambda against it is mulambda's own cost;
+   it against the no-op is what the API work costs.
 
 The benchmark counts handled executors from one watch of the namespace
 (``tests/support/watched.py``), not by listing them: a LIST of N every half second took the
@@ -198,9 +205,14 @@ def store_commands(r: redis.Redis) -> int:
     return int(r.info("stats")["total_commands_processed"])
 
 
-def start_operator(kind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def start_operator(kind: str, env: dict[str, str], log: Path,
+                   namespace: str) -> subprocess.Popen[bytes]:
     if kind == "noop":
         cmd = [sys.executable, str(NOOP)]
+    elif kind == "children":
+        # Its namespace only: cluster-wide it would also finalize and recreate the
+        # children of the executors the runs before it left, in a namespace being deleted.
+        cmd = [sys.executable, str(NOOP), "--children", f"--namespace={namespace}"]
     else:
         cmd = [sys.executable, "-m", "mulambda", "operator", "--metrics-port", "0",
                "--liveness", "http://127.0.0.1:0/healthz"]
@@ -223,7 +235,7 @@ def run_operator(kind: str, n: int, watched: Watched, cluster: Cluster, env: dic
     run = Run(kind, n)
     handled = noop_handled if kind == "noop" else mulambda_handled
     mark = cluster.audit_mark()
-    proc = start_operator(kind, env, workdir / f"{kind}-{n}.log")
+    proc = start_operator(kind, env, workdir / f"{kind}-{n}.log", watched.namespace)
     started = time.monotonic()
     try:
         while watched.count(handled) < n:
@@ -233,7 +245,13 @@ def run_operator(kind: str, n: int, watched: Watched, cluster: Cluster, env: dic
             time.sleep(0.5)
         run.seconds = time.monotonic() - started
         run.creation_requests = tally(cluster.audit(user, since=mark))
-        if kind != "noop":
+        if kind == "children":  # throughput only: it has no steady state of its own
+            # Its namespace deleted while it runs: it takes its finalizers off, so the
+            # next size's operators do not finalize its executors during their runs.
+            cluster.cp.kubectl("delete", "namespace", watched.namespace, "--timeout=1200s",
+                               timeout=1260)
+            return run
+        if kind == "mulambda":
             # Steady state: the Deployment controller has seen every Deployment (a loaded
             # control plane lags), and the operator has written no status for 10 s: no
             # status has anything left to report.
@@ -274,7 +292,8 @@ def restart(run: Run, watched: Watched, cluster: Cluster, env: dict[str, str], u
     probe = executor(namespace, run.n + (1 if run.name == "noop" else 2))
     name = probe["metadata"]["name"]
     mark = cluster.audit_mark()
-    proc = start_operator(run.name, env, workdir / f"{run.name}-{run.n}-restart.log")
+    proc = start_operator(run.name, env, workdir / f"{run.name}-{run.n}-restart.log",
+                          namespace)
     try:
         wait_for_probe(run, proc, watched, cluster, probe, handled)
     except BaseException:
@@ -334,7 +353,7 @@ def main() -> int:
     cp = ControlPlane(nodes=1)
     store_server = RedisServer()
     store_server.start()
-    results: list[tuple[Run, Run]] = []
+    results: list[tuple[Run, Run, Run]] = []
     try:
         cp.start()
         cp.kubectl("apply", "--server-side", "-k", str(ROOT / "crds"))
@@ -366,25 +385,34 @@ def main() -> int:
                                 args.idle_seconds, workdir)
             watched.close()
             print(f"  mulambda: {ours.objects_per_s:.1f} objects/s", flush=True)
-            results.append((noop, ours))
-            print(report([(noop, ours)]), flush=True)  # kept if a later size fails
             cp.kubectl("delete", "namespace", namespace, "--wait=false")
+            apart = f"{namespace}-children"
+            cluster.create({"apiVersion": "v1", "kind": "Namespace",
+                            "metadata": {"name": apart}})
+            asyncio.run(create_backlog(cp, apart, n))
+            watched = Watched(cp.server, admin_tls(cp), apart)
+            children = run_operator("children", n, watched, cluster, env, identity.user,
+                                    store, args.idle_seconds, workdir)
+            watched.close()
+            print(f"  children baseline: {children.objects_per_s:.1f} objects/s", flush=True)
+            results.append((noop, ours, children))
+            print(report(results[-1:]), flush=True)  # kept if a later size fails
     finally:
         cp.stop()
         store_server.stop()
     print()
     print(report(results))
     if args.json:
-        print(json.dumps([[vars(a), vars(b)] for a, b in results], indent=2))
+        print(json.dumps([[vars(r) for r in runs] for runs in results], indent=2))
     return 0
 
 
-def report(results: list[tuple[Run, Run]]) -> str:
+def report(results: list[tuple[Run, Run, Run]]) -> str:
     lines = ["| N | no-op objects/s | mulambda objects/s | ratio (goal >= 0.5) | peak RSS MiB "
              "(goal < 200 at 5,000) | idle API req/s per 1,000 (goal <= 5) | idle store "
              "cmds/s per 1,000 (goal <= 20) | idle cores per 1,000 (goal <= 0.1) |",
              "|---|---|---|---|---|---|---|---|"]
-    for noop, ours in results:
+    for noop, ours, _ in results:
         per_k = 1000 / ours.n
         lines.append(
             f"| {ours.n} | {noop.objects_per_s:.1f} | {ours.objects_per_s:.1f} | "
@@ -396,7 +424,7 @@ def report(results: list[tuple[Run, Run]]) -> str:
     lines.append("| N | API requests per object: no-op / mulambda | API requests/s while handling: "
                  "no-op / mulambda |")
     lines.append("|---|---|---|")
-    for noop, ours in results:
+    for noop, ours, _ in results:
         # Both against the same API server: equal request rates mean the server, not the
         # operator, sets the pace, and the objects/s ratio is the inverse of the requests
         # each object needs.
@@ -404,20 +432,31 @@ def report(results: list[tuple[Run, Run]]) -> str:
         rate = [sum(r.creation_requests.values()) / r.seconds for r in (noop, ours)]
         lines.append(f"| {ours.n} | {per[0]:.1f} / {per[1]:.1f} | {rate[0]:.0f} / {rate[1]:.0f} |")
     lines.append("")
+    lines.append("| N | children baseline objects/s | mulambda / children baseline | its "
+                 "ratio to the no-op | API requests per object: children baseline / mulambda |")
+    lines.append("|---|---|---|---|---|")
+    for noop, ours, children in results:
+        per = [sum(r.creation_requests.values()) / r.n for r in (children, ours)]
+        lines.append(f"| {ours.n} | {children.objects_per_s:.1f} | "
+                     f"{ours.objects_per_s / children.objects_per_s:.2f} | "
+                     f"{children.objects_per_s / noop.objects_per_s:.2f} | "
+                     f"{per[0]:.1f} / {per[1]:.1f} |")
+    lines.append("")
     lines.append("| N | restart: s until a new executor is handled, no-op / mulambda | ratio | "
                  "restart API requests per 1,000 existing: no-op / mulambda | restart peak RSS "
                  "MiB, mulambda |")
     lines.append("|---|---|---|---|---|")
-    for noop, ours in results:
+    for noop, ours, _ in results:
         per_k = 1000 / ours.n
         requests = [sum(r.restart_requests.values()) * per_k for r in (noop, ours)]
         lines.append(f"| {ours.n} | {noop.restart_seconds:.1f} / {ours.restart_seconds:.1f} | "
                      f"{noop.restart_seconds / max(ours.restart_seconds, 1e-9):.2f} | "
                      f"{requests[0]:.1f} / {requests[1]:.1f} | {ours.restart_rss_mib:.0f} |")
     lines.append("")
-    for noop, ours in results:
+    for noop, ours, children in results:
         lines.append(f"requests while handling N={ours.n}: mulambda {ours.creation_requests}")
         lines.append(f"                              no-op {noop.creation_requests}")
+        lines.append(f"                  children baseline {children.creation_requests}")
         lines.append(f"requests while idle N={ours.n} (after {ours.settle_seconds:.0f} s "
                      f"settling): mulambda {ours.idle_requests}")
         lines.append(f"store commands while idle N={ours.n}: {ours.idle_store_commands}")
