@@ -1,6 +1,5 @@
 """The baselines of bench/operator_scale.py: kopf operators for ModelExecutors,
-standalone, cluster-wide or in one ``--namespace``, logging at WARNING, on the same
-control plane.
+standalone and cluster-wide, logging at WARNING, on the same control plane.
 
 * ``python bench/noop_operator.py``: one empty create handler. What kopf itself
   costs per object.
@@ -82,9 +81,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--children", action="store_true",
                         help="create each executor's children, an Event and its status")
-    parser.add_argument("--namespace", help="watch only this namespace (default: all)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(kopf.operator(registry=registry_of(args.children), standalone=True,
-                              clusterwide=args.namespace is None,
-                              namespaces=[args.namespace] if args.namespace else []))
+                              clusterwide=True))

@@ -205,14 +205,11 @@ def store_commands(r: redis.Redis) -> int:
     return int(r.info("stats")["total_commands_processed"])
 
 
-def start_operator(kind: str, env: dict[str, str], log: Path,
-                   namespace: str) -> subprocess.Popen[bytes]:
+def start_operator(kind: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     if kind == "noop":
         cmd = [sys.executable, str(NOOP)]
     elif kind == "children":
-        # Its namespace only: cluster-wide it would also finalize and recreate the
-        # children of the executors the runs before it left, in a namespace being deleted.
-        cmd = [sys.executable, str(NOOP), "--children", f"--namespace={namespace}"]
+        cmd = [sys.executable, str(NOOP), "--children"]
     else:
         cmd = [sys.executable, "-m", "mulambda", "operator", "--metrics-port", "0",
                "--liveness", "http://127.0.0.1:0/healthz"]
@@ -235,7 +232,7 @@ def run_operator(kind: str, n: int, watched: Watched, cluster: Cluster, env: dic
     run = Run(kind, n)
     handled = noop_handled if kind == "noop" else mulambda_handled
     mark = cluster.audit_mark()
-    proc = start_operator(kind, env, workdir / f"{kind}-{n}.log", watched.namespace)
+    proc = start_operator(kind, env, workdir / f"{kind}-{n}.log")
     started = time.monotonic()
     try:
         while watched.count(handled) < n:
@@ -292,8 +289,7 @@ def restart(run: Run, watched: Watched, cluster: Cluster, env: dict[str, str], u
     probe = executor(namespace, run.n + (1 if run.name == "noop" else 2))
     name = probe["metadata"]["name"]
     mark = cluster.audit_mark()
-    proc = start_operator(run.name, env, workdir / f"{run.name}-{run.n}-restart.log",
-                          namespace)
+    proc = start_operator(run.name, env, workdir / f"{run.name}-{run.n}-restart.log")
     try:
         wait_for_probe(run, proc, watched, cluster, probe, handled)
     except BaseException:
