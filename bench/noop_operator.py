@@ -38,26 +38,32 @@ GROUP, VERSION, PLURAL = "mulambda.io", "v1alpha1", "modelexecutors"
 
 def registry_of(children: bool) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
-    kube: list[KubeApi] = []  # made at start-up, once the kubeconfig is loaded
-    settings = Settings()
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return kopf.login_via_client(**kwargs)
 
+    if not children:
+        @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
+        def created(**_: Any) -> None:
+            """Nothing: the baseline is kopf's own work per object."""
+
+        return registry
+
+    @kopf.on.startup(registry=registry)
+    async def startup(memo: kopf.Memo, **_: Any) -> None:
+        await asyncio.to_thread(kubernetes.config.load_kube_config)
+        memo.kube = KubeApi()
+        memo.settings = Settings()
+
     @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    async def created(body: kopf.Body, **_: Any) -> None:
-        """Nothing in the no-op; the children, one Event and the status otherwise."""
-        if not children:
-            return
+    async def create_children(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+        """The executor's children, one Event and its status."""
+        api: KubeApi = memo.kube
         name, namespace = body["metadata"]["name"], body["metadata"]["namespace"]
-        if not kube:
-            await asyncio.to_thread(kubernetes.config.load_kube_config)
-            kube.append(KubeApi())
-        api = kube[0]
         spec = ModelExecutorSpec.model_validate(dict(body["spec"]))
         secret = build_heartbeat_secret(name, namespace, os.urandom(32))
-        deployment = build_deployment(name, namespace, spec, settings,
+        deployment = build_deployment(name, namespace, spec, memo.settings,
                                       heartbeat_secret=secret["metadata"]["name"])
         for child in (secret, deployment, build_service(name, namespace, spec)):
             kopf.adopt(child, owner=body)
@@ -69,10 +75,9 @@ def registry_of(children: bool) -> kopf.OperatorRegistry:
         await api.patch_status(GROUP, VERSION, PLURAL, name, namespace,
                                {"observedGeneration": body["metadata"]["generation"]})
 
-    if children:
-        @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
-        def deleted(**_: Any) -> None:
-            """Nothing: registered for kopf's finalizer, which mulambda has too."""
+    @kopf.on.delete(GROUP, VERSION, PLURAL, registry=registry)
+    def deleted(**_: Any) -> None:
+        """Nothing: registered for kopf's finalizer, which mulambda has too."""
 
     return registry
 
