@@ -88,8 +88,8 @@ from typing import NamedTuple
 
 from mulambda.store.records import ServiceStats
 
-__all__ = ["FitSettings", "Late", "OwnRequests", "ServiceModel", "ServiceTracker", "add_stats",
-           "fit", "floored", "observe", "stay_window"]
+__all__ = ["FitSettings", "Late", "LeaseTiming", "OwnRequests", "ServiceModel", "ServiceTracker",
+           "add_stats", "fit", "floored", "observe", "stay_window"]
 
 
 @dataclass(frozen=True)
@@ -285,6 +285,16 @@ class ServiceTracker:
         self._changed.discard(executor)
 
 
+class LeaseTiming(NamedTuple):
+    """:meth:`OwnRequests.lease`: ms after the request was sent and what it was sent with."""
+
+    busy_after: float
+    back_after: float
+    inflight: float  # < 0: not said
+    items: float
+    stay_ms: float
+
+
 class Late(NamedTuple):
     """A request of ours not back when due: sent with ``inflight`` requests ahead and
     ``items`` items, its service time at least ``at_least_ms`` (:func:`floored`)."""
@@ -408,22 +418,38 @@ class OwnRequests:
                                           net, per_ahead, ahead, k, items)
         return self._next
 
-    def answered(self, token: int, now_ms: float) -> None:
+    def answered(self, token: int, now_ms: float) -> list[int]:
         """The answer of ``token`` is back at ``now_ms``: it was served half its round trip
         earlier. A request of ours that counted it ahead but reached the replica after
         that did not have it ahead: it stops counting its cost (its stay is shortened by
-        ``per_ahead_ms``) and :meth:`gone_ahead` says so for its measurement."""
+        ``per_ahead_ms``) and :meth:`gone_ahead` says so for its measurement. Returns the
+        tokens so shortened: their leases say it too (:meth:`lease`)."""
         done = self._requests.get(token)
         if done is None:
-            return
+            return []
         served_at = now_ms - done.network / 2
-        for r in self._requests.values():
+        shortened = []
+        for t, r in self._requests.items():
             if token in r.ahead:
                 r.ahead.discard(token)
                 if served_at <= r.sent + r.network / 2:
                     r.gone += 1
                     r.served_by = max(0.0, r.served_by - r.per_ahead)
                     r.back_by = max(0.0, r.back_by - r.per_ahead)
+                    shortened.append(t)
+        return shortened
+
+    def lease(self, token: int) -> LeaseTiming | None:
+        """What other routers must know of ``token`` to count it as this router does: its
+        window (:func:`stay_window`, after the sending time) with the requests it really
+        had ahead as far as answers tell, its items and its expected stay."""
+        r = self._requests.get(token)
+        if r is None:
+            return None
+        stay = max(0.0, r.back_by - r.network)
+        busy_after, back_after = stay_window(stay, r.network, max(0.0, r.served_by - stay))
+        return LeaseTiming(busy_after, back_after, max(0.0, r.inflight - r.gone)
+                           if r.inflight >= 0 else -1.0, r.items, stay)
 
     def gone_ahead(self, token: int) -> int:
         """How many of the requests counted ahead of ``token`` when it was sent had in fact

@@ -124,7 +124,7 @@ from mulambda.store.heartbeats import vouched
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, Snapshot
 
 from .criteria import Criteria
-from .latency import ServiceModel, fit, floored
+from .latency import Late, ServiceModel, fit, floored
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
 from .views import explained, mismatch, overlay, prefilter
 
@@ -295,24 +295,28 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     eid, fitted, net, service = v.eid, v.model, v.net, v.service
     assert fitted is not None
     model, notes = fitted, v.notes
-    late = snapshot.own_late.get(eid)
-    if late:  # the caller's own requests there not back when due: the model is short
-        model = floored(fitted, late)
-        if model is not fitted:
-            service += model.base_ms - fitted.base_ms
-            notes += (f"service time raised: {len(late)} request(s) of this router "
-                      "not back when due",)
-    ready = max(len(v.live), 1)
     # Everybody else's requests whose timing is known: ahead while still being
     # served when ours would arrive there, or when late (not back when expected).
     timed = snapshot.inflight_requests.get(eid)
     timed_total = 0.0
     timed_pods: dict[str, float] = {}
-    for pod, busy_until, back_by in timed or ():
-        if now + v.rtt.get(pod, net) / 2000 < busy_until or now >= back_by:
+    late = list(snapshot.own_late.get(eid) or ())
+    own_late = len(late)
+    for t in timed or ():
+        late_now = now >= t.back_by
+        if late_now or now + v.rtt.get(t.pod, net) / 2000 < t.busy_until:
             timed_total += 1
-            if pod:
-                timed_pods[pod] = timed_pods.get(pod, 0.0) + 1
+            if t.pod:
+                timed_pods[t.pod] = timed_pods.get(t.pod, 0.0) + 1
+        if late_now and t.inflight >= 0:
+            late.append(Late(t.inflight, t.items, (now - t.back_by) * 1000 + t.stay_ms))
+    if late:  # requests there not back when due, the caller's or another's: the model is short
+        model = floored(fitted, late)
+        if model is not fitted:
+            service += model.base_ms - fitted.base_ms
+            notes += (f"service time raised: {own_late} request(s) of this router and "
+                      f"{len(late) - own_late} of others not back when due",)
+    ready = max(len(v.live), 1)
     timed_spread = (timed_total - sum(timed_pods.values())) / ready  # sent to the Service
     # Everybody else's requests only counted (some are on the wire): the share
     # still ahead when this one arrives is about stay / (stay + RTT).

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from mulambda.store.records import ExecutorRecord, ServiceStats, Snapshot
+from mulambda.store.records import ExecutorRecord, ServiceStats, Snapshot, TimedRequest
 
 from .criteria import Criteria
 from .latency import add_stats
@@ -86,7 +86,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
             replica_inflight: dict[str, dict[str, float]] | None = None,
             service: dict[str, ServiceStats] | None = None,
             inflight: dict[str, int] | None = None,
-            inflight_requests: dict[str, list[tuple[str, float, float]]] | None = None,
+            inflight_requests: dict[str, list[TimedRequest]] | None = None,
             others_service: dict[str, ServiceStats] | None = None,
             own_late: dict[str, list[tuple[float, float, float]]] | None = None,
             ) -> Snapshot:

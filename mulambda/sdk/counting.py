@@ -12,8 +12,8 @@ While a request runs it is, at once:
   rankings count it as ahead until its predicted stay plus margin has passed,
   less what its answer shows of requests counted ahead of it that were not);
 * a lease in :class:`~mulambda.store.leases.InflightLeases` whose timing
-  (:func:`~mulambda.policy.latency.stay_window`) tells every other router the
-  same thing, and one more demand;
+  (:meth:`~mulambda.policy.latency.OwnRequests.lease`) tells every other router
+  the same thing, rewritten when an answer shortens it, and one more demand;
 * timed, so that an answer feeds :class:`~mulambda.policy.latency.ServiceTracker`
   (only an answer: a failure's time says nothing about the model).
 
@@ -24,11 +24,11 @@ the request), so a cancellation cannot skip the release.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker, stay_window
+from mulambda.policy.latency import OwnRequests, ServiceTracker
 from mulambda.policy.ranking import Candidate
 
 __all__ = ["CountedRequest", "InflightCounter", "Leases"]
@@ -38,7 +38,9 @@ class Leases(Protocol):
     """What :class:`InflightCounter` needs of :class:`~mulambda.store.leases.InflightLeases`."""
 
     def start(self, executor: str, at: float | None = None, publish: bool = True,
-              timing: tuple[str, float, float] | None = None) -> int: ...
+              timing: Sequence[str | float] | None = None) -> int: ...
+
+    def retime(self, executor: str, token: int, timing: Sequence[str | float]) -> None: ...
 
     def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None: ...
 
@@ -73,7 +75,8 @@ class CountedRequest:
             elapsed_ms=self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
             network_ms=c.network_ms,
             predicted_ms=max(0.0, c.service_ms + c.load_ms - gone * per_ahead))
-        own.answered(self._token, self._counter.monotonic() * 1000)
+        for token in own.answered(self._token, self._counter.monotonic() * 1000):
+            self._counter.retime(token)
         return observed
 
 
@@ -95,6 +98,8 @@ class InflightCounter:
         self.clock = clock
         self.monotonic = monotonic
         self.perf = perf
+        # own token -> (executor, lease token, pod, wall time sent) of each request counted
+        self._leased: dict[int, tuple[str, int, str, float]] = {}
 
     @contextmanager
     def count(self, candidate: Candidate, items: int = 1) -> Iterator[CountedRequest]:
@@ -107,15 +112,31 @@ class InflightCounter:
         # (policy/latency.py ServiceTracker.stay_margin_ms): about half of all requests
         # stay longer than predicted.
         margin = self.tracker.stay_margin_ms(executor, stay)
-        busy_after, back_after = stay_window(stay, net, margin)
         sent = self.clock()
-        lease = self.leases.start(executor, timing=(
-            pod or "", sent + busy_after / 1000, sent + back_after / 1000))
         per_ahead = candidate.model.per_inflight_ms if candidate.model is not None else 0.0
         token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
                              per_ahead, candidate.inflight, items)
+        lease = self.leases.start(executor, timing=self._timing(token, pod or "", sent))
+        self._leased[token] = (executor, lease, pod or "", sent)
         try:
             yield CountedRequest(self, candidate, items, self.perf(), token)
         finally:
+            self._leased.pop(token, None)
             self.own.remove(token)
             self.leases.finish(executor, token=lease)
+
+    def _timing(self, token: int, pod: str, sent: float) -> list[str | float]:
+        """The lease of own request ``token`` (store/records.py InflightLease) as it counts
+        it now: other routers count it as this one does."""
+        t = self.own.lease(token)
+        assert t is not None
+        window: list[str | float] = [pod, sent + t.busy_after / 1000, sent + t.back_after / 1000]
+        return [*window, t.inflight, t.items, t.stay_ms] if t.inflight >= 0 else window
+
+    def retime(self, token: int) -> None:
+        """Own request ``token`` will be served sooner than its lease says (an answer showed
+        a request counted ahead of it was not): say so to the other routers."""
+        leased = self._leased.get(token)
+        if leased is not None:
+            executor, lease, pod, sent = leased
+            self.leases.retime(executor, lease, self._timing(token, pod, sent))

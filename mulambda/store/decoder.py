@@ -13,6 +13,7 @@ from .records import (
     LatencySample,
     ReplicaRecord,
     ServiceStats,
+    TimedRequest,
     _load,
     _split_field,
 )
@@ -95,10 +96,10 @@ class Decoder:
 
     def inflight_view(self, raw: Mapping[str, str], now: float,
                       exclude_instance: str | None = None) -> tuple[
-        dict[str, int], dict[str, list[tuple[str, float, float]]]
+        dict[str, int], dict[str, list[TimedRequest]]
     ]:
         counts: dict[str, int] = {}
-        timed: dict[str, list[tuple[str, float, float]]] = {}
+        timed: dict[str, list[TimedRequest]] = {}
         for executor, lease in self.per_instance(InflightLease, self.keys.inflight_key, raw,
                                                  now, exclude_instance):
             untimed, known = lease_parts(lease)
@@ -130,10 +131,10 @@ class Decoder:
         return latency, record
 
 
-def lease_parts(lease: InflightLease) -> tuple[int, list[tuple[str, float, float]]]:
-    """(requests without timing, requests with timing as (pod, busy_until, back_by)) of
-    one in-flight lease."""
+def lease_parts(lease: InflightLease) -> tuple[int, list[TimedRequest]]:
+    """(requests without timing, requests with timing) of one in-flight lease."""
     if lease.n <= 0:
         return 0, []
-    known = [(str(r[0]), float(r[1]), float(r[2])) for r in lease.requests[:lease.n]]
+    known = [TimedRequest(str(r[0]), *(float(v) for v in r[1:]))
+             for r in lease.requests[:lease.n]]
     return lease.n - len(known), known

@@ -16,6 +16,8 @@ from .reader import InflightMirror, Load
 from .records import StoreUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from mulambda.policy.latency import ServiceTracker
 
     from .metadata import MetadataStore
@@ -55,7 +57,7 @@ class InflightLeases:
         self.release_timeout = 2.0  # close() gives up deleting the leases after this
         self.refresh_seconds = max(0.05, ttl / 3)
         self.counts: dict[str, int] = {}
-        # executor -> token -> [pod, busy_until, back_by] of each request that has them
+        # executor -> token -> the timing of each request that has it (InflightLease)
         self.timing: dict[str, dict[int, list[Any]]] = {}
         self._token = 0
         # Executors whose lease the store may hold (a failed write may have landed).
@@ -79,10 +81,10 @@ class InflightLeases:
             self._dirty.set()
 
     def start(self, executor: str, at: float | None = None, publish: bool = True,
-              timing: tuple[str, float, float] | None = None) -> int:
+              timing: Sequence[str | float] | None = None) -> int:
         """A request to ``executor`` started: in flight, and one more demand. ``timing``
-        is its ``(pod, busy_until, back_by)`` (see :class:`InflightLease`); returns the
-        token :meth:`finish` takes."""
+        is its entry of :attr:`InflightLease.requests`; returns the token :meth:`finish`
+        and :meth:`retime` take."""
         if self.writes:
             key = (_bucket(at), executor)
             self._demand[key] = self._demand.get(key, 0) + 1
@@ -91,6 +93,13 @@ class InflightLeases:
             self.timing.setdefault(executor, {})[self._token] = list(timing)
         self.add(executor, 1, publish)
         return self._token
+
+    def retime(self, executor: str, token: int, timing: Sequence[str | float]) -> None:
+        """Replace the timing of a request still in flight (published with the next write)."""
+        known = self.timing.get(executor)
+        if known is not None and token in known:
+            known[token] = list(timing)
+            self.kick()
 
     def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None:
         """A request to ``executor`` ended (answered, failed or cancelled)."""

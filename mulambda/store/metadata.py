@@ -26,6 +26,7 @@ from .records import (
     ServiceStats,
     Snapshot,
     StoreUnavailable,
+    TimedRequest,
     _dump,
     _expires_at,
     _glob_escape,
@@ -327,7 +328,7 @@ class MetadataStore(DemandKeys):
         return self.decoder.inflight_totals(raw, _now(), exclude_instance)
 
     async def inflight_load(self, exclude_instance: str | None = None) -> tuple[
-        dict[str, int], dict[str, list[tuple[str, float, float]]]
+        dict[str, int], dict[str, list[TimedRequest]]
     ]:
         """Everybody else's requests in flight: the cheap, fresh part of a snapshot.
 

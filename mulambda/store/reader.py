@@ -28,11 +28,12 @@ from .records import (
     ReplicaRecord,
     ServiceStats,
     Snapshot,
+    TimedRequest,
     _now,
     _split_field,
 )
 
-Timed = list[tuple[str, float, float]]
+Timed = list[TimedRequest]
 
 
 def _whole(name: str) -> tuple[str, str]:

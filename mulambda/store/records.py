@@ -12,7 +12,7 @@ import time
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 from mulambda.policy.criteria import Criteria
 
@@ -118,18 +118,35 @@ class LatencySample:
     expires_at: float = 0.0
 
 
+class TimedRequest(NamedTuple):
+    """One request in an :class:`InflightLease` (see there); ``inflight`` < 0: not said."""
+
+    pod: str
+    busy_until: float
+    back_by: float
+    inflight: float = -1.0
+    items: float = 1.0
+    stay_ms: float = 0.0
+
+
 @dataclass
 class InflightLease:
     """Requests one router (SDK instance, selector) has in flight on one executor, until
     ``expires_at``.
 
-    ``requests`` says, per request, ``[pod, busy_until, back_by]`` (epoch
-    seconds): the replica it went to (``""`` for the Service), when its
-    sender expects it to be served, and when back (sent + RTT + stay). A
-    reader counts it ahead of its own next request while it is still being
-    served when that one would arrive, or when it is late
-    (:func:`mulambda.policy.selection.rank`). Older writers leave it empty:
-    then only ``n`` is known.
+    ``requests`` says, per request, ``[pod, busy_until, back_by, inflight,
+    items, stay_ms]`` (:class:`TimedRequest`; times in epoch seconds): the
+    replica it went to (``""`` for the Service), when its sender expects it
+    to be served, and when back (sent + RTT + stay); the requests ahead of it
+    when it was sent (less those its sender's answers showed were not), its
+    items and its expected stay in ms. A reader counts it ahead of its own
+    next request while it is still being served when that one would arrive,
+    or when it is late; a late one also says how long its model takes at
+    least, as the reader's own late requests do
+    (:func:`mulambda.policy.selection.rank`). The sender rewrites it when
+    its answers show it will be served sooner. Older writers leave out the
+    last three (then it is not said to be late) or the whole list (then only
+    ``n`` is known).
     """
 
     n: int
@@ -193,8 +210,8 @@ class Snapshot:
     # executor id -> measured service-time statistics, all writers added up
     service: dict[str, ServiceStats] = field(default_factory=dict)
     # executor id -> everybody else's requests in flight whose timing is known:
-    # (pod, busy_until, back_by), epoch seconds; ``inflight`` then counts the others
-    inflight_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    # TimedRequest (epoch seconds); ``inflight`` then counts the others
+    inflight_requests: dict[str, list[TimedRequest]] = field(default_factory=dict)
     # The reader's own requests in flight, when it keeps them apart from ``inflight``
     # (which then counts everybody else's): executor id -> requests still ahead at
     # the executor (a router knows when it sent each one), and the same per replica.
@@ -238,10 +255,13 @@ def _executor_rule(r: ExecutorRecord) -> str | None:
 
 def _lease_rule(r: InflightLease) -> str | None:
     for item in r.requests:
-        if (not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], str)
+        if (not isinstance(item, list) or len(item) not in (3, 6) or not isinstance(item[0], str)
                 or not all(isinstance(v, int | float) and not isinstance(v, bool)
-                           and math.isfinite(v) for v in item[1:])):
-            return "field 'requests' holds an item that is not [pod, busy_until, back_by]"
+                           and math.isfinite(v) for v in item[1:])
+                or any(v < 0 for v in item[3:])):
+            return ("field 'requests' holds an item that is not [pod, busy_until, back_by] "
+                    "or [pod, busy_until, back_by, inflight, items, stay_ms] (finite, the "
+                    "last three not negative)")
     return _negative(r, ("n",))
 
 

@@ -348,8 +348,7 @@ async def observe(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Observ
         stable=outcomes.get(STABLE, ArmStats()), candidate=outcomes.get(CANDIDATE, ArmStats()),
         health=Health.of(candidate_beats), stable_heartbeats=stable_beats,
         stable_desired=int(executor.status.get("desiredReplicas") or 1),
-        candidate_inflight=sum(1 for pod, _, _ in timed.get(ref.id, ())
-                               if pod.startswith(pods)))
+        candidate_inflight=sum(1 for t in timed.get(ref.id, ()) if t.pod.startswith(pods)))
 
 
 def is_active(status: Mapping[str, Any]) -> bool:

@@ -13,7 +13,13 @@ import pytest
 from mulambda.policy.latency import ServiceTracker
 from mulambda.selector.app import create_app
 from mulambda.store.metadata import MetadataStore
-from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
+from mulambda.store.records import (
+    ClientRecord,
+    ExecutorRecord,
+    LatencySample,
+    ReplicaRecord,
+    TimedRequest,
+)
 
 from support.selector_http import selector_http
 from support.tfserving_double import TFServingDouble
@@ -199,17 +205,20 @@ async def test_predict_counts_its_request_ahead_for_the_stay_and_its_margin(
     await serve(store, "held", held, rtt=1, service=5)
     call = asyncio.create_task(api.post("/v1/predict/shop/app", json={"instances": [[0]]}))
     try:
-        timed: dict[str, list[tuple[str, float, float]]] = {}
+        timed: dict[str, list[TimedRequest]] = {}
         for _ in range(250):
             _, timed = await store.inflight_load()
             if timed.get("ml/held"):
                 break
             await asyncio.sleep(0.02)
-        [(pod, busy_until, back_by)] = timed["ml/held"]
+        [(pod, busy_until, back_by, inflight, items, stay)] = timed["ml/held"]
     finally:
         gate.set()
     assert (await call).status_code == 200
     assert pod == "held-0"
+    # Sent with nothing ahead, one item, a stay of 5 ms: what other routers need to
+    # raise the model if it is not back when due (policy/selection.py).
+    assert (inflight, items, stay) == (0.0, 1.0, pytest.approx(5.0))
     # Stay 5 ms, network 1 ms: back by sent + 6 ms; ahead until sent + 0.5 + 5 + margin,
     # the margin before any answer being the whole prediction's (ServiceTracker).
     margin = ServiceTracker().stay_margin_ms("ml/held", 5.0)

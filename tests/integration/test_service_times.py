@@ -12,7 +12,7 @@ import pytest
 from mulambda.policy.latency import ServiceTracker
 from mulambda.store.leases import InflightLeases, InflightReader, Load
 from mulambda.store.metadata import MetadataStore
-from mulambda.store.records import ExecutorRecord, ServiceStats
+from mulambda.store.records import ExecutorRecord, ServiceStats, TimedRequest
 
 from support.procs import RedisServer
 
@@ -115,6 +115,28 @@ async def test_leases_publish_the_trackers_measurements_with_the_counts(store: M
     assert (await store.service_stats())["ml/mx"].count == 1  # measurements stay
 
 
+async def test_a_retimed_request_reaches_the_other_routers_with_the_next_write(
+    store: MetadataStore
+):
+    # What mulambda.sdk.counting does when an answer shows a request will be served
+    # sooner than its lease said: the next write carries the new timing.
+    leases = InflightLeases(store, "sdk-1")
+    token = leases.start("ml/mx", timing=("mx-0", 1e10 + 0.09, 1e10 + 0.1, 1.0, 2.0, 80.0))
+    await leases.flush()
+    reader = InflightReader(store, "sdk-2", ttl=0.0)
+    first = await reader.read()
+    assert first is not None
+    assert first.timed == {"ml/mx": [TimedRequest("mx-0", 1e10 + 0.09, 1e10 + 0.1, 1, 2, 80)]}
+    leases.retime("ml/mx", token, ("mx-0", 1e10 + 0.02, 1e10 + 0.03, 0.0, 2.0, 10.0))
+    leases.retime("ml/mx", token + 1, ("mx-0", 0.0, 0.0))  # not in flight: ignored
+    await leases.flush()
+    second = await reader.read()
+    assert second is not None
+    assert second.timed == {"ml/mx": [TimedRequest("mx-0", 1e10 + 0.02, 1e10 + 0.03, 0, 2, 10)]}
+    leases.finish("ml/mx", token=token)
+    await leases.close()
+
+
 async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_store(
     store: MetadataStore, redis_server: RedisServer
 ):
@@ -124,7 +146,8 @@ async def test_fresh_reader_sees_new_leases_at_once_and_gives_up_fast_without_a_
     await store.publish_inflight("other", {"ml/mx": 1},
                                  requests={"ml/mx": [["mx-0", 1e10, 2e10]]})
     await store.publish_inflight("me", {"ml/mx": 5})
-    assert await reader.read() == Load({"ml/mx": 2}, {"ml/mx": [("mx-0", 1e10, 2e10)]})
+    assert await reader.read() == Load({"ml/mx": 2},
+                                       {"ml/mx": [TimedRequest("mx-0", 1e10, 2e10)]})
     redis_server.stop()
     try:
         started = time.monotonic()

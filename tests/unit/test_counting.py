@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -29,14 +30,18 @@ class FakeLeases:
     """Records what InflightLeases would publish."""
 
     def __init__(self) -> None:
-        self.open: dict[int, tuple[str, tuple[str, float, float] | None]] = {}
+        self.open: dict[int, tuple[str, list[str | float] | None]] = {}
         self.next = 0
 
     def start(self, executor: str, at: float | None = None, publish: bool = True,
-              timing: tuple[str, float, float] | None = None) -> int:
+              timing: Sequence[str | float] | None = None) -> int:
         self.next += 1
-        self.open[self.next] = (executor, timing)
+        self.open[self.next] = (executor, list(timing) if timing is not None else None)
         return self.next
+
+    def retime(self, executor: str, token: int, timing: Sequence[str | float]) -> None:
+        assert self.open[token][0] == executor
+        self.open[token] = (executor, list(timing))
 
     def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None:
         assert token is not None and self.open.pop(token)[0] == executor
@@ -85,6 +90,8 @@ def test_a_counted_request_is_ahead_while_it_runs_and_released_after(pod, outcom
             assert timing[0] == (pod or "")
             assert timing[1] == pytest.approx(1000.0 + (15 + 20 + margin) / 1000)
             assert timing[2] == pytest.approx(1000.0 + 50 / 1000)
+            # and what it was sent with: 1 ahead, 3 items, a stay of 20 ms
+            assert timing[3:] == [1.0, 3.0, pytest.approx(20.0)]
             perf.at += 0.045
             assert request.elapsed_ms() == pytest.approx(45.0)
             if outcome == "failed":
@@ -130,27 +137,38 @@ def test_sdk_and_gateway_count_through_the_shared_helper():
         assert "stay_margin_ms" not in source and "own.add" not in source
 
 
-@pytest.mark.parametrize(("first_back_ms", "k_measured"), [
+@pytest.mark.parametrize(("first_back_ms", "k_measured", "second_lease"), [
     # RTT 30 ms: the first answered 39 ms after both left was served at 24, before the
-    # second arrived at 15 + 10: the second had nothing ahead
-    pytest.param(39.0, 0.0, id="counted-ahead-but-served-before"),
-    # answered at 60, served at 45: it was ahead of the second
-    pytest.param(60.0, 1.0, id="counted-ahead-and-ahead"),
+    # second arrived at 15 + 10: the second had nothing ahead, and its lease says so
+    # (served 15 + 12 + margin after it left instead of 15 + 82 + margin, back after
+    # 30 + 12, sent with 0 ahead)
+    pytest.param(39.0, 0.0, (15 + 12, 30 + 12, 0.0), id="counted-ahead-but-served-before"),
+    # answered at 60, served at 45: it was ahead of the second; its lease is as sent
+    pytest.param(60.0, 1.0, (15 + 82, 30 + 82, 1.0), id="counted-ahead-and-ahead"),
 ])
-def test_a_request_is_measured_at_the_requests_ahead_it_met(first_back_ms, k_measured):
+def test_a_request_is_measured_at_the_requests_ahead_it_met(first_back_ms, k_measured,
+                                                            second_lease):
     from mulambda.policy.latency import ServiceModel
 
     tracker = ServiceTracker()
-    mono = Clock(0.0)
-    counter = InflightCounter(tracker, OwnRequests(), FakeLeases(), monotonic=mono)
+    mono, wall = Clock(0.0), Clock(1000.0)
+    leases = FakeLeases()
+    counter = InflightCounter(tracker, OwnRequests(), leases, monotonic=mono, clock=wall)
     model = ServiceModel(12.0, 70.0)
     first = replace(candidate("e-0"), inflight=0.0, load_ms=0.0, model=model)
     second = replace(candidate("e-0"), inflight=1.0, load_ms=70.0, model=model)
     with counter.count(first) as one:
         mono.at = 0.010
+        margin = tracker.stay_margin_ms("ml/e", 82.0)
         with counter.count(second) as two:
             mono.at = first_back_ms / 1000
             assert one.answered(elapsed_ms=first_back_ms)
+            # what the other routers read of the second from now on
+            _, timing = leases.open[2]
+            assert timing is not None
+            served, back, ahead = second_lease
+            assert timing[1:4] == [pytest.approx(1000 + (served + margin) / 1000),
+                                   pytest.approx(1000 + back / 1000), ahead]
             mono.at = 0.1
             assert two.answered(elapsed_ms=90.0)
     stats = tracker.stats["ml/e"]

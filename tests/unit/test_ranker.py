@@ -15,6 +15,7 @@ from mulambda.store.records import (
     ReplicaRecord,
     ServiceStats,
     Snapshot,
+    TimedRequest,
 )
 
 NOW = 1_700_000_000.0
@@ -60,8 +61,12 @@ def _load(rng: random.Random, snap: Snapshot, share: float) -> Snapshot:
         if kind == 0:
             inflight[eid] = rng.randint(1, 30)
         elif kind == 1:
-            timed[eid] = [(rng.choice([r.pod for r in pods] + [""]),
-                           NOW + rng.uniform(-0.5, 0.5), NOW + rng.uniform(-0.5, 1.0))
+            # some from older writers (no count sent), some that say what they were
+            # sent with (and raise the model when late)
+            timed[eid] = [TimedRequest(rng.choice([r.pod for r in pods] + [""]),
+                                       NOW + rng.uniform(-0.5, 0.5), NOW + rng.uniform(-0.5, 1.0),
+                                       *((float(rng.randint(0, 4)), 1.0, rng.uniform(5, 300))
+                                         if rng.random() < 0.5 else ()))
                           for _ in range(rng.randint(1, 5))]
         elif kind == 2:
             own[eid] = rng.uniform(0.5, 8)

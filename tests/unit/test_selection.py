@@ -18,6 +18,7 @@ from mulambda.store.records import (
     ReplicaRecord,
     ServiceStats,
     Snapshot,
+    TimedRequest,
     _load,
 )
 
@@ -459,8 +460,34 @@ def test_own_requests_not_back_when_due_raise_what_their_executor_is_expected_to
     assert ids(rank(Criteria(type="vision"), snap))[0] == "ml/b"
     assert by["ml/a"].service_ms == pytest.approx(60)
     assert by["ml/a"].model == ServiceModel(60.0, 10.0, 0.0)
-    assert "service time raised: 1 request(s) of this router not back when due" in \
-        by["ml/a"].reason
+    assert ("service time raised: 1 request(s) of this router and 0 of others not back "
+            "when due") in by["ml/a"].reason
+
+
+@pytest.mark.parametrize(("lease", "base", "per_inflight"), [
+    # sent with nobody ahead, due back 50 ms ago with a 20 ms stay: served for 70 at least
+    pytest.param(TimedRequest("a-0", NOW - 0.080, NOW - 0.050, 0.0, 1.0, 20.0), 70.0, 10.0,
+                 id="late-with-nobody-ahead: base"),
+    # sent with two ahead: each of them took (70 - 10) / 2 at least
+    pytest.param(TimedRequest("a-0", NOW - 0.080, NOW - 0.050, 2.0, 1.0, 20.0), 10.0, 30.0,
+                 id="late-with-two-ahead: per request ahead"),
+    # not due yet: says nothing about the model
+    pytest.param(TimedRequest("a-0", NOW + 0.080, NOW + 0.100, 0.0, 1.0, 20.0), 10.0, 10.0,
+                 id="not-due"),
+    # an older writer's lease (no count sent): counted, but says nothing about the model
+    pytest.param(TimedRequest("a-0", NOW - 0.080, NOW - 0.050), 10.0, 10.0,
+                 id="late-from-an-older-writer"),
+])
+def test_other_routers_requests_not_back_when_due_raise_the_model_as_own_ones_do(
+        lease, base, per_inflight):
+    snap = snapshot(executor("a", service=10), rtt={"a": 10})
+    snap.inflight_requests = {"ml/a": [lease]}
+    [c] = rank(Criteria(type="vision"), snap, now=NOW)
+    assert c.model is not None
+    # (epoch seconds near 1.7e9 keep about a microsecond: approx)
+    assert tuple(c.model) == pytest.approx((base, per_inflight, 0.0), abs=1e-3)
+    assert ("service time raised: 0 request(s) of this router and 1 of others"
+            in c.reason) is (base != 10.0 or per_inflight != 10.0)
 
 
 def test_a_router_that_picks_replicas_gets_the_best_replica_and_its_address():
@@ -576,7 +603,7 @@ def test_the_fitted_model_is_used_at_face_value_only_when_finite():
 def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, ahead):
     # Our RTT to the replica is 10 ms: a request of ours sent now arrives at NOW + 5 ms.
     snap = snapshot(executor("a", service=10), rtt={"a": 10})
-    snap.inflight_requests = {"ml/a": [("a-0", busy_until, back_by)]}
+    snap.inflight_requests = {"ml/a": [TimedRequest("a-0", busy_until, back_by)]}
     for replicas in (True, False):
         [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=replicas)
         assert c.inflight == ahead
@@ -584,9 +611,11 @@ def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, 
 
 def test_a_lease_with_a_malformed_timing_is_refused():
     from mulambda.store.records import InflightLease
-    ok = _load(InflightLease, json.dumps({"n": 1, "expires_at": 1, "requests": [["p", 1, 2]]}))
-    assert ok.requests == [["p", 1, 2]]
-    for requests in ([["p", 1]], [[1, 2, 3]], [["p", "soon", 2]], "x", [["p", 1, "NaN"]]):
+    for requests in ([["p", 1, 2]], [["p", 1, 2, 0, 3, 20.5]]):
+        ok = _load(InflightLease, json.dumps({"n": 1, "expires_at": 1, "requests": requests}))
+        assert ok.requests == requests
+    for requests in ([["p", 1]], [[1, 2, 3]], [["p", "soon", 2]], "x", [["p", 1, "NaN"]],
+                     [["p", 1, 2, 0, 3]], [["p", 1, 2, -1, 3, 20]], [["p", 1, 2, 0, 3, "NaN"]]):
         text = json.dumps({"n": 1, "expires_at": 1, "requests": requests})
         with pytest.raises(ValueError):
             _load(InflightLease, text.replace('"NaN"', "NaN"))

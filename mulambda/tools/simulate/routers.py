@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker, add_stats, stay_window
+from mulambda.policy.latency import OwnRequests, ServiceTracker, add_stats
 from mulambda.policy.selection import Policy, Preferences, rank
 from mulambda.store.records import (
     ExecutorRecord,
@@ -22,6 +22,7 @@ from mulambda.store.records import (
     ReplicaRecord,
     ServiceStats,
     Snapshot,
+    TimedRequest,
 )
 
 from .world import (
@@ -192,9 +193,9 @@ class _Instance:
     own: OwnRequests = field(default_factory=OwnRequests)
     snap_at: float = -math.inf
     others_stats: dict[str, ServiceStats] = field(default_factory=dict)
-    snap_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    snap_requests: dict[str, list[TimedRequest]] = field(default_factory=dict)
     load_at: float = -math.inf
-    others_requests: dict[str, list[tuple[str, float, float]]] = field(default_factory=dict)
+    others_requests: dict[str, list[TimedRequest]] = field(default_factory=dict)
     # The others' measurements as of the last fresh read (which carries them).
     fresh_stats: dict[str, ServiceStats] | None = None
 
@@ -222,10 +223,10 @@ class _Mulambda(_Router):
         self.turn = [0] * len(sc.clients)
         self.instances = [_Instance(i, random.Random(sc.router_seed * 7919 + i),
                                     ServiceTracker(self.policy.fit)) for i in range(count)]
-        # What the store holds: every instance's leases (each request's replica and
-        # when it should be served and back, in seconds) and measurements.
-        self.published: list[dict[int, tuple[str, str, float, float]]] = [
-            {} for _ in range(count)]
+        # What the store holds: every instance's leases (each request's executor and
+        # timing) and measurements.
+        self.published: list[dict[int, tuple[str, TimedRequest]]] = [{} for _ in range(count)]
+        self.lease_of: dict[tuple[int, int], tuple[float, str]] = {}  # -> (sent, pod)
         self.published_stats: list[dict[str, ServiceStats]] = [{} for _ in range(count)]
         self.pods = {eid: {f"r{i}": i for i in range(len(reps))}
                      for eid, reps in self.world.reps.items()}
@@ -252,13 +253,22 @@ class _Mulambda(_Router):
         return (self.sc.rtt(self.sc.clients[who]["node"], self.sc.gateway_node) / 2
                 + self.sc.gateway_overhead)
 
-    def _others(self, inst: _Instance) -> dict[str, list[tuple[str, float, float]]]:
-        found: dict[str, list[tuple[str, float, float]]] = {}
+    def _others(self, inst: _Instance) -> dict[str, list[TimedRequest]]:
+        found: dict[str, list[TimedRequest]] = {}
         for other in self.instances:
             if other is not inst:
-                for e, pod, busy_until, back_by in self.published[other.index].values():
-                    found.setdefault(e, []).append((pod, busy_until, back_by))
+                for e, timed in self.published[other.index].values():
+                    found.setdefault(e, []).append(timed)
         return found
+
+    def _publish(self, inst: _Instance, eid: str, token: int) -> None:
+        """The lease of ``token`` as mulambda.sdk.counting publishes it (and rewrites it)."""
+        sent, pod = self.lease_of[(inst.index, token)]
+        t = inst.own.lease(token)
+        assert t is not None
+        self.published[inst.index][token] = (eid, TimedRequest(
+            pod, (sent + t.busy_after) / 1000, (sent + t.back_after) / 1000, t.inflight,
+            t.items, t.stay_ms))
 
     def _others_stats(self, inst: _Instance) -> dict[str, ServiceStats]:
         stats: dict[str, ServiceStats] = {}
@@ -310,9 +320,8 @@ class _Mulambda(_Router):
         margin = inst.tracker.stay_margin_ms(eid, stay)
         per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
         token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead, c.inflight, items)
-        busy_after, back_after = stay_window(stay, net, margin)
-        self.published[inst.index][token] = (eid, pod, (sent + busy_after) / 1000,
-                                             (sent + back_after) / 1000)
+        self.lease_of[(inst.index, token)] = (sent, pod)
+        self._publish(inst, eid, token)
         self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
                           items, per_ahead)
         self.delay[req] = delay
@@ -328,9 +337,11 @@ class _Mulambda(_Router):
                              elapsed_ms=elapsed_ms - self.delay.pop(req, 0.0),
                              network_ms=net, predicted_ms=max(0.0, predicted - gone * per_ahead))
         self.published_stats[inst.index][eid] = inst.tracker.stats[eid]
-        inst.own.answered(token, now)
+        for later in inst.own.answered(token, now):
+            self._publish(inst, self.published[inst.index][later][0], later)
         inst.own.remove(token)
         del self.published[inst.index][token]
+        del self.lease_of[(inst.index, token)]
 
 
 def _routers(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
