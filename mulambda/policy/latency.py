@@ -41,7 +41,9 @@ by how much at least: selection raises the model it ranks that executor
 with until it predicts at least the request's age less the round trip at
 the count the request was sent with (:func:`floored`; the answer then
 replaces it). Answers alone come last from the replicas where requests
-wait longest. Beside it, each router keeps a running median of the same
+wait longest. Its lease says the same to every other router
+(:meth:`OwnRequests.lease`: the count it was sent with, its items and its
+expected stay), so they raise their models as soon as its sender does. Beside it, each router keeps a running median of the same
 relative error (a step of ``median_step`` up or down in log space per
 answer, started at
 1): ``1.4826`` x it x scale is the *margin* of a predicted stay, one

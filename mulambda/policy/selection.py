@@ -61,9 +61,14 @@ Everything else is rejected with a reason.
 
 The model is fitted from the response times routers measured; the declared
 ``serviceTimeMs`` is only its prior (base = serviceTimeMs, per_inflight =
-serviceTimeMs / replica_concurrency). With ``replicas=True`` each live
-replica is evaluated and the candidate carries the best one
-(:attr:`Candidate.replica`, :attr:`Candidate.url`).
+serviceTimeMs / replica_concurrency). A request not back when due says
+the model is short: the caller's own (``Snapshot.own_late``) and everybody
+else's whose lease says what it was sent with (a late timed request)
+raise the model this executor is ranked with until it predicts at least
+the time each has been served for (:func:`~mulambda.policy.latency.floored`):
+a router learns it from another's late request as soon as from its own.
+With ``replicas=True`` each live replica is evaluated and the candidate
+carries the best one (:attr:`Candidate.replica`, :attr:`Candidate.url`).
 
 **Missing measurements are normal.** No RTT sample: the median of the
 network latencies known for the other candidates, or

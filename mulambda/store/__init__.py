@@ -29,9 +29,13 @@ executor id is ``NAMESPACE/NAME``, a client id likewise; values are JSON):
     companions; per-value ``expires_at`` and a key EXPIRE refreshed on write.
 ``P:inflight`` (HASH) ``EXEC|INSTANCE`` -> :class:`InflightLease`
     (``{"n": requests in flight, "expires_at": epoch seconds, "requests":
-    [[pod, busy_until, back_by], ...]}``: when each request is expected to
-    be served and back, so other routers can tell whether it will still be
-    ahead of theirs).
+    [[pod, busy_until, back_by, inflight, items, stay_ms], ...]}``: when
+    each request is expected to be served and back, so other routers can
+    tell whether it will still be ahead of theirs, and what it was sent
+    with, so that one not back when due tells them its model is slower than
+    they think, as the sender's own late requests tell it; the sender
+    rewrites an entry when an answer shows it will be served sooner. Older
+    writers' three-field entries are read as before).
     One lease per SDK instance or selector process (``INSTANCE`` is a
     random id per :class:`~mulambda.store.leases.InflightLeases`) and
     executor. The owner writes its absolute count (never an increment), so
