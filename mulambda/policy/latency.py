@@ -43,9 +43,9 @@ the count the request was sent with (:func:`floored`; the answer then
 replaces it). Answers alone come last from the replicas where requests
 wait longest. Its lease says the same to every other router
 (:meth:`OwnRequests.lease`: the count it was sent with, its items and its
-expected stay), so they raise their models as soon as its sender does. Beside it, each router keeps a running median of the same
-relative error (a step of ``median_step`` up or down in log space per
-answer, started at
+expected stay), so they raise their models as soon as its sender does.
+Beside it, each router keeps a running median of the same relative error
+(a step of ``median_step`` up or down in log space per answer, started at
 1): ``1.4826`` x it x scale is the *margin* of a predicted stay, one
 standard deviation of the typical error, which :class:`OwnRequests` and the
 leases' ``busy_until`` add before they count a request as on its way back.

@@ -65,9 +65,13 @@ class MulambdaClient:
     knows its load per replica; ``seed`` seeds the spreading over
     near-equal candidates (default: random). ``fresh_load`` reads everybody
     else's requests in flight and measured service times for each decision
-    (shared within ``load_ttl`` seconds, bounded by ``load_timeout``; see
+    (decisions while a read is on its way join it; ``load_ttl`` > 0 also
+    shares a read that long after it; bounded by ``load_timeout``; see
     :class:`~mulambda.store.leases.InflightReader`) instead of using the
-    snapshot's, which are up to ``cache_ttl`` old. ``max_shadow_inflight``
+    snapshot's, which are up to ``cache_ttl`` old. Each read is one round
+    trip: an SDK process is one of many routers, and a view of the others
+    even 2 ms old lost them requests sent in the meantime to the same fast
+    replica (bench/README.md, 2026-12-02). ``max_shadow_inflight``
     bounds the copies of requests a Shadow rollout's new version gets from this
     instance (beyond it copies are dropped, never queued: mulambda.sdk.shadow).
     ``selector_url`` (default ``MULAMBDA_SELECTOR_URL``) is where :meth:`submit`
@@ -102,7 +106,7 @@ class MulambdaClient:
         direct: bool = True,
         seed: int | None = None,
         fresh_load: bool = True,
-        load_ttl: float = 0.002,
+        load_ttl: float = 0.0,
         load_timeout: float = 0.05,
         max_shadow_inflight: int = 32,
         selector_url: str | None = None,

@@ -193,10 +193,10 @@ async def test_the_sdk_fits_on_the_others_measurements_read_at_each_decision(sto
     # snapshot (an hour's cache here) predates that; the per-decision read does not.
     await serve(store, doubles, "a", rtt=1, service=5)
     await serve(store, doubles, "b", rtt=1, service=20)
-    # load_ttl=0: decisions within load_ttl (2 ms) share one read by design, and on a
-    # fast machine the publish below lands inside the first decision's 2 ms.
+    # The default load_ttl (0): every decision reads; with a load_ttl decisions within it
+    # would share one read, and the publish below could land inside the first one's.
     kwargs = {"type": "vision", "latency_weight": 1, "accuracy_weight": 0, "seed": 1,
-              "cache_ttl": 3600, "load_ttl": 0}
+              "cache_ttl": 3600}
     async with MulambdaClient(store, CLIENT, **kwargs) as fresh, \
             MulambdaClient(store, CLIENT, fresh_load=False, **kwargs) as stale:
         assert (await fresh.select()).executor_id == "ml/a"

@@ -28,8 +28,10 @@ Routers:
 * ``mulambda-sdk`` -- each client's ``instances`` SDK processes run
   :func:`mulambda.policy.selection.rank` (``replicas=True``) on their own
   view: their own requests in flight and measurements exact, everybody
-  else's read fresh from the store (``load_ttl_ms``, 2 ms, each read delaying
-  its request by ``store_rtt_ms``, 0.5 ms; ``load_ttl_ms`` < 0: from a store
+  else's read fresh from the store for each decision (a decision while a
+  read is on its way joins it; ``load_ttl_ms`` > 0 shares a read for that
+  long, as the gateway's 2 ms ``gateway_load_ttl_ms``; each read delays its
+  request by ``store_rtt_ms``, 0.5 ms; ``load_ttl_ms`` < 0: from a store
   snapshot refreshed every ``snapshot_ttl_ms``, the SDK's cache, 1 s),
   service times learned only from answered requests
   (:class:`mulambda.policy.latency.ServiceTracker`), starting from the

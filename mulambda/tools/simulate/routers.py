@@ -209,6 +209,7 @@ class _Mulambda(_Router):
         self.gateway = gateway
         self.name = "mulambda-gateway" if gateway else "mulambda-sdk"
         self.ttl = sc.gateway_cache if gateway else sc.snapshot_ttl
+        self.load_ttl = sc.gateway_load_ttl if gateway else sc.load_ttl
         self.criteria = [sc.criteria(c) for c in sc.clients]
         if gateway:
             owners = [list(range(sc.gateways)) for _ in sc.clients]
@@ -292,10 +293,15 @@ class _Mulambda(_Router):
         if now - inst.snap_at >= self.ttl:
             self._refresh(inst, now)
         delay = 0.0
-        if sc.load_ttl < 0:  # no fresh reads: the snapshot's leases
+        if self.load_ttl < 0:  # no fresh reads: the snapshot's leases
             others = inst.snap_requests
         else:
-            if now - inst.load_at >= sc.load_ttl:
+            if now - inst.load_at < self.load_ttl:
+                pass  # shared: read less than load_ttl ago
+            elif now < inst.load_at + sc.store_rtt:
+                # A read still on its way: joined (InflightReader reads once at a time).
+                delay = inst.load_at + sc.store_rtt - now
+            else:
                 inst.others_requests, inst.load_at = self._others(inst), now
                 # The fresh read carries the others' measurements too (the SDK's and
                 # the selector's InflightReader(service=True)).

@@ -132,9 +132,11 @@ class Scenario:
             self.snapshot_ttl = float(raw.get("snapshot_ttl_ms",
                                               raw.get("feedback_interval_ms", 1000)))
             self.gateway_cache = float(raw.get("gateway_cache_ms", 500))
-            # Fresh reads of the other routers' in-flight leases (< 0: none) and what
-            # one costs the request that waits for it.
-            self.load_ttl = float(raw.get("load_ttl_ms", 2))
+            # Fresh reads of the other routers' in-flight leases (< 0: none) by an SDK
+            # process and by a gateway (the defaults of MulambdaClient and Selector), and
+            # what one costs the request that waits for it.
+            self.load_ttl = float(raw.get("load_ttl_ms", 0))
+            self.gateway_load_ttl = float(raw.get("gateway_load_ttl_ms", 2))
             self.store_rtt = float(raw.get("store_rtt_ms", 0.5))
             self.gateway_overhead = float(raw.get("gateway_overhead_ms", 0.5))
             self.gateways = int(raw.get("gateways", 1))
