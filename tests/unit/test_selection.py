@@ -594,6 +594,20 @@ def test_the_fitted_model_is_used_at_face_value_only_when_finite():
     assert ServiceModel(1, 2, 3).predict(2, 10) == 1 + 4 + 30
 
 
+def test_a_hostile_late_lease_can_only_push_its_executor_back():
+    # Any holder of an SDK credential can write leases (docs/security.md T3): one that
+    # claims an absurd stay makes that executor look slow or not finite, nothing more.
+    snap = snapshot(executor("a", service=10), executor("b", service=20),
+                    rtt={"a": 5, "b": 5})
+    for stay in (1e12, 1.7e308):
+        snap.inflight_requests = {"ml/a": [TimedRequest("a-0", NOW - 1, NOW - 0.5, 0.0, 1.0,
+                                                        stay)]}
+        r = rank(Criteria(type="vision"), snap, now=NOW)
+        assert ids(r) == ["ml/b", "ml/a"]
+        assert r[1].expected_latency_ms >= stay and r[1].over_ceiling
+        json.dumps(r[1].expected_latency_ms, allow_nan=False)  # still a valid JSON number
+
+
 @pytest.mark.parametrize(("busy_until", "back_by", "ahead"), [
     pytest.param(NOW + 0.100, NOW + 0.130, 1, id="still-being-served-when-ours-arrives"),
     pytest.param(NOW + 0.004, NOW + 0.034, 0, id="served-before-ours-arrives"),
