@@ -93,7 +93,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
     """``snapshot`` with a router's own exact knowledge added (a new object).
 
     ``own_inflight`` / ``replica_inflight``: its own requests still ahead at
-    each executor / replica (:class:`~mulambda.policy.latency.OwnRequests`;
+    each executor / replica (:class:`~mulambda.policy.inflight.OwnRequests`;
     the snapshot's ``inflight`` must then leave them out, as the store's
     does for the reader's instance); ``service``: its own measured
     statistics (added to everybody else's); ``inflight`` and
@@ -101,7 +101,7 @@ def overlay(snapshot: Snapshot, *, own_inflight: dict[str, float] | None = None,
     the snapshot's (:meth:`~mulambda.store.metadata.MetadataStore.inflight_load`);
     ``others_service``: a fresher view of everybody else's measured statistics
     than the snapshot's (``service`` is added to it); ``own_late``: its own requests
-    not back when due (:meth:`~mulambda.policy.latency.OwnRequests.late`).
+    not back when due (:meth:`~mulambda.policy.inflight.OwnRequests.late`).
     """
     stats = snapshot.service if others_service is None else others_service
     if service:

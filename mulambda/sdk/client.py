@@ -14,7 +14,8 @@ from typing import Any, TypeVar
 
 import httpx
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranker import Ranker
 from mulambda.policy.rollout import (
     CANDIDATE,

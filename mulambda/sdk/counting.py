@@ -8,11 +8,11 @@ requests onto the replicas both use (issue 11).
 
 While a request runs it is, at once:
 
-* in this router's :class:`~mulambda.policy.latency.OwnRequests` (its own
+* in this router's :class:`~mulambda.policy.inflight.OwnRequests` (its own
   rankings count it as ahead until its predicted stay plus margin has passed,
   less what its answer shows of requests counted ahead of it that were not);
 * a lease in :class:`~mulambda.store.leases.InflightLeases` whose timing
-  (:meth:`~mulambda.policy.latency.OwnRequests.lease`) tells every other router
+  (:meth:`~mulambda.policy.inflight.OwnRequests.lease`) tells every other router
   the same thing, rewritten when an answer shortens it, and one more demand;
 * timed, so that an answer feeds :class:`~mulambda.policy.latency.ServiceTracker`
   (only an answer: a failure's time says nothing about the model).
@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranking import Candidate
 
 __all__ = ["CountedRequest", "InflightCounter", "Leases"]

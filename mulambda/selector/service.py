@@ -21,7 +21,8 @@ from prometheus_client import (
     Histogram,
 )
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker
+from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranker import Ranker
 from mulambda.policy.rollout import (
     ArmChoice,

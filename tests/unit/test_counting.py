@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker, stay_window
+from mulambda.policy.inflight import OwnRequests, stay_window
+from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranking import Candidate
 from mulambda.sdk.counting import InflightCounter
 from mulambda.store.records import ExecutorRecord, ReplicaRecord

@@ -7,10 +7,9 @@ import random
 
 import pytest
 
+from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import (
     FitSettings,
-    Late,
-    OwnRequests,
     ServiceModel,
     ServiceTracker,
     add_stats,
@@ -164,40 +163,6 @@ def test_cold_starts_are_smoothed_and_writers_add_up():
     assert add_stats(None, theirs) is theirs and add_stats(None, None) is None
 
 
-@pytest.mark.parametrize(("age", "ahead"), [
-    pytest.param(0, 1, id="just-sent"),
-    pytest.param(19, 1, id="still-being-served"),
-    pytest.param(20, 0, id="on-its-way-back"),
-    pytest.param(49, 0, id="still-on-its-way-back"),
-    pytest.param(50, 1, id="late-so-still-being-served"),
-])
-def test_own_request_is_ahead_unless_it_is_probably_on_its_way_back(age, ahead):
-    own = OwnRequests()
-    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30)
-    per_executor, per_pod = own.ahead(1000 + age)
-    assert per_executor.get("e", 0) == ahead
-    assert per_pod.get("e", {}).get("pod-a", 0) == ahead
-
-
-@pytest.mark.parametrize(("margin", "age", "ahead"), [
-    # stay 20 ms, RTT 30 ms: with a 5 ms margin it counts until 25 ms, then is on its way back
-    pytest.param(5, 22, 1, id="past-the-stay-within-its-error"),
-    pytest.param(5, 25, 0, id="past-the-stay-and-its-error"),
-    pytest.param(5, 49, 0, id="on-its-way-back"),
-    pytest.param(5, 50, 1, id="late"),
-    # a margin as long as the way back: counted until it is back (or late)
-    pytest.param(30, 45, 1, id="margin-covers-the-way-back"),
-    pytest.param(math.nan, 20, 0, id="nan-margin-is-none"),
-    pytest.param(-3, 20, 0, id="negative-margin-is-none"),
-])
-def test_own_request_counts_for_its_margin_after_the_predicted_stay(margin, age, ahead):
-    own = OwnRequests()
-    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30, margin_ms=margin)
-    per_executor, per_pod = own.ahead(1000 + age)
-    assert per_executor.get("e", 0) == ahead
-    assert per_pod.get("e", {}).get("pod-a", 0) == ahead
-
-
 def test_stay_margin_is_the_whole_prediction_before_any_answer():
     tracker = ServiceTracker()
     assert tracker.stay_margin_ms("e", 40) == pytest.approx(1.4826 * 40)
@@ -220,75 +185,6 @@ def test_stay_margin_learns_the_typical_error_and_ignores_rare_collisions(noise,
         tracker.observe("e", inflight=0, items=1, elapsed_ms=t + 5, network_ms=5,
                         predicted_ms=10)
     assert low <= tracker.stay_margin_ms("e", 10) <= high
-
-
-def test_own_requests_count_per_replica_and_are_forgotten_when_removed():
-    own = OwnRequests()
-    a = own.add("e", "pod-a", 0, 100, 1)
-    own.add("e", "pod-b", 0, 100, 1)
-    own.add("f", None, 0, 100, 1)
-    assert own.ahead(10) == ({"e": 2, "f": 1}, {"e": {"pod-a": 1, "pod-b": 1}})
-    own.remove(a)
-    own.remove(a)  # twice is harmless
-    assert own.ahead(10) == ({"e": 1, "f": 1}, {"e": {"pod-b": 1}})
-    assert len(own) == 2
-
-
-@pytest.mark.parametrize(("first_pod", "first_back_at", "second_sent", "gone", "ahead"), [
-    # RTT 30 ms. The first (stay 15) answered at 39 was served at 24; the second, sent at
-    # 10, reached the replica at 25: it did not have the first ahead.
-    pytest.param("pod-a", 39, 10, 1, 0, id="served-before-the-second-arrived"),
-    pytest.param("pod-a", 40, 10, 1, 0, id="served-as-the-second-arrived"),
-    # answered at 50, served at 35: still running when the second arrived at 25
-    pytest.param("pod-a", 50, 10, 0, 1, id="served-after-the-second-arrived"),
-    # another replica: never counted ahead of the second
-    pytest.param("pod-b", 39, 10, 0, 1, id="other-replica"),
-    # on its way back when the second was sent (age 20 of 15..45): not counted, nothing
-    # to undo
-    pytest.param("pod-a", 39, 20, 0, 1, id="not-counted-ahead"),
-])
-def test_an_answer_shows_whether_a_request_counted_ahead_was(first_pod, first_back_at,
-                                                           second_sent, gone, ahead):
-    own = OwnRequests()
-    first = own.add("e", first_pod, sent_ms=0, stay_ms=15, network_ms=30)
-    # the second's stay: 15 of its own and 70 for the one request counted ahead
-    second = own.add("e", "pod-a", sent_ms=second_sent, stay_ms=85, network_ms=30,
-                     per_ahead_ms=70)
-    own.answered(first, first_back_at)
-    own.remove(first)
-    assert own.gone_ahead(second) == gone
-    # 30 ms after it was sent the second is still ahead unless its stay lost the 70 ms
-    assert own.ahead(second_sent + 30)[1].get("e", {}).get("pod-a", 0) == ahead
-    own.answered(first, first_back_at)  # after removal: harmless
-    assert own.gone_ahead(second) == gone
-    assert own.gone_ahead(12345) == 0
-
-
-@pytest.mark.parametrize(("inflight", "age", "late"), [
-    # sent with 2 ahead and 3 items, a stay of 20 ms over a 30 ms round trip: due at 50
-    pytest.param(2.0, 49.0, None, id="not-due-yet"),
-    pytest.param(2.0, 50.0, Late(2.0, 3.0, 20.0), id="due-and-not-back"),
-    # 130 ms out: served for at least 100 of them
-    pytest.param(2.0, 130.0, Late(2.0, 3.0, 100.0), id="long-late"),
-    # a /select answer counted without a count of what was ahead: nothing to go by
-    pytest.param(None, 130.0, None, id="count-unknown"),
-])
-def test_a_late_request_says_the_least_its_time_can_be(inflight, age, late):
-    own = OwnRequests()
-    own.add("e", "pod-a", sent_ms=1000, stay_ms=20, network_ms=30, margin_ms=5,
-            inflight=inflight, items=3)
-    assert own.late(1000 + age) == ({"e": [late]} if late is not None else {})
-
-
-def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone():
-    own = OwnRequests()
-    first = own.add("e", "pod-a", sent_ms=0, stay_ms=15, network_ms=30, inflight=0)
-    # counted the first ahead: 15 ms of its own and 70 for the one ahead
-    own.add("e", "pod-a", sent_ms=10, stay_ms=85, network_ms=30, per_ahead_ms=70, inflight=1)
-    own.answered(first, 39)  # served at 24, before the second arrived at 25
-    own.remove(first)
-    assert own.late(10 + 44) == {}  # due at 15 + 30 once the 70 ms are taken off
-    assert own.late(10 + 45) == {"e": [Late(0.0, 1.0, 15.0)]}
 
 
 @pytest.mark.parametrize(("late", "want"), [

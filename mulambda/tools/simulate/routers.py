@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mulambda.policy.latency import OwnRequests, ServiceTracker, add_stats
+from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.latency import ServiceTracker, add_stats
 from mulambda.policy.selection import Policy, Preferences, rank
 from mulambda.store.records import (
     ExecutorRecord,
