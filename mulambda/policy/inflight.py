@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+from mulambda.store.records import TimedRequest
+
 from .latency import Late
 
 __all__ = ["LeaseTiming", "OwnRequests", "stay_window"]
@@ -27,6 +29,14 @@ class LeaseTiming(NamedTuple):
     inflight: float  # < 0: not said
     items: float
     stay_ms: float
+
+    def entry(self, pod: str, sent_ms: float) -> TimedRequest:
+        """The lease entry of a request sent to ``pod`` at ``sent_ms`` (epoch ms), as
+        readers decode it (store/records.py InflightLease)."""
+        busy_until, back_by = (sent_ms + self.busy_after) / 1000, (sent_ms + self.back_after) / 1000
+        if self.inflight < 0:
+            return TimedRequest(pod, busy_until, back_by)
+        return TimedRequest(pod, busy_until, back_by, self.inflight, self.items, self.stay_ms)
 
 
 def stay_window(stay_ms: float, network_ms: float, margin_ms: float) -> tuple[float, float]:

@@ -305,8 +305,8 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     timed = snapshot.inflight_requests.get(eid)
     timed_total = 0.0
     timed_pods: dict[str, float] = {}
-    late = list(snapshot.own_late.get(eid) or ())
-    own_late = len(late)
+    own_late = snapshot.own_late.get(eid) or ()
+    others_late: list[Late] = []
     for t in timed or ():
         late_now = now >= t.back_by
         if late_now or now + v.rtt.get(t.pod, net) / 2000 < t.busy_until:
@@ -314,13 +314,13 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
             if t.pod:
                 timed_pods[t.pod] = timed_pods.get(t.pod, 0.0) + 1
         if late_now and t.inflight >= 0:
-            late.append(Late(t.inflight, t.items, (now - t.back_by) * 1000 + t.stay_ms))
-    if late:  # requests there not back when due, the caller's or another's: the model is short
-        model = floored(fitted, late)
+            others_late.append(Late(t.inflight, t.items, (now - t.back_by) * 1000 + t.stay_ms))
+    if own_late or others_late:  # not back when due, the caller's or another's: model short
+        model = floored(fitted, [*own_late, *others_late])
         if model is not fitted:
             service += model.base_ms - fitted.base_ms
-            notes += (f"service time raised: {own_late} request(s) of this router and "
-                      f"{len(late) - own_late} of others not back when due",)
+            notes += (f"service time raised: {len(own_late)} request(s) of this router and "
+                      f"{len(others_late)} of others not back when due",)
     ready = max(len(v.live), 1)
     timed_spread = (timed_total - sum(timed_pods.values())) / ready  # sent to the Service
     # Everybody else's requests only counted (some are on the wire): the share

@@ -131,8 +131,9 @@ class InflightCounter:
         it now: other routers count it as this one does."""
         t = self.own.lease(token)
         assert t is not None
-        window: list[str | float] = [pod, sent + t.busy_after / 1000, sent + t.back_after / 1000]
-        return [*window, t.inflight, t.items, t.stay_ms] if t.inflight >= 0 else window
+        entry = t.entry(pod, sent * 1000)
+        # Without a count sent there is nothing to say past the window (older writers' form).
+        return list(entry) if entry.inflight >= 0 else list(entry[:3])
 
     def retime(self, token: int) -> None:
         """Own request ``token`` will be served sooner than its lease says (an answer showed

@@ -268,9 +268,7 @@ class _Mulambda(_Router):
         sent, pod = self.lease_of[(inst.index, token)]
         t = inst.own.lease(token)
         assert t is not None
-        self.published[inst.index][token] = (eid, TimedRequest(
-            pod, (sent + t.busy_after) / 1000, (sent + t.back_after) / 1000, t.inflight,
-            t.items, t.stay_ms))
+        self.published[inst.index][token] = (eid, t.entry(pod, sent))
 
     def _others_stats(self, inst: _Instance) -> dict[str, ServiceStats]:
         stats: dict[str, ServiceStats] = {}
