@@ -9,7 +9,9 @@ requests in flight. :func:`~mulambda.policy.selection.rank` redoes all of it
 per call; :class:`Ranker` keeps, per (criteria, policy, items, replicas):
 
 * what :func:`~mulambda.policy.selection.prepare` derived from those parts,
-  while the parts are the same objects; when only the statistics are
+  while the parts are the same objects and the signed claims it counted on
+  hold (a replica's claim runs out at the snapshot's time, not when its dict
+  changes); when only the statistics are
   another dict (a router merges its own measurements into a new one for
   every decision), what depends on them is derived again for the executors
   whose statistics are another object, and those are then evaluated on
@@ -31,6 +33,7 @@ must not change the candidates they get (they are shared between answers).
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -61,6 +64,9 @@ class _Kept:
     # Executors whose statistics changed since ``unloaded`` was built: their entries there
     # are out of date, so every call evaluates them as it does a loaded one.
     remeasured: set[str] = field(default_factory=set)
+    # Until when ``viable`` holds with the same parts: the first signed claim it counted
+    # on runs out then (prepare() drops a replica whose claim no longer holds).
+    until: float = math.inf
 
 
 def _parts(snapshot: Snapshot) -> tuple[object, object, object, object]:
@@ -143,7 +149,7 @@ class Ranker:
         if kept is not None:
             executors, replicas_, latency, service = kept.parts
             if (executors is snapshot.executors and replicas_ is snapshot.replicas
-                    and latency is snapshot.latency):
+                    and latency is snapshot.latency and snapshot.taken_at <= kept.until):
                 if service is not snapshot.service:
                     self._remeasure(kept, snapshot, items)
                 # Once a quarter of them is evaluated on every call, build it all again.
@@ -166,8 +172,11 @@ class Ranker:
         for c in unloaded:
             score(c, best, prefs, wait)
         unloaded.sort(key=order_key)
+        until = min((r.claim_until for v in viable if v.rec.heartbeat_key for r in v.live),
+                    default=math.inf)
         kept = _Kept(_parts(snapshot), {v.eid: v for v in viable}, rejected, unloaded,
-                     sorted(unloaded, key=lambda c: -c.assumed_accuracy), best, prefs)
+                     sorted(unloaded, key=lambda c: -c.assumed_accuracy), best, prefs,
+                     until=until)
         self._kept[key] = kept
         while len(self._kept) > self.max_entries:
             self._kept.popitem(last=False)

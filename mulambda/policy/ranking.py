@@ -47,8 +47,13 @@ class Preferences:
         w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
         if w_lat == 0 and w_acc == 0:
             w_lat = w_acc = 1.0  # no preference at all: weigh both equally
-        total = w_lat + w_acc
-        w_lat = max(w_lat, policy.min_latency_share * total)
+        # Only their ratio counts: scaled to the larger so that two huge weights cannot
+        # overflow their sum (inf / inf would make every score NaN).
+        top = max(w_lat, w_acc)
+        w_lat, w_acc = w_lat / top, w_acc / top
+        share = policy.min_latency_share
+        if 0 < share < 1:  # latency weighs at least that share: w_lat / (w_lat + w_acc)
+            w_lat = max(w_lat, share / (1 - share) * w_acc)
         budget = criteria.max_latency_ms
         return cls(w_lat, w_acc, budget or policy.latency_scale_ms,
                    budget or policy.default_max_latency_ms)

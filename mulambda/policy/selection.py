@@ -337,7 +337,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
         for r in v.live:
             net_r = v.rtt.get(r.pod, net)
             k_r = (own.get(r.pod, 0.0) + own_spread + timed_pods.get(r.pod, 0.0) + timed_spread
-                   + (others * stay / (stay + net_r) if others else 0.0))
+                   + _still_there(others, stay, net_r))
             e_r = net_r + model.per_inflight_ms * k_r
             if best is None or e_r < best[0]:
                 best = (e_r, r, k_r, net_r)
@@ -345,7 +345,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
         _, replica, k, net = best
     else:
         k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
-             + (others * stay / (stay + net) if others else 0.0))
+             + _still_there(others, stay, net))
     load = model.per_inflight_ms * k
     steady = net + service + load
     expected = steady + v.cold
@@ -358,6 +358,14 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
         v.accuracy, k, False, replica, model, v.stats.count if v.stats is not None else 0,
         notes,
     )
+
+
+def _still_there(others: float, stay: float, net: float) -> float:
+    """How many of ``others`` requests only counted (no timing) are still at the replica
+    when a new one arrives: the share ``stay / (stay + net)`` of their time there. A model
+    that takes no time over no network has none there (and no load to charge for them:
+    a stay of 0 with requests counted means a per-inflight cost of 0)."""
+    return others * stay / (stay + net) if others and stay + net > 0 else 0.0
 
 
 def score(c: Candidate, best_accuracy: float, prefs: Preferences, wait: bool) -> None:

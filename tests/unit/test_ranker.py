@@ -9,6 +9,7 @@ import pytest
 
 from mulambda.policy.ranker import Ranker
 from mulambda.policy.selection import Criteria, explained, prefilter, rank
+from mulambda.store.heartbeats import Signer, executor_seed, public_key
 from mulambda.store.records import (
     ExecutorRecord,
     LatencySample,
@@ -146,6 +147,31 @@ def test_keeps_the_unloaded_candidates_while_the_snapshot_parts_are_the_same():
     changed = replace(snap, replicas=dict(snap.replicas))  # a new dict: derived again
     assert [id(c) for c in ranker.rank(crit, changed)] != [id(c) for c in first]
     _same(ranker.rank(crit, changed), rank(crit, changed))
+
+
+def test_a_signed_claim_running_out_is_seen_with_the_same_parts():
+    """The store reader hands out the same replicas dict until a heartbeat expires, but a
+    signed claim can run out before: from then on rank() no longer counts the replica
+    (docs/security.md T2), and neither does the Ranker."""
+    seed = executor_seed(b"operator-secret-0123456789", "ml", "a", "uid-1")
+    rec = ExecutorRecord(namespace="ml", name="a", model="a", version=1, type="vision",
+                         input="image", output="label", accuracy=0.9, rest="http://a",
+                         grpc="a", state="Ready", min_replicas=1, service_time_ms=10.0,
+                         heartbeat_key=public_key(seed))
+    beat = Signer(seed).sign(ReplicaRecord(executor=rec.id, pod="a-0", ip="10.0.0.7",
+                                           state="Available", expires_at=NOW + 3600), NOW)
+    snap = Snapshot(executors={rec.id: rec}, replicas={rec.id: [beat]}, latency={},
+                    inflight={}, taken_at=NOW)
+    crit = Criteria(type="vision")
+    ranker = Ranker()
+    assert [c.executor_id for c in ranker.rank(crit, snap)] == ["ml/a"]
+    for at, serving in ((beat.claim_until, True), (beat.claim_until + 5, False)):
+        later = replace(snap, taken_at=at)  # the same parts, as a reader hands them out
+        got = ranker.rank(crit, later)
+        assert bool(got) is serving
+        _same(got, rank(crit, later))
+        if not serving:
+            assert "none signed" in got.rejected["ml/a"]
 
 
 def test_the_most_accurate_going_over_its_limit_rescores_the_others():

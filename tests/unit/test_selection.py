@@ -138,6 +138,45 @@ def test_zero_weights_mean_equal_weights():
     assert [(c.executor_id, c.score) for c in zero] == [(c.executor_id, c.score) for c in equal]
 
 
+@pytest.mark.parametrize(("latency", "accuracy", "share"), [
+    pytest.param(0, 1, 0.05, id="accuracy-only-raised-to-the-minimum"),
+    pytest.param(0.01, 1, 0.05, id="below-the-minimum-raised"),
+    pytest.param(0, 100, 0.05, id="scale-does-not-matter"),
+    pytest.param(1, 3, 0.25, id="above-the-minimum-kept"),
+    pytest.param(1, 0, 1.0, id="latency-only"),
+    pytest.param(1e308, 1e308, 0.5, id="huge-weights-do-not-overflow"),
+    pytest.param(1e308, 1e-308, 1.0, id="extreme-ratio"),
+])
+def test_latency_weighs_what_the_weights_say_and_at_least_its_minimum(latency, accuracy,
+                                                                       share):
+    prefs = Preferences.of(Criteria(type="vision", latency_weight=latency,
+                                    accuracy_weight=accuracy))
+    total = prefs.latency_weight + prefs.accuracy_weight
+    assert math.isfinite(total)
+    assert prefs.latency_weight / total == pytest.approx(share)
+    assert 0 <= prefs.score(20, 0.9) <= 1
+
+
+def test_huge_weights_rank_as_their_ratio():
+    snap = snapshot(executor("a", accuracy=0.9, service=20), executor("b", accuracy=0.6, service=5),
+                    rtt={"a": 1, "b": 1})
+    huge = rank(Criteria(type="vision", latency_weight=1e308, accuracy_weight=1e308), snap,
+                rng=random.Random(1))
+    equal = rank(Criteria(type="vision", latency_weight=1, accuracy_weight=1), snap)
+    assert [(c.executor_id, c.score) for c in huge] == [(c.executor_id, c.score) for c in equal]
+
+
+def test_a_model_of_no_time_over_no_network_ranks_with_others_in_flight():
+    # Declared 0 ms (the CRD allows it) and an RTT sample of 0: the share of the others'
+    # untimed requests still there, stay / (stay + RTT), was 0 / 0.
+    snap = snapshot(executor("a", service=0.0), executor("b", service=10.0),
+                    rtt={"a": 0.0, "b": 0.0}, inflight={"a": 2})
+    for replicas in (False, True):
+        ranking = rank(Criteria(type="vision"), snap, replicas=replicas)
+        assert [(c.executor_id, c.expected_latency_ms) for c in ranking] == [
+            ("ml/a", 0.0), ("ml/b", 10.0)]
+
+
 def test_limits_filter_candidates():
     snap = snapshot(executor("slow", service=200, accuracy=0.99),
                     executor("fast", service=5, accuracy=0.5),
