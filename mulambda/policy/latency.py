@@ -282,12 +282,6 @@ class ServiceTracker:
         """Publish these again (a write that failed)."""
         self._changed.update(e for e in executors if e in self.stats)
 
-    def forget(self, executor: str) -> None:
-        self.stats.pop(executor, None)
-        self._spread.pop(executor, None)
-        self._median.pop(executor, None)
-        self._changed.discard(executor)
-
 
 class Late(NamedTuple):
     """A request of ours not back when due: sent with ``inflight`` requests ahead and

@@ -4,6 +4,7 @@ the reasons others were rejected (:class:`Ranking`)."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -47,10 +48,11 @@ class Preferences:
         w_lat, w_acc = criteria.latency_weight, criteria.accuracy_weight
         if w_lat == 0 and w_acc == 0:
             w_lat = w_acc = 1.0  # no preference at all: weigh both equally
-        # Only their ratio counts: scaled to the larger so that two huge weights cannot
-        # overflow their sum (inf / inf would make every score NaN).
-        top = max(w_lat, w_acc)
-        w_lat, w_acc = w_lat / top, w_acc / top
+        if not math.isfinite(w_lat + w_acc):
+            # Only their ratio counts: two huge weights whose sum overflows would make
+            # every score inf / inf = NaN.
+            top = max(w_lat, w_acc)
+            w_lat, w_acc = w_lat / top, w_acc / top
         share = policy.min_latency_share
         if 0 < share < 1:  # latency weighs at least that share: w_lat / (w_lat + w_acc)
             w_lat = max(w_lat, share / (1 - share) * w_acc)
