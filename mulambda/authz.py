@@ -63,12 +63,13 @@ SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # Bearer tokens are JWTs (ServiceAccount and OIDC tokens): three base64url parts. Anything
 # else is refused without bothering the API server.
-_JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+_JWT = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 _MAX_TOKEN = 16 * 1024
-# Namespace: RFC 1123 label; Client name: RFC 1123 subdomain.
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Namespace: RFC 1123 label; Client name: RFC 1123 subdomain. \Z, not $: "$" also
+# matches before a trailing newline, which let "app\n" through as a name.
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")
 _LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
-_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(\.{_LABEL})*\Z")
 # The kubelet rotates the projected token; client-go re-reads it every minute too.
 _TOKEN_REREAD_SECONDS = 60.0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import types
 import typing
@@ -309,10 +310,33 @@ def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
     return found
 
 
+# A JSON integer of this many digits is no count, time or version of ours.
+_LONG_INT = {str: re.compile(r"[0-9]{16}"), bytes: re.compile(rb"[0-9]{16}")}
+# What a Redis counter (HINCRBY) can hold.
+_COUNTER_RANGE = range(-(2**63), 2**63)
+
+
+def _long_int(text: str) -> int | float:
+    if len(text) - (text[0] == "-") < 16:
+        return int(text)
+    value = float(text)
+    return value if math.isfinite(value) else math.nan
+
+
+def _json(raw: str | bytes) -> Any:
+    """``json.loads``, with integers of 16 digits or more read as floats, and NaN past a
+    float's range: validation refuses it, where an int overflowed the first ``float()``
+    of a router, the gateway or the autoscaler (a hostile writer's 10**400 in a lease
+    did: docs/security.md T3)."""
+    if _LONG_INT[type(raw)].search(raw) is None:  # type: ignore[index]
+        return json.loads(raw)
+    return json.loads(raw, parse_int=_long_int)
+
+
 def _load(cls: Any, raw: str | bytes) -> Any:
     """Decode a record; ValueError (naming no value) when it is not a valid one."""
     try:
-        data = json.loads(raw)
+        data = _json(raw)
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
         raise ValueError("not JSON") from exc
     if not isinstance(data, dict):
@@ -337,11 +361,11 @@ def _load(cls: Any, raw: str | bytes) -> Any:
 def _expires_at(raw: str) -> float | None:
     """The ``expires_at`` of a JSON value, or None when it has no usable one."""
     try:
-        data = json.loads(raw)
+        data = _json(raw)
     except ValueError:
         return None
     value = data.get("expires_at") if isinstance(data, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None
     return float(value)
 
@@ -359,7 +383,8 @@ def _glob_escape(text: str) -> str:
 def _count(raw: Any) -> int | None:
     """A HINCRBY counter's value, or None when it is not an integer."""
     try:
-        return int(raw)
+        value = int(raw)
     except (TypeError, ValueError):
         return None
+    return value if value in _COUNTER_RANGE else None
 

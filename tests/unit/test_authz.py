@@ -32,6 +32,9 @@ from mulambda.settings import Settings
     ({"client": "team-a/c1/x"}, None),
     ({"namespace": "Team", "client": "c1"}, None),
     ({"namespace": "a", "client": "../b"}, None),
+    ({"namespace": "shop", "client": "app\n"}, None),  # "$" let a trailing newline in
+    ({"namespace": "shop\n", "client": "app"}, None),
+    ({"client": "shop%2Fapp%0A"}, None),
     ({"namespace": "a"}, None),
     ({}, None),
 ])

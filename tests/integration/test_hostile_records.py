@@ -1,0 +1,115 @@
+"""Store values written with a credential the ACLs allow (docs/security.md T3) hold JSON
+integers too large for a float: each is refused when decoded, and nobody else's selection,
+SDK, autoscaling or pruning breaks (an int of 401 digits passed validation and overflowed
+the first float() of each of them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from mulambda.sdk.client import MulambdaClient
+from mulambda.selector.app import create_app
+from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
+
+from support.acl_store import login, role_stores
+from support.selector_http import selector_http
+
+pytestmark = pytest.mark.integration
+P = "hostile"
+HUGE = 10 ** 400  # valid JSON: 401 digits
+
+
+@pytest.fixture
+def url(acl_redis):
+    acl_redis.flush()
+    return acl_redis.url
+
+
+@pytest.fixture
+async def stores(url, monkeypatch):
+    out = role_stores(url, P, monkeypatch, roles=("operator", "selector", "client"))
+    yield out
+    for s in out.values():
+        await s.close()
+
+
+async def _fleet(op) -> None:
+    for name in ("a", "b"):
+        rec = ExecutorRecord(namespace="ml", name=name, model="m", version=1, type="vision",
+                             input="image", output="label", accuracy=0.9,
+                             rest=f"http://{name}.invalid:1", grpc="", state="Ready",
+                             service_time_ms=5)
+        await op.put_executor(rec)
+        await op.put_replica(ReplicaRecord(executor=rec.id, pod=f"{name}-0", ip="127.0.0.1",
+                                           state="Available"), ttl=600)
+    await op.put_client(ClientRecord(namespace="other", name="victim", type="vision"))
+
+
+def _write(url: str, role: str, key: str, field: str, value: dict) -> None:
+    writer = login(url, role)
+    writer.hset(f"{P}:{key}", field, json.dumps(value))
+    writer.xadd(f"{P}:{key}:changes", {"f": json.dumps([field])})
+    writer.close()
+
+
+LEASES = {
+    "busy_until": {"n": 1, "expires_at": 9e9, "requests": [["p", HUGE, 1, 0, 1, 1]]},
+    "inflight": {"n": 1, "expires_at": 9e9, "requests": [["p", 1, 1, HUGE, 1, 1]]},
+    "n": {"n": HUGE, "expires_at": 9e9, "requests": []},
+    "expires_at": {"n": 1, "expires_at": HUGE, "requests": []},
+}
+OTHERS = {
+    "service-w": ("sdk", "service", "ml/a|evil", {"w": HUGE, "count": 1, "expires_at": 9e9}),
+    "service-cold": ("sdk", "service", "ml/a|evil",
+                     {"cold_ms": HUGE, "cold_count": 1, "expires_at": 9e9}),
+    "latency-ms": ("companion", "latency:other/victim", "ml/a|a-0",
+                   {"ms": HUGE, "samples": 1, "expires_at": time.time() + 600}),
+    "replica-expires": ("companion", "replicas", "ml/a|evil",
+                        {"executor": "ml/a", "pod": "evil", "ip": "10.9.9.9",
+                         "state": "Available", "expires_at": HUGE}),
+}
+CASES = {**{f"lease-{k}": ("sdk", "inflight", "ml/a|evil", v) for k, v in LEASES.items()},
+         **OTHERS}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_a_huge_integer_is_refused_and_selection_goes_on(url, stores, case, caplog):
+    role, key, field, value = CASES[case]
+    caplog.set_level(logging.WARNING, logger="mulambda.store")
+    await _fleet(stores["operator"])
+    async with selector_http(create_app(stores["selector"], cache_ttl=0)) as api:
+        assert (await api.post("/select/other/victim", json={})).status_code == 200
+        _write(url, role, key, field, value)
+        for _ in range(2):
+            answer = await api.post("/select/other/victim", json={})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"]["executor"] in ("ml/a", "ml/b")
+    # The reader refused the value and said why, without repeating it.
+    refused = [r.getMessage() for r in caplog.records if field in r.getMessage()]
+    assert refused and not any("1" * 40 in m for m in refused), caplog.text
+
+
+async def test_a_tenants_read_only_sdk_still_selects(url, stores):
+    await _fleet(stores["operator"])
+    _write(url, "sdk", "inflight", "ml/a|evil", LEASES["busy_until"])
+    async with MulambdaClient(stores["client"], "other/victim", prefix=P,
+                              read_only=True) as sdk:
+        assert (await sdk.select()).executor_id in ("ml/a", "ml/b")
+
+
+async def test_autoscaling_and_pruning_go_on(url, stores):
+    op = stores["operator"]
+    await _fleet(op)
+    _write(url, "sdk", "inflight", "ml/a|evil", LEASES["n"])
+    _write(url, "sdk", "inflight", "ml/b|honest", {"n": 3, "expires_at": time.time() + 30})
+    _write(url, "sdk", "inflight", "ml/b|dead", {"n": 2, "expires_at": time.time() - 5})
+    load = await op.fleet_load({"ml/a": 60, "ml/b": 60})
+    assert load["ml/a"][0] == 0 and load["ml/b"][0] == 3
+    for family, role in (("service", "sdk"), ("replicas", "companion")):
+        _write(url, role, family, "ml/a|evil", {"expires_at": HUGE})
+    assert await op.prune_expired() == 1  # the dead lease; the poisoned ones are logged
+    assert set(login(url, "operator").hkeys(f"{P}:inflight")) == {"ml/a|evil", "ml/b|honest"}
