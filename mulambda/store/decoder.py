@@ -15,7 +15,9 @@ from .records import (
     ServiceStats,
     TimedRequest,
     _load,
+    _now,
     _split_field,
+    too_far_ahead,
 )
 
 if TYPE_CHECKING:
@@ -44,10 +46,15 @@ class Decoder:
     def decode(self, cls: Any, key: str, name: str, raw: str) -> Any:
         """``raw`` as a ``cls``, or None (logged) when it is not a valid one."""
         try:
-            return _load(cls, raw)
+            record = _load(cls, raw)
         except ValueError as exc:
             self.malformed(key, name, str(exc))
             return None
+        why = too_far_ahead(cls, getattr(record, "expires_at", 0.0), _now())
+        if why is not None:
+            self.malformed(key, name, why)
+            return None
+        return record
 
     def decode_all(self, cls: Any, key: str, raw: Mapping[str, str]) -> dict[str, Any]:
         out = {}

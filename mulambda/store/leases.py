@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .demand import DEMAND_BUCKET_SECONDS, DEMAND_TTL_SECONDS, _bucket
 from .metadata import INFLIGHT_LEASE_SECONDS
 from .reader import InflightMirror, Load
-from .records import StoreUnavailable
+from .records import MAX_LEASE_SECONDS, StoreUnavailable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -53,6 +53,8 @@ class InflightLeases:
         self.instance = instance or uuid.uuid4().hex[:16]
         if "|" in self.instance:
             raise ValueError("instance must not contain '|'")
+        if not 0 < ttl <= MAX_LEASE_SECONDS:  # readers refuse a lease expiring later
+            raise ValueError(f"ttl must be within (0, {MAX_LEASE_SECONDS:g}] seconds")
         self.ttl = ttl
         self.release_timeout = 2.0  # close() gives up deleting the leases after this
         self.refresh_seconds = max(0.05, ttl / 3)

@@ -18,6 +18,8 @@ from .decoder import Decoder
 from .demand import DemandKeys
 from .mirror import changes_key, queue_change
 from .records import (
+    INFLIGHT_LEASE_SECONDS,
+    SERVICE_TTL_SECONDS,
     ClientRecord,
     ExecutorRecord,
     InflightLease,
@@ -31,12 +33,8 @@ from .records import (
     _expires_at,
     _glob_escape,
     _now,
+    too_far_ahead,
 )
-
-# An in-flight lease outlives its owner by at most this long.
-INFLIGHT_LEASE_SECONDS = 30.0
-# Measured service times are kept this long after their writer's last write.
-SERVICE_TTL_SECONDS = 3600.0
 
 log = logging.getLogger("mulambda.store")
 
@@ -194,20 +192,21 @@ class MetadataStore(DemandKeys):
         now = _now()
         removed = 0
 
-        def expired(key: str, raw: Mapping[str, str]) -> list[str]:
+        def expired(key: str, raw: Mapping[str, str], cls: type | None) -> list[str]:
             out = []
             for name, value in raw.items():
                 at = _expires_at(value)
                 if at is None:
                     self.decoder.malformed(key, name, "no expires_at")
-                elif at < now:
+                elif at < now or too_far_ahead(cls, at, now) is not None:
                     out.append(name)
             return out
 
         clients = await self._run(self.redis.hkeys(self.clients_key))
+        ahead_of = {self.inflight_key: InflightLease, self.service_key: ServiceStats}
         for key in [self.replicas_key, self.inflight_key, self.service_key,
                     *map(self.latency_key, clients)]:
-            dead = expired(key, await self._run(self.redis.hgetall(key)))
+            dead = expired(key, await self._run(self.redis.hgetall(key)), ahead_of.get(key))
             if dead:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     pipe.hdel(key, *dead)

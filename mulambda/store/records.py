@@ -28,6 +28,16 @@ def _now() -> float:
     return time.time()
 
 
+# An in-flight lease outlives its owner by this long (a router may choose up to
+# MAX_LEASE_SECONDS); measured service times are kept this long after their writer's last
+# write.
+INFLIGHT_LEASE_SECONDS = 30.0
+MAX_LEASE_SECONDS = 300.0
+SERVICE_TTL_SECONDS = 3600.0
+# How far a writer's clock may run ahead of a reader's.
+CLOCK_SLACK_SECONDS = 60.0
+
+
 class _Resource:
     """A record of one custom resource, identified by ``NAMESPACE/NAME``."""
 
@@ -240,6 +250,17 @@ def invalid_reason(record: Any) -> str | None:
     return check(record) if check is not None else None
 
 
+def too_far_ahead(cls: type | None, expires_at: float, now: float) -> str | None:
+    """Why a ``cls`` (a lease or service statistics) expiring at ``expires_at`` expires
+    later than any writer of ours sets, or None. Such a value is refused by readers and
+    pruned: a hostile writer's lease would otherwise count for as long as it likes
+    (docs/security.md T3)."""
+    horizon = _HORIZON_SECONDS.get(cls) if cls is not None else None
+    if horizon is not None and expires_at > now + horizon + CLOCK_SLACK_SECONDS:
+        return f"expires_at is more than {horizon:g} s ahead (no writer sets that)"
+    return None
+
+
 def _negative(record: Any, names: tuple[str, ...]) -> str | None:
     for name in names:
         value = getattr(record, name)
@@ -266,6 +287,8 @@ def _lease_rule(r: InflightLease) -> str | None:
     return _negative(r, ("n",))
 
 
+_HORIZON_SECONDS: dict[type, float] = {InflightLease: MAX_LEASE_SECONDS,
+                                        ServiceStats: SERVICE_TTL_SECONDS}
 _RULES: dict[type, Any] = {
     ExecutorRecord: _executor_rule,
     LatencySample: lambda r: _negative(r, ("ms", "samples")),
@@ -311,7 +334,8 @@ def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
 
 
 # A JSON integer of this many digits is no count, time or version of ours.
-_LONG_INT = {str: re.compile(r"[0-9]{16}"), bytes: re.compile(rb"[0-9]{16}")}
+_LONG_INT = re.compile(r"[0-9]{16}")
+_LONG_INT_BYTES = re.compile(rb"[0-9]{16}")
 # What a Redis counter (HINCRBY) can hold.
 _COUNTER_RANGE = range(-(2**63), 2**63)
 
@@ -328,7 +352,8 @@ def _json(raw: str | bytes) -> Any:
     float's range: validation refuses it, where an int overflowed the first ``float()``
     of a router, the gateway or the autoscaler (a hostile writer's 10**400 in a lease
     did: docs/security.md T3)."""
-    if _LONG_INT[type(raw)].search(raw) is None:  # type: ignore[index]
+    long = (_LONG_INT.search(raw) if isinstance(raw, str) else _LONG_INT_BYTES.search(raw))
+    if long is None:
         return json.loads(raw)
     return json.loads(raw, parse_int=_long_int)
 

@@ -49,7 +49,12 @@ async def _fleet(op) -> None:
     await op.put_client(ClientRecord(namespace="other", name="victim", type="vision"))
 
 
+SOON = "soon"  # replaced by a minute from the time of writing
+
+
 def _write(url: str, role: str, key: str, field: str, value: dict) -> None:
+    if value.get("expires_at") == SOON:
+        value = {**value, "expires_at": time.time() + 60}
     writer = login(url, role)
     writer.hset(f"{P}:{key}", field, json.dumps(value))
     writer.xadd(f"{P}:{key}:changes", {"f": json.dumps([field])})
@@ -57,17 +62,17 @@ def _write(url: str, role: str, key: str, field: str, value: dict) -> None:
 
 
 LEASES = {
-    "busy_until": {"n": 1, "expires_at": 9e9, "requests": [["p", HUGE, 1, 0, 1, 1]]},
-    "inflight": {"n": 1, "expires_at": 9e9, "requests": [["p", 1, 1, HUGE, 1, 1]]},
-    "n": {"n": HUGE, "expires_at": 9e9, "requests": []},
+    "busy_until": {"n": 1, "expires_at": SOON, "requests": [["p", HUGE, 1, 0, 1, 1]]},
+    "inflight": {"n": 1, "expires_at": SOON, "requests": [["p", 1, 1, HUGE, 1, 1]]},
+    "n": {"n": HUGE, "expires_at": SOON, "requests": []},
     "expires_at": {"n": 1, "expires_at": HUGE, "requests": []},
 }
 OTHERS = {
-    "service-w": ("sdk", "service", "ml/a|evil", {"w": HUGE, "count": 1, "expires_at": 9e9}),
+    "service-w": ("sdk", "service", "ml/a|evil", {"w": HUGE, "count": 1, "expires_at": SOON}),
     "service-cold": ("sdk", "service", "ml/a|evil",
-                     {"cold_ms": HUGE, "cold_count": 1, "expires_at": 9e9}),
+                     {"cold_ms": HUGE, "cold_count": 1, "expires_at": SOON}),
     "latency-ms": ("companion", "latency:other/victim", "ml/a|a-0",
-                   {"ms": HUGE, "samples": 1, "expires_at": time.time() + 600}),
+                   {"ms": HUGE, "samples": 1, "expires_at": SOON}),
     "replica-expires": ("companion", "replicas", "ml/a|evil",
                         {"executor": "ml/a", "pod": "evil", "ip": "10.9.9.9",
                          "state": "Available", "expires_at": HUGE}),
@@ -113,3 +118,38 @@ async def test_autoscaling_and_pruning_go_on(url, stores):
         _write(url, role, family, "ml/a|evil", {"expires_at": HUGE})
     assert await op.prune_expired() == 1  # the dead lease; the poisoned ones are logged
     assert set(login(url, "operator").hkeys(f"{P}:inflight")) == {"ml/a|evil", "ml/b|honest"}
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("inflight", {"n": 500, "requests": []}),
+    ("service", {"w": 1000, "t": 1e9, "count": 1000}),
+], ids=["lease", "service-times"])
+async def test_a_value_expiring_later_than_any_writer_sets_is_refused_and_pruned(
+        url, stores, key, value):
+    """T3: a forged lease counts until it expires, and no writer sets a lease further
+    ahead than MAX_LEASE_SECONDS (service times: their 1 h)."""
+    from mulambda.store.leases import InflightReader
+
+    op = stores["operator"]
+    await _fleet(op)
+    _write(url, "sdk", key, "ml/a|evil", {**value, "expires_at": time.time() + 10 ** 8})
+    _write(url, "sdk", key, "ml/b|honest", {**value, "expires_at": time.time() + 20})
+    reader = InflightReader(stores["selector"], "selector-x", service=True)
+    try:
+        load = await reader.read()
+    finally:
+        reader.close()
+    if key == "inflight":
+        assert load.counts == {"ml/b": 500}
+    else:
+        assert set(load.service) == {"ml/b"}
+    assert await op.prune_expired() == 1
+    assert login(url, "operator").hkeys(f"{P}:{key}") == ["ml/b|honest"]
+
+
+def test_a_router_cannot_lease_for_longer_than_readers_accept():
+    from mulambda.store.leases import InflightLeases
+    from mulambda.store.records import MAX_LEASE_SECONDS
+
+    with pytest.raises(ValueError, match="ttl must be within"):
+        InflightLeases(object(), ttl=MAX_LEASE_SECONDS + 1)  # type: ignore[arg-type]
