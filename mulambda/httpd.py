@@ -15,11 +15,8 @@ endpoints, the ping responder).
   client slower than the timeout: :class:`BodyTimeout`, answered 408; both
   close the connection). A body a handler left unread is drained for at most
   ``drain_seconds``.
-* **JSON**: :func:`loads_guarded` refuses nesting deeper than
-  :data:`MAX_JSON_DEPTH` and integers longer than :data:`MAX_JSON_INT_DIGITS`
-  digits with a ``ValueError`` a handler answers 400 (Python's own decoder
-  raises ``RecursionError`` or a bare ``ValueError`` for them, which would be a
-  500 and a traceback per request).
+* **JSON**: bodies are decoded by :mod:`mulambda.bodies` (within limits; a
+  body of many containers in a child process), never by a bare ``json.loads``.
 * **Logs**: a malformed request (aiohttp's ``HttpProcessingError``) is the
   client's problem: one DEBUG line without a traceback, never aiohttp's ERROR
   with a traceback per request. A handler that raises is a bug and keeps its
@@ -29,9 +26,7 @@ endpoints, the ping responder).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import re
 from typing import Any, cast
 
 from aiohttp import web
@@ -39,8 +34,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_DRAIN_SECONDS = 1.0
-MAX_JSON_DEPTH = 64
-MAX_JSON_INT_DIGITS = 100
 
 log = logging.getLogger("mulambda.httpd")
 
@@ -120,45 +113,3 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     except TimeoutError:
         raise BodyTimeout(f"request body not received within {seconds:g} s") from None
     return b"".join(chunks)
-
-
-# Strings may hold brackets; escapes may hold quotes.
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
-_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
-_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_JSON_INT_DIGITS + 1))
-
-
-def _too_deep(body: bytes, limit: int) -> bool:
-    """Whether ``body`` nests brackets deeper than ``limit`` (C-speed regex passes: each
-    removes the innermost pairs, so ``limit`` passes empty any body within it)."""
-    if body.count(b"[") + body.count(b"{") <= limit:
-        return False
-    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
-    for _ in range(limit):
-        brackets, n = _INNERMOST.subn(b"", brackets)
-        if not brackets or not n:
-            return False  # within the limit, or unbalanced (the decoder says why)
-    return bool(brackets)
-
-
-def _bounded_int(text: str) -> int:
-    digits = len(text) - (text[0] == "-")
-    if digits > MAX_JSON_INT_DIGITS:
-        raise ValueError(f"integer longer than {MAX_JSON_INT_DIGITS} digits")
-    return int(text)
-
-
-def loads_guarded(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` that refuses what would otherwise be a 500: nesting deeper than
-    ``max_depth``, integers longer than :data:`MAX_JSON_INT_DIGITS` digits. Every
-    failure is a ``ValueError`` (``json.JSONDecodeError`` for bad syntax)."""
-    raw = body.encode() if isinstance(body, str) else body
-    if _too_deep(raw, max_depth):
-        raise ValueError(f"JSON nested deeper than {max_depth} levels")
-    try:
-        if _LONG_DIGITS.search(raw) is None:  # the common case: no per-integer hook
-            return json.loads(raw)
-        return json.loads(raw, parse_int=_bounded_int)
-    except RecursionError:  # a guard above missed it: still the client's error
-        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None

@@ -446,14 +446,13 @@ def experiment_ranking(ranking: Ranking, record: ClientRecord | None,
     return Ranking(ordered, ranking.rejected, ranking.wake, ranking.criteria), experiment
 
 
-def assignment_key(headers: Mapping[str, str], payload: Any,
+def assignment_key(headers: Mapping[str, str], body_key: str | None,
                    experiment: Experiment | None) -> str | None:
-    """A gateway request's sticky key: the experiment's header or top-level body field,
-    else the ``X-Mulambda-Key`` header; None (a fresh draw) when it has none."""
-    if experiment is not None and experiment.field and isinstance(payload, dict):
-        value = payload.get(experiment.field)
-        if isinstance(value, str | int) and not isinstance(value, bool):
-            return str(value)
+    """A gateway request's sticky key: the experiment's top-level body field (its value,
+    ``body_key``: :func:`mulambda.bodies.summary`) or header, else the ``X-Mulambda-Key``
+    header; None (a fresh draw) when it has none."""
+    if experiment is not None and experiment.field and body_key is not None:
+        return body_key
     if experiment is not None and experiment.header and headers.get(experiment.header):
         return headers[experiment.header]
     return headers.get(KEY_HEADER) or None

@@ -18,13 +18,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from mulambda.httpd import (
-    BodyTimeout,
-    BodyTooLarge,
-    loads_guarded,
-    read_body,
-    refuse,
-)
+from mulambda.bodies import loads_guarded
+from mulambda.httpd import BodyTimeout, BodyTooLarge, read_body, refuse
 from mulambda.policy.explain import explain
 from mulambda.policy.rollout import CANDIDATE, Experiment, assignment_key
 from mulambda.policy.selection import (
@@ -109,20 +104,6 @@ def _query_criteria(query: Mapping[str, str], record: ClientRecord | None) -> Cr
     return Criteria.from_request(required, desired, base)
 
 
-def _items(payload: Any) -> int:
-    """How many items a TF Serving predict body carries (1 when it does not say)."""
-    if isinstance(payload, dict):
-        for key in ("instances", "inputs"):
-            value = payload.get(key)
-            if isinstance(value, list):
-                return max(1, len(value))
-            if isinstance(value, dict):
-                first = next(iter(value.values()), None)
-                if isinstance(first, list):
-                    return max(1, len(first))
-    return 1
-
-
 def _decode(raw: bytes) -> Any:
     """A ``/select`` body decoded (empty: no fields); ValueError when it is not JSON."""
     return loads_guarded(raw) if raw.strip() else {}
@@ -202,9 +183,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
     try:
         try:
             body = await read_body(request, sel.max_body_bytes, sel.body_timeout)
-            parsed = loads_guarded(body)
-            items = _items(parsed)
-        except (BodyTooLarge, BodyTimeout, ValueError) as exc:
+        except (BodyTooLarge, BodyTimeout) as exc:
             outcome, answer = _bad_body(exc)
             return answer
         try:
@@ -224,11 +203,19 @@ async def predict(request: web.Request) -> web.StreamResponse:
         except ValueError as exc:
             outcome = "bad_request"
             return _error(400, str(exc))
+        configured = Experiment.of(
+            snap.client_record.experiment if snap.client_record is not None else None)
+        try:
+            # After the client is known: no decoding for names nobody registered.
+            items, body_key = await sel.inspector.inspect(
+                body, configured.field if configured is not None else None)
+        except (BodyTooLarge, ValueError) as exc:
+            outcome, answer = _bad_body(exc)
+            return answer
         attempts: list[dict[str, str]] = []
         tried: set[str] = set()
         stable_only: set[str] = set()  # executors whose new version failed this request
-        key = assignment_key(request.headers, parsed, Experiment.of(
-            snap.client_record.experiment if snap.client_record is not None else None))
+        key = assignment_key(request.headers, body_key, configured)
         while len(attempts) < sel.max_attempts:
             ranking, arms, experiment = await sel.routed(
                 criteria, snap, items=items, key=key, force_stable=frozenset(stable_only))

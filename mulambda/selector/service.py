@@ -53,6 +53,7 @@ from mulambda.store.records import Snapshot
 from .answers import AnswerText, RequestBodies
 from .caches import NO_SAMPLES, ClientViews, DemandQueue, MatchingViews
 from .decisions import REJECTION_REASONS, Children, decision_reason, rejections
+from .inspector import BodyInspector
 
 log = logging.getLogger("mulambda.selector")
 
@@ -96,6 +97,7 @@ class Selector:
         self.suspect_seconds = suspect_seconds
         self.body_timeout = body_timeout
         self.max_body_bytes = max_body_bytes
+        self.inspector = BodyInspector()
         self.instance = f"selector-{uuid.uuid4().hex[:12]}"
         self.shared = SharedSnapshot(store, cache_ttl, self.instance, self._refreshed)
         self.clients = ClientViews(store, cache_ttl, max_clients=max_cached_clients)

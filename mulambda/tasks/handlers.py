@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import Counter
 
-from mulambda.httpd import BodyTimeout, BodyTooLarge, loads_guarded, read_body
-from mulambda.selector.handlers import _bad_body, _error, _items, _json, _query_criteria
+from mulambda.httpd import BodyTimeout, BodyTooLarge, read_body
+from mulambda.selector.handlers import _bad_body, _error, _json, _query_criteria
 from mulambda.selector.service import SELECTOR_KEY, Selector
 from mulambda.store.records import StoreUnavailable
 
@@ -72,7 +72,7 @@ async def submit(request: web.Request) -> web.Response:
             return _error(400, problem)
         try:
             raw = await read_body(request, tasks.options.max_payload_bytes, sel.body_timeout)
-            items = _items(loads_guarded(raw))
+            items, _ = await sel.inspector.inspect(raw)
         except (BodyTooLarge, BodyTimeout, ValueError) as exc:
             outcome, answer = _bad_body(exc)
             return answer

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from mulambda.api.modelexecutor import Analysis
+from mulambda.bodies import summary
 from mulambda.policy.rollout import (
     BUCKETS,
     CANDIDATE,
@@ -260,7 +261,8 @@ def test_same_user_gets_the_same_arm_and_the_split_follows_the_weights() -> None
 ])
 def test_assignment_key(headers: dict, payload: object, exp: Experiment | None,
                         want: str | None) -> None:
-    assert assignment_key(headers, payload, exp) == want
+    field = exp.field if exp is not None else None
+    assert assignment_key(headers, summary(payload, field)[1], exp) == want
 
 
 def test_experiment_record_round_trip_and_bad_ones() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from mulambda.httpd import loads_guarded
+from mulambda.bodies import loads_guarded
 from mulambda.policy.criteria import Criteria
 from mulambda.policy.ranking import Candidate
 from mulambda.selector.answers import (

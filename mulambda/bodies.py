@@ -1,0 +1,109 @@
+"""What a request body holds: JSON decoded within limits (:func:`loads_guarded`), and what
+the gateway needs of a TF Serving predict body (:func:`summary`: its items, and the
+experiment's sticky-key field).
+
+Light on purpose (no aiohttp): run as ``python -m mulambda.bodies [FIELD]`` it is the
+child process :class:`mulambda.selector.items.BodyInspector` decodes a large body in
+(the body on stdin; ``[items, key]`` as JSON on stdout, exit 0; a ``ValueError``'s
+message on stderr, exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+MAX_JSON_DEPTH = 64
+MAX_JSON_INT_DIGITS = 100
+# Exit status of the child for a body that is not valid JSON within the limits.
+BAD_BODY_EXIT = 2
+
+
+def containers(body: bytes) -> int:
+    """An upper bound of the JSON arrays and objects in ``body`` (brackets in strings
+    count too), at C speed: what decoding it costs grows with it."""
+    return body.count(b"[") + body.count(b"{")
+
+
+# Strings may hold brackets; escapes may hold quotes.
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % (MAX_JSON_INT_DIGITS + 1))
+
+
+def _too_deep(body: bytes, limit: int) -> bool:
+    """Whether ``body`` nests brackets deeper than ``limit`` (C-speed regex passes: each
+    removes the innermost pairs, so ``limit`` passes empty any body within it)."""
+    if containers(body) <= limit:
+        return False
+    brackets = _STRING.sub(b"", body).translate(None, _NOT_BRACKET)
+    for _ in range(limit):
+        brackets, n = _INNERMOST.subn(b"", brackets)
+        if not brackets or not n:
+            return False  # within the limit, or unbalanced (the decoder says why)
+    return bool(brackets)
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text) - (text[0] == "-")
+    if digits > MAX_JSON_INT_DIGITS:
+        raise ValueError(f"integer longer than {MAX_JSON_INT_DIGITS} digits")
+    return int(text)
+
+
+def loads_guarded(body: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` that refuses what would otherwise be a 500: nesting deeper than
+    ``max_depth``, integers longer than :data:`MAX_JSON_INT_DIGITS` digits. Every
+    failure is a ``ValueError`` (``json.JSONDecodeError`` for bad syntax)."""
+    raw = body.encode() if isinstance(body, str) else body
+    if _too_deep(raw, max_depth):
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    try:
+        if _LONG_DIGITS.search(raw) is None:  # the common case: no per-integer hook
+            return json.loads(raw)
+        return json.loads(raw, parse_int=_bounded_int)
+    except RecursionError:  # a guard above missed it: still the client's error
+        raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
+
+
+def items_of(payload: Any) -> int:
+    """How many items a TF Serving predict body carries (1 when it does not say)."""
+    if isinstance(payload, dict):
+        for key in ("instances", "inputs"):
+            value = payload.get(key)
+            if isinstance(value, list):
+                return max(1, len(value))
+            if isinstance(value, dict):
+                first = next(iter(value.values()), None)
+                if isinstance(first, list):
+                    return max(1, len(first))
+    return 1
+
+
+def summary(payload: Any, field: str | None) -> tuple[int, str | None]:
+    """``payload``'s items (:func:`items_of`) and the value of its top-level ``field``
+    when that is a string or an integer (an experiment's sticky key), else None."""
+    key = None
+    if field and isinstance(payload, dict):
+        value = payload.get(field)
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            key = str(value)
+    return items_of(payload), key
+
+
+def main() -> int:
+    field = sys.argv[1] if len(sys.argv) > 1 else None
+    try:
+        found = summary(loads_guarded(sys.stdin.buffer.read()), field)
+    except ValueError as exc:
+        print(str(exc)[:500], file=sys.stderr)
+        return BAD_BODY_EXIT
+    print(json.dumps(found))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
