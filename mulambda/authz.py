@@ -53,6 +53,8 @@ from urllib.parse import unquote
 import aiohttp
 from aiohttp import web
 
+from mulambda.settings import SettingsError
+
 log = logging.getLogger("mulambda.authz")
 
 GROUP = "mulambda.io"
@@ -115,7 +117,7 @@ class ApiServer:
         port = environ.get("KUBERNETES_SERVICE_PORT", "443")
         token = sa_dir / "token"
         if not host or not token.exists():
-            raise RuntimeError(
+            raise SettingsError(
                 "caller authorization needs the pod's ServiceAccount token and "
                 "KUBERNETES_SERVICE_HOST (automountServiceAccountToken must be true); "
                 "for local development only, set MULAMBDA_SELECTOR_AUTH=false")

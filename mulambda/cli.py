@@ -69,8 +69,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import logging
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
-    mod = importlib.import_module(args._module)
-    return int(mod.run(args) or 0)
+    from mulambda.settings import SettingsError, log_level
+
+    try:
+        logging.basicConfig(
+            level=log_level(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+        )
+        mod = importlib.import_module(args._module)
+        return int(mod.run(args) or 0)
+    except SettingsError as exc:  # a bad MULAMBDA_* variable: its name, not a traceback
+        print(f"mulambda {args.command}: {exc}", file=sys.stderr)
+        return 2

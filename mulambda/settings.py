@@ -76,7 +76,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "AUTOSCALE_INTERVAL_SECONDS": (
         "2", "How often the operator samples demand and runs the autoscaler."),
     "RETRY_MAX_DELAY_SECONDS": ("60", "Upper bound of the back-off when the store is unreachable."),
-    "LOG_LEVEL": ("INFO", "Log level of every entry point."),
+    "LOG_LEVEL": (
+        "INFO", "Log level of every entry point: DEBUG, INFO, WARNING, ERROR or CRITICAL."),
 }
 
 # Per process, from a Secret through secretKeyRef, never from the shared ConfigMap:
@@ -214,6 +215,20 @@ def _default(name: str) -> str:
     return SETTINGS_DOC[name][0]
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(environ: Mapping[str, str] | None = None) -> str:
+    """``MULAMBDA_LOG_LEVEL``, upper-cased; :class:`SettingsError` when it is none of
+    :data:`LOG_LEVELS` (every entry point reads it, also those that need no other
+    setting)."""
+    level = Env(SETTINGS_DOC, environ).text("LOG_LEVEL").strip().upper()
+    if level not in LOG_LEVELS:
+        raise SettingsError(f"{PREFIX}LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, "
+                            f"not {level!r}")
+    return level
+
+
 @dataclass(frozen=True)
 class Settings:
     """The shared section, typed; field ``x_y`` is ``MULAMBDA_X_Y``. Build with :meth:`from_env`."""
@@ -256,13 +271,15 @@ class Settings:
                 values[f.name] = env.flag(name)
             else:
                 values[f.name] = env.text(name)
+        values["log_level"] = log_level(environ)
         settings = cls(**values)  # type: ignore[arg-type]
         if urlsplit(settings.redis_url).password:
             # The URL is copied into every executor and workload pod spec: a
             # password there would be readable by anyone who can read Deployments.
             raise SettingsError(
                 f"{PREFIX}REDIS_URL must not carry a password; put it in a Secret (key "
-                f"'password') and name that Secret in {PREFIX}REDIS_SECRET")
+                f"'password') and name that Secret in {PREFIX}REDIS_SECRET (the operator "
+                f"hands it to pods), or give it in {PREFIX}REDIS_PASSWORD (the CLI)")
         return settings
 
 

@@ -20,7 +20,7 @@ from mulambda.authz import (
     install,
     target_of,
 )
-from mulambda.settings import Settings
+from mulambda.settings import Settings, SettingsError
 
 
 @pytest.mark.parametrize(("match_info", "target"), [
@@ -102,7 +102,7 @@ def test_turning_authorization_off_is_loud(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_on_outside_a_pod_fails_at_start_with_the_way_out(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="MULAMBDA_SELECTOR_AUTH=false"):
+    with pytest.raises(SettingsError, match="MULAMBDA_SELECTOR_AUTH=false"):
         from_settings(True, {})
     (tmp_path / "token").write_text("t")
     api = ApiServer.in_cluster({"KUBERNETES_SERVICE_HOST": "10.96.0.1",
