@@ -655,7 +655,9 @@ SCENARIOS: dict[str, Obj] = {
     "tuned": {
         "fullnameOverride": "ml",
         "serviceAccount": {"create": False, "name": "ml-operator-sa"},
-        "selector": {"replicas": 3, "service": {"type": "NodePort", "nodePort": 30080}},
+        "selector": {"replicas": 3, "service": {"type": "NodePort", "nodePort": 30080},
+                     "extraArgs": ["--predict-timeout=10"],
+                     "extraEnv": [{"name": "MULAMBDA_TASK_TTL_SECONDS", "value": "60"}]},
         "settings": {"logLevel": "DEBUG", "keyPrefix": "team", "heartbeatTtlSeconds": 12.5},
         "operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
                      "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -909,6 +911,17 @@ def test_bucket_job_command_waits_for_s3_then_creates_each_bucket(
     # What the Job runs once Kubernetes has expanded $(BUCKETS).
     assert main([*BUCKET_ARGS[:-1], "models,extra"]) == 0
     assert calls == ["models", "models", "extra"]
+
+
+def test_chart_passes_the_selector_its_own_settings_and_options() -> None:
+    selector = container(render(SCENARIOS["tuned"]), "ml-selector")  # fullnameOverride
+    assert selector["args"] == ["selector", "--predict-timeout=10"]
+    env = {e["name"]: e for e in selector["env"]}
+    assert env["MULAMBDA_TASK_TTL_SECONDS"] == {"name": "MULAMBDA_TASK_TTL_SECONDS",
+                                                "value": "60"}
+    assert "MULAMBDA_REDIS_PASSWORD" in env  # its store login stays
+    plain = container(render({"redis": {"acl": {"enabled": False}}}), "mulambda-selector")
+    assert plain["args"] == ["selector"] and not plain.get("env")
 
 
 def test_chart_store_password_only_through_the_secret() -> None:
