@@ -46,7 +46,8 @@ was sent with, its items and its expected stay:
 :meth:`~mulambda.policy.inflight.OwnRequests.lease`), so they raise their
 models as soon as its sender does. Beside it, each router keeps a running
 median of the same relative error (a step of ``median_step`` up or down in
-log space per answer, started at 1): ``1.4826`` x it x scale is the
+log space per answer, started at 1, never below ``MIN_TYPICAL_ERROR``): ``1.4826`` x it
+x scale is the
 *margin* of a predicted stay, one standard deviation of the typical error,
 which :class:`~mulambda.policy.inflight.OwnRequests` and the leases'
 ``busy_until`` add before they count a request as on its way back.
@@ -113,6 +114,8 @@ DEFAULT_FIT = FitSettings()
 MIN_SPREAD_MS = 10.0
 # Standard deviation of normal errors per median absolute error.
 MAD_TO_SIGMA = 1.4826
+# The typical relative error never counts as less (0.1 ms of a 10 ms stay).
+MIN_TYPICAL_ERROR = 0.01
 
 
 class ServiceModel(NamedTuple):
@@ -238,7 +241,10 @@ class ServiceTracker:
         # (ten times the prediction) does not move more than any other.
         median = self._median.get(executor, 1.0)
         step = self.settings.median_step if error > median else -self.settings.median_step
-        self._median[executor] = median * math.exp(step)
+        # Floored: answers exactly as predicted (a model declared at 0 ms, answering within
+        # the RTT) shrank it toward 1e-323, and as many answers were then needed to grow
+        # it back, all with no margin.
+        self._median[executor] = max(median * math.exp(step), MIN_TYPICAL_ERROR)
         bound = self.settings.clip * spread * scale
         service = min(max(service, predicted_ms - bound), predicted_ms + bound)
         current = self.stats.get(executor) or ServiceStats()

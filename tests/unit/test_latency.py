@@ -163,6 +163,22 @@ def test_cold_starts_are_smoothed_and_writers_add_up():
     assert add_stats(None, theirs) is theirs and add_stats(None, None) is None
 
 
+def test_stay_margin_comes_back_quickly_after_answers_exactly_as_predicted():
+    # Declared 0 ms and every answer within the assumed RTT: an error of exactly 0, many
+    # times over. Then the executor slows to 200 ms.
+    tracker = ServiceTracker()
+    for _ in range(20_000):
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=1.0, network_ms=5.0,
+                        predicted_ms=0.0)
+    assert tracker.stay_margin_ms("e", 20.0) == pytest.approx(1.4826 * 0.01 * 20.0)
+    answers = 0
+    while tracker.stay_margin_ms("e", 20.0) < 20.0:
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=205.0, network_ms=5.0,
+                        predicted_ms=20.0)
+        answers += 1
+    assert answers < 50  # unfloored it took 7,424
+
+
 def test_stay_margin_is_the_whole_prediction_before_any_answer():
     tracker = ServiceTracker()
     assert tracker.stay_margin_ms("e", 40) == pytest.approx(1.4826 * 40)
