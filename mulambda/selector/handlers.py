@@ -152,6 +152,7 @@ async def select(request: web.Request) -> web.Response:
         try:
             text = sel.answers.answer(best, ranking[:CANDIDATES_SHOWN])
         except ValueError as exc:
+            outcome = "error"  # answered 500, not a selection
             return _not_json(exc)
         return web.Response(text=text, content_type="application/json")
     finally:

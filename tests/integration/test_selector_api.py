@@ -12,6 +12,7 @@ import pytest
 
 from mulambda.policy.latency import ServiceTracker
 from mulambda.selector.app import create_app
+from mulambda.selector.service import SELECTOR_KEY
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import (
     ClientRecord,
@@ -122,6 +123,22 @@ async def test_healthz_and_metrics(api, store):
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'mulambda_selector_requests_total{outcome="no_match"} 1.0' in metrics.text
     assert "mulambda_selector_selection_seconds_bucket" in metrics.text
+
+
+async def test_an_answer_that_cannot_be_json_is_500_and_counted_as_an_error(store):
+    await register(store, "fast")
+    app = create_app(store, cache_ttl=0)
+
+    def not_json(*_: Any) -> str:
+        raise ValueError("Out of range float values are not JSON compliant")
+
+    app[SELECTOR_KEY].answers.answer = not_json  # what a NaN that got past validation does
+    async with selector_http(app) as http:
+        resp = await http.post("/select/shop/app", json={"required": {"type": "vision"}})
+        metrics = (await http.get("/metrics")).text
+    assert resp.status_code == 500 and "error" in resp.json()
+    assert 'mulambda_selector_requests_total{outcome="error"} 1.0' in metrics
+    assert 'mulambda_selector_requests_total{outcome="selected"} 0.0' in metrics
 
 
 async def test_store_outage_is_503(api, store, redis_server):
