@@ -40,7 +40,7 @@ from mulambda.sdk import MulambdaClient
 from mulambda.store.leases import InflightReader
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.reader import InflightMirror
-from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats
+from mulambda.store.records import MAX_LEASE_SECONDS, ExecutorRecord, ReplicaRecord, ServiceStats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.procs import RedisServer
@@ -79,7 +79,7 @@ async def _load(store: MetadataStore, executors: int, routers: int) -> list[str]
         for e in ids:
             service.update(_measured(rng, e))
         await store.publish_inflight(f"router-{r}", {e: 1 for e in _mine(ids, r)},
-                                     ttl=3600, service=service)
+                                     ttl=MAX_LEASE_SECONDS, service=service)
     return ids
 
 
@@ -127,7 +127,7 @@ async def _finish_one(store: MetadataStore, rng: random.Random, ids: list[str],
     """What one router's flush after an answered request writes."""
     r = rng.randrange(routers)
     mine = _mine(ids, r)
-    await store.publish_inflight(f"router-{r}", {e: 1 for e in mine}, ttl=3600,
+    await store.publish_inflight(f"router-{r}", {e: 1 for e in mine}, ttl=MAX_LEASE_SECONDS,
                                  service=_measured(rng, rng.choice(mine)))
 
 

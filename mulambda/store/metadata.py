@@ -19,6 +19,7 @@ from .demand import DemandKeys
 from .mirror import changes_key, queue_change
 from .records import (
     INFLIGHT_LEASE_SECONDS,
+    MAX_LEASE_SECONDS,
     SERVICE_TTL_SECONDS,
     ClientRecord,
     ExecutorRecord,
@@ -288,6 +289,8 @@ class MetadataStore(DemandKeys):
         """
         if "|" in instance or not instance:
             raise ValueError("instance must be non-empty and contain no '|'")
+        if ttl > MAX_LEASE_SECONDS:  # readers would refuse the lease (too_far_ahead)
+            raise ValueError(f"ttl must be at most {MAX_LEASE_SECONDS:g} seconds")
         now = _now()
         expires_at = now + ttl
         timing = requests or {}

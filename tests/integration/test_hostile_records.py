@@ -147,9 +147,11 @@ async def test_a_value_expiring_later_than_any_writer_sets_is_refused_and_pruned
     assert login(url, "operator").hkeys(f"{P}:{key}") == ["ml/b|honest"]
 
 
-def test_a_router_cannot_lease_for_longer_than_readers_accept():
+async def test_a_router_cannot_lease_for_longer_than_readers_accept(stores):
     from mulambda.store.leases import InflightLeases
     from mulambda.store.records import MAX_LEASE_SECONDS
 
     with pytest.raises(ValueError, match="ttl must be within"):
-        InflightLeases(object(), ttl=MAX_LEASE_SECONDS + 1)  # type: ignore[arg-type]
+        InflightLeases(stores["selector"], ttl=MAX_LEASE_SECONDS + 1)
+    with pytest.raises(ValueError, match="ttl must be at most"):
+        await stores["selector"].publish_inflight("x", {"ml/a": 1}, ttl=MAX_LEASE_SECONDS + 1)

@@ -28,6 +28,7 @@ from mulambda.operator.main import register_all
 from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
 from mulambda.store.metadata import MetadataStore
+from mulambda.store.records import MAX_LEASE_SECONDS
 
 from support.cluster import Cluster, path_of
 from support.controlplane import ControlPlane
@@ -192,9 +193,10 @@ async def _with_store(redis_url: str, fn: Callable[[MetadataStore], Any]) -> Any
 
 def inflight(redis_url: str, ns: str, count: int) -> None:
     """An SDK instance's in-flight lease for the executor (0 drops it). The lease lives
-    for minutes, not the SDK's 30 s, so a slow machine cannot end the demand early."""
+    for the longest a router may set (minutes, not the SDK's 30 s), so a slow machine
+    cannot end the demand early."""
     run(_with_store(redis_url, lambda s: s.publish_inflight(
-        "test-sdk", {f"{ns}/sent": count}, ttl=600)))
+        "test-sdk", {f"{ns}/sent": count}, ttl=MAX_LEASE_SECONDS)))
 
 
 def test_min_zero_executor_starts_cold_and_sdk_demand_activates_it(
