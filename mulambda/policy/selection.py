@@ -92,10 +92,10 @@ it or of unknown accuracy.
 ``cold_start="Wait"`` ranks by the latency once warm). The latency utility
 is 1 at zero, halves at the budget and keeps falling: 20 ms against 60 ms
 with no budget is 0.83 against 0.63, not a 3x gap, so equal weights pick a
-model that is good on both. Both weights zero means equal weights. Latency
-always weighs at least ``min_latency_share`` (5 %) of the score: among
-equally accurate candidates the faster (less loaded) one wins, even for a
-client that asked for accuracy only.
+model that is good on both. Both weights zero means equal weights. The latency
+weight is raised to at least ``min_latency_share`` (5 %) of both weights' sum (it
+then counts 0.05 / 1.05 of the score): among equally accurate candidates the faster
+(less loaded) one wins, even for a client that asked for accuracy only.
 
 **Ceiling**: a candidate whose expected latency exceeds the client's
 ``max_latency_ms`` (for a cold one: with its cold start), or

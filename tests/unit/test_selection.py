@@ -139,9 +139,10 @@ def test_zero_weights_mean_equal_weights():
 
 
 @pytest.mark.parametrize(("latency", "accuracy", "share"), [
-    pytest.param(0, 1, 0.05, id="accuracy-only-raised-to-the-minimum"),
-    pytest.param(0.01, 1, 0.05, id="below-the-minimum-raised"),
-    pytest.param(0, 100, 0.05, id="scale-does-not-matter"),
+    # Raised to 5 % of both weights' sum: 0.05 / 1.05 of the score.
+    pytest.param(0, 1, 0.05 / 1.05, id="accuracy-only-raised-to-the-minimum"),
+    pytest.param(0.01, 1, 0.0505 / 1.0505, id="below-the-minimum-raised"),
+    pytest.param(0, 100, 0.05 / 1.05, id="scale-does-not-matter"),
     pytest.param(1, 3, 0.25, id="above-the-minimum-kept"),
     pytest.param(1, 0, 1.0, id="latency-only"),
     pytest.param(1e308, 1e308, 0.5, id="huge-weights-do-not-overflow"),
