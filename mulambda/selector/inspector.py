@@ -67,6 +67,11 @@ class BodyInspector:
             raise
         if child.returncode == BAD_BODY_EXIT:
             raise ValueError(err.decode(errors="replace").strip())
+        if child.returncode is not None and child.returncode < 0:
+            # Killed: most likely by the OOM killer (decoding millions of containers takes
+            # hundreds of MB; inline, it would have been the selector that was killed).
+            raise BodyTooComplex("request body too large to inspect: its decoder was killed "
+                                 f"(signal {-child.returncode})")
         if child.returncode != 0:
             raise RuntimeError(f"body inspection failed (exit {child.returncode})")
         items, key = json.loads(out)

@@ -85,3 +85,17 @@ async def test_the_event_loop_goes_on_while_a_large_body_is_decoded():
         ticker.cancel()
     # Inline, the loop would not have run once until decoding ended.
     assert ticks > 100
+
+
+async def test_a_decoder_killed_for_memory_is_a_413_not_a_crash(monkeypatch):
+    # What the OOM killer does to a child decoding millions of containers in a container
+    # whose memory limit it shares: the child dies by SIGKILL.
+    inspector = BodyInspector(inline_containers=0)
+    real = asyncio.create_subprocess_exec
+
+    async def killed(*args, **kwargs):
+        return await real("/bin/sh", "-c", "kill -9 $$", **kwargs)
+
+    monkeypatch.setattr("mulambda.selector.inspector.asyncio.create_subprocess_exec", killed)
+    with pytest.raises(BodyTooComplex, match="decoder was killed"):
+        await inspector.inspect(b'{"instances": [[1]]}')
