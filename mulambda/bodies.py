@@ -3,7 +3,7 @@ the gateway needs of a TF Serving predict body (:func:`summary`: its items, and 
 experiment's sticky-key field).
 
 Light on purpose (no aiohttp): run as ``python -m mulambda.bodies [FIELD]`` it is the
-child process :class:`mulambda.selector.items.BodyInspector` decodes a large body in
+child process :class:`mulambda.selector.inspector.BodyInspector` decodes a large body in
 (the body on stdin; ``[items, key]`` as JSON on stdout, exit 0; a ``ValueError``'s
 message on stderr, exit 2).
 """

@@ -131,9 +131,7 @@ class InflightCounter:
         it now: other routers count it as this one does."""
         t = self.own.lease(token)
         assert t is not None
-        entry = t.entry(pod, sent * 1000)
-        # Without a count sent there is nothing to say past the window (older writers' form).
-        return list(entry) if entry.inflight >= 0 else list(entry[:3])
+        return t.entry(pod, sent * 1000).item()
 
     def retime(self, token: int) -> None:
         """Own request ``token`` will be served sooner than its lease says (an answer showed

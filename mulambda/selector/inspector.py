@@ -26,7 +26,8 @@ INSPECT_TIMEOUT_SECONDS = 5.0
 
 
 class BodyTooComplex(BodyTooLarge):
-    """Decoding the body takes longer than the counter allows (answered 413)."""
+    """Decoding the body takes longer than the inspector allows, or its decoder was
+    killed (answered 413)."""
 
 
 class BodyInspector:

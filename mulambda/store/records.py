@@ -139,6 +139,11 @@ class TimedRequest(NamedTuple):
     items: float = 1.0
     stay_ms: float = 0.0
 
+    def item(self) -> list[str | float]:
+        """As :attr:`InflightLease.requests` holds it: without what it was sent with when
+        that is not said (the three-field form)."""
+        return list(self) if self.inflight >= 0 else list(self[:3])
+
 
 @dataclass
 class InflightLease:
@@ -334,14 +339,15 @@ def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
 
 
 # A JSON integer of this many digits is no count, time or version of ours.
-_LONG_INT = re.compile(r"[0-9]{16}")
-_LONG_INT_BYTES = re.compile(rb"[0-9]{16}")
+_LONG_INT_DIGITS = 16
+_LONG_INT = re.compile(rf"[0-9]{{{_LONG_INT_DIGITS}}}")
+_LONG_INT_BYTES = re.compile(_LONG_INT.pattern.encode())
 # What a Redis counter (HINCRBY) can hold.
 _COUNTER_RANGE = range(-(2**63), 2**63)
 
 
 def _long_int(text: str) -> int | float:
-    if len(text) - (text[0] == "-") < 16:
+    if len(text) - (text[0] == "-") < _LONG_INT_DIGITS:
         return int(text)
     value = float(text)
     return value if math.isfinite(value) else math.nan
