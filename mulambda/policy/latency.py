@@ -35,6 +35,12 @@ learned far too small, and routers kept sending to busy replicas of
 exactly the models where that costs most. Then every sum is multiplied by
 ``decay = 1 - 1/memory`` and the observation is added with weight 1 (an
 exponentially weighted window of about ``memory`` observations per writer).
+Weights also fade with time: a router halves its statistics of an executor
+for every ``idle_half_life_s`` (60 s) without an answer from it, and
+publishes them again (:meth:`ServiceTracker.fade`), so measurements nobody
+adds to give way to the prior within minutes (``w`` 200 -> 1 in about eight
+half-lives) and the executor is tried and measured again; an executor that
+answers keeps its window.
 A request of the router's own that is late (not back one predicted stay
 plus round trip after it left) says at once that the model is short, and
 by how much at least: selection raises the model it ranks that executor
@@ -93,7 +99,7 @@ from typing import NamedTuple
 from mulambda.store.records import ServiceStats
 
 __all__ = ["FitSettings", "Late", "ServiceModel", "ServiceTracker", "add_stats", "fit", "floored",
-           "observe"]
+           "observe", "scaled"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class FitSettings:
     spread_alpha: float = 0.1
     cold_alpha: float = 0.3
     median_step: float = 0.1
+    idle_half_life_s: float = 60.0
 
 
 DEFAULT_FIT = FitSettings()
@@ -116,6 +123,8 @@ MIN_SPREAD_MS = 10.0
 MAD_TO_SIGMA = 1.4826
 # The typical relative error never counts as less (0.1 ms of a 10 ms stay).
 MIN_TYPICAL_ERROR = 0.01
+# Fading stops below this weight: a hundredth of the prior's, the fit is the prior's.
+FADED_WEIGHT = 0.01
 
 
 class ServiceModel(NamedTuple):
@@ -199,6 +208,16 @@ def observe(stats: ServiceStats, inflight: float, items: float, service_ms: floa
     )
 
 
+def scaled(stats: ServiceStats, factor: float) -> ServiceStats:
+    """``stats`` with every observation's weight multiplied by ``factor`` (a new object);
+    the fit from them alone is the same, weighed against the prior and other writers'
+    it counts ``factor`` times as much."""
+    f = factor
+    return replace(stats, w=stats.w * f, k=stats.k * f, i=stats.i * f, t=stats.t * f,
+                   kk=stats.kk * f, ii=stats.ii * f, ki=stats.ki * f, kt=stats.kt * f,
+                   it=stats.it * f)
+
+
 def add_stats(a: ServiceStats | None, b: ServiceStats | None) -> ServiceStats | None:
     """Statistics of both writers (None when neither has any)."""
     if a is None:
@@ -220,16 +239,21 @@ class ServiceTracker:
         self._spread: dict[str, float] = {}
         self._median: dict[str, float] = {}  # running median of the relative error
         self._changed: set[str] = set()
+        # executor -> when its statistics were last answered or faded (the caller's clock,
+        # seconds), for those that still fade; and the first time one of them fades.
+        self._aged_from: dict[str, float] = {}
+        self._next_fade = math.inf
 
     def observe(self, executor: str, *, inflight: float, items: float, elapsed_ms: float,
-                network_ms: float, predicted_ms: float) -> bool:
+                network_ms: float, predicted_ms: float, at: float) -> bool:
         """Add one answered request; False (and nothing added) for an impossible value.
 
         ``elapsed_ms`` is the response time the router measured, ``network_ms``
-        the RTT it assumed, ``predicted_ms`` the service time its model predicted.
+        the RTT it assumed, ``predicted_ms`` the service time its model predicted,
+        ``at`` when the answer came (seconds, on the clock :meth:`fade` is given).
         """
         values = (inflight, items, elapsed_ms, network_ms, predicted_ms)
-        if not all(math.isfinite(v) and v >= 0 for v in values):
+        if not all(math.isfinite(v) and v >= 0 for v in values) or not math.isfinite(at):
             return False
         service = max(0.0, elapsed_ms - network_ms)
         scale = max(predicted_ms, MIN_SPREAD_MS)
@@ -251,7 +275,40 @@ class ServiceTracker:
         self.stats[executor] = observe(current, inflight, items, max(0.0, service),
                                        self.settings)
         self._changed.add(executor)
+        self._aged_from[executor] = at
+        self._next_fade = min(self._next_fade, at + self.settings.idle_half_life_s)
         return True
+
+    def fade(self, now: float) -> bool:
+        """Halve the weight of an executor's statistics for every ``idle_half_life_s``
+        without an answer from it (``now`` on the clock of :meth:`observe`'s ``at``);
+        True when some changed (they are then published again). Cheap when none is due.
+
+        Why: the weights decay per answer, so statistics a router stopped adding to never
+        aged. A burst of stalled answers (the clip lets most of them through once the
+        spread has grown with the first) could make a 20 ms model look like 200 ms, the
+        routers then sent it nothing, and nothing ever corrected it. Faded, the
+        measurements give way to the declared prior within minutes, so the executor
+        is tried again and measured anew.
+        """
+        if now < self._next_fade:
+            return False
+        half_life = self.settings.idle_half_life_s
+        changed = False
+        for executor, since in list(self._aged_from.items()):
+            halvings = math.floor((now - since) / half_life)
+            if halvings < 1:
+                continue
+            stats = scaled(self.stats[executor], 0.5 ** halvings)
+            self.stats[executor] = stats
+            self._changed.add(executor)
+            changed = True
+            if stats.w < FADED_WEIGHT:
+                del self._aged_from[executor]  # the prior's now: nothing left to fade
+            else:
+                self._aged_from[executor] = since + halvings * half_life
+        self._next_fade = min(self._aged_from.values(), default=math.inf) + half_life
+        return changed
 
     def stay_margin_ms(self, executor: str, predicted_ms: float) -> float:
         """How much longer than ``predicted_ms`` a stay at ``executor`` typically runs: one

@@ -299,7 +299,7 @@ class MulambdaClient:
         now_ms = time.monotonic() * 1000
         own, own_pods = self._own.ahead(now_ms)
         snap = overlay(self._view, own_inflight=own, replica_inflight=own_pods,
-                       service=self._tracker.stats, own_late=self._own.late(now_ms),
+                       service=self._counter.measurements(), own_late=self._own.late(now_ms),
                        inflight=others.counts if others is not None else None,
                        inflight_requests=others.timed if others is not None else None,
                        others_service=others.service if others is not None else None)

@@ -31,6 +31,7 @@ from typing import Protocol
 from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranking import Candidate
+from mulambda.store.records import ServiceStats
 
 __all__ = ["CountedRequest", "InflightCounter", "Leases"]
 
@@ -44,6 +45,8 @@ class Leases(Protocol):
     def retime(self, executor: str, token: int, timing: Sequence[str | float]) -> None: ...
 
     def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None: ...
+
+    def kick(self) -> None: ...
 
 
 class CountedRequest:
@@ -75,7 +78,8 @@ class CountedRequest:
             c.executor_id, inflight=c.inflight - gone, items=self._items,
             elapsed_ms=self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
             network_ms=c.network_ms,
-            predicted_ms=max(0.0, c.service_ms + c.load_ms - gone * per_ahead))
+            predicted_ms=max(0.0, c.service_ms + c.load_ms - gone * per_ahead),
+            at=self._counter.monotonic())
         for token in own.answered(self._token, self._counter.monotonic() * 1000):
             self._counter.retime(token)
         return observed
@@ -101,6 +105,14 @@ class InflightCounter:
         self.perf = perf
         # own token -> (executor, lease token, pod, wall time sent) of each request counted
         self._leased: dict[int, tuple[str, int, str, float]] = {}
+
+    def measurements(self) -> dict[str, ServiceStats]:
+        """This router's own measured statistics as they count now: faded where no answer
+        came for a while (:meth:`~mulambda.policy.latency.ServiceTracker.fade`), and then
+        published again for the other routers."""
+        if self.tracker.fade(self.monotonic()):
+            self.leases.kick()
+        return self.tracker.stats
 
     @contextmanager
     def count(self, candidate: Candidate, items: int = 1) -> Iterator[CountedRequest]:

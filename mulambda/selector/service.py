@@ -291,7 +291,7 @@ class Selector:
         others = await self.load.read()
         own, own_pods = self.own.ahead(now * 1000)
         return overlay(snap, own_inflight=own, replica_inflight=own_pods,
-                       service=self.tracker.stats, own_late=self.own.late(now * 1000),
+                       service=self.counter.measurements(), own_late=self.own.late(now * 1000),
                        inflight=others.counts if others is not None else None,
                        inflight_requests=others.timed if others is not None else None,
                        others_service=others.service if others is not None else None)

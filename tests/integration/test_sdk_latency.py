@@ -204,7 +204,7 @@ async def test_the_sdk_fits_on_the_others_measurements_read_at_each_decision(sto
         other = ServiceTracker()
         for _ in range(5):
             other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
-                          predicted_ms=5)
+                          predicted_ms=5, at=0.0)
         await store.publish_inflight("other-sdk", {}, service=other.take_changed())
         chosen = await fresh.select()
         assert chosen.executor_id == "ml/b"

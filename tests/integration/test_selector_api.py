@@ -354,7 +354,7 @@ async def test_predict_fits_on_the_others_measurements_read_at_each_decision(
         other = ServiceTracker()
         for _ in range(5):
             other.observe("ml/a", inflight=0, items=1, elapsed_ms=301, network_ms=1,
-                          predicted_ms=5)
+                          predicted_ms=5, at=0.0)
         await store.publish_inflight("other-sdk", {}, service=other.take_changed())
         second = await http.post("/v1/predict/shop/app", json={"instances": [[0]]})
         assert second.headers["x-mulambda-executor"] == "ml/b"

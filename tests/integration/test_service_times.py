@@ -31,8 +31,9 @@ async def test_every_writers_measurements_add_up_and_a_writer_leaves_its_own_out
     await store.put_executor(_executor())
     a, b = ServiceTracker(), ServiceTracker()
     for _ in range(3):
-        a.observe("ml/mx", inflight=1, items=2, elapsed_ms=40, network_ms=10, predicted_ms=20)
-    b.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+        a.observe("ml/mx", inflight=1, items=2, elapsed_ms=40, network_ms=10,
+                  predicted_ms=20, at=0.0)
+    b.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20, at=0.0)
     b.observe_cold_start("ml/mx", 9000)
     await store.publish_inflight("sdk-a", {}, service=a.take_changed())
     await store.publish_inflight("sdk-b", {}, service=b.take_changed())
@@ -56,7 +57,8 @@ async def test_expired_measurements_are_ignored_pruned_and_removed_with_the_exec
     old = ServiceStats(w=1, t=30, count=1, expires_at=time.time() - 1)
     await store.redis.hset(store.service_key, "ml/mx|dead", json.dumps(vars(old)))
     tracker = ServiceTracker()
-    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5,
+                    predicted_ms=20, at=0.0)
     await store.publish_inflight("live", {}, service=tracker.take_changed())
     assert (await store.snapshot()).service["ml/mx"].count == 1
     assert await store.prune_expired() == 1
@@ -103,7 +105,8 @@ async def test_leases_publish_the_trackers_measurements_with_the_counts(store: M
     tracker = ServiceTracker()
     leases = InflightLeases(store, "sdk-1", service=tracker)
     leases.start("ml/mx")
-    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5, predicted_ms=20)
+    tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5,
+                    predicted_ms=20, at=0.0)
     await leases.flush()
     assert (await store.inflight_counts()) == {"ml/mx": 1}
     assert (await store.inflight_load()) == ({"ml/mx": 1}, {})  # started without timing
@@ -163,7 +166,7 @@ def _measured(ms: float, n: int = 3) -> dict[str, ServiceStats]:
     tracker = ServiceTracker()
     for _ in range(n):
         tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=ms + 1, network_ms=1,
-                        predicted_ms=5)
+                        predicted_ms=5, at=0.0)
     return tracker.take_changed()
 
 

@@ -33,6 +33,7 @@ class FakeLeases:
     def __init__(self) -> None:
         self.open: dict[int, tuple[str, list[str | float] | None]] = {}
         self.next = 0
+        self.kicks = 0  # asked to publish soon
 
     def start(self, executor: str, at: float | None = None, publish: bool = True,
               timing: Sequence[str | float] | None = None) -> int:
@@ -46,6 +47,9 @@ class FakeLeases:
 
     def finish(self, executor: str, publish: bool = True, token: int | None = None) -> None:
         assert token is not None and self.open.pop(token)[0] == executor
+
+    def kick(self) -> None:
+        self.kicks += 1
 
 
 class Clock:
@@ -186,3 +190,21 @@ def test_a_counted_request_not_back_when_due_says_what_it_was_sent_with():
         # 120 ms out, due at 50: served for at least 90 of them
         assert own.late(120.0) == {"ml/e": [(1.0, 3.0, 90.0)]}
     assert own.late(120.0) == {}
+
+
+def test_measurements_fade_on_the_counter_clock_and_are_published_again():
+    # What a router ranks with: its own statistics, faded for the time no answer came
+    # (ServiceTracker.fade), on the clock it times its requests with; a fade is
+    # published (the leases are kicked) so the other routers fit on it too.
+    tracker, leases, mono = ServiceTracker(), FakeLeases(), Clock(100.0)
+    counter = InflightCounter(tracker, OwnRequests(), leases, monotonic=mono,
+                              perf=Clock(0.0))
+    with counter.count(candidate("e-0")) as request:
+        request.answered(50.0)
+    tracker.take_changed()
+    answered = counter.measurements()["ml/e"]
+    assert leases.kicks == 0  # nothing to fade yet
+    mono.at += 2 * tracker.settings.idle_half_life_s
+    faded = counter.measurements()["ml/e"]
+    assert faded.w == pytest.approx(answered.w / 4)
+    assert leases.kicks == 1 and tracker.take_changed() == {"ml/e": faded}

@@ -63,7 +63,7 @@ def test_a_declared_time_ten_times_too_low_is_corrected_within_a_few_requests():
         k = i % 3
         predicted = model.predict(k)
         tracker.observe("e", inflight=k, items=1, elapsed_ms=truth.predict(k) + 5,
-                        network_ms=5, predicted_ms=predicted)
+                        network_ms=5, predicted_ms=predicted, at=0.0)
         model = fit(tracker.stats["e"], PRIOR)
     assert model.per_inflight_ms == pytest.approx(100, rel=0.1)
     assert model.base_ms == pytest.approx(10, abs=5)
@@ -72,9 +72,11 @@ def test_a_declared_time_ten_times_too_low_is_corrected_within_a_few_requests():
 def test_one_stall_moves_the_model_by_a_bounded_step():
     tracker = ServiceTracker()
     for _ in range(100):
-        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5, predicted_ms=20)
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5,
+                        predicted_ms=20, at=0.0)
     before = fit(tracker.stats["e"], PRIOR).base_ms
-    tracker.observe("e", inflight=0, items=1, elapsed_ms=60_000, network_ms=5, predicted_ms=20)
+    tracker.observe("e", inflight=0, items=1, elapsed_ms=60_000, network_ms=5,
+                    predicted_ms=20, at=0.0)
     after = fit(tracker.stats["e"], PRIOR).base_ms
     # Unclipped, one 60 s answer in ~100 would add ~600 ms; clipped it adds at most a few.
     assert after - before < 5
@@ -91,7 +93,7 @@ def test_a_rare_answer_with_a_request_ahead_is_not_clipped_to_the_noise_of_the_o
         k = 1 if i % 20 == 19 else 0
         tracker.observe("e", inflight=k, items=1,
                         elapsed_ms=truth.predict(k) + rng.uniform(-1, 1) + 5,
-                        network_ms=5, predicted_ms=model.predict(k))
+                        network_ms=5, predicted_ms=model.predict(k), at=0.0)
         model = fit(tracker.stats["e"], PRIOR)
     assert model.per_inflight_ms == pytest.approx(90, rel=0.15)
 
@@ -124,15 +126,81 @@ def test_old_measurements_fade():
     assert fit(st, PRIOR, settings).base_ms == pytest.approx(20, abs=1)
 
 
+def test_a_burst_of_stalls_gives_way_to_the_prior_once_no_answer_comes():
+    # The attack review's burst: a 20 ms model answers 200 times, then eight answers
+    # stall for 5 s. Routers then send it nothing: without fading, its model stays
+    # where the stalls put it for ever.
+    prior = ServiceModel(20.0, 20.0)
+    tracker = ServiceTracker()
+    for i in range(200):
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5,
+                        predicted_ms=20, at=i * 0.1)
+    for _ in range(8):
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=5005, network_ms=5,
+                        predicted_ms=fit(tracker.stats["e"], prior).base_ms, at=20.0)
+    tracker.take_changed()
+    poisoned = fit(tracker.stats["e"], prior).base_ms
+    assert poisoned > 100
+    half_life = tracker.settings.idle_half_life_s
+    assert tracker.fade(20.0 + half_life * 0.99) is False  # not an idle minute yet
+    assert tracker.fade(20.0 + half_life * 8) is True
+    assert tracker.take_changed().keys() == {"e"}  # published again
+    assert fit(tracker.stats["e"], prior).base_ms < (poisoned + prior.base_ms) / 2
+    tracker.fade(20.0 + half_life * 16)
+    assert fit(tracker.stats["e"], prior).base_ms == pytest.approx(20, abs=1)
+
+
+@pytest.mark.parametrize(("idle_half_lives", "weight"), [
+    (0.5, 1.0), (1.0, 0.5), (2.5, 0.25), (3.0, 0.125),
+])
+def test_statistics_halve_for_every_idle_half_life(idle_half_lives, weight):
+    tracker = ServiceTracker()
+    tracker.observe("e", inflight=1, items=2, elapsed_ms=45, network_ms=5, predicted_ms=30,
+                    at=100.0)
+    before = tracker.stats["e"]
+    tracker.fade(100.0 + idle_half_lives * tracker.settings.idle_half_life_s)
+    after = tracker.stats["e"]
+    assert (after.w, after.k, after.i, after.t, after.kk, after.kt) == pytest.approx(
+        tuple(weight * v for v in (before.w, before.k, before.i, before.t, before.kk,
+                                   before.kt)))
+    assert after.count == before.count  # how many answers it has seen is not faded
+
+
+def test_fading_counts_from_the_last_answer_and_each_half_life_once():
+    tracker = ServiceTracker()
+    half_life = tracker.settings.idle_half_life_s
+    for at in (0.0, half_life * 0.9):  # answered again before a half-life passed
+        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5,
+                        predicted_ms=20, at=at)
+    w = tracker.stats["e"].w
+    assert tracker.fade(half_life * 1.5) is False
+    assert tracker.fade(half_life * 2.0) is True
+    assert tracker.stats["e"].w == pytest.approx(w / 2)
+    # Asked again within the same half-life: nothing more.
+    assert tracker.fade(half_life * 2.5) is False
+    assert tracker.stats["e"].w == pytest.approx(w / 2)
+
+
+def test_faded_to_nothing_it_stops_changing():
+    tracker = ServiceTracker()
+    tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5, predicted_ms=20,
+                    at=0.0)
+    half_life = tracker.settings.idle_half_life_s
+    assert tracker.fade(half_life * 10) is True  # 1/1024 of one answer
+    tracker.take_changed()
+    assert tracker.fade(half_life * 1000) is False  # nothing republished for ever
+    assert tracker.take_changed() == {}
+
+
 @pytest.mark.parametrize("bad", [
     {"elapsed_ms": math.nan}, {"elapsed_ms": math.inf}, {"elapsed_ms": -1.0},
     {"network_ms": math.nan}, {"inflight": -1.0}, {"items": math.inf},
-    {"predicted_ms": math.nan},
+    {"predicted_ms": math.nan}, {"at": math.nan},
 ])
 def test_impossible_measurements_are_not_recorded(bad):
     tracker = ServiceTracker()
     kwargs = {"inflight": 0.0, "items": 1.0, "elapsed_ms": 30.0, "network_ms": 5.0,
-              "predicted_ms": 20.0, **bad}
+              "predicted_ms": 20.0, "at": 0.0, **bad}
     assert tracker.observe("e", **kwargs) is False
     assert tracker.stats == {} and tracker.take_changed() == {}
     assert tracker.observe_cold_start("e", math.nan) is False
@@ -140,7 +208,7 @@ def test_impossible_measurements_are_not_recorded(bad):
 
 def test_tracker_hands_out_what_changed_once_and_again_after_a_failed_write():
     tracker = ServiceTracker()
-    tracker.observe("a", inflight=0, items=1, elapsed_ms=30, network_ms=5, predicted_ms=20)
+    tracker.observe("a", inflight=0, items=1, elapsed_ms=30, network_ms=5, predicted_ms=20, at=0.0)
     tracker.observe_cold_start("b", 12_000)
     changed = tracker.take_changed()
     assert set(changed) == {"a", "b"} and changed["b"].cold_ms == 12_000
@@ -169,12 +237,12 @@ def test_stay_margin_comes_back_quickly_after_answers_exactly_as_predicted():
     tracker = ServiceTracker()
     for _ in range(20_000):
         tracker.observe("e", inflight=0, items=1, elapsed_ms=1.0, network_ms=5.0,
-                        predicted_ms=0.0)
+                        predicted_ms=0.0, at=0.0)
     assert tracker.stay_margin_ms("e", 20.0) == pytest.approx(1.4826 * 0.01 * 20.0)
     answers = 0
     while tracker.stay_margin_ms("e", 20.0) < 20.0:
         tracker.observe("e", inflight=0, items=1, elapsed_ms=205.0, network_ms=5.0,
-                        predicted_ms=20.0)
+                        predicted_ms=20.0, at=0.0)
         answers += 1
     assert answers < 50  # unfloored it took 7,424
 
@@ -199,7 +267,7 @@ def test_stay_margin_learns_the_typical_error_and_ignores_rare_collisions(noise,
         if i % 25 == 0:
             t += 90  # one answer in 25 found a request ahead that nobody counted
         tracker.observe("e", inflight=0, items=1, elapsed_ms=t + 5, network_ms=5,
-                        predicted_ms=10)
+                        predicted_ms=10, at=0.0)
     assert low <= tracker.stay_margin_ms("e", 10) <= high
 
 
@@ -227,10 +295,10 @@ def test_a_fit_that_learned_a_request_ahead_as_free_is_raised_by_its_late_reques
     # Early answers: alone, 10 ms; "one ahead" but the one ahead was in fact done: 12 ms.
     for _ in range(20):
         tracker.observe("e", inflight=0, items=1, elapsed_ms=15, network_ms=5,
-                        predicted_ms=10)
+                        predicted_ms=10, at=0.0)
     for _ in range(3):
         tracker.observe("e", inflight=1, items=1, elapsed_ms=17, network_ms=5,
-                        predicted_ms=20)
+                        predicted_ms=20, at=0.0)
     model = fit(tracker.stats["e"], PRIOR)
     assert model.predict(1) < 15  # a request ahead looks nearly free
     own = OwnRequests()

@@ -445,7 +445,7 @@ def test_measured_service_times_replace_the_declared_ones():
     for i in range(40):
         k = i % 3
         tracker.observe("ml/fast", inflight=k, items=1, elapsed_ms=1 + 5 + 80 * k,
-                        network_ms=1, predicted_ms=5)
+                        network_ms=1, predicted_ms=5, at=0.0)
     snap = snapshot(executor("fast", service=5), executor("other", service=15),
                     rtt={"fast": 1, "other": 1}, inflight={"fast": 1})
     crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)
@@ -466,9 +466,9 @@ def test_per_item_cost_makes_large_requests_go_to_the_cheaper_model():
     for i in range(300):
         n = (1, 50, 100)[i % 3]
         tracker.observe("ml/a", inflight=0, items=n, elapsed_ms=1 + 5 + n, network_ms=1,
-                        predicted_ms=5 + n)
+                        predicted_ms=5 + n, at=0.0)
         tracker.observe("ml/b", inflight=0, items=n, elapsed_ms=1 + 30 + n / 10, network_ms=1,
-                        predicted_ms=30 + n / 10)
+                        predicted_ms=30 + n / 10, at=0.0)
     snap = overlay(snapshot(executor("a", service=10), executor("b", service=10),
                             rtt={"a": 1, "b": 1}), service=tracker.stats)
     crit = Criteria(type="vision", latency_weight=1, accuracy_weight=0)

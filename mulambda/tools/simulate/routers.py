@@ -307,6 +307,9 @@ class _Mulambda(_Router):
                 inst.fresh_stats = self._others_stats(inst)
                 delay = sc.store_rtt  # the decision waits for the read
             others = inst.others_requests
+        # Faded as mulambda.sdk.counting fades them before a decision, and published.
+        if inst.tracker.fade(now / 1000):
+            self.published_stats[inst.index].update(inst.tracker.take_changed())
         stats = dict(inst.others_stats if inst.fresh_stats is None else inst.fresh_stats)
         for e, st in inst.tracker.stats.items():
             merged = add_stats(stats.get(e), st)
@@ -340,8 +343,9 @@ class _Mulambda(_Router):
         # The router times the request from when it sent it, not from the store read.
         inst.tracker.observe(eid, inflight=k - gone, items=items,
                              elapsed_ms=elapsed_ms - self.delay.pop(req, 0.0),
-                             network_ms=net, predicted_ms=max(0.0, predicted - gone * per_ahead))
-        self.published_stats[inst.index][eid] = inst.tracker.stats[eid]
+                             network_ms=net, predicted_ms=max(0.0, predicted - gone * per_ahead),
+                             at=now / 1000)
+        self.published_stats[inst.index].update(inst.tracker.take_changed())
         for later in inst.own.answered(token, now):
             self._publish(inst, self.published[inst.index][later][0], later)
         inst.own.remove(token)
