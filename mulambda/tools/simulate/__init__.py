@@ -212,10 +212,16 @@ def run(args: argparse.Namespace) -> int:
             rows = [{"placement": c.placement, "load": c.load, "rate_per_s": c.rate,
                      "client": c.client, "router": n,
                      "p50_ms": finite(f.p50, 2), "p95_ms": finite(f.p95, 2),
-                     "mean_accuracy": finite(f.mean_accuracy, 4)}
+                     "mean_accuracy": finite(f.mean_accuracy, 4),
+                     "mean_utility": finite(f.mean_utility, 4)}
                     for c in cells for n, f in c.figures.items()]
-            sys.stdout.write(json.dumps({"cells": rows, "goals_met": sum(g.met for g in found),
-                                         "goals": len(found)}, indent=2) + "\n")
+            issue = [g for g in found if not g.plain]
+            plain = [g for g in found if g.plain and not g.reference]
+            oracle = [g for g in found if g.plain and g.reference]
+            sys.stdout.write(json.dumps({
+                "cells": rows, "goals_met": sum(g.met for g in issue), "goals": len(issue),
+                "plain_goals_met": sum(g.met for g in plain), "plain_goals": len(plain),
+                "oracle_plain_met": sum(g.met for g in oracle)}, indent=2) + "\n")
         else:
             sys.stdout.write(format_suite(cells) + "\n" + format_goals(found) + "\n")
         return 0

@@ -54,6 +54,11 @@ class _Router:
         for c, m in zip(sc.clients, self.matching, strict=True):
             if not m:
                 raise ValueError(f"client {c['name']}: no executor of its type")
+        # What each client asked for, and the best accuracy it can get: how the oracle
+        # scores a choice and how the suite weighs what every router served.
+        self.prefs = [Preferences.of(sc.criteria(c), policy) for c in sc.clients]
+        self.best_acc = [max((recs[e].accuracy or 0.0) for e in m) or 1.0
+                         for m in self.matching]
         self.next_replica: Counter[str] = Counter()
         # request -> ms the router spent deciding (waiting for the store) before sending
         self.delay: dict[int, float] = {}
@@ -162,12 +167,6 @@ class _Oracle(_Router):
     """Knows the true parameters and state; scores like mulambda, request by request."""
 
     name = "oracle"
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.prefs = [Preferences.of(self.sc.criteria(c), self.policy) for c in self.sc.clients]
-        self.best_acc = [max((self.recs[e].accuracy or 0.0) for e in m) or 1.0
-                         for m in self.matching]
 
     def choose(self, req: int, who: int, now: float, items: int) -> tuple[str, int]:
         node = self.sc.clients[who]["node"]
@@ -441,9 +440,11 @@ def _run_one(sc: Scenario, name: str, router: _Router, stream: Stream) -> Select
             accuracy = float(world.model_of[eid].get("accuracy") or 0.0)
             client = str(sc.clients[who]["name"])
             figs = result.by_client.setdefault(client, Figures())
+            utility = router.prefs[who].score(latency, accuracy / router.best_acc[who])
             for f in (result, figs):
                 f.rtt_ms.append(latency)
                 f.accuracy.append(accuracy)
+                f.utility.append(utility)
             result.used[eid.removeprefix("sim/")] += 1
     return result
 

@@ -65,10 +65,12 @@ class _Replica:
 
 @dataclass
 class Figures:
-    """Latencies (ms) and accuracies of the requests one router served."""
+    """Latencies (ms) and accuracies of the requests one router served, and what each was
+    worth to its client (its preferences' score of that latency and accuracy)."""
 
     rtt_ms: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
+    utility: list[float] = field(default_factory=list)
 
     @property
     def p50(self) -> float:
@@ -86,6 +88,10 @@ class Figures:
     def mean_accuracy(self) -> float:
         return statistics.fmean(self.accuracy) if self.accuracy else math.nan
 
+    @property
+    def mean_utility(self) -> float:
+        return statistics.fmean(self.utility) if self.utility else math.nan
+
 
 @dataclass
 class SelectorResult(Figures):
@@ -99,7 +105,7 @@ class SelectorResult(Figures):
         def figures(f: Figures) -> dict[str, Any]:
             return {"p50_ms": finite(f.p50, 2), "p95_ms": finite(f.p95, 2),
                     "mean_ms": finite(f.mean, 2), "mean_accuracy": finite(f.mean_accuracy, 4),
-                    "requests": len(f.rtt_ms)}
+                    "mean_utility": finite(f.mean_utility, 4), "requests": len(f.rtt_ms)}
 
         return {"selector": self.selector, **figures(self), "used": dict(self.used),
                 "clients": {k: figures(v) for k, v in self.by_client.items()}}
