@@ -29,7 +29,7 @@ import asyncio
 import logging
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 HEADER_TIMEOUT_SECONDS = 10.0
@@ -70,7 +70,7 @@ def server_options(*, header_timeout: float = HEADER_TIMEOUT_SECONDS,
 
 
 class BodyTooLarge(Exception):
-    """The request body is (or says it is) longer than the limit: 413."""
+    """The body is (or says it is) longer than the limit: 413 for a request's."""
 
 
 class BodyTimeout(Exception):
@@ -90,26 +90,38 @@ async def read_body(request: web.Request, limit: int, seconds: float) -> bytes:
     Raises :class:`BodyTooLarge` (before reading anything when the declared
     length says so) or :class:`BodyTimeout`.
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise BodyTooLarge(f"request body larger than {limit} bytes")
     if not request.can_read_body:
         return b""
     if request.content.is_eof():
         # All of it has arrived already (a small body comes with its headers): no
         # timer and no waiting, at every request of a busy server.
-        body = request.content.read_nowait()
+        return await read_at_most(request.content, request.content_length, limit,
+                                  "request body")
+    try:
+        async with asyncio.timeout(seconds):
+            return await read_at_most(request.content, request.content_length, limit,
+                                      "request body")
+    except TimeoutError:
+        raise BodyTimeout(f"request body not received within {seconds:g} s") from None
+
+
+async def read_at_most(content: StreamReader, declared: int | None, limit: int,
+                       what: str) -> bytes:
+    """All of ``content`` (a request's or an answer's body), at most ``limit`` bytes:
+    :class:`BodyTooLarge` before reading anything when the ``declared`` length is
+    larger, or as soon as more than ``limit`` came."""
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"{what} larger than {limit} bytes")
+    if content.is_eof():
+        body = content.read_nowait()
         if len(body) > limit:
-            raise BodyTooLarge(f"request body larger than {limit} bytes")
+            raise BodyTooLarge(f"{what} larger than {limit} bytes")
         return body
     chunks: list[bytes] = []
     size = 0
-    try:
-        async with asyncio.timeout(seconds):
-            async for chunk in request.content.iter_any():
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"request body larger than {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        raise BodyTimeout(f"request body not received within {seconds:g} s") from None
+    async for chunk in content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"{what} larger than {limit} bytes")
+        chunks.append(chunk)
     return b"".join(chunks)

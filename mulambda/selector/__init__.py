@@ -103,8 +103,9 @@ seconds (10) to send its request line and headers (also the keep-alive idle
 timeout) and a request ``--body-timeout`` seconds (15) to send its body,
 else 408; bodies above 64 KiB (``/select``) or ``--max-body-bytes`` (the
 gateway, 16 MiB) get 413; JSON nested deeper than 64 levels or with integers
-longer than 100 digits gets 400. Malformed requests are logged at DEBUG
-without a traceback.
+longer than 100 digits gets 400. An executor's answer above
+``--max-answer-bytes`` (64 MiB) is 502 (``answer_too_large``). Malformed
+requests are logged at DEBUG without a traceback.
 """
 
 
@@ -124,6 +125,7 @@ from mulambda.store.metadata import MetadataStore
 from .app import create_app, selector_server_options
 from .service import (
     BODY_TIMEOUT_SECONDS,
+    GATEWAY_MAX_ANSWER_BYTES,
     GATEWAY_MAX_BODY_BYTES,
     HEADER_TIMEOUT_SECONDS,
     SELECT_MAX_BODY_BYTES,
@@ -155,6 +157,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=GATEWAY_MAX_BODY_BYTES,
                         help="largest gateway body; larger gets 413 (default 16 MiB; "
                              f"/select bodies at most {SELECT_MAX_BODY_BYTES} bytes)")
+    parser.add_argument("--max-answer-bytes", type=int, default=GATEWAY_MAX_ANSWER_BYTES,
+                        help="largest executor answer the gateway passes on; larger gets "
+                             "502 (default 64 MiB)")
 
 
 # The garbage collector's thresholds for the selector process (Python's are 700, 10, 10).
@@ -178,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
                      max_attempts=args.max_attempts,
                      cold_start_timeout=args.cold_start_timeout,
                      body_timeout=args.body_timeout, max_body_bytes=args.max_body_bytes,
+                     max_answer_bytes=args.max_answer_bytes,
                      tasks=settings.tasks)
 
     # Callers prove who they are with a ServiceAccount token; the API server

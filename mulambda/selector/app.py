@@ -26,6 +26,7 @@ from mulambda.tasks.records import TaskOptions
 from .handlers import explain_client, healthz, metrics, predict, select
 from .service import (
     BODY_TIMEOUT_SECONDS,
+    GATEWAY_MAX_ANSWER_BYTES,
     GATEWAY_MAX_BODY_BYTES,
     HEADER_TIMEOUT_SECONDS,
     SELECTOR_KEY,
@@ -40,6 +41,7 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
                max_attempts: int = 3, cold_start_timeout: float = 30.0,
                suspect_seconds: float = 5.0, body_timeout: float = BODY_TIMEOUT_SECONDS,
                max_body_bytes: int = GATEWAY_MAX_BODY_BYTES,
+               max_answer_bytes: int = GATEWAY_MAX_ANSWER_BYTES,
                max_cached_clients: int = 1024, demand_interval: float = 0.5,
                middlewares: Iterable[Any] = (),
                tasks: TaskOptions | None = None) -> web.Application:
@@ -55,7 +57,8 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     sel = Selector(store, cache_ttl, policy, predict_timeout=predict_timeout,
                     max_attempts=max_attempts, cold_start_timeout=cold_start_timeout,
                     suspect_seconds=suspect_seconds, body_timeout=body_timeout,
-                    max_body_bytes=max_body_bytes, max_cached_clients=max_cached_clients,
+                    max_body_bytes=max_body_bytes, max_answer_bytes=max_answer_bytes,
+                    max_cached_clients=max_cached_clients,
                     demand_interval=demand_interval)
     app[SELECTOR_KEY] = sel
 

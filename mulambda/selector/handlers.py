@@ -29,7 +29,14 @@ from mulambda.policy.selection import (
 from mulambda.store.records import ClientRecord, StoreUnavailable
 
 from .answers import CANDIDATES_SHOWN
-from .service import SELECT_MAX_BODY_BYTES, SELECTOR_KEY, STORE_KEY, Selector, dumps_strict
+from .service import (
+    SELECT_MAX_BODY_BYTES,
+    SELECTOR_KEY,
+    STORE_KEY,
+    AnswerTooLarge,
+    Selector,
+    dumps_strict,
+)
 
 log = logging.getLogger("mulambda.selector")
 
@@ -262,6 +269,10 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 outcome = "timeout"
                 return _error(504, "executor timed out", executor=candidate.executor_id,
                               timeout_seconds=sel.predict_timeout)
+            except AnswerTooLarge as exc:
+                outcome = "answer_too_large"
+                return _error(502, "executor answer too large", executor=candidate.executor_id,
+                              detail=str(exc))
             except aiohttp.ClientError as exc:
                 outcome = "upstream_error"
                 return _error(502, "executor connection failed", executor=candidate.executor_id,

@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
 )
 
+from mulambda.httpd import BodyTooLarge, read_at_most
 from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranker import Ranker
@@ -66,6 +67,9 @@ VIRTUAL_INFLIGHT_MAX_SECONDS = 10.0
 # is a TF Serving request (images: megabytes).
 SELECT_MAX_BODY_BYTES = 64 << 10
 GATEWAY_MAX_BODY_BYTES = 16 << 20
+# An executor's answer is read whole before it is passed on: bounded, so that one model
+# (or one compromised pod) answering without end cannot take the selector's memory.
+GATEWAY_MAX_ANSWER_BYTES = 64 << 20
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT_SECONDS = 15.0
 # Outcomes the handlers count (plus the gateway's http_4xx/http_5xx pass-through).
@@ -73,11 +77,15 @@ SELECT_OUTCOMES = ("selected", "no_match", "bad_request", "too_large", "body_tim
                    "store_unavailable", "error")
 GATEWAY_OUTCOMES = ("ok", "no_match", "unknown_client", "bad_request", "too_large",
                     "body_timeout", "store_unavailable", "cold_start_timeout", "timeout",
-                    "upstream_error", "all_failed", "error")
+                    "upstream_error", "answer_too_large", "all_failed", "error")
 # Expected and measured latencies: from a warm sub-millisecond answer to a cold start.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, 30.0, 60.0)
 
+
+
+class AnswerTooLarge(Exception):
+    """An executor's answer is longer than ``max_answer_bytes``: the gateway's 502."""
 
 
 class Selector:
@@ -87,7 +95,8 @@ class Selector:
                  predict_timeout: float = 30.0, max_attempts: int = 3,
                  cold_start_timeout: float = 30.0, suspect_seconds: float = 5.0,
                  max_cached_clients: int = 1024, demand_interval: float = 0.5,
-                 body_timeout: float = 15.0, max_body_bytes: int = 16 << 20) -> None:
+                 body_timeout: float = 15.0, max_body_bytes: int = GATEWAY_MAX_BODY_BYTES,
+                 max_answer_bytes: int = GATEWAY_MAX_ANSWER_BYTES) -> None:
         self.store = store
         self.cache_ttl = cache_ttl
         self.policy = policy
@@ -97,6 +106,7 @@ class Selector:
         self.suspect_seconds = suspect_seconds
         self.body_timeout = body_timeout
         self.max_body_bytes = max_body_bytes
+        self.max_answer_bytes = max_answer_bytes
         self.inspector = BodyInspector()
         self.instance = f"selector-{uuid.uuid4().hex[:12]}"
         self.shared = SharedSnapshot(store, cache_ttl, self.instance, self._refreshed)
@@ -322,7 +332,8 @@ class Selector:
     ]:
         """POST ``body`` to the candidate, counted in flight; (status, body, content type).
 
-        Raises aiohttp errors and TimeoutError; a 200 feeds the service-time model.
+        Raises aiohttp errors, TimeoutError and :class:`AnswerTooLarge`; a 200 feeds the
+        service-time model.
         """
         assert self.http is not None
         executor = candidate.executor_id
@@ -334,7 +345,11 @@ class Selector:
                 timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
                                               sock_connect=min(5.0, self.predict_timeout)),
             ) as resp:
-                payload = await resp.read()
+                try:
+                    payload = await read_at_most(resp.content, resp.content_length,
+                                                 self.max_answer_bytes, "executor answer")
+                except BodyTooLarge as exc:
+                    raise AnswerTooLarge(str(exc)) from None
                 status, ctype = resp.status, resp.headers.get("Content-Type",
                                                               "application/json")
             elapsed_ms = request.elapsed_ms()

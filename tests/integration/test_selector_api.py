@@ -410,6 +410,31 @@ async def test_predict_answers_502_with_every_attempt_when_all_fail(api, store, 
     assert sorted(a["executor"] for a in body["attempts"]) == ["ml/a", "ml/b"]
 
 
+async def test_an_answer_longer_than_the_limit_is_502_and_the_gateway_goes_on(
+        store, client, doubles):
+    # The gateway reads an executor's answer whole before passing it on: bounded by
+    # --max-answer-bytes, past which the answer is dropped (never held), the request
+    # released and counted, and the next prediction served as before.
+    wordy = await TFServingDouble("wordy").start()
+    doubles.append(wordy)
+    await serve(store, "wordy", wordy, rtt=1)
+    app = create_app(store, cache_ttl=0, max_answer_bytes=512)
+    async with selector_http(app) as api:
+        # {"predictions": [["wordy"], ...]}: 100 instances answer about 1 KiB
+        resp = await api.post("/v1/predict/shop/app", json={"instances": [[i] for i in range(100)]})
+        assert resp.status_code == 502, resp.text
+        body = strict(resp.text)
+        assert body["error"] == "executor answer too large"
+        assert body["executor"] == "ml/wordy" and "512 bytes" in body["detail"]
+        assert len(wordy.requests) == 1  # not tried again elsewhere, nor twice
+        assert len(app[SELECTOR_KEY].own) == 0  # released
+        small = await api.post("/v1/predict/shop/app", json={"instances": [[1]]})
+        assert small.status_code == 200 and strict(small.text) == {"predictions": [["wordy"]]}
+        metrics = (await api.get("/metrics")).text
+    assert 'mulambda_gateway_requests_total{outcome="answer_too_large"} 1.0' in metrics
+    assert 'mulambda_gateway_requests_total{outcome="ok"} 1.0' in metrics
+
+
 async def test_answers_are_strict_json_even_with_impossible_values_in_the_store(api, store):
     await register(store, "good", accuracy=0.7)
     bad = ExecutorRecord(namespace="ml", name="bad", model="m", version=1, type="vision",
