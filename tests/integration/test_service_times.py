@@ -3,13 +3,16 @@ against a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
 import pytest
 
+from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
+from mulambda.sdk.counting import InflightCounter
 from mulambda.store.leases import InflightLeases, InflightReader, Load
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ExecutorRecord, ServiceStats, TimedRequest
@@ -192,3 +195,32 @@ async def test_fresh_reader_with_service_reads_the_others_measurements_at_every_
     assert (await without.read()).service is None  # type: ignore[union-attr]
     with_service.close()
     without.close()
+
+
+async def test_faded_measurements_reach_the_other_routers_through_the_store(
+    store: MetadataStore,
+):
+    # A router that got no answer from an executor for two idle half-lives halves its
+    # sums twice before its next decision (ServiceTracker.fade) and its lease writer
+    # publishes them, unasked, so every other router fits on the faded sums too.
+    tracker = ServiceTracker()
+    leases = InflightLeases(store, "sdk-1", service=tracker)
+    mono = [100.0]
+    counter = InflightCounter(tracker, OwnRequests(), leases, monotonic=lambda: mono[0])
+    try:
+        tracker.observe("ml/mx", inflight=0, items=1, elapsed_ms=15, network_ms=5,
+                        predicted_ms=20, at=mono[0])
+        await leases.flush()
+        published = (await store.service_stats())["ml/mx"]
+        mono[0] += 2 * tracker.settings.idle_half_life_s
+        counter.measurements()
+        for _ in range(100):
+            faded = (await store.service_stats())["ml/mx"]
+            if faded.w < published.w:
+                break
+            await asyncio.sleep(0.02)
+        assert faded.w == pytest.approx(published.w / 4)
+        assert faded.t == pytest.approx(published.t / 4)
+        assert faded.count == published.count
+    finally:
+        await leases.close()
