@@ -91,6 +91,7 @@ simulator).
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -240,9 +241,11 @@ class ServiceTracker:
         self._median: dict[str, float] = {}  # running median of the relative error
         self._changed: set[str] = set()
         # executor -> when its statistics were last answered or faded (the caller's clock,
-        # seconds), for those that still fade; and the first time one of them fades.
+        # seconds), for those that still fade; each of them is once in ``_due`` (when it
+        # fades next, unless answered meanwhile): a fleet's idle executors fade one by one
+        # without every decision going through all of them.
         self._aged_from: dict[str, float] = {}
-        self._next_fade = math.inf
+        self._due: list[tuple[float, str]] = []
 
     def observe(self, executor: str, *, inflight: float, items: float, elapsed_ms: float,
                 network_ms: float, predicted_ms: float, at: float) -> bool:
@@ -275,8 +278,9 @@ class ServiceTracker:
         self.stats[executor] = observe(current, inflight, items, max(0.0, service),
                                        self.settings)
         self._changed.add(executor)
+        if executor not in self._aged_from:
+            heapq.heappush(self._due, (at + self.settings.idle_half_life_s, executor))
         self._aged_from[executor] = at
-        self._next_fade = min(self._next_fade, at + self.settings.idle_half_life_s)
         return True
 
     def fade(self, now: float) -> bool:
@@ -291,23 +295,23 @@ class ServiceTracker:
         measurements give way to the declared prior within minutes, so the executor
         is tried again and measured anew.
         """
-        if now < self._next_fade:
-            return False
         half_life = self.settings.idle_half_life_s
         changed = False
-        for executor, since in list(self._aged_from.items()):
+        while self._due and self._due[0][0] <= now:
+            _, executor = heapq.heappop(self._due)
+            since = self._aged_from[executor]
             halvings = math.floor((now - since) / half_life)
-            if halvings < 1:
-                continue
-            stats = scaled(self.stats[executor], 0.5 ** halvings)
-            self.stats[executor] = stats
-            self._changed.add(executor)
-            changed = True
-            if stats.w < FADED_WEIGHT:
-                del self._aged_from[executor]  # the prior's now: nothing left to fade
-            else:
-                self._aged_from[executor] = since + halvings * half_life
-        self._next_fade = min(self._aged_from.values(), default=math.inf) + half_life
+            if halvings >= 1:  # else answered since it was due: due again a half-life on
+                stats = scaled(self.stats[executor], 0.5 ** halvings)
+                self.stats[executor] = stats
+                self._changed.add(executor)
+                changed = True
+                if stats.w < FADED_WEIGHT:
+                    del self._aged_from[executor]  # the prior's now: nothing left to fade
+                    continue
+                since += halvings * half_life
+                self._aged_from[executor] = since
+            heapq.heappush(self._due, (since + half_life, executor))
         return changed
 
     def stay_margin_ms(self, executor: str, predicted_ms: float) -> float:

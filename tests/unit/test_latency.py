@@ -181,6 +181,23 @@ def test_fading_counts_from_the_last_answer_and_each_half_life_once():
     assert tracker.stats["e"].w == pytest.approx(w / 2)
 
 
+def test_each_executor_fades_on_its_own_clock():
+    tracker = ServiceTracker(FitSettings(idle_half_life_s=60.0))
+    answers = {"a": (0.0,), "b": (30.0,), "c": (0.0, 100.0)}
+    for executor, times in answers.items():
+        for at in times:
+            tracker.observe(executor, inflight=0, items=1, elapsed_ms=25, network_ms=5,
+                            predicted_ms=20, at=at)
+    full = {e: st.w for e, st in tracker.stats.items()}
+    # now -> how many times each one has halved by then
+    for now, halved in [(59.0, {"a": 0, "b": 0, "c": 0}), (60.0, {"a": 1, "b": 0, "c": 0}),
+                        (90.0, {"a": 1, "b": 1, "c": 0}), (130.0, {"a": 2, "b": 1, "c": 0}),
+                        (160.0, {"a": 2, "b": 2, "c": 1}), (400.0, {"a": 6, "b": 6, "c": 5})]:
+        tracker.fade(now)
+        assert {e: tracker.stats[e].w for e in answers} == pytest.approx(
+            {e: full[e] / 2 ** n for e, n in halved.items()}), now
+
+
 def test_faded_to_nothing_it_stops_changing():
     tracker = ServiceTracker()
     tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5, predicted_ms=20,
