@@ -130,7 +130,11 @@ class TaskQueue:
                   "max_attempts": str(options.max_attempts),
                   "result_ttl": str(max(1, int(options.result_ttl_seconds))), "attempts": "0"}
         queue = self.queue_key(executor)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        # One MULTI/EXEC: the task exists exactly when its entry is queued. Sent as
+        # separate commands, a connection cut after the HSET left a task in no queue,
+        # and a retry with its Idempotency-Key was told it was queued (a replay finds
+        # the task; nothing would ever run it).
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.task_key(task_id), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(self.task_key(task_id), ttl)
             # Created at 0 before the first entry, so no worker can miss it.
