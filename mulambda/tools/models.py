@@ -110,7 +110,9 @@ s3://BUCKET/NAME/1): the version comes from --version only.
 
 DIR must be a SavedModel: saved_model.pb must decode as a SavedModel protocol
 buffer with at least one meta graph (or saved_model.pbtxt hold one in text).
-An existing complete version is replaced only with --force. An interrupted
+An existing complete version is replaced only with --force; its manifest and
+saved_model.pb go first, so until the new push is done the version is
+incomplete (no executor takes it as the latest; one pinned to it retries). An interrupted
 push is resumed by running the same command again: files already uploaded
 unchanged are kept, and multipart uploads the interrupted run left open are
 aborted."""
@@ -293,6 +295,13 @@ def push_version(
     if complete:
         # Replacing: the old version must stop looking complete before any file changes.
         storage.client.remove_object(bucket, base + _manifest_name())
+    if force:
+        # Its SavedModel too: loaders take a version with one and no manifest as whole
+        # (another tool's upload), so a replacement that died, or is still running, left
+        # old and new files served together. It is uploaded again last, the manifest after.
+        for stale in existing:
+            if stale.relpath in SAVED_MODEL_FILES:
+                storage.client.remove_object(bucket, stale.key)
     resumable = {} if force else {o.relpath: o for o in existing}
     pushed: list[ManifestFile] = []
     uploaded: set[str] = set()

@@ -384,3 +384,37 @@ def test_a_version_another_tool_uploaded_is_replaced_only_with_force(cli, s3, bu
     code, out, _ = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1",
                        "--force")
     assert code == 0 and out.startswith("replaced")
+
+
+def test_a_replacement_that_dies_half_way_leaves_no_version_that_looks_whole(
+        cli, s3, bucket, half_plus_two, tmp_path, monkeypatch):
+    # Version 1 pushed; a --force push of other bytes dies after its first file. What is
+    # left mixes old and new files: it must not look like a whole version to loaders
+    # (a SavedModel without a manifest is taken as another tool's complete upload).
+    assert cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "1")[0] == 0
+    changed = tmp_path / "v1"
+    shutil.copytree(half_plus_two, changed)
+    for path in changed.rglob("variables.*"):
+        path.write_bytes(os.urandom(path.stat().st_size + 7))
+    real_put = ModelStorage.put_file
+    sent: list[str] = []
+
+    def dies_after_one(self, bucket_, key, *args, **kwargs):
+        if sent:
+            raise KeyboardInterrupt
+        sent.append(key)
+        return real_put(self, bucket_, key, *args, **kwargs)
+
+    monkeypatch.setattr(ModelStorage, "put_file", dies_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        cli("push", str(changed), f"s3://{bucket}/hpt", "--version", "1", "--force")
+    assert len(sent) == 1
+    left = {o.relpath for o in s3.list_version_objects(bucket, "hpt", 1)}
+    assert not left & {"saved_model.pb", "saved_model.pbtxt"}
+    assert s3.push_manifest(bucket, "hpt", 1) == (None, "")
+    assert not s3.has_saved_model(bucket, "hpt", 1)  # never "the latest version"
+    monkeypatch.setattr(ModelStorage, "put_file", real_put)
+    code, out, err = cli("push", str(changed), f"s3://{bucket}/hpt", "--version", "1",
+                         "--force")
+    assert code == 0, err
+    assert s3.has_saved_model(bucket, "hpt", 1) and s3.push_manifest(bucket, "hpt", 1)[0]
