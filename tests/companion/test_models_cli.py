@@ -414,7 +414,7 @@ def test_a_replacement_that_dies_half_way_leaves_no_version_that_looks_whole(
     assert s3.push_manifest(bucket, "hpt", 1) == (None, "")
     assert not s3.has_saved_model(bucket, "hpt", 1)  # never "the latest version"
     monkeypatch.setattr(ModelStorage, "put_file", real_put)
-    code, out, err = cli("push", str(changed), f"s3://{bucket}/hpt", "--version", "1",
+    code, _, err = cli("push", str(changed), f"s3://{bucket}/hpt", "--version", "1",
                          "--force")
     assert code == 0, err
     assert s3.has_saved_model(bucket, "hpt", 1) and s3.push_manifest(bucket, "hpt", 1)[0]
