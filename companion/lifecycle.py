@@ -210,6 +210,7 @@ class Companion:
             model=config.model_name, serving_url=config.serving_rest_url,
             concurrency=config.worker_concurrency, visibility=config.task_visibility,
             drain=config.task_drain, predict_timeout=config.task_predict_timeout,
+            max_result_bytes=config.task_max_result_bytes,
             ready=lambda: self.state.ready, registry=self.metrics.registry,
         ) if config.worker_concurrency > 0 else None
 

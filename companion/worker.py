@@ -35,6 +35,7 @@ from collections.abc import Callable
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from mulambda.httpd import BodyTooLarge, read_at_most
 from mulambda.store.records import StoreUnavailable
 from mulambda.tasks.queue import Finished, Message, TaskQueue
 from mulambda.tasks.records import Next, Status, after_answer, outcome, read_result, to_read
@@ -43,6 +44,8 @@ log = logging.getLogger("mulambda.companion.worker")
 
 # How long one XREADGROUP waits for a task; also how soon a stop is noticed while idle.
 READ_BLOCK_MS = 500
+# A failed answer's text is only a reason: read this much of it at most.
+_ERROR_TEXT_BYTES = 64 << 10
 _STORE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
@@ -52,6 +55,7 @@ class Worker:
     def __init__(self, queue: TaskQueue, *, executor: str, consumer: str, model: str,
                  serving_url: str, concurrency: int, visibility: float, drain: float,
                  predict_timeout: float, ready: Callable[[], bool],
+                 max_result_bytes: int = 16 << 20,
                  registry: CollectorRegistry | None = None) -> None:
         self.queue = queue
         self.executor = executor
@@ -66,6 +70,7 @@ class Worker:
         self.visibility_ms = max(1, int(visibility * 1000))
         self.drain = drain
         self.predict_timeout = predict_timeout
+        self.max_result_bytes = max_result_bytes
         self.ready = ready
         self.running: dict[asyncio.Task[None], Message] = {}
         self.finishing: set[asyncio.Task[None]] = set()  # past the model: writing
@@ -207,9 +212,12 @@ class Worker:
             return
         async with self.slots:
             started = time.perf_counter()
-            status, payload = await self._predict(http, fields.get("body") or "")
+            status, payload, too_large = await self._predict(http, fields.get("body") or "")
         self._finishing()
-        decision, reason = after_answer(status, payload if status != 200 else "")
+        if too_large:  # the same input would answer as much again: no attempt does better
+            decision, reason = Next.POISON, payload
+        else:
+            decision, reason = after_answer(status, payload if status != 200 else "")
         if decision is Next.DONE:
             decision, result, reason = read_result(payload)
             if decision is Next.DONE:
@@ -239,16 +247,27 @@ class Worker:
         self.tasks.labels(outcome="dead_letter").inc()
         log.warning("task dead-lettered id=%s attempts=%d reason=%s", task_id, attempts, reason)
 
-    async def _predict(self, http: aiohttp.ClientSession, body: str) -> tuple[int | None, str]:
-        """(HTTP status or None without an answer, body or error text)."""
+    async def _predict(self, http: aiohttp.ClientSession, body: str) -> tuple[
+            int | None, str, bool]:
+        """(HTTP status or None without an answer, body or error text, whether the answer
+        was longer than ``max_result_bytes``: then the text says so). Read within bounds:
+        an answer is held whole in memory, and stored as the result."""
         try:
             async with http.post(f"{self.serving_url}/v1/models/{self.model}:predict",
                                  data=body.encode(),
                                  headers={"Content-Type": "application/json"}) as resp:
-                text = await resp.text(errors="replace")
-                return resp.status, text if resp.status == 200 else text[:500]
+                limit = self.max_result_bytes if resp.status == 200 else _ERROR_TEXT_BYTES
+                try:
+                    raw = await read_at_most(resp.content, resp.content_length, limit,
+                                             "the model's answer")
+                except BodyTooLarge as exc:
+                    if resp.status == 200:
+                        return resp.status, f"{exc} (MULAMBDA_TASK_MAX_RESULT_BYTES)", True
+                    raw = b"(a longer error text)"
+                text = raw.decode(errors="replace")
+                return resp.status, text if resp.status == 200 else text[:500], False
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+            return None, f"{type(exc).__name__}: {exc}", False
 
 
 class OutcomeWriter:

@@ -136,6 +136,9 @@ COMPANION_SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "queue."),
     "TASK_PREDICT_TIMEOUT_SECONDS": (
         "300", "Longest a worker waits for TF Serving's answer to one task."),
+    "TASK_MAX_RESULT_BYTES": (
+        "16777216", "Largest answer of TF Serving a worker keeps as a task's result; a "
+        "larger one fails the task (it would be as large again)."),
 }
 
 
@@ -321,6 +324,7 @@ class CompanionSettings:
     task_visibility: float = 30.0
     task_drain: float = 20.0
     task_predict_timeout: float = 300.0
+    task_max_result_bytes: int = 16 << 20
     heartbeat_key_file: str = ""
 
     @property
@@ -408,6 +412,8 @@ class CompanionSettings:
             task_visibility=env.number("TASK_VISIBILITY_SECONDS", minimum=_MIN_SECONDS),
             task_drain=env.number("TASK_DRAIN_SECONDS"),
             task_predict_timeout=env.number("TASK_PREDICT_TIMEOUT_SECONDS", positive=True),
+            task_max_result_bytes=int(env.number("TASK_MAX_RESULT_BYTES", kind=int,
+                                                 minimum=1)),
             heartbeat_key_file=env.text("HEARTBEAT_KEY_FILE"),
         )
 

@@ -268,6 +268,26 @@ async def test_poison_task_goes_to_the_dead_letter_stream_with_the_models_reason
     assert "HTTP 400" in dead[0]["reason"]
 
 
+async def test_an_answer_over_the_result_limit_fails_the_task_at_once(
+        api, store, double, worker):
+    # The worker holds an answer whole and stores it as the result: bounded by
+    # MULAMBDA_TASK_MAX_RESULT_BYTES. The same input would answer as much again, so the
+    # task is failed at once with the limit named, not retried.
+    await register(store)
+    small = (await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})).json()["id"]
+    large = (await api.post("/v1/tasks/shop/app",
+                            json={"instances": [float(i) for i in range(200)]})).json()["id"]
+    worker(max_result_bytes=256)
+    done = await finished(api, large)
+    assert done["status"] == "failed" and "result" not in done
+    assert "larger than 256 bytes" in done["reason"]
+    assert "MULAMBDA_TASK_MAX_RESULT_BYTES" in done["reason"]
+    assert (await finished(api, small))["status"] == "succeeded"
+    assert len(double.requests) == 2  # each called once: never retried
+    dead = await TaskQueue(store).dead_letters()
+    assert [d["task"] for d in dead] == [large]
+
+
 async def test_failing_model_is_retried_up_to_the_limit_then_dead_lettered(
         api, store, double, worker):
     await register(store)
