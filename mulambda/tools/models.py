@@ -299,9 +299,9 @@ def push_version(
         # Its SavedModel too: loaders take a version with one and no manifest as whole
         # (another tool's upload), so a replacement that died, or is still running, left
         # old and new files served together. It is uploaded again last, the manifest after.
-        for stale in existing:
-            if stale.relpath in SAVED_MODEL_FILES:
-                storage.client.remove_object(bucket, stale.key)
+        for old in existing:
+            if old.relpath in SAVED_MODEL_FILES:
+                storage.client.remove_object(bucket, old.key)
     resumable = {} if force else {o.relpath: o for o in existing}
     pushed: list[ManifestFile] = []
     uploaded: set[str] = set()
