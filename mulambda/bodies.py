@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_JSON_DEPTH = 64
 MAX_JSON_INT_DIGITS = 100
@@ -83,15 +83,26 @@ def items_of(payload: Any) -> int:
     return 1
 
 
-def summary(payload: Any, field: str | None) -> tuple[int, str | None]:
-    """``payload``'s items (:func:`items_of`) and the value of its top-level ``field``
-    when that is a string or an integer (an experiment's sticky key), else None."""
+class Summary(NamedTuple):
+    """What a router needs of a body: its items (:func:`items_of`), the value of its
+    top-level ``field`` when that is a string or an integer (an experiment's sticky key),
+    and whether it is a TF Serving predict request at all (a JSON object with
+    ``instances`` or ``inputs``)."""
+
+    items: int
+    key: str | None
+    predict: bool
+
+
+def summary(payload: Any, field: str | None) -> Summary:
+    """:class:`Summary` of a decoded body."""
     key = None
     if field and isinstance(payload, dict):
         value = payload.get(field)
         if isinstance(value, str | int) and not isinstance(value, bool):
             key = str(value)
-    return items_of(payload), key
+    predict = isinstance(payload, dict) and ("instances" in payload or "inputs" in payload)
+    return Summary(items_of(payload), key, predict)
 
 
 def main() -> int:

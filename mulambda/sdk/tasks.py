@@ -146,7 +146,7 @@ class TaskClient:
                 continue
             answer = _body(resp)
             if resp.status_code == 404 and isinstance(answer, dict) and answer.get(
-                    "error") == "no matching model":
+                    "error") in ("no matching model", "unknown client"):
                 raise NoMatchingModel(self.client_id, str(answer.get("reason", "")))
             if resp.status_code != 202:
                 raise TaskError("submit", resp.status_code, answer)

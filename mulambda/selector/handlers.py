@@ -215,7 +215,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
             snap.client_record.experiment if snap.client_record is not None else None)
         try:
             # After the client is known: no decoding for names nobody registered.
-            items, body_key = await sel.inspector.inspect(
+            items, body_key, _ = await sel.inspector.inspect(
                 body, configured.field if configured is not None else None)
         except (BodyTooLarge, ValueError) as exc:
             outcome, answer = _bad_body(exc)

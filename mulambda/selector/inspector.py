@@ -18,7 +18,7 @@ import asyncio
 import json
 import sys
 
-from mulambda.bodies import BAD_BODY_EXIT, containers, loads_guarded, summary
+from mulambda.bodies import BAD_BODY_EXIT, Summary, containers, loads_guarded, summary
 from mulambda.httpd import BodyTooLarge
 
 INLINE_CONTAINERS = 4096
@@ -41,8 +41,9 @@ class BodyInspector:
         self.inline_containers = inline_containers
         self._slots = asyncio.Semaphore(concurrency)
 
-    async def inspect(self, body: bytes, field: str | None = None) -> tuple[int, str | None]:
-        """(items, the value of the top-level ``field``)."""
+    async def inspect(self, body: bytes, field: str | None = None) -> Summary:
+        """The body's :class:`~mulambda.bodies.Summary` (``field``: the top-level one whose
+        value is wanted)."""
         if containers(body) <= self.inline_containers:
             return summary(loads_guarded(body), field)
         try:
@@ -54,7 +55,7 @@ class BodyInspector:
                 "request body has too many JSON arrays and objects to inspect within "
                 f"{self.timeout:g} s") from None
 
-    async def _in_child(self, body: bytes, field: str | None) -> tuple[int, str | None]:
+    async def _in_child(self, body: bytes, field: str | None) -> Summary:
         child = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "mulambda.bodies", *([field] if field else []),
             stdin=asyncio.subprocess.PIPE,
@@ -75,5 +76,5 @@ class BodyInspector:
                                  f"(signal {-child.returncode})")
         if child.returncode != 0:
             raise RuntimeError(f"body inspection failed (exit {child.returncode})")
-        items, key = json.loads(out)
-        return int(items), key
+        items, key, predict = json.loads(out)
+        return Summary(int(items), key, bool(predict))

@@ -72,10 +72,15 @@ async def submit(request: web.Request) -> web.Response:
             return _error(400, problem)
         try:
             raw = await read_body(request, tasks.options.max_payload_bytes, sel.body_timeout)
-            items, _ = await sel.inspector.inspect(raw)
+            items, _, predict = await sel.inspector.inspect(raw)
         except (BodyTooLarge, BodyTimeout, ValueError) as exc:
             outcome, answer = _bad_body(exc)
             return answer
+        if not predict:
+            # Said now, not by a worker long after as a failed task.
+            outcome = "bad_request"
+            return _error(400, "not a TF Serving predict request: a JSON object with "
+                          '"instances" or "inputs"')
         try:
             snap = await sel.view(client)
             if snap.client_record is None and not request.query.get("type"):

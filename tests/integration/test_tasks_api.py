@@ -203,6 +203,9 @@ async def test_payload_over_the_limit_is_413_with_a_json_error(api, store):
 @pytest.mark.parametrize(("body", "headers", "code", "words"), [
     (b"{not json", {}, 400, "not valid JSON"),
     (b'{"instances": [1]}', {"Idempotency-Key": "x" * 300}, 400, "Idempotency-Key"),
+    # JSON, but not a predict request: refused now, not failed by a worker later
+    *[(body, {}, 400, "not a TF Serving predict request")
+      for body in (b"[]", b"1", b'"x"', b"{}", b"null", b'{"instance": [1]}')],
 ])
 async def test_bad_submissions_are_400(api, store, body, headers, code, words):
     await register(store)
@@ -210,6 +213,7 @@ async def test_bad_submissions_are_400(api, store, body, headers, code, words):
                           headers={"Content-Type": "application/json", **headers})
     assert resp.status_code == code
     assert words in resp.json()["error"]
+    assert await TaskQueue(store).backlog([EXECUTOR]) == {}
 
 
 async def test_a_client_whose_criteria_match_no_executor_fails_fast_with_the_reason(

@@ -112,6 +112,10 @@ async def test_result_without_wait_answers_at_once_and_errors_are_typed(
     async with MulambdaClient(store, "shop/vision", selector_url=selector_url) as mu:
         with pytest.raises(NoMatchingModel, match="type"):
             await mu.submit([1.0])
+    # Not registered at all: the selector's "unknown client" is the same kind of error.
+    async with MulambdaClient(store, "shop/ghost", selector_url=selector_url) as mu:
+        with pytest.raises(NoMatchingModel, match="not registered"):
+            await mu.tasks.submit([1.0])
 
 
 async def test_the_blocking_client_submits_and_waits(store, selector_url, serving, lose):

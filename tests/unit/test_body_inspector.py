@@ -12,12 +12,15 @@ import pytest
 from mulambda.selector.inspector import BodyInspector, BodyTooComplex
 
 BODIES = [
-    pytest.param(b'{"instances": [1, 2, 3]}', None, (3, None), id="instances"),
-    pytest.param(b'{"inputs": {"x": [[1], [2]]}}', None, (2, None), id="columnar"),
-    pytest.param(b'{"instances": [], "user": "u7"}', "user", (1, "u7"), id="sticky-field"),
-    pytest.param(b'{"instances": [1], "user": 9}', "user", (1, "9"), id="integer-key"),
-    pytest.param(b'{"instances": [1], "user": true}', "user", (1, None), id="bool-is-no-key"),
-    pytest.param(b"[]", None, (1, None), id="not-a-predict-body"),
+    pytest.param(b'{"instances": [1, 2, 3]}', None, (3, None, True), id="instances"),
+    pytest.param(b'{"inputs": {"x": [[1], [2]]}}', None, (2, None, True), id="columnar"),
+    pytest.param(b'{"instances": [], "user": "u7"}', "user", (1, "u7", True),
+                 id="sticky-field"),
+    pytest.param(b'{"instances": [1], "user": 9}', "user", (1, "9", True), id="integer-key"),
+    pytest.param(b'{"instances": [1], "user": true}', "user", (1, None, True),
+                 id="bool-is-no-key"),
+    pytest.param(b"[]", None, (1, None, False), id="not-a-predict-body"),
+    pytest.param(b'{"user": "u7"}', "user", (1, "u7", False), id="an-object-without-items"),
 ]
 BAD = [
     pytest.param(b'{"instances": [' + b"[" * 100 + b"]" * 100 + b"]}", "nested deeper than 64",
