@@ -82,6 +82,12 @@ async def submit(request: web.Request) -> web.Response:
             return _error(400, "not a TF Serving predict request: a JSON object with "
                           '"instances" or "inputs"')
         try:
+            # A replay answers with the task it names before anything is selected: its
+            # own executor, even when another is best now or none matches any more.
+            found = None if key is None else await tasks.queue.earlier(client, key)
+            if found is not None:
+                outcome = "replayed"
+                return _accepted(*found, created=False)
             snap = await sel.view(client)
             if snap.client_record is None and not request.query.get("type"):
                 outcome = "unknown_client"
@@ -104,19 +110,25 @@ async def submit(request: web.Request) -> web.Response:
                 new_task_id(client), client=client, executor=best.executor_id,
                 model=best.record.model, body=raw.decode("utf-8", "replace"),
                 options=tasks.options, idempotency_key=key)
+            executor = best.executor_id
+            if not created:  # a retry that raced its original: the original's executor
+                executor = (await tasks.queue.get(task_id)).get("executor") or executor
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("task not queued client=%s error=%s", client, exc)
             return _error(503, "metadata store unavailable")
         outcome = "queued" if created else "replayed"
         log.info("task %s id=%s client=%s executor=%s warm=%s", outcome, task_id, client,
-                 best.executor_id, best.warm)
-        url = f"/v1/tasks/{task_id}"
-        return _json({"id": task_id, "status_url": url, "executor": best.executor_id},
-                     status=202, headers={"Location": url,
-                                          "Idempotent-Replayed": str(not created).lower()})
+                 executor, best.warm)
+        return _accepted(task_id, executor, created=created)
     finally:
         tasks.requests.labels(route="submit", outcome=outcome).inc()
+
+
+def _accepted(task_id: str, executor: str, *, created: bool) -> web.Response:
+    url = f"/v1/tasks/{task_id}"
+    return _json({"id": task_id, "status_url": url, "executor": executor}, status=202,
+                 headers={"Location": url, "Idempotent-Replayed": str(not created).lower()})
 
 
 async def status(request: web.Request) -> web.Response:

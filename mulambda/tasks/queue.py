@@ -151,6 +151,15 @@ class TaskQueue:
         await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-2])))
         return task_id, True
 
+    async def earlier(self, client: str, idempotency_key: str) -> tuple[str, str] | None:
+        """The live task ``client``'s Idempotency-Key already names: (id, its executor)."""
+        task_id = await self._run(self.redis.get(self.idempotency_key(client,
+                                                                      idempotency_key)))
+        if not task_id:
+            return None
+        executor = await self._run(self.redis.hget(self.task_key(str(task_id)), "executor"))
+        return (str(task_id), str(executor)) if executor else None
+
     async def _created(self, task_id: str) -> bool:
         """Whether ``task_id`` exists, waiting a moment for a submission that took its
         Idempotency-Key a few milliseconds ago (a retry racing the original) to write it."""

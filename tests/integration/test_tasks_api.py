@@ -148,6 +148,31 @@ async def test_idempotency_key_returns_the_same_task_and_runs_the_model_once(
     assert len(double.requests) == 2
 
 
+async def test_a_replay_answers_with_its_tasks_executor_whatever_is_selected_now(
+        api, store):
+    await register(store)
+    headers = {"Idempotency-Key": "order-19"}
+    first = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]}, headers=headers)
+    assert first.json()["executor"] == EXECUTOR
+    # A better executor now, then none at all: the replay names the task's own.
+    await store.put_executor(ExecutorRecord(
+        namespace="ml", name="better", model=MODEL, version=1, type="regression",
+        input="tensor", output="tensor", accuracy=0.99, rest="http://better.ml:8501",
+        grpc="", state="Ready", service_time_ms=1))
+    await store.put_replica(ReplicaRecord(executor="ml/better", pod="better-0",
+                                          state="Available", version=1), ttl=60)
+    again = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]}, headers=headers)
+    fresh = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]})
+    assert fresh.json()["executor"] == "ml/better"  # what selection picks now
+    await store.remove_executor("ml/better")
+    await store.remove_executor(EXECUTOR)
+    gone = await api.post("/v1/tasks/shop/app", json={"instances": [1.0]}, headers=headers)
+    for replay in (again, gone):
+        assert replay.status_code == 202, replay.text
+        assert replay.headers["Idempotent-Replayed"] == "true"
+        assert replay.json() == first.json()
+
+
 async def test_concurrent_retries_with_one_key_make_one_task(api, store, double, worker):
     await register(store)
     answers = await asyncio.gather(*(
