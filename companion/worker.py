@@ -242,8 +242,11 @@ class Worker:
 
     async def _dead(self, entry: str, task_id: str, reason: str, attempts: int,
                     result_ttl: int) -> None:
-        await self.queue.dead_letter(self.executor, entry, task_id, reason, attempts=attempts,
-                                     worker=self.consumer, result_ttl=result_ttl)
+        if not await self.queue.dead_letter(self.executor, entry, task_id, reason,
+                                            attempts=attempts, worker=self.consumer,
+                                            result_ttl=result_ttl):
+            self.tasks.labels(outcome="duplicate").inc()  # another delivery ended it first
+            return
         self.tasks.labels(outcome="dead_letter").inc()
         log.warning("task dead-lettered id=%s attempts=%d reason=%s", task_id, attempts, reason)
 

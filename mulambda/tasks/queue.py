@@ -60,7 +60,9 @@ for i = 2, #KEYS do
   local at = 3 * (i - 2) + 1
   entries[i - 1] = ARGV[at + 1]
   written[i - 1] = redis.call('HSETNX', KEYS[i], 'outcome', ARGV[at + 2])
-  redis.call('EXPIRE', KEYS[i], ARGV[at + 3])
+  if written[i - 1] == 1 then  -- a duplicate does not extend the first outcome's life
+    redis.call('EXPIRE', KEYS[i], ARGV[at + 3])
+  end
 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
 redis.call('XDEL', KEYS[1], unpack(entries))
@@ -325,15 +327,17 @@ class TaskQueue:
     async def dead_letter(self, executor: str, entry: str, task_id: str, reason: str, *,
                           attempts: int, worker: str, result_ttl: int,
                           now: float | None = None) -> bool:
-        """Fail the task with ``reason`` and record it in the dead-letter stream."""
+        """Fail the task with ``reason`` and record it in the dead-letter stream; False (and
+        no dead letter) when another delivery had written its outcome (a success, say)."""
         at = time.time() if now is None else now
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_key, {"task": task_id, "executor": executor, "reason": reason,
-                                      "attempts": str(attempts), "worker": worker},
-                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-            await self._run(pipe.execute())
-        return await self.finish(executor, entry, task_id, outcome(
+        written = await self.finish(executor, entry, task_id, outcome(
             Status.FAILED, worker=worker, at=at, reason=reason, attempts=attempts), result_ttl)
+        if written:
+            await self._run(self.redis.xadd(
+                self.dead_key, {"task": task_id, "executor": executor, "reason": reason,
+                                "attempts": str(attempts), "worker": worker},
+                maxlen=DEAD_LETTER_MAXLEN, approximate=True))
+        return written
 
     async def skip(self, executor: str, entry: str) -> None:
         """Acknowledge and drop an entry whose task is gone or already final."""

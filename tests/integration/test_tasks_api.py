@@ -17,7 +17,7 @@ from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
 from mulambda.tasks.queue import TaskQueue
-from mulambda.tasks.records import TaskOptions, new_task_id
+from mulambda.tasks.records import Status, TaskOptions, new_task_id, outcome
 
 from support.tfserving_double import TFServingDouble
 
@@ -354,3 +354,20 @@ async def test_metrics_count_task_requests(api, store):
     text = (await api.get("/metrics")).text
     assert 'mulambda_task_requests_total{outcome="queued",route="submit"} 1.0' in text
     assert 'mulambda_task_requests_total{outcome="unknown",route="status"} 1.0' in text
+
+
+async def test_a_late_failure_of_a_task_that_succeeded_is_no_dead_letter(store):
+    # A stale delivery fails after another one succeeded: the success stands, nothing is
+    # dead-lettered or counted as such, and the result keeps its own time to live.
+    queue = TaskQueue(store)
+    task_id, _ = await queue.submit(new_task_id("shop/app"), client="shop/app",
+                                    executor=EXECUTOR, model=MODEL, body="{}", options=OPTIONS)
+    [(entry, _fields)] = await store.redis.xrange(queue.queue_key(EXECUTOR))
+    succeeded = outcome(Status.SUCCEEDED, worker="pod-a", at=time.time(), result=[1],
+                        attempts=1)
+    assert await queue.finish(EXECUTOR, entry, task_id, succeeded, result_ttl=60)
+    assert not await queue.dead_letter(EXECUTOR, entry, task_id, "the model failed (HTTP 500)",
+                                       attempts=2, worker="pod-b", result_ttl=3600)
+    assert await queue.dead_letters() == []
+    assert 0 < await store.redis.ttl(queue.task_key(task_id)) <= 60
+    assert (await queue.get(task_id))["outcome"] == succeeded
