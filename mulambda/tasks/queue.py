@@ -86,6 +86,7 @@ class TaskQueue:
         self.store = store
         self.redis = store.redis
         self.prefix = store.prefix
+        self._claim_from: dict[str, str] = {}  # queue -> where the next reclaim starts
         # EVALSHA, loading the script first where the store does not know it (a restart).
         self._begin = self.redis.register_script(_BEGIN)
         self._finish = self.redis.register_script(_FINISH)
@@ -236,15 +237,22 @@ class TaskQueue:
 
     async def reclaim(self, executor: str, consumer: str, min_idle_ms: int, count: int
                       ) -> list[Message]:
-        """Tasks another consumer took and has not renewed for ``min_idle_ms``."""
+        """Tasks another consumer took and has not renewed for ``min_idle_ms``.
+
+        Each call goes on from where the last one stopped: XAUTOCLAIM looks at no more
+        than ten times ``count`` pending entries per call, so always starting at the
+        first left a dead pod's tasks behind many live ones unclaimed."""
+        queue = self.queue_key(executor)
         try:
             raw = await self._run(self.redis.xautoclaim(
-                self.queue_key(executor), GROUP, consumer, min_idle_ms, "0-0", count=count))
+                queue, GROUP, consumer, min_idle_ms, self._claim_from.get(queue, "0-0"),
+                count=count))
         except StoreUnavailable as exc:
             if "NOGROUP" not in str(exc):
                 raise
             await self.ensure_group(executor)
             return []
+        self._claim_from[queue] = str(raw[0])  # "0-0" once the whole list was seen
         return [(entry, data.get("task", "")) for entry, data in raw[1] if data]
 
     async def begin(self, task_id: str, worker: str, now: float | None = None) -> tuple[

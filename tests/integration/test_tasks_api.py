@@ -371,3 +371,21 @@ async def test_a_late_failure_of_a_task_that_succeeded_is_no_dead_letter(store):
     assert await queue.dead_letters() == []
     assert 0 < await store.redis.ttl(queue.task_key(task_id)) <= 60
     assert (await queue.get(task_id))["outcome"] == succeeded
+
+
+async def test_a_dead_pods_task_behind_many_live_ones_is_reclaimed(store):
+    # XAUTOCLAIM looks at no more than 10 x COUNT pending entries per call: a dead pod's
+    # task behind 30 that a live pod renews is found by the calls that follow, each
+    # going on where the last stopped.
+    queue = TaskQueue(store)
+    for _ in range(31):
+        await queue.submit(new_task_id("shop/app"), client="shop/app", executor=EXECUTOR,
+                           model=MODEL, body="{}", options=OPTIONS)
+    live = await queue.read(EXECUTOR, "pod-live", 30, 100)
+    dead = await queue.read(EXECUTOR, "pod-dead", 1, 100)
+    await asyncio.sleep(0.3)
+    await queue.touch(EXECUTOR, "pod-live", [entry for entry, _ in live])
+    found = []
+    for _ in range(3):  # 31 entries, 20 looked at per call
+        found += await queue.reclaim(EXECUTOR, "pod-new", 200, 2)
+    assert found == dead
