@@ -93,6 +93,11 @@ class ModelReport:
         return bool(self.status["state"] == "Failed")
 
 
+# Reasons of a Loading heartbeat that is making progress (companion/lifecycle.py); any
+# other is a problem it retries.
+_ON_ITS_WAY = frozenset({"", "Starting", "Downloading", "WaitingForServing", "RollingBack"})
+
+
 def model_report(heartbeats: Sequence[ReplicaRecord], desired: int) -> ModelReport:
     """ModelLoaded and ``status.model`` from the companions' live heartbeats."""
     available = [r for r in heartbeats if r.state == "Available"]
@@ -112,6 +117,16 @@ def model_report(heartbeats: Sequence[ReplicaRecord], desired: int) -> ModelRepo
                        f"version {version} keeps serving.")
             return ModelReport(loaded, {"loadedVersion": str(version), "state": "Available",
                                         "reason": reason, "message": message}, message)
+        switching = sorted((r for r in available if r.reason.startswith("VersionSwitch")),
+                           key=lambda r: r.pod)
+        if switching:
+            # Serving, but its switch to a newer version is stuck (retrying, or failed
+            # for good): said in status.model, not as a failure of the serving version.
+            first = switching[0]
+            return ModelReport(loaded, {
+                "loadedVersion": str(version), "state": "Available", "reason": first.reason,
+                "message": f"Replica {first.pod} serves version {first.version or version} "
+                           f"but cannot switch to a newer one: {first.message}"})
         return ModelReport(loaded, {"loadedVersion": str(version), "state": "Available",
                                     "reason": "", "message": ""})
     if failing:
@@ -123,9 +138,16 @@ def model_report(heartbeats: Sequence[ReplicaRecord], desired: int) -> ModelRepo
         return ModelReport(loaded, {"state": "Failed", "reason": reason,
                                     "message": first.message or ""})
     if heartbeats:
+        # A replica that retries a problem (S3 down, a full disk) says why; one that is
+        # simply on its way says what it is doing. The problem first.
+        first = min(heartbeats, key=lambda r: (r.reason in _ON_ITS_WAY, r.pod))
+        detail = f" Replica {first.pod}: {first.message or first.reason}" if (
+            first.reason or first.message) else ""
         loaded = condition("ModelLoaded", FALSE, "Loading",
-                           f"{len(heartbeats)} replica(s) are downloading or loading the model.")
-        return ModelReport(loaded, {"state": "Loading", "reason": "Loading", "message": ""})
+                           f"{len(heartbeats)} replica(s) are downloading or loading the "
+                           f"model.{detail}")
+        return ModelReport(loaded, {"state": "Loading", "reason": first.reason or "Loading",
+                                    "message": first.message or ""})
     if desired == 0:
         loaded = condition("ModelLoaded", UNKNOWN, "ScaledToZero",
                            "No replicas run; the model loads when the executor is activated.")

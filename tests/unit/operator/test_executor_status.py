@@ -251,3 +251,33 @@ def test_what_the_operator_cannot_act_on_sets_ready_and_progressing_false(reason
     # One Warning per generation and reason, not one per retry or timer tick.
     assert failure(reason, detail, update.fields, 3, NOW).events == []
     assert len(failure(reason, detail, update.fields, 4, NOW).events) == 1
+
+
+@pytest.mark.parametrize(("heartbeats", "model", "says"), [
+    pytest.param([heartbeat("p-0", "Loading", reason="Downloading", message="loading version 1")],
+                 {"state": "Loading", "reason": "Downloading", "message": "loading version 1"},
+                 "Replica p-0: loading version 1", id="on-its-way"),
+    # The one retrying a problem is named, not the one making progress beside it.
+    pytest.param([heartbeat("p-0", "Loading", reason="Downloading", message="loading version 1"),
+                  heartbeat("p-1", "Loading", reason="StorageUnavailable",
+                            message="cannot reach S3 server (retrying in 8s)")],
+                 {"state": "Loading", "reason": "StorageUnavailable",
+                  "message": "cannot reach S3 server (retrying in 8s)"},
+                 "Replica p-1: cannot reach S3 server (retrying in 8s)", id="retrying-a-problem"),
+    pytest.param([heartbeat("p-0", "Loading", reason="Starting")],
+                 {"state": "Loading", "reason": "Starting", "message": ""},
+                 "Replica p-0: Starting", id="starting"),
+    # Serving version 1, its switch to a newer one refused: said, still Available.
+    pytest.param([heartbeat("p-0", "Available", reason="VersionSwitchChecksumMismatch",
+                            message="version 2: 1 file differs from its push manifest")],
+                 {"loadedVersion": "1", "state": "Available",
+                  "reason": "VersionSwitchChecksumMismatch",
+                  "message": "Replica p-0 serves version 1 but cannot switch to a newer one: "
+                             "version 2: 1 file differs from its push manifest"},
+                 "Version 1 is AVAILABLE", id="switch-stuck"),
+])
+def test_status_model_says_why_a_replica_is_not_done(heartbeats, model, says):
+    report = model_report(heartbeats, desired=len(heartbeats))
+    assert report.status == model
+    assert says in report.condition["message"]
+    assert report.new_version_failure is None  # no Warning Event per retry
