@@ -9,6 +9,7 @@ half-way continues from its last written byte; finished ranges go into the
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from collections.abc import Callable
@@ -197,6 +198,22 @@ def _store_fault(exc: BaseException | None) -> bool:
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     # pwrite may write fewer bytes than asked (signals, some filesystems).
     while data:
-        n = os.pwrite(fd, data, offset)
+        try:
+            n = os.pwrite(fd, data, offset)
+        except OSError as exc:
+            # The model volume, not S3: no retry of the GET helps (taken as S3 being
+            # unreachable, a full disk was retried for ever under the wrong reason).
+            raise disk_error(exc) from exc
         data = data[n:]
         offset += n
+
+
+def disk_error(exc: OSError) -> ModelLoadError:
+    """A failed write to the model volume as a load error: ``InsufficientDisk`` when it is
+    full, ``LocalDiskError`` otherwise; permanent (someone must make room, or give the
+    volume more), retried by the companion every ``MULAMBDA_FAILED_RETRY_SECONDS``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ModelLoadError("InsufficientDisk", f"the model volume is full: {exc.strerror}",
+                              permanent=True)
+    return ModelLoadError("LocalDiskError", f"cannot write the model volume: {exc}",
+                          permanent=True)

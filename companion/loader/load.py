@@ -14,7 +14,7 @@ from mulambda.storage.manifest import PushManifest
 from mulambda.storage.s3 import ModelStorage, StoredObject
 from mulambda.storage.savedmodel import NotASavedModel, check_saved_model
 
-from .download import Downloader, Progress
+from .download import Downloader, Progress, disk_error
 from .errors import ModelLoadError, RetryPolicy
 from .journal import Journal
 from .plan import DEFAULT_PART_SIZE, plan_files
@@ -251,19 +251,36 @@ def _download(storage: ModelStorage, bucket: str, prefix: str, version: int,
     partial.mkdir(exist_ok=True)
     journal = Journal(partial, plans)
     reused = journal.restore()
-    for rel, plan in plans.items():
-        path = partial / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not plan.done:
-            # Sparse file of the final size: ranges land at their offsets.
-            with path.open("wb") as f:
-                f.truncate(plan.obj.size)
+    # Sparse files take no room until written: say now when the rest cannot fit, not
+    # after filling the volume.
+    needed = sum(plan.obj.size for plan in plans.values()) - reused
+    free = shutil.disk_usage(partial).free
+    if needed > free:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise ModelLoadError("InsufficientDisk", f"{source} needs {needed} more bytes; the "
+                             f"model volume has {free} free", permanent=True)
+    try:
+        for rel, plan in plans.items():
+            path = partial / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not plan.done:
+                # Sparse file of the final size: ranges land at their offsets.
+                with path.open("wb") as f:
+                    f.truncate(plan.obj.size)
+    except OSError as exc:
+        raise disk_error(exc) from exc
     if reused:
         log.info("resuming partial download source=%s reused_bytes=%d", source, reused)
 
     downloader = Downloader(storage, bucket, journal, workers=workers, retry=retry,
                             progress=progress)
-    downloader.run()
+    try:
+        downloader.run()
+    except ModelLoadError as err:
+        if err.reason == "InsufficientDisk":
+            # What does not fit is no use kept: the room goes back to the volume.
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
     try:
         checked = verify(partial, plans)

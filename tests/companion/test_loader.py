@@ -6,6 +6,7 @@ ModelStorage: every byte still comes from the real server.
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import hashlib
 import io
@@ -745,3 +746,34 @@ def test_crc32_combine_is_cheap_enough_to_run_after_every_load():
     for i in range(1000):
         crc32_combine(i * 2654435761 & 0xFFFFFFFF, i, 16 * MiB - i)
     assert time.perf_counter() - started < 1.0
+
+
+# -- the model volume ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["known-before", "found-while-writing"])
+def test_a_model_larger_than_the_volume_is_insufficient_disk_and_gives_its_room_back(
+        s3, bucket, half_plus_two, tmp_path, monkeypatch, when):
+    # Not "cannot reach S3" retried for ever with a full volume: a permanent
+    # InsufficientDisk (the companion retries those every MULAMBDA_FAILED_RETRY_SECONDS),
+    # and the partial download deleted.
+    from mulambda.companion.loader import download, load
+
+    src = make_model(tmp_path / "src", half_plus_two, {"variables/big.bin": 3 * MiB})
+    upload(s3, bucket, "hpt", 1, src)
+    models = tmp_path / "models"
+    if when == "known-before":
+        real_usage = shutil.disk_usage
+        monkeypatch.setattr(load.shutil, "disk_usage",
+                            lambda path: real_usage(path)._replace(free=1 * MiB))
+    else:  # the free space the check saw was taken meanwhile
+        def full(fd, data, offset):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(download.os, "pwrite", full)
+    err = _load_error(s3, bucket, "hpt", 1, models)
+    assert (err.reason, err.permanent) == ("InsufficientDisk", True), err
+    assert "S3" not in err.message
+    if when == "known-before":
+        assert "more bytes; the model volume has 1048576 free" in err.message
+    assert not (models / "m" / ".partial-1").exists()
+    assert local_versions(models, "m") == []
