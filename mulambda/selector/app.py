@@ -52,7 +52,8 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     bounds are the server's, not the application's). ``tasks``: the task API's
     limits (mulambda.tasks; defaults without).
     """
-    app = web.Application(middlewares=list(middlewares), client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[json_errors, *middlewares],
+                          client_max_size=max_body_bytes)
     app[STORE_KEY] = store
     sel = Selector(store, cache_ttl, policy, predict_timeout=predict_timeout,
                     max_attempts=max_attempts, cold_start_timeout=cold_start_timeout,
@@ -79,6 +80,23 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     app.router.add_get("/metrics", metrics)
     install_tasks(app, tasks or TaskOptions())
     return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own answers for a path no route takes (404) or a method it does not take
+    (405) as JSON, like every other error of the selector (they were plain text)."""
+    try:
+        return await handler(request)  # type: ignore[no-any-return]
+    except web.HTTPNotFound as exc:
+        if exc.content_type == "application/json":
+            raise
+        return web.json_response({"error": "not found", "path": request.path}, status=404)
+    except web.HTTPMethodNotAllowed as exc:
+        allowed = sorted(exc.allowed_methods)
+        return web.json_response(
+            {"error": "method not allowed", "method": request.method, "allowed": allowed},
+            status=405, headers={"Allow": ", ".join(allowed)})
 
 
 def selector_server_options(header_timeout: float = HEADER_TIMEOUT_SECONDS) -> dict[str, Any]:

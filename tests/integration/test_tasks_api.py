@@ -277,9 +277,15 @@ async def test_cancel_takes_a_pending_task_out_of_the_backlog(api, store, double
 async def test_unknown_and_malformed_task_ids_are_404(api, store):
     assert (await api.get("/v1/tasks/shop~app~" + "0" * 32)).status_code == 404
     assert (await api.delete("/v1/tasks/shop~app~" + "0" * 32)).status_code == 404
-    for bad in ("nope", "shop~app~xyz", "../../etc"):
+    for bad in ("nope", "shop~app~xyz", "../../etc", "shop~app~" + "A" * 32):
         resp = await api.get(f"/v1/tasks/{bad}")
         assert resp.status_code == 404
+        assert resp.json()["error"]  # JSON, as every error (no route took it)
+    wrong = await api.put("/v1/tasks/shop~app~" + "0" * 32)
+    assert wrong.status_code == 405
+    assert wrong.json() == {"error": "method not allowed", "method": "PUT",
+                            "allowed": ["DELETE", "GET", "HEAD"]}
+    assert wrong.headers["Allow"] == "DELETE, GET, HEAD"
 
 
 async def test_poison_task_goes_to_the_dead_letter_stream_with_the_models_reason(
