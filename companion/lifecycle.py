@@ -101,6 +101,9 @@ class S3ModelSource:
         self._loader = loader
         self.storage = storage
         self.config = config
+        # The last resolve found the store down and fell back to the copy on disk: the load
+        # that follows tries the store once, not through a full retry, before serving it.
+        self._store_down = False
 
     @classmethod
     def from_config(cls, config: CompanionSettings) -> S3ModelSource:
@@ -110,13 +113,29 @@ class S3ModelSource:
 
     def resolve(self, version: int | None) -> int:
         c = self.config
-        return int(self._loader.resolve_version(self.storage, c.bucket, c.prefix, version))
+        try:
+            found = int(self._loader.resolve_version(self.storage, c.bucket, c.prefix, version))
+        except self._loader.ModelLoadError as err:
+            if err.permanent:
+                raise
+            # The store is down, but this volume holds a verified copy (the companion
+            # restarted: OOM, a liveness failure): serve it rather than stay unready until
+            # the store is back; the next watch looks for a newer version again.
+            cached = self._loader.cached_version(Path(c.models_dir), c.model_name, version)
+            if cached is None:
+                raise
+            log.warning("storage unavailable, serving the verified copy on disk version=%d "
+                        "error=%r", cached, err.message)
+            self._store_down = True
+            return int(cached)
+        self._store_down = False
+        return found
 
     def load(self, version: int) -> LoadedVersion:
         c = self.config
         return self._loader.load_model_version(  # type: ignore[no-any-return]
             self.storage, c.bucket, c.prefix, version, Path(c.models_dir), c.model_name,
-            workers=c.load_workers,
+            workers=c.load_workers, retries=1 if self._store_down else self._loader.LOAD_RETRIES,
         )
 
     def remove_others(self, keep: int) -> None:

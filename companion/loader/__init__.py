@@ -41,14 +41,16 @@ Everything here is synchronous; the companion runs it in a worker thread.
 
 from .errors import ModelLoadError
 from .journal import JOURNAL_NAME
-from .load import LoadResult, load_model_version, resolve_version
-from .publish import MANIFEST_NAME, remove_other_versions
+from .load import LOAD_RETRIES, LoadResult, load_model_version, resolve_version
+from .publish import MANIFEST_NAME, cached_version, remove_other_versions
 
 __all__ = [
     "JOURNAL_NAME",
+    "LOAD_RETRIES",
     "MANIFEST_NAME",
     "LoadResult",
     "ModelLoadError",
+    "cached_version",
     "load_model_version",
     "remove_other_versions",
     "resolve_version",

@@ -39,6 +39,8 @@ SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 
 # Looking up versions and buckets: a few quick retries.
 _LOOKUP = RetryPolicy(retries=3)
+# Retries of each store call of a load (listing, each range) before its error counts.
+LOAD_RETRIES = 5
 
 
 @dataclass
@@ -114,7 +116,7 @@ def load_model_version(
     *,
     workers: int = 4,
     part_size: int = DEFAULT_PART_SIZE,
-    retries: int = 5,
+    retries: int = LOAD_RETRIES,
     backoff: float = 0.5,
     max_backoff: float = 10.0,
     progress: Progress | None = None,

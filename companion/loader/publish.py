@@ -138,6 +138,23 @@ def publish(partial: Path, final: Path, manifest: Manifest) -> None:
         os.close(dir_fd)
 
 
+def cached_version(models_dir: Path, model_name: str, wanted: int | None) -> int | None:
+    """A version this volume holds a verified, intact copy of: ``wanted`` (a pinned one),
+    else the highest; None when there is none. What a companion started while the store
+    is down can serve (the copy was verified when it was published)."""
+    base = Path(models_dir) / model_name
+    try:
+        held = sorted((int(p.name) for p in base.iterdir() if p.name.isdigit()),
+                      reverse=True)
+    except OSError:
+        return None
+    for version in held if wanted is None else [v for v in held if v == wanted]:
+        manifest = read_manifest(base / str(version))
+        if manifest is not None and local_copy_intact(base / str(version), manifest):
+            return version
+    return None
+
+
 def remove_other_versions(models_dir: Path, model_name: str, keep: int) -> list[int]:
     """Delete every local version except ``keep`` (and stale partial downloads of others).
 

@@ -577,3 +577,52 @@ async def test_pinned_version_ignores_newer_versions_in_storage(
     await asyncio.sleep(0.5)  # five version-watch rounds
     assert source.loads == [1] and (await replica(store)).version == 1
     assert await finish(r) == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("pinned", ["", "1"], ids=["newest", "pinned"])
+async def test_a_companion_started_while_s3_is_down_serves_its_verified_copy(
+    pinned: str, s3, bucket: str, half_plus_two: Path, start_companion,
+    store: MetadataStore, redis_url: str, models_dir: Path,
+):
+    # The companion container restarted (OOM, liveness) while S3 is down, and the pod's
+    # volume holds version 1 verified: it serves it, not "StorageUnavailable" until S3
+    # comes back.
+    from mulambda.storage.s3 import ModelStorage
+    from mulambda.tools.models import push_version
+
+    push_version(s3, half_plus_two, bucket, MODEL, 1)
+    loader.load_model_version(s3, bucket, MODEL, 1, models_dir, MODEL)
+    double = await TFServingDouble(MODEL, models_dir=models_dir).start()
+    env = {"MULAMBDA_MODEL_URI": f"s3://{bucket}/{MODEL}", "MULAMBDA_MODEL_VERSION": pinned}
+    config = CompanionSettings.from_env(companion_env(redis_url, models_dir, double.url, **env))
+    down = ModelStorage(f"127.0.0.1:{free_port()}", "key", "secret", connect_timeout=0.2)
+    r = await start_companion(S3ModelSource(down, config), double, **env)
+    rec = await eventually(lambda: _replica_in_state(store, "Available"), within=20,
+                           what="Available from the copy on disk")
+    assert rec.version == 1
+    assert (await r.get("/readyz")).status_code == 200
+    assert await finish(r) == 0
+
+
+@pytest.mark.integration
+async def test_without_a_copy_on_disk_an_s3_outage_still_says_so(
+    start_companion, store: MetadataStore, redis_url: str, models_dir: Path,
+):
+    from mulambda.storage.s3 import ModelStorage
+
+    double = await TFServingDouble(MODEL, models_dir=models_dir).start()
+    env = {"MULAMBDA_MODEL_URI": f"s3://models/{MODEL}"}
+    config = CompanionSettings.from_env(companion_env(redis_url, models_dir, double.url, **env))
+    down = ModelStorage(f"127.0.0.1:{free_port()}", "key", "secret", connect_timeout=0.2)
+    r = await start_companion(S3ModelSource(down, config), double, **env)
+    rec = await eventually(lambda: _reason_is(store, "StorageUnavailable"), within=20,
+                           what="StorageUnavailable")
+    assert rec.state == "Loading"
+    assert (await r.get("/readyz")).status_code == 503
+    assert await finish(r) == 0
+
+
+async def _reason_is(store: MetadataStore, reason: str) -> ReplicaRecord | None:
+    rec = await replica(store)
+    return rec if rec is not None and rec.reason == reason else None
