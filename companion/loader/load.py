@@ -16,9 +16,10 @@ from mulambda.storage.savedmodel import NotASavedModel, check_saved_model
 
 from .download import Downloader, Progress, disk_error
 from .errors import ModelLoadError, RetryPolicy
-from .journal import Journal
+from .journal import JOURNAL_NAME, Journal
 from .plan import DEFAULT_PART_SIZE, plan_files
 from .publish import (
+    MANIFEST_NAME,
     Manifest,
     forget_rejected,
     listing_fingerprint,
@@ -221,6 +222,17 @@ def _refuse_unloadable(storage: ModelStorage, bucket: str, prefix: str, source: 
     if unsafe:
         raise ModelLoadError("InvalidObjectKey", f"unsafe object keys under {source}: "
                              f"{unsafe[:3]}", permanent=True)
+    # Names a folder on disk cannot hold: one that is both a file and a folder
+    # ("assets" beside "assets/vocab.txt"), or the loader's own files (an object named
+    # like the journal was overwritten by it and re-downloaded at every attempt).
+    folders = {o.relpath.rsplit("/", i)[0] for o in objects
+               for i in range(1, o.relpath.count("/") + 1)}
+    clashing = [o.key for o in objects
+                if o.relpath in folders or o.relpath in (JOURNAL_NAME, MANIFEST_NAME)]
+    if clashing:
+        raise ModelLoadError("InvalidObjectKey", f"object keys under {source} that a folder "
+                             f"cannot hold (both a file and a folder, or the loader's own "
+                             f"names): {clashing[:3]}", permanent=True)
     if not any(o.relpath in SAVED_MODEL_FILES for o in objects):
         raise ModelLoadError(
             "NotASavedModel",

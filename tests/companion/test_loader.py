@@ -456,6 +456,26 @@ def test_folder_without_saved_model_is_refused_before_downloading(seaweedfs, s3,
     assert storage.gets == 0
 
 
+@pytest.mark.parametrize("extra", [
+    pytest.param({"assets": b"a file", "assets/vocab.txt": b"and a folder"},
+                 id="a-file-and-a-folder-of-one-name"),
+    pytest.param({".mulambda-journal.json": b"{}"}, id="named-like-the-journal"),
+    pytest.param({".mulambda-manifest.json": b"{}"}, id="named-like-the-manifest"),
+])
+def test_names_a_folder_cannot_hold_are_refused_before_downloading(
+        seaweedfs, s3, bucket, half_plus_two, tmp_path, extra):
+    # Uploaded by another tool (no push manifest): raw OS errors or a journal overwriting
+    # an object retried for ever before; now a permanent InvalidObjectKey naming them.
+    for rel, data in {**extra, "saved_model.pb": (half_plus_two / "saved_model.pb")
+                      .read_bytes()}.items():
+        s3.client.put_object(bucket, f"odd/1/{rel}", io.BytesIO(data), len(data))
+    storage = storage_as(CountingStorage, seaweedfs)
+    err = _load_error(storage, bucket, "odd", 1, tmp_path / "models")
+    assert (err.reason, err.permanent) == ("InvalidObjectKey", True), err
+    assert min(extra) in err.message
+    assert storage.gets == 0
+
+
 def upload_raw(s3: ModelStorage, bucket: str, prefix: str, src: Path, part_size: int) -> None:
     """Upload like another tool would: plain SDK calls, no mulambda metadata."""
     for path in sorted(src.rglob("*"), key=lambda p: p.name.startswith("saved_model")):
