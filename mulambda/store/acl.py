@@ -129,9 +129,13 @@ ROLES: dict[str, Role] = {r.name: r for r in (
     Role("operator", "mulambda-operator",
          "executor and Client records; prunes expired values; reads demand",
          read=(*_METADATA, QUEUE, ACTIVE),
-         write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES, ACTIVE),
-         commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hdel", "del", "xlen",
-                   "xadd", "smembers", "srem", "sadd", *_MIRROR_READ)),
+         # task, queue: a deleted executor's queued tasks are failed and its queue deleted
+         # (TaskQueue.abandon); hsetnx writes only an outcome not yet written.
+         write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES, ACTIVE,
+                TASK, QUEUE),
+         commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hsetnx", "hdel", "del",
+                   "xlen", "xadd", "smembers", "srem", "sadd", "multi", "exec",
+                   *_MIRROR_READ)),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
          read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),

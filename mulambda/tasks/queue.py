@@ -392,6 +392,24 @@ class TaskQueue:
         return [{"entry": entry, **data} for entry, data in raw]
 
     # -- the operator's side ---------------------------------------------------------
+    async def abandon(self, executor: str, reason: str, now: float | None = None) -> int:
+        """Fail every task still in ``executor``'s queue with ``reason`` and delete the
+        queue: the executor was deleted and no worker will take them (they stayed
+        ``pending`` until they expired). A task whose outcome was written keeps it. How
+        many entries there were."""
+        queue = self.queue_key(executor)
+        entries = await self._run(self.redis.xrange(queue))
+        failed = outcome(Status.FAILED, worker="", at=time.time() if now is None else now,
+                         reason=reason)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for _entry, data in entries:
+                if data.get("task"):
+                    pipe.hsetnx(self.task_key(str(data["task"])), "outcome", failed)
+            pipe.delete(queue)
+            pipe.srem(self.active_key, executor)
+            await self._run(pipe.execute())
+        return len(entries)
+
     async def backlog(self, executors: Iterable[str], now: float | None = None, *,
                       tidy: bool = True) -> dict[str, tuple[int, float]]:
         """Executor id -> (tasks queued or running, age of the oldest in seconds), for the

@@ -18,6 +18,7 @@ from typing import Any
 from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.policy.rollout import Route
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailable
+from mulambda.tasks.queue import TaskQueue
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
 from ..k8s.children import create_once, ensure_deployment, ensure_service
@@ -172,8 +173,15 @@ async def rollout_tick(ctx: Context, executor: Observed[ModelExecutorSpec]) -> S
 async def forget(ctx: Context, executor_id: str, retry: int, logger: Logger) -> Problem | None:
     """Remove the executor's store records and scaling memory (the finalizer's job);
     children go by garbage collection."""
-    problem = await forget_records(ctx, ctx.store.remove_executor, "executor", executor_id,
-                                   retry, logger)
+    async def remove(executor: str) -> None:
+        await ctx.store.remove_executor(executor)
+        # Its queued tasks would stay pending until they expire: no worker takes them.
+        abandoned = await TaskQueue(ctx.store).abandon(
+            executor, f"executor {executor} was deleted before the task ran")
+        if abandoned:
+            logger.info("queued tasks failed executor=%s tasks=%d", executor, abandoned)
+
+    problem = await forget_records(ctx, remove, "executor", executor_id, retry, logger)
     if problem is None:
         ctx.windows.forget(executor_id)
         ctx.records.pop(executor_id, None)

@@ -34,7 +34,10 @@ from mulambda.operator.k8s.api import KubeApi
 from mulambda.operator.main import FINALIZER, register_all
 from mulambda.operator.rbac import REQUIRED_RULES
 from mulambda.settings import Settings
+from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ReplicaRecord, _dump
+from mulambda.tasks.queue import TaskQueue
+from mulambda.tasks.records import TaskOptions, new_task_id
 
 from support.cluster import ApiError, AuditEvent, Cluster
 from support.identity import Identity
@@ -419,17 +422,35 @@ def test_nothing_changes_when_nothing_changed(env: Env, operator: OperatorRun) -
     assert len(env.cluster.list(*DEP, env.ns)) == 1 and len(env.cluster.list(*SVC, env.ns)) == 1
 
 
+async def queue_a_task(env: Env) -> str:
+    store = MetadataStore.from_url(env.redis_url, prefix=PREFIX)
+    try:
+        task_id, _ = await TaskQueue(store).submit(
+            new_task_id("shop/app"), client="shop/app", executor=env.id(), model="hp2",
+            body='{"instances": [1]}', options=TaskOptions())
+        return task_id
+    finally:
+        await store.close()
+
+
 def test_deleting_executor_removes_metadata_and_children(
     env: Env, operator: OperatorRun
 ) -> None:
     env.create()
     env.wait(env.record, what="the store record")
     env.wait(lambda: env.get(DEP) and env.get(SVC), what="the Deployment and Service")
+    queued = asyncio.run(queue_a_task(env))
 
     env.cluster.delete(*ME, env.ns, "hp2")
 
     env.wait(lambda: env.get(ME) is None, what="the executor gone")
     assert env.record() is None  # the finalizer removed it before the executor went
+    # Its queued task is failed, not left pending until it expires, and its queue gone.
+    raw = redis.Redis.from_url(env.redis_url, decode_responses=True)
+    done = json.loads(raw.hget(f"{PREFIX}:task:{queued}", "outcome") or "{}")
+    assert done.get("status") == "failed"
+    assert f"executor {env.id()} was deleted" in done.get("reason", "")
+    assert not raw.exists(f"{PREFIX}:tasks:queue:{env.id()}")
     # The garbage collector removes the children through their ownerReferences;
     # the operator deletes nothing. Not at once: the collector learns of a CRD's
     # kind at its next discovery sync (every 30 s), so an owner of a CRD installed

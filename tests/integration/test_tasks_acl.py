@@ -68,6 +68,12 @@ async def test_each_role_does_its_part_of_a_tasks_life(queues):
     assert "predictions" in (await sel.get(task_id))["outcome"]
     assert "refused" in (await sel.get(poison))["outcome"]
     assert await op.backlog([EXECUTOR]) == {}
+    # Operator: the executor is deleted with a task still queued: the task is failed.
+    orphan, _ = await sel.submit(new_task_id(CLIENT), client=CLIENT, executor=EXECUTOR,
+                                 model="m", body="{}", options=TaskOptions())
+    assert await op.abandon(EXECUTOR, "executor ml/hp2 was deleted") == 1
+    assert "was deleted" in (await sel.get(orphan))["outcome"]
+    assert await op.backlog([EXECUTOR]) == {}
 
 
 # role -> what it must not do with tasks (raw commands on the real acl_redis).
@@ -78,9 +84,10 @@ FORBIDDEN = {
                ("hset", f"{P}:task:x", "outcome", "forged")],
     "sdk": [("hgetall", f"{P}:task:x"), ("xadd", f"{P}:tasks:queue:{EXECUTOR}", "*", "task", "x"),
             ("set", f"{P}:tasks:idem:x", "y")],
-    "operator": [("hgetall", f"{P}:task:x"), ("get", f"{P}:tasks:idem:x"),
-                 ("xadd", f"{P}:tasks:queue:{EXECUTOR}", "*", "task", "x"),
-                 ("xrange", f"{P}:tasks:dead", "-", "+")],
+    # The operator writes tasks and queues (a deleted executor's are failed and deleted),
+    # and reads queues; it reads no task, key or dead letter.
+    "operator": [("hgetall", f"{P}:task:x"), ("hget", f"{P}:task:x", "body"),
+                 ("get", f"{P}:tasks:idem:x"), ("xrange", f"{P}:tasks:dead", "-", "+")],
     "companion": [("get", f"{P}:tasks:idem:x"), ("xrange", f"{P}:tasks:dead", "-", "+"),
                   ("hset", f"{P}:executors", EXECUTOR, "{}")],
     "selector": [("script", "load", "return 1"),

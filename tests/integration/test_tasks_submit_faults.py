@@ -3,8 +3,6 @@ TCP proxy that drops the connection mid-pipeline)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,77 +13,25 @@ from mulambda.tasks.queue import TaskQueue
 from mulambda.tasks.records import TaskOptions, new_task_id
 
 from support.procs import RedisServer
+from support.tcp_proxy import DroppingProxy
 
 pytestmark = pytest.mark.integration
 
 
-class CuttingProxy:
-    """Forwards to redis; once armed, the first client write that holds ``marker`` is
-    forwarded only up to the command before it, and the connection is closed."""
-
-    def __init__(self, port: int, marker: bytes) -> None:
-        self.port, self.marker = port, marker
-        self.armed = False
-        self.cuts = 0
-        self._server: asyncio.Server | None = None
-        self.listen_port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.listen_port = int(self._server.sockets[0].getsockname()[1])
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _handle(self, client_r: asyncio.StreamReader,
-                      client_w: asyncio.StreamWriter) -> None:
-        server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
-        back = asyncio.create_task(self._pump(server_r, client_w))
-        try:
-            while data := await client_r.read(1 << 16):
-                at = data.find(self.marker) if self.armed else -1
-                if at >= 0:
-                    # RESP: the command holding the marker starts at the "*" before it.
-                    server_w.write(data[:data.rfind(b"*", 0, at)])
-                    await server_w.drain()
-                    self.armed = False
-                    self.cuts += 1
-                    await asyncio.sleep(0.05)
-                    break
-                server_w.write(data)
-                await server_w.drain()
-        finally:
-            for w in (server_w, client_w):
-                w.close()
-            back.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await back
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(1 << 16):
-                writer.write(data)
-                await writer.drain()
-
-
 @pytest.fixture
-async def proxy(redis_url: str, redis_server: RedisServer) -> AsyncIterator[CuttingProxy]:
-    cutter = CuttingProxy(redis_server.port, b"XADD")
-    await cutter.start()
+async def proxy(redis_url: str, redis_server: RedisServer) -> AsyncIterator[DroppingProxy]:
+    cutter = await DroppingProxy(redis_server.port).start()
     yield cutter
     await cutter.stop()
 
 
 async def test_a_submission_cut_half_way_leaves_no_task_and_its_retry_is_queued(
-        proxy: CuttingProxy, store: MetadataStore):
-    through = MetadataStore.from_url(f"redis://127.0.0.1:{proxy.listen_port}/0",
-                                     prefix="test")
+        proxy: DroppingProxy, store: MetadataStore):
+    through = MetadataStore.from_url(proxy.url, prefix="test")
     queue = TaskQueue(through)
     options = TaskOptions(ttl_seconds=600)
     try:
-        proxy.armed = True
+        proxy.cut_before(b"XADD")
         first = new_task_id("shop/app")
         with pytest.raises(StoreUnavailable):
             await queue.submit(first, client="shop/app", executor="ml/x", model="m",
