@@ -8,16 +8,37 @@ starting over.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 
 from .plan import FilePlan
 
+log = logging.getLogger(__name__)
+
 JOURNAL_NAME = ".mulambda-journal.json"
 # Persist the journal at most this often; losing the last half second of
 # progress on a crash costs little, rewriting it per range costs more.
 JOURNAL_INTERVAL = 0.5
+
+
+def _still_there(path: Path, plan: FilePlan, index: int, digest: str) -> bool:
+    """Range ``index`` of ``path`` hashes to ``digest`` (True when ranges are not hashed
+    one by one: their check is the whole file's, after the download)."""
+    hasher = plan.range_hasher()
+    if hasher is None:
+        return True
+    start, left = plan.ranges[index]
+    with path.open("rb") as f:
+        f.seek(start)
+        while left:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                return False
+            hasher.update(chunk)
+            left -= len(chunk)
+    return bool(hasher.hexdigest() == digest)
 
 
 class Journal:
@@ -48,8 +69,16 @@ class Journal:
                 plan.obj.key, plan.obj.size, plan.obj.etag, plan.check, plan.ranges, plan.crc32)
             if not same or target.stat().st_size != plan.obj.size:
                 continue
-            plan.done = {int(k): v for k, v in entry.get("done", {}).items()}
-            kept += sum(plan.ranges[i][1] for i in plan.done if i < len(plan.ranges))
+            recorded = {int(k): v for k, v in entry.get("done", {}).items()
+                        if int(k) < len(plan.ranges)}
+            # The digests were taken as the bytes were written, but the journal may have
+            # reached the disk when the data did not (a crash before writeback), or the
+            # bytes changed since: only ranges that still hash as recorded are kept.
+            plan.done = {i: d for i, d in recorded.items() if _still_there(target, plan, i, d)}
+            if len(plan.done) < len(recorded):
+                log.warning("resumed download: ranges changed on disk fetched again file=%s "
+                            "ranges=%d", rel, len(recorded) - len(plan.done))
+            kept += sum(plan.ranges[i][1] for i in plan.done)
         return kept
 
     def mark(self, rel: str, index: int, digest: str) -> None:

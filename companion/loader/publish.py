@@ -122,6 +122,15 @@ def version_lock(base: Path, version: int) -> Iterator[None]:
 def publish(partial: Path, final: Path, manifest: Manifest) -> None:
     """Write the manifest and rename the folder into place: it appears whole or not at all."""
     (partial / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+    # The files' bytes reach the disk before the rename can: after a crash, a published
+    # (verified) copy never holds bytes that were still only in the page cache.
+    for path in partial.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     if final.exists():
         # A stale or foreign copy: move it out of TF Serving's sight first.
         old = _trash_name(final)
