@@ -156,6 +156,10 @@ SELECTOR_SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "TASK_RESULT_TTL_SECONDS": ("3600", "How long a task's result is kept once written."),
     "TASK_MAX_ATTEMPTS": (
         "3", "Deliveries of a task before it goes to the dead-letter stream."),
+    "TASK_MAX_OPEN_PER_CLIENT": (
+        "1000", "Tasks a Client may have queued or running at once; one more gets 429 "
+        "(bounds what one tenant holds in the shared store: at most this many bodies of "
+        "up to `TASK_MAX_PAYLOAD_BYTES`)."),
 }
 
 
@@ -440,5 +444,7 @@ class SelectorSettings:
                 ttl_seconds=env.number("TASK_TTL_SECONDS", minimum=1),
                 result_ttl_seconds=env.number("TASK_RESULT_TTL_SECONDS", minimum=1),
                 max_attempts=int(env.number("TASK_MAX_ATTEMPTS", kind=int, minimum=1)),
+                max_open_per_client=int(env.number("TASK_MAX_OPEN_PER_CLIENT", kind=int,
+                                                   minimum=1)),
             ),
         )

@@ -93,9 +93,10 @@ OUTCOMES = "outcomes:*"  # per-arm outcomes of rollouts and experiments (outcome
 # The task queue's families (mulambda.tasks): tasks with their results, the
 # per-executor streams, Idempotency-Keys, the dead letters.
 TASK, QUEUE, IDEMPOTENCY, DEAD = "task:*", "tasks:queue:*", "tasks:idem:*", "tasks:dead"
+OPEN = "tasks:open:*"  # each Client's open tasks (its limit)
 ACTIVE = "tasks:active"  # executors whose queue may hold entries
 _METADATA = (EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, DEMAND, OUTCOMES)
-FAMILIES = (*_METADATA, TASK, QUEUE, ACTIVE, IDEMPOTENCY, DEAD)
+FAMILIES = (*_METADATA, TASK, QUEUE, ACTIVE, IDEMPOTENCY, DEAD, OPEN)
 
 # What every reader of a selection snapshot reads (MetadataStore.snapshot,
 # inflight_counts, service_stats).
@@ -132,26 +133,29 @@ ROLES: dict[str, Role] = {r.name: r for r in (
          # task, queue: a deleted executor's queued tasks are failed and its queue deleted
          # (TaskQueue.abandon); hsetnx writes only an outcome not yet written.
          write=(EXECUTORS, CLIENTS, REPLICAS, INFLIGHT, SERVICE, LATENCY, OUTCOMES, ACTIVE,
-                TASK, QUEUE),
+                TASK, QUEUE, OPEN),
          commands=("hget", "hgetall", "hkeys", "hscan", "hset", "hsetnx", "hdel", "del",
-                   "xlen", "xadd", "smembers", "srem", "sadd", "multi", "exec",
+                   "xlen", "xadd", "smembers", "srem", "sadd", "zrem", "multi", "exec",
                    *_MIRROR_READ)),
     Role("companion", "mulambda-companion",
          "its replica's heartbeat and latency samples; reads probe targets",
-         read=(LATENCY, CLIENTS, TASK, QUEUE), write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD),
+         # open: the outcome script takes a task out of its Client's open tasks (a key a
+         # script names is checked for reading and writing)
+         read=(LATENCY, CLIENTS, TASK, QUEUE, OPEN),
+         write=(REPLICAS, LATENCY, TASK, QUEUE, DEAD, OPEN),
          # evalsha, script|load: the worker's start and outcome scripts (tasks/queue.py);
          # the commands inside a script are checked against this user's rules too.
          commands=("hget", "hgetall", "hset", "hdel", "expire", "hincrby", "hsetnx", "watch",
                    "multi", "exec", "xreadgroup", "xack", "xdel", "xautoclaim", "xclaim",
-                   "xadd", "xgroup|create", "evalsha", "script|load")),
+                   "xadd", "xgroup|create", "zrem", "evalsha", "script|load")),
     Role("selector", "mulambda-selector",
          "selector and gateway: reads snapshots; writes demand, in-flight leases, "
          "measured service times",
-         read=(*_SNAPSHOT, DEMAND, OUTCOMES, TASK, IDEMPOTENCY),
-         write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, ACTIVE, IDEMPOTENCY),
+         read=(*_SNAPSHOT, DEMAND, OUTCOMES, TASK, IDEMPOTENCY, OPEN),
+         write=(INFLIGHT, SERVICE, DEMAND, OUTCOMES, TASK, QUEUE, ACTIVE, IDEMPOTENCY, OPEN),
          commands=("hget", "hgetall", "hset", "hdel", "hincrby", "expire", "exists", "get",
                    "set", "watch", "multi", "exec", "xadd", "xdel", "xgroup|create", "sadd",
-                   *_MIRROR_READ)),
+                   "zadd", "zcard", "zrem", "zremrangebyscore", *_MIRROR_READ)),
     Role("sdk", "mulambda-sdk",
          "trusted processes embedding the SDK: like the selector",
          # outcomes: HINCRBY reads the key it writes.

@@ -25,7 +25,7 @@ from mulambda.selector.handlers import _bad_body, _error, _json, _query_criteria
 from mulambda.selector.service import SELECTOR_KEY, Selector
 from mulambda.store.records import StoreUnavailable
 
-from .queue import TaskQueue
+from .queue import TaskQueue, TooManyTasks
 from .records import ID_ROUTE, Status, TaskOptions, idempotency_problem, new_task_id, view
 
 log = logging.getLogger("mulambda.tasks")
@@ -41,6 +41,8 @@ class Tasks:
 
 
 TASKS_KEY = web.AppKey("tasks", Tasks)
+# A Client at its open-task limit asks again after this long (one of its tasks may end).
+TOO_MANY_RETRY_SECONDS = 5
 
 
 def install(app: web.Application, options: TaskOptions) -> None:
@@ -113,6 +115,12 @@ async def submit(request: web.Request) -> web.Response:
             executor = best.executor_id
             if not created:  # a retry that raced its original: the original's executor
                 executor = (await tasks.queue.get(task_id)).get("executor") or executor
+        except TooManyTasks as exc:
+            outcome = "too_many"
+            answer = _error(429, "too many open tasks", client=client, limit=exc.limit,
+                            reason="wait for one to end, or cancel one")
+            answer.headers["Retry-After"] = str(TOO_MANY_RETRY_SECONDS)
+            return answer
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("task not queued client=%s error=%s", client, exc)

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError, WatchError
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 
-from .records import Next, Status, TaskOptions, before_run, outcome, status_of
+from .records import Next, Status, TaskOptions, before_run, client_of, outcome, status_of
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 10_000
@@ -56,12 +56,13 @@ return out
 # result_ttl. Per task 1 when this wrote its outcome, 0 when one was there.
 _FINISH = """
 local written, entries = {}, {}
-for i = 2, #KEYS do
-  local at = 3 * (i - 2) + 1
-  entries[i - 1] = ARGV[at + 1]
-  written[i - 1] = redis.call('HSETNX', KEYS[i], 'outcome', ARGV[at + 2])
-  if written[i - 1] == 1 then  -- a duplicate does not extend the first outcome's life
-    redis.call('EXPIRE', KEYS[i], ARGV[at + 3])
+for j = 1, (#KEYS - 1) / 2 do
+  local task, open, at = KEYS[2 * j], KEYS[2 * j + 1], 4 * (j - 1) + 1
+  entries[j] = ARGV[at + 1]
+  written[j] = redis.call('HSETNX', task, 'outcome', ARGV[at + 2])
+  if written[j] == 1 then  -- a duplicate does not extend the first outcome's life
+    redis.call('EXPIRE', task, ARGV[at + 3])
+    redis.call('ZREM', open, ARGV[at + 4])  -- no longer one of its Client's open tasks
   end
 end
 redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
@@ -77,6 +78,15 @@ class Finished(NamedTuple):
     task_id: str
     outcome: str  # the ``outcome`` field, :func:`.records.outcome`
     result_ttl: int
+
+
+class TooManyTasks(Exception):
+    """The Client has as many open tasks as ``MULAMBDA_TASK_MAX_OPEN_PER_CLIENT``: 429."""
+
+    def __init__(self, client: str, limit: int) -> None:
+        super().__init__(f"client {client} has {limit} open tasks, the most it may have")
+        self.client = client
+        self.limit = limit
 
 
 class TaskQueue:
@@ -97,6 +107,13 @@ class TaskQueue:
 
     def task_key(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}"
+
+    def open_key(self, client: str) -> str:
+        """The Client's open tasks (queued or running): task id -> when it expires."""
+        return f"{self.prefix}:tasks:open:{client}"
+
+    def open_key_of(self, task_id: str) -> str:
+        return self.open_key(client_of(task_id) or "")
 
     def idempotency_key(self, client: str, key: str) -> str:
         return f"{self.prefix}:tasks:idem:{client}:{hashlib.sha256(key.encode()).hexdigest()}"
@@ -119,6 +136,8 @@ class TaskQueue:
         """Queue a task for ``executor``; (task id, created). With an idempotency key
         already used by ``client`` for a live task, that task's id and False."""
         ttl = max(1, int(options.ttl_seconds))
+        at = time.time() if now is None else now
+        await self._room_for_one(client, options.max_open_per_client, at)
         if idempotency_key is not None:
             key = self.idempotency_key(client, idempotency_key)
             if not await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
@@ -129,7 +148,7 @@ class TaskQueue:
                 # failed half-way): the key starts over with this one.
                 await self._run(self.redis.set(key, task_id, ex=ttl))
         fields = {"client": client, "executor": executor, "model": model, "body": body,
-                  "created_at": repr(time.time() if now is None else now),
+                  "created_at": repr(at),
                   "max_attempts": str(options.max_attempts),
                   "result_ttl": str(max(1, int(options.result_ttl_seconds))), "attempts": "0"}
         queue = self.queue_key(executor)
@@ -140,6 +159,8 @@ class TaskQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.task_key(task_id), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(self.task_key(task_id), ttl)
+            pipe.zadd(self.open_key(client), {task_id: at + ttl})
+            pipe.expire(self.open_key(client), ttl)
             # Created at 0 before the first entry, so no worker can miss it.
             pipe.xgroup_create(queue, GROUP, id="0", mkstream=True)
             pipe.xadd(queue, {"task": task_id})
@@ -162,6 +183,18 @@ class TaskQueue:
             return None
         executor = await self._run(self.redis.hget(self.task_key(str(task_id)), "executor"))
         return (str(task_id), str(executor)) if executor else None
+
+    async def _room_for_one(self, client: str, limit: int, now: float) -> None:
+        """Raise :class:`TooManyTasks` when ``client`` has ``limit`` open tasks (those past
+        their time to live no longer count). Checked, then queued: submissions racing
+        each other can pass it by their number."""
+        key = self.open_key(client)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zcard(key)
+            _, count = await self._run(pipe.execute())
+        if int(count) >= limit:
+            raise TooManyTasks(client, limit)
 
     async def _created(self, task_id: str) -> bool:
         """Whether ``task_id`` exists, waiting a moment for a submission that took its
@@ -202,6 +235,7 @@ class TaskQueue:
                 pipe.multi()
                 pipe.hset(key, "outcome", outcome(Status.CANCELLED, worker="", at=at,
                                                   reason="cancelled by the caller"))
+                pipe.zrem(self.open_key_of(task_id), task_id)
                 pipe.expire(key, max(1, int(float(fields.get("result_ttl") or 1))))
                 if fields.get("entry"):  # not delivered yet: out of the backlog at once
                     pipe.xdel(self.queue_key(fields["executor"]), fields["entry"])
@@ -325,11 +359,11 @@ class TaskQueue:
         if not finished:
             return []
         args: list[str | int] = [GROUP]
+        keys = [self.queue_key(executor)]
         for done in finished:
-            args += [done.entry, done.outcome, max(1, done.result_ttl)]
-        written = await self._run(self._finish(
-            keys=[self.queue_key(executor), *(self.task_key(d.task_id) for d in finished)],
-            args=args))
+            args += [done.entry, done.outcome, max(1, done.result_ttl), done.task_id]
+            keys += [self.task_key(done.task_id), self.open_key_of(done.task_id)]
+        written = await self._run(self._finish(keys=keys, args=args))
         return [bool(w) for w in written]
 
     async def dead_letter(self, executor: str, entry: str, task_id: str, reason: str, *,
@@ -404,7 +438,9 @@ class TaskQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             for _entry, data in entries:
                 if data.get("task"):
-                    pipe.hsetnx(self.task_key(str(data["task"])), "outcome", failed)
+                    task_id = str(data["task"])
+                    pipe.hsetnx(self.task_key(task_id), "outcome", failed)
+                    pipe.zrem(self.open_key_of(task_id), task_id)
             pipe.delete(queue)
             pipe.srem(self.active_key, executor)
             await self._run(pipe.execute())

@@ -66,6 +66,7 @@ class TaskOptions:
     ttl_seconds: float = 86_400.0
     result_ttl_seconds: float = 3_600.0
     max_attempts: int = 3
+    max_open_per_client: int = 1000
 
 
 def outcome(status: Status, *, worker: str, at: float, result: Any = None,

@@ -16,7 +16,7 @@ from mulambda.companion.worker import Worker
 from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
-from mulambda.tasks.queue import TaskQueue
+from mulambda.tasks.queue import TaskQueue, TooManyTasks
 from mulambda.tasks.records import Status, TaskOptions, new_task_id, outcome
 
 from support.tfserving_double import TFServingDouble
@@ -395,3 +395,55 @@ async def test_a_dead_pods_task_behind_many_live_ones_is_reclaimed(store):
     for _ in range(3):  # 31 entries, 20 looked at per call
         found += await queue.reclaim(EXECUTOR, "pod-new", 200, 2)
     assert found == dead
+
+
+async def test_a_client_at_its_open_task_limit_gets_429_until_one_ends(store, double, worker):
+    # One tenant cannot fill the shared store: MULAMBDA_TASK_MAX_OPEN_PER_CLIENT tasks
+    # queued or running at most. Ending one (cancelled or answered) makes room; another
+    # Client is not held back.
+    options = TaskOptions(max_payload_bytes=4096, ttl_seconds=600, result_ttl_seconds=60,
+                          max_attempts=3, max_open_per_client=2)
+    await register(store)
+    await store.put_client(ClientRecord(namespace="shop", name="other", type="regression"))
+    runner = web.AppRunner(create_app(store, cache_ttl=0, tasks=options),
+                           **selector_server_options())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:
+            body = {"instances": [1.0]}
+            first, second = [await api.post("/v1/tasks/shop/app", json=body) for _ in range(2)]
+            assert first.status_code == second.status_code == 202
+            refused = await api.post("/v1/tasks/shop/app", json=body)
+            assert refused.status_code == 429
+            assert refused.json()["error"] == "too many open tasks"
+            assert refused.json()["limit"] == 2 and refused.headers["Retry-After"] == "5"
+            assert (await api.post("/v1/tasks/shop/other", json=body)).status_code == 202
+            assert (await api.delete(first.json()["status_url"])).status_code == 200
+            third = await api.post("/v1/tasks/shop/app", json=body)
+            assert third.status_code == 202  # the cancelled one made room
+            assert (await api.post("/v1/tasks/shop/app", json=body)).status_code == 429
+            worker()
+            await finished(api, second.json()["id"])
+            await finished(api, third.json()["id"])
+            for _ in range(2):  # both answered: room for two again
+                assert (await api.post("/v1/tasks/shop/app", json=body)).status_code == 202
+            metrics = (await api.get("/metrics")).text
+        assert 'mulambda_task_requests_total{outcome="too_many",route="submit"} 2.0' in metrics
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_task_past_its_time_to_live_no_longer_counts_as_open(store):
+    queue = TaskQueue(store)
+    options = TaskOptions(ttl_seconds=10, max_open_per_client=1)
+    await queue.submit(new_task_id("shop/app"), client="shop/app", executor=EXECUTOR,
+                       model=MODEL, body="{}", options=options, now=1000.0)
+    with pytest.raises(TooManyTasks):
+        await queue.submit(new_task_id("shop/app"), client="shop/app", executor=EXECUTOR,
+                           model=MODEL, body="{}", options=options, now=1009.0)
+    later = new_task_id("shop/app")
+    assert await queue.submit(later, client="shop/app", executor=EXECUTOR, model=MODEL,
+                              body="{}", options=options, now=1011.0) == (later, True)
