@@ -51,6 +51,7 @@ from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord
 from mulambda.tasks.queue import TaskQueue
+from mulambda.tasks.records import TaskOptions
 
 from support.procs import RedisServer
 from support.tfserving_double import TFServingDouble
@@ -209,8 +210,9 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         await _register(store)
         async with TFServingDouble(MODEL, on_request=model_time) as double:
-            runner = web.AppRunner(create_app(store, cache_ttl=0.5),
-                                   **selector_server_options())
+            # The whole run is queued before a worker starts: no open-task limit.
+            runner = web.AppRunner(create_app(store, cache_ttl=0.5, tasks=TaskOptions(
+                max_open_per_client=1 << 30)), **selector_server_options())
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
