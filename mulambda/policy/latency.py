@@ -290,7 +290,7 @@ class ServiceTracker:
 
         Why: the weights decay per answer, so statistics a router stopped adding to never
         aged. A burst of stalled answers (the clip lets most of them through once the
-        spread has grown with the first) could make a 20 ms model look like 200 ms, the
+        spread has grown with the first) made a 20 ms model look like 240 ms, the
         routers then sent it nothing, and nothing ever corrected it. Faded, the
         measurements give way to the declared prior within minutes, so the executor
         is tried again and measured anew.

@@ -83,6 +83,7 @@ from .experiment import (
     format_goals,
     format_suite,
     goals,
+    grouped,
     suite,
 )
 from .routers import simulate
@@ -215,9 +216,7 @@ def run(args: argparse.Namespace) -> int:
                      "mean_accuracy": finite(f.mean_accuracy, 4),
                      "mean_utility": finite(f.mean_utility, 4)}
                     for c in cells for n, f in c.figures.items()]
-            issue = [g for g in found if not g.plain]
-            plain = [g for g in found if g.plain and not g.reference]
-            oracle = [g for g in found if g.plain and g.reference]
+            issue, plain, oracle = grouped(found)
             sys.stdout.write(json.dumps({
                 "cells": rows, "goals_met": sum(g.met for g in issue), "goals": len(issue),
                 "plain_goals_met": sum(g.met for g in plain), "plain_goals": len(plain),

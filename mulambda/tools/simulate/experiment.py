@@ -213,10 +213,15 @@ def format_suite(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def grouped(found: list[Goal]) -> tuple[list[Goal], list[Goal], list[Goal]]:
+    """Issue 11's goals, ours against least-outstanding, and the oracle's reference."""
+    return ([g for g in found if not g.plain],
+            [g for g in found if g.plain and not g.reference],
+            [g for g in found if g.plain and g.reference])
+
+
 def format_goals(found: list[Goal]) -> str:
-    issue = [g for g in found if not g.plain]
-    plain = [g for g in found if g.plain and not g.reference]
-    oracle = [g for g in found if g.plain and g.reference]
+    issue, plain, oracle = grouped(found)
     lines = [f"goals of issue 11: {_met(issue)} of {len(issue)} met"]
     lines += _missed(issue)
     lines.append(f"against least-outstanding: {_met(plain)} of {len(plain)} met (the oracle's "
