@@ -137,12 +137,13 @@ class TaskQueue:
         already used by ``client`` for a live task, that task's id and False."""
         ttl = max(1, int(options.ttl_seconds))
         at = time.time() if now is None else now
-        await self._room_for_one(client, options.max_open_per_client, at)
+        await self._reserve(client, task_id, options.max_open_per_client, at, ttl)
         if idempotency_key is not None:
             key = self.idempotency_key(client, idempotency_key)
             if not await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
                 earlier = await self._run(self.redis.get(key))
                 if earlier and await self._created(str(earlier)):
+                    await self._run(self.redis.zrem(self.open_key(client), task_id))
                     return str(earlier), False
                 # The earlier task is gone (its result expired, or its submission
                 # failed half-way): the key starts over with this one.
@@ -159,8 +160,6 @@ class TaskQueue:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hset(self.task_key(task_id), mapping=fields)  # type: ignore[arg-type]
             pipe.expire(self.task_key(task_id), ttl)
-            pipe.zadd(self.open_key(client), {task_id: at + ttl})
-            pipe.expire(self.open_key(client), ttl)
             # Created at 0 before the first entry, so no worker can miss it.
             pipe.xgroup_create(queue, GROUP, id="0", mkstream=True)
             pipe.xadd(queue, {"task": task_id})
@@ -184,16 +183,26 @@ class TaskQueue:
         executor = await self._run(self.redis.hget(self.task_key(str(task_id)), "executor"))
         return (str(task_id), str(executor)) if executor else None
 
-    async def _room_for_one(self, client: str, limit: int, now: float) -> None:
-        """Raise :class:`TooManyTasks` when ``client`` has ``limit`` open tasks (those past
-        their time to live no longer count). Checked, then queued: submissions racing
-        each other can pass it by their number."""
+    async def _reserve(self, client: str, task_id: str, limit: int, now: float,
+                       ttl: int) -> None:
+        """Take one of ``client``'s ``limit`` open tasks for ``task_id`` (those past their
+        time to live no longer count), or raise :class:`TooManyTasks`.
+
+        Taken, then counted, in one transaction: counted first and taken when the task
+        was queued, forty submissions sent at once all passed a limit of five. A refused
+        one holds a place until it gives it back, so a race can refuse a submission that
+        would have fitted (it may retry), never let one more in. A submission that
+        fails after this keeps its place until its time to live (it may have been queued).
+        """
         key = self.open_key(client)
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zremrangebyscore(key, "-inf", now)
+            pipe.zadd(key, {task_id: now + ttl})
+            pipe.expire(key, ttl)
             pipe.zcard(key)
-            _, count = await self._run(pipe.execute())
-        if int(count) >= limit:
+            *_, count = await self._run(pipe.execute())
+        if int(count) > limit:
+            await self._run(self.redis.zrem(key, task_id))
             raise TooManyTasks(client, limit)
 
     async def _created(self, task_id: str) -> bool:

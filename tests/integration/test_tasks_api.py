@@ -447,3 +447,29 @@ async def test_a_task_past_its_time_to_live_no_longer_counts_as_open(store):
     later = new_task_id("shop/app")
     assert await queue.submit(later, client="shop/app", executor=EXECUTOR, model=MODEL,
                               body="{}", options=options, now=1011.0) == (later, True)
+
+
+async def test_submissions_racing_each_other_cannot_pass_the_open_task_limit(store):
+    # The count and the queueing are one step in the store: forty submissions of one
+    # Client sent at once get exactly its limit of tasks, the rest are refused. A
+    # refused one leaves no trace, not even its Idempotency-Key.
+    queue = TaskQueue(store)
+    options = TaskOptions(ttl_seconds=60, max_open_per_client=5)
+
+    async def one(i: int) -> str:
+        try:
+            task_id, _ = await queue.submit(new_task_id("shop/app"), client="shop/app",
+                                            executor=EXECUTOR, model=MODEL, body="{}",
+                                            options=options, idempotency_key=f"k{i}")
+        except TooManyTasks:
+            return "refused"
+        return task_id
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(40)))
+    queued = [o for o in outcomes if o != "refused"]
+    assert len(queued) == 5
+    assert await store.redis.zcard(queue.open_key("shop/app")) == 5
+    assert await store.redis.xlen(queue.queue_key(EXECUTOR)) == 5
+    refused_keys = [i for i, o in enumerate(outcomes) if o == "refused"]
+    assert not any([await store.redis.exists(queue.idempotency_key("shop/app", f"k{i}"))
+                    for i in refused_keys])
