@@ -1,10 +1,12 @@
 """The task worker of one executor pod: pulls its executor's tasks, calls TF Serving beside
 it, writes the outcome (the queue is :mod:`mulambda.tasks.queue`).
 
-* It pulls only while the pod is ready (TF Serving serves the version), at
-  most ``MULAMBDA_WORKER_CONCURRENCY`` tasks at once (the executor's target
-  concurrency): a pod never holds more than it serves, so the backlog stays
-  in the stream where the autoscaler sees it and other pods can take it.
+* It pulls only while the pod is ready (TF Serving serves the version), and
+  sends at most ``MULAMBDA_WORKER_CONCURRENCY`` tasks to the model at once
+  (the executor's target concurrency). It holds at most as many again,
+  prefetched: they show ``running`` (started, no longer cancellable) while
+  they wait for a slot. The rest of the backlog stays in the stream where
+  the autoscaler sees it and other pods can take it.
 * New tasks come with XREADGROUP, in batches: it reads once half its
   prefetch is free (:func:`mulambda.tasks.records.to_read`), and marks a
   whole batch started in one transaction; every ``visibility / 4`` seconds it also
