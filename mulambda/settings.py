@@ -31,7 +31,7 @@ import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from mulambda.storage.layout import S3_URI
 from mulambda.tasks.records import TaskOptions
@@ -280,7 +280,7 @@ class Settings:
                 values[f.name] = env.text(name)
         values["log_level"] = log_level(environ)
         settings = cls(**values)  # type: ignore[arg-type]
-        if urlsplit(settings.redis_url).password:
+        if _carries_password(settings.redis_url):
             # The URL is copied into every executor and workload pod spec: a
             # password there would be readable by anyone who can read Deployments.
             raise SettingsError(
@@ -288,6 +288,14 @@ class Settings:
                 f"'password') and name that Secret in {PREFIX}REDIS_SECRET (the operator "
                 f"hands it to pods), or give it in {PREFIX}REDIS_PASSWORD (the CLI)")
         return settings
+
+
+def _carries_password(url: str) -> bool:
+    """Whether a store URL holds a password: in its user part, or in its query, where
+    redis-py reads one too (``?password=``)."""
+    parts = urlsplit(url)
+    return bool(parts.password) or any(
+        name.lower() == "password" for name in parse_qs(parts.query, keep_blank_values=True))
 
 
 @dataclass(frozen=True)

@@ -323,6 +323,10 @@ def test_helm_install_upgrade_uninstall_in_a_restricted_namespace(
                               what="the operator Available")
     template = operator["spec"]["template"]
     assert f"--namespace={ns}" in template["spec"]["containers"][0]["args"]
+    # The store's pod template did not change, so the store (in memory) was not
+    # restarted: a checksum of the rendered Secrets drew the generated passwords again.
+    store = admin.get("apps/v1", "deployments", ns, f"{FULLNAME}-redis")
+    assert store is not None and store["metadata"]["generation"] == 1
     # The config checksum changed, so the operator pod was replaced (Recreate).
     assert (template["metadata"]["annotations"]["checksum/config"]
             != old_operator["spec"]["template"]["metadata"]["annotations"]["checksum/config"])

@@ -56,8 +56,19 @@ def test_intervals_must_be_positive_and_finite(value):
     assert ok.heartbeat_ttl_seconds == 12.5
 
 
-def test_a_password_in_the_store_url_is_refused_with_the_way_out():
+@pytest.mark.parametrize("url", [
+    "redis://:hunter2@redis:6379/0",
+    "redis://user:hunter2@redis:6379/0",
+    # redis-py reads a password from the query as well.
+    "redis://redis:6379/0?password=hunter2",
+    "rediss://redis:6379/0?ssl_cert_reqs=none&Password=hunter2",
+    "unix:///run/redis.sock?db=0&password=hunter2",
+])
+def test_a_password_in_the_store_url_is_refused_with_the_way_out(url):
     with pytest.raises(ValueError, match="MULAMBDA_REDIS_SECRET") as err:
-        Settings.from_env({"MULAMBDA_REDIS_URL": "redis://:hunter2@redis:6379/0"})
+        Settings.from_env({"MULAMBDA_REDIS_URL": url})
     assert "hunter2" not in str(err.value)
+
+
+def test_a_store_url_without_a_password_is_kept():
     assert Settings.from_env({"MULAMBDA_REDIS_URL": "redis://redis:6379/1"}).redis_url.endswith("/1")

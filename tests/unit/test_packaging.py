@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import importlib.util
 import json
 import re
@@ -985,6 +986,24 @@ def test_chart_gives_each_role_its_own_generated_store_user(scenario: str) -> No
         assert f"{fullname}-store-{role}" not in text, role
 
 
+@pytest.mark.parametrize("scenario", ["defaults", "acl-namespaces"])
+def test_chart_pods_roll_on_the_store_passwords_and_on_nothing_else(scenario: str) -> None:
+    # The store, operator and selector carry one checksum of the passwords their Secrets
+    # hold in the same render. Of the rendered store-users.yaml, it was the first
+    # install's generated passwords drawn again for each checksum (so the first upgrade
+    # restarted the store, empty), and any namespace given a copy of a Secret.
+    docs = render(SCENARIOS[scenario])
+    secrets = _store_secrets(docs)
+    order = ("operator", "selector", "companion", "sdk", "client")  # "mulambda.storeRoles"
+    assert set(order) == set(ROLES)
+    want = hashlib.sha256("\n".join(f"{role} {secrets[(role, NAMESPACE)]['password']}"
+                                     for role in order).encode()).hexdigest()
+    for component in ("redis", "operator", "selector"):
+        annotations = one(docs, "Deployment", f"mulambda-{component}")["spec"]["template"][
+            "metadata"]["annotations"]
+        assert annotations["checksum/store-users"] == want, component
+
+
 def test_chart_store_loads_an_acl_file_from_the_role_secrets() -> None:
     docs = render({})
     spec = one(docs, "Deployment", "mulambda-redis")["spec"]["template"]["spec"]
@@ -1053,6 +1072,9 @@ BAD_VALUES: dict[str, Obj] = {
     "negative-interval": {"settings": {"probeIntervalSeconds": -1}},
     "s3-endpoint-is-a-url": {"s3": {"endpoint": "https://s3.example.com"}},
     "bad-namespace": {"watch": {"clusterwide": False, "namespaces": ["Team_A"]}},
+    "password-in-store-url": {"redis": {"enabled": False, "url": "redis://:pw@db:6379/0"}},
+    "password-in-store-url-query": {
+        "redis": {"enabled": False, "url": "redis://db:6379/0?password=pw"}},
 }
 
 

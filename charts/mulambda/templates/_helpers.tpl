@@ -68,6 +68,51 @@ executor pod; the operator and the selector log in as themselves
 {{- printf "%s-store-%s" (include "mulambda.fullname" (index . 0)) (index . 1) }}
 {{- end }}
 
+{{/*
+One store role's password: include "mulambda.storePassword" (list . "operator").
+Kept from the release namespace's Secret when it exists (helm lookup), else
+generated, once per render: every template that asks gets the same one (it is
+remembered in .Values for the rest of the render), so the Secrets and the
+checksums below agree.
+*/}}
+{{- define "mulambda.storePassword" -}}
+{{- $root := index . 0 }}
+{{- $role := index . 1 }}
+{{- if not (hasKey $root.Values "_storePasswords") }}
+{{- $_ := set $root.Values "_storePasswords" (dict) }}
+{{- end }}
+{{- $known := $root.Values._storePasswords }}
+{{- if not (hasKey $known $role) }}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace (include "mulambda.storeSecret" (list $root $role)) }}
+{{- if and $existing $existing.data (hasKey $existing.data "password") }}
+{{- $_ := set $known $role (index $existing.data "password" | b64dec) }}
+{{- else }}
+{{- $_ := set $known $role (randAlphaNum 32) }}
+{{- end }}
+{{- end }}
+{{- get $known $role }}
+{{- end }}
+
+{{/*
+What pods that log in to the store roll on: the roles' passwords, nothing else.
+A checksum of the rendered store-users.yaml also changed when a namespace got a
+copy of a Secret, and on every upgrade after the first install (whose passwords
+were generated again for each template that included it): the store restarted
+empty.
+*/}}
+{{- define "mulambda.storeUsersChecksum" -}}
+{{- $root := . }}
+{{- $lines := list }}
+{{- range $role := include "mulambda.storeRoles" . | splitList "," }}
+{{- $lines = append $lines (printf "%s %s" $role (include "mulambda.storePassword" (list $root $role))) }}
+{{- end }}
+{{- join "\n" $lines | sha256sum }}
+{{- end }}
+
+{{- define "mulambda.storeRoles" -}}
+operator,selector,companion,sdk,client
+{{- end }}
+
 {{/* Namespaces where executors run (the companions' Secret is copied there). */}}
 {{- define "mulambda.executorNamespaces" -}}
 {{- $list := list .Release.Namespace }}
