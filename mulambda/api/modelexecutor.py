@@ -32,7 +32,7 @@ class Traits(_Model):
     input: str = Field(min_length=1, max_length=128)
     output: str = Field(min_length=1, max_length=128)
     accuracy: float | None = Field(default=None, ge=0, le=1)
-    service_time_ms: float | None = Field(default=None, ge=0, alias="serviceTimeMs")
+    service_time_ms: float | None = Field(default=None, ge=0, le=3_600_000, alias="serviceTimeMs")
 
 
 class Scaling(_Model):

@@ -84,6 +84,9 @@ class Windows:
                 pass
 
 
+# Requests at once a sample may say (see plan).
+MAX_DEMAND = 1e9
+
 def plan(
     memory: Windows, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
     deployment: dict[str, Any] | None, load: tuple[int, float], now: float,
@@ -112,7 +115,10 @@ def plan(
     # not head for head: with the arrival rate (task submissions count as arrivals)
     # and the service time it is sized to drain (scaling.effective_concurrency).
     depth, oldest = backlog
-    concurrency = max(float(inflight), rate * service_s) + depth
+    # Bounded (far above any maxReplicas x targetConcurrency): a rate forged in the
+    # demand counters times a long declared service time was infinite, which the
+    # sample refuses.
+    concurrency = min(max(float(inflight), rate * service_s) + depth, MAX_DEMAND)
     QUEUE_DEPTH.labels(eid).set(depth)
     OLDEST_TASK.labels(eid).set(oldest)
     window = record_sample(memory.windows.get(eid, DemandWindow()),

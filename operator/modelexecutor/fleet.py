@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 ERRORS = Counter("mulambda_operator_errors", "Store and API server calls of the operator's "
                  "loops that failed, by target (store, api) and loop", ["target", "loop"])
 for _target, _loop in (("store", "autoscale"), ("store", "refresh"), ("store", "prune"),
-                       ("api", "autoscale"), ("api", "refresh")):
+                       ("api", "autoscale"), ("api", "refresh"), ("executor", "autoscale")):
     ERRORS.labels(_target, _loop)  # start at zero: a dashboard shows 0, not "no data"
 
 Key = tuple[str, str]  # (namespace, name)
@@ -131,6 +131,10 @@ class Fleet:
             spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
         except SpecError:
             spec = None
+        except Exception:  # one executor's spec must not stop the fleet's ticks
+            log.exception("spec of %s/%s could not be parsed; it is skipped",
+                          meta.get("namespace"), meta.get("name"))
+            spec = None
         self._specs[meta["uid"]] = (generation, spec)
         return spec
 
@@ -184,9 +188,16 @@ class Fleet:
                 continue  # a handler holds it; next tick
             previous = handling.previous_status(self.ctx, body)
             deployment = first(self.deployments, key)
-            update, target = plan(self.ctx.windows, ref, spec, previous, deployment,
-                                  load.get(ref.id, (0, 0.0)), now,
-                                  backlog.get(ref.id, (0, 0.0)))
+            try:
+                update, target = plan(self.ctx.windows, ref, spec, previous, deployment,
+                                      load.get(ref.id, (0, 0.0)), now,
+                                      backlog.get(ref.id, (0, 0.0)))
+            except Exception:  # the others are still decided
+                # One executor's decision that raises (a value nothing foresaw) skips
+                # that executor, not the tick: it had stopped scaling for the whole fleet.
+                ERRORS.labels("executor", "autoscale").inc()
+                log.exception("autoscaler: no decision for %s this tick", ref.id)
+                continue
             if target is not None or update.fields or update.events:
                 current = int((deployment or {}).get("spec", {}).get("replicas") or 0)
                 writes.append(self._scale(key, ref, previous, update, current, target))

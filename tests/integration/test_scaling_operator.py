@@ -362,6 +362,33 @@ def test_in_flight_demand_scales_up_within_max_replicas(
     assert len(ready_pods(cluster, controlplane, ns, 1, timeout=0)) == 1
 
 
+def test_an_executor_the_operator_cannot_parse_does_not_stop_the_others_scaling(
+    cluster: Cluster, operator: OperatorRun, redis_url: str, ns: str
+) -> None:
+    # Another team's executor with a quantity the API server takes (resources keep
+    # unknown fields) and that overflowed the operator's parser: every autoscaler tick
+    # raised, nothing in the cluster scaled from zero, and the bad one had no status.
+    cluster.create(executor(ns))
+    cluster.wait_for(lambda: replicas(cluster, ns) == 0, what="Deployment at zero")
+    bad = executor(ns, "bad")
+    bad["spec"]["serving"] = {"resources": {"limits": {"cpu": "1e9999999999"}}}
+    cluster.create(bad)
+
+    def ready(name: str) -> dict[str, Any] | None:
+        status = (cluster.get(*ME, ns, name) or {}).get("status") or {}
+        return next((c for c in status.get("conditions", []) if c["type"] == "Ready"), None)
+
+    condition = cluster.wait_for(lambda: (ready("bad") or {}).get("reason") == "InvalidSpec"
+                                 and ready("bad"), what="InvalidSpec on the bad executor")
+    assert "spec.serving.resources.limits.cpu" in condition["message"]
+    inflight(redis_url, ns, 4)
+    cluster.wait_for(lambda: replicas(cluster, ns) == 2, timeout=10,
+                     what="the good executor activated")
+    assert not any(m.startswith("autoscaler tick failed") for m in operator.messages())
+    assert REGISTRY.get_sample_value("mulambda_operator_errors_total",
+                                     {"target": "executor", "loop": "autoscale"}) == 0
+
+
 def test_store_outage_holds_replicas(
     cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str,
     redis_server: RedisServer, ns: str,

@@ -47,6 +47,8 @@ def test_good_spec_parses_with_defaults():
          "exceeds limits.memory"),
         ("model.storageUri", "http://bucket/m", "must look like s3://BUCKET/PREFIX"),
         ("traits.accuracy", 1.5, "traits.accuracy"),
+        # Times demand made it infinite, which stopped the autoscaler's tick.
+        ("traits.serviceTimeMs", 1e308, "traits.serviceTimeMs"),
     ],
 )
 def test_bad_spec_gives_an_actionable_message(path, value, needle):
@@ -66,9 +68,12 @@ def test_quantities_parse_like_kubernetes():
             parse_quantity(typo)
 
 
-def test_quantity_typo_in_a_spec_is_a_spec_error_not_a_crash():
+@pytest.mark.parametrize("quantity", ["512mi", "1e9999999999", "1.2.3"])
+def test_quantity_typo_in_a_spec_is_a_spec_error_not_a_crash(quantity):
+    # "1e9999999999" overflowed Decimal: not a ValueError, it passed every check and
+    # stopped the operator's autoscaler tick for the whole fleet.
     with pytest.raises(SpecError, match=r"spec\.serving\.resources\.limits\.memory"):
-        parse_executor_spec(_with("serving.resources", {"limits": {"memory": "512mi"}}))
+        parse_executor_spec(_with("serving.resources", {"limits": {"memory": quantity}}))
 
 
 def test_client_spec_rejects_negative_weights():

@@ -67,6 +67,23 @@ def test_backlog_drives_the_replicas(replicas, ready, depth, age, target, reason
     memory.forget(f"ml/{name}")
 
 
+def test_an_absurd_arrival_rate_is_the_most_demand_not_an_error():
+    # A serviceTimeMs of 1e308 (no bound then) times 1,800 arrivals/s was infinite: the
+    # sample raised, and the autoscaler's whole tick with it. Bounded now both ways.
+    name, rate = "absurd", 1e306
+    spec = parse_executor_spec({
+        "model": {"name": "m", "storageUri": "s3://models/m"},
+        "traits": {"type": "vision", "input": "image", "output": "label",
+                   "serviceTimeMs": 3_600_000},
+        "scaling": {"minReplicas": 0, "maxReplicas": 10, "targetConcurrency": 4}})
+    memory = Windows()
+    update, got = plan(memory, _ref(name), spec, {}, _deployment(name, 1, 1), (0, rate),
+                       NOW, (0, 0.0))
+    assert got == 10
+    assert update.fields["scaling"]["reason"] == "Bounded"
+    memory.forget(f"ml/{name}")
+
+
 def test_metrics_show_depth_and_oldest_age_and_go_with_the_executor():
     memory = Windows()
     plan(memory, _ref("gauges"), _spec(), {}, _deployment("gauges", 1, 1), (0, 0.0), NOW,
