@@ -35,6 +35,7 @@ Phases (``status.rollout.phase``)::
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -60,7 +61,7 @@ from ..k8s.children import ensure_deployment, ensure_service, remove_owned
 from ..k8s.objects import ObjectRef
 from ..status import Event, StatusUpdate
 from .build import build_deployment, build_service, endpoints
-from .heartbeats import heartbeat_secret
+from .heartbeats import counted, heartbeat_secret
 
 PROGRESSING, PROMOTING, ROLLING_BACK = "Progressing", "Promoting", "RollingBack"
 STABLE_PHASE, PROMOTED, ROLLED_BACK = "Stable", "Promoted", "RolledBack"
@@ -340,8 +341,13 @@ async def observe(ctx: Context, executor: Observed[ModelExecutorSpec]) -> Observ
     rollout = executor.status.get("rollout") or {}
     ref = executor.ref
     outcomes = await read_outcomes(ctx.store, f"executor/{ref.id}", str(rollout.get("id")))
-    candidate_beats = await ctx.store.list_replicas(candidate_id(ref.id))
-    stable_beats = await ctx.store.list_replicas(ref.id)
+    # Only heartbeats the executor's key signed (both arms' pods sign with it), as for
+    # status and routing: a forged one kept a dead canary Analysing past its deadline,
+    # rolled back a good one, or held a promotion (docs/security.md T2).
+    now = time.time()
+    candidate_beats = counted(ctx, ref, await ctx.store.list_replicas(candidate_id(ref.id)),
+                              now)
+    stable_beats = counted(ctx, ref, await ctx.store.list_replicas(ref.id), now)
     _, timed = await ctx.store.inflight_load()
     pods = f"{candidate_name(ref.name)}-"
     return Observations(

@@ -22,6 +22,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,7 @@ from mulambda.settings import Settings
 from mulambda.storage.s3 import ModelStorage
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.outcomes import read_outcomes
+from mulambda.store.records import ReplicaRecord
 from mulambda.tools.models import push_version
 
 from support.cluster import Cluster
@@ -459,6 +461,46 @@ async def test_ab_experiment_keeps_users_on_their_arm_through_sdk_and_gateway(
     a, b, gone = await eventually(shown, what="status.experiment with the outcomes")
     assert a["eligible"] and b["eligible"] and a["requests"] + b["requests"] == 180
     assert not gone["eligible"] and gone["reason"] and gone["requests"] == 0
+
+
+async def test_a_forged_candidate_heartbeat_does_not_hold_a_dead_canary(
+    cluster: Cluster, ns: str, run_operator: Callable[..., OperatorRun], redis_url: str,
+) -> None:
+    # The candidate's pods can never be scheduled; a holder of the companions' store
+    # credential writes an Available heartbeat for one of them, unsigned (it has no key).
+    # Counted, it kept the rollout Analysing past its progress deadline, forever.
+    settings = Settings(redis_url=redis_url, key_prefix=PREFIX, companion_image="mulambda:test",
+                        reconcile_interval_seconds=0.3, probe_interval_seconds=0.3,
+                        autoscale_interval_seconds=0.25, heartbeat_ttl_seconds=10)
+    run_operator(lambda registry: register_all(registry, settings))
+    body = {"apiVersion": "mulambda.io/v1alpha1", "kind": "ModelExecutor",
+            "metadata": {"name": NAME, "namespace": ns},
+            "spec": {"model": {"name": MODEL, "storageUri": "s3://models/half_plus_two",
+                               "version": 1},
+                     "traits": {"type": "regression", "input": "vector", "output": "vector"},
+                     "nodeSelector": {"mulambda.io/test-node": "none"},
+                     "rollout": {"strategy": "Canary", "weight": 50,
+                                 "analysis": {"progressDeadlineSeconds": 4,
+                                              "minRequests": 10}}}}
+    await asyncio.to_thread(cluster.create, body)
+    await eventually(lambda: rollout_status(cluster, ns).get("stableVersion") == 1,
+                     what="version 1 stable")
+    await change_version(cluster, ns, 2)
+    store = MetadataStore.from_url(redis_url, PREFIX)
+    forged = candidate_id(f"{ns}/{NAME}")
+    try:
+        async def forge() -> bool:
+            await store.put_replica(ReplicaRecord(
+                executor=forged, pod=f"{NAME}-candidate-forged", ip="10.9.9.9",
+                state="Available", version=2, expires_at=time.time() + 60), ttl=60)
+            status = await asyncio.to_thread(rollout_status, cluster, ns)
+            return status.get("phase") == "RolledBack"
+
+        await eventually(forge, within=60, what="phase RolledBack",
+                         explain=lambda: str(rollout_status(cluster, ns)))
+    finally:
+        await store.close()
+    assert rollout_status(cluster, ns)["reason"] == "ProgressDeadlineExceeded"
 
 
 @pytest.mark.parametrize(("body", "says"), [
