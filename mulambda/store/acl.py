@@ -230,6 +230,16 @@ def generate_password() -> str:
 # -- command line (the bundled store's init container) -------------------------------------
 
 
+def shared_acl_file(password: str) -> str:
+    """An ACL file for per-role users off (``redis.acl.enabled: false`` with
+    ``redis.existingSecret``): the default user, every command and key, with the one
+    password every process shares, as its SHA-256 (not on the server's command line)."""
+    if not password:
+        raise ValueError("empty shared password")
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return f"user default on #{digest} ~* &* +@all\n"
+
+
 def _passwords_from_files(root: Path) -> dict[str, str]:
     found = {}
     for name in ROLES:
@@ -308,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--secrets", type=Path, help="DIR/ROLE/password files (mounted Secrets)")
     source.add_argument("--namespace", help="read (and create) the Secrets through the API")
+    source.add_argument("--shared-password", type=Path,
+                        help="per-role users off: a file with the one password all share "
+                        "(read exactly: the processes send the Secret's value as it is)")
     build.add_argument("--secret-prefix", default="mulambda-store",
                        help="with --namespace: Secrets are named PREFIX-ROLE")
     build.add_argument("--heartbeat-secret", default="",
@@ -322,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
             print(setuser_command(role, args.prefix))
         print("# then, unless something else still logs in without a user:")
         print(DEFAULT_OFF.replace("user default", "ACL SETUSER default", 1))
+        return 0
+    if args.shared_password is not None:
+        _write(args.out, shared_acl_file(args.shared_password.read_text()))
+        print(f"wrote {args.out}: the default user with the shared password", file=sys.stderr)
         return 0
     passwords = (_passwords_from_files(args.secrets) if args.secrets is not None
                  else passwords_from_api(args.namespace, args.secret_prefix))

@@ -317,6 +317,52 @@ def test_the_charts_secrets_and_store_init_container_make_a_store_every_role_log
         built.stop()
 
 
+def test_with_users_off_the_charts_store_takes_the_shared_password_and_no_other(tmp_path):
+    """Per-role users off, ``redis.existingSecret`` set: the bundled store ran with no
+    password at all (the processes sent theirs and it took them, as it took none)."""
+    import helm_python
+    import yaml
+
+    from mulambda.store.acl import main as acl_main
+
+    from support.controlplane import REPO
+
+    values = {"fullnameOverride": "ml", "redis": {"acl": {"enabled": False},
+                                                  "existingSecret": "store-auth"}}
+    rendered = helm_python.Chart.load(REPO / "charts" / "mulambda").render(
+        values, name="ml", namespace="ml-system")
+    store = next(d for path, text in rendered.items() if not path.endswith(".txt")
+                 for d in yaml.safe_load_all(text)
+                 if d and d["kind"] == "Deployment" and d["metadata"]["name"] == "ml-redis")
+    spec = store["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    (users,) = [v for v in spec["volumes"] if v["name"] == "users"]
+    assert users["secret"]["secretName"] == "store-auth"
+    [item] = users["secret"]["items"]
+    shared = "a shared password, with spaces \"and quotes\"\n"  # as the Secret holds it
+    mounted = tmp_path / "secrets" / item["path"]
+    mounted.parent.mkdir(parents=True)
+    mounted.write_text(shared)
+    args = [a.replace("/secrets", str(tmp_path / "secrets")).replace("/acl/", f"{tmp_path}/")
+            for a in init["command"][3:]]
+    assert acl_main(args) == 0
+    acl = (tmp_path / "users.acl").read_text()
+    assert "shared password" not in acl
+    assert "--aclfile /etc/mulambda-store/users.acl" in spec["containers"][0]["args"][0]
+
+    built = RedisServer(acl=acl)
+    built.start()
+    try:
+        # What every process sends: MULAMBDA_REDIS_PASSWORD, the Secret's value as it is.
+        assert _can_log_in(built.url, "default", shared)
+        assert not _can_log_in(built.url, "default", shared.strip())
+        assert not _can_log_in(built.url, "default", "guessed")
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            redis.Redis.from_url(built.url).ping()
+    finally:
+        built.stop()
+
+
 def test_the_kustomize_store_account_creates_and_reads_only_its_users_secrets(
         cluster, ns, tmp_path):
     """The base's store ServiceAccount and Role on the real API acl_redis: the init

@@ -631,6 +631,7 @@ SCENARIOS: dict[str, Obj] = {
                   "existingSecret": "store-auth", "acl": {"enabled": False}},
         "operator": {"extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]},
     },
+    "store-shared-password": {"redis": {"acl": {"enabled": False}, "existingSecret": "store-auth"}},
     "acl-namespaces": {
         "redis": {"acl": {"executorNamespaces": ["ml", "ml-gpu"], "clientNamespaces": ["apps"]}},
     },
