@@ -21,7 +21,7 @@ from mulambda.store.records import ExecutorRecord, ReplicaRecord, StoreUnavailab
 from mulambda.tasks.queue import TaskQueue
 
 from ..context import Context, Logger, Observed, forget_records, store_retry
-from ..k8s.children import create_once, ensure_deployment, ensure_service
+from ..k8s.children import NameConflict, Rejected, create_once, ensure_deployment, ensure_service
 from ..k8s.objects import ObjectRef
 from ..status import Event, Problem, StatusUpdate
 from .build import build_deployment, build_heartbeat_secret, build_service, endpoints
@@ -129,9 +129,16 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
     # While a rollout runs, the stable Deployment and the record keep the stable version.
     spec = stable_spec(executor.spec, rollout)
     deployment, events = await ensure_children(ctx, ref, spec, executor.logger, cache)
-    route, _ = await reconcile_rollout(ctx, ref, executor.spec, rollout,
-                                       int(deployment.get("spec", {}).get("replicas") or 0),
-                                       executor.logger)
+    unbuildable: NameConflict | Rejected | None = None
+    try:
+        route, _ = await reconcile_rollout(ctx, ref, executor.spec, rollout,
+                                           int(deployment.get("spec", {}).get("replicas") or 0),
+                                           executor.logger)
+    except (NameConflict, Rejected) as exc:
+        # The new version's children cannot be made; the stable version still serves,
+        # and its record must still follow the spec (raised before it was written, the
+        # record kept the traits and scaling of before, whatever the spec said since).
+        route, unbuildable = None, exc
     endpoint = endpoints(ref.name, ref.namespace, ctx.settings)
     heartbeats: list[ReplicaRecord] = []
     problem: Problem | None = None
@@ -154,6 +161,8 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
     except StoreUnavailable as exc:
         problem = store_retry(exc, executor.retry, ctx.settings,
                               "Pods are managed normally meanwhile.")
+    if unbuildable is not None:
+        raise unbuildable  # the handler's status says why
     update = executor_status(ref.id, spec, deployment, heartbeats, problem, endpoint,
                              executor.status, executor.generation).after(events)
     return rollout_update(executor.status, rollout, update)

@@ -55,6 +55,16 @@ def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
                  "spec.probeUrl: Too long", id="probe-url-length"),
     pytest.param(with_(EXECUTOR, "metadata.annotations", {"note": "x" * (300 << 10)}),
                  "metadata.annotations: Too long", id="annotations-over-256KiB"),
+    # Names the operator could not build children for: they were accepted, and then the
+    # Service (NAME, NAME-candidate, NAME-workload) was refused.
+    pytest.param(with_(EXECUTOR, "metadata.name", "half.plus.two"),
+                 "metadata.name in body should match", id="executor-name-with-dots"),
+    pytest.param(with_(EXECUTOR, "metadata.name", "m" * 54),
+                 "metadata.name: Too long", id="executor-name-too-long-for-its-candidate"),
+    pytest.param(with_(EXECUTOR, "metadata.name", "shop-candidate"),
+                 "reserved for the new version of a rollout", id="executor-name-candidate"),
+    pytest.param(with_(CLIENT, "metadata.name", "c" * 55),
+                 "metadata.name: Too long", id="client-name-too-long-for-its-workload"),
 ])
 def test_the_api_server_refuses_it_with_the_reason(cluster: Cluster, ns: str,
                                                    body: dict[str, Any], says: str) -> None:
@@ -64,4 +74,10 @@ def test_the_api_server_refuses_it_with_the_reason(cluster: Cluster, ns: str,
     assert refused.value.status == 422, refused.value
     assert says in refused.value.message, refused.value.message
     plural = "modelexecutors" if body["kind"] == "ModelExecutor" else "clients"
-    assert cluster.get("mulambda.io/v1alpha1", plural, ns, "bad") is None
+    assert cluster.get("mulambda.io/v1alpha1", plural, ns, body["metadata"]["name"]) is None
+
+
+def test_the_longest_names_are_taken(cluster: Cluster, ns: str) -> None:
+    for base, name in ((EXECUTOR, "m" * 53), (CLIENT, "c" * 54), (EXECUTOR, "9lives")):
+        body = with_(with_(base, "metadata.name", name), "metadata.namespace", ns)
+        assert cluster.create(body)["metadata"]["name"] == name

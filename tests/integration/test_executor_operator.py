@@ -626,6 +626,26 @@ def test_foreign_object_with_the_childs_name_is_not_overwritten(
     assert [e.name for e in env.writes("patch") if e.resource == "services"] == []
 
 
+def test_a_rollout_whose_candidate_cannot_be_made_still_publishes_the_spec(
+    env: Env, operator: OperatorRun
+) -> None:
+    # Someone else's Service holds the name of the new version's (hp2-candidate): the
+    # rollout cannot go on, the stable version serves on, and the record follows the
+    # spec (it kept the traits of before: the conflict was raised before it was written).
+    env.create(rollout={"strategy": "Canary", "weight": 50})
+    env.wait(lambda: (env.record() or {}).get("version") == 1, what="version 1 registered")
+    env.cluster.create({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "hp2-candidate", "namespace": env.ns},
+                        "spec": {"ports": [{"port": 80}], "selector": {"app": "b"}}})
+    env.patch(ME, {"spec": {"model": {"version": 2}, "traits": {"accuracy": 0.95}}})
+    ready = env.wait(lambda: env.condition("Ready").get("reason") == "NameConflict"
+                     and env.condition("Ready"), what="Ready=False/NameConflict")
+    assert "hp2-candidate" in ready["message"]
+    record = env.wait(lambda: (r := env.record()) and r.get("accuracy") == 0.95 and r,
+                      what="the new traits in the store record")
+    assert record["version"] == 1  # the stable version's, until a candidate has passed
+
+
 def test_redis_down_during_create_is_retried_and_converges(
     env: Env, operator: OperatorRun, redis_server: RedisServer
 ) -> None:
