@@ -120,21 +120,26 @@ class Fleet:
 
     # -- what the caches hold ---------------------------------------------------------
     def _spec(self, body: Mapping[str, Any]) -> ModelExecutorSpec | None:
-        """The parsed spec, parsed once per generation (None: invalid, reported by the
-        handlers)."""
+        """The parsed spec, parsed once per generation; an invalid one (reported by the
+        handlers) is the last valid one, or None."""
         meta = body["metadata"]
         generation = int(meta.get("generation") or 0)
         known = self._specs.get(meta["uid"])
         if known is not None and known[0] == generation:
             return known[1]
+        # An invalid edit keeps the last valid spec this process parsed: the Deployment
+        # still runs it, and an executor at zero must still be activated (skipped, it
+        # stayed ScaledToZero in the store, offered to clients whose requests then
+        # waited for a cold start that never came). After a restart, none is known.
+        last = known[1] if known is not None else None
         try:
             spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
         except SpecError:
-            spec = None
+            spec = last
         except Exception:  # one executor's spec must not stop the fleet's ticks
-            log.exception("spec of %s/%s could not be parsed; it is skipped",
+            log.exception("spec of %s/%s could not be parsed; its last valid one is used",
                           meta.get("namespace"), meta.get("name"))
-            spec = None
+            spec = last
         self._specs[meta["uid"]] = (generation, spec)
         return spec
 

@@ -55,6 +55,10 @@ def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
                  "spec.probeUrl: Too long", id="probe-url-length"),
     pytest.param(with_(EXECUTOR, "metadata.annotations", {"note": "x" * (300 << 10)}),
                  "metadata.annotations: Too long", id="annotations-over-256KiB"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "Canary", "steps": [50, 10]}),
+                 "rollout.steps must increase", id="cel-steps-increase"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "Canary", "steps": [10, 10]}),
+                 "rollout.steps must increase", id="cel-steps-repeat"),
     # Names the operator could not build children for: they were accepted, and then the
     # Service (NAME, NAME-candidate, NAME-workload) was refused.
     pytest.param(with_(EXECUTOR, "metadata.name", "half.plus.two"),
@@ -77,7 +81,9 @@ def test_the_api_server_refuses_it_with_the_reason(cluster: Cluster, ns: str,
     assert cluster.get("mulambda.io/v1alpha1", plural, ns, body["metadata"]["name"]) is None
 
 
-def test_the_longest_names_are_taken(cluster: Cluster, ns: str) -> None:
-    for base, name in ((EXECUTOR, "m" * 53), (CLIENT, "c" * 54), (EXECUTOR, "9lives")):
+def test_what_the_rules_allow_is_taken(cluster: Cluster, ns: str) -> None:
+    steps = with_(EXECUTOR, "spec.rollout", {"strategy": "Canary", "steps": [1, 10, 50, 100]})
+    for base, name in ((EXECUTOR, "m" * 53), (CLIENT, "c" * 54), (EXECUTOR, "9lives"),
+                       (steps, "steps")):
         body = with_(with_(base, "metadata.name", name), "metadata.namespace", ns)
         assert cluster.create(body)["metadata"]["name"] == name
