@@ -52,6 +52,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "REDIS_CLIENT_SECRET": (
         "", "Secret (keys username, password) with the read-only store user Client workloads "
         "get, in each workload's namespace; empty: workloads get no store access at all."),
+    "REDIS_CLIENT_NAMESPACES": (
+        "", "Comma-separated namespaces that hold that Secret: only Client workloads there get "
+        "the store user, the others the selector alone (a reference to a Secret a namespace "
+        "lacks keeps the workload from starting); empty: every namespace."),
     "KEY_PREFIX": ("mulambda", "Prefix of every key mulambda writes in the store."),
     "SERVING_IMAGE": (DEFAULT_SERVING_IMAGE, "Default TF Serving image for executors."),
     "COMPANION_IMAGE": (DEFAULT_COMPANION_IMAGE, "Image of the companion sidecar (this project)."),
@@ -63,7 +67,8 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "S3_SECRET": (
         "mulambda-s3", "Default Secret (keys accessKey, secretKey) with S3 credentials."),
     "SELECTOR_URL": (
-        "http://mulambda-selector.mulambda.svc:8080", "Selector API URL injected into workloads."),
+        "http://mulambda-selector.mulambda.svc:8080", "Selector API URL injected into workloads; "
+        "set and empty: there is no selector, and workloads get none."),
     "SELECTOR_AUTH": (
         "true", "Selector and gateway callers must present a ServiceAccount token allowed to "
         "`select` the Client (mulambda.authz); false only for local development (warned at "
@@ -243,6 +248,7 @@ class Settings:
     redis_url: str = _default("REDIS_URL")
     redis_secret: str = _default("REDIS_SECRET")
     redis_client_secret: str = _default("REDIS_CLIENT_SECRET")
+    redis_client_namespaces: str = _default("REDIS_CLIENT_NAMESPACES")
     key_prefix: str = _default("KEY_PREFIX")
     serving_image: str = _default("SERVING_IMAGE")
     companion_image: str = _default("COMPANION_IMAGE")
@@ -279,6 +285,10 @@ class Settings:
             else:
                 values[f.name] = env.text(name)
         values["log_level"] = log_level(environ)
+        if env.environ.get(f"{PREFIX}SELECTOR_URL") == "":
+            # The chart says so when it runs no selector: the default would send workloads'
+            # tokens to a selector that may be another release's.
+            values["selector_url"] = ""
         settings = cls(**values)  # type: ignore[arg-type]
         if _carries_password(settings.redis_url):
             # The URL is copied into every executor and workload pod spec: a

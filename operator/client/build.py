@@ -47,26 +47,29 @@ def client_env(client_name: str, namespace: str, settings: Settings) -> list[dic
     return [
         env_var("MULAMBDA_CLIENT", f"{namespace}/{client_name}"),
         env_var("MULAMBDA_KEY_PREFIX", settings.key_prefix),
-        env_var("MULAMBDA_SELECTOR_URL", settings.selector_url),
-        *client_store_env(settings),
+        *([env_var("MULAMBDA_SELECTOR_URL", settings.selector_url)]
+          if settings.selector_url else []),
+        *client_store_env(settings, namespace),
     ]
 
 
 # -- store access of tenant code (issue 12, store access control; docs/security.md) --------
 
 
-def client_store_env(settings: Settings) -> list[dict[str, Any]]:
+def client_store_env(settings: Settings, namespace: str) -> list[dict[str, Any]]:
     """The store as a Client workload may see it: read-only, or not at all.
 
     Workloads run tenant code, so they never get the companions' or the
     operator's credentials. Only when ``MULAMBDA_REDIS_CLIENT_SECRET`` names
     the read-only ``mulambda-client`` user's Secret do they get the store's
     URL (without the companions' user in it), that user, and
-    ``MULAMBDA_SDK_READ_ONLY`` (the SDK then writes nothing: mulambda.sdk);
-    otherwise they get no store address at all and use the selector.
+    ``MULAMBDA_SDK_READ_ONLY`` (the SDK then writes nothing: mulambda.sdk),
+    and only in ``MULAMBDA_REDIS_CLIENT_NAMESPACES`` when it names any (where the
+    Secret is); otherwise they get no store address at all and use the selector.
     """
     secret = settings.redis_client_secret
-    if not secret:
+    allowed = {n.strip() for n in settings.redis_client_namespaces.split(",") if n.strip()}
+    if not secret or (allowed and namespace not in allowed):
         return []
     parts = urlsplit(settings.redis_url)
     url = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mulambda.operator.client.build import (
     PING_PORT,
     build_client_deployment,
@@ -81,3 +83,29 @@ def test_workload_gets_only_the_read_only_user_when_its_secret_is_configured():
     assert env["MULAMBDA_SDK_READ_ONLY"]["value"] == "true"  # the SDK writes nothing
     assert "store-companion" not in str(env)
     validate_k8s(build_client_deployment("shop", "apps", TEMPLATE, 1, settings))
+
+
+@pytest.mark.parametrize(("namespaces", "gets_the_store"), [
+    ("", True),  # unset: the Secret is everywhere
+    ("mulambda,apps", True),
+    (" mulambda , apps ", True),
+    ("mulambda,other", False),
+])
+def test_workload_gets_the_store_user_only_where_its_secret_is(namespaces, gets_the_store):
+    # The chart copies the Secret into redis.acl.clientNamespaces only; a workload
+    # elsewhere that referred to it could not start (CreateContainerConfigError).
+    settings = Settings(redis_url="redis://store:6379/0", redis_client_secret="store-client",
+                        redis_client_namespaces=namespaces, selector_url="http://sel:8080")
+    env = _env(settings)  # a workload in "apps"
+    assert ("MULAMBDA_REDIS_PASSWORD" in env) is gets_the_store
+    assert ("MULAMBDA_SDK_READ_ONLY" in env) is gets_the_store
+    assert env["MULAMBDA_SELECTOR_URL"]["value"] == "http://sel:8080"
+
+
+def test_without_a_selector_workloads_get_no_selector_url():
+    # The chart with selector.enabled false sets MULAMBDA_SELECTOR_URL to "": the default
+    # URL would send workloads' tokens to a selector that may be another release's.
+    settings = Settings.from_env({"MULAMBDA_SELECTOR_URL": ""})
+    assert settings.selector_url == ""
+    assert "MULAMBDA_SELECTOR_URL" not in _env(settings)
+    assert Settings.from_env({}).selector_url == "http://mulambda-selector.mulambda.svc:8080"

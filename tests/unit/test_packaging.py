@@ -803,6 +803,11 @@ def test_chart_config_carries_every_setting(scenario: str) -> None:
         assert settings.redis_secret == f"{fullname}-store-companion"
         assert settings.redis_client_secret == (
             f"{fullname}-store-client" if v["redis"]["acl"]["clientNamespaces"] else "")
+        # Exactly where store-users.yaml put a copy of that Secret.
+        copies = {d["metadata"]["namespace"] for d in find(docs, "Secret")
+                  if d["metadata"]["labels"].get("mulambda.io/store-role") == "client"}
+        listed = set(filter(None, settings.redis_client_namespaces.split(",")))
+        assert listed == (copies if v["redis"]["acl"]["clientNamespaces"] else set())
     else:
         assert settings.redis_secret == v["redis"]["existingSecret"]
         assert settings.redis_client_secret == ""
@@ -811,7 +816,7 @@ def test_chart_config_carries_every_setting(scenario: str) -> None:
         host = f"{svc['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
         assert settings.selector_url == f"http://{host}:{svc['spec']['ports'][0]['port']}"
     else:
-        assert data["MULAMBDA_SELECTOR_URL"] == ""
+        assert data["MULAMBDA_SELECTOR_URL"] == "" and settings.selector_url == ""
     secret_name = v["s3"]["existingSecret"] or f"{fullname}-s3"
     assert settings.s3_secret == secret_name
     assert settings.s3_secure is v["s3"]["secure"] and settings.s3_region == v["s3"]["region"]
