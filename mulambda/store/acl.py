@@ -4,37 +4,40 @@ The roles, what they do with the keys :mod:`.metadata` builds, and the rule
 that follows (``P`` is the key prefix; ``%R~`` read only, ``%W~`` write only,
 ``~`` both: Redis >= 7.0, Valkey and DragonflyDB all take this syntax):
 
-================  ==========================================  =========================
-role (user)       does                                        keys
-================  ==========================================  =========================
-operator          writes ``executors`` and ``clients``;       ``~`` every metadata
-(mulambda-        prunes expired ``replicas``, ``inflight``,  family, ``%R~P:demand:*``,
-operator)         ``service``, ``latency:*`` values; deletes  ``%R~P:tasks:queue:*``,
-                  a Client's ``latency:C``; reads demand and  ``~P:tasks:active``
-                  the task backlog of the active queues       (no task, no result)
-                  (SMEMBERS, XLEN, XRANGE)
-companion         writes its heartbeat in ``replicas`` and    ``%W~P:replicas``,
-(mulambda-        its samples in ``latency:*``; reads         ``~P:latency:*``,
-companion)        ``clients`` (probe targets); its worker     ``%R~P:clients``,
-                  takes tasks, writes outcomes, dead letters  ``~P:task:*``,
-                                                              ``~P:tasks:queue:*``,
-                                                              ``%W~P:tasks:dead``
-selector          reads the snapshot; writes demand,          ``%R~`` the snapshot,
-(mulambda-        its in-flight leases and measured service   ``~P:inflight``,
-selector; the     times; queues tasks, reads their results,   ``~P:service``,
-gateway too)      cancels them                                ``~P:demand:*``,
-                                                              ``~P:task:*``,
-                                                              ``%W~P:tasks:queue:*``,
-                                                              ``%W~P:tasks:active``,
-                                                              ``~P:tasks:idem:*``
-sdk               the same as the selector, for trusted       as selector, without
-(mulambda-sdk)    platform processes embedding the SDK; its   the task families
-                  tasks go through the selector's task API
-client            reads the snapshot only: tenants'           ``%R~`` the snapshot
-(mulambda-        workloads; cannot write anything, nor read
-client)           any task (results go through the selector,
-                  which checks the caller may use the Client)
-================  ==========================================  =========================
+operator (``mulambda-operator``)
+    Writes ``executors`` and ``clients``; prunes expired ``replicas``,
+    ``inflight``, ``service``, ``latency:*`` values; deletes a Client's
+    ``latency:C``; reads demand and the task backlog of the active queues
+    (SMEMBERS, XLEN, XRANGE); fails a deleted executor's queued tasks (an
+    outcome only where none was written) and deletes its queue. Keys: ``~``
+    every metadata family but demand, ``%R~P:demand:*``,
+    ``~P:tasks:queue:*``, ``~P:tasks:active``, and write only
+    ``%W~P:task:*``, ``%W~P:tasks:open:*`` (it reads no task nor result).
+companion (``mulambda-companion``)
+    Writes its heartbeat in ``replicas`` and its samples in ``latency:*``;
+    reads ``clients`` (probe targets); its worker takes tasks, writes
+    outcomes and dead letters, and takes a task out of its Client's open
+    tasks. Keys: ``%W~P:replicas``, ``~P:latency:*``, ``%R~P:clients``,
+    ``~P:task:*``, ``~P:tasks:queue:*``, ``~P:tasks:open:*``,
+    ``%W~P:tasks:dead``.
+selector (``mulambda-selector``; the gateway too)
+    Reads the snapshot; writes demand, its in-flight leases, measured service
+    times and rollout outcomes; queues tasks (with their Idempotency-Keys and
+    their Client's open tasks), reads their results, cancels them. Keys:
+    ``%R~`` the snapshot, ``~P:inflight``, ``~P:service``, ``~P:demand:*``,
+    ``~P:outcomes:*``, ``~P:task:*``, ``~P:tasks:idem:*``,
+    ``~P:tasks:open:*``, ``%W~P:tasks:queue:*``, ``%W~P:tasks:active``.
+sdk (``mulambda-sdk``)
+    The same as the selector, for trusted platform processes embedding the
+    SDK, without the task families: its tasks go through the selector's task
+    API.
+client (``mulambda-client``)
+    Reads the snapshot only: tenants' workloads; cannot write anything, nor
+    read any task (results go through the selector, which checks the caller
+    may use the Client). Keys: ``%R~`` the snapshot.
+
+The rules exactly: :data:`ROLES`, printed by ``python -m mulambda.store.acl
+commands`` and tabled in docs/install.md (a test checks that table).
 
 Commands are listed one by one (``-@all`` first), exactly the ones
 :class:`~.metadata.MetadataStore` sends for that role, plus ``PING`` (health

@@ -894,6 +894,20 @@ def test_chart_creates_the_model_bucket_with_its_minio(scenario: str) -> None:
         "name": secret, "key": "accessKey"}
 
 
+def test_names_that_become_label_values_fit_with_the_longest_release_name() -> None:
+    # A Job's and a Service's names end up in label values (63 characters at most): a
+    # 52-character release name made the bucket Job's 64, and the API server refused it.
+    release = "mulambda-ml-platform-production-europe-west4-primary"
+    rendered = chart().render({"minio": {"enabled": True}}, name=release, namespace=NAMESPACE)
+    docs = [d for path, text in rendered.items() if not path.endswith(".txt")
+            for d in yaml_docs(text)]
+    (job,) = find(docs, "Job")
+    assert len(job["metadata"]["name"]) <= 63
+    for d in docs:
+        if d["kind"] in ("Service", "Job"):
+            assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
+
+
 def test_bucket_job_command_waits_for_s3_then_creates_each_bucket(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
