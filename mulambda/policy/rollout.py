@@ -258,6 +258,35 @@ class ArmStats:
     def p95(self) -> float | None:
         return percentile(self.buckets, 0.95)
 
+    def counts(self) -> dict[str, Any]:
+        """The counts as a status field keeps them, for :meth:`minus` later."""
+        return {"requests": self.requests, "errors": self.errors, "compared": self.compared,
+                "disagreed": self.disagreed,
+                "buckets": {str(i): n for i, n in sorted(self.buckets.items()) if n > 0}}
+
+    def minus(self, earlier: Mapping[str, Any] | None) -> ArmStats:
+        """What was counted since ``earlier`` (:meth:`counts`); all of it when there is
+        none, or when it is not the counts of an earlier moment of the same rollout (a
+        malformed one, or one with more of something than now)."""
+        try:
+            if not earlier:
+                raise ValueError("no earlier counts")
+            then = {k: int(earlier[k]) for k in ("requests", "errors", "compared", "disagreed")}
+            then_buckets = {int(i): int(n) for i, n in dict(earlier["buckets"]).items()}
+        except (KeyError, TypeError, ValueError):
+            return self
+        buckets = {i: n - then_buckets.get(i, 0) for i, n in self.buckets.items()}
+        now = {"requests": self.requests, "errors": self.errors, "compared": self.compared,
+               "disagreed": self.disagreed}
+        if (any(now[k] < v for k, v in then.items())
+                or any(n < 0 for n in buckets.values())
+                or set(then_buckets) - set(self.buckets)):
+            return self
+        return ArmStats(now["requests"] - then["requests"], now["errors"] - then["errors"],
+                        {i: n for i, n in buckets.items() if n > 0},
+                        now["compared"] - then["compared"],
+                        now["disagreed"] - then["disagreed"])
+
     def summary(self) -> dict[str, Any]:
         """What ``status.rollout.arms.ARM`` shows."""
         out: dict[str, Any] = {"requests": self.requests, "errors": self.errors,
@@ -319,18 +348,25 @@ class Verdict:
 
 
 def analyse(thresholds: Analysis, stable: ArmStats, candidate: ArmStats, health: Health, *,
-            step_seconds: float, total_seconds: float, last_step: bool) -> Verdict:
-    """What to do with a rollout now.
+            step_seconds: float, total_seconds: float, last_step: bool,
+            recent: tuple[ArmStats, ArmStats] | None = None) -> Verdict:
+    """What to do with a rollout now. ``stable`` and ``candidate``: the arms' outcomes in
+    this step; ``recent``: theirs since the last analysis tick.
 
     1. A candidate replica Failed and none Available: roll back (its reason).
     2. Nothing Available after ``progressDeadlineSeconds``: roll back.
-    3. With at least ``minRequests`` to the candidate: roll back when its error
-       rate exceeds the stable one's by more than ``maxErrorRateIncrease``, when
-       its p95 exceeds the stable p95 times ``maxP95Ratio``, or (shadow) when
-       more than ``maxDisagreementRate`` of compared answers differed; else,
-       once the step has lasted ``durationSeconds``, advance (promote after
-       the last step).
-    4. Otherwise wait.
+    3. With at least ``minRequests`` to the candidate since the last tick: roll
+       back when those break a threshold (below). A failure that starts late in
+       a step is not diluted by the step's earlier good traffic: counted over
+       the whole rollout, a candidate failing every request for the last 15 s
+       of its last step was promoted.
+    4. With at least ``minRequests`` to the candidate in this step: roll back
+       when its error rate exceeds the stable one's by more than
+       ``maxErrorRateIncrease``, when its p95 exceeds the stable p95 times
+       ``maxP95Ratio``, or (shadow) when more than ``maxDisagreementRate`` of
+       compared answers differed; else, once the step has lasted
+       ``durationSeconds``, advance (promote after the last step).
+    5. Otherwise wait.
     """
     t = thresholds
     if health.failed_reason:
@@ -343,25 +379,16 @@ def analyse(thresholds: Analysis, stable: ArmStats, candidate: ArmStats, health:
                            f"no replica of the new version served within "
                            f"{t.progress_deadline_seconds}s")
         return Verdict("Wait", "WaitingForCandidate", "the new version is not serving yet")
+    if recent is not None and recent[1].requests >= t.min_requests:
+        breach = _breach(t, *recent, "since the last analysis")
+        if breach is not None:
+            return breach
     if candidate.requests < t.min_requests:
         return Verdict("Wait", "Analysing", f"{candidate.requests}/{t.min_requests} requests "
-                       "to the new version so far")
-    increase = candidate.error_rate - stable.error_rate
-    if increase > t.max_error_rate_increase:
-        return Verdict("RollBack", "ErrorRateExceeded",
-                       f"error rate {candidate.error_rate:.1%} vs {stable.error_rate:.1%} "
-                       f"(+{increase:.1%} > +{t.max_error_rate_increase:.1%}) over "
-                       f"{candidate.requests} requests")
-    c95, s95 = candidate.p95, stable.p95
-    if c95 is not None and s95 is not None and c95 > s95 * t.max_p95_ratio:
-        return Verdict("RollBack", "LatencyExceeded",
-                       f"p95 {c95:.1f} ms vs {s95:.1f} ms (x{c95 / s95:.2f} > "
-                       f"x{t.max_p95_ratio:g}) over {candidate.requests} requests")
-    if (t.max_disagreement_rate is not None and candidate.compared
-            and candidate.disagreement_rate > t.max_disagreement_rate):
-        return Verdict("RollBack", "DisagreementExceeded",
-                       f"{candidate.disagreement_rate:.1%} of {candidate.compared} answers "
-                       f"differ from the stable version's (> {t.max_disagreement_rate:.1%})")
+                       "to the new version in this step so far")
+    breach = _breach(t, stable, candidate, "in this step")
+    if breach is not None:
+        return breach
     if step_seconds < t.duration_seconds:
         return Verdict("Wait", "Analysing", f"within thresholds for {step_seconds:.0f}/"
                        f"{t.duration_seconds}s over {candidate.requests} requests")
@@ -370,6 +397,28 @@ def analyse(thresholds: Analysis, stable: ArmStats, candidate: ArmStats, health:
                        f"within thresholds for {t.duration_seconds}s over "
                        f"{candidate.requests} requests")
     return Verdict("Advance", "StepPassed", f"within thresholds for {t.duration_seconds}s")
+
+
+def _breach(t: Analysis, stable: ArmStats, candidate: ArmStats, when: str) -> Verdict | None:
+    """A roll back when the candidate's outcomes break a threshold, else None."""
+    over = f"over {candidate.requests} requests {when}"
+    increase = candidate.error_rate - stable.error_rate
+    if increase > t.max_error_rate_increase:
+        return Verdict("RollBack", "ErrorRateExceeded",
+                       f"error rate {candidate.error_rate:.1%} vs {stable.error_rate:.1%} "
+                       f"(+{increase:.1%} > +{t.max_error_rate_increase:.1%}) {over}")
+    c95, s95 = candidate.p95, stable.p95
+    if c95 is not None and s95 is not None and c95 > s95 * t.max_p95_ratio:
+        return Verdict("RollBack", "LatencyExceeded",
+                       f"p95 {c95:.1f} ms vs {s95:.1f} ms (x{c95 / s95:.2f} > "
+                       f"x{t.max_p95_ratio:g}) {over}")
+    if (t.max_disagreement_rate is not None and candidate.compared
+            and candidate.disagreement_rate > t.max_disagreement_rate):
+        return Verdict("RollBack", "DisagreementExceeded",
+                       f"{candidate.disagreement_rate:.1%} of {candidate.compared} answers "
+                       f"differ from the stable version's (> {t.max_disagreement_rate:.1%}) "
+                       f"{when}")
+    return None
 
 
 # -- experiments ---------------------------------------------------------------------

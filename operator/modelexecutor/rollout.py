@@ -267,19 +267,28 @@ def _analysed(prev: dict[str, Any], spec: ModelExecutorSpec, observed: Observati
               now: float, drain: int) -> RolloutState:
     weights = spec.rollout.weights
     step = min(int(prev.get("step", 0)), len(weights) - 1)
+    # The arms' counts when the step started and at the last tick (outcomes add up over
+    # the whole rollout): the analysis looks at what came after each.
+    at_step, at_tick = (prev.get(k) or {} for k in ("stepCounts", "tickCounts"))
     verdict = analyse(
-        spec.rollout.analysis, observed.stable, observed.candidate, observed.health,
+        spec.rollout.analysis, observed.stable.minus(at_step.get(STABLE)),
+        observed.candidate.minus(at_step.get(CANDIDATE)), observed.health,
         step_seconds=now - _epoch(prev.get("stepStartedAt"), now),
         total_seconds=now - _epoch(prev.get("startedAt"), now),
-        last_step=step >= len(weights) - 1 or prev.get("strategy") == "Shadow")
+        last_step=step >= len(weights) - 1 or prev.get("strategy") == "Shadow",
+        recent=(observed.stable.minus(at_tick.get(STABLE)),
+                observed.candidate.minus(at_tick.get(CANDIDATE))) if at_tick else None)
     arms = {STABLE: observed.stable.summary(), CANDIDATE: observed.candidate.summary()}
-    status = {**prev, "arms": arms, "reason": verdict.reason, "message": verdict.message}
+    counts = {STABLE: observed.stable.counts(), CANDIDATE: observed.candidate.counts()}
+    status = {**prev, "arms": arms, "reason": verdict.reason, "message": verdict.message,
+              "tickCounts": counts}
     if verdict.action == "RollBack":
         return _end(status, ROLLING_BACK, verdict.reason, verdict.message, now, drain)
     if verdict.action == "Promote":
         return _promote(status, verdict.reason, verdict.message)
     if verdict.action == "Advance":
-        status.update(step=step + 1, weight=weights[step + 1], stepStartedAt=_iso(now))
+        status.update(step=step + 1, weight=weights[step + 1], stepStartedAt=_iso(now),
+                      stepCounts=counts)
         return RolloutState(status, [Event.normal(reason="RolloutStepAdvanced", message=(
             f"weight {weights[step]}% -> {weights[step + 1]}%: {verdict.message}"))])
     return RolloutState(status)

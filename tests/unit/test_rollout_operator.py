@@ -147,15 +147,44 @@ def test_promoting_records_the_drain_once_the_stable_arm_serves_the_new_version(
     assert not waiting.draining and waiting.route("r", "g").weight == 100  # type: ignore[union-attr]
 
 
-def test_steps_advance_the_weight() -> None:
+def _more(stats: ArmStats, n: int, errors: int = 0) -> ArmStats:
+    """``stats`` and ``n`` more requests at 10 ms, ``errors`` of them failed."""
+    buckets = dict(stats.buckets)
+    buckets[bucket_of(10)] = buckets.get(bucket_of(10), 0) + n - errors
+    return ArmStats(stats.requests + n, stats.errors + errors, buckets)
+
+
+def test_steps_advance_the_weight_each_on_its_own_requests() -> None:
     s = spec(2, steps=[10, 50])
     start = advance({"phase": "Stable", "stableVersion": 1}, s, 3, T0)
     assert start.status["weight"] == 10
     step = advance(start.status, s, 3, T0 + 30, seen())
     assert [e.reason for e in step.events] == ["RolloutStepAdvanced"]
     assert step.status["weight"] == 50 and step.phase == "Progressing"
-    assert advance(step.status, s, 3, T0 + 50, seen()).phase == "Progressing"
-    assert advance(step.status, s, 3, T0 + 60, seen()).phase == "Promoting"
+    # The first step's requests do not count for the second: it waits for its own.
+    waiting = advance(step.status, s, 3, T0 + 60, seen())
+    assert waiting.phase == "Progressing" and "0/10 requests" in waiting.status["message"]
+    later = _more(GOOD, 10)
+    assert advance(step.status, s, 3, T0 + 50, seen(later)).phase == "Progressing"
+    assert advance(step.status, s, 3, T0 + 60, seen(later)).phase == "Promoting"
+
+
+def test_a_candidate_that_starts_failing_late_in_its_last_step_is_rolled_back() -> None:
+    # 1,000 good requests in the step, then 20 more since the last tick, all failed: 2 %
+    # of the step (within 5 %), every one of the latest. Counted over the whole step or
+    # rollout, it was promoted.
+    s = spec(2)
+    start = advance({"phase": "Stable", "stableVersion": 1}, s, 3, T0)
+    good = _more(ArmStats(), 1000)
+    ticked = advance(start.status, s, 3, T0 + 20, seen(good))
+    assert ticked.phase == "Progressing"  # 20 s of its 30
+    failing = advance(ticked.status, s, 3, T0 + 31, seen(_more(good, 20, errors=20)))
+    assert failing.phase == "RollingBack"
+    assert failing.status["reason"] == "ErrorRateExceeded"
+    assert "since the last analysis" in failing.status["message"]
+    # Fewer than minRequests since the last tick: judged on the step alone.
+    few = advance(ticked.status, s, 3, T0 + 31, seen(_more(good, 5, errors=5)))
+    assert few.phase == "Promoting"
 
 
 def test_status_shows_per_arm_outcomes() -> None:

@@ -176,6 +176,25 @@ def test_arm_summary_shows_counts_rates_and_percentiles() -> None:
     assert 3.3 < summary["p50Ms"] <= 4.0 and summary["p95Ms"] <= 4.0
 
 
+NOW = ArmStats(30, 3, {bucket_of(10.0): 20, bucket_of(20.0): 7}, compared=9, disagreed=2)
+
+
+@pytest.mark.parametrize(("earlier", "since"), [
+    (None, NOW),
+    ({}, NOW),
+    (ArmStats(10, 1, {bucket_of(10.0): 9}, compared=4, disagreed=1).counts(),
+     ArmStats(20, 2, {bucket_of(10.0): 11, bucket_of(20.0): 7}, compared=5, disagreed=1)),
+    (NOW.counts(), ArmStats()),
+    # Not an earlier moment of these counts (another rollout's, or edited): all of them.
+    (ArmStats(40, 0, {bucket_of(10.0): 40}).counts(), NOW),
+    (ArmStats(5, 0, {bucket_of(50.0): 5}).counts(), NOW),
+    ({"requests": "x", "errors": 0, "compared": 0, "disagreed": 0, "buckets": {}}, NOW),
+    ({"requests": 1}, NOW),
+])
+def test_counts_since_an_earlier_moment(earlier: dict | None, since: ArmStats) -> None:
+    assert NOW.minus(earlier) == since
+
+
 # -- analysis -----------------------------------------------------------------------------
 
 T = Analysis(maxErrorRateIncrease=0.05, maxP95Ratio=1.5, minRequests=100, durationSeconds=60,
