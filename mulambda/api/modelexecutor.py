@@ -100,6 +100,9 @@ class Rollout(_Model):
             raise ValueError("rollout.steps must be percentages in [1, 100]")
         if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
             raise ValueError("rollout.steps must increase")
+        if self.strategy == "Canary" and not self.steps and self.weight < 1:
+            raise ValueError("a Canary needs a weight of at least 1 (0 sends the new version "
+                             "nothing, and its analysis would wait forever)")
         return self
 
     @property

@@ -59,6 +59,8 @@ def with_(base: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
                  "rollout.steps must increase", id="cel-steps-increase"),
     pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "Canary", "steps": [10, 10]}),
                  "rollout.steps must increase", id="cel-steps-repeat"),
+    pytest.param(with_(EXECUTOR, "spec.rollout", {"strategy": "Canary", "weight": 0}),
+                 "a Canary needs a weight of at least 1", id="cel-canary-weight-zero"),
     # Names the operator could not build children for: they were accepted, and then the
     # Service (NAME, NAME-candidate, NAME-workload) was refused.
     pytest.param(with_(EXECUTOR, "metadata.name", "half.plus.two"),

@@ -49,6 +49,8 @@ def test_good_spec_parses_with_defaults():
         ("traits.accuracy", 1.5, "traits.accuracy"),
         # Times demand made it infinite, which stopped the autoscaler's tick.
         ("traits.serviceTimeMs", 1e308, "traits.serviceTimeMs"),
+        # Its analysis waited forever for requests that never came.
+        ("rollout", {"strategy": "Canary", "weight": 0}, "weight of at least 1"),
     ],
 )
 def test_bad_spec_gives_an_actionable_message(path, value, needle):
