@@ -54,7 +54,7 @@ from mulambda.policy.rollout import (
 )
 from mulambda.settings import Settings
 from mulambda.store.outcomes import drop_outcomes, read_outcomes
-from mulambda.store.records import ReplicaRecord
+from mulambda.store.records import ReplicaRecord, StoreUnavailable
 
 from ..context import Context, Logger, Observed
 from ..k8s.children import ensure_deployment, ensure_service, remove_owned
@@ -328,7 +328,13 @@ async def reconcile_rollout(ctx: Context, ref: ObjectRef, spec: ModelExecutorSpe
     record and what changed."""
     if state.remove_candidate:
         removed = await remove_owned(ctx.kube, ref, candidate_name(ref.name), ref.namespace)
-        await drop_outcomes(ctx.store, f"executor/{ref.id}")
+        try:
+            await drop_outcomes(ctx.store, f"executor/{ref.id}")
+        except StoreUnavailable as exc:
+            # They expire by themselves (7 days) and the next rollout has another id:
+            # the rollout ends all the same (raised, it held the status and failed the
+            # refresh tick until the store came back).
+            logger.warning("rollout outcomes not dropped executor=%s error=%s", ref.id, exc)
         if removed:
             logger.info("rollout candidate removed executor=%s removed=%s", ref.id, removed)
         return None, removed

@@ -3,25 +3,31 @@ children, the spec the stable Deployment is built from, and the route routers fo
 
 from __future__ import annotations
 
+import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.operator.k8s.objects import ObjectRef
 from mulambda.operator.modelexecutor.rollout import (
     Observations,
     RolloutState,
     advance,
     candidate_children,
     is_active,
+    reconcile_rollout,
     rollout_update,
     stable_spec,
 )
 from mulambda.operator.status import StatusUpdate
 from mulambda.policy.rollout import ArmStats, Health, bucket_of
 from mulambda.settings import Settings
+from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ReplicaRecord
 
+from support.procs import free_port
 from support.schemas import validate_k8s
 
 SETTINGS = Settings(serving_image="tensorflow/serving:2.18.0", companion_image="mulambda:test")
@@ -267,3 +273,27 @@ def test_bad_experiments_are_refused_with_a_message(experiment: dict) -> None:
 
     with pytest.raises(SpecError, match="experiment"):
         parse_client_spec({"criteria": {"type": "t"}, "experiment": experiment})
+
+
+class _NoChildren:
+    """The API server as remove_owned sees it when the candidate is already gone."""
+
+    async def get(self, kind: str, name: str, namespace: str) -> None:
+        return None
+
+
+async def test_a_rollout_ends_while_the_store_is_down(caplog: pytest.LogCaptureFixture) -> None:
+    # Its outcomes cannot be dropped (they expire by themselves): the rollout ends all
+    # the same. Raised, it held the status and failed every refresh tick meanwhile.
+    store = MetadataStore.from_url(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
+    ctx = SimpleNamespace(kube=_NoChildren(), store=store)
+    ref = ObjectRef("mulambda.io/v1alpha1", "ModelExecutor", "ml", "m", "uid-m")
+    try:
+        with caplog.at_level(logging.WARNING):
+            route, removed = await reconcile_rollout(
+                ctx, ref, spec(2), RolloutState({"phase": "Promoted"}, remove_candidate=True),
+                1, logging.getLogger("test"))  # type: ignore[arg-type]
+    finally:
+        await store.close()
+    assert (route, removed) == (None, [])
+    assert "rollout outcomes not dropped executor=ml/m" in caplog.text
