@@ -60,6 +60,10 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
     "SERVING_IMAGE": (DEFAULT_SERVING_IMAGE, "Default TF Serving image for executors."),
     "COMPANION_IMAGE": (DEFAULT_COMPANION_IMAGE, "Image of the companion sidecar (this project)."),
     "IMAGE_PULL_POLICY": ("IfNotPresent", "Pull policy of the containers the operator creates."),
+    "IMAGE_PULL_SECRETS": (
+        "", "Comma-separated image pull Secrets of the pods the operator creates (executors, "
+        "Client workloads), for a private companion or serving image; each must be in the "
+        "pod's namespace (the kubelet skips a missing one with a warning Event)."),
     "S3_ENDPOINT": (
         "minio.mulambda.svc:9000", "S3/MinIO endpoint (host:port) models are read from."),
     "S3_SECURE": ("false", "Use TLS to talk to the S3 endpoint."),
@@ -253,6 +257,7 @@ class Settings:
     serving_image: str = _default("SERVING_IMAGE")
     companion_image: str = _default("COMPANION_IMAGE")
     image_pull_policy: str = _default("IMAGE_PULL_POLICY")
+    image_pull_secrets: str = _default("IMAGE_PULL_SECRETS")
     s3_endpoint: str = _default("S3_ENDPOINT")
     s3_secure: bool = _flag(_default("S3_SECURE"))
     s3_region: str = _default("S3_REGION")
@@ -267,6 +272,10 @@ class Settings:
     retry_max_delay_seconds: float = float(_default("RETRY_MAX_DELAY_SECONDS"))
     log_level: str = _default("LOG_LEVEL")
     extra: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def pull_secrets(self) -> list[dict[str, str]]:
+        """``imagePullSecrets`` of the pods the operator creates."""
+        return [{"name": n.strip()} for n in self.image_pull_secrets.split(",") if n.strip()]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -96,6 +96,10 @@ def build_client_deployment(
         # Ours win: the identity must match the Client the operator registered.
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names]
         container["env"] += injected
+    # The ping sidecar is the companion image: its pull Secrets, beside the user's own.
+    for ref in settings.pull_secrets():
+        if ref not in pod.setdefault("imagePullSecrets", []):
+            pod["imagePullSecrets"].append(ref)
     pod["containers"] = [*pod.get("containers", []), {
         "name": "mulambda-ping",
         "image": settings.companion_image,

@@ -140,6 +140,15 @@ def test_store_password_reaches_pods_only_through_a_secret_reference():
     assert "MULAMBDA_REDIS_PASSWORD" not in {e["name"] for e in plain}
 
 
+def test_executor_pods_pull_with_the_platforms_secrets():
+    # A private companion (or serving) image: the chart's imagePullSecrets reached only
+    # its own pods, and executor pods could not pull.
+    pulled = Settings(image_pull_secrets="regcred", companion_image="mulambda:test")
+    pod = build_deployment("hp2", "ml", parse_executor_spec(SPEC), pulled)["spec"]["template"]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert "imagePullSecrets" not in _deployment()["spec"]["template"]["spec"]
+
+
 @pytest.mark.parametrize(("target", "expected"), [(4, "4"), (2.5, "3"), (0.5, "1"), (16, "16")])
 def test_task_workers_take_as_many_tasks_as_the_target_concurrency(target, expected):
     spec = {**SPEC, "scaling": {**SPEC["scaling"], "targetConcurrency": target}}

@@ -109,3 +109,17 @@ def test_without_a_selector_workloads_get_no_selector_url():
     assert settings.selector_url == ""
     assert "MULAMBDA_SELECTOR_URL" not in _env(settings)
     assert Settings.from_env({}).selector_url == "http://mulambda-selector.mulambda.svc:8080"
+
+
+def test_workloads_pull_the_companion_image_with_the_platforms_secrets():
+    # The ping sidecar is the companion image: from a private registry, a workload got no
+    # Secret to pull it with. The user's own pull Secrets stay, none is listed twice.
+    settings = Settings(image_pull_secrets="regcred, mirror")
+    template = {**TEMPLATE, "spec": {**TEMPLATE["spec"],
+                                     "imagePullSecrets": [{"name": "team"}, {"name": "mirror"}]}}
+    dep = build_client_deployment("shop", "apps", template, 1, settings)
+    assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [
+        {"name": "team"}, {"name": "mirror"}, {"name": "regcred"}]
+    validate_k8s(dep)
+    plain = build_client_deployment("shop", "apps", TEMPLATE, 1, Settings())
+    assert "imagePullSecrets" not in plain["spec"]["template"]["spec"]

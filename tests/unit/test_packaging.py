@@ -819,6 +819,8 @@ def test_chart_config_carries_every_setting(scenario: str) -> None:
         assert data["MULAMBDA_SELECTOR_URL"] == "" and settings.selector_url == ""
     secret_name = v["s3"]["existingSecret"] or f"{fullname}-s3"
     assert settings.s3_secret == secret_name
+    # The operator's pods pull with the chart's Secrets too.
+    assert settings.pull_secrets() == [{"name": s["name"]} for s in v["imagePullSecrets"]]
     assert settings.s3_secure is v["s3"]["secure"] and settings.s3_region == v["s3"]["region"]
     if v["s3"]["endpoint"]:
         assert settings.s3_endpoint == v["s3"]["endpoint"]
