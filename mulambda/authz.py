@@ -60,7 +60,11 @@ log = logging.getLogger("mulambda.authz")
 GROUP = "mulambda.io"
 RESOURCE = "clients"
 VERB = "select"
-OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz"})
+# Paths that name no Client and are not for everyone: the caller needs `get` on the path as
+# a non-resource URL (a ClusterRole with nonResourceURLs, as for the API server's own
+# /metrics). Open, /metrics showed every tenant's Client and executor names and latencies.
+GUARDED_PATHS = frozenset({"/metrics"})
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 # Bearer tokens are JWTs (ServiceAccount and OIDC tokens): three base64url parts. Anything
@@ -201,6 +205,18 @@ class Authorizer:
                 lambda d: self._decisions.put(key, d))
         return decision
 
+    async def authorize_path(self, token: str, caller: Caller, path: str) -> tuple[bool, str]:
+        """(allowed, the server's reason) for ``caller`` to ``get`` the non-resource URL
+        ``path``."""
+        key = (hashlib.sha256(token.encode()).hexdigest(), "", path)  # no namespace is ""
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = await self._once(
+                ("sar", *key), lambda: self._review({"nonResourceAttributes": {
+                    "path": path, "verb": "get"}}, caller),
+                lambda d: self._decisions.put(key, d))
+        return decision
+
     async def _once(self, key: object, ask: Callable[[], Awaitable[V]],
                     store: Callable[[V], None]) -> V:
         """One review per question in flight: concurrent askers share it, and a caller
@@ -241,12 +257,16 @@ class Authorizer:
 
     async def _review_access(self, caller: Caller, namespace: str,
                              client: str) -> tuple[bool, str]:
+        return await self._review({"resourceAttributes": {
+            "namespace": namespace, "verb": self.verb, "group": GROUP, "resource": RESOURCE,
+            "name": client}}, caller)
+
+    async def _review(self, attributes: dict[str, Any], caller: Caller) -> tuple[bool, str]:
         self.reviews["subjectaccessreviews"] += 1
         status = await self._post("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
             "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
             "spec": {
-                "resourceAttributes": {"namespace": namespace, "verb": self.verb,
-                                       "group": GROUP, "resource": RESOURCE, "name": client},
+                **attributes,
                 "user": caller.username, "uid": caller.uid, "groups": list(caller.groups),
                 "extra": {k: list(v) for k, v in caller.extra.items()},
             }})
@@ -375,40 +395,45 @@ def bearer_token(header: str | None) -> str | None:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def middleware(authorizer: Authorizer, open_paths: Collection[str] = OPEN_PATHS) -> Any:
-    """An aiohttp middleware: every route naming a Client needs a caller allowed to select it."""
+def middleware(authorizer: Authorizer, open_paths: Collection[str] = OPEN_PATHS,
+               guarded_paths: Collection[str] = GUARDED_PATHS) -> Any:
+    """An aiohttp middleware: every route naming a Client needs a caller allowed to select it;
+    each of ``guarded_paths`` one allowed to ``get`` it."""
 
     @web.middleware
     async def authorize(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in open_paths or isinstance(request.match_info.http_exception,
                                                     web.HTTPException):
             return await handler(request)  # open, or 404/405: nothing to protect
-        target = target_of(request.match_info)
-        if target is None:
+        target = None if request.path in guarded_paths else target_of(request.match_info)
+        if target is None and request.path not in guarded_paths:
             authorizer.count("bad_target")
             return _json_error(400, "the path must name a Client as NAMESPACE/NAME")
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             authorizer.count("unauthenticated")
             return _unauthorized("a ServiceAccount token is required (Authorization: Bearer)")
-        namespace, client = target
         try:
             caller = await authorizer.authenticate(token)
             if caller is None:
                 authorizer.count("unauthenticated")
                 return _unauthorized("the token was not accepted")
-            allowed, reason = await authorizer.authorize(token, caller, namespace, client)
+            if target is None:
+                allowed, reason = await authorizer.authorize_path(token, caller, request.path)
+            else:
+                allowed, reason = await authorizer.authorize(token, caller, *target)
         except ApiUnavailable:
             authorizer.count("unavailable")
             return _json_error(503, "cannot verify the caller: the Kubernetes API is "
                                     "unavailable", {"Retry-After": "1"})
         if not allowed:
             authorizer.count("denied")
-            log.info("caller denied user=%s client=%s/%s", caller.username, namespace, client)
-            return _json_error(
-                403, f"{caller.username} may not {authorizer.verb} clients.{GROUP} "
-                     f"{client!r} in namespace {namespace!r}"
-                     + (f": {reason}" if reason else ""))
+            what = (f"get {request.path}" if target is None else
+                    f"{authorizer.verb} clients.{GROUP} {target[1]!r} in namespace "
+                    f"{target[0]!r}")
+            log.info("caller denied user=%s what=%s", caller.username, what)
+            return _json_error(403, f"{caller.username} may not {what}"
+                               + (f": {reason}" if reason else ""))
         authorizer.count("allowed")
         request[CALLER] = caller
         return await handler(request)

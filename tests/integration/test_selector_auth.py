@@ -166,7 +166,7 @@ async def test_another_namespaces_service_account_is_refused_with_403(
     assert resp.status == 200
 
 
-async def test_no_token_is_401_and_health_and_metrics_stay_open(
+async def test_no_token_is_401_and_health_stays_open(
         app: TestClient, tenants: Tenants) -> None:  # type: ignore[type-arg]
     for headers in ({}, {"Authorization": f"Basic {tenants.a_token}"}):
         resp = await app.post(f"/select/{tenants.a}/c1", headers=headers)
@@ -174,8 +174,35 @@ async def test_no_token_is_401_and_health_and_metrics_stay_open(
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
         assert "token is required" in (await resp.json())["error"]
     assert (await app.get("/healthz")).status == 200
-    assert (await app.get("/metrics")).status == 200
     assert (await app.get("/nowhere")).status == 404
+
+
+async def test_metrics_are_for_whoever_may_get_them(
+        app: TestClient, tenants: Tenants, cluster: Cluster) -> None:  # type: ignore[type-arg]
+    # They name every tenant's Clients and executors, with their latencies: open, any
+    # tenant that could reach the selector read them.
+    assert (await app.get("/metrics")).status == 401
+    resp = await app.get("/metrics", headers=bearer(tenants.a_token))
+    assert resp.status == 403
+    assert (f"system:serviceaccount:{tenants.a}:caller may not get /metrics"
+            in (await resp.json())["error"])
+    # A Prometheus bound to the chart's ClusterRole.
+    cluster.create({"apiVersion": "v1", "kind": "ServiceAccount",
+                    "metadata": {"name": "prometheus", "namespace": tenants.b}})
+    cluster.create({
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": f"prometheus-{tenants.b}"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                    "name": f"{identity.RELEASE}-metrics-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": "prometheus", "namespace": tenants.b}],
+    })
+    try:
+        token = identity.request_token(cluster, tenants.b, "prometheus")
+        resp = await app.get("/metrics", headers=bearer(token))
+        assert resp.status == 200, await resp.text()
+    finally:
+        cluster.delete("rbac.authorization.k8s.io/v1", "clusterrolebindings", None,
+                       f"prometheus-{tenants.b}")
 
 
 async def test_a_garbage_token_is_401(app: TestClient, tenants: Tenants,

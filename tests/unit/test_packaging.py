@@ -316,6 +316,11 @@ def assert_selector_reviews_callers(docs: list[Obj] | tuple[Obj, ...], prefix: s
                 if any(s.get("name") == account for s in b["subjects"]) and b is not binding]
     (caller,) = [r for r in find(docs, "ClusterRole") if component(r) == "client-caller"]
     assert canonical_rules(caller["rules"]) == canonical_rules(CLIENT_CALLER_RULES)
+    # What a Prometheus is bound to for the selector's /metrics; the release binds nobody.
+    (reader,) = [r for r in find(docs, "ClusterRole") if component(r) == "metrics-reader"]
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    assert not [b for b in find(docs, "RoleBinding") + find(docs, "ClusterRoleBinding")
+                if b["roleRef"]["name"] == reader["metadata"]["name"]]
     labels = caller["metadata"]["labels"]
     assert labels["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert labels["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
@@ -538,7 +543,7 @@ def test_kustomization_grants_exactly_the_required_rules(path: str) -> None:
     assert bound == {r["metadata"]["name"] for r in find(docs, "ClusterRole")
                      if component(r) == "operator"}
     assert {component(r) for r in find(docs, "ClusterRole")} == {
-        "operator", "selector", "client-caller"}
+        "operator", "selector", "client-caller", "metrics-reader"}
     assert_selector_reviews_callers(docs, "mulambda")
     for b in operator_bindings:
         assert b["subjects"] == [
