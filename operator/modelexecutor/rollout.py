@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from mulambda.api.modelexecutor import ModelExecutorSpec
+from mulambda.api.modelexecutor import Analysis, ModelExecutorSpec
 from mulambda.policy.rollout import (
     CANDIDATE,
     STABLE,
@@ -232,11 +232,15 @@ def _active(prev: dict[str, Any], spec: ModelExecutorSpec, generation: int, now:
         if want is not None and want != prev.get("candidateVersion"):
             return _start(spec, prev.get("stableVersion"), generation, now, prev)
         if spec.rollout.strategy == "Immediate":
-            return _promote(prev, "PromotedBySpec", "rollout.strategy set to Immediate")
+            return _promote(prev, "PromotedBySpec", "rollout.strategy set to Immediate", now)
+    if phase == PROMOTING and want == prev.get("stableVersion"):
+        # The stable Deployment goes back to the old version; the route goes with it.
+        return _end(_without(prev, "promotingSince"), ROLLING_BACK, "SpecReverted",
+                    f"model.version set back to {want} while promoting", now, drain)
     if observed is None:
         return RolloutState(prev)
     if phase == PROMOTING:
-        return _promotion(prev, observed, now, drain)
+        return _promotion(prev, observed, now, drain, spec.rollout.analysis)
     if phase == ROLLING_BACK:  # no drain time recorded (an older status): drain now
         return RolloutState({**prev, "drainUntil": _iso(now + drain)})
     return _analysed(prev, spec, observed, now, drain)
@@ -246,20 +250,38 @@ def _without(status: Mapping[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in status.items() if k not in keys}
 
 
-def _promote(prev: dict[str, Any], reason: str, message: str) -> RolloutState:
-    new = {**prev, "phase": PROMOTING, "reason": reason, "message": message}
+def _promote(prev: dict[str, Any], reason: str, message: str, now: float) -> RolloutState:
+    new = {**prev, "phase": PROMOTING, "reason": reason, "message": message,
+           "promotingSince": _iso(now)}
     return RolloutState(new, [Event.normal(reason="RolloutPromoting", message=message)])
 
 
 def _promotion(prev: dict[str, Any], observed: Observations, now: float,
-               drain: int) -> RolloutState:
+               drain: int, analysis: Analysis) -> RolloutState:
     """Promoting: drain the candidate once every live stable replica serves the new
-    version (as many as the stable Deployment wants)."""
+    version (as many as the stable Deployment wants). Not done within
+    ``progressDeadlineSeconds``: said once (``PromotionStalled``, a Warning), traffic
+    staying on the candidate, which serves."""
     version = prev.get("candidateVersion")
     live = [r for r in observed.stable_heartbeats if r.state == "Available"]
     if (len(live) >= max(1, observed.stable_desired)
             and all(r.version == version for r in observed.stable_heartbeats)):
-        return RolloutState({**prev, "drainUntil": _iso(now + drain)})
+        done = {**_without(prev, "promotingSince"), "drainUntil": _iso(now + drain)}
+        if prev.get("reason") == "PromotionStalled":
+            done.update(reason="PromotionDone",
+                        message=f"the stable Deployment serves version {version}")
+        return RolloutState(done)
+    waited = now - _epoch(prev.get("promotingSince"), now)
+    if (prev.get("reason") != "PromotionStalled"
+            and waited >= analysis.progress_deadline_seconds):
+        serving = sum(1 for r in live if r.version == version)
+        message = (f"the stable Deployment serves version {version} on {serving} of "
+                   f"{max(1, observed.stable_desired)} replicas after "
+                   f"{analysis.progress_deadline_seconds}s; traffic stays on the new "
+                   f"version's Deployment (set model.version back to "
+                   f"{prev.get('stableVersion')} to roll back)")
+        return RolloutState({**prev, "reason": "PromotionStalled", "message": message},
+                            [Event.warning(reason="RolloutPromotionStalled", message=message)])
     return RolloutState(prev)
 
 
@@ -285,7 +307,7 @@ def _analysed(prev: dict[str, Any], spec: ModelExecutorSpec, observed: Observati
     if verdict.action == "RollBack":
         return _end(status, ROLLING_BACK, verdict.reason, verdict.message, now, drain)
     if verdict.action == "Promote":
-        return _promote(status, verdict.reason, verdict.message)
+        return _promote(status, verdict.reason, verdict.message, now)
     if verdict.action == "Advance":
         status.update(step=step + 1, weight=weights[step + 1], stepStartedAt=_iso(now),
                       stepCounts=counts)

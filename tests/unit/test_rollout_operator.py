@@ -113,6 +113,15 @@ CASES = [
      "Promoting", 2, True, [], False),
     ("promoting drains once it does", {**PROGRESSING, "phase": "Promoting"}, spec(2), 40,
      seen(beats=[beat(2)]), "Promoting", 2, True, [], False),
+    ("promoting that stalls past the deadline says so once, traffic staying",
+     {**PROGRESSING, "phase": "Promoting", "promotingSince": iso(T0)}, spec(2), 130,
+     seen(beats=[beat(1), beat(2, "Failed")]), "Promoting", 2, True,
+     ["RolloutPromotionStalled"], False),
+    ("promoting before the deadline just waits",
+     {**PROGRESSING, "phase": "Promoting", "promotingSince": iso(T0)}, spec(2), 110,
+     seen(beats=[beat(1)]), "Promoting", 2, True, [], False),
+    ("spec set back while promoting: roll back", {**PROGRESSING, "phase": "Promoting"},
+     spec(1), 5, None, "RollingBack", 1, True, ["RolloutRollingBack"], False),
     ("promoted after the drain", {**PROGRESSING, "phase": "Promoting",
                                   "drainUntil": iso(T0 + 45)},
      spec(2), 45, seen(), "Promoted", 2, False, ["RolloutPromoted"], True),
@@ -142,6 +151,17 @@ def test_advance(name: str, previous: dict | None, the_spec: Any, after: float,
     # Pure and settled: the same inputs again give the same state, and no event twice.
     again = advance(state.status, the_spec, 3, T0 + after, None)
     assert again.status == state.status and not again.events
+
+
+def test_a_stalled_promotion_that_completes_says_so() -> None:
+    stalled = advance({**PROGRESSING, "phase": "Promoting", "promotingSince": iso(T0)},
+                      spec(2), 3, T0 + 130, seen(beats=[beat(1)]))
+    assert stalled.status["reason"] == "PromotionStalled"
+    assert "on 0 of 1 replicas after 120s" in stalled.status["message"]
+    assert "set model.version back to 1" in stalled.status["message"]
+    done = advance(stalled.status, spec(2), 3, T0 + 200, seen(beats=[beat(2)]))
+    assert done.draining and done.status["reason"] == "PromotionDone"
+    assert "promotingSince" not in done.status
 
 
 def test_promoting_records_the_drain_once_the_stable_arm_serves_the_new_version() -> None:
