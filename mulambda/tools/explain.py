@@ -32,6 +32,7 @@ from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 
 from .storeargs import add_store_options, open_store
+from .terminal import printable
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def render(found: Explanation, width: int = 120) -> str:
     """The explanation as terminal text (no colour codes)."""
     out = io.StringIO()
-    console = Console(file=out, width=width, color_system=None, highlight=False)
+    # Names, reasons and notes come from the store: shown, not read as markup (brackets
+    # raised or restyled) nor as control sequences (printable, below).
+    console = Console(file=out, width=width, color_system=None, highlight=False, markup=False)
     c, p = found.criteria, found.preferences
     wanted = " ".join(f"{k}={v}" for k, v in (("type", c.type), ("input", c.input),
                                                ("output", c.output)) if v)
@@ -89,7 +92,7 @@ def render(found: Explanation, width: int = 120) -> str:
         for v in found.excluded:
             table.add_row(v.executor, v.criterion or "", v.reason)
         console.print(table)
-    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
+    return "".join(printable(line.rstrip()) + "\n" for line in out.getvalue().splitlines())
 
 
 async def explain_client(store: MetadataStore, client: str) -> Explanation | None:

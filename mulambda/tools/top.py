@@ -53,6 +53,7 @@ from mulambda.store.outcomes import read_served
 from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, StoreUnavailable
 
 from .storeargs import add_store_options, open_store
+from .terminal import shown
 
 STATES = ("serving", "warming", "cold", "failing")
 SORTS = ("name", "state", "rps", "p95", "inflight", "service", "rtt")
@@ -199,7 +200,9 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
                  _ms(r.rtt_p95)]
         if view.queue is not None:
             cells.append("-" if r.queue is None else str(r.queue))
-        table.add_row(*cells)
+        # Names, states and reasons come from the store (a companion writes a reason):
+        # as markup, "[/x]" raised and "[bold]" restyled; an ESC reached the terminal.
+        table.add_row(*(shown(c) for c in cells))
     counts = {s: sum(r.state == s for r in rows) for s in STATES}
     stamp = time.strftime("%H:%M:%S", time.gmtime(view.taken_at))
     header = Text(f"mulambda top  {stamp} UTC  executors {len(rows)}  " + "  ".join(
@@ -210,7 +213,7 @@ def render(view: FleetView, *, namespace: str | None = None, type_: str | None =
     if limit is not None and len(rows) > limit:
         notes.insert(0, Text(f"... {len(rows) - limit} more executors (sorted by {sort}; "
                              "narrow with -n, --type or --limit)"))
-    notes.extend(Text(n) for n in view.notes)
+    notes.extend(shown(n) for n in view.notes)
     return Group(header, table, *notes)
 
 

@@ -129,7 +129,7 @@ async def test_a_retimed_request_reaches_the_other_routers_with_the_next_write(
     leases = InflightLeases(store, "sdk-1")
     token = leases.start("ml/mx", timing=("mx-0", 1e10 + 0.09, 1e10 + 0.1, 1.0, 2.0, 80.0))
     await leases.flush()
-    reader = InflightReader(store, "sdk-2", ttl=0.0)
+    reader = InflightReader(store, "sdk-2", ttl=0.0, timeout=5.0)  # not a timing test
     first = await reader.read()
     assert first is not None
     assert first.timed == {"ml/mx": [TimedRequest("mx-0", 1e10 + 0.09, 1e10 + 0.1, 1, 2, 80)]}

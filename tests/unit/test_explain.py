@@ -235,3 +235,15 @@ def test_rollouts_and_the_clients_experiment_are_named_in_routing() -> None:
     ]
     assert found.to_dict()["routing"] == found.routing
     assert explain(Criteria(type="vision"), snapshot(executor("plain"))).routing == []
+
+
+def test_names_from_the_store_are_shown_not_obeyed() -> None:
+    # An executor id is whatever its record's key says: as rich markup, "[/x]" raised
+    # (explain ended in a traceback), "[bold]" vanished, an ESC reached the terminal.
+    from mulambda.tools.explain import render
+
+    odd = ["ml/[/x]", "ml/rich[bold]B[/bold]", "ml/esc\x1b[2J"]
+    found = explain(Criteria(type="vision"), snapshot(), unreadable=odd)
+    text = render(found, width=200)
+    assert "ml/[/x]" in text and "ml/rich[bold]B[/bold]" in text
+    assert "ml/esc\ufffd[2J" in text and "\x1b" not in text

@@ -154,3 +154,17 @@ def test_a_limit_shows_the_first_rows_and_says_how_many_more() -> None:
                         "--limit)")
     assert "executors 5" in lines[0]  # the header counts every executor
     assert "more executors" not in frame_text(VIEW, limit=5)
+
+
+@pytest.mark.parametrize("reason", ["[/oops] closing nothing", "[bold red]BIG[/bold red]",
+                                    "\x1b[2J\x1b[31mred", "bell\x07 and\x9b csi"])
+def test_store_text_is_shown_not_obeyed(reason: str) -> None:
+    # A companion writes its heartbeat's reason: as rich markup, "[/oops]" raised (top
+    # ended in a traceback) and "[bold]" restyled; an ESC reached the terminal.
+    view = FleetView(taken_at=NOW, executors={"ml/x": executor("x", state="Failed")},
+                     replicas={"ml/x": [replica("ml/x", "x-0", "Failed", reason)]})
+    text = frame_text(view, width=200)
+    row = next(line for line in text.splitlines() if line.startswith("ml/x"))
+    shown = reason.translate({c: "\ufffd" for c in (7, 0x1b, 0x9b)})
+    assert f"({shown})" in row
+    assert not any(ch in text for ch in "\x1b\x07\x9b")
