@@ -399,6 +399,14 @@ def analyse(thresholds: Analysis, stable: ArmStats, candidate: ArmStats, health:
     return Verdict("Advance", "StepPassed", f"within thresholds for {t.duration_seconds}s")
 
 
+def baseline(window: ArmStats, whole: ArmStats, min_requests: int) -> ArmStats:
+    """The stable arm's outcomes a candidate's window is compared with: the same window's
+    when it holds at least ``min_requests``, else the whole rollout's. A 100 % step sends
+    the stable arm nothing: its empty window read as a 0 % error rate rolled back a
+    candidate as good as the stable version, and left no p95 to compare latency with."""
+    return window if window.requests >= min_requests else whole
+
+
 def _breach(t: Analysis, stable: ArmStats, candidate: ArmStats, when: str) -> Verdict | None:
     """A roll back when the candidate's outcomes break a threshold, else None."""
     over = f"over {candidate.requests} requests {when}"

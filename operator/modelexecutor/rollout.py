@@ -49,6 +49,7 @@ from mulambda.policy.rollout import (
     Health,
     Route,
     analyse,
+    baseline,
     candidate_id,
     candidate_name,
 )
@@ -289,21 +290,29 @@ def _analysed(prev: dict[str, Any], spec: ModelExecutorSpec, observed: Observati
               now: float, drain: int) -> RolloutState:
     weights = spec.rollout.weights
     step = min(int(prev.get("step", 0)), len(weights) - 1)
-    # The arms' counts when the step started and at the last tick (outcomes add up over
-    # the whole rollout): the analysis looks at what came after each.
+    # The arms' counts when the step started and when the recent window started (outcomes
+    # add up over the whole rollout): the analysis looks at what came after each.
     at_step, at_tick = (prev.get(k) or {} for k in ("stepCounts", "tickCounts"))
+    least = spec.rollout.analysis.min_requests
+    step_candidate = observed.candidate.minus(at_step.get(CANDIDATE))
+    recent_candidate = observed.candidate.minus(at_tick.get(CANDIDATE))
     verdict = analyse(
-        spec.rollout.analysis, observed.stable.minus(at_step.get(STABLE)),
-        observed.candidate.minus(at_step.get(CANDIDATE)), observed.health,
+        spec.rollout.analysis,
+        baseline(observed.stable.minus(at_step.get(STABLE)), observed.stable, least),
+        step_candidate, observed.health,
         step_seconds=now - _epoch(prev.get("stepStartedAt"), now),
         total_seconds=now - _epoch(prev.get("startedAt"), now),
         last_step=step >= len(weights) - 1 or prev.get("strategy") == "Shadow",
-        recent=(observed.stable.minus(at_tick.get(STABLE)),
-                observed.candidate.minus(at_tick.get(CANDIDATE))) if at_tick else None)
+        recent=(baseline(observed.stable.minus(at_tick.get(STABLE)), observed.stable, least),
+                recent_candidate) if at_tick else None)
     arms = {STABLE: observed.stable.summary(), CANDIDATE: observed.candidate.summary()}
     counts = {STABLE: observed.stable.counts(), CANDIDATE: observed.candidate.counts()}
-    status = {**prev, "arms": arms, "reason": verdict.reason, "message": verdict.message,
-              "tickCounts": counts}
+    status = {**prev, "arms": arms, "reason": verdict.reason, "message": verdict.message}
+    # The recent window moves on once it was judged (at least minRequests to the
+    # candidate): moved every tick, a candidate with fewer requests per tick was never
+    # judged on its latest ones.
+    if not at_tick or recent_candidate.requests >= least:
+        status["tickCounts"] = counts
     if verdict.action == "RollBack":
         return _end(status, ROLLING_BACK, verdict.reason, verdict.message, now, drain)
     if verdict.action == "Promote":

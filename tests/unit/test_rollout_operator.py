@@ -195,6 +195,49 @@ def test_steps_advance_the_weight_each_on_its_own_requests() -> None:
     assert advance(step.status, s, 3, T0 + 60, seen(later)).phase == "Promoting"
 
 
+def _ms(stats: ArmStats, n: int, ms: float, errors: int = 0) -> ArmStats:
+    buckets = dict(stats.buckets)
+    buckets[bucket_of(ms)] = buckets.get(bucket_of(ms), 0) + n - errors
+    return ArmStats(stats.requests + n, stats.errors + errors, buckets)
+
+
+@pytest.mark.parametrize(("candidate_ms", "candidate_errors", "phase", "reason"), [
+    (10.0, 6, "Promoting", "AnalysisPassed"),  # as good as the stable version: promoted
+    (1000.0, 0, "RollingBack", "LatencyExceeded"),  # 100x slower: rolled back
+])
+def test_a_step_at_100_percent_is_compared_with_the_stable_arm_of_the_whole_rollout(
+        candidate_ms: float, candidate_errors: int, phase: str, reason: str) -> None:
+    # The stable arm gets nothing at 100 %: its empty window read as a 0 % error rate
+    # rolled back a candidate with the stable arm's 6 %, and gave no p95 to compare with.
+    s = spec(2, steps=[50, 100])
+    start = advance({"phase": "Stable", "stableVersion": 1}, s, 3, T0)
+    stable = _ms(ArmStats(), 100, 10.0, errors=6)
+    first = _ms(ArmStats(), 100, 10.0, errors=6)
+    step = advance(start.status, s, 3, T0 + 30, Observations(stable, first, SERVING))
+    assert step.status["weight"] == 100
+    later = _ms(first, 100, candidate_ms, errors=candidate_errors)
+    done = advance(step.status, s, 3, T0 + 60, Observations(stable, later, SERVING))
+    assert (done.phase, done.status["reason"]) == (phase, reason)
+
+
+def test_a_slow_trickle_of_failures_is_judged_once_it_adds_up() -> None:
+    # 4 requests per tick with minRequests 10: the window since the last judged tick
+    # grows until it holds 10, so the latest failures are judged on their own (moved on
+    # every tick, the window never held 10, and 12 failures among 1,000 were promoted).
+    s = spec(2, analysis={"minRequests": 10, "durationSeconds": 300,
+                          "progressDeadlineSeconds": 120, "maxErrorRateIncrease": 0.05})
+    state = advance({"phase": "Stable", "stableVersion": 1}, s, 3, T0)
+    candidate = _ms(ArmStats(), 1000, 10.0)
+    state = advance(state.status, s, 3, T0 + 10, seen(candidate))
+    for tick in range(1, 4):
+        candidate = _ms(candidate, 4, 10.0, errors=4)
+        state = advance(state.status, s, 3, T0 + 10 + tick, seen(candidate))
+        if tick < 3:
+            assert state.phase == "Progressing", tick
+    assert (state.phase, state.status["reason"]) == ("RollingBack", "ErrorRateExceeded")
+    assert "over 12 requests since the last analysis" in state.status["message"]
+
+
 def test_a_candidate_that_starts_failing_late_in_its_last_step_is_rolled_back() -> None:
     # 1,000 good requests in the step, then 20 more since the last tick, all failed: 2 %
     # of the step (within 5 %), every one of the latest. Counted over the whole step or
