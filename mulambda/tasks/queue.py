@@ -14,6 +14,7 @@ finish cannot overwrite (or duplicate) its result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import Iterable, Sequence
@@ -139,15 +140,17 @@ class TaskQueue:
         at = time.time() if now is None else now
         await self._reserve(client, task_id, options.max_open_per_client, at, ttl)
         if idempotency_key is not None:
-            key = self.idempotency_key(client, idempotency_key)
-            if not await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
-                earlier = await self._run(self.redis.get(key))
-                if earlier and await self._created(str(earlier)):
+            try:
+                earlier = await self._take_key(client, idempotency_key, task_id, ttl)
+            except StoreUnavailable:
+                # Nothing was queued: the place goes back (kept, a few store hiccups held
+                # a Client's whole limit for a day).
+                with contextlib.suppress(StoreUnavailable):
                     await self._run(self.redis.zrem(self.open_key(client), task_id))
-                    return str(earlier), False
-                # The earlier task is gone (its result expired, or its submission
-                # failed half-way): the key starts over with this one.
-                await self._run(self.redis.set(key, task_id, ex=ttl))
+                raise
+            if earlier is not None:
+                await self._run(self.redis.zrem(self.open_key(client), task_id))
+                return earlier, False
         fields = {"client": client, "executor": executor, "model": model, "body": body,
                   "created_at": repr(at),
                   "max_attempts": str(options.max_attempts),
@@ -174,6 +177,21 @@ class TaskQueue:
         await self._run(self.redis.hset(self.task_key(task_id), "entry", str(results[-2])))
         return task_id, True
 
+    async def _take_key(self, client: str, idempotency_key: str, task_id: str,
+                        ttl: int) -> str | None:
+        """Point the Client's Idempotency-Key at ``task_id``; or the live task it already
+        names (then nothing is taken)."""
+        key = self.idempotency_key(client, idempotency_key)
+        if await self._run(self.redis.set(key, task_id, nx=True, ex=ttl)):
+            return None
+        earlier = await self._run(self.redis.get(key))
+        if earlier and await self._created(str(earlier)):
+            return str(earlier)
+        # The earlier task is gone (its result expired, or its submission failed
+        # half-way): the key starts over with this one.
+        await self._run(self.redis.set(key, task_id, ex=ttl))
+        return None
+
     async def earlier(self, client: str, idempotency_key: str) -> tuple[str, str] | None:
         """The live task ``client``'s Idempotency-Key already names: (id, its executor)."""
         task_id = await self._run(self.redis.get(self.idempotency_key(client,
@@ -191,8 +209,9 @@ class TaskQueue:
         Taken, then counted, in one transaction: counted first and taken when the task
         was queued, forty submissions sent at once all passed a limit of five. A refused
         one holds a place until it gives it back, so a race can refuse a submission that
-        would have fitted (it may retry), never let one more in. A submission that
-        fails after this keeps its place until its time to live (it may have been queued).
+        would have fitted (it may retry), never let one more in. A submission whose
+        transaction failed keeps its place until its time to live (it may have been
+        queued); one that failed before gives it back.
         """
         key = self.open_key(client)
         async with self.redis.pipeline(transaction=True) as pipe:

@@ -50,3 +50,26 @@ async def test_a_submission_cut_half_way_leaves_no_task_and_its_retry_is_queued(
         assert (await queue.backlog(["ml/x"]))["ml/x"][0] == 1  # (tasks, oldest age)
     finally:
         await through.close()
+
+
+async def test_a_submission_cut_before_its_task_was_written_gives_its_place_back(
+        proxy: DroppingProxy, store: MetadataStore):
+    # Cut while taking its Idempotency-Key: nothing was queued, so its place among the
+    # Client's open tasks goes back (kept for the task's time to live, a few store
+    # hiccups held a Client's whole limit for a day).
+    through = MetadataStore.from_url(proxy.url, prefix="test")
+    queue = TaskQueue(through)
+    options = TaskOptions(ttl_seconds=600, max_open_per_client=1)
+    try:
+        proxy.cut_before(b"SET")
+        with pytest.raises(StoreUnavailable):
+            await queue.submit(new_task_id("shop/app"), client="shop/app", executor="ml/x",
+                               model="m", body="{}", options=options, idempotency_key="k")
+        assert proxy.cuts == 1
+        assert await store.redis.zcard(queue.open_key("shop/app")) == 0
+        again = new_task_id("shop/app")  # the limit of one has room for it
+        assert await queue.submit(again, client="shop/app", executor="ml/x", model="m",
+                                  body="{}", options=options, idempotency_key="k") == (
+            again, True)
+    finally:
+        await through.close()
