@@ -61,7 +61,7 @@ async def test_a_submission_cut_before_its_task_was_written_gives_its_place_back
     queue = TaskQueue(through)
     options = TaskOptions(ttl_seconds=600, max_open_per_client=1)
     try:
-        proxy.cut_before(b"SET")
+        proxy.cut_before(b"\r\nSET\r\n")  # the command SET, not CLIENT SETINFO
         with pytest.raises(StoreUnavailable):
             await queue.submit(new_task_id("shop/app"), client="shop/app", executor="ml/x",
                                model="m", body="{}", options=options, idempotency_key="k")
