@@ -27,9 +27,10 @@ cannot grow memory past ``max_entries``.
 
 :func:`middleware` protects every route whose match info names a Client
 (``{namespace}`` + ``{client}``, or one ``{client}`` holding
-``NAMESPACE/NAME`` as ``/select/{client:.+}`` does) and leaves the open
-paths (``/healthz``, ``/metrics``) alone. A matched route that names no
-Client is refused (fail closed); unmatched paths fall through to 404.
+``NAMESPACE/NAME`` as ``/select/{client:.+}`` does), lets whoever may ``get``
+the non-resource URL reach the guarded paths (``/metrics``), and leaves the
+open ones (``/healthz``) alone. A matched route that names no Client is
+refused (fail closed); unmatched paths fall through to 404.
 
 Nothing connects at import time; the HTTP session is made on first use in
 the running loop and closed by :meth:`Authorizer.close`.

@@ -275,7 +275,7 @@ class Settings:
 
     def pull_secrets(self) -> list[dict[str, str]]:
         """``imagePullSecrets`` of the pods the operator creates."""
-        return [{"name": n.strip()} for n in self.image_pull_secrets.split(",") if n.strip()]
+        return [{"name": n} for n in names(self.image_pull_secrets)]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -309,11 +309,16 @@ class Settings:
         return settings
 
 
+def names(text: str) -> list[str]:
+    """The names of a comma-separated setting, blanks dropped."""
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def _carries_password(url: str) -> bool:
     """Whether a store URL holds a password: in its user part, or in its query, where
     redis-py reads one too (``?password=``)."""
     parts = urlsplit(url)
-    return bool(parts.password) or any(
+    return parts.password is not None or any(
         name.lower() == "password" for name in parse_qs(parts.query, keep_blank_values=True))
 
 

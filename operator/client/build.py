@@ -7,7 +7,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mulambda.settings import Settings
+from mulambda.settings import Settings, names
 
 from ..k8s.objects import (
     MANAGED_BY,
@@ -68,7 +68,7 @@ def client_store_env(settings: Settings, namespace: str) -> list[dict[str, Any]]
     Secret is); otherwise they get no store address at all and use the selector.
     """
     secret = settings.redis_client_secret
-    allowed = {n.strip() for n in settings.redis_client_namespaces.split(",") if n.strip()}
+    allowed = set(names(settings.redis_client_namespaces))
     if not secret or (allowed and namespace not in allowed):
         return []
     parts = urlsplit(settings.redis_url)
@@ -97,9 +97,10 @@ def build_client_deployment(
         container["env"] = [e for e in container.get("env", []) if e.get("name") not in names]
         container["env"] += injected
     # The ping sidecar is the companion image: its pull Secrets, beside the user's own.
-    for ref in settings.pull_secrets():
-        if ref not in pod.setdefault("imagePullSecrets", []):
-            pod["imagePullSecrets"].append(ref)
+    refs = settings.pull_secrets()
+    if refs:
+        own = list(pod.get("imagePullSecrets") or [])  # a null in the template: none
+        pod["imagePullSecrets"] = own + [r for r in refs if r not in own]
     pod["containers"] = [*pod.get("containers", []), {
         "name": "mulambda-ping",
         "image": settings.companion_image,

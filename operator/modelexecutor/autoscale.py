@@ -87,6 +87,7 @@ class Windows:
 # Requests at once a sample may say (see plan).
 MAX_DEMAND = 1e9
 
+
 def plan(
     memory: Windows, executor: ObjectRef, spec: ModelExecutorSpec, previous: Mapping[str, Any],
     deployment: dict[str, Any] | None, load: tuple[int, float], now: float,

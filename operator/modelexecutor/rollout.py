@@ -272,7 +272,9 @@ def _promotion(prev: dict[str, Any], observed: Observations, now: float,
             done.update(reason="PromotionDone",
                         message=f"the stable Deployment serves version {version}")
         return RolloutState(done)
-    waited = now - _epoch(prev.get("promotingSince"), now)
+    if "promotingSince" not in prev:  # promoting since before an upgrade: from now on
+        return RolloutState({**prev, "promotingSince": _iso(now)})
+    waited = now - _epoch(prev["promotingSince"], now)
     if (prev.get("reason") != "PromotionStalled"
             and waited >= analysis.progress_deadline_seconds):
         serving = sum(1 for r in live if r.version == version)

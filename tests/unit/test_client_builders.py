@@ -123,3 +123,8 @@ def test_workloads_pull_the_companion_image_with_the_platforms_secrets():
     validate_k8s(dep)
     plain = build_client_deployment("shop", "apps", TEMPLATE, 1, Settings())
     assert "imagePullSecrets" not in plain["spec"]["template"]["spec"]
+    # A null in the template (its fields are kept as written) is none, not a crash.
+    null = {**TEMPLATE, "spec": {**TEMPLATE["spec"], "imagePullSecrets": None}}
+    dep = build_client_deployment("shop", "apps", null, 1, settings)
+    assert dep["spec"]["template"]["spec"]["imagePullSecrets"] == [
+        {"name": "regcred"}, {"name": "mirror"}]

@@ -59,6 +59,7 @@ def test_intervals_must_be_positive_and_finite(value):
 @pytest.mark.parametrize("url", [
     "redis://:hunter2@redis:6379/0",
     "redis://user:hunter2@redis:6379/0",
+    "redis://hunter2:@redis:6379/0",  # an empty password: the chart refuses it too
     # redis-py reads a password from the query as well.
     "redis://redis:6379/0?password=hunter2",
     "rediss://redis:6379/0?ssl_cert_reqs=none&Password=hunter2",

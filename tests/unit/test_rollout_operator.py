@@ -162,6 +162,11 @@ def test_a_stalled_promotion_that_completes_says_so() -> None:
     done = advance(stalled.status, spec(2), 3, T0 + 200, seen(beats=[beat(2)]))
     assert done.draining and done.status["reason"] == "PromotionDone"
     assert "promotingSince" not in done.status
+    # Promoting since before the operator knew the deadline: its clock starts now.
+    older = advance({**PROGRESSING, "phase": "Promoting"}, spec(2), 3, T0 + 500,
+                    seen(beats=[beat(1)]))
+    assert older.status["promotingSince"] == iso(T0 + 500) and not older.events
+    assert advance(older.status, spec(2), 3, T0 + 620, seen(beats=[beat(1)])).events
 
 
 def test_promoting_records_the_drain_once_the_stable_arm_serves_the_new_version() -> None:
