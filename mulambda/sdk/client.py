@@ -440,6 +440,14 @@ class MulambdaClient:
         return Prediction(result, cand.executor_id, cand,
                           (time.perf_counter() - started) * 1000, n)
 
+    def _attempt_timeout(self, given: float | None) -> float:
+        """An attempt's bound: ``given``, else the client's ``timeout``."""
+        if given is None:
+            return self.timeout
+        if not given > 0:  # 0 read as "not given" answered after the client's timeout
+            raise ValueError(f"attempt_timeout must be > 0 seconds, got {given!r}")
+        return given
+
     async def predict(
         self, instances: list[Any], *, signature_name: str | None = None,
         attempt_timeout: float | None = None, key: str | None = None,
@@ -454,7 +462,7 @@ class MulambdaClient:
         body: dict[str, Any] = {"instances": instances}
         if signature_name:
             body["signature_name"] = signature_name
-        timeout = attempt_timeout or self.timeout
+        timeout = self._attempt_timeout(attempt_timeout)
         return await self._predict(lambda c: rest_predict(self.http, c, body, timeout),
                                    max(1, len(instances)), key=key,
                                    shadow=json.dumps(body).encode())
@@ -470,7 +478,7 @@ class MulambdaClient:
         """
         if self._grpc is None:
             self._grpc = GrpcTransport()
-        grpc, timeout = self._grpc, attempt_timeout or self.timeout
+        grpc, timeout = self._grpc, self._attempt_timeout(attempt_timeout)
         # gRPC goes to the Service's gRPC port: no replica is picked.
         # Canary and experiment arms apply; shadow copies are REST only.
         return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout),

@@ -39,7 +39,7 @@ class TaskError(MulambdaError):
     """The selector refused a call; ``status`` is the HTTP status, ``body`` its answer."""
 
     def __init__(self, what: str, status: int, body: Any) -> None:
-        error = body.get("error") if isinstance(body, dict) else body
+        error = body.get("error", body) if isinstance(body, dict) else body
         super().__init__(f"{what} failed ({status}): {error}")
         self.status = status
         self.body = body
@@ -119,7 +119,11 @@ class TaskClient:
             raise NoMatchingModel(self.client_id, str(answer.get("reason", "")))
         if resp.status_code != 200 or not isinstance(answer, dict):
             raise TaskError("select", resp.status_code, answer)
-        return str(answer["model"]["executor"])
+        model = answer.get("model")
+        if not isinstance(model, dict) or not isinstance(model.get("executor"), str):
+            raise TaskError("select", resp.status_code, {"error": "malformed answer",
+                                                         "answer": answer})
+        return model["executor"]
 
     async def submit(self, instances: list[Any] | None = None, *,
                      body: dict[str, Any] | None = None, idempotency_key: str | None = None,
@@ -150,6 +154,10 @@ class TaskClient:
                 raise NoMatchingModel(self.client_id, str(answer.get("reason", "")))
             if resp.status_code != 202:
                 raise TaskError("submit", resp.status_code, answer)
+            if not (isinstance(answer, dict) and all(
+                    isinstance(answer.get(k), str) for k in ("id", "status_url", "executor"))):
+                raise TaskError("submit", resp.status_code, {"error": "malformed answer",
+                                                             "answer": answer})
             return Task(answer["id"], answer["status_url"], answer["executor"],
                         resp.headers.get("Idempotent-Replayed") == "true")
         assert last is not None
@@ -160,10 +168,13 @@ class TaskClient:
         answer = _body(resp)
         if resp.status_code != 200 or not isinstance(answer, dict):
             raise TaskError("status", resp.status_code, answer)
+        attempts = answer.get("attempts") or 0
+        if isinstance(attempts, bool) or not isinstance(attempts, int):
+            raise TaskError("status", resp.status_code, {"error": "malformed answer",
+                                                         "answer": answer})
         return TaskStatus(id=task_id, status=str(answer.get("status")),
                           result=answer.get("result"), reason=answer.get("reason"),
-                          attempts=int(answer.get("attempts") or 0),
-                          executor=answer.get("executor"), raw=answer)
+                          attempts=attempts, executor=answer.get("executor"), raw=answer)
 
     async def result(self, task_id: str, wait: float = 0.0) -> TaskStatus:
         """The task's status, waiting up to ``wait`` seconds for it to finish (polled,

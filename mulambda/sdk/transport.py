@@ -8,6 +8,8 @@ itself is wrong (4xx, INVALID_ARGUMENT...), else the model's answer.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
 import httpx
@@ -16,28 +18,50 @@ from mulambda.policy.selection import Candidate
 
 from .errors import MissingExtra, PredictionRejected, Retryable
 
+# The most of an answer the SDK reads, as the gateway (its --max-answer-bytes default).
+MAX_ANSWER_BYTES = 64 << 20
+
 
 async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict[str, Any],
                        attempt_timeout: float) -> Any:
     """POST ``body`` to ``{url}/v1/models/{model}:predict``; the ``predictions``.
 
     ``url`` is the chosen replica's pod address or the executor's Service
-    (:attr:`~mulambda.policy.selection.Candidate.url`).
+    (:attr:`~mulambda.policy.selection.Candidate.url`). ``attempt_timeout``
+    bounds the whole attempt: httpx's timeouts bound each read, and an answer
+    trickling a byte at a time held an attempt for as long as it trickled.
     """
     record = candidate.record
     url = f"{candidate.url.rstrip('/')}/v1/models/{record.model}:predict"
     try:
-        resp = await http.post(url, json=body, timeout=attempt_timeout)
+        async with asyncio.timeout(attempt_timeout):
+            async with http.stream("POST", url, json=body, timeout=attempt_timeout) as resp:
+                answer = await _read(resp, MAX_ANSWER_BYTES)
+    except TimeoutError as exc:
+        raise Retryable(f"no whole answer within {attempt_timeout:g}s") from exc
     except httpx.TransportError as exc:  # connect / read errors and timeouts
         raise Retryable(f"{type(exc).__name__}: {exc}") from exc
+    text = answer.decode("utf-8", "replace")
     if resp.status_code >= 500:
-        raise Retryable(f"HTTP {resp.status_code}: {resp.text[:200]}")
+        raise Retryable(f"HTTP {resp.status_code}: {text[:200]}")
     if resp.status_code >= 400:
-        raise PredictionRejected(candidate.executor_id, resp.status_code, resp.text)
+        raise PredictionRejected(candidate.executor_id, resp.status_code, text)
     try:
-        return resp.json()["predictions"]
-    except (ValueError, KeyError) as exc:
-        raise Retryable(f"malformed answer: {resp.text[:200]}") from exc
+        return json.loads(answer)["predictions"]
+    except (ValueError, KeyError, TypeError) as exc:  # TypeError: JSON but not an object
+        raise Retryable(f"malformed answer: {text[:200]}") from exc
+
+
+async def _read(resp: httpx.Response, limit: int) -> bytes:
+    """The answer's body, at most ``limit`` bytes (:class:`Retryable` beyond)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            raise Retryable(f"answer larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class GrpcTransport:

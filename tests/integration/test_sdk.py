@@ -95,6 +95,14 @@ async def test_predict_goes_to_the_best_model_over_rest(store, doubles):
     assert far.requests == []
 
 
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+async def test_an_attempt_timeout_must_be_a_positive_time(store, bad):
+    # 0 was read as "not given": the attempt had the client's whole timeout.
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        with pytest.raises(ValueError, match="attempt_timeout must be > 0 seconds"):
+            await mu.predict([[1]], attempt_timeout=bad)
+
+
 async def test_failover_when_the_first_endpoint_fails(store, doubles):
     broken = await TFServingDouble("broken", status=503).start()
     backup = await TFServingDouble("backup").start()
