@@ -13,11 +13,12 @@ import threading
 import time
 from pathlib import Path
 
+from mulambda.storage.layout import JOURNAL_NAME
+
 from .plan import FilePlan
 
 log = logging.getLogger(__name__)
 
-JOURNAL_NAME = ".mulambda-journal.json"
 # Persist the journal at most this often; losing the last half second of
 # progress on a crash costs little, rewriting it per range costs more.
 JOURNAL_INTERVAL = 0.5

@@ -9,17 +9,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mulambda.storage.layout import relpath_is_safe
+from mulambda.storage.layout import unholdable
 from mulambda.storage.manifest import PushManifest
 from mulambda.storage.s3 import ModelStorage, StoredObject
 from mulambda.storage.savedmodel import NotASavedModel, check_saved_model
 
 from .download import Downloader, Progress, disk_error
 from .errors import ModelLoadError, RetryPolicy
-from .journal import JOURNAL_NAME, Journal
+from .journal import Journal
 from .plan import DEFAULT_PART_SIZE, plan_files
 from .publish import (
-    MANIFEST_NAME,
     Manifest,
     forget_rejected,
     listing_fingerprint,
@@ -218,17 +217,16 @@ def _refuse_unloadable(storage: ModelStorage, bucket: str, prefix: str, source: 
             "VersionNotFound",
             f"{source} is empty (available versions: {', '.join(map(str, versions))})",
             permanent=True)
-    unsafe = [o.key for o in objects if not relpath_is_safe(o.relpath)]
+    # Names a folder on disk cannot hold: unsafe ones, one that is both a file and a folder
+    # ("assets" beside "assets/vocab.txt"), or the loader's own files (an object named
+    # like the journal was overwritten by it and re-downloaded at every attempt).
+    key_of = {o.relpath: o.key for o in objects}
+    unsafe_paths, clashing_paths = unholdable(key_of)
+    unsafe = [key_of[p] for p in unsafe_paths]
     if unsafe:
         raise ModelLoadError("InvalidObjectKey", f"unsafe object keys under {source}: "
                              f"{unsafe[:3]}", permanent=True)
-    # Names a folder on disk cannot hold: one that is both a file and a folder
-    # ("assets" beside "assets/vocab.txt"), or the loader's own files (an object named
-    # like the journal was overwritten by it and re-downloaded at every attempt).
-    folders = {o.relpath.rsplit("/", i)[0] for o in objects
-               for i in range(1, o.relpath.count("/") + 1)}
-    clashing = [o.key for o in objects
-                if o.relpath in folders or o.relpath in (JOURNAL_NAME, MANIFEST_NAME)]
+    clashing = [key_of[p] for p in clashing_paths]
     if clashing:
         raise ModelLoadError("InvalidObjectKey", f"object keys under {source} that a folder "
                              f"cannot hold (both a file and a folder, or the loader's own "

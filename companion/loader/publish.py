@@ -23,11 +23,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mulambda.storage.layout import MANIFEST_NAME
 from mulambda.storage.s3 import StoredObject
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = ".mulambda-manifest.json"
 
 Manifest = dict[str, Any]
 

@@ -14,7 +14,8 @@ from .common import SpecError, _Model, check_resources, explain, parse_quantity
 class ModelRef(_Model):
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9_-]{0,61}[a-z0-9])?$")
     storage_uri: str = Field(alias="storageUri")
-    version: int | None = Field(default=None, ge=1)
+    # At most 15 digits: a heartbeat's version of 16 or more reads as a float and is dropped.
+    version: int | None = Field(default=None, ge=1, le=10**15 - 1)
     credentials_secret: str | None = Field(default=None, alias="credentialsSecret")
 
     @model_validator(mode="after")

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from .layout import PUSH_MANIFEST_NAME
+
 __all__ = ["MANIFEST_FORMAT", "PUSH_MANIFEST_NAME", "ManifestFile", "PushManifest"]
 
-PUSH_MANIFEST_NAME = ".mulambda-push-manifest.json"
 MANIFEST_FORMAT = 1
 
 

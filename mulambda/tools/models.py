@@ -36,7 +36,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 
-from mulambda.storage.layout import is_bucket_name, parse_s3_uri, version_prefix
+from mulambda.storage.layout import (
+    JOURNAL_NAME,
+    MANIFEST_NAME,
+    PUSH_MANIFEST_NAME,
+    is_bucket_name,
+    parse_s3_uri,
+    unholdable,
+    version_prefix,
+)
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (mypy knows the name)
 if TYPE_CHECKING:
@@ -46,6 +54,11 @@ if TYPE_CHECKING:
     from mulambda.storage.s3 import ModelStorage, StoredObject
 
 SAVED_MODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+# mulambda's own files in a version folder: never pushed as part of a model.
+OWN_FILES = (PUSH_MANIFEST_NAME, MANIFEST_NAME, JOURNAL_NAME)
+# Versions readers take: 1 up (what a ModelExecutor may pin), and fewer than 16 digits
+# (a JSON number of 16 or more is read as a float, and such a heartbeat is dropped).
+MAX_VERSION = 10 ** 15 - 1
 # Multipart part size of pushes. Loaders fetch multipart objects range by
 # range along these parts (to verify each part's MD5 in parallel), so this is
 # also their download granularity; see bench/model_load.py.
@@ -130,7 +143,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                           description=PUSH_HELP, epilog=CREDENTIALS_HELP, formatter_class=raw)
     push.add_argument("dir", help="SavedModel folder (holds saved_model.pb)")
     push.add_argument("uri", help="s3://BUCKET/NAME (without the version)")
-    push.add_argument("--version", type=int, required=True, help="version number (>= 0)")
+    push.add_argument("--version", type=int, required=True,
+                      help=f"version number (1 to {MAX_VERSION})")
     push.add_argument("--force", action="store_true", help="replace an existing version")
     push.add_argument("--part-size-mib", type=int, default=DEFAULT_PART_SIZE_MIB,
                       help=f"multipart part size in MiB (default {DEFAULT_PART_SIZE_MIB})")
@@ -193,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
             buckets, bucket, prefix = bucket_names(args.buckets), "", ""
         else:
             buckets, (bucket, prefix) = [], parse_s3_uri(args.uri)
-        if getattr(args, "version", None) is not None and args.version < 0:
-            raise UsageError("--version must be >= 0")
+        if getattr(args, "version", None) is not None and not 1 <= args.version <= MAX_VERSION:
+            raise UsageError(f"--version must be from 1 to {MAX_VERSION}")
         if command in ("push", "rm"):
             refuse_version_in_uri(args.uri, prefix, args.version)
         storage = ModelStorage.from_env(endpoint=args.endpoint)
@@ -217,6 +231,10 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{info.reason}: {info.message}", 1)
     finally:
         storage.close()
+
+
+def _note(message: str) -> None:
+    print(f"mulambda models: note: {message}", file=sys.stderr)
 
 
 def _fail(message: str, code: int) -> int:
@@ -246,9 +264,55 @@ def saved_model_files(src: Path) -> list[Path]:
         check_saved_model(src)
     except NotASavedModel as exc:
         raise UsageError(f"{src} is not a SavedModel: {exc}") from None
-    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files = []
+    for path in _walk(src):
+        rel = path.relative_to(src).as_posix()
+        if rel in OWN_FILES:
+            # A folder downloaded from a bucket or a companion's cache holds mulambda's
+            # own manifest: uploaded as a model file, the version could never load.
+            _note(f"skipped {path}: mulambda's own file, not part of the model")
+        else:
+            files.append(path)
+    unsafe, clashing = unholdable(p.relative_to(src).as_posix() for p in files)
+    if unsafe or clashing:
+        # What the loader refuses (InvalidObjectKey), refused before anything is uploaded.
+        names = ", ".join(repr(n) for n in [*unsafe, *clashing][:5])
+        raise UsageError(f"{src} holds files a model version cannot have: {names} (names "
+                         "must be UTF-8 without control characters or backslashes, and a "
+                         "name cannot be both a file and a folder)")
     # The marker goes last so a half-pushed version is never "the latest".
     return sorted(files, key=lambda p: p.relative_to(src).as_posix() in SAVED_MODEL_FILES)
+
+
+def _walk(src: Path) -> list[Path]:
+    """Every file under ``src``, through links to files and to folders alike (the
+    folders were skipped, a SavedModel whose ``variables`` was a link was pushed without
+    it), in name order; a link back to a folder above is refused."""
+    top = src.resolve()
+    found: list[Path] = []
+    outside: list[str] = []
+    above: set[Path] = set()
+
+    def visit(folder: Path) -> None:
+        real = folder.resolve()
+        if real in above:
+            raise UsageError(f"{folder} links back to a folder above it")
+        above.add(real)
+        for entry in sorted(folder.iterdir()):
+            if entry.is_symlink() and not entry.resolve().is_relative_to(top):
+                outside.append(f"{entry.relative_to(src)} -> {entry.resolve()}")
+            if entry.is_dir():
+                visit(entry)
+            elif entry.is_file():
+                found.append(entry)
+            elif entry.is_symlink():
+                raise UsageError(f"{entry} is a link to nothing")
+        above.discard(real)
+
+    visit(src)
+    if outside:
+        _note(f"pushing files through links out of {src}: {', '.join(outside)}")
+    return found
 
 
 def push_version(
@@ -294,7 +358,7 @@ def push_version(
                              "end); pass --force to replace it")
     if complete:
         # Replacing: the old version must stop looking complete before any file changes.
-        storage.client.remove_object(bucket, base + _manifest_name())
+        storage.client.remove_object(bucket, base + PUSH_MANIFEST_NAME)
     if force:
         # Its SavedModel too: loaders take a version with one and no manifest as whole
         # (another tool's upload), so a replacement that died, or is still running, left
@@ -347,12 +411,6 @@ def push_version(
                 target, len(files), total, complete, kept)
     return PushResult(files=len(files), bytes=total, replaced=bool(existing) and force,
                       kept=kept, aborted=len(aborted))
-
-
-def _manifest_name() -> str:
-    from mulambda.storage.manifest import PUSH_MANIFEST_NAME
-
-    return PUSH_MANIFEST_NAME
 
 
 def _has_manifest(storage: ModelStorage, bucket: str, prefix: str, version: int) -> bool:

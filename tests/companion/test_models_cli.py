@@ -131,8 +131,13 @@ def test_usage_and_store_errors_are_one_clear_line(cli, bucket, half_plus_two):
     assert code == 1 and "no versions" in err
     code, _, err = cli("rm", f"s3://{bucket}/hpt", "--version", "9")
     assert code == 1 and "not found" in err
-    code, _, err = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version", "-1")
-    assert code == 2 and ">= 0" in err
+    for version in ("-1", "0", "1000000000000000"):  # readers drop 16 digits and more
+        code, _, err = cli("push", str(half_plus_two), f"s3://{bucket}/hpt", "--version",
+                           version)
+        assert code == 2 and "--version must be from 1 to 999999999999999" in err, version
+    for uri in (f"s3://{bucket}/a/../b", f"s3://{bucket}/x//y"):  # was exit 1, or stored
+        code, _, err = cli("list", uri)  # under another name
+        assert code == 2 and "path parts without" in err, uri
     assert "Traceback" not in err
 
 
@@ -418,3 +423,52 @@ def test_a_replacement_that_dies_half_way_leaves_no_version_that_looks_whole(
                          "--force")
     assert code == 0, err
     assert s3.has_saved_model(bucket, "hpt", 1) and s3.push_manifest(bucket, "hpt", 1)[0]
+
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_push_follows_links_to_files_and_folders_alike(cli, s3, bucket, half_plus_two,
+                                                       tmp_path):
+    # A SavedModel whose variables/ is a link (a DVC or download cache): the folder was
+    # skipped, and the version was listed complete without its variables.
+    model = tmp_path / "linked"
+    model.mkdir()
+    shutil.copy(half_plus_two / "saved_model.pb", model / "saved_model.pb")
+    cache = _copy(half_plus_two / "variables", tmp_path / "cache-variables")
+    (model / "variables").symlink_to(cache, target_is_directory=True)
+    code, _, err = cli("push", str(model), f"s3://{bucket}/linked", "--version", "1")
+    assert code == 0, err
+    assert "through links out of" in err and "cache-variables" in err
+    pushed = {o.relpath for o in s3.list_version_objects(bucket, "linked", 1)}
+    assert pushed == {"saved_model.pb", *(f"variables/{p.name}" for p in cache.iterdir())}
+    loop = _copy(half_plus_two, tmp_path / "loop")
+    (loop / "assets" / "back").mkdir(parents=True)
+    (loop / "assets" / "back" / "up").symlink_to(loop, target_is_directory=True)
+    code, _, err = cli("push", str(loop), f"s3://{bucket}/loop", "--version", "1")
+    assert code == 2 and "links back to a folder above it" in err
+
+
+@pytest.mark.parametrize("name", ["assets/back\\slash", "assets/new\nline",
+                                  "assets/" + os.fsdecode(b"latin\xff")])
+def test_push_refuses_names_the_loader_would_refuse(cli, bucket, half_plus_two, tmp_path,
+                                                    name):
+    # They were uploaded, and the version listed complete, which no companion could load.
+    model = _copy(half_plus_two, tmp_path / "odd")
+    (model / "assets").mkdir(exist_ok=True)
+    (model / name).write_text("x")
+    code, _, err = cli("push", str(model), f"s3://{bucket}/odd", "--version", "1")
+    assert code == 2 and "holds files a model version cannot have" in err
+
+
+def test_push_skips_mulambdas_own_manifest_in_a_downloaded_folder(cli, bucket, half_plus_two,
+                                                                  tmp_path):
+    # A version downloaded from the bucket holds the push manifest: pushed as a model
+    # file, the new version failed every load (in the manifest, missing from storage).
+    model = _copy(half_plus_two, tmp_path / "resync")
+    (model / ".mulambda-push-manifest.json").write_text("{}")
+    code, _, err = cli("push", str(model), f"s3://{bucket}/resync", "--version", "1")
+    assert code == 0 and "skipped" in err and "mulambda's own file" in err
