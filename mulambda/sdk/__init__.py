@@ -61,6 +61,8 @@ which pulls in TensorFlow); it is imported only when ``predict_grpc`` is
 called.
 """
 
+from mulambda.store.records import StoreUnavailable
+
 from .client import MulambdaClient
 from .errors import (
     AllCandidatesFailed,
@@ -82,6 +84,7 @@ __all__ = [
     "NoMatchingModel",
     "Prediction",
     "PredictionRejected",
+    "StoreUnavailable",
     "Task",
     "TaskClient",
     "TaskError",

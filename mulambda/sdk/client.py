@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -101,7 +102,7 @@ class MulambdaClient:
         suspect_seconds: float = 5.0,
         cold_start_timeout: float = 60.0,
         policy: Policy = DEFAULT_POLICY,
-        prefix: str = "mulambda",
+        prefix: str | None = None,
         http: httpx.AsyncClient | None = None,
         inflight_lease_seconds: float = INFLIGHT_LEASE_SECONDS,
         direct: bool = True,
@@ -119,6 +120,8 @@ class MulambdaClient:
         self.criteria = Criteria(**criteria_fields) if criteria_fields else criteria
         self._registered = self.criteria is None
         self._owns_store = isinstance(store, str)
+        # The operator injects the platform's key prefix into Client workloads.
+        prefix = prefix or os.environ.get("MULAMBDA_KEY_PREFIX") or "mulambda"
         self.store = (
             MetadataStore.from_url(store, prefix=prefix) if isinstance(store, str) else store
         )
@@ -175,6 +178,22 @@ class MulambdaClient:
                        name=client_id),
             read_only=self.read_only,
             through_selector=(self._wake_through_selector if self._selector_url else None))
+
+    @classmethod
+    def from_env(cls, **options: Any) -> MulambdaClient:
+        """The client of a Client workload, from what the operator injects into it:
+        ``MULAMBDA_REDIS_URL`` (with the read-only user from ``MULAMBDA_REDIS_USERNAME``
+        and ``MULAMBDA_REDIS_PASSWORD``), ``MULAMBDA_CLIENT``, ``MULAMBDA_KEY_PREFIX``,
+        ``MULAMBDA_SELECTOR_URL`` and ``MULAMBDA_SDK_READ_ONLY``; ``options`` as for the
+        constructor. A workload without store access has no store URL: it uses the
+        selector (:class:`~.tasks.TaskClient`, or the gateway's ``/v1/predict``)."""
+        url, client = os.environ.get("MULAMBDA_REDIS_URL"), os.environ.get("MULAMBDA_CLIENT")
+        if not url or not client:
+            raise MulambdaError(
+                "MULAMBDA_REDIS_URL and MULAMBDA_CLIENT are not both set: outside a Client "
+                "workload pass the store URL and the client id; a workload the operator "
+                "gave no store access uses the selector (MULAMBDA_SELECTOR_URL)")
+        return cls(url, client, **options)
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:

@@ -5,11 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from mulambda.errors import MulambdaError
 from mulambda.policy.selection import Candidate
-
-
-class MulambdaError(Exception):
-    """Base class of the SDK's errors."""
 
 
 class NoMatchingModel(MulambdaError, LookupError):

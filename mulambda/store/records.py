@@ -15,13 +15,15 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
+from mulambda.errors import MulambdaError
 from mulambda.policy.criteria import Criteria
 
 log = logging.getLogger("mulambda.store")
 
 
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached; callers retry with back-off."""
+class StoreUnavailable(MulambdaError, RuntimeError):
+    """The store could not be reached; callers retry with back-off. A
+    :class:`~mulambda.errors.MulambdaError`: the SDK's callers catch it with its own."""
 
 
 def _now() -> float:

@@ -15,8 +15,10 @@ from mulambda.sdk import (
     MissingExtra,
     MulambdaClient,
     MulambdaClientSync,
+    MulambdaError,
     NoMatchingModel,
     PredictionRejected,
+    StoreUnavailable,
 )
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import ClientRecord, ExecutorRecord, LatencySample, ReplicaRecord
@@ -216,6 +218,50 @@ def test_sync_wrapper_predicts(redis_server, redis_url):
         assert mu.select().executor_id == "ml/syncy"
         with pytest.raises(AllCandidatesFailed):
             mu.predict([[0]])
+
+
+def test_sync_wrapper_has_the_task_calls_and_a_refused_start_leaves_no_thread(
+        redis_server, redis_url):
+    import threading
+
+    def sdk_threads() -> int:
+        return sum(t.name == "mulambda-sdk" and t.is_alive() for t in threading.enumerate())
+
+    before = sdk_threads()
+    with pytest.raises(TypeError):  # criteria and criteria fields: refused
+        MulambdaClientSync(redis_url, CLIENT, Criteria(type="vision"), type="vision")
+    assert sdk_threads() == before  # its loop's thread went with it
+    with MulambdaClientSync(redis_url, CLIENT, type="vision", prefix="test") as mu:
+        for call in ("submit", "result", "status", "cancel"):  # as docs/async.md says
+            assert callable(getattr(mu, call))
+        assert mu.ranking(items=3, direct=False) is not None  # the async client's arguments
+
+
+async def test_the_sdk_reads_what_the_operator_injects_into_workloads(
+        store, redis_url, monkeypatch):
+    # A workload of a platform with its own key prefix: MulambdaClient(url, id) used
+    # "mulambda" and found no registered Client.
+    await register(store, "near", "http://127.0.0.1:1", rtt=1)
+    await store.put_client(ClientRecord(namespace="shop", name="app", type="vision"))
+    monkeypatch.setenv("MULAMBDA_KEY_PREFIX", "test")
+    async with MulambdaClient(redis_url, CLIENT) as mu:
+        assert (await mu.select()).executor_id == "ml/near"
+    monkeypatch.setenv("MULAMBDA_REDIS_URL", redis_url)
+    monkeypatch.setenv("MULAMBDA_CLIENT", CLIENT)
+    async with MulambdaClient.from_env() as mu:
+        assert mu.client_id == CLIENT and (await mu.select()).executor_id == "ml/near"
+    monkeypatch.delenv("MULAMBDA_REDIS_URL")
+    with pytest.raises(MulambdaError, match="uses the selector"):
+        MulambdaClient.from_env()
+
+
+async def test_a_store_outage_is_one_of_the_sdks_errors():
+    # StoreUnavailable was a RuntimeError only: code catching MulambdaError missed it.
+    async with MulambdaClient(f"redis://127.0.0.1:{free_port()}/0", CLIENT, type="vision",
+                              fresh_load=False) as mu:
+        with pytest.raises(MulambdaError) as raised:
+            await mu.select()
+    assert isinstance(raised.value, StoreUnavailable)
 
 
 async def test_grpc_without_the_extra_raises_a_clear_error(store, monkeypatch):
