@@ -13,8 +13,11 @@ import argparse
 import asyncio
 import logging
 import signal
+import sys
 
 from aiohttp import web
+
+from mulambda.cliargs import port
 
 from .httpd import start_server
 
@@ -40,7 +43,7 @@ async def serve(host: str, port: int, stop: asyncio.Event) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="0.0.0.0", help="bind address (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=8079, help="port (default: %(default)s)")
+    parser.add_argument("--port", type=port, default=8079, help="port (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,5 +54,10 @@ def run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await serve(args.host, args.port, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except OSError as exc:  # the port is taken, or the address is not this host's
+        print(f"mulambda ping: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     return 0

@@ -119,6 +119,7 @@ import os
 from aiohttp import web
 
 from mulambda import authz
+from mulambda.cliargs import port
 from mulambda.settings import SelectorSettings
 from mulambda.store.metadata import MetadataStore
 
@@ -137,7 +138,7 @@ log = logging.getLogger("mulambda.selector")
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mulambda selector``; store settings default to MULAMBDA_* variables."""
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    parser.add_argument("--port", type=int, default=8080, help="port to listen on")
+    parser.add_argument("--port", type=port, default=8080, help="port to listen on")
     parser.add_argument("--redis-url", default=None, help="store URL (MULAMBDA_REDIS_URL)")
     parser.add_argument("--key-prefix", default=None, help="key prefix (MULAMBDA_KEY_PREFIX)")
     parser.add_argument("--cache-ttl", type=float, default=0.5,

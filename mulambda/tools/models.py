@@ -165,6 +165,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     mb.add_argument("--wait", type=float, default=DEFAULT_WAIT_SECONDS, metavar="SECONDS",
                     help="how long to retry while the store does not answer "
                          f"(default {DEFAULT_WAIT_SECONDS:g})")
+    # Also after the action (`models push ... --endpoint X` was "unrecognized"); not given
+    # there, the one before the action stands.
+    for action in (push, lst, rm, mb):
+        action.add_argument("--endpoint", default=argparse.SUPPRESS,
+                            help="S3 endpoint host:port (default: $MULAMBDA_S3_ENDPOINT)")
 
 
 def refuse_version_in_uri(uri: str, prefix: str, version: int | None) -> None:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-from mulambda.settings import Settings
+from mulambda.settings import Settings, SettingsError
 from mulambda.store.metadata import MetadataStore
+
+_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -23,5 +25,10 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
 def open_store(args: argparse.Namespace) -> MetadataStore:
     """A store for ``args`` (does not connect until the first command)."""
     settings = Settings.from_env()
-    return MetadataStore.from_url(args.redis_url or settings.redis_url,
-                                  prefix=args.key_prefix or settings.key_prefix, pool_size=8)
+    url = args.redis_url or settings.redis_url
+    if not url.startswith(_SCHEMES):
+        # redis-py's ValueError was a traceback; the URL is not echoed (it may hold a user).
+        raise SettingsError(f"the store URL must start with {', '.join(_SCHEMES)} "
+                            "(e.g. redis://localhost:6379/0)")
+    return MetadataStore.from_url(url, prefix=args.key_prefix or settings.key_prefix,
+                                  pool_size=8)

@@ -45,6 +45,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mulambda.api.common import GROUP, VERSION
+from mulambda.cliargs import positive_int, positive_seconds
 from mulambda.policy.latency import ServiceModel, fit
 from mulambda.policy.ranking import DEFAULT_POLICY
 from mulambda.policy.rollout import ArmStats
@@ -288,12 +289,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-n", "--namespace", default=None, help="only this namespace")
     parser.add_argument("--type", dest="type_", default=None, help="only this model type")
     parser.add_argument("--sort", choices=SORTS, default="name", help="row order")
-    parser.add_argument("--interval", type=float, default=2.0,
+    parser.add_argument("--interval", type=positive_seconds, default=2.0,
                         help="seconds between frames (default 2)")
-    parser.add_argument("--window", type=float, default=60.0,
+    parser.add_argument("--window", type=positive_seconds, default=60.0,
                         help="seconds of demand requests/s is averaged over (default 60)")
     parser.add_argument("--once", action="store_true", help="print one frame and exit")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="rows shown (default: all with --once, else what fits the "
                              "terminal)")
     parser.add_argument("--no-kube", action="store_true",

@@ -472,3 +472,12 @@ def test_push_skips_mulambdas_own_manifest_in_a_downloaded_folder(cli, bucket, h
     (model / ".mulambda-push-manifest.json").write_text("{}")
     code, _, err = cli("push", str(model), f"s3://{bucket}/resync", "--version", "1")
     assert code == 0 and "skipped" in err and "mulambda's own file" in err
+
+
+def test_the_endpoint_may_come_before_or_after_the_action(cli, seaweedfs, bucket,
+                                                         half_plus_two, monkeypatch):
+    monkeypatch.setenv("MULAMBDA_S3_ENDPOINT", "127.0.0.1:9")  # nothing listens there
+    assert cli("push", str(half_plus_two), f"s3://{bucket}/ep", "--version", "1",
+               "--endpoint", seaweedfs.endpoint)[0] == 0
+    code, out, _ = cli("--endpoint", seaweedfs.endpoint, "list", f"s3://{bucket}/ep")
+    assert code == 0 and "complete" in out

@@ -75,6 +75,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mulambda.cliargs import positive_int, positive_seconds
+
 from ..plots import PlotsUnavailable, SelectorPoint, plot_selectors
 from .experiment import (
     LOAD_LEVELS,
@@ -136,13 +138,25 @@ def plot_scenario(results: dict[str, SelectorResult], name: str, folder: Path) -
 
 
 def load_scenario(path: str) -> dict[str, Any]:
-    """Read a YAML or JSON scenario file."""
-    text = Path(path).read_text()
-    if path.endswith(".json"):
-        return dict(json.loads(text))
-    import yaml  # only needed for YAML scenarios
+    """Read a YAML or JSON scenario file; ValueError (one line, exit 2) when it cannot be
+    read, does not parse, or is not a mapping."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the scenario {path}: {exc}") from None
+    try:
+        if path.endswith(".json"):
+            raw = json.loads(text)
+        else:
+            import yaml  # only needed for YAML scenarios
 
-    return dict(yaml.safe_load(text))
+            raw = yaml.safe_load(text)
+    except Exception as exc:
+        raise ValueError(f"the scenario {path} does not parse: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"the scenario {path} must be a mapping of settings, "
+                         f"not {type(raw).__name__}")
+    return raw
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -155,8 +169,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="seed of the routers' own draws (default: --seed); the stream "
                              "and the world stay those of --seed, so what moves with it is "
                              "chance")
-    parser.add_argument("--requests", type=int, help="override the number of requests")
-    parser.add_argument("--rate", type=float, help="override requests per second")
+    parser.add_argument("--requests", type=positive_int, help="override the number of requests")
+    parser.add_argument("--rate", type=positive_seconds, metavar="RATE",
+                        help="override requests per second")
     parser.add_argument("--selectors", help=f"comma-separated subset of {','.join(SELECTORS)}")
     parser.add_argument("--placements", help=f"suite: comma-separated subset of "
                         f"{','.join(PLACEMENTS)}")

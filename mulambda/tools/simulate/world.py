@@ -163,8 +163,10 @@ class Scenario:
                             "slowdown", "declared_ms"):
                     if key in m and not (math.isfinite(float(m[key])) and float(m[key]) >= 0):
                         raise ValueError(f"{key} must be a non-negative number")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ValueError(f"bad scenario: {exc!r}") from exc
+        except KeyError as exc:
+            raise ValueError(f"bad scenario: it has no {exc.args[0]!r}") from exc
+        except (TypeError, ValueError, IndexError) as exc:
+            raise ValueError(f"bad scenario: {exc}") from exc
         for e in self.executors:
             if e["model"] not in self.models:
                 raise ValueError(f"executor {e['name']}: unknown model {e['model']!r}")
