@@ -13,7 +13,25 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import AsyncIterable
 from typing import Any, NamedTuple
+
+
+class BodyTooLarge(Exception):
+    """The body is (or says it is) longer than the limit: 413 for a request's."""
+
+
+async def collect(chunks: AsyncIterable[bytes], limit: int, what: str) -> bytes:
+    """All of ``chunks`` (a body as it arrives), at most ``limit`` bytes:
+    :class:`BodyTooLarge` as soon as more came."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"{what} larger than {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 MAX_JSON_DEPTH = 64
 MAX_JSON_INT_DIGITS = 100

@@ -32,6 +32,8 @@ from typing import Any, cast
 from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .bodies import BodyTooLarge, collect
+
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_DRAIN_SECONDS = 1.0
 
@@ -67,10 +69,6 @@ def server_options(*, header_timeout: float = HEADER_TIMEOUT_SECONDS,
         "max_headers": max_headers,
         "logger": cast(logging.Logger, ClientErrorsQuiet(logging.getLogger("aiohttp.server"))),
     }
-
-
-class BodyTooLarge(Exception):
-    """The body is (or says it is) longer than the limit: 413 for a request's."""
 
 
 class BodyTimeout(Exception):
@@ -117,11 +115,4 @@ async def read_at_most(content: StreamReader, declared: int | None, limit: int,
         if len(body) > limit:
             raise BodyTooLarge(f"{what} larger than {limit} bytes")
         return body
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"{what} larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await collect(content.iter_any(), limit, what)

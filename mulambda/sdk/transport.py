@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from mulambda.bodies import BodyTooLarge, collect
 from mulambda.policy.selection import Candidate
 
 from .errors import MissingExtra, PredictionRejected, Retryable
@@ -36,7 +37,9 @@ async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict
     try:
         async with asyncio.timeout(attempt_timeout):
             async with http.stream("POST", url, json=body, timeout=attempt_timeout) as resp:
-                answer = await _read(resp, MAX_ANSWER_BYTES)
+                answer = await collect(resp.aiter_bytes(), MAX_ANSWER_BYTES, "answer")
+    except BodyTooLarge as exc:
+        raise Retryable(str(exc)) from exc
     except TimeoutError as exc:
         raise Retryable(f"no whole answer within {attempt_timeout:g}s") from exc
     except httpx.TransportError as exc:  # connect / read errors and timeouts
@@ -51,17 +54,6 @@ async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict
     except (ValueError, KeyError, TypeError) as exc:  # TypeError: JSON but not an object
         raise Retryable(f"malformed answer: {text[:200]}") from exc
 
-
-async def _read(resp: httpx.Response, limit: int) -> bytes:
-    """The answer's body, at most ``limit`` bytes (:class:`Retryable` beyond)."""
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in resp.aiter_bytes():
-        size += len(chunk)
-        if size > limit:
-            raise Retryable(f"answer larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 class GrpcTransport:

@@ -15,6 +15,8 @@ from aiohttp import web
 from mulambda.sdk.errors import PredictionRejected, Retryable
 from mulambda.sdk.transport import rest_predict
 
+from support.selector_http import served
+
 pytestmark = pytest.mark.integration
 
 
@@ -36,13 +38,8 @@ async def executor() -> AsyncIterator[tuple[str, dict]]:
 
     app = web.Application()
     app.router.add_post("/v1/models/m:predict", predict)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}", told
-    await runner.cleanup()
+    async with served(app) as url:
+        yield url, told
 
 
 def _candidate(url: str) -> SimpleNamespace:

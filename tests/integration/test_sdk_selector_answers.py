@@ -13,6 +13,8 @@ from aiohttp import web
 from mulambda.sdk import MulambdaError
 from mulambda.sdk.tasks import TaskClient, TaskError
 
+from support.selector_http import served
+
 pytestmark = pytest.mark.integration
 
 
@@ -26,15 +28,10 @@ async def selector() -> AsyncIterator[tuple[TaskClient, dict]]:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    tasks = TaskClient(f"http://127.0.0.1:{port}", "apps/shop", token="t", token_file=None)
-    yield tasks, told
-    await tasks.close()
-    await runner.cleanup()
+    async with served(app) as url:
+        tasks = TaskClient(url, "apps/shop", token="t", token_file=None)
+        yield tasks, told
+        await tasks.close()
 
 
 @pytest.mark.parametrize("body", [{"model": None}, {"endpoint": "x"}, {"model": {}},
