@@ -33,14 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 
-from mulambda.policy.rollout import (
-    Experiment,
-    Route,
-    candidate_id,
-    experiment_ranking,
-    route_view,
-    sticky_draw,
-)
+from mulambda.policy.experiment import Experiment, experiment_ranking
+from mulambda.policy.rollout import Route, candidate_id, route_view, sticky_draw
 from mulambda.policy.selection import Criteria, rank
 from mulambda.store.records import (
     ClientRecord,

@@ -27,8 +27,9 @@ from typing import Any
 from mulambda.store.records import Snapshot
 
 from .criteria import Criteria
+from .experiment import Experiment
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
-from .rollout import Experiment, Route
+from .rollout import Route
 from .selection import near_equal, rank
 
 __all__ = ["CRITERIA", "Explanation", "Verdict", "candidate_line", "candidate_summary",

@@ -23,8 +23,9 @@
 * **Analysis.** :func:`analyse` decides from the two arms' outcomes and
   the candidate's health whether to wait, advance a step, promote or roll
   back (rules in its docstring).
-* **Experiments.** :func:`experiment_arm` picks one executor among a
-  Client's arms by weight with a sticky draw.
+
+A/B experiments, which use the same sticky draws and outcomes, are
+:mod:`mulambda.policy.experiment`.
 """
 
 from __future__ import annotations
@@ -37,12 +38,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from mulambda.api.modelexecutor import Analysis
-from mulambda.store.records import ClientRecord, ExecutorRecord, ReplicaRecord, Snapshot
-
-from .ranking import Ranking
+from mulambda.store.records import ExecutorRecord, ReplicaRecord, Snapshot
 
 STABLE, CANDIDATE = "stable", "candidate"
-KEY_HEADER = "X-Mulambda-Key"  # the gateway's sticky assignment key without an experiment
 CANDIDATE_SUFFIX = "-candidate"
 
 # Latency histogram: bucket i holds latencies in (BUCKETS[i-1], BUCKETS[i]] ms;
@@ -427,106 +425,3 @@ def _breach(t: Analysis, stable: ArmStats, candidate: ArmStats, when: str) -> Ve
                        f"differ from the stable version's (> {t.max_disagreement_rate:.1%}) "
                        f"{when}")
     return None
-
-
-# -- experiments ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Experiment:
-    """A Client's A/B experiment (``ClientRecord.experiment``): executor ids with weights,
-    and where the sticky assignment key comes from."""
-
-    id: str
-    arms: tuple[tuple[str, float], ...]
-    header: str | None = None
-    field: str | None = None
-
-    def to_record(self) -> dict[str, Any]:
-        return {"id": self.id, "arms": [[e, w] for e, w in self.arms],
-                "header": self.header, "field": self.field}
-
-    @classmethod
-    def of(cls, raw: Mapping[str, Any] | None) -> Experiment | None:
-        if not raw:
-            return None
-        try:
-            arms = tuple((str(e), float(w)) for e, w in raw["arms"] if float(w) > 0)
-            return cls(str(raw["id"]), arms, raw.get("header") or None,
-                       raw.get("field") or None) if arms else None
-        except (KeyError, TypeError, ValueError):
-            return None
-
-    @property
-    def subject(self) -> str:
-        return f"experiment/{self.id}"
-
-
-def experiment_arm(experiment: Experiment, eligible: Iterable[str], available: Iterable[str],
-                   draw: float) -> str | None:
-    """The executor a request goes to: by weight over the ``eligible`` arms (those that
-    meet the client's hard criteria), so a key keeps its arm while that arm can serve;
-    when it is not ``available`` (serving now), by weight over the arms that are (the
-    same draw); None when none is."""
-    def pick(arms: list[tuple[str, float]]) -> str | None:
-        total = sum(w for _, w in arms)
-        if total <= 0:
-            return None
-        point, acc = draw * total, 0.0
-        for executor, weight in arms:
-            acc += weight
-            if point < acc:
-                return executor
-        return arms[-1][0]
-
-    can, ok = set(available), set(eligible)
-    first = pick([(e, w) for e, w in experiment.arms if e in ok])
-    if first in can:
-        return first
-    return pick([(e, w) for e, w in experiment.arms if e in can])
-
-
-def experiment_ranking(ranking: Ranking, record: ClientRecord | None,
-                       draw: Callable[[str], float]) -> tuple[Ranking, Experiment | None]:
-    """``ranking`` (every candidate meets the client's hard criteria) with the arm of the
-    registered client's experiment first (``draw(experiment id)``), and the experiment;
-    unchanged when there is none or none of its arms is a warm candidate."""
-    experiment = Experiment.of(record.experiment if record is not None else None)
-    if experiment is None or not ranking:
-        return ranking, experiment
-    chosen = experiment_arm(experiment, [c.executor_id for c in ranking],
-                            [c.executor_id for c in ranking if c.warm], draw(experiment.id))
-    if chosen is None:
-        return ranking, experiment
-    ordered = ([c for c in ranking if c.executor_id == chosen]
-               + [c for c in ranking if c.executor_id != chosen])
-    return Ranking(ordered, ranking.rejected, ranking.wake, ranking.criteria), experiment
-
-
-def assignment_key(headers: Mapping[str, str], body_key: str | None,
-                   experiment: Experiment | None) -> str | None:
-    """A gateway request's sticky key: the experiment's top-level body field (its value,
-    ``body_key``: :func:`mulambda.bodies.summary`) or header, else the ``X-Mulambda-Key``
-    header; None (a fresh draw) when it has none."""
-    if experiment is not None and experiment.field and body_key is not None:
-        return body_key
-    if experiment is not None and experiment.header and headers.get(experiment.header):
-        return headers[experiment.header]
-    return headers.get(KEY_HEADER) or None
-
-
-def experiment_status(experiment: Experiment, eligible: Iterable[str],
-                      rejected: Mapping[str, str],
-                      outcomes: Mapping[str, ArmStats]) -> dict[str, Any]:
-    """What a Client's ``status.experiment`` shows: per arm its weight, whether it can get
-    traffic (meets the criteria) or why not, and its counted outcomes."""
-    ok = set(eligible)
-    arms = []
-    for executor, weight in experiment.arms:
-        arm: dict[str, Any] = {"executor": executor, "weight": weight,
-                               "eligible": executor in ok}
-        if executor not in ok:
-            arm["reason"] = rejected.get(executor, "no such executor is registered")
-        arm.update(outcomes.get(executor, ArmStats()).summary())
-        arms.append(arm)
-    return {"id": experiment.id, "arms": arms}

@@ -15,17 +15,11 @@ from typing import Any, TypeVar
 
 import httpx
 
+from mulambda.policy.experiment import Experiment, experiment_ranking
 from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranker import Ranker
-from mulambda.policy.rollout import (
-    CANDIDATE,
-    ArmChoice,
-    Experiment,
-    experiment_ranking,
-    route_view,
-    sticky_draw,
-)
+from mulambda.policy.rollout import CANDIDATE, ArmChoice, route_view, sticky_draw
 from mulambda.policy.selection import (
     DEFAULT_POLICY,
     Candidate,

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from mulambda.policy.rollout import CANDIDATE, ArmChoice, Experiment, agree, shadow_url
+from mulambda.policy.experiment import Experiment
+from mulambda.policy.rollout import CANDIDATE, ArmChoice, agree, shadow_url
 from mulambda.store.outcomes import SERVED_RUN, OutcomeRecorder, served_subject
 
 log = logging.getLogger("mulambda.sdk")

@@ -20,8 +20,9 @@ from prometheus_client import (
 
 from mulambda.bodies import loads_guarded
 from mulambda.httpd import BodyTimeout, BodyTooLarge, read_body, refuse
+from mulambda.policy.experiment import Experiment, assignment_key
 from mulambda.policy.explain import explain
-from mulambda.policy.rollout import CANDIDATE, Experiment, assignment_key
+from mulambda.policy.rollout import CANDIDATE
 from mulambda.policy.selection import (
     Candidate,
     Criteria,

@@ -22,16 +22,11 @@ from prometheus_client import (
 )
 
 from mulambda.httpd import BodyTooLarge, read_at_most
+from mulambda.policy.experiment import Experiment, experiment_ranking
 from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranker import Ranker
-from mulambda.policy.rollout import (
-    ArmChoice,
-    Experiment,
-    experiment_ranking,
-    route_view,
-    sticky_draw,
-)
+from mulambda.policy.rollout import ArmChoice, route_view, sticky_draw
 from mulambda.policy.selection import (
     Candidate,
     Criteria,

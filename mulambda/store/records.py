@@ -93,7 +93,7 @@ class ClientRecord(Criteria, _Resource):
     probe_url: str | None = None
     generation: int = 0
     updated_at: float = field(default_factory=_now)
-    # An A/B experiment over executors (mulambda.policy.rollout.Experiment); None otherwise.
+    # An A/B experiment over executors (mulambda.policy.experiment.Experiment); None otherwise.
     experiment: dict[str, Any] | None = None
 
     @property

@@ -15,7 +15,7 @@ from typing import Any
 
 from mulambda.api.client import ClientSpec
 from mulambda.api.common import GROUP, VERSION
-from mulambda.policy.rollout import Experiment, experiment_status
+from mulambda.policy.experiment import Experiment, experiment_status
 from mulambda.policy.selection import Ranking, rank
 from mulambda.settings import Settings
 from mulambda.store.outcomes import read_outcomes

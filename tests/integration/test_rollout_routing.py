@@ -13,7 +13,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from mulambda.policy.rollout import CANDIDATE, STABLE, Experiment, Route, candidate_id
+from mulambda.policy.experiment import Experiment
+from mulambda.policy.rollout import CANDIDATE, STABLE, Route, candidate_id
 from mulambda.sdk import MulambdaClient
 from mulambda.selector.app import create_app, selector_server_options
 from mulambda.store.acl import ROLES, acl_file

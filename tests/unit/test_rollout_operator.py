@@ -317,7 +317,7 @@ def test_client_experiment_is_published_with_arm_ids_and_an_id_per_generation() 
     from mulambda.api.client import parse_client_spec
     from mulambda.operator.client.reconcile import experiment_record
     from mulambda.operator.k8s.objects import ObjectRef
-    from mulambda.policy.rollout import Experiment
+    from mulambda.policy.experiment import Experiment
 
     ref = ObjectRef("mulambda.io/v1alpha1", "Client", "shop", "app", "uid-1")
     spec = parse_client_spec({"criteria": {"type": "t"}, "experiment": {

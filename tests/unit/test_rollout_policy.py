@@ -8,20 +8,18 @@ import pytest
 
 from mulambda.api.modelexecutor import Analysis
 from mulambda.bodies import summary
+from mulambda.policy.experiment import Experiment, assignment_key, experiment_arm
 from mulambda.policy.rollout import (
     BUCKETS,
     CANDIDATE,
     STABLE,
     ArmStats,
-    Experiment,
     Health,
     Route,
     agree,
     analyse,
-    assignment_key,
     bucket_of,
     candidate_id,
-    experiment_arm,
     percentile,
     route_view,
     shadow_url,
@@ -292,7 +290,7 @@ def test_experiment_record_round_trip_and_bad_ones() -> None:
 
 
 def test_experiment_status_shows_eligibility_and_outcomes_per_arm() -> None:
-    from mulambda.policy.rollout import experiment_status
+    from mulambda.policy.experiment import experiment_status
 
     shown = experiment_status(
         EXP, ["ml/a"], {"ml/b": "type 'audio' != 'vision'"},
