@@ -324,7 +324,7 @@ def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))  # tests/, not the repo root: no stdlib shadowing
     from mulambda.storage.checksums import CRC32_IMPL
     from mulambda.storage.s3 import ModelStorage
-    from mulambda.tools.models import push_version
+    from mulambda.tools.push import push_version
 
     from support.seaweedfs import ADMIN, SeaweedFS
 

@@ -430,7 +430,7 @@ async def test_model_changed_after_its_push_is_failed_checksum_mismatch_and_not_
     import io
 
     from mulambda.storage.s3 import ModelStorage
-    from mulambda.tools.models import push_version
+    from mulambda.tools.push import push_version
 
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     index = (half_plus_two / "variables" / "variables.index").read_bytes()
@@ -467,7 +467,7 @@ async def test_companion_command_loads_from_s3_becomes_ready_and_cleans_up_on_si
     seaweedfs, s3, bucket: str, half_plus_two: Path, redis_url: str, store: MetadataStore,
     tmp_path: Path,
 ):
-    from mulambda.tools.models import push_version
+    from mulambda.tools.push import push_version
 
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     models_dir = tmp_path / "models"
@@ -589,7 +589,7 @@ async def test_a_companion_started_while_s3_is_down_serves_its_verified_copy(
     # volume holds version 1 verified: it serves it, not "StorageUnavailable" until S3
     # comes back.
     from mulambda.storage.s3 import ModelStorage
-    from mulambda.tools.models import push_version
+    from mulambda.tools.push import push_version
 
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     loader.load_model_version(s3, bucket, MODEL, 1, models_dir, MODEL)

@@ -44,7 +44,7 @@ from mulambda.sdk import MulambdaClient
 from mulambda.settings import Settings
 from mulambda.store.heartbeats import vouched
 from mulambda.store.metadata import MetadataStore
-from mulambda.tools.models import push_version
+from mulambda.tools.push import push_version
 
 from support.cluster import Cluster
 from support.operator_run import OperatorRun

@@ -32,7 +32,7 @@ from mulambda.companion.loader import (
 from mulambda.storage.checksums import crc32, crc32_combine
 from mulambda.storage.manifest import PUSH_MANIFEST_NAME
 from mulambda.storage.s3 import ModelStorage
-from mulambda.tools.models import push_version
+from mulambda.tools.push import push_version
 
 from support.seaweedfs import ADMIN, Identity, SeaweedFS
 

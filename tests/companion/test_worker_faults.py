@@ -99,7 +99,7 @@ class Companions:
 
 @pytest.fixture
 def model_bucket(s3: Any, bucket: str, half_plus_two: Path) -> str:
-    from mulambda.tools.models import push_version
+    from mulambda.tools.push import push_version
 
     push_version(s3, half_plus_two, bucket, MODEL, 1)
     return bucket

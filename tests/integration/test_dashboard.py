@@ -42,7 +42,7 @@ from mulambda.settings import Settings
 from mulambda.storage.s3 import ModelStorage
 from mulambda.store.heartbeats import executor_seed
 from mulambda.store.metadata import MetadataStore
-from mulambda.tools.models import push_version
+from mulambda.tools.push import push_version
 
 from support.cluster import Cluster
 from support.operator_fixtures import HEARTBEAT_SECRET

@@ -51,7 +51,7 @@ from mulambda.storage.s3 import ModelStorage
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.outcomes import read_outcomes
 from mulambda.store.records import ReplicaRecord
-from mulambda.tools.models import push_version
+from mulambda.tools.push import push_version
 
 from support.cluster import Cluster
 from support.operator_run import OperatorRun
