@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,10 +35,11 @@ from mulambda.store.outcomes import OutcomeRecorder
 from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import Snapshot, StoreUnavailable
 
+from . import workload
 from .counting import InflightCounter
 from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
-from .tasks import Task, TaskClient, TaskStatus, read_only_from_env, selector_url_from_env
+from .tasks import Task, TaskClient, TaskStatus
 from .transport import GrpcTransport, rest_predict
 from .waking import ColdStarts, Waking
 
@@ -114,8 +114,7 @@ class MulambdaClient:
         self.criteria = Criteria(**criteria_fields) if criteria_fields else criteria
         self._registered = self.criteria is None
         self._owns_store = isinstance(store, str)
-        # The operator injects the platform's key prefix into Client workloads.
-        prefix = prefix or os.environ.get("MULAMBDA_KEY_PREFIX") or "mulambda"
+        prefix = prefix or workload.key_prefix()
         self.store = (
             MetadataStore.from_url(store, prefix=prefix) if isinstance(store, str) else store
         )
@@ -137,7 +136,7 @@ class MulambdaClient:
         self.direct = direct
         self._rng = random.Random(seed)
         # What this process measured; published with its leases (P:service).
-        self.read_only = read_only_from_env() if read_only is None else read_only
+        self.read_only = workload.read_only() if read_only is None else read_only
         self._tracker = ServiceTracker(policy.fit)
         self._leases = InflightLeases(self.store, ttl=inflight_lease_seconds,
                                       service=self._tracker, writes=not self.read_only)
@@ -164,7 +163,7 @@ class MulambdaClient:
         self._outcomes.refused = self.read_only
         self._shadow = ShadowCopies(self._outcomes, max_inflight=max_shadow_inflight,
                                     timeout=timeout)
-        self._selector_url = selector_url or selector_url_from_env()
+        self._selector_url = selector_url or workload.selector_url()
         self._tasks: TaskClient | None = None
         self._waking = Waking(
             self.store, client_id,
@@ -181,13 +180,7 @@ class MulambdaClient:
         ``MULAMBDA_SELECTOR_URL`` and ``MULAMBDA_SDK_READ_ONLY``; ``options`` as for the
         constructor. A workload without store access has no store URL: it uses the
         selector (:class:`~.tasks.TaskClient`, or the gateway's ``/v1/predict``)."""
-        url, client = os.environ.get("MULAMBDA_REDIS_URL"), os.environ.get("MULAMBDA_CLIENT")
-        if not url or not client:
-            raise MulambdaError(
-                "MULAMBDA_REDIS_URL and MULAMBDA_CLIENT are not both set: outside a Client "
-                "workload pass the store URL and the client id; a workload the operator "
-                "gave no store access uses the selector (MULAMBDA_SELECTOR_URL)")
-        return cls(url, client, **options)
+        return cls(*workload.store_and_client(), **options)
 
     # -- lifecycle -------------------------------------------------------------
     async def __aenter__(self) -> MulambdaClient:

@@ -17,7 +17,6 @@ the model twice::
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -199,19 +198,9 @@ class TaskClient:
         return TaskStatus(id=task_id, status=str(answer.get("status")), raw=answer)
 
 
-def selector_url_from_env() -> str | None:
-    """``MULAMBDA_SELECTOR_URL``, which the operator sets in Client workloads."""
-    return os.environ.get("MULAMBDA_SELECTOR_URL") or None
-
-
 def _body(resp: httpx.Response) -> Any:
     try:
         return resp.json()
     except ValueError:
         return resp.text[:500]
 
-
-def read_only_from_env() -> bool:
-    """``MULAMBDA_SDK_READ_ONLY`` (set by the operator in Client workloads that get the
-    read-only store user): true, 1 or yes."""
-    return os.environ.get("MULAMBDA_SDK_READ_ONLY", "").strip().lower() in ("true", "1", "yes")

@@ -26,6 +26,7 @@ from mulambda.store.metadata import MetadataStore
 from mulambda.store.records import StoreUnavailable
 
 from .records import Next, Status, TaskOptions, before_run, client_of, outcome, status_of
+from .scripts import BEGIN, FINISH
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 10_000
@@ -35,41 +36,6 @@ _WATCH_TRIES = 5
 _CREATION_WAITS = (0.01, 0.02, 0.05, 0.1)
 
 Message = tuple[str, str]  # (stream entry id, task id)
-
-# A worker's two writes per task as scripts over declared keys, one command per batch: a
-# transaction costs redis-py a command and a QUEUED reply per task, which at tens of
-# tasks per second was most of what the queue added to a call (bench/async_tasks.py). A
-# script runs atomically like MULTI/EXEC, and each command in it is checked against the
-# caller's ACL user as if sent alone.
-#
-# KEYS: the tasks; ARGV: started_at, worker. Per task {fields before, attempts now}.
-_BEGIN = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local before = redis.call('HGETALL', key)
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  redis.call('HSET', key, 'started_at', ARGV[1], 'worker', ARGV[2])
-  out[i] = {before, attempts}
-end
-return out
-"""
-# KEYS: the queue, then the tasks; ARGV: the group, then per task entry, outcome,
-# result_ttl. Per task 1 when this wrote its outcome, 0 when one was there.
-_FINISH = """
-local written, entries = {}, {}
-for j = 1, (#KEYS - 1) / 2 do
-  local task, open, at = KEYS[2 * j], KEYS[2 * j + 1], 4 * (j - 1) + 1
-  entries[j] = ARGV[at + 1]
-  written[j] = redis.call('HSETNX', task, 'outcome', ARGV[at + 2])
-  if written[j] == 1 then  -- a duplicate does not extend the first outcome's life
-    redis.call('EXPIRE', task, ARGV[at + 3])
-    redis.call('ZREM', open, ARGV[at + 4])  -- no longer one of its Client's open tasks
-  end
-end
-redis.call('XACK', KEYS[1], ARGV[1], unpack(entries))
-redis.call('XDEL', KEYS[1], unpack(entries))
-return written
-"""
 
 
 class Finished(NamedTuple):
@@ -99,8 +65,8 @@ class TaskQueue:
         self.prefix = store.prefix
         self._claim_from: dict[str, str] = {}  # queue -> where the next reclaim starts
         # EVALSHA, loading the script first where the store does not know it (a restart).
-        self._begin = self.redis.register_script(_BEGIN)
-        self._finish = self.redis.register_script(_FINISH)
+        self._begin = self.redis.register_script(BEGIN)
+        self._finish = self.redis.register_script(FINISH)
 
     # -- keys ---------------------------------------------------------------------
     def queue_key(self, executor: str) -> str:
