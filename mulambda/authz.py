@@ -406,8 +406,9 @@ def middleware(authorizer: Authorizer, open_paths: Collection[str] = OPEN_PATHS,
         if request.path in open_paths or isinstance(request.match_info.http_exception,
                                                     web.HTTPException):
             return await handler(request)  # open, or 404/405: nothing to protect
-        target = None if request.path in guarded_paths else target_of(request.match_info)
-        if target is None and request.path not in guarded_paths:
+        guarded = request.path in guarded_paths
+        target = None if guarded else target_of(request.match_info)
+        if target is None and not guarded:
             authorizer.count("bad_target")
             return _json_error(400, "the path must name a Client as NAMESPACE/NAME")
         token = bearer_token(request.headers.get("Authorization"))

@@ -16,6 +16,11 @@ import sys
 from collections.abc import AsyncIterable
 from typing import Any, NamedTuple
 
+# The most of an executor's answer a router reads (the gateway's --max-answer-bytes
+# default, the SDK's bound): one model, or one compromised pod, answering without end
+# cannot take a router's memory.
+MAX_ANSWER_BYTES = 64 << 20
+
 
 class BodyTooLarge(Exception):
     """The body is (or says it is) longer than the limit: 413 for a request's."""

@@ -48,6 +48,9 @@ CANDIDATE_SUFFIX = "-candidate"
 _RATIO = 2 ** 0.25
 BUCKETS: tuple[float, ...] = tuple(0.25 * 2 ** (i / 4) for i in range(77))  # 0.25 ms .. 181 s
 
+# ArmStats' counters besides the latency buckets (what a status field keeps of them).
+_COUNTERS = ("requests", "errors", "compared", "disagreed")
+
 # Shadow answers agree with the stable arm's when every number is within
 # rtol * |stable| + atol of it and everything else is equal.
 AGREE_RTOL = 1e-3
@@ -258,8 +261,7 @@ class ArmStats:
 
     def counts(self) -> dict[str, Any]:
         """The counts as a status field keeps them, for :meth:`minus` later."""
-        return {"requests": self.requests, "errors": self.errors, "compared": self.compared,
-                "disagreed": self.disagreed,
+        return {**{k: getattr(self, k) for k in _COUNTERS},
                 "buckets": {str(i): n for i, n in sorted(self.buckets.items()) if n > 0}}
 
     def minus(self, earlier: Mapping[str, Any] | None) -> ArmStats:
@@ -267,23 +269,16 @@ class ArmStats:
         none, or when it is not the counts of an earlier moment of the same rollout (a
         malformed one, or one with more of something than now)."""
         try:
-            if not earlier:
-                raise ValueError("no earlier counts")
-            then = {k: int(earlier[k]) for k in ("requests", "errors", "compared", "disagreed")}
-            then_buckets = {int(i): int(n) for i, n in dict(earlier["buckets"]).items()}
-        except (KeyError, TypeError, ValueError):
+            then = {k: int(earlier[k]) for k in _COUNTERS}  # type: ignore[index]
+            then_buckets = {int(i): int(n) for i, n in dict(earlier["buckets"]).items()}  # type: ignore[index]
+        except (KeyError, TypeError, ValueError):  # None, {}, or not numbers
             return self
+        since = {k: getattr(self, k) - then[k] for k in _COUNTERS}
         buckets = {i: n - then_buckets.get(i, 0) for i, n in self.buckets.items()}
-        now = {"requests": self.requests, "errors": self.errors, "compared": self.compared,
-               "disagreed": self.disagreed}
-        if (any(now[k] < v for k, v in then.items())
-                or any(n < 0 for n in buckets.values())
+        if (min([*since.values(), *buckets.values(), 0]) < 0
                 or set(then_buckets) - set(self.buckets)):
             return self
-        return ArmStats(now["requests"] - then["requests"], now["errors"] - then["errors"],
-                        {i: n for i, n in buckets.items() if n > 0},
-                        now["compared"] - then["compared"],
-                        now["disagreed"] - then["disagreed"])
+        return ArmStats(buckets={i: n for i, n in buckets.items() if n > 0}, **since)
 
     def summary(self) -> dict[str, Any]:
         """What ``status.rollout.arms.ARM`` shows."""
@@ -349,11 +344,11 @@ def analyse(thresholds: Analysis, stable: ArmStats, candidate: ArmStats, health:
             step_seconds: float, total_seconds: float, last_step: bool,
             recent: tuple[ArmStats, ArmStats] | None = None) -> Verdict:
     """What to do with a rollout now. ``stable`` and ``candidate``: the arms' outcomes in
-    this step; ``recent``: theirs since the last analysis tick.
+    this step; ``recent``: theirs in the recent window (since it was last judged).
 
     1. A candidate replica Failed and none Available: roll back (its reason).
     2. Nothing Available after ``progressDeadlineSeconds``: roll back.
-    3. With at least ``minRequests`` to the candidate since the last tick: roll
+    3. With at least ``minRequests`` to the candidate in the recent window: roll
        back when those break a threshold (below). A failure that starts late in
        a step is not diluted by the step's earlier good traffic: counted over
        the whole rollout, a candidate failing every request for the last 15 s

@@ -14,13 +14,10 @@ from typing import Any
 
 import httpx
 
-from mulambda.bodies import BodyTooLarge, collect
+from mulambda.bodies import MAX_ANSWER_BYTES, BodyTooLarge, collect
 from mulambda.policy.selection import Candidate
 
 from .errors import MissingExtra, PredictionRejected, Retryable
-
-# The most of an answer the SDK reads, as the gateway (its --max-answer-bytes default).
-MAX_ANSWER_BYTES = 64 << 20
 
 
 async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict[str, Any],

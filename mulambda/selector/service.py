@@ -21,6 +21,7 @@ from prometheus_client import (
     Histogram,
 )
 
+from mulambda.bodies import MAX_ANSWER_BYTES
 from mulambda.httpd import BodyTooLarge, read_at_most
 from mulambda.policy.experiment import Experiment, experiment_ranking
 from mulambda.policy.inflight import OwnRequests
@@ -62,9 +63,8 @@ VIRTUAL_INFLIGHT_MAX_SECONDS = 10.0
 # is a TF Serving request (images: megabytes).
 SELECT_MAX_BODY_BYTES = 64 << 10
 GATEWAY_MAX_BODY_BYTES = 16 << 20
-# An executor's answer is read whole before it is passed on: bounded, so that one model
-# (or one compromised pod) answering without end cannot take the selector's memory.
-GATEWAY_MAX_ANSWER_BYTES = 64 << 20
+# An executor's answer is read whole before it is passed on: bounded (mulambda.bodies).
+GATEWAY_MAX_ANSWER_BYTES = MAX_ANSWER_BYTES
 HEADER_TIMEOUT_SECONDS = 10.0
 BODY_TIMEOUT_SECONDS = 15.0
 # Outcomes the handlers count (plus the gateway's http_4xx/http_5xx pass-through).

@@ -112,10 +112,10 @@ class TaskQueue:
                 # Nothing was queued: the place goes back (kept, a few store hiccups held
                 # a Client's whole limit for a day).
                 with contextlib.suppress(StoreUnavailable):
-                    await self._run(self.redis.zrem(self.open_key(client), task_id))
+                    await self._release(client, task_id)
                 raise
             if earlier is not None:
-                await self._run(self.redis.zrem(self.open_key(client), task_id))
+                await self._release(client, task_id)
                 return earlier, False
         fields = {"client": client, "executor": executor, "model": model, "body": body,
                   "created_at": repr(at),
@@ -187,8 +187,12 @@ class TaskQueue:
             pipe.zcard(key)
             *_, count = await self._run(pipe.execute())
         if int(count) > limit:
-            await self._run(self.redis.zrem(key, task_id))
+            await self._release(client, task_id)
             raise TooManyTasks(client, limit)
+
+    async def _release(self, client: str, task_id: str) -> None:
+        """Give back the place :meth:`_reserve` took for a task that was not queued."""
+        await self._run(self.redis.zrem(self.open_key(client), task_id))
 
     async def _created(self, task_id: str) -> bool:
         """Whether ``task_id`` exists, waiting a moment for a submission that took its

@@ -225,7 +225,8 @@ def _push(storage: ModelStorage, args: argparse.Namespace, bucket: str, prefix: 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
               desc=f"push {prefix}/{args.version}", disable=None) as bar:
         result = push_version(storage, src, bucket, prefix, args.version, force=args.force,
-                              part_size=args.part_size_mib * 1024 * 1024, progress=bar.update)
+                              part_size=args.part_size_mib * 1024 * 1024, progress=bar.update,
+                              files=files)
     verb = "replaced" if result.replaced else "pushed"
     notes = []
     if result.kept:

@@ -138,9 +138,11 @@ def _walk(src: Path) -> list[Path]:
 def push_version(
     storage: ModelStorage, src: Path, bucket: str, prefix: str, version: int, *,
     force: bool = False, part_size: int = DEFAULT_PART_SIZE_MIB * 1024 * 1024,
-    progress: Callable[[int], object] | None = None,
+    progress: Callable[[int], object] | None = None, files: list[Path] | None = None,
 ) -> PushResult:
     """Upload SavedModel folder ``src`` to ``s3://bucket/prefix/version/``, manifest last.
+    ``files``: :func:`saved_model_files` of ``src``, when the caller has them already
+    (walked again, its notes were printed twice).
 
     Without ``force`` a complete version (one with a push manifest) or a
     folder some other tool uploaded (a SavedModel without a manifest) is
@@ -156,7 +158,7 @@ def push_version(
     from mulambda.storage.manifest import ManifestFile, PushManifest
     from mulambda.storage.savedmodel import check_saved_model
 
-    files = saved_model_files(src)
+    files = saved_model_files(src) if files is None else files
     saved_name, saved_info = check_saved_model(src)
     if not storage.bucket_exists(bucket):
         raise StoreError(f"bucket {bucket!r} does not exist on {storage.endpoint}")

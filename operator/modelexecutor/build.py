@@ -227,8 +227,8 @@ def build_pod_template(
         pod_spec["tolerations"] = [dict(t) for t in spec.tolerations]
     if spec.service_account_name:
         pod_spec["serviceAccountName"] = spec.service_account_name
-    if settings.pull_secrets():
-        pod_spec["imagePullSecrets"] = settings.pull_secrets()
+    if pulls := settings.pull_secrets():
+        pod_spec["imagePullSecrets"] = pulls
     return {"metadata": {"labels": labels}, "spec": pod_spec}
 
 
