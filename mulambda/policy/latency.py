@@ -13,7 +13,12 @@ Model (per executor: its replicas run the same pod template)::
 ``k`` is the number of requests in flight per replica when a request is
 sent (as the router that sends it counts them; requests on the wire count,
 because that is what the router knows when it decides), ``n`` the number of
-items in the request (``instances``). A queue in front of one slot gives
+items in the request (``instances``). An answer is measured at the requests
+it met as far as the router can tell: less its own requests that their
+answers showed served before it arrived, and less the other routers'
+requests counted only for their senders' margin that its own time shows
+served already (:func:`mulambda.policy.inflight.measured_at`); errors in
+``k`` flatten the fitted slope. A queue in front of one slot gives
 ``per_inflight`` = one service time; a server that runs every request at
 once but slows down with each gives its slowdown per request.
 

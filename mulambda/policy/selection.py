@@ -303,16 +303,24 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     # Everybody else's requests whose timing is known: ahead while still being
     # served when ours would arrive there, or when late (not back when expected).
     timed = snapshot.inflight_requests.get(eid)
-    timed_total = 0.0
+    timed_total = maybe_total = 0.0
     timed_pods: dict[str, float] = {}
+    maybe_pods: dict[str, float] = {}
     own_late = snapshot.own_late.get(eid) or ()
     others_late: list[Late] = []
     for t in timed or ():
         late_now = now >= t.back_by
-        if late_now or now + v.rtt.get(t.pod, net) / 2000 < t.busy_until:
+        rtt_s = v.rtt.get(t.pod, net) / 1000
+        if late_now or now + rtt_s / 2 < t.busy_until:
             timed_total += 1
             if t.pod:
                 timed_pods[t.pod] = timed_pods.get(t.pod, 0.0) + 1
+            # Due back before ours would arrive (its sender's way back taken as ours):
+            # expected served by then, counted for its sender's margin only.
+            if not late_now and t.back_by <= now + rtt_s:
+                maybe_total += 1
+                if t.pod:
+                    maybe_pods[t.pod] = maybe_pods.get(t.pod, 0.0) + 1
         if late_now and t.inflight >= 0:
             others_late.append(Late(t.inflight, t.items, (now - t.back_by) * 1000 + t.stay_ms))
     if own_late or others_late:  # not back when due, the caller's or another's: model short
@@ -343,9 +351,12 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
                 best = (e_r, r, k_r, net_r)
         assert best is not None
         _, replica, k, net = best
+        uncertain = (maybe_pods.get(replica.pod, 0.0)
+                     + (maybe_total - sum(maybe_pods.values())) / ready)
     else:
         k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
              + _still_there(others, stay, net))
+        uncertain = maybe_total / ready
     load = model.per_inflight_ms * k
     steady = net + service + load
     expected = steady + v.cold
@@ -356,7 +367,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     return Candidate(
         eid, 0.0, expected, v.rec.accuracy, v.warm, v.rec, net, service, load, v.cold, 0.0,
         v.accuracy, k, False, replica, model, v.stats.count if v.stats is not None else 0,
-        notes,
+        notes, uncertain=uncertain,
     )
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Protocol
 
-from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.inflight import OwnRequests, measure
 from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranking import Candidate
 from mulambda.store.records import ServiceStats
@@ -68,18 +68,14 @@ class CountedRequest:
         """The executor answered: add its response time (default: :meth:`elapsed_ms`) to the
         service-time model, against what the ranking predicted. False when the tracker
         refused an impossible value."""
-        c, own = self._candidate, self._counter.own
-        # Requests of ours counted ahead of this one that answers showed were served
-        # before it arrived were not ahead: measured at the k it really met, or the fit
-        # learns a request ahead as cheaper than it is (issue 11).
-        gone = min(float(own.gone_ahead(self._token)), c.inflight)
-        per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
-        observed = self._counter.tracker.observe(
-            c.executor_id, inflight=c.inflight - gone, items=self._items,
-            elapsed_ms=self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
-            network_ms=c.network_ms,
-            predicted_ms=max(0.0, c.service_ms + c.load_ms - gone * per_ahead),
-            at=self._counter.monotonic())
+        own = self._counter.own
+        # Measured at the requests it really met ahead, or the fit learns a request
+        # ahead as cheaper than it is (issue 11): not those of ours that answers showed
+        # served before it arrived, nor those of others its time shows were.
+        observed = measure(self._counter.tracker, self._candidate, self._items,
+                           own.gone_ahead(self._token),
+                           self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
+                           self._counter.monotonic())
         for token in own.answered(self._token, self._counter.monotonic() * 1000):
             self._counter.retime(token)
         return observed

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from mulambda.policy.inflight import OwnRequests, stay_window
-from mulambda.policy.latency import ServiceTracker
+from mulambda.policy.latency import ServiceModel, ServiceTracker
 from mulambda.policy.ranking import Candidate
 from mulambda.sdk.counting import InflightCounter
 from mulambda.store.records import ExecutorRecord, ReplicaRecord
@@ -126,6 +126,24 @@ def test_an_answer_timed_by_the_caller_is_measured_as_given():
         assert request.answered(elapsed_ms=40.0)
     stats = tracker.stats["ml/e"]
     assert stats.t == pytest.approx(10.0)  # 40 - 30 ms of network
+
+
+@pytest.mark.parametrize(("elapsed", "k"), [
+    # 30 ms of network, 12 of its own, 8 for the one request counted ahead
+    pytest.param(42.0, 0.0, id="as-fast-as-alone: the uncertain one was served already"),
+    pytest.param(50.0, 1.0, id="as-slow-as-with-it-ahead"),
+])
+def test_an_answer_tells_whether_another_routers_request_was_ahead(elapsed, k):
+    """The one request counted ahead was another router's, due back before this one
+    arrived (Candidate.uncertain): no answer of its own says when it was served, so this
+    one's time does (mulambda.policy.inflight.measured_at)."""
+    tracker = ServiceTracker()
+    counter = InflightCounter(tracker, OwnRequests(), FakeLeases())
+    cand = replace(candidate("e-0"), uncertain=1.0, model=ServiceModel(12.0, 8.0))
+    with counter.count(cand) as request:
+        assert request.answered(elapsed_ms=elapsed)
+    stats = tracker.stats["ml/e"]
+    assert (stats.k, stats.t) == pytest.approx((k, elapsed - 30.0))
 
 
 def test_sdk_and_gateway_count_through_the_shared_helper():

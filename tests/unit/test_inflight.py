@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.inflight import OwnRequests, measured_at
 from mulambda.policy.latency import Late
 
 
@@ -111,3 +111,33 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
     own.remove(first)
     assert own.late(10 + 44) == {}  # due at 15 + 30 once the 70 ms are taken off
     assert own.late(10 + 45) == {"e": [Late(0.0, 1.0, 15.0)]}
+
+
+@pytest.mark.parametrize(("inflight", "uncertain", "gone", "measured", "want"), [
+    # Sent with 2 counted ahead: 10 ms of its own and 100 per request ahead, so 210 ms.
+    # Nothing uncertain: measured at the count, whatever it took.
+    pytest.param(2, 0, 0, 10, (2, 210), id="nothing-uncertain"),
+    pytest.param(2, 0, 1, 10, (1, 110), id="own-answers-showed-one-gone"),
+    # One of the two another router's, due back before it arrived: its time tells.
+    pytest.param(2, 1, 0, 112, (1, 110), id="uncertain-one-was-served-already"),
+    pytest.param(2, 1, 0, 205, (2, 210), id="uncertain-one-was-ahead"),
+    # In between: the nearer whole request
+    pytest.param(2, 1, 0, 170, (2, 210), id="nearer-to-met"),
+    pytest.param(2, 1, 0, 150, (1, 110), id="nearer-to-served"),
+    # Never outside what was counted: not fewer than the sure ones, not more than all.
+    pytest.param(2, 2, 0, 1, (0, 10), id="faster-than-alone-is-none-ahead"),
+    pytest.param(2, 1, 0, 900, (2, 210), id="slower-than-all-is-all-counted"),
+    # The uncertain ones are among those still counted after the own gone ones.
+    pytest.param(2, 2, 1, 500, (1, 110), id="uncertain-capped-by-what-is-left"),
+    # Nothing to judge by: as counted.
+    pytest.param(2, 1, 0, math.nan, (2, 210), id="no-time"),
+    pytest.param(2, math.nan, 0, 10, (2, 210), id="nan-uncertain"),
+])
+def test_an_answer_is_measured_at_the_requests_ahead_it_met(inflight, uncertain, gone,
+                                                           measured, want):
+    k, predicted = measured_at(inflight, uncertain, gone, 210.0, 100.0, measured)
+    assert (k, predicted) == pytest.approx(want)
+
+
+def test_without_a_cost_per_request_ahead_an_answer_cannot_tell_and_counts_all():
+    assert measured_at(2, 1, 0, 10.0, 0.0, 500.0) == (2, 10.0)

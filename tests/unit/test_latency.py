@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.inflight import OwnRequests, measured_at
 from mulambda.policy.latency import (
     FitSettings,
     ServiceModel,
@@ -322,3 +322,26 @@ def test_a_fit_that_learned_a_request_ahead_as_free_is_raised_by_its_late_reques
     for _ in range(3):  # three sent with one ahead, none back 100 ms later
         own.add("e", None, sent_ms=0, stay_ms=model.predict(1), network_ms=5, inflight=1)
     assert floored(model, own.late(100.0)["e"]).predict(1) >= 95
+
+
+def test_requests_of_others_counted_ahead_but_served_already_do_not_flatten_the_fit():
+    # A fast model, 10 ms alone and 100 ms more per request ahead. Other routers'
+    # requests due back just before ours arrives are counted (their senders' margin);
+    # half were in fact served already. Measured at the count, half the answers say a
+    # request ahead costs nothing; measured at what each answer's time shows, it is
+    # learned right.
+    truth = ServiceModel(10.0, 100.0)
+    rng = random.Random(11)
+    counted, shown = ServiceTracker(), ServiceTracker()
+    for i in range(400):
+        uncertain = i % 2  # every other request had one counted for its margin only
+        met = uncertain and rng.random() < 0.5
+        took = truth.predict(met) + rng.uniform(-3, 3)
+        predicted = truth.predict(uncertain)
+        counted.observe("e", inflight=uncertain, items=1, elapsed_ms=took, network_ms=0,
+                        predicted_ms=predicted, at=0.0)
+        k, predicted = measured_at(uncertain, uncertain, 0, predicted, 100.0, took)
+        shown.observe("e", inflight=k, items=1, elapsed_ms=took, network_ms=0,
+                      predicted_ms=predicted, at=0.0)
+    assert fit(counted.stats["e"], PRIOR).per_inflight_ms < 70
+    assert fit(shown.stats["e"], PRIOR).per_inflight_ms == pytest.approx(100, rel=0.05)

@@ -648,19 +648,44 @@ def test_a_hostile_late_lease_can_only_push_its_executor_back():
         json.dumps(r[1].expected_latency_ms, allow_nan=False)  # still a valid JSON number
 
 
-@pytest.mark.parametrize(("busy_until", "back_by", "ahead"), [
-    pytest.param(NOW + 0.100, NOW + 0.130, 1, id="still-being-served-when-ours-arrives"),
-    pytest.param(NOW + 0.004, NOW + 0.034, 0, id="served-before-ours-arrives"),
-    pytest.param(NOW - 0.010, NOW + 0.020, 0, id="on-its-way-back"),
-    pytest.param(NOW - 0.050, NOW - 0.010, 1, id="late-so-still-being-served"),
+@pytest.mark.parametrize(("busy_until", "back_by", "ahead", "uncertain"), [
+    pytest.param(NOW + 0.100, NOW + 0.130, 1, 0, id="still-being-served-when-ours-arrives"),
+    pytest.param(NOW + 0.004, NOW + 0.034, 0, 0, id="served-before-ours-arrives"),
+    pytest.param(NOW - 0.010, NOW + 0.020, 0, 0, id="on-its-way-back"),
+    pytest.param(NOW - 0.050, NOW - 0.010, 1, 0, id="late-so-still-being-served"),
+    # Due back at NOW + 8 ms (so served about 5 ms earlier, its way back taken as ours),
+    # before ours arrives at NOW + 5 ms; counted until NOW + 20 ms for its sender's margin.
+    pytest.param(NOW + 0.020, NOW + 0.008, 1, 1, id="counted-for-its-margin-only"),
+    pytest.param(NOW + 0.020, NOW + 0.010, 1, 1, id="due-back-as-ours-would-be"),
+    pytest.param(NOW + 0.020, NOW + 0.011, 1, 0, id="due-back-after-ours-would-be"),
 ])
-def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, ahead):
+def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, ahead,
+                                                           uncertain):
     # Our RTT to the replica is 10 ms: a request of ours sent now arrives at NOW + 5 ms.
     snap = snapshot(executor("a", service=10), rtt={"a": 10})
     snap.inflight_requests = {"ml/a": [TimedRequest("a-0", busy_until, back_by)]}
     for replicas in (True, False):
         [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=replicas)
         assert c.inflight == ahead
+        # Those its answer's time must tell about (mulambda.policy.inflight.measured_at).
+        assert c.uncertain == uncertain
+
+
+def test_requests_counted_for_their_margin_are_told_per_replica():
+    # Two replicas, RTT 10 ms: a-0 has one request counted for its sender's margin only
+    # and one still being served; a-1 has one counted for its margin only: the
+    # request goes to a-1, and only that one is uncertain.
+    snap = snapshot(executor("a", service=10), replicas={"a": 2}, rtt={"a": 10})
+    margin_only = (NOW + 0.020, NOW + 0.008)
+    snap.inflight_requests = {"ml/a": [TimedRequest("a-0", *margin_only),
+                                       TimedRequest("a-0", NOW + 0.100, NOW + 0.130),
+                                       TimedRequest("a-1", *margin_only)]}
+    [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=True)
+    assert c.replica is not None and c.replica.pod == "a-1"
+    assert (c.inflight, c.uncertain) == (1, 1)
+    # Through the Service: the replicas' requests spread over both.
+    [c] = rank(Criteria(type="vision"), snap, now=NOW)
+    assert (c.inflight, c.uncertain) == (1.5, 1)
 
 
 def test_a_lease_with_a_malformed_timing_is_refused():

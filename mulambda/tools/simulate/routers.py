@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mulambda.policy.inflight import OwnRequests
+from mulambda.policy.inflight import OwnRequests, measure
 from mulambda.policy.latency import ServiceTracker, add_stats
+from mulambda.policy.ranking import Candidate
 from mulambda.policy.selection import Policy, Preferences, rank
 from mulambda.store.records import (
     ExecutorRecord,
@@ -243,7 +244,7 @@ class _Mulambda(_Router):
                    for i, rep in enumerate(reps)} for eid, reps in self.world.reps.items()}
             for c in sc.clients
         ]
-        self.sent: dict[int, tuple[_Instance, str, int, float, float, float, int, float]] = {}
+        self.sent: dict[int, tuple[_Instance, int, Candidate, int]] = {}
 
     def dispatch_node(self, who: int) -> str:
         return self.sc.gateway_node if self.gateway else super().dispatch_node(who)
@@ -329,21 +330,16 @@ class _Mulambda(_Router):
         token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead, c.inflight, items)
         self.lease_of[(inst.index, token)] = (sent, pod)
         self._publish(inst, eid, token)
-        self.sent[req] = (inst, eid, token, c.inflight, c.network_ms, c.service_ms + c.load_ms,
-                          items, per_ahead)
+        self.sent[req] = (inst, token, c, items)
         self.delay[req] = delay
         return eid, self.pods[eid][pod]
 
     def complete(self, req: int, now: float, elapsed_ms: float) -> None:
-        inst, eid, token, k, net, predicted, items, per_ahead = self.sent.pop(req)
-        # Measured as mulambda.sdk.counting measures an answer: without the requests counted
-        # ahead that answers showed were served before this one arrived.
-        gone = min(inst.own.gone_ahead(token), k)
-        # The router times the request from when it sent it, not from the store read.
-        inst.tracker.observe(eid, inflight=k - gone, items=items,
-                             elapsed_ms=elapsed_ms - self.delay.pop(req, 0.0),
-                             network_ms=net, predicted_ms=max(0.0, predicted - gone * per_ahead),
-                             at=now / 1000)
+        inst, token, c, items = self.sent.pop(req)
+        # Measured as mulambda.sdk.counting measures an answer, timed from when the router
+        # sent the request, not from the store read.
+        measure(inst.tracker, c, items, inst.own.gone_ahead(token),
+                elapsed_ms - self.delay.pop(req, 0.0), now / 1000)
         self.published_stats[inst.index].update(inst.tracker.take_changed())
         for later in inst.own.answered(token, now):
             self._publish(inst, self.published[inst.index][later][0], later)
