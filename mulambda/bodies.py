@@ -22,6 +22,23 @@ from typing import Any, NamedTuple
 MAX_ANSWER_BYTES = 64 << 20
 
 
+def json_body(value: Any) -> bytes:
+    """``value`` as a JSON request body, arrays (numpy's, or anything else with a
+    ``tolist()``) as the lists they hold; ``TypeError`` naming what cannot be JSON.
+
+    Model inputs are usually numpy arrays: ``json`` alone refuses them, and
+    every caller would have to call ``tolist()`` first."""
+    return json.dumps(value, default=_plain).encode()
+
+
+def _plain(obj: Any) -> Any:
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    raise TypeError(f"{type(obj).__name__!r} cannot be sent as JSON: pass lists, numbers, "
+                    "strings and dicts, or arrays with tolist() (numpy)")
+
+
 class BodyTooLarge(Exception):
     """The body is (or says it is) longer than the limit: 413 for a request's."""
 

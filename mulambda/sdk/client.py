@@ -5,15 +5,15 @@ How it works is described in :mod:`mulambda.sdk`, its public face.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sized
 from typing import Any, TypeVar
 
 import httpx
 
+from mulambda.bodies import json_body
 from mulambda.policy.experiment import Experiment, experiment_ranking
 from mulambda.policy.inflight import OwnRequests
 from mulambda.policy.latency import ServiceTracker
@@ -220,7 +220,7 @@ class MulambdaClient:
             self._tasks = TaskClient(self._selector_url, self.client_id, timeout=self.timeout)
         return self._tasks
 
-    async def submit(self, instances: list[Any], **kwargs: Any) -> Task:
+    async def submit(self, instances: Sized, **kwargs: Any) -> Task:
         """Queue a prediction as a task (an Idempotency-Key is sent by default)."""
         return await self.tasks.submit(instances, **kwargs)
 
@@ -455,11 +455,13 @@ class MulambdaClient:
         return given
 
     async def predict(
-        self, instances: list[Any], *, signature_name: str | None = None,
+        self, instances: Sized, *, signature_name: str | None = None,
         attempt_timeout: float | None = None, key: str | None = None,
     ) -> Prediction:
         """POST ``{endpoint}/v1/models/{model}:predict`` to the best model, failing over.
 
+        ``instances``: a list of inputs, or an array (numpy's, anything with a
+        ``tolist()``); ``TypeError`` before any request when it cannot be JSON.
         ``attempt_timeout`` bounds each attempt (default: the client's
         ``timeout``); wrap the call in ``asyncio.timeout`` to bound the total.
         ``key`` (an end user, a session) keeps that caller in one arm of a
@@ -469,9 +471,9 @@ class MulambdaClient:
         if signature_name:
             body["signature_name"] = signature_name
         timeout = self._attempt_timeout(attempt_timeout)
-        return await self._predict(lambda c: rest_predict(self.http, c, body, timeout),
-                                   max(1, len(instances)), key=key,
-                                   shadow=json.dumps(body).encode())
+        encoded = json_body(body)  # before any attempt: an input JSON cannot hold fails here
+        return await self._predict(lambda c: rest_predict(self.http, c, encoded, timeout),
+                                   max(1, len(instances)), key=key, shadow=encoded)
 
     async def predict_grpc(
         self, inputs: dict[str, Any], *, signature_name: str = "serving_default",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sized
 from typing import Any, TypeVar
 
 from mulambda.policy.selection import Candidate, Ranking
@@ -56,13 +56,13 @@ class MulambdaClientSync:
     def ranking(self, items: int = 1, **kwargs: Any) -> Ranking:
         return self._run(self._client.ranking(items, **kwargs))
 
-    def predict(self, instances: list[Any], **kwargs: Any) -> Prediction:
+    def predict(self, instances: Sized, **kwargs: Any) -> Prediction:
         return self._run(self._client.predict(instances, **kwargs))
 
     def predict_grpc(self, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
         return self._run(self._client.predict_grpc(inputs, **kwargs))
 
-    def submit(self, instances: list[Any], **kwargs: Any) -> Task:
+    def submit(self, instances: Sized, **kwargs: Any) -> Task:
         return self._run(self._client.submit(instances, **kwargs))
 
     def result(self, task_id: str, wait: float = 0.0) -> TaskStatus:

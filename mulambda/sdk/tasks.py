@@ -19,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from mulambda.bodies import json_body
 from mulambda.policy.criteria import Criteria
 
 from .errors import MulambdaError, NoMatchingModel
+from .transport import JSON_HEADERS
 
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})
@@ -124,13 +127,13 @@ class TaskClient:
                                                          "answer": answer})
         return model["executor"]
 
-    async def submit(self, instances: list[Any] | None = None, *,
+    async def submit(self, instances: Sized | None = None, *,
                      body: dict[str, Any] | None = None, idempotency_key: str | None = None,
                      params: dict[str, str] | None = None) -> Task:
         """Queue a prediction (``instances``, or a whole TF Serving ``body``)."""
         if (instances is None) == (body is None):
             raise TypeError("pass either instances or body")
-        payload = body if body is not None else {"instances": instances}
+        encoded = json_body(body if body is not None else {"instances": instances})
         key = idempotency_key or uuid.uuid4().hex
         namespace, _, name = self.client_id.partition("/")
         url = f"{self.base}/v1/tasks/{namespace}/{name}"
@@ -139,8 +142,8 @@ class TaskClient:
             if attempt:
                 await asyncio.sleep(min(2.0, 0.2 * 2 ** attempt))
             try:
-                resp = await self._http.post(url, json=payload, params=params, headers={
-                    **self._headers(), "Idempotency-Key": key})
+                resp = await self._http.post(url, content=encoded, params=params, headers={
+                    **self._headers(), **JSON_HEADERS, "Idempotency-Key": key})
             except httpx.TransportError as exc:  # the answer may be lost: same key again
                 last = exc
                 continue

@@ -19,10 +19,13 @@ from mulambda.policy.selection import Candidate
 
 from .errors import MissingExtra, PredictionRejected, Retryable
 
+JSON_HEADERS = {"Content-Type": "application/json"}
 
-async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict[str, Any],
+
+async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: bytes,
                        attempt_timeout: float) -> Any:
-    """POST ``body`` to ``{url}/v1/models/{model}:predict``; the ``predictions``.
+    """POST ``body`` (JSON, :func:`mulambda.bodies.json_body`) to
+    ``{url}/v1/models/{model}:predict``; the ``predictions``.
 
     ``url`` is the chosen replica's pod address or the executor's Service
     (:attr:`~mulambda.policy.selection.Candidate.url`). ``attempt_timeout``
@@ -33,7 +36,8 @@ async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: dict
     url = f"{candidate.url.rstrip('/')}/v1/models/{record.model}:predict"
     try:
         async with asyncio.timeout(attempt_timeout):
-            async with http.stream("POST", url, json=body, timeout=attempt_timeout) as resp:
+            async with http.stream("POST", url, content=body, headers=JSON_HEADERS,
+                                   timeout=attempt_timeout) as resp:
                 answer = await collect(resp.aiter_bytes(), MAX_ANSWER_BYTES, "answer")
     except BodyTooLarge as exc:
         raise Retryable(str(exc)) from exc

@@ -97,6 +97,21 @@ async def test_predict_goes_to_the_best_model_over_rest(store, doubles):
     assert far.requests == []
 
 
+async def test_numpy_inputs_are_sent_as_lists_and_what_json_cannot_hold_is_sent_nowhere(
+        store, doubles):
+    import numpy as np
+
+    near = await TFServingDouble("near").start()
+    doubles.append(near)
+    await register(store, "near", near.url, rtt=1)
+    async with MulambdaClient(store, CLIENT, type="vision") as mu:
+        result = await mu.predict(np.array([[1, 2], [3, 4]], dtype=np.int32))
+        assert result.predictions == [["near"], ["near"]]
+        with pytest.raises(TypeError, match="'object' cannot be sent as JSON"):
+            await mu.predict([object()])
+    assert near.requests == [{"model": "model-near", "body": {"instances": [[1, 2], [3, 4]]}}]
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
 async def test_an_attempt_timeout_must_be_a_positive_time(store, bad):
     # 0 was read as "not given": the attempt had the client's whole timeout.

@@ -48,7 +48,7 @@ def _candidate(url: str) -> SimpleNamespace:
 
 async def _call(url: str, bound: float = 5.0) -> object:
     async with httpx.AsyncClient() as http:
-        return await rest_predict(http, _candidate(url), {"instances": [1.0]},  # type: ignore[arg-type]
+        return await rest_predict(http, _candidate(url), b'{"instances": [1.0]}',  # type: ignore[arg-type]
                                   bound)
 
 

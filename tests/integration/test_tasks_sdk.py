@@ -84,6 +84,17 @@ async def test_submit_retries_a_lost_answer_with_its_key_and_the_model_runs_once
     assert len(serving.requests) == 1
 
 
+async def test_a_numpy_array_is_submitted_as_the_list_it_holds(store, selector_url, serving):
+    import numpy as np
+
+    await register(store)
+    async with MulambdaClient(store, "shop/app", selector_url=selector_url) as mu:
+        task = await mu.submit(np.array([1.0, 2.0]))
+        done = await mu.result(task.id, wait=10)
+    assert done.status == "succeeded"
+    assert [r["body"] for r in serving.requests] == [{"instances": [1.0, 2.0]}]
+
+
 async def test_each_submission_gets_its_own_key_unless_the_caller_gives_one(
         store, selector_url, serving, lose):
     await register(store)
