@@ -1,8 +1,9 @@
 """How close the routers' learned cost per request ahead comes to the simulator's truth.
 
-Run:  python bench/service_fit.py [--seeds 11,5,23,7,13] [--loads 0.5,0.75] [--json]
+Run:  python bench/service_fit.py [--seeds 11,5,23,7,13] [--placements all-on-all,one-node,mixed]
+                                  [--loads 0.5,0.75] [--json]
 
-For every seed, placement and load of issue 11's suite (``mulambda simulate
+For every seed, placement and load given, of issue 11's suite (``mulambda simulate
 --suite``), both mulambda paths (SDK processes, the gateway) route the same
 request stream; then the statistics of all of a path's routers are added up
 per executor, as the store adds them, and fitted

@@ -23,18 +23,24 @@ MAX_ANSWER_BYTES = 64 << 20
 
 
 def json_body(value: Any) -> bytes:
-    """``value`` as a JSON request body, arrays (numpy's, or anything else with a
-    ``tolist()``) as the lists they hold; ``TypeError`` naming what cannot be JSON.
+    """``value`` as a compact JSON request body (as httpx's ``json=`` writes one), arrays
+    (numpy's, or anything else whose ``tolist()`` gives lists and numbers) as what they
+    hold; ``TypeError`` naming what cannot be JSON, ``ValueError`` for NaN or an infinity.
 
     Model inputs are usually numpy arrays: ``json`` alone refuses them, and
     every caller would have to call ``tolist()`` first."""
-    return json.dumps(value, default=_plain).encode()
+    return json.dumps(value, default=_plain, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
 
 
 def _plain(obj: Any) -> Any:
     tolist = getattr(obj, "tolist", None)
     if callable(tolist):
-        return tolist()
+        held = tolist()
+        # Only what JSON holds as it is: a tolist() that gives another such object would
+        # be called again and again.
+        if held is None or isinstance(held, (list, str, int, float, bool)):
+            return held
     raise TypeError(f"{type(obj).__name__!r} cannot be sent as JSON: pass lists, numbers, "
                     "strings and dicts, or arrays with tolist() (numpy)")
 

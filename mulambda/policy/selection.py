@@ -303,7 +303,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     # Everybody else's requests whose timing is known: ahead while still being
     # served when ours would arrive there, or when late (not back when expected).
     timed = snapshot.inflight_requests.get(eid)
-    timed_total = maybe_total = 0.0
+    timed_total = 0.0
     timed_pods: dict[str, float] = {}
     maybe_pods: dict[str, float] = {}
     own_late = snapshot.own_late.get(eid) or ()
@@ -317,10 +317,8 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
                 timed_pods[t.pod] = timed_pods.get(t.pod, 0.0) + 1
             # Due back before ours would arrive (its sender's way back taken as ours):
             # expected served by then, counted for its sender's margin only.
-            if not late_now and t.back_by <= now + rtt_s:
-                maybe_total += 1
-                if t.pod:
-                    maybe_pods[t.pod] = maybe_pods.get(t.pod, 0.0) + 1
+            if t.pod and not late_now and t.back_by <= now + rtt_s:
+                maybe_pods[t.pod] = maybe_pods.get(t.pod, 0.0) + 1
         if late_now and t.inflight >= 0:
             others_late.append(Late(t.inflight, t.items, (now - t.back_by) * 1000 + t.stay_ms))
     if own_late or others_late:  # not back when due, the caller's or another's: model short
@@ -335,7 +333,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     # still ahead when this one arrives is about stay / (stay + RTT).
     others = snapshot.inflight.get(eid, 0) / ready
     stay = service + model.per_inflight_ms * others
-    replica = None
+    replica, uncertain = None, 0.0
     if replicas and v.live:
         own = snapshot.replica_inflight.get(eid) or {}
         # The caller's own requests that went to the Service (no pod: a /select answer
@@ -351,12 +349,14 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
                 best = (e_r, r, k_r, net_r)
         assert best is not None
         _, replica, k, net = best
-        uncertain = (maybe_pods.get(replica.pod, 0.0)
-                     + (maybe_total - sum(maybe_pods.values())) / ready)
+        # Whole requests on this replica only: its answer's time can tell whether such a
+        # one was ahead (not a share of one spread over replicas), and only by a model
+        # that was not raised for late requests (mulambda.policy.inflight.measured_at).
+        if model is fitted:
+            uncertain = maybe_pods.get(replica.pod, 0.0)
     else:
         k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
              + _still_there(others, stay, net))
-        uncertain = maybe_total / ready
     load = model.per_inflight_ms * k
     steady = net + service + load
     expected = steady + v.cold

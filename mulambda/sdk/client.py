@@ -461,7 +461,8 @@ class MulambdaClient:
         """POST ``{endpoint}/v1/models/{model}:predict`` to the best model, failing over.
 
         ``instances``: a list of inputs, or an array (numpy's, anything with a
-        ``tolist()``); ``TypeError`` before any request when it cannot be JSON.
+        ``tolist()``); ``TypeError`` (NaN or an infinity: ``ValueError``) before
+        any request when it cannot be JSON.
         ``attempt_timeout`` bounds each attempt (default: the client's
         ``timeout``); wrap the call in ``asyncio.timeout`` to bound the total.
         ``key`` (an end user, a session) keeps that caller in one arm of a

@@ -129,9 +129,10 @@ def test_an_answer_timed_by_the_caller_is_measured_as_given():
 
 
 @pytest.mark.parametrize(("elapsed", "k"), [
-    # 30 ms of network, 12 of its own, 8 for the one request counted ahead
+    # 30 ms of network, 12 of its own, 100 for the one request counted ahead (more than
+    # three times the error a tracker with no answers yet assumes: 1.48 x 12 ms)
     pytest.param(42.0, 0.0, id="as-fast-as-alone: the uncertain one was served already"),
-    pytest.param(50.0, 1.0, id="as-slow-as-with-it-ahead"),
+    pytest.param(140.0, 1.0, id="as-slow-as-with-it-ahead"),
 ])
 def test_an_answer_tells_whether_another_routers_request_was_ahead(elapsed, k):
     """The one request counted ahead was another router's, due back before this one
@@ -139,7 +140,8 @@ def test_an_answer_tells_whether_another_routers_request_was_ahead(elapsed, k):
     one's time does (mulambda.policy.inflight.measured_at)."""
     tracker = ServiceTracker()
     counter = InflightCounter(tracker, OwnRequests(), FakeLeases())
-    cand = replace(candidate("e-0"), uncertain=1.0, model=ServiceModel(12.0, 8.0))
+    cand = replace(candidate("e-0"), load_ms=100.0, uncertain=1.0,
+                   model=ServiceModel(12.0, 100.0))
     with counter.count(cand) as request:
         assert request.answered(elapsed_ms=elapsed)
     stats = tracker.stats["ml/e"]

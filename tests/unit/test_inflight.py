@@ -114,7 +114,8 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
 
 
 @pytest.mark.parametrize(("inflight", "uncertain", "gone", "measured", "want"), [
-    # Sent with 2 counted ahead: 10 ms of its own and 100 per request ahead, so 210 ms.
+    # Sent with 2 counted ahead: 10 ms of its own and 100 per request ahead, so 210 ms;
+    # the prediction's error is 5 ms (one standard deviation).
     # Nothing uncertain: measured at the count, whatever it took.
     pytest.param(2, 0, 0, 10, (2, 210), id="nothing-uncertain"),
     pytest.param(2, 0, 1, 10, (1, 110), id="own-answers-showed-one-gone"),
@@ -129,15 +130,34 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
     pytest.param(2, 1, 0, 900, (2, 210), id="slower-than-all-is-all-counted"),
     # The uncertain ones are among those still counted after the own gone ones.
     pytest.param(2, 2, 1, 500, (1, 110), id="uncertain-capped-by-what-is-left"),
+    # Only whole requests are told: a share of one stays counted.
+    pytest.param(2, 0.5, 0, 112, (2, 210), id="a-share-of-one-stays-counted"),
+    pytest.param(2, 1.5, 0, 112, (1, 110), id="the-whole-one-of-one-and-a-half-is-told"),
     # Nothing to judge by: as counted.
     pytest.param(2, 1, 0, math.nan, (2, 210), id="no-time"),
     pytest.param(2, math.nan, 0, 10, (2, 210), id="nan-uncertain"),
 ])
 def test_an_answer_is_measured_at_the_requests_ahead_it_met(inflight, uncertain, gone,
                                                            measured, want):
-    k, predicted = measured_at(inflight, uncertain, gone, 210.0, 100.0, measured)
+    k, predicted = measured_at(inflight, uncertain, gone, 210.0, 100.0, measured,
+                               lambda ms: 5.0)
     assert (k, predicted) == pytest.approx(want)
 
 
-def test_without_a_cost_per_request_ahead_an_answer_cannot_tell_and_counts_all():
-    assert measured_at(2, 1, 0, 10.0, 0.0, 500.0) == (2, 10.0)
+@pytest.mark.parametrize(("per_ahead", "error", "measured", "want"), [
+    # A request ahead costs 100 ms: an error of 33 ms (100 >= 3 x 33) lets the time tell,
+    pytest.param(100.0, 33.0, 12.0, (0, 10), id="cost-well-above-the-noise"),
+    # 34 ms does not: a count read from the time would follow the noise.
+    pytest.param(100.0, 34.0, 12.0, (1, 110), id="noise-comparable-to-the-cost"),
+    # Without an error to go by, it never does.
+    pytest.param(100.0, None, 12.0, (1, 110), id="no-error-known"),
+    # No cost per request ahead: nothing to tell by.
+    pytest.param(0.0, 1.0, 500.0, (1, 110), id="no-cost-per-request-ahead"),
+    # A vanishing cost: no overflow, as counted (too small against any noise).
+    pytest.param(5e-324, 1.0, 1e10, (1, 110), id="vanishing-cost"),
+])
+def test_an_answer_tells_only_when_a_request_ahead_costs_more_than_the_noise(
+        per_ahead, error, measured, want):
+    err = None if error is None else (lambda ms: error)
+    k, predicted = measured_at(1, 1, 0, 110.0, per_ahead, measured, err)
+    assert (k, predicted) == pytest.approx(want)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 
 import numpy as np
 import pytest
@@ -29,3 +30,24 @@ def test_arrays_are_sent_as_the_lists_they_hold(value, sent):
 def test_what_json_cannot_hold_is_named(bad):
     with pytest.raises(TypeError, match=f"'{type(bad).__name__}' cannot be sent as JSON"):
         json_body({"instances": [bad]})
+
+
+def test_the_body_is_as_compact_as_httpx_writes_it():
+    # httpx's json= (what predict() sent before): no spaces, UTF-8 as it is.
+    assert json_body({"instances": [[1, 2]], "text": "héllo"}) == (
+        '{"instances":[[1,2]],"text":"héllo"}'.encode())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, np.array([np.nan])])
+def test_nan_and_infinities_are_refused_as_before(bad):
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        json_body({"instances": [bad]})
+
+
+def test_a_tolist_that_does_not_give_plain_values_is_refused():
+    class Endless:
+        def tolist(self) -> Endless:
+            return Endless()
+
+    with pytest.raises(TypeError, match="'Endless' cannot be sent as JSON"):
+        json_body({"instances": [Endless()]})

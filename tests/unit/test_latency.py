@@ -340,8 +340,30 @@ def test_requests_of_others_counted_ahead_but_served_already_do_not_flatten_the_
         predicted = truth.predict(uncertain)
         counted.observe("e", inflight=uncertain, items=1, elapsed_ms=took, network_ms=0,
                         predicted_ms=predicted, at=0.0)
-        k, predicted = measured_at(uncertain, uncertain, 0, predicted, 100.0, took)
+        k, predicted = measured_at(uncertain, uncertain, 0, predicted, 100.0, took,
+                                   lambda ms: 3.0)
         shown.observe("e", inflight=k, items=1, elapsed_ms=took, network_ms=0,
                       predicted_ms=predicted, at=0.0)
     assert fit(counted.stats["e"], PRIOR).per_inflight_ms < 70
     assert fit(shown.stats["e"], PRIOR).per_inflight_ms == pytest.approx(100, rel=0.05)
+
+
+def test_where_noise_is_comparable_to_a_request_ahead_answers_do_not_steepen_the_fit():
+    # A model whose request ahead costs 5 ms, with answers off by 5 ms (one standard
+    # deviation): read from each answer's time, the count follows the noise (the fit
+    # learned 8.1 for a true 5). Judged only where a request ahead costs three of the
+    # router's own standard deviations (its stay margin), the count stays as counted.
+    truth = ServiceModel(10.0, 5.0)
+    rng = random.Random(5)
+    tracker = ServiceTracker()
+    model = PRIOR
+    for i in range(600):
+        uncertain = i % 2  # counted for its sender's margin; every one was in fact ahead
+        took = max(0.0, truth.predict(uncertain) + rng.gauss(0, 5))
+        predicted = model.predict(uncertain)
+        k, predicted = measured_at(uncertain, uncertain, 0, predicted, model.per_inflight_ms,
+                                   took, lambda ms: tracker.stay_margin_ms("e", ms))
+        tracker.observe("e", inflight=k, items=1, elapsed_ms=took, network_ms=0,
+                        predicted_ms=predicted, at=0.0)
+        model = fit(tracker.stats["e"], PRIOR)
+    assert model.per_inflight_ms == pytest.approx(5, rel=0.3)

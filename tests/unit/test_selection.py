@@ -667,8 +667,9 @@ def test_other_routers_requests_count_while_they_are_ahead(busy_until, back_by, 
     for replicas in (True, False):
         [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=replicas)
         assert c.inflight == ahead
-        # Those its answer's time must tell about (mulambda.policy.inflight.measured_at).
-        assert c.uncertain == uncertain
+        # Those its answer's time must tell about (mulambda.policy.inflight.measured_at):
+        # whole requests at the replica it goes to, so none through the Service.
+        assert c.uncertain == (uncertain if replicas else 0)
 
 
 def test_requests_counted_for_their_margin_are_told_per_replica():
@@ -683,9 +684,21 @@ def test_requests_counted_for_their_margin_are_told_per_replica():
     [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=True)
     assert c.replica is not None and c.replica.pod == "a-1"
     assert (c.inflight, c.uncertain) == (1, 1)
-    # Through the Service: the replicas' requests spread over both.
+    # Through the Service: the replicas' requests spread over both, none told by the
+    # answer (which replica served it is not known).
     [c] = rank(Criteria(type="vision"), snap, now=NOW)
-    assert (c.inflight, c.uncertain) == (1.5, 1)
+    assert (c.inflight, c.uncertain) == (1.5, 0)
+    # A request sent to the Service (no pod) is a share on each replica: not told either.
+    snap.inflight_requests = {"ml/a": [TimedRequest("", *margin_only)]}
+    [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=True)
+    assert (c.inflight, c.uncertain) == (0.5, 0)
+    # Nor by a model raised for a late request: its prediction is a floor, not the model.
+    late = TimedRequest("a-0", NOW - 0.050, NOW - 0.010, 0.0, 1.0, 20.0)
+    snap.inflight_requests = {"ml/a": [TimedRequest("a-1", *margin_only), late,
+                                       TimedRequest("a-0", NOW + 0.100, NOW + 0.130)]}
+    [c] = rank(Criteria(type="vision"), snap, now=NOW, replicas=True)
+    assert c.replica is not None and c.replica.pod == "a-1"
+    assert (c.inflight, c.uncertain) == (1, 0)
 
 
 def test_a_lease_with_a_malformed_timing_is_refused():
