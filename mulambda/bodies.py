@@ -22,6 +22,10 @@ from typing import Any, NamedTuple
 MAX_ANSWER_BYTES = 64 << 20
 
 
+# The header of a body json_body() wrote (and of any other JSON body a router sends).
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
 def json_body(value: Any) -> bytes:
     """``value`` as a compact JSON request body (as httpx's ``json=`` writes one), arrays
     (numpy's, or anything else whose ``tolist()`` gives lists and numbers) as what they

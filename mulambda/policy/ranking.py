@@ -107,9 +107,10 @@ class Candidate:
     # the latency the score ranks by, and accuracy relative to the best candidate's.
     latency_utility: float = 0.0
     accuracy_utility: float = 0.0
-    # Of ``inflight``, other routers' requests due back before this one would arrive:
-    # counted for their senders' margin only, most likely served already. The answer's
-    # time tells whether they were ahead (mulambda.policy.inflight.measured_at).
+    # Of ``inflight``, other routers' requests at ``replica`` (whole ones; none through
+    # the Service or with a model raised for late requests) due back before this one
+    # would arrive: counted for their senders' margin only, most likely served already.
+    # The answer's time tells whether they were ahead (mulambda.policy.inflight.measured_at).
     uncertain: float = 0.0
 
     @property

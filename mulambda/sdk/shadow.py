@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from mulambda.bodies import JSON_HEADERS
 from mulambda.policy.experiment import Experiment
 from mulambda.policy.rollout import CANDIDATE, ArmChoice, agree, shadow_url
 from mulambda.store.outcomes import SERVED_RUN, OutcomeRecorder, served_subject
@@ -73,8 +74,7 @@ class ShadowCopies:
             self._http = httpx.AsyncClient(timeout=self.timeout)
         started = time.perf_counter()
         try:
-            resp = await self._http.post(url, content=body,
-                                         headers={"Content-Type": "application/json"})
+            resp = await self._http.post(url, content=body, headers=JSON_HEADERS)
             ms = (time.perf_counter() - started) * 1000
             answer = resp.json().get("predictions") if resp.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError) as exc:

@@ -26,11 +26,10 @@ from typing import Any
 
 import httpx
 
-from mulambda.bodies import json_body
+from mulambda.bodies import JSON_HEADERS, json_body
 from mulambda.policy.criteria import Criteria
 
 from .errors import MulambdaError, NoMatchingModel
-from .transport import JSON_HEADERS
 
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
 FINAL = frozenset({"succeeded", "failed", "cancelled"})

@@ -14,12 +14,10 @@ from typing import Any
 
 import httpx
 
-from mulambda.bodies import MAX_ANSWER_BYTES, BodyTooLarge, collect
+from mulambda.bodies import JSON_HEADERS, MAX_ANSWER_BYTES, BodyTooLarge, collect
 from mulambda.policy.selection import Candidate
 
 from .errors import MissingExtra, PredictionRejected, Retryable
-
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: bytes,

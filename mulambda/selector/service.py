@@ -21,7 +21,7 @@ from prometheus_client import (
     Histogram,
 )
 
-from mulambda.bodies import MAX_ANSWER_BYTES
+from mulambda.bodies import JSON_HEADERS, MAX_ANSWER_BYTES
 from mulambda.httpd import BodyTooLarge, read_at_most
 from mulambda.policy.experiment import Experiment, experiment_ranking
 from mulambda.policy.inflight import OwnRequests
@@ -336,7 +336,7 @@ class Selector:
         # Counted as the SDK counts its requests (mulambda.sdk.counting).
         with self.counter.count(candidate, items) as request:
             async with self.http.post(
-                url, data=body, headers={"Content-Type": "application/json"},
+                url, data=body, headers=JSON_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
                                               sock_connect=min(5.0, self.predict_timeout)),
             ) as resp:
