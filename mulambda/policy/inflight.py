@@ -65,9 +65,10 @@ def measure(tracker: ServiceTracker, sent: Candidate, items: float, gone: float,
     ``elapsed_ms`` to ``tracker``, at the requests ahead it met (:func:`measured_at`;
     ``gone``: :meth:`OwnRequests.gone_ahead`). False when the tracker refused an
     impossible value. How the SDK, the gateway and the simulator measure alike."""
-    per_ahead = sent.model.per_inflight_ms if sent.model is not None else 0.0
+    model = sent.model
     k, predicted = measured_at(
-        sent.inflight, sent.uncertain, gone, sent.service_ms + sent.load_ms, per_ahead,
+        sent.inflight, sent.uncertain, gone,
+        lambda ahead: sent.service_ms + (model.load(ahead) if model is not None else 0.0),
         elapsed_ms - sent.network_ms,
         lambda ms: tracker.stay_margin_ms(sent.executor_id, ms))
     return tracker.observe(sent.executor_id, inflight=k, items=items, elapsed_ms=elapsed_ms,
@@ -83,16 +84,16 @@ def measure(tracker: ServiceTracker, sent: Candidate, items: float, gone: float,
 TELLING_SIGMAS = 3.0
 
 
-def measured_at(inflight: float, uncertain: float, gone: float, predicted_ms: float,
-                per_ahead_ms: float, measured_ms: float,
+def measured_at(inflight: float, uncertain: float, gone: float,
+                predict: Callable[[float], float], measured_ms: float,
                 error_ms: Callable[[float], float] | None = None) -> tuple[float, float]:
     """The requests ahead to measure an answered request at, and the service time its model
     predicted there: ``(k, predicted)`` for
     :meth:`~mulambda.policy.latency.ServiceTracker.observe`.
 
-    It was sent with ``inflight`` requests counted ahead and a predicted service
-    time of ``predicted_ms``, ``per_ahead_ms`` of it for each request ahead (the
-    candidate's); ``measured_ms`` is the service time it took. ``gone`` of those
+    It was sent with ``inflight`` requests counted ahead; ``predict(k)`` is the
+    service time its model predicts with ``k`` ahead (the candidate's);
+    ``measured_ms`` is the service time it took. ``gone`` of those
     ahead were the router's own and its answers showed them served before it
     arrived (:meth:`OwnRequests.gone_ahead`): not ahead. ``uncertain`` of them
     (whole requests) were other routers' requests at its replica due back
@@ -119,19 +120,21 @@ def measured_at(inflight: float, uncertain: float, gone: float, predicted_ms: fl
     bench/service_fit.py). Rounded, not the exact quotient: an observation
     placed on the model's own line would only confirm it.
     """
-    per = per_ahead_ms if math.isfinite(per_ahead_ms) and per_ahead_ms > 0 else 0.0
     gone = min(max(gone, 0.0), inflight)
-    k, predicted = inflight - gone, predicted_ms - gone * per
+    k = inflight - gone
+    predicted = predict(k)
     unsure = float(math.floor(min(max(uncertain, 0.0), k))) if math.isfinite(uncertain) else 0.0
-    if unsure <= 0 or per <= 0 or error_ms is None:
+    if unsure <= 0 or error_ms is None:
         return k, max(0.0, predicted)
-    sure = predicted - unsure * per  # with none of the uncertain ones ahead
+    sure = predict(k - unsure)  # with none of the uncertain ones ahead
+    per = (predicted - sure) / unsure  # what each of them costs
+    if not (math.isfinite(per) and per > 0):
+        return k, max(0.0, predicted)
     met = (measured_ms - sure) / per
-    alone = max(0.0, predicted - k * per)  # its own time, with nothing ahead
-    if not (math.isfinite(met) and per >= TELLING_SIGMAS * error_ms(alone)):
+    if not (math.isfinite(met) and per >= TELLING_SIGMAS * error_ms(max(0.0, predict(0)))):
         return k, max(0.0, predicted)
     met = float(round(min(max(met, 0.0), unsure)))
-    return k - unsure + met, max(0.0, sure + met * per)
+    return k - unsure + met, max(0.0, predict(k - unsure + met))
 
 
 class OwnRequests:

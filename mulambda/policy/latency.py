@@ -8,7 +8,7 @@ declared ``serviceTimeMs`` into a :class:`ServiceModel` that selection uses.
 
 Model (per executor: its replicas run the same pod template)::
 
-    service(k, n) = base + per_inflight * k + per_item * n
+    service(k, n) = base + per_inflight * k + per_item * n   (k within reach, below)
 
 ``k`` is the number of requests in flight per replica when a request is
 sent (as the router that sends it counts them; requests on the wire count,
@@ -91,6 +91,21 @@ that load is free; fixed at 0, a router would see no cost in sending
 request after request to one replica until their answers came back (a
 queue of a hundred on a model whose request ahead costs 400 ms, in the
 simulator).
+
+Reach. The fitted ``per_inflight`` is measured only over the counts its
+observations were sent at; further out it is a guess. :func:`fit` says how
+far it reaches (:func:`reach`: twice the root mean square of the
+observations' ``k``, from ``kk / w``, and one request more; counts spread
+evenly from 0 to ``m`` reach about ``1.15 m + 1``), and beyond that each
+request ahead costs at least the prior's ``per_inflight``
+(:meth:`ServiceModel.load`). Why: a slope read from a few answers at one or
+two requests ahead is extrapolated to twenty when routers decide at once.
+In the simulator one answer miscounted at ``k = 1`` made a model whose
+request ahead costs 213 ms look like 4 ms; four SDK processes sent it 14
+requests within 70 ms, predicting 400-450 ms for each, and they took
+2.4-5.2 s. The statistics reach further as answers at higher counts come
+in, so a replica is loaded about one request beyond what was measured at a
+time, faster when it proves cheap.
 """
 
 from __future__ import annotations
@@ -105,7 +120,7 @@ from typing import NamedTuple
 from mulambda.store.records import ServiceStats
 
 __all__ = ["FitSettings", "Late", "ServiceModel", "ServiceTracker", "add_stats", "fit", "floored",
-           "observe", "scaled"]
+           "observe", "reach", "scaled"]
 
 
 @dataclass(frozen=True)
@@ -129,20 +144,40 @@ MIN_SPREAD_MS = 10.0
 MAD_TO_SIGMA = 1.4826
 # The typical relative error never counts as less (0.1 ms of a 10 ms stay).
 MIN_TYPICAL_ERROR = 0.01
+# The counts a fit measured reach this many root mean squares of them (and one more).
+REACH_SPREADS = 2.0
 # Fading stops below this weight: a hundredth of the prior's, the fit is the prior's.
 FADED_WEIGHT = 0.01
 
 
 class ServiceModel(NamedTuple):
-    """``base + per_inflight * k + per_item * n`` milliseconds."""
+    """``base + load(k) + per_item * n`` milliseconds: ``load(k) = per_inflight * k`` up to
+    ``measured_to`` requests ahead, and beyond it each one costs at least ``beyond_ms``
+    (see "Reach" in the module docstring)."""
 
     base_ms: float
     per_inflight_ms: float
     per_item_ms: float = 0.0
+    measured_to: float = math.inf
+    beyond_ms: float = 0.0
+
+    def load(self, inflight: float) -> float:
+        """What ``inflight`` requests ahead per replica add to a request's service time."""
+        over = inflight - self.measured_to
+        if over <= 0:
+            return self.per_inflight_ms * inflight
+        return (self.per_inflight_ms * self.measured_to
+                + max(self.per_inflight_ms, self.beyond_ms) * over)
+
+    def per_ahead(self, inflight: float) -> float:
+        """What the last of ``inflight`` requests ahead costs (what one fewer saves)."""
+        if inflight > self.measured_to:
+            return max(self.per_inflight_ms, self.beyond_ms)
+        return self.per_inflight_ms
 
     def predict(self, inflight: float, items: float = 1.0) -> float:
         """Expected service time of a request sent with ``inflight`` requests ahead per replica."""
-        return self.base_ms + self.per_inflight_ms * inflight + self.per_item_ms * items
+        return self.base_ms + self.load(inflight) + self.per_item_ms * items
 
 
 def fit(stats: ServiceStats | None, prior: ServiceModel,
@@ -150,8 +185,17 @@ def fit(stats: ServiceStats | None, prior: ServiceModel,
     """The service-time model from ``stats`` and the prior (see the module docstring)."""
     if stats is None or stats.w <= 0:
         return prior
-    return _fit(stats.w, stats.k, stats.i, stats.t, stats.kk, stats.ii, stats.ki, stats.kt,
-                stats.it, prior, settings.prior_weight, settings.slope_prior_weight)
+    fitted = _fit(stats.w, stats.k, stats.i, stats.t, stats.kk, stats.ii, stats.ki, stats.kt,
+                  stats.it, prior, settings.prior_weight, settings.slope_prior_weight)
+    return fitted._replace(measured_to=reach(stats), beyond_ms=prior.per_inflight_ms)
+
+
+def reach(stats: ServiceStats) -> float:
+    """Up to how many requests ahead ``stats`` measured the cost of one: twice the root
+    mean square of the counts its answers were measured at, and one more (see "Reach"
+    in the module docstring)."""
+    spread = stats.kk / stats.w if stats.w > 0 else 0.0
+    return REACH_SPREADS * math.sqrt(max(spread, 0.0)) + 1.0
 
 
 @functools.lru_cache(maxsize=4096)  # a snapshot's statistics are ranked many times
@@ -381,4 +425,4 @@ def floored(model: ServiceModel, late: Sequence[tuple[float, float, float]]) -> 
             per = max(per, (t - base - model.per_item_ms * n) / k)
     if base == model.base_ms and per == model.per_inflight_ms:
         return model
-    return ServiceModel(base, per, model.per_item_ms)
+    return model._replace(base_ms=base, per_inflight_ms=per)

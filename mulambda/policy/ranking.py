@@ -93,7 +93,7 @@ class Candidate:
     record: ExecutorRecord = field(repr=False, compare=False)
     network_ms: float = 0.0
     service_ms: float = 0.0  # base + per-item part for this request's size
-    load_ms: float = 0.0  # per_inflight * inflight
+    load_ms: float = 0.0  # model.load(inflight)
     cold_start_ms: float = 0.0  # added to the expected latency while cold
     raw_score: float = 0.0  # score once warm (without the cold start)
     assumed_accuracy: float = 0.0  # accuracy used for scoring (after fallback)
@@ -134,6 +134,11 @@ class Candidate:
             parts.append(f"replica {self.replica.pod}")
         parts.extend(self.notes)
         return "; ".join(parts)
+
+    @property
+    def per_ahead_ms(self) -> float:
+        """What the last request counted ahead costs this one (what one fewer saves)."""
+        return self.model.per_ahead(self.inflight) if self.model is not None else 0.0
 
     @property
     def endpoint(self) -> str:

@@ -34,7 +34,9 @@ Everything else is rejected with a reason.
     network  = smoothed RTT from the replica to this client (companion
                samples); over the Service: the mean over live replicas
     service  = base + per_item * items        (the measured model,
-    load     = per_inflight * k                mulambda.policy.latency)
+    load     = per_inflight * k                mulambda.policy.latency);
+               beyond the counts it was measured at, each request ahead
+               costs at least the prior's per_inflight (ServiceModel.load)
     k        = requests ahead of this one per replica:
                timed + others * stay / (stay + network) + own
     timed    = everybody else's requests whose leases say when each should
@@ -49,7 +51,7 @@ Everything else is rejected with a reason.
                replicas; a request counted in flight is on the wire part of
                the time, and is ahead of a new one only while it has not
                been served: about stay / (stay + network) of the time, with
-               stay = service + per_inflight * others
+               stay = service + load(others)
     own      = the caller's own requests still ahead at that replica
                (``Snapshot.replica_inflight``, ``replicas=True``; those it
                sent to the Service, in ``Snapshot.own_inflight`` without a
@@ -332,7 +334,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     # Everybody else's requests only counted (some are on the wire): the share
     # still ahead when this one arrives is about stay / (stay + RTT).
     others = snapshot.inflight.get(eid, 0) / ready
-    stay = service + model.per_inflight_ms * others
+    stay = service + model.load(others)
     replica, uncertain = None, 0.0
     if replicas and v.live:
         own = snapshot.replica_inflight.get(eid) or {}
@@ -344,7 +346,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
             net_r = v.rtt.get(r.pod, net)
             k_r = (own.get(r.pod, 0.0) + own_spread + timed_pods.get(r.pod, 0.0) + timed_spread
                    + _still_there(others, stay, net_r))
-            e_r = net_r + model.per_inflight_ms * k_r
+            e_r = net_r + model.load(k_r)
             if best is None or e_r < best[0]:
                 best = (e_r, r, k_r, net_r)
         assert best is not None
@@ -357,7 +359,7 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     else:
         k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
              + _still_there(others, stay, net))
-    load = model.per_inflight_ms * k
+    load = model.load(k)
     steady = net + service + load
     expected = steady + v.cold
     if not math.isfinite(expected):

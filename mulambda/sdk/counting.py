@@ -122,9 +122,8 @@ class InflightCounter:
         # stay longer than predicted.
         margin = self.tracker.stay_margin_ms(executor, stay)
         sent = self.clock()
-        per_ahead = candidate.model.per_inflight_ms if candidate.model is not None else 0.0
         token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
-                             per_ahead, candidate.inflight, items)
+                             candidate.per_ahead_ms, candidate.inflight, items)
         lease = self.leases.start(executor, timing=self._timing(token, pod or "", sent))
         self._leased[token] = (executor, lease, pod or "", sent)
         try:

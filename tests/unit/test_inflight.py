@@ -7,7 +7,7 @@ import math
 import pytest
 
 from mulambda.policy.inflight import OwnRequests, measured_at
-from mulambda.policy.latency import Late
+from mulambda.policy.latency import Late, ServiceModel
 
 
 @pytest.mark.parametrize(("age", "ahead"), [
@@ -139,7 +139,7 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
 ])
 def test_an_answer_is_measured_at_the_requests_ahead_it_met(inflight, uncertain, gone,
                                                            measured, want):
-    k, predicted = measured_at(inflight, uncertain, gone, 210.0, 100.0, measured,
+    k, predicted = measured_at(inflight, uncertain, gone, lambda k: 10.0 + 100.0 * k, measured,
                                lambda ms: 5.0)
     assert (k, predicted) == pytest.approx(want)
 
@@ -159,5 +159,18 @@ def test_an_answer_is_measured_at_the_requests_ahead_it_met(inflight, uncertain,
 def test_an_answer_tells_only_when_a_request_ahead_costs_more_than_the_noise(
         per_ahead, error, measured, want):
     err = None if error is None else (lambda ms: error)
-    k, predicted = measured_at(1, 1, 0, 110.0, per_ahead, measured, err)
+    k, predicted = measured_at(1, 1, 0, lambda k: 110.0 + per_ahead * (k - 1), measured, err)
+    assert (k, predicted) == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("measured", "want"), [
+    # 4 ms per request ahead measured up to one ahead, 100 beyond: the second one ahead
+    # costs 100 ms, so a 20 ms answer did not meet it (judged at 4 ms, it could not tell)
+    pytest.param(20.0, (1, 14), id="fast-so-not-met"),
+    pytest.param(110.0, (2, 114), id="slow-so-met"),
+])
+def test_an_uncertain_request_is_judged_by_what_the_last_one_ahead_costs(measured, want):
+    model = ServiceModel(10.0, 4.0, 0.0, measured_to=1.0, beyond_ms=100.0)
+    k, predicted = measured_at(2, 1, 0, lambda ahead: model.predict(ahead, 0), measured,
+                               lambda ms: 5.0)
     assert (k, predicted) == pytest.approx(want)

@@ -16,6 +16,7 @@ from mulambda.policy.latency import (
     fit,
     floored,
     observe,
+    reach,
 )
 from mulambda.store.records import ServiceStats
 
@@ -307,6 +308,78 @@ def test_late_requests_raise_the_model_to_what_they_show(late, want):
     assert floored(ServiceModel(10.0, 5.0, 1.0), late) == pytest.approx(want)
 
 
+def _measured_at(*counts: float) -> ServiceStats:
+    stats = ServiceStats()
+    for k in counts:
+        stats = observe(stats, k, 1, 10.0)
+    return stats
+
+
+@pytest.mark.parametrize(("counts", "want"), [
+    # Only answers with nothing ahead: the slope is measured for no request ahead; the
+    # first one ahead is taken at it, further ones at no less than the prior's.
+    pytest.param((0, 0, 0), 1.0, id="none-ahead"),
+    # Half at 0 and half at 1: RMS 0.71 -> 2.41
+    pytest.param((0, 1), 2 * math.sqrt(0.5) + 1, id="zero-and-one"),
+    # All at 4: 2 x 4 + 1
+    pytest.param((4, 4, 4), 9.0, id="all-at-four"),
+    # Evenly from 0 to 6 (RMS 3.61): about 1.2 x the largest, and one more
+    pytest.param(tuple(range(7)), 2 * math.sqrt(13) + 1, id="spread-to-six"),
+])
+def test_a_fit_reaches_about_as_far_as_the_counts_it_was_measured_at(counts, want):
+    # (approximately: the older observations weigh a little less)
+    assert reach(_measured_at(*counts)) == pytest.approx(want, rel=0.01)
+    model = fit(_measured_at(*counts), PRIOR)
+    assert model.measured_to == reach(_measured_at(*counts))
+    assert model.beyond_ms == PRIOR.per_inflight_ms
+
+
+@pytest.mark.parametrize(("k", "load", "last"), [
+    # 4 ms per request ahead measured up to 2.5 ahead, at least 57 beyond
+    pytest.param(0.0, 0.0, 4.0, id="none-ahead"),
+    pytest.param(2.0, 8.0, 4.0, id="within-the-reach"),
+    pytest.param(2.5, 10.0, 4.0, id="at-the-reach"),
+    pytest.param(3.5, 10.0 + 57.0, 57.0, id="one-beyond"),
+    pytest.param(20.0, 10.0 + 57.0 * 17.5, 57.0, id="far-beyond"),
+])
+def test_beyond_its_reach_a_request_ahead_costs_at_least_the_prior(k, load, last):
+    model = ServiceModel(50.0, 4.0, 1.0, measured_to=2.5, beyond_ms=57.0)
+    assert model.load(k) == pytest.approx(load)
+    assert model.per_ahead(k) == pytest.approx(last)
+    assert model.predict(k, 2) == pytest.approx(50.0 + load + 2.0)
+
+
+def test_a_slope_measured_steeper_than_the_prior_holds_beyond_its_reach():
+    model = ServiceModel(10.0, 300.0, measured_to=2.0, beyond_ms=57.0)
+    assert model.load(5.0) == pytest.approx(1500.0)
+    assert model.per_ahead(5.0) == 300.0
+
+
+def test_a_slope_read_at_one_or_two_counts_is_not_extrapolated_to_many():
+    # The simulator's case (seed 13, all-on-all 0.75): a model declared at 57 ms whose
+    # request ahead costs 213; the first answers came back with nothing ahead and one
+    # miscounted at one ahead, and the fit took a request ahead as 4 ms. Extrapolated,
+    # twenty ahead looked like 140 ms.
+    prior = ServiceModel(57.0, 57.0)
+    stats = observe(observe(ServiceStats(), 0, 1, 58.5), 1, 1, 55.0)
+    model = fit(stats, prior)
+    assert model.per_inflight_ms < 10
+    assert model.base_ms + model.per_inflight_ms * 20 < 300  # what it was used as
+    assert model.predict(20) > 57 + 57 * 17  # no less than the declared time beyond reach
+    # Answers at higher counts take the reach further, and the fitted slope with it.
+    for k in range(1, 8):
+        stats = observe(stats, k, 1, 57 + 213 * k)
+    model = fit(stats, prior)
+    assert model.measured_to > 7
+    assert model.predict(7) == pytest.approx(57 + 213 * 7, rel=0.2)
+
+
+def test_late_requests_raise_a_model_and_keep_its_reach():
+    model = ServiceModel(10.0, 5.0, 1.0, measured_to=2.0, beyond_ms=20.0)
+    raised = floored(model, [(2.0, 4.0, 100.0)])
+    assert raised == pytest.approx(ServiceModel(10.0, 43.0, 1.0, 2.0, 20.0))
+
+
 def test_a_fit_that_learned_a_request_ahead_as_free_is_raised_by_its_late_requests():
     tracker = ServiceTracker()
     # Early answers: alone, 10 ms; "one ahead" but the one ahead was in fact done: 12 ms.
@@ -340,7 +413,7 @@ def test_requests_of_others_counted_ahead_but_served_already_do_not_flatten_the_
         predicted = truth.predict(uncertain)
         counted.observe("e", inflight=uncertain, items=1, elapsed_ms=took, network_ms=0,
                         predicted_ms=predicted, at=0.0)
-        k, predicted = measured_at(uncertain, uncertain, 0, predicted, 100.0, took,
+        k, predicted = measured_at(uncertain, uncertain, 0, truth.predict, took,
                                    lambda ms: 3.0)
         shown.observe("e", inflight=k, items=1, elapsed_ms=took, network_ms=0,
                       predicted_ms=predicted, at=0.0)
@@ -360,9 +433,8 @@ def test_where_noise_is_comparable_to_a_request_ahead_answers_do_not_steepen_the
     for i in range(600):
         uncertain = i % 2  # counted for its sender's margin; every one was in fact ahead
         took = max(0.0, truth.predict(uncertain) + rng.gauss(0, 5))
-        predicted = model.predict(uncertain)
-        k, predicted = measured_at(uncertain, uncertain, 0, predicted, model.per_inflight_ms,
-                                   took, lambda ms: tracker.stay_margin_ms("e", ms))
+        k, predicted = measured_at(uncertain, uncertain, 0, model.predict, took,
+                                   lambda ms: tracker.stay_margin_ms("e", ms))
         tracker.observe("e", inflight=k, items=1, elapsed_ms=took, network_ms=0,
                         predicted_ms=predicted, at=0.0)
         model = fit(tracker.stats["e"], PRIOR)

@@ -326,8 +326,8 @@ class _Mulambda(_Router):
         stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
         # Counted as mulambda.sdk.counting counts a request (the SDK's and the gateway's).
         margin = inst.tracker.stay_margin_ms(eid, stay)
-        per_ahead = c.model.per_inflight_ms if c.model is not None else 0.0
-        token = inst.own.add(eid, pod, sent, stay, net, margin, per_ahead, c.inflight, items)
+        token = inst.own.add(eid, pod, sent, stay, net, margin, c.per_ahead_ms, c.inflight,
+                             items)
         self.lease_of[(inst.index, token)] = (sent, pod)
         self._publish(inst, eid, token)
         self.sent[req] = (inst, token, c, items)
