@@ -432,6 +432,7 @@ def test_chart_pod_templates_pass_restricted_with_every_component(
     rendered = docs_of(plane.helm(
         "template", RELEASE, str(CHART), "-n", restricted_ns,
         "--set", "minio.enabled=true", "--set", "minio.persistence.enabled=true",
+        "--set", "redis.persistence.enabled=true",
         "--set", "redis.existingSecret=store-password", "--set", "s3.existingSecret=s3-keys",
         "--set", "watch.clusterwide=false",
         "--set-string", "operator.extraEnv[0].name=EXTRA,operator.extraEnv[0].value=1",

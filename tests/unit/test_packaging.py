@@ -645,6 +645,9 @@ SCENARIOS: dict[str, Obj] = {
                "existingSecret": "team-s3"},
     },
     "minio": {"minio": {"enabled": True}},
+    "store-persistent": {
+        "redis": {"persistence": {"enabled": True, "size": "2Gi", "storageClass": "standard"}},
+    },
     "minio-persistent-byo-secret": {
         "minio": {"enabled": True, "persistence": {"enabled": True, "size": "20Gi",
                                                    "storageClass": "standard"}},
@@ -1049,6 +1052,34 @@ def test_chart_store_loads_an_acl_file_from_the_role_secrets() -> None:
     assert "initContainers" not in plain["spec"]["template"]["spec"]
 
 
+@pytest.mark.parametrize(("scenario", "claim"), [
+    pytest.param("defaults", None, id="emptydir"),
+    pytest.param("store-persistent", ("2Gi", "standard"), id="claim"),
+])
+def test_chart_store_keeps_its_append_only_file_on_a_claim_when_asked(
+        scenario: str, claim: tuple[str, str] | None) -> None:
+    docs = render(SCENARIOS[scenario])
+    store = one(docs, "Deployment", "mulambda-redis")
+    spec = store["spec"]["template"]["spec"]
+    assert "--appendonly yes" in spec["containers"][0]["args"][0]
+    assert "--dir /data" in spec["containers"][0]["args"][0]
+    (data,) = [v for v in spec["volumes"] if v["name"] == "data"]
+    claims = [d for d in find(docs, "PersistentVolumeClaim")
+              if d["metadata"]["labels"]["app.kubernetes.io/component"] == "store"]
+    if claim is None:
+        assert data == {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}
+        assert claims == []
+        return
+    (pvc,) = claims
+    assert data == {"name": "data",
+                    "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}}
+    assert (pvc["spec"]["resources"]["requests"]["storage"],
+            pvc["spec"]["storageClassName"]) == claim
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # One pod at a time on a ReadWriteOnce claim: the old one goes before the new starts.
+    assert store["spec"]["strategy"] == {"type": "Recreate"}
+
+
 def test_chart_selector_node_port() -> None:
     svc = one(render(SCENARIOS["tuned"]), "Service", "ml-selector")
     assert svc["spec"]["type"] == "NodePort"
@@ -1103,6 +1134,10 @@ BAD_VALUES: dict[str, Obj] = {
     "password-in-store-url": {"redis": {"enabled": False, "url": "redis://:pw@db:6379/0"}},
     "password-in-store-url-query": {
         "redis": {"enabled": False, "url": "redis://db:6379/0?password=pw"}},
+    # A claim with nothing written to it: the store would come back empty all the same.
+    "store-claim-without-append-only-file": {
+        "redis": {"appendOnly": False, "persistence": {"enabled": True}}},
+    "bad-store-claim-size": {"redis": {"persistence": {"size": "a lot"}}},
 }
 
 
