@@ -172,7 +172,7 @@ class OwnRequests:
     An answer says when its request was served (half its round trip before it
     came back). A later request to the same replica that counted it ahead but
     reached the replica after that did not have it ahead: :meth:`answered`
-    takes its cost (``per_ahead_ms``) off the later one's stay, and
+    takes its cost (what one request fewer ahead saves) off the later one's stay, and
     :meth:`gone_ahead` tells the later one's measurement. Otherwise one false
     count lengthens the next request's predicted stay by a whole request
     ahead, which is then counted ahead of the ones after it for as long, and
@@ -193,12 +193,15 @@ class OwnRequests:
         return len(self._requests)
 
     def add(self, executor: str, pod: str | None, sent_ms: float, stay_ms: float,
-            network_ms: float = 0.0, margin_ms: float = 0.0, per_ahead_ms: float = 0.0,
+            network_ms: float = 0.0, margin_ms: float = 0.0,
+            saving: Callable[[float], float] | None = None,
             inflight: float | None = None, items: float = 1.0) -> int:
         """Register a request; returns the token :meth:`remove` takes. It counts as ahead
-        until ``stay_ms + margin_ms`` has passed (and again when late). ``per_ahead_ms``
-        is what each of this router's requests counted ahead of it at its replica added
-        to ``stay_ms``: taken off again when an answer shows one was not (:meth:`answered`).
+        until ``stay_ms + margin_ms`` has passed (and again when late). ``saving(g)`` is
+        what ``g`` fewer requests counted ahead would take off ``stay_ms`` (the candidate's
+        :meth:`~mulambda.policy.ranking.Candidate.saving`): when an answer shows one of
+        this router's requests counted ahead at its replica was not (:meth:`answered`),
+        the stay is shortened to what it would have been with one fewer.
         ``inflight`` (requests ahead when it was sent) and ``items`` are what :meth:`late`
         says of it once it is late; None: it is not said to be late."""
         self._next += 1
@@ -208,20 +211,21 @@ class OwnRequests:
         if pod is not None:
             ahead = {t for t, r in self._requests.items()
                      if r.executor == executor and r.pod == pod and r.is_ahead(sent_ms)}
-        per_ahead = per_ahead_ms if math.isfinite(per_ahead_ms) and per_ahead_ms > 0 else 0.0
+        saved = _savings(saving, len(ahead))
         k = -1.0  # not said to be late
         if inflight is not None and math.isfinite(inflight) and inflight >= 0:
             k = float(inflight)
         self._requests[self._next] = _Own(executor, pod, sent_ms, stay + margin, stay + net,
-                                          net, per_ahead, ahead, k, items)
+                                          net, saved, ahead, k, items)
         return self._next
 
     def answered(self, token: int, now_ms: float) -> list[int]:
         """The answer of ``token`` is back at ``now_ms``: it was served half its round trip
         earlier. A request of ours that counted it ahead but reached the replica after
-        that did not have it ahead: it stops counting its cost (its stay is shortened by
-        ``per_ahead_ms``) and :meth:`gone_ahead` says so for its measurement. Returns the
-        tokens so shortened: their leases say it too (:meth:`lease`)."""
+        that did not have it ahead: it stops counting its cost (its stay is shortened to
+        one with a request fewer ahead) and :meth:`gone_ahead` says so for its
+        measurement. Returns the tokens so shortened: their leases say it too
+        (:meth:`lease`)."""
         done = self._requests.get(token)
         if done is None:
             return []
@@ -232,8 +236,9 @@ class OwnRequests:
                 r.ahead.discard(token)
                 if served_at <= r.sent + r.network / 2:
                     r.gone += 1
-                    r.served_by = max(0.0, r.served_by - r.per_ahead)
-                    r.back_by = max(0.0, r.back_by - r.per_ahead)
+                    fewer = r.saved[r.gone - 1] - (r.saved[r.gone - 2] if r.gone > 1 else 0.0)
+                    r.served_by = max(0.0, r.served_by - fewer)
+                    r.back_by = max(0.0, r.back_by - fewer)
                     shortened.append(t)
         return shortened
 
@@ -285,19 +290,32 @@ class OwnRequests:
         return per_executor, per_pod
 
 
+def _savings(saving: Callable[[float], float] | None, ahead: int) -> tuple[float, ...]:
+    """``saving(g)`` for g = 1 .. ``ahead``, made finite, non-negative and non-decreasing
+    (the stay never grows when a request ahead turns out gone)."""
+    out: list[float] = []
+    last = 0.0
+    for g in range(1, ahead + 1):
+        value = saving(float(g)) if saving is not None else 0.0
+        last = max(last, value) if math.isfinite(value) else last
+        out.append(last)
+    return tuple(out)
+
+
 class _Own:
     """One request of :class:`OwnRequests` (times in ms; ``served_by``/``back_by`` after
     ``sent``)."""
 
     __slots__ = ("ahead", "back_by", "executor", "gone", "inflight", "items", "network",
-                 "per_ahead", "pod", "sent", "served_by")
+                 "pod", "saved", "sent", "served_by")
 
     def __init__(self, executor: str, pod: str | None, sent: float, served_by: float,
-                 back_by: float, network: float, per_ahead: float, ahead: set[int],
+                 back_by: float, network: float, saved: tuple[float, ...], ahead: set[int],
                  inflight: float, items: float) -> None:
         self.executor, self.pod, self.sent = executor, pod, sent
         self.served_by, self.back_by, self.network = served_by, back_by, network
-        self.per_ahead, self.ahead, self.gone = per_ahead, ahead, 0
+        # saved[g - 1]: what g of ``ahead`` gone take off the stay (never less for more)
+        self.saved, self.ahead, self.gone = saved, ahead, 0
         self.inflight, self.items = inflight, items
 
     def is_ahead(self, now_ms: float) -> bool:

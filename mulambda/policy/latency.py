@@ -94,7 +94,7 @@ simulator).
 
 Reach. The fitted ``per_inflight`` is measured only over the counts its
 observations were sent at; further out it is a guess. :func:`fit` says how
-far it reaches (:func:`reach`: twice the root mean square of the
+far it reaches (``measured_to``: twice the root mean square of the
 observations' ``k``, from ``kk / w``, and one request more; counts spread
 evenly from 0 to ``m`` reach about ``1.15 m + 1``), and beyond that each
 request ahead costs at least the prior's ``per_inflight``
@@ -102,7 +102,7 @@ request ahead costs at least the prior's ``per_inflight``
 two requests ahead is extrapolated to twenty when routers decide at once.
 In the simulator one answer miscounted at ``k = 1`` made a model whose
 request ahead costs 213 ms look like 4 ms; four SDK processes sent it 14
-requests within 70 ms, predicting 400-450 ms for each, and they took
+requests within 70 ms, predicting 392-447 ms for each, and they took
 2.4-5.2 s. The statistics reach further as answers at higher counts come
 in, so a replica is loaded about one request beyond what was measured at a
 time, faster when it proves cheap.
@@ -120,7 +120,7 @@ from typing import NamedTuple
 from mulambda.store.records import ServiceStats
 
 __all__ = ["FitSettings", "Late", "ServiceModel", "ServiceTracker", "add_stats", "fit", "floored",
-           "observe", "reach", "scaled"]
+           "observe", "scaled"]
 
 
 @dataclass(frozen=True)
@@ -169,12 +169,6 @@ class ServiceModel(NamedTuple):
         return (self.per_inflight_ms * self.measured_to
                 + max(self.per_inflight_ms, self.beyond_ms) * over)
 
-    def per_ahead(self, inflight: float) -> float:
-        """What the last of ``inflight`` requests ahead costs (what one fewer saves)."""
-        if inflight > self.measured_to:
-            return max(self.per_inflight_ms, self.beyond_ms)
-        return self.per_inflight_ms
-
     def predict(self, inflight: float, items: float = 1.0) -> float:
         """Expected service time of a request sent with ``inflight`` requests ahead per replica."""
         return self.base_ms + self.load(inflight) + self.per_item_ms * items
@@ -185,17 +179,15 @@ def fit(stats: ServiceStats | None, prior: ServiceModel,
     """The service-time model from ``stats`` and the prior (see the module docstring)."""
     if stats is None or stats.w <= 0:
         return prior
-    fitted = _fit(stats.w, stats.k, stats.i, stats.t, stats.kk, stats.ii, stats.ki, stats.kt,
-                  stats.it, prior, settings.prior_weight, settings.slope_prior_weight)
-    return fitted._replace(measured_to=reach(stats), beyond_ms=prior.per_inflight_ms)
+    return _fit(stats.w, stats.k, stats.i, stats.t, stats.kk, stats.ii, stats.ki, stats.kt,
+                stats.it, prior, settings.prior_weight, settings.slope_prior_weight)
 
 
-def reach(stats: ServiceStats) -> float:
-    """Up to how many requests ahead ``stats`` measured the cost of one: twice the root
-    mean square of the counts its answers were measured at, and one more (see "Reach"
-    in the module docstring)."""
-    spread = stats.kk / stats.w if stats.w > 0 else 0.0
-    return REACH_SPREADS * math.sqrt(max(spread, 0.0)) + 1.0
+def _reach(w: float, kk: float) -> float:
+    """Up to how many requests ahead observations of weight ``w`` and weighted sum of
+    squared counts ``kk`` measured the cost of one: twice the root mean square of
+    their counts, and one more (see "Reach" in the module docstring)."""
+    return REACH_SPREADS * math.sqrt(max(kk / w, 0.0)) + 1.0
 
 
 @functools.lru_cache(maxsize=4096)  # a snapshot's statistics are ranked many times
@@ -224,7 +216,7 @@ def _fit(w: float, k: float, i: float, t: float, kk: float, ii: float, ki: float
         worst = min(negative, key=lambda f: sol[free.index(f)])
         theta[worst] = prior.per_inflight_ms if worst == 1 else 0.0
         free.remove(worst)
-    return ServiceModel(theta[0], theta[1], theta[2])
+    return ServiceModel(theta[0], theta[1], theta[2], _reach(w, kk), prior.per_inflight_ms)
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float]:
@@ -422,7 +414,25 @@ def floored(model: ServiceModel, late: Sequence[tuple[float, float, float]]) -> 
             base = max(base, t - per * k - model.per_item_ms * n)
     for k, n, t in late:
         if k >= 1:
-            per = max(per, (t - base - model.per_item_ms * n) / k)
+            per = _least_per(model._replace(base_ms=base, per_inflight_ms=per), k,
+                             t - base - model.per_item_ms * n)
     if base == model.base_ms and per == model.per_inflight_ms:
         return model
     return model._replace(base_ms=base, per_inflight_ms=per)
+
+
+def _least_per(model: ServiceModel, k: float, need: float) -> float:
+    """The least ``per_inflight`` (not below the model's) with which ``k >= 1`` requests
+    ahead cost at least ``need``: beyond the reach each costs the larger of it and
+    ``beyond_ms`` already, so only the part within is raised while that suffices."""
+    per = model.per_inflight_ms
+    if model.load(k) >= need:
+        return per
+    within = min(k, model.measured_to)
+    over = k - within
+    if over > 0:
+        # per_inflight up to beyond_ms: over * beyond_ms of the need is met already
+        p = (need - model.beyond_ms * over) / within
+        if p <= model.beyond_ms:
+            return max(per, p)
+    return need / k

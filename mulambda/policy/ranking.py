@@ -135,10 +135,11 @@ class Candidate:
         parts.extend(self.notes)
         return "; ".join(parts)
 
-    @property
-    def per_ahead_ms(self) -> float:
-        """What the last request counted ahead costs this one (what one fewer saves)."""
-        return self.model.per_ahead(self.inflight) if self.model is not None else 0.0
+    def saving(self, fewer: float) -> float:
+        """What ``fewer`` of the requests counted ahead would take off this one's stay."""
+        if self.model is None:
+            return 0.0
+        return self.load_ms - self.model.load(max(self.inflight - fewer, 0.0))
 
     @property
     def endpoint(self) -> str:

@@ -123,7 +123,7 @@ class InflightCounter:
         margin = self.tracker.stay_margin_ms(executor, stay)
         sent = self.clock()
         token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
-                             candidate.per_ahead_ms, candidate.inflight, items)
+                             candidate.saving, candidate.inflight, items)
         lease = self.leases.start(executor, timing=self._timing(token, pod or "", sent))
         self._leased[token] = (executor, lease, pod or "", sent)
         try:

@@ -75,7 +75,7 @@ def test_an_answer_shows_whether_a_request_counted_ahead_was(first_pod, first_ba
     first = own.add("e", first_pod, sent_ms=0, stay_ms=15, network_ms=30)
     # the second's stay: 15 of its own and 70 for the one request counted ahead
     second = own.add("e", "pod-a", sent_ms=second_sent, stay_ms=85, network_ms=30,
-                     per_ahead_ms=70)
+                     saving=lambda g: 70 * g)
     own.answered(first, first_back_at)
     own.remove(first)
     assert own.gone_ahead(second) == gone
@@ -106,7 +106,8 @@ def test_a_late_request_leaves_out_the_requests_ahead_that_answers_showed_gone()
     own = OwnRequests()
     first = own.add("e", "pod-a", sent_ms=0, stay_ms=15, network_ms=30, inflight=0)
     # counted the first ahead: 15 ms of its own and 70 for the one ahead
-    own.add("e", "pod-a", sent_ms=10, stay_ms=85, network_ms=30, per_ahead_ms=70, inflight=1)
+    own.add("e", "pod-a", sent_ms=10, stay_ms=85, network_ms=30, saving=lambda g: 70 * g,
+            inflight=1)
     own.answered(first, 39)  # served at 24, before the second arrived at 25
     own.remove(first)
     assert own.late(10 + 44) == {}  # due at 15 + 30 once the 70 ms are taken off
@@ -174,3 +175,21 @@ def test_an_uncertain_request_is_judged_by_what_the_last_one_ahead_costs(measure
     k, predicted = measured_at(2, 1, 0, lambda ahead: model.predict(ahead, 0), measured,
                                lambda ms: 5.0)
     assert (k, predicted) == pytest.approx(want)
+
+
+def test_requests_shown_gone_shorten_a_stay_to_what_fewer_ahead_would_take():
+    # The fourth request counted three of this router's own ahead, one beyond a fit's
+    # reach of two: 10 ms alone, 4 per request ahead within the reach and 20 beyond (10 +
+    # 4 x 2 + 20 = 38 ms). As each answer shows one was served before it arrived, its
+    # stay falls to what one fewer ahead takes: 18, 14, 10 ms (not 38 less 20 each time).
+    model = ServiceModel(10.0, 4.0, measured_to=2.0, beyond_ms=20.0)
+    own = OwnRequests()
+    firsts = [own.add("e", "pod-a", sent_ms=0, stay_ms=10, network_ms=100) for _ in range(3)]
+    last = own.add("e", "pod-a", sent_ms=1, stay_ms=model.predict(3, 0), network_ms=100,
+                   saving=lambda g: model.load(3) - model.load(3 - g))
+    for first, stay in zip(firsts, (18.0, 14.0, 10.0), strict=True):
+        own.answered(first, 60)  # served at 10, before the fourth arrived at 51
+        # (the first three are on their way back: only the fourth can be ahead)
+        assert own.ahead(1 + stay - 0.5)[1]["e"]["pod-a"] == 1
+        assert own.ahead(1 + stay + 0.5)[1] == {}
+    assert own.gone_ahead(last) == 3

@@ -744,5 +744,7 @@ def test_requests_ahead_beyond_what_answers_measured_cost_at_least_the_declared_
     assert 2 < reach < 3
     assert burst.load_ms == pytest.approx(burst.model.per_inflight_ms * reach
                                           + 50.0 * (10 - reach))
-    assert burst.per_ahead_ms == 50.0
+    # one request fewer ahead saves the declared time; all of them, the whole load
+    assert burst.saving(1) == pytest.approx(50.0)
+    assert burst.saving(10) == pytest.approx(burst.load_ms)
     assert ids(ranking)[0] == "ml/steady"

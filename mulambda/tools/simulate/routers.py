@@ -326,7 +326,7 @@ class _Mulambda(_Router):
         stay, net, sent = c.service_ms + c.load_ms, c.network_ms, now + delay
         # Counted as mulambda.sdk.counting counts a request (the SDK's and the gateway's).
         margin = inst.tracker.stay_margin_ms(eid, stay)
-        token = inst.own.add(eid, pod, sent, stay, net, margin, c.per_ahead_ms, c.inflight,
+        token = inst.own.add(eid, pod, sent, stay, net, margin, c.saving, c.inflight,
                              items)
         self.lease_of[(inst.index, token)] = (sent, pod)
         self._publish(inst, eid, token)
