@@ -64,6 +64,12 @@ def _error(status: int, message: str, **extra: Any) -> web.Response:
     return _json({"error": message, **extra}, status=status)
 
 
+def _unavailable(message: str, **extra: Any) -> web.Response:
+    """503 worth retrying at once: the store reconnects, an activation goes on (a retry
+    to the gateway waits for it again), as the selector's own reviews say (authz.py)."""
+    return _json({"error": message, **extra}, status=503, headers={"Retry-After": "1"})
+
+
 def _bad_body(exc: Exception) -> tuple[str, web.Response]:
     """(outcome, answer) for a body that cannot be used: 413, 408 (both close the
     connection: the body was not read to its end) or 400; never a traceback."""
@@ -135,7 +141,7 @@ async def select(request: web.Request) -> web.Response:
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("selection failed client=%s error=%s", client, exc)
-            return _error(503, "metadata store unavailable")
+            return _unavailable("metadata store unavailable")
         try:
             criteria = body.criteria(snap.client_record, _criteria)
         except ValueError as exc:
@@ -200,7 +206,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("prediction failed client=%s error=%s", client, exc)
-            return _error(503, "metadata store unavailable")
+            return _unavailable("metadata store unavailable")
         if snap.client_record is not None:
             client_label = client
         if snap.client_record is None and not request.query.get("type"):
@@ -248,8 +254,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
                 if found is None:
                     outcome = "cold_start_timeout"
-                    return _error(503, "cold start not done", executor=cold.executor_id,
-                                  waited_seconds=sel.cold_start_timeout)
+                    return _unavailable("cold start not done", executor=cold.executor_id,
+                                        waited_seconds=sel.cold_start_timeout)
                 candidate = found
             arm = arms.get(candidate.executor_id)
             if arm is not None and arm.arm == CANDIDATE:
@@ -313,7 +319,7 @@ async def explain_client(request: web.Request) -> web.Response:
         snap = await sel.view(client)
     except StoreUnavailable as exc:
         log.warning("explain failed client=%s error=%s", client, exc)
-        return _error(503, "metadata store unavailable")
+        return _unavailable("metadata store unavailable")
     if snap.client_record is None and not request.query.get("type"):
         return _error(404, "unknown client", reason=f"client {client!r} is not registered "
                       "and the query gives no type")
@@ -330,7 +336,7 @@ async def healthz(request: web.Request) -> web.Response:
     try:
         await request.app[STORE_KEY].ping()
     except StoreUnavailable as exc:
-        return _error(503, "metadata store unavailable", detail=str(exc))
+        return _unavailable("metadata store unavailable", detail=str(exc))
     return _json({"status": "ok"})
 
 

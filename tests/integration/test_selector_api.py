@@ -146,6 +146,9 @@ async def test_store_outage_is_503(api, store, redis_server):
     try:
         resp = await api.post("/select/shop/app", json={"required": {"type": "vision"}})
         assert resp.status_code == 503
+        assert resp.headers["retry-after"] == "1"  # the store reconnects by itself
+        predicted = await api.post("/v1/predict/shop/app", json={"instances": [[1]]})
+        assert (predicted.status_code, predicted.headers["retry-after"]) == (503, "1")
         assert (await api.get("/healthz")).status_code == 503
     finally:
         redis_server.start()
@@ -451,3 +454,25 @@ async def test_answers_are_strict_json_even_with_impossible_values_in_the_store(
         body = strict(resp.text)
         assert body["model"]["executor"] == "ml/good"
         assert [c["executor"] for c in body["candidates"]] == ["ml/good"]
+
+
+async def test_predict_waits_for_a_cold_start_then_answers_503_worth_retrying(store, client):
+    """Only an executor at zero: the gateway signals demand for it and waits up to its
+    cold-start timeout; the activation goes on, so the answer says to retry."""
+    rec = ExecutorRecord(
+        namespace="ml", name="asleep", model="model-asleep", version=1, type="vision",
+        input="image", output="label", accuracy=0.9, rest="http://asleep.invalid:8501",
+        grpc="", state="ScaledToZero", min_replicas=0, service_time_ms=5.0,
+    )
+    await store.put_executor(rec)
+    async with selector_http(create_app(store, cache_ttl=0, cold_start_timeout=0.3,
+                                        demand_interval=0.05)) as http:
+        started = asyncio.get_running_loop().time()
+        resp = await http.post("/v1/predict/shop/app", json={"instances": [[1]]})
+        waited = asyncio.get_running_loop().time() - started
+    assert resp.status_code == 503, resp.text
+    assert strict(resp.text) == {"error": "cold start not done", "executor": "ml/asleep",
+                                 "waited_seconds": 0.3}
+    assert resp.headers["retry-after"] == "1"
+    assert waited >= 0.3
+    assert (await store.executor_load("ml/asleep", 20))[1] > 0  # demand was signalled
