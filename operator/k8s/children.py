@@ -136,14 +136,16 @@ async def ensure_deployment(
         ops: Patch = []
         what: list[str] = []
         annotations = current["metadata"].get("annotations") or {}
-        want = desired["metadata"]["annotations"][TEMPLATE_HASH]
-        if want != annotations.get(TEMPLATE_HASH):
+        wanted = desired["metadata"]["annotations"]
+        if wanted[TEMPLATE_HASH] != annotations.get(TEMPLATE_HASH):
             what.append("pod template")
-            ops += [
-                {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-                {"op": "add", "path": "/metadata/annotations",
-                 "value": {**annotations, TEMPLATE_HASH: want}},
-            ]
+            ops.append({"op": "replace", "path": "/spec/template",
+                        "value": desired["spec"]["template"]})
+        # The last valid spec changes with edits the pods do not see (scaling, traits):
+        # recorded without an Event of its own.
+        if any(annotations.get(k) != v for k, v in wanted.items()):
+            ops.append({"op": "add", "path": "/metadata/annotations",
+                        "value": {**annotations, **wanted}})
         _add_label_changes(current, desired, ops, what)
         have_replicas = current.get("spec", {}).get("replicas")
         want_replicas = replicas(have_replicas)

@@ -16,6 +16,10 @@ MANAGED_BY = "mulambda-operator"
 # Annotation carrying a hash of the pod template the operator built: a changed
 # hash (new model version, image, resources...) means "patch the Deployment".
 TEMPLATE_HASH = "mulambda.io/template-hash"
+# Annotation carrying the spec the operator last built the Deployment from (valid by
+# construction): after a restart, an executor whose spec is now invalid is scaled by it
+# (operator/modelexecutor/fleet.py), as it is by the one in memory before a restart.
+LAST_VALID_SPEC = "mulambda.io/last-valid-spec"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import math
 from typing import Any
 
@@ -16,6 +17,7 @@ from mulambda.api.modelexecutor import ModelExecutorSpec
 from mulambda.settings import Settings
 
 from ..k8s.objects import (
+    LAST_VALID_SPEC,
     MANAGED_BY,
     RESTRICTED_CONTAINER_SECURITY,
     TEMPLATE_HASH,
@@ -255,7 +257,7 @@ def build_deployment(
             "name": child_name(name),
             "namespace": namespace,
             "labels": common_labels(name, spec),
-            "annotations": {TEMPLATE_HASH: digest},
+            "annotations": {TEMPLATE_HASH: digest, LAST_VALID_SPEC: spec_annotation(spec)},
         },
         "spec": {
             "replicas": replicas,
@@ -270,6 +272,13 @@ def build_deployment(
             "template": template,
         },
     }
+
+
+def spec_annotation(spec: ModelExecutorSpec) -> str:
+    """``spec`` as the Deployment's ``LAST_VALID_SPEC`` annotation keeps it: what differs
+    from the defaults, as the resource spells it (``parse_executor_spec`` reads it back)."""
+    return json.dumps(spec.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                      separators=(",", ":"), sort_keys=True)
 
 
 def build_service(name: str, namespace: str, spec: ModelExecutorSpec) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..k8s.informer import Cache, Informers
-from ..k8s.objects import MANAGED_BY, TEMPLATE_HASH
+from ..k8s.objects import LAST_VALID_SPEC, MANAGED_BY, TEMPLATE_HASH
 from .fleet import first
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,14 @@ def trim_meta(meta: Mapping[str, Any], *extra: str) -> dict[str, Any]:
 
 def trim_deployment(obj: Mapping[str, Any]) -> dict[str, Any]:
     """A Deployment as the autoscaler and the refresh read it (and ensure_deployment
-    compares it: template hash, labels, replicas)."""
+    compares it: template hash, last valid spec, labels, replicas)."""
     meta, spec, status = obj["metadata"], obj.get("spec") or {}, obj.get("status") or {}
     annotations = meta.get("annotations") or {}
     return {
         "kind": "Deployment",
         "metadata": {**trim_meta(meta),
-                     "annotations": {TEMPLATE_HASH: annotations.get(TEMPLATE_HASH)}},
+                     "annotations": {k: annotations[k] for k in (TEMPLATE_HASH, LAST_VALID_SPEC)
+                                     if k in annotations}},
         "spec": {"replicas": spec.get("replicas")},
         "status": {k: status.get(k) for k in ("replicas", "readyReplicas", "updatedReplicas",
                                               "observedGeneration")

@@ -33,6 +33,7 @@ inside its handlers).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -50,7 +51,7 @@ from mulambda.tasks.queue import TaskQueue
 from .. import handling
 from ..context import Context
 from ..k8s.api import API_THREADS, Forbidden
-from ..k8s.objects import ObjectRef
+from ..k8s.objects import LAST_VALID_SPEC, ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
 from .heartbeats import counted
@@ -130,8 +131,9 @@ class Fleet:
         # An invalid edit keeps the last valid spec this process parsed: the Deployment
         # still runs it, and an executor at zero must still be activated (skipped, it
         # stayed ScaledToZero in the store, offered to clients whose requests then
-        # waited for a cold start that never came). After a restart, none is known.
-        last = known[1] if known is not None else None
+        # waited for a cold start that never came). After a restart, the one the
+        # Deployment was last built from.
+        last = known[1] if known is not None else self._built_from(meta)
         try:
             spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
         except SpecError:
@@ -142,6 +144,19 @@ class Fleet:
             spec = last
         self._specs[meta["uid"]] = (generation, spec)
         return spec
+
+    def _built_from(self, meta: Mapping[str, Any]) -> ModelExecutorSpec | None:
+        """The spec the executor's Deployment was last built from (its LAST_VALID_SPEC
+        annotation), if the cache has one that still parses."""
+        deployment = first(self.deployments, (meta["namespace"], meta["name"]))
+        text = ((deployment or {}).get("metadata", {}).get("annotations") or {}).get(
+            LAST_VALID_SPEC)
+        if not text:
+            return None
+        try:
+            return parse_executor_spec(json.loads(text))
+        except (SpecError, ValueError, TypeError):
+            return None  # written by another version of the operator: none known
 
     def _live(self) -> Iterator[tuple[Key, Any]]:
         """Every executor in the cache whose deletion has not started."""

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 
 import pytest
 
 from mulambda.api.modelexecutor import parse_executor_spec
 from mulambda.operator.client.build import client_env
-from mulambda.operator.k8s.objects import TEMPLATE_HASH
+from mulambda.operator.k8s.objects import LAST_VALID_SPEC, TEMPLATE_HASH
 from mulambda.operator.modelexecutor.build import (
     build_deployment,
     build_heartbeat_secret,
@@ -101,6 +102,22 @@ def test_builders_are_deterministic_and_hash_tracks_template_changes():
     rescaled["scaling"]["maxReplicas"] = 9
     same = _deployment(rescaled)["metadata"]["annotations"][key]
     assert same == a["metadata"]["annotations"][key]
+
+
+def test_the_deployment_records_the_spec_it_was_built_from():
+    # What the autoscaler scales an executor by after an operator restart, when its
+    # current spec is invalid (operator/modelexecutor/fleet.py): it must read back as the
+    # very spec, and change with edits the pod template does not see.
+    rescaled = copy.deepcopy(SPEC)
+    rescaled["scaling"]["maxReplicas"] = 9
+    for raw in (SPEC, rescaled):
+        text = _deployment(raw)["metadata"]["annotations"][LAST_VALID_SPEC]
+        assert parse_executor_spec(json.loads(text)) == parse_executor_spec(raw)
+    assert (_deployment(rescaled)["metadata"]["annotations"][LAST_VALID_SPEC]
+            != _deployment()["metadata"]["annotations"][LAST_VALID_SPEC])
+    # Only what differs from the defaults, as the resource spells it (camelCase): small.
+    assert '"maxReplicas":9' in _deployment(rescaled)["metadata"]["annotations"][LAST_VALID_SPEC]
+    assert len(_deployment()["metadata"]["annotations"][LAST_VALID_SPEC]) < 1000
 
 
 def test_service_selects_exactly_the_deployment_pods():

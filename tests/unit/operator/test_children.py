@@ -17,7 +17,7 @@ from mulambda.operator.k8s.children import (
     ensure_service,
     remove_owned,
 )
-from mulambda.operator.k8s.objects import TEMPLATE_HASH, ObjectRef
+from mulambda.operator.k8s.objects import LAST_VALID_SPEC, TEMPLATE_HASH, ObjectRef
 
 OWNER = ObjectRef(api_version="mulambda.io/v1alpha1", kind="ModelExecutor", namespace="ml",
                   name="hp2", uid="uid-1", labels={"team": "a", "app.kubernetes.io/name": "x"})
@@ -127,6 +127,21 @@ async def test_a_drifted_deployment_is_patched_with_what_changed(desired, existi
     assert got == changes
     assert dep["metadata"]["annotations"][TEMPLATE_HASH] == desired["metadata"]["annotations"][
         TEMPLATE_HASH]
+
+
+async def test_a_new_last_valid_spec_is_recorded_without_an_event_or_a_rollout():
+    api = MemoryApi()
+    first = deployment()
+    first["metadata"]["annotations"][LAST_VALID_SPEC] = '{"scaling":{"maxReplicas":2}}'
+    await ensure_deployment(api, OWNER, first, bounded)
+    api.objects[("Deployment", "ml", "hp2")]["metadata"]["annotations"]["team"] = "kept"
+    edited = deployment()
+    edited["metadata"]["annotations"][LAST_VALID_SPEC] = '{"scaling":{"maxReplicas":9}}'
+    dep, changes = await ensure_deployment(api, OWNER, edited, bounded)
+    assert changes == []  # nothing the pods or the user see changed
+    assert dep["metadata"]["annotations"] == {
+        TEMPLATE_HASH: "h1", LAST_VALID_SPEC: '{"scaling":{"maxReplicas":9}}', "team": "kept"}
+    assert [op["path"] for op in api.patches[-1]] == ["/metadata/annotations"]
 
 
 async def test_labels_others_added_are_kept_and_ours_restored():

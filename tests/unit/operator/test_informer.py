@@ -19,7 +19,7 @@ from mulambda.operator.k8s.informer import (
     is_pattern,
     watched,
 )
-from mulambda.operator.k8s.objects import TEMPLATE_HASH
+from mulambda.operator.k8s.objects import LAST_VALID_SPEC, TEMPLATE_HASH
 from mulambda.operator.modelexecutor import children as children_module
 from mulambda.operator.modelexecutor.children import Children, trim_deployment, trim_service
 
@@ -138,7 +138,7 @@ def test_a_pattern_is_told_from_a_name(namespace: str, expected: bool) -> None:
 def test_the_caches_keep_what_the_fleet_and_the_comparisons_read() -> None:
     meta = {"name": "hp2", "namespace": "ml", "uid": "u1", "resourceVersion": "5",
             "generation": 3, "labels": {"a": "b"}, "ownerReferences": [{"uid": "p"}],
-            "annotations": {TEMPLATE_HASH: "h1", "noise": "x" * 1000},
+            "annotations": {TEMPLATE_HASH: "h1", LAST_VALID_SPEC: "{}", "noise": "x" * 1000},
             "managedFields": [{"big": "x" * 1000}]}
     deployment = trim_deployment({
         "metadata": meta, "spec": {"replicas": 2, "template": {"big": "x" * 1000}},
@@ -147,7 +147,7 @@ def test_the_caches_keep_what_the_fleet_and_the_comparisons_read() -> None:
         "kind": "Deployment",
         "metadata": {"name": "hp2", "namespace": "ml", "uid": "u1", "resourceVersion": "5",
                      "generation": 3, "labels": {"a": "b"}, "ownerReferences": [{"uid": "p"}],
-                     "annotations": {TEMPLATE_HASH: "h1"}},
+                     "annotations": {TEMPLATE_HASH: "h1", LAST_VALID_SPEC: "{}"}},
         "spec": {"replicas": 2}, "status": {"replicas": 2, "readyReplicas": 1}}
     service = trim_service({"metadata": meta, "spec": {
         "ports": [{"port": 8501}], "selector": {"s": "t"}, "clusterIP": "10.0.0.1"}})
