@@ -177,14 +177,24 @@ async def select(request: web.Request) -> web.Response:
 async def _warm_candidate(sel: Selector, criteria: Criteria, client: str, executor: str,
                           items: int) -> Candidate | None:
     """Wait for a cold executor to get a live replica (demand was signalled); None on
-    timeout."""
+    timeout. The store may be away for part of the wait: StoreUnavailable only when it
+    still was at the end."""
     deadline = time.monotonic() + sel.cold_start_timeout
+    down: StoreUnavailable | None = None
     while time.monotonic() < deadline:
-        snap = await sel.view(client, fresh=True)
-        for c in await sel.ranking(criteria, snap, items=items, replicas=True):
-            if c.executor_id == executor and c.warm:
-                return c
+        try:
+            snap = await sel.view(client, fresh=True)
+            ranking = await sel.ranking(criteria, snap, items=items, replicas=True)
+        except StoreUnavailable as exc:
+            down = exc
+        else:
+            down = None
+            for c in ranking:
+                if c.executor_id == executor and c.warm:
+                    return c
         await asyncio.sleep(0.5)
+    if down is not None:
+        raise down
     return None
 
 
@@ -251,7 +261,14 @@ async def predict(request: web.Request) -> web.StreamResponse:
                 cold = healthy[0]
                 sel.count_decision(ranking, cold, failover=bool(attempts))
                 sel.note_demand([cold.executor_id], [cold.executor_id])
-                found = await _warm_candidate(sel, criteria, client, cold.executor_id, items)
+                try:
+                    found = await _warm_candidate(sel, criteria, client, cold.executor_id,
+                                                  items)
+                except StoreUnavailable as exc:
+                    outcome = "store_unavailable"
+                    log.warning("prediction failed client=%s error=%s", client, exc)
+                    return _unavailable("metadata store unavailable",
+                                        executor=cold.executor_id)
                 if found is None:
                     outcome = "cold_start_timeout"
                     return _unavailable("cold start not done", executor=cold.executor_id,

@@ -21,7 +21,7 @@ from aiohttp import web
 from prometheus_client import Counter
 
 from mulambda.httpd import BodyTimeout, BodyTooLarge, read_body
-from mulambda.selector.handlers import _bad_body, _error, _json, _query_criteria
+from mulambda.selector.handlers import _bad_body, _error, _json, _query_criteria, _unavailable
 from mulambda.selector.service import SELECTOR_KEY, Selector
 from mulambda.store.records import StoreUnavailable
 
@@ -124,7 +124,7 @@ async def submit(request: web.Request) -> web.Response:
         except StoreUnavailable as exc:
             outcome = "store_unavailable"
             log.warning("task not queued client=%s error=%s", client, exc)
-            return _error(503, "metadata store unavailable")
+            return _unavailable("metadata store unavailable")
         outcome = "queued" if created else "replayed"
         log.info("task %s id=%s client=%s executor=%s warm=%s", outcome, task_id, client,
                  executor, best.warm)
@@ -148,7 +148,7 @@ async def status(request: web.Request) -> web.Response:
             fields = await tasks.queue.get(task_id)
         except StoreUnavailable:
             outcome = "store_unavailable"
-            return _error(503, "metadata store unavailable")
+            return _unavailable("metadata store unavailable")
         if not fields:
             outcome = "unknown"
             return _error(404, "unknown task", reason="no such task, or its result expired")
@@ -168,7 +168,7 @@ async def cancel(request: web.Request) -> web.Response:
             after = await tasks.queue.cancel(task_id)
         except StoreUnavailable:
             outcome = "store_unavailable"
-            return _error(503, "metadata store unavailable")
+            return _unavailable("metadata store unavailable")
         if after is None:
             outcome = "unknown"
             return _error(404, "unknown task", reason="no such task, or its result expired")

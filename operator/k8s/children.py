@@ -48,6 +48,21 @@ async def _guard(coro: Awaitable[T], kind: str, name: str) -> T:
         raise
 
 
+def annotation_ops(current: dict[str, Any], wanted: dict[str, str]) -> Patch:
+    """JSON patch setting the ``wanted`` annotations that differ from ``current``, key by
+    key: the watch caches keep only ours, and the object has others (the Deployment
+    controller's revision, other tools'), which a patch of the whole map would delete.
+    The whole map only when none of ours is there (the map may be missing)."""
+    changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+    if not changed:
+        return []
+    if not any(k in current for k in wanted):
+        return [{"op": "add", "path": "/metadata/annotations", "value": {**current, **wanted}}]
+    return [{"op": "add", "path": "/metadata/annotations/"
+             + k.replace("~", "~0").replace("/", "~1"), "value": v}
+            for k, v in changed.items()]
+
+
 def owned_by(obj: dict[str, Any], owner: ObjectRef) -> bool:
     return any(ref.get("uid") == owner.uid
                for ref in obj["metadata"].get("ownerReferences") or [])
@@ -143,9 +158,7 @@ async def ensure_deployment(
                         "value": desired["spec"]["template"]})
         # The last valid spec changes with edits the pods do not see (scaling, traits):
         # recorded without an Event of its own.
-        if any(annotations.get(k) != v for k, v in wanted.items()):
-            ops.append({"op": "add", "path": "/metadata/annotations",
-                        "value": {**annotations, **wanted}})
+        ops += annotation_ops(annotations, wanted)
         _add_label_changes(current, desired, ops, what)
         have_replicas = current.get("spec", {}).get("replicas")
         want_replicas = replicas(have_replicas)

@@ -51,6 +51,7 @@ from mulambda.tasks.queue import TaskQueue
 from .. import handling
 from ..context import Context
 from ..k8s.api import API_THREADS, Forbidden
+from ..k8s.children import owned_by
 from ..k8s.objects import LAST_VALID_SPEC, ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
@@ -58,6 +59,9 @@ from .heartbeats import counted
 from .rollout import is_active
 
 log = logging.getLogger(__name__)
+# Longer LAST_VALID_SPEC annotations are not read: what the operator writes is about
+# 0.5 KB, and a forged one must not cost a tick much time.
+MAX_SPEC_ANNOTATION = 64 * 1024
 
 ERRORS = Counter("mulambda_operator_errors", "Store and API server calls of the operator's "
                  "loops that failed, by target (store, api) and loop", ["target", "loop"])
@@ -133,30 +137,34 @@ class Fleet:
         # stayed ScaledToZero in the store, offered to clients whose requests then
         # waited for a cold start that never came). After a restart, the one the
         # Deployment was last built from.
-        last = known[1] if known is not None else self._built_from(meta)
         try:
             spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
         except SpecError:
-            spec = last
+            spec = known[1] if known is not None else self._built_from(body)
         except Exception:  # one executor's spec must not stop the fleet's ticks
             log.exception("spec of %s/%s could not be parsed; its last valid one is used",
                           meta.get("namespace"), meta.get("name"))
-            spec = last
+            spec = known[1] if known is not None else self._built_from(body)
         self._specs[meta["uid"]] = (generation, spec)
         return spec
 
-    def _built_from(self, meta: Mapping[str, Any]) -> ModelExecutorSpec | None:
-        """The spec the executor's Deployment was last built from (its LAST_VALID_SPEC
-        annotation), if the cache has one that still parses."""
+    def _built_from(self, body: Mapping[str, Any]) -> ModelExecutorSpec | None:
+        """The spec the executor's own Deployment was last built from (its LAST_VALID_SPEC
+        annotation), if the cache has one that parses. Read only when the current spec
+        does not: the annotation is anyone's who may edit the Deployment, so whatever it
+        holds ends here (at worst a spec that passed validation, for this executor
+        only, until the next valid edit)."""
+        meta = body["metadata"]
         deployment = first(self.deployments, (meta["namespace"], meta["name"]))
-        text = ((deployment or {}).get("metadata", {}).get("annotations") or {}).get(
-            LAST_VALID_SPEC)
-        if not text:
+        if deployment is None or not owned_by(deployment, ObjectRef.of(body)):
+            return None  # someone else's object of that name (NameConflict)
+        text = (deployment["metadata"].get("annotations") or {}).get(LAST_VALID_SPEC)
+        if not isinstance(text, str) or not text or len(text) > MAX_SPEC_ANNOTATION:
             return None
         try:
             return parse_executor_spec(json.loads(text))
-        except (SpecError, ValueError, TypeError):
-            return None  # written by another version of the operator: none known
+        except Exception:  # forged (deep nesting: RecursionError) or another version's
+            return None
 
     def _live(self) -> Iterator[tuple[Key, Any]]:
         """Every executor in the cache whose deletion has not started."""

@@ -476,3 +476,26 @@ async def test_predict_waits_for_a_cold_start_then_answers_503_worth_retrying(st
     assert resp.headers["retry-after"] == "1"
     assert waited >= 0.3
     assert (await store.executor_load("ml/asleep", 20))[1] > 0  # demand was signalled
+
+
+async def test_a_store_gone_during_a_cold_start_wait_is_503_not_a_crash(store, client,
+                                                                        redis_server):
+    rec = ExecutorRecord(
+        namespace="ml", name="asleep", model="model-asleep", version=1, type="vision",
+        input="image", output="label", accuracy=0.9, rest="http://asleep.invalid:8501",
+        grpc="", state="ScaledToZero", min_replicas=0, service_time_ms=5.0,
+    )
+    await store.put_executor(rec)
+    async with selector_http(create_app(store, cache_ttl=0, cold_start_timeout=1.5)) as http:
+        waiting = asyncio.ensure_future(
+            http.post("/v1/predict/shop/app", json={"instances": [[1]]}))
+        await asyncio.sleep(0.3)  # waiting for the activation
+        redis_server.stop()
+        try:
+            resp = await waiting
+        finally:
+            redis_server.start()
+    assert resp.status_code == 503, resp.text  # was a 500 "Internal Server Error"
+    assert strict(resp.text) == {"error": "metadata store unavailable",
+                                 "executor": "ml/asleep"}
+    assert resp.headers["retry-after"] == "1"

@@ -473,3 +473,19 @@ async def test_submissions_racing_each_other_cannot_pass_the_open_task_limit(sto
     refused_keys = [i for i, o in enumerate(outcomes) if o == "refused"]
     assert not any([await store.redis.exists(queue.idempotency_key("shop/app", f"k{i}"))
                     for i in refused_keys])
+
+
+async def test_with_the_store_away_every_route_is_503_worth_retrying(api, store, redis_server):
+    await register(store)
+    queued = await api.post("/v1/tasks/shop/app", json={"instances": [[1.0]]})
+    task = queued.json()["id"]
+    redis_server.stop()
+    try:
+        answers = [await api.post("/v1/tasks/shop/app", json={"instances": [[1.0]]}),
+                   await api.get(f"/v1/tasks/{task}"),
+                   await api.delete(f"/v1/tasks/{task}")]
+    finally:
+        redis_server.start()
+    for answer in answers:
+        assert (answer.status_code, answer.headers.get("retry-after")) == (503, "1")
+        assert answer.json() == {"error": "metadata store unavailable"}

@@ -1052,6 +1052,14 @@ def test_chart_store_loads_an_acl_file_from_the_role_secrets() -> None:
     assert "initContainers" not in plain["spec"]["template"]["spec"]
 
 
+def test_a_claim_without_a_bundled_store_needs_no_append_only_file() -> None:
+    # redis.persistence is about the bundled store: with your own, the values are unused.
+    values = {"redis": {"enabled": False, "url": "redis://db:6379/0", "appendOnly": False,
+                        "persistence": {"enabled": True}}}
+    jsonschema.Draft7Validator(values_schema()).validate(merged(values))
+    assert find(render(values), "PersistentVolumeClaim") == []
+
+
 @pytest.mark.parametrize(("scenario", "claim"), [
     pytest.param("defaults", None, id="emptydir"),
     pytest.param("store-persistent", ("2Gi", "standard"), id="claim"),

@@ -48,8 +48,9 @@ class MemoryApi:
                     ops: list[dict[str, Any]]) -> dict[str, Any]:
         self.patches.append(ops)
         obj = self.objects[(kind, namespace, name)]
-        for op in ops:
-            *parents, leaf = op["path"].strip("/").split("/")
+        for op in ops:  # "add" and "replace" as RFC 6902 applies them (JSON pointer escapes)
+            *parents, leaf = (part.replace("~1", "/").replace("~0", "~")
+                              for part in op["path"].strip("/").split("/"))
             target = obj
             for part in parents:
                 target = target.setdefault(part, {})
@@ -129,19 +130,46 @@ async def test_a_drifted_deployment_is_patched_with_what_changed(desired, existi
         TEMPLATE_HASH]
 
 
+def _with_spec(text: str, template_hash: str = "h1") -> dict[str, Any]:
+    d = deployment(template_hash)
+    d["metadata"]["annotations"][LAST_VALID_SPEC] = text
+    return d
+
+
 async def test_a_new_last_valid_spec_is_recorded_without_an_event_or_a_rollout():
     api = MemoryApi()
-    first = deployment()
-    first["metadata"]["annotations"][LAST_VALID_SPEC] = '{"scaling":{"maxReplicas":2}}'
-    await ensure_deployment(api, OWNER, first, bounded)
-    api.objects[("Deployment", "ml", "hp2")]["metadata"]["annotations"]["team"] = "kept"
-    edited = deployment()
-    edited["metadata"]["annotations"][LAST_VALID_SPEC] = '{"scaling":{"maxReplicas":9}}'
-    dep, changes = await ensure_deployment(api, OWNER, edited, bounded)
+    await ensure_deployment(api, OWNER, _with_spec('{"scaling":{"maxReplicas":2}}'), bounded)
+    dep, changes = await ensure_deployment(
+        api, OWNER, _with_spec('{"scaling":{"maxReplicas":9}}'), bounded)
     assert changes == []  # nothing the pods or the user see changed
+    assert dep["metadata"]["annotations"][LAST_VALID_SPEC] == '{"scaling":{"maxReplicas":9}}'
+    assert api.patches[-1] == [{"op": "add",
+                                "path": "/metadata/annotations/mulambda.io~1last-valid-spec",
+                                "value": '{"scaling":{"maxReplicas":9}}'}]
+
+
+@pytest.mark.parametrize("template_hash", ["h1", "h2"])
+async def test_annotations_others_keep_are_not_touched_when_ours_change(template_hash):
+    # The watch cache keeps only our annotations; the object also has the Deployment
+    # controller's and other tools'. Patched key by key, those stay.
+    api = MemoryApi()
+    await ensure_deployment(api, OWNER, _with_spec("{}"), bounded)
+    live = api.objects[("Deployment", "ml", "hp2")]
+    cached = copy.deepcopy(live)
+    live["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "4"
+    dep, _ = await ensure_deployment(api, OWNER, _with_spec('{"a":1}', template_hash),
+                                     bounded, cached)
     assert dep["metadata"]["annotations"] == {
-        TEMPLATE_HASH: "h1", LAST_VALID_SPEC: '{"scaling":{"maxReplicas":9}}', "team": "kept"}
-    assert [op["path"] for op in api.patches[-1]] == ["/metadata/annotations"]
+        TEMPLATE_HASH: template_hash, LAST_VALID_SPEC: '{"a":1}',
+        "deployment.kubernetes.io/revision": "4"}
+
+
+async def test_without_any_of_ours_the_annotations_are_set_whole():
+    api = MemoryApi()
+    await ensure_deployment(api, OWNER, _with_spec("{}"), bounded)
+    del api.objects[("Deployment", "ml", "hp2")]["metadata"]["annotations"]
+    dep, _ = await ensure_deployment(api, OWNER, _with_spec("{}"), bounded)
+    assert dep["metadata"]["annotations"] == {TEMPLATE_HASH: "h1", LAST_VALID_SPEC: "{}"}
 
 
 async def test_labels_others_added_are_kept_and_ours_restored():
