@@ -360,6 +360,10 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
         k = ((snapshot.own_inflight.get(eid, 0.0) + timed_total) / ready
              + _still_there(others, stay, net))
     load = model.load(k)
+    if k > model.measured_to and model.beyond_ms > model.per_inflight_ms:
+        notes += (f"{k:.1f} requests ahead, answers measured up to "
+                  f"{model.measured_to:.1f}: {model.beyond_ms:g} ms (declared) per request "
+                  f"beyond, not the measured {model.per_inflight_ms:.1f}",)
     steady = net + service + load
     expected = steady + v.cold
     if not math.isfinite(expected):

@@ -748,3 +748,19 @@ def test_requests_ahead_beyond_what_answers_measured_cost_at_least_the_declared_
     assert burst.saving(1) == pytest.approx(50.0)
     assert burst.saving(10) == pytest.approx(burst.load_ms)
     assert ids(ranking)[0] == "ml/steady"
+
+
+def test_a_load_beyond_what_answers_measured_is_named_in_the_reason():
+    snap = snapshot(executor("burst", service=50), rtt={"burst": 1})
+    stats = ServiceStats()
+    for k in (0, 1, 0, 1):
+        stats = observe(stats, k, 1, 50.0)
+    snap.service = {"ml/burst": stats}
+    snap.own_inflight = {"ml/burst": 10.0}
+    [burst] = rank(Criteria(type="vision"), snap, now=NOW)
+    assert any("answers measured up to 2." in n and "50 ms (declared)" in n
+               for n in burst.notes), burst.notes
+    assert "answers measured up to" in burst.reason
+    snap.own_inflight = {"ml/burst": 1.0}  # within: nothing to say
+    [burst] = rank(Criteria(type="vision"), snap, now=NOW)
+    assert not any("answers measured" in n for n in burst.notes)
