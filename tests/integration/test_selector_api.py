@@ -456,15 +456,16 @@ async def test_answers_are_strict_json_even_with_impossible_values_in_the_store(
         assert [c["executor"] for c in body["candidates"]] == ["ml/good"]
 
 
+ASLEEP = ExecutorRecord(
+    namespace="ml", name="asleep", model="model-asleep", version=1, type="vision",
+    input="image", output="label", accuracy=0.9, rest="http://asleep.invalid:8501", grpc="",
+    state="ScaledToZero", min_replicas=0, service_time_ms=5.0)  # at zero: only a cold start
+
+
 async def test_predict_waits_for_a_cold_start_then_answers_503_worth_retrying(store, client):
     """Only an executor at zero: the gateway signals demand for it and waits up to its
     cold-start timeout; the activation goes on, so the answer says to retry."""
-    rec = ExecutorRecord(
-        namespace="ml", name="asleep", model="model-asleep", version=1, type="vision",
-        input="image", output="label", accuracy=0.9, rest="http://asleep.invalid:8501",
-        grpc="", state="ScaledToZero", min_replicas=0, service_time_ms=5.0,
-    )
-    await store.put_executor(rec)
+    await store.put_executor(ASLEEP)
     async with selector_http(create_app(store, cache_ttl=0, cold_start_timeout=0.3,
                                         demand_interval=0.05)) as http:
         started = asyncio.get_running_loop().time()
@@ -480,12 +481,7 @@ async def test_predict_waits_for_a_cold_start_then_answers_503_worth_retrying(st
 
 async def test_a_store_gone_during_a_cold_start_wait_is_503_not_a_crash(store, client,
                                                                         redis_server):
-    rec = ExecutorRecord(
-        namespace="ml", name="asleep", model="model-asleep", version=1, type="vision",
-        input="image", output="label", accuracy=0.9, rest="http://asleep.invalid:8501",
-        grpc="", state="ScaledToZero", min_replicas=0, service_time_ms=5.0,
-    )
-    await store.put_executor(rec)
+    await store.put_executor(ASLEEP)
     async with selector_http(create_app(store, cache_ttl=0, cold_start_timeout=1.5)) as http:
         waiting = asyncio.ensure_future(
             http.post("/v1/predict/shop/app", json={"instances": [[1]]}))
