@@ -45,6 +45,8 @@ lint: ## ruff + mypy
 	# From outside the checkout: check the installed package, where operator/ and
 	# companion/ live under mulambda (run from here, ./mulambda would shadow it).
 	cd / && mypy --config-file $(CURDIR)/pyproject.toml -p mulambda
+	# The benchmarks too: they run by hand, so nothing else notices when an API moves.
+	cd / && mypy --config-file $(CURDIR)/pyproject.toml $(CURDIR)/bench/*.py
 
 # The README's pictures (mulambda/tools/plots.py; matplotlib from the `plots` or `test` extra).
 PLOTS_DIR   ?= docs/img

@@ -541,16 +541,17 @@ def compare(
     rates = load_curve(duration_s, peak_rps, seed)
     arrivals = arrivals_per_tick(rates, cfg.tick_s, seed + 1)
     static_n = static_peak_replicas(rates, cfg)
-    sizing = {"service_s": mean_service_s(cfg), "cold_start_s": cfg.cold_start_s}
+    service_s = mean_service_s(cfg)
     controllers: list[Controller] = [
         Static(static_n),
         Mulambda(mulambda_policy(cfg), cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s,
-                 **sizing),
+                 service_s=service_s, cold_start_s=cfg.cold_start_s),
         # Same scale-down patience as the HPA's 5-minute stabilisation, to show
         # what the comparison owes to the shorter default delay.
         Mulambda(
             mulambda_policy(cfg, scaleDownDelaySeconds=cfg.hpa_downscale_window_s),
-            cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s, name="mulambda-d300", **sizing,
+            cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s, name="mulambda-d300",
+            service_s=service_s, cold_start_s=cfg.cold_start_s,
         ),
         Hpa(
             cfg.slots_per_replica,
@@ -577,14 +578,15 @@ def compare_queue(
     rates = load_curve(duration_s, peak_rps, seed)
     arrivals = arrivals_per_tick(rates, cfg.tick_s, seed + 1)
     static_n = static_peak_replicas(rates, cfg)
-    sizing = {"service_s": mean_service_s(cfg), "cold_start_s": cfg.cold_start_s}
+    service_s = mean_service_s(cfg)
     controllers: list[Controller] = [
         Static(static_n),
         Mulambda(mulambda_policy(cfg), cfg.tick_s, cfg.sample_every_s, cfg.decide_every_s,
-                 **sizing),
+                 service_s=service_s, cold_start_s=cfg.cold_start_s),
         Mulambda(mulambda_policy(cfg, targetConcurrency=cfg.slots_per_replica), cfg.tick_s,
                  cfg.sample_every_s, cfg.decide_every_s, name="mulambda-queue",
-                 drain_s=2 * cfg.task_wait_s, **sizing),
+                 drain_s=2 * cfg.task_wait_s, service_s=service_s,
+                 cold_start_s=cfg.cold_start_s),
     ]
     return ({c.name: simulate(arrivals, c, cfg, seed + 2) for c in controllers}, static_n,
             cfg)

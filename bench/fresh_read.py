@@ -57,7 +57,8 @@ def _pct(values: list[float], q: float) -> float:
 def _measured(rng: random.Random, executor: str) -> dict[str, ServiceStats]:
     tracker = ServiceTracker()
     tracker.observe(executor, inflight=rng.randint(0, 3), items=1,
-                    elapsed_ms=rng.uniform(5, 60), network_ms=1, predicted_ms=20)
+                    elapsed_ms=rng.uniform(5, 60), network_ms=1, predicted_ms=20,
+                    at=time.monotonic())
     return tracker.take_changed()
 
 
@@ -180,7 +181,7 @@ async def measure(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             # An SDK in use has measured something itself; its own statistics are then
             # merged into every decision's view (a new dict per call) on either path.
             sdk._tracker.observe(ids[0], inflight=0, items=1, elapsed_ms=21, network_ms=1,
-                                 predicted_ms=20)
+                                 predicted_ms=20, at=time.monotonic())
             readers = {"old": InflightReader(store, sdk._leases.instance),
                        "new": InflightReader(store, sdk._leases.instance, service=True)}
             for reader in readers.values():

@@ -62,6 +62,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024 * 1024
@@ -100,6 +101,7 @@ def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> di
     storage = ModelStorage.from_env(max_connections=max(16, workers * 2))
     objects = storage.list_version_objects(BUCKET, prefix, 1)
     total = sum(o.size for o in objects)
+    run: Callable[[], Any]  # the companion's loader answers what it loaded, the others None
     if mode in ("companion", "sizes-only"):
         from mulambda.companion.loader import load_model_version
 
@@ -107,9 +109,10 @@ def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> di
                                          workers=workers, part_size=part_size,
                                          verify_checksums=mode == "companion")
     elif mode == "baseline":
-        def run() -> None:
+        def baseline() -> None:
             for o in objects:
                 storage.client.fget_object(BUCKET, o.key, str(out / o.relpath))
+        run = baseline
     elif mode == "ceiling":
         run = lambda: _ceiling(storage, objects, out, workers, part_size)  # noqa: E731
     else:
@@ -118,7 +121,7 @@ def child(mode: str, prefix: str, out: Path, workers: int, part_size: int) -> di
     _reset_peak_rss()
     cpu_before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    result = run()
+    result: Any = run()
     seconds = time.perf_counter() - started
     cpu_after = resource.getrusage(resource.RUSAGE_SELF)
     peak = _rss_kib("VmHWM")

@@ -137,7 +137,8 @@ async def measure(args: argparse.Namespace, executors: int) -> dict[str, dict[st
             async with MulambdaClient(store, c, type=kind) as sdk:
                 for cand in (await sdk.ranking())[:3]:
                     sdk._tracker.observe(cand.executor_id, inflight=0, items=1,
-                                         elapsed_ms=20.0, network_ms=5.0, predicted_ms=15.0)
+                                         elapsed_ms=20.0, network_ms=5.0, predicted_ms=15.0,
+                                         at=time.monotonic())
                 await sdk.select()
                 answered += await _measure(sdk.select, args.seconds_per_client / 2)
         results["SDK select, own answers"] = answered
