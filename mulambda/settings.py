@@ -47,8 +47,9 @@ SETTINGS_DOC: dict[str, tuple[str, str]] = {
         "redis://localhost:6379/0", "Metadata store URL (Redis, Valkey or DragonflyDB); its "
         "user, if any, is the companions' (the operator copies the URL into executor pods)."),
     "REDIS_SECRET": (
-        "", "Secret (keys username, password) with the companions' store credentials, read "
-        "via secretKeyRef in each executor's namespace; empty: no password."),
+        "", "Secret (key password) with the companions' store password, read via "
+        "secretKeyRef in each executor's namespace (their user is the one in "
+        "MULAMBDA_REDIS_URL); empty: no password."),
     "REDIS_CLIENT_SECRET": (
         "", "Secret (keys username, password) with the read-only store user Client workloads "
         "get, in each workload's namespace; empty: workloads get no store access at all."),

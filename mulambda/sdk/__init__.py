@@ -19,8 +19,9 @@ How it routes, and what that costs on the request path:
   background, so ``select()`` waits for the full snapshot only on the very
   first call or when it is older than ``max_stale``.
 * Everybody else's requests in flight are read fresh for each decision
-  (one HGETALL of the in-flight leases, shared by decisions within 2 ms,
-  bounded by ``load_timeout``; after a failure the snapshot's counts are
+  (one HGETALL of the in-flight leases; decisions made while one is on its
+  way join it, and ``load_ttl`` > 0 shares one for that long; bounded by
+  ``load_timeout``; after a failure the snapshot's counts are
   used for a second): a fast model serves a request in tens of
   milliseconds, and routers that see each other's load a second late pile
   onto the same idle replica. ``fresh_load=False`` turns it off.

@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("acl-file", help="write the store's ACL file from the role Secrets")
-    build.add_argument("--prefix", default=os.environ.get("MULAMBDA_KEY_PREFIX", "mulambda"))
+    # Empty counts as unset, as for every MULAMBDA_* variable (mulambda.settings).
+    build.add_argument("--prefix", default=os.environ.get("MULAMBDA_KEY_PREFIX") or "mulambda")
     build.add_argument("--out", required=True, type=Path)
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--secrets", type=Path, help="DIR/ROLE/password files (mounted Secrets)")

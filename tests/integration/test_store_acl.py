@@ -10,7 +10,6 @@ The expectations are written out here, not derived from the ACL module.
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -18,6 +17,7 @@ import redis
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from mulambda.store.acl import ROLES, acl_file
+from mulambda.store.acl import main as acl_main
 from mulambda.store.leases import InflightLeases
 from mulambda.store.metadata import MetadataStore
 from mulambda.store.reader import InflightMirror, SharedSnapshot, SnapshotReader
@@ -239,14 +239,16 @@ def test_acl_file_keeps_passwords_out_and_turns_the_default_user_off():
     assert all(f"user {role.username} on #" in text for role in ROLES.values())
 
 
-def test_a_heartbeat_write_takes_well_under_a_millisecond_more_with_acls(url):
-    # ACL checks are per command and per key pattern: no measurable cost for the
-    # companion's heartbeat (a sanity bound, not a benchmark).
-    r = login(url, "companion")
-    started = time.perf_counter()
-    for i in range(200):
-        r.hset(f"{P}:replicas", f"{EXECUTOR}|p{i}", "{}")
-    assert (time.perf_counter() - started) / 200 < 0.005
+@pytest.mark.parametrize(("env", "prefix"), [("", "mulambda"), ("team", "team")])
+def test_an_empty_key_prefix_counts_as_unset_for_the_acl_file(tmp_path, monkeypatch, env,
+                                                              prefix):
+    for role in ROLES:
+        (tmp_path / "secrets" / role).mkdir(parents=True)
+        (tmp_path / "secrets" / role / "password").write_text(PASSWORDS[role])
+    monkeypatch.setenv("MULAMBDA_KEY_PREFIX", env)
+    assert acl_main(["acl-file", "--secrets", str(tmp_path / "secrets"),
+                     "--out", str(tmp_path / "users.acl")]) == 0
+    assert (tmp_path / "users.acl").read_text() == acl_file(prefix, PASSWORDS)
 
 
 # -- what the chart and the kustomize base ship -------------------------------------------------
