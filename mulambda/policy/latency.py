@@ -97,8 +97,13 @@ observations were sent at; further out it is a guess. :func:`fit` says how
 far it reaches (``measured_to``: twice the root mean square of the
 observations' ``k``, from ``kk / w``, and one request more; counts spread
 evenly from 0 to ``m`` reach about ``1.15 m + 1``), and beyond that each
-request ahead costs at least the prior's ``per_inflight``
-(:meth:`ServiceModel.load`). Why: a slope read from a few answers at one or
+request ahead costs at least one measured service time per slot (the fitted
+``base`` / ``replica_concurrency``, as the prior's ``per_inflight`` is the
+declared time's: :meth:`ServiceModel.load`): a request that finds every slot
+taken waits for one to free. Measured, not declared: with the declared time,
+fast models declared at ten times their time were held back beyond the
+reach (seed 11's one-node 0.75 latency-only p95 through the gateway 28.7 ->
+84.6 ms). Why a reach at all: a slope read from a few answers at one or
 two requests ahead is extrapolated to twenty when routers decide at once.
 In the simulator one answer miscounted at ``k = 1`` made a model whose
 request ahead costs 213 ms look like 4 ms; four SDK processes sent it 14
@@ -216,7 +221,11 @@ def _fit(w: float, k: float, i: float, t: float, kk: float, ii: float, ki: float
         worst = min(negative, key=lambda f: sol[free.index(f)])
         theta[worst] = prior.per_inflight_ms if worst == 1 else 0.0
         free.remove(worst)
-    return ServiceModel(theta[0], theta[1], theta[2], _reach(w, kk), prior.per_inflight_ms)
+    # Beyond the reach a request ahead costs at least a measured service time per slot:
+    # the fitted base at the prior's ratio (serviceTimeMs / replica_concurrency).
+    beyond = (theta[0] * prior.per_inflight_ms / prior.base_ms if prior.base_ms > 0
+              else prior.per_inflight_ms)
+    return ServiceModel(theta[0], theta[1], theta[2], _reach(w, kk), beyond)
 
 
 def _solve(m: list[list[float]], v: list[float]) -> list[float]:

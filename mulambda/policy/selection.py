@@ -36,7 +36,7 @@ Everything else is rejected with a reason.
     service  = base + per_item * items        (the measured model,
     load     = per_inflight * k                mulambda.policy.latency);
                beyond the counts it was measured at, each request ahead
-               costs at least the prior's per_inflight (ServiceModel.load)
+               costs at least a measured service time (ServiceModel.load)
     k        = requests ahead of this one per replica:
                timed + others * stay / (stay + network) + own
     timed    = everybody else's requests whose leases say when each should
@@ -362,8 +362,8 @@ def candidate(v: Viable, criteria: Criteria, snapshot: Snapshot, now: float,
     load = model.load(k)
     if k > model.measured_to and model.beyond_ms > model.per_inflight_ms:
         notes += (f"{k:.1f} requests ahead, answers measured up to "
-                  f"{model.measured_to:.1f}: {model.beyond_ms:g} ms (declared) per request "
-                  f"beyond, not the measured {model.per_inflight_ms:.1f}",)
+                  f"{model.measured_to:.1f}: a service time ({model.beyond_ms:.1f} ms) per "
+                  f"request beyond, not the fitted {model.per_inflight_ms:.1f}",)
     steady = net + service + load
     expected = steady + v.cold
     if not math.isfinite(expected):

@@ -329,7 +329,8 @@ def test_a_fit_reaches_about_as_far_as_the_counts_it_was_measured_at(counts, wan
     model = fit(_measured_at(*counts), PRIOR)
     # (approximately: the older observations weigh a little less)
     assert model.measured_to == pytest.approx(want, rel=0.01)
-    assert model.beyond_ms == PRIOR.per_inflight_ms
+    # beyond it, a measured service time per slot (PRIOR: one slot)
+    assert model.beyond_ms == pytest.approx(model.base_ms)
 
 
 @pytest.mark.parametrize(("k", "load"), [
@@ -361,13 +362,29 @@ def test_a_slope_read_at_one_or_two_counts_is_not_extrapolated_to_many():
     model = fit(stats, prior)
     assert model.per_inflight_ms < 10
     assert model.base_ms + model.per_inflight_ms * 20 < 300  # what it was used as
-    assert model.predict(20) > 57 + 57 * 17  # no less than the declared time beyond reach
+    # beyond the reach no less than a measured service time (about the declared 57)
+    assert model.predict(20) > 55 + 55 * 17
     # Answers at higher counts take the reach further, and the fitted slope with it.
     for k in range(1, 8):
         stats = observe(stats, k, 1, 57 + 213 * k)
     model = fit(stats, prior)
     assert model.measured_to > 7
     assert model.predict(7) == pytest.approx(57 + 213 * 7, rel=0.2)
+
+
+def test_beyond_its_reach_a_model_costs_what_it_measured_not_what_was_declared():
+    # Declared at 100 ms, measured at 10 alone and 2 more per request ahead: beyond the
+    # counts measured, a request ahead costs a measured service time (about 10 ms), not
+    # the declaration (fast models declared ten times too slow were held back).
+    prior = ServiceModel(100.0, 100.0)
+    stats = ServiceStats()
+    for i in range(300):
+        k = i % 3
+        stats = observe(stats, k, 1, 10.0 + 2.0 * k)
+    model = fit(stats, prior)
+    assert model.base_ms == pytest.approx(10, rel=0.2)  # (the prior still pulls a little)
+    assert model.beyond_ms == pytest.approx(model.base_ms)
+    assert model.predict(10) < 15 + 15 * 10  # with the declared cost: over 700
 
 
 @pytest.mark.parametrize(("late", "per"), [

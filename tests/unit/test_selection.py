@@ -725,11 +725,11 @@ def test_criteria_survive_the_selector_request_body(criteria: Criteria):
     assert Criteria.from_request(body["required"], body["desired"]) == criteria
 
 
-def test_requests_ahead_beyond_what_answers_measured_cost_at_least_the_declared_time():
+def test_requests_ahead_beyond_what_answers_measured_cost_at_least_a_service_time():
     # "burst" answered with nothing or one ahead, about 50 ms either way: measured, a
     # request ahead costs almost nothing. Ten of the caller's own are in flight there:
-    # beyond the two or so answers reach, each costs its declared 50 ms, and the idle
-    # "steady" (120 ms) wins instead.
+    # beyond the two or so answers reach, each costs a measured service time (about
+    # 50 ms), and the idle "steady" (120 ms) wins instead.
     snap = snapshot(executor("burst", service=50), executor("steady", service=120),
                     rtt={"burst": 1, "steady": 1})
     stats = ServiceStats()
@@ -742,10 +742,11 @@ def test_requests_ahead_beyond_what_answers_measured_cost_at_least_the_declared_
     assert burst.model is not None and burst.model.per_inflight_ms < 5
     reach = burst.model.measured_to
     assert 2 < reach < 3
+    assert burst.model.beyond_ms == pytest.approx(50.0, rel=0.05)
     assert burst.load_ms == pytest.approx(burst.model.per_inflight_ms * reach
-                                          + 50.0 * (10 - reach))
-    # one request fewer ahead saves the declared time; all of them, the whole load
-    assert burst.saving(1) == pytest.approx(50.0)
+                                          + burst.model.beyond_ms * (10 - reach))
+    # one request fewer ahead saves a service time; all of them, the whole load
+    assert burst.saving(1) == pytest.approx(burst.model.beyond_ms)
     assert burst.saving(10) == pytest.approx(burst.load_ms)
     assert ids(ranking)[0] == "ml/steady"
 
@@ -758,7 +759,7 @@ def test_a_load_beyond_what_answers_measured_is_named_in_the_reason():
     snap.service = {"ml/burst": stats}
     snap.own_inflight = {"ml/burst": 10.0}
     [burst] = rank(Criteria(type="vision"), snap, now=NOW)
-    assert any("answers measured up to 2." in n and "50 ms (declared)" in n
+    assert any("answers measured up to 2." in n and "a service time (" in n
                for n in burst.notes), burst.notes
     assert "answers measured up to" in burst.reason
     snap.own_inflight = {"ml/burst": 1.0}  # within: nothing to say
