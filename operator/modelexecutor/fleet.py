@@ -139,11 +139,10 @@ class Fleet:
         # Deployment was last built from.
         try:
             spec: ModelExecutorSpec | None = parse_executor_spec(dict(body.get("spec") or {}))
-        except SpecError:
-            spec = known[1] if known is not None else self._built_from(body)
-        except Exception:  # one executor's spec must not stop the fleet's ticks
-            log.exception("spec of %s/%s could not be parsed; its last valid one is used",
-                          meta.get("namespace"), meta.get("name"))
+        except Exception as exc:  # one executor's spec must not stop the fleet's ticks
+            if not isinstance(exc, SpecError):  # a SpecError the handlers report
+                log.exception("spec of %s/%s could not be parsed; its last valid one is "
+                              "used", meta.get("namespace"), meta.get("name"))
             spec = known[1] if known is not None else self._built_from(body)
         self._specs[meta["uid"]] = (generation, spec)
         return spec
