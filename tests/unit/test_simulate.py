@@ -51,6 +51,13 @@ DECLARED_WRONG = {
     "clients": [{"name": "app", "node": "client", "latency": 1, "accuracy": 0, "instances": 2}],
 }
 
+# Two equal models on one node: which one a request goes to turns on chance alone.
+TWINS = dict(DECLARED_WRONG, models={
+    "a": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9},
+    "b": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9}},
+    executors=[{"name": "a", "model": "a", "nodes": ["edge"]},
+               {"name": "b", "model": "b", "nodes": ["edge"]}])
+
 
 def test_our_selector_beats_round_robin_on_p95():
     results = routers.simulate(NEAR_AND_FAR, selectors=("mulambda-sdk", "round-robin"))
@@ -119,6 +126,24 @@ def test_least_outstanding_spreads_and_the_oracle_knows_the_truth():
     assert results["oracle"].p95 < results["least-outstanding"].p95
 
 
+@pytest.mark.parametrize(("noise", "same"), [
+    pytest.param(0.0, True, id="no-error-is-the-oracle"),
+    pytest.param(0.1, False, id="ten-percent-errs"),
+])
+def test_the_noisy_oracle_is_the_oracle_with_an_error_in_every_expected_latency(noise, same):
+    # Between two equal idle models the oracle takes the first by name; an error in the
+    # expected latencies shows in the choices.
+    policy = routers.Policy(latency_noise=noise)
+    results = routers.simulate(TWINS, ("oracle", "noisy-oracle"), policy)
+    exact, noisy = results["oracle"].as_dict(), results["noisy-oracle"].as_dict()
+    assert noisy["selector"] == "noisy-oracle"
+    noisy["selector"] = "oracle"
+    assert (noisy == exact) is same
+    # Its draws are the routers' own: the same router seed, the same choices.
+    again = routers.simulate(TWINS, ("noisy-oracle",), policy)["noisy-oracle"]
+    assert again.rtt_ms == results["noisy-oracle"].rtt_ms
+
+
 def test_each_answer_is_worth_what_its_clients_preferences_score_it():
     results = routers.simulate(NEAR_AND_FAR, selectors=("round-robin",))
     rr = results["round-robin"]
@@ -146,14 +171,9 @@ def test_same_seed_same_figures_other_seed_other_stream():
 ])
 def test_router_seed_redraws_only_the_routers_own_choices(router_seed, same):
     # Two equal models on one node: mulambda spreads over them with its own draws.
-    twin = dict(DECLARED_WRONG, models={
-        "a": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9},
-        "b": {"service_ms": 8, "per_concurrent_ms": 10, "concurrency": 0, "accuracy": 0.9}},
-        executors=[{"name": "a", "model": "a", "nodes": ["edge"]},
-                   {"name": "b", "model": "b", "nodes": ["edge"]}])
     selectors = ("mulambda-sdk", "oracle")
-    base = routers.simulate(twin, selectors)
-    raw = twin if router_seed is None else dict(twin, router_seed=router_seed)
+    base = routers.simulate(TWINS, selectors)
+    raw = TWINS if router_seed is None else dict(TWINS, router_seed=router_seed)
     other = routers.simulate(raw, selectors)
     # The stream and the world are the seed's: the oracle sees the very same requests.
     assert other["oracle"].as_dict() == base["oracle"].as_dict()
@@ -257,6 +277,27 @@ def test_goals_compare_both_paths_with_the_oracle_and_the_gateway_with_the_sdk()
     found = {g.what: g for g in experiment.goals([latency_cell])}
     assert not any("accuracy" in what for what in found)
     assert found["mulambda-sdk p95/least-outstanding"].met  # 30 < 40
+
+
+def test_the_noisy_oracle_gets_each_paths_goals_as_a_yardstick_not_as_goals():
+    cell = experiment.Cell("one-node", 0.5, 10.0, "accuracy", {
+        "oracle": figs(10, 20, 0.9), "mulambda-sdk": figs(12, 30, 0.88),
+        "mulambda-gateway": figs(11, 22, 0.89), "noisy-oracle": figs(11, 26, 0.80),
+        "least-outstanding": figs(8, 40, 0.85)})
+    found = experiment.goals([cell])
+    issue, plain, _oracle, chance = experiment.grouped(found)
+    assert {g.what for g in chance} == {"noisy-oracle p50/oracle", "noisy-oracle p95/oracle",
+                                        "noisy-oracle accuracy shortfall"}
+    assert not any("noisy" in g.what for g in issue + plain)  # no goal of its own
+    assert [g.met for g in chance] == [True, False, False]  # 1.1x, 1.3x, 11 % short
+    text = experiment.format_goals(found)
+    assert text.startswith("goals of issue 11: 7 of 8 met\n")
+    assert ("the same goals against the oracle, per router: mulambda-sdk 2 of 3, "
+            "mulambda-gateway 3 of 3, noisy-oracle 1 of 3 (") in text
+    assert "missed: one-node load 0.5 accuracy: noisy-oracle p95/oracle 1.300 > 1.25" in text
+    # Without it, the yardstick's line is left out.
+    del cell.figures["noisy-oracle"]
+    assert "per router" not in experiment.format_goals(experiment.goals([cell]))
 
 
 def test_the_sdks_fresh_reads_carry_the_others_measurements():

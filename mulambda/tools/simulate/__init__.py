@@ -46,6 +46,12 @@ Routers:
   true state (running, queued, on the way to it) and scores the true
   expected latency with mulambda's scoring (same utilities, same ceiling):
   the best a router with this objective can do request by request.
+* ``noisy-oracle`` -- the oracle with every expected latency off by a
+  lognormal error of ``Policy.latency_noise`` (10 %), drawn per candidate and
+  decision from the router seed: nothing to learn, only an error of the size
+  mulambda takes its own to be. What it misses of the goals against the
+  oracle is what chance alone misses (the suite prints it beside each
+  mulambda path).
 * ``least-outstanding`` -- the replica with the fewest requests in flight
   (join-shortest-queue over all replicas of the type; ties: lower RTT).
 * ``prototype`` -- the MuLambda prototype's scorer: latency = RTT +
@@ -231,11 +237,13 @@ def run(args: argparse.Namespace) -> int:
                      "mean_accuracy": finite(f.mean_accuracy, 4),
                      "mean_utility": finite(f.mean_utility, 4)}
                     for c in cells for n, f in c.figures.items()]
-            issue, plain, oracle = grouped(found)
+            issue, plain, oracle, chance = grouped(found)
             sys.stdout.write(json.dumps({
                 "cells": rows, "goals_met": sum(g.met for g in issue), "goals": len(issue),
                 "plain_goals_met": sum(g.met for g in plain), "plain_goals": len(plain),
-                "oracle_plain_met": sum(g.met for g in oracle)}, indent=2) + "\n")
+                "oracle_plain_met": sum(g.met for g in oracle),
+                "noisy_oracle_goals_met": sum(g.met for g in chance),
+                "noisy_oracle_goals": len(chance)}, indent=2) + "\n")
         else:
             sys.stdout.write(format_suite(cells) + "\n" + format_goals(found) + "\n")
         return 0

@@ -31,6 +31,7 @@ from .world import (
     PROTOTYPE_BUCKETS_MS,
     SELECTORS,
     Figures,
+    Replica,
     Scenario,
     SelectorResult,
     Stream,
@@ -176,12 +177,33 @@ class _Oracle(_Router):
         for eid in self.matching[who]:
             ratio = (self.recs[eid].accuracy or 0.0) / top
             for i, rep in enumerate(self.world.reps[eid]):
-                latency = self.sc.rtt(node, rep.node) + self.world.expected(eid, rep, items)
+                latency = self.latency_ms(node, eid, rep, items)
                 key = (latency > prefs.ceiling_ms, -prefs.score(latency, ratio), eid, i)
                 if best is None or key < best:
                     best = key
         assert best is not None
         return best[2], best[3]
+
+    def latency_ms(self, node: str, eid: str, rep: Replica, items: int) -> float:
+        """The true expected latency of a request from ``node`` sent to ``rep`` now."""
+        return self.sc.rtt(node, rep.node) + self.world.expected(eid, rep, items)
+
+
+class _NoisyOracle(_Oracle):
+    """The oracle with every expected latency off by a lognormal error of
+    ``Policy.latency_noise`` (10 %, what mulambda's spreading takes its own estimates'
+    error to be), drawn anew per candidate and decision. The goals it misses against the
+    exact oracle are what an error that size alone costs, with nothing to learn."""
+
+    name = "noisy-oracle"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rng = random.Random(self.sc.router_seed * 104729 + 3)
+
+    def latency_ms(self, node: str, eid: str, rep: Replica, items: int) -> float:
+        error = math.exp(self.rng.gauss(0.0, self.policy.latency_noise))
+        return super().latency_ms(node, eid, rep, items) * error
 
 
 @dataclass
@@ -355,6 +377,7 @@ def _routers(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
         "mulambda-sdk": lambda: _Mulambda(False, *args),
         "mulambda-gateway": lambda: _Mulambda(True, *args),
         "oracle": lambda: _Oracle(*args),
+        "noisy-oracle": lambda: _NoisyOracle(*args),
         "least-outstanding": lambda: _LeastOutstanding(*args),
     }
     out.update(_baselines(*args))

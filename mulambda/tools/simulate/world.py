@@ -16,8 +16,8 @@ from mulambda.store.records import (
     ExecutorRecord,
 )
 
-SELECTORS = ("mulambda-sdk", "mulambda-gateway", "oracle", "least-outstanding", "prototype",
-             "round-robin", "random", "lowest-network")
+SELECTORS = ("mulambda-sdk", "mulambda-gateway", "oracle", "noisy-oracle", "least-outstanding",
+             "prototype", "round-robin", "random", "lowest-network")
 PROTOTYPE_BUCKETS_MS = (30, 60, 90, 150, 240, 390, 630, 1020, 1650)
 
 # Edge nodes with small, fast models next to the cameras and a cloud node
@@ -55,7 +55,9 @@ DEFAULT_SCENARIO: dict[str, Any] = {
 
 
 @dataclass
-class _Replica:
+class Replica:
+    """One replica of an executor: its node, slots and what is on it or on the way."""
+
     node: str
     slots: int  # 0: every request runs at once
     busy: int = 0
@@ -242,14 +244,14 @@ class World:
     def __init__(self, sc: Scenario) -> None:
         self.sc = sc
         self.model_of = {f"sim/{e['name']}": sc.models[e["model"]] for e in sc.executors}
-        self.reps: dict[str, list[_Replica]] = {
+        self.reps: dict[str, list[Replica]] = {
             f"sim/{e['name']}": [
-                _Replica(node=n, slots=int(sc.models[e["model"]].get("concurrency", 1)))
+                Replica(node=n, slots=int(sc.models[e["model"]].get("concurrency", 1)))
                 for n in e["nodes"]]
             for e in sc.executors
         }
 
-    def duration(self, eid: str, rep: _Replica, factor: float, u: float, items: int) -> float:
+    def duration(self, eid: str, rep: Replica, factor: float, u: float, items: int) -> float:
         m = self.model_of[eid]
         busy = rep.busy
         core = (float(m["service_ms"]) + float(m.get("per_item_ms", 0)) * items
@@ -257,7 +259,7 @@ class World:
         return (core * (1 + float(m.get("slowdown", 0)) * busy) * factor
                 + float(m.get("jitter_ms", 0)) * u)
 
-    def expected(self, eid: str, rep: _Replica, items: int) -> float:
+    def expected(self, eid: str, rep: Replica, items: int) -> float:
         """True expected service time (queueing included) of a request arriving now."""
         m = self.model_of[eid]
         mean_factor = math.exp(self.sc.jitter ** 2 / 2)
