@@ -46,10 +46,12 @@ operator sets in Client workloads it gives the read-only store user): none
 of the writes above happen; counts and measurements stay in the process, and
 demand for executors at zero goes through the selector's ``/select``.
 
-Failover: a connection error, timeout or 5xx moves on to the next candidate
-(at most ``max_attempts``) and keeps the failed executor out of this
-process's rankings for ``suspect_seconds``. A 4xx is the caller's problem
-and is raised at once as :class:`PredictionRejected`.
+Failover: a connection error, timeout or 5xx moves on (at most
+``max_attempts``) and keeps what failed out of this process's rankings for
+``suspect_seconds``: the replica it was sent to, whose executor's other
+replicas are tried first, or the whole executor when it went through its
+Service (or every replica of it failed). A 4xx is the caller's problem and
+is raised at once as :class:`PredictionRejected`.
 
 Asynchronous inference: ``submit()`` queues a prediction as a task through
 the selector's task API and ``result(id, wait=...)`` fetches it (both also on

@@ -39,6 +39,7 @@ from . import workload
 from .counting import InflightCounter
 from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
+from .suspects import Suspects
 from .tasks import Task, TaskClient, TaskStatus
 from .transport import GrpcTransport, rest_predict
 from .waking import ColdStarts, Waking
@@ -124,7 +125,6 @@ class MulambdaClient:
         self.background_refresh = background_refresh
         self.timeout = timeout
         self.max_attempts = max(1, max_attempts)
-        self.suspect_seconds = suspect_seconds
         self.cold_start_timeout = cold_start_timeout
         self.policy = policy
         self._ranker = Ranker(policy)
@@ -153,7 +153,7 @@ class MulambdaClient:
         self._load = (InflightReader(self.store, self._leases.instance, ttl=load_ttl,
                                      timeout=load_timeout, service=True)
                       if fresh_load else None)
-        self._suspect: dict[str, float] = {}  # executor -> monotonic deadline
+        self._suspects = Suspects(suspect_seconds)
         self._lock = asyncio.Lock()
         self._refresh_task: asyncio.Task[None] | None = None
         self._bg: set[asyncio.Task[Any]] = set()
@@ -309,7 +309,8 @@ class MulambdaClient:
                        inflight=others.counts if others is not None else None,
                        inflight_requests=others.timed if others is not None else None,
                        others_service=others.service if others is not None else None)
-        snap, arms = route_view(snap, full, lambda salt: self._draw(key, salt), force_stable)
+        snap, arms = route_view(self._suspects.view(snap), full,
+                                lambda salt: self._draw(key, salt), force_stable)
         pods = self.direct if direct is None else direct
         ranking = self._ranker.rank(self.criteria, snap, items=items, rng=self._rng,
                                     replicas=pods, now=time.time())
@@ -317,14 +318,12 @@ class MulambdaClient:
                                                  lambda salt: self._draw(key, salt))
         if not ranking:  # explain with every executor, not only the prefiltered ones
             ranking = explained(ranking, full)
-        if self._suspect:
-            now = time.monotonic()
-            self._suspect = {e: t for e, t in self._suspect.items() if t > now}
-            healthy = [c for c in ranking if c.executor_id not in self._suspect]
+        if self._suspects:
+            healthy = [c for c in ranking if c not in self._suspects]
             # All suspect: better to retry them than to give up.
             if healthy and len(healthy) < len(ranking):
                 ranking = Ranking(
-                    healthy + [c for c in ranking if c.executor_id in self._suspect],
+                    healthy + [c for c in ranking if c in self._suspects],
                     ranking.rejected, ranking.wake, ranking.criteria,
                 )
         if ranking.wake:
@@ -412,9 +411,14 @@ class MulambdaClient:
                                  and c.warm]
                     arms = {**arms, **again[1]}
                     continue
-                self._suspect[candidate.executor_id] = time.monotonic() + self.suspect_seconds
+                self._suspects.add(candidate)
                 log.warning("candidate failed client=%s executor=%s error=%s; failing over",
                             self.client_id, candidate.executor_id, exc)
+                if candidate.replica is not None:
+                    # Another replica of the same executor first, when it has a sound one.
+                    again = (await self._routed(items, pods, key))[0]
+                    queue[:0] = [c for c in again if c.executor_id == candidate.executor_id
+                                 and c.warm and c not in self._suspects]
                 continue
             count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=True,
                           ms=(time.perf_counter() - started) * 1000)

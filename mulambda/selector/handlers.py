@@ -27,6 +27,7 @@ from mulambda.policy.selection import (
     Candidate,
     Criteria,
 )
+from mulambda.sdk.suspects import pod_of
 from mulambda.store.records import ClientRecord, StoreUnavailable
 
 from .answers import CANDIDATES_SHOWN
@@ -238,7 +239,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
             outcome, answer = _bad_body(exc)
             return answer
         attempts: list[dict[str, str]] = []
-        tried: set[str] = set()
+        tried: set[tuple[str, str]] = set()  # (executor, pod): another replica may serve
         stable_only: set[str] = set()  # executors whose new version failed this request
         key = assignment_key(request.headers, body_key, configured)
         while len(attempts) < sel.max_attempts:
@@ -247,8 +248,8 @@ async def predict(request: web.Request) -> web.StreamResponse:
             if not ranking and not attempts:
                 outcome = "no_match"
                 return _error(404, "no matching model", reason=ranking.explain())
-            left = [c for c in ranking if c.executor_id not in tried]
-            healthy = [c for c in left if not sel.is_suspect(c)] or left
+            left = [c for c in ranking if (c.executor_id, pod_of(c)) not in tried]
+            healthy = [c for c in left if c not in sel.suspects] or left
             if not healthy:
                 break
             warm = [c for c in healthy if c.warm]
@@ -278,7 +279,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
             if arm is not None and arm.arm == CANDIDATE:
                 stable_only.add(candidate.executor_id)  # a retry goes to the stable arm
             else:
-                tried.add(candidate.executor_id)
+                tried.add((candidate.executor_id, pod_of(candidate)))
             sent = time.perf_counter()
             try:
                 status, payload, ctype = await sel.forward(candidate, body, items)
@@ -287,7 +288,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
                                   (time.perf_counter() - sent) * 1000, body, b"")
                 attempts.append({"executor": candidate.executor_id,
                                  "error": f"connect failed: {exc}"})
-                sel.distrust(candidate)
+                sel.suspects.add(candidate)
                 continue
             except TimeoutError:
                 outcome = "timeout"
@@ -305,7 +306,7 @@ async def predict(request: web.Request) -> web.StreamResponse:
                               (time.perf_counter() - sent) * 1000, body, payload)
             if status == 503 or (status >= 500 and arm is not None and arm.arm == CANDIDATE):
                 attempts.append({"executor": candidate.executor_id, "error": f"HTTP {status}"})
-                sel.distrust(candidate)
+                sel.suspects.add(candidate)
                 continue
             outcome = "ok" if status == 200 else f"http_{status // 100}xx"
             headers = {

@@ -38,6 +38,7 @@ from mulambda.policy.selection import (
 )
 from mulambda.sdk.counting import InflightCounter
 from mulambda.sdk.shadow import ShadowCopies, count_outcome
+from mulambda.sdk.suspects import Suspects
 from mulambda.sdk.waking import ColdStarts
 from mulambda.store.leases import InflightLeases, InflightReader
 from mulambda.store.metadata import (
@@ -98,7 +99,6 @@ class Selector:
         self.predict_timeout = predict_timeout
         self.max_attempts = max(1, max_attempts)
         self.cold_start_timeout = cold_start_timeout
-        self.suspect_seconds = suspect_seconds
         self.body_timeout = body_timeout
         self.max_body_bytes = max_body_bytes
         self.max_answer_bytes = max_answer_bytes
@@ -121,7 +121,7 @@ class Selector:
         # how long they should stay at the executor.
         self.own = OwnRequests()
         self.counter = InflightCounter(self.tracker, self.own, self.leases)
-        self.suspect: dict[tuple[str, str], float] = {}  # (executor, pod) -> monotonic deadline
+        self.suspects = Suspects(suspect_seconds)
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
         self.http: aiohttp.ClientSession | None = None
@@ -262,7 +262,8 @@ class Selector:
             return sticky_draw(key, salt) if key is not None else self.rng.random()
 
         matching, _ = self.matching.get(criteria, snap)
-        view, arms = route_view(await self.loaded(matching), snap, draw, force_stable)
+        view, arms = route_view(self.suspects.view(await self.loaded(matching)), snap, draw,
+                                force_stable)
         ranking = self.ranker.rank(criteria, view, items=items, rng=self.rng, replicas=True,
                                    now=time.time(), key=_key(matching))
         if not ranking:
@@ -310,18 +311,6 @@ class Selector:
         heapq.heappush(self._virtual, (now + seconds, token))
 
     # -- forwarding ------------------------------------------------------------------
-    def is_suspect(self, candidate: Candidate) -> bool:
-        if not self.suspect:
-            return False
-        now = time.monotonic()
-        self.suspect = {k: t for k, t in self.suspect.items() if t > now}
-        pod = candidate.replica.pod if candidate.replica is not None else ""
-        return (candidate.executor_id, pod) in self.suspect
-
-    def distrust(self, candidate: Candidate) -> None:
-        pod = candidate.replica.pod if candidate.replica is not None else ""
-        self.suspect[(candidate.executor_id, pod)] = time.monotonic() + self.suspect_seconds
-
     async def forward(self, candidate: Candidate, body: bytes, items: int) -> tuple[
         int, bytes, str
     ]:

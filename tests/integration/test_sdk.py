@@ -140,6 +140,27 @@ async def test_failover_when_the_first_endpoint_fails(store, doubles):
         assert again.attempts == 1 and len(broken.requests) == 1
 
 
+async def test_a_dead_replica_sends_the_request_to_another_replica_of_its_executor(
+        store, doubles):
+    # The only executor has two replicas; the nearer one's pod is gone (nothing listens
+    # on 127.0.0.2) while its heartbeat has not expired yet.
+    live = await TFServingDouble("solo").start()
+    doubles.append(live)
+    rid = await register(store, "solo", f"http://solo.invalid:{live.port}", rtt=1)
+    await store.put_replica(ReplicaRecord(executor=rid, pod="solo-0", ip="127.0.0.2",
+                                          state="Available"), ttl=60)
+    await store.put_replica(ReplicaRecord(executor=rid, pod="solo-1", ip="127.0.0.1",
+                                          state="Available"), ttl=60)
+    await store.put_latencies(rid, "solo-1", {CLIENT: LatencySample(ms=5, samples=3)}, ttl=60)
+
+    async with MulambdaClient(store, CLIENT, type="vision", suspect_seconds=60) as mu:
+        answers = [await mu.predict([[0]]) for _ in range(3)]
+    assert [(a.candidate.replica and a.candidate.replica.pod, a.attempts) for a in answers] == [
+        ("solo-1", 2),  # the dead one first (nearer), then its sibling
+        ("solo-1", 1), ("solo-1", 1),  # the dead one avoided for suspect_seconds
+    ]
+
+
 async def test_all_candidates_failing_raises_with_every_attempt(store, doubles):
     a = await TFServingDouble("a", status=500).start()
     doubles.append(a)

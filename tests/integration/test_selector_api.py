@@ -266,6 +266,34 @@ async def test_predict_tries_another_executor_after_a_connect_failure_or_a_503(
     assert len(busy.requests) == 1 and len(ok.requests) == 1
 
 
+async def test_a_dead_replica_sends_the_request_to_another_replica_of_its_executor(
+    api, store, client, doubles
+):
+    # The only executor of the type has two replicas; the nearer one's pod is gone (nothing
+    # listens on 127.0.0.2) while its heartbeat has not expired yet.
+    live = await TFServingDouble("solo").start()
+    doubles.append(live)
+    rec = ExecutorRecord(namespace="ml", name="solo", model="model-solo", version=1,
+                         type="vision", input="image", output="label", accuracy=0.9,
+                         rest=f"http://solo.invalid:{live.port}", grpc="", state="Ready",
+                         service_time_ms=5)
+    await store.put_executor(rec)
+    for pod, ip, rtt in (("solo-0", "127.0.0.2", 1.0), ("solo-1", "127.0.0.1", 5.0)):
+        await store.put_replica(ReplicaRecord(executor=rec.id, pod=pod, ip=ip,
+                                              state="Available"), ttl=60)
+        await store.put_latencies(rec.id, pod, {"shop/app": LatencySample(ms=rtt, samples=1)},
+                                  ttl=60)
+
+    answers = [await api.post("/v1/predict/shop/app", json={"instances": [[0]]})
+               for _ in range(4)]
+
+    assert [(r.status_code, r.headers.get("x-mulambda-replica"),
+             r.headers.get("x-mulambda-attempts")) for r in answers] == [
+        (200, "solo-1", "2"),  # the dead one first (nearer), then its sibling
+        *[(200, "solo-1", "1")] * 3,  # the dead one avoided for suspect_seconds
+    ]
+
+
 async def test_predict_passes_other_errors_through_without_retrying(api, store, client, doubles):
     picky = await TFServingDouble("picky", status=400).start()
     broken = await TFServingDouble("broken", status=500).start()
