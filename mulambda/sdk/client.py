@@ -416,8 +416,8 @@ class MulambdaClient:
                             self.client_id, candidate.executor_id, exc)
                 if candidate.replica is not None:
                     # Another replica of the same executor first, when it has a sound one.
-                    again = (await self._routed(items, pods, key))[0]
-                    queue[:0] = [c for c in again if c.executor_id == candidate.executor_id
+                    reranked = (await self._routed(items, pods, key))[0]
+                    queue[:0] = [c for c in reranked if c.executor_id == candidate.executor_id
                                  and c.warm and c not in self._suspects]
                 continue
             count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=True,

@@ -43,7 +43,7 @@ from .world import (
 log = logging.getLogger("mulambda.simulate")
 
 
-class _Router:
+class Router:
     """Chooses (executor, replica index) per request; told when the answer is back."""
 
     name = ""
@@ -86,7 +86,7 @@ class _Router:
         """The answer is back at the dispatch point, ``elapsed_ms`` after it left."""
 
 
-class _ByExecutor(_Router):
+class _ByExecutor(Router):
     def __init__(self, pick: Callable[[int], str], *args: Any) -> None:
         super().__init__(*args)
         self.pick = pick
@@ -97,13 +97,13 @@ class _ByExecutor(_Router):
 
 
 def _baselines(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
-               policy: Policy) -> dict[str, Callable[[], _Router]]:
+               policy: Policy) -> dict[str, Callable[[], Router]]:
     nodes_of = {f"sim/{e['name']}": e["nodes"] for e in sc.executors}
-    base = _Router(sc, recs, world, policy)
+    base = Router(sc, recs, world, policy)
     rtt_of = [{eid: statistics.fmean(sc.rtt(c["node"], n) for n in nodes_of[eid])
                for eid in m} for c, m in zip(sc.clients, base.matching, strict=True)]
 
-    def round_robin() -> _Router:
+    def round_robin() -> Router:
         turn = [0]
 
         def pick(who: int) -> str:
@@ -111,16 +111,16 @@ def _baselines(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
             return base.matching[who][turn[0] % len(base.matching[who])]
         return _ByExecutor(pick, sc, recs, world, policy)
 
-    def rand() -> _Router:
+    def rand() -> Router:
         rng = random.Random(sc.router_seed + 1)
         return _ByExecutor(lambda who: rng.choice(base.matching[who]), sc, recs, world, policy)
 
-    def lowest_network() -> _Router:
+    def lowest_network() -> Router:
         nearest = [min(m, key=lambda eid, w=w: (rtt_of[w][eid], eid))  # type: ignore[misc]
                    for w, m in enumerate(base.matching)]
         return _ByExecutor(lambda who: nearest[who], sc, recs, world, policy)
 
-    def prototype() -> _Router:
+    def prototype() -> Router:
         best = []
         for w, c in enumerate(sc.clients):
             m = base.matching[w]
@@ -143,7 +143,7 @@ def _baselines(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
             "prototype": prototype}
 
 
-class _LeastOutstanding(_Router):
+class _LeastOutstanding(Router):
     name = "least-outstanding"
 
     def __init__(self, *args: Any) -> None:
@@ -165,7 +165,7 @@ class _LeastOutstanding(_Router):
         self.outstanding[self.sent.pop(req)] -= 1
 
 
-class _Oracle(_Router):
+class _Oracle(Router):
     """Knows the true parameters and state; scores like mulambda, request by request."""
 
     name = "oracle"
@@ -223,7 +223,7 @@ class _Instance:
     fresh_stats: dict[str, ServiceStats] | None = None
 
 
-class _Mulambda(_Router):
+class _Mulambda(Router):
     """mulambda's ranking, run by SDK processes or by gateways, each with its own view."""
 
     def __init__(self, gateway: bool, *args: Any) -> None:
@@ -370,10 +370,19 @@ class _Mulambda(_Router):
         del self.lease_of[(inst.index, token)]
 
 
+def router(name: str, sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
+           policy: Policy) -> Router:
+    """The router ``name`` acting on ``world``: the simulation's, or one whose replicas'
+    state is kept by live servers (bench/live_selection.py)."""
+    if name not in SELECTORS:
+        raise ValueError(f"unknown selectors: {[name]}")
+    return _routers(sc, recs, world, policy)[name]()
+
+
 def _routers(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
-             policy: Policy) -> dict[str, Callable[[], _Router]]:
+             policy: Policy) -> dict[str, Callable[[], Router]]:
     args = (sc, recs, world, policy)
-    out: dict[str, Callable[[], _Router]] = {
+    out: dict[str, Callable[[], Router]] = {
         "mulambda-sdk": lambda: _Mulambda(False, *args),
         "mulambda-gateway": lambda: _Mulambda(True, *args),
         "oracle": lambda: _Oracle(*args),
@@ -387,7 +396,7 @@ def _routers(sc: Scenario, recs: dict[str, ExecutorRecord], world: World,
 _ARRIVE, _DISPATCH, _REACH, _DONE, _BACK, _FINAL = range(6)
 
 
-def _run_one(sc: Scenario, name: str, router: _Router, stream: Stream) -> SelectorResult:
+def _run_one(sc: Scenario, name: str, router: Router, stream: Stream) -> SelectorResult:
     world = router.world
     reps = world.reps
     routed: dict[int, tuple[str, int]] = {}
@@ -482,7 +491,6 @@ def simulate(raw: dict[str, Any], selectors: tuple[str, ...] = SELECTORS,
     for name in selectors:
         # A fresh world and router per run: earlier runs cannot influence later ones.
         world = World(sc)
-        router = _routers(sc, recs, world, policy)[name]()
-        results[name] = _run_one(sc, name, router, stream)
+        results[name] = _run_one(sc, name, router(name, sc, recs, world, policy), stream)
         log.debug("simulated selector=%s requests=%d", name, len(stream))
     return results
