@@ -60,19 +60,23 @@ def stay_window(stay_ms: float, network_ms: float, margin_ms: float) -> tuple[fl
 
 
 def measure(tracker: ServiceTracker, sent: Candidate, items: float, gone: float,
-            elapsed_ms: float, at: float) -> bool:
+            elapsed_ms: float, at: float, network_ms: float | None = None) -> bool:
     """Add the answer of a request sent to ``sent`` (with ``items``) that took
     ``elapsed_ms`` to ``tracker``, at the requests ahead it met (:func:`measured_at`;
-    ``gone``: :meth:`OwnRequests.gone_ahead`). False when the tracker refused an
-    impossible value. How the SDK, the gateway and the simulator measure alike."""
+    ``gone``: :meth:`OwnRequests.gone_ahead`). ``network_ms``: the part of it that was
+    the sender's own round trip to the replica, when it is not the client's the
+    ranking used (the gateway's, mulambda/selector/handshakes.py). False when the
+    tracker refused an impossible value. How the SDK, the gateway and the simulator
+    measure alike."""
     model = sent.model
+    net = sent.network_ms if network_ms is None else network_ms
     k, predicted = measured_at(
         sent.inflight, sent.uncertain, gone,
         lambda ahead: sent.service_ms + (model.load(ahead) if model is not None else 0.0),
-        elapsed_ms - sent.network_ms,
+        elapsed_ms - net,
         lambda ms: tracker.stay_margin_ms(sent.executor_id, ms))
     return tracker.observe(sent.executor_id, inflight=k, items=items, elapsed_ms=elapsed_ms,
-                           network_ms=sent.network_ms, predicted_ms=predicted, at=at)
+                           network_ms=net, predicted_ms=predicted, at=at)
 
 
 # An answer tells whether a request was ahead only when one costs at least this many

@@ -64,10 +64,12 @@ class CountedRequest:
         """Milliseconds since the request was counted."""
         return (self._counter.perf() - self._started) * 1000
 
-    def answered(self, elapsed_ms: float | None = None) -> bool:
+    def answered(self, elapsed_ms: float | None = None,
+                 network_ms: float | None = None) -> bool:
         """The executor answered: add its response time (default: :meth:`elapsed_ms`) to the
-        service-time model, against what the ranking predicted. False when the tracker
-        refused an impossible value."""
+        service-time model, against what the ranking predicted; ``network_ms``: the
+        router's own round trip in it, when not the client's (the gateway's). False when
+        the tracker refused an impossible value."""
         own = self._counter.own
         # Measured at the requests it really met ahead, or the fit learns a request
         # ahead as cheaper than it is (issue 11): not those of ours that answers showed
@@ -75,7 +77,7 @@ class CountedRequest:
         observed = measure(self._counter.tracker, self._candidate, self._items,
                            own.gone_ahead(self._token),
                            self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
-                           self._counter.monotonic())
+                           self._counter.monotonic(), network_ms)
         for token in own.answered(self._token, self._counter.monotonic() * 1000):
             self._counter.retime(token)
         return observed

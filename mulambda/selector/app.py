@@ -66,6 +66,7 @@ def create_app(store: MetadataStore, *, cache_ttl: float = 0.5,
     async def open_http(_app: web.Application) -> None:
         # Pooled connections: a TCP handshake per prediction would cost more than selection.
         sel.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         trace_configs=[sel.handshakes.trace_config()],
                                          auto_decompress=False)
 
     async def close(_app: web.Application) -> None:

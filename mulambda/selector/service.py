@@ -51,6 +51,7 @@ from mulambda.store.records import Snapshot
 from .answers import AnswerText, RequestBodies
 from .caches import NO_SAMPLES, ClientViews, DemandQueue, MatchingViews
 from .decisions import REJECTION_REASONS, Children, decision_reason, rejections
+from .handshakes import Handshakes, Probe
 from .inspector import BodyInspector
 
 log = logging.getLogger("mulambda.selector")
@@ -122,6 +123,7 @@ class Selector:
         self.own = OwnRequests()
         self.counter = InflightCounter(self.tracker, self.own, self.leases)
         self.suspects = Suspects(suspect_seconds)
+        self.handshakes = Handshakes()
         self.rng = random.Random()
         self._virtual: list[tuple[float, int]] = []  # (monotonic expiry, own token) heap
         self.http: aiohttp.ClientSession | None = None
@@ -323,11 +325,13 @@ class Selector:
         executor = candidate.executor_id
         url = f"{candidate.url.rstrip('/')}/v1/models/{candidate.record.model}:predict"
         # Counted as the SDK counts its requests (mulambda.sdk.counting).
+        probe = Probe()
         with self.counter.count(candidate, items) as request:
             async with self.http.post(
                 url, data=body, headers=JSON_HEADERS,
                 timeout=aiohttp.ClientTimeout(total=self.predict_timeout,
                                               sock_connect=min(5.0, self.predict_timeout)),
+                trace_request_ctx=probe,
             ) as resp:
                 try:
                     payload = await read_at_most(resp.content, resp.content_length,
@@ -339,7 +343,8 @@ class Selector:
             elapsed_ms = request.elapsed_ms()
             self.upstream.labels(executor=executor).observe(elapsed_ms / 1000)
             if status == 200:
-                request.answered(elapsed_ms)
+                # Less the gateway's own round trip to the replica, not the client's.
+                request.answered(elapsed_ms, self.handshakes.network_ms(probe))
             return status, payload, ctype
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -292,6 +293,29 @@ async def test_a_dead_replica_sends_the_request_to_another_replica_of_its_execut
         (200, "solo-1", "2"),  # the dead one first (nearer), then its sibling
         *[(200, "solo-1", "1")] * 3,  # the dead one avoided for suspect_seconds
     ]
+
+
+async def test_the_gateway_measures_a_model_less_its_own_round_trip_not_the_clients(
+    api, store, client, doubles
+):
+    # The client (its probeUrl) is 100 ms from the replica; the gateway is next to it. A
+    # 50 ms model less the client's 100 ms was published as taking nothing, into the
+    # statistics every router adds up.
+    async def take_50_ms() -> None:
+        await asyncio.sleep(0.05)
+
+    model = await TFServingDouble("far", on_request=take_50_ms).start()
+    doubles.append(model)
+    await serve(store, "far", model, rtt=100, service=50)
+    for _ in range(10):
+        assert (await api.post("/v1/predict/shop/app",
+                               json={"instances": [[0]]})).status_code == 200
+
+    deadline = time.monotonic() + 10  # the leases' writer publishes in the background
+    while (stats := (await store.service_stats()).get("ml/far")) is None or stats.count < 10:
+        assert time.monotonic() < deadline, f"published: {stats}"
+        await asyncio.sleep(0.02)
+    assert stats.t / stats.w == pytest.approx(50, abs=15)  # mean service time measured, ms
 
 
 async def test_predict_passes_other_errors_through_without_retrying(api, store, client, doubles):

@@ -360,8 +360,14 @@ class _Mulambda(Router):
         inst, token, c, items = self.sent.pop(req)
         # Measured as mulambda.sdk.counting measures an answer, timed from when the router
         # sent the request, not from the store read.
+        # A gateway times its own round trip to the replica (selector/handshakes.py).
+        net = None
+        if self.gateway:
+            rep = self.world.reps[c.executor_id][self.pods[c.executor_id][
+                c.replica.pod if c.replica is not None else "r0"]]
+            net = self.sc.rtt(self.sc.gateway_node, rep.node)
         measure(inst.tracker, c, items, inst.own.gone_ahead(token),
-                elapsed_ms - self.delay.pop(req, 0.0), now / 1000)
+                elapsed_ms - self.delay.pop(req, 0.0), now / 1000, net)
         self.published_stats[inst.index].update(inst.tracker.take_changed())
         for later in inst.own.answered(token, now):
             self._publish(inst, self.published[inst.index][later][0], later)
