@@ -103,7 +103,11 @@ then counts 0.05 / 1.05 of the score): among equally accurate candidates the fas
 ``max_latency_ms`` (for a cold one: with its cold start), or
 ``Policy.default_max_latency_ms`` (1 s) without one, ranks after every
 candidate within it, whatever its accuracy: load awareness applies to every
-client. When none is within, they rank by score as usual.
+client. When none is within (models all slower than the ceiling, or all
+loaded past it), the ceiling moves to the fastest candidate's expected
+latency plus the ceiling: those beyond it rank after the others, each part
+by score. Without that, an accuracy-only client would queue for minutes
+behind the most accurate of two 1.5 s models while the other is free.
 
 **Wake**: cold candidates whose score once warm beats the first candidate
 are listed in :attr:`Ranking.wake`, so callers signal demand and the
@@ -391,10 +395,24 @@ def score(c: Candidate, best_accuracy: float, prefs: Preferences, wait: bool) ->
     ratio = c.assumed_accuracy / best_accuracy if best_accuracy > 0 else 1.0
     steady = c.expected_latency_ms - c.cold_start_ms
     c.raw_score = round(prefs.score(steady, ratio), 9)
-    ranked_latency = steady if wait else c.expected_latency_ms
+    ranked_latency = _ranked_latency(c, wait)
     c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
     c.latency_utility, c.accuracy_utility = prefs.latency_utility(ranked_latency), ratio
     c.over_ceiling = ranked_latency > prefs.ceiling_ms
+
+
+def _ranked_latency(c: Candidate, wait: bool) -> float:
+    """The latency ``c`` is scored and held to the ceiling by: without its cold start
+    for a client that waits for one."""
+    return c.expected_latency_ms - c.cold_start_ms if wait else c.expected_latency_ms
+
+
+def _beyond(cands: list[Candidate], prefs: Preferences, wait: bool) -> float:
+    """The latency past which a candidate ranks after the others: when none is within
+    the ceiling, the fastest one's plus the ceiling (infinite otherwise)."""
+    if not cands or not cands[0].over_ceiling:
+        return math.inf
+    return min(_ranked_latency(c, wait) for c in cands) + prefs.ceiling_ms
 
 
 def order_key(c: Candidate) -> tuple[bool, float, str]:
@@ -409,8 +427,12 @@ def finish(cands: list[Candidate], rejected: dict[str, str], criteria: Criteria,
     near-equal ones spread and the cold ones worth waking listed."""
     if not cands:
         return Ranking([], rejected, [], criteria)
+    wait = criteria.cold_start == "Wait"
+    beyond = _beyond(cands, prefs, wait)
+    if beyond < math.inf:  # stable: by score within each part
+        cands.sort(key=lambda c: _ranked_latency(c, wait) > beyond)
     if rng is not None and len(cands) > 1:
-        _spread(cands, prefs, policy, rng, criteria.cold_start == "Wait")
+        _spread(cands, prefs, policy, rng, wait)
     first = cands[0]
     wake = [c.executor_id for c in cands if not c.warm and c.raw_score > first.score]
     if not first.warm and first.executor_id not in wake:
@@ -473,11 +495,12 @@ def near_equal(cands: list[Candidate], criteria: Criteria,
 def _near_equal(cands: list[Candidate], prefs: Preferences, policy: Policy,
                 wait: bool) -> tuple[list[Candidate], float]:
     first = cands[0]
-    latency = first.expected_latency_ms - (first.cold_start_ms if wait else 0.0)
-    floor = first.score - prefs.band(latency, policy)
+    floor = first.score - prefs.band(_ranked_latency(first, wait), policy)
+    beyond = _beyond(cands, prefs, wait)
     group = [first]
     for c in cands[1:]:
-        if c.score <= floor or c.over_ceiling != first.over_ceiling:
+        if (c.score <= floor or c.over_ceiling != first.over_ceiling
+                or _ranked_latency(c, wait) > beyond):
             break
         if c.warm == first.warm:
             group.append(c)

@@ -437,6 +437,29 @@ def test_accuracy_only_client_never_gets_a_replica_beyond_the_ceiling():
     assert ids(rank(crit, snap))[0] == "ml/best"
 
 
+@pytest.mark.parametrize(("weights", "inflight", "first"), [
+    # Two models both slower than the 1 s ceiling: accuracy decides while the more
+    # accurate one is within a ceiling of the fastest...
+    pytest.param((0, 1), {}, "ml/big", id="accuracy-both-free"),
+    pytest.param((0.5, 0.5), {}, "ml/big", id="balanced-both-free"),
+    # ... and load once it is further: not minutes behind the accurate one.
+    pytest.param((0, 1), {"big": 1}, "ml/other", id="accuracy-one-ahead"),  # 3 s against 1.5
+    pytest.param((0, 1), {"big": 200}, "ml/other", id="accuracy-buried"),
+    pytest.param((0.5, 0.5), {"big": 5}, "ml/other", id="balanced-five-ahead"),
+])
+def test_when_every_candidate_is_over_the_ceiling_load_still_counts(weights, inflight, first):
+    snap = snapshot(executor("big", service=1500, accuracy=0.95),
+                    executor("other", service=1490, accuracy=0.90),
+                    rtt={"big": 1, "other": 1}, inflight=inflight)
+    crit = Criteria(type="vision", latency_weight=weights[0], accuracy_weight=weights[1])
+    ranked = rank(crit, snap)
+    assert ids(ranked)[0] == first
+    assert all(c.over_ceiling for c in ranked)
+    # Spreading never puts a candidate beyond the moved ceiling first.
+    rng = random.Random(1)
+    assert {ids(rank(crit, snap, rng=rng))[0] for _ in range(50)} == {first}
+
+
 # -- the measured model -------------------------------------------------------------------
 
 def test_measured_service_times_replace_the_declared_ones():
