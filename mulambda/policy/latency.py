@@ -377,7 +377,8 @@ class ServiceTracker:
                 * max(predicted_ms, MIN_SPREAD_MS))
 
     def observe_cold_start(self, executor: str, cold_ms: float) -> bool:
-        """Add one measured cold start (activation asked for -> first warm answer)."""
+        """Add one measured cold start (asked to wake -> the first snapshot showing a live
+        replica, ``mulambda.sdk.waking.ColdStarts.note_woken``)."""
         if not (math.isfinite(cold_ms) and cold_ms >= 0):
             return False
         current = self.stats.get(executor) or ServiceStats()

@@ -59,7 +59,9 @@ Everything else is rejected with a reason.
                replicas (``Snapshot.own_inflight``): a router knows when it
                sent each and how long it should stay
     cold     = measured cold start of the executor (mean of what the SDKs
-               and gateways measured), else Policy.default_cold_start_ms
+               and gateways measured), else the last one the operator
+               measured (``ExecutorRecord.cold_start_ms``), else
+               Policy.default_cold_start_ms
 
 The model is fitted from the response times routers measured; the declared
 ``serviceTimeMs`` is only its prior (base = serviceTimeMs, per_inflight =
@@ -290,6 +292,9 @@ def measured(v: Viable, stats: ServiceStats | None, policy: Policy, items: float
     cold_note: tuple[str, ...] = ()
     if not v.warm:
         cold_ms = stats.cold_ms if stats is not None else None
+        if cold_ms is None and v.rec.cold_start_ms is not None:
+            cold_ms = v.rec.cold_start_ms
+            cold_note = ("cold start as the operator last measured it",)
         if cold_ms is None:
             cold_ms = policy.default_cold_start_ms
             cold_note = ("cold start not measured: default",)

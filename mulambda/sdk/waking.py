@@ -25,39 +25,59 @@ from .errors import MulambdaError
 log = logging.getLogger("mulambda.sdk")
 
 
+# A cold start is measured only when a snapshot showed the executor still without a live
+# replica at most this long (or this share of the cold start) before the one that shows it.
+COLD_START_SLACK_SECONDS = 2.0
+COLD_START_SLACK_SHARE = 0.25
+
+
 class ColdStarts:
     """Executors asked to wake, and how long each took to show a live replica: the
     cold start goes to the service-time model (a router's, the SDK's or the gateway's).
     """
 
     def __init__(self, tracker: ServiceTracker, *, timeout: float,
-                 published: Callable[[], None], name: str = "") -> None:
+                 published: Callable[[], None], name: str = "",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.tracker = tracker
         self.timeout = timeout
         self.published = published  # asks for the measurement to be published
         self.name = name  # the router, in log lines
-        self.asked: dict[str, float] = {}  # cold executor -> monotonic time asked to wake
+        self.clock = clock
+        # cold executor -> (monotonic time asked to wake, last time a snapshot showed it
+        # without a live replica)
+        self.asked: dict[str, tuple[float, float]] = {}
 
     def ask(self, executors: list[str]) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for e in executors:
-            self.asked.setdefault(e, now)
+            self.asked.setdefault(e, (now, now))
 
     def note_woken(self, snap: Snapshot) -> None:
         """An executor asked to wake that now has a live replica took (now - asked) to
-        start, within one refresh interval."""
+        start, give or take the time since a snapshot last showed it without one. A
+        router reads snapshots only as requests come: after a quiet while that time is
+        not known well enough, and nothing is learned (a selector asked once and idle
+        for ten minutes would have measured ten minutes)."""
         if not self.asked:
             return
-        now = time.monotonic()
-        for executor, asked in list(self.asked.items()):
+        now = self.clock()
+        for executor, (asked, absent) in list(self.asked.items()):
             if any(r.state == "Available" for r in snap.replicas.get(executor, ())):
-                self.tracker.observe_cold_start(executor, (now - asked) * 1000)
-                self.published()
                 del self.asked[executor]
+                cold = now - asked
+                if now - absent > max(COLD_START_SLACK_SECONDS, cold * COLD_START_SLACK_SHARE):
+                    log.info("cold start not measured router=%s executor=%s: up within the "
+                             "last %.1fs of %.1fs", self.name, executor, now - absent, cold)
+                    continue
+                self.tracker.observe_cold_start(executor, cold * 1000)
+                self.published()
                 log.info("cold start measured router=%s executor=%s seconds=%.1f",
-                         self.name, executor, now - asked)
+                         self.name, executor, cold)
             elif now - asked > max(self.timeout, 600.0):
                 del self.asked[executor]  # it never came: nothing to learn
+            else:
+                self.asked[executor] = (asked, now)
 
 
 class Waking:

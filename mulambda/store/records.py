@@ -78,6 +78,9 @@ class ExecutorRecord(_Resource):
     # Public key (base64 Ed25519) its pods sign their heartbeats with; None: heartbeats
     # are not signed (mulambda.store.heartbeats).
     heartbeat_key: str | None = None
+    # The last cold start the operator measured (activation at zero to the first ready
+    # replica, status.scaling.lastColdStartSeconds); None before the first.
+    cold_start_ms: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -279,7 +282,8 @@ def _negative(record: Any, names: tuple[str, ...]) -> str | None:
 def _executor_rule(r: ExecutorRecord) -> str | None:
     if r.accuracy is not None and not 0 <= r.accuracy <= 1:
         return "field 'accuracy' is outside [0, 1]"
-    return _negative(r, ("service_time_ms", "min_replicas", "max_replicas", "ready_replicas"))
+    return _negative(r, ("service_time_ms", "min_replicas", "max_replicas", "ready_replicas",
+                         "cold_start_ms"))
 
 
 def _lease_rule(r: InflightLease) -> str | None:

@@ -56,6 +56,7 @@ from ..k8s.objects import LAST_VALID_SPEC, ObjectRef
 from ..status import Event, StatusUpdate
 from .autoscale import demand_window, plan
 from .heartbeats import counted
+from .reconcile import last_cold_start_ms
 from .rollout import is_active
 
 log = logging.getLogger(__name__)
@@ -284,8 +285,10 @@ class Fleet:
             deployment, service = first(self.deployments, key), first(self.services, key)
             # Only what routers count: a forged heartbeat changes nothing here either.
             mine = counted(self.ctx, ref, heartbeats.get(ref.id, []), now)
+            # The cold start the autoscaler measured goes into the record as well.
             fingerprint = (body["metadata"].get("generation"), _version(deployment),
-                           _version(service), heartbeat_facts(mine), ref.id in stored)
+                           _version(service), heartbeat_facts(mine), ref.id in stored,
+                           last_cold_start_ms(body.get("status") or {}))
             rolling = is_active(handling.previous_status(self.ctx, body))
             if store_down is None and not rolling and self._clean.get(ref.uid) == fingerprint:
                 continue

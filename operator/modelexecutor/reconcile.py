@@ -11,6 +11,7 @@ record is written only when it differs from the one last written.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -101,7 +102,7 @@ def announce(children: list[tuple[str, dict[str, Any], list[str]]],
 def executor_record(
     executor: ObjectRef, spec: ModelExecutorSpec, endpoint: dict[str, str], state: str,
     ready_replicas: int, generation: int, route: Route | None = None,
-    heartbeat_key: str | None = None,
+    heartbeat_key: str | None = None, cold_start_ms: float | None = None,
 ) -> ExecutorRecord:
     return ExecutorRecord(
         namespace=executor.namespace, name=executor.name, model=spec.model.name,
@@ -111,8 +112,17 @@ def executor_record(
         max_replicas=spec.scaling.max_replicas, ready_replicas=ready_replicas,
         service_time_ms=spec.traits.service_time_ms, generation=generation,
         rollout=route.to_record() if route is not None else None,
-        heartbeat_key=heartbeat_key,
+        heartbeat_key=heartbeat_key, cold_start_ms=cold_start_ms,
     )
+
+
+def last_cold_start_ms(status: Mapping[str, Any]) -> float | None:
+    """The cold start the autoscaler last measured (``status.scaling``), in ms; None
+    before the first or when the status holds no sound number."""
+    value = (status.get("scaling") or {}).get("lastColdStartSeconds")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return round(value * 1000, 3) if math.isfinite(value) and value >= 0 else None
 
 
 async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
@@ -150,7 +160,8 @@ async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],
         deployed = Rollout.of(deployment)
         state = executor_state(deployed, model_report(heartbeats, deployed.desired))
         record = executor_record(ref, spec, endpoint, state, deployed.ready,
-                                 executor.generation, route, heartbeat_key(ctx, ref))
+                                 executor.generation, route, heartbeat_key(ctx, ref),
+                                 last_cold_start_ms(executor.status))
         # A handler always writes (the store may have lost it); the refresh only a change,
         # or a record the store no longer has (cache["stored"] False).
         if (not cache or not cache.get("stored", False)

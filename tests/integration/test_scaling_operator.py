@@ -271,6 +271,19 @@ def test_min_zero_executor_starts_cold_and_sdk_demand_activates_it(
     assert count is not None and count >= 1
     assert total is not None and total >= cold - 0.001  # status rounds to milliseconds
 
+    # The executor's store record carries it: what routers expect of its next cold start
+    # until they measure one themselves.
+    async def recorded() -> float | None:
+        store = MetadataStore.from_url(redis_url, PREFIX)
+        try:
+            rec = (await store.snapshot()).executors.get(sent)
+            return rec.cold_start_ms if rec is not None else None
+        finally:
+            await store.close()
+
+    cluster.wait_for(lambda: run(recorded()) == round(cold * 1000, 3),
+                     what="the cold start in the executor's store record")
+
 
 def test_autoscaler_never_scales_a_deployment_it_does_not_own(
     cluster: Cluster, controlplane: ControlPlane, operator: OperatorRun, redis_url: str, ns: str

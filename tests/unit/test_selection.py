@@ -6,6 +6,7 @@ import json
 import math
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
@@ -252,6 +253,19 @@ def test_measured_cold_start_replaces_the_default():
     assert c.cold_start_ms == 4000.0 and not c.warm
     assert c.expected_latency_ms == pytest.approx(c.network_ms + 10 + 4000)
     assert "cold start 4000" in c.reason and "cold start not measured" not in c.reason
+
+
+def test_the_operators_last_cold_start_when_no_router_measured_one():
+    cold = replace(executor("cold", service=10, state="ScaledToZero", min_replicas=0),
+                   cold_start_ms=8000.0)
+    snap = snapshot(cold)
+    [c] = rank(Criteria(type="vision"), snap)
+    assert c.cold_start_ms == 8000.0
+    assert "cold start as the operator last measured it" in c.reason
+    # What routers measured themselves, when there is some, comes first.
+    snap.service = {"ml/cold": ServiceStats(cold_ms=4000.0, cold_count=3)}
+    [c] = rank(Criteria(type="vision"), snap)
+    assert c.cold_start_ms == 4000.0 and "operator" not in c.reason
 
 
 def test_cold_executor_is_used_when_no_warm_one_exists():

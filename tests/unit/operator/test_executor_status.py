@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from mulambda.api.modelexecutor import parse_executor_spec
+from mulambda.operator.k8s.objects import ObjectRef
+from mulambda.operator.modelexecutor.reconcile import executor_record, last_cold_start_ms
 from mulambda.operator.modelexecutor.status import (
     Rollout,
     executor_state,
@@ -281,3 +283,22 @@ def test_status_model_says_why_a_replica_is_not_done(heartbeats, model, says):
     assert report.status == model
     assert says in report.condition["message"]
     assert report.new_version_failure is None  # no Warning Event per retry
+
+
+@pytest.mark.parametrize(("status", "ms"), [
+    pytest.param({}, None, id="never-measured"),
+    pytest.param({"scaling": None}, None, id="no-scaling-status"),
+    pytest.param({"scaling": {"lastColdStartSeconds": 12.5}}, 12500.0, id="seconds-to-ms"),
+    pytest.param({"scaling": {"lastColdStartSeconds": 0}}, 0.0, id="zero"),
+    # What an edited status could hold never reaches the store record.
+    pytest.param({"scaling": {"lastColdStartSeconds": -3}}, None, id="negative"),
+    pytest.param({"scaling": {"lastColdStartSeconds": float("nan")}}, None, id="nan"),
+    pytest.param({"scaling": {"lastColdStartSeconds": "12"}}, None, id="a-string"),
+    pytest.param({"scaling": {"lastColdStartSeconds": True}}, None, id="a-bool"),
+])
+def test_the_last_cold_start_goes_into_the_store_record(status, ms):
+    assert last_cold_start_ms(status) == ms
+    record = executor_record(ObjectRef("v1", "ModelExecutor", "ml", "hp2", "uid"), SPEC,
+                             ENDPOINT, "ScaledToZero", 0, 1,
+                             cold_start_ms=last_cold_start_ms(status))
+    assert record.cold_start_ms == ms
