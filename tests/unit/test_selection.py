@@ -624,6 +624,7 @@ def test_replica_without_an_ip_is_reached_through_the_service():
 @pytest.mark.parametrize(("field", "value"), [
     ("accuracy", math.nan), ("accuracy", 1.5), ("accuracy", -0.1), ("accuracy", math.inf),
     ("service_time_ms", math.nan), ("service_time_ms", math.inf), ("service_time_ms", -1.0),
+    ("cold_start_ms", math.nan), ("cold_start_ms", -1.0),
 ])
 def test_an_impossible_value_in_a_record_never_ranks(field, value):
     bad = executor("bad", service=1, accuracy=1.0)
@@ -648,6 +649,7 @@ def test_an_impossible_rtt_sample_is_ignored(ms):
     ({"accuracy": 2}, "'accuracy' is outside [0, 1]"),
     ({"service_time_ms": -3}, "'service_time_ms' is negative"),
     ({"service_time_ms": float("inf")}, "'service_time_ms' is not a finite number"),
+    ({"cold_start_ms": -1}, "'cold_start_ms' is negative"),
 ])
 def test_the_decoder_rejects_impossible_values_with_the_reason(record, why):
     good = executor("x")
