@@ -165,11 +165,13 @@ def _serving_state(record: ExecutorRecord, live: int) -> tuple[bool | None, str]
 def _bad_value(record: ExecutorRecord) -> str | None:
     """The impossible value selection reads from ``record``, if any (chained comparisons
     are False for NaN, so NaN fails them)."""
-    acc, svc = record.accuracy, record.service_time_ms
+    acc, svc, cold = record.accuracy, record.service_time_ms, record.cold_start_ms
     if acc is not None and not 0 <= acc <= 1:
         return "invalid record: accuracy is not within [0, 1]"
     if svc is not None and not 0 <= svc < math.inf:
         return "invalid record: serviceTimeMs is not a finite non-negative number"
+    if cold is not None and not 0 <= cold < math.inf:
+        return "invalid record: the last cold start is not a finite non-negative number"
     return None
 
 
