@@ -1,36 +1,20 @@
-"""The autoscaling benchmark: its queue is real and our autoscaler beats static-peak on cost.
-
-The bench script is loaded by path: putting the repository root on sys.path
-would let the top-level ``operator/`` folder shadow the standard library.
-"""
+"""The autoscaling benchmark: its queue is real and our autoscaler beats static-peak on cost."""
 
 from __future__ import annotations
 
-import importlib.util
 import random
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "autoscale.py"
+from support.benches import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("mulambda_bench_autoscale", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # dataclasses look their module up in sys.modules while the class is built.
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("autoscale.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
 
 @pytest.fixture(scope="module")
 def two_hours(bench: ModuleType):

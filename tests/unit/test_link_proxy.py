@@ -1,40 +1,28 @@
 """bench/link_proxy.py: the per-connection cap and the per-request latency hold.
 
-The bench module is loaded by path: putting the repository root on sys.path
-would let the top-level ``operator/`` folder shadow the standard library.
 Timings are judged against an uncapped transfer measured in the same test,
 so a slow or busy machine widens the tolerance instead of failing the test.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "link_proxy.py"
+from support.benches import bench_module
+
 MB = 1_000_000
 CAP = 20 * MB
 
 
 @pytest.fixture(scope="module")
 def lp() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("mulambda_bench_link_proxy_test", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("link_proxy.py") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
-
 
 @pytest.fixture(scope="module")
 def source(lp: ModuleType) -> Iterator[object]:

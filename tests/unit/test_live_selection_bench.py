@@ -1,37 +1,23 @@
-"""bench/live_selection.py's replicas: the state the oracle reads is the state requests meet.
-
-The bench script is loaded by path (see test_autoscale_bench.py for why).
-"""
+"""bench/live_selection.py's replicas: the state the oracle reads is the state requests meet."""
 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import random
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from mulambda.tools.simulate.world import Replica, Scenario, World
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "live_selection.py"
+from support.benches import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("mulambda_bench_live_selection", BENCH)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with bench_module("live_selection.py") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
-
 
 def world_of(slots: int) -> World:
     return World(Scenario({
