@@ -139,6 +139,7 @@ from mulambda.store.records import ExecutorRecord, ReplicaRecord, ServiceStats, 
 from .criteria import Criteria
 from .latency import Late, ServiceModel, fit, floored
 from .ranking import DEFAULT_POLICY, Candidate, Policy, Preferences, Ranking
+from .spreading import beyond, near_equal, ranked_latency, spread
 from .views import explained, mismatch, overlay, prefilter
 
 # rank's inputs and outputs are defined beside it (.criteria, shared with the store's
@@ -402,24 +403,10 @@ def score(c: Candidate, best_accuracy: float, prefs: Preferences, wait: bool) ->
     ratio = c.assumed_accuracy / best_accuracy if best_accuracy > 0 else 1.0
     steady = c.expected_latency_ms - c.cold_start_ms
     c.raw_score = round(prefs.score(steady, ratio), 9)
-    ranked_latency = _ranked_latency(c, wait)
-    c.score = c.raw_score if wait or c.warm else round(prefs.score(ranked_latency, ratio), 9)
-    c.latency_utility, c.accuracy_utility = prefs.latency_utility(ranked_latency), ratio
-    c.over_ceiling = ranked_latency > prefs.ceiling_ms
-
-
-def _ranked_latency(c: Candidate, wait: bool) -> float:
-    """The latency ``c`` is scored and held to the ceiling by: without its cold start
-    for a client that waits for one."""
-    return c.expected_latency_ms - c.cold_start_ms if wait else c.expected_latency_ms
-
-
-def _beyond(cands: list[Candidate], prefs: Preferences, wait: bool) -> float:
-    """The latency past which a candidate ranks after the others: when none is within
-    the ceiling, the fastest one's plus the ceiling (infinite otherwise)."""
-    if not cands or not cands[0].over_ceiling:
-        return math.inf
-    return min(_ranked_latency(c, wait) for c in cands) + prefs.ceiling_ms
+    latency = ranked_latency(c, wait)
+    c.score = c.raw_score if wait or c.warm else round(prefs.score(latency, ratio), 9)
+    c.latency_utility, c.accuracy_utility = prefs.latency_utility(latency), ratio
+    c.over_ceiling = latency > prefs.ceiling_ms
 
 
 def order_key(c: Candidate) -> tuple[bool, float, str]:
@@ -435,11 +422,11 @@ def finish(cands: list[Candidate], rejected: dict[str, str], criteria: Criteria,
     if not cands:
         return Ranking([], rejected, [], criteria)
     wait = criteria.cold_start == "Wait"
-    beyond = _beyond(cands, prefs, wait)
-    if beyond < math.inf:  # stable: by score within each part
-        cands.sort(key=lambda c: _ranked_latency(c, wait) > beyond)
+    limit = beyond(cands, prefs, wait)
+    if limit < math.inf:  # stable: by score within each part
+        cands.sort(key=lambda c: ranked_latency(c, wait) > limit)
     if rng is not None and len(cands) > 1:
-        _spread(cands, prefs, policy, rng, wait)
+        spread(cands, prefs, policy, rng, wait)
     first = cands[0]
     wake = [c.executor_id for c in cands if not c.warm and c.raw_score > first.score]
     if not first.warm and first.executor_id not in wake:
@@ -489,39 +476,3 @@ def rank(
         score(c, best_acc, prefs, wait)
     cands.sort(key=order_key)
     return finish(cands, rejected, criteria, prefs, policy, rng)
-
-
-def near_equal(cands: list[Candidate], criteria: Criteria,
-               policy: Policy = DEFAULT_POLICY) -> tuple[list[Candidate], float]:
-    """The candidates sharing the first place of ``cands`` (ordered as :func:`rank` orders
-    them without ``rng``), and the floor of the noise band they lie above."""
-    prefs = Preferences.of(criteria, policy)
-    return _near_equal(cands, prefs, policy, criteria.cold_start == "Wait")
-
-
-def _near_equal(cands: list[Candidate], prefs: Preferences, policy: Policy,
-                wait: bool) -> tuple[list[Candidate], float]:
-    first = cands[0]
-    floor = first.score - prefs.band(_ranked_latency(first, wait), policy)
-    beyond = _beyond(cands, prefs, wait)
-    group = [first]
-    for c in cands[1:]:
-        if (c.score <= floor or c.over_ceiling != first.over_ceiling
-                or _ranked_latency(c, wait) > beyond):
-            break
-        if c.warm == first.warm:
-            group.append(c)
-    return group, floor
-
-
-def _spread(cands: list[Candidate], prefs: Preferences, policy: Policy, rng: random.Random,
-            wait: bool) -> None:
-    """Put one near-equal candidate first, drawn in proportion to its headroom."""
-    group, floor = _near_equal(cands, prefs, policy, wait)
-    first = cands[0]
-    if len(group) == 1:
-        return
-    pick = rng.choices(group, weights=[c.score - floor for c in group])[0]
-    if pick is not first:
-        cands.remove(pick)
-        cands.insert(0, pick)

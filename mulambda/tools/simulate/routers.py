@@ -191,9 +191,8 @@ class _Oracle(Router):
 
 class _NoisyOracle(_Oracle):
     """The oracle with every expected latency off by a lognormal error of
-    ``Policy.latency_noise`` (10 %, what mulambda's spreading takes its own estimates'
-    error to be), drawn anew per candidate and decision. The goals it misses against the
-    exact oracle are what an error that size alone costs, with nothing to learn."""
+    ``Policy.latency_noise`` (10 %, the error mulambda's spreading assumes), drawn per
+    candidate and decision: the goals it misses are what that error alone costs."""
 
     name = "noisy-oracle"
 
@@ -361,11 +360,9 @@ class _Mulambda(Router):
         # Measured as mulambda.sdk.counting measures an answer, timed from when the router
         # sent the request, not from the store read.
         # A gateway times its own round trip to the replica (selector/handshakes.py).
-        net = None
-        if self.gateway:
-            rep = self.world.reps[c.executor_id][self.pods[c.executor_id][
-                c.replica.pod if c.replica is not None else "r0"]]
-            net = self.sc.rtt(self.sc.gateway_node, rep.node)
+        rep = self.pods[c.executor_id][c.replica.pod if c.replica is not None else "r0"]
+        net = (self.sc.rtt(self.sc.gateway_node, self.world.reps[c.executor_id][rep].node)
+               if self.gateway else None)
         measure(inst.tracker, c, items, inst.own.gone_ahead(token),
                 elapsed_ms - self.delay.pop(req, 0.0), now / 1000, net)
         self.published_stats[inst.index].update(inst.tracker.take_changed())
