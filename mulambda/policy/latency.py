@@ -28,7 +28,8 @@ Before it is added, ``t`` is clipped to ``predicted +- clip * spread *
 scale``, where ``predicted`` is what the router's current model said,
 ``scale`` is ``predicted`` (at least 10 ms) and ``spread`` is an EWMA
 (``spread_alpha``) of the relative error ``|t - predicted| / scale``
-started at 1: one stall or timeout moves the model by a bounded step, while
+started at 1, one for answers with nothing ahead and one for answers with
+requests ahead: one stall or timeout moves the model by a bounded step, while
 a model that is wrong by 10x still gets there in a handful of observations
 because the spread grows with the errors. The spread is relative because
 errors grow with the time predicted (jitter is a share of the service time,
@@ -287,7 +288,7 @@ class ServiceTracker:
     def __init__(self, settings: FitSettings = DEFAULT_FIT) -> None:
         self.settings = settings
         self.stats: dict[str, ServiceStats] = {}
-        self._spread: dict[str, float] = {}
+        self._spread: dict[tuple[str, bool], float] = {}
         self._median: dict[str, float] = {}  # running median of the relative error
         self._changed: set[str] = set()
         # executor -> when its statistics were last answered or faded (the caller's clock,
@@ -310,9 +311,14 @@ class ServiceTracker:
             return False
         service = max(0.0, elapsed_ms - network_ms)
         scale = max(predicted_ms, MIN_SPREAD_MS)
-        spread = self._spread.get(executor, 1.0)  # relative to the prediction
+        # Kept apart for answers with requests ahead: those without are most of a fast
+        # model's and miss by little, and their spread clipped the first answers with a
+        # request ahead (the very ones the cost of one is learned from) to a few ms over
+        # the prediction (a two-slot model, 94 ms with one beside it, learned at 23).
+        key = (executor, inflight >= 0.5)
+        spread = self._spread.get(key, 1.0)  # relative to the prediction
         error = abs(service - predicted_ms) / scale
-        self._spread[executor] = spread + self.settings.spread_alpha * (error - spread)
+        self._spread[key] = spread + self.settings.spread_alpha * (error - spread)
         # A running median (a step up when above it, down when below, in log space): the
         # typical error, which the rare answer with a request ahead that was not counted
         # (ten times the prediction) does not move more than any other.

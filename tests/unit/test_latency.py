@@ -69,17 +69,37 @@ def test_a_declared_time_ten_times_too_low_is_corrected_within_a_few_requests():
     assert model.base_ms == pytest.approx(10, abs=5)
 
 
-def test_one_stall_moves_the_model_by_a_bounded_step():
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_one_stall_moves_the_model_by_a_bounded_step(ahead):
     tracker = ServiceTracker()
     for _ in range(100):
-        tracker.observe("e", inflight=0, items=1, elapsed_ms=25, network_ms=5,
+        tracker.observe("e", inflight=ahead, items=1, elapsed_ms=25, network_ms=5,
                         predicted_ms=20, at=0.0)
-    before = fit(tracker.stats["e"], PRIOR).base_ms
-    tracker.observe("e", inflight=0, items=1, elapsed_ms=60_000, network_ms=5,
+    before = fit(tracker.stats["e"], PRIOR).predict(ahead)
+    tracker.observe("e", inflight=ahead, items=1, elapsed_ms=60_000, network_ms=5,
                     predicted_ms=20, at=0.0)
-    after = fit(tracker.stats["e"], PRIOR).base_ms
+    after = fit(tracker.stats["e"], PRIOR).predict(ahead)
     # Unclipped, one 60 s answer in ~100 would add ~600 ms; clipped it adds at most a few.
     assert after - before < 5
+
+
+def test_the_first_answers_with_a_request_ahead_are_not_clipped_to_the_others_noise():
+    # A fast model (10 ms alone, 90 more with a request beside it) answered for a while
+    # with nothing ahead, a millisecond off each time; then a request finds one ahead.
+    # Clipped by the spread of the others, it taught 14 ms, and each next one a little
+    # more (38, 55, 64, 69): routers kept sending to busy replicas meanwhile.
+    truth = ServiceModel(10.0, 90.0)
+    rng = random.Random(5)
+    tracker = ServiceTracker()
+    model = PRIOR
+    for _ in range(200):
+        tracker.observe("e", inflight=0, items=1,
+                        elapsed_ms=truth.predict(0) + rng.uniform(-1, 1), network_ms=0,
+                        predicted_ms=model.predict(0), at=0.0)
+        model = fit(tracker.stats["e"], PRIOR)
+    tracker.observe("e", inflight=1, items=1, elapsed_ms=truth.predict(1), network_ms=0,
+                    predicted_ms=model.predict(1), at=0.0)
+    assert fit(tracker.stats["e"], PRIOR).per_inflight_ms == pytest.approx(90, rel=0.2)
 
 
 def test_a_rare_answer_with_a_request_ahead_is_not_clipped_to_the_noise_of_the_others():
