@@ -122,7 +122,8 @@ def last_cold_start_ms(status: Mapping[str, Any]) -> float | None:
     value = (status.get("scaling") or {}).get("lastColdStartSeconds")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return round(value * 1000, 3) if math.isfinite(value) and value >= 0 else None
+    ms = value * 1000.0
+    return round(ms, 3) if math.isfinite(ms) and ms >= 0 else None
 
 
 async def reconcile(ctx: Context, executor: Observed[ModelExecutorSpec],

@@ -293,6 +293,7 @@ def test_status_model_says_why_a_replica_is_not_done(heartbeats, model, says):
     # What an edited status could hold never reaches the store record.
     pytest.param({"scaling": {"lastColdStartSeconds": -3}}, None, id="negative"),
     pytest.param({"scaling": {"lastColdStartSeconds": float("nan")}}, None, id="nan"),
+    pytest.param({"scaling": {"lastColdStartSeconds": 1e308}}, None, id="infinite-in-ms"),
     pytest.param({"scaling": {"lastColdStartSeconds": "12"}}, None, id="a-string"),
     pytest.param({"scaling": {"lastColdStartSeconds": True}}, None, id="a-bool"),
 ])
