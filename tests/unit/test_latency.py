@@ -83,39 +83,27 @@ def test_one_stall_moves_the_model_by_a_bounded_step(ahead):
     assert after - before < 5
 
 
-def test_the_first_answers_with_a_request_ahead_are_not_clipped_to_the_others_noise():
-    # A fast model (10 ms alone, 90 more with a request beside it) answered for a while
-    # with nothing ahead, a millisecond off each time; then a request finds one ahead.
-    # Clipped by the spread of the others, it taught 14 ms, and each next one a little
-    # more (38, 55, 64, 69): routers kept sending to busy replicas meanwhile.
-    truth = ServiceModel(10.0, 90.0)
-    rng = random.Random(5)
-    tracker = ServiceTracker()
-    model = PRIOR
-    for _ in range(200):
-        tracker.observe("e", inflight=0, items=1,
-                        elapsed_ms=truth.predict(0) + rng.uniform(-1, 1), network_ms=0,
-                        predicted_ms=model.predict(0), at=0.0)
-        model = fit(tracker.stats["e"], PRIOR)
-    tracker.observe("e", inflight=1, items=1, elapsed_ms=truth.predict(1), network_ms=0,
-                    predicted_ms=model.predict(1), at=0.0)
-    assert fit(tracker.stats["e"], PRIOR).per_inflight_ms == pytest.approx(90, rel=0.2)
-
-
-def test_a_rare_answer_with_a_request_ahead_is_not_clipped_to_the_noise_of_the_others():
-    # A fast model: 10 ms alone, a request beside another costs 90 ms more. Most
-    # answers find nothing ahead and miss by a millisecond; one in twenty finds one.
+@pytest.mark.parametrize(("ahead", "rel"), [
+    # One in twenty finds a request ahead, over 400 answers.
+    pytest.param([1 if i % 20 == 19 else 0 for i in range(400)], 0.15, id="rarely"),
+    # 200 answers with nothing ahead, then the first with one: with the spread of the
+    # others it taught 14 ms, and each next one a little more (38, 55, 64, 69), while
+    # routers kept sending to busy replicas.
+    pytest.param([0] * 200 + [1], 0.2, id="for-the-first-time"),
+])
+def test_answers_with_a_request_ahead_are_not_clipped_to_the_noise_of_the_others(ahead, rel):
+    # A fast model: 10 ms alone, a request beside another costs 90 ms more. Answers
+    # with nothing ahead miss by a millisecond.
     truth = ServiceModel(10.0, 90.0)
     rng = random.Random(3)
     tracker = ServiceTracker()
     model = PRIOR
-    for i in range(400):
-        k = 1 if i % 20 == 19 else 0
+    for k in ahead:
         tracker.observe("e", inflight=k, items=1,
                         elapsed_ms=truth.predict(k) + rng.uniform(-1, 1) + 5,
                         network_ms=5, predicted_ms=model.predict(k), at=0.0)
         model = fit(tracker.stats["e"], PRIOR)
-    assert model.per_inflight_ms == pytest.approx(90, rel=0.15)
+    assert model.per_inflight_ms == pytest.approx(90, rel=rel)
 
 
 def test_times_that_fall_with_load_keep_the_prior_cost_of_a_request_ahead():
