@@ -134,34 +134,29 @@ class Fleet:
 
     def __init__(self, sc: Scenario, world: World, seed: int) -> None:
         self.sc, self.world = sc, world
-        self.nodes = {f"sim/{e['name']}": list(e["nodes"]) for e in sc.executors}
         self.doubles: list[TFServingDouble] = []
         self.urls: dict[tuple[str, int], str] = {}
+        self.rtt_ms: dict[str, float] = {}  # host:port -> the round trip its double emulates
         self.rng = random.Random(seed)
 
     async def start(self, store: MetadataStore) -> None:
         port, n = free_port(), 0
-        recs = records_of(self.sc)
-        for eid, reps in self.world.reps.items():
-            for i, rep in enumerate(reps):
+        for eid, rec in records_of(self.sc).items():
+            for i, rep in enumerate(self.world.reps[eid]):
                 n += 1
-                live = LiveReplica(self.world, eid, rep, self.sc.rtt("client", rep.node),
-                                   random.Random(self.rng.random()))
-                double = TFServingDouble(recs[eid].model, on_request=live.hold,
-                                         host=f"127.0.{n // 250 + 1}.{n % 250 + 1}", port=port)
+                host, rtt = f"127.0.{n // 250 + 1}.{n % 250 + 1}", self.sc.rtt("client", rep.node)
+                live = LiveReplica(self.world, eid, rep, rtt, random.Random(self.rng.random()))
+                double = TFServingDouble(rec.model, on_request=live.hold, host=host, port=port)
                 self.doubles.append(await double.start())
-                self.urls[(eid, i)] = double.url
-        for eid, rec in recs.items():
-            await store.put_executor(dataclasses.replace(rec, rest=self.urls[(eid, 0)]))
-            for i, node in enumerate(self.nodes[eid]):
+                self.urls[(eid, i)], self.rtt_ms[f"{host}:{port}"] = double.url, rtt
                 pod = f"{rec.name}-{i}"
-                await store.put_replica(ReplicaRecord(
-                    executor=eid, pod=pod, ip=str(httpx.URL(self.urls[(eid, i)]).host),
-                    state="Available"), ttl=3600)
+                await store.put_replica(ReplicaRecord(executor=eid, pod=pod, ip=host,
+                                                      state="Available"), ttl=3600)
                 await store.put_latencies(eid, pod, {
-                    f"sim/{c['name']}": LatencySample(ms=self.sc.rtt(c["node"], node),
+                    f"sim/{c['name']}": LatencySample(ms=self.sc.rtt(c["node"], rep.node),
                                                       samples=10)
                     for c in self.sc.clients}, ttl=3600)
+            await store.put_executor(dataclasses.replace(rec, rest=self.urls[(eid, 0)]))
         for c in self.sc.clients:
             await store.put_client(ClientRecord(namespace="sim", name=str(c["name"]),
                                                 **dataclasses.asdict(self.sc.criteria(c))))
@@ -199,10 +194,7 @@ class Dispatch:
             # The network is emulated inside the doubles, where the gateway's TCP handshakes
             # (loopback) cannot see it; the gateway sits at the clients' node, so its round
             # trip to a replica is the client's, and it is told that one.
-            app[SELECTOR_KEY].handshakes = EmulatedHandshakes({
-                f"{httpx.URL(url).host}:{httpx.URL(url).port}":
-                    self.sc.rtt("client", self.world.reps[eid][i].node)
-                for (eid, i), url in self.fleet.urls.items()})
+            app[SELECTOR_KEY].handshakes = EmulatedHandshakes(self.fleet.rtt_ms)
             self.runner = web.AppRunner(app, **selector_server_options())
             await self.runner.setup()
             port = free_port()

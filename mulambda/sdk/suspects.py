@@ -9,6 +9,7 @@ chosen) makes the whole executor suspect.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +31,10 @@ class Suspects:
         self.seconds = seconds
         self.clock = clock
         self._until: dict[tuple[str, str], float] = {}
+        # Checked per candidate on every request: pruned only once the first one is due,
+        # and the replicas among them rebuilt only on a failure or an expiry.
+        self._next_expiry = math.inf
+        self._pods: frozenset[tuple[str, str]] = frozenset()
         # (the replicas dict filtered, the suspect pods, the result): kept while both are
         # the same, so the Ranker, which keeps its work per replicas dict, keeps it.
         self._kept: tuple[dict[str, list[ReplicaRecord]], frozenset[tuple[str, str]],
@@ -37,28 +42,36 @@ class Suspects:
 
     def add(self, candidate: Candidate) -> None:
         self._until[(candidate.executor_id, pod_of(candidate))] = self.clock() + self.seconds
+        self._rebuild()
 
-    def _active(self) -> frozenset[tuple[str, str]]:
-        if self._until:
-            now = self.clock()
+    def _rebuild(self) -> None:
+        self._pods = frozenset(k for k in self._until if k[1] != SERVICE)
+        self._next_expiry = min(self._until.values(), default=math.inf)
+
+    def _prune(self) -> None:
+        now = self.clock()
+        if self._next_expiry <= now:
             self._until = {k: t for k, t in self._until.items() if t > now}
-        return frozenset(self._until)
+            self._rebuild()
 
     def __contains__(self, candidate: Candidate) -> bool:
         if not self._until:
             return False
-        active = self._active()
+        self._prune()
         eid = candidate.executor_id
-        return (eid, pod_of(candidate)) in active or (eid, SERVICE) in active
+        return (eid, pod_of(candidate)) in self._until or (eid, SERVICE) in self._until
 
     def __bool__(self) -> bool:
-        return bool(self._active()) if self._until else False
+        if self._until:
+            self._prune()
+        return bool(self._until)
 
     def view(self, snap: Snapshot) -> Snapshot:
         """``snap`` without the suspect replicas (all of an executor's kept when every one
         of them is suspect)."""
-        pods = frozenset(k for k in self._active() if k[1] != SERVICE) if self._until \
-            else frozenset()
+        if self._until:
+            self._prune()
+        pods = self._pods
         if not pods:
             return snap
         kept = self._kept
