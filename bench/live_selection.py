@@ -40,6 +40,7 @@ import httpx
 from aiohttp import web
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from mulambda.cliargs import positive_seconds
 from mulambda.policy.ranking import Policy
 from mulambda.sdk import MulambdaClient
 from mulambda.selector.app import create_app, selector_server_options
@@ -303,14 +304,19 @@ async def run(args: argparse.Namespace) -> list[experiment.Cell]:
     return cells
 
 
+def rates(text: str) -> list[float]:
+    """Comma-separated requests per second, each a finite number > 0."""
+    return [positive_seconds(x) for x in text.split(",")]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=11, help="the suite's model family")
     parser.add_argument("--placement", default="mixed", choices=experiment.PLACEMENTS)
-    parser.add_argument("--rates", default="2,5,10,20",
-                        type=lambda s: [float(x) for x in s.split(",")],
+    parser.add_argument("--rates", default="2,5,10,20", type=rates,
                         help="requests per second, comma-separated")
-    parser.add_argument("--seconds", type=float, default=20.0, help="per rate and router")
+    parser.add_argument("--seconds", type=positive_seconds, default=20.0,
+                        help="per rate and router")
     parser.add_argument("--routers", default=",".join(ROUTERS),
                         type=lambda s: tuple(s.split(",")))
     parser.add_argument("--json", action="store_true")
