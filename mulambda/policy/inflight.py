@@ -225,11 +225,14 @@ class OwnRequests:
 
     def answered(self, token: int, now_ms: float) -> list[int]:
         """The answer of ``token`` is back at ``now_ms``: it was served half its round trip
-        earlier. A request of ours that counted it ahead but reached the replica after
-        that did not have it ahead: it stops counting its cost (its stay is shortened to
-        one with a request fewer ahead) and :meth:`gone_ahead` says so for its
-        measurement. Returns the tokens so shortened: their leases say it too
-        (:meth:`lease`)."""
+        earlier. (``now_ms`` as if the request had left when it was counted: the time it
+        was counted plus its time on the wire, so that the router's own work on both
+        sides of the wire, the same for every request, cancels out;
+        :meth:`mulambda.sdk.counting.CountedRequest.answered`.) A request of ours that
+        counted it ahead but reached the replica after that did not have it ahead: it
+        stops counting its cost (its stay is shortened to one with a request fewer
+        ahead) and :meth:`gone_ahead` says so for its measurement. Returns the tokens so
+        shortened: their leases say it too (:meth:`lease`)."""
         done = self._requests.get(token)
         if done is None:
             return []

@@ -23,7 +23,8 @@ served already (:func:`mulambda.policy.inflight.measured_at`); errors in
 once but slows down with each gives its slowdown per request.
 
 Update rule. One observation is ``(k, n, t)`` with ``t`` = measured response
-time - the network RTT the router assumed for that replica (floored at 0).
+time (on the wire: :class:`mulambda.sdk.counting.Wire`) - the network RTT the
+router assumed for that replica (floored at 0).
 Before it is added, ``t`` is clipped to ``predicted +- clip * spread *
 scale``, where ``predicted`` is what the router's current model said,
 ``scale`` is ``predicted`` (at least 10 ms) and ``spread`` is an EWMA

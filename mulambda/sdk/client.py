@@ -36,7 +36,7 @@ from mulambda.store.reader import SnapshotReader
 from mulambda.store.records import Snapshot, StoreUnavailable
 
 from . import workload
-from .counting import InflightCounter
+from .counting import InflightCounter, Wire
 from .errors import AllCandidatesFailed, MulambdaError, NoMatchingModel, Prediction, Retryable
 from .shadow import ShadowCopies, count_outcome
 from .suspects import Suspects
@@ -46,6 +46,8 @@ from .waking import ColdStarts, Waking
 
 log = logging.getLogger("mulambda.sdk")
 T = TypeVar("T")
+# One attempt at a candidate; the transport fills the Wire (mulambda/sdk/counting.py).
+Attempt = Callable[[Candidate, Wire], Awaitable[T]]
 
 
 class MulambdaClient:
@@ -365,7 +367,7 @@ class MulambdaClient:
             await asyncio.sleep(0.5)
         return None
 
-    async def _with_failover(self, call: Callable[[Candidate], Awaitable[T]], items: int = 1,
+    async def _with_failover(self, call: Attempt[T], items: int = 1,
                              direct: bool | None = None, key: str | None = None,
                              shadow: bytes | None = None) -> tuple[T, Candidate, int]:
         """Call the best candidate, failing over; ``shadow``: the request's body, copied to
@@ -396,7 +398,7 @@ class MulambdaClient:
                 candidate = warm
             started = time.perf_counter()
             try:
-                result = await self._counted(candidate, call(candidate), items)
+                result = await self._counted(candidate, call, items)
             except Retryable as exc:
                 count_outcome(self._outcomes, candidate.executor_id, arms, experiment, ok=False,
                               ms=(time.perf_counter() - started) * 1000)
@@ -429,20 +431,19 @@ class MulambdaClient:
             return result, candidate, len(attempts) + 1
         raise AllCandidatesFailed(self.client_id, attempts)
 
-    async def _counted(self, candidate: Candidate, op: Awaitable[T], items: int = 1) -> T:
-        """Run ``op`` counted as in flight (and as demand) in this instance's leases, and
-        feed its response time to the service-time model when it answers
-        (:class:`~mulambda.sdk.counting.InflightCounter`, shared with the gateway).
-
-        The store learns the counts (and the measurements) from the leases' writer.
-        """
+    async def _counted(self, candidate: Candidate, call: Attempt[T], items: int = 1) -> T:
+        """Call ``candidate`` counted as in flight (and as demand) in this instance's leases,
+        and feed its time on the wire to the service-time model when it answers
+        (:class:`~mulambda.sdk.counting.InflightCounter`, shared with the gateway). The
+        store learns the counts (and the measurements) from the leases' writer."""
+        wire = Wire()
         with self._counter.count(candidate, items) as request:
-            result = await op
+            result = await call(candidate, wire)
             # Only answers measure the model: a failure's time says nothing about it.
-            request.answered()
+            request.answered(wire.ms())
             return result
 
-    async def _predict(self, call: Callable[[Candidate], Awaitable[Any]], items: int = 1,
+    async def _predict(self, call: Attempt[Any], items: int = 1,
                        direct: bool | None = None, key: str | None = None,
                        shadow: bytes | None = None) -> Prediction:
         started = time.perf_counter()
@@ -477,7 +478,7 @@ class MulambdaClient:
             body["signature_name"] = signature_name
         timeout = self._attempt_timeout(attempt_timeout)
         encoded = json_body(body)  # before any attempt: an input JSON cannot hold fails here
-        return await self._predict(lambda c: rest_predict(self.http, c, encoded, timeout),
+        return await self._predict(lambda c, w: rest_predict(self.http, c, encoded, timeout, w),
                                    max(1, len(instances)), key=key, shadow=encoded)
 
     async def predict_grpc(
@@ -494,5 +495,5 @@ class MulambdaClient:
         grpc, timeout = self._grpc, self._attempt_timeout(attempt_timeout)
         # gRPC goes to the Service's gRPC port: no replica is picked.
         # Canary and experiment arms apply; shadow copies are REST only.
-        return await self._predict(lambda c: grpc.predict(c, inputs, signature_name, timeout),
+        return await self._predict(lambda c, _: grpc.predict(c, inputs, signature_name, timeout),
                                    direct=False, key=key)

@@ -15,7 +15,8 @@ While a request runs it is, at once:
   (:meth:`~mulambda.policy.inflight.OwnRequests.lease`) tells every other router
   the same thing, rewritten when an answer shortens it, and one more demand;
 * timed, so that an answer feeds :class:`~mulambda.policy.latency.ServiceTracker`
-  (only an answer: a failure's time says nothing about the model).
+  (only an answer: a failure's time says nothing about the model), on the wire
+  when the transport says when it was (:class:`Wire`).
 
 Counting and releasing are local and synchronous (no await between them and
 the request), so a cancellation cannot skip the release.
@@ -33,7 +34,35 @@ from mulambda.policy.latency import ServiceTracker
 from mulambda.policy.ranking import Candidate
 from mulambda.store.records import ServiceStats
 
-__all__ = ["CountedRequest", "InflightCounter", "Leases"]
+__all__ = ["CountedRequest", "InflightCounter", "Leases", "Wire"]
+
+
+class Wire:
+    """When one request's body left the router and its answer's headers came back
+    (seconds on the transport's clock, ``time.perf_counter``; set by its trace hooks):
+    its time on the network and at the replica.
+
+    What the router measures of a request beside that is its own work (building and
+    writing the request, waiting for a pooled connection or opening one, reading
+    and decoding the answer), which keeps no replica busy. Measured in, it made the
+    service time learned on real parts twice the replica's (8.6 ms learned at 19-21
+    in bench/live_selection.py), so each request was counted as ahead of new ones
+    for about 10 ms after it had been served, and answers counted one request
+    ahead that met none taught the fit that a request ahead of a two-slot model
+    costs 14-42 ms where it cost 85.
+    """
+
+    __slots__ = ("back", "sent")
+
+    def __init__(self) -> None:
+        self.sent: float | None = None
+        self.back: float | None = None
+
+    def ms(self) -> float | None:
+        """Body sent -> answer's headers back, in ms; None unless both were seen in order."""
+        if self.sent is None or self.back is None or self.back < self.sent:
+            return None
+        return (self.back - self.sent) * 1000
 
 
 class Leases(Protocol):
@@ -53,12 +82,13 @@ class CountedRequest:
     """One request being counted; :meth:`answered` measures it."""
 
     def __init__(self, counter: InflightCounter, candidate: Candidate, items: int,
-                 started: float, token: int = 0) -> None:
+                 started: float, token: int = 0, counted_ms: float = 0.0) -> None:
         self._counter = counter
         self._candidate = candidate
         self._items = items
         self._started = started
         self._token = token
+        self._counted_ms = counted_ms  # on the monotonic clock, as OwnRequests has it
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request was counted."""
@@ -66,19 +96,23 @@ class CountedRequest:
 
     def answered(self, elapsed_ms: float | None = None,
                  network_ms: float | None = None) -> bool:
-        """The executor answered: add its response time (default: :meth:`elapsed_ms`) to the
-        service-time model, against what the ranking predicted; ``network_ms``: the
+        """The executor answered: add its response time to the service-time model, against
+        what the ranking predicted. ``elapsed_ms``: its time on the wire (:meth:`Wire.ms`)
+        when the transport traced it, else (None) :meth:`elapsed_ms`; ``network_ms``: the
         router's own round trip in it, when not the client's (the gateway's). False when
         the tracker refused an impossible value."""
         own = self._counter.own
+        elapsed = self.elapsed_ms() if elapsed_ms is None else elapsed_ms
         # Measured at the requests it really met ahead, or the fit learns a request
         # ahead as cheaper than it is (issue 11): not those of ours that answers showed
         # served before it arrived, nor those of others its time shows were.
         observed = measure(self._counter.tracker, self._candidate, self._items,
-                           own.gone_ahead(self._token),
-                           self.elapsed_ms() if elapsed_ms is None else elapsed_ms,
-                           self._counter.monotonic(), network_ms)
-        for token in own.answered(self._token, self._counter.monotonic() * 1000):
+                           own.gone_ahead(self._token), elapsed, self._counter.monotonic(),
+                           network_ms)
+        # When it would have come back had it left as it was counted: the requests of
+        # ours counted after it are compared with their own counting times, so the
+        # router's work on both sides of the wire cancels out.
+        for token in own.answered(self._token, self._counted_ms + elapsed):
             self._counter.retime(token)
         return observed
 
@@ -123,13 +157,13 @@ class InflightCounter:
         # (policy/latency.py ServiceTracker.stay_margin_ms): about half of all requests
         # stay longer than predicted.
         margin = self.tracker.stay_margin_ms(executor, stay)
-        sent = self.clock()
-        token = self.own.add(executor, pod, self.monotonic() * 1000, stay, net, margin,
+        sent, counted_ms = self.clock(), self.monotonic() * 1000
+        token = self.own.add(executor, pod, counted_ms, stay, net, margin,
                              candidate.saving, candidate.inflight, items)
         lease = self.leases.start(executor, timing=self._timing(token, pod or "", sent))
         self._leased[token] = (executor, lease, pod or "", sent)
         try:
-            yield CountedRequest(self, candidate, items, self.perf(), token)
+            yield CountedRequest(self, candidate, items, self.perf(), token, counted_ms)
         finally:
             self._leased.pop(token, None)
             self.own.remove(token)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -17,11 +19,24 @@ import httpx
 from mulambda.bodies import JSON_HEADERS, MAX_ANSWER_BYTES, BodyTooLarge, collect
 from mulambda.policy.selection import Candidate
 
+from .counting import Wire
 from .errors import MissingExtra, PredictionRejected, Retryable
 
 
+def wire_trace(wire: Wire) -> Callable[[str, dict[str, Any]], Awaitable[None]]:
+    """httpx's ``trace`` extension filling ``wire`` (HTTP/1.1 and HTTP/2 alike)."""
+
+    async def trace(event: str, _info: dict[str, Any]) -> None:
+        if event.endswith("send_request_body.complete"):
+            wire.sent = time.perf_counter()
+        elif event.endswith("receive_response_headers.complete"):
+            wire.back = time.perf_counter()
+
+    return trace
+
+
 async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: bytes,
-                       attempt_timeout: float) -> Any:
+                       attempt_timeout: float, wire: Wire) -> Any:
     """POST ``body`` (JSON, :func:`mulambda.bodies.json_body`) to
     ``{url}/v1/models/{model}:predict``; the ``predictions``.
 
@@ -29,13 +44,15 @@ async def rest_predict(http: httpx.AsyncClient, candidate: Candidate, body: byte
     (:attr:`~mulambda.policy.selection.Candidate.url`). ``attempt_timeout``
     bounds the whole attempt: httpx's timeouts bound each read, and an answer
     trickling a byte at a time held an attempt for as long as it trickled.
+    ``wire`` learns when it was on the wire.
     """
     record = candidate.record
     url = f"{candidate.url.rstrip('/')}/v1/models/{record.model}:predict"
     try:
         async with asyncio.timeout(attempt_timeout):
             async with http.stream("POST", url, content=body, headers=JSON_HEADERS,
-                                   timeout=attempt_timeout) as resp:
+                                   timeout=attempt_timeout,
+                                   extensions={"trace": wire_trace(wire)}) as resp:
                 answer = await collect(resp.aiter_bytes(), MAX_ANSWER_BYTES, "answer")
     except BodyTooLarge as exc:
         raise Retryable(str(exc)) from exc

@@ -343,8 +343,9 @@ class Selector:
             elapsed_ms = request.elapsed_ms()
             self.upstream.labels(executor=executor).observe(elapsed_ms / 1000)
             if status == 200:
-                # Less the gateway's own round trip to the replica, not the client's.
-                request.answered(elapsed_ms, self.handshakes.network_ms(probe))
+                # On the wire, less the gateway's own round trip to the replica, not the
+                # client's.
+                request.answered(probe.wire.ms(), self.handshakes.network_ms(probe))
             return status, payload, ctype
 
 

@@ -5,6 +5,7 @@ late, or too much, is another candidate's turn (Retryable), never a raw Python e
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from mulambda.sdk.counting import Wire
 from mulambda.sdk.errors import PredictionRejected, Retryable
 from mulambda.sdk.transport import rest_predict
 
@@ -22,11 +24,14 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def executor() -> AsyncIterator[tuple[str, dict]]:
-    """An executor whose next answer is ``told["answer"]`` (status, body bytes, pause)."""
-    told: dict = {"answer": (200, b'{"predictions": [1.5]}', 0.0)}
+    """An executor whose next answer is ``told["answer"]`` (status, body bytes, pause), its
+    headers ``told["hold"]`` seconds after the request came."""
+    told: dict = {"answer": (200, b'{"predictions": [1.5]}', 0.0), "hold": 0.0}
 
     async def predict(request: web.Request) -> web.StreamResponse:
         status, body, pause = told["answer"]
+        await request.read()
+        await asyncio.sleep(told["hold"])
         resp = web.StreamResponse(status=status)
         await resp.prepare(request)
         for i in range(len(body)):  # a byte at a time, ``pause`` apart
@@ -46,10 +51,25 @@ def _candidate(url: str) -> SimpleNamespace:
     return SimpleNamespace(url=url, record=SimpleNamespace(model="m"), executor_id="ml/m")
 
 
-async def _call(url: str, bound: float = 5.0) -> object:
+async def _call(url: str, bound: float = 5.0, wire: Wire | None = None) -> object:
     async with httpx.AsyncClient() as http:
         return await rest_predict(http, _candidate(url), b'{"instances": [1.0]}',  # type: ignore[arg-type]
-                                  bound)
+                                  bound, wire or Wire())
+
+
+async def test_the_wire_is_the_time_from_the_body_sent_to_the_answers_headers(executor) -> None:
+    # What the service-time model learns from (mulambda.sdk.counting.Wire): the server's
+    # 0.3 s before its headers are in it; the client's own work before and after is not.
+    url, told = executor
+    told["answer"] = (200, b'{"predictions": [1.5]}', 0.0)
+    told["hold"] = 0.3
+    wire = Wire()
+    called = time.perf_counter()
+    assert await _call(url, wire=wire) == [1.5]
+    returned = time.perf_counter()
+    assert wire.sent is not None and wire.back is not None
+    assert called <= wire.sent < wire.back <= returned
+    assert (wire.ms() or 0.0) >= 300.0
 
 
 async def test_a_json_object_with_predictions_is_the_answer(executor) -> None:

@@ -11,7 +11,7 @@ import pytest
 from mulambda.policy.inflight import OwnRequests, stay_window
 from mulambda.policy.latency import ServiceModel, ServiceTracker
 from mulambda.policy.ranking import Candidate
-from mulambda.sdk.counting import InflightCounter
+from mulambda.sdk.counting import InflightCounter, Wire
 from mulambda.store.records import ExecutorRecord, ReplicaRecord
 
 
@@ -228,3 +228,41 @@ def test_measurements_fade_on_the_counter_clock_and_are_published_again():
     faded = counter.measurements()["ml/e"]
     assert faded.w == pytest.approx(answered.w / 4)
     assert leases.kicks == 1 and tracker.take_changed() == {"ml/e": faded}
+
+
+@pytest.mark.parametrize(("sent", "back", "ms"), [
+    pytest.param(1.0, 1.25, 250.0, id="sent-then-back"),
+    pytest.param(None, 1.25, None, id="never-sent"),  # failed before its body left
+    pytest.param(1.0, None, None, id="never-back"),
+    pytest.param(1.25, 1.0, None, id="out-of-order"),
+])
+def test_the_wire_time_of_a_request(sent, back, ms):
+    wire = Wire()
+    wire.sent, wire.back = sent, back
+    assert wire.ms() == (pytest.approx(ms) if ms is not None else None)
+
+
+def test_an_answer_timed_on_the_wire_says_when_it_was_served_as_if_sent_when_counted():
+    # Both requests were counted at once; the first was on the wire 39 ms (RTT 30: served
+    # by 24 after it left) but reached the router's answer code only at 70 ms (its own
+    # work before and after). The second, counted at 10 ms, reached the replica after
+    # 10 + 15: it did not have the first ahead, as the wire time says and the 70 would not.
+    from mulambda.policy.latency import ServiceModel
+
+    tracker = ServiceTracker()
+    mono = Clock(0.0)
+    counter = InflightCounter(tracker, OwnRequests(), FakeLeases(), monotonic=mono)
+    model = ServiceModel(12.0, 70.0)
+    with counter.count(replace(candidate("e-0"), inflight=0.0, load_ms=0.0,
+                               model=model)) as one:
+        mono.at = 0.010
+        with counter.count(replace(candidate("e-0"), inflight=1.0, load_ms=70.0,
+                                   model=model)) as two:
+            mono.at = 0.070
+            assert one.answered(elapsed_ms=39.0)
+            assert two.answered(elapsed_ms=45.0)
+    stats = tracker.stats["ml/e"]
+    assert stats.count == 2
+    assert stats.k == pytest.approx(0.0)  # neither met a request ahead
+    # each on the wire less the 30 ms RTT (the first decayed by one step since)
+    assert stats.t == pytest.approx(9.0 * (1 - 1 / tracker.settings.memory) + 15.0)
