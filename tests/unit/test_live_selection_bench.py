@@ -56,3 +56,17 @@ async def test_a_replica_runs_queues_and_prices_requests_as_the_simulated_one(
     await held
     assert seen == running
     assert (rep.busy, rep.transit, len(rep.queue), live.waiting) == (0, 0, 0, {})
+
+
+def test_every_router_the_bench_takes_is_one_it_can_run(bench):
+    # The real two it builds itself; every other name is the simulator's router on the
+    # doubles' live state (a name the simulator did not know failed only mid-run).
+    from mulambda.policy.ranking import Policy
+    from mulambda.tools.simulate.routers import Router, router
+    from mulambda.tools.simulate.world import records_of
+
+    world = world_of(0)
+    simulated = [n for n in bench.KNOWN if n not in ("mulambda-sdk", "mulambda-gateway")]
+    assert "oracle" in simulated and "noisy-oracle" in simulated
+    for name in simulated:
+        assert isinstance(router(name, world.sc, records_of(world.sc), world, Policy()), Router)
