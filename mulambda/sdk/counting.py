@@ -82,7 +82,7 @@ class CountedRequest:
     """One request being counted; :meth:`answered` measures it."""
 
     def __init__(self, counter: InflightCounter, candidate: Candidate, items: int,
-                 started: float, token: int = 0, counted_ms: float = 0.0) -> None:
+                 started: float, token: int, counted_ms: float) -> None:
         self._counter = counter
         self._candidate = candidate
         self._items = items
